@@ -1,0 +1,5 @@
+import sys
+
+from dmimage.cli.main import main
+
+sys.exit(main())

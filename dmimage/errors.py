@@ -1,0 +1,58 @@
+"""Exception types shared by every layer.
+
+Each carries enough context (block number, field) to print as one line; the CLI maps the
+classes to exit codes (see docs/cli.md), so callers never parse message strings.
+"""
+
+from __future__ import annotations
+
+
+class DmimageError(Exception):
+    """Base of every error dmimage raises on purpose."""
+
+    exit_code = 2
+
+
+class UsageError(DmimageError):
+    """The caller asked for something impossible (bad option combination, bad value)."""
+
+    exit_code = 2
+
+
+class DeviceError(DmimageError):
+    """The metadata or data file cannot be opened, read or written."""
+
+    exit_code = 2
+
+
+class MetadataError(DmimageError):
+    """Metadata is damaged: a block fails validation or a structure is inconsistent.
+
+    ``block`` is the metadata block number involved, when one is known; ``field`` names the
+    on-disk field or structure that is wrong.
+    """
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, block: int | None = None, field: str | None = None):
+        self.block = block
+        self.field = field
+        where = []
+        if block is not None:
+            where.append(f"block {block}")
+        if field:
+            where.append(field)
+        prefix = f"{', '.join(where)}: " if where else ""
+        super().__init__(prefix + message)
+
+
+class ChecksumError(MetadataError):
+    """A block's stored crc32c does not match its contents (or the block is of another type)."""
+
+
+class BlockNumberError(MetadataError):
+    """A block's self-location field does not match where it was read from."""
+
+
+class FormatError(MetadataError):
+    """A field holds a value the format does not allow (magic, flags, sizes, ...)."""

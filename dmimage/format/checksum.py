@@ -1,0 +1,55 @@
+"""Block checksums: crc32c over bytes 4..4095, kernel-seeded, XORed with the block type's salt."""
+
+from __future__ import annotations
+
+import struct
+
+from crc32c import crc32c
+
+from dmimage.format.constants import (
+    BLOCK_SIZE,
+    SALT_BITMAP,
+    SALT_BTREE_NODE,
+    SALT_METADATA_INDEX,
+    SALT_SUPERBLOCK,
+)
+
+#: Salts of other persistent-data users, only for naming a block we find in the wrong place.
+FOREIGN_SALTS = {595846735: "dm-array", 9031977: "cache superblock", 146538381: "era superblock"}
+
+BLOCK_TYPE_NAMES = {
+    SALT_SUPERBLOCK: "superblock",
+    SALT_BTREE_NODE: "btree node",
+    SALT_BITMAP: "space map bitmap",
+    SALT_METADATA_INDEX: "metadata space map index",
+    **FOREIGN_SALTS,
+}
+
+_U32 = struct.Struct("<I")
+
+
+def block_checksum(block: bytes | bytearray | memoryview, salt: int) -> int:
+    """The value the kernel stores in bytes 0..3 of ``block`` for a block of type ``salt``.
+
+    The standard crc32c finishes by inverting; the kernel's does not, hence the extra XOR.
+    """
+    return crc32c(memoryview(block)[4:BLOCK_SIZE]) ^ 0xFFFFFFFF ^ salt
+
+
+def stored_checksum(block: bytes | bytearray | memoryview) -> int:
+    return int(_U32.unpack_from(block, 0)[0])
+
+
+def checksum_ok(block: bytes | bytearray | memoryview, salt: int) -> bool:
+    return block_checksum(block, salt) == stored_checksum(block)
+
+
+def sniff_block_type(block: bytes | bytearray | memoryview) -> str | None:
+    """Name the block type whose salt makes the checksum match, or None (garbage or zeros)."""
+    salt = crc32c(memoryview(block)[4:BLOCK_SIZE]) ^ 0xFFFFFFFF ^ stored_checksum(block)
+    return BLOCK_TYPE_NAMES.get(salt)
+
+
+def seal(block: bytearray | memoryview, salt: int) -> None:
+    """Store the checksum of ``block`` (in place): the last step before writing any block."""
+    _U32.pack_into(block, 0, block_checksum(block, salt))

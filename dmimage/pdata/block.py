@@ -1,0 +1,92 @@
+"""Read-only block access to a metadata file or block device through one mmap.
+
+Every block handed out is a zero-copy memoryview of the mapping; validation (checksum, blocknr)
+is the caller's business because it depends on the block's type.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import stat
+from types import TracebackType
+
+from dmimage.errors import DeviceError, MetadataError
+from dmimage.format.constants import BLOCK_SIZE
+
+
+def device_size(fd: int) -> int:
+    """Size in bytes of an open regular file or block device."""
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode):
+        return st.st_size
+    if stat.S_ISBLK(st.st_mode):
+        return os.lseek(fd, 0, os.SEEK_END)
+    raise DeviceError("not a regular file or block device")
+
+
+class BlockReader:
+    """A metadata device opened read-only; blocks are 4 KiB and numbered from 0."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = os.fspath(path)
+        try:
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except IsADirectoryError:
+            raise DeviceError(f"{self.path}: is a directory") from None
+        except OSError as exc:
+            raise DeviceError(f"{self.path}: {exc.strerror}") from None
+        try:
+            try:
+                size = device_size(fd)
+            except DeviceError as exc:
+                raise DeviceError(f"{self.path}: {exc}") from None
+            self.size = size
+            self.nr_blocks = size // BLOCK_SIZE
+            if self.nr_blocks == 0:
+                raise MetadataError(
+                    f"{self.path}: too small to hold metadata ({size} bytes; a superblock "
+                    f"needs {BLOCK_SIZE})",
+                    block=0,
+                    field="superblock",
+                )
+            self._mmap = mmap.mmap(fd, self.nr_blocks * BLOCK_SIZE, prot=mmap.PROT_READ)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+        self._view = memoryview(self._mmap)
+
+    def block(self, blocknr: int) -> memoryview:
+        """The 4 KiB block ``blocknr``; MetadataError when it lies beyond the device."""
+        if not 0 <= blocknr < self.nr_blocks:
+            raise MetadataError(
+                f"block number out of range (the device has {self.nr_blocks} blocks)",
+                block=blocknr,
+            )
+        start = blocknr * BLOCK_SIZE
+        return self._view[start : start + BLOCK_SIZE]
+
+    def buffer(self) -> memoryview:
+        """The whole device as one read-only buffer (for numpy views over many blocks)."""
+        return self._view
+
+    def close(self) -> None:
+        view, self._view = self._view, memoryview(b"")
+        try:
+            view.release()
+            self._mmap.close()
+        except BufferError:
+            # A numpy view still references the map; it is unmapped when the last view dies.
+            pass
+
+    def __enter__(self) -> BlockReader:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,332 @@
+"""Reading persistent-data btrees: validated nodes and ordered, checked walks.
+
+A node is one 4 KiB block: a 32-byte header, ``max_entries`` u64 keys, then ``max_entries``
+values (values start after *max* keys, not after the used ones). Leaves hold the tree's values;
+internal nodes hold u64 child block numbers whatever the leaf value size.
+
+:class:`BtreeWalker` checks everything thin_check 1.x checks about a tree's shape (node headers,
+key order, child key ranges, equal leaf depth, fill of non-root nodes, cycles) and can count
+references to metadata blocks on the way. It validates each block once and remembers a summary
+of every subtree, so shared subtrees cost one visit however many parents point at them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from dmimage.errors import BlockNumberError, ChecksumError, FormatError, MetadataError
+from dmimage.format.checksum import BLOCK_TYPE_NAMES, block_checksum, sniff_block_type
+from dmimage.format.constants import (
+    BLOCK_SIZE,
+    BTREE_HEADER_SIZE,
+    BTREE_INTERNAL,
+    BTREE_LEAF,
+    SALT_BTREE_NODE,
+)
+from dmimage.format.layouts import BTREE_HEADER_STRUCT
+from dmimage.pdata.block import BlockReader
+
+U64 = np.dtype("<u8")
+#: No real tree is deeper: 84-way fan-out exhausts 64-bit keys in 10 levels.
+MAX_DEPTH = 12
+_KEY_END = 1 << 64
+
+
+@dataclass(slots=True)
+class Node:
+    """One validated btree node; ``keys`` and ``values`` are views of the block."""
+
+    blocknr: int
+    is_leaf: bool
+    nr_entries: int
+    max_entries: int
+    value_size: int
+    keys: np.ndarray
+    raw_values: memoryview
+
+    def values(self, dtype: np.dtype | str = U64) -> np.ndarray:
+        return np.frombuffer(self.raw_values, dtype=dtype, count=self.nr_entries)
+
+
+def read_node(reader: BlockReader, blocknr: int, leaf_value_size: int) -> Node:
+    """Read and validate one node the way the kernel's validator and thin_check do.
+
+    Raises a MetadataError subclass naming the block and field on the first problem.
+    """
+    block = reader.block(blocknr)
+    csum, flags, own, nr, max_entries, value_size, _pad = BTREE_HEADER_STRUCT.unpack_from(block)
+    if block_checksum(block, SALT_BTREE_NODE) != csum:
+        kind = sniff_block_type(block)
+        hint = f" (it is a {kind} block)" if kind and kind != BLOCK_TYPE_NAMES[SALT_BTREE_NODE] else ""
+        raise ChecksumError(f"btree node checksum mismatch{hint}", block=blocknr, field="csum")
+    if own != blocknr:
+        raise BlockNumberError(f"btree node says it is block {own}", block=blocknr, field="blocknr")
+    if flags == BTREE_LEAF:
+        is_leaf = True
+        expected_vs = leaf_value_size
+    elif flags == BTREE_INTERNAL:
+        is_leaf = False
+        expected_vs = 8
+    else:
+        raise FormatError(f"btree node flags {flags} (expected 1 or 2)", block=blocknr,
+                          field="flags")
+    if value_size != expected_vs:
+        raise FormatError(
+            f"{'leaf' if is_leaf else 'internal'} value_size {value_size}, expected {expected_vs}",
+            block=blocknr,
+            field="value_size",
+        )
+    if BTREE_HEADER_SIZE + (8 + value_size) * max_entries > BLOCK_SIZE:
+        raise FormatError(f"max_entries {max_entries} does not fit a block", block=blocknr,
+                          field="max_entries")
+    if max_entries % 3:
+        raise FormatError(f"max_entries {max_entries} is not a multiple of 3", block=blocknr,
+                          field="max_entries")
+    if nr > max_entries:
+        raise FormatError(f"nr_entries {nr} > max_entries {max_entries}", block=blocknr,
+                          field="nr_entries")
+    keys = np.frombuffer(block, dtype=U64, count=nr, offset=BTREE_HEADER_SIZE)
+    vstart = BTREE_HEADER_SIZE + 8 * max_entries
+    return Node(blocknr, is_leaf, nr, max_entries, value_size, keys,
+                block[vstart : vstart + value_size * nr])
+
+
+@dataclass(slots=True, frozen=True)
+class SubtreeSummary:
+    """What a parent needs to know about a child subtree already walked."""
+
+    height: int  # 0 for a leaf
+    first_key: int  # _KEY_END for an empty leaf
+    last_key: int
+    entries: int  # leaf entries below (mappings, for a bottom-level tree)
+
+
+ErrorSink = Callable[[MetadataError], None]
+LeafVisitor = Callable[[Node], None]
+
+
+def _raise(err: MetadataError) -> None:
+    raise err
+
+
+class BtreeWalker:
+    """Walks trees over one metadata device, validating and (optionally) counting references.
+
+    ``meta_counts``: if given, ``meta_counts[b] += 1`` for every reference to node ``b`` (each
+    root passed to :meth:`walk` and each internal-node child pointer), as the metadata space map
+    must count them. ``on_error``: where problems go; the default raises the first one.
+    """
+
+    def __init__(
+        self,
+        reader: BlockReader,
+        *,
+        meta_counts: np.ndarray | None = None,
+        on_error: ErrorSink = _raise,
+    ):
+        self.reader = reader
+        self.meta_counts = meta_counts
+        self.on_error = on_error
+        self._summaries: dict[int, SubtreeSummary | None] = {}
+        self._in_progress: set[int] = set()
+        self._value_size: dict[int, int] = {}
+
+    def walk(
+        self,
+        root: int,
+        leaf_value_size: int,
+        visit_leaf: LeafVisitor | None = None,
+        *,
+        what: str = "btree",
+    ) -> SubtreeSummary | None:
+        """Walk the tree at ``root`` once; ``visit_leaf`` sees each leaf not walked before.
+
+        Returns the root's summary, or None when the root itself is unusable (reported).
+        """
+        return self._visit(root, leaf_value_size, visit_leaf, 0, _KEY_END, True, 0, what)
+
+    def _count(self, blocknr: int) -> None:
+        counts = self.meta_counts
+        if counts is not None and 0 <= blocknr < len(counts):
+            counts[blocknr] += 1
+
+    def _visit(
+        self,
+        blocknr: int,
+        vs: int,
+        visit_leaf: LeafVisitor | None,
+        lo: int,
+        hi: int,
+        is_root: bool,
+        depth: int,
+        what: str,
+    ) -> SubtreeSummary | None:
+        self._count(blocknr)
+        if blocknr in self._in_progress:
+            self.on_error(MetadataError(f"{what}: cycle: node is its own ancestor", block=blocknr))
+            return None
+        if blocknr in self._summaries:
+            summary = self._summaries[blocknr]
+            if summary is not None and self._value_size.get(blocknr) != vs:
+                self.on_error(FormatError(f"{what}: node shared between trees of different "
+                                          "value sizes", block=blocknr))
+                return None
+            if summary is not None and summary.entries and not (
+                lo <= summary.first_key and summary.last_key < hi
+            ):
+                self.on_error(MetadataError(
+                    f"{what}: shared subtree keys {summary.first_key}..{summary.last_key} "
+                    f"outside parent range {lo}..{hi - 1}", block=blocknr, field="keys"))
+            return summary
+        if depth > MAX_DEPTH:
+            self.on_error(MetadataError(f"{what}: tree deeper than {MAX_DEPTH} levels",
+                                        block=blocknr))
+            return None
+        try:
+            node = read_node(self.reader, blocknr, vs)
+        except MetadataError as err:
+            if err.block is None:
+                err.block = blocknr
+            self._summaries[blocknr] = None
+            self.on_error(_prefixed(err, what))
+            return None
+        self._value_size[blocknr] = vs
+        summary = self._check_node(node, vs, visit_leaf, lo, hi, is_root, depth, what)
+        self._summaries[blocknr] = summary
+        return summary
+
+    def _check_node(
+        self,
+        node: Node,
+        vs: int,
+        visit_leaf: LeafVisitor | None,
+        lo: int,
+        hi: int,
+        is_root: bool,
+        depth: int,
+        what: str,
+    ) -> SubtreeSummary | None:
+        b = node.blocknr
+        keys = node.keys
+        nr = node.nr_entries
+        if not is_root and nr < node.max_entries // 3:
+            self.on_error(MetadataError(
+                f"{what}: underfull node: {nr} entries, minimum {node.max_entries // 3}",
+                block=b, field="nr_entries"))
+        if nr == 0:
+            if not node.is_leaf:
+                self.on_error(MetadataError(f"{what}: internal node with no entries", block=b,
+                                            field="nr_entries"))
+                return None
+            return SubtreeSummary(0, _KEY_END, 0, 0)
+        if nr > 1 and not bool((keys[1:] > keys[:-1]).all()):
+            self.on_error(MetadataError(f"{what}: keys not in ascending order", block=b,
+                                        field="keys"))
+            return None
+        first, last = int(keys[0]), int(keys[-1])
+        if first < lo or last >= hi:
+            self.on_error(MetadataError(
+                f"{what}: keys {first}..{last} outside the parent's range {lo}..{hi - 1}",
+                block=b, field="keys"))
+            return None
+        if node.is_leaf:
+            if visit_leaf is not None:
+                visit_leaf(node)
+            return SubtreeSummary(0, first, last, nr)
+        self._in_progress.add(b)
+        try:
+            children = node.values(U64).tolist()
+            key_list = keys.tolist()
+            height: int | None = None
+            entries = 0
+            real_first = _KEY_END
+            real_last = 0
+            for i, child in enumerate(children):
+                child_hi = key_list[i + 1] if i + 1 < nr else hi
+                s = self._visit(child, vs, visit_leaf, key_list[i], child_hi, False, depth + 1,
+                                what)
+                if s is None:
+                    continue
+                if height is None:
+                    height = s.height
+                elif s.height != height:
+                    self.on_error(MetadataError(
+                        f"{what}: leaves at different depths under this node", block=b))
+                    return None
+                entries += s.entries
+                if s.entries:
+                    real_first = min(real_first, s.first_key)
+                    real_last = max(real_last, s.last_key)
+            if height is None:
+                return None
+            return SubtreeSummary(height + 1, real_first, real_last, entries)
+        finally:
+            self._in_progress.discard(b)
+
+
+def _prefixed(err: MetadataError, what: str) -> MetadataError:
+    err.args = (f"{what}: {err.args[0]}",) if err.args else err.args
+    return err
+
+
+def leaves_in_order(reader: BlockReader, root: int, leaf_value_size: int,
+                    what: str = "btree") -> list[Node]:
+    """Every leaf of one tree in key order, validated strictly (first problem raises).
+
+    Unlike :class:`BtreeWalker` this revisits shared subtrees: the caller wants this tree's
+    complete contents, not a census of blocks.
+    """
+    out: list[Node] = []
+
+    def visit(blocknr: int, lo: int, hi: int, depth: int, is_root: bool) -> int:
+        if depth > MAX_DEPTH:
+            raise MetadataError(f"{what}: tree deeper than {MAX_DEPTH} levels (a cycle?)",
+                                block=blocknr)
+        try:
+            node = read_node(reader, blocknr, leaf_value_size)
+        except MetadataError as err:
+            raise _prefixed(err, what) from None
+        nr = node.nr_entries
+        keys = node.keys
+        if not is_root and nr < node.max_entries // 3:
+            raise MetadataError(f"{what}: underfull node: {nr} entries", block=blocknr,
+                                field="nr_entries")
+        if nr:
+            if nr > 1 and not bool((keys[1:] > keys[:-1]).all()):
+                raise MetadataError(f"{what}: keys not in ascending order", block=blocknr,
+                                    field="keys")
+            if int(keys[0]) < lo or int(keys[-1]) >= hi:
+                raise MetadataError(f"{what}: keys outside the parent's range", block=blocknr,
+                                    field="keys")
+        elif not node.is_leaf:
+            raise MetadataError(f"{what}: internal node with no entries", block=blocknr)
+        if node.is_leaf:
+            out.append(node)
+            return 0
+        key_list = keys.tolist()
+        height = -1
+        for i, child in enumerate(node.values(U64).tolist()):
+            child_hi = key_list[i + 1] if i + 1 < nr else hi
+            h = visit(child, key_list[i], child_hi, depth + 1, False)
+            if height == -1:
+                height = h
+            elif h != height:
+                raise MetadataError(f"{what}: leaves at different depths", block=blocknr)
+        return height + 1
+
+    visit(root, 0, _KEY_END, 0, True)
+    return out
+
+
+def tree_items(reader: BlockReader, root: int, leaf_value_size: int, dtype: np.dtype | str,
+               what: str = "btree") -> tuple[np.ndarray, np.ndarray]:
+    """All (keys, values) of one tree as two arrays in key order."""
+    leaves = leaves_in_order(reader, root, leaf_value_size, what)
+    if not leaves:
+        return np.empty(0, U64), np.empty(0, dtype)
+    keys = np.concatenate([leaf.keys for leaf in leaves])
+    values = np.concatenate([leaf.values(dtype) for leaf in leaves])
+    return keys, values

@@ -1,0 +1,214 @@
+"""Reading the two space maps: 2-bit reference counts in bitmap blocks, >= 3 in an overflow tree.
+
+Both maps share the bitmap and overflow formats and differ only in their index: the metadata
+map has one index block (at most 255 bitmaps), the data map an index btree. Bitmaps are decoded
+with one table lookup per byte over whole blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dmimage.errors import BlockNumberError, ChecksumError, FormatError, MetadataError
+from dmimage.format.checksum import block_checksum, sniff_block_type, stored_checksum
+from dmimage.format.constants import (
+    BITMAP_HEADER_SIZE,
+    BLOCK_SIZE,
+    ENTRIES_PER_BITMAP,
+    INDEX_ENTRY_SIZE,
+    MAX_METADATA_BITMAPS,
+    SALT_BITMAP,
+    SALT_METADATA_INDEX,
+)
+from dmimage.format.layouts import INDEX_ENTRY_DTYPE, SPACE_MAP_ROOT_STRUCT
+from dmimage.pdata.block import BlockReader
+from dmimage.pdata.btree import U64, BtreeWalker, ErrorSink, Node, _raise
+
+INDEX_VALUE_SIZE = INDEX_ENTRY_SIZE
+REF_COUNT_VALUE_SIZE = 4
+
+
+def _bitmap_lut() -> np.ndarray:
+    """Byte -> its four 2-bit counts. In each pair the even bit is the high bit."""
+    v = np.arange(256, dtype=np.uint8)[:, None]
+    k = np.arange(4, dtype=np.uint8)[None, :]
+    return (((v >> (2 * k)) & 1) << 1 | ((v >> (2 * k + 1)) & 1)).astype(np.uint8)
+
+
+BITMAP_LUT = _bitmap_lut()
+
+
+def decode_bitmap(payload: np.ndarray) -> np.ndarray:
+    """Counts (uint8, 0..3) for the 2-bit entries of raw bitmap bytes (any multiple of bytes)."""
+    return BITMAP_LUT[payload].reshape(-1)
+
+
+@dataclass(slots=True, frozen=True)
+class SpaceMapRoot:
+    """The 32 used bytes of a space map's 128-byte root in the superblock."""
+
+    nr_blocks: int
+    nr_allocated: int
+    bitmap_root: int
+    ref_count_root: int
+
+    @classmethod
+    def parse(cls, blob: bytes | memoryview) -> SpaceMapRoot:
+        return cls(*SPACE_MAP_ROOT_STRUCT.unpack_from(blob))
+
+    @property
+    def nr_bitmaps(self) -> int:
+        return -(-self.nr_blocks // ENTRIES_PER_BITMAP)
+
+
+@dataclass(slots=True)
+class SpaceMap:
+    """A decoded space map: the true count of every block, and where its pieces live."""
+
+    root: SpaceMapRoot
+    counts: np.ndarray  # uint32, one per block in [0, nr_blocks)
+    index: np.ndarray  # INDEX_ENTRY_DTYPE, one per bitmap
+    index_block: int | None  # the metadata map's index block; None for the data map
+
+    @property
+    def nr_allocated(self) -> int:
+        return int(np.count_nonzero(self.counts))
+
+
+def read_bitmap_payload(reader: BlockReader, blocknr: int) -> np.ndarray:
+    block = reader.block(blocknr)
+    if block_checksum(block, SALT_BITMAP) != stored_checksum(block):
+        kind = sniff_block_type(block)
+        hint = f" (it is a {kind} block)" if kind else ""
+        raise ChecksumError(f"bitmap checksum mismatch{hint}", block=blocknr, field="csum")
+    own = int(np.frombuffer(block, U64, 1, 8)[0])
+    if own != blocknr:
+        raise BlockNumberError(f"bitmap says it is block {own}", block=blocknr, field="blocknr")
+    return np.frombuffer(block, np.uint8, BLOCK_SIZE - BITMAP_HEADER_SIZE, BITMAP_HEADER_SIZE)
+
+
+def read_metadata_index(reader: BlockReader, root: SpaceMapRoot) -> np.ndarray:
+    """The index entries of the metadata space map (validated index block)."""
+    b = root.bitmap_root
+    block = reader.block(b)
+    if block_checksum(block, SALT_METADATA_INDEX) != stored_checksum(block):
+        kind = sniff_block_type(block)
+        hint = f" (it is a {kind} block)" if kind else ""
+        raise ChecksumError(f"metadata space map index checksum mismatch{hint}", block=b,
+                            field="csum")
+    own = int(np.frombuffer(block, U64, 1, 8)[0])
+    if own != b:
+        raise BlockNumberError(f"metadata space map index says it is block {own}", block=b,
+                               field="blocknr")
+    n = root.nr_bitmaps
+    if n > MAX_METADATA_BITMAPS:
+        raise FormatError(f"metadata space map nr_blocks {root.nr_blocks} needs {n} bitmaps, "
+                          f"more than the {MAX_METADATA_BITMAPS} an index block holds",
+                          block=0, field="metadata_space_map_root.nr_blocks")
+    return np.frombuffer(block, INDEX_ENTRY_DTYPE, n, 16).copy()
+
+
+def read_data_index(walker: BtreeWalker, root: SpaceMapRoot) -> np.ndarray:
+    """The index entries of the data space map, from its index btree (keys must be 0..n-1)."""
+    keys_parts: list[np.ndarray] = []
+    vals_parts: list[np.ndarray] = []
+
+    def leaf(node: Node) -> None:
+        keys_parts.append(node.keys)
+        vals_parts.append(node.values(INDEX_ENTRY_DTYPE))
+
+    walker.walk(root.bitmap_root, INDEX_VALUE_SIZE, leaf, what="data space map index")
+    n = root.nr_bitmaps
+    if not keys_parts:
+        keys = np.empty(0, U64)
+        vals = np.empty(0, INDEX_ENTRY_DTYPE)
+    else:
+        keys = np.concatenate(keys_parts)
+        vals = np.concatenate(vals_parts)
+    order = np.argsort(keys, kind="stable")
+    keys, vals = keys[order], vals[order]
+    if len(keys) != n or (n and not np.array_equal(keys, np.arange(n, dtype=U64))):
+        walker.on_error(MetadataError(
+            f"data space map index has {len(keys)} entries, expected {n} "
+            f"(nr_blocks {root.nr_blocks})", block=root.bitmap_root,
+            field="data space map index"))
+        keep = keys < n
+        fixed = np.zeros(n, INDEX_ENTRY_DTYPE)
+        fixed[keys[keep].astype(np.int64)] = vals[keep]
+        return fixed
+    return vals
+
+
+def read_space_map(
+    reader: BlockReader,
+    root: SpaceMapRoot,
+    walker: BtreeWalker,
+    *,
+    metadata: bool,
+    on_error: ErrorSink = _raise,
+) -> SpaceMap:
+    """Decode every count of one space map.
+
+    With the walker's ``meta_counts`` set, the map's own blocks (index, bitmaps, overflow
+    nodes) are counted as references too. Unreadable bitmaps are reported and read as zeros.
+    """
+    what = "metadata space map" if metadata else "data space map"
+    index_block: int | None
+    if metadata:
+        index = read_metadata_index(reader, root)
+        index_block = root.bitmap_root
+        walker._count(index_block)
+    else:
+        index = read_data_index(walker, root)
+        index_block = None
+    n = len(index)
+    payload = np.zeros(n * (BLOCK_SIZE - BITMAP_HEADER_SIZE), np.uint8)
+    stride = BLOCK_SIZE - BITMAP_HEADER_SIZE
+    for i, b in enumerate(index["blocknr"].tolist()):
+        walker._count(b)
+        try:
+            payload[i * stride : (i + 1) * stride] = read_bitmap_payload(reader, b)
+        except MetadataError as err:
+            err.args = (f"{what} bitmap {i}: {err.args[0]}",)
+            on_error(err)
+    counts = decode_bitmap(payload)[: root.nr_blocks].astype(np.uint32)
+    if n and np.any(decode_bitmap(payload)[root.nr_blocks:]):
+        on_error(MetadataError(f"{what}: bitmap entries set beyond nr_blocks {root.nr_blocks}",
+                               field=f"{what} bitmap {n - 1}"))
+    ov_keys: list[np.ndarray] = []
+    ov_vals: list[np.ndarray] = []
+
+    def leaf(node: Node) -> None:
+        ov_keys.append(node.keys)
+        ov_vals.append(node.values("<u4"))
+
+    walker.walk(root.ref_count_root, REF_COUNT_VALUE_SIZE, leaf, what=f"{what} ref-count tree")
+    three = counts == 3
+    if ov_keys:
+        keys = np.concatenate(ov_keys)
+        vals = np.concatenate(ov_vals).astype(np.uint32)
+        inside = keys < root.nr_blocks
+        if not inside.all():
+            on_error(MetadataError(f"{what}: ref-count tree has blocks beyond nr_blocks",
+                                   block=root.ref_count_root, field="ref_count_root"))
+        keys, vals = keys[inside].astype(np.int64), vals[inside]
+        flagged = three[keys]
+        if not flagged.all():
+            bad = int(keys[~flagged][0])
+            on_error(MetadataError(
+                f"{what}: ref-count tree holds block {bad}, whose bitmap count is below 3",
+                field="ref_count_root"))
+        low = vals < 3
+        if low.any():
+            on_error(MetadataError(f"{what}: ref-count tree holds a count below 3 "
+                                   f"(block {int(keys[low][0])})", field="ref_count_root"))
+        counts[keys[flagged]] = vals[flagged]
+        three[keys[flagged]] = False
+    if three.any():
+        bad = int(np.flatnonzero(three)[0])
+        on_error(MetadataError(
+            f"{what}: block {bad} has bitmap count 3 but no ref-count tree entry",
+            field="ref_count_root"))
+    return SpaceMap(root, counts, index, index_block)

@@ -1,0 +1,1 @@
+"""Thin-pool semantics on top of persistent-data: reading, checking, dumping, exporting."""

@@ -1,0 +1,368 @@
+"""The guest appliance: an initramfs built in pure Python, no root needed on the host.
+
+Contents: busybox-static (applets as symlinks), dmsetup plus the shared libraries `ldd` names and
+the dynamic loader, the kernel modules the thin-pool target needs (dependency order from
+modules.dep, `.ko.xz` decompressed on the host), ``/init`` and the guest agent (a busybox sh
+script speaking a line protocol on the second serial port, see ``vmtests/agent.py``).
+
+The archive is cached by content hash under ``$XDG_CACHE_HOME/dmimage/appliance`` (default
+``~/.cache/dmimage``), so a second run of the same kernel reuses it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import lzma
+import os
+import re
+import shutil
+import stat
+import subprocess
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dmimage.errors import DmimageError
+
+#: Modules the guest loads, in this order after their dependencies (names as in modules.dep,
+#: `-` and `_` equivalent). Built-in ones (modules.builtin) are skipped.
+GUEST_MODULES = (
+    "crc32c_generic",  # libcrc32c only soft-depends on "crc32c": load a provider first
+    "libcrc32c",
+    "virtio_pci",
+    "virtio_blk",
+    "dm-mod",
+    "dm-bufio",
+    "dm-bio-prison",
+    "dm-persistent-data",
+    "dm-thin-pool",
+)
+
+#: Optional: loaded when present (faster crc32c with SSE4.2, which `-cpu max`/`host` offers).
+OPTIONAL_MODULES = ("crc32c-intel",)
+
+BUSYBOX_CANDIDATES = ("/usr/bin/busybox", "/bin/busybox")
+DMSETUP_CANDIDATES = ("/usr/sbin/dmsetup", "/sbin/dmsetup")
+
+
+class ApplianceError(DmimageError):
+    """The guest initramfs cannot be built (missing busybox, dmsetup, module, ...)."""
+
+
+def cache_root() -> Path:
+    """``$XDG_CACHE_HOME/dmimage`` (default ``~/.cache/dmimage``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "dmimage"
+
+
+# --------------------------------------------------------------------------------------------
+# cpio "newc" writer
+
+
+class CpioWriter:
+    """Writes a cpio archive in the SVR4 "newc" format (magic 070701), as the kernel unpacks.
+
+    Entries are written in call order; parents must be added before children. Every entry is
+    owned by root with mtime 0, so the same inputs give the same bytes.
+    """
+
+    TRAILER = "TRAILER!!!"
+
+    def __init__(self, fileobj) -> None:
+        self._f = fileobj
+        self._ino = 1
+        self._closed = False
+
+    def _entry(self, name: str, mode: int, data: bytes = b"", *, rdev: tuple[int, int] = (0, 0),
+               nlink: int = 1) -> None:
+        name = name.lstrip("/") or "."
+        encoded = name.encode() + b"\0"
+        fields = (
+            self._ino, mode, 0, 0, nlink, 0, len(data), 0, 0, rdev[0], rdev[1], len(encoded), 0,
+        )
+        header = b"070701" + b"".join(b"%08X" % v for v in fields)
+        self._ino += 1
+        out = header + encoded
+        out += b"\0" * (-len(out) % 4)
+        self._f.write(out)
+        if data:
+            self._f.write(data)
+            self._f.write(b"\0" * (-len(data) % 4))
+
+    def add_dir(self, name: str, perm: int = 0o755) -> None:
+        self._entry(name, stat.S_IFDIR | perm, nlink=2)
+
+    def add_file(self, name: str, data: bytes, perm: int = 0o644) -> None:
+        self._entry(name, stat.S_IFREG | perm, data)
+
+    def add_symlink(self, name: str, target: str) -> None:
+        self._entry(name, stat.S_IFLNK | 0o777, target.encode())
+
+    def add_chardev(self, name: str, major: int, minor: int, perm: int = 0o600) -> None:
+        self._entry(name, stat.S_IFCHR | perm, rdev=(major, minor))
+
+    def close(self) -> None:
+        if not self._closed:
+            self._entry(self.TRAILER, 0, nlink=1)
+            self._closed = True
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel modules
+
+
+def _modname(path_or_name: str) -> str:
+    base = os.path.basename(path_or_name)
+    base = re.sub(r"\.ko(\.(xz|gz|zst))?$", "", base)
+    return base.replace("-", "_")
+
+
+def read_modules_dep(moddir: Path) -> dict[str, tuple[str, list[str]]]:
+    """modules.dep as ``{modname: (relative path, [dependency paths])}``."""
+    dep_file = moddir / "modules.dep"
+    if not dep_file.exists():
+        raise ApplianceError(f"{dep_file} is missing (run depmod -b on the unpacked tree)")
+    table: dict[str, tuple[str, list[str]]] = {}
+    for line in dep_file.read_text().splitlines():
+        if ":" not in line:
+            continue
+        path, deps = line.split(":", 1)
+        table[_modname(path)] = (path, deps.split())
+    return table
+
+
+def read_builtin(moddir: Path) -> set[str]:
+    f = moddir / "modules.builtin"
+    return {_modname(p) for p in f.read_text().split()} if f.exists() else set()
+
+
+def resolve_modules(moddir: Path, wanted: Iterable[str] = GUEST_MODULES,
+                    optional: Iterable[str] = OPTIONAL_MODULES) -> list[str]:
+    """Relative module paths to load, dependencies first, each once; built-ins left out."""
+    dep = read_modules_dep(moddir)
+    builtin = read_builtin(moddir)
+    order: list[str] = []
+    seen: set[str] = set()
+
+    def visit(name: str, chain: tuple[str, ...]) -> None:
+        if name in seen:
+            return
+        if name in chain:
+            raise ApplianceError(f"module dependency cycle: {' -> '.join(chain + (name,))}")
+        path, deps = dep[name]
+        for d in deps:
+            visit(_modname(d), chain + (name,))
+        seen.add(name)
+        order.append(path)
+
+    for mod in wanted:
+        name = _modname(mod)
+        if name in dep:
+            visit(name, ())
+        elif name not in builtin:
+            raise ApplianceError(f"kernel module {mod} is neither in {moddir}/modules.dep "
+                                 "nor built in")
+    for mod in optional:
+        name = _modname(mod)
+        if name in dep:
+            visit(name, ())
+    return order
+
+
+def read_module(path: Path) -> bytes:
+    data = path.read_bytes()
+    if path.name.endswith(".xz"):
+        return lzma.decompress(data)
+    if path.name.endswith(".gz"):
+        return gzip.decompress(data)
+    if path.name.endswith(".zst"):
+        try:
+            import zstandard  # type: ignore[import-not-found]
+        except ImportError as exc:
+            raise ApplianceError(f"{path}: .zst modules need the zstandard package") from exc
+        return zstandard.ZstdDecompressor().decompress(data, max_output_size=64 << 20)
+    return data
+
+
+# --------------------------------------------------------------------------------------------
+# Host binaries
+
+
+def _first_existing(candidates: Iterable[str], what: str) -> Path:
+    for c in candidates:
+        if os.path.exists(c):
+            return Path(c)
+    found = shutil.which(what)
+    if found:
+        return Path(found)
+    raise ApplianceError(f"{what} not found on the host (looked in {', '.join(candidates)})")
+
+
+def shared_libraries(binary: Path) -> list[str]:
+    """Absolute paths of the libraries ``ldd`` names for *binary*, the loader included."""
+    try:
+        out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=False)
+    except FileNotFoundError as exc:
+        raise ApplianceError("ldd not found on the host") from exc
+    if "not a dynamic executable" in out.stdout + out.stderr:
+        return []
+    libs: list[str] = []
+    for line in out.stdout.splitlines():
+        line = line.strip()
+        m = re.match(r"\S+ => (/\S+) \(", line) or re.match(r"(/\S+) \(", line)
+        if m:
+            libs.append(m.group(1))
+        elif "not found" in line:
+            raise ApplianceError(f"{binary}: ldd says {line}")
+    return libs
+
+
+# --------------------------------------------------------------------------------------------
+# Guest scripts
+
+INIT_SCRIPT = r"""#!/bin/sh
+export PATH=/sbin:/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs -o mode=1777 tmpfs /tmp
+echo "dmimage-guest: init at $(cut -d' ' -f1 /proc/uptime)s" > /dev/kmsg
+for m in $(cat /etc/modules.order); do
+  insmod "/lib/modules/$m" || echo "dmimage-guest: insmod $m failed" > /dev/kmsg
+done
+stty -F /dev/ttyS1 raw -echo -ixon -ixoff -crtscts 2>/dev/null
+exec /bin/sh /agent </dev/ttyS1 >/dev/ttyS1 2>/dev/console
+"""
+
+# Line protocol (host <-> guest), one frame per line, all payloads base64:
+#   host:  "@@C <id> <timeout_s> <nlines>"  then <nlines> lines of base64 of the shell script
+#   guest: "@@R <id> <rc> <timed_out 0|1> <len_out> <len_err> <b64 out> <b64 err>"
+#   guest: "@@READY <uptime>" once at start; any other line is noise and ignored.
+AGENT_SCRIPT = r"""#!/bin/sh
+export PATH=/sbin:/bin HOME=/tmp DM_DISABLE_UDEV=1
+cd /tmp
+echo "@@READY $(cut -d' ' -f1 /proc/uptime)"
+while read -r tag id tmo n; do
+  [ "$tag" = "@@C" ] || continue
+  : > /tmp/.c.b64
+  i=0
+  while [ "$i" -lt "$n" ] && read -r l; do echo "$l" >> /tmp/.c.b64; i=$((i+1)); done
+  base64 -d /tmp/.c.b64 > /tmp/.c.sh
+  rm -f /tmp/.to
+  setsid sh /tmp/.c.sh </dev/null >/tmp/.o 2>/tmp/.e &
+  pid=$!
+  wd=
+  if [ "$tmo" -gt 0 ]; then
+    setsid sh -c "sleep $tmo; touch /tmp/.to; kill -KILL -$pid" </dev/null >/dev/null 2>&1 &
+    wd=$!
+  fi
+  wait "$pid"
+  rc=$?
+  [ -n "$wd" ] && kill -KILL -"$wd" 2>/dev/null
+  to=0; [ -e /tmp/.to ] && to=1
+  printf '@@R %s %s %s %s %s ' "$id" "$rc" "$to" "$(wc -c </tmp/.o)" "$(wc -c </tmp/.e)"
+  base64 -w 0 /tmp/.o
+  printf ' '
+  base64 -w 0 /tmp/.e
+  printf '\n'
+done
+echo "dmimage-guest: agent input closed" > /dev/kmsg
+"""
+
+
+# --------------------------------------------------------------------------------------------
+# Building
+
+
+@dataclass
+class Appliance:
+    """A built initramfs and what went into it."""
+
+    path: Path
+    modules: list[str] = field(default_factory=list)
+    digest: str = ""
+
+
+def _inputs(moddir: Path) -> tuple[Path, Path, list[str], list[str]]:
+    busybox = _first_existing(BUSYBOX_CANDIDATES, "busybox")
+    dmsetup = _first_existing(DMSETUP_CANDIDATES, "dmsetup")
+    libs = shared_libraries(dmsetup)
+    if shared_libraries(busybox):
+        raise ApplianceError(f"{busybox} is dynamically linked: install busybox-static")
+    mods = resolve_modules(moddir)
+    return busybox, dmsetup, libs, mods
+
+
+def build_initramfs(moddir: Path | str, *, cache_dir: Path | None = None,
+                    compress: bool = False) -> Appliance:
+    """Build (or reuse from the cache) the guest initramfs for the kernel whose modules live in
+    *moddir* (``.../lib/modules/<version>``).
+
+    Uncompressed by default: under TCG the kernel unpacks a plain cpio faster than it gunzips.
+    """
+    moddir = Path(moddir)
+    busybox, dmsetup, libs, mods = _inputs(moddir)
+
+    h = hashlib.sha256()
+    h.update(b"dmimage-appliance-v1\0")
+    h.update(INIT_SCRIPT.encode() + AGENT_SCRIPT.encode())
+    h.update(b"gz" if compress else b"raw")
+    for p in [busybox, dmsetup, *map(Path, libs), *(moddir / m for m in mods)]:
+        st = os.stat(p)  # follows symlinks: the content that will be copied
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    digest = h.hexdigest()[:20]
+
+    cache = (cache_dir or cache_root()) / "appliance"
+    cache.mkdir(parents=True, exist_ok=True)
+    out = cache / f"initramfs-{digest}.cpio{'.gz' if compress else ''}"
+    if out.exists():
+        return Appliance(out, [os.path.basename(m) for m in mods], digest)
+
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as raw:
+        stream = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) if compress \
+            else raw
+        w = CpioWriter(stream)
+        for d in ("bin", "sbin", "dev", "etc", "lib", "lib/modules", "lib64", "proc", "sys",
+                  "tmp", "mnt", "usr"):
+            w.add_dir(d, 0o1777 if d == "tmp" else 0o755)
+        w.add_chardev("dev/console", 5, 1)
+        w.add_chardev("dev/null", 1, 3, 0o666)
+        w.add_file("bin/busybox", busybox.read_bytes(), 0o755)
+        applets = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True,
+                                 check=True).stdout.split()
+        links = set()
+        for applet in applets:
+            top = applet.split("/")[0]
+            if top not in ("bin", "sbin"):
+                applet = "bin/" + os.path.basename(applet)
+            links.add(applet)
+        links.discard("bin/busybox")
+        for applet in sorted(links):
+            w.add_symlink(applet, "/bin/busybox")
+        w.add_file("sbin/dmsetup", dmsetup.read_bytes(), 0o755)
+        made_dirs = {"lib", "lib64", "usr"}
+        for lib in libs:
+            rel = lib.lstrip("/")
+            parts = rel.split("/")
+            for i in range(1, len(parts)):
+                d = "/".join(parts[:i])
+                if d not in made_dirs:
+                    w.add_dir(d)
+                    made_dirs.add(d)
+            w.add_file(rel, Path(lib).read_bytes(), 0o755)
+        names = []
+        for m in mods:
+            name = re.sub(r"\.(xz|gz|zst)$", "", os.path.basename(m))
+            w.add_file(f"lib/modules/{name}", read_module(moddir / m))
+            names.append(name)
+        w.add_file("etc/modules.order", ("\n".join(names) + "\n").encode())
+        w.add_file("etc/passwd", b"root:x:0:0:root:/tmp:/bin/sh\n")
+        w.add_file("init", INIT_SCRIPT.encode(), 0o755)
+        w.add_file("agent", AGENT_SCRIPT.encode(), 0o755)
+        w.close()
+        if stream is not raw:
+            stream.close()
+    os.replace(tmp, out)
+    return Appliance(out, names, digest)

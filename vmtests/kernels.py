@@ -1,0 +1,156 @@
+"""Guest kernels: Debian 12's installed one, and Debian 13's fetched (unpacked, not installed).
+
+Selection: ``DMIMAGE_VM_KERNELS`` (comma-separated names, e.g. ``deb12,deb13``; default
+``deb12``) or the ``--kernel`` options of the CLI and the pytest plugin. A name may also be a
+path to a vmlinuz file whose modules are in ``/lib/modules/<version>`` (or pass
+``vmlinuz:moddir``).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from dmimage.errors import DmimageError
+
+from .appliance import cache_root
+
+ENV_KERNELS = "DMIMAGE_VM_KERNELS"
+DEFAULT_KERNELS = ("deb12",)
+KNOWN = ("deb12", "deb13")
+FETCH_TOOL_ENV = "DMIMAGE_DEBIAN13_FETCH"
+
+
+class KernelNotFound(DmimageError):
+    """A requested guest kernel is not installed and cannot be fetched."""
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A guest kernel image and its module tree."""
+
+    name: str  # "deb12", "deb13", or a path given by the user
+    version: str  # e.g. "6.1.0-56-amd64"
+    vmlinuz: Path
+    moddir: Path  # .../lib/modules/<version>, with modules.dep
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.version})"
+
+
+def _version_key(v: str) -> list:
+    return [int(x) if x.isdigit() else x for x in re.split(r"[.+~-]", v)]
+
+
+def _from_boot(boot: Path, modroots: list[Path], name: str) -> list[Kernel]:
+    found = []
+    for vmlinuz in glob.glob(str(boot / "vmlinuz-*")):
+        version = os.path.basename(vmlinuz)[len("vmlinuz-"):]
+        for root in modroots:
+            moddir = root / version
+            if (moddir / "modules.dep").exists():
+                found.append(Kernel(name, version, Path(vmlinuz), moddir))
+                break
+    found.sort(key=lambda k: _version_key(k.version))
+    return found
+
+
+def debian12() -> Kernel:
+    """The newest kernel installed on the host from linux-image-amd64 (/boot + /lib/modules)."""
+    found = _from_boot(Path("/boot"), [Path("/lib/modules"), Path("/usr/lib/modules")], "deb12")
+    if not found:
+        raise KernelNotFound("no installed kernel found (/boot/vmlinuz-* with "
+                             "/lib/modules/<version>/modules.dep): apt-get install "
+                             "linux-image-amd64")
+    return found[-1]
+
+
+def debian13_dir() -> Path:
+    return cache_root() / "debian13"
+
+
+def _fetch_tool() -> Path:
+    env = os.environ.get(FETCH_TOOL_ENV)
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent.parent
+    for cand in (here.parent / "shared/tools/debian13-fetch", Path("/work/shared/tools/debian13-fetch")):
+        if cand.exists():
+            return cand
+    raise KernelNotFound(f"debian13-fetch tool not found (set {FETCH_TOOL_ENV})")
+
+
+def _find_debian13(dest: Path) -> Kernel | None:
+    kernels: list[Kernel] = []
+    for pkg in sorted(glob.glob(str(dest / "linux-image-*"))):
+        p = Path(pkg)
+        kernels += _from_boot(p / "boot", [p / "usr/lib/modules", p / "lib/modules"], "deb13")
+    if not kernels:
+        return None
+    kernels.sort(key=lambda k: _version_key(k.version))
+    return kernels[-1]
+
+
+def ensure_debian13(*, fetch: bool = True) -> Kernel:
+    """Debian 13's kernel, unpacked under ``<cache>/debian13``; fetched on first use."""
+    dest = debian13_dir()
+    k = _find_debian13(dest)
+    if k is not None or not fetch:
+        if k is None:
+            raise KernelNotFound(f"no Debian 13 kernel under {dest}")
+        return k
+    tool = _fetch_tool()
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        pkg = subprocess.run(["sh", str(tool), str(dest), "--print-kernel"], capture_output=True,
+                             text=True, check=True, timeout=600).stdout.strip()
+        if not pkg:
+            raise KernelNotFound("debian13-fetch --print-kernel printed nothing")
+        subprocess.run(["sh", str(tool), str(dest), pkg], capture_output=True, text=True,
+                       check=True, timeout=1800)
+    except subprocess.CalledProcessError as exc:
+        raise KernelNotFound(f"fetching the Debian 13 kernel failed: {exc.stderr.strip()}") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise KernelNotFound("fetching the Debian 13 kernel timed out") from exc
+    k = _find_debian13(dest)
+    if k is None:
+        raise KernelNotFound(f"debian13-fetch ran but no kernel appeared under {dest}")
+    return k
+
+
+def kernel_by_name(name: str, *, fetch: bool = True) -> Kernel:
+    """Resolve ``deb12``, ``deb13``, ``VMLINUZ`` or ``VMLINUZ:MODDIR`` to a Kernel."""
+    if name == "deb12":
+        return debian12()
+    if name == "deb13":
+        return ensure_debian13(fetch=fetch)
+    vmlinuz, _, moddir = name.partition(":")
+    path = Path(vmlinuz)
+    if not path.exists():
+        raise KernelNotFound(f"unknown kernel {name!r} (use one of {', '.join(KNOWN)} "
+                             "or a vmlinuz path)")
+    version = path.name.removeprefix("vmlinuz-")
+    mdir = Path(moddir) if moddir else Path("/lib/modules") / version
+    if not (mdir / "modules.dep").exists():
+        raise KernelNotFound(f"{mdir}/modules.dep missing for kernel {name}")
+    return Kernel(name, version, path, mdir)
+
+
+def selected_names(value: str | None = None) -> list[str]:
+    """Kernel names from *value* or ``$DMIMAGE_VM_KERNELS`` (default ``deb12``)."""
+    raw = value if value is not None else os.environ.get(ENV_KERNELS, "")
+    names = [n.strip() for n in raw.split(",") if n.strip()]
+    return names or list(DEFAULT_KERNELS)
+
+
+def select_kernels(value: str | None = None, *, fetch: bool = True) -> list[Kernel]:
+    return [kernel_by_name(n, fetch=fetch) for n in selected_names(value)]
+
+
+def qemu_binary() -> str | None:
+    return os.environ.get("DMIMAGE_QEMU") or shutil.which("qemu-system-x86_64")
