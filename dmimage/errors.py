@@ -35,15 +35,18 @@ class MetadataError(DmimageError):
     exit_code = 1
 
     def __init__(self, message: str, *, block: int | None = None, field: str | None = None):
+        super().__init__(message)
+        self.detail = message
         self.block = block
         self.field = field
+
+    def __str__(self) -> str:
         where = []
-        if block is not None:
-            where.append(f"block {block}")
-        if field:
-            where.append(field)
-        prefix = f"{', '.join(where)}: " if where else ""
-        super().__init__(prefix + message)
+        if self.block is not None:
+            where.append(f"block {self.block}")
+        if self.field:
+            where.append(self.field)
+        return (", ".join(where) + ": " if where else "") + self.detail
 
 
 class ChecksumError(MetadataError):

@@ -268,7 +268,7 @@ class BtreeWalker:
 
 
 def _prefixed(err: MetadataError, what: str) -> MetadataError:
-    err.args = (f"{what}: {err.args[0]}",) if err.args else err.args
+    err.detail = f"{what}: {err.detail}"
     return err
 
 

@@ -171,7 +171,7 @@ def read_space_map(
         try:
             payload[i * stride : (i + 1) * stride] = read_bitmap_payload(reader, b)
         except MetadataError as err:
-            err.args = (f"{what} bitmap {i}: {err.args[0]}",)
+            err.detail = f"{what} bitmap {i}: {err.detail}"
             on_error(err)
     counts = decode_bitmap(payload)[: root.nr_blocks].astype(np.uint32)
     if n and np.any(decode_bitmap(payload)[root.nr_blocks:]):

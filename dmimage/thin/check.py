@@ -1,0 +1,263 @@
+"""`dmimage check`: an exhaustive, tolerant consistency check of thin-pool metadata.
+
+It reaches thin_check 1.x's verdict (and is stricter where the kernel is: bad magic, a wrong
+superblock blocknr, incompat flags, data blocks beyond the data device, a wrong nr_allocated all
+stop a pool from working). Every problem is collected with the block and field it concerns;
+the walk goes on past damage so one run reports everything it can reach.
+
+Reference counts are recomputed from scratch (thin-format.md §4.5, §4.6): one count per
+referencing parent for metadata blocks, one per distinct leaf for data blocks, and compared
+with both space maps. A block counted 1 that nothing references is a *leak*: the only
+non-fatal problem (`--ignore-non-fatal-errors`, and what `--auto-repair` may fix).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from dmimage.errors import MetadataError
+from dmimage.format.constants import (
+    DEVICE_DETAILS_SIZE,
+    TIME_BITS,
+)
+from dmimage.format.layouts import DEVICE_DETAILS_DTYPE
+from dmimage.pdata.block import BlockReader
+from dmimage.pdata.btree import U64, BtreeWalker, Node
+from dmimage.pdata.spacemap import SpaceMap, read_space_map
+from dmimage.thin.pool import MAPPING_VALUE_SIZE
+from dmimage.thin.superblock import Superblock, read_superblock
+
+#: How many example blocks a summarised problem names.
+EXAMPLES = 5
+
+
+@dataclass(slots=True)
+class Problem:
+    message: str
+    block: int | None = None
+    field: str | None = None
+    fatal: bool = True
+
+    def __str__(self) -> str:
+        where = [f"block {self.block}"] if self.block is not None else []
+        if self.field:
+            where.append(self.field)
+        return (", ".join(where) + ": " if where else "") + self.message
+
+
+@dataclass(slots=True)
+class CheckReport:
+    path: str
+    problems: list[Problem] = field(default_factory=list)
+    transaction_id: int | None = None
+    metadata_free_blocks: int | None = None
+    nr_devices: int | None = None
+    nr_mappings: int | None = None
+    leaked_metadata_blocks: list[int] = field(default_factory=list)
+    leaked_data_blocks: list[int] = field(default_factory=list)
+
+    def ok(self, ignore_non_fatal: bool = False) -> bool:
+        return not any(p.fatal or not ignore_non_fatal for p in self.problems)
+
+    def to_json(self) -> dict[str, object]:
+        d = asdict(self)
+        d["problems"] = [dict(asdict(p), text=str(p)) for p in self.problems]
+        d["ok"] = self.ok()
+        d["leaked_metadata_blocks"] = self.leaked_metadata_blocks[:1000]
+        d["leaked_data_blocks"] = self.leaked_data_blocks[:1000]
+        return d
+
+
+class _Checker:
+    def __init__(self, reader: BlockReader, report: CheckReport):
+        self.reader = reader
+        self.report = report
+        self.meta_counts = np.zeros(reader.nr_blocks, dtype=np.uint32)
+        self.walker = BtreeWalker(reader, meta_counts=self.meta_counts, on_error=self.error)
+        self.data_leaves: list[np.ndarray] = []
+
+    def error(self, err: MetadataError | Problem, fatal: bool = True) -> None:
+        if isinstance(err, Problem):
+            self.report.problems.append(err)
+            return
+        self.report.problems.append(Problem(err.detail, err.block, err.field, fatal))
+
+    # -- trees -------------------------------------------------------------------------
+    def device_ids(self, sb: Superblock, label: str) -> dict[int, int]:
+        """Walk the details tree; return {dev_id: mapped_blocks}."""
+        out: dict[int, int] = {}
+
+        def leaf(node: Node) -> None:
+            vals = node.values(DEVICE_DETAILS_DTYPE)
+            for k, mapped in zip(node.keys.tolist(), vals["mapped_blocks"].tolist(), strict=True):
+                out[k] = mapped
+
+        self.walker.walk(sb.device_details_root, DEVICE_DETAILS_SIZE, leaf,
+                         what=f"{label}device details tree")
+        return out
+
+    def top_level(self, sb: Superblock, label: str) -> dict[int, int]:
+        out: dict[int, int] = {}
+
+        def leaf(node: Node) -> None:
+            out.update(zip(node.keys.tolist(), node.values(U64).tolist(), strict=True))
+
+        self.walker.walk(sb.data_mapping_root, MAPPING_VALUE_SIZE, leaf,
+                         what=f"{label}mapping tree (top level)")
+        return out
+
+    def bottom_trees(self, roots: dict[int, int], mapped: dict[int, int], label: str) -> int:
+        total = 0
+
+        def leaf(node: Node) -> None:
+            self.data_leaves.append(node.values(U64) >> np.uint64(TIME_BITS))
+
+        for dev, root in sorted(roots.items()):
+            s = self.walker.walk(root, MAPPING_VALUE_SIZE, leaf,
+                                 what=f"{label}mapping tree of device {dev}")
+            if s is None:
+                continue
+            total += s.entries
+            want = mapped.get(dev)
+            if want is not None and want != s.entries:
+                self.error(Problem(f"device {dev}: details say {want} mapped blocks, its mapping "
+                                   f"tree holds {s.entries}", field="mapped_blocks"))
+        return total
+
+    def pool_trees(self, sb: Superblock, label: str, skip_mappings: bool) -> None:
+        details = self.device_ids(sb, label)
+        roots = self.top_level(sb, label)
+        if set(details) != set(roots):
+            only_d = sorted(set(details) - set(roots))[:EXAMPLES]
+            only_m = sorted(set(roots) - set(details))[:EXAMPLES]
+            self.error(Problem(f"{label}details tree and mapping tree disagree on device ids "
+                               f"(details only: {only_d}, mappings only: {only_m})",
+                               block=sb.data_mapping_root, field="data_mapping_root"))
+        if label == "":
+            self.report.nr_devices = len(details)
+        if not skip_mappings:
+            n = self.bottom_trees(roots, details, label)
+            if label == "":
+                self.report.nr_mappings = n
+
+    # -- space maps --------------------------------------------------------------------
+    def read_sm(self, sb: Superblock, metadata: bool) -> SpaceMap | None:
+        what = "metadata space map" if metadata else "data space map"
+        root = sb.metadata_sm if metadata else sb.data_sm
+        if root.nr_bitmaps > self.reader.nr_blocks:
+            self.error(Problem(f"{what}: nr_blocks {root.nr_blocks} needs more bitmaps than the "
+                               f"metadata device has blocks", block=0,
+                               field=f"{what} root nr_blocks"))
+            return None
+        try:
+            return read_space_map(self.reader, root, self.walker, metadata=metadata,
+                                  on_error=self.error)
+        except MetadataError as err:
+            self.error(err)
+            return None
+
+    def compare(self, sm: SpaceMap, expected: np.ndarray, what: str) -> list[int]:
+        """Report count differences; return leaked blocks (stored 1, expected 0)."""
+        stored = sm.counts
+        n = len(stored)
+        if len(expected) > n:
+            beyond = np.flatnonzero(expected[n:]) + n
+            if len(beyond):
+                self.error(Problem(f"{what}: {len(beyond)} referenced blocks lie beyond its "
+                                   f"nr_blocks {n} (e.g. {beyond[:EXAMPLES].tolist()})"))
+            expected = expected[:n]
+        elif len(expected) < n:
+            expected = np.concatenate([expected, np.zeros(n - len(expected), expected.dtype)])
+        diff = np.flatnonzero(stored != expected)
+        leaks: list[int] = []
+        if len(diff):
+            st, ex = stored[diff], expected[diff]
+            leak_mask = (ex == 0) & (st == 1)
+            leaks = diff[leak_mask].tolist()
+            if leaks:
+                self.error(Problem(f"{what}: {len(leaks)} leaked blocks (counted but unreferenced,"
+                                   f" e.g. {leaks[:EXAMPLES]})", fatal=False))
+            bad = diff[~leak_mask]
+            if len(bad):
+                eg = ", ".join(f"block {b}: stored {int(stored[b])}, expected {int(expected[b])}"
+                               for b in bad[:EXAMPLES].tolist())
+                self.error(Problem(f"{what}: {len(bad)} blocks with wrong reference counts "
+                                   f"({eg})"))
+        in_use = int(np.count_nonzero(stored))
+        if sm.root.nr_allocated != in_use:
+            self.error(Problem(f"{what}: nr_allocated is {sm.root.nr_allocated} but {in_use} "
+                               f"blocks are in use", block=0, field=f"{what} root nr_allocated"))
+        return leaks
+
+
+def check_metadata(
+    path: str | os.PathLike[str],
+    *,
+    super_block_only: bool = False,
+    skip_mappings: bool = False,
+    metadata_snap: bool = False,
+) -> CheckReport:
+    """Check thin-pool metadata read-only; I/O problems raise DeviceError, damage is reported."""
+    report = CheckReport(os.fspath(path))
+    try:
+        reader = BlockReader(path)
+    except MetadataError as err:
+        report.problems.append(Problem(err.detail, err.block, err.field))
+        return report
+    with reader:
+        try:
+            sb = read_superblock(reader, 0)
+        except MetadataError as err:
+            report.problems.append(Problem(err.detail, err.block, err.field))
+            return report
+        report.transaction_id = sb.trans_id
+        report.metadata_free_blocks = sb.metadata_sm.nr_blocks - sb.metadata_sm.nr_allocated
+        if sb.incompat_flags:
+            report.problems.append(Problem(f"incompat_flags {sb.incompat_flags:#x}: the kernel "
+                                           "refuses to open this pool", 0, "incompat_flags"))
+        if super_block_only:
+            return report
+        c = _Checker(reader, report)
+        c.meta_counts[0] += 1
+        held: Superblock | None = None
+        if sb.held_root:
+            if sb.held_root >= reader.nr_blocks:
+                c.error(Problem(f"metadata snapshot at block {sb.held_root} lies beyond the "
+                                "device", 0, "held_root"))
+            else:
+                c.meta_counts[sb.held_root] += 1
+                try:
+                    held = read_superblock(reader, sb.held_root)
+                except MetadataError as err:
+                    c.error(err)
+        elif metadata_snap:
+            c.error(Problem("no metadata snapshot to check (held_root is 0)", 0, "held_root"))
+        c.pool_trees(sb, "", skip_mappings)
+        if held is not None:
+            c.pool_trees(held, "metadata snapshot: ", skip_mappings)
+        data_sm = c.read_sm(sb, metadata=False)
+        meta_sm = c.read_sm(sb, metadata=True)
+        if skip_mappings:
+            return report
+        if data_sm is not None:
+            if c.data_leaves:
+                blocks = np.concatenate(c.data_leaves)
+                limit = max(len(data_sm.counts), 1)
+                beyond = blocks >= limit
+                if beyond.any():
+                    c.error(Problem(f"{int(beyond.sum())} mappings point beyond the data device "
+                                    f"(nr_data_blocks {sb.data_sm.nr_blocks}, e.g. data block "
+                                    f"{int(blocks[beyond][0])})", field="mapping value"))
+                    blocks = blocks[~beyond]
+                expected = np.bincount(blocks.astype(np.int64),
+                                       minlength=len(data_sm.counts)).astype(np.uint32)
+            else:
+                expected = np.zeros(len(data_sm.counts), np.uint32)
+            report.leaked_data_blocks = c.compare(data_sm, expected, "data space map")
+        if meta_sm is not None:
+            report.leaked_metadata_blocks = c.compare(meta_sm, c.meta_counts,
+                                                      "metadata space map")
+    return report
