@@ -280,9 +280,10 @@ def restore(xml_text: str, meta_path: Path | str, tools: Tools,
         os.unlink(xml_path)
 
 
-def check(meta_path: Path | str, tools: Tools, *args) -> tuple[int, str, str]:
-    """thin_check; returns (returncode, stdout, stderr).  Never raises for a failed check."""
-    p = run(tools, "thin_check", *args, meta_path)
+def check(meta_path: Path | str, tools: Tools, *args, timeout: float = 300) -> tuple[int, str, str]:
+    """thin_check; returns (returncode, stdout, stderr).  Never raises for a failed check
+    (a timeout raises subprocess.TimeoutExpired)."""
+    p = run(tools, "thin_check", *args, meta_path, timeout=timeout)
     return p.returncode, p.stdout, p.stderr
 
 
