@@ -33,6 +33,8 @@ __all__ = [
     "block_type",
     "fix_checksum",
     "scan",
+    "data_counts",
+    "meta_counts",
     "flip_byte",
     "wrong_blocknr",
     "wrong_nr_allocated",
@@ -129,6 +131,7 @@ class MetaMap:
         self.details_root = _u64(meta, 328)
         self.nodes: dict[int, Node] = {}
         self.bitmaps: dict[int, str] = {}  # block -> 'data' | 'meta'
+        self.data_bitmaps: list[int] = []  # in index-key order
         self.meta_index = self.meta_sm[2]
         self._walk(self.mapping_root, "top")
         self._walk(self.details_root, "details")
@@ -166,7 +169,9 @@ class MetaMap:
                     q.append((_u64(meta, voff + 8 * i), "bottom", 0, b))
             elif r == "data_index":
                 for i in range(nr):
-                    self.bitmaps[_u64(meta, voff + 16 * i)] = "data"
+                    bm = _u64(meta, voff + 16 * i)
+                    self.bitmaps[bm] = "data"
+                    self.data_bitmaps.append(bm)
 
     # -- queries
     def nodes_where(self, role: str | None = None, internal: bool | None = None) -> list[Node]:
@@ -184,6 +189,45 @@ class MetaMap:
         word = _u64(self.meta, bm * BLOCK + 16 + 8 * (e // 32))
         j = e % 32
         return (((word >> (2 * j)) & 1) << 1) | ((word >> (2 * j + 1)) & 1)
+
+
+def _decode_counts(meta, bitmaps: list[int], n: int, overflow_root: int) -> "np.ndarray":
+    import numpy as np
+
+    out = np.zeros(len(bitmaps) * 16320, dtype=np.uint32)
+    for i, bm in enumerate(bitmaps):
+        raw = np.frombuffer(bytes(meta[bm * BLOCK + 16: (bm + 1) * BLOCK]), dtype=np.uint8)
+        bits = np.unpackbits(raw, bitorder="little").reshape(-1, 2)  # [bit 2j, bit 2j+1]
+        out[i * 16320:(i + 1) * 16320] = (bits[:, 0].astype(np.uint32) << 1) | bits[:, 1]
+    out = out[:n]
+    # overflow tree (leaves only, any depth)
+    stack = [overflow_root]
+    while stack:
+        b = stack.pop()
+        off = b * BLOCK
+        flags, = struct.unpack_from("<I", meta, off + 4)
+        nr, mx, vs = struct.unpack_from("<III", meta, off + 16)
+        keys = struct.unpack_from(f"<{nr}Q", meta, off + 32)
+        if flags != 2:
+            stack.extend(struct.unpack_from(f"<{nr}Q", meta, off + 32 + 8 * mx))
+        else:
+            vals = struct.unpack_from(f"<{nr}I", meta, off + 32 + 8 * mx)
+            for k, v in zip(keys, vals):
+                if k < n:
+                    out[k] = v
+    return out
+
+
+def data_counts(meta: bytes) -> "np.ndarray":
+    """Decode the data space map (bitmaps + overflow tree) into a count per data block."""
+    mm = MetaMap(meta)
+    return _decode_counts(meta, mm.data_bitmaps, mm.data_sm[0], mm.data_sm[3])
+
+
+def meta_counts(meta: bytes) -> "np.ndarray":
+    """Decode the metadata space map into a count per metadata block."""
+    mm = MetaMap(meta)
+    return _decode_counts(meta, mm.meta_bitmaps, mm.meta_sm[0], mm.meta_sm[3])
 
 
 def scan(meta: bytes) -> dict[int, str]:
@@ -256,8 +300,9 @@ def wrong_blocknr(meta: bytes, kind: str, *, role: str | None = None, which: int
     b = _pick(out, kind, role, which)
     struct.pack_into("<Q", out, b * BLOCK + 8, b + delta)
     fix_checksum(out, b, _SALT_OF[kind])
-    return Damaged(out, f"{kind} block {b}: blocknr field = {b + delta}, checksum valid",
-                   f"blocknr:{kind}", b)
+    return Damaged(out, f"{kind}{'/' + role if role else ''} block {b}: blocknr field = "
+                        f"{b + delta}, checksum valid",
+                   f"blocknr:{kind}{':' + role if role else ''}", b)
 
 
 def wrong_nr_allocated(meta: bytes, sm: str = "metadata", delta: int = 1) -> Damaged:
@@ -386,14 +431,16 @@ def all_damage(meta: bytes) -> list[Damaged]:
         except LookupError:
             pass
 
-    for kind in ("superblock", "btree_internal", "btree_leaf", "bitmap", "index"):
+    for kind in ("superblock", "btree_internal", "btree_leaf", "index"):
         add(flip_byte, kind, fix_csum=False)
         add(flip_byte, kind, fix_csum=True)
         add(wrong_blocknr, kind)
-    add(flip_byte, "bitmap", role="data", fix_csum=True)
-    add(flip_byte, "bitmap", role="meta", fix_csum=True)
-    add(wrong_blocknr, "bitmap", role="meta")
+    for role in ("data", "meta"):
+        add(flip_byte, "bitmap", role=role, fix_csum=False)
+        add(flip_byte, "bitmap", role=role, fix_csum=True)
+        add(wrong_blocknr, "bitmap", role=role)
     add(flip_byte, "btree_leaf", role="details", fix_csum=True)
+    add(wrong_blocknr, "btree_leaf", role="top")
     add(wrong_nr_allocated, "metadata")
     add(wrong_nr_allocated, "data")
     add(leaked_block, 1)
