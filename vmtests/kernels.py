@@ -154,3 +154,81 @@ def select_kernels(value: str | None = None, *, fetch: bool = True) -> list[Kern
 
 def qemu_binary() -> str | None:
     return os.environ.get("DMIMAGE_QEMU") or shutil.which("qemu-system-x86_64")
+
+
+# --------------------------------------------------------------------------------------------
+# Fast boot: an uncompressed vmlinux with a PVH entry point
+
+_MAGICS = ((b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"), (b"\x1f\x8b\x08", "gzip"))
+
+
+def _config_has_pvh(kernel: Kernel) -> bool:
+    cfg = kernel.vmlinuz.parent / f"config-{kernel.version}"
+    try:
+        return "\nCONFIG_PVH=y\n" in "\n" + cfg.read_text() + "\n"
+    except OSError:
+        return False
+
+
+def _bzimage_payload(data: bytes) -> tuple[bytes, str] | None:
+    """The compressed kernel inside a bzImage, sliced with the setup header's payload fields."""
+    if len(data) < 0x250 or data[0x202:0x206] != b"HdrS":
+        return None
+    setup_sects = data[0x1F1] or 4
+    payload_offset = int.from_bytes(data[0x248:0x24C], "little")
+    payload_length = int.from_bytes(data[0x24C:0x250], "little")
+    start = (setup_sects + 1) * 512 + payload_offset
+    payload = data[start:start + payload_length]
+    for magic, kind in _MAGICS:
+        if payload.startswith(magic):
+            return payload, kind
+    return None
+
+
+def _decompress(payload: bytes, kind: str) -> bytes | None:
+    import gzip
+    import lzma
+
+    if kind == "xz":
+        return lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload)
+    if kind == "gzip":
+        return gzip.decompress(payload)
+    try:
+        import zstandard  # type: ignore[import-not-found]
+
+        return zstandard.ZstdDecompressor().decompressobj().decompress(payload)
+    except ImportError:
+        pass
+    zstd = shutil.which("zstd")
+    if zstd is None:
+        return None
+    # The kernel build appends the uncompressed size (4 bytes) to the compressed stream.
+    res = subprocess.run([zstd, "-dc"], input=payload[:-4], capture_output=True, check=False)
+    return res.stdout if res.returncode == 0 else None
+
+
+def boot_image(kernel: Kernel) -> Path:
+    """The file to give QEMU's ``-kernel``: a cached uncompressed vmlinux (PVH entry, which
+    skips firmware real-mode setup and in-guest decompression: ~2.5 s instead of ~5.5 s to
+    the agent under TCG) when the kernel supports PVH and can be unpacked, else the vmlinuz.
+    ``DMIMAGE_VM_PVH=0`` forces the vmlinuz."""
+    if os.environ.get("DMIMAGE_VM_PVH", "1") == "0" or not _config_has_pvh(kernel):
+        return kernel.vmlinuz
+    st = kernel.vmlinuz.stat()
+    out = cache_root() / "kernels" / f"vmlinux-{kernel.version}-{st.st_size}-{st.st_mtime_ns}"
+    if out.exists():
+        return out
+    found = _bzimage_payload(kernel.vmlinuz.read_bytes())
+    if found is None:
+        return kernel.vmlinuz
+    try:
+        elf = _decompress(*found)
+    except Exception:  # noqa: BLE001 - any failure: boot the bzImage instead
+        elf = None
+    if not elf or not elf.startswith(b"\x7fELF"):
+        return kernel.vmlinuz
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp.write_bytes(elf)
+    os.replace(tmp, out)
+    return out

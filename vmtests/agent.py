@@ -1,0 +1,219 @@
+"""Host side of the guest agent: a line protocol over the guest's second serial port.
+
+Frames (one per line, payloads base64 so any bytes survive the tty):
+
+- host → guest: ``@@C <id> <timeout_s> <nlines>`` then *nlines* lines of base64 of the script
+- guest → host: ``@@R <id> <rc> <timed_out> <len_out> <len_err> <b64 stdout> <b64 stderr>``
+- guest → host: ``@@READY <uptime>`` once when the agent starts
+
+The guest side is the busybox sh script ``AGENT_SCRIPT`` in ``vmtests/appliance.py``: it runs each
+script with ``sh`` in its own session and, after *timeout_s*, kills that whole process group
+(rc 137, timed_out 1). Lines that are not frames are ignored; replies with a stale id (from a
+command the host gave up on) are skipped.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import math
+import re
+import select
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .errors import GuestCommandError, GuestTimeout, KernelProblem, VMError
+
+#: Extra seconds the host waits beyond a command's own timeout before declaring the guest hung.
+HOST_GRACE = 20.0
+
+
+@dataclass
+class CommandResult:
+    """What a guest shell command did. ``stdout``/``stderr`` are bytes, exactly as produced."""
+
+    command: str
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+    duration: float
+    timed_out: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.timed_out
+
+    @property
+    def out(self) -> str:
+        return self.stdout.decode(errors="replace")
+
+    @property
+    def err(self) -> str:
+        return self.stderr.decode(errors="replace")
+
+    def check(self) -> CommandResult:
+        """Return self, or raise ``GuestCommandError`` if the command failed or timed out."""
+        if not self.ok:
+            raise GuestCommandError(self)
+        return self
+
+
+class AgentChannel:
+    """Talks to the guest agent over a connected stream socket (QEMU's serial chardev).
+
+    *health* is called while waiting; it raises (e.g. ``MachineDied``) when waiting is
+    pointless. *context* returns ``(console_tail, log_path)`` for error messages.
+    """
+
+    def __init__(self, sock: socket.socket, *, health: Callable[[], None] = lambda: None,
+                 context: Callable[[], tuple[str, str | None]] = lambda: ("", None)):
+        self._sock = sock
+        self._sock.setblocking(False)
+        self._buf = bytearray()
+        self._ids = itertools.count(1)
+        self._health = health
+        self._context = context
+        self.ready_uptime: float | None = None
+        self.noise: list[bytes] = []
+
+    # -- low level ---------------------------------------------------------------------------
+    def _read_line(self, deadline: float, what: str) -> bytes:
+        while True:
+            nl = self._buf.find(b"\n")
+            if nl >= 0:
+                line = bytes(self._buf[:nl]).rstrip(b"\r")
+                del self._buf[: nl + 1]
+                return line
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                tail, log = self._context()
+                raise GuestTimeout(f"guest agent: no answer while {what}", console_tail=tail,
+                                   log_path=log)
+            r, _, _ = select.select([self._sock], [], [], min(remaining, 0.25))
+            if not r:
+                self._health()
+                continue
+            try:
+                data = self._sock.recv(1 << 20)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                self._health()
+                raise VMError(f"guest agent channel failed: {exc}") from exc
+            if not data:
+                self._health()
+                tail, log = self._context()
+                raise VMError("guest agent channel closed", console_tail=tail, log_path=log)
+            self._buf += data
+
+    def _send(self, data: bytes, deadline: float) -> None:
+        view = memoryview(data)
+        while view:
+            if time.monotonic() > deadline:
+                tail, log = self._context()
+                raise GuestTimeout("guest agent: cannot send the command", console_tail=tail,
+                                   log_path=log)
+            _, w, _ = select.select([], [self._sock], [], 0.25)
+            if not w:
+                self._health()
+                continue
+            try:
+                n = self._sock.send(view)
+            except BlockingIOError:
+                continue
+            view = view[n:]
+
+    # -- protocol ----------------------------------------------------------------------------
+    def wait_ready(self, timeout: float) -> float:
+        """Wait for the agent's ``@@READY`` line; returns the guest uptime it reported."""
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self._read_line(deadline, "booting (waiting for @@READY)")
+            if line.startswith(b"@@READY"):
+                try:
+                    self.ready_uptime = float(line.split()[1])
+                except (IndexError, ValueError):
+                    self.ready_uptime = float("nan")
+                return self.ready_uptime
+            self.noise.append(line)
+
+    def run(self, script: str | bytes, *, timeout: float = 60.0, check: bool = False
+            ) -> CommandResult:
+        """Run *script* with ``sh`` in the guest; stdin is /dev/null.
+
+        After *timeout* seconds the guest kills the command's process group and the result has
+        ``timed_out=True`` (``returncode`` 137). If the guest does not answer within
+        *timeout* + ``HOST_GRACE``, ``GuestTimeout`` is raised (the guest is hung).
+        """
+        raw = script.encode() if isinstance(script, str) else script
+        text = script if isinstance(script, str) else script.decode(errors="replace")
+        cid = next(self._ids)
+        b64 = base64.b64encode(raw)
+        lines = [b64[i:i + 76] for i in range(0, len(b64), 76)]
+        tmo = max(1, math.ceil(timeout)) if timeout and timeout > 0 else 0
+        frame = b"@@C %d %d %d\n" % (cid, tmo, len(lines)) + b"".join(ln + b"\n" for ln in lines)
+        start = time.monotonic()
+        host_deadline = start + (tmo if tmo else 24 * 3600) + HOST_GRACE
+        self._send(frame, host_deadline)
+        while True:
+            line = self._read_line(host_deadline, f"running {text[:200]!r}")
+            if not line.startswith(b"@@R "):
+                if line.startswith(b"@@READY"):
+                    tail, log = self._context()
+                    raise VMError("guest agent restarted while a command was running",
+                                  console_tail=tail, log_path=log)
+                self.noise.append(line)
+                continue
+            parts = line.split(b" ")
+            if len(parts) != 8:
+                raise VMError(f"guest agent: malformed reply {line[:200]!r}")
+            _, rid, rc, to, lo, le, bo, be = parts
+            if int(rid) != cid:
+                continue  # reply to a command the host gave up on
+            out = base64.b64decode(bo)
+            err = base64.b64decode(be)
+            if len(out) != int(lo) or len(err) != int(le):
+                raise VMError(f"guest agent: length mismatch in reply {cid} "
+                              f"({len(out)}/{lo.decode()}, {len(err)}/{le.decode()})")
+            res = CommandResult(text, int(rc), out, err, time.monotonic() - start, to == b"1")
+            if check and not res.ok:
+                tail, log = self._context()
+                raise GuestCommandError(res, log_path=log)
+            return res
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel log scanning
+
+KERNEL_PROBLEM_PATTERNS = (
+    r"\bkernel BUG\b",
+    r"\bBUG:",
+    r"\bWARNING:",
+    r"\bCall Trace:",
+    r"\bOops\b",
+    r"general protection fault",
+    r"Kernel panic",
+    r"\bRIP: ",
+)
+_PROBLEM_RE = re.compile("|".join(KERNEL_PROBLEM_PATTERNS))
+
+
+def find_kernel_problems(dmesg: str, *, allow: tuple[str, ...] = ()) -> list[str]:
+    """Lines of *dmesg* that show a kernel BUG/WARNING/oops/"Call Trace" (minus *allow*
+    regexes)."""
+    allowed = [re.compile(a) for a in allow]
+    return [ln for ln in dmesg.splitlines()
+            if _PROBLEM_RE.search(ln) and not any(a.search(ln) for a in allowed)]
+
+
+def check_kernel_log(dmesg: str, *, allow: tuple[str, ...] = (), **kw) -> None:
+    """Raise ``KernelProblem`` if *dmesg* shows a kernel BUG, WARNING or call trace."""
+    bad = find_kernel_problems(dmesg, allow=allow)
+    if bad:
+        # Show some context around the first hit.
+        lines = dmesg.splitlines()
+        first = lines.index(bad[0])
+        raise KernelProblem("guest kernel log shows a problem:",
+                            lines[max(0, first - 5): first + 30], **kw)

@@ -1,0 +1,537 @@
+"""One QEMU guest: process, QMP, guest agent, disk hot-plug.
+
+    with Machine(kernel_by_name("deb12")) as vm:
+        print(vm.run("uname -r").out)
+        with vm.disk("/tmp/meta.bin", read_only=False) as d:
+            vm.run(f"blockdev --getsize64 {d.guest_path}", check=True)
+
+QEMU runs in its own process group with a parent-death signal (``setpriv --pdeathsig KILL``)
+and every live machine is killed at interpreter exit, so no QEMU outlives its Python process.
+QMP is spoken with ``qemu.qmp.QMPClient`` on an asyncio loop in a private thread; the public API
+is synchronous.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from .agent import AgentChannel, CommandResult, check_kernel_log
+from .appliance import build_initramfs
+from .errors import (
+    GuestTimeout,
+    HarnessUnavailable,
+    HotplugError,
+    MachineDied,
+    QMPCommandError,
+    VMError,
+)
+from .kernels import Kernel, boot_image, qemu_binary
+
+#: Kernel command line. loglevel=5 keeps the console quiet but shows warnings and worse.
+BASE_CMDLINE = ("console=ttyS0 loglevel=5 panic=-1 rdinit=/init edd=off "
+                "i8042.noaux i8042.nomux i8042.nopnp")
+
+_LIVE: weakref.WeakSet[Machine] = weakref.WeakSet()
+
+
+@atexit.register
+def _kill_all() -> None:
+    for m in list(_LIVE):
+        with contextlib.suppress(Exception):
+            m.kill()
+
+
+@lru_cache(maxsize=1)
+def kvm_usable(qemu: str | None = None) -> bool:
+    """True when /dev/kvm opens *and* QEMU can start a vCPU with it (a nested /dev/kvm may
+    exist yet abort QEMU on MSR setup, as on this project's build machines)."""
+    qemu = qemu or qemu_binary()
+    if not qemu or not os.path.exists("/dev/kvm"):
+        return False
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+        os.close(fd)
+    except OSError:
+        return False
+    try:
+        res = subprocess.run(
+            [qemu, "-machine", "pc", "-accel", "kvm", "-cpu", "host", "-nodefaults",
+             "-display", "none", "-S", "-qmp", "stdio"],
+            input=b'{"execute":"qmp_capabilities"}\n{"execute":"quit"}\n',
+            capture_output=True, timeout=20, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return res.returncode == 0
+
+
+def choose_accel() -> str:
+    """``DMIMAGE_VM_ACCEL`` (kvm|tcg) if set, else kvm when usable, else tcg."""
+    forced = os.environ.get("DMIMAGE_VM_ACCEL")
+    if forced:
+        return forced
+    return "kvm" if kvm_usable() else "tcg"
+
+
+# --------------------------------------------------------------------------------------------
+# QMP on a private event loop thread
+
+
+class _QMP:
+    def __init__(self) -> None:
+        from qemu.qmp import QMPClient
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="dmimage-qmp",
+                                       daemon=True)
+        self.thread.start()
+        self.client = QMPClient("dmimage-vm")
+        self.events: list[dict] = []
+        self.cond = threading.Condition()
+        self._pump: Any = None
+
+    def call(self, coro, timeout: float | None):
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return fut.result(timeout)
+        except TimeoutError:
+            fut.cancel()
+            raise
+
+    def listen(self, path: str) -> None:
+        self.call(self.client.start_server(path), 10)
+
+    async def _accept_and_pump(self) -> None:
+        from qemu.qmp import EventListener
+
+        listener = EventListener()
+        self.client.register_listener(listener)
+        await self.client.accept()
+
+        async def pump() -> None:
+            async for ev in listener:
+                with self.cond:
+                    self.events.append(dict(ev))
+                    self.cond.notify_all()
+
+        self._pump = asyncio.ensure_future(pump())
+
+    def accept(self, timeout: float) -> None:
+        self.call(self._accept_and_pump(), timeout)
+
+    def execute(self, cmd: str, args: dict | None, timeout: float):
+        return self.call(self.client.execute(cmd, args), timeout)
+
+    def wait_event(self, name: str, match: dict, deadline: float, health) -> dict:
+        with self.cond:
+            while True:
+                for i, ev in enumerate(self.events):
+                    data = ev.get("data", {})
+                    if ev.get("event") == name and all(data.get(k) == v for k, v in match.items()):
+                        return self.events.pop(i)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(name)
+                self.cond.wait(min(remaining, 0.25))
+                health()
+
+    def close(self) -> None:
+        async def _close() -> None:
+            if self._pump is not None:
+                self._pump.cancel()
+            with contextlib.suppress(Exception):
+                await self.client.disconnect()
+
+        with contextlib.suppress(Exception):
+            self.call(_close(), 5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Disk:
+    """A host file attached to the guest as a virtio-blk disk."""
+
+    host_path: Path
+    guest_path: str  # e.g. /dev/vda
+    serial: str
+    device_id: str  # QEMU device id (for device_del)
+    node_name: str  # QEMU block node (for blockdev-del)
+    read_only: bool
+
+
+class Machine:
+    """A QEMU guest booted from the dmimage appliance, driven via QMP and the guest agent.
+
+    Use as a context manager (or call ``start()`` / ``close()``). ``boot_time`` is the seconds
+    from launching QEMU to the agent's first answer.
+    """
+
+    def __init__(self, kernel: Kernel, *, memory_mb: int = 256, cpus: int = 1,
+                 accel: str | None = None, boot_timeout: float = 180.0,
+                 cmdline_extra: str = "", keep_logs: bool | None = None,
+                 qemu: str | None = None) -> None:
+        self.kernel = kernel
+        self.memory_mb = memory_mb
+        self.cpus = cpus
+        self.accel = accel
+        self.boot_timeout = boot_timeout
+        self.cmdline_extra = cmdline_extra
+        self.keep_logs = (os.environ.get("DMIMAGE_VM_KEEP") == "1") if keep_logs is None \
+            else keep_logs
+        self.qemu = qemu or qemu_binary()
+        self.proc: subprocess.Popen | None = None
+        self.rundir: Path | None = None
+        self.console_log: Path | None = None
+        self.boot_time: float | None = None
+        self.guest_uptime_at_ready: float | None = None
+        self._qmp: _QMP | None = None
+        self._agent: AgentChannel | None = None
+        self._agent_sock: socket.socket | None = None
+        self._disks: dict[str, Disk] = {}
+        self._counter = 0
+        self._dmesg_seen = 0
+        self._lock = threading.RLock()
+        self._failed = False
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def command_line(self, initrd: Path, kernel_image: Path, accel: str) -> list[str]:
+        assert self.rundir is not None and self.console_log is not None
+        cpu = "host" if accel == "kvm" else "max"
+        cmdline = BASE_CMDLINE + (" " + self.cmdline_extra if self.cmdline_extra else "")
+        return [
+            self.qemu or "qemu-system-x86_64",
+            "-name", f"dmimage-{self.kernel.name}",
+            "-machine", "pc", "-accel", accel, "-cpu", cpu,
+            "-smp", str(self.cpus), "-m", str(self.memory_mb),
+            "-nodefaults", "-nographic", "-no-reboot", "-nic", "none",
+            "-kernel", str(kernel_image), "-initrd", str(initrd), "-append", cmdline,
+            "-chardev", f"file,id=con,path={self.console_log}", "-serial", "chardev:con",
+            "-chardev", f"socket,id=agent,path={self.rundir / 'agent.sock'}",
+            "-serial", "chardev:agent",
+            "-chardev", f"socket,id=qmp,path={self.rundir / 'qmp.sock'}",
+            "-mon", "chardev=qmp,mode=control",
+        ]
+
+    def start(self) -> Machine:
+        if self.proc is not None:
+            raise VMError("machine already started")
+        if not self.qemu or not shutil.which(self.qemu):
+            raise HarnessUnavailable("qemu-system-x86_64 not found (apt-get install "
+                                     "qemu-system-x86, or set DMIMAGE_QEMU)")
+        accel = self.accel or choose_accel()
+        self.accel = accel
+        initrd = build_initramfs(self.kernel.moddir).path
+        image = boot_image(self.kernel)
+        self.rundir = Path(tempfile.mkdtemp(prefix="dmimage-vm-"))
+        self.console_log = self.rundir / "console.log"
+        self.console_log.touch()
+        try:
+            self._launch(initrd, image, accel)
+        except BaseException:
+            self._failed = True
+            self.close()
+            raise
+        return self
+
+    def _launch(self, initrd: Path, image: Path, accel: str) -> None:
+        assert self.rundir is not None
+        t0 = time.monotonic()
+        self._qmp = _QMP()
+        self._qmp.listen(str(self.rundir / "qmp.sock"))
+        lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        lsock.bind(str(self.rundir / "agent.sock"))
+        lsock.listen(1)
+        argv = self.command_line(initrd, image, accel)
+        setpriv = shutil.which("setpriv")
+        if setpriv:
+            argv = [setpriv, "--pdeathsig", "KILL", "--"] + argv
+        (self.rundir / "cmdline").write_text(shlex.join(argv) + "\n")
+        stderr = open(self.rundir / "qemu.stderr", "wb")  # noqa: SIM115
+        try:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stderr,
+                                         stderr=stderr, start_new_session=True)
+        finally:
+            stderr.close()
+        _LIVE.add(self)
+        lsock.settimeout(0.25)
+        deadline = time.monotonic() + 30
+        try:
+            while True:
+                try:
+                    self._agent_sock, _ = lsock.accept()
+                    break
+                except TimeoutError:
+                    self._health()
+                    if time.monotonic() > deadline:
+                        raise GuestTimeout("QEMU did not connect the agent channel",
+                                           **self._ctx()) from None
+        finally:
+            lsock.close()
+        try:
+            self._qmp.accept(30)
+        except TimeoutError:
+            self._health()
+            raise GuestTimeout("QEMU did not connect QMP", **self._ctx()) from None
+        self._agent = AgentChannel(self._agent_sock, health=self._health,
+                                   context=lambda: (self.console_tail(), self._log_str()))
+        self.guest_uptime_at_ready = self._agent.wait_ready(self.boot_timeout)
+        self.boot_time = time.monotonic() - t0
+
+    def _log_str(self) -> str | None:
+        return str(self.console_log) if self.console_log else None
+
+    def _ctx(self) -> dict:
+        self._failed = True
+        return {"console_tail": self.console_tail(), "log_path": self._log_str()}
+
+    def _health(self) -> None:
+        """Raise ``MachineDied`` if QEMU has exited."""
+        if self.proc is None:
+            raise MachineDied("machine not started")
+        rc = self.proc.poll()
+        if rc is not None:
+            self._failed = True
+            err = ""
+            if self.rundir and (self.rundir / "qemu.stderr").exists():
+                err = (self.rundir / "qemu.stderr").read_text(errors="replace").strip()[-2000:]
+            raise MachineDied(f"QEMU exited with status {rc}" + (f": {err}" if err else ""),
+                              console_tail=self.console_tail(), log_path=self._log_str())
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def console_tail(self, lines: int = 40) -> str:
+        if not self.console_log or not self.console_log.exists():
+            return ""
+        with open(self.console_log, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            text = f.read().decode(errors="replace").replace("\r", "")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def shutdown(self, timeout: float = 20.0) -> None:
+        """Power the guest off (sync + poweroff via the agent, then QMP quit), waiting at most
+        *timeout* seconds before killing QEMU."""
+        if not self.alive:
+            return
+        deadline = time.monotonic() + timeout
+        with contextlib.suppress(Exception):
+            for d in list(self._disks.values()):
+                self.detach(d, timeout=max(1.0, deadline - time.monotonic()) / 2)
+        with contextlib.suppress(Exception):
+            if self._agent is not None:
+                self.run("sync", timeout=max(1.0, deadline - time.monotonic()) / 2)
+        with contextlib.suppress(Exception):
+            if self._qmp is not None:
+                self._qmp.execute("quit", None, max(0.5, deadline - time.monotonic()))
+        assert self.proc is not None
+        try:
+            self.proc.wait(max(0.5, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL QEMU's process group and reap it."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+
+    def close(self) -> None:
+        """Shut down (or kill) QEMU, stop the QMP thread, remove the run directory (kept when
+        something failed or ``DMIMAGE_VM_KEEP=1``)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.alive:
+                self.shutdown()
+        finally:
+            self.kill()
+            _LIVE.discard(self)
+            if self._agent_sock is not None:
+                self._agent_sock.close()
+            if self._qmp is not None:
+                self._qmp.close()
+            if self.rundir is not None:
+                for s in ("qmp.sock", "agent.sock"):
+                    with contextlib.suppress(OSError):
+                        (self.rundir / s).unlink()
+                if not (self._failed or self.keep_logs):
+                    shutil.rmtree(self.rundir, ignore_errors=True)
+
+    def __enter__(self) -> Machine:
+        if self.proc is None:
+            self.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self._failed = True
+        self.close()
+
+    # -- QMP ---------------------------------------------------------------------------------
+    def qmp(self, command: str, timeout: float = 30.0, **args: Any) -> Any:
+        """Execute a QMP command; errors become ``QMPCommandError``."""
+        from qemu.qmp import ExecuteError
+
+        self._health()
+        assert self._qmp is not None
+        try:
+            return self._qmp.execute(command, args or None, timeout)
+        except ExecuteError as exc:
+            raise QMPCommandError(f"QMP {command} failed: {exc}") from exc
+        except TimeoutError:
+            self._health()
+            raise GuestTimeout(f"QMP {command} did not answer in {timeout} s",
+                               **self._ctx()) from None
+
+    def wait_event(self, name: str, timeout: float = 30.0, **match: Any) -> dict:
+        assert self._qmp is not None
+        try:
+            return self._qmp.wait_event(name, match, time.monotonic() + timeout, self._health)
+        except TimeoutError:
+            raise GuestTimeout(f"no QMP event {name} {match or ''} within {timeout} s",
+                               **self._ctx()) from None
+
+    # -- agent -------------------------------------------------------------------------------
+    def run(self, command: str | bytes, *, timeout: float = 60.0, check: bool = False
+            ) -> CommandResult:
+        """Run a shell command in the guest (busybox sh, PATH=/sbin:/bin, cwd /tmp,
+        DM_DISABLE_UDEV=1). See ``AgentChannel.run``."""
+        if self._agent is None:
+            raise VMError("machine not started")
+        with self._lock:
+            try:
+                return self._agent.run(command, timeout=timeout, check=check)
+            except GuestTimeout:
+                self._failed = True
+                raise
+
+    def sh(self, command: str, *, timeout: float = 60.0) -> str:
+        """Run *command*, raise ``GuestCommandError`` unless it exits 0, return stdout text."""
+        return self.run(command, timeout=timeout, check=True).out
+
+    def dmesg(self) -> str:
+        return self.run("dmesg", timeout=30, check=True).out
+
+    def check_dmesg(self, *, allow: tuple[str, ...] = (), since_last: bool = True) -> None:
+        """Raise ``KernelProblem`` if the guest's kernel log shows BUG/WARNING/Call Trace.
+        With *since_last*, only lines added since the previous check are looked at."""
+        lines = self.dmesg().splitlines()
+        start = self._dmesg_seen if since_last else 0
+        self._dmesg_seen = len(lines)
+        check_kernel_log("\n".join(lines[start:]), allow=allow, log_path=self._log_str())
+
+    def sha256_of(self, guest_path: str, size: int | None = None, *, timeout: float = 600.0
+                  ) -> str:
+        """sha256 (hex) of the first *size* bytes of a guest file or device (all if None)."""
+        q = shlex.quote(guest_path)
+        cmd = f"head -c {int(size)} {q} | sha256sum" if size is not None else f"sha256sum < {q}"
+        out = self.sh(f"set -o pipefail; {cmd}", timeout=timeout)
+        return out.split()[0]
+
+    # -- disks -------------------------------------------------------------------------------
+    def attach(self, path: str | os.PathLike, *, read_only: bool = True,
+               serial: str | None = None, timeout: float = 60.0) -> Disk:
+        """Hot-plug *path* as a virtio-blk disk; returns once the guest sees it.
+
+        ``blockdev-add`` (file + raw) → ``device_add virtio-blk-pci`` with ``serial=`` → wait in
+        the guest for ``/sys/block/*/serial`` to match.
+        """
+        host = Path(path).resolve()
+        if not host.exists():
+            raise HotplugError(f"{host}: no such file")
+        with self._lock:
+            self._counter += 1
+            n = self._counter
+        serial = serial or f"dmimage{n}"
+        if len(serial) > 20:
+            raise HotplugError(f"serial {serial!r} longer than virtio-blk's 20 bytes")
+        node, dev = f"dmimage-node{n}", f"dmimage-disk{n}"
+        self.qmp("blockdev-add", driver="raw", **{"node-name": node, "read-only": read_only},
+                 file={"driver": "file", "filename": str(host), "read-only": read_only})
+        try:
+            self.qmp("device_add", driver="virtio-blk-pci", id=dev, drive=node, serial=serial)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.qmp("blockdev-del", **{"node-name": node})
+            raise
+        disk = Disk(host, "", serial, dev, node, read_only)
+        self._disks[dev] = disk
+        tries = max(1, int(timeout * 10))
+        script = (
+            f"i=0; while [ $i -lt {tries} ]; do for d in /sys/block/vd*; do "
+            f"[ -e $d/serial ] && [ \"$(cat $d/serial)\" = {shlex.quote(serial)} ] && "
+            f"[ -b /dev/${{d##*/}} ] && {{ echo /dev/${{d##*/}}; exit 0; }}; done; "
+            f"sleep 0.1; i=$((i+1)); done; exit 1")
+        res = self.run(script, timeout=timeout + 5)
+        if not res.ok:
+            raise HotplugError(f"guest did not see disk {serial} ({host}) within {timeout} s",
+                               **self._ctx())
+        disk.guest_path = res.out.strip()
+        return disk
+
+    def detach(self, disk: Disk, *, timeout: float = 60.0) -> None:
+        """``device_del`` → wait for DEVICE_DELETED → ``blockdev-del``."""
+        if disk.device_id not in self._disks:
+            return
+        # Write back what the guest's page cache still holds for the device.
+        self.run(f"blockdev --flushbufs {shlex.quote(disk.guest_path)} 2>/dev/null; sync",
+                 timeout=timeout)
+        self.qmp("device_del", id=disk.device_id)
+        try:
+            self.wait_event("DEVICE_DELETED", timeout, device=disk.device_id)
+        except GuestTimeout as exc:
+            raise HotplugError(f"guest did not release disk {disk.serial} within {timeout} s",
+                               console_tail=exc.console_tail, log_path=exc.log_path) from None
+        del self._disks[disk.device_id]
+        self.qmp("blockdev-del", **{"node-name": disk.node_name})
+
+    @contextlib.contextmanager
+    def disk(self, path: str | os.PathLike, *, read_only: bool = True, serial: str | None = None,
+             timeout: float = 60.0) -> Iterator[Disk]:
+        """Attach *path* for the duration of a ``with`` block."""
+        d = self.attach(path, read_only=read_only, serial=serial, timeout=timeout)
+        try:
+            yield d
+        finally:
+            if self.alive:
+                self.detach(d, timeout=timeout)
+
+    @property
+    def disks(self) -> list[Disk]:
+        return list(self._disks.values())
