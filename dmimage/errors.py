@@ -59,3 +59,18 @@ class BlockNumberError(MetadataError):
 
 class FormatError(MetadataError):
     """A field holds a value the format does not allow (magic, flags, sizes, ...)."""
+
+
+class InputError(UsageError):
+    """An input file (a dump to restore, ...) is malformed or describes impossible metadata."""
+
+
+class OutputTooSmallError(DeviceError):
+    """The output device cannot hold what would be written; nothing was written.
+
+    ``needed_bytes`` is the smallest size that would do.
+    """
+
+    def __init__(self, message: str, *, needed_bytes: int):
+        self.needed_bytes = needed_bytes
+        super().__init__(message)
