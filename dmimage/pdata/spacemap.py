@@ -24,7 +24,7 @@ from dmimage.format.constants import (
 )
 from dmimage.format.layouts import INDEX_ENTRY_DTYPE, SPACE_MAP_ROOT_STRUCT
 from dmimage.pdata.block import BlockReader
-from dmimage.pdata.btree import U64, BtreeWalker, ErrorSink, Node, _raise
+from dmimage.pdata.btree import U64, BtreeWalker, ErrorSink, Node, _prefixed, _raise
 
 INDEX_VALUE_SIZE = INDEX_ENTRY_SIZE
 REF_COUNT_VALUE_SIZE = 4
@@ -77,7 +77,11 @@ class SpaceMap:
         return int(np.count_nonzero(self.counts))
 
 
-def read_bitmap_payload(reader: BlockReader, blocknr: int) -> np.ndarray:
+def read_bitmap_payload(reader: BlockReader, blocknr: int,
+                        on_error: ErrorSink = _raise) -> np.ndarray:
+    """The 4080 count bytes of a bitmap block. A wrong self-location is reported to
+    ``on_error`` (the kernel refuses the block) but the payload is still returned, so a checker
+    does not cascade one bad header into thousands of count mismatches."""
     block = reader.block(blocknr)
     if block_checksum(block, SALT_BITMAP) != stored_checksum(block):
         kind = sniff_block_type(block)
@@ -85,7 +89,8 @@ def read_bitmap_payload(reader: BlockReader, blocknr: int) -> np.ndarray:
         raise ChecksumError(f"bitmap checksum mismatch{hint}", block=blocknr, field="csum")
     own = int(np.frombuffer(block, U64, 1, 8)[0])
     if own != blocknr:
-        raise BlockNumberError(f"bitmap says it is block {own}", block=blocknr, field="blocknr")
+        on_error(BlockNumberError(f"bitmap says it is block {own}", block=blocknr,
+                                  field="blocknr"))
     return np.frombuffer(block, np.uint8, BLOCK_SIZE - BITMAP_HEADER_SIZE, BITMAP_HEADER_SIZE)
 
 
@@ -169,12 +174,13 @@ def read_space_map(
     for i, b in enumerate(index["blocknr"].tolist()):
         walker._count(b)
         try:
-            payload[i * stride : (i + 1) * stride] = read_bitmap_payload(reader, b)
+            payload[i * stride : (i + 1) * stride] = read_bitmap_payload(
+                reader, b, lambda e, i=i: on_error(_prefixed(e, f"{what} bitmap {i}")))
         except MetadataError as err:
-            err.detail = f"{what} bitmap {i}: {err.detail}"
-            on_error(err)
-    counts = decode_bitmap(payload)[: root.nr_blocks].astype(np.uint32)
-    if n and np.any(decode_bitmap(payload)[root.nr_blocks:]):
+            on_error(_prefixed(err, f"{what} bitmap {i}"))
+    decoded = decode_bitmap(payload)
+    counts = decoded[: root.nr_blocks].astype(np.uint32)
+    if n and np.any(decoded[root.nr_blocks:]):
         on_error(MetadataError(f"{what}: bitmap entries set beyond nr_blocks {root.nr_blocks}",
                                field=f"{what} bitmap {n - 1}"))
     ov_keys: list[np.ndarray] = []

@@ -1,0 +1,67 @@
+#!/bin/sh
+# One entry point for a fresh Debian 12 machine (run as root, or with sudo available):
+#   ./bootstrap.sh example   set everything up, then build and verify the built-in example
+#   ./bootstrap.sh test      set everything up, then run the whole test suite (VM tests included)
+#   ./bootstrap.sh setup     only set up
+# Set-up installs only what is missing: Debian packages, a virtualenv in .venv with dmimage and
+# its test tools, and the Debian 13 oracles (thin-provisioning-tools 1.1, kernel 6.12) unpacked
+# under ~/.cache/dmimage/debian13 (never installed).
+set -eu
+cd "$(dirname "$0")"
+here=$(pwd)
+
+PKGS="qemu-system-x86 linux-image-amd64 busybox-static dmsetup thin-provisioning-tools
+      libparted-dev pkg-config e2fsprogs cpio xz-utils python3-venv python3-dev gcc"
+
+sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+setup_system() {
+    missing=""
+    for p in $PKGS; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" ||
+            missing="$missing $p"
+    done
+    if [ -n "$missing" ]; then
+        echo "bootstrap: installing Debian packages:$missing" >&2
+        sudo_ apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive sudo_ apt-get install -y -qq $missing >/dev/null
+    fi
+}
+
+setup_python() {
+    py=${PYTHON:-python3}
+    if [ ! -x .venv/bin/python ]; then
+        "$py" -m venv .venv
+    fi
+    stamp=.venv/.dmimage-installed
+    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+        .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+        .venv/bin/python -m pip install -q -e ".[test,image,lint]"
+        touch "$stamp"
+    fi
+}
+
+setup_oracles() {
+    cache=${XDG_CACHE_HOME:-$HOME/.cache}/dmimage/debian13
+    if [ ! -x "$cache/thin-provisioning-tools/usr/sbin/thin_check" ]; then
+        sh tools/debian13-fetch "$cache" thin-provisioning-tools >/dev/null
+    fi
+    kernel=$(sh tools/debian13-fetch "$cache" --print-kernel)
+    if [ -n "$kernel" ] && [ ! -d "$cache/$kernel" ]; then
+        sh tools/debian13-fetch "$cache" "$kernel" >/dev/null
+    fi
+}
+
+setup() { setup_system; setup_python; setup_oracles; }
+
+case "${1:-}" in
+    setup) setup ;;
+    example) setup; PATH="$here/.venv/bin:$PATH" exec sh images/run-example.sh ;;
+    test)
+        setup
+        .venv/bin/ruff check dmimage vmtests tests benchmarks
+        .venv/bin/mypy
+        DMIMAGE_VM_REQUIRED=1 exec .venv/bin/python -m pytest -q -n 2 --dist loadgroup tests vmtests
+        ;;
+    *) echo "usage: ./bootstrap.sh example|test|setup" >&2; exit 2 ;;
+esac

@@ -1,0 +1,169 @@
+"""Export a thin volume's content as the kernel's thin device would return it.
+
+Unmapped blocks read as zeros and stay holes in a regular output file; mapped runs are copied
+from the data device in large chunks. Nothing is written under the final name until the export
+is complete (temp file + rename), so an interrupted export leaves no half-written file.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from collections.abc import Callable
+from typing import BinaryIO
+
+import numpy as np
+
+from dmimage.errors import DeviceError, UsageError
+from dmimage.format.constants import SECTOR_SIZE
+from dmimage.pdata.block import device_size
+from dmimage.thin.ir import Runs
+from dmimage.thin.pool import Pool
+
+CHUNK = 4 << 20
+
+Progress = Callable[[int], None]
+
+
+def default_size(pool: Pool, dev_id: int) -> int:
+    """Bytes up to the end of the highest mapped block (0 for an empty volume)."""
+    m = pool.mappings(dev_id)
+    if not len(m):
+        return 0
+    return (int(m.origin[-1]) + 1) * pool.superblock.data_block_size * SECTOR_SIZE
+
+
+def export_runs(pool: Pool, dev_id: int) -> Runs:
+    m = pool.mappings(dev_id)
+    return Runs.from_blocks(m.origin, m.data, m.time)
+
+
+def _copy_range(data_fd: int, src: int, length: int, write: Callable[[int, bytes], None],
+                dst: int, progress: Progress | None) -> None:
+    done = 0
+    while done < length:
+        n = min(CHUNK, length - done)
+        buf = os.pread(data_fd, n, src + done)
+        if len(buf) != n:
+            raise DeviceError(f"data device ends at byte {src + done + len(buf)}, the mapping "
+                              f"needs {src + length}")
+        if np.frombuffer(buf, np.uint8).any():
+            write(dst + done, buf)
+        done += n
+        if progress:
+            progress(n)
+
+
+def export_thin(
+    pool: Pool,
+    data_path: str | os.PathLike[str],
+    dev_id: int,
+    out: str | os.PathLike[str] | BinaryIO,
+    *,
+    size: int | None = None,
+    progress: Progress | None = None,
+) -> int:
+    """Write thin device ``dev_id``'s first ``size`` bytes to ``out``; return the size.
+
+    ``out`` is a path (written sparsely, atomically) or a binary stream (holes become zeros).
+    """
+    bs = pool.superblock.data_block_size * SECTOR_SIZE
+    runs = export_runs(pool, dev_id)
+    if size is None:
+        size = 0 if not len(runs) else int(runs.origin_begin[-1] + runs.length[-1]) * bs
+    if size < 0:
+        raise UsageError("size must not be negative")
+    try:
+        data_fd = os.open(data_path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise DeviceError(f"{os.fspath(data_path)}: {exc.strerror}") from None
+    try:
+        try:
+            data_size = device_size(data_fd)
+        except DeviceError as exc:
+            raise DeviceError(f"{os.fspath(data_path)}: {exc}") from None
+        need = 0 if not len(runs) else (int((runs.data_begin + runs.length).max()) * bs)
+        if need > data_size:
+            raise DeviceError(f"{os.fspath(data_path)}: data device has {data_size} bytes, the "
+                              f"mappings need {need}")
+        if isinstance(out, (str, os.PathLike)):
+            _export_to_path(os.fspath(out), data_fd, runs, bs, size, progress)
+        else:
+            _export_to_stream(out, data_fd, runs, bs, size, progress)
+    finally:
+        os.close(data_fd)
+    return size
+
+
+def _clipped(runs: Runs, bs: int, size: int):
+    """(dst byte, src byte, length) of every mapped run, clipped to ``size``."""
+    for o, d, n in zip(runs.origin_begin.tolist(), runs.data_begin.tolist(),
+                       runs.length.tolist(), strict=True):
+        dst = o * bs
+        if dst >= size:
+            break
+        yield dst, d * bs, min(n * bs, size - dst)
+
+
+def _export_to_path(path: str, data_fd: int, runs: Runs, bs: int, size: int,
+                    progress: Progress | None) -> None:
+    try:
+        st = os.stat(path)
+        is_blk = stat.S_ISBLK(st.st_mode)
+    except FileNotFoundError:
+        is_blk = False
+    if is_blk:
+        raise UsageError(f"{path}: refusing to export onto a block device; give a file path")
+    tmp = f"{path}.dmimage-tmp-{os.getpid()}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise DeviceError(f"{tmp}: {exc.strerror}") from None
+    try:
+        def write(off: int, buf: bytes) -> None:
+            os.pwrite(fd, buf, off)
+
+        for dst, src, n in _clipped(runs, bs, size):
+            _copy_range(data_fd, src, n, write, dst, progress)
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _export_to_stream(stream: BinaryIO, data_fd: int, runs: Runs, bs: int, size: int,
+                      progress: Progress | None) -> None:
+    pos = 0
+    zeros = bytes(CHUNK)
+
+    def pad_to(target: int) -> None:
+        nonlocal pos
+        while pos < target:
+            n = min(CHUNK, target - pos)
+            stream.write(zeros[:n])
+            pos += n
+
+    def write(off: int, buf: bytes) -> None:
+        nonlocal pos
+        pad_to(off)
+        stream.write(buf)
+        pos += len(buf)
+
+    for dst, src, n in _clipped(runs, bs, size):
+        _copy_range(data_fd, src, n, write, dst, progress)
+    pad_to(size)
+    stream.flush()
+
+
+def stdout_binary() -> BinaryIO:
+    return sys.stdout.buffer
