@@ -12,6 +12,7 @@ Independent of ``dmimage`` (oracle side).
 from __future__ import annotations
 
 import io
+import itertools
 import re
 import xml.etree.ElementTree as ET
 
@@ -86,8 +87,72 @@ def _pool_from(sb: dict, devices: list[tuple[dict, list]]) -> Pool:
     )
 
 
+_F_SB = re.compile(r"<superblock\b([^>]*)>")
+_F_SECTION = re.compile(r"<(device|def)\b([^>]*)>(.*?)</\1>", re.S)
+_F_ATTR = re.compile(r'(\w+)="([^"]*)"')
+_F_SINGLE = re.compile(r'<single_mapping origin_block="(\d+)" data_block="(\d+)" time="(\d+)"/>')
+_F_RANGE = re.compile(
+    r'<range_mapping origin_begin="(\d+)" data_begin="(\d+)" length="(\d+)" time="(\d+)"/>')
+_F_REF = re.compile(r'<ref name="([^"]*)"/>')
+
+
+def _nums(tuples: list[tuple[str, ...]], ncols: int) -> np.ndarray:
+    flat = " ".join(itertools.chain.from_iterable(tuples))
+    return np.fromstring(flat, dtype=np.uint64, sep=" ").reshape(-1, ncols)
+
+
+def _parse_xml_fast(t: str) -> Pool | None:
+    """Regex fast path for tool output (fixed attribute order).  None if anything is unusual."""
+    m = _F_SB.search(t)
+    if not m:
+        return None
+    sb = dict(_F_ATTR.findall(m.group(1)))
+    defs: dict[str, np.ndarray] = {}
+    devices = []
+    seen = m.end()
+    for sec in _F_SECTION.finditer(t):
+        if t[seen:sec.start()].strip():
+            return None
+        seen = sec.end()
+        kind, attrs, body = sec.group(1), dict(_F_ATTR.findall(sec.group(2))), sec.group(3)
+        singles = _F_SINGLE.findall(body)
+        ranges = _F_RANGE.findall(body)
+        refs = _F_REF.findall(body)
+        if body.count("<") != len(singles) + len(ranges) + len(refs):
+            return None
+        parts = []
+        if singles:
+            a = _nums(singles, 3)
+            parts.append(np.stack([a[:, 0], a[:, 1], np.ones(len(a), np.uint64), a[:, 2]], axis=1))
+        if ranges:
+            parts.append(_nums(ranges, 4))
+        for r in refs:
+            if r not in defs:
+                return None
+            parts.append(defs[r])
+        runs = np.concatenate(parts) if parts else np.zeros((0, 4), np.uint64)
+        if kind == "def":
+            defs[attrs["name"]] = runs
+        else:
+            devices.append((attrs, runs))
+    if t[seen:].strip() != "</superblock>":
+        return None
+    return _pool_from(sb, devices)
+
+
 def parse_xml(text: str | bytes) -> Pool:
-    """thin_dump XML (0.9 or 1.1) -> Pool.  <ref>s are spliced in, ranges expanded."""
+    """thin_dump XML (0.9 or 1.1) -> Pool.  <ref>s are spliced in, ranges expanded.
+
+    Tool output goes through a regex fast path; anything unusual (other attribute order,
+    comments, ...) falls back to a full XML parse."""
+    t = text.decode() if isinstance(text, bytes) else text
+    fast = _parse_xml_fast(t)
+    if fast is not None:
+        return fast
+    return _parse_xml_etree(t)
+
+
+def _parse_xml_etree(text: str | bytes) -> Pool:
     data = text.encode() if isinstance(text, str) else text
     sb: dict = {}
     defs: dict[str, list] = {}

@@ -203,6 +203,7 @@ def test_def_ref_dump_expands(tmp_path, tools11, tools09):
         assert oracles.check(meta, t)[0] == 0
     d11 = oracles.dump(meta, tools11)
     assert "<def " in d11 and "<ref " in d11
+    assert sem.same_pool(sem._parse_xml_etree(d11), sem._parse_xml_fast(d11))
     for t in (tools11, tools09):
         for args in ((), ("--format", "human_readable")):
             sem.assert_same_pool(expect, sem.parse_dump(oracles.dump(meta, t, *args)))
