@@ -322,7 +322,8 @@ def restore(ir: PoolIR, output: str | os.PathLike[str], *,
 
     The device is never grown; metadata nr_blocks = its size / 4096, clamped to 4,161,600.
     Validation and layout happen in memory first: an invalid input or a too small output
-    raises before a single byte is written.
+    raises before a single byte is written. ``progress(n)`` hears of each device's mappings
+    as its tree is built.
     """
     validate_ir(ir)
     fd, size = open_output(output)
@@ -331,13 +332,13 @@ def restore(ir: PoolIR, output: str | os.PathLike[str], *,
         if nr_blocks < 1:
             raise OutputTooSmallError(f"{os.fspath(output)}: {size} bytes is too small",
                                       needed_bytes=_min_bytes(ir))
-        built = build_metadata(ir, nr_blocks, validate=False)
+        built = build_metadata(ir, nr_blocks, validate=False, progress=progress)
         if built.blocks_needed > nr_blocks:
             needed = built.blocks_needed * BLOCK_SIZE
             raise OutputTooSmallError(
                 f"{os.fspath(output)} is too small: {size} bytes, the metadata needs "
                 f"{needed} bytes ({built.blocks_needed} blocks of 4 KiB)", needed_bytes=needed)
-        built.image.flush_to(fd, built.superblock, progress)
+        built.image.flush_to(fd, built.superblock)
         return RestoreResult(nr_blocks, built.image.high_water,
                              int(np.count_nonzero(built.image.counts[:nr_blocks])))
     finally:
@@ -396,7 +397,6 @@ class _NotCanonical(Exception):
     """The fast XML path met something it does not handle; the general parser takes over."""
 
 
-_STRUCT_TAG = re.compile(rb"<(/?)(superblock|device|def|ref)\b([^>]*?)(/?)>")
 _ATTR = re.compile(rb'([A-Za-z_][\w.-]*)\s*=\s*"([^"]*)"')
 _SINGLE_T = b'<single_mapping origin_block="" data_block="" time=""/>'
 _RANGE_T = b'<range_mapping origin_begin="" data_begin="" length="" time=""/>'
@@ -536,56 +536,103 @@ class _IRBuilder:
         return PoolIR(self.sb, self.devices, self.defs)
 
 
+_TAG_AT = re.compile(rb"<(/?)(superblock|device|def|ref)\b([^>]*?)(/?)>")
+_WS = b" \t\r\n"
+
+
 def _fast_xml(data: bytes) -> PoolIR:
+    """thin_dump's own layout, section by section: a device's or def's body is found with
+    one search for its end tag and parsed as numbers in bulk (:func:`_fast_chunk`)."""
     b = _IRBuilder()
-    pos = 0
-    for m in _STRUCT_TAG.finditer(data):
-        _fast_chunk(b, data[pos:m.start()], pos == 0)
-        pos = m.end()
+    n = len(data)
+    pos = len(data) - len(data.lstrip())
+    while pos < n:
+        m = _TAG_AT.match(data, pos)
+        if m is None:
+            raise _NotCanonical
         closing, tag, attr_text, selfclose = m.groups()
         tag_s = tag.decode()
+        pos = m.end()
         if closing:
             if attr_text.strip() or selfclose:
                 raise _NotCanonical
             b.close(tag_s)
-            continue
-        attrs = {k.decode(): v.decode() for k, v in _ATTR.findall(attr_text)}
-        if _ATTR.sub(b"", attr_text).strip():
-            raise _NotCanonical
-        if any(("&" in v) for v in attrs.values()):
-            raise _NotCanonical
-        b.open(tag_s, attrs)
-        if selfclose:
-            b.close(tag_s)
-    _fast_chunk(b, data[pos:], False)
+        else:
+            attrs = {k.decode(): v.decode() for k, v in _ATTR.findall(attr_text)}
+            if _ATTR.sub(b"", attr_text).strip() or any("&" in v for v in attrs.values()):
+                raise _NotCanonical
+            b.open(tag_s, attrs)
+            if selfclose:
+                b.close(tag_s)
+            elif tag_s in ("device", "def"):
+                end_tag = b"</" + tag + b">"
+                end = data.find(end_tag, pos)
+                if end < 0:
+                    raise _NotCanonical
+                body = data[pos:end]
+                if body.find(b"<ref") >= 0:
+                    inner = pos
+                    for r in _TAG_AT.finditer(data, pos, end):
+                        _fast_chunk(b, data[inner:r.start()])
+                        inner = r.end()
+                        if r.group(2) != b"ref" or r.group(1) or not r.group(4):
+                            raise _NotCanonical
+                        attrs = {k.decode(): v.decode() for k, v in _ATTR.findall(r.group(3))}
+                        b.open("ref", attrs)
+                    _fast_chunk(b, data[inner:end])
+                else:
+                    _fast_chunk(b, body)
+                pos = end
+        while pos < n and data[pos] in _WS:
+            pos += 1
     return b.result()
 
 
-def _fast_chunk(b: _IRBuilder, chunk: bytes, first: bool) -> None:
+def _fast_chunk(b: _IRBuilder, chunk: bytes) -> None:
+    """The mapping elements between two structural tags, as numbers in bulk."""
     if not chunk.strip():
         return
-    if first or b.sb is None or b.closed:
-        raise _NotCanonical  # prologue (<?xml ...?>, comments) or trailing text
-    rest = chunk.translate(None, _DIGITS).replace(_SINGLE_T, b"").replace(_RANGE_T, b"")
-    if rest.translate(None, b" \t\r\n"):
+    first = chunk.find(b"<")
+    if first < 0:
         raise _NotCanonical
-    text = chunk.replace(b"<single_mapping", b" -1 ").replace(b"<range_mapping", b" -2 ")
-    arr = np.fromstring(text.translate(_KEEP), dtype=np.int64, sep=" ")
-    if len(arr) and int(arr.max()) == np.iinfo(np.int64).max:
-        raise _NotCanonical  # a value saturated: let the exact parser handle it
-    marks = np.flatnonzero(arr < 0)
-    if not len(marks):
-        return
-    kind = arr[marks]
-    reclen = np.diff(np.append(marks, len(arr)))
-    if marks[0] != 0 or not bool(np.all(reclen == np.where(kind == -1, 4, 5))):
-        raise _NotCanonical
-    single = kind == -1
-    origin = arr[marks + 1].astype(U64)
-    data_b = arr[marks + 2].astype(U64)
-    length = np.where(single, 1, arr[np.minimum(marks + 3, len(arr) - 1)]).astype(U64)
-    time = arr[marks + np.where(single, 3, 4)]
-    if int(time.max()) > (1 << 32) - 1:
+    if chunk.find(b"<range_mapping", first) < 0:
+        # only single mappings: the digit-free text must repeat one line exactly
+        rest = chunk.translate(None, _DIGITS)
+        unit = rest[: rest.index(b">") + 1]
+        if not unit.lstrip(_WS) == _SINGLE_T:
+            raise _NotCanonical
+        cnt = len(rest) // len(unit)
+        if rest[:cnt * len(unit)] != unit * cnt or rest[cnt * len(unit):].strip(_WS):
+            raise _NotCanonical
+        arr = np.fromstring(chunk.translate(_KEEP), dtype=np.int64, sep=" ")
+        if len(arr) != 3 * cnt or (cnt and int(arr.max()) == np.iinfo(np.int64).max):
+            raise _NotCanonical
+        arr = arr.reshape(cnt, 3)
+        origin = arr[:, 0].astype(U64)
+        data_b = arr[:, 1].astype(U64)
+        length = np.ones(cnt, U64)
+        time = arr[:, 2]
+    else:
+        rest = chunk.translate(None, _DIGITS).replace(_SINGLE_T, b"").replace(_RANGE_T, b"")
+        if rest.translate(None, _WS):
+            raise _NotCanonical
+        text = chunk.replace(b"<single_mapping", b" -1 ").replace(b"<range_mapping", b" -2 ")
+        arr = np.fromstring(text.translate(_KEEP), dtype=np.int64, sep=" ")
+        if len(arr) and int(arr.max()) == np.iinfo(np.int64).max:
+            raise _NotCanonical  # a value saturated: let the exact parser handle it
+        marks = np.flatnonzero(arr < 0)
+        if not len(marks):
+            return
+        kind = arr[marks]
+        reclen = np.diff(np.append(marks, len(arr)))
+        if marks[0] != 0 or not bool(np.all(reclen == np.where(kind == -1, 4, 5))):
+            raise _NotCanonical
+        single = kind == -1
+        origin = arr[marks + 1].astype(U64)
+        data_b = arr[marks + 2].astype(U64)
+        length = np.where(single, 1, arr[np.minimum(marks + 3, len(arr) - 1)]).astype(U64)
+        time = arr[marks + np.where(single, 3, 4)]
+    if len(time) and int(time.max()) > (1 << 32) - 1:
         i = int(np.argmax(time > (1 << 32) - 1))
         raise InputError(f"mapping time {int(time[i])} does not fit 24 bits "
                          f"(virtual block {int(origin[i])})")
