@@ -68,14 +68,18 @@ class AgentChannel:
     """
 
     def __init__(self, sock: socket.socket, *, health: Callable[[], None] = lambda: None,
-                 context: Callable[[], tuple[str, str | None]] = lambda: ("", None)):
+                 context: Callable[[], tuple[str, str | None]] = lambda: ("", None),
+                 on_broken: Callable[[], None] | None = None):
         self._sock = sock
         self._sock.setblocking(False)
         self._buf = bytearray()
         self._ids = itertools.count(1)
         self._health = health
         self._context = context
+        # Called when the channel breaks (EOF, reset): may wait for QEMU to exit and raise.
+        self._on_broken = on_broken or health
         self.ready_uptime: float | None = None
+        self.host_grace = HOST_GRACE
         self.noise: list[bytes] = []
 
     # -- low level ---------------------------------------------------------------------------
@@ -100,10 +104,10 @@ class AgentChannel:
             except BlockingIOError:
                 continue
             except OSError as exc:
-                self._health()
+                self._on_broken()
                 raise VMError(f"guest agent channel failed: {exc}") from exc
             if not data:
-                self._health()
+                self._on_broken()
                 tail, log = self._context()
                 raise VMError("guest agent channel closed", console_tail=tail, log_path=log)
             self._buf += data
@@ -145,7 +149,8 @@ class AgentChannel:
 
         After *timeout* seconds the guest kills the command's process group and the result has
         ``timed_out=True`` (``returncode`` 137). If the guest does not answer within
-        *timeout* + ``HOST_GRACE``, ``GuestTimeout`` is raised (the guest is hung).
+        *timeout* + ``host_grace`` (default ``HOST_GRACE``), ``GuestTimeout`` is raised (the
+        guest is hung).
         """
         raw = script.encode() if isinstance(script, str) else script
         text = script if isinstance(script, str) else script.decode(errors="replace")
@@ -155,7 +160,7 @@ class AgentChannel:
         tmo = max(1, math.ceil(timeout)) if timeout and timeout > 0 else 0
         frame = b"@@C %d %d %d\n" % (cid, tmo, len(lines)) + b"".join(ln + b"\n" for ln in lines)
         start = time.monotonic()
-        host_deadline = start + (tmo if tmo else 24 * 3600) + HOST_GRACE
+        host_deadline = start + (tmo if tmo else 24 * 3600) + self.host_grace
         self._send(frame, host_deadline)
         while True:
             line = self._read_line(host_deadline, f"running {text[:200]!r}")

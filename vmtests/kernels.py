@@ -21,7 +21,6 @@ from dmimage.errors import DmimageError
 from .appliance import cache_root
 
 ENV_KERNELS = "DMIMAGE_VM_KERNELS"
-DEFAULT_KERNELS = ("deb12",)
 KNOWN = ("deb12", "deb13")
 FETCH_TOOL_ENV = "DMIMAGE_DEBIAN13_FETCH"
 
@@ -79,7 +78,8 @@ def _fetch_tool() -> Path:
     if env:
         return Path(env)
     here = Path(__file__).resolve().parent.parent
-    for cand in (here.parent / "shared/tools/debian13-fetch", Path("/work/shared/tools/debian13-fetch")):
+    for cand in (here.parent / "shared/tools/debian13-fetch",
+                 Path("/work/shared/tools/debian13-fetch")):
         if cand.exists():
             return cand
     raise KernelNotFound(f"debian13-fetch tool not found (set {FETCH_TOOL_ENV})")
@@ -141,11 +141,19 @@ def kernel_by_name(name: str, *, fetch: bool = True) -> Kernel:
     return Kernel(name, version, path, mdir)
 
 
+def default_names() -> list[str]:
+    """``deb12``, plus ``deb13`` when it is already unpacked in the cache (no fetching)."""
+    names = ["deb12"]
+    if _find_debian13(debian13_dir()) is not None:
+        names.append("deb13")
+    return names
+
+
 def selected_names(value: str | None = None) -> list[str]:
-    """Kernel names from *value* or ``$DMIMAGE_VM_KERNELS`` (default ``deb12``)."""
+    """Kernel names from *value* or ``$DMIMAGE_VM_KERNELS`` (default: ``default_names()``)."""
     raw = value if value is not None else os.environ.get(ENV_KERNELS, "")
     names = [n.strip() for n in raw.split(",") if n.strip()]
-    return names or list(DEFAULT_KERNELS)
+    return names or default_names()
 
 
 def select_kernels(value: str | None = None, *, fetch: bool = True) -> list[Kernel]:

@@ -296,7 +296,8 @@ class Machine:
             self._health()
             raise GuestTimeout("QEMU did not connect QMP", **self._ctx()) from None
         self._agent = AgentChannel(self._agent_sock, health=self._health,
-                                   context=lambda: (self.console_tail(), self._log_str()))
+                                   context=lambda: (self.console_tail(), self._log_str()),
+                                   on_broken=self._broken)
         self.guest_uptime_at_ready = self._agent.wait_ready(self.boot_timeout)
         self.boot_time = time.monotonic() - t0
 
@@ -319,6 +320,14 @@ class Machine:
                 err = (self.rundir / "qemu.stderr").read_text(errors="replace").strip()[-2000:]
             raise MachineDied(f"QEMU exited with status {rc}" + (f": {err}" if err else ""),
                               console_tail=self.console_tail(), log_path=self._log_str())
+
+    def _broken(self) -> None:
+        """The agent channel broke: QEMU is probably exiting; give it a moment, then check."""
+        if self.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5)
+        self._failed = True
+        self._health()
 
     @property
     def alive(self) -> bool:
@@ -428,18 +437,24 @@ class Machine:
                                **self._ctx()) from None
 
     # -- agent -------------------------------------------------------------------------------
-    def run(self, command: str | bytes, *, timeout: float = 60.0, check: bool = False
-            ) -> CommandResult:
+    def run(self, command: str | bytes, *, timeout: float = 60.0, check: bool = False,
+            host_grace: float | None = None) -> CommandResult:
         """Run a shell command in the guest (busybox sh, PATH=/sbin:/bin, cwd /tmp,
-        DM_DISABLE_UDEV=1). See ``AgentChannel.run``."""
+        DM_DISABLE_UDEV=1). See ``AgentChannel.run``; *host_grace* overrides how long past
+        *timeout* the host waits before raising ``GuestTimeout``."""
         if self._agent is None:
             raise VMError("machine not started")
         with self._lock:
+            saved = self._agent.host_grace
+            if host_grace is not None:
+                self._agent.host_grace = host_grace
             try:
                 return self._agent.run(command, timeout=timeout, check=check)
             except GuestTimeout:
                 self._failed = True
                 raise
+            finally:
+                self._agent.host_grace = saved
 
     def sh(self, command: str, *, timeout: float = 60.0) -> str:
         """Run *command*, raise ``GuestCommandError`` unless it exits 0, return stdout text."""

@@ -1,0 +1,153 @@
+"""pytest plugin (entry point ``pytest11: dmimage_vm``): the ``vm`` marker and VM fixtures.
+
+- ``dm_vm``: a booted ``Machine``, session-scoped and parametrized over the selected kernels
+  (``--vm-kernels`` or ``$DMIMAGE_VM_KERNELS``, default deb12 plus deb13 when unpacked). One
+  boot per kernel per session; scenarios hot-plug disks, never reboot.
+- ``vm_disk``: ``vm_disk(path, read_only=True) -> Disk``, detached when the test ends.
+- After every test that used ``dm_vm``: leftover disks are detached and the guest's kernel log
+  (lines since the previous test) must show no BUG/WARNING/Call Trace. Allow expected lines
+  with ``@pytest.mark.vm(allow_dmesg=[regex, ...])``.
+
+Missing prerequisites (no QEMU, no kernel) skip the VM tests, unless ``DMIMAGE_VM_REQUIRED=1``
+(or ``CI`` is set and ``DMIMAGE_VM_REQUIRED`` is not ``0``): then they are errors.
+This module is loaded in every pytest run, so it imports the harness lazily.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from .machine import Machine
+
+
+def vm_required() -> bool:
+    env = os.environ.get("DMIMAGE_VM_REQUIRED")
+    if env is not None:
+        return env not in ("", "0", "false", "no")
+    return bool(os.environ.get("CI"))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("dmimage-vm", "dmimage QEMU harness")
+    group.addoption("--vm-kernels", default=None,
+                    help="comma-separated guest kernels (deb12,deb13 or vmlinuz paths); "
+                         "default $DMIMAGE_VM_KERNELS or deb12 (+deb13 when unpacked)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "vm(allow_dmesg=()): needs QEMU and a guest kernel (the vmtests harness)")
+    config._dmimage_vms = {}  # type: ignore[attr-defined]
+
+
+def _kernel_names(config: pytest.Config) -> list[str]:
+    from .kernels import selected_names
+
+    return selected_names(config.getoption("--vm-kernels"))
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "dm_vm" in metafunc.fixturenames:
+        names = _kernel_names(metafunc.config)
+        metafunc.parametrize("dm_vm", names, indirect=True, scope="session", ids=names)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "dm_vm" in getattr(item, "fixturenames", ()) and item.get_closest_marker("vm") is None:
+            item.add_marker(pytest.mark.vm)
+
+
+def _unavailable(message: str) -> None:
+    if vm_required():
+        pytest.fail(f"VM harness required (DMIMAGE_VM_REQUIRED/CI) but unavailable: {message}",
+                    pytrace=False)
+    pytest.skip(f"VM harness unavailable: {message}")
+
+
+def boot_machine(config: pytest.Config, name: str) -> Machine:
+    """The session's machine for kernel *name*, booted on first use."""
+    from .errors import HarnessUnavailable
+    from .kernels import KernelNotFound, kernel_by_name, qemu_binary
+    from .machine import Machine
+
+    cache: dict = config._dmimage_vms  # type: ignore[attr-defined]
+    if name in cache:
+        vm = cache[name]
+        if isinstance(vm, Exception):
+            raise vm
+        if not vm.alive:
+            pytest.fail(f"the {name} guest died earlier in this session", pytrace=False)
+        return vm
+    if not qemu_binary():
+        _unavailable("qemu-system-x86_64 not found (apt-get install qemu-system-x86)")
+    try:
+        kernel = kernel_by_name(name, fetch=True)
+    except KernelNotFound as exc:
+        _unavailable(str(exc))
+    try:
+        vm = Machine(kernel).start()
+    except HarnessUnavailable as exc:
+        _unavailable(str(exc))
+    except Exception as exc:
+        cache[name] = exc
+        raise
+    cache[name] = vm
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"[dmimage-vm] {kernel} booted in {vm.boot_time:.2f} s "
+                            f"({vm.accel}, guest uptime {vm.guest_uptime_at_ready:.2f} s)")
+    return vm
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for vm in getattr(config, "_dmimage_vms", {}).values():
+        if not isinstance(vm, Exception):
+            vm.close()
+
+
+@pytest.fixture(scope="session")
+def dm_vm(request: pytest.FixtureRequest) -> Machine:
+    """A booted guest for one kernel (parametrized), shared by the whole session."""
+    name = getattr(request, "param", None) or _kernel_names(request.config)[0]
+    return boot_machine(request.config, name)
+
+
+@pytest.fixture(autouse=True)
+def _dm_vm_guard(request: pytest.FixtureRequest):
+    """After a test that used ``dm_vm``: detach leftovers, check the kernel log."""
+    if "dm_vm" not in request.fixturenames:
+        yield
+        return
+    yield
+    cache = request.config._dmimage_vms  # type: ignore[attr-defined]
+    name = request.node.callspec.params.get("dm_vm") if hasattr(request.node, "callspec") \
+        else None
+    vm = cache.get(name) if name else None
+    if vm is None or isinstance(vm, Exception) or not vm.alive:
+        return
+    for d in vm.disks:
+        vm.detach(d)
+    marker = request.node.get_closest_marker("vm")
+    allow = tuple(marker.kwargs.get("allow_dmesg", ())) if marker else ()
+    vm.check_dmesg(allow=allow)
+
+
+@pytest.fixture
+def vm_disk(dm_vm: Machine):
+    """Factory: ``vm_disk(path, read_only=True, serial=None) -> Disk``; detached at test end."""
+    attached = []
+
+    def attach(path, read_only: bool = True, serial: str | None = None):
+        d = dm_vm.attach(path, read_only=read_only, serial=serial)
+        attached.append(d)
+        return d
+
+    yield attach
+    for d in reversed(attached):
+        if dm_vm.alive:
+            dm_vm.detach(d)

@@ -1,0 +1,338 @@
+"""Tests of the QEMU harness itself: appliance, agent, hot-plug, faults, a thin-pool smoke test.
+
+One boot per kernel for the shared ``dm_vm``; the fault tests boot their own short-lived
+machine (deb12 only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from vmtests.agent import check_kernel_log, find_kernel_problems
+from vmtests.appliance import CpioWriter, resolve_modules
+from vmtests.dmstatus import parse_pool_status, parse_thin_status
+from vmtests.errors import (
+    GuestCommandError,
+    GuestTimeout,
+    KernelProblem,
+    MachineDied,
+)
+
+# --------------------------------------------------------------------------------------------
+# No VM needed
+
+
+def _sample_cpio() -> bytes:
+    buf = io.BytesIO()
+    w = CpioWriter(buf)
+    w.add_dir("d")
+    w.add_file("d/f", b"hello\x00\xff" * 3, 0o640)
+    w.add_file("empty", b"")
+    w.add_file("odd-name-length.bin", bytes(range(256)))
+    w.add_symlink("d/link", "/d/f")
+    w.add_chardev("console", 5, 1)
+    w.close()
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("tool", [["cpio"], ["busybox", "cpio"]])
+def test_cpio_writer_round_trip(tool, tmp_path):
+    if shutil.which(tool[0]) is None:
+        pytest.skip(f"{tool[0]} not installed")
+    data = _sample_cpio()
+    assert len(data) % 4 == 0
+    listing = subprocess.run(tool + ["-t"], input=data, capture_output=True, check=True)
+    names = listing.stdout.decode().split()
+    assert names == ["d", "d/f", "empty", "odd-name-length.bin", "d/link", "console"]
+    # Extract regular files and the symlink (device nodes skipped: works without root).
+    out = tmp_path / "x"
+    out.mkdir()
+    subprocess.run(tool + ["-i", "-d", "d/f", "d/link", "empty", "odd-name-length.bin"],
+                   input=data, cwd=out, capture_output=True, check=True)
+    assert (out / "d/f").read_bytes() == b"hello\x00\xff" * 3
+    assert (out / "empty").read_bytes() == b""
+    assert (out / "odd-name-length.bin").read_bytes() == bytes(range(256))
+    assert os.readlink(out / "d/link") == "/d/f"
+    assert (out / "d/f").stat().st_mode & 0o777 == 0o640
+
+
+def test_cpio_writer_is_deterministic():
+    assert _sample_cpio() == _sample_cpio()
+
+
+def test_module_order_from_modules_dep(tmp_path):
+    (tmp_path / "modules.dep").write_text(
+        "kernel/a.ko.xz: kernel/b.ko.xz kernel/c.ko.xz\n"
+        "kernel/b.ko.xz: kernel/c.ko.xz\n"
+        "kernel/c.ko.xz:\n"
+        "kernel/d-e.ko:\n")
+    (tmp_path / "modules.builtin").write_text("kernel/virtio_pci.ko\n")
+    order = resolve_modules(tmp_path, ["a", "d_e", "virtio_pci"], optional=["nope"])
+    assert order == ["kernel/c.ko.xz", "kernel/b.ko.xz", "kernel/a.ko.xz", "kernel/d-e.ko"]
+
+
+def test_kernel_log_scanner():
+    good = "[    1.0] device-mapper: thin: Data device (dm-1) discard unsupported\n"
+    assert find_kernel_problems(good) == []
+    bad = good + "[    2.0] WARNING: CPU: 0 PID: 1 at drivers/md/dm-thin.c:123\n" \
+                 "[    2.0] Call Trace:\n"
+    assert len(find_kernel_problems(bad)) == 2
+    with pytest.raises(KernelProblem):
+        check_kernel_log(bad)
+    check_kernel_log(bad, allow=(r"dm-thin\.c", r"Call Trace"))
+
+
+def test_pool_status_parser():
+    s = parse_pool_status("0 131072 thin-pool 1 213/2048 16/1024 - rw discard_passdown "
+                          "queue_if_no_space - 1024")
+    assert (s.transaction_id, s.used_metadata_blocks, s.total_metadata_blocks) == (1, 213, 2048)
+    assert (s.used_data_blocks, s.total_data_blocks, s.mode) == (16, 1024, "rw")
+    assert not s.needs_check and s.held_metadata_root is None
+    assert s.metadata_low_watermark == 1024
+    assert parse_pool_status("0 8 thin-pool Fail").failed
+    t = parse_thin_status("0 2048 thin 1024 1023")
+    assert (t.mapped_sectors, t.highest_mapped_sector) == (1024, 1023)
+
+
+# --------------------------------------------------------------------------------------------
+# Shared guest (one boot per kernel)
+
+
+@pytest.mark.vm
+def test_boot_and_modules(dm_vm):
+    assert dm_vm.alive and dm_vm.boot_time is not None
+    assert dm_vm.run("uname -r", check=True).out.strip() == dm_vm.kernel.version
+    mods = dm_vm.sh("cat /proc/modules; ls /sys/module")
+    for m in ("dm_thin_pool", "dm_persistent_data", "dm_bufio", "dm_bio_prison", "virtio_blk"):
+        assert m in mods
+    assert "thin-pool" in dm_vm.sh("dmsetup targets")
+    assert dm_vm.sh("test -c /dev/mapper/control && echo ok").strip() == "ok"
+
+
+@pytest.mark.vm
+def test_agent_round_trip(dm_vm):
+    r = dm_vm.run("printf 'a\\000b\\377\\r\\n\\001'; printf 'E\\000\\n' >&2; exit 7")
+    assert r.returncode == 7 and not r.timed_out
+    assert r.stdout == b"a\x00b\xff\r\n\x01"
+    assert r.stderr == b"E\x00\n"
+    assert dm_vm.run("true").stdout == b""
+    # 64 KiB of random bytes: compare with the guest's own sha256.
+    r = dm_vm.run("head -c 65536 /dev/urandom > /tmp/r && cat /tmp/r", check=True)
+    assert len(r.stdout) == 65536
+    assert hashlib.sha256(r.stdout).hexdigest() == dm_vm.sha256_of("/tmp/r")
+    # Scripts of many lines, quotes and non-ASCII survive.
+    script = "x='it''s'\n" + "\n".join(f"echo line{i} \"$x\" é" for i in range(300))
+    out = dm_vm.sh(script).splitlines()
+    assert len(out) == 300 and out[-1] == "line299 its é"
+    with pytest.raises(GuestCommandError) as ei:
+        dm_vm.run("echo boom >&2; false", check=True)
+    assert b"boom" in ei.value.result.stderr
+
+
+@pytest.mark.vm
+def test_agent_timeout_kills_process_group(dm_vm):
+    t = time.monotonic()
+    r = dm_vm.run("sleep 300 & sleep 300; echo never", timeout=2)
+    assert r.timed_out and r.returncode == 137 and b"never" not in r.stdout
+    assert time.monotonic() - t < 15
+    # The background sleep of the same command is gone too, and the agent still answers.
+    # (The agent's own watchdog for this ps command is a "sleep 60": not counted.)
+    assert dm_vm.sh("ps -o args | grep -c '^sleep 300' || true").strip() == "0"
+
+
+@pytest.mark.vm
+def test_hung_guest_raises_timeout_with_console_tail(dm_vm):
+    dm_vm.qmp("stop")  # freeze the vCPUs: the agent cannot answer
+    try:
+        with pytest.raises(GuestTimeout) as ei:
+            dm_vm.run("echo hi", timeout=1, host_grace=1)
+        assert "guest console" in str(ei.value) or ei.value.log_path
+    finally:
+        dm_vm.qmp("cont")
+    # The stale reply is skipped; the next command gets its own answer.
+    assert dm_vm.sh("echo again").strip() == "again"
+    dm_vm._failed = False  # the timeout was provoked: keep the run dir tidy
+
+
+@pytest.mark.vm
+def test_hotplug_read_back(dm_vm, vm_disk, tmp_path):
+    img = tmp_path / "disk.img"
+    img.write_bytes(os.urandom(3 << 20) + b"tail")
+    size = img.stat().st_size
+    t = time.monotonic()
+    d = vm_disk(img)
+    attach_s = time.monotonic() - t
+    assert d.guest_path.startswith("/dev/vd")
+    assert dm_vm.sh(f"cat /sys/block/{d.guest_path[5:]}/serial").strip() == d.serial
+    # QEMU rounds a file's size up to whole 512-byte sectors (the guest reads zeros there).
+    assert int(dm_vm.sh(f"blockdev --getsize64 {d.guest_path}")) == (size + 511) // 512 * 512
+    d_sha = hashlib.sha256(img.read_bytes()).hexdigest()
+    assert dm_vm.sha256_of(d.guest_path, size) == d_sha
+    t = time.monotonic()
+    dm_vm.detach(d)
+    detach_s = time.monotonic() - t
+    assert dm_vm.run(f"test -e {d.guest_path}").returncode != 0
+    print(f"hot-plug: attach {attach_s:.2f} s, detach {detach_s:.2f} s")
+    # The same file can be plugged again (QEMU released it).
+    with dm_vm.disk(img) as d2:
+        assert dm_vm.sha256_of(d2.guest_path, size) == d_sha
+
+
+@pytest.mark.vm
+def test_read_only_attach_refuses_writes(dm_vm, vm_disk, tmp_path):
+    img = tmp_path / "ro.img"
+    img.write_bytes(b"\x5a" * (1 << 20))
+    before = hashlib.sha256(img.read_bytes()).hexdigest()
+    d = vm_disk(img, read_only=True)
+    assert dm_vm.sh(f"blockdev --getro {d.guest_path}").strip() == "1"
+    r = dm_vm.run(f"dd if=/dev/zero of={d.guest_path} bs=4096 count=1 conv=fsync")
+    assert r.returncode != 0
+    dm_vm.detach(d)
+    assert hashlib.sha256(img.read_bytes()).hexdigest() == before
+
+
+@pytest.mark.vm
+def test_writable_attach_writes_reach_host(dm_vm, vm_disk, tmp_path):
+    img = tmp_path / "rw.img"
+    img.write_bytes(bytes(1 << 20))
+    d = vm_disk(img, read_only=False)
+    dm_vm.sh(f"printf 'written-by-guest' | dd of={d.guest_path} bs=512 seek=3 conv=notrunc "
+             "2>/dev/null")
+    dm_vm.detach(d)
+    assert img.read_bytes()[3 * 512:3 * 512 + 16] == b"written-by-guest"
+
+
+def _thin_checks() -> list[str]:
+    from vmtests.kernels import debian13_dir
+
+    found = []
+    for p in ("/usr/sbin/thin_check",
+              str(debian13_dir() / "thin-provisioning-tools/usr/sbin/thin_check")):
+        if os.access(p, os.X_OK):
+            found.append(p)
+    return found
+
+
+@pytest.mark.vm
+def test_kernel_thin_pool_smoke(dm_vm, vm_disk, tmp_path):
+    checkers = _thin_checks()
+    if not checkers:
+        pytest.skip("no thin_check installed")
+    meta, data = tmp_path / "meta.bin", tmp_path / "data.bin"
+    for f, size in ((meta, 8 << 20), (data, 64 << 20)):
+        with open(f, "wb") as fh:
+            fh.truncate(size)  # sparse; the kernel formats fresh (zeroed) metadata
+    m = vm_disk(meta, read_only=False)
+    dd = vm_disk(data, read_only=False)
+    sectors = (64 << 20) // 512
+    dm_vm.sh(textwrap.dedent(f"""\
+        set -e
+        dmsetup create pool --table "0 {sectors} thin-pool {m.guest_path} {dd.guest_path} 128 0"
+        dmsetup message pool 0 "create_thin 0"
+        dmsetup create thin --table "0 {sectors} thin /dev/mapper/pool 0"
+        dmsetup mknodes
+        dd if=/dev/urandom of=/dev/mapper/thin bs=65536 count=16 seek=4 conv=fsync 2>/dev/null
+        """))
+    pool = parse_pool_status(dm_vm.sh("dmsetup status pool"))
+    thin = parse_thin_status(dm_vm.sh("dmsetup status thin"))
+    assert pool.mode == "rw" and not pool.needs_check and not pool.failed
+    assert pool.used_data_blocks == 16 and pool.total_data_blocks == sectors // 128
+    assert pool.total_metadata_blocks == (8 << 20) // 4096
+    assert 0 < pool.used_metadata_blocks < pool.total_metadata_blocks
+    assert thin.mapped_sectors == 16 * 128
+    assert thin.highest_mapped_sector == (4 + 16) * 128 - 1
+    dm_vm.sh("dmsetup remove thin && dmsetup remove pool")
+    dm_vm.detach(dd)
+    dm_vm.detach(m)
+    for checker in checkers:
+        r = subprocess.run([checker, str(meta)], capture_output=True, text=True)
+        assert r.returncode == 0, f"{checker}: {r.stdout}{r.stderr}"
+
+
+# --------------------------------------------------------------------------------------------
+# Faults and process hygiene (own short-lived machines, deb12)
+
+
+def _own_machine():
+    from vmtests.kernels import kernel_by_name, qemu_binary
+    from vmtests.machine import Machine
+    from vmtests.plugin import vm_required
+
+    if not qemu_binary():
+        if vm_required():
+            pytest.fail("qemu-system-x86_64 missing")
+        pytest.skip("qemu-system-x86_64 missing")
+    return Machine(kernel_by_name("deb12"))
+
+
+def _pid_gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        # A zombie still answers kill(0): look at its state.
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0]
+            if state in "ZX":
+                return True
+        except (OSError, IndexError):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.vm
+def test_dead_qemu_is_a_clear_error_and_context_manager_cleans_up():
+    vm = _own_machine()
+    with vm:
+        pid = vm.pid
+        assert vm.sh("echo up").strip() == "up"
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(MachineDied) as ei:
+            vm.run("echo hi", timeout=5)
+        assert "QEMU exited" in str(ei.value)
+    assert _pid_gone(pid)
+    vm2 = _own_machine()
+    with vm2:
+        pid2 = vm2.pid
+    assert _pid_gone(pid2), "QEMU survived the context manager"
+
+
+@pytest.mark.vm
+def test_no_orphan_qemu_when_python_is_killed(tmp_path):
+    _own_machine()  # skip/fail early like the others
+    child = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent("""\
+            import sys, time
+            from vmtests.kernels import kernel_by_name
+            from vmtests.machine import Machine
+            vm = Machine(kernel_by_name("deb12")).start()
+            print(vm.pid, flush=True)
+            time.sleep(600)
+            """)],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent)
+    try:
+        line = child.stdout.readline()
+        assert line.strip().isdigit(), "child did not boot a machine"
+        qemu_pid = int(line)
+        os.kill(qemu_pid, 0)
+        child.kill()  # SIGKILL: no atexit, no finally; only the parent-death signal is left
+        child.wait(10)
+        assert _pid_gone(qemu_pid), "QEMU outlived its killed parent"
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
