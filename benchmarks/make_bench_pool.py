@@ -30,8 +30,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mappings", type=int, default=100_000, help="single mappings per thin")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-block-size", type=int, default=128, help="sectors (128 = 64 KiB)")
-    ap.add_argument("--nr-data-blocks", type=int, default=None,
-                    help="default: exactly thins × mappings")
+    ap.add_argument(
+        "--nr-data-blocks", type=int, default=None, help="default: exactly thins × mappings"
+    )
     ap.add_argument("--out", type=Path, default=REPO / "out" / "bench")  # /out/ is git-ignored
     ap.add_argument("--tools", choices=["1.1", "0.9"], default="1.1")
     ap.add_argument("--no-restore", action="store_true")
@@ -45,9 +46,13 @@ def main(argv=None) -> int:
     xml_path, meta_path = a.out / f"{stem}.xml", a.out / f"{stem}.meta"
 
     t0 = time.perf_counter()
-    pool = poolgen.fragmented_pool(a.thins, a.mappings, seed=a.seed,
-                                   data_block_size=a.data_block_size,
-                                   nr_data_blocks=a.nr_data_blocks)
+    pool = poolgen.fragmented_pool(
+        a.thins,
+        a.mappings,
+        seed=a.seed,
+        data_block_size=a.data_block_size,
+        nr_data_blocks=a.nr_data_blocks,
+    )
     xml = poolgen.to_xml(pool)
     xml_path.write_text(xml)
     t1 = time.perf_counter()
@@ -59,11 +64,15 @@ def main(argv=None) -> int:
     nr_meta = oracles.nr_meta_blocks_for(pool.nr_mappings, len(pool.devices), pool.nr_data_blocks)
     oracles.restore_file(xml_path, meta_path, tools, nr_meta)
     t2 = time.perf_counter()
-    print(f"restore ({tools.version}): {nr_meta} metadata blocks in {t2 - t1:.1f}s", file=sys.stderr)
+    print(
+        f"restore ({tools.version}): {nr_meta} metadata blocks in {t2 - t1:.1f}s", file=sys.stderr
+    )
     print(meta_path)
     if a.check:
         rc, out, err = oracles.check(meta_path, tools)
-        print(f"thin_check rc={rc} in {time.perf_counter() - t2:.1f}s {out.strip()}", file=sys.stderr)
+        print(
+            f"thin_check rc={rc} in {time.perf_counter() - t2:.1f}s {out.strip()}", file=sys.stderr
+        )
         return 1 if rc else 0
     return 0
 

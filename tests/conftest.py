@@ -36,8 +36,14 @@ import oracles  # noqa: E402
 import poolgen  # noqa: E402
 
 ORACLE_FIXTURES = {
-    "tools09", "tools11", "restored_pool", "empty_pool_meta", "thins3_meta", "multilevel_meta",
-    "snapshot_meta", "overflow_meta",
+    "tools09",
+    "tools11",
+    "restored_pool",
+    "empty_pool_meta",
+    "thins3_meta",
+    "multilevel_meta",
+    "snapshot_meta",
+    "overflow_meta",
 }
 
 
@@ -86,12 +92,14 @@ class RestoredPool:
         return dst
 
 
-def _restore(pool: poolgen.Pool, tools: oracles.Tools, path: Path,
-             nr_meta_blocks: int | None) -> RestoredPool:
+def _restore(
+    pool: poolgen.Pool, tools: oracles.Tools, path: Path, nr_meta_blocks: int | None
+) -> RestoredPool:
     pool.validate()
     if nr_meta_blocks is None:
-        nr_meta_blocks = oracles.nr_meta_blocks_for(pool.nr_mappings, len(pool.devices),
-                                                    pool.nr_data_blocks)
+        nr_meta_blocks = oracles.nr_meta_blocks_for(
+            pool.nr_mappings, len(pool.devices), pool.nr_data_blocks
+        )
     xml = poolgen.to_xml(pool)
     oracles.restore(xml, path, tools, nr_meta_blocks)
     return RestoredPool(pool, path, xml, tools, nr_meta_blocks)
@@ -102,8 +110,9 @@ def restored_pool(request, tmp_path):
     """Factory: restored_pool(pool, tools="1.1" | "0.9" | Tools, nr_meta_blocks=None, name=None)."""
     counter = iter(range(10**9))
 
-    def make(pool: poolgen.Pool, tools="1.1", nr_meta_blocks: int | None = None,
-             name: str | None = None) -> RestoredPool:
+    def make(
+        pool: poolgen.Pool, tools="1.1", nr_meta_blocks: int | None = None, name: str | None = None
+    ) -> RestoredPool:
         if isinstance(tools, str):
             tools = request.getfixturevalue({"1.1": "tools11", "0.9": "tools09"}[tools])
         path = tmp_path / (name or f"pool{next(counter)}-{tools.series}.meta")

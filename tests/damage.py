@@ -22,6 +22,7 @@ from collections import deque
 from dataclasses import dataclass
 
 import crc32c as _crc
+import numpy as np
 
 __all__ = [
     "BLOCK",
@@ -90,7 +91,7 @@ def block_type(block: bytes) -> str | None:
 
 
 def _blk(meta, b: int) -> memoryview:
-    return memoryview(meta)[b * BLOCK:(b + 1) * BLOCK]
+    return memoryview(meta)[b * BLOCK : (b + 1) * BLOCK]
 
 
 def fix_checksum(meta: bytearray, b: int, salt: int) -> None:
@@ -156,7 +157,7 @@ class MetaMap:
             if b in self.nodes and self.nodes[b].role == r:
                 continue  # shared node
             off = b * BLOCK
-            flags, = struct.unpack_from("<I", meta, off + 4)
+            (flags,) = struct.unpack_from("<I", meta, off + 4)
             nr, mx, vs = struct.unpack_from("<III", meta, off + 16)
             internal = flags != 2
             self.nodes[b] = Node(b, r, internal, depth, parent, nr, mx, vs)
@@ -175,8 +176,11 @@ class MetaMap:
 
     # -- queries
     def nodes_where(self, role: str | None = None, internal: bool | None = None) -> list[Node]:
-        out = [n for n in self.nodes.values()
-               if (role is None or n.role == role) and (internal is None or n.internal == internal)]
+        out = [
+            n
+            for n in self.nodes.values()
+            if (role is None or n.role == role) and (internal is None or n.internal == internal)
+        ]
         return sorted(out, key=lambda n: n.block)
 
     def used_blocks(self) -> set[int]:
@@ -191,40 +195,38 @@ class MetaMap:
         return (((word >> (2 * j)) & 1) << 1) | ((word >> (2 * j + 1)) & 1)
 
 
-def _decode_counts(meta, bitmaps: list[int], n: int, overflow_root: int) -> "np.ndarray":
-    import numpy as np
-
+def _decode_counts(meta, bitmaps: list[int], n: int, overflow_root: int) -> np.ndarray:
     out = np.zeros(len(bitmaps) * 16320, dtype=np.uint32)
     for i, bm in enumerate(bitmaps):
-        raw = np.frombuffer(bytes(meta[bm * BLOCK + 16: (bm + 1) * BLOCK]), dtype=np.uint8)
+        raw = np.frombuffer(bytes(meta[bm * BLOCK + 16 : (bm + 1) * BLOCK]), dtype=np.uint8)
         bits = np.unpackbits(raw, bitorder="little").reshape(-1, 2)  # [bit 2j, bit 2j+1]
-        out[i * 16320:(i + 1) * 16320] = (bits[:, 0].astype(np.uint32) << 1) | bits[:, 1]
+        out[i * 16320 : (i + 1) * 16320] = (bits[:, 0].astype(np.uint32) << 1) | bits[:, 1]
     out = out[:n]
     # overflow tree (leaves only, any depth)
     stack = [overflow_root]
     while stack:
         b = stack.pop()
         off = b * BLOCK
-        flags, = struct.unpack_from("<I", meta, off + 4)
+        (flags,) = struct.unpack_from("<I", meta, off + 4)
         nr, mx, vs = struct.unpack_from("<III", meta, off + 16)
         keys = struct.unpack_from(f"<{nr}Q", meta, off + 32)
         if flags != 2:
             stack.extend(struct.unpack_from(f"<{nr}Q", meta, off + 32 + 8 * mx))
         else:
             vals = struct.unpack_from(f"<{nr}I", meta, off + 32 + 8 * mx)
-            for k, v in zip(keys, vals):
+            for k, v in zip(keys, vals, strict=True):
                 if k < n:
                     out[k] = v
     return out
 
 
-def data_counts(meta: bytes) -> "np.ndarray":
+def data_counts(meta: bytes) -> np.ndarray:
     """Decode the data space map (bitmaps + overflow tree) into a count per data block."""
     mm = MetaMap(meta)
     return _decode_counts(meta, mm.data_bitmaps, mm.data_sm[0], mm.data_sm[3])
 
 
-def meta_counts(meta: bytes) -> "np.ndarray":
+def meta_counts(meta: bytes) -> np.ndarray:
     """Decode the metadata space map into a count per metadata block."""
     mm = MetaMap(meta)
     return _decode_counts(meta, mm.meta_bitmaps, mm.meta_sm[0], mm.meta_sm[3])
@@ -242,8 +244,13 @@ def scan(meta: bytes) -> dict[int, str]:
 
 # ----------------------------------------------------------------------------- helpers
 
-_SALT_OF = {"superblock": SALT_SUPERBLOCK, "btree_internal": SALT_BTREE, "btree_leaf": SALT_BTREE,
-            "bitmap": SALT_BITMAP, "index": SALT_INDEX}
+_SALT_OF = {
+    "superblock": SALT_SUPERBLOCK,
+    "btree_internal": SALT_BTREE,
+    "btree_leaf": SALT_BTREE,
+    "bitmap": SALT_BITMAP,
+    "index": SALT_INDEX,
+}
 
 
 def _pick(meta: bytes, kind: str, role: str | None = None, which: int = 0) -> int:
@@ -274,8 +281,16 @@ _FATAL_OFFSET = {
 }
 
 
-def flip_byte(meta: bytes, kind: str, *, fix_csum: bool = False, offset: int | None = None,
-              role: str | None = None, which: int = 0, xor: int = 0xFF) -> Damaged:
+def flip_byte(
+    meta: bytes,
+    kind: str,
+    *,
+    fix_csum: bool = False,
+    offset: int | None = None,
+    role: str | None = None,
+    which: int = 0,
+    xor: int = 0xFF,
+) -> Damaged:
     """XOR one byte of a block of *kind* ('superblock', 'btree_internal', 'btree_leaf',
     'bitmap', 'index'; *role* narrows btree nodes: top/bottom/details/data_index/
     data_refcount/meta_refcount, or bitmaps: data/meta).  Without fix_csum the default offset
@@ -288,21 +303,30 @@ def flip_byte(meta: bytes, kind: str, *, fix_csum: bool = False, offset: int | N
     out[b * BLOCK + offset] ^= xor
     if fix_csum:
         fix_checksum(out, b, _SALT_OF[kind])
-    return Damaged(out, f"flip byte {offset} of {kind}{'/' + role if role else ''} block {b}"
-                        f"{' (checksum recomputed)' if fix_csum else ' (checksum now wrong)'}",
-                   f"flip:{kind}{':' + role if role else ''}:{'fix' if fix_csum else 'nofix'}", b)
+    return Damaged(
+        out,
+        f"flip byte {offset} of {kind}{'/' + role if role else ''} block {b}"
+        f"{' (checksum recomputed)' if fix_csum else ' (checksum now wrong)'}",
+        f"flip:{kind}{':' + role if role else ''}:{'fix' if fix_csum else 'nofix'}",
+        b,
+    )
 
 
-def wrong_blocknr(meta: bytes, kind: str, *, role: str | None = None, which: int = 0,
-                  delta: int = 1) -> Damaged:
+def wrong_blocknr(
+    meta: bytes, kind: str, *, role: str | None = None, which: int = 0, delta: int = 1
+) -> Damaged:
     """Change the blocknr field (offset 8) and recompute a valid checksum."""
     out = bytearray(meta)
     b = _pick(out, kind, role, which)
     struct.pack_into("<Q", out, b * BLOCK + 8, b + delta)
     fix_checksum(out, b, _SALT_OF[kind])
-    return Damaged(out, f"{kind}{'/' + role if role else ''} block {b}: blocknr field = "
-                        f"{b + delta}, checksum valid",
-                   f"blocknr:{kind}{':' + role if role else ''}", b)
+    return Damaged(
+        out,
+        f"{kind}{'/' + role if role else ''} block {b}: blocknr field = "
+        f"{b + delta}, checksum valid",
+        f"blocknr:{kind}{':' + role if role else ''}",
+        b,
+    )
 
 
 def wrong_nr_allocated(meta: bytes, sm: str = "metadata", delta: int = 1) -> Damaged:
@@ -337,8 +361,12 @@ def leaked_block(meta: bytes, count: int = 1) -> Damaged:
     n = min(mm.meta_sm[0], mm.nr_blocks_file)
     free = next(b for b in range(1, n) if b not in used and mm.meta_count(b) == 0)
     bm = _set_meta_count(out, mm, free, count)
-    return Damaged(out, f"metadata block {free} unreferenced but bitmap {bm} says count {count}",
-                   f"leak:{count}", free)
+    return Damaged(
+        out,
+        f"metadata block {free} unreferenced but bitmap {bm} says count {count}",
+        f"leak:{count}",
+        free,
+    )
 
 
 def missing_reference(meta: bytes, role: str = "bottom") -> Damaged:
@@ -346,8 +374,11 @@ def missing_reference(meta: bytes, role: str = "bottom") -> Damaged:
     stays allocated but unreferenced and the device loses mappings (checksum fixed)."""
     out = bytearray(meta)
     mm = MetaMap(out)
-    cands = [n for n in mm.nodes_where(role, True)
-             if n.nr_entries >= 2 and (n.depth == 0 or n.nr_entries - 1 >= n.max_entries // 3)]
+    cands = [
+        n
+        for n in mm.nodes_where(role, True)
+        if n.nr_entries >= 2 and (n.depth == 0 or n.nr_entries - 1 >= n.max_entries // 3)
+    ]
     if not cands:
         raise LookupError(f"no internal {role} node with >= 2 entries")
     n = cands[0]
@@ -357,8 +388,12 @@ def missing_reference(meta: bytes, role: str = "bottom") -> Damaged:
     struct.pack_into("<Q", out, off + 32 + 8 * (n.nr_entries - 1), 0)
     struct.pack_into("<Q", out, off + 32 + 8 * n.max_entries + 8 * (n.nr_entries - 1), 0)
     fix_checksum(out, n.block, SALT_BTREE)
-    return Damaged(out, f"{role} internal node {n.block} lost its last child {child} "
-                        f"(subtree unreferenced)", f"missing_ref:{role}", n.block)
+    return Damaged(
+        out,
+        f"{role} internal node {n.block} lost its last child {child} (subtree unreferenced)",
+        f"missing_ref:{role}",
+        n.block,
+    )
 
 
 def cycle(meta: bytes, role: str = "bottom", to: str = "nearest") -> Damaged:
@@ -374,8 +409,14 @@ def cycle(meta: bytes, role: str = "bottom", to: str = "nearest") -> Damaged:
         raise LookupError(f"no internal {role} node")
     n = cands[0]
     ancestor = n.block
-    deeper = [c for c in cands if c.parent is not None and c.parent in mm.nodes
-              and mm.nodes[c.parent].internal and mm.nodes[c.parent].role == role]
+    deeper = [
+        c
+        for c in cands
+        if c.parent is not None
+        and c.parent in mm.nodes
+        and mm.nodes[c.parent].internal
+        and mm.nodes[c.parent].role == role
+    ]
     if to == "top":
         roots = [c for c in cands if c.depth == 0 and c.parent is not None]
         if not roots:
@@ -387,8 +428,12 @@ def cycle(meta: bytes, role: str = "bottom", to: str = "nearest") -> Damaged:
     slot = n.nr_entries - 1
     struct.pack_into("<Q", out, off + 32 + 8 * n.max_entries + 8 * slot, ancestor)
     fix_checksum(out, n.block, SALT_BTREE)
-    return Damaged(out, f"{role} internal node {n.block}: child {slot} -> ancestor {ancestor}",
-                   f"cycle:{role}:{to}", n.block)
+    return Damaged(
+        out,
+        f"{role} internal node {n.block}: child {slot} -> ancestor {ancestor}",
+        f"cycle:{role}:{to}",
+        n.block,
+    )
 
 
 def out_of_range_pointer(meta: bytes, role: str = "bottom", target: int | None = None) -> Damaged:
@@ -408,16 +453,24 @@ def out_of_range_pointer(meta: bytes, role: str = "bottom", target: int | None =
     off = n.block * BLOCK
     struct.pack_into("<Q", out, off + 32 + 8 * n.max_entries, target)
     fix_checksum(out, n.block, SALT_BTREE)
-    return Damaged(out, f"{role} node {n.block}: first pointer -> {target} (beyond device)",
-                   f"oob:{role}", n.block)
+    return Damaged(
+        out,
+        f"{role} node {n.block}: first pointer -> {target} (beyond device)",
+        f"oob:{role}",
+        n.block,
+    )
 
 
 def truncate(meta: bytes, nr_blocks: int | None = None) -> Damaged:
     """Cut the image.  Default: just before the highest used block."""
     if nr_blocks is None:
         nr_blocks = max(MetaMap(meta).used_blocks())
-    return Damaged(bytearray(meta[: nr_blocks * BLOCK]), f"truncated to {nr_blocks} blocks",
-                   "truncate", nr_blocks)
+    return Damaged(
+        bytearray(meta[: nr_blocks * BLOCK]),
+        f"truncated to {nr_blocks} blocks",
+        "truncate",
+        nr_blocks,
+    )
 
 
 def all_damage(meta: bytes) -> list[Damaged]:

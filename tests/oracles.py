@@ -10,7 +10,8 @@ Locating the tools
   ``${XDG_CACHE_HOME:-~/.cache}/dmimage/debian13/thin-provisioning-tools/usr/sbin``.
   If missing it is fetched (unless ``DMIMAGE_NO_FETCH=1``) with the first existing of
   ``$DMIMAGE_DEBIAN13_FETCH``, ``<repo>/tools/debian13-fetch``,
-  ``/work/shared/tools/debian13-fetch``: ``sh SCRIPT <cache>/dmimage/debian13 thin-provisioning-tools``.
+  ``/work/shared/tools/debian13-fetch``, run as
+  ``sh SCRIPT <cache>/dmimage/debian13 thin-provisioning-tools``.
 
 Every located tool set is version-checked (``thin_check -V``).  A missing tool raises
 :class:`OracleUnavailable` with a message saying what was looked for.
@@ -166,7 +167,8 @@ def tools_09() -> Tools:
             _cache["0.9"] = find_tools(d, "0.9")
         except OracleUnavailable as e:
             raise OracleUnavailable(
-                f"{e}\nInstall Debian 12's thin-provisioning-tools (0.9.0) or set DMIMAGE_TOOLS09_DIR."
+                f"{e}\nInstall Debian 12's thin-provisioning-tools (0.9.0) "
+                "or set DMIMAGE_TOOLS09_DIR."
             ) from None
     return _cache["0.9"]
 
@@ -199,7 +201,9 @@ def tools_11(fetch: bool = True) -> Tools:
     bindir = dest / "thin-provisioning-tools" / "usr" / "sbin"
     if not (bindir / "thin_check").exists():
         if not fetch or os.environ.get("DMIMAGE_NO_FETCH") == "1":
-            raise OracleUnavailable(f"thin-provisioning-tools 1.1 not found in {bindir} (fetch disabled)")
+            raise OracleUnavailable(
+                f"thin-provisioning-tools 1.1 not found in {bindir} (fetch disabled)"
+            )
         script = fetch_script()
         if script is None:
             raise OracleUnavailable(
@@ -208,7 +212,9 @@ def tools_11(fetch: bool = True) -> Tools:
             )
         p = subprocess.run(
             ["sh", str(script), str(dest), "thin-provisioning-tools"],
-            capture_output=True, text=True, timeout=900,
+            capture_output=True,
+            text=True,
+            timeout=900,
         )
         if p.returncode != 0 or not (bindir / "thin_check").exists():
             raise OracleUnavailable(
@@ -222,8 +228,14 @@ def tools_11(fetch: bool = True) -> Tools:
 # ----------------------------------------------------------------------------- running
 
 
-def run(tools: Tools, name: str, *args, check: bool = False, timeout: float = 600,
-        input: str | None = None) -> subprocess.CompletedProcess:
+def run(
+    tools: Tools,
+    name: str,
+    *args,
+    check: bool = False,
+    timeout: float = 600,
+    input: str | None = None,
+) -> subprocess.CompletedProcess:
     """Run ``tools.<name> args...``; text output captured.  ``check=True`` raises ToolError."""
     argv = [str(tools.path(name)), *map(str, args)]
     p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=input)
@@ -256,8 +268,13 @@ def nr_meta_blocks_for(nr_mappings: int, nr_devices: int = 1, nr_data_blocks: in
     return min(n, MAX_META_BLOCKS)
 
 
-def restore_file(xml_path: Path | str, meta_path: Path | str, tools: Tools,
-                 nr_meta_blocks: int | None = None, *extra) -> Path:
+def restore_file(
+    xml_path: Path | str,
+    meta_path: Path | str,
+    tools: Tools,
+    nr_meta_blocks: int | None = None,
+    *extra,
+) -> Path:
     """thin_restore from an XML file.  If nr_meta_blocks is given (or *meta_path* does not
     exist) the output is (re)created as a sparse file of that size (default 1024 blocks)."""
     meta_path = Path(meta_path)
@@ -267,8 +284,9 @@ def restore_file(xml_path: Path | str, meta_path: Path | str, tools: Tools,
     return meta_path
 
 
-def restore(xml_text: str, meta_path: Path | str, tools: Tools,
-            nr_meta_blocks: int | None = None, *extra) -> Path:
+def restore(
+    xml_text: str, meta_path: Path | str, tools: Tools, nr_meta_blocks: int | None = None, *extra
+) -> Path:
     """thin_restore *xml_text* into *meta_path* (sparse, nr_meta_blocks × 4 KiB)."""
     meta_path = Path(meta_path)
     with tempfile.NamedTemporaryFile("w", suffix=".xml", dir=meta_path.parent, delete=False) as f:
@@ -292,8 +310,13 @@ def dump(meta_path: Path | str, tools: Tools, *args) -> str:
     return run(tools, "thin_dump", *args, meta_path, check=True).stdout
 
 
-def repair(in_path: Path | str, out_path: Path | str, tools: Tools,
-           nr_meta_blocks: int | None = None, *args) -> subprocess.CompletedProcess:
+def repair(
+    in_path: Path | str,
+    out_path: Path | str,
+    tools: Tools,
+    nr_meta_blocks: int | None = None,
+    *args,
+) -> subprocess.CompletedProcess:
     """thin_repair -i in -o out (out created sparse with in's size unless given)."""
     out_path = Path(out_path)
     if nr_meta_blocks is None:

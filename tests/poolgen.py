@@ -179,10 +179,13 @@ def _device_lines(d: Device, indent: str) -> list[str]:
     r = runs(d.mappings)
     for ob, db, ln, t in r.tolist():
         if ln == 1:
-            out.append(f'{indent}<single_mapping origin_block="{ob}" data_block="{db}" time="{t}"/>')
+            out.append(
+                f'{indent}<single_mapping origin_block="{ob}" data_block="{db}" time="{t}"/>'
+            )
         else:
             out.append(
-                f'{indent}<range_mapping origin_begin="{ob}" data_begin="{db}" length="{ln}" time="{t}"/>'
+                f'{indent}<range_mapping origin_begin="{ob}" data_begin="{db}" '
+                f'length="{ln}" time="{t}"/>'
             )
     return out
 
@@ -219,7 +222,8 @@ def to_xml(pool: Pool, style: str = "0.9") -> str:
 
 def data_ref_counts(pool: Pool) -> np.ndarray:
     """Expected data space-map counts after thin_restore of the *expanded* XML:
-    count[b] = number of mappings (over all devices) that name data block b.  Length nr_data_blocks."""
+    count[b] = number of mappings (over all devices) that name data block b.
+    Length nr_data_blocks."""
     counts = np.zeros(pool.nr_data_blocks, dtype=np.uint32)
     for d in pool.devices:
         if len(d.mappings):
@@ -231,7 +235,9 @@ def data_ref_counts(pool: Pool) -> np.ndarray:
 
 
 def empty_pool(nr_data_blocks: int = 1024, data_block_size: int = 128) -> Pool:
-    return Pool(time=0, transaction=0, data_block_size=data_block_size, nr_data_blocks=nr_data_blocks)
+    return Pool(
+        time=0, transaction=0, data_block_size=data_block_size, nr_data_blocks=nr_data_blocks
+    )
 
 
 def thins_pool(n: int = 3, mappings_per_thin: int = 20, seed: int = 1) -> Pool:
@@ -244,13 +250,24 @@ def thins_pool(n: int = 3, mappings_per_thin: int = 20, seed: int = 1) -> Pool:
     devs = []
     for i in range(n):
         off = int(rng.integers(0, 100))
-        tail = off + k + 1 + np.sort(rng.choice((mappings_per_thin - k) * 3,
-                                                mappings_per_thin - k, replace=False))
+        tail = (
+            off
+            + k
+            + 1
+            + np.sort(rng.choice((mappings_per_thin - k) * 3, mappings_per_thin - k, replace=False))
+        )
         origins = np.concatenate([np.arange(off, off + k), tail])
         data = np.concatenate([np.arange(i * k, i * k + k), scattered[i]])
         times = np.where(np.arange(mappings_per_thin) < k, 0, i % 3)
-        devs.append(Device(dev_id=i + 1, transaction=i, creation_time=i % 3, snap_time=i % 3,
-                           mappings=np.stack([origins, data, times], axis=1)))
+        devs.append(
+            Device(
+                dev_id=i + 1,
+                transaction=i,
+                creation_time=i % 3,
+                snap_time=i % 3,
+                mappings=np.stack([origins, data, times], axis=1),
+            )
+        )
     return Pool(time=2, transaction=n, nr_data_blocks=nr_data, devices=devs)
 
 
@@ -261,9 +278,20 @@ def multilevel_pool(n_mappings: int = 5000, dev_id: int = 1, seed: int = 2) -> P
     origins = np.sort(rng.choice(n_mappings * 3, n_mappings, replace=False))
     data = rng.choice(nr_data, n_mappings, replace=False)
     times = rng.integers(0, 5, n_mappings)
-    return Pool(time=4, transaction=7, nr_data_blocks=nr_data, devices=[
-        Device(dev_id=dev_id, transaction=1, creation_time=0, snap_time=3,
-               mappings=np.stack([origins, data, times], axis=1))])
+    return Pool(
+        time=4,
+        transaction=7,
+        nr_data_blocks=nr_data,
+        devices=[
+            Device(
+                dev_id=dev_id,
+                transaction=1,
+                creation_time=0,
+                snap_time=3,
+                mappings=np.stack([origins, data, times], axis=1),
+            )
+        ],
+    )
 
 
 def snapshot_pool(n_mappings: int = 600, seed: int = 3) -> Pool:
@@ -279,38 +307,62 @@ def snapshot_pool(n_mappings: int = 600, seed: int = 3) -> Pool:
     # snapshot 2 at time 1; origin 1 then overwrites some blocks at time 1 (CoW)
     o1 = base.copy()
     sel = rng.choice(n_mappings, n_mappings // 4, replace=False)
-    o1[sel, 1] = np.arange(nxt, nxt + len(sel)); nxt += len(sel)
+    o1[sel, 1] = np.arange(nxt, nxt + len(sel))
+    nxt += len(sel)
     o1[sel, 2] = 1
     s2 = base.copy()
     # snapshot 3 of 2 at time 2; 2 then overwrites some blocks
     s3 = s2.copy()
     sel = rng.choice(n_mappings, n_mappings // 5, replace=False)
     s2 = s2.copy()
-    s2[sel, 1] = np.arange(nxt, nxt + len(sel)); nxt += len(sel)
+    s2[sel, 1] = np.arange(nxt, nxt + len(sel))
+    nxt += len(sel)
     s2[sel, 2] = 2
-    return Pool(time=2, transaction=3, nr_data_blocks=nr_data, devices=[
-        Device(1, o1, transaction=0, creation_time=0, snap_time=1),
-        Device(2, s2, transaction=1, creation_time=1, snap_time=2),
-        Device(3, s3, transaction=2, creation_time=2, snap_time=2),
-    ])
+    return Pool(
+        time=2,
+        transaction=3,
+        nr_data_blocks=nr_data,
+        devices=[
+            Device(1, o1, transaction=0, creation_time=0, snap_time=1),
+            Device(2, s2, transaction=1, creation_time=1, snap_time=2),
+            Device(3, s3, transaction=2, creation_time=2, snap_time=2),
+        ],
+    )
 
 
 def overflow_pool(n_devices: int = 5, n_mappings: int = 100) -> Pool:
     """n_devices devices that all map the same data blocks (count n_devices >= 3 -> overflow tree),
     plus a few private blocks per device."""
-    shared = np.stack([np.arange(n_mappings), np.arange(n_mappings) + 10,
-                       np.zeros(n_mappings)], axis=1)
+    shared = np.stack(
+        [np.arange(n_mappings), np.arange(n_mappings) + 10, np.zeros(n_mappings)], axis=1
+    )
     devs = []
     for i in range(n_devices):
         priv = np.array([[n_mappings + 5 + i, 10 + n_mappings + i, 1]])
-        devs.append(Device(i + 1, np.concatenate([shared, priv]), transaction=i,
-                           creation_time=min(i, 1), snap_time=1))
-    return Pool(time=1, transaction=n_devices, nr_data_blocks=10 + n_mappings + n_devices + 100,
-                devices=devs)
+        devs.append(
+            Device(
+                i + 1,
+                np.concatenate([shared, priv]),
+                transaction=i,
+                creation_time=min(i, 1),
+                snap_time=1,
+            )
+        )
+    return Pool(
+        time=1,
+        transaction=n_devices,
+        nr_data_blocks=10 + n_mappings + n_devices + 100,
+        devices=devs,
+    )
 
 
-def fragmented_pool(n_thins: int = 10, n_mappings: int = 100_000, seed: int = 0,
-                    data_block_size: int = 128, nr_data_blocks: int | None = None) -> Pool:
+def fragmented_pool(
+    n_thins: int = 10,
+    n_mappings: int = 100_000,
+    seed: int = 0,
+    data_block_size: int = 128,
+    nr_data_blocks: int | None = None,
+) -> Pool:
     """Benchmark pool: n_thins × n_mappings single mappings (origins 0..M-1), every data block
     distinct and globally shuffled, so every mapping renders as a <single_mapping>.
 
@@ -333,15 +385,34 @@ def fragmented_pool(n_thins: int = 10, n_mappings: int = 100_000, seed: int = 0,
             j = (b + 2) % n_mappings
             d[b + 1], d[j] = d[j], d[b + 1]
         times = np.zeros(n_mappings, dtype=np.uint64)
-        devs.append(Device(dev_id=i, transaction=0, creation_time=0, snap_time=0,
-                           mappings=np.stack([origins, d, times], axis=1)))
-    return Pool(time=0, transaction=n_thins, data_block_size=data_block_size,
-                nr_data_blocks=nr_data_blocks, devices=devs)
+        devs.append(
+            Device(
+                dev_id=i,
+                transaction=0,
+                creation_time=0,
+                snap_time=0,
+                mappings=np.stack([origins, d, times], axis=1),
+            )
+        )
+    return Pool(
+        time=0,
+        transaction=n_thins,
+        data_block_size=data_block_size,
+        nr_data_blocks=nr_data_blocks,
+        devices=devs,
+    )
 
 
-def random_pool(seed: int, n_devices: int = 3, max_mappings: int = 300, p_snapshot: float = 0.4,
-                nr_data_blocks: int | None = None, max_time: int = 10,
-                data_block_size: int = 128, flags: int = 0) -> Pool:
+def random_pool(
+    seed: int,
+    n_devices: int = 3,
+    max_mappings: int = 300,
+    p_snapshot: float = 0.4,
+    nr_data_blocks: int | None = None,
+    max_time: int = 10,
+    data_block_size: int = 128,
+    flags: int = 0,
+) -> Pool:
     """A valid pool built by simulating create_thin / create_snap / writes with a seeded RNG."""
     rng = np.random.default_rng(seed)
     cap = max(16, n_devices * max_mappings * 2) if nr_data_blocks is None else nr_data_blocks
@@ -351,7 +422,7 @@ def random_pool(seed: int, n_devices: int = 3, max_mappings: int = 300, p_snapsh
     def alloc(k: int) -> np.ndarray:
         nonlocal next_free
         k = min(k, cap - next_free)
-        out = order[next_free: next_free + k]
+        out = order[next_free : next_free + k]
         next_free += k
         return out
 
@@ -361,7 +432,11 @@ def random_pool(seed: int, n_devices: int = 3, max_mappings: int = 300, p_snapsh
     used_ids: set[int] = set()
     for _ in range(n_devices):
         while True:
-            dev_id = int(rng.integers(0, 1 << 10)) if rng.random() < 0.8 else int(rng.integers(0, MAX_DEV_ID + 1))
+            dev_id = (
+                int(rng.integers(0, 1 << 10))
+                if rng.random() < 0.8
+                else int(rng.integers(0, MAX_DEV_ID + 1))
+            )
             if dev_id not in used_ids:
                 break
         used_ids.add(dev_id)
@@ -369,8 +444,13 @@ def random_pool(seed: int, n_devices: int = 3, max_mappings: int = 300, p_snapsh
             origin = devs[int(rng.choice(list(devs)))]
             time += 1
             origin.snap_time = time
-            d = Device(dev_id, origin.mappings.copy(), transaction=trans, creation_time=time,
-                       snap_time=time)
+            d = Device(
+                dev_id,
+                origin.mappings.copy(),
+                transaction=trans,
+                creation_time=time,
+                snap_time=time,
+            )
             # diverge: CoW some of the snapshot's and origin's blocks at the new time
             for victim in (d, origin):
                 n = len(victim.mappings)
@@ -384,23 +464,40 @@ def random_pool(seed: int, n_devices: int = 3, max_mappings: int = 300, p_snapsh
         else:
             n = int(rng.integers(0, max_mappings + 1))
             span = max(n, int(n * rng.uniform(1, 4)))
-            origins = np.sort(rng.choice(span, n, replace=False)).astype(np.uint64) if n else np.zeros(0, np.uint64)
+            origins = (
+                np.sort(rng.choice(span, n, replace=False)).astype(np.uint64)
+                if n
+                else np.zeros(0, np.uint64)
+            )
             data = alloc(n)
             origins = origins[: len(data)]
             if rng.random() < 0.5 and len(data):  # make contiguous runs
                 data = np.sort(data)
             times = rng.integers(0, time + 1, len(data)).astype(np.uint64)
-            d = Device(dev_id, np.stack([origins, data, times], axis=1), transaction=trans,
-                       creation_time=time, snap_time=time)
+            d = Device(
+                dev_id,
+                np.stack([origins, data, times], axis=1),
+                transaction=trans,
+                creation_time=time,
+                snap_time=time,
+            )
         devs[dev_id] = d
         trans += int(rng.integers(0, 3))
     if nr_data_blocks is None:
         nr_data_blocks = max(next_free + int(rng.integers(0, 100)), 1)
         # ids handed out come from a permutation of [0, cap) -> need nr_data_blocks > max id
-        mx = max((int(d.mappings[:, 1].max()) for d in devs.values() if len(d.mappings)), default=-1)
+        mx = max(
+            (int(d.mappings[:, 1].max()) for d in devs.values() if len(d.mappings)), default=-1
+        )
         nr_data_blocks = max(nr_data_blocks, mx + 1)
-    pool = Pool(time=time, transaction=trans, data_block_size=data_block_size,
-                nr_data_blocks=nr_data_blocks, devices=list(devs.values()), flags=flags)
+    pool = Pool(
+        time=time,
+        transaction=trans,
+        data_block_size=data_block_size,
+        nr_data_blocks=nr_data_blocks,
+        devices=list(devs.values()),
+        flags=flags,
+    )
     pool.validate()
     return pool
 
@@ -426,8 +523,14 @@ def pools(max_devices: int = 6, max_mappings: int = 400, allow_big: bool = False
         p_snap = draw(st.sampled_from([0.0, 0.5, 0.9]))
         dbs = draw(st.sampled_from([128, 256, 1024, 2_097_152]))
         flags = draw(st.sampled_from([0, 0, 1]))
-        return random_pool(seed, n_devices=n_devices, max_mappings=mm, p_snapshot=p_snap,
-                           data_block_size=dbs, flags=flags,
-                           max_time=draw(st.sampled_from([3, 50, MAX_TIME])))
+        return random_pool(
+            seed,
+            n_devices=n_devices,
+            max_mappings=mm,
+            p_snapshot=p_snap,
+            data_block_size=dbs,
+            flags=flags,
+            max_time=draw(st.sampled_from([3, 50, MAX_TIME])),
+        )
 
     return _pools()

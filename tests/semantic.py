@@ -61,8 +61,15 @@ def expand_runs(runs: list[tuple[int, int, int, int]] | np.ndarray) -> np.ndarra
     return out
 
 
-_SB_INT = ("time", "transaction", "flags", "version", "data_block_size", "nr_data_blocks",
-           "metadata_snap")
+_SB_INT = (
+    "time",
+    "transaction",
+    "flags",
+    "version",
+    "data_block_size",
+    "nr_data_blocks",
+    "metadata_snap",
+)
 
 
 def _pool_from(sb: dict, devices: list[tuple[dict, list]]) -> Pool:
@@ -74,16 +81,26 @@ def _pool_from(sb: dict, devices: list[tuple[dict, list]]) -> Pool:
     for det, runs in devices:
         m = expand_runs(runs)
         mb = int(det["mapped_blocks"])
-        devs.append(Device(
-            dev_id=int(det["dev_id"]), mappings=m, transaction=int(det["transaction"]),
-            creation_time=int(det["creation_time"]), snap_time=int(det["snap_time"]),
-            mapped_blocks_override=None if mb == len(m) else mb,
-        ))
+        devs.append(
+            Device(
+                dev_id=int(det["dev_id"]),
+                mappings=m,
+                transaction=int(det["transaction"]),
+                creation_time=int(det["creation_time"]),
+                snap_time=int(det["snap_time"]),
+                mapped_blocks_override=None if mb == len(m) else mb,
+            )
+        )
     return Pool(
-        time=gi("time", 0), transaction=gi("transaction", 0), flags=gi("flags", 0),
-        version=gi("version"), data_block_size=gi("data_block_size", 0),
-        nr_data_blocks=gi("nr_data_blocks", 0), metadata_snap=gi("metadata_snap"),
-        uuid=sb.get("uuid") or "", devices=devs,
+        time=gi("time", 0),
+        transaction=gi("transaction", 0),
+        flags=gi("flags", 0),
+        version=gi("version"),
+        data_block_size=gi("data_block_size", 0),
+        nr_data_blocks=gi("nr_data_blocks", 0),
+        metadata_snap=gi("metadata_snap"),
+        uuid=sb.get("uuid") or "",
+        devices=devs,
     )
 
 
@@ -92,7 +109,8 @@ _F_SECTION = re.compile(r"<(device|def)\b([^>]*)>(.*?)</\1>", re.S)
 _F_ATTR = re.compile(r'(\w+)="([^"]*)"')
 _F_SINGLE = re.compile(r'<single_mapping origin_block="(\d+)" data_block="(\d+)" time="(\d+)"/>')
 _F_RANGE = re.compile(
-    r'<range_mapping origin_begin="(\d+)" data_begin="(\d+)" length="(\d+)" time="(\d+)"/>')
+    r'<range_mapping origin_begin="(\d+)" data_begin="(\d+)" length="(\d+)" time="(\d+)"/>'
+)
 _F_REF = re.compile(r'<ref name="([^"]*)"/>')
 
 
@@ -111,7 +129,7 @@ def _parse_xml_fast(t: str) -> Pool | None:
     devices = []
     seen = m.end()
     for sec in _F_SECTION.finditer(t):
-        if t[seen:sec.start()].strip():
+        if t[seen : sec.start()].strip():
             return None
         seen = sec.end()
         kind, attrs, body = sec.group(1), dict(_F_ATTR.findall(sec.group(2))), sec.group(3)
@@ -166,8 +184,9 @@ def _parse_xml_etree(text: str | bytes) -> Pool:
             if tag == "single_mapping":
                 cur.append((int(a["origin_block"]), int(a["data_block"]), 1, int(a["time"])))
             elif tag == "range_mapping":
-                cur.append((int(a["origin_begin"]), int(a["data_begin"]), int(a["length"]),
-                            int(a["time"])))
+                cur.append(
+                    (int(a["origin_begin"]), int(a["data_begin"]), int(a["length"]), int(a["time"]))
+                )
             elif tag == "ref":
                 cur.extend(defs[a["name"]])
             elif tag == "device":
@@ -192,8 +211,13 @@ _HR_SB = re.compile(r'^begin superblock: "([^"]*)"((?:,\s*\d+)*)\s*$')
 _HR_RANGE = re.compile(r"^\s+\((\d+)\.\.(\d+)\) -> \((\d+)\.\.(\d+)\), (\d+)\s*$")
 _HR_SINGLE = re.compile(r"^\s+(\d+) -> (\d+), (\d+)\s*$")
 _HR_KV = re.compile(r"^(device|mapped_blocks|transaction|creation time|snap time): (\d+)\s*$")
-_HR_KEYS = {"device": "dev_id", "mapped_blocks": "mapped_blocks", "transaction": "transaction",
-            "creation time": "creation_time", "snap time": "snap_time"}
+_HR_KEYS = {
+    "device": "dev_id",
+    "mapped_blocks": "mapped_blocks",
+    "transaction": "transaction",
+    "creation time": "creation_time",
+    "snap time": "snap_time",
+}
 
 
 def parse_human(text: str) -> Pool:
@@ -244,9 +268,16 @@ def parse_human(text: str) -> Pool:
         m = _HR_SB.match(s)
         if m:
             vals = [x.strip() for x in m.group(2).split(",") if x.strip()]
-            keys = ["time", "transaction", "flags", "version", "data_block_size",
-                    "nr_data_blocks", "metadata_snap"]
-            sb = {"uuid": m.group(1), **dict(zip(keys, vals))}
+            keys = [
+                "time",
+                "transaction",
+                "flags",
+                "version",
+                "data_block_size",
+                "nr_data_blocks",
+                "metadata_snap",
+            ]
+            sb = {"uuid": m.group(1), **dict(zip(keys, vals, strict=False))}
             continue
         if s == "end superblock":
             close()
@@ -276,7 +307,11 @@ class SameResult:
 
     @property
     def message(self) -> str:
-        return "pools are the same" if not self.diffs else "pools differ:\n  " + "\n  ".join(self.diffs)
+        return (
+            "pools are the same"
+            if not self.diffs
+            else "pools differ:\n  " + "\n  ".join(self.diffs)
+        )
 
     __str__ = message.fget  # type: ignore[assignment]
 
@@ -294,7 +329,9 @@ def _mapping_diff(dev_id: int, a: np.ndarray, b: np.ndarray, limit: int) -> list
         n = min(len(a), len(b))
         neq = np.flatnonzero(np.any(a[:n] != b[:n], axis=1))
         for i in neq[:limit]:
-            out.append(f"device {dev_id}: row {i}: {tuple(map(int, a[i]))} vs {tuple(map(int, b[i]))}")
+            out.append(
+                f"device {dev_id}: row {i}: {tuple(map(int, a[i]))} vs {tuple(map(int, b[i]))}"
+            )
         if len(neq) > limit:
             out.append(f"device {dev_id}: ... {len(neq) - limit} more differing rows")
         return out
@@ -333,8 +370,10 @@ def diff_pools(a: Pool, b: Pool, ignore: tuple[str, ...] = (), limit: int = 10) 
             out.append(f"superblock {k}: {x!r} vs {y!r}")
     ia, ib = [d.dev_id for d in a.devices], [d.dev_id for d in b.devices]
     if ia != ib:
-        out.append(f"device ids: only left {sorted(set(ia) - set(ib))}, only right "
-                   f"{sorted(set(ib) - set(ia))}")
+        out.append(
+            f"device ids: only left {sorted(set(ia) - set(ib))}, only right "
+            f"{sorted(set(ib) - set(ia))}"
+        )
     bd = {d.dev_id: d for d in b.devices}
     for da in a.devices:
         db = bd.get(da.dev_id)
@@ -344,7 +383,9 @@ def diff_pools(a: Pool, b: Pool, ignore: tuple[str, ...] = (), limit: int = 10) 
         for k in xa:
             if k not in ignore and xa[k] != xb[k]:
                 out.append(f"device {da.dev_id} {k}: {xa[k]} vs {xb[k]}")
-        if not (da.mappings.shape == db.mappings.shape and np.array_equal(da.mappings, db.mappings)):
+        if not (
+            da.mappings.shape == db.mappings.shape and np.array_equal(da.mappings, db.mappings)
+        ):
             out.extend(_mapping_diff(da.dev_id, da.mappings, db.mappings, limit))
     return out
 

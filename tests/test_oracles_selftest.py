@@ -13,14 +13,13 @@ from __future__ import annotations
 import dataclasses
 
 import crc32c
-import numpy as np
-import pytest
-from hypothesis import HealthCheck, given, settings
-
 import damage as dm
+import numpy as np
 import oracles
 import poolgen as pg
+import pytest
 import semantic as sem
+from hypothesis import HealthCheck, given, settings
 
 FIXED_POOLS = {
     "empty": pg.empty_pool,
@@ -29,9 +28,13 @@ FIXED_POOLS = {
     "snapshot": pg.snapshot_pool,
     "overflow": lambda: pg.overflow_pool(5),
     "random": lambda: pg.random_pool(7, n_devices=5, max_mappings=400, p_snapshot=0.6),
-    "needs_check": lambda: pg.Pool(time=3, transaction=9, flags=1, nr_data_blocks=100,
-                                   devices=[pg.Device(5, [(0, 1, 0), (1, 2, 0), (7, 99, 3)],
-                                                      creation_time=0, snap_time=3)]),
+    "needs_check": lambda: pg.Pool(
+        time=3,
+        transaction=9,
+        flags=1,
+        nr_data_blocks=100,
+        devices=[pg.Device(5, [(0, 1, 0), (1, 2, 0), (7, 99, 3)], creation_time=0, snap_time=3)],
+    ),
     "big_dbs": lambda: pg.random_pool(11, n_devices=2, data_block_size=2_097_152),
 }
 
@@ -58,8 +61,12 @@ def test_crc_vectors():
 
 
 def test_runs_and_xml_shape():
-    p = pg.Pool(time=2, transaction=1, nr_data_blocks=100, devices=[
-        pg.Device(3, [(0, 10, 0), (1, 11, 0), (2, 12, 1), (5, 13, 1), (6, 14, 1)])])
+    p = pg.Pool(
+        time=2,
+        transaction=1,
+        nr_data_blocks=100,
+        devices=[pg.Device(3, [(0, 10, 0), (1, 11, 0), (2, 12, 1), (5, 13, 1), (6, 14, 1)])],
+    )
     r = pg.runs(p.devices[0].mappings).tolist()
     assert r == [[0, 10, 2, 0], [2, 12, 1, 1], [5, 13, 2, 1]]
     x09, x11 = pg.to_xml(p, "0.9"), pg.to_xml(p, "1.1")
@@ -96,12 +103,16 @@ def test_fragmented_pool_is_all_singles_and_deterministic():
 
 
 def test_human_readable_parsers():
-    h11 = ('begin superblock: "", 1, 2, 0, 2, 128, 2000\ndef: 1\n    (0..1) -> (10..11), 0\n\n'
-           "device: 4\nmapped_blocks: 3\ntransaction: 0\ncreation time: 0\nsnap time: 1\n"
-           "    ref: 1\n    (5..5) -> (20..20), 1\n\nend superblock\n")
-    h09 = ('begin superblock: "", 1, 2, 0, 1, 128, 2000\ndevice: 4\nmapped_blocks: 3\n'
-           "transaction: 0\ncreation time: 0\nsnap time: 1\n    (0..1) -> (10..11), 0\n"
-           "    5 -> 20, 1\n\nend superblock\n")
+    h11 = (
+        'begin superblock: "", 1, 2, 0, 2, 128, 2000\ndef: 1\n    (0..1) -> (10..11), 0\n\n'
+        "device: 4\nmapped_blocks: 3\ntransaction: 0\ncreation time: 0\nsnap time: 1\n"
+        "    ref: 1\n    (5..5) -> (20..20), 1\n\nend superblock\n"
+    )
+    h09 = (
+        'begin superblock: "", 1, 2, 0, 1, 128, 2000\ndevice: 4\nmapped_blocks: 3\n'
+        "transaction: 0\ncreation time: 0\nsnap time: 1\n    (0..1) -> (10..11), 0\n"
+        "    5 -> 20, 1\n\nend superblock\n"
+    )
     a, b = sem.parse_human(h11), sem.parse_human(h09)
     assert a.version == 2 and b.version == 1
     assert sem.same_pool(a, b, ignore=("version",))
@@ -114,11 +125,21 @@ def test_human_readable_parsers():
 def test_tool_versions(tools09, tools11):
     assert tools09.version.startswith("0.9.") and tools11.version.startswith("1.1.")
     for t in (tools09, tools11):
-        for name in ("thin_check", "thin_dump", "thin_restore", "thin_repair", "thin_ls",
-                     "thin_delta", "thin_rmap", "thin_metadata_size"):
+        for name in (
+            "thin_check",
+            "thin_dump",
+            "thin_restore",
+            "thin_repair",
+            "thin_ls",
+            "thin_delta",
+            "thin_rmap",
+            "thin_metadata_size",
+        ):
             assert t.has(name), (t, name)
     assert tools11.has("thin_metadata_pack") and not tools09.has("thin_metadata_pack")
-    assert oracles.metadata_size(tools11, "-b", "64k", "-s", "1t", "-m", "100").split()[0] == "1066032"
+    assert (
+        oracles.metadata_size(tools11, "-b", "64k", "-s", "1t", "-m", "100").split()[0] == "1066032"
+    )
     assert "1066024" in oracles.metadata_size(tools09, "-b", "64k", "-s", "1t", "-m", "100")
 
 
@@ -127,10 +148,12 @@ def test_tool_versions(tools09, tools11):
 def test_restore_check_dump_roundtrip(request, tmp_path, tools09, tools11, name, restorer):
     pool = FIXED_POOLS[name]()
     pool.validate()
-    meta = oracles.restore(pg.to_xml(pool, "1.1" if restorer == "1.1" else "0.9"),
-                           tmp_path / "m", _tools(request, restorer),
-                           oracles.nr_meta_blocks_for(pool.nr_mappings, len(pool.devices),
-                                                      pool.nr_data_blocks))
+    meta = oracles.restore(
+        pg.to_xml(pool, "1.1" if restorer == "1.1" else "0.9"),
+        tmp_path / "m",
+        _tools(request, restorer),
+        oracles.nr_meta_blocks_for(pool.nr_mappings, len(pool.devices), pool.nr_data_blocks),
+    )
     for t in (tools11, tools09):
         rc, out, err = oracles.check(meta, t)
         assert rc == 0, f"{t}: {err}"
@@ -147,9 +170,12 @@ def test_restore_check_dump_roundtrip(request, tmp_path, tools09, tools11, name,
 @given(pool=pg.pools(max_devices=5, max_mappings=300, allow_big=True))
 def test_generated_pools_roundtrip(tmp_path_factory, tools11, tools09, pool):
     d = tmp_path_factory.mktemp("hyp")
-    meta = oracles.restore(pg.to_xml(pool), d / "m", tools11,
-                           oracles.nr_meta_blocks_for(pool.nr_mappings, len(pool.devices),
-                                                      pool.nr_data_blocks))
+    meta = oracles.restore(
+        pg.to_xml(pool),
+        d / "m",
+        tools11,
+        oracles.nr_meta_blocks_for(pool.nr_mappings, len(pool.devices), pool.nr_data_blocks),
+    )
     for t in (tools11, tools09):
         rc, _, err = oracles.check(meta, t)
         assert rc == 0, err
@@ -184,15 +210,26 @@ def test_def_ref_dump_expands(tmp_path, tools11, tools09):
     """1.1's restore accepts <def>/<ref>; its dump of shared leaves uses <def>/<ref> again;
     0.9's restore rejects <def> ('unknown tag type'), its dump expands shared leaves."""
     shared = [(i, (i * 7) % 1000, 0) for i in range(300)]
-    lines = ['<superblock uuid="" time="1" transaction="2" data_block_size="128" nr_data_blocks="2000">',
-             '  <def name="s">']
-    lines += [f'    <single_mapping origin_block="{o}" data_block="{d}" time="{t}"/>' for o, d, t in shared]
+    lines = [
+        '<superblock uuid="" time="1" transaction="2" data_block_size="128" nr_data_blocks="2000">',
+        '  <def name="s">',
+    ]
+    lines += [
+        f'    <single_mapping origin_block="{o}" data_block="{d}" time="{t}"/>'
+        for o, d, t in shared
+    ]
     lines.append("  </def>")
     devs = []
     for dev in (1, 2):
-        lines.append(f'  <device dev_id="{dev}" mapped_blocks="301" transaction="0" creation_time="0" snap_time="1">')
-        lines += ['    <ref name="s"/>', f'    <single_mapping origin_block="500" data_block="{1500 + dev}" time="1"/>',
-                  "  </device>"]
+        lines.append(
+            f'  <device dev_id="{dev}" mapped_blocks="301" transaction="0" '
+            'creation_time="0" snap_time="1">'
+        )
+        lines += [
+            '    <ref name="s"/>',
+            f'    <single_mapping origin_block="500" data_block="{1500 + dev}" time="1"/>',
+            "  </device>",
+        ]
         devs.append(pg.Device(dev, shared + [(500, 1500 + dev, 1)], creation_time=0, snap_time=1))
     lines.append("</superblock>")
     xml = "\n".join(lines) + "\n"
@@ -211,8 +248,9 @@ def test_def_ref_dump_expands(tmp_path, tools11, tools09):
         oracles.restore(xml, tmp_path / "m09", tools09)
 
 
-def test_session_fixtures(tools11, tools09, empty_pool_meta, thins3_meta, multilevel_meta,
-                          snapshot_meta, overflow_meta):
+def test_session_fixtures(
+    tools11, tools09, empty_pool_meta, thins3_meta, multilevel_meta, snapshot_meta, overflow_meta
+):
     for rp in (empty_pool_meta, thins3_meta, multilevel_meta, snapshot_meta, overflow_meta):
         for t in (tools11, tools09):
             assert oracles.check(rp.path, t)[0] == 0
@@ -282,7 +320,7 @@ def test_damage_vs_thin_check(tmp_path, tools11, tools09, damage_cases, kind):
     d = damage_cases[kind]
     path = tmp_path / "d.meta"
     path.write_bytes(d.data)
-    for t, rejected in zip((tools11, tools09), EXPECTED[kind]):
+    for t, rejected in zip((tools11, tools09), EXPECTED[kind], strict=True):
         rc, out, err = oracles.check(path, t, timeout=60)
         want = t.fail_rc if rejected else 0
         assert rc == want, f"{t} on {d.description}: rc {rc}, want {want}\n{err[-1500:]}"
@@ -303,7 +341,7 @@ def test_block_type_scan(multilevel_meta):
     types = dm.scan(meta)
     mm = dm.MetaMap(meta)
     assert types[0] == "superblock" and types[mm.meta_index] == "index"
-    for b, role in mm.bitmaps.items():
+    for b in mm.bitmaps:
         assert types[b] == "bitmap"
     for n in mm.nodes.values():
         assert types[n.block] == ("btree_internal" if n.internal else "btree_leaf")
