@@ -1,0 +1,108 @@
+"""`dmimage vm`: run things in a throw-away QEMU guest with a real device-mapper kernel.
+
+    dmimage vm run [--kernel K] [--disk PATH[:ro]]... -- CMD...
+    dmimage vm kernels
+
+The guest is the vmtests appliance (busybox, dmsetup, dm-thin-pool); see docs/vm.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+
+def _parse_disk(spec: str) -> tuple[str, bool]:
+    path, sep, mode = spec.rpartition(":")
+    if sep and mode in ("ro", "rw"):
+        return path, mode == "ro"
+    return spec, False
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from dmimage.errors import UsageError
+    from vmtests.kernels import kernel_by_name
+    from vmtests.machine import Machine
+
+    command = list(args.guest_command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise UsageError("no guest command given (dmimage vm run [...] -- CMD)")
+    kernel = kernel_by_name(args.kernel)
+    disks = [_parse_disk(s) for s in args.disk]
+    with Machine(kernel, memory_mb=args.memory) as vm:
+        if args.verbose:
+            print(f"dmimage vm: {kernel} booted in {vm.boot_time:.2f} s ({vm.accel})",
+                  file=sys.stderr)
+        exports = []
+        for i, (path, ro) in enumerate(disks):
+            d = vm.attach(path, read_only=ro)
+            exports.append(f"DISK{i}={shlex.quote(d.guest_path)}")
+            if args.verbose:
+                print(f"dmimage vm: {path} -> {d.guest_path} ({'ro' if ro else 'rw'})",
+                      file=sys.stderr)
+        script = " ".join(command)
+        if exports:
+            script = "export " + " ".join(exports) + "\n" + script
+        res = vm.run(script, timeout=args.timeout)
+        sys.stdout.buffer.write(res.stdout)
+        sys.stdout.flush()
+        sys.stderr.buffer.write(res.stderr)
+        sys.stderr.flush()
+        if res.timed_out:
+            print(f"dmimage vm: guest command timed out after {args.timeout} s",
+                  file=sys.stderr)
+        if args.dmesg:
+            sys.stderr.write(vm.dmesg())
+        if args.check_dmesg:
+            vm.check_dmesg(since_last=False)
+        for d in vm.disks:
+            vm.detach(d)
+        return res.returncode
+
+
+def cmd_kernels(args: argparse.Namespace) -> int:
+    from vmtests.kernels import KNOWN, KernelNotFound, kernel_by_name
+
+    status = 0
+    for name in KNOWN:
+        try:
+            k = kernel_by_name(name, fetch=args.fetch)
+            print(f"{name}\t{k.version}\t{k.vmlinuz}")
+        except KernelNotFound as exc:
+            print(f"{name}\t-\t{exc}")
+            status = 1 if args.fetch else status
+    return status
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("vm", help="run commands in a QEMU guest with a real dm kernel",
+                              description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="vm_command", metavar="VMCOMMAND")
+    sub.required = True
+
+    r = sub.add_parser("run", help="boot, attach disks, run a shell command, print its output, "
+                                   "exit with its status")
+    r.add_argument("--kernel", default="deb12",
+                   help="guest kernel: deb12 (installed), deb13 (fetched on demand), or a "
+                        "vmlinuz path (default: deb12)")
+    r.add_argument("--disk", action="append", default=[], metavar="PATH[:ro]",
+                   help="attach a file as a virtio disk (read-write unless :ro); the guest "
+                        "command sees its device as $DISK0, $DISK1, ... (repeatable)")
+    r.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds before the guest command is killed (default 300)")
+    r.add_argument("--memory", type=int, default=256, help="guest RAM in MiB (default 256)")
+    r.add_argument("--dmesg", action="store_true", help="print the guest kernel log afterwards")
+    r.add_argument("--check-dmesg", action="store_true",
+                   help="fail (exit 2) if the guest kernel logged a BUG/WARNING/Call Trace")
+    r.add_argument("-v", "--verbose", action="store_true", help="report boot time and disks")
+    r.add_argument("guest_command", nargs=argparse.REMAINDER, metavar="CMD",
+                   help="-- CMD...: run with sh in the guest")
+    r.set_defaults(func=cmd_run)
+
+    k = sub.add_parser("kernels", help="list the guest kernels and where they are")
+    k.add_argument("--fetch", action="store_true", help="fetch Debian 13's kernel if missing")
+    k.set_defaults(func=cmd_kernels)
