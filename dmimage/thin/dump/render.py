@@ -15,7 +15,7 @@ import numpy as np
 U64 = np.dtype("<u8")
 _P10 = [10**k for k in range(20)]
 #: Rows per batch: bounds the temporary matrix (rows × line width bytes).
-CHUNK_ROWS = 1 << 14
+CHUNK_ROWS = 1 << 15
 
 
 def _width(col: np.ndarray) -> int:
@@ -174,25 +174,48 @@ class Document:
             self._blocks.append(r)
 
     def chunks(self):
-        """Yield the document as bytes-like chunks (numpy slices for the mapping blocks)."""
+        """Yield the document as bytes-like chunks, rendering the mapping rows in batches of
+        about CHUNK_ROWS (whatever the block sizes), so memory stays small and many tiny
+        blocks cost no more than a few big ones."""
         blocks = self._blocks
-        if blocks:
-            if len(blocks) == 1:
-                cols = [blocks[0].origin_begin, blocks[0].data_begin, blocks[0].length,
-                        blocks[0].time]
-            else:
-                cols = [np.concatenate([getattr(b, f) for b in blocks]) for f in
-                        ("origin_begin", "data_begin", "length", "time")]
-            data, lengths = self._render(*cols, len(blocks) > 1)
-            if len(blocks) > 1:
-                offs = split_offsets(lengths, [len(b) for b in blocks])
-            else:
-                offs = [0, len(data)]
-        for p in self.pieces:
-            if isinstance(p, bytes):
-                yield p
-            else:
-                yield memoryview(data[offs[p]:offs[p + 1]])
+        if not blocks:
+            yield from self.pieces  # type: ignore[misc]
+            return
+        if len(blocks) == 1:
+            cols = [blocks[0].origin_begin, blocks[0].data_begin, blocks[0].length,
+                    blocks[0].time]
+        else:
+            cols = [np.concatenate([getattr(b, f) for b in blocks]) for f in
+                    ("origin_begin", "data_begin", "length", "time")]
+        # Row index where each block ends; literal pieces sit between blocks.
+        ends = np.cumsum([len(b) for b in blocks]).tolist()
+        total = ends[-1]
+        pieces = self.pieces
+        pi = 0
+        # literals before the first block
+        while pi < len(pieces) and isinstance(pieces[pi], bytes):
+            yield pieces[pi]
+            pi += 1
+        bi = 0  # the block whose rows come next
+        nblocks = len(ends)
+        for s in range(0, total, CHUNK_ROWS):
+            e = min(total, s + CHUNK_ROWS)
+            inner = ends[bi] < e  # a block ends inside this batch: need row offsets
+            data, lengths = self._render(*(c[s:e] for c in cols), inner)
+            offs = np.cumsum(lengths) if inner else None
+            pos = 0
+            while bi < nblocks and ends[bi] <= e:
+                off = len(data) if ends[bi] == e else int(offs[ends[bi] - s - 1])
+                if off > pos:
+                    yield memoryview(data[pos:off])
+                pos = off
+                bi += 1
+                pi += 1  # the block's own piece
+                while pi < len(pieces) and isinstance(pieces[pi], bytes):
+                    yield pieces[pi]
+                    pi += 1
+            if pos < len(data):
+                yield memoryview(data[pos:])
 
     def write_to(self, out) -> None:
         for c in self.chunks():
