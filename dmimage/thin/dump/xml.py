@@ -214,8 +214,18 @@ class _XmlParser:
         if tag == "single_mapping":
             if cur is None:
                 raise self.err("<single_mapping> outside <device> or <def>")
-            if len(a) != 3:
-                self.check_attrs(tag, a, _SINGLE)
+            try:  # fast path; the checked path below explains any problem
+                if len(a) != 3:
+                    raise KeyError
+                o, d, t = int(a["origin_block"]), int(a["data_block"]), int(a["time"])
+                cur.o.append(o)
+                cur.d.append(d)
+                cur.t.append(t)
+                cur.n.append(1)
+                return
+            except (KeyError, ValueError, OverflowError):
+                del cur.o[len(cur.n):], cur.d[len(cur.n):], cur.t[len(cur.n):]
+            self.check_attrs(tag, a, _SINGLE)
             cur.o.append(self.num(tag, a, "origin_block"))
             cur.d.append(self.num(tag, a, "data_block"))
             cur.n.append(1)
