@@ -179,6 +179,8 @@ def test_hotplug_read_back(dm_vm, vm_disk, tmp_path):
     assert int(dm_vm.sh(f"blockdev --getsize64 {d.guest_path}")) == (size + 511) // 512 * 512
     d_sha = hashlib.sha256(img.read_bytes()).hexdigest()
     assert dm_vm.sha256_of(d.guest_path, size) == d_sha
+    assert dm_vm.read_bytes(d.guest_path, size - 4, 4) == b"tail"
+    assert dm_vm.read_bytes(d.guest_path, 1000, 16) == img.read_bytes()[1000:1016]
     t = time.monotonic()
     dm_vm.detach(d)
     detach_s = time.monotonic() - t
@@ -305,6 +307,7 @@ def test_dead_qemu_is_a_clear_error_and_context_manager_cleans_up():
             vm.run("echo hi", timeout=5)
         assert "QEMU exited" in str(ei.value)
     assert _pid_gone(pid)
+    shutil.rmtree(vm.rundir, ignore_errors=True)  # kept for inspection after a failure
     vm2 = _own_machine()
     with vm2:
         pid2 = vm2.pid
