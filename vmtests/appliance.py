@@ -309,8 +309,9 @@ def build_initramfs(moddir: Path | str, *, cache_dir: Path | None = None,
     h.update(INIT_SCRIPT.encode() + AGENT_SCRIPT.encode())
     h.update(b"gz" if compress else b"raw")
     for p in [busybox, dmsetup, *map(Path, libs), *(moddir / m for m in mods)]:
-        st = os.stat(p)  # follows symlinks: the content that will be copied
-        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        data = Path(p).read_bytes()  # follows symlinks: the content that will be copied
+        h.update(f"{p}\0{len(data)}\0".encode())
+        h.update(data)
     digest = h.hexdigest()[:20]
 
     cache = (cache_dir or cache_root()) / "appliance"

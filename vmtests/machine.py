@@ -413,9 +413,13 @@ class Machine:
         self.close()
 
     # -- QMP ---------------------------------------------------------------------------------
-    def qmp(self, command: str, timeout: float = 30.0, **args: Any) -> Any:
-        """Execute a QMP command; errors become ``QMPCommandError``."""
+    def qmp(self, command: str, arguments: dict[str, Any] | None = None, /, *,
+            timeout: float = 30.0, **kwargs: Any) -> Any:
+        """Execute a QMP command with *arguments* (a dict, for names like ``node-name``) and/or
+        keyword arguments; errors become ``QMPCommandError``."""
         from qemu.qmp import ExecuteError
+
+        args = {**(arguments or {}), **kwargs}
 
         self._health()
         assert self._qmp is not None
@@ -507,13 +511,14 @@ class Machine:
         if len(serial) > 20:
             raise HotplugError(f"serial {serial!r} longer than virtio-blk's 20 bytes")
         node, dev = f"dmimage-node{n}", f"dmimage-disk{n}"
-        self.qmp("blockdev-add", driver="raw", **{"node-name": node, "read-only": read_only},
-                 file={"driver": "file", "filename": str(host), "read-only": read_only})
+        self.qmp("blockdev-add", {"driver": "raw", "node-name": node, "read-only": read_only,
+                                  "file": {"driver": "file", "filename": str(host),
+                                           "read-only": read_only}})
         try:
             self.qmp("device_add", driver="virtio-blk-pci", id=dev, drive=node, serial=serial)
         except BaseException:
             with contextlib.suppress(Exception):
-                self.qmp("blockdev-del", **{"node-name": node})
+                self.qmp("blockdev-del", {"node-name": node})
             raise
         disk = Disk(host, "", serial, dev, node, read_only)
         self._disks[dev] = disk
@@ -544,7 +549,7 @@ class Machine:
             raise HotplugError(f"guest did not release disk {disk.serial} within {timeout} s",
                                console_tail=exc.console_tail, log_path=exc.log_path) from None
         del self._disks[disk.device_id]
-        self.qmp("blockdev-del", **{"node-name": disk.node_name})
+        self.qmp("blockdev-del", {"node-name": disk.node_name})
 
     @contextlib.contextmanager
     def disk(self, path: str | os.PathLike, *, read_only: bool = True, serial: str | None = None,

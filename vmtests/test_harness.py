@@ -6,6 +6,7 @@ machine (deb12 only).
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import os
@@ -69,6 +70,36 @@ def test_cpio_writer_round_trip(tool, tmp_path):
 
 def test_cpio_writer_is_deterministic():
     assert _sample_cpio() == _sample_cpio()
+
+
+def test_appliance_contents(tmp_path, monkeypatch):
+    from vmtests.appliance import ApplianceError, build_initramfs
+    from vmtests.kernels import KernelNotFound, debian12
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    try:
+        kernel = debian12()
+        app = build_initramfs(kernel.moddir, compress=True)
+    except (KernelNotFound, ApplianceError) as exc:
+        pytest.skip(str(exc))
+    assert app.path.is_relative_to(tmp_path / "dmimage" / "appliance")
+    assert build_initramfs(kernel.moddir, compress=True).path == app.path  # cached
+    listing = subprocess.run(["cpio", "-t"], input=gzip.decompress(app.path.read_bytes()),
+                             capture_output=True, check=True).stdout.decode().split()
+    for name in ("init", "agent", "bin/busybox", "bin/sh", "sbin/dmsetup", "dev/console",
+                 "lib/modules/dm-thin-pool.ko", "etc/modules.order"):
+        assert name in listing
+    assert any(n.startswith("lib64/ld-linux") for n in listing)
+    assert app.modules.index("dm-mod.ko") < app.modules.index("dm-thin-pool.ko")
+
+
+def test_cli_disk_spec():
+    from dmimage.cli.vm import _parse_disk
+
+    assert _parse_disk("a.img") == ("a.img", False)
+    assert _parse_disk("a.img:ro") == ("a.img", True)
+    assert _parse_disk("/x:y/a.img:rw") == ("/x:y/a.img", False)
+    assert _parse_disk("/x:y/a.img") == ("/x:y/a.img", False)
 
 
 def test_module_order_from_modules_dep(tmp_path):
