@@ -354,18 +354,19 @@ def test_no_orphan_qemu_when_python_is_killed(tmp_path):
             from vmtests.kernels import kernel_by_name
             from vmtests.machine import Machine
             vm = Machine(kernel_by_name("deb12")).start()
-            print(vm.pid, flush=True)
+            print(vm.pid, vm.rundir, flush=True)
             time.sleep(600)
             """)],
         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent)
     try:
-        line = child.stdout.readline()
-        assert line.strip().isdigit(), "child did not boot a machine"
-        qemu_pid = int(line)
+        line = child.stdout.readline().split()
+        assert line and line[0].isdigit(), "child did not boot a machine"
+        qemu_pid, rundir = int(line[0]), line[1]
         os.kill(qemu_pid, 0)
         child.kill()  # SIGKILL: no atexit, no finally; only the parent-death signal is left
         child.wait(10)
         assert _pid_gone(qemu_pid), "QEMU outlived its killed parent"
+        shutil.rmtree(rundir, ignore_errors=True)
     finally:
         if child.poll() is None:
             child.kill()
