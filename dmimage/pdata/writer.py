@@ -547,7 +547,7 @@ class SparseCounts:
         neg = [p for p, s in self._parts if s < 0]
         allp = np.concatenate(pos) if pos else np.empty(0, U64)
         if self.nr_blocks <= max(1 << 24, 4 * len(allp)):
-            c = np.bincount(allp.astype(np.int64), minlength=self.nr_blocks).astype(np.int64)
+            c = np.bincount(allp.astype(np.int64), minlength=self.nr_blocks)
             if neg:
                 c -= np.bincount(np.concatenate(neg).astype(np.int64), minlength=self.nr_blocks)
             blocks = np.flatnonzero(c)

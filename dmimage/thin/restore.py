@@ -570,7 +570,9 @@ def _fast_xml(data: bytes) -> PoolIR:
                 if end < 0:
                     raise _NotCanonical
                 body = data[pos:end]
-                if body.find(b"<ref") >= 0:
+                if _singles_chunk(b, body):
+                    pass
+                elif body.find(b"<ref") >= 0:
                     inner = pos
                     for r in _TAG_AT.finditer(data, pos, end):
                         _fast_chunk(b, data[inner:r.start()])
@@ -588,55 +590,64 @@ def _fast_xml(data: bytes) -> PoolIR:
     return b.result()
 
 
-def _fast_chunk(b: _IRBuilder, chunk: bytes) -> None:
-    """The mapping elements between two structural tags, as numbers in bulk."""
-    if not chunk.strip():
-        return
-    first = chunk.find(b"<")
-    if first < 0:
-        raise _NotCanonical
-    if chunk.find(b"<range_mapping", first) < 0:
-        # only single mappings: the digit-free text must repeat one line exactly
-        rest = chunk.translate(None, _DIGITS)
-        unit = rest[: rest.index(b">") + 1]
-        if not unit.lstrip(_WS) == _SINGLE_T:
-            raise _NotCanonical
-        cnt = len(rest) // len(unit)
-        if rest[:cnt * len(unit)] != unit * cnt or rest[cnt * len(unit):].strip(_WS):
-            raise _NotCanonical
-        arr = np.fromstring(chunk.translate(_KEEP), dtype=np.int64, sep=" ")
-        if len(arr) != 3 * cnt or (cnt and int(arr.max()) == np.iinfo(np.int64).max):
-            raise _NotCanonical
-        arr = arr.reshape(cnt, 3)
-        origin = arr[:, 0].astype(U64)
-        data_b = arr[:, 1].astype(U64)
-        length = np.ones(cnt, U64)
-        time = arr[:, 2]
-    else:
-        rest = chunk.translate(None, _DIGITS).replace(_SINGLE_T, b"").replace(_RANGE_T, b"")
-        if rest.translate(None, _WS):
-            raise _NotCanonical
-        text = chunk.replace(b"<single_mapping", b" -1 ").replace(b"<range_mapping", b" -2 ")
-        arr = np.fromstring(text.translate(_KEEP), dtype=np.int64, sep=" ")
-        if len(arr) and int(arr.max()) == np.iinfo(np.int64).max:
-            raise _NotCanonical  # a value saturated: let the exact parser handle it
-        marks = np.flatnonzero(arr < 0)
-        if not len(marks):
-            return
-        kind = arr[marks]
-        reclen = np.diff(np.append(marks, len(arr)))
-        if marks[0] != 0 or not bool(np.all(reclen == np.where(kind == -1, 4, 5))):
-            raise _NotCanonical
-        single = kind == -1
-        origin = arr[marks + 1].astype(U64)
-        data_b = arr[marks + 2].astype(U64)
-        length = np.where(single, 1, arr[np.minimum(marks + 3, len(arr) - 1)]).astype(U64)
-        time = arr[marks + np.where(single, 3, 4)]
+def _singles_chunk(b: _IRBuilder, chunk: bytes) -> bool:
+    """The common body: only single mappings, one per line, laid out identically. Its
+    digit-free text is one line repeated; False (nothing consumed) for anything else."""
+    rest = chunk.translate(None, _DIGITS)
+    gt = rest.find(b">")
+    if gt < 0:
+        return not rest or rest.isspace()
+    unit = rest[:gt + 1]
+    if unit.lstrip(_WS) != _SINGLE_T:
+        return False
+    cnt = len(rest) // len(unit)
+    tail = rest[cnt * len(unit):]
+    if (tail and not tail.isspace()) or rest[:cnt * len(unit)] != unit * cnt:
+        return False
+    arr = np.fromstring(chunk.translate(_KEEP), dtype=np.int64, sep=" ")
+    if len(arr) != 3 * cnt or (cnt and int(arr.max()) == np.iinfo(np.int64).max):
+        return False
+    arr = arr.reshape(cnt, 3)
+    _add_mappings(b, arr[:, 0].astype(U64), arr[:, 1].astype(U64), np.ones(cnt, U64),
+                  arr[:, 2])
+    return True
+
+
+def _add_mappings(b: _IRBuilder, origin: np.ndarray, data_b: np.ndarray, length: np.ndarray,
+                  time: np.ndarray) -> None:
     if len(time) and int(time.max()) > (1 << 32) - 1:
         i = int(np.argmax(time > (1 << 32) - 1))
         raise InputError(f"mapping time {int(time[i])} does not fit 24 bits "
                          f"(virtual block {int(origin[i])})")
     b.mappings(Runs(origin, data_b, length, time.astype(U32)))
+
+
+def _fast_chunk(b: _IRBuilder, chunk: bytes) -> None:
+    """The mapping elements between two structural tags, as numbers in bulk."""
+    if not chunk or chunk.isspace():
+        return
+    if _singles_chunk(b, chunk):
+        return
+    rest = chunk.translate(None, _DIGITS).replace(_SINGLE_T, b"").replace(_RANGE_T, b"")
+    if rest.translate(None, _WS):
+        raise _NotCanonical
+    text = chunk.replace(b"<single_mapping", b" -1 ").replace(b"<range_mapping", b" -2 ")
+    arr = np.fromstring(text.translate(_KEEP), dtype=np.int64, sep=" ")
+    if len(arr) and int(arr.max()) == np.iinfo(np.int64).max:
+        raise _NotCanonical  # a value saturated: let the exact parser handle it
+    marks = np.flatnonzero(arr < 0)
+    if not len(marks):
+        return
+    kind = arr[marks]
+    reclen = np.diff(np.append(marks, len(arr)))
+    if marks[0] != 0 or not bool(np.all(reclen == np.where(kind == -1, 4, 5))):
+        raise _NotCanonical
+    single = kind == -1
+    origin = arr[marks + 1].astype(U64)
+    data_b = arr[marks + 2].astype(U64)
+    length = np.where(single, 1, arr[np.minimum(marks + 3, len(arr) - 1)]).astype(U64)
+    time = arr[marks + np.where(single, 3, 4)]
+    _add_mappings(b, origin, data_b, length, time)
 
 
 def _slow_xml(path: str | os.PathLike[str]) -> PoolIR:
