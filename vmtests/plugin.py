@@ -4,7 +4,8 @@
   (``--vm-kernels`` or ``$DMIMAGE_VM_KERNELS``, default deb12 plus deb13 when unpacked). One
   boot per kernel per session; scenarios hot-plug disks, never reboot.
 - ``vm_disk``: ``vm_disk(path, read_only=True) -> Disk``, detached when the test ends.
-- After every test that used ``dm_vm``: leftover disks are detached and the guest's kernel log
+- After every test that used ``dm_vm``: leftover dm devices are removed (with a warning),
+  leftover disks are detached and the guest's kernel log
   (lines since the previous test) must show no BUG/WARNING/Call Trace. Allow expected lines
   with ``@pytest.mark.vm(allow_dmesg=[regex, ...])``.
 
@@ -16,6 +17,7 @@ This module is loaded in every pytest run, so it imports the harness lazily.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import TYPE_CHECKING
 
 import pytest
@@ -130,6 +132,13 @@ def _dm_vm_guard(request: pytest.FixtureRequest):
     vm = cache.get(name) if name else None
     if vm is None or isinstance(vm, Exception) or not vm.alive:
         return
+    left = vm.run("dmsetup ls", timeout=30).out
+    if left.strip() and "No devices found" not in left:
+        # A test left dm devices behind: clear them so later tests start clean.
+        vm.run("dmsetup remove_all --force", timeout=60)
+        warnings.warn(f"{request.node.nodeid} left dm devices in the guest: "
+                      f"{' '.join(line.split()[0] for line in left.splitlines() if line)}",
+                      stacklevel=1)
     for d in vm.disks:
         vm.detach(d)
     marker = request.node.get_closest_marker("vm")

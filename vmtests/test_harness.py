@@ -371,3 +371,10 @@ def test_no_orphan_qemu_when_python_is_killed(tmp_path):
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+@pytest.mark.vm
+def test_zz_guard_sees_clean_guest(dm_vm):
+    # Runs after the other dm_vm tests of this kernel: nothing may be left behind.
+    assert dm_vm.disks == []
+    assert "No devices found" in dm_vm.run("dmsetup ls").out
