@@ -1,0 +1,344 @@
+"""Copy-on-write btrees over a transaction: the kernel's shadowing rules, offline.
+
+A :class:`Transaction` sees the last committed metadata through a read-only reader and keeps
+every node it changes in memory until commit. Its rules are the kernel's (thin-format.md §6):
+
+* a block may change in place only if this transaction allocated it; otherwise it is
+  *shadowed*: copied to a new block, the original's count drops by one and, if the original was
+  shared (count > 1), everything the copy references gains a reference;
+* allocation never reuses a block that is in use in the committed state, so the committed trees
+  stay intact on disk until the new superblock is written.
+
+Trees are described by a :class:`TreeKind` that says how leaf values hold references (mapping
+leaves hold data blocks, top-level leaves hold bottom-tree roots, others hold none). Nodes are
+small (at most 252 entries), so a changed node is kept as two Python lists.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dmimage.errors import DmimageError, MetadataError
+from dmimage.format.checksum import seal
+from dmimage.format.constants import (
+    BLOCK_SIZE,
+    BTREE_HEADER_SIZE,
+    BTREE_INTERNAL,
+    BTREE_LEAF,
+    max_entries,
+)
+from dmimage.format.layouts import BTREE_HEADER_STRUCT
+from dmimage.pdata.block import BlockReader
+from dmimage.pdata.btree import U64, read_node
+
+
+class OutOfSpaceError(DmimageError):
+    """No free block left in a space map (metadata or data)."""
+
+    exit_code = 1
+
+
+class SpaceAccount:
+    """Reference counts of one space map during a transaction.
+
+    ``committed_used`` marks blocks in use at the last commit: they are never handed out in this
+    transaction even if their count drops to zero (the committed state must survive a crash).
+    """
+
+    def __init__(self, counts: np.ndarray, what: str):
+        self.counts = counts.astype(np.uint32, copy=True)
+        self.committed_used = counts != 0
+        self.what = what
+        self.cursor = 0
+
+    @property
+    def nr_blocks(self) -> int:
+        return len(self.counts)
+
+    def alloc(self) -> int:
+        """The first free block from the cursor on, wrapping once; count becomes 1."""
+        free = (self.counts == 0) & ~self.committed_used
+        hits = np.flatnonzero(free[self.cursor:])
+        if len(hits):
+            b = self.cursor + int(hits[0])
+        else:
+            hits = np.flatnonzero(free[: self.cursor])
+            if not len(hits):
+                raise OutOfSpaceError(f"{self.what}: no free blocks left "
+                                      f"({self.nr_blocks} blocks)")
+            b = int(hits[0])
+        self.counts[b] = 1
+        self.cursor = b + 1
+        return b
+
+    def inc(self, b: int, by: int = 1) -> None:
+        self.counts[b] += by
+
+    def inc_many(self, blocks: np.ndarray) -> None:
+        if len(blocks):
+            np.add.at(self.counts, blocks.astype(np.int64), 1)
+
+    def dec(self, b: int) -> int:
+        """Drop one reference; return the new count."""
+        c = int(self.counts[b])
+        if c == 0:
+            raise MetadataError(f"{self.what}: reference count of block {b} would go below 0",
+                                block=b)
+        self.counts[b] = c - 1
+        return c - 1
+
+    def get(self, b: int) -> int:
+        return int(self.counts[b])
+
+
+@dataclass(slots=True)
+class MNode:
+    """A node being changed: lists of keys and values (ints, or bytes for wide values)."""
+
+    blocknr: int
+    is_leaf: bool
+    value_size: int
+    keys: list[int] = field(default_factory=list)
+    values: list = field(default_factory=list)
+
+    @property
+    def max_entries(self) -> int:
+        return max_entries(self.value_size)
+
+    def encode(self) -> bytearray:
+        out = bytearray(BLOCK_SIZE)
+        maxe = self.max_entries
+        nr = len(self.keys)
+        BTREE_HEADER_STRUCT.pack_into(out, 0, 0, BTREE_LEAF if self.is_leaf else BTREE_INTERNAL,
+                                      self.blocknr, nr, maxe, self.value_size, 0)
+        if nr:
+            out[BTREE_HEADER_SIZE : BTREE_HEADER_SIZE + 8 * nr] = np.asarray(
+                self.keys, dtype=U64).tobytes()
+            voff = BTREE_HEADER_SIZE + 8 * maxe
+            if self.value_size == 8 and not isinstance(self.values[0], bytes):
+                raw = np.asarray(self.values, dtype=U64).tobytes()
+            else:
+                raw = b"".join(self.values)
+            out[voff : voff + len(raw)] = raw
+        seal(out, 121107)
+        return out
+
+
+@dataclass(slots=True, frozen=True)
+class TreeKind:
+    """How a tree's leaves hold references: ``inc``/``dec`` are called per leaf value."""
+
+    name: str
+    value_size: int
+    #: True: values are u64 ints; False: raw bytes of value_size.
+    int_values: bool
+    inc: Callable[[Transaction, object], None] | None = None
+    dec: Callable[[Transaction, object], None] | None = None
+
+
+class Transaction:
+    """Changes to metadata not yet committed: dirty nodes and both space accounts."""
+
+    def __init__(self, reader: BlockReader, meta: SpaceAccount, data: SpaceAccount):
+        self.reader = reader
+        self.meta = meta
+        self.data = data
+        self.dirty: dict[int, MNode] = {}
+        self.fresh: set[int] = set()
+
+    # -- nodes ---------------------------------------------------------------------------
+    def load(self, b: int, kind: TreeKind) -> MNode:
+        """A node's current contents (the dirty copy if there is one). Do not modify."""
+        node = self.dirty.get(b)
+        if node is not None:
+            return node
+        n = read_node(self.reader, b, kind.value_size)
+        if n.is_leaf:
+            if kind.int_values:
+                values: list = n.values(U64).tolist()
+            else:
+                raw = bytes(n.raw_values)
+                vs = kind.value_size
+                values = [raw[i * vs : (i + 1) * vs] for i in range(n.nr_entries)]
+            return MNode(b, True, kind.value_size, n.keys.tolist(), values)
+        return MNode(b, False, 8, n.keys.tolist(), n.values(U64).tolist())
+
+    def new_node(self, is_leaf: bool, kind: TreeKind) -> MNode:
+        b = self.meta.alloc()
+        node = MNode(b, is_leaf, kind.value_size if is_leaf else 8)
+        self.dirty[b] = node
+        self.fresh.add(b)
+        return node
+
+    def shadow(self, b: int, kind: TreeKind) -> MNode:
+        """A writable version of node ``b`` (itself if fresh, else a copy at a new block)."""
+        if b in self.fresh:
+            return self.dirty[b]
+        src = self.load(b, kind)
+        node = self.new_node(src.is_leaf, kind)
+        node.keys = list(src.keys)
+        node.values = list(src.values)
+        if self.meta.dec(b) > 0:
+            self._inc_children(node, kind)
+        return node
+
+    def _inc_children(self, node: MNode, kind: TreeKind) -> None:
+        if not node.is_leaf:
+            for c in node.values:
+                self.meta.inc(c)
+        elif kind.inc is not None:
+            for v in node.values:
+                kind.inc(self, v)
+
+    def dec_tree(self, b: int, kind: TreeKind) -> None:
+        """Drop one reference to the subtree at ``b``; free what nobody else references."""
+        if self.meta.dec(b) > 0:
+            return
+        node = self.load(b, kind)
+        self.dirty.pop(b, None)
+        self.fresh.discard(b)
+        if not node.is_leaf:
+            for c in node.values:
+                self.dec_tree(c, kind)
+        elif kind.dec is not None:
+            for v in node.values:
+                kind.dec(self, v)
+
+    def free_node(self, node: MNode) -> None:
+        """Forget a fresh node whose entries moved elsewhere (no child references change)."""
+        self.meta.dec(node.blocknr)
+        self.dirty.pop(node.blocknr, None)
+        self.fresh.discard(node.blocknr)
+
+    # -- btree operations ----------------------------------------------------------------
+    def new_tree(self, kind: TreeKind) -> int:
+        return self.new_node(True, kind).blocknr
+
+    def lookup(self, root: int, key: int, kind: TreeKind) -> object | None:
+        b = root
+        while True:
+            node = self.load(b, kind)
+            i = bisect.bisect_right(node.keys, key) - 1
+            if node.is_leaf:
+                return node.values[i] if i >= 0 and node.keys[i] == key else None
+            if i < 0:
+                return None
+            b = node.values[i]
+
+    def insert(self, root: int, key: int, value: object, kind: TreeKind) -> tuple[int, object]:
+        """Insert or overwrite; return (new root, previous value or None).
+
+        Leaf value references are the caller's business (it knows whether the value changed).
+        """
+        node = self.shadow(root, kind)
+        old, split = self._insert(node, key, value, kind)
+        if split is None:
+            return node.blocknr, old
+        new_root = self.new_node(False, kind)
+        new_root.keys = [node.keys[0], split.keys[0]]
+        new_root.values = [node.blocknr, split.blocknr]
+        return new_root.blocknr, old
+
+    def _insert(self, node: MNode, key: int, value: object, kind: TreeKind
+                ) -> tuple[object, MNode | None]:
+        keys = node.keys
+        if node.is_leaf:
+            i = bisect.bisect_left(keys, key)
+            if i < len(keys) and keys[i] == key:
+                old = node.values[i]
+                node.values[i] = value
+                return old, None
+            keys.insert(i, key)
+            node.values.insert(i, value)
+            old = None
+        else:
+            i = bisect.bisect_right(keys, key) - 1
+            if i < 0:
+                i = 0
+                keys[0] = key  # the kernel lowers the first key for a new minimum
+            child = self.shadow(node.values[i], kind)
+            node.values[i] = child.blocknr
+            old, split = self._insert(child, key, value, kind)
+            if split is not None:
+                keys.insert(i + 1, split.keys[0])
+                node.values.insert(i + 1, split.blocknr)
+        if len(keys) <= node.max_entries:
+            return old, None
+        right = self.new_node(node.is_leaf, kind)
+        half = len(keys) // 2
+        right.keys, node.keys = keys[half:], keys[:half]
+        right.values, node.values = node.values[half:], node.values[:half]
+        return old, right
+
+    def remove(self, root: int, key: int, kind: TreeKind) -> tuple[int, object | None]:
+        """Remove ``key`` if present; return (new root, removed value or None)."""
+        if self.lookup(root, key, kind) is None:
+            return root, None
+        node = self.shadow(root, kind)
+        old = self._remove(node, key, kind)
+        b = node.blocknr
+        while True:  # an internal root left with one child hands the tree to that child
+            n = self.load(b, kind)
+            if n.is_leaf or len(n.keys) != 1:
+                return b, old
+            child = n.values[0]
+            if self.meta.dec(b) > 0:
+                self.meta.inc(child)
+            else:
+                self.dirty.pop(b, None)
+                self.fresh.discard(b)
+            b = child
+
+    def _remove(self, node: MNode, key: int, kind: TreeKind) -> object:
+        keys = node.keys
+        i = bisect.bisect_right(keys, key) - 1
+        if node.is_leaf:
+            del keys[i]
+            return node.values.pop(i)
+        child = self.shadow(node.values[i], kind)
+        node.values[i] = child.blocknr
+        old = self._remove(child, key, kind)
+        if len(child.keys) < child.max_entries // 3 and len(keys) > 1:
+            self._rebalance(node, i, kind)
+        return old
+
+    def _rebalance(self, parent: MNode, i: int, kind: TreeKind) -> None:
+        """Merge the underfull child i with a neighbour, or share entries evenly with it."""
+        j = i + 1 if i + 1 < len(parent.keys) else i - 1
+        li, ri = min(i, j), max(i, j)
+        left = self.shadow(parent.values[li], kind)
+        parent.values[li] = left.blocknr
+        right = self.shadow(parent.values[ri], kind)
+        parent.values[ri] = right.blocknr
+        total = len(left.keys) + len(right.keys)
+        if total <= left.max_entries:
+            left.keys += right.keys
+            left.values += right.values
+            right.keys, right.values = [], []
+            self.free_node(right)
+            del parent.keys[ri]
+            del parent.values[ri]
+            return
+        keys = left.keys + right.keys
+        values = left.values + right.values
+        half = total // 2
+        left.keys, right.keys = keys[:half], keys[half:]
+        left.values, right.values = values[:half], values[half:]
+        parent.keys[ri] = right.keys[0]
+
+    def items(self, root: int, kind: TreeKind) -> list[tuple[int, object]]:
+        """Every (key, value) in key order (current state)."""
+        node = self.load(root, kind)
+        if node.is_leaf:
+            return list(zip(node.keys, node.values, strict=True))
+        out: list[tuple[int, object]] = []
+        for c in node.values:
+            out.extend(self.items(c, kind))
+        return out
+
+    def encoded_dirty(self) -> list[tuple[int, bytearray]]:
+        return [(b, n.encode()) for b, n in sorted(self.dirty.items())]

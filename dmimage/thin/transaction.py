@@ -1,0 +1,546 @@
+"""Offline edits of a thin pool with the kernel's semantics: `WritablePool`.
+
+The operations are the pool messages (create_thin, create_snap, delete, set_transaction_id,
+reserve/release_metadata_snap) plus writes and discards through a thin device. Nothing reaches
+the metadata device before :meth:`WritablePool.commit`, which follows the kernel's order:
+every changed node and both space maps are written to blocks unused by the committed state,
+flushed, and only then is the superblock (block 0) written and flushed again. A crash at any
+point leaves either the old or the new pool.
+
+Allocation policy (docs/allocation.md): metadata and data blocks are handed out first-fit from
+a cursor that only moves forward within a transaction (wrapping once), skipping every block in
+use at the last commit, as the kernel's space maps do.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from types import TracebackType
+
+import numpy as np
+
+from dmimage.errors import DeviceError, DmimageError, MetadataError, UsageError
+from dmimage.format.checksum import seal
+from dmimage.format.constants import (
+    BLOCK_SIZE,
+    DEVICE_DETAILS_SIZE,
+    MAX_DEV_ID,
+    NEEDS_CHECK_FLAG,
+    SALT_SUPERBLOCK,
+    SECTOR_SIZE,
+    SUPERBLOCK_MAGIC,
+    SUPERBLOCK_VERSION,
+    TIME_BITS,
+    TIME_MASK,
+)
+from dmimage.format.layouts import Superblock as SuperblockLayout
+from dmimage.pdata.block import BlockReader
+from dmimage.pdata.cow import SpaceAccount, Transaction, TreeKind
+from dmimage.pdata.spacemap import SpaceMap, SpaceMapRoot
+from dmimage.pdata.writer import (
+    MetadataImage,
+    SpaceMapRootValues,
+    write_data_space_map,
+    write_metadata_space_map,
+)
+from dmimage.thin.pool import Pool, open_pool
+from dmimage.thin.superblock import Superblock, read_superblock
+
+_DETAILS = struct.Struct("<QQII")
+
+
+class PoolStateError(DmimageError):
+    """An operation the kernel would refuse in the pool's current state (exists, missing...)."""
+
+    exit_code = 1
+
+
+def _data_inc(tx: Transaction, v: object) -> None:
+    tx.data.inc(int(v) >> TIME_BITS)  # type: ignore[call-overload]
+
+
+def _data_dec(tx: Transaction, v: object) -> None:
+    tx.data.dec(int(v) >> TIME_BITS)  # type: ignore[call-overload]
+
+
+BOTTOM = TreeKind("mapping", 8, True, _data_inc, _data_dec)
+TOP = TreeKind("top-level mapping", 8, True,
+               lambda tx, v: tx.meta.inc(int(v)),  # type: ignore[call-overload]
+               lambda tx, v: tx.dec_tree(int(v), BOTTOM))  # type: ignore[call-overload]
+DETAILS = TreeKind("device details", DEVICE_DETAILS_SIZE, False)
+REF_COUNT = TreeKind("ref-count", 4, False)
+DATA_INDEX = TreeKind("data space map index", 16, False)
+
+
+@dataclass(slots=True)
+class Details:
+    mapped_blocks: int
+    transaction_id: int
+    creation_time: int
+    snapshotted_time: int
+
+    def pack(self) -> bytes:
+        return _DETAILS.pack(self.mapped_blocks, self.transaction_id, self.creation_time,
+                             self.snapshotted_time)
+
+
+class _TxImage(MetadataImage):
+    """A MetadataImage whose allocator is the transaction's (never reuses committed blocks)."""
+
+    def __init__(self, account: SpaceAccount):
+        super().__init__(account.nr_blocks)
+        self.counts = account.counts
+        self._allocated = account.counts > 0
+        self._account = account
+
+    def _alloc_locs(self, k: int) -> np.ndarray:
+        locs = np.array([self._account.alloc() for _ in range(k)], dtype=np.int64)
+        self._allocated[locs] = True
+        return locs
+
+    def _alloc_one(self) -> int:
+        return int(self._alloc_locs(1)[0])
+
+
+BlockWrite = Callable[[int, bytes], None]
+
+
+class WritablePool:
+    """A pool opened for offline changes. Use as a context manager; call :meth:`commit`."""
+
+    def __init__(self, metadata: str | os.PathLike[str], data: str | os.PathLike[str] | None = None):
+        self.path = os.fspath(metadata)
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise DeviceError(f"{self.path}: {exc.strerror}") from None
+        self._data_fd: int | None = None
+        self._pool: Pool | None = None
+        try:
+            if data is not None:
+                try:
+                    self._data_fd = os.open(data, os.O_RDWR | os.O_CLOEXEC)
+                except OSError as exc:
+                    raise DeviceError(f"{os.fspath(data)}: {exc.strerror}") from None
+            self._load()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- state ---------------------------------------------------------------------------
+    def _load(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+        self._pool = pool = open_pool(self.path)
+        sb = pool.superblock
+        if sb.incompat_flags or sb.compat_ro_flags:
+            raise MetadataError("feature flags set that the kernel cannot write with",
+                                block=0, field="incompat_flags/compat_ro_flags")
+        self.sb: Superblock = sb
+        self.reader: BlockReader = pool.reader
+        self._meta_sm: SpaceMap = pool.metadata_space_map()
+        self._data_sm: SpaceMap = pool.data_space_map()
+        meta_counts = np.zeros(min(self.reader.nr_blocks, sb.metadata_sm.nr_blocks), np.uint32)
+        meta_counts[:] = self._meta_sm.counts[: len(meta_counts)]
+        self.tx = Transaction(self.reader, SpaceAccount(meta_counts, "metadata space map"),
+                              SpaceAccount(self._data_sm.counts, "data space map"))
+        self.time = sb.time
+        self.trans_id = sb.trans_id
+        self.flags = sb.flags
+        self.held_root = sb.held_root
+        self.mapping_root = sb.data_mapping_root
+        self.details_root = sb.device_details_root
+        self.details: dict[int, Details] = {
+            d: Details(v.mapped_blocks, v.transaction_id, v.creation_time, v.snapshotted_time)
+            for d, v in pool.devices().items()}
+        pool.mapping_roots()  # validates that the two trees agree
+        self._changed_details: set[int] = set()
+        #: A snapshot reserved in this transaction: (block, its bytes, mapping root, details root).
+        self._new_held: tuple[int, bytes, int, int] | None = None
+        self._dirty = False
+
+    @property
+    def data_block_size(self) -> int:
+        return self.sb.data_block_size
+
+    @property
+    def block_bytes(self) -> int:
+        return self.sb.data_block_size * SECTOR_SIZE
+
+    @property
+    def nr_data_blocks(self) -> int:
+        return self.tx.data.nr_blocks
+
+    def _dev(self, dev: int) -> Details:
+        if dev not in self.details:
+            raise PoolStateError(f"thin device {dev} does not exist")
+        return self.details[dev]
+
+    def _touch(self, dev: int) -> None:
+        self._changed_details.add(dev)
+        self._dirty = True
+
+    # -- pool messages -------------------------------------------------------------------
+    def create_thin(self, dev: int) -> None:
+        self._check_new_id(dev)
+        root = self.tx.new_tree(BOTTOM)
+        self.mapping_root, _ = self.tx.insert(self.mapping_root, dev, root, TOP)
+        self.details[dev] = Details(0, self.trans_id, self.time, self.time)
+        self._touch(dev)
+
+    def create_snap(self, dev: int, origin: int) -> None:
+        self._check_new_id(dev)
+        o = self._dev(origin)
+        root = self.tx.lookup(self.mapping_root, origin, TOP)
+        if root is None:
+            raise MetadataError(f"device {origin} has details but no mapping tree")
+        self.tx.meta.inc(int(root))  # type: ignore[call-overload]
+        self.mapping_root, _ = self.tx.insert(self.mapping_root, dev, root, TOP)
+        self.time += 1
+        self.details[dev] = Details(o.mapped_blocks, self.trans_id, self.time, self.time)
+        o.snapshotted_time = self.time
+        self._touch(dev)
+        self._touch(origin)
+
+    def delete(self, dev: int) -> None:
+        self._dev(dev)
+        self.mapping_root, root = self.tx.remove(self.mapping_root, dev, TOP)
+        if root is not None:
+            self.tx.dec_tree(int(root), BOTTOM)  # type: ignore[call-overload]
+        del self.details[dev]
+        self._touch(dev)
+
+    def set_transaction_id(self, old: int, new: int) -> None:
+        if old != self.trans_id:
+            raise PoolStateError(f"transaction id is {self.trans_id}, not {old}")
+        self.trans_id = new
+        self._dirty = True
+
+    def reserve_metadata_snap(self) -> int:
+        """Freeze the current (committed) trees for readers; returns the copy's block."""
+        if self.held_root:
+            raise PoolStateError("a metadata snapshot is already held")
+        self.commit()
+        loc = self.tx.meta.alloc()
+        self.tx.meta.inc(self.mapping_root)
+        self.tx.meta.inc(self.details_root)
+        self.held_root = loc
+        self._new_held = (loc, self._superblock_bytes(loc, snapshot=True), self.mapping_root,
+                          self.details_root)
+        self._dirty = True
+        return loc
+
+    def release_metadata_snap(self) -> None:
+        if not self.held_root:
+            raise PoolStateError("no metadata snapshot is held")
+        if self._new_held and self._new_held[0] == self.held_root:
+            _, _, held_map, held_det = self._new_held
+            self._new_held = None
+        else:
+            held = read_superblock(self.reader, self.held_root)
+            held_map, held_det = held.data_mapping_root, held.device_details_root
+        self.tx.dec_tree(held_map, TOP)
+        self.tx.dec_tree(held_det, DETAILS)
+        self.tx.meta.dec(self.held_root)
+        self.held_root = 0
+        self._dirty = True
+
+    def message(self, text: str) -> None:
+        """Apply one `dmsetup message` string meant for a thin-pool target."""
+        words = text.split()
+        if not words:
+            raise UsageError("empty message")
+        op, args = words[0], words[1:]
+        table: dict[str, tuple[int, Callable[..., object]]] = {
+            "create_thin": (1, self.create_thin),
+            "create_snap": (2, self.create_snap),
+            "delete": (1, self.delete),
+            "set_transaction_id": (2, self.set_transaction_id),
+            "reserve_metadata_snap": (0, self.reserve_metadata_snap),
+            "release_metadata_snap": (0, self.release_metadata_snap),
+        }
+        if op not in table:
+            raise UsageError(f"unknown pool message {op!r} (known: {', '.join(table)})")
+        nargs, fn = table[op]
+        if len(args) != nargs:
+            raise UsageError(f"{op} takes {nargs} argument(s), got {len(args)}")
+        try:
+            ints = [int(a, 0) for a in args]
+        except ValueError:
+            raise UsageError(f"{op}: arguments must be integers: {' '.join(args)}") from None
+        fn(*ints)
+
+    def _check_new_id(self, dev: int) -> None:
+        if not 0 <= dev <= MAX_DEV_ID:
+            raise UsageError(f"thin id {dev} outside 0..{MAX_DEV_ID}")
+        if dev in self.details:
+            raise PoolStateError(f"thin device {dev} already exists")
+
+    # -- data path -----------------------------------------------------------------------
+    def _dev_root(self, dev: int) -> int:
+        self._dev(dev)
+        root = self.tx.lookup(self.mapping_root, dev, TOP)
+        assert root is not None
+        return int(root)  # type: ignore[call-overload]
+
+    def _set_root(self, dev: int, root: int) -> None:
+        self.mapping_root, _ = self.tx.insert(self.mapping_root, dev, root, TOP)
+
+    def _root_for_write(self, dev: int) -> int:
+        """The device's bottom root, after shadowing the top-level path to it.
+
+        The kernel shadows top-down: a top-level node shared with a metadata snapshot must be
+        copied first, so that the bottom root it references is seen as shared (count > 1) and
+        its own copy takes references on everything below.
+        """
+        root = self._dev_root(dev)
+        self._set_root(dev, root)
+        return root
+
+    def lookup(self, dev: int, vblock: int) -> tuple[int, int] | None:
+        """(data block, time) of a virtual block, or None if unmapped."""
+        v = self.tx.lookup(self._dev_root(dev), vblock, BOTTOM)
+        if v is None:
+            return None
+        v = int(v)  # type: ignore[call-overload]
+        return v >> TIME_BITS, v & TIME_MASK
+
+    def _need_data(self) -> int:
+        if self._data_fd is None:
+            raise UsageError("this operation needs the pool's data device")
+        return self._data_fd
+
+    def _read_data_block(self, block: int) -> bytes:
+        fd = self._need_data()
+        bs = self.block_bytes
+        buf = os.pread(fd, bs, block * bs)
+        if len(buf) != bs:
+            raise DeviceError(f"data device too short for data block {block}")
+        return buf
+
+    def _write_data(self, block: int, offset: int, buf: bytes) -> None:
+        fd = self._need_data()
+        n = os.pwrite(fd, buf, block * self.block_bytes + offset)
+        if n != len(buf):
+            raise DeviceError(f"short write to data block {block}")
+
+    def _is_shared(self, dev: int, block: int, time: int) -> bool:
+        # The kernel's rule (mapping older than the device's last snapshot), plus any block a
+        # second leaf references: writing such a block in place would change another device.
+        return time < self.details[dev].snapshotted_time or self.tx.data.get(block) > 1
+
+    def write(self, dev: int, offset: int, data: bytes) -> None:
+        """Write bytes through thin device ``dev`` at byte ``offset``, as the kernel would:
+        provision (zero-filled) blocks, break sharing by copying, overwrite private blocks."""
+        if offset < 0:
+            raise UsageError("offset must not be negative")
+        bs = self.block_bytes
+        pos = 0
+        root = self._root_for_write(dev)
+        d = self.details[dev]
+        while pos < len(data):
+            vblock, within = divmod(offset + pos, bs)
+            n = min(bs - within, len(data) - pos)
+            chunk = data[pos : pos + n]
+            found = self.tx.lookup(root, vblock, BOTTOM)
+            if found is not None:
+                old_block = int(found) >> TIME_BITS  # type: ignore[call-overload]
+                old_time = int(found) & TIME_MASK  # type: ignore[call-overload]
+                if not self._is_shared(dev, old_block, old_time):
+                    self._write_data(old_block, within, chunk)
+                    pos += n
+                    continue
+                base = self._read_data_block(old_block)
+            else:
+                base = bytes(bs)
+            new = self.tx.data.alloc()
+            content = base[:within] + chunk + base[within + n :] if n < bs else chunk
+            self._write_data(new, 0, content)
+            root, old = self.tx.insert(root, vblock, (new << TIME_BITS) | self.time, BOTTOM)
+            if old is None:
+                d.mapped_blocks += 1
+            else:
+                self.tx.data.dec(int(old) >> TIME_BITS)  # type: ignore[call-overload]
+            pos += n
+        self._set_root(dev, root)
+        self._touch(dev)
+
+    def discard(self, dev: int, offset: int, length: int) -> int:
+        """Unmap every block wholly inside [offset, offset+length); return how many."""
+        bs = self.block_bytes
+        first = -(-offset // bs)
+        end = (offset + length) // bs
+        root = self._root_for_write(dev)
+        d = self.details[dev]
+        count = 0
+        for vblock in self._mapped_in(root, first, end):
+            root, old = self.tx.remove(root, vblock, BOTTOM)
+            if old is not None:
+                self.tx.data.dec(int(old) >> TIME_BITS)  # type: ignore[call-overload]
+                d.mapped_blocks -= 1
+                count += 1
+        self._set_root(dev, root)
+        self._touch(dev)
+        return count
+
+    def _mapped_in(self, root: int, first: int, end: int) -> list[int]:
+        return [k for k, _ in self.tx.items(root, BOTTOM) if first <= k < end]
+
+    def read(self, dev: int, offset: int, length: int) -> bytes:
+        """Bytes of thin device ``dev`` as the kernel would return them (zeros if unmapped)."""
+        bs = self.block_bytes
+        out = bytearray(length)
+        root = self._dev_root(dev)
+        pos = 0
+        while pos < length:
+            vblock, within = divmod(offset + pos, bs)
+            n = min(bs - within, length - pos)
+            found = self.tx.lookup(root, vblock, BOTTOM)
+            if found is not None:
+                blk = self._read_data_block(int(found) >> TIME_BITS)  # type: ignore[call-overload]
+                out[pos : pos + n] = blk[within : within + n]
+            pos += n
+        return bytes(out)
+
+    def mappings(self, dev: int) -> dict[int, tuple[int, int]]:
+        return {k: (int(v) >> TIME_BITS, int(v) & TIME_MASK)  # type: ignore[call-overload]
+                for k, v in self.tx.items(self._dev_root(dev), BOTTOM)}
+
+    # -- commit --------------------------------------------------------------------------
+    def _superblock_bytes(self, location: int, *, snapshot: bool = False,
+                          data_root: SpaceMapRootValues | None = None,
+                          meta_root: SpaceMapRootValues | None = None) -> bytes:
+        zero_root = bytes(128)
+        block = bytearray(BLOCK_SIZE)
+        block[: SuperblockLayout.sizeof()] = SuperblockLayout.build(dict(
+            csum=0,
+            flags=self.flags,
+            blocknr=location,
+            uuid=bytes(16),
+            magic=SUPERBLOCK_MAGIC,
+            version=SUPERBLOCK_VERSION,
+            time=self.time,
+            trans_id=self.trans_id,
+            held_root=0 if snapshot else self.held_root,
+            data_space_map_root=zero_root if snapshot or data_root is None else data_root.pack(),
+            metadata_space_map_root=zero_root if snapshot or meta_root is None
+            else meta_root.pack(),
+            data_mapping_root=self.mapping_root,
+            device_details_root=self.details_root,
+            data_block_size=self.sb.data_block_size,
+            metadata_block_size=8,
+            metadata_nr_blocks=self.sb.metadata_nr_blocks,
+            compat_flags=self.sb.compat_flags,
+            compat_ro_flags=0,
+            incompat_flags=0,
+        ))
+        seal(block, SALT_SUPERBLOCK)
+        return bytes(block)
+
+    def _retire_space_maps(self) -> None:
+        """Drop the committed space maps' own blocks: the commit writes them afresh."""
+        tx = self.tx
+        meta = self._meta_sm
+        assert meta.index_block is not None
+        tx.meta.dec(meta.index_block)
+        for b in meta.index["blocknr"].tolist():
+            tx.meta.dec(b)
+        tx.dec_tree(meta.root.ref_count_root, REF_COUNT)
+        data = self._data_sm
+        for b in data.index["blocknr"].tolist():
+            tx.meta.dec(b)
+        tx.dec_tree(data.root.bitmap_root, DATA_INDEX)
+        tx.dec_tree(data.root.ref_count_root, REF_COUNT)
+
+    def commit(self, write_block: BlockWrite | None = None,
+               flush: Callable[[], None] | None = None) -> bool:
+        """Write the transaction crash-safely; return False if there was nothing to write.
+
+        ``write_block``/``flush`` replace the device I/O (tests inject crashes there).
+        """
+        if not self._dirty:
+            return False
+        tx = self.tx
+        for dev in sorted(self._changed_details):
+            if dev in self.details:
+                self.details_root, _ = tx.insert(self.details_root, dev,
+                                                 self.details[dev].pack(), DETAILS)
+            else:
+                self.details_root, _ = tx.remove(self.details_root, dev, DETAILS)
+        self._retire_space_maps()
+        image = _TxImage(tx.meta)
+        data_counts = tx.data.counts
+        nz = np.flatnonzero(data_counts)
+        data_root = write_data_space_map(image, tx.data.nr_blocks, nz.astype(np.uint64),
+                                         data_counts[nz].astype(np.int64))
+        # Node blocks must be known to the image before the metadata map is laid out.
+        blocks: list[tuple[int, bytes]] = [(b, bytes(buf)) for b, buf in tx.encoded_dirty()]
+        if self._new_held is not None:
+            blocks.append(self._new_held[:2])
+        meta_root = write_metadata_space_map(image)
+        for start, seg in image.segments():
+            for i in range(len(seg)):
+                blocks.append((start + i, seg[i].tobytes()))
+        sb = self._superblock_bytes(0, data_root=data_root, meta_root=meta_root)
+        write_block = write_block or self._pwrite_block
+        flush = flush or self._fsync
+        for b, buf in sorted(blocks):
+            if b == 0:
+                raise AssertionError("block 0 allocated to something other than the superblock")
+            write_block(b, buf)
+        flush()
+        write_block(0, sb)
+        flush()
+        if self._data_fd is not None:
+            os.fsync(self._data_fd)
+        self._load()
+        return True
+
+    def _pwrite_block(self, b: int, buf: bytes) -> None:
+        try:
+            if os.pwrite(self._fd, buf, b * BLOCK_SIZE) != len(buf):
+                raise DeviceError(f"{self.path}: short write at block {b}")
+        except OSError as exc:
+            raise DeviceError(f"{self.path}: write of block {b} failed: {exc.strerror}") from None
+
+    def _fsync(self) -> None:
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise DeviceError(f"{self.path}: fsync failed: {exc.strerror}") from None
+
+    def set_needs_check(self, value: bool) -> None:
+        self.flags = (self.flags | NEEDS_CHECK_FLAG) if value else (self.flags & ~NEEDS_CHECK_FLAG)
+        self._dirty = True
+
+    # -- lifetime ------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close without committing: the metadata device keeps its committed state."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+        for fd in (self._fd, self._data_fd):
+            if fd is not None and fd >= 0:
+                os.close(fd)
+        self._fd = -1
+        self._data_fd = None
+
+    def __enter__(self) -> WritablePool:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def open_writable(metadata: str | os.PathLike[str],
+                  data: str | os.PathLike[str] | None = None) -> WritablePool:
+    """Open a pool for offline edits (see :class:`WritablePool`)."""
+    return WritablePool(metadata, data)
+
+
+__all__ = ["WritablePool", "open_writable", "PoolStateError", "Details", "replace",
+           "SpaceMapRoot"]
