@@ -22,19 +22,41 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ignore-non-fatal-errors", action="store_true",
                    help="pass despite leaked blocks")
     p.add_argument("--json", action="store_true", help="print a JSON report on stdout")
+    p.add_argument("--clear-needs-check-flag", action="store_true",
+                   help="clear NEEDS_CHECK if the check passes (rewrites the superblock only)")
+    p.add_argument("--auto-repair", action="store_true",
+                   help="fix leaked blocks and wrong nr_allocated, clear NEEDS_CHECK (only if "
+                        "nothing fatal is wrong; space maps rewritten crash-safely)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    report = check_metadata(args.metadata, super_block_only=args.super_block_only,
-                            skip_mappings=args.skip_mappings, metadata_snap=args.metadata_snap)
+    actions: list[str] = []
+    if getattr(args, "auto_repair", False) or getattr(args, "clear_needs_check_flag", False):
+        from dmimage.errors import UsageError
+        from dmimage.thin.repair import fix_in_place
+
+        if args.super_block_only or args.skip_mappings:
+            raise UsageError("--auto-repair/--clear-needs-check-flag need a full check")
+        fixed = fix_in_place(args.metadata, auto_repair=args.auto_repair,
+                             clear_needs_check_flag=args.clear_needs_check_flag,
+                             ignore_non_fatal=args.ignore_non_fatal_errors)
+        report, actions = fixed.after, fixed.actions
+    else:
+        report = check_metadata(args.metadata, super_block_only=args.super_block_only,
+                                skip_mappings=args.skip_mappings,
+                                metadata_snap=args.metadata_snap)
     ok = report.ok(args.ignore_non_fatal_errors)
     if args.json:
         doc = report.to_json()
         doc["ok"] = ok
+        if actions:
+            doc["repairs"] = actions
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
     elif not args.quiet:
+        for a in actions:
+            print(f"{args.metadata}: {a}", file=sys.stderr)
         for p in report.problems:
             kind = "" if p.fatal else " (non-fatal)"
             print(f"{args.metadata}: {p}{kind}", file=sys.stderr)

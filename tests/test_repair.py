@@ -1,0 +1,130 @@
+"""Repair: `check --auto-repair` / `--clear-needs-check-flag` (in place, crash-safe) and
+`dmimage repair` / `dump --repair` (salvage into fresh metadata), with thin_check, thin_dump
+and thin_repair 1.1 as oracles."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+import damage
+import oracles
+import poolgen
+import semantic
+from dmimage.cli.main import main
+from dmimage.thin.check import check_metadata
+
+BLOCK = 4096
+
+
+def _write(path, data) -> str:
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+    return str(path)
+
+
+def _with_needs_check(raw: bytes | bytearray) -> bytearray:
+    out = bytearray(raw)
+    out[4] |= 1
+    damage.fix_checksum(out, 0, damage.SALT_SUPERBLOCK)
+    return out
+
+
+def _changed_blocks(a: bytes, b: bytes) -> list[int]:
+    n = min(len(a), len(b)) // BLOCK
+    av = np.frombuffer(a[: n * BLOCK], np.uint8).reshape(n, BLOCK)
+    bv = np.frombuffer(b[: n * BLOCK], np.uint8).reshape(n, BLOCK)
+    return np.flatnonzero((av != bv).any(axis=1)).tolist()
+
+
+# ------------------------------------------------------------------ in place: auto-repair
+
+
+@pytest.mark.parametrize("case", ["meta_leak", "nr_allocated_meta", "nr_allocated_data"])
+def test_auto_repair_fixes_like_thin_check_11(case, thins3_meta, tools11, tmp_path, capsys):
+    raw = thins3_meta.read()
+    d = {"meta_leak": lambda: damage.leaked_block(raw, 1),
+         "nr_allocated_meta": lambda: damage.wrong_nr_allocated(raw, "metadata"),
+         "nr_allocated_data": lambda: damage.wrong_nr_allocated(raw, "data")}[case]()
+    bad = _with_needs_check(d.data)
+    ours = _write(tmp_path / "ours.meta", bad)
+    theirs = _write(tmp_path / "theirs.meta", bad)
+    assert not check_metadata(ours).ok()
+    assert main(["check", "--auto-repair", ours]) == 0
+    assert oracles.check(theirs, tools11, "--auto-repair")[0] == 0
+    after = open(ours, "rb").read()
+    # clean for both checkers, no flag left, same pool as thin_check 1.1's repair
+    assert check_metadata(ours).ok()
+    assert oracles.check(ours, tools11)[0] == 0
+    assert oracles.dump(ours, tools11) == oracles.dump(theirs, tools11)
+    assert 'flags="1"' not in oracles.dump(ours, tools11)
+    # crash safety: nothing the committed state used was overwritten (block 0 aside)
+    old_counts = damage.meta_counts(bytes(bad))
+    used_before = damage.MetaMap(bytes(bad)).used_blocks()
+    for b in _changed_blocks(bytes(bad), after):
+        if b == 0:
+            continue
+        assert b not in used_before, f"block {b} of the committed state was overwritten"
+        assert b == d.block or old_counts[b] == 0 or case != "meta_leak"
+    capsys.readouterr()
+
+
+def test_auto_repair_frees_a_data_leak(thins3_meta, tools11, tmp_path):
+    raw = bytearray(thins3_meta.read())
+    mm = damage.MetaMap(bytes(raw))
+    counts = damage.data_counts(bytes(raw))
+    free = int(np.flatnonzero(counts == 0)[0])
+    bm = mm.data_bitmaps[free // 16320]
+    e = free % 16320
+    off = bm * BLOCK + 16 + 8 * (e // 32)
+    word = int.from_bytes(raw[off:off + 8], "little") | (1 << (2 * (e % 32) + 1))
+    raw[off:off + 8] = word.to_bytes(8, "little")
+    damage.fix_checksum(raw, bm, damage.SALT_BITMAP)
+    p = _write(tmp_path / "d.meta", raw)
+    rep = check_metadata(p)
+    assert rep.leaked_data_blocks == [free] and rep.ok(ignore_non_fatal=True)
+    assert oracles.check(p, tools11)[0] != 0
+    assert main(["check", "-q", "--auto-repair", p]) == 0
+    assert check_metadata(p).ok() and oracles.check(p, tools11)[0] == 0
+    semantic.assert_same_pool(semantic.parse_dump(oracles.dump(p, tools11)), thins3_meta.pool)
+
+
+def test_auto_repair_refuses_fatal_damage(thins3_meta, tmp_path):
+    d = damage.flip_byte(thins3_meta.read(), "btree_leaf")
+    bad = _with_needs_check(damage.leaked_block(bytes(d.data)).data)
+    p = _write(tmp_path / "f.meta", bad)
+    assert main(["check", "-q", "--auto-repair", p]) == 1
+    assert main(["check", "-q", "--clear-needs-check-flag", p]) == 1
+    assert open(p, "rb").read() == bytes(bad)
+
+
+def test_clear_needs_check_flag_rewrites_only_the_superblock(thins3_meta, tools11, tmp_path):
+    bad = _with_needs_check(thins3_meta.read())
+    p = _write(tmp_path / "n.meta", bad)
+    assert check_metadata(p).ok()  # the flag alone is not damage
+    assert main(["check", "-q", "--clear-needs-check-flag", p]) == 0
+    after = open(p, "rb").read()
+    assert _changed_blocks(bytes(bad), after) == [0]
+    assert after == bytes(thins3_meta.read())
+    theirs = _write(tmp_path / "t.meta", bad)
+    assert oracles.check(theirs, tools11, "--clear-needs-check-flag")[0] == 0
+    assert open(theirs, "rb").read()[:BLOCK] == after[:BLOCK]
+
+
+def test_clear_needs_check_flag_leaves_leaks_unless_ignored(thins3_meta, tmp_path):
+    bad = _with_needs_check(damage.leaked_block(thins3_meta.read()).data)
+    p = _write(tmp_path / "l.meta", bad)
+    assert main(["check", "-q", "--clear-needs-check-flag", p]) == 1
+    assert open(p, "rb").read() == bytes(bad)
+    assert main(["check", "-q", "--ignore-non-fatal-errors", "--clear-needs-check-flag", p]) == 0
+    after = open(p, "rb").read()
+    assert _changed_blocks(bytes(bad), after) == [0] and not after[4] & 1
+
+
+def test_nothing_to_do_writes_nothing(thins3_meta, tmp_path):
+    p = shutil.copy(thins3_meta.path, tmp_path / "c.meta")
+    before = open(p, "rb").read()
+    assert main(["check", "-q", "--auto-repair", "--clear-needs-check-flag", str(p)]) == 0
+    assert open(p, "rb").read() == before
