@@ -1,0 +1,310 @@
+"""Target types: each knows its constructor arguments and prints them as the kernel does.
+
+``params()`` reproduces the target's STATUSTYPE_TABLE output (what ``dmsetup table`` shows),
+byte for byte, so formatting a parsed canonical table gives the same text back. Arguments that
+the model cannot hold (wrong count, not a number, unknown feature) are refused here, at parse
+time; values the model can hold but the kernel refuses (block size 100) are left to
+:mod:`dmimage.table.validate`, so a table can be built, inspected and reported on whole.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from dmimage.table.errors import TableError
+from dmimage.table.kernel import POOL_FEATURES
+
+_DIGITS = re.compile(r"[0-9]+\Z")
+
+
+def split_args(params: str) -> list[str]:
+    """Split like the kernel's dm_split_args: whitespace separates, a backslash escapes.
+
+    Tokens keep their backslashes (``/dev/a\\ b`` stays one raw token) so they print back
+    unchanged.
+    """
+    out: list[str] = []
+    i, n = 0, len(params)
+    while True:
+        while i < n and params[i].isspace():
+            i += 1
+        if i >= n:
+            return out
+        start = i
+        while i < n and not params[i].isspace():
+            i += 2 if params[i] == "\\" and i + 1 < n else 1
+        out.append(params[start:min(i, n)])
+
+
+def parse_number(text: str, *, target: str | None, field: str, line: int | None,
+                 limit: int = (1 << 64) - 1) -> int:
+    """A plain decimal number, as every canonical table prints them."""
+    if not _DIGITS.match(text):
+        raise TableError(f"{text!r} is not a decimal number", line=line, field=field,
+                         target=target)
+    value = int(text)
+    if value > limit:
+        raise TableError(f"{value} does not fit (at most {limit})", line=line, field=field,
+                         target=target)
+    return value
+
+
+def _device(text: str, *, target: str, field: str, line: int | None) -> str:
+    if not text:
+        raise TableError("missing device", line=line, field=field, target=target)
+    return text
+
+
+def _count(args: Sequence[str], allowed: Callable[[int], bool], usage: str, *, target: str,
+           line: int | None) -> None:
+    if not allowed(len(args)):
+        raise TableError(f"{len(args)} arguments, expected {usage}", line=line, field="args",
+                         target=target)
+
+
+@dataclass(frozen=True)
+class Linear:
+    """``linear <dev> <offset>`` (dm-linear.c)."""
+
+    type_name: ClassVar[str] = "linear"
+    device: str
+    offset: int
+
+    @classmethod
+    def from_args(cls, args: Sequence[str], line: int | None = None) -> Linear:
+        t = cls.type_name
+        _count(args, lambda n: n == 2, "<dev> <offset>", target=t, line=line)
+        return cls(_device(args[0], target=t, field="device", line=line),
+                   parse_number(args[1], target=t, field="offset", line=line))
+
+    def params(self) -> str:
+        return f"{self.device} {self.offset}"
+
+    def devices(self) -> list[str]:
+        return [self.device]
+
+
+@dataclass(frozen=True)
+class Stripe:
+    """One ``<dev> <offset>`` pair of a striped target."""
+
+    device: str
+    offset: int
+
+
+@dataclass(frozen=True)
+class Striped:
+    """``striped <#stripes> <chunk_size> [<dev> <offset>]+`` (dm-stripe.c)."""
+
+    type_name: ClassVar[str] = "striped"
+    chunk_size: int
+    stripes: tuple[Stripe, ...]
+
+    @classmethod
+    def from_args(cls, args: Sequence[str], line: int | None = None) -> Striped:
+        t = cls.type_name
+        _count(args, lambda n: n >= 2, "<#stripes> <chunk_size> [<dev> <offset>]+",
+               target=t, line=line)
+        count = parse_number(args[0], target=t, field="stripes", line=line, limit=(1 << 32) - 1)
+        chunk = parse_number(args[1], target=t, field="chunk_size", line=line,
+                             limit=(1 << 32) - 1)
+        if len(args) != 2 + 2 * count:
+            raise TableError(f"{count} stripes need {2 * count} device arguments, got "
+                             f"{len(args) - 2} (dm-stripe.c: Not enough destinations specified)",
+                             line=line, field="stripes", target=t)
+        stripes = tuple(
+            Stripe(_device(args[i], target=t, field=f"stripe {k} device", line=line),
+                   parse_number(args[i + 1], target=t, field=f"stripe {k} offset", line=line))
+            for k, i in enumerate(range(2, len(args), 2))
+        )
+        return cls(chunk, stripes)
+
+    def params(self) -> str:
+        pairs = "".join(f" {s.device} {s.offset}" for s in self.stripes)
+        return f"{len(self.stripes)} {self.chunk_size}{pairs}"
+
+    def devices(self) -> list[str]:
+        return [s.device for s in self.stripes]
+
+
+@dataclass(frozen=True)
+class Zero:
+    """``zero`` (dm-zero.c: "No arguments required")."""
+
+    type_name: ClassVar[str] = "zero"
+
+    @classmethod
+    def from_args(cls, args: Sequence[str], line: int | None = None) -> Zero:
+        _count(args, lambda n: n == 0, "none", target=cls.type_name, line=line)
+        return cls()
+
+    def params(self) -> str:
+        return ""
+
+    def devices(self) -> list[str]:
+        return []
+
+
+@dataclass(frozen=True)
+class Error:
+    """``error`` with no arguments, or ``<dev> <offset>`` (newer kernels, for zoned limits)."""
+
+    type_name: ClassVar[str] = "error"
+    device: str | None = None
+    offset: int | None = None
+
+    @classmethod
+    def from_args(cls, args: Sequence[str], line: int | None = None) -> Error:
+        t = cls.type_name
+        _count(args, lambda n: n in (0, 2), "none or <dev> <offset>", target=t, line=line)
+        if not args:
+            return cls()
+        return cls(_device(args[0], target=t, field="device", line=line),
+                   parse_number(args[1], target=t, field="offset", line=line))
+
+    def params(self) -> str:
+        if self.device is None:
+            return ""
+        return f"{self.device} {self.offset}"
+
+    def devices(self) -> list[str]:
+        return [] if self.device is None else [self.device]
+
+
+@dataclass(frozen=True)
+class ThinPool:
+    """``thin-pool <metadata_dev> <data_dev> <block_size> <low_water_mark> [<#f> <f>*]``.
+
+    ``features`` is a set: the kernel keeps flags, not the order or repeats it was given, and
+    prints them back with their count in emit_flags() order, each followed by a space.
+    """
+
+    type_name: ClassVar[str] = "thin-pool"
+    metadata_dev: str
+    data_dev: str
+    data_block_size: int
+    low_water_mark: int
+    features: frozenset[str] = field(default_factory=frozenset)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.features) - set(POOL_FEATURES)
+        if unknown:
+            raise TableError(f"unknown feature {sorted(unknown)[0]!r} (known: "
+                             f"{', '.join(POOL_FEATURES)})", field="features",
+                             target=self.type_name)
+        object.__setattr__(self, "features", frozenset(self.features))
+
+    @classmethod
+    def from_args(cls, args: Sequence[str], line: int | None = None) -> ThinPool:
+        t = cls.type_name
+        _count(args, lambda n: n >= 4, "<metadata_dev> <data_dev> <data_block_size> "
+               "<low_water_mark> [<#feature_args> [<arg>]*]", target=t, line=line)
+        block = parse_number(args[2], target=t, field="data_block_size", line=line)
+        lwm = parse_number(args[3], target=t, field="low_water_mark", line=line)
+        features: set[str] = set()
+        if len(args) > 4:
+            count = parse_number(args[4], target=t, field="#feature_args", line=line,
+                                 limit=(1 << 32) - 1)
+            rest = args[5:]
+            if count != len(rest):
+                # fewer: the kernel refuses; more: it silently ignores the extra words.
+                raise TableError(f"count says {count} feature arguments, {len(rest)} follow",
+                                 line=line, field="#feature_args", target=t)
+            for word in rest:
+                name = word.lower()  # parse_pool_features() uses strcasecmp
+                if name not in POOL_FEATURES:
+                    raise TableError(f"unknown feature {word!r} (dm-thin.c: Unrecognised pool "
+                                     "feature requested)", line=line, field="features",
+                                     target=t)
+                features.add(name)
+        return cls(_device(args[0], target=t, field="metadata_dev", line=line),
+                   _device(args[1], target=t, field="data_dev", line=line), block, lwm,
+                   frozenset(features))
+
+    def ordered_features(self) -> list[str]:
+        """The features in the order the kernel prints them."""
+        return [f for f in POOL_FEATURES if f in self.features]
+
+    def params(self) -> str:
+        flags = "".join(f"{f} " for f in self.ordered_features())
+        return (f"{self.metadata_dev} {self.data_dev} {self.data_block_size} "
+                f"{self.low_water_mark} {len(self.features)} {flags}")
+
+    def devices(self) -> list[str]:
+        return [self.metadata_dev, self.data_dev]
+
+
+@dataclass(frozen=True)
+class Thin:
+    """``thin <pool_dev> <dev_id> [<external_origin_dev>]`` (dm-thin.c thin_ctr)."""
+
+    type_name: ClassVar[str] = "thin"
+    pool_dev: str
+    dev_id: int
+    external_origin_dev: str | None = None
+
+    @classmethod
+    def from_args(cls, args: Sequence[str], line: int | None = None) -> Thin:
+        t = cls.type_name
+        _count(args, lambda n: n in (2, 3), "<pool_dev> <dev_id> [<external_origin_dev>]",
+               target=t, line=line)
+        origin = (_device(args[2], target=t, field="external_origin_dev", line=line)
+                  if len(args) == 3 else None)
+        return cls(_device(args[0], target=t, field="pool_dev", line=line),
+                   parse_number(args[1], target=t, field="dev_id", line=line), origin)
+
+    def params(self) -> str:
+        origin = f" {self.external_origin_dev}" if self.external_origin_dev is not None else ""
+        return f"{self.pool_dev} {self.dev_id}{origin}"
+
+    def devices(self) -> list[str]:
+        return [self.pool_dev] + ([self.external_origin_dev] if self.external_origin_dev else [])
+
+
+@dataclass(frozen=True)
+class Generic:
+    """Any other target: its parameter text kept verbatim, so it prints back unchanged."""
+
+    type_name: str
+    params_text: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.type_name or any(c.isspace() for c in self.type_name):
+            raise TableError(f"bad target type {self.type_name!r}", field="type")
+        if "\n" in self.params_text or "\r" in self.params_text:
+            raise TableError("parameters span lines", field="params", target=self.type_name)
+
+    @classmethod
+    def from_params(cls, type_name: str, params: str) -> Generic:
+        return cls(type_name, params)
+
+    def params(self) -> str:
+        return self.params_text
+
+    @property
+    def args(self) -> list[str]:
+        """The arguments the kernel's constructor would see (raw tokens)."""
+        return split_args(self.params_text)
+
+    def devices(self) -> list[str]:
+        return []
+
+
+Target = Linear | Striped | Zero | Error | ThinPool | Thin | Generic
+
+#: Target types with a typed model; everything else parses as :class:`Generic`.
+TYPED: dict[str, Any] = {
+    c.type_name: c for c in (Linear, Striped, Zero, Error, ThinPool, Thin)
+}
+
+
+def target_from_params(type_name: str, params: str, line: int | None = None) -> Target:
+    """Build the model of one target from its type and parameter text."""
+    cls = TYPED.get(type_name)
+    if cls is None:
+        return Generic(type_name, params)
+    result: Target = cls.from_args(split_args(params), line)
+    return result
