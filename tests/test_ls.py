@@ -8,14 +8,14 @@ import io
 import json
 import sys
 
-import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 import damage
 import oracles
 import poolgen
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_dump import _alias_device, add_held_snapshot, shared_xml
+
 from dmimage.cli.main import main
 from dmimage.thin.ls import FIELDS, device_usage, pretty_size
 from dmimage.thin.pool import open_pool

@@ -272,7 +272,8 @@ def render_grid(rows: list[list[str]]) -> str:
     if not rows:
         return ""
     widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(max(map(len, rows)))]
-    return "".join("".join(c.rjust(w) + " " for c, w in zip(r, widths)) + "\n" for r in rows)
+    lines = ("".join(c.rjust(w) + " " for c, w in zip(r, widths, strict=False)) for r in rows)
+    return "".join(line + "\n" for line in lines)
 
 
 def ls_json(pool: Pool, fields=DEFAULT_FIELDS) -> str:
