@@ -37,7 +37,7 @@ from dmimage.pdata.btree import MAX_DEPTH, U64, read_node
 from dmimage.thin.pool import MAPPING_VALUE_SIZE, DeviceDetails, Pool
 
 __all__ = ["FIELDS", "DEFAULT_FIELDS", "DeviceUsage", "device_usage", "pretty_size",
-           "ls_table", "render_grid", "ls_json", "parse_fields"]
+           "ls_table", "render_grid", "ls_json", "parse_fields", "MappingForest"]
 
 FIELDS = (
     "DEV",
@@ -93,8 +93,13 @@ def pretty_size(nbytes: int) -> str:
     return f"{multiple}{_UNITS[i]}"
 
 
-class _Tree:
-    """Distinct nodes of all bottom-level trees, with thin_ls's reference counts."""
+class MappingForest:
+    """Distinct nodes of all bottom-level trees, with thin_ls's reference counts.
+
+    Roots are added in dev_id order; a node already read is not read again, so the leaves
+    (``leaf_keys``/``leaf_data``, in insertion order) come in the order thin_rmap 1.1 visits
+    them, each attributed (``owner``) to the first device whose tree reaches it.
+    """
 
     def __init__(self, pool: Pool):
         self.reader = pool.reader
@@ -103,6 +108,7 @@ class _Tree:
         self.leaf_keys: dict[int, np.ndarray] = {}
         self.leaf_data: dict[int, np.ndarray] = {}
         self.height: dict[int, int] = {}
+        self.owner: dict[int, int] = {}
         self._stack: set[int] = set()
 
     def add_root(self, root: int, dev_id: int) -> None:
@@ -140,6 +146,7 @@ class _Tree:
             self.leaf_keys[blocknr] = keys
             self.leaf_data[blocknr] = node.values(U64) >> np.uint64(TIME_BITS)
             self.height[blocknr] = 0
+            self.owner[blocknr] = dev_id
             return
         kids = node.values(U64).tolist()
         self.children[blocknr] = kids
@@ -207,7 +214,7 @@ def device_usage(pool: Pool, *, counting: bool = True) -> list[DeviceUsage]:
     if not counting:
         return [DeviceUsage(d, 0, 0, 0) for d in details.values()]
     roots = pool.mapping_roots()
-    tree = _Tree(pool)
+    tree = MappingForest(pool)
     ids = sorted(roots)
     for dev_id in ids:
         tree.add_root(roots[dev_id], dev_id)

@@ -1,0 +1,103 @@
+"""Reverse map: which thin blocks map given data-block regions, as thin_rmap 1.1 prints it.
+
+thin_rmap 1.1.0's behaviour (read from its source; reproduced with our own code):
+
+* Devices are walked in dev_id order with *one* walker that never re-reads a node: a leaf (or
+  a whole subtree) shared by several devices is reported only for the first (lowest) device
+  whose tree reaches it.
+* Within that visit order, mappings whose data block lies in any region are taken (regions
+  are half-open ``B..E`` and unioned; a run is not split at a region boundary), and
+  consecutive taken mappings join one run while the device is the same and both the virtual
+  and the data block advance by one. Times are ignored.
+* Runs are printed sorted by (data begin, data end, device, virtual begin), one per line:
+  ``data B..E -> thin(D) V..W``.
+* Always the live superblock (1.1 has no ``-m``; ours accepts one).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from dmimage.errors import UsageError
+from dmimage.pdata.btree import U64
+from dmimage.thin.ls import MappingForest
+from dmimage.thin.pool import Pool
+
+__all__ = ["RmapRuns", "parse_region", "rmap", "rmap_text", "rmap_json"]
+
+
+@dataclass(slots=True)
+class RmapRuns:
+    """Sorted runs: data [data_begin, data_end) -> dev_id's [thin_begin, thin_begin+len)."""
+
+    data_begin: np.ndarray
+    data_end: np.ndarray
+    dev_id: np.ndarray
+    thin_begin: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.data_begin)
+
+
+def parse_region(text: str) -> tuple[int, int]:
+    """``B..E`` (E exclusive, E > B), as thin_rmap accepts it."""
+    parts = text.split("..")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise UsageError(f"badly formed region {text!r} (expected BEGIN..END)")
+    b, e = int(parts[0]), int(parts[1])
+    if b >= 1 << 64 or e >= 1 << 64:
+        raise UsageError(f"region {text!r}: number too large")
+    if e <= b:
+        raise UsageError(f"region {text!r}: end <= begin")
+    return b, e
+
+
+def rmap(pool: Pool, regions: list[tuple[int, int]]) -> RmapRuns:
+    roots = pool.mapping_roots()
+    forest = MappingForest(pool)
+    for dev_id in sorted(roots):
+        forest.add_root(roots[dev_id], dev_id)
+    leaves = [b for b in forest.leaf_data if len(forest.leaf_data[b])]
+    if not leaves:
+        e = np.empty(0, U64)
+        return RmapRuns(e, e.copy(), e.copy(), e.copy())
+    data = np.concatenate([forest.leaf_data[b] for b in leaves])
+    keys = np.concatenate([forest.leaf_keys[b] for b in leaves]).astype(U64)
+    devs = np.repeat(np.array([forest.owner[b] for b in leaves], U64),
+                     [len(forest.leaf_data[b]) for b in leaves])
+    take = np.zeros(len(data), bool)
+    for b, e in regions:
+        take |= (data >= np.uint64(b)) & (data < np.uint64(e))
+    data, keys, devs = data[take], keys[take], devs[take]
+    n = len(data)
+    if n == 0:
+        e = np.empty(0, U64)
+        return RmapRuns(e, e.copy(), e.copy(), e.copy())
+    brk = np.ones(n, bool)
+    brk[1:] = (devs[1:] != devs[:-1]) | (keys[1:] != keys[:-1] + np.uint64(1)) | (
+        data[1:] != data[:-1] + np.uint64(1))
+    starts = np.flatnonzero(brk)
+    lengths = np.diff(np.append(starts, n)).astype(U64)
+    db, tb, dv = data[starts], keys[starts], devs[starts]
+    de = db + lengths
+    order = np.lexsort((tb, dv, de, db))
+    return RmapRuns(db[order], de[order], dv[order], tb[order])
+
+
+def rmap_text(r: RmapRuns) -> str:
+    return "".join(
+        f"data {b}..{e} -> thin({d}) {t}..{t + (e - b)}\n"
+        for b, e, d, t in zip(r.data_begin.tolist(), r.data_end.tolist(), r.dev_id.tolist(),
+                              r.thin_begin.tolist(), strict=True))
+
+
+def rmap_json(r: RmapRuns) -> str:
+    """``{"runs": [{"data_begin", "data_end", "dev_id", "thin_begin", "thin_end"}, ...]}``."""
+    runs = [{"data_begin": b, "data_end": e, "dev_id": d, "thin_begin": t,
+             "thin_end": t + (e - b)}
+            for b, e, d, t in zip(r.data_begin.tolist(), r.data_end.tolist(),
+                                  r.dev_id.tolist(), r.thin_begin.tolist(), strict=True)]
+    return json.dumps({"runs": runs}) + "\n"
