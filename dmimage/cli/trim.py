@@ -1,0 +1,44 @@
+"""``dmimage trim``: discard the unprovisioned space of a pool's data device (like thin_trim)."""
+
+from __future__ import annotations
+
+import argparse
+
+from dmimage.cli.ls import write_text
+from dmimage.errors import UsageError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "trim", help="discard unprovisioned data blocks (like thin_trim 1.1)",
+        description="Discard every data range whose data-space-map count is 0: BLKDISCARD on "
+                    "a block device, hole punching on a regular file. The metadata is checked "
+                    "first; provisioned blocks are never touched.")
+    p.add_argument("meta", metavar="META", nargs="?", help="metadata file or device")
+    p.add_argument("data", metavar="DATA", nargs="?", help="data file or device")
+    p.add_argument("--metadata-dev", metavar="FILE", help="same as META (thin_trim's spelling)")
+    p.add_argument("--data-dev", metavar="FILE", help="same as DATA (thin_trim's spelling)")
+    p.add_argument("-n", "--dry-run", action="store_true",
+                   help="only print the ranges that would be discarded")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dmimage.thin.trim import trim_data
+
+    meta = args.metadata_dev or args.meta
+    data = args.data_dev or args.data
+    if args.metadata_dev and args.meta and not args.data:
+        data = data or args.meta
+    if meta is None or data is None:
+        raise UsageError("need the metadata and the data device (META DATA)")
+    ranges = trim_data(meta, data, dry_run=args.dry_run)
+    if not args.quiet:
+        verb = "would discard" if args.dry_run else "discarded"
+        lines = [f"{verb} data blocks {r.begin}..{r.end} (bytes {r.offset}+{r.length})\n"
+                 for r in ranges]
+        total = sum(r.end - r.begin for r in ranges)
+        lines.append(f"{len(ranges)} ranges, {total} blocks\n")
+        write_text("".join(lines))
+    return 0
