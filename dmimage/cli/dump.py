@@ -28,6 +28,14 @@ def register(subparsers) -> None:
                                        "the one the superblock names)")
     p.add_argument("--expand-shared", action="store_true",
                    help="no <def>/<ref>: every device fully expanded (thin_restore 0.9 form)")
+    p.add_argument("-r", "--repair", action="store_true",
+                   help="dump what `dmimage repair` would salvage from damaged metadata")
+    p.add_argument("--transaction-id", type=_uint, metavar="N",
+                   help="with --repair: transaction id (at least this)")
+    p.add_argument("--data-block-size", type=_uint, metavar="SECTORS",
+                   help="with --repair: data block size (needed if the superblock is lost)")
+    p.add_argument("--nr-data-blocks", type=_uint, metavar="N",
+                   help="with --repair: number of data blocks (at least this)")
     p.set_defaults(func=run)
 
 
@@ -42,7 +50,14 @@ def _uint(s: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dmimage.thin.dump import dump_pool
+    from dmimage.thin.dump import dump_pool as _dump_pool
+
+    def dump_pool(meta, out, fmt, *, ir=None, **kwargs):
+        if ir is None:
+            return _dump_pool(meta, out, fmt, **kwargs)
+        from dmimage.thin.dump import write_dump
+
+        return write_dump(_select(ir, args), out, fmt, expand=kwargs.get("expand", False))
 
     meta, snap = args.meta, args.metadata_snap
     if isinstance(snap, str):
@@ -56,6 +71,17 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("no metadata file given")
     kwargs = dict(metadata_snap=snap, dev_ids=args.dev_ids, skip_mappings=args.skip_mappings,
                   expand=args.expand_shared)
+    if getattr(args, "repair", False):
+        if snap is not False:
+            raise UsageError("--repair cannot read through the metadata snapshot")
+        from dmimage.thin.repair import Overrides, salvage
+
+        ir, _ = salvage(meta, Overrides(args.transaction_id, args.data_block_size,
+                                        args.nr_data_blocks))
+        kwargs = dict(ir=ir, expand=args.expand_shared)
+    elif any(getattr(args, k, None) is not None
+             for k in ("transaction_id", "data_block_size", "nr_data_blocks")):
+        raise UsageError("--transaction-id, --data-block-size, --nr-data-blocks go with --repair")
     if args.output is None:
         out = sys.stdout.buffer
         dump_pool(meta, out, args.fmt, **kwargs)
@@ -83,6 +109,20 @@ def run(args: argparse.Namespace) -> int:
         _unlink(tmp)
         raise
     return 0
+
+
+def _select(ir, args: argparse.Namespace):
+    """--dev-id / --skip-mappings applied to a salvaged pool."""
+    if args.skip_mappings:
+        for d in ir.devices:
+            d.items = []
+        ir.defs = {}
+    elif args.dev_ids is not None:
+        wanted = set(args.dev_ids)
+        ir.devices = [d for d in ir.devices if d.dev_id in wanted]
+        used = {i for d in ir.devices for i in d.items if isinstance(i, str)}
+        ir.defs = {k: v for k, v in ir.defs.items() if k in used}
+    return ir
 
 
 def _unlink(path: str) -> None:

@@ -154,3 +154,594 @@ def _rewrite_space_maps(path: str | os.PathLike[str], report: CheckReport,
         wp.set_needs_check(False)
         wp.commit()
         result.actions.append("rewrote both space maps")
+
+
+# ============================================================================ salvage
+
+_KEY_END = 1 << 64
+_MAP_VS = 8
+_DETAILS_VS = 24
+#: thin_dump prints device ids as u32 and thin_restore parses them so.
+_MAX_DEV_ID = (1 << 32) - 1
+
+
+@dataclass(slots=True)
+class Overrides:
+    """thin_repair's superblock overrides (needed when the superblock is unreadable)."""
+
+    transaction_id: int | None = None
+    data_block_size: int | None = None
+    nr_data_blocks: int | None = None
+
+
+@dataclass(slots=True)
+class SalvageReport:
+    """How the pool was recovered and what was lost."""
+
+    #: "superblock": the superblock's roots were used; "scan": roots found by scanning.
+    source: str = "superblock"
+    notes: list[str] = field(default_factory=list)
+    nr_devices: int = 0
+    nr_mappings: int = 0
+    #: unreadable nodes skipped (each may hide many mappings)
+    lost_nodes: int = 0
+    #: mappings dropped from readable leaves (out of key range, beyond the data device)
+    dropped_mappings: int = 0
+    #: devices known to have existed but left out
+    dropped_devices: list[int] = field(default_factory=list)
+
+
+#: (leaf id, keys, values) of one salvaged leaf
+_Leaf = tuple[int, np.ndarray, np.ndarray]
+
+
+@dataclass(slots=True)
+class _Node:
+    blocknr: int
+    is_leaf: bool
+    value_size: int
+    keys: np.ndarray  # uint64, strictly ascending
+    raw: memoryview  # nr_entries values
+
+    def values(self, dtype) -> np.ndarray:
+        return np.frombuffer(self.raw, dtype=dtype, count=len(self.keys))
+
+
+@dataclass(slots=True)
+class _Info:
+    """What scanning learnt about a subtree (as thin_repair's node collector does)."""
+
+    kind: str  # "top" | "map" | "details"
+    nr_entries: int = 0  # devices (top, details) or mappings (map)
+    nr_mappings: int = 0
+    age: int = 0  # newest time seen
+    max_tid: int = 0
+    highest_data_block: int = -1
+    first_key: int = _KEY_END
+    last_key: int = -1
+
+
+class _Salvager:
+    def __init__(self, reader: BlockReader, report: SalvageReport):
+        self.reader = reader
+        self.n = reader.nr_blocks
+        self.report = report
+        self._strict: dict[int, _Node | None] = {}
+        self._infos: dict[int, _Info | None] | None = None
+        self._referenced: set[int] = set()
+        self._walks: dict[tuple[int, object], tuple[list[_Leaf], int]] = {}
+        self._pseudo = self.n
+
+    # -- nodes ------------------------------------------------------------------------
+    def node(self, b: int, *, own_location: bool = True) -> _Node | None:
+        """The node at ``b`` if it passes every check of the kernel's validator and thin_check's
+        node checks (checksum, blocknr, flags, value size, max_entries, ascending keys).
+
+        ``own_location=False`` accepts a wrong blocknr field: the content is still protected
+        by the checksum (thin_repair 1.1 does not look at a leaf's blocknr either)."""
+        key = b if own_location else -1 - b
+        if key in self._strict:
+            return self._strict[key]
+        got = None
+        if 0 <= b < self.n:
+            from dmimage.format.checksum import block_checksum
+            from dmimage.format.constants import SALT_BTREE_NODE
+            from dmimage.format.layouts import BTREE_HEADER_STRUCT
+
+            block = self.reader.block(b)
+            csum, flags, own, nr, mx, vs, _ = BTREE_HEADER_STRUCT.unpack_from(block)
+            if (own == b or not own_location) and flags in (1, 2) \
+                    and block_checksum(block, SALT_BTREE_NODE) == csum:
+                got = self._decode(block, b, flags == 2, nr, mx, vs)
+        self._strict[key] = got
+        return got
+
+    def _decode(self, block: memoryview, b: int, is_leaf: bool, nr: int, mx: int,
+                vs: int) -> _Node | None:
+        if is_leaf and vs not in (_MAP_VS, _DETAILS_VS, 4, 16):
+            return None
+        if not is_leaf and vs != 8:
+            return None
+        if mx % 3 or 32 + (8 + vs) * mx > BLOCK_SIZE or nr > mx or (nr == 0 and not is_leaf):
+            return None
+        keys = np.frombuffer(block, dtype="<u8", count=nr, offset=32)
+        if nr > 1 and not bool((keys[1:] > keys[:-1]).all()):
+            return None
+        start = 32 + 8 * mx
+        return _Node(b, is_leaf, vs, keys, block[start:start + vs * nr])
+
+    def lenient_internal(self, b: int) -> _Node | None:
+        """An internal node whose checksum or value_size field is damaged but whose header is
+        otherwise that of a kernel internal node: its child pointers are still usable, as
+        every child is validated on its own (checksum, blocknr, key range)."""
+        if not 0 <= b < self.n:
+            return None
+        from dmimage.format.layouts import BTREE_HEADER_STRUCT
+
+        block = self.reader.block(b)
+        _csum, flags, own, nr, mx, _vs, _ = BTREE_HEADER_STRUCT.unpack_from(block)
+        if flags != 1 or own != b or mx != 252 or not 0 < nr <= mx:
+            return None
+        return self._decode(block, b, False, nr, mx, 8)
+
+    # -- tolerant walks ---------------------------------------------------------------
+    def walk(self, root: int, vs: int, keep=None) -> tuple[list[tuple[int, np.ndarray,
+                                                                  np.ndarray]], int]:
+        """Leaves of one tree in key order, skipping whatever is unreadable.
+
+        Returns ([(leaf id, keys, values)], nodes lost). A leaf taken whole keeps its block
+        number as id (so sharing between devices survives); a leaf with entries dropped (out
+        of the parent's key range, not ascending after the previous leaf, or refused by
+        ``keep(keys, values) -> mask``) gets a fresh id above the device's block numbers.
+        """
+        cache_key = (root, vs)
+        if keep is None and cache_key in self._walks:
+            return self._walks[cache_key]
+        dtype = _value_dtype(vs)
+        out: list[tuple[int, np.ndarray, np.ndarray]] = []
+        lost = 0
+        last = -1
+        ancestors: set[int] = set()
+
+        def visit(b: int, lo: int, hi: int, depth: int) -> None:
+            nonlocal lost, last
+            if depth > 12 or b in ancestors:
+                lost += 1
+                return
+            node = self.node(b)
+            if node is None:
+                node = self.node(b, own_location=False)
+            if node is None:
+                node = self.lenient_internal(b)
+            if node is None or (node.is_leaf and node.value_size != vs):
+                lost += 1
+                return
+            keys = node.keys
+            if node.is_leaf:
+                vals = node.values(dtype)
+                lo_eff = max(lo, last + 1)
+                mask = keys >= np.uint64(lo_eff)
+                if hi < _KEY_END:
+                    mask &= keys < np.uint64(hi)
+                if keep is not None and len(keys):
+                    mask &= keep(keys, vals)
+                kept = int(mask.sum())
+                self.report.dropped_mappings += (len(keys) - kept) if vs == _MAP_VS else 0
+                if kept == len(keys):
+                    if kept:
+                        out.append((b, np.array(keys), np.array(vals)))
+                elif kept:
+                    self._pseudo += 1
+                    out.append((self._pseudo, np.array(keys[mask]), np.array(vals[mask])))
+                if kept:
+                    last = int(keys[mask][-1])
+                return
+            ancestors.add(b)
+            key_list = keys.tolist()
+            children = node.values("<u8").tolist()
+            for i, child in enumerate(children):
+                clo = max(key_list[i], lo)
+                chi = min(key_list[i + 1], hi) if i + 1 < len(key_list) else hi
+                if clo < chi:
+                    visit(child, clo, chi, depth + 1)
+            ancestors.discard(b)
+
+        visit(root, 0, _KEY_END, 0)
+        if keep is None:
+            self._walks[cache_key] = (out, lost)
+        return out, lost
+
+    def root_readable(self, b: int, vs: int) -> bool:
+        node = self.node(b) or self.node(b, own_location=False)
+        if node is None:
+            node = self.lenient_internal(b)
+        return node is not None and (node.is_leaf is False or node.value_size == vs)
+
+    # -- scanning ---------------------------------------------------------------------
+    def infos(self) -> dict[int, _Info | None]:
+        """Classify every valid btree node of the device (cached)."""
+        if self._infos is not None:
+            return self._infos
+        self._infos = {}
+        for b in self._candidate_blocks():
+            self._info(b, 0)
+        return self._infos
+
+    def _candidate_blocks(self) -> list[int]:
+        """Blocks whose header could be a btree node's (flags 1/2, own location): a vector
+        pre-filter so the checksum runs on few blocks."""
+        buf = np.frombuffer(self.reader.buffer(), dtype=np.uint8)
+        n = self.n
+        out: list[int] = []
+        step = 65536
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            view = buf[start * BLOCK_SIZE: stop * BLOCK_SIZE].reshape(stop - start, BLOCK_SIZE)
+            flags = view[:, 4:8].copy().view("<u4").reshape(-1)
+            own = view[:, 8:16].copy().view("<u8").reshape(-1)
+            hit = ((flags == 1) | (flags == 2)) & (own == np.arange(start, stop, dtype=np.uint64))
+            out.extend((np.flatnonzero(hit) + start).tolist())
+        return out
+
+    def _info(self, b: int, depth: int) -> _Info | None:
+        infos = self._infos
+        assert infos is not None
+        if b in infos:
+            return infos[b]
+        infos[b] = None  # in progress: a cycle reads as invalid
+        if depth > 12:
+            return None
+        node = self.node(b)
+        info: _Info | None = None
+        if node is None:
+            pass
+        elif node.is_leaf and node.value_size == _DETAILS_VS:
+            from dmimage.format.layouts import DEVICE_DETAILS_DTYPE
+
+            v = node.values(DEVICE_DETAILS_DTYPE)
+            info = _Info("details", len(v))
+            if len(v):
+                info.nr_mappings = int(v["mapped_blocks"].astype(object).sum())
+                info.max_tid = int(v["transaction_id"].max())
+                info.age = int(max(v["creation_time"].max(), v["snapshotted_time"].max()))
+        elif node.is_leaf and node.value_size == _MAP_VS:
+            vals = node.values("<u8")
+            info = self._top_leaf_info(node, vals, depth)
+            if info is None:
+                info = _Info("map", len(vals), len(vals))
+                if len(vals):
+                    info.age = int((vals & np.uint64(0xFFFFFF)).max())
+                    info.highest_data_block = int((vals >> np.uint64(24)).max())
+        elif not node.is_leaf:
+            info = self._internal_info(node, depth)
+        if info is not None and node is not None and node.is_leaf and len(node.keys):
+            info.first_key, info.last_key = int(node.keys[0]), int(node.keys[-1])
+        infos[b] = info
+        return info
+
+    def _top_leaf_info(self, node: _Node, vals: np.ndarray, depth: int) -> _Info | None:
+        if not len(vals) or bool((vals >= np.uint64(self.n)).any()):
+            return None
+        info = _Info("top", len(vals))
+        for child in vals.tolist():
+            ci = self._info(child, depth + 1)
+            if ci is None or ci.kind != "map":
+                return None
+            info.nr_mappings += ci.nr_mappings
+            info.age = max(info.age, ci.age)
+            info.highest_data_block = max(info.highest_data_block, ci.highest_data_block)
+        self._referenced.update(vals.tolist())
+        return info
+
+    def _internal_info(self, node: _Node, depth: int) -> _Info | None:
+        agg: _Info | None = None
+        children = node.values("<u8").tolist()
+        for child in children:
+            ci = self._info(child, depth + 1)
+            if ci is None:
+                continue
+            if agg is None:
+                agg = _Info(ci.kind)
+            elif ci.kind != agg.kind or (ci.nr_entries and ci.first_key <= agg.last_key):
+                return None
+            agg.nr_entries += ci.nr_entries
+            agg.nr_mappings += ci.nr_mappings
+            agg.age = max(agg.age, ci.age)
+            agg.max_tid = max(agg.max_tid, ci.max_tid)
+            agg.highest_data_block = max(agg.highest_data_block, ci.highest_data_block)
+            if ci.nr_entries:
+                agg.first_key = min(agg.first_key, ci.first_key)
+                agg.last_key = ci.last_key
+        if agg is not None:
+            self._referenced.update(children)
+        return agg
+
+    def roots(self, kind: str) -> list[int]:
+        """Unreferenced valid subtrees of one kind, best first (newest, then biggest)."""
+        infos = self.infos()
+        found = [b for b, i in infos.items()
+                 if i is not None and i.kind == kind and b not in self._referenced]
+        return sorted(found, key=lambda b: (-infos[b].age, -infos[b].max_tid,  # type: ignore
+                                            -infos[b].nr_mappings, -infos[b].nr_entries, b))
+
+
+def _value_dtype(vs: int):
+    from dmimage.format.layouts import DEVICE_DETAILS_DTYPE
+
+    return DEVICE_DETAILS_DTYPE if vs == _DETAILS_VS else np.dtype("<u8")
+
+
+def _tree_dict(leaves: list[tuple[int, np.ndarray, np.ndarray]]) -> dict[int, object]:
+    out: dict[int, object] = {}
+    for _, keys, vals in leaves:
+        out.update(zip(keys.tolist(), vals.tolist() if vals.dtype.names is None
+                       else [tuple(v) for v in vals.tolist()], strict=True))
+    return out
+
+
+def _details_of(s: _Salvager, root: int) -> dict[int, tuple[int, int, int, int]]:
+    leaves, lost = s.walk(root, _DETAILS_VS)
+    s.report.lost_nodes += lost
+    return {k: v for k, v in _tree_dict(leaves).items() if k <= _MAX_DEV_ID}  # type: ignore
+
+
+def _top_of(s: _Salvager, root: int) -> dict[int, int]:
+    leaves, lost = s.walk(root, _MAP_VS)
+    s.report.lost_nodes += lost
+    return {k: v for k, v in _tree_dict(leaves).items()  # type: ignore
+            if k <= _MAX_DEV_ID and v < s.n}
+
+
+def _choose_roots(s: _Salvager, report: SalvageReport, top: dict[int, int] | None,
+                  details: dict[int, tuple] | None
+                  ) -> tuple[dict[int, int], dict[int, tuple] | None]:
+    """Fill in whichever of the two trees is missing from the scan (details may stay None:
+    the caller regenerates them)."""
+    report.source = "scan"
+    if top is None and details is None:
+        tops = s.roots("top")
+        dets = [(b, _details_of(s, b)) for b in s.roots("details")]
+        for t in tops:
+            tmap = _top_of(s, t)
+            for d, dmap in dets:
+                if set(dmap) == set(tmap):
+                    report.notes.append(f"scan: mapping tree at block {t} and details tree at "
+                                        f"block {d} agree on {len(tmap)} devices")
+                    return tmap, dmap
+        if tops:
+            report.notes.append(f"scan: mapping tree at block {tops[0]} has no matching details "
+                                "tree; device details regenerated")
+            return _top_of(s, tops[0]), None
+        if dets:
+            d, dmap = dets[0]
+            report.notes.append(f"scan: only a details tree (block {d}) was found")
+            return _match_by_counts(s, report, dmap), dmap
+        raise MetadataError("no thin-pool btrees found: nothing to salvage")
+    if top is None:
+        assert details is not None
+        for t in s.roots("top"):
+            tmap = _top_of(s, t)
+            if set(tmap) == set(details):
+                report.notes.append(f"scan: mapping tree at block {t} matches the details tree")
+                return tmap, details
+        return _match_by_counts(s, report, details), details
+    for d in s.roots("details"):
+        dmap = _details_of(s, d)
+        if set(dmap) == set(top):
+            report.notes.append(f"scan: details tree at block {d} matches the mapping tree")
+            return top, dmap
+    report.notes.append("no details tree matches the mapping tree: details regenerated")
+    return top, None
+
+
+def _match_by_counts(s: _Salvager, report: SalvageReport,
+                     details: dict[int, tuple]) -> dict[int, int]:
+    """No usable top-level mapping tree: pair each device with an orphan bottom-level tree
+    holding exactly its details' mapped_blocks, when exactly one such tree exists. Devices
+    the details say are empty need no tree (an empty one is made)."""
+    infos = s.infos()
+    orphans = s.roots("map")
+    by_count: dict[int, list[int]] = {}
+    for b in orphans:
+        by_count.setdefault(infos[b].nr_mappings, []).append(b)  # type: ignore[union-attr]
+    out: dict[int, int] = {}
+    for dev, d in sorted(details.items()):
+        mapped = int(d[0])
+        cands = by_count.get(mapped, [])
+        if mapped == 0:
+            out[dev] = -1
+        elif len(cands) == 1:
+            out[dev] = cands[0]
+            report.notes.append(f"device {dev}: bottom-level tree at block {cands[0]} chosen by "
+                                f"its mapping count ({mapped})")
+        else:
+            report.dropped_devices.append(dev)
+    if report.dropped_devices:
+        report.notes.append(f"devices without a recognisable mapping tree, left out: "
+                            f"{report.dropped_devices[:10]}")
+    return out
+
+
+def salvage(path: str | os.PathLike[str], overrides: Overrides | None = None):
+    """Recover as much of the pool at ``path`` as can be trusted; returns (PoolIR, report).
+
+    The input is opened read-only. Every node used passes its checksum and location check;
+    damaged subtrees are skipped. Roots come from the superblock when it and they are
+    readable; otherwise from a scan of every block (thin-format.md; docs/repair.md).
+    """
+    from dmimage.format.checksum import checksum_ok
+    from dmimage.format.constants import (
+        SALT_SUPERBLOCK as SALT_SB,
+    )
+    from dmimage.format.constants import (
+        SUPERBLOCK_MAGIC,
+        TIME_BITS,
+        TIME_MASK,
+        valid_data_block_size,
+    )
+    from dmimage.thin.dump.reader import shared_leaf_items
+    from dmimage.thin.ir import U32, DeviceIR, PoolIR, Runs, SuperblockIR
+    from dmimage.thin.superblock import parse_superblock
+
+    ov = overrides or Overrides()
+    report = SalvageReport()
+    with BlockReader(path) as reader:
+        s = _Salvager(reader, report)
+        block0 = reader.block(0)
+        ref = None
+        if checksum_ok(block0, SALT_SB):
+            ref = parse_superblock(block0)
+            if ref.magic != SUPERBLOCK_MAGIC:
+                report.notes.append(f"superblock magic {ref.magic} is wrong; its fields are used "
+                                    "as hints only")
+        else:
+            report.notes.append("superblock checksum is wrong: roots found by scanning")
+        top: dict[int, int] | None = None
+        details: dict[int, tuple] | None = None
+        trusted = ref is not None and ref.magic == SUPERBLOCK_MAGIC
+        if trusted:
+            assert ref is not None
+            if s.root_readable(ref.data_mapping_root, _MAP_VS):
+                top = _top_of(s, ref.data_mapping_root)
+            else:
+                report.notes.append(f"mapping tree root (block {ref.data_mapping_root}) is "
+                                    "unreadable")
+            if s.root_readable(ref.device_details_root, _DETAILS_VS):
+                details = _details_of(s, ref.device_details_root)
+            else:
+                report.notes.append(f"device details root (block {ref.device_details_root}) "
+                                    "is unreadable")
+            if ref.held_root:
+                report.notes.append("the metadata snapshot is not carried over")
+        if top is None or details is None:
+            top, details = _choose_roots(s, report, top, details)
+        elif set(top) != set(details):
+            only_top = sorted(set(top) - set(details))
+            only_det = sorted(set(details) - set(top))
+            if only_det:
+                report.dropped_devices.extend(only_det)
+                report.notes.append(f"devices in the details tree only (no mappings found), "
+                                    f"left out: {only_det[:10]}")
+            if only_top:
+                report.notes.append(f"devices in the mapping tree only, details regenerated: "
+                                    f"{only_top[:10]}")
+            top = {k: v for k, v in top.items() if k in details or k in only_top}
+
+        # -- mappings, per device (shared bottom trees are walked once)
+        leaf_data: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        lists: dict[int, list[int]] = {}
+        highest = -1
+        age = 0
+        for dev, root in sorted(top.items()):
+            if root < 0:
+                lists[dev] = []
+                continue
+            leaves, lost = s.walk(root, _MAP_VS)
+            if (root, "counted") not in s._walks:  # count losses once per shared tree
+                report.lost_nodes += lost
+                s._walks[(root, "counted")] = ([], 0)  # type: ignore[index]
+            ids = []
+            for lid, keys, vals in leaves:
+                leaf_data[lid] = (keys, vals)
+                ids.append(lid)
+                if len(vals):
+                    highest = max(highest, int((vals >> np.uint64(TIME_BITS)).max()))
+                    age = max(age, int((vals & np.uint64(TIME_MASK)).max()))
+            lists[dev] = ids
+        if details:
+            for d in details.values():
+                age = max(age, int(d[2]), int(d[3]))
+
+        # -- superblock facts
+        dbs = ov.data_block_size if ov.data_block_size is not None else (
+            ref.data_block_size if ref is not None else None)
+        if dbs is None:
+            raise UsageError("the data block size needs to be given (--data-block-size) "
+                             "because the superblock is damaged")
+        if not valid_data_block_size(int(dbs)):
+            raise UsageError(f"invalid data block size {dbs} sectors (give --data-block-size)")
+        hints = [v for v in (ov.transaction_id, ref.trans_id if ref else None) if v is not None]
+        tid = max(hints) if hints else 0
+        nr_hints = [v for v in (ov.nr_data_blocks, ref.data_sm.nr_blocks if trusted and ref
+                                else None) if v is not None]
+        if report.source == "scan" or not nr_hints:
+            nr_hints.append(highest + 1)
+            if details:
+                tid = max(tid, max(int(d[1]) for d in details.values()) + 1)
+        nr_data = max(nr_hints)
+        time = max(ref.time if ref is not None else 0, age + (1 if details is None else 0))
+        if details is None:
+            tid = max(tid, 1)
+            details = {dev: (0, tid - 1, time, time) for dev in top}
+
+        # -- mappings beyond the data device are dropped (their leaves become private)
+        for lid, (keys, vals) in list(leaf_data.items()):
+            bad = (vals >> np.uint64(TIME_BITS)) >= np.uint64(nr_data)
+            if bad.any():
+                report.dropped_mappings += int(bad.sum())
+                leaf_data[lid] = (keys[~bad], vals[~bad])
+
+        def runs_of(ids: list[int]) -> Runs:
+            parts = [leaf_data[i] for i in ids if len(leaf_data[i][0])]
+            if not parts:
+                return Runs.empty()
+            keys = np.concatenate([p[0] for p in parts])
+            vals = np.concatenate([p[1] for p in parts])
+            return Runs.from_blocks(keys, vals >> np.uint64(TIME_BITS),
+                                    (vals & np.uint64(TIME_MASK)).astype(U32))
+
+        devs = sorted(top)
+        seqs = [lists[d] for d in devs]
+        try:
+            per_dev, defs = shared_leaf_items(seqs)
+        except MetadataError:
+            per_dev, defs = [[(False, q)] if q else [] for q in seqs], []
+        ir = PoolIR(SuperblockIR(uuid="", time=time, transaction=tid, flags=0, version=2,
+                                 data_block_size=int(dbs), nr_data_blocks=nr_data))
+        def_sizes: dict[str, int] = {}
+        for head, seq in defs:
+            r = runs_of(seq)
+            ir.defs[str(head)] = r
+            def_sizes[str(head)] = r.nr_blocks
+        total = 0
+        for dev, items in zip(devs, per_dev, strict=True):
+            d = details[dev]
+            dev_ir = DeviceIR(dev_id=dev, mapped_blocks=0, transaction=int(d[1]),
+                              creation_time=int(d[2]), snap_time=int(d[3]))
+            for is_ref, what in items:
+                if is_ref:
+                    dev_ir.items.append(str(what))
+                    dev_ir.mapped_blocks += def_sizes[str(what)]
+                else:
+                    r = runs_of(what)  # type: ignore[arg-type]
+                    dev_ir.items.append(r)
+                    dev_ir.mapped_blocks += r.nr_blocks
+            total += dev_ir.mapped_blocks
+            ir.devices.append(dev_ir)
+        report.nr_devices = len(ir.devices)
+        report.nr_mappings = total
+        return ir, report
+
+
+@dataclass(slots=True)
+class RepairResult:
+    report: SalvageReport
+    metadata_blocks: int
+    blocks_written: int
+
+
+def repair(input_path: str | os.PathLike[str], output_path: str | os.PathLike[str],
+           overrides: Overrides | None = None) -> RepairResult:
+    """Salvage ``input_path`` (read-only) and write the pool as fresh metadata to the existing
+    file or device ``output_path`` (superblock last). The output checks clean."""
+    from dmimage.thin.restore import restore
+
+    try:
+        same = os.path.samefile(input_path, output_path)
+    except OSError:
+        same = False
+    if same:
+        raise UsageError("input and output are the same file: repair never writes its input")
+    ir, report = salvage(input_path, overrides)
+    res = restore(ir, output_path)
+    return RepairResult(report, res.metadata_blocks, res.blocks_written)
