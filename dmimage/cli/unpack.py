@@ -1,0 +1,33 @@
+"""``dmimage unpack``: a pack file (thin_metadata_pack 1.1 format) back to metadata."""
+
+from __future__ import annotations
+
+import argparse
+
+from dmimage.errors import DeviceError, UsageError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "unpack", help="unpack a thin_metadata_pack 1.1 file into metadata",
+        description="Write the metadata a pack file describes (blocks not in the pack read "
+                    "as zeros in a regular file; a block device keeps their old contents, as "
+                    "with thin_metadata_unpack).")
+    p.add_argument("-i", "--input", metavar="FILE", required=True, help="pack file")
+    p.add_argument("-o", "--output", metavar="META", required=True,
+                   help="metadata file (created or truncated) or device")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dmimage.thin.pack import unpack_metadata
+
+    if args.input == args.output:
+        raise UsageError("input and output are the same file")
+    try:
+        f = open(args.input, "rb")
+    except OSError as exc:
+        raise DeviceError(f"{args.input}: {exc.strerror}") from None
+    with f:
+        unpack_metadata(f, args.output)
+    return 0
