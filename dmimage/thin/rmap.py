@@ -69,8 +69,8 @@ def rmap(pool: Pool, regions: list[tuple[int, int]]) -> RmapRuns:
     devs = np.repeat(np.array([forest.owner[b] for b in leaves], U64),
                      [len(forest.leaf_data[b]) for b in leaves])
     take = np.zeros(len(data), bool)
-    for b, e in regions:
-        take |= (data >= np.uint64(b)) & (data < np.uint64(e))
+    for lo, hi in regions:
+        take |= (data >= np.uint64(lo)) & (data < np.uint64(hi))
     data, keys, devs = data[take], keys[take], devs[take]
     n = len(data)
     if n == 0:
