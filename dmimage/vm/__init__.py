@@ -1,0 +1,1 @@
+"""Things that need the QEMU guest of vmtests/ (see docs/vm.md)."""
