@@ -135,10 +135,11 @@ def read_data_index(walker: BtreeWalker, root: SpaceMapRoot) -> np.ndarray:
     order = np.argsort(keys, kind="stable")
     keys, vals = keys[order], vals[order]
     if len(keys) != n or (n and not np.array_equal(keys, np.arange(n, dtype=U64))):
+        what = (f"has {len(keys)} entries, expected {n}" if len(keys) != n
+                else f"keys are not 0..{n - 1}")
         walker.on_error(MetadataError(
-            f"data space map index has {len(keys)} entries, expected {n} "
-            f"(nr_blocks {root.nr_blocks})", block=root.bitmap_root,
-            field="data space map index"))
+            f"data space map index {what} (nr_blocks {root.nr_blocks})",
+            block=root.bitmap_root, field="data space map index"))
         keep = keys < n
         fixed = np.zeros(n, INDEX_ENTRY_DTYPE)
         fixed[keys[keep].astype(np.int64)] = vals[keep]
