@@ -66,19 +66,16 @@ def read_node(reader: BlockReader, blocknr: int, leaf_value_size: int) -> Node:
         raise BlockNumberError(f"btree node says it is block {own}", block=blocknr, field="blocknr")
     if flags == BTREE_LEAF:
         is_leaf = True
-        expected_vs = leaf_value_size
     elif flags == BTREE_INTERNAL:
         is_leaf = False
-        expected_vs = 8
     else:
         raise FormatError(f"btree node flags {flags} (expected 1 or 2)", block=blocknr,
                           field="flags")
-    if value_size != expected_vs:
-        raise FormatError(
-            f"{'leaf' if is_leaf else 'internal'} value_size {value_size}, expected {expected_vs}",
-            block=blocknr,
-            field="value_size",
-        )
+    # An internal node's value_size field is not used: the kernel and thin_check 1.1 read its
+    # values as u64 block numbers whatever it says (only the size bound below applies).
+    if is_leaf and value_size != leaf_value_size:
+        raise FormatError(f"leaf value_size {value_size}, expected {leaf_value_size}",
+                          block=blocknr, field="value_size")
     if BTREE_HEADER_SIZE + (8 + value_size) * max_entries > BLOCK_SIZE:
         raise FormatError(f"max_entries {max_entries} does not fit a block", block=blocknr,
                           field="max_entries")
@@ -90,6 +87,8 @@ def read_node(reader: BlockReader, blocknr: int, leaf_value_size: int) -> Node:
                           field="nr_entries")
     keys = np.frombuffer(block, dtype=U64, count=nr, offset=BTREE_HEADER_SIZE)
     vstart = BTREE_HEADER_SIZE + 8 * max_entries
+    if not is_leaf:
+        value_size = 8
     return Node(blocknr, is_leaf, nr, max_entries, value_size, keys,
                 block[vstart : vstart + value_size * nr])
 
