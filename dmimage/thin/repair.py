@@ -668,7 +668,10 @@ def salvage(path: str | os.PathLike[str], overrides: Overrides | None = None):
             nr_hints.append(highest + 1)
             if details:
                 tid = max(tid, max(int(d[1]) for d in details.values()) + 1)
-        nr_data = max(nr_hints)
+        sane = [v for v in nr_hints if v <= (1 << 40)]
+        if len(sane) < len(nr_hints):
+            report.notes.append("nr_data_blocks beyond 2^40 ignored")
+        nr_data = max(sane) if sane else highest + 1
         time = max(ref.time if ref is not None else 0, age + (1 if details is None else 0))
         if details is None:
             tid = max(tid, 1)
