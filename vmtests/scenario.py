@@ -682,7 +682,7 @@ def verify_offline(files: PoolFiles, model: KernelModel, *, size: int,
         ours = buf.getvalue().decode()
         semantic.assert_same_pool(semantic.parse_xml(ours), semantic.parse_xml(theirs))
         if byte_identical_dump:
-            assert ours.rstrip("\n") == theirs.rstrip("\n"), "dump not byte-identical to 1.1"
+            assert ours == theirs, "dmimage dump is not byte-identical to thin_dump 1.1"
     return OfflineReport(meta_alloc, data_alloc, held_root, model_facts(model))
 
 
