@@ -157,7 +157,11 @@ STRICTER_FIELDS = ("nr_allocated", "magic", "blocknr", "incompat_flags")
 #: ... and the data device's size (thin-format.md §13: 1.1 does not look, the kernel fails):
 #: mappings, space-map entries or referenced metadata blocks beyond a space map's nr_blocks.
 STRICTER_MESSAGES = ("point beyond the data device", "bitmap entries set beyond nr_blocks",
-                     "lie beyond its nr_blocks")
+                     "lie beyond its nr_blocks",
+                     # a space map bigger than its index or the metadata device can describe
+                     # (1.1 reads the entries that exist; the kernel's resume fails)
+                     "more than the 255 an index block holds",
+                     "needs more bitmaps than the metadata device has blocks")
 #: Stricter root causes whose consequences (space-map counts read from the wrong bitmap) are
 #: reported too: 1.1 reads the data index entries in order and ignores their keys, the kernel
 #: looks bitmaps up by key.
