@@ -136,9 +136,11 @@ class PoolMachine(RuleBasedStateMachine):
     def reserve_or_release_metadata_snap(self):
         if self.snap_held:
             self.pool.release_metadata_snap()
+            self.model.release_metadata_snap()
         else:
             self.pool.reserve_metadata_snap()
             self.committed = self.model.clone()  # reserve commits first
+            self.model.reserve_metadata_snap()
         self.snap_held = not self.snap_held
 
     @rule()
@@ -154,10 +156,9 @@ class PoolMachine(RuleBasedStateMachine):
         self.pool.close()
         assert self.meta.read_bytes() == before
         self.pool = open_writable(self.meta, self.data)
-        # Data written in place to private blocks is visible at once (as in the kernel), so
-        # only compare the metadata-level state here.
         self.model = self.committed.clone()
         self.snap_held = bool(self.pool.held_root)
+        assert self.snap_held == (self.model.pinned is not None)
 
     @invariant()
     def live_view_matches(self):

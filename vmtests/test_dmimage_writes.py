@@ -138,10 +138,8 @@ def test_writable_pool(dm_vm, tmp_path, tools11, seed):
     rng = random.Random(seed)
     lim = OpLimits(vblocks=16)
     done: list[str] = []
-    # No metadata snapshot offline: with one held, WritablePool breaks sharing where the kernel
-    # does not (test_held_snapshot_write_in_place below); the kernel phase does use them.
     offline_kinds = {"create_thin": 3, "create_snap": 3, "delete": 1, "write": 8, "discard": 2,
-                     "set_transaction_id": 1}
+                     "set_transaction_id": 1, "reserve": 1, "release": 1}
     try:
         off = OfflineSession(files, pattern)
         try:
@@ -149,10 +147,9 @@ def test_writable_pool(dm_vm, tmp_path, tools11, seed):
                                  held=off.held, kinds=offline_kinds):
                 apply_op(off, op)
                 done.append(str(op))
-                # Like the kernel, commit after every pool message (a snapshot of a device
-                # created in the same transaction is test_snapshot_of_uncommitted_thin below);
-                # writes and discards commit at random points.
-                if rng.random() < 0.25 or op.kind not in ("write", "discard"):
+                # Commit at random points: several messages may share one transaction
+                # (test_snapshot_of_uncommitted_thin covers the interesting case directly).
+                if rng.random() < 0.25:
                     off.commit()
             off.commit()
         finally:
@@ -185,10 +182,6 @@ def test_writable_pool(dm_vm, tmp_path, tools11, seed):
         raise AssertionError(f"seed {seed}: after {len(done)} ops {done[-8:]}: {exc}") from exc
 
 
-@pytest.mark.xfail(strict=True, reason="WritablePool copies a block the kernel overwrites in "
-                   "place while a metadata snapshot is held (reported; transaction.py "
-                   "_is_shared counts data references added by shadowing a leaf the held "
-                   "snapshot shares)")
 def test_held_snapshot_write_in_place(dm_vm, tmp_path):
     """Same operations in the kernel and in WritablePool, from identical metadata:
     create_thin 0; write vblock 1; commit; reserve_metadata_snap; write vblock 0 (unmapped:
@@ -238,10 +231,6 @@ def test_held_snapshot_write_in_place(dm_vm, tmp_path):
     assert views[1] == views[0], f"kernel (used, mappings) {views[0]} != WritablePool {views[1]}"
 
 
-@pytest.mark.xfail(strict=True, reason="WritablePool: a node allocated in the current "
-                   "transaction is modified in place even when a snapshot shares it "
-                   "(dmimage/pdata/cow.py Transaction.shadow skips the reference-count check "
-                   "for fresh nodes; the kernel's dm_tm_shadow_block copies when count > 1)")
 def test_snapshot_of_uncommitted_thin(dm_vm, tmp_path):
     """create_thin 1; create_snap 2 1; write to 2 — offline in one transaction, in the kernel
     message by message. The kernel leaves thin 1 empty; WritablePool writes the mapping into

@@ -175,8 +175,9 @@ class Transaction:
         return node
 
     def shadow(self, b: int, kind: TreeKind) -> MNode:
-        """A writable version of node ``b`` (itself if fresh, else a copy at a new block)."""
-        if b in self.fresh:
+        """A writable version of node ``b``: itself if this transaction allocated it and nothing
+        else references it yet, else a copy at a new block (as dm_tm_shadow_block)."""
+        if b in self.fresh and self.meta.get(b) == 1:
             return self.dirty[b]
         src = self.load(b, kind)
         node = self.new_node(src.is_leaf, kind)

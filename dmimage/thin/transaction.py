@@ -158,6 +158,8 @@ class WritablePool:
             for d, v in pool.devices().items()}
         pool.mapping_roots()  # validates that the two trees agree
         self._changed_details: set[int] = set()
+        #: New contents of data blocks the committed pool maps, written at commit.
+        self._pending: dict[int, bytearray] = {}
         #: A snapshot reserved in this transaction: (block, its bytes, mapping root, details root).
         self._new_held: tuple[int, bytes, int, int] | None = None
         self._dirty = False
@@ -314,6 +316,9 @@ class WritablePool:
         return self._data_fd
 
     def _read_data_block(self, block: int) -> bytes:
+        pending = self._pending.get(block)
+        if pending is not None:
+            return bytes(pending)
         fd = self._need_data()
         bs = self.block_bytes
         buf = os.pread(fd, bs, block * bs)
@@ -322,15 +327,25 @@ class WritablePool:
         return buf
 
     def _write_data(self, block: int, offset: int, buf: bytes) -> None:
+        """Blocks unused at the last commit are written at once (nobody can see them); a block
+        the committed pool maps is changed in memory and written by :meth:`commit`, so an
+        abandoned transaction leaves both devices' visible contents as they were."""
+        if self.tx.data.committed_used[block]:
+            pending = self._pending.get(block)
+            if pending is None:
+                pending = self._pending[block] = bytearray(self._read_data_block(block))
+            pending[offset : offset + len(buf)] = buf
+            return
         fd = self._need_data()
         n = os.pwrite(fd, buf, block * self.block_bytes + offset)
         if n != len(buf):
             raise DeviceError(f"short write to data block {block}")
 
-    def _is_shared(self, dev: int, block: int, time: int) -> bool:
-        # The kernel's rule (mapping older than the device's last snapshot), plus any block a
-        # second leaf references: writing such a block in place would change another device.
-        return time < self.details[dev].snapshotted_time or self.tx.data.get(block) > 1
+    def _is_shared(self, dev: int, time: int) -> bool:
+        """The kernel's rule (`__snapshotted_since`): a mapping older than the device's last
+        snapshot may be shared. Reference counts are not consulted: a leaf copied because a
+        metadata snapshot holds it raises data counts without making the block shared."""
+        return time < self.details[dev].snapshotted_time
 
     def write(self, dev: int, offset: int, data: bytes) -> None:
         """Write bytes through thin device ``dev`` at byte ``offset``, as the kernel would:
@@ -349,7 +364,7 @@ class WritablePool:
             if found is not None:
                 old_block = int(found) >> TIME_BITS  # type: ignore[call-overload]
                 old_time = int(found) & TIME_MASK  # type: ignore[call-overload]
-                if not self._is_shared(dev, old_block, old_time):
+                if not self._is_shared(dev, old_time):
                     self._write_data(old_block, within, chunk)
                     pos += n
                     continue
@@ -487,6 +502,14 @@ class WritablePool:
         sb = self._superblock_bytes(0, data_root=data_root, meta_root=meta_root)
         write_block = write_block or self._pwrite_block
         flush = flush or self._fsync
+        if self._pending:
+            fd = self._need_data()
+            bs = self.block_bytes
+            for b, content in sorted(self._pending.items()):
+                if os.pwrite(fd, content, b * bs) != bs:
+                    raise DeviceError(f"short write to data block {b}")
+        if self._data_fd is not None:
+            os.fsync(self._data_fd)
         for b, buf in sorted(blocks):
             if b == 0:
                 raise AssertionError("block 0 allocated to something other than the superblock")
@@ -494,8 +517,6 @@ class WritablePool:
         flush()
         write_block(0, sb)
         flush()
-        if self._data_fd is not None:
-            os.fsync(self._data_fd)
         self._load()
         return True
 
