@@ -11,7 +11,8 @@ cd "$(dirname "$0")"
 here=$(pwd)
 
 PKGS="qemu-system-x86 linux-image-amd64 busybox-static dmsetup thin-provisioning-tools
-      libparted-dev pkg-config e2fsprogs cpio xz-utils python3-venv python3-dev gcc"
+      libparted-dev pkg-config e2fsprogs cpio xz-utils zstd util-linux python3-venv python3-dev
+      gcc"
 
 sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
