@@ -219,3 +219,21 @@ def test_repair_quality_at_least_thin_repair_11(pool_name, tools11, tmp_path):
         if r.theirs.ok and r.theirs.wrong:
             pass  # thin_repair's own mistakes are reported in docs/repair.md, not judged here
     assert not bad, "\n".join(bad)
+
+
+def test_device_missing_from_the_details_tree_gets_regenerated_details(multilevel_meta,
+                                                                       tools11, tmp_path):
+    """Found by the fuzzer: the details leaf's key 1 rewritten to 300 (checksum fixed)."""
+    import fuzz_damage
+
+    raw = multilevel_meta.read()
+    details_leaf = damage.MetaMap(bytes(raw)).details_root
+    used = fuzz_damage.used_blocks(bytes(raw))
+    bad = fuzz_damage.apply(bytes(raw), [("field", used.index(details_leaf), "key0", 300)], used)
+    src = _write(tmp_path / "k.meta", bad)
+    out = tmp_path / "o.meta"
+    assert _repair(src, out) == 0
+    assert oracles.check(out, tools11)[0] == 0
+    got = semantic.parse_dump(oracles.dump(out, tools11))
+    assert [d.dev_id for d in got.devices] == [1]
+    assert len(got.devices[0].mappings) == multilevel_meta.pool.nr_mappings

@@ -675,7 +675,10 @@ def salvage(path: str | os.PathLike[str], overrides: Overrides | None = None):
         time = max(ref.time if ref is not None else 0, age + (1 if details is None else 0))
         if details is None:
             tid = max(tid, 1)
-            details = {dev: (0, tid - 1, time, time) for dev in top}
+            details = {}
+        regenerated = (0, max(tid, 1) - 1, time, time)
+        for dev in top:  # devices whose details are lost (as thin_repair regenerates them)
+            details.setdefault(dev, regenerated)
 
         # -- mappings beyond the data device are dropped (their leaves become private)
         for lid, (keys, vals) in list(leaf_data.items()):
