@@ -7,11 +7,12 @@ import os
 
 import pytest
 
+from dmimage.cli.main import main
+from dmimage.thin.check import check_metadata
+
 import damage
 import oracles
 import poolgen
-from dmimage.cli.main import main
-from dmimage.thin.check import check_metadata
 
 #: Damage thin_check 1.1 accepts but dmimage rejects, because the kernel refuses or misbehaves
 #: (thin-format.md §13): nr_allocated feeds the kernel's free-space accounting, and the kernel's
@@ -44,7 +45,8 @@ def _damaged_cases():
     return [("multilevel", base), ("snapshot", snap)]
 
 
-@pytest.mark.parametrize(("name", "desc"), _damaged_cases(), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(("name", "desc"), _damaged_cases(),
+                         ids=lambda v: v if isinstance(v, str) else "")
 def test_damage_verdicts_match_thin_check_11(name, desc, restored_pool, tmp_path):
     rp = restored_pool(desc)
     cases = damage.all_damage(rp.read())

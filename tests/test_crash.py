@@ -10,12 +10,12 @@ import shutil
 import numpy as np
 import pytest
 
-import damage
-
-import oracles
-import poolgen
 from dmimage.thin.check import check_metadata
 from dmimage.thin.transaction import open_writable
+
+import damage
+import oracles
+import poolgen
 
 
 class Crash(Exception):
@@ -68,10 +68,7 @@ def test_every_crash_point_leaves_old_or_new(base, tmp_path, tools11):
         shutil.copyfile(meta, victim)
         with open_writable(victim, data) as pool:
             _operations(pool)
-            inner = pool._pwrite_block
-            left = [k]
-
-            def dying(b: int, buf: bytes) -> None:
+            def dying(b: int, buf: bytes, left=[k], inner=pool._pwrite_block) -> None:  # noqa: B006
                 if left[0] == 0:
                     raise Crash
                 left[0] -= 1
@@ -105,4 +102,5 @@ def test_uncommitted_changes_leave_visible_state_identical(base):
     assert meta.read_bytes() == before_meta
     after = np.frombuffer(data.read_bytes(), np.uint8).reshape(-1, 65536)
     assert used.any()
-    assert np.array_equal(after[used], np.frombuffer(before_data, np.uint8).reshape(-1, 65536)[used])
+    before = np.frombuffer(before_data, np.uint8).reshape(-1, 65536)
+    assert np.array_equal(after[used], before[used])

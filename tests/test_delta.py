@@ -8,10 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 
-import damage
 import numpy as np
-import oracles
-import poolgen
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -20,6 +17,10 @@ from test_ls import run_ours, theirs
 
 from dmimage.thin.delta import KINDS, diff_mappings
 from dmimage.thin.pool import open_pool
+
+import damage
+import oracles
+import poolgen
 
 HYP = settings(max_examples=10, deadline=None,
                suppress_health_check=[HealthCheck.function_scoped_fixture,

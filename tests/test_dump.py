@@ -6,7 +6,6 @@ damaged metadata (exit 1, one line on stderr)."""
 from __future__ import annotations
 
 import io
-import os
 import struct
 from pathlib import Path
 
@@ -15,10 +14,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import damage
-import oracles
-import poolgen
-import semantic
 from dmimage.cli.main import main
 from dmimage.format.checksum import block_checksum
 from dmimage.format.constants import SALT_SUPERBLOCK
@@ -31,10 +26,13 @@ from dmimage.thin.dump import (
     parse_dump,
     parse_json,
     parse_xml,
-    pool_to_ir,
     xml_bytes,
 )
-from dmimage.thin.pool import open_pool
+
+import damage
+import oracles
+import poolgen
+import semantic
 
 HYP = settings(max_examples=12, deadline=None,
                suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -77,7 +75,7 @@ def shared_xml(seed: int, n_devices: int = 4, max_def: int = 700) -> str:
     lines = []
     regions = []
     origin = int(rng.integers(0, 50))
-    for i in range(n_defs):
+    for _ in range(n_defs):
         n = int(rng.integers(1, max_def))
         gap = int(rng.integers(0, 400))
         start = origin + gap
@@ -103,7 +101,7 @@ def shared_xml(seed: int, n_devices: int = 4, max_def: int = 700) -> str:
         body = []
         count = 0
         prev_end = 0
-        for i, (start, n, data, times) in enumerate(regions):
+        for i, (start, n, _data, _times) in enumerate(regions):
             k = int(rng.integers(0, max(1, min(60, start - prev_end))))  # own, before the def
             if k:
                 for o in sorted(rng.choice(np.arange(prev_end, start), k, replace=False).tolist()):
@@ -159,7 +157,7 @@ def assert_all_formats(path: Path, tools11, *args: str) -> bytes:
 
 def _first_diff(a: bytes, b: bytes) -> str:
     la, lb = a.split(b"\n"), b.split(b"\n")
-    for i, (x, y) in enumerate(zip(la, lb)):
+    for i, (x, y) in enumerate(zip(la, lb, strict=False)):
         if x != y:
             return f"line {i + 1}: ours {x!r} vs 1.1 {y!r}"
     return f"lengths differ: {len(la)} vs {len(lb)} lines"

@@ -6,13 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import oracles
-import poolgen
-import semantic
 from dmimage.cli.main import main
 from dmimage.thin.export import export_thin
 from dmimage.thin.model import PoolModel
 from dmimage.thin.pool import open_pool
+
+import oracles
+import poolgen
+import semantic
 
 BS = 65536
 

@@ -9,11 +9,12 @@ import os
 import numpy as np
 import pytest
 
-import poolgen
 from dmimage import open_pool
 from dmimage.cli.main import main
 from dmimage.errors import DeviceError
 from dmimage.thin.export import export_thin
+
+import poolgen
 
 BS = 128 * 512
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import struct
 
-import oracles
 import pytest
 
 from dmimage.cli.main import main
@@ -12,6 +11,8 @@ from dmimage.errors import OutputTooSmallError, UsageError
 from dmimage.format.checksum import sniff_block_type
 from dmimage.thin.format_pool import format_pool
 from dmimage.thin.pool import open_pool
+
+import oracles
 
 
 def _node(block: bytes) -> tuple[int, int, int, int]:

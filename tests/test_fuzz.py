@@ -30,11 +30,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 import damage
 import fuzz_damage
 import oracles
 import poolgen
-import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, Phase, given, seed, settings  # noqa: E402

@@ -18,12 +18,13 @@ import json
 import lzma
 from pathlib import Path
 
-import oracles
 import pytest
 
 from dmimage import open_pool
 from dmimage.thin.check import check_metadata
 from dmimage.thin.dump import dump_pool
+
+import oracles
 
 FIXTURES = Path(__file__).parent / "fixtures" / "kernel"
 NAMES = sorted(p.name[: -len(".meta.xz")] for p in FIXTURES.glob("*.meta.xz"))

@@ -8,9 +8,6 @@ import io
 import json
 import sys
 
-import damage
-import oracles
-import poolgen
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -19,6 +16,10 @@ from test_dump import _alias_device, add_held_snapshot, shared_xml
 from dmimage.cli.main import main
 from dmimage.thin.ls import FIELDS, device_usage, pretty_size
 from dmimage.thin.pool import open_pool
+
+import damage
+import oracles
+import poolgen
 
 HYP = settings(max_examples=8, deadline=None,
                suppress_health_check=[HealthCheck.function_scoped_fixture,

@@ -5,12 +5,13 @@ from __future__ import annotations
 import itertools
 import random
 
-import oracles
 import pytest
 
 from dmimage.cli.main import main
 from dmimage.errors import UsageError
 from dmimage.thin.metadata_size import format_size, metadata_size, parse_size, parse_unit
+
+import oracles
 
 UNITS = ["b", "s", "k", "m", "g", "t", "p", "e", "K", "M", "G", "T", "P", "E", "sector",
          "byte", "KiB", "MiB", "GiB", "TiB", "kB", "MB", "GB", "TB", "kibibyte", "gigabyte"]

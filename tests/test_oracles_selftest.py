@@ -13,13 +13,14 @@ from __future__ import annotations
 import dataclasses
 
 import crc32c
-import damage as dm
 import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+import damage as dm
 import oracles
 import poolgen as pg
-import pytest
 import semantic as sem
-from hypothesis import HealthCheck, given, settings
 
 FIXED_POOLS = {
     "empty": pg.empty_pool,

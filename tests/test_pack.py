@@ -10,8 +10,6 @@ import struct
 import zlib
 
 import numpy as np
-import oracles
-import poolgen
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -27,6 +25,9 @@ from dmimage.thin.pack import (
     pack_metadata,
     read_pack,
 )
+
+import oracles
+import poolgen
 
 HYP = settings(max_examples=8, deadline=None,
                suppress_health_check=[HealthCheck.function_scoped_fixture,

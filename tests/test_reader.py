@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-import damage
-import poolgen
 from dmimage import open_pool
 from dmimage.errors import MetadataError, UsageError
+
+import damage
+import poolgen
 
 
 def assert_pool_matches(meta_path, desc: poolgen.Pool) -> None:

@@ -8,14 +8,15 @@ import os
 import shutil
 import sys
 
-import damage
 import numpy as np
-import oracles
 import pytest
-import semantic
 
 from dmimage.cli.main import main
 from dmimage.thin.check import check_metadata
+
+import damage
+import oracles
+import semantic
 
 BLOCK = 4096
 

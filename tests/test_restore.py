@@ -17,8 +17,6 @@ import struct
 from pathlib import Path
 
 import numpy as np
-import oracles
-import poolgen
 import pytest
 from hypothesis import HealthCheck, given, settings
 
@@ -27,6 +25,9 @@ from dmimage.errors import DeviceError, InputError, OutputTooSmallError
 from dmimage.format.checksum import sniff_block_type
 from dmimage.thin.ir import DeviceIR, PoolIR, Runs, SuperblockIR
 from dmimage.thin.restore import build_metadata, read_xml, restore
+
+import oracles
+import poolgen
 
 # ----------------------------------------------------------------------------- helpers
 

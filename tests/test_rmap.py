@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import json
 
-import damage
 import numpy as np
-import oracles
-import poolgen
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -19,6 +16,10 @@ from test_ls import run_ours, theirs
 from dmimage.errors import UsageError
 from dmimage.thin.pool import open_pool
 from dmimage.thin.rmap import parse_region
+
+import damage
+import oracles
+import poolgen
 
 HYP = settings(max_examples=10, deadline=None,
                suppress_health_check=[HealthCheck.function_scoped_fixture,

@@ -4,7 +4,6 @@ back by dmimage's reader and by thin_dump 1.1, equals the model, and both checke
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 
@@ -12,16 +11,17 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition, rule)
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-import oracles
-import poolgen
-import semantic
 from dmimage import open_pool
 from dmimage.thin.check import check_metadata
 from dmimage.thin.export import export_thin
 from dmimage.thin.model import PoolModel
 from dmimage.thin.transaction import PoolStateError, open_writable
+
+import oracles
+import poolgen
+import semantic
 
 BS = 128 * 512
 NR_DATA = 192

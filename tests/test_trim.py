@@ -9,15 +9,16 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import damage
 import numpy as np
-import oracles
-import poolgen
 import pytest
 from test_ls import run_ours
 
 from dmimage.thin.pool import open_pool
 from dmimage.thin.trim import trim_data, unprovisioned_ranges
+
+import damage
+import oracles
+import poolgen
 
 BS_SECTORS = 128
 BS = BS_SECTORS * 512

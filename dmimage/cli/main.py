@@ -50,10 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         # Reader went away (e.g. `| head`): not an error worth a traceback.
-        try:
-            sys.stdout = None  # type: ignore[assignment]
-        finally:
-            return 0
+        sys.stdout = None  # type: ignore[assignment]
+        return 0
     except MemoryError:
         print(f"dmimage {args.command}: out of memory", file=sys.stderr)
         return 2

@@ -60,7 +60,8 @@ def read_node(reader: BlockReader, blocknr: int, leaf_value_size: int) -> Node:
     csum, flags, own, nr, max_entries, value_size, _pad = BTREE_HEADER_STRUCT.unpack_from(block)
     if block_checksum(block, SALT_BTREE_NODE) != csum:
         kind = sniff_block_type(block)
-        hint = f" (it is a {kind} block)" if kind and kind != BLOCK_TYPE_NAMES[SALT_BTREE_NODE] else ""
+        other = kind and kind != BLOCK_TYPE_NAMES[SALT_BTREE_NODE]
+        hint = f" (it is a {kind} block)" if other else ""
         raise ChecksumError(f"btree node checksum mismatch{hint}", block=blocknr, field="csum")
     if own != blocknr:
         raise BlockNumberError(f"btree node says it is block {own}", block=blocknr, field="blocknr")

@@ -111,7 +111,8 @@ BlockWrite = Callable[[int, bytes], None]
 class WritablePool:
     """A pool opened for offline changes. Use as a context manager; call :meth:`commit`."""
 
-    def __init__(self, metadata: str | os.PathLike[str], data: str | os.PathLike[str] | None = None):
+    def __init__(self, metadata: str | os.PathLike[str],
+                 data: str | os.PathLike[str] | None = None):
         self.path = os.fspath(metadata)
         try:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)

@@ -1,6 +1,7 @@
 """thin_dump ``--format human_readable``, byte-identical to thin_dump 1.1.
 
-    begin superblock: "UUID", TIME, TRANSACTION, FLAGS, VERSION, DATA_BLOCK_SIZE, NR_DATA_BLOCKS[, METADATA_SNAP]
+    begin superblock: "UUID", TIME, TRANSACTION, FLAGS, VERSION, DATA_BLOCK_SIZE,
+        NR_DATA_BLOCKS[, METADATA_SNAP]
     def: NAME
         (V..V_END) -> (D..D_END), TIME
     <blank>

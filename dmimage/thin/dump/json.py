@@ -152,7 +152,8 @@ def parse_json(source: str | os.PathLike[str] | bytes | IO[bytes]) -> PoolIR:
                       data_block_size=_int(sbd["data_block_size"], "superblock.data_block_size",
                                            (1 << 32) - 1),
                       nr_data_blocks=_int(sbd["nr_data_blocks"], "superblock.nr_data_blocks"),
-                      metadata_snap=None if snap is None else _int(snap, "superblock.metadata_snap"))
+                      metadata_snap=None if snap is None
+                      else _int(snap, "superblock.metadata_snap"))
     defs: dict[str, Runs] = {}
     for i, dd in enumerate(doc.get("defs", [])):
         if not isinstance(dd, dict) or not isinstance(dd.get("name"), str):

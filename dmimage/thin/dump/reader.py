@@ -110,7 +110,8 @@ def gather_runs(sequences: Iterable[Sequence[int]]) -> dict[int, tuple[list[int]
 
 
 def shared_leaf_items(leaf_lists: Sequence[Sequence[int]]
-                      ) -> tuple[list[list[tuple[bool, int | list[int]]]], list[tuple[int, list[int]]]]:
+                      ) -> tuple[list[list[tuple[bool, int | list[int]]]],
+                                 list[tuple[int, list[int]]]]:
     """Per device, its items as (is_ref, head) or (False, [leaf, ...]) groups; and the defs
     as (head, leaves), ascending."""
     runs = gather_runs(leaf_lists)
@@ -206,7 +207,7 @@ def pool_to_ir(pool: Pool, *, dev_ids: Iterable[int] | None = None,
         defs = []
     for head, seq in defs:
         ir.defs[str(head)] = leaves.runs(seq)
-    for dev_id, items in zip(ids, per_dev):
+    for dev_id, items in zip(ids, per_dev, strict=True):
         dev = _device_ir(details[dev_id])
         for is_ref, what in items:
             if is_ref:

@@ -84,7 +84,7 @@ def render_rows(parts: list[bytes | tuple[bytes, bytes]], cols: list[np.ndarray]
         mat = np.empty((m, line_w), np.uint8)
         mat[:] = row
         length = np.full(m, line_w, np.int64) if want_lengths else None
-        for col, start, w in zip(cols, starts, widths):
+        for col, start, w in zip(cols, starts, widths, strict=True):
             v = col[s:e]
             prev = None
             for j in range(w):

@@ -22,8 +22,8 @@ from typing import IO, BinaryIO
 import numpy as np
 
 from dmimage.errors import DmimageError
-from dmimage.thin.ir import U32, U64, DeviceIR, PoolIR, Runs, SuperblockIR
 from dmimage.thin.dump.render import Document, render_rows
+from dmimage.thin.ir import U32, U64, DeviceIR, PoolIR, Runs, SuperblockIR
 
 __all__ = ["xml_document", "write_xml", "xml_bytes", "parse_xml", "expand_shared",
            "DumpFormatError"]
