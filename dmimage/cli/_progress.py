@@ -13,8 +13,7 @@ def progress_bar(label: str, total: int | None = None) -> Iterator[Callable[[int
     if not sys.stderr.isatty():
         yield lambda n: None
         return
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                               TransferSpeedColumn)
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
     with Progress(TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   transient=True) as prog:
