@@ -1,0 +1,468 @@
+"""`build(spec, outdir)`: a thin pool with its volumes, as a GPT disk or two files.
+
+Order of work (nothing appears under a final name until everything is done):
+
+1. content: ext4 volumes are made from their directories (:mod:`dmimage.image.ext4`), raw
+   volumes read their file; a snapshot without content shows its origin's;
+2. plan: for every volume with content, the data blocks to write — a volume without an
+   origin writes its non-zero blocks, a snapshot (a layer) the blocks that differ from its
+   origin's content (numpy, block by block), and discards blocks that became all zero;
+   the total must fit the data device;
+3. pool: ``format_pool`` on a temp metadata file, then :class:`WritablePool` creates each thin
+   or snapshot, writes its planned blocks and commits (once per volume); last the
+   transaction id;
+4. self-check: every thin is exported offline (hashed while streaming) and must equal the
+   content it was built from;
+5. output: the GPT image (temp files copied sparsely into the partitions) or the two files,
+   one table per device, activate.sh / deactivate.sh and manifest.json, renamed from
+   ``OUTDIR/.tmp-*`` into OUTDIR at the end (manifest last).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dmimage.errors import DmimageError
+from dmimage.format.constants import SECTOR_SIZE
+from dmimage.image.ext4 import FileEntry
+from dmimage.image.spec import Ext4Content, RawContent, Spec, SpecError, Volume, human
+
+READ_BLOCKS_BYTES = 8 << 20
+Progress = Callable[[int], None]
+
+
+class BuildError(DmimageError):
+    """The build's own self-check failed (a bug, not bad input)."""
+
+    exit_code = 1
+
+
+@dataclass
+class _Content:
+    """A volume's visible content: *length* bytes from *path* (None: zeros), then zeros."""
+
+    path: Path | None
+    length: int
+    files: list[FileEntry] | None = None
+
+
+@dataclass
+class _Plan:
+    volume: Volume
+    content: _Content
+    writes: np.ndarray  # block indices to write
+    discards: np.ndarray  # block indices to unmap (became all zero)
+    sha256: str = ""  # of the intended content over the volume size
+
+
+@dataclass
+class BuildReport:
+    outdir: Path
+    manifest: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _chunks(c: _Content, size: int, bs: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(first block, array of shape (k, bs)) over the volume's first *size* bytes."""
+    per = max(1, READ_BLOCKS_BYTES // bs)
+    nblocks = -(-size // bs)
+    f = open(c.path, "rb") if c.path is not None else None  # noqa: SIM115
+    try:
+        for first in range(0, nblocks, per):
+            k = min(per, nblocks - first)
+            buf = np.zeros(k * bs, np.uint8)
+            off = first * bs
+            if f is not None and off < c.length:
+                n = min(k * bs, c.length - off)
+                f.seek(off)
+                raw = f.read(n)
+                buf[:len(raw)] = np.frombuffer(raw, np.uint8)
+            end = min(k * bs, size - off)
+            if end < k * bs:
+                buf[end:] = 0  # the tail of a partial last block is not part of the volume
+            yield first, buf.reshape(k, bs)
+    finally:
+        if f is not None:
+            f.close()
+
+
+def _sha_of(c: _Content, size: int) -> str:
+    h = hashlib.sha256()
+    pos = 0
+    if c.path is not None:
+        with open(c.path, "rb") as f:
+            while pos < min(c.length, size):
+                b = f.read(min(4 << 20, min(c.length, size) - pos))
+                if not b:
+                    break
+                h.update(b)
+                pos += len(b)
+    zero = bytes(1 << 20)
+    while pos < size:
+        n = min(len(zero), size - pos)
+        h.update(zero[:n])
+        pos += n
+    return h.hexdigest()
+
+
+def _plan(v: Volume, c: _Content, base: _Content | None, bs: int) -> _Plan:
+    writes, discards = [], []
+    if base is None:
+        for first, a in _chunks(c, v.size, bs):
+            writes.append(first + np.flatnonzero(a.any(axis=1)))
+    else:
+        for (first, a), (_, b) in zip(_chunks(c, v.size, bs), _chunks(base, v.size, bs),
+                                      strict=True):
+            differ = (a != b).any(axis=1)
+            nonzero = a.any(axis=1)
+            writes.append(first + np.flatnonzero(differ & nonzero))
+            discards.append(first + np.flatnonzero(differ & ~nonzero))
+    def cat(xs):
+        return (np.concatenate(xs).astype(np.int64) if xs else np.empty(0, np.int64))
+    return _Plan(v, c, cat(writes), cat(discards))
+
+
+def _runs(blocks: np.ndarray) -> Iterator[tuple[int, int]]:
+    """(first, count) of consecutive runs in a sorted index array."""
+    if not len(blocks):
+        return
+    breaks = np.flatnonzero(np.diff(blocks) != 1) + 1
+    for seg in np.split(blocks, breaks):
+        yield int(seg[0]), len(seg)
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.h = hashlib.sha256()
+
+    def write(self, b: bytes) -> int:
+        self.h.update(b)
+        return len(b)
+
+    def flush(self) -> None:
+        pass
+
+
+def _make_file(path: Path, size: int) -> None:
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+
+def _replace_into(tmp: Path, outdir: Path, names: list[str]) -> None:
+    for n in names:
+        os.replace(tmp / n, outdir / n)
+
+
+def build(spec: Spec, outdir: str | os.PathLike[str], *, progress: Progress | None = None,
+          log: Callable[[str], None] | None = None) -> BuildReport:
+    """Build *spec* into *outdir*; returns the manifest. See the module docstring."""
+    from dmimage.image.ext4 import make_ext4
+    from dmimage.thin.export import export_thin
+    from dmimage.thin.format_pool import format_pool
+    from dmimage.thin.pool import open_pool
+    from dmimage.thin.transaction import open_writable
+
+    say = log or (lambda s: None)
+    out = Path(outdir)
+    created_outdir = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        from dmimage.errors import DeviceError
+
+        raise DeviceError(f"{out}: {exc.strerror}") from None
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out))
+    timings: dict[str, float] = {}
+    t0 = time.monotonic()
+    ok = False
+    try:
+        pool_spec = spec.pool
+        bs = pool_spec.data_block_size
+        # 1. content --------------------------------------------------------------------
+        contents: dict[str, _Content] = {}
+        own: dict[str, bool] = {}
+        for v in spec.volumes:
+            c = v.content
+            if isinstance(c, Ext4Content):
+                img = tmp / f"content-{v.name}.ext4"
+                files = make_ext4(c, v.size, img, tmp, spec.source_date_epoch)
+                contents[v.name] = _Content(img, v.size, files)
+            elif isinstance(c, RawContent):
+                contents[v.name] = _Content(c.file, c.size)
+            elif v.origin is not None:
+                contents[v.name] = contents[v.origin]
+            else:
+                contents[v.name] = _Content(None, 0)
+            own[v.name] = c is not None
+        timings["content"] = time.monotonic() - t0
+        # 2. plan ------------------------------------------------------------------------
+        plans: list[_Plan] = []
+        for v in spec.volumes:
+            vc = contents[v.name]
+            if own[v.name]:
+                base = contents[v.origin] if v.origin is not None else None
+                p = _plan(v, vc, base, bs)
+            else:
+                p = _Plan(v, vc, np.empty(0, np.int64), np.empty(0, np.int64))
+            p.sha256 = _sha_of(vc, v.size)
+            plans.append(p)
+        needed = sum(len(p.writes) for p in plans)
+        if needed > pool_spec.nr_data_blocks:
+            raise SpecError("pool.data_size", f"{human(pool_spec.data_size)} "
+                            f"({pool_spec.nr_data_blocks} blocks of {human(bs)}) does not fit "
+                            f"the content: {needed} data blocks are needed "
+                            f"({human(needed * bs)})")
+        timings["plan"] = time.monotonic() - t0 - sum(timings.values())
+        # 3. pool ------------------------------------------------------------------------
+        meta_tmp, data_tmp = tmp / "metadata.bin", tmp / "data.bin"
+        _make_file(meta_tmp, pool_spec.metadata_size)
+        _make_file(data_tmp, pool_spec.data_size)
+        format_pool(meta_tmp, pool_spec.block_sectors, pool_spec.nr_data_blocks)
+        ids = {v.name: v.id for v in spec.volumes}
+        with open_writable(meta_tmp, data_tmp) as wp:
+            for p in plans:
+                v = p.volume
+                if v.origin is None:
+                    wp.create_thin(v.id)
+                else:
+                    wp.create_snap(v.id, ids[v.origin])
+                wp.commit()
+                if len(p.writes) or len(p.discards):
+                    with open(p.content.path, "rb") as f:  # type: ignore[arg-type]
+                        for first, count in _runs(p.writes):
+                            off = first * bs
+                            n = min(count * bs, v.size - off)
+                            f.seek(off)
+                            buf = f.read(n) if off < p.content.length else b""
+                            buf = buf + bytes(n - len(buf))
+                            wp.write(v.id, off, buf)
+                            if progress:
+                                progress(n)
+                    for first, count in _runs(p.discards):
+                        wp.discard(v.id, first * bs, count * bs)
+                    wp.commit()
+                say(f"{v.dm_name}: id {v.id}, {human(v.size)}"
+                    + (f", snapshot of {v.origin}" if v.origin else "")
+                    + f", {len(p.writes)} blocks written"
+                    + (f", {len(p.discards)} discarded" if len(p.discards) else ""))
+            if pool_spec.transaction_id != wp.trans_id:
+                wp.set_transaction_id(wp.trans_id, pool_spec.transaction_id)
+                wp.commit()
+        timings["pool"] = time.monotonic() - t0 - sum(timings.values())
+        # 4. self-check and facts --------------------------------------------------------
+        devices = []
+        with open_pool(meta_tmp) as pool:
+            details = pool.devices()
+            data_used = pool.data_space_map().nr_allocated
+            meta_used = pool.metadata_space_map().nr_allocated
+            for p in plans:
+                v = p.volume
+                sink = _Sink()
+                export_thin(pool, data_tmp, v.id, sink, size=v.size)  # type: ignore[arg-type]
+                sha = sink.h.hexdigest()
+                if sha != p.sha256:
+                    raise BuildError(f"self-check: thin {v.id} ({v.name}) exports as {sha}, "
+                                     f"its content is {p.sha256}")
+                devices.append((v, p, details[v.id].mapped_blocks, sha))
+        timings["verify"] = time.monotonic() - t0 - sum(timings.values())
+        # 5. outputs ---------------------------------------------------------------------
+        manifest = _outputs(spec, tmp, meta_tmp, data_tmp, devices, data_used, meta_used)
+        finals = manifest["_files"]
+        del manifest["_files"]
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        _replace_into(tmp, out, finals + ["manifest.json"])
+        timings["output"] = time.monotonic() - t0 - sum(timings.values())
+        timings["total"] = time.monotonic() - t0
+        ok = True
+        return BuildReport(out, manifest, timings)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not ok and created_outdir:
+            try:
+                out.rmdir()
+            except OSError:
+                pass
+
+
+def _outputs(spec: Spec, tmp: Path, meta_tmp: Path, data_tmp: Path, devices: list,
+             data_used: int, meta_used: int) -> dict[str, Any]:
+    from dmimage.image.gpt import create_gpt, plan_layout
+    from dmimage.image.scripts import activation_script, deactivation_script
+    from dmimage.image.sparse import copy_sparse
+    from dmimage.table import DmDevice, Entry, Table, Thin, ThinPool, dm_mod_create, format_table
+    from dmimage.table.errors import TableError
+
+    ps = spec.pool
+    files: list[str] = []
+    m: dict[str, Any] = {"format": "dmimage-build", "version": 1, "name": spec.name,
+                         "spec": spec.source.name, "layout": spec.layout}
+    if spec.layout == "gpt":
+        layout = plan_layout(ps.metadata_size, ps.data_size, spec.image_size)
+        meta_uuid, data_uuid = spec.uuid5("partition:metadata"), spec.uuid5("partition:data")
+        disk_guid = spec.uuid5("disk")
+        img_name = f"{spec.name}.img"
+        img = tmp / img_name
+        _make_file(img, layout.disk_bytes)
+        meta_pname, data_pname = f"{spec.name}-metadata"[:36], f"{spec.name}-data"[:36]
+        create_gpt(str(img), layout, [(meta_pname, meta_uuid), (data_pname, data_uuid)],
+                   disk_guid)
+        fd = os.open(img, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            for src, start, size in ((meta_tmp, layout.meta_start, layout.meta_size),
+                                     (data_tmp, layout.data_start, layout.data_size)):
+                sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    copy_sparse(sfd, 0, fd, start, size)
+                finally:
+                    os.close(sfd)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        files.append(img_name)
+        meta_ref = f"/dev/disk/by-partuuid/{meta_uuid}"
+        data_ref = f"/dev/disk/by-partuuid/{data_uuid}"
+        m["image"] = {"file": img_name, "size": layout.disk_bytes, "disk_guid": str(disk_guid),
+                      "sha256": _file_sha(img)}
+        m["partitions"] = [
+            {"number": 1, "role": "metadata", "name": meta_pname, "partuuid": str(meta_uuid),
+             "start": layout.meta_start, "size": layout.meta_size},
+            {"number": 2, "role": "data", "name": data_pname, "partuuid": str(data_uuid),
+             "start": layout.data_start, "size": layout.data_size}]
+        meta_file = data_file = ""
+    else:
+        meta_file, data_file = f"{spec.name}.meta", f"{spec.name}.data"
+        os.replace(meta_tmp, tmp / meta_file)
+        os.replace(data_tmp, tmp / data_file)
+        files += [meta_file, data_file]
+        meta_ref, data_ref = "METADATA_DEV", "DATA_DEV"
+        m["files"] = {"metadata": {"file": meta_file, "size": ps.metadata_size,
+                                   "sha256": _file_sha(tmp / meta_file)},
+                      "data": {"file": data_file, "size": ps.data_size,
+                               "sha256": _file_sha(tmp / data_file)}}
+        meta_uuid = data_uuid = None  # type: ignore[assignment]
+
+    pool_sectors = ps.nr_data_blocks * ps.block_sectors
+    pool_target = ThinPool(meta_ref, data_ref, ps.block_sectors, ps.low_water_mark,
+                           frozenset(ps.features))
+    pool_table = Table((Entry(0, pool_sectors, pool_target),))
+    pool_table.validate({meta_ref: ps.metadata_size // SECTOR_SIZE,
+                         data_ref: ps.data_size // SECTOR_SIZE})
+    ro_table = None
+    if len(ps.features) < 4:
+        ro_table = format_table(Table((Entry(0, pool_sectors, ThinPool(
+            meta_ref, data_ref, ps.block_sectors, ps.low_water_mark,
+            frozenset(ps.features) | {"read_only"})),)))
+    pool_dev = f"/dev/mapper/{ps.name}"
+    tables: dict[str, str] = {ps.name: format_table(pool_table)}
+    thin_tables: list[tuple[str, str]] = []
+    dm_devices = []
+    for v, _p, _mapped, _sha in devices:
+        t = Table((Entry(0, v.size // SECTOR_SIZE, Thin(pool_dev, v.id)),))
+        t.validate()
+        tables[v.dm_name] = format_table(t)
+        thin_tables.append((v.dm_name, tables[v.dm_name]))
+        dm_devices.append(DmDevice(v.dm_name, t))
+    for dm, text in tables.items():
+        (tmp / f"{dm}.table").write_text(text)
+        files.append(f"{dm}.table")
+    try:
+        value: str | None = dm_mod_create([DmDevice(ps.name, pool_table), *dm_devices])
+        note = None
+    except TableError as exc:
+        value = None
+        note = (f"not expressible: {exc}. The kernel's dm-init (dm-mod.create=) refuses "
+                "thin and thin-pool targets, so these devices must be created by dmsetup "
+                "(activate.sh), e.g. from an initramfs.")
+    act = activation_script(name=spec.name, layout=spec.layout, pool=ps.name,
+                            pool_table=tables[ps.name], pool_table_ro=ro_table,
+                            thins=thin_tables, meta_ref=meta_ref, data_ref=data_ref,
+                            meta_uuid=meta_uuid, data_uuid=data_uuid, meta_file=meta_file,
+                            data_file=data_file)
+    deact = deactivation_script(name=spec.name, layout=spec.layout, pool=ps.name,
+                                thins=[d for d, _ in thin_tables], meta_file=meta_file,
+                                data_file=data_file)
+    for n, text in (("activate.sh", act), ("deactivate.sh", deact)):
+        (tmp / n).write_text(text)
+        os.chmod(tmp / n, 0o755)
+        files.append(n)
+    bs = ps.data_block_size
+    m["pool"] = {
+        "name": ps.name, "table": f"{ps.name}.table", "data_block_size": ps.block_sectors,
+        "data_block_bytes": bs, "nr_data_blocks": ps.nr_data_blocks,
+        "data_size": ps.data_size, "metadata_size": ps.metadata_size,
+        "transaction_id": ps.transaction_id, "features": ps.features,
+        "low_water_mark": ps.low_water_mark, "data_blocks_used": data_used,
+        "metadata_blocks_used": meta_used,
+        "metadata_dev": meta_ref, "data_dev": data_ref}
+    vols = []
+    for v, p, mapped, sha in devices:
+        d: dict[str, Any] = {
+            "name": v.name, "dm_name": v.dm_name, "id": v.id, "size": v.size,
+            "sectors": v.size // SECTOR_SIZE, "origin": v.origin,
+            "table": f"{v.dm_name}.table", "sha256": sha, "mapped_blocks": mapped,
+            "blocks_written": int(len(p.writes)), "blocks_discarded": int(len(p.discards))}
+        c = v.content
+        if isinstance(c, Ext4Content):
+            d["content"] = {"type": "ext4", "uuid": c.uuid, "label": c.label,
+                            "dirs": [str(x.relative_to(spec.source.parent))
+                                     if x.is_relative_to(spec.source.parent) else str(x)
+                                     for x in c.dirs],
+                            "files": [f.to_json() for f in p.content.files or []]}
+        elif isinstance(c, RawContent):
+            d["content"] = {"type": "raw", "file": c.file.name, "size": c.size}
+        else:
+            d["content"] = {"type": "origin" if v.origin else "empty"}
+            if v.origin and p.content.files is not None:
+                d["content"]["files"] = [f.to_json() for f in p.content.files]
+                d["content"]["type"] = "ext4"
+                d["content"]["inherited"] = True
+        vols.append(d)
+    m["devices"] = vols
+    m["activate"] = "activate.sh"
+    m["deactivate"] = "deactivate.sh"
+    m["dm_mod_create"] = value
+    m["dm_mod_create_note"] = note
+    m["_files"] = files
+    return m
+
+
+def _file_sha(path: Path) -> str:
+    """sha256 of a (sparse) file, holes hashed as zeros without reading them."""
+    from dmimage.image.sparse import data_ranges
+
+    h = hashlib.sha256()
+    size = os.stat(path).st_size
+    zero = bytes(1 << 20)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        pos = 0
+
+        def zeros(n: int) -> None:
+            while n > 0:
+                k = min(n, len(zero))
+                h.update(zero[:k])
+                n -= k
+
+        for off, n in data_ranges(fd, 0, size):
+            zeros(off - pos)
+            done = 0
+            while done < n:
+                b = os.pread(fd, min(4 << 20, n - done), off + done)
+                h.update(b)
+                done += len(b)
+            pos = off + n
+        zeros(size - pos)
+    finally:
+        os.close(fd)
+    return h.hexdigest()
