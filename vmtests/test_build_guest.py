@@ -118,3 +118,49 @@ def test_example_writable_copy(dm_vm, example, tmp_path, tools11):
                                     capture_output=True, text=True, check=True).stdout
                 assert "hostname" not in ls
     assert json.loads((out / "manifest.json").read_text()) == m
+
+
+def test_files_layout(dm_vm, tmp_path):
+    """layout = "files": metadata and data attached as two disks, passed to activate.sh;
+    a raw volume, an ext4 volume from a directory and a raw layer over the raw volume."""
+    import os
+
+    tree = tmp_path / "tree"
+    (tmp_path / "tree" / "d").mkdir(parents=True)
+    (tree / "d" / "f.bin").write_bytes(os.urandom(300_000))
+    (tree / "hello").write_text("hello\n")
+    raw = bytearray(os.urandom(4 << 20))
+    raw[1 << 20:3 << 20] = bytes(2 << 20)  # a zero hole: not provisioned
+    (tmp_path / "raw.img").write_bytes(bytes(raw))
+    raw[0:131072] = bytes(131072)  # the layer zeroes data block 0 (discard), changes block 20
+    raw[40 * 65536:41 * 65536] = os.urandom(65536)
+    (tmp_path / "layer.img").write_bytes(bytes(raw))
+    (tmp_path / "s.toml").write_text('''
+name = "f"
+layout = "files"
+[pool]
+data_block_size = "128KiB"
+data_size = "16MiB"
+[[volumes]]
+name = "raw"
+id = 0
+size = "4MiB"
+content = "raw.img"
+[[volumes]]
+name = "fs"
+id = 5
+size = "4MiB"
+content = { type = "ext4", dirs = "tree" }
+[[volumes]]
+name = "layer"
+id = 6
+origin = "raw"
+content = "layer.img"
+''')
+    out = tmp_path / "out"
+    m = build(load_spec(tmp_path / "s.toml"), out).manifest
+    d = {x["name"]: x for x in m["devices"]}
+    assert d["layer"]["blocks_discarded"] == 1 and d["layer"]["blocks_written"] == 1
+    rep = verify_build(dm_vm, out, read_only=True)
+    _assert_ok(rep)
+    assert "files f-fs: 2 files match" in "\n".join(rep.lines())
