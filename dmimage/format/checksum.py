@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import struct
+from typing import TypeAlias
 
+import numpy as np
 from crc32c import crc32c
 
 from dmimage.format.constants import (
@@ -27,29 +29,38 @@ BLOCK_TYPE_NAMES = {
 
 _U32 = struct.Struct("<I")
 
+#: A block in memory: bytes-like, or a numpy uint8 array (1-D, contiguous).
+Block: TypeAlias = bytes | bytearray | memoryview | np.ndarray
+#: A block that :func:`seal` can write its checksum into.
+WritableBlock: TypeAlias = bytearray | memoryview | np.ndarray
 
-def block_checksum(block: bytes | bytearray | memoryview, salt: int) -> int:
+
+def _view(block: Block) -> memoryview:
+    return block.data if isinstance(block, np.ndarray) else memoryview(block)
+
+
+def block_checksum(block: Block, salt: int) -> int:
     """The value the kernel stores in bytes 0..3 of ``block`` for a block of type ``salt``.
 
     The standard crc32c finishes by inverting; the kernel's does not, hence the extra XOR.
     """
-    return crc32c(memoryview(block)[4:BLOCK_SIZE]) ^ 0xFFFFFFFF ^ salt
+    return crc32c(_view(block)[4:BLOCK_SIZE]) ^ 0xFFFFFFFF ^ salt
 
 
-def stored_checksum(block: bytes | bytearray | memoryview) -> int:
-    return int(_U32.unpack_from(block, 0)[0])
+def stored_checksum(block: Block) -> int:
+    return int(_U32.unpack_from(_view(block), 0)[0])
 
 
-def checksum_ok(block: bytes | bytearray | memoryview, salt: int) -> bool:
+def checksum_ok(block: Block, salt: int) -> bool:
     return block_checksum(block, salt) == stored_checksum(block)
 
 
-def sniff_block_type(block: bytes | bytearray | memoryview) -> str | None:
+def sniff_block_type(block: Block) -> str | None:
     """Name the block type whose salt makes the checksum match, or None (garbage or zeros)."""
-    salt = crc32c(memoryview(block)[4:BLOCK_SIZE]) ^ 0xFFFFFFFF ^ stored_checksum(block)
+    salt = crc32c(_view(block)[4:BLOCK_SIZE]) ^ 0xFFFFFFFF ^ stored_checksum(block)
     return BLOCK_TYPE_NAMES.get(salt)
 
 
-def seal(block: bytearray | memoryview, salt: int) -> None:
+def seal(block: WritableBlock, salt: int) -> None:
     """Store the checksum of ``block`` (in place): the last step before writing any block."""
-    _U32.pack_into(block, 0, block_checksum(block, salt))
+    _U32.pack_into(_view(block), 0, block_checksum(block, salt))
