@@ -127,10 +127,12 @@ class MetadataImage:
         self._allocated = np.concatenate(
             [self._allocated, np.zeros(cap - len(self._allocated), bool)])
 
-    def alloc(self, k: int = 1) -> int | np.ndarray:
-        """Allocate ``k`` blocks (count 1 each). One block: its number; several: an array."""
-        if k == 1:
-            return int(self._alloc_locs(1)[0])
+    def alloc(self) -> int:
+        """Allocate one block (count 1); its number."""
+        return int(self._alloc_locs(1)[0])
+
+    def alloc_many(self, k: int) -> np.ndarray:
+        """Allocate ``k`` blocks (count 1 each); their numbers, an int64 array."""
         return self._alloc_locs(k)
 
     def _alloc_locs(self, k: int) -> np.ndarray:
@@ -257,7 +259,7 @@ class MetadataImage:
             if off != pending_end or len(pending) >= 512 or pending_bytes >= (64 << 20):
                 drain()
                 pending_off = off
-            pending.append(memoryview(np.ascontiguousarray(seg)).cast("B"))
+            pending.append(np.ascontiguousarray(seg).data.cast("B"))
             pending_bytes += seg.nbytes
             pending_end = off + seg.nbytes
         drain()
@@ -459,7 +461,7 @@ class NodeBuilder:
 
     def _emit_sizes(self, sizes: list[int]) -> None:
         total = sum(sizes)
-        locs = self.w._alloc_locs(len(sizes))
+        locs = self.w.alloc_many(len(sizes))
         keys, vals = self.keys[:total], self.vals[:total]
         blocks = encode_nodes(self.kind, keys, vals, sizes, locs)
         self.w.put(locs, blocks)
@@ -572,7 +574,7 @@ def write_data_space_map(image: MetadataImage, nr_blocks: int, blocks: np.ndarra
     overflow = NodeBuilder(image, REF_COUNT_LEAF)
     if len(ov_blocks) <= 2 * overflow.max:
         overflow.push_values(ov_blocks, ov_counts)
-        locs = image._alloc_locs(nb)
+        locs = image.alloc_many(nb)
     else:
         locs = np.empty(nb, np.int64)
         bm_of = (ov_blocks // np.uint64(ENTRIES_PER_BITMAP)).astype(np.int64)

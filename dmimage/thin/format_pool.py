@@ -65,7 +65,7 @@ def build_empty_pool(nr_metadata_blocks: int, data_block_size: int,
     image.alloc()  # superblock
     index_loc = image.alloc()
     meta_rc_root = image.alloc()
-    meta_bitmaps = image._alloc_locs(nbm)
+    meta_bitmaps = image.alloc_many(nbm)
     data_index_root = image.alloc()
     data_rc_root = image.alloc()
     mapping_root = image.alloc()
@@ -76,7 +76,7 @@ def build_empty_pool(nr_metadata_blocks: int, data_block_size: int,
 
     # data space map: zeroed bitmaps, indexed by the root leaf (or a tree when they are many)
     ndb = -(-int(nr_data_blocks) // ENTRIES_PER_BITMAP)
-    data_bitmaps = image._alloc_locs(ndb)
+    data_bitmaps = image.alloc_many(ndb)
     for s in range(0, ndb, 1024):
         e = min(ndb, s + 1024)
         image.put(data_bitmaps[s:e], encode_bitmaps(
