@@ -183,7 +183,7 @@ def pack_superblock(*, time: int, transaction: int, data_sm: SpaceMapRootValues,
     """A sealed superblock block (4 KiB, zero after byte 364)."""
     block = np.zeros(BLOCK_SIZE, dtype=np.uint8)
     _SUPERBLOCK.pack_into(
-        block, 0, 0, flags, 0, bytes(16), SUPERBLOCK_MAGIC, SUPERBLOCK_VERSION, time,
+        block.data, 0, 0, flags, 0, bytes(16), SUPERBLOCK_MAGIC, SUPERBLOCK_VERSION, time,
         transaction, held_root, data_sm.pack(), metadata_sm.pack(), mapping_root,
         details_root, data_block_size, METADATA_BLOCK_SECTORS, metadata_nr_blocks, 0, 0, 0)
     seal(block, SALT_SUPERBLOCK)
@@ -397,7 +397,6 @@ _RANGE_T = b'<range_mapping origin_begin="" data_begin="" length="" time=""/>'
 _DIGITS = b"0123456789"
 _KEEP = bytes(c if (chr(c).isdigit() or c == ord("-")) else 32 for c in range(256))
 _SB_REQUIRED = ("uuid", "time", "transaction", "data_block_size", "nr_data_blocks")
-_DEV_REQUIRED = ("dev_id", "mapped_blocks", "transaction", "creation_time", "snap_time")
 
 
 def read_xml(path: str | os.PathLike[str]) -> PoolIR:
@@ -448,8 +447,11 @@ def _superblock_ir(attrs: dict[str, str]) -> SuperblockIR:
 
 def _device_ir(attrs: dict[str, str]) -> DeviceIR:
     w = f"<device dev_id=\"{attrs.get('dev_id', '?')}\">"
-    vals = [_int_attr(attrs, k, w) for k in _DEV_REQUIRED]
-    return DeviceIR(*vals)
+    return DeviceIR(dev_id=_int_attr(attrs, "dev_id", w),
+                    mapped_blocks=_int_attr(attrs, "mapped_blocks", w),
+                    transaction=_int_attr(attrs, "transaction", w),
+                    creation_time=_int_attr(attrs, "creation_time", w),
+                    snap_time=_int_attr(attrs, "snap_time", w))
 
 
 class _IRBuilder:
@@ -665,7 +667,8 @@ def _slow_xml(path: str | os.PathLike[str]) -> PoolIR:
                 raise InputError(f"mapping time {max(t)} does not fit 24 bits")
             b.mappings(Runs(np.array(o, U64), np.array(d, U64), np.array(ln, U64),
                             np.array(t, U32)))
-            o.clear(), d.clear(), ln.clear(), t.clear()
+            for col in (o, d, ln, t):
+                col.clear()
 
     try:
         for event, el in ET.iterparse(os.fspath(path), events=("start", "end")):

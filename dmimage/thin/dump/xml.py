@@ -259,11 +259,15 @@ class _XmlParser:
             if self.dev is not None or self.def_name is not None:
                 raise self.err("<device> nested in <device> or <def>")
             self.check_attrs(tag, a, _DEV_ATTRS)
-            vals = [self.num(tag, a, k) for k in _DEV_ATTRS]
-            if vals[0] in self.seen_ids:
-                raise self.err(f"device {vals[0]} appears twice")
-            self.seen_ids.add(vals[0])
-            self.dev = DeviceIR(*vals)
+            dev = DeviceIR(dev_id=self.num(tag, a, "dev_id"),
+                           mapped_blocks=self.num(tag, a, "mapped_blocks"),
+                           transaction=self.num(tag, a, "transaction"),
+                           creation_time=self.num(tag, a, "creation_time"),
+                           snap_time=self.num(tag, a, "snap_time"))
+            if dev.dev_id in self.seen_ids:
+                raise self.err(f"device {dev.dev_id} appears twice")
+            self.seen_ids.add(dev.dev_id)
+            self.dev = dev
             self.cur = _Builder()
         elif tag == "def":
             if self.sb is None or self.sb_closed:
