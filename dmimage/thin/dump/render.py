@@ -10,6 +10,8 @@ compress squeezes the NULs out. Templates must not contain NUL bytes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 U64 = np.dtype("<u8")
@@ -22,7 +24,7 @@ def _width(col: np.ndarray) -> int:
     return len(str(int(col.max()))) if len(col) else 1
 
 
-def render_rows(parts: list[bytes | tuple[bytes, bytes]], cols: list[np.ndarray],
+def render_rows(parts: Sequence[bytes | tuple[bytes, bytes]], cols: list[np.ndarray],
                 want_lengths: bool = False, select: np.ndarray | None = None,
                 optional: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray | None]:
     """Render rows ``parts[0] + str(cols[0][i]) + parts[1] + ... + str(cols[-1][i]) + parts[-1]``.
@@ -45,12 +47,13 @@ def render_rows(parts: list[bytes | tuple[bytes, bytes]], cols: list[np.ndarray]
         select = np.asarray(select, dtype=bool)
         if select.all() or not select.any():
             # Uniform: resolve the alternatives once.
-            b = bool(select[0])
-            parts = [(p[1] if b else p[0]) if isinstance(p, tuple) else p for p in parts]
-            if not b:
+            on = bool(select[0])
+            plain = [(p[1] if on else p[0]) if isinstance(p, tuple) else p for p in parts]
+            if not on:
                 keep = [i for i in range(len(cols)) if i not in optional]
-                parts = _drop_columns(parts, keep, len(cols))
+                plain = _drop_columns(plain, keep, len(cols))
                 cols = [cols[i] for i in keep]
+            parts = plain
             select = None
             optional = ()
     elif any(isinstance(p, tuple) for p in parts) or optional:
@@ -68,10 +71,10 @@ def render_rows(parts: list[bytes | tuple[bytes, bytes]], cols: list[np.ndarray]
     starts = []
     part_at = []
     pos = 0
-    for i, p in enumerate(row_parts):
-        row[pos:pos + len(p)] = np.frombuffer(p, np.uint8)
+    for i, rp in enumerate(row_parts):
+        row[pos:pos + len(rp)] = np.frombuffer(rp, np.uint8)
         part_at.append(pos)
-        pos += len(p)
+        pos += len(rp)
         if i < len(cols):
             starts.append(pos)
             pos += widths[i]
@@ -126,7 +129,7 @@ def render_rows(parts: list[bytes | tuple[bytes, bytes]], cols: list[np.ndarray]
     return data, (np.concatenate(lens) if want_lengths else None)
 
 
-def _drop_columns(parts: list[bytes], keep: list[int], ncols: int) -> list[bytes]:
+def _drop_columns(parts: Sequence[bytes], keep: list[int], ncols: int) -> list[bytes]:
     """Template parts after removing columns not in ``keep`` (their text joins up)."""
     out = [parts[0]]
     for i in range(ncols):
