@@ -147,6 +147,11 @@ def read_data_index(walker: BtreeWalker, root: SpaceMapRoot) -> np.ndarray:
     return vals
 
 
+def _prefixing(on_error: ErrorSink, what: str) -> ErrorSink:
+    """``on_error``, with ``what`` put in front of each error's detail."""
+    return lambda e: on_error(_prefixed(e, what))
+
+
 def read_space_map(
     reader: BlockReader,
     root: SpaceMapRoot,
@@ -176,7 +181,7 @@ def read_space_map(
         walker._count(b)
         try:
             payload[i * stride : (i + 1) * stride] = read_bitmap_payload(
-                reader, b, lambda e, i=i: on_error(_prefixed(e, f"{what} bitmap {i}")))
+                reader, b, _prefixing(on_error, f"{what} bitmap {i}"))
         except MetadataError as err:
             on_error(_prefixed(err, f"{what} bitmap {i}"))
     decoded = decode_bitmap(payload)
