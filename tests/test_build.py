@@ -301,6 +301,9 @@ BAD = [
     ("data-does-not-fit", GOOD.replace('data_size = "4MiB"', 'data_size = "64KiB"'), 1,
      "pool.data_size: 64KiB (1 blocks of 64KiB) does not fit the content: 2 data blocks are "
      "needed"),
+    ("metadata-exhausted", GOOD.replace("[pool]", '[pool]\nmetadata_size = "64KiB"')
+     .replace('data_size = "4MiB"', 'data_size = "64MiB"'), 1,
+     "pool.metadata_size: 64KiB is too small: metadata space map: no free blocks left"),
     ("ext4-too-small", GOOD.replace('content = "a.img"',
                                     'content = { type = "ext4", dirs = ["big"] }'), 1,
      "volumes[0].content: the merged tree does not fit"),

@@ -33,10 +33,11 @@ from typing import Any
 
 import numpy as np
 
-from dmimage.errors import DmimageError
+from dmimage.errors import DmimageError, OutputTooSmallError
 from dmimage.format.constants import SECTOR_SIZE
 from dmimage.image.ext4 import FileEntry
 from dmimage.image.spec import Ext4Content, RawContent, Spec, SpecError, Volume, human
+from dmimage.pdata.cow import OutOfSpaceError
 
 READ_BLOCKS_BYTES = 8 << 20
 Progress = Callable[[int], None]
@@ -169,9 +170,7 @@ def build(spec: Spec, outdir: str | os.PathLike[str], *, progress: Progress | No
     """Build *spec* into *outdir*; returns the manifest. See the module docstring."""
     from dmimage.image.ext4 import make_ext4
     from dmimage.thin.export import export_thin
-    from dmimage.thin.format_pool import format_pool
     from dmimage.thin.pool import open_pool
-    from dmimage.thin.transaction import open_writable
 
     say = log or (lambda s: None)
     out = Path(outdir)
@@ -228,37 +227,14 @@ def build(spec: Spec, outdir: str | os.PathLike[str], *, progress: Progress | No
         meta_tmp, data_tmp = tmp / "metadata.bin", tmp / "data.bin"
         _make_file(meta_tmp, pool_spec.metadata_size)
         _make_file(data_tmp, pool_spec.data_size)
-        format_pool(meta_tmp, pool_spec.block_sectors, pool_spec.nr_data_blocks)
-        ids = {v.name: v.id for v in spec.volumes}
-        with open_writable(meta_tmp, data_tmp) as wp:
-            for p in plans:
-                v = p.volume
-                if v.origin is None:
-                    wp.create_thin(v.id)
-                else:
-                    wp.create_snap(v.id, ids[v.origin])
-                wp.commit()
-                if len(p.writes) or len(p.discards):
-                    with open(p.content.path, "rb") as f:  # type: ignore[arg-type]
-                        for first, count in _runs(p.writes):
-                            off = first * bs
-                            n = min(count * bs, v.size - off)
-                            f.seek(off)
-                            buf = f.read(n) if off < p.content.length else b""
-                            buf = buf + bytes(n - len(buf))
-                            wp.write(v.id, off, buf)
-                            if progress:
-                                progress(n)
-                    for first, count in _runs(p.discards):
-                        wp.discard(v.id, first * bs, count * bs)
-                    wp.commit()
-                say(f"{v.dm_name}: id {v.id}, {human(v.size)}"
-                    + (f", snapshot of {v.origin}" if v.origin else "")
-                    + f", {len(p.writes)} blocks written"
-                    + (f", {len(p.discards)} discarded" if len(p.discards) else ""))
-            if pool_spec.transaction_id != wp.trans_id:
-                wp.set_transaction_id(wp.trans_id, pool_spec.transaction_id)
-                wp.commit()
+        try:
+            _fill_pool(spec, plans, meta_tmp, data_tmp, progress, say)
+        except (OutOfSpaceError, OutputTooSmallError) as exc:
+            if str(exc).startswith("data space map"):
+                raise SpecError("pool.data_size", f"{human(pool_spec.data_size)} is too "
+                                f"small: {exc}") from None
+            raise SpecError("pool.metadata_size", f"{human(pool_spec.metadata_size)} is too "
+                            f"small: {exc}") from None
         timings["pool"] = time.monotonic() - t0 - sum(timings.values())
         # 4. self-check and facts --------------------------------------------------------
         devices = []
@@ -293,6 +269,47 @@ def build(spec: Spec, outdir: str | os.PathLike[str], *, progress: Progress | No
                 out.rmdir()
             except OSError:
                 pass
+
+
+def _fill_pool(spec: Spec, plans: list[_Plan], meta_tmp: Path, data_tmp: Path,
+               progress: Progress | None, say: Callable[[str], None]) -> None:
+    """format_pool, then every thin/snapshot with its planned writes and discards."""
+    from dmimage.thin.format_pool import format_pool
+    from dmimage.thin.transaction import open_writable
+
+    pool_spec = spec.pool
+    bs = pool_spec.data_block_size
+    format_pool(meta_tmp, pool_spec.block_sectors, pool_spec.nr_data_blocks)
+    ids = {v.name: v.id for v in spec.volumes}
+    with open_writable(meta_tmp, data_tmp) as wp:
+        for p in plans:
+            v = p.volume
+            if v.origin is None:
+                wp.create_thin(v.id)
+            else:
+                wp.create_snap(v.id, ids[v.origin])
+            wp.commit()
+            if len(p.writes) or len(p.discards):
+                with open(p.content.path, "rb") as f:  # type: ignore[arg-type]
+                    for first, count in _runs(p.writes):
+                        off = first * bs
+                        n = min(count * bs, v.size - off)
+                        f.seek(off)
+                        buf = f.read(n) if off < p.content.length else b""
+                        buf = buf + bytes(n - len(buf))
+                        wp.write(v.id, off, buf)
+                        if progress:
+                            progress(n)
+                for first, count in _runs(p.discards):
+                    wp.discard(v.id, first * bs, count * bs)
+                wp.commit()
+            say(f"{v.dm_name}: id {v.id}, {human(v.size)}"
+                + (f", snapshot of {v.origin}" if v.origin else "")
+                + f", {len(p.writes)} blocks written"
+                + (f", {len(p.discards)} discarded" if len(p.discards) else ""))
+        if pool_spec.transaction_id != wp.trans_id:
+            wp.set_transaction_id(wp.trans_id, pool_spec.transaction_id)
+            wp.commit()
 
 
 def _outputs(spec: Spec, tmp: Path, meta_tmp: Path, data_tmp: Path, devices: list,
