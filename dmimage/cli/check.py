@@ -6,14 +6,13 @@ import argparse
 import json
 import sys
 
-from dmimage.thin.check import check_metadata
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("check", help="check thin-pool metadata for damage (read-only)",
                        description="Exit 0 if clean, 1 if damaged, 2 on usage or I/O errors.")
     p.add_argument("metadata", metavar="META", help="metadata file or block device")
-    p.add_argument("-q", "--quiet", action="store_true", help="print nothing, only set the exit code")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="print nothing, only set the exit code")
     p.add_argument("--super-block-only", action="store_true", help="check the superblock only")
     p.add_argument("--skip-mappings", action="store_true",
                    help="do not walk the per-device mapping trees (nor compare space maps)")
@@ -43,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
                              ignore_non_fatal=args.ignore_non_fatal_errors)
         report, actions = fixed.after, fixed.actions
     else:
+        from dmimage.thin.check import check_metadata
+
         report = check_metadata(args.metadata, super_block_only=args.super_block_only,
                                 skip_mappings=args.skip_mappings,
                                 metadata_snap=args.metadata_snap)
