@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 import numpy as np
 
@@ -34,6 +35,9 @@ from dmimage.format.constants import (
 from dmimage.format.layouts import BTREE_HEADER_STRUCT
 from dmimage.pdata.block import BlockReader
 from dmimage.pdata.btree import U64, read_node
+
+#: A leaf value: a u64 (trees whose kind has ``int_values``) or the value's raw bytes.
+Value: TypeAlias = int | bytes
 
 
 class OutOfSpaceError(DmimageError):
@@ -136,8 +140,8 @@ class TreeKind:
     value_size: int
     #: True: values are u64 ints; False: raw bytes of value_size.
     int_values: bool
-    inc: Callable[[Transaction, object], None] | None = None
-    dec: Callable[[Transaction, object], None] | None = None
+    inc: Callable[[Transaction, Value], None] | None = None
+    dec: Callable[[Transaction, Value], None] | None = None
 
 
 class Transaction:
@@ -219,7 +223,7 @@ class Transaction:
     def new_tree(self, kind: TreeKind) -> int:
         return self.new_node(True, kind).blocknr
 
-    def lookup(self, root: int, key: int, kind: TreeKind) -> object | None:
+    def lookup(self, root: int, key: int, kind: TreeKind) -> Value | None:
         b = root
         while True:
             node = self.load(b, kind)
@@ -230,7 +234,8 @@ class Transaction:
                 return None
             b = node.values[i]
 
-    def insert(self, root: int, key: int, value: object, kind: TreeKind) -> tuple[int, object]:
+    def insert(self, root: int, key: int, value: Value, kind: TreeKind
+               ) -> tuple[int, Value | None]:
         """Insert or overwrite; return (new root, previous value or None).
 
         Leaf value references are the caller's business (it knows whether the value changed).
@@ -244,8 +249,8 @@ class Transaction:
         new_root.values = [node.blocknr, split.blocknr]
         return new_root.blocknr, old
 
-    def _insert(self, node: MNode, key: int, value: object, kind: TreeKind
-                ) -> tuple[object, MNode | None]:
+    def _insert(self, node: MNode, key: int, value: Value, kind: TreeKind
+                ) -> tuple[Value | None, MNode | None]:
         keys = node.keys
         if node.is_leaf:
             i = bisect.bisect_left(keys, key)
@@ -275,7 +280,7 @@ class Transaction:
         right.values, node.values = node.values[half:], node.values[:half]
         return old, right
 
-    def remove(self, root: int, key: int, kind: TreeKind) -> tuple[int, object | None]:
+    def remove(self, root: int, key: int, kind: TreeKind) -> tuple[int, Value | None]:
         """Remove ``key`` if present; return (new root, removed value or None)."""
         if self.lookup(root, key, kind) is None:
             return root, None
@@ -294,7 +299,7 @@ class Transaction:
                 self.fresh.discard(b)
             b = child
 
-    def _remove(self, node: MNode, key: int, kind: TreeKind) -> object:
+    def _remove(self, node: MNode, key: int, kind: TreeKind) -> Value:
         keys = node.keys
         i = bisect.bisect_right(keys, key) - 1
         if node.is_leaf:
@@ -331,12 +336,12 @@ class Transaction:
         left.values, right.values = values[:half], values[half:]
         parent.keys[ri] = right.keys[0]
 
-    def items(self, root: int, kind: TreeKind) -> list[tuple[int, object]]:
+    def items(self, root: int, kind: TreeKind) -> list[tuple[int, Value]]:
         """Every (key, value) in key order (current state)."""
         node = self.load(root, kind)
         if node.is_leaf:
             return list(zip(node.keys, node.values, strict=True))
-        out: list[tuple[int, object]] = []
+        out: list[tuple[int, Value]] = []
         for c in node.values:
             out.extend(self.items(c, kind))
         return out

@@ -38,7 +38,7 @@ from dmimage.format.constants import (
 )
 from dmimage.format.layouts import Superblock as SuperblockLayout
 from dmimage.pdata.block import BlockReader
-from dmimage.pdata.cow import SpaceAccount, Transaction, TreeKind
+from dmimage.pdata.cow import SpaceAccount, Transaction, TreeKind, Value
 from dmimage.pdata.spacemap import SpaceMap, SpaceMapRoot
 from dmimage.pdata.writer import (
     MetadataImage,
@@ -58,18 +58,18 @@ class PoolStateError(DmimageError):
     exit_code = 1
 
 
-def _data_inc(tx: Transaction, v: object) -> None:
-    tx.data.inc(int(v) >> TIME_BITS)  # type: ignore[call-overload]
+def _data_inc(tx: Transaction, v: Value) -> None:
+    tx.data.inc(int(v) >> TIME_BITS)
 
 
-def _data_dec(tx: Transaction, v: object) -> None:
-    tx.data.dec(int(v) >> TIME_BITS)  # type: ignore[call-overload]
+def _data_dec(tx: Transaction, v: Value) -> None:
+    tx.data.dec(int(v) >> TIME_BITS)
 
 
 BOTTOM = TreeKind("mapping", 8, True, _data_inc, _data_dec)
 TOP = TreeKind("top-level mapping", 8, True,
-               lambda tx, v: tx.meta.inc(int(v)),  # type: ignore[call-overload]
-               lambda tx, v: tx.dec_tree(int(v), BOTTOM))  # type: ignore[call-overload]
+               lambda tx, v: tx.meta.inc(int(v)),
+               lambda tx, v: tx.dec_tree(int(v), BOTTOM))
 DETAILS = TreeKind("device details", DEVICE_DETAILS_SIZE, False)
 REF_COUNT = TreeKind("ref-count", 4, False)
 DATA_INDEX = TreeKind("data space map index", 16, False)
@@ -200,7 +200,7 @@ class WritablePool:
         root = self.tx.lookup(self.mapping_root, origin, TOP)
         if root is None:
             raise MetadataError(f"device {origin} has details but no mapping tree")
-        self.tx.meta.inc(int(root))  # type: ignore[call-overload]
+        self.tx.meta.inc(int(root))
         self.mapping_root, _ = self.tx.insert(self.mapping_root, dev, root, TOP)
         self.time += 1
         self.details[dev] = Details(o.mapped_blocks, self.trans_id, self.time, self.time)
@@ -212,7 +212,7 @@ class WritablePool:
         self._dev(dev)
         self.mapping_root, root = self.tx.remove(self.mapping_root, dev, TOP)
         if root is not None:
-            self.tx.dec_tree(int(root), BOTTOM)  # type: ignore[call-overload]
+            self.tx.dec_tree(int(root), BOTTOM)
         del self.details[dev]
         self._touch(dev)
 
@@ -287,7 +287,7 @@ class WritablePool:
         self._dev(dev)
         root = self.tx.lookup(self.mapping_root, dev, TOP)
         assert root is not None
-        return int(root)  # type: ignore[call-overload]
+        return int(root)
 
     def _set_root(self, dev: int, root: int) -> None:
         self.mapping_root, _ = self.tx.insert(self.mapping_root, dev, root, TOP)
@@ -308,7 +308,7 @@ class WritablePool:
         v = self.tx.lookup(self._dev_root(dev), vblock, BOTTOM)
         if v is None:
             return None
-        v = int(v)  # type: ignore[call-overload]
+        v = int(v)
         return v >> TIME_BITS, v & TIME_MASK
 
     def _need_data(self) -> int:
@@ -363,8 +363,8 @@ class WritablePool:
             chunk = data[pos : pos + n]
             found = self.tx.lookup(root, vblock, BOTTOM)
             if found is not None:
-                old_block = int(found) >> TIME_BITS  # type: ignore[call-overload]
-                old_time = int(found) & TIME_MASK  # type: ignore[call-overload]
+                old_block = int(found) >> TIME_BITS
+                old_time = int(found) & TIME_MASK
                 if not self._is_shared(dev, old_time):
                     self._write_data(old_block, within, chunk)
                     pos += n
@@ -379,7 +379,7 @@ class WritablePool:
             if old is None:
                 d.mapped_blocks += 1
             else:
-                self.tx.data.dec(int(old) >> TIME_BITS)  # type: ignore[call-overload]
+                self.tx.data.dec(int(old) >> TIME_BITS)
             pos += n
         self._set_root(dev, root)
         self._touch(dev)
@@ -395,7 +395,7 @@ class WritablePool:
         for vblock in self._mapped_in(root, first, end):
             root, old = self.tx.remove(root, vblock, BOTTOM)
             if old is not None:
-                self.tx.data.dec(int(old) >> TIME_BITS)  # type: ignore[call-overload]
+                self.tx.data.dec(int(old) >> TIME_BITS)
                 d.mapped_blocks -= 1
                 count += 1
         self._set_root(dev, root)
@@ -416,13 +416,13 @@ class WritablePool:
             n = min(bs - within, length - pos)
             found = self.tx.lookup(root, vblock, BOTTOM)
             if found is not None:
-                blk = self._read_data_block(int(found) >> TIME_BITS)  # type: ignore[call-overload]
+                blk = self._read_data_block(int(found) >> TIME_BITS)
                 out[pos : pos + n] = blk[within : within + n]
             pos += n
         return bytes(out)
 
     def mappings(self, dev: int) -> dict[int, tuple[int, int]]:
-        return {k: (int(v) >> TIME_BITS, int(v) & TIME_MASK)  # type: ignore[call-overload]
+        return {k: (int(v) >> TIME_BITS, int(v) & TIME_MASK)
                 for k, v in self.tx.items(self._dev_root(dev), BOTTOM)}
 
     # -- commit --------------------------------------------------------------------------
