@@ -209,11 +209,11 @@ def pool_to_ir(pool: Pool, *, dev_ids: Iterable[int] | None = None,
         ir.defs[str(head)] = leaves.runs(seq)
     for dev_id, items in zip(ids, per_dev, strict=True):
         dev = _device_ir(details[dev_id])
-        for is_ref, what in items:
-            if is_ref:
+        for _is_ref, what in items:
+            if isinstance(what, int):  # (True, head): the def named after its first leaf
                 dev.items.append(str(what))
             else:
-                dev.items.append(leaves.runs(what))  # type: ignore[arg-type]
+                dev.items.append(leaves.runs(what))
         ir.devices.append(dev)
     return ir
 
