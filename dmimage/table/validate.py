@@ -6,7 +6,8 @@ are what it accepts but almost certainly is not meant (a pool whose tail is unus
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from dmimage.table import kernel as K
 from dmimage.table.errors import TableError
@@ -123,8 +124,10 @@ def _thin(t: Thin, e: Entry, line: int, sizes: Mapping[str, int] | None
                    "origin device)", line, e, "external_origin_dev")
 
 
-_CHECKS = {"linear": _linear, "striped": _striped, "thin-pool": _thin_pool, "thin": _thin,
-           "error": _error}
+#: Per target type, its checker (called with a target of that type; ``Generic`` ones skipped).
+_Check = Callable[[Any, Entry, int, Mapping[str, int] | None], Iterator[TableError]]
+_CHECKS: dict[str, _Check] = {"linear": _linear, "striped": _striped, "thin-pool": _thin_pool,
+                              "thin": _thin, "error": _error}
 
 
 def table_problems(table: Table, sizes: Mapping[str, int] | None = None) -> list[TableError]:
@@ -155,6 +158,6 @@ def table_problems(table: Table, sizes: Mapping[str, int] | None = None) -> list
         target: Target = e.target
         check = _CHECKS.get(e.type_name)
         if check is not None and type(target).__name__ != "Generic":
-            out.extend(check(target, e, line, sizes))  # type: ignore[operator]
+            out.extend(check(target, e, line, sizes))
         expected = e.start + e.length
     return out
