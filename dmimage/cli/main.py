@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         # Reader went away (e.g. `| head`): not an error worth a traceback.
-        sys.stdout = None  # type: ignore[assignment]
+        sys.stdout = None
         return 0
     except MemoryError:
         print(f"dmimage {args.command}: out of memory", file=sys.stderr)

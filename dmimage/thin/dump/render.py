@@ -182,7 +182,7 @@ class Document:
         blocks cost no more than a few big ones."""
         blocks = self._blocks
         if not blocks:
-            yield from self.pieces  # type: ignore[misc]
+            yield from self.pieces
             return
         if len(blocks) == 1:
             cols = [blocks[0].origin_begin, blocks[0].data_begin, blocks[0].length,
