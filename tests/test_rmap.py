@@ -35,7 +35,7 @@ def same_rmap(path, tools11, *regions: str) -> bytes:
 
 
 def region_sets(nr_data: int, rng: np.random.Generator) -> list[list[str]]:
-    n = max(nr_data, 2)
+    n = max(nr_data, 3)  # four distinct cut points need n + 1 >= 4
     out = [[f"0..{n}"], ["0..1"]]
     for _ in range(3):
         cuts = sorted(rng.choice(np.arange(n + 1), 4, replace=False).tolist())

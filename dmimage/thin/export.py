@@ -11,7 +11,7 @@ import os
 import stat
 import sys
 from collections.abc import Callable
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import numpy as np
 
@@ -24,6 +24,14 @@ from dmimage.thin.pool import Pool
 CHUNK = 4 << 20
 
 Progress = Callable[[int], None]
+
+
+class ByteSink(Protocol):
+    """Where a streamed export goes: a binary file, or anything that consumes bytes (a hash)."""
+
+    def write(self, data: bytes, /) -> object: ...
+
+    def flush(self) -> object: ...
 
 
 def default_size(pool: Pool, dev_id: int) -> int:
@@ -59,14 +67,15 @@ def export_thin(
     pool: Pool,
     data_path: str | os.PathLike[str],
     dev_id: int,
-    out: str | os.PathLike[str] | BinaryIO,
+    out: str | os.PathLike[str] | ByteSink,
     *,
     size: int | None = None,
     progress: Progress | None = None,
 ) -> int:
     """Write thin device ``dev_id``'s first ``size`` bytes to ``out``; return the size.
 
-    ``out`` is a path (written sparsely, atomically) or a binary stream (holes become zeros).
+    ``out`` is a path (written sparsely, atomically) or a byte sink such as a binary stream
+    (holes become zeros).
     """
     bs = pool.superblock.data_block_size * SECTOR_SIZE
     runs = export_runs(pool, dev_id)
@@ -141,7 +150,7 @@ def _export_to_path(path: str, data_fd: int, runs: Runs, bs: int, size: int,
         raise
 
 
-def _export_to_stream(stream: BinaryIO, data_fd: int, runs: Runs, bs: int, size: int,
+def _export_to_stream(stream: ByteSink, data_fd: int, runs: Runs, bs: int, size: int,
                       progress: Progress | None) -> None:
     pos = 0
     zeros = bytes(CHUNK)

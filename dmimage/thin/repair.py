@@ -458,11 +458,11 @@ class _Salvager:
 
     def roots(self, kind: str) -> list[int]:
         """Unreferenced valid subtrees of one kind, best first (newest, then biggest)."""
-        infos = self.infos()
-        found = [b for b, i in infos.items()
+        found = [(b, i) for b, i in self.infos().items()
                  if i is not None and i.kind == kind and b not in self._referenced]
-        return sorted(found, key=lambda b: (-infos[b].age, -infos[b].max_tid,  # type: ignore
-                                            -infos[b].nr_mappings, -infos[b].nr_entries, b))
+        found.sort(key=lambda bi: (-bi[1].age, -bi[1].max_tid, -bi[1].nr_mappings,
+                                   -bi[1].nr_entries, bi[0]))
+        return [b for b, _ in found]
 
 
 def _value_dtype(vs: int):
@@ -471,25 +471,26 @@ def _value_dtype(vs: int):
     return DEVICE_DETAILS_DTYPE if vs == _DETAILS_VS else np.dtype("<u8")
 
 
-def _tree_dict(leaves: list[tuple[int, np.ndarray, np.ndarray]]) -> dict[int, object]:
-    out: dict[int, object] = {}
-    for _, keys, vals in leaves:
-        out.update(zip(keys.tolist(), vals.tolist() if vals.dtype.names is None
-                       else [tuple(v) for v in vals.tolist()], strict=True))
-    return out
-
-
 def _details_of(s: _Salvager, root: int) -> dict[int, tuple[int, int, int, int]]:
     leaves, lost = s.walk(root, _DETAILS_VS)
     s.report.lost_nodes += lost
-    return {k: v for k, v in _tree_dict(leaves).items() if k <= _MAX_DEV_ID}  # type: ignore
+    out: dict[int, tuple[int, int, int, int]] = {}
+    for _, keys, vals in leaves:
+        for k, v in zip(keys.tolist(), vals.tolist(), strict=True):
+            if k <= _MAX_DEV_ID:
+                out[k] = tuple(v)
+    return out
 
 
 def _top_of(s: _Salvager, root: int) -> dict[int, int]:
     leaves, lost = s.walk(root, _MAP_VS)
     s.report.lost_nodes += lost
-    return {k: v for k, v in _tree_dict(leaves).items()  # type: ignore
-            if k <= _MAX_DEV_ID and v < s.n}
+    out: dict[int, int] = {}
+    for _, keys, vals in leaves:
+        for k, v in zip(keys.tolist(), vals.tolist(), strict=True):
+            if k <= _MAX_DEV_ID and v < s.n:
+                out[k] = v
+    return out
 
 
 def _choose_roots(s: _Salvager, report: SalvageReport, top: dict[int, int] | None,

@@ -88,7 +88,7 @@ def offline_hashes(metadata: str, data: str, devs: dict[int, int | None] | None
             if size is None:
                 size = default_size(pool, dev)
             sink = _HashSink()
-            export_thin(pool, data, dev, sink, size=size)  # type: ignore[arg-type]
+            export_thin(pool, data, dev, sink, size=size)
             out[dev] = (size, sink.h.hexdigest())
         bs = pool.superblock.data_block_size
         nr_data = pool.superblock.data_sm.nr_blocks
