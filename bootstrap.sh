@@ -62,7 +62,8 @@ case "${1:-}" in
         setup
         .venv/bin/ruff check dmimage vmtests tests benchmarks
         .venv/bin/mypy
-        DMIMAGE_VM_REQUIRED=1 exec .venv/bin/python -m pytest -q -n 2 --dist loadgroup tests vmtests
+        DMIMAGE_VM_REQUIRED=1 DMIMAGE_VM_KERNELS=${DMIMAGE_VM_KERNELS:-deb12,deb13} \
+            exec .venv/bin/python -m pytest -q -n 2 --dist loadgroup tests vmtests
         ;;
     *) echo "usage: ./bootstrap.sh example|test|setup" >&2; exit 2 ;;
 esac

@@ -64,7 +64,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.vm)
 
 
-def _unavailable(message: str) -> None:
+def unavailable(message: str) -> None:
+    """Skip for a missing prerequisite, or fail where the VM tests are required (CI)."""
     if vm_required():
         pytest.fail(f"VM harness required (DMIMAGE_VM_REQUIRED/CI) but unavailable: {message}",
                     pytrace=False)
@@ -86,15 +87,15 @@ def boot_machine(config: pytest.Config, name: str) -> Machine:
             pytest.fail(f"the {name} guest died earlier in this session", pytrace=False)
         return vm
     if not qemu_binary():
-        _unavailable("qemu-system-x86_64 not found (apt-get install qemu-system-x86)")
+        unavailable("qemu-system-x86_64 not found (apt-get install qemu-system-x86)")
     try:
         kernel = kernel_by_name(name, fetch=True)
     except KernelNotFound as exc:
-        _unavailable(str(exc))
+        unavailable(str(exc))
     try:
         vm = Machine(kernel).start()
     except HarnessUnavailable as exc:
-        _unavailable(str(exc))
+        unavailable(str(exc))
     except Exception as exc:
         cache[name] = exc
         raise

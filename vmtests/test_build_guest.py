@@ -20,6 +20,7 @@ from dmimage.image.guest import GUEST_DIR, verify_build
 from dmimage.thin.check import check_metadata
 from dmimage.thin.export import export_thin
 from dmimage.thin.pool import open_pool
+from vmtests.plugin import unavailable
 from vmtests.scenario import oracle_modules
 
 pytestmark = pytest.mark.vm
@@ -33,7 +34,7 @@ def tools11():
     try:
         return oracles.tools_11()
     except oracles.OracleUnavailable as exc:
-        pytest.skip(f"thin-provisioning-tools 1.1: {exc}")
+        unavailable(f"thin-provisioning-tools 1.1: {exc}")
 
 
 @pytest.fixture(scope="module")

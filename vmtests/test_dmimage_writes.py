@@ -17,6 +17,7 @@ from dmimage.errors import DmimageError
 from dmimage.thin.format_pool import format_pool
 from dmimage.thin.restore import read_input, restore
 from dmimage.thin.transaction import open_writable
+from vmtests.plugin import unavailable
 from vmtests.scenario import (
     KernelModel,
     OfflineSession,
@@ -41,7 +42,7 @@ def tools11():
     try:
         return oracles.tools_11()
     except oracles.OracleUnavailable as exc:
-        pytest.skip(f"thin-provisioning-tools 1.1: {exc}")
+        unavailable(f"thin-provisioning-tools 1.1: {exc}")
 
 
 def _poolgen_pool(name: str):

@@ -29,6 +29,7 @@ from vmtests.errors import (
     KernelProblem,
     MachineDied,
 )
+from vmtests.plugin import unavailable
 
 # --------------------------------------------------------------------------------------------
 # No VM needed
@@ -50,7 +51,7 @@ def _sample_cpio() -> bytes:
 @pytest.mark.parametrize("tool", [["cpio"], ["busybox", "cpio"]])
 def test_cpio_writer_round_trip(tool, tmp_path):
     if shutil.which(tool[0]) is None:
-        pytest.skip(f"{tool[0]} not installed")
+        unavailable(f"{tool[0]} not installed")
     data = _sample_cpio()
     assert len(data) % 4 == 0
     listing = subprocess.run(tool + ["-t"], input=data, capture_output=True, check=True)
@@ -81,7 +82,7 @@ def test_appliance_contents(tmp_path, monkeypatch):
         kernel = debian12()
         app = build_initramfs(kernel.moddir, compress=True)
     except (KernelNotFound, ApplianceError) as exc:
-        pytest.skip(str(exc))
+        unavailable(str(exc))
     assert app.path.is_relative_to(tmp_path / "dmimage" / "appliance")
     assert build_initramfs(kernel.moddir, compress=True).path == app.path  # cached
     listing = subprocess.run(["cpio", "-t"], input=gzip.decompress(app.path.read_bytes()),
@@ -261,7 +262,7 @@ def _thin_checks() -> list[str]:
 def test_kernel_thin_pool_smoke(dm_vm, vm_disk, tmp_path):
     checkers = _thin_checks()
     if not checkers:
-        pytest.skip("no thin_check installed")
+        unavailable("no thin_check installed")
     meta, data = tmp_path / "meta.bin", tmp_path / "data.bin"
     for f, size in ((meta, 8 << 20), (data, 64 << 20)):
         with open(f, "wb") as fh:
@@ -300,12 +301,9 @@ def test_kernel_thin_pool_smoke(dm_vm, vm_disk, tmp_path):
 def _own_machine():
     from vmtests.kernels import kernel_by_name, qemu_binary
     from vmtests.machine import Machine
-    from vmtests.plugin import vm_required
 
     if not qemu_binary():
-        if vm_required():
-            pytest.fail("qemu-system-x86_64 missing")
-        pytest.skip("qemu-system-x86_64 missing")
+        unavailable("qemu-system-x86_64 missing")
     return Machine(kernel_by_name("deb12"))
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from vmtests.plugin import unavailable
 from vmtests.scenario import (
     OpLimits,
     PoolSession,
@@ -53,7 +54,7 @@ def tools11():
     try:
         return oracles.tools_11()
     except oracles.OracleUnavailable as exc:
-        pytest.skip(f"thin-provisioning-tools 1.1: {exc}")
+        unavailable(f"thin-provisioning-tools 1.1: {exc}")
 
 
 @pytest.mark.parametrize("case", _cases(), ids=lambda c: f"seed{c[0]}")
