@@ -94,6 +94,35 @@ def read_node(reader: BlockReader, blocknr: int, leaf_value_size: int) -> Node:
                 block[vstart : vstart + value_size * nr])
 
 
+def fill_problem(node: Node, is_root: bool, what: str) -> MetadataError | None:
+    """thin_check's fill rule: a non-root node holds at least max_entries // 3 entries."""
+    minimum = node.max_entries // 3
+    if is_root or node.nr_entries >= minimum:
+        return None
+    return MetadataError(f"{what}: underfull node: {node.nr_entries} entries, minimum {minimum}",
+                         block=node.blocknr, field="nr_entries")
+
+
+def order_problem(node: Node, lo: int, hi: int, what: str) -> MetadataError | None:
+    """Keys strictly ascending and inside the parent's range [lo, hi); an internal node
+    must not be empty. A problem here makes the node's subtree unusable."""
+    keys = node.keys
+    nr = node.nr_entries
+    b = node.blocknr
+    if nr == 0:
+        if node.is_leaf:
+            return None
+        return MetadataError(f"{what}: internal node with no entries", block=b,
+                             field="nr_entries")
+    if nr > 1 and not bool((keys[1:] > keys[:-1]).all()):
+        return MetadataError(f"{what}: keys not in ascending order", block=b, field="keys")
+    first, last = int(keys[0]), int(keys[-1])
+    if first < lo or last >= hi:
+        return MetadataError(f"{what}: keys {first}..{last} outside the parent's range "
+                             f"{lo}..{hi - 1}", block=b, field="keys")
+    return None
+
+
 @dataclass(slots=True, frozen=True)
 class SubtreeSummary:
     """What a parent needs to know about a child subtree already walked."""
@@ -210,28 +239,18 @@ class BtreeWalker:
         what: str,
     ) -> SubtreeSummary | None:
         b = node.blocknr
-        keys = node.keys
         nr = node.nr_entries
-        if not is_root and nr < node.max_entries // 3:
-            self.on_error(MetadataError(
-                f"{what}: underfull node: {nr} entries, minimum {node.max_entries // 3}",
-                block=b, field="nr_entries"))
+        underfull = fill_problem(node, is_root, what)
+        if underfull is not None:
+            self.on_error(underfull)
+        bad = order_problem(node, lo, hi, what)
+        if bad is not None:
+            self.on_error(bad)
+            return None
         if nr == 0:
-            if not node.is_leaf:
-                self.on_error(MetadataError(f"{what}: internal node with no entries", block=b,
-                                            field="nr_entries"))
-                return None
             return SubtreeSummary(0, _KEY_END, 0, 0)
-        if nr > 1 and not bool((keys[1:] > keys[:-1]).all()):
-            self.on_error(MetadataError(f"{what}: keys not in ascending order", block=b,
-                                        field="keys"))
-            return None
+        keys = node.keys
         first, last = int(keys[0]), int(keys[-1])
-        if first < lo or last >= hi:
-            self.on_error(MetadataError(
-                f"{what}: keys {first}..{last} outside the parent's range {lo}..{hi - 1}",
-                block=b, field="keys"))
-            return None
         if node.is_leaf:
             if visit_leaf is not None:
                 visit_leaf(node)
@@ -289,20 +308,11 @@ def leaves_in_order(reader: BlockReader, root: int, leaf_value_size: int,
             node = read_node(reader, blocknr, leaf_value_size)
         except MetadataError as err:
             raise _prefixed(err, what) from None
+        problem = fill_problem(node, is_root, what) or order_problem(node, lo, hi, what)
+        if problem is not None:
+            raise problem
         nr = node.nr_entries
         keys = node.keys
-        if not is_root and nr < node.max_entries // 3:
-            raise MetadataError(f"{what}: underfull node: {nr} entries", block=blocknr,
-                                field="nr_entries")
-        if nr:
-            if nr > 1 and not bool((keys[1:] > keys[:-1]).all()):
-                raise MetadataError(f"{what}: keys not in ascending order", block=blocknr,
-                                    field="keys")
-            if int(keys[0]) < lo or int(keys[-1]) >= hi:
-                raise MetadataError(f"{what}: keys outside the parent's range", block=blocknr,
-                                    field="keys")
-        elif not node.is_leaf:
-            raise MetadataError(f"{what}: internal node with no entries", block=blocknr)
         if node.is_leaf:
             out.append(node)
             return 0

@@ -33,7 +33,7 @@ import numpy as np
 
 from dmimage.errors import MetadataError, UsageError
 from dmimage.format.constants import TIME_BITS
-from dmimage.pdata.btree import MAX_DEPTH, U64, read_node
+from dmimage.pdata.btree import MAX_DEPTH, U64, order_problem, read_node
 from dmimage.thin.pool import MAPPING_VALUE_SIZE, DeviceDetails, Pool
 
 __all__ = ["FIELDS", "DEFAULT_FIELDS", "DeviceUsage", "device_usage", "pretty_size",
@@ -133,15 +133,10 @@ class MappingForest:
             raise
         keys = node.keys
         nr = node.nr_entries
-        if nr:
-            if nr > 1 and not bool((keys[1:] > keys[:-1]).all()):
-                raise MetadataError(f"{what}: keys not in ascending order", block=blocknr,
-                                    field="keys")
-            if int(keys[0]) < lo or int(keys[-1]) >= hi:
-                raise MetadataError(f"{what}: keys outside the parent's range", block=blocknr,
-                                    field="keys")
-        elif not node.is_leaf:
-            raise MetadataError(f"{what}: internal node with no entries", block=blocknr)
+        # thin_ls 1.1 rejects underfull nodes; dmimage lists them (docs/tools.md)
+        problem = order_problem(node, lo, hi, what)
+        if problem is not None:
+            raise problem
         if node.is_leaf:
             self.leaf_keys[blocknr] = keys
             self.leaf_data[blocknr] = node.values(U64) >> np.uint64(TIME_BITS)
