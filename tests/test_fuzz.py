@@ -171,6 +171,10 @@ STRICTER_MESSAGES = ("point beyond the data device", "bitmap entries set beyond 
 #: reported too: 1.1 reads the data index entries in order and ignores their keys, the kernel
 #: looks bitmaps up by key.
 STRICTER_CAUSES = ("data space map index keys are not",
+                   # node flags other than exactly 1 or 2: 1.1 reads "not 2" as internal, the
+                   # kernel's node_check refuses a node with neither bit ("node is neither
+                   # INTERNAL or LEAF"), and dmimage refuses any other value as damage
+                   "btree node flags",
                    # an internal node's value_size so large that 1.1's u32 arithmetic wraps
                    # in the size bound (0xFFFFFFFF + 8 = 7); the kernel computes it in 64 bits
                    "does not fit a block")
