@@ -15,3 +15,14 @@ def parse_size(text: str) -> int:
     if not m or m.group(2).lower() not in _UNITS:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4096, 64K, 2G, 128s)")
     return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def parse_uint(text: str) -> int:
+    """A non-negative decimal integer (ids, block counts, sector sizes)."""
+    try:
+        v = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return v

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from dmimage.cli._units import parse_uint
 from dmimage.cli.ls import add_metadata_snap, resolve_meta, write_text
 from dmimage.errors import UsageError
 
@@ -15,26 +16,16 @@ def register(subparsers) -> None:
                     "The XML is byte-identical to thin_delta 1.1.")
     p.add_argument("meta", metavar="META", nargs="?", help="metadata file or device")
     g1 = p.add_mutually_exclusive_group()
-    g1.add_argument("--thin1", "--snap1", dest="thin1", metavar="DEV_ID", type=_uint)
-    g1.add_argument("--root1", metavar="BLOCKNR", type=_uint,
+    g1.add_argument("--thin1", "--snap1", dest="thin1", metavar="DEV_ID", type=parse_uint)
+    g1.add_argument("--root1", metavar="BLOCKNR", type=parse_uint,
                     help="the first side is the mapping tree at this block")
     g2 = p.add_mutually_exclusive_group()
-    g2.add_argument("--thin2", "--snap2", dest="thin2", metavar="DEV_ID", type=_uint)
-    g2.add_argument("--root2", metavar="BLOCKNR", type=_uint)
+    g2.add_argument("--thin2", "--snap2", dest="thin2", metavar="DEV_ID", type=parse_uint)
+    g2.add_argument("--root2", metavar="BLOCKNR", type=parse_uint)
     p.add_argument("--verbose", action="store_true", help="data blocks of each range")
     p.add_argument("--json", action="store_true", help="JSON instead of XML")
     add_metadata_snap(p)
     p.set_defaults(func=run)
-
-
-def _uint(s: str) -> int:
-    try:
-        v = int(s, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"negative: {s!r}")
-    return v
 
 
 def run(args: argparse.Namespace) -> int:

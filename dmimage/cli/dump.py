@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 
-from dmimage.errors import DeviceError, UsageError
+from dmimage.cli._output import atomic_output
+from dmimage.cli._units import parse_uint
+from dmimage.errors import UsageError
 
 
 def register(subparsers) -> None:
@@ -20,7 +20,7 @@ def register(subparsers) -> None:
                    choices=("xml", "human_readable", "json"), help="output format (xml)")
     p.add_argument("-o", "--output", metavar="FILE",
                    help="write to FILE (atomically: temporary file + rename)")
-    p.add_argument("--dev-id", dest="dev_ids", metavar="N", type=_uint, action="append",
+    p.add_argument("--dev-id", dest="dev_ids", metavar="N", type=parse_uint, action="append",
                    help="dump only this device (repeatable)")
     p.add_argument("--skip-mappings", action="store_true", help="do not dump mappings")
     p.add_argument("-m", "--metadata-snap", metavar="BLOCK", nargs="?", const=True,
@@ -30,23 +30,13 @@ def register(subparsers) -> None:
                    help="no <def>/<ref>: every device fully expanded (thin_restore 0.9 form)")
     p.add_argument("-r", "--repair", action="store_true",
                    help="dump what `dmimage repair` would salvage from damaged metadata")
-    p.add_argument("--transaction-id", type=_uint, metavar="N",
+    p.add_argument("--transaction-id", type=parse_uint, metavar="N",
                    help="with --repair: transaction id (at least this)")
-    p.add_argument("--data-block-size", type=_uint, metavar="SECTORS",
+    p.add_argument("--data-block-size", type=parse_uint, metavar="SECTORS",
                    help="with --repair: data block size (needed if the superblock is lost)")
-    p.add_argument("--nr-data-blocks", type=_uint, metavar="N",
+    p.add_argument("--nr-data-blocks", type=parse_uint, metavar="N",
                    help="with --repair: number of data blocks (at least this)")
     p.set_defaults(func=run)
-
-
-def _uint(s: str) -> int:
-    try:
-        v = int(s, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"negative: {s!r}")
-    return v
 
 
 def run(args: argparse.Namespace) -> int:
@@ -87,27 +77,8 @@ def run(args: argparse.Namespace) -> int:
         dump_pool(meta, out, args.fmt, **kwargs)
         out.flush()
         return 0
-    target = os.path.abspath(args.output)
-    directory = os.path.dirname(target)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp",
-                                   dir=directory)
-    except OSError as exc:
-        raise DeviceError(f"{args.output}: cannot create a file in {directory}: "
-                          f"{exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            dump_pool(meta, f, args.fmt, **kwargs)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, target)
-    except OSError as exc:
-        _unlink(tmp)
-        raise DeviceError(f"{args.output}: {exc.strerror}") from None
-    except BaseException:
-        _unlink(tmp)
-        raise
+    with atomic_output(args.output) as f:
+        dump_pool(meta, f, args.fmt, **kwargs)
     return 0
 
 
@@ -124,9 +95,3 @@ def _select(ir, args: argparse.Namespace):
         ir.defs = {k: v for k, v in ir.defs.items() if k in used}
     return ir
 
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass

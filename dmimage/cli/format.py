@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from dmimage.cli._units import parse_uint
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -14,23 +16,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "size is the device size (at most 4,161,600 blocks of 4 KiB). Refuses to "
                     "overwrite a valid thin-pool superblock unless --force is given.")
     p.add_argument("metadata", metavar="META", help="metadata file or block device")
-    p.add_argument("--data-block-size", required=True, type=_uint, metavar="SECTORS",
+    p.add_argument("--data-block-size", required=True, type=parse_uint, metavar="SECTORS",
                    help="data block size in 512-byte sectors (multiple of 128, 128..2097152)")
-    p.add_argument("--nr-data-blocks", required=True, type=_uint, metavar="N",
+    p.add_argument("--nr-data-blocks", required=True, type=parse_uint, metavar="N",
                    help="number of data blocks in the pool")
     p.add_argument("-f", "--force", action="store_true",
                    help="overwrite even if META already holds thin-pool metadata")
     p.set_defaults(func=run)
 
-
-def _uint(text: str) -> int:
-    try:
-        v = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
-    return v
 
 
 def _holds_superblock(path: str) -> bool:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 
-from dmimage.errors import DeviceError, UsageError
+from dmimage.cli._output import atomic_output
+from dmimage.errors import UsageError
 
 
 def register(subparsers) -> None:
@@ -28,33 +27,8 @@ def run(args: argparse.Namespace) -> int:
     meta = args.input or args.meta
     if meta is None:
         raise UsageError("no metadata file given")
-    target = os.path.abspath(args.output)
-    directory = os.path.dirname(target)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp",
-                                   dir=directory)
-    except OSError as exc:
-        raise DeviceError(f"{args.output}: cannot create a file in {directory}: "
-                          f"{exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pack_metadata(meta, f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, target)
-    except OSError as exc:
-        _unlink(tmp)
-        raise DeviceError(f"{args.output}: {exc.strerror}") from None
-    except BaseException:
-        _unlink(tmp)
-        raise
+    with atomic_output(args.output) as f:
+        pack_metadata(meta, f)
     sys.stdout.flush()
     return 0
 
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dmimage.cli._units import parse_uint
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -18,23 +20,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, metavar="NEW",
                    help="metadata file or block device to overwrite")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
-    p.add_argument("--transaction-id", type=_uint, metavar="N",
+    p.add_argument("--transaction-id", type=parse_uint, metavar="N",
                    help="transaction id (at least this; needed if the superblock is lost)")
-    p.add_argument("--data-block-size", type=_uint, metavar="SECTORS",
+    p.add_argument("--data-block-size", type=parse_uint, metavar="SECTORS",
                    help="data block size in sectors (required if the superblock is lost)")
-    p.add_argument("--nr-data-blocks", type=_uint, metavar="N",
+    p.add_argument("--nr-data-blocks", type=parse_uint, metavar="N",
                    help="number of data blocks (at least this)")
     p.set_defaults(func=run)
 
-
-def _uint(text: str) -> int:
-    try:
-        v = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"negative: {text!r}")
-    return v
 
 
 def run(args: argparse.Namespace) -> int:

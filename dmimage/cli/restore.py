@@ -6,6 +6,8 @@ import argparse
 import sys
 from contextlib import contextmanager
 
+from dmimage.cli._units import parse_uint
+
 #: Below this many mappings a restore takes well under a second: no progress bar.
 PROGRESS_THRESHOLD = 200_000
 
@@ -23,23 +25,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, metavar="META",
                    help="metadata file or block device to overwrite")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--transaction-id", type=_uint, metavar="N",
+    p.add_argument("--transaction-id", type=parse_uint, metavar="N",
                    help="override the superblock's transaction id")
-    p.add_argument("--data-block-size", type=_uint, metavar="SECTORS",
+    p.add_argument("--data-block-size", type=parse_uint, metavar="SECTORS",
                    help="override the data block size (sectors)")
-    p.add_argument("--nr-data-blocks", type=_uint, metavar="N",
+    p.add_argument("--nr-data-blocks", type=parse_uint, metavar="N",
                    help="override the number of data blocks")
     p.set_defaults(func=run)
 
-
-def _uint(text: str) -> int:
-    try:
-        v = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
-    return v
 
 
 @contextmanager
