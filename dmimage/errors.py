@@ -61,8 +61,11 @@ class FormatError(MetadataError):
     """A field holds a value the format does not allow (magic, flags, sizes, ...)."""
 
 
-class InputError(UsageError):
-    """An input file (a dump to restore, ...) is malformed or describes impossible metadata."""
+class InputError(DmimageError):
+    """An input file (a dump to restore, a spec, ...) is malformed or describes impossible
+    metadata: invalid input, exit 1 like damaged metadata (docs/cli.md)."""
+
+    exit_code = 1
 
 
 class OutputTooSmallError(DeviceError):

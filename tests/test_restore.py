@@ -23,8 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from dmimage.cli.main import main
 from dmimage.errors import DeviceError, InputError, OutputTooSmallError
 from dmimage.format.checksum import sniff_block_type
+from dmimage.thin.dump import parse_xml as read_xml
 from dmimage.thin.ir import DeviceIR, PoolIR, Runs, SuperblockIR
-from dmimage.thin.restore import build_metadata, read_xml, restore
+from dmimage.thin.restore import build_metadata, restore
 
 import oracles
 import poolgen
@@ -256,7 +257,7 @@ DEV = '<device dev_id="{id}" mapped_blocks="{n}" transaction="0" creation_time="
     (SB + "\n" + DEV.format(id=1, n=1) + "\n<single_mapping origin_block=\"0\" ",
      "malformed|unclosed"),
     (SB + DEV.format(id=1, n=0) + "</device>" + DEV.format(id=1, n=0) + "</device></superblock>",
-     "more than once"),
+     "appears twice"),
     (SB + DEV.format(id=1, n=1) + '<single_mapping origin_block="0" data_block="10" time="0"/>'
      "</device></superblock>", "beyond nr_data_blocks"),
     (SB + DEV.format(id=1, n=1) + '<single_mapping origin_block="0" data_block="1" '
@@ -269,8 +270,8 @@ DEV = '<device dev_id="{id}" mapped_blocks="{n}" transaction="0" creation_time="
     (SB.replace('"128"', '"192"') + "</superblock>", "data block size"),
     (SB.replace('"128"', '"4194304"') + "</superblock>", "data block size"),
     (SB + DEV.format(id=1, n=0) + '<ref name="x"/></device></superblock>', "no earlier <def>"),
-    (SB, "missing </superblock>"),
-    ("<superblock/>", "missing attribute"),
+    (SB, "ends before </superblock>"),
+    ("<superblock/>", "lacks the uuid attribute"),
 ])
 def test_bad_input_is_refused_before_writing(xml, message, tmp_path, capsys):
     src = tmp_path / "bad.xml"

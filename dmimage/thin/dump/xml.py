@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import os
 from array import array
-from collections.abc import Iterator
 from typing import IO, BinaryIO
 
 import numpy as np
 
-from dmimage.errors import DmimageError
+from dmimage.errors import InputError
 from dmimage.thin.dump.render import Document, render_rows
 from dmimage.thin.ir import U32, U64, DeviceIR, PoolIR, Runs, SuperblockIR
 
@@ -29,7 +28,7 @@ __all__ = ["xml_document", "write_xml", "xml_bytes", "parse_xml", "expand_shared
            "DumpFormatError"]
 
 
-class DumpFormatError(DmimageError):
+class DumpFormatError(InputError):
     """A dump (XML or JSON) that cannot be read: syntax, missing or bad attributes, bad refs."""
 
     exit_code = 1
@@ -149,14 +148,21 @@ _U64_MAX = (1 << 64) - 1
 
 
 class _Builder:
-    """Collects runs in four typed arrays (cheap appends, one numpy conversion at the end)."""
+    """Collects runs in four typed arrays (cheap appends, one numpy conversion at the end), or
+    as whole Runs from the bulk path (dump/fastxml.py); one builder never gets both."""
 
-    __slots__ = ("o", "d", "n", "t")
+    __slots__ = ("o", "d", "n", "t", "parts")
 
     def __init__(self):
         self.o, self.d, self.n, self.t = array("Q"), array("Q"), array("Q"), array("L")
+        self.parts: list[Runs] = []
+
+    def add(self, runs: Runs) -> None:
+        self.parts.append(runs)
 
     def runs(self) -> Runs:
+        if self.parts:
+            return Runs.concat(self.parts)
         if not self.o:
             return Runs.empty()
         return Runs(np.frombuffer(self.o, U64).copy(), np.frombuffer(self.d, U64).copy(),
@@ -204,7 +210,7 @@ class _XmlParser:
                 raise self.err(f"<{tag}> has an unknown attribute {k}")
 
     def flush(self) -> None:
-        if self.cur is not None and self.cur.o:
+        if self.cur is not None and (self.cur.o or self.cur.parts):
             assert self.dev is not None
             self.dev.items.append(self.cur.runs())
         self.cur = _Builder() if self.dev is not None else None
@@ -318,15 +324,19 @@ class _XmlParser:
         try:
             self.p.ParseFile(f)
         except self.expat.ExpatError as exc:
-            raise DumpFormatError(self.expat.ErrorString(exc.code), line=exc.lineno,
-                                  source=self.source) from None
+            raise self._syntax_error(exc) from None
 
     def feed_bytes(self, data: bytes) -> None:
         try:
             self.p.Parse(data, True)
         except self.expat.ExpatError as exc:
-            raise DumpFormatError(self.expat.ErrorString(exc.code), line=exc.lineno,
-                                  source=self.source) from None
+            raise self._syntax_error(exc) from None
+
+    def _syntax_error(self, exc) -> DumpFormatError:
+        text = self.expat.ErrorString(exc.code)
+        if text == self.expat.errors.XML_ERROR_NO_ELEMENTS:
+            text = "the XML ends before </superblock> (truncated?)"
+        return DumpFormatError(text, line=exc.lineno, source=self.source)
 
     def result(self) -> PoolIR:
         if self.sb is None:
@@ -338,28 +348,31 @@ def parse_xml(source: str | os.PathLike[str] | bytes | IO[bytes]) -> PoolIR:
     """Parse thin_dump XML (0.9 or 1.x form, def/ref allowed) into the IR.
 
     ``source``: a path, the XML itself as bytes, or a binary file object (read in chunks).
+    Paths and bytes in thin_dump's own layout take the bulk path (dump/fastxml.py, several
+    times faster on big pools); everything else, and every error, goes through expat.
     """
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        p = _XmlParser(None)
-        p.feed_bytes(bytes(source))
-        return p.result()
+    from dmimage.thin.dump.fastxml import NotCanonical, parse_canonical
+
     if isinstance(source, (str, os.PathLike)):
-        name = os.fspath(source)
-        p = _XmlParser(name)
+        name: str | None = os.fspath(source)
         try:
-            f = open(name, "rb")
+            with open(name, "rb") as f:  # type: ignore[arg-type]
+                data = f.read()
         except OSError as exc:
             from dmimage.errors import DeviceError
             raise DeviceError(f"{name}: {exc.strerror}") from None
-        with f:
-            p.feed_file(f)
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        name, data = None, bytes(source)
+    else:
+        p = _XmlParser(getattr(source, "name", None))
+        p.feed_file(source)
         return p.result()
-    p = _XmlParser(getattr(source, "name", None))
-    p.feed_file(source)
+    try:
+        fast = _XmlParser(name)
+        parse_canonical(data, fast)
+        return fast.result()
+    except NotCanonical:
+        pass
+    p = _XmlParser(name)
+    p.feed_bytes(data)
     return p.result()
-
-
-def iter_runs(ir: PoolIR) -> Iterator[tuple[DeviceIR, Runs]]:
-    """Each device with its fully spliced runs."""
-    for d in ir.devices:
-        yield d, d.runs(ir.defs)
