@@ -126,7 +126,8 @@ def verify_in(vm: Machine, metadata: str, data: str, devs: dict[int, int | None]
                 res = vm.run(f"dmsetup create {thin} --table {shlex.quote(t)} && "
                              f"dmsetup mknodes {thin}", timeout=120)
                 if not res.ok:
-                    r.error = f"thin activation failed: {res.err.strip()}"
+                    why = "timed out" if res.timed_out else f"exit {res.returncode}"
+                    r.error = f"thin activation failed ({why}): {res.err.strip()}"
                     continue
                 try:
                     r.guest_sha256 = vm.sha256_of(f"/dev/mapper/{thin}", size, timeout=timeout)
