@@ -40,6 +40,10 @@ from dmimage.pdata.btree import U64, read_node
 Value: TypeAlias = int | bytes
 
 
+#: Blocks examined per step when looking for a free block.
+_ALLOC_WINDOW = 4096
+
+
 class OutOfSpaceError(DmimageError):
     """No free block left in a space map (metadata or data)."""
 
@@ -64,20 +68,25 @@ class SpaceAccount:
         return len(self.counts)
 
     def alloc(self) -> int:
-        """The first free block from the cursor on, wrapping once; count becomes 1."""
-        free = (self.counts == 0) & ~self.committed_used
-        hits = np.flatnonzero(free[self.cursor:])
-        if len(hits):
-            b = self.cursor + int(hits[0])
-        else:
-            hits = np.flatnonzero(free[: self.cursor])
-            if not len(hits):
-                raise OutOfSpaceError(f"{self.what}: no free blocks left "
-                                      f"({self.nr_blocks} blocks)")
-            b = int(hits[0])
-        self.counts[b] = 1
-        self.cursor = b + 1
-        return b
+        """The first free block from the cursor on, wrapping once; count becomes 1.
+
+        Scans a window at a time from the cursor, so an allocation costs about the distance
+        to the next free block, not the size of the device."""
+        n = len(self.counts)
+        start = self.cursor if self.cursor < n else 0
+        scanned = 0
+        while scanned < n:
+            end = min(start + _ALLOC_WINDOW, n)
+            free = (self.counts[start:end] == 0) & ~self.committed_used[start:end]
+            hit = int(np.argmax(free))
+            if free[hit]:
+                b = start + hit
+                self.counts[b] = 1
+                self.cursor = b + 1
+                return b
+            scanned += end - start
+            start = end if end < n else 0
+        raise OutOfSpaceError(f"{self.what}: no free blocks left ({self.nr_blocks} blocks)")
 
     def inc(self, b: int, by: int = 1) -> None:
         self.counts[b] += by
