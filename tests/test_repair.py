@@ -13,9 +13,11 @@ import pytest
 
 from dmimage.cli.main import main
 from dmimage.thin.check import check_metadata
+from dmimage.thin.repair import repair
 
 import damage
 import oracles
+import poolgen
 import semantic
 
 BLOCK = 4096
@@ -238,3 +240,25 @@ def test_device_missing_from_the_details_tree_gets_regenerated_details(multileve
     got = semantic.parse_dump(oracles.dump(out, tools11))
     assert [d.dev_id for d in got.devices] == [1]
     assert len(got.devices[0].mappings) == multilevel_meta.pool.nr_mappings
+
+
+def test_garbage_data_block_does_not_inflate_the_data_device(tmp_path, tools11):
+    """One mapping whose data block was damaged into a huge number (checksum fixed): repair
+    must not size the data device from it (that would need more metadata than exists); the
+    mapping is dropped and the rest kept."""
+    pool = poolgen.multilevel_pool(1500)
+    meta = tmp_path / "m.meta"
+    oracles.restore(poolgen.to_xml(pool), meta, tools11, 512)
+    raw = bytearray(meta.read_bytes())
+    mm = damage.MetaMap(bytes(raw))
+    leaf = next(n for n in mm.nodes_where("bottom") if not n.internal)
+    voff = leaf.block * 4096 + 32 + 8 * leaf.max_entries
+    raw[voff : voff + 8] = ((1 << 39) << 24).to_bytes(8, "little")
+    damage.fix_checksum(raw, leaf.block, damage.SALT_BTREE)
+    bad = tmp_path / "bad.meta"
+    bad.write_bytes(raw)
+    out = oracles.make_sparse(tmp_path / "out.meta", 512)
+    res = repair(bad, out)
+    assert res.report.nr_mappings == 1499
+    assert check_metadata(out).ok()
+    assert oracles.check(out, tools11)[0] == 0

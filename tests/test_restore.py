@@ -343,3 +343,19 @@ def test_ir_api_validation():
     ir.devices[0].mapped_blocks = 5
     with pytest.raises(InputError, match="mapped_blocks"):
         build_metadata(ir, 64)
+
+
+def test_absurd_nr_data_blocks_fails_fast(tmp_path, capsys):
+    """A data space map larger than any metadata device could hold is refused before anything
+    is laid out (no minutes of work, no gigabytes of memory)."""
+    import time
+
+    src = tmp_path / "huge.xml"
+    src.write_text('<superblock uuid="" time="0" transaction="0" data_block_size="128" '
+                   'nr_data_blocks="1099511627775">\n</superblock>\n')
+    out = oracles.make_sparse(tmp_path / "out.meta", 1024)
+    t0 = time.monotonic()
+    assert main(["restore", "-i", str(src), "-o", str(out)]) == 1
+    assert time.monotonic() - t0 < 10
+    assert "more than the 4161600" in capsys.readouterr().err
+    assert out.read_bytes() == bytes(1024 * 4096)

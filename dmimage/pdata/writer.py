@@ -151,6 +151,12 @@ class MetadataImage:
     def _alloc_one(self) -> int:
         """thin_restore's core space map: first free block from the cursor, then from 0."""
         n = self.nr_blocks
+        if self.overflowed:  # the device is full: only the size still needed matters
+            b = max(self.cursor, n)
+            self._grow(b + 1)
+            self.cursor = b + 1
+            self.counts[b] = 1
+            return b
         if self.cursor < n:
             free = np.flatnonzero(self.counts[self.cursor:n] == 0)
             if len(free):

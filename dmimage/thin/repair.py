@@ -26,7 +26,12 @@ import numpy as np
 
 from dmimage.errors import DeviceError, MetadataError, UsageError
 from dmimage.format.checksum import seal
-from dmimage.format.constants import BLOCK_SIZE, NEEDS_CHECK_FLAG, SALT_SUPERBLOCK
+from dmimage.format.constants import (
+    BLOCK_SIZE,
+    ENTRIES_PER_BITMAP,
+    NEEDS_CHECK_FLAG,
+    SALT_SUPERBLOCK,
+)
 from dmimage.pdata.block import BlockReader
 from dmimage.thin.check import CheckReport, check_metadata
 from dmimage.thin.superblock import read_superblock
@@ -631,6 +636,9 @@ def salvage(path: str | os.PathLike[str], overrides: Overrides | None = None):
         # -- mappings, per device (shared bottom trees are walked once)
         leaf_data: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         lists: dict[int, list[int]] = {}
+        # A real pool's data space map has its bitmaps on this metadata device, one per 16320
+        # data blocks: a data block beyond that can only be garbage (a damaged value).
+        plausible = min(1 << 40, s.n * ENTRIES_PER_BITMAP)
         highest = -1
         age = 0
         for dev, root in sorted(top.items()):
@@ -646,7 +654,10 @@ def salvage(path: str | os.PathLike[str], overrides: Overrides | None = None):
                 leaf_data[lid] = (keys, vals)
                 ids.append(lid)
                 if len(vals):
-                    highest = max(highest, int((vals >> np.uint64(TIME_BITS)).max()))
+                    blocks = vals >> np.uint64(TIME_BITS)
+                    blocks = blocks[blocks < np.uint64(plausible)]
+                    if len(blocks):
+                        highest = max(highest, int(blocks.max()))
                     age = max(age, int((vals & np.uint64(TIME_MASK)).max()))
             lists[dev] = ids
         if details:
@@ -669,9 +680,10 @@ def salvage(path: str | os.PathLike[str], overrides: Overrides | None = None):
             nr_hints.append(highest + 1)
             if details:
                 tid = max(tid, max(int(d[1]) for d in details.values()) + 1)
-        sane = [v for v in nr_hints if v <= (1 << 40)]
+        sane = [v for v in nr_hints if v <= plausible]
         if len(sane) < len(nr_hints):
-            report.notes.append("nr_data_blocks beyond 2^40 ignored")
+            report.notes.append(f"nr_data_blocks beyond {plausible} (more than this metadata "
+                                "device's space map could describe) ignored")
         nr_data = max(sane) if sane else highest + 1
         time = max(ref.time if ref is not None else 0, age + (1 if details is None else 0))
         if details is None:

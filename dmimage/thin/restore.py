@@ -195,6 +195,25 @@ class BuiltMetadata:
     superblock: np.ndarray
     #: Blocks the image needs on the device (it fits when <= image.nr_blocks).
     blocks_needed: int
+    #: False when the device was too small to lay anything out: blocks_needed is a lower bound.
+    exact: bool = True
+
+
+#: Up to this many metadata blocks (1 GiB) a too-small output is told the exact size needed.
+_EXACT_NEED_LIMIT = 1 << 18
+
+
+def _data_bitmap_floor(ir: PoolIR) -> int:
+    """Metadata blocks the data space map's bitmaps alone take (one per 16320 data blocks).
+
+    Checked before anything is laid out, so an absurd nr_data_blocks fails at once instead
+    of building millions of bitmaps in memory."""
+    nb = -(-int(ir.superblock.nr_data_blocks) // ENTRIES_PER_BITMAP)
+    if nb > MAX_METADATA_BLOCKS:
+        raise InputError(f"nr_data_blocks {ir.superblock.nr_data_blocks}: its space map alone "
+                         f"needs {nb} metadata blocks, more than the {MAX_METADATA_BLOCKS} "
+                         "the format allows")
+    return nb
 
 
 def build_metadata(ir: PoolIR, nr_metadata_blocks: int, *, validate: bool = True,
@@ -204,6 +223,10 @@ def build_metadata(ir: PoolIR, nr_metadata_blocks: int, *, validate: bool = True
         validate_ir(ir)
     sb = ir.superblock
     image = MetadataImage(max(int(nr_metadata_blocks), 1))
+    floor = 1 + _data_bitmap_floor(ir) + sum(int(d.mapped_blocks) for d in ir.devices) // 252
+    if floor > image.nr_blocks and floor > _EXACT_NEED_LIMIT:
+        # Too big to lay out in memory only to say by how much it does not fit.
+        return BuiltMetadata(image, np.zeros(BLOCK_SIZE, np.uint8), floor, exact=False)
     if image.alloc() != 0:
         raise AssertionError("the superblock must be block 0")
     data_rc = SparseCounts(int(sb.nr_data_blocks))
@@ -334,9 +357,11 @@ def restore(ir: PoolIR, output: str | os.PathLike[str], *,
         built = build_metadata(ir, nr_blocks, validate=False, progress=progress)
         if built.blocks_needed > nr_blocks:
             needed = built.blocks_needed * BLOCK_SIZE
+            qualifier = "" if built.exact else "at least "
             raise OutputTooSmallError(
                 f"{os.fspath(output)} is too small: {size} bytes, the metadata needs "
-                f"{needed} bytes ({built.blocks_needed} blocks of 4 KiB)", needed_bytes=needed)
+                f"{qualifier}{needed} bytes ({built.blocks_needed} blocks of 4 KiB)",
+                needed_bytes=needed)
         built.image.flush_to(fd, built.superblock)
         return RestoreResult(nr_blocks, built.image.high_water,
                              int(np.count_nonzero(built.image.counts[:nr_blocks])))
