@@ -59,12 +59,16 @@ def apply(meta: bytes, recipe: list[tuple], used: list[int] | None = None,
         elif op == "flip":
             _, sel, offset, xor, fix = m
             b = used[sel % len(used)]
+            if len(out) < (b + 1) * BLOCK:  # an earlier truncation removed the block
+                continue
             salt = damage.block_salt(bytes(out[b * BLOCK:(b + 1) * BLOCK]))
             out[b * BLOCK + offset % BLOCK] ^= (xor % 255) + 1
             if fix and salt in damage.SALTS:
                 damage.fix_checksum(out, b, salt)
         elif op == "zero":
             b = used[m[1] % len(used)]
+            if len(out) < (b + 1) * BLOCK:
+                continue
             out[b * BLOCK:(b + 1) * BLOCK] = bytes(BLOCK)
         elif op == "field":
             _, sel, name, value = m
@@ -77,6 +81,8 @@ def apply(meta: bytes, recipe: list[tuple], used: list[int] | None = None,
             damage.fix_checksum(out, b, damage.SALT_BTREE)
         elif op == "sbroot":
             _, name, value_sel = m
+            if len(out) < BLOCK:
+                continue
             off = _SB_FIELDS[name]
             size = 4 if name in ("time", "data_block_size") else 8
             if value_sel < 0:
