@@ -140,7 +140,10 @@ def test_thin_metadata_pack_drops_a_chunk(tmp_path, thins3_meta, tools11):
     oracles.unpack(tmp_path / "t.pack", tmp_path / "t.meta", tools11)
     got = (tmp_path / "t.meta").read_bytes()
     missing = [b for b in range(1000) if got[b * 4096:(b + 1) * 4096] != sb]
-    assert len(missing) == 128 and missing == list(range(missing[0], missing[0] + 128))
+    # Which chunk is lost varies from run to run (it may be the 104-block tail): one whole
+    # chunk, aligned to the 128-block chunk size, goes missing.
+    assert missing and missing[0] % 128 == 0
+    assert missing == list(range(missing[0], min(missing[0] + 128, 1000)))
     run_ours("pack", meta, "-o", tmp_path / "o.pack")
     oracles.unpack(tmp_path / "o.pack", tmp_path / "o.meta", tools11)
     assert (tmp_path / "o.meta").read_bytes() == meta.read_bytes()
