@@ -121,5 +121,7 @@ def test_repaired_pool_serves_recovered_mappings(dm_vm, written_pool, tmp_path, 
         # children, each validated on its own (docs/repair.md)
         assert recovered == total
     verdict = verify_in(dm_vm, str(out), str(data))
-    assert verdict.ok, verdict.to_json()
+    bad = [(d.dev_id, d.size, d.error, d.guest_sha256, d.offline_sha256)
+           for d in verdict.devices if not d.ok]
+    assert verdict.ok, (verdict.errors, verdict.pool_status, bad)
     assert {d.dev_id for d in verdict.devices} == set(devs)
