@@ -252,18 +252,23 @@ while read -r tag id tmo n; do
   i=0
   while [ "$i" -lt "$n" ] && read -r l; do echo "$l" >> /tmp/.c.b64; i=$((i+1)); done
   base64 -d /tmp/.c.b64 > /tmp/.c.sh
-  rm -f /tmp/.to
+  rm -f /tmp/.to.*
+  : > "/tmp/.run.$id"
   setsid sh /tmp/.c.sh </dev/null >/tmp/.o 2>/tmp/.e &
   pid=$!
   wd=
   if [ "$tmo" -gt 0 ]; then
-    setsid sh -c "sleep $tmo; touch /tmp/.to; kill -KILL -$pid" </dev/null >/dev/null 2>&1 &
+    # The watchdog acts only while this very command still runs (its run file exists): one
+    # that was scheduled late must not mark or kill a later command.
+    setsid sh -c "sleep $tmo; [ -e /tmp/.run.$id ] && touch /tmp/.to.$id && kill -KILL -$pid" \
+      </dev/null >/dev/null 2>&1 &
     wd=$!
   fi
   wait "$pid"
   rc=$?
-  [ -n "$wd" ] && kill -KILL -"$wd" 2>/dev/null
-  to=0; [ -e /tmp/.to ] && to=1
+  rm -f "/tmp/.run.$id"
+  [ -n "$wd" ] && { kill -KILL -"$wd" 2>/dev/null; kill -KILL "$wd" 2>/dev/null; }
+  to=0; [ -e "/tmp/.to.$id" ] && to=1
   printf '@@R %s %s %s %s %s ' "$id" "$rc" "$to" "$(wc -c </tmp/.o)" "$(wc -c </tmp/.e)"
   base64 -w 0 /tmp/.o
   printf ' '
