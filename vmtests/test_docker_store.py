@@ -1,0 +1,158 @@
+"""Docker's devicemapper store: Debian 12's dockerd 20.10 writes it in the guest (import, load,
+create, cp, commit, rm, rmi), then dmimage reads the data-root disk offline on the host and
+must agree with ``docker inspect`` and with the kernel's view of every thin device."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vmtests.docker_guest import DockerGuest, DockerUnavailable
+from vmtests.docker_scenario import GuestRecord, extract_root, make_store
+from vmtests.plugin import unavailable
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, GuestRecord]:
+    """(extracted data root, guest record): one guest run per module."""
+    work = tmp_path_factory.mktemp("docker")
+    try:
+        dg = DockerGuest.boot("deb12")
+    except DockerUnavailable as exc:
+        unavailable(str(exc))
+    with dg:
+        disk, rec = make_store(dg, work)
+    return extract_root(disk, work / "root"), rec
+
+
+def test_guest_store_written(store: tuple[Path, GuestRecord]) -> None:
+    """The guest did what the scenario asked: the tags, containers and devices exist, and the
+    kernel could read every device Docker's inspect names."""
+    root, rec = store
+    tags = sorted(t for img in rec.images for t in img["RepoTags"])
+    assert tags == ["app:1", "app:2", "app:latest", "base:1"]
+    assert sorted(c["Name"] for c in rec.containers) == ["/c1", "/c3"]
+    for obj in rec.images + rec.containers:
+        gd = obj["GraphDriver"]
+        assert gd["Name"] == "devicemapper"
+        assert int(gd["Data"]["DeviceId"]) in rec.device_sha256
+    assert (root / "devicemapper/devicemapper/data").stat().st_size == 128 << 20
+    assert json.loads((root / "devicemapper/metadata/base").read_text())["initialized"] is True
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    from dmimage.cli.main import main
+
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_ls_agrees_with_docker_inspect(store: tuple[Path, GuestRecord],
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """ids, tags, names, images of containers and GraphDriver DeviceIds: `dmimage docker ls
+    --json` on the offline copy says what `docker inspect` said in the guest."""
+    root, rec = store
+    rc, out, err = _run(capsys, "docker", "ls", str(root), "--json")
+    assert rc == 0, err
+    doc = json.loads(out)
+    ours = {i["id"]: i for i in doc["images"]}
+    theirs = {i["Id"]: i for i in rec.images}
+    assert set(ours) == set(theirs)
+    layers = {x["chain_id"]: x for x in doc["layers"]}
+    for iid, img in theirs.items():
+        assert ours[iid]["tags"] == sorted(img["RepoTags"])
+        assert ours[iid]["device_id"] == int(img["GraphDriver"]["Data"]["DeviceId"])
+        assert [layers[c]["diff_id"] for c in ours[iid]["layers"]] == img["RootFS"]["Layers"]
+    ours_c = {c["id"]: c for c in doc["containers"]}
+    theirs_c = {c["Id"]: c for c in rec.containers}
+    assert set(ours_c) == set(theirs_c)
+    for cid, c in theirs_c.items():
+        assert "/" + ours_c[cid]["name"] == c["Name"]
+        assert ours_c[cid]["image"] == c["Image"]
+        assert ours_c[cid]["device_id"] == int(c["GraphDriver"]["Data"]["DeviceId"])
+        # The init device is not in inspect's output; the kernel must at least have it.
+        assert ours_c[cid]["init_device_id"] in rec.device_sha256
+    # Every device the JSON names was readable by the guest's kernel, with Docker's size.
+    assert {d["device_id"]: d["size"] for d in doc["devices"]} == rec.device_size
+    assert doc["pool"]["transaction_id"] == doc["pool"]["docker_transaction_id"]
+
+
+def test_export_matches_guest_hash(store: tuple[Path, GuestRecord], tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Every device exported offline (by tag, container name, layer id or device hash) has
+    the sha256 the guest's kernel computed through the thin target."""
+    import hashlib
+
+    root, rec = store
+    rc, out, _ = _run(capsys, "docker", "ls", str(root), "--json")
+    doc = json.loads(out)
+    names: dict[int, str] = {}
+    for d in doc["devices"]:
+        names[d["device_id"]] = d["hash"]
+    for i in doc["images"]:
+        if i["tags"]:
+            names[i["device_id"]] = i["tags"][0]
+    for c in doc["containers"]:
+        names[c["device_id"]] = c["name"]
+    for x in doc["layers"]:
+        names.setdefault(x["device_id"], x["chain_id"])
+    assert set(names) == set(rec.device_sha256)
+    for dev_id, name in sorted(names.items()):
+        out_file = tmp_path / f"{dev_id}.img"
+        rc, _, err = _run(capsys, "docker", "export", str(root), name, "-o", str(out_file))
+        assert rc == 0, err
+        h = hashlib.sha256(out_file.read_bytes()).hexdigest()
+        assert h == rec.device_sha256[dev_id], f"device {dev_id} ({name})"
+        out_file.unlink()
+
+
+def test_check_clean(store: tuple[Path, GuestRecord],
+                     capsys: pytest.CaptureFixture[str]) -> None:
+    root, _ = store
+    rc, out, err = _run(capsys, "docker", "check", str(root))
+    assert rc == 0, out + err
+    assert "clean" in out
+
+
+def test_check_names_tampering(store: tuple[Path, GuestRecord], tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A thin created behind Docker's back, a removed device JSON and an entry marked
+    deleted: check exits 1 and names each one; ROOT itself is unchanged."""
+    import shutil
+    import subprocess
+
+    root, _ = store
+    copy = tmp_path / "root"
+    subprocess.run(["cp", "-a", "--sparse=always", str(root), str(copy)], check=True)
+    meta_dir = copy / "devicemapper/metadata"
+    doc = json.loads(_run(capsys, "docker", "ls", str(copy), "--json")[1])
+    c = doc["containers"][0]
+    removed = meta_dir / c["device_hash"]
+    removed_id = c["device_id"]
+    removed.unlink()
+    marked = meta_dir / c["init_device_hash"]
+    info = json.loads(marked.read_text())
+    info["deleted"] = True
+    marked.write_text(json.dumps(info))
+    used = {d["device_id"] for d in doc["devices"]}
+    leak = max(used) + 100
+    rc, _, err = _run(capsys, "message", str(copy / "devicemapper/devicemapper/metadata"),
+                      f"create_thin {leak}")
+    assert rc == 0, err
+    rc, out, err = _run(capsys, "docker", "check", str(copy), "--json")
+    assert rc == 1, err
+    rep = json.loads(out)
+    kinds = {(p["kind"], p["device_id"]) for p in rep["problems"]}
+    assert ("leak", leak) in kinds
+    assert ("leak", removed_id) in kinds  # its thin is still in the pool
+    assert ("no-device", None) in kinds  # the container's mount names a device without JSON
+    assert ("deleted", c["init_device_id"]) in kinds
+    texts = "\n".join(p["message"] for p in rep["problems"])
+    assert c["device_hash"] in texts and c["init_device_hash"] in texts
+    shutil.rmtree(copy)
+    assert _run(capsys, "docker", "check", str(root))[0] == 0
