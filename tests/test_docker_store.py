@@ -1,0 +1,190 @@
+"""`dmimage docker` on small hand-built stores: the check's rules (transactions, duplicates,
+leaks) and bad input (malformed JSON, missing files, path traversal, symlinks out of ROOT and
+symlink loops). The real-dockerd proof is vmtests/test_docker_store.py."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from dmimage.cli.main import main
+
+DIFF = "sha256:" + "a" * 64
+LAYER_HASH = "f" * 64
+CONFIG = json.dumps({"rootfs": {"type": "layers", "diff_ids": [DIFF]}}).encode()
+IMAGE_HEX = hashlib.sha256(CONFIG).hexdigest()
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def make_store(root: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    """A pool with base (1) and one layer snapshot (2), transaction id 2, and the JSON files
+    dockerd 20.10 would keep for one image with that one layer, tagged img:1."""
+    loop = root / "devicemapper/devicemapper"
+    loop.mkdir(parents=True)
+    meta = loop / "metadata"
+    with open(meta, "wb") as f:
+        f.truncate(4 << 20)
+    with open(loop / "data", "wb") as f:
+        f.truncate(64 << 20)
+    assert run(capsys, "format", str(meta), "--data-block-size", "128",
+               "--nr-data-blocks", "1024")[0] == 0
+    assert run(capsys, "message", str(meta), "create_thin 1", "create_snap 2 1",
+               "set_transaction_id 0 2")[0] == 0
+    md = root / "devicemapper/metadata"
+    md.mkdir(parents=True)
+
+    def dev(name: str, dev_id: int, tid: int, **extra: object) -> None:
+        (md / name).write_text(json.dumps({"device_id": dev_id, "size": 1 << 20,
+                                           "transaction_id": tid, "initialized": True,
+                                           "deleted": False, **extra}))
+
+    dev("base", 1, 1)
+    dev(LAYER_HASH, 2, 2)
+    (md / "deviceset-metadata").write_text(json.dumps(
+        {"next_device_id": 2, "BaseDeviceUUID": "u", "BaseDeviceFilesystem": "ext4"}))
+    (md / "transaction-metadata").write_text(json.dumps(
+        {"open_transaction_id": 2, "device_hash": LAYER_HASH, "device_id": 2}))
+    ldir = root / "image/devicemapper/layerdb/sha256" / DIFF[7:]
+    ldir.mkdir(parents=True)
+    (ldir / "cache-id").write_text(LAYER_HASH)
+    (ldir / "diff").write_text(DIFF)
+    (ldir / "size").write_text("0")
+    idb = root / "image/devicemapper/imagedb/content/sha256"
+    idb.mkdir(parents=True)
+    (idb / IMAGE_HEX).write_bytes(CONFIG)
+    (root / "image/devicemapper/repositories.json").write_text(json.dumps(
+        {"Repositories": {"img": {"img:1": "sha256:" + IMAGE_HEX}}}))
+    return root
+
+
+@pytest.fixture
+def store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    return make_store(tmp_path / "root", capsys)
+
+
+def tree_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for dirpath, dirs, files in sorted(os.walk(root)):
+        dirs.sort()
+        for name in sorted(files):
+            p = Path(dirpath) / name
+            h.update(str(p).encode())
+            if p.is_symlink():
+                h.update(os.readlink(p).encode())
+            else:
+                h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def one_line(err: str) -> str:
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_clean_store_ls_and_check(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = tree_digest(store)
+    rc, out, err = run(capsys, "docker", "check", str(store))
+    assert rc == 0, out + err
+    rc, out, _ = run(capsys, "docker", "ls", str(store), "--json")
+    assert rc == 0
+    doc = json.loads(out)
+    assert doc["images"][0]["id"] == "sha256:" + IMAGE_HEX
+    assert doc["images"][0]["tags"] == ["img:1"]
+    assert doc["images"][0]["device_id"] == 2
+    assert doc["pool"]["transaction_id"] == 2
+    assert doc["pool"]["next_device_id"] == 2
+    assert tree_digest(store) == before
+
+
+@pytest.mark.parametrize("open_id,expect", [
+    (2, None), (3, "roll it back"), (1, "reports an error")])
+def test_open_transaction(store: Path, capsys: pytest.CaptureFixture[str], open_id: int,
+                          expect: str | None) -> None:
+    """dockerd's processPendingTransaction: equal = nothing, greater = rollback, smaller =
+    error."""
+    (store / "devicemapper/metadata/transaction-metadata").write_text(json.dumps(
+        {"open_transaction_id": open_id, "device_hash": LAYER_HASH, "device_id": 2}))
+    rc, out, _ = run(capsys, "docker", "check", str(store))
+    if expect is None:
+        assert rc == 0, out
+    else:
+        assert rc == 1 and expect in out, out
+
+
+def test_duplicate_id_and_leak(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    md = store / "devicemapper/metadata"
+    (md / ("e" * 64)).write_text(json.dumps({"device_id": 2, "size": 1 << 20}))
+    assert run(capsys, "message", str(store / "devicemapper/devicemapper/metadata"),
+               "create_thin 7")[0] == 0
+    rc, out, _ = run(capsys, "docker", "check", str(store), "--json")
+    assert rc == 1
+    kinds = {(p["kind"], p["device_id"]) for p in json.loads(out)["problems"]}
+    assert {("duplicate-id", 2), ("leak", 7), ("unreferenced", 2)} <= kinds
+
+
+def test_export_by_tag(store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "x.img"
+    rc, _, err = run(capsys, "docker", "export", str(store), "img:1", "-o", str(out))
+    assert rc == 0, err
+    assert out.stat().st_size == 1 << 20 and not out.read_bytes().strip(b"\0")
+    rc, _, err = run(capsys, "docker", "export", str(store), "nope:1", "-o", str(out))
+    assert rc == 1 and "nope:1" in one_line(err)
+
+
+@pytest.mark.parametrize("case", ["traversal", "absolute", "symlink-out", "symlink-loop",
+                                  "malformed", "missing-diff", "bad-field", "container-dir"])
+def test_bad_input(store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                   case: str) -> None:
+    """One line naming the file, exit 1, no traceback; nothing under ROOT changes."""
+    ldir = store / "image/devicemapper/layerdb/sha256" / DIFF[7:]
+    md = store / "devicemapper/metadata"
+    if case == "traversal":
+        (ldir / "cache-id").write_text("../../etc")
+        named = "cache-id"
+    elif case == "absolute":
+        (ldir / "cache-id").write_text("/etc/passwd")
+        named = "cache-id"
+    elif case == "symlink-out":
+        outside = tmp_path / "outside.json"
+        outside.write_text(json.dumps({"device_id": 9, "size": 1}))
+        (md / ("d" * 64)).symlink_to(outside)
+        named = "d" * 64
+    elif case == "symlink-loop":
+        (md / "loop1").symlink_to(md / "loop2")
+        (md / "loop2").symlink_to(md / "loop1")
+        named = "loop"
+    elif case == "malformed":
+        (md / LAYER_HASH).write_text('{"device_id": 2, "size":')
+        named = LAYER_HASH
+    elif case == "missing-diff":
+        (ldir / "diff").unlink()
+        named = "diff"
+    elif case == "bad-field":
+        (md / "base").write_text(json.dumps({"device_id": 1 << 24, "size": 1}))
+        named = "base"
+    else:
+        (store / "containers" / ("c" * 64)).mkdir(parents=True)
+        named = "config.v2.json"
+    before = tree_digest(store)
+    for argv in (["ls", str(store)], ["check", str(store)]):
+        rc, out, err = run(capsys, "docker", *argv)
+        assert rc == 1, (argv, out, err)
+        assert named in one_line(err)
+    assert tree_digest(store) == before
+
+
+def test_io_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, _, err = run(capsys, "docker", "ls", str(tmp_path / "absent"))
+    assert rc == 2 and "absent" in one_line(err)
+    (tmp_path / "empty").mkdir()
+    rc, _, err = run(capsys, "docker", "check", str(tmp_path / "empty"))
+    assert rc == 2 and "devicemapper" in one_line(err)
