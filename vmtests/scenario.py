@@ -30,10 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
+from dmimage.guest.dmstatus import PoolStatus, ThinStatus, parse_pool_status, parse_thin_status
+from dmimage.guest.machine import Disk, Machine
 from dmimage.thin.model import PoolModel
-
-from .dmstatus import PoolStatus, ThinStatus, parse_pool_status, parse_thin_status
-from .machine import Disk, Machine
 
 SECTOR = 512
 META_BLOCK = 4096

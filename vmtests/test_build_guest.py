@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from dmimage.guest.pytest_plugin import unavailable
 from dmimage.image import build, load_spec
 from dmimage.image.gpt import extract
 from dmimage.image.guest import GUEST_DIR, verify_build
 from dmimage.thin.check import check_metadata
 from dmimage.thin.export import export_thin
 from dmimage.thin.pool import open_pool
-from vmtests.plugin import unavailable
 from vmtests.scenario import oracle_modules
 
 pytestmark = pytest.mark.vm

@@ -14,10 +14,10 @@ import pytest
 
 from dmimage import open_pool
 from dmimage.errors import DmimageError
+from dmimage.guest.pytest_plugin import unavailable
 from dmimage.thin.format_pool import format_pool
 from dmimage.thin.restore import read_input, restore
 from dmimage.thin.transaction import open_writable
-from vmtests.plugin import unavailable
 from vmtests.scenario import (
     KernelModel,
     OfflineSession,

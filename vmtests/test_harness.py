@@ -20,16 +20,16 @@ from pathlib import Path
 
 import pytest
 
-from vmtests.agent import check_kernel_log, find_kernel_problems
-from vmtests.appliance import CpioWriter, resolve_modules
-from vmtests.dmstatus import parse_pool_status, parse_thin_status
-from vmtests.errors import (
+from dmimage.guest.agent import check_kernel_log, find_kernel_problems
+from dmimage.guest.appliance import CpioWriter, resolve_modules
+from dmimage.guest.dmstatus import parse_pool_status, parse_thin_status
+from dmimage.guest.errors import (
     GuestCommandError,
     GuestTimeout,
     KernelProblem,
     MachineDied,
 )
-from vmtests.plugin import unavailable
+from dmimage.guest.pytest_plugin import unavailable
 
 # --------------------------------------------------------------------------------------------
 # No VM needed
@@ -74,8 +74,8 @@ def test_cpio_writer_is_deterministic():
 
 
 def test_appliance_contents(tmp_path, monkeypatch):
-    from vmtests.appliance import ApplianceError, build_initramfs
-    from vmtests.kernels import KernelNotFound, debian12
+    from dmimage.guest.appliance import ApplianceError, build_initramfs
+    from dmimage.guest.kernels import KernelNotFound, debian12
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     try:
@@ -248,7 +248,7 @@ def test_writable_attach_writes_reach_host(dm_vm, vm_disk, tmp_path):
 
 
 def _thin_checks() -> list[str]:
-    from vmtests.kernels import debian13_dir
+    from dmimage.guest.kernels import debian13_dir
 
     found = []
     for p in ("/usr/sbin/thin_check",
@@ -299,8 +299,8 @@ def test_kernel_thin_pool_smoke(dm_vm, vm_disk, tmp_path):
 
 
 def _own_machine():
-    from vmtests.kernels import kernel_by_name, qemu_binary
-    from vmtests.machine import Machine
+    from dmimage.guest.kernels import kernel_by_name, qemu_binary
+    from dmimage.guest.machine import Machine
 
     if not qemu_binary():
         unavailable("qemu-system-x86_64 missing")
@@ -349,8 +349,8 @@ def test_no_orphan_qemu_when_python_is_killed(tmp_path):
     child = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent("""\
             import sys, time
-            from vmtests.kernels import kernel_by_name
-            from vmtests.machine import Machine
+            from dmimage.guest.kernels import kernel_by_name
+            from dmimage.guest.machine import Machine
             vm = Machine(kernel_by_name("deb12")).start()
             print(vm.pid, vm.rundir, flush=True)
             time.sleep(600)

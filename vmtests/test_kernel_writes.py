@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from vmtests.plugin import unavailable
+from dmimage.guest.pytest_plugin import unavailable
 from vmtests.scenario import (
     OpLimits,
     PoolSession,

@@ -77,7 +77,7 @@ def _fetch_tool() -> Path:
     env = os.environ.get(FETCH_TOOL_ENV)
     if env:
         return Path(env)
-    here = Path(__file__).resolve().parent.parent
+    here = Path(__file__).resolve().parents[2]
     for cand in (here.parent / "shared/tools/debian13-fetch",
                  Path("/work/shared/tools/debian13-fetch")):
         if cand.exists():
