@@ -23,7 +23,6 @@ import io
 import os
 import random
 import shlex
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,9 @@ from dmimage.guest.dmstatus import PoolStatus, ThinStatus, parse_pool_status, pa
 from dmimage.guest.machine import Disk, Machine
 from dmimage.thin.model import PoolModel
 
+import oracles
+import semantic
+
 SECTOR = 512
 META_BLOCK = 4096
 #: The kernel keeps back min(4096, nr_blocks // 10) metadata blocks (`__set_metadata_reserve`
@@ -41,20 +43,6 @@ META_BLOCK = 4096
 MAX_METADATA_RESERVE = 4096
 #: THIN_METADATA_MAX_SECTORS (dm-thin-metadata.h): 255 * (1 << 14) * 8 sectors.
 MAX_METADATA_BLOCKS = 255 * (1 << 14) * 8 // 8
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def oracle_modules():
-    """Import tests/ helper modules (oracles, semantic, poolgen) as the unit tests do."""
-    here = str(REPO / "tests")
-    if here not in sys.path:
-        sys.path.insert(0, here)
-    import oracles
-    import poolgen
-    import semantic
-
-    return oracles, semantic, poolgen
 
 
 def metadata_reserve(nr_metadata_blocks: int) -> int:
@@ -584,7 +572,6 @@ def verify_offline(files: PoolFiles, model: KernelModel, *, size: int,
         assert status.transaction_id == model.trans_id
         assert (status.held_metadata_root or 0) == held_root
     if tools11 is not None:
-        oracles, semantic, _ = oracle_modules()
         rc, _out, err = oracles.check(files.meta, tools11)
         assert rc == 0, f"thin_check 1.1: {err}"
         theirs = oracles.dump(files.meta, tools11)

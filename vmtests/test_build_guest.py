@@ -21,7 +21,8 @@ from dmimage.image.guest import GUEST_DIR, verify_build
 from dmimage.thin.check import check_metadata
 from dmimage.thin.export import export_thin
 from dmimage.thin.pool import open_pool
-from vmtests.scenario import oracle_modules
+
+import oracles
 
 pytestmark = pytest.mark.vm
 
@@ -30,7 +31,6 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "images" / "example.toml"
 
 @pytest.fixture(scope="session")
 def tools11():
-    oracles, _, _ = oracle_modules()
     try:
         return oracles.tools_11()
     except oracles.OracleUnavailable as exc:
@@ -72,7 +72,6 @@ def test_example_writable_copy(dm_vm, example, tmp_path, tools11):
     (mounted read-write); afterwards the metadata partition passes dmimage check and
     thin_check 1.1, the layers still export to their manifest hashes and the container holds
     the new file."""
-    oracles, _, _ = oracle_modules()
     out, m = example
     img = tmp_path / "copy.img"
     shutil.copyfile(out / "example.img", img)

@@ -27,18 +27,19 @@ from vmtests.scenario import (
     apply_op,
     make_pattern,
     metadata_reserve,
-    oracle_modules,
     random_ops,
     seeds_from_env,
     verify_offline,
 )
+
+import oracles
+import poolgen
 
 pytestmark = pytest.mark.vm
 
 
 @pytest.fixture(scope="session")
 def tools11():
-    oracles, _, _ = oracle_modules()
     try:
         return oracles.tools_11()
     except oracles.OracleUnavailable as exc:
@@ -46,7 +47,6 @@ def tools11():
 
 
 def _poolgen_pool(name: str):
-    _, _, poolgen = oracle_modules()
     if name == "snapshots":
         return poolgen.snapshot_pool(n_mappings=30, seed=3)
     if name == "thins":
@@ -67,7 +67,6 @@ def _model_of(desc, block_bytes: int, data: np.memmap) -> KernelModel:
 
 @pytest.mark.parametrize("name,seed", [("snapshots", 11), ("thins", 12)])
 def test_restored_pool(dm_vm, tmp_path, tools11, name, seed):
-    _, _, poolgen = oracle_modules()
     desc = _poolgen_pool(name)
     bs_sectors = desc.data_block_size
     files = PoolFiles(tmp_path / "pool.meta", tmp_path / "pool.data", bs_sectors,

@@ -27,11 +27,12 @@ from vmtests.scenario import (
     make_pool_files,
     metadata_reserve,
     model_facts,
-    oracle_modules,
     random_ops,
     seeds_from_env,
     verify_offline,
 )
+
+import oracles
 
 pytestmark = pytest.mark.vm
 
@@ -50,7 +51,6 @@ def _cases():
 
 @pytest.fixture(scope="session")
 def tools11():
-    oracles, _, _ = oracle_modules()
     try:
         return oracles.tools_11()
     except oracles.OracleUnavailable as exc:
@@ -107,7 +107,6 @@ def test_random_kernel_sequence(dm_vm, tmp_path, tools11, case):
 def _save_fixture(out: Path, name: str, meta: Path, tools11, facts: dict) -> None:
     import lzma
 
-    oracles, _, _ = oracle_modules()
     out.mkdir(parents=True, exist_ok=True)
     with open(meta, "rb") as f, lzma.open(out / f"{name}.meta.xz", "wb", preset=9) as g:
         shutil.copyfileobj(f, g)

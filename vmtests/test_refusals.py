@@ -20,7 +20,9 @@ from dmimage.format.checksum import seal
 from dmimage.format.constants import SALT_SUPERBLOCK
 from dmimage.thin.check import check_metadata
 from dmimage.thin.format_pool import format_pool
-from vmtests.scenario import PoolFiles, oracle_modules
+from vmtests.scenario import PoolFiles
+
+import oracles
 
 pytestmark = pytest.mark.vm
 
@@ -96,7 +98,6 @@ def test_refused_alike(dm_vm, pristine, tmp_path, kind):
                          capture_output=True, text=True)
     assert cli.returncode != 0, cli.stdout + cli.stderr
     # thin_check 1.1, for the record (it is laxer than the kernel, see the module doc).
-    oracles, _, _ = oracle_modules()
     try:
         rc, _out, _err = oracles.check(meta, oracles.tools_11())
         assert (rc != 0) == THIN_CHECK_11_REFUSES[kind], f"thin_check 1.1 exit {rc} on {kind}"

@@ -10,7 +10,6 @@ the export of every recovered block must equal the model's content for that bloc
 from __future__ import annotations
 
 import shutil
-import sys
 
 import numpy as np
 import pytest
@@ -22,22 +21,15 @@ from dmimage.thin.model import PoolModel
 from dmimage.thin.repair import Overrides, repair
 from dmimage.thin.transaction import open_writable
 from dmimage.vm.verify import verify_in
-from vmtests.scenario import REPO, oracle_modules
+
+import damage
+import oracles
 
 pytestmark = pytest.mark.vm
 
 BS_SECTORS = 128
 BS = BS_SECTORS * 512
 NR_DATA = 512
-
-
-def _damage_module():
-    here = str(REPO / "tests")
-    if here not in sys.path:
-        sys.path.insert(0, here)
-    import damage
-
-    return damage
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +64,6 @@ def written_pool(tmp_path_factory):
 
 
 def _damaged(meta, kind: str) -> bytearray:
-    damage = _damage_module()
     raw = bytes(meta.read_bytes())
     if kind == "superblock zeroed":
         out = bytearray(raw)
@@ -100,7 +91,6 @@ def test_repaired_pool_serves_recovered_mappings(dm_vm, written_pool, tmp_path, 
     repair(bad, out, ov)
     report = check_metadata(out)
     assert report.ok(), [str(p) for p in report.problems]
-    oracles, _, _ = oracle_modules()
     assert oracles.check(out, oracles.tools_11())[0] == 0
     recovered = 0
     raw = np.memmap(data, np.uint8, mode="r")
