@@ -113,7 +113,7 @@ def cmd_kernels(args: argparse.Namespace) -> int:
     return status
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("vm", help="run commands in a QEMU guest with a real dm kernel",
                               description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)

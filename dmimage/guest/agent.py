@@ -213,7 +213,8 @@ def find_kernel_problems(dmesg: str, *, allow: tuple[str, ...] = ()) -> list[str
             if _PROBLEM_RE.search(ln) and not any(a.search(ln) for a in allowed)]
 
 
-def check_kernel_log(dmesg: str, *, allow: tuple[str, ...] = (), **kw) -> None:
+def check_kernel_log(dmesg: str, *, allow: tuple[str, ...] = (), console_tail: str = "",
+                     log_path: str | None = None) -> None:
     """Raise ``KernelProblem`` if *dmesg* shows a kernel BUG, WARNING or call trace."""
     bad = find_kernel_problems(dmesg, allow=allow)
     if bad:
@@ -221,4 +222,5 @@ def check_kernel_log(dmesg: str, *, allow: tuple[str, ...] = (), **kw) -> None:
         lines = dmesg.splitlines()
         first = lines.index(bad[0])
         raise KernelProblem("guest kernel log shows a problem:",
-                            lines[max(0, first - 5): first + 30], **kw)
+                            lines[max(0, first - 5): first + 30],
+                            console_tail=console_tail, log_path=log_path)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import lzma
 import os
 import re
@@ -72,7 +73,7 @@ class CpioWriter:
 
     TRAILER = "TRAILER!!!"
 
-    def __init__(self, fileobj) -> None:
+    def __init__(self, fileobj: io.BufferedIOBase) -> None:
         self._f = fileobj
         self._ino = 1
         self._closed = False
@@ -181,10 +182,11 @@ def read_module(path: Path) -> bytes:
         return gzip.decompress(data)
     if path.name.endswith(".zst"):
         try:
-            import zstandard  # type: ignore[import-not-found]
+            import zstandard
         except ImportError as exc:
             raise ApplianceError(f"{path}: .zst modules need the zstandard package") from exc
-        return zstandard.ZstdDecompressor().decompress(data, max_output_size=64 << 20)
+        out: bytes = zstandard.ZstdDecompressor().decompress(data, max_output_size=64 << 20)
+        return out
     return data
 
 
