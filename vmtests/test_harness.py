@@ -29,7 +29,8 @@ from dmimage.guest.errors import (
     KernelProblem,
     MachineDied,
 )
-from dmimage.guest.pytest_plugin import unavailable
+from dmimage.guest.machine import Machine
+from dmimage.guest.pytest_plugin import DiskFactory, unavailable
 
 # --------------------------------------------------------------------------------------------
 # No VM needed
@@ -49,7 +50,7 @@ def _sample_cpio() -> bytes:
 
 
 @pytest.mark.parametrize("tool", [["cpio"], ["busybox", "cpio"]])
-def test_cpio_writer_round_trip(tool, tmp_path):
+def test_cpio_writer_round_trip(tool: list[str], tmp_path: Path) -> None:
     if shutil.which(tool[0]) is None:
         unavailable(f"{tool[0]} not installed")
     data = _sample_cpio()
@@ -69,11 +70,11 @@ def test_cpio_writer_round_trip(tool, tmp_path):
     assert (out / "d/f").stat().st_mode & 0o777 == 0o640
 
 
-def test_cpio_writer_is_deterministic():
+def test_cpio_writer_is_deterministic() -> None:
     assert _sample_cpio() == _sample_cpio()
 
 
-def test_appliance_contents(tmp_path, monkeypatch):
+def test_appliance_contents(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from dmimage.guest.appliance import ApplianceError, build_initramfs
     from dmimage.guest.kernels import KernelNotFound, debian12
 
@@ -94,7 +95,7 @@ def test_appliance_contents(tmp_path, monkeypatch):
     assert app.modules.index("dm-mod.ko") < app.modules.index("dm-thin-pool.ko")
 
 
-def test_cli_disk_spec():
+def test_cli_disk_spec() -> None:
     from dmimage.cli.vm import _parse_disk
 
     assert _parse_disk("a.img") == ("a.img", False)
@@ -103,7 +104,7 @@ def test_cli_disk_spec():
     assert _parse_disk("/x:y/a.img") == ("/x:y/a.img", False)
 
 
-def test_module_order_from_modules_dep(tmp_path):
+def test_module_order_from_modules_dep(tmp_path: Path) -> None:
     (tmp_path / "modules.dep").write_text(
         "kernel/a.ko.xz: kernel/b.ko.xz kernel/c.ko.xz\n"
         "kernel/b.ko.xz: kernel/c.ko.xz\n"
@@ -114,7 +115,7 @@ def test_module_order_from_modules_dep(tmp_path):
     assert order == ["kernel/c.ko.xz", "kernel/b.ko.xz", "kernel/a.ko.xz", "kernel/d-e.ko"]
 
 
-def test_kernel_log_scanner():
+def test_kernel_log_scanner() -> None:
     good = "[    1.0] device-mapper: thin: Data device (dm-1) discard unsupported\n"
     assert find_kernel_problems(good) == []
     bad = good + "[    2.0] WARNING: CPU: 0 PID: 1 at drivers/md/dm-thin.c:123\n" \
@@ -125,7 +126,7 @@ def test_kernel_log_scanner():
     check_kernel_log(bad, allow=(r"dm-thin\.c", r"Call Trace"))
 
 
-def test_pool_status_parser():
+def test_pool_status_parser() -> None:
     s = parse_pool_status("0 131072 thin-pool 1 213/2048 16/1024 - rw discard_passdown "
                           "queue_if_no_space - 1024")
     assert (s.transaction_id, s.used_metadata_blocks, s.total_metadata_blocks) == (1, 213, 2048)
@@ -142,7 +143,7 @@ def test_pool_status_parser():
 
 
 @pytest.mark.vm
-def test_boot_and_modules(dm_vm):
+def test_boot_and_modules(dm_vm: Machine) -> None:
     assert dm_vm.alive and dm_vm.boot_time is not None
     assert dm_vm.run("uname -r", check=True).out.strip() == dm_vm.kernel.version
     mods = dm_vm.sh("cat /proc/modules; ls /sys/module")
@@ -153,7 +154,7 @@ def test_boot_and_modules(dm_vm):
 
 
 @pytest.mark.vm
-def test_agent_round_trip(dm_vm):
+def test_agent_round_trip(dm_vm: Machine) -> None:
     r = dm_vm.run("printf 'a\\000b\\377\\r\\n\\001'; printf 'E\\000\\n' >&2; exit 7")
     assert r.returncode == 7 and not r.timed_out
     assert r.stdout == b"a\x00b\xff\r\n\x01"
@@ -173,7 +174,7 @@ def test_agent_round_trip(dm_vm):
 
 
 @pytest.mark.vm
-def test_agent_timeout_kills_process_group(dm_vm):
+def test_agent_timeout_kills_process_group(dm_vm: Machine) -> None:
     t = time.monotonic()
     r = dm_vm.run("sleep 300 & sleep 300; echo never", timeout=2)
     assert r.timed_out and r.returncode == 137 and b"never" not in r.stdout
@@ -184,7 +185,7 @@ def test_agent_timeout_kills_process_group(dm_vm):
 
 
 @pytest.mark.vm
-def test_hung_guest_raises_timeout_with_console_tail(dm_vm):
+def test_hung_guest_raises_timeout_with_console_tail(dm_vm: Machine) -> None:
     dm_vm.qmp("stop")  # freeze the vCPUs: the agent cannot answer
     try:
         with pytest.raises(GuestTimeout) as ei:
@@ -198,7 +199,7 @@ def test_hung_guest_raises_timeout_with_console_tail(dm_vm):
 
 
 @pytest.mark.vm
-def test_hotplug_read_back(dm_vm, vm_disk, tmp_path):
+def test_hotplug_read_back(dm_vm: Machine, vm_disk: DiskFactory, tmp_path: Path) -> None:
     img = tmp_path / "disk.img"
     img.write_bytes(os.urandom(3 << 20) + b"tail")
     size = img.stat().st_size
@@ -224,7 +225,8 @@ def test_hotplug_read_back(dm_vm, vm_disk, tmp_path):
 
 
 @pytest.mark.vm
-def test_read_only_attach_refuses_writes(dm_vm, vm_disk, tmp_path):
+def test_read_only_attach_refuses_writes(dm_vm: Machine, vm_disk: DiskFactory,
+                                         tmp_path: Path) -> None:
     img = tmp_path / "ro.img"
     img.write_bytes(b"\x5a" * (1 << 20))
     before = hashlib.sha256(img.read_bytes()).hexdigest()
@@ -237,7 +239,8 @@ def test_read_only_attach_refuses_writes(dm_vm, vm_disk, tmp_path):
 
 
 @pytest.mark.vm
-def test_writable_attach_writes_reach_host(dm_vm, vm_disk, tmp_path):
+def test_writable_attach_writes_reach_host(dm_vm: Machine, vm_disk: DiskFactory,
+                                           tmp_path: Path) -> None:
     img = tmp_path / "rw.img"
     img.write_bytes(bytes(1 << 20))
     d = vm_disk(img, read_only=False)
@@ -259,7 +262,7 @@ def _thin_checks() -> list[str]:
 
 
 @pytest.mark.vm
-def test_kernel_thin_pool_smoke(dm_vm, vm_disk, tmp_path):
+def test_kernel_thin_pool_smoke(dm_vm: Machine, vm_disk: DiskFactory, tmp_path: Path) -> None:
     checkers = _thin_checks()
     if not checkers:
         unavailable("no thin_check installed")
@@ -298,7 +301,7 @@ def test_kernel_thin_pool_smoke(dm_vm, vm_disk, tmp_path):
 # Faults and process hygiene (own short-lived machines, deb12)
 
 
-def _own_machine():
+def _own_machine() -> Machine:
     from dmimage.guest.kernels import kernel_by_name, qemu_binary
     from dmimage.guest.machine import Machine
 
@@ -326,25 +329,27 @@ def _pid_gone(pid: int, timeout: float = 10.0) -> bool:
 
 
 @pytest.mark.vm
-def test_dead_qemu_is_a_clear_error_and_context_manager_cleans_up():
+def test_dead_qemu_is_a_clear_error_and_context_manager_cleans_up() -> None:
     vm = _own_machine()
     with vm:
-        pid = vm.pid
+        pid, rundir = vm.pid, vm.rundir
+        assert pid is not None and rundir is not None
         assert vm.sh("echo up").strip() == "up"
         os.kill(pid, signal.SIGKILL)
         with pytest.raises(MachineDied) as ei:
             vm.run("echo hi", timeout=5)
         assert "QEMU exited" in str(ei.value)
     assert _pid_gone(pid)
-    shutil.rmtree(vm.rundir, ignore_errors=True)  # kept for inspection after a failure
+    shutil.rmtree(rundir, ignore_errors=True)  # kept for inspection after a failure
     vm2 = _own_machine()
     with vm2:
         pid2 = vm2.pid
+        assert pid2 is not None
     assert _pid_gone(pid2), "QEMU survived the context manager"
 
 
 @pytest.mark.vm
-def test_no_orphan_qemu_when_python_is_killed(tmp_path):
+def test_no_orphan_qemu_when_python_is_killed(tmp_path: Path) -> None:
     _own_machine()  # skip/fail early like the others
     child = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent("""\
@@ -357,6 +362,7 @@ def test_no_orphan_qemu_when_python_is_killed(tmp_path):
             """)],
         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent)
     try:
+        assert child.stdout is not None
         line = child.stdout.readline().split()
         assert line and line[0].isdigit(), "child did not boot a machine"
         qemu_pid, rundir = int(line[0]), line[1]
@@ -372,7 +378,7 @@ def test_no_orphan_qemu_when_python_is_killed(tmp_path):
 
 
 @pytest.mark.vm
-def test_zz_guard_sees_clean_guest(dm_vm):
+def test_zz_guard_sees_clean_guest(dm_vm: Machine) -> None:
     # Runs after the other dm_vm tests of this kernel: nothing may be left behind.
     assert dm_vm.disks == []
     assert "No devices found" in dm_vm.run("dmsetup ls").out

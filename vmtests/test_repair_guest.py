@@ -10,11 +10,14 @@ the export of every recovered block must equal the model's content for that bloc
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from dmimage import open_pool
+from dmimage.guest.machine import Machine
 from dmimage.thin.check import check_metadata
 from dmimage.thin.format_pool import format_pool
 from dmimage.thin.model import PoolModel
@@ -33,7 +36,7 @@ NR_DATA = 512
 
 
 @pytest.fixture(scope="module")
-def written_pool(tmp_path_factory):
+def written_pool(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, PoolModel]:
     """Three thins and a snapshot with random content, written offline; plus the model."""
     d = tmp_path_factory.mktemp("repairpool")
     meta, data = d / "pool.meta", d / "pool.data"
@@ -45,7 +48,7 @@ def written_pool(tmp_path_factory):
     rng = np.random.default_rng(11)
     model = PoolModel(BS)
     with open_writable(meta, data) as pool:
-        def both(op, *args):
+        def both(op: str, *args: Any) -> None:
             getattr(pool, op)(*args)
             getattr(model, op)(*args)
 
@@ -63,7 +66,7 @@ def written_pool(tmp_path_factory):
     return meta, data, model
 
 
-def _damaged(meta, kind: str) -> bytearray:
+def _damaged(meta: Path, kind: str) -> bytearray:
     raw = bytes(meta.read_bytes())
     if kind == "superblock zeroed":
         out = bytearray(raw)
@@ -78,7 +81,9 @@ def _damaged(meta, kind: str) -> bytearray:
 
 @pytest.mark.parametrize("kind", ["superblock zeroed", "bottom leaf corrupt",
                                   "bottom internal corrupt"])
-def test_repaired_pool_serves_recovered_mappings(dm_vm, written_pool, tmp_path, kind):
+def test_repaired_pool_serves_recovered_mappings(
+        dm_vm: Machine, written_pool: tuple[Path, Path, PoolModel], tmp_path: Path,
+        kind: str) -> None:
     meta, data, model = written_pool
     bad = tmp_path / "bad.meta"
     bad.write_bytes(_damaged(meta, kind))
@@ -111,7 +116,7 @@ def test_repaired_pool_serves_recovered_mappings(dm_vm, written_pool, tmp_path, 
         # children, each validated on its own (docs/repair.md)
         assert recovered == total
     verdict = verify_in(dm_vm, str(out), str(data))
-    bad = [(d.dev_id, d.size, d.error, d.guest_sha256, d.offline_sha256)
-           for d in verdict.devices if not d.ok]
-    assert verdict.ok, (verdict.errors, verdict.pool_status, bad)
+    differ = [(d.dev_id, d.size, d.error, d.guest_sha256, d.offline_sha256)
+              for d in verdict.devices if not d.ok]
+    assert verdict.ok, (verdict.errors, verdict.pool_status, differ)
     assert {d.dev_id for d in verdict.devices} == set(devs)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NoReturn, Protocol
 
 import pytest
 
@@ -80,7 +80,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.vm)
 
 
-def unavailable(message: str) -> None:
+def unavailable(message: str) -> NoReturn:
     """Skip for a missing prerequisite, or fail where the VM tests are required (CI)."""
     if vm_required():
         pytest.fail(f"VM harness required (DMIMAGE_VM_REQUIRED/CI) but unavailable: {message}",
