@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import io
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -375,6 +376,25 @@ def test_no_orphan_qemu_when_python_is_killed(tmp_path: Path) -> None:
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+@pytest.mark.vm
+def test_plugin_in_another_project(dm_vm: Machine, tmp_path: Path) -> None:
+    """docs/vm.md's "another project" example, verbatim, as such a project runs it: its own
+    directory outside this repository and pytest process, no conftest; the fixtures come from
+    dmimage's pytest11 entry point. (*dm_vm* only selects the kernel; the child boots its own.)"""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "vm.md").read_text()
+    example = re.search(r"```python\n(# test_thin_pool\.py.*?)```", doc, re.S)
+    assert example, "docs/vm.md lost its test_thin_pool.py example"
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "pytest.ini").write_text("[pytest]\n")
+    (project / "test_thin_pool.py").write_text(example.group(1))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env.update(DMIMAGE_VM_KERNELS=dm_vm.kernel.name, DMIMAGE_VM_REQUIRED="1")
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+                         cwd=project, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "1 passed" in res.stdout, res.stdout + res.stderr
 
 
 @pytest.mark.vm
