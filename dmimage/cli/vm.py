@@ -4,7 +4,7 @@
     dmimage vm verify META DATA [--dev N[:SIZE]]... [--kernel K] [--json]
     dmimage vm kernels
 
-The guest is the vmtests appliance (busybox, dmsetup, dm-thin-pool); see docs/vm.md.
+The guest is dmimage.guest's appliance (busybox, dmsetup, dm-thin-pool); see docs/vm.md.
 """
 
 from __future__ import annotations

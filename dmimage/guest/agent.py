@@ -6,7 +6,7 @@ Frames (one per line, payloads base64 so any bytes survive the tty):
 - guest → host: ``@@R <id> <rc> <timed_out> <len_out> <len_err> <b64 stdout> <b64 stderr>``
 - guest → host: ``@@READY <uptime>`` once when the agent starts
 
-The guest side is the busybox sh script ``AGENT_SCRIPT`` in ``vmtests/appliance.py``: it runs each
+The guest side is the busybox sh script ``AGENT_SCRIPT`` in ``appliance.py``: it runs each
 script with ``sh`` in its own session and, after *timeout_s*, kills that whole process group
 (rc 137, timed_out 1). Lines that are not frames are ignored; replies with a stale id (from a
 command the host gave up on) are skipped.

@@ -3,7 +3,7 @@
 Contents: busybox-static (applets as symlinks), dmsetup plus the shared libraries `ldd` names and
 the dynamic loader, the kernel modules the thin-pool target needs (dependency order from
 modules.dep, `.ko.xz` decompressed on the host), ``/init`` and the guest agent (a busybox sh
-script speaking a line protocol on the second serial port, see ``vmtests/agent.py``).
+script speaking a line protocol on the second serial port, see ``agent.py``).
 
 The archive is cached by content hash under ``$XDG_CACHE_HOME/dmimage/appliance`` (default
 ``~/.cache/dmimage``), so a second run of the same kernel reuses it.
