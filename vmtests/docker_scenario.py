@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .docker_guest import DATA_ROOT, DockerGuest, make_data_disk
+from dmimage.guest.docker import DATA_ROOT, DockerGuest, make_data_disk
 
 
 def _tar(files: dict[str, bytes], *, dirs: tuple[str, ...] = ()) -> bytes:

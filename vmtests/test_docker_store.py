@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from vmtests.docker_guest import DockerGuest, DockerUnavailable
+from dmimage.guest.docker import DockerGuest, DockerUnavailable
+from dmimage.guest.pytest_plugin import unavailable
 from vmtests.docker_scenario import GuestRecord, extract_root, make_store
-from vmtests.plugin import unavailable
 
 pytestmark = pytest.mark.vm
 

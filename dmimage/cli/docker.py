@@ -13,6 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dmimage.docker.store import Store
 
 
 def _pool_args(p: argparse.ArgumentParser) -> None:
@@ -67,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     ex.set_defaults(func=cmd_export)
 
 
-def _open(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _open(args: argparse.Namespace) -> Store:
     from dmimage.docker.store import open_store
 
     return open_store(args.root, metadata=args.metadata, data=args.data)

@@ -28,9 +28,9 @@ import tempfile
 from pathlib import Path
 from types import TracebackType
 
-from .appliance import ApplianceError, cache_root, read_module, shared_libraries
-from .kernels import Kernel, kernel_by_name
-from .machine import Disk, Machine
+from dmimage.guest.appliance import ApplianceError, cache_root, read_module, shared_libraries
+from dmimage.guest.kernels import Kernel, kernel_by_name
+from dmimage.guest.machine import Disk, Machine
 
 #: Debian 12 packages unpacked for the guest (docker.io needs containerd; runc for completeness).
 PACKAGES = ("docker.io", "containerd", "runc")
