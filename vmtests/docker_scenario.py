@@ -86,6 +86,8 @@ class GuestRecord:
     containers: list[dict[str, Any]] = field(default_factory=list)
     device_sha256: dict[int, str] = field(default_factory=dict)
     device_size: dict[int, int] = field(default_factory=dict)
+    #: `docker save` of every tagged image: {"manifest": [...], "sha256": {member: hex}}.
+    save: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -127,6 +129,19 @@ def run_docker_ops(dg: DockerGuest, inputs: dict[str, Path]) -> None:
     dg.docker("rm c2")
     dg.docker("tag app:2 app:latest")
     dg.docker("rmi gone:1")
+
+
+def guest_save(dg: DockerGuest, refs: list[str]) -> dict[str, Any]:
+    """`docker save` in the guest; its manifest and the sha256 of every member file."""
+    dg.docker(f"save -o /tmp/g.tar {' '.join(refs)}")
+    out = dg.sh("rm -rf /tmp/gs && mkdir /tmp/gs && cd /tmp/gs && tar xf /tmp/g.tar && "
+                "find . -type f | sort | xargs sha256sum && rm -f /tmp/g.tar")
+    sums = {}
+    for line in out.splitlines():
+        h, name = line.split(None, 1)
+        sums[name.removeprefix("./")] = h
+    manifest = json.loads(dg.sh("cat /tmp/gs/manifest.json && rm -rf /tmp/gs"))
+    return {"manifest": manifest, "sha256": sums}
 
 
 def hash_devices(dg: DockerGuest) -> tuple[dict[int, str], dict[int, int]]:
@@ -177,6 +192,8 @@ def make_store(dg: DockerGuest, work: Path) -> tuple[Path, GuestRecord]:
         rec.images = _inspect(dg, "image")
         rec.containers = _inspect(dg, "container")
         lap("inspect")
+        rec.save = guest_save(dg, sorted({t for i in rec.images for t in i["RepoTags"]}))
+        lap("docker save")
     except BaseException:
         (work / "dockerd.log").write_text(dg.log())
         raise
