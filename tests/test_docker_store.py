@@ -188,3 +188,24 @@ def test_io_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "empty").mkdir()
     rc, _, err = run(capsys, "docker", "check", str(tmp_path / "empty"))
     assert rc == 2 and "devicemapper" in one_line(err)
+
+
+def test_docs_walkthrough(store: Path, capsys: pytest.CaptureFixture[str],
+                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/docker.md's walk-through runs on a store (ROOT replaced), each command exit 0."""
+    import re
+    import shlex
+
+    doc = (Path(__file__).resolve().parents[1] / "docs/docker.md").read_text()
+    block = re.search(r"```sh\n(.*?)```", doc, re.S)
+    assert block is not None
+    monkeypatch.chdir(tmp_path)
+    cmds = [line.split("#")[0].strip() for line in block.group(1).splitlines()]
+    cmds = [c for c in cmds if c]
+    assert len(cmds) == 5
+    for cmd in cmds:
+        argv = shlex.split(cmd.replace("ROOT", str(store)))
+        assert argv[0] == "dmimage"
+        rc, out, err = run(capsys, *argv[1:])
+        assert rc == 0, (cmd, err)
+    assert (tmp_path / "img1.ext4").stat().st_size == 1 << 20
