@@ -76,7 +76,8 @@ def debs_root(*, fetch: bool = True) -> Path:
     if not fetch:
         raise DockerUnavailable(f"{root}: Docker packages not unpacked")
     base.mkdir(parents=True, exist_ok=True)
-    res = subprocess.run(["apt-get", "download", *PACKAGES], cwd=base, capture_output=True,
+    res = subprocess.run(["apt-get", "-o", "APT::Sandbox::User=root", "download", *PACKAGES],
+                         cwd=base, capture_output=True,
                          text=True, check=False)
     debs = sorted(base.glob("*.deb"))
     if res.returncode != 0 or len(debs) < len(PACKAGES):
