@@ -132,10 +132,11 @@ def run_docker_ops(dg: DockerGuest, inputs: dict[str, Path]) -> None:
 
 
 def guest_save(dg: DockerGuest, refs: list[str]) -> dict[str, Any]:
-    """`docker save` in the guest; its manifest and the sha256 of every member file."""
+    """`docker save` in the guest; its manifest and the sha256 of every member file (a layer
+    whose diff id was already saved is a symlink to the first copy: sha256sum follows it)."""
     dg.docker(f"save -o /tmp/g.tar {' '.join(refs)}")
     out = dg.sh("rm -rf /tmp/gs && mkdir /tmp/gs && cd /tmp/gs && tar xf /tmp/g.tar && "
-                "find . -type f | sort | xargs sha256sum && rm -f /tmp/g.tar")
+                "find . -type f -o -type l | sort | xargs sha256sum && rm -f /tmp/g.tar")
     sums = {}
     for line in out.splitlines():
         h, name = line.split(None, 1)
@@ -205,6 +206,32 @@ def make_store(dg: DockerGuest, work: Path) -> tuple[Path, GuestRecord]:
     rec.seconds["total"] = round(time.monotonic() - t[0], 1)
     (work / "guest-record.json").write_text(json.dumps(rec.__dict__, indent=1))
     return disk, rec
+
+
+def kill_during_import(dg: DockerGuest, work: Path, delay: float) -> Path:
+    """A fresh store with one imported image; then dockerd is killed (SIGKILL) *delay* seconds
+    into a second `docker import` of an 8 MB tarball made in the guest. Returns the disk."""
+    inputs = write_inputs(work / "inputs")
+    disk = make_data_disk(work / "killed.ext4")
+    dg.start(disk)
+    _copy_in(dg, inputs["base"], "/tmp/base.in")
+    dg.docker("import /tmp/base.in base:1")
+    dg.sh("rm -rf /tmp/k && mkdir -p /tmp/k/data && head -c 8000000 /dev/urandom > "
+          "/tmp/k/data/blob && tar cf /tmp/big.tar -C /tmp/k data", timeout=120)
+    dg.sh(f"(docker import /tmp/big.tar big:1 >/dev/null 2>&1 &); sleep {delay:.2f}; "
+          "kill -KILL $(cat /tmp/dockerd.pid)", timeout=60)
+    dg.stop(kill=True)
+    return disk
+
+
+def restart_and_inspect(dg: DockerGuest, disk: Path) -> GuestRecord:
+    """Start dockerd on *disk* again (it processes what the kill left), inspect, stop."""
+    rec = GuestRecord()
+    dg.start(disk)
+    rec.images = _inspect(dg, "image")
+    rec.containers = _inspect(dg, "container")
+    dg.stop()
+    return rec
 
 
 def extract_root(disk: Path, dest: Path) -> Path:

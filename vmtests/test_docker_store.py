@@ -5,6 +5,7 @@ must agree with ``docker inspect`` and with the kernel's view of every thin devi
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,21 +13,34 @@ import pytest
 
 from dmimage.guest.docker import DockerGuest, DockerUnavailable
 from dmimage.guest.pytest_plugin import unavailable
-from vmtests.docker_scenario import GuestRecord, extract_root, make_store
+from vmtests.docker_scenario import (
+    GuestRecord,
+    extract_root,
+    kill_during_import,
+    make_store,
+    restart_and_inspect,
+)
 
 pytestmark = pytest.mark.vm
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, GuestRecord]:
-    """(extracted data root, guest record): one guest run per module."""
-    work = tmp_path_factory.mktemp("docker")
+def guest() -> Iterator[DockerGuest]:
+    """One guest (1 GiB, the Docker tools disk attached) for the module."""
     try:
         dg = DockerGuest.boot("deb12")
     except DockerUnavailable as exc:
         unavailable(str(exc))
     with dg:
-        disk, rec = make_store(dg, work)
+        yield dg
+
+
+@pytest.fixture(scope="module")
+def store(guest: DockerGuest, tmp_path_factory: pytest.TempPathFactory
+          ) -> tuple[Path, GuestRecord]:
+    """(extracted data root, guest record): the scenario runs once per module."""
+    work = tmp_path_factory.mktemp("docker")
+    disk, rec = make_store(guest, work)
     return extract_root(disk, work / "root"), rec
 
 
@@ -232,3 +246,44 @@ def test_save_bad_tar_split(store: tuple[Path, GuestRecord], tmp_path: Path,
     if damage == "missing-file":
         assert "app/no-such-file" in err
     assert not out.exists() and not list(tmp_path.glob(".save.tar*"))
+
+
+def _ls_agrees(doc: dict[str, Any], rec: GuestRecord) -> None:
+    ours = {i["id"]: i for i in doc["images"]}
+    assert set(ours) == {i["Id"] for i in rec.images}
+    for img in rec.images:
+        assert ours[img["Id"]]["tags"] == sorted(img["RepoTags"])
+        assert ours[img["Id"]]["device_id"] == int(img["GraphDriver"]["Data"]["DeviceId"])
+
+
+def test_kill_mid_import(guest: DockerGuest, tmp_path: Path,
+                         capsys: pytest.CaptureFixture[str]) -> None:
+    """dockerd killed (SIGKILL) during `docker import`: check names what the kill left; after
+    dockerd's own restart, a predicted rollback has happened (the device is gone from the
+    pool), ls agrees with inspect again, and whatever check still names was named before."""
+    import os
+    import random
+
+    from dmimage.thin.pool import open_pool
+
+    seed = int(os.environ.get("DMIMAGE_DOCKER_KILL_SEED", "0")) or random.randrange(1, 1 << 30)
+    delay = random.Random(seed).uniform(0.5, 12.0)
+    disk = kill_during_import(guest, tmp_path, delay)
+    where = f"(DMIMAGE_DOCKER_KILL_SEED={seed}, kill after {delay:.2f} s)"
+    before = extract_root(disk, tmp_path / "before")
+    rc, out, err = _run(capsys, "docker", "check", str(before), "--json")
+    assert rc in (0, 1) and not err, where + err
+    found = json.loads(out)["problems"]
+    rollback = {p["device_id"] for p in found
+                if p["kind"] == "transaction" and "roll it back" in p["message"]}
+    rec = restart_and_inspect(guest, disk)
+    after = extract_root(disk, tmp_path / "after")
+    with open_pool(after / "devicemapper/devicemapper/metadata") as pool:
+        assert not rollback & set(pool.devices()), where
+    rc, out, err = _run(capsys, "docker", "ls", str(after), "--json")
+    assert rc == 0, where + err
+    _ls_agrees(json.loads(out), rec)
+    rc, out, err = _run(capsys, "docker", "check", str(after), "--json")
+    assert rc in (0, 1) and not err, where + err
+    still = {(p["kind"], p["device_id"]) for p in json.loads(out)["problems"]}
+    assert still <= {(p["kind"], p["device_id"]) for p in found}, (where, found, still)

@@ -142,7 +142,14 @@ def save(store: Store, names: list[str], out: BinaryIO) -> list[str]:
                         ti = tarfile.TarInfo(f"{v1}/layer.tar")
                         ti.size = size
                         ti.mode = 0o644
-                        tar.addfile(ti, io.BufferedReader(_Stream(chunks), 1 << 20))
+                        src = io.BufferedReader(_Stream(chunks), 1 << 20)
+                        tar.addfile(ti, src)
+                        # tarfile reads exactly ti.size bytes: drain the stream so that its
+                        # last step, the diff id check, runs.
+                        if src.read(1):
+                            raise StoreError(store.root.display(layer.dir),
+                                             "the rebuilt layer tar is longer than its "
+                                             "tar-split says")
                         written.add(v1)
                     parent = v1
                 hexid = img.id.removeprefix("sha256:")

@@ -252,9 +252,10 @@ class DockerGuest:
         # containerd outlives a killed dockerd; it holds nothing on the data root's pool.
         self.vm.run("pkill -TERM containerd; sleep 0.5", timeout=30)
         if kill:
-            # A killed dockerd leaves the pool's dm devices and loop devices behind.
-            self.vm.run("dmsetup remove_all; for l in /dev/loop*; do losetup -d $l; done "
-                        "2>/dev/null; true", timeout=60)
+            # A killed dockerd leaves its mounts, the pool's dm devices and the loop devices.
+            self.vm.run(f"grep ' {DATA_ROOT}/' /proc/mounts | cut -d' ' -f2 | sort -r | "
+                        "xargs -r umount; dmsetup remove_all; for l in /dev/loop*; do "
+                        "losetup -d $l; done 2>/dev/null; true", timeout=60)
         if unmount:
             self.detach_data()
 
