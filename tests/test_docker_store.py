@@ -209,3 +209,92 @@ def test_docs_walkthrough(store: Path, capsys: pytest.CaptureFixture[str],
         rc, out, err = run(capsys, *argv[1:])
         assert rc == 0, (cmd, err)
     assert (tmp_path / "img1.ext4").stat().st_size == 1 << 20
+
+
+def test_thin_file_reads_like_export(store: Path, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """ThinFile (what save's filesystem reader sees) returns the bytes `export` writes, at
+    any offset: mapped runs from the data file, zeros elsewhere."""
+    import random
+
+    from dmimage.docker.thinfile import ThinFile
+    from dmimage.thin.pool import open_pool
+
+    meta = store / "devicemapper/devicemapper/metadata"
+    data = store / "devicemapper/devicemapper/data"
+    payload = random.Random(1).randbytes(200_000)
+    (tmp_path / "in").write_bytes(payload)
+    assert run(capsys, "write", str(meta), str(data), "--dev-id", "2", "--offset", "70000",
+               "-i", str(tmp_path / "in"))[0] == 0
+    out = tmp_path / "x.img"
+    assert run(capsys, "docker", "export", str(store), "img:1", "-o", str(out))[0] == 0
+    want = out.read_bytes()
+    assert want[70000:270000] == payload
+    fd = os.open(data, os.O_RDONLY)
+    try:
+        with open_pool(meta) as pool:
+            f = ThinFile(pool, fd, 2, 1 << 20)
+            rng = random.Random(2)
+            for _ in range(200):
+                off = rng.randrange(0, 1 << 20)
+                n = rng.randrange(0, 300_000)
+                f.seek(off)
+                assert f.read(n) == want[off:off + n]
+    finally:
+        os.close(fd)
+
+
+def _tar_and_split(files: dict[str, bytes]) -> tuple[bytes, list[bytes]]:
+    """A tar and its tar-split lines, cut at the members' data offsets as tar-split does."""
+    import base64
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as t:
+        for name, data in files.items():
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            t.addfile(ti, io.BytesIO(data))
+    raw = buf.getvalue()
+    lines, pos = [], 0
+    with tarfile.open(fileobj=io.BytesIO(raw)) as t:
+        for m in t.getmembers():
+            seg = raw[pos:m.offset_data]
+            lines.append(json.dumps({"type": 2, "payload": base64.b64encode(seg).decode()}))
+            lines.append(json.dumps({"type": 1, "name": m.name, "size": m.size}))
+            pos = m.offset_data + m.size
+    lines.append(json.dumps({"type": 2, "payload": base64.b64encode(raw[pos:]).decode()}))
+    return raw, [x.encode() for x in lines]
+
+
+def test_tar_split_rebuilds_and_rejects(tmp_path: Path) -> None:
+    import gzip
+    import io
+
+    from dmimage.docker.errors import StoreError
+    from dmimage.docker.tarsplit import assemble, read_entries, tar_size
+
+    files = {"a.txt": b"alpha\n" * 100, "d/b.bin": bytes(range(256)) * 9, "empty": b""}
+    raw, lines = _tar_and_split(files)
+    diff = "sha256:" + hashlib.sha256(raw).hexdigest()
+    blob = gzip.compress(b"\n".join(lines) + b"\n")
+
+    def opener(name: bytes) -> io.BytesIO:
+        return io.BytesIO(files[name.decode()])
+
+    entries = list(read_entries(blob, "ts"))
+    assert tar_size(entries) == len(raw)
+    assert b"".join(assemble(entries, opener, expect_digest=diff, where="ts")) == raw
+    changed = dict(files, **{"a.txt": b"ALPHA\n" * 100})
+    with pytest.raises(StoreError, match="diff id"):
+        b"".join(assemble(entries, lambda n: io.BytesIO(changed[n.decode()]),
+                          expect_digest=diff, where="ts"))
+    short = dict(files, **{"a.txt": b"alpha\n"})
+    with pytest.raises(StoreError, match="a.txt: the layer's file is 6 bytes"):
+        b"".join(assemble(entries, lambda n: io.BytesIO(short[n.decode()]),
+                          expect_digest=diff, where="ts"))
+    with pytest.raises(StoreError, match="ts: not a complete gzip stream"):
+        list(read_entries(blob[:-10], "ts"))
+    with pytest.raises(StoreError, match="ts: line 2: malformed entry"):
+        list(read_entries(gzip.compress(lines[0] + b"\n{\"type\": 1, \"size\": \n"), "ts"))
