@@ -86,6 +86,8 @@ class GuestRecord:
     containers: list[dict[str, Any]] = field(default_factory=list)
     device_sha256: dict[int, str] = field(default_factory=dict)
     device_size: dict[int, int] = field(default_factory=dict)
+    #: `docker diff` of every container, by name.
+    diffs: dict[str, list[str]] = field(default_factory=dict)
     #: `docker save` of every tagged image: {"manifest": [...], "sha256": {member: hex}}.
     save: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -115,7 +117,8 @@ def _copy_in(dg: DockerGuest, host: Path, guest: str) -> None:
 
 
 def run_docker_ops(dg: DockerGuest, inputs: dict[str, Path]) -> None:
-    """import, load, create, cp, commit, rm, rmi: leaves 3 images, 2 containers, 1 rmi'd."""
+    """import, load, create, cp (a new file, an overwrite), commit, rm, rmi: leaves 3 images,
+    2 containers, 1 rmi'd."""
     for name, p in inputs.items():
         _copy_in(dg, p, f"/tmp/{name}.in")
     dg.docker("import /tmp/base.in base:1")
@@ -126,6 +129,7 @@ def run_docker_ops(dg: DockerGuest, inputs: dict[str, Path]) -> None:
     dg.docker("commit c1 app:2")
     dg.docker("create --name c2 base:1 /bin/hello")
     dg.docker("create --name c3 app:2")
+    dg.docker("cp /tmp/note.in c3:/app/two.txt")
     dg.docker("rm c2")
     dg.docker("tag app:2 app:latest")
     dg.docker("rmi gone:1")
@@ -193,6 +197,8 @@ def make_store(dg: DockerGuest, work: Path) -> tuple[Path, GuestRecord]:
         rec.images = _inspect(dg, "image")
         rec.containers = _inspect(dg, "container")
         lap("inspect")
+        rec.diffs = {c["Name"].lstrip("/"): dg.docker(f"diff {c['Id']}").splitlines()
+                     for c in rec.containers}
         rec.save = guest_save(dg, sorted({t for i in rec.images for t in i["RepoTags"]}))
         lap("docker save")
     except BaseException:

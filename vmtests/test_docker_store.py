@@ -248,6 +248,30 @@ def test_save_bad_tar_split(store: tuple[Path, GuestRecord], tmp_path: Path,
     assert not out.exists() and not list(tmp_path.glob(".save.tar*"))
 
 
+def test_diff_agrees_with_docker_diff(store: tuple[Path, GuestRecord], tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """`dmimage docker diff` lists what the guest's `docker diff` listed, per container; the
+    tar holds the added and changed files with the content the guest copied in."""
+    import tarfile
+
+    root, rec = store
+    assert rec.diffs
+    for name, lines in rec.diffs.items():
+        rc, out, err = _run(capsys, "docker", "diff", str(root), name)
+        assert rc == 0, err
+        assert sorted(out.splitlines()) == sorted(lines), name
+        tar = tmp_path / f"{name}.tar"
+        assert _run(capsys, "docker", "diff", str(root), name, "-o", str(tar))[0] == 0
+        with tarfile.open(tar) as t:
+            names = {"/" + m.name.rstrip("/") for m in t.getmembers()}
+            assert names == {line[2:] for line in lines if line[0] in "AC"}
+            for m in t.getmembers():
+                if m.isfile() and m.name.startswith("app/"):
+                    f = t.extractfile(m)
+                    assert f is not None
+                    assert f.read() == b"written by docker cp\n"
+
+
 def _ls_agrees(doc: dict[str, Any], rec: GuestRecord) -> None:
     ours = {i["id"]: i for i in doc["images"]}
     assert set(ours) == {i["Id"] for i in rec.images}

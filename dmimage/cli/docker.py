@@ -4,6 +4,7 @@
     dmimage docker check ROOT [--json]
     dmimage docker export ROOT NAME -o FILE
     dmimage docker save ROOT IMAGE... -o FILE.tar
+    dmimage docker diff ROOT CONTAINER [--json] [-o FILE.tar]
 
 ROOT is a data root (a copy of /var/lib/docker, or the directory itself); it is never written.
 See docs/docker.md.
@@ -82,6 +83,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     sv.add_argument("-o", "--output", required=True, help="output tar file")
     sv.set_defaults(func=cmd_save)
 
+    df = sub.add_parser("diff", help="a container's own changes (as docker diff), or as a tar",
+                        description="Compares the container's device with its init layer's "
+                        "as docker diff does (A added, C changed, D deleted). With -o, writes "
+                        "the changed and added files as a tar, deletions as .wh. whiteouts: "
+                        "the container's data, rescued.")
+    _pool_args(df)
+    df.add_argument("container", metavar="CONTAINER", help="container name or id (prefix)")
+    df.add_argument("--json", action="store_true", help="the changes as JSON")
+    df.add_argument("-o", "--output", default=None, help="write the changes as a tar file")
+    df.set_defaults(func=cmd_diff)
+
 
 def _open(args: argparse.Namespace) -> Store:
     from dmimage.docker.store import open_store
@@ -153,4 +165,34 @@ def cmd_save(args: argparse.Namespace) -> int:
     store = _open(args)
     with atomic_output(args.output) as out:
         save(store, args.images, out)
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    import os
+
+    from dmimage.cli._output import atomic_output
+    from dmimage.docker.changes import changes_tar, container_changes
+    from dmimage.docker.errors import StoreIOError
+    from dmimage.thin.pool import open_pool
+
+    store = _open(args)
+    try:
+        fd = os.open(store.pool_files.data, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise StoreIOError(store.pool_files.data, exc.strerror or str(exc)) from None
+    try:
+        with open_pool(store.pool_files.metadata) as pool:
+            changes, root = container_changes(store, pool, fd, args.container)
+            if args.output:
+                with atomic_output(args.output) as out:
+                    changes_tar(changes, root, out)
+    finally:
+        os.close(fd)
+    if args.json:
+        json.dump([{"kind": c.kind, "path": c.path} for c in changes], sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    elif not args.output:
+        for c in changes:
+            print(c)
     return 0

@@ -22,7 +22,7 @@ from typing import BinaryIO
 from dmimage.docker.errors import StoreError, StoreIOError
 from dmimage.docker.images import Image
 from dmimage.docker.layers import Layer
-from dmimage.docker.store import Store, resolve
+from dmimage.docker.store import Store, article, resolve
 from dmimage.docker.tarsplit import assemble, read_entries, tar_size
 from dmimage.docker.thinfile import ThinFile
 from dmimage.errors import UsageError
@@ -105,7 +105,7 @@ def save(store: Store, names: list[str], out: BinaryIO) -> list[str]:
     for name in names:
         t = resolve(store, name)
         if t.kind != "image":
-            raise UsageError(f"{name}: names a {t.kind}, not an image")
+            raise UsageError(f"{name}: is {article(t.kind)}, not an image")
         img = store.images[t.label]
         refs = images.setdefault(img.id, (img, []))[1]
         if name in store.tags and name not in refs:

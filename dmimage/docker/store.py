@@ -135,6 +135,11 @@ def resolve(store: Store, name: str) -> Target:
     raise NameNotFound(name, "no image, container, layer or device has this name")
 
 
+def article(kind: str) -> str:
+    """"an image", "a container": for messages."""
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+
+
 def _hexish(name: str) -> bool:
     bare = name.removeprefix("sha256:")
     return bool(bare) and all(c in "0123456789abcdef" for c in bare)
