@@ -298,3 +298,75 @@ def test_tar_split_rebuilds_and_rejects(tmp_path: Path) -> None:
         list(read_entries(blob[:-10], "ts"))
     with pytest.raises(StoreError, match="ts: line 2: malformed entry"):
         list(read_entries(gzip.compress(lines[0] + b"\n{\"type\": 1, \"size\": \n"), "ts"))
+
+
+def _ext4(path: Path, tree: dict[str, bytes | None], mtime: int) -> None:
+    """A 4 MiB ext4 image whose rootfs/ holds *tree* (None = directory), made by mke2fs -d."""
+    import subprocess
+
+    stage = path.with_suffix(".d")
+    for name, data in tree.items():
+        p = stage / "rootfs" / name
+        if data is None:
+            p.mkdir(parents=True, exist_ok=True)
+        else:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(data)
+    for dirpath, dirs, files in os.walk(stage):
+        for n in dirs + files:
+            os.utime(Path(dirpath) / n, ns=(mtime, mtime))
+    with open(path, "wb") as f:
+        f.truncate(4 << 20)
+    subprocess.run(["mke2fs", "-q", "-t", "ext4", "-F", "-d", str(stage), str(path)],
+                   check=True, capture_output=True, env={**os.environ, "E2FSPROGS_FAKE_TIME":
+                                                         "1700000000"})
+
+
+def test_diff_on_hand_built_container(store: Path, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A container whose init layer has a, d/x, gone/y and whose own device has a changed a,
+    d/x unchanged, a new n and no gone/: C /a, A /n, D /gone (the case the guest cannot make
+    without runc), and the tar holds a, n and the whiteout .wh.gone."""
+    import tarfile
+
+    meta = store / "devicemapper/devicemapper/metadata"
+    data = store / "devicemapper/devicemapper/data"
+    t0 = 1_700_000_000 * 10**9
+    init = {"a": b"old\n", "d": None, "d/x": b"x\n", "gone": None, "gone/y": b"y\n"}
+    rw = {"a": b"new contents\n", "d": None, "d/x": b"x\n", "n": b"added\n"}
+    _ext4(tmp_path / "init.img", init, t0)
+    _ext4(tmp_path / "rw.img", rw, t0)
+    assert run(capsys, "message", str(meta), "create_thin 3", "create_thin 4",
+               "set_transaction_id 2 4")[0] == 0
+    for dev, img in ((3, "init.img"), (4, "rw.img")):
+        assert run(capsys, "write", str(meta), str(data), "--dev-id", str(dev),
+                   "-i", str(tmp_path / img))[0] == 0
+    md = store / "devicemapper/metadata"
+    (md / "transaction-metadata").write_text(json.dumps(
+        {"open_transaction_id": 4, "device_hash": "", "device_id": 4}))
+    mount = "b" * 64
+    for name, dev in ((mount + "-init", 3), (mount, 4)):
+        (md / name).write_text(json.dumps({"device_id": dev, "size": 4 << 20,
+                                           "transaction_id": dev}))
+    cid = "c" * 64
+    mdir = store / "image/devicemapper/layerdb/mounts" / cid
+    mdir.mkdir(parents=True)
+    (mdir / "mount-id").write_text(mount)
+    (mdir / "init-id").write_text(mount + "-init")
+    (mdir / "parent").write_text(DIFF)
+    (store / "containers" / cid).mkdir(parents=True)
+    (store / "containers" / cid / "config.v2.json").write_text(json.dumps(
+        {"ID": cid, "Name": "/box", "Image": "sha256:" + IMAGE_HEX}))
+    rc, out, _ = run(capsys, "docker", "check", str(store))
+    assert rc == 0, out
+    rc, out, err = run(capsys, "docker", "diff", str(store), "box")
+    assert rc == 0, err
+    assert out.splitlines() == ["C /a", "A /n", "D /gone"]
+    tar = tmp_path / "box.tar"
+    assert run(capsys, "docker", "diff", str(store), "box", "-o", str(tar))[0] == 0
+    with tarfile.open(tar) as t:
+        assert sorted(t.getnames()) == [".wh.gone", "a", "n"]
+        f = t.extractfile("a")
+        assert f is not None and f.read() == b"new contents\n"
+    rc, _, err = run(capsys, "docker", "diff", str(store), "img:1")
+    assert rc == 1 and "is an image, not a container" in one_line(err)
