@@ -300,7 +300,7 @@ def _groups(ep: list[Write]) -> list[list[int]]:
 
 
 def crash_choices(eps: list[list[Write]], rng: random.Random, *, exhaustive: int = 256,
-                  samples: int = 32) -> Iterator[Choice]:
+                  samples: int = 48) -> Iterator[Choice]:
     """Every crash image worth checking, as choices per epoch (deduplicated).
 
     An epoch whose choices number at most ``exhaustive`` is enumerated completely (each block:

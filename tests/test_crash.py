@@ -41,6 +41,7 @@ from dmimage.thin.check import check_metadata
 from dmimage.thin.dump import parse_dump
 from dmimage.thin.format_pool import format_pool
 from dmimage.thin.pack import pack_metadata, unpack_metadata
+from dmimage.thin.pool import Mappings
 from dmimage.thin.repair import fix_in_place
 from dmimage.thin.restore import restore
 from dmimage.thin.transaction import WritablePool, open_writable
@@ -66,6 +67,10 @@ def _mapping_digest(m: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(m, dtype=np.uint64).tobytes()).hexdigest()
 
 
+def _rows(m: Mappings) -> np.ndarray:
+    return np.stack([m.origin, m.data, m.time.astype(np.uint64)], axis=1)
+
+
 def _canon(time: int, trans: int, dbs: int, nr_data: int, flags: int, snap: int | None,
            devices: list[tuple[int, int, int, int, int, str]]) -> State:
     return (time, trans, dbs, nr_data, flags, snap, tuple(devices))
@@ -82,17 +87,17 @@ def state_of(path: Path) -> tuple[State, State | None, str]:
         sb, live = pool.superblock, pool.live_superblock
         devs = []
         for dev_id, d in pool.devices().items():
-            m = pool.mappings(dev_id)
-            rows = np.stack([m.origin, m.data, m.time.astype(np.uint64)], axis=1)
             devs.append((dev_id, d.mapped_blocks, d.transaction_id, d.creation_time,
-                         d.snapshotted_time, _mapping_digest(rows)))
+                         d.snapshotted_time, _mapping_digest(_rows(pool.mappings(dev_id)))))
         st = _canon(sb.time, sb.trans_id, sb.data_block_size, live.data_sm.nr_blocks, sb.flags,
                     sb.held_root or None, devs)
     held = None
     if st[5] is not None:
         with open_pool(path, metadata_snap=True) as snap:
-            held = tuple((dev_id, d.mapped_blocks, d.transaction_id, d.creation_time,
-                          d.snapshotted_time) for dev_id, d in snap.devices().items())
+            held = tuple(
+                (dev_id, d.mapped_blocks, d.transaction_id, d.creation_time,
+                 d.snapshotted_time, _mapping_digest(_rows(snap.mappings(dev_id))))
+                for dev_id, d in snap.devices().items())
     return st, held, counts.hexdigest()
 
 
@@ -109,8 +114,8 @@ def state_by_thin_dump(path: Path, tools11: oracles.Tools,
     held = None
     if held_root is not None:
         h = semantic.parse_xml(oracles.dump(path, tools11, f"--metadata-snap={held_root}"))
-        held = tuple((d.dev_id, d.mapped_blocks, d.transaction, d.creation_time, d.snap_time)
-                     for d in h.devices)
+        held = tuple((d.dev_id, d.mapped_blocks, d.transaction, d.creation_time, d.snap_time,
+                      _mapping_digest(d.mappings)) for d in h.devices)
     return st, held
 
 
