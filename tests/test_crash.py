@@ -42,7 +42,7 @@ from dmimage.thin.dump import parse_dump
 from dmimage.thin.format_pool import format_pool
 from dmimage.thin.pack import pack_metadata, unpack_metadata
 from dmimage.thin.pool import Mappings
-from dmimage.thin.repair import fix_in_place
+from dmimage.thin.repair import fix_in_place, repair
 from dmimage.thin.restore import restore
 from dmimage.thin.transaction import WritablePool, open_writable
 
@@ -145,7 +145,8 @@ class Verdict:
     epochs: list[int]  # writes per epoch of the metadata file
     exhaustive: set[int] = field(default_factory=set)  # epochs enumerated completely
     images: int = 0  # crash images built
-    distinct: int = 0  # distinct images judged (checked in-process and by thin_check 1.1)
+    distinct: int = 0  # distinct images judged in-process
+    oracle: int = 0  # of which thin_check 1.1 judged
     seen: dict[str, int] = field(default_factory=lambda: {"old": 0, "new": 0, "blank": 0})
     failures: list[str] = field(default_factory=list)
 
@@ -154,7 +155,8 @@ class Verdict:
             f"{sorted(e + 1 for e in self.exhaustive)}"
         return (f"{self.step}: writes per epoch {self.epochs} (enumerated completely: {full}), "
                 f"{self.images} crash images, "
-                f"{self.distinct} distinct, {self.seen}, {len(self.failures)} failures")
+                f"{self.distinct} distinct ({self.oracle} through thin_check 1.1), "
+                f"{self.seen}, {len(self.failures)} failures")
 
 
 def _write_image(path: Path, img: bytearray) -> None:
@@ -211,7 +213,9 @@ def judge(step: str, rec: crashsim.Recording, meta: Path, old: Committed | None,
         path = tmp / f"crash{v.distinct}.meta"
         _write_image(path, img)
         verdict = _judge_in_process(path, img, what, old, new, v, blank_ok)
-        if verdict is None:
+        if verdict is not None:
+            v.oracle += 1
+        else:
             path.unlink()
             continue
         batch.append((path, what, verdict[0]))
@@ -226,12 +230,13 @@ def _judge_in_process(path: Path, img: bytearray, what: str, old: Committed | No
                       new: Committed, v: Verdict,
                       blank_ok: bool) -> tuple[int | None] | None:
     """dmimage's verdict on one image: (thin_check 1.1's expected exit code, None: must fail),
-    or None when the image already failed."""
+    or None when thin_check need not see it (already failed, or another blank image)."""
     if blank_ok and not any(img[:crashsim.BLOCK]):
         v.seen["blank"] += 1
         if check_metadata(path).ok():
             v.failures.append(f"{what}: dmimage check accepts block 0 full of zeros")
-        return (None,)
+        # thin_check reads no further than block 0 here: once per step is enough
+        return (None,) if v.seen["blank"] == 1 else None
     try:
         st = state_of(path)
     except DmimageError as exc:
@@ -380,10 +385,11 @@ def _assert_written(written: bool) -> None:
 
 
 def seq_replace(tmp: Path, tools11: oracles.Tools) -> tuple[Path, Path, list[Step]]:
-    """Writers that replace whatever pool the file holds: restore, format, unpack."""
+    """Writers that replace whatever pool the file holds: restore, format, unpack, repair -o."""
     meta, data = _restored(poolgen.thins_pool(3, mappings_per_thin=300), tmp, tools11,
                            "replace", 256)
     other = _restored(poolgen.snapshot_pool(), tmp, tools11, "other", 256)[0]
+    _restored(poolgen.thins_pool(3, mappings_per_thin=20), tmp, tools11, "thins3", 128)
     packed = io.BytesIO()
     pack_metadata(other, packed)
     snap_ir = parse_dump(oracles.dump(tmp / "other.meta", tools11).encode())
@@ -396,6 +402,7 @@ def seq_replace(tmp: Path, tools11: oracles.Tools) -> tuple[Path, Path, list[Ste
         ("restore onto a pool", lambda m, d: _ignore(restore(snap_ir, m)), True),
         ("format onto a pool", lambda m, d: _ignore(format_pool(m, 128, 4096)), True),
         ("unpack onto a pool", unpack, True),
+        ("repair -o onto a pool", lambda m, d: _ignore(repair(tmp / "thins3.meta", m)), True),
     ]
 
 
@@ -411,14 +418,19 @@ SEQUENCES: dict[str, Callable[[Path, oracles.Tools], tuple[Path, Path, list[Step
 
 def run_step(name: str, writer: Callable[[Path, Path], None], meta: Path, data: Path,
              tmp: Path, tools11: oracles.Tools, rng: random.Random, *, blank_ok: bool,
-             **mutation: bool) -> tuple[Verdict, crashsim.Recording]:
-    old = committed(meta, tools11)
-    with crashsim.Recorder([meta, data], images=[meta], **mutation) as rec:
+             old: Committed | None = None,
+             mutation: str | None = None) -> tuple[Verdict, crashsim.Recording, Committed]:
+    """Run one writer under the recorder and judge its crash images. ``old``: the pool as the
+    previous step left it (read again when not given)."""
+    old = old or committed(meta, tools11)
+    with crashsim.Recorder([meta, data], images=[meta],
+                           drop_flush_before_superblock=mutation == "drop_flush_before_superblock",
+                           superblock_first=mutation == "superblock_first") as rec:
         writer(meta, data)
     new = committed(meta, tools11)
     assert new.state != old.state, f"{name}: the step changed nothing"
     v = judge(name, rec, meta, old, new, tmp, tools11, rng, blank_ok=blank_ok)
-    return v, rec
+    return v, rec, new
 
 
 def superblock_alone_at_the_end(rec: crashsim.Recording, meta: Path) -> bool:
@@ -449,8 +461,10 @@ def test_every_crash_image_is_old_or_new(seq: str, tmp_path: Path,
     print(f"DMIMAGE_CRASH_SEED={SEED}")
     meta, data, steps = SEQUENCES[seq](tmp_path, tools11)
     failures: list[str] = []
+    prev = None
     for name, writer, blank_ok in steps:
-        v, rec = run_step(name, writer, meta, data, tmp_path, tools11, rng, blank_ok=blank_ok)
+        v, rec, prev = run_step(name, writer, meta, data, tmp_path, tools11, rng,
+                                blank_ok=blank_ok, old=prev)
         print(v.line())
         failures += v.failures
         assert v.seen["new"] >= 1 and v.seen["old"] >= 1, v.line()
@@ -473,8 +487,8 @@ def test_mutated_writer_is_caught(seq: str, mutation: str, tmp_path: Path,
     print(f"DMIMAGE_CRASH_SEED={SEED}")
     meta, data, steps = SEQUENCES[seq](tmp_path, tools11)
     name, writer, blank_ok = steps[0]
-    v, rec = run_step(name, writer, meta, data, tmp_path, tools11, rng, blank_ok=blank_ok,
-                      **{mutation: True})
+    v, rec, _ = run_step(name, writer, meta, data, tmp_path, tools11, rng, blank_ok=blank_ok,
+                         mutation=mutation)
     print(v.line())
     if mutation == "drop_flush_before_superblock":
         assert rec.dropped_flushes >= 1
