@@ -20,10 +20,11 @@ An *epoch* is the run of writes between two flushes. :func:`crash_choices` yield
 the choices of surviving writes: every one when there are few, otherwise the adversarial ones
 (none, all, each write alone, all but each write, each block alone) and a seeded random sample.
 
-Two mutations of the writer's I/O, applied at the recorder (the writer's own calls are what
+Mutations of the writer's I/O, applied at the recorder (the writer's own calls are what
 change), show that the crash tests can fail: ``drop_flush_before_superblock`` skips the flush
 that precedes a write of block 0, ``superblock_first`` holds back every other block until the
-superblock has been written.
+superblock has been written, ``drop_other_flushes`` forgets the flushes of the files that get
+no crash images (the data device).
 """
 
 from __future__ import annotations
@@ -117,13 +118,15 @@ class Recorder:
     def __init__(self, files: Sequence[str | os.PathLike[str]], *,
                  images: Sequence[str | os.PathLike[str]] | None = None,
                  drop_flush_before_superblock: bool = False,
-                 superblock_first: bool = False) -> None:
+                 superblock_first: bool = False,
+                 drop_other_flushes: bool = False) -> None:
         self.files = [os.path.realpath(f) for f in files]
         wanted = self.files if images is None else [os.path.realpath(f) for f in images]
         self.rec = Recording({f: _read(f) for f in wanted})
         self._mutated = set(wanted)  # the mutations change the writes to these files only
         self._drop = drop_flush_before_superblock
         self._sb_first = superblock_first
+        self._drop_other = drop_other_flushes
         self._saved: dict[str, Any] = {}
         self._seq = itertools.count()
         self._deferred: dict[str, int] = {}  # file -> fd of a flush held back (mutation 1)
@@ -184,6 +187,9 @@ class Recorder:
         if self._drop and file in self._mutated:
             self._deferred[file] = fd
             return
+        if self._drop_other and file not in self._mutated:
+            self.rec.dropped_flushes += 1
+            return
         self.rec.events.append(Flush(file, next(self._seq)))
 
     # -- patched os functions ------------------------------------------------------------
@@ -225,7 +231,8 @@ class Recorder:
     def _sync(self) -> None:
         self._saved["sync"]()
         for file in self.files:
-            if self._drop and file in self._mutated:
+            if (self._drop and file in self._mutated) or \
+                    (self._drop_other and file not in self._mutated):
                 continue
             self.rec.events.append(Flush(file, next(self._seq)))
 

@@ -425,7 +425,8 @@ def run_step(name: str, writer: Callable[[Path, Path], None], meta: Path, data: 
     old = old or committed(meta, tools11)
     with crashsim.Recorder([meta, data], images=[meta],
                            drop_flush_before_superblock=mutation == "drop_flush_before_superblock",
-                           superblock_first=mutation == "superblock_first") as rec:
+                           superblock_first=mutation == "superblock_first",
+                           drop_other_flushes=mutation == "drop_data_flush") as rec:
         writer(meta, data)
     new = committed(meta, tools11)
     assert new.state != old.state, f"{name}: the step changed nothing"
@@ -496,6 +497,21 @@ def test_mutated_writer_is_caught(seq: str, mutation: str, tmp_path: Path,
         assert rec.reordered_writes >= 1
     assert v.failures, f"mutation {mutation} not caught: {v.line()}"
     print("caught, e.g.:", v.failures[0])
+
+
+def test_missing_data_flush_is_caught(tmp_path: Path, tools11: oracles.Tools) -> None:
+    """Without the data device's flush, a crash could expose the new mappings over data that
+    never landed: the ordering check holds for the writer and fails for the mutant."""
+    verdicts = []
+    for mutant in (False, True):
+        where = tmp_path / f"mutant{int(mutant)}"
+        where.mkdir()
+        meta, data, steps = seq_thins(where, tools11)
+        with crashsim.Recorder([meta, data], images=[meta], drop_other_flushes=mutant) as rec:
+            steps[0][1](meta, data)
+        assert rec.dropped_flushes == (1 if mutant else 0)
+        verdicts.append(data_durable_before_superblock(rec, meta, data))
+    assert verdicts == [True, False]
 
 
 def test_crash_model_enumerates_every_image(tmp_path: Path) -> None:
