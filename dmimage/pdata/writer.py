@@ -239,9 +239,11 @@ class MetadataImage:
     # -- output --------------------------------------------------------------------------
     def flush_to(self, fd: int, superblock: np.ndarray | bytes | bytearray,
                  progress: Callable[[int], None] | None = None) -> None:
-        """Crash-safe write: every block but the superblock, fsync, the superblock, fsync.
+        """Crash-safe write: block 0 zeroed (see :func:`invalidate_superblock`), every block
+        but the superblock, fsync, the superblock, fsync.
 
         The caller has checked that every block fits the device."""
+        invalidate_superblock(fd)
         pending: list[memoryview] = []
         pending_off = -1
         pending_end = -1
@@ -273,6 +275,19 @@ class MetadataImage:
         sb = bytes(superblock)
         assert len(sb) == BLOCK_SIZE
         _pwritev_all(fd, [memoryview(sb)], 0)
+        _fsync(fd)
+
+
+def invalidate_superblock(fd: int) -> None:
+    """Zero block 0 and flush, if it holds anything: the first step of writing a new pool over
+    an old one. The new pool's blocks overwrite the old pool's, so until the new superblock
+    lands, a crash must find no superblock rather than the old one pointing at a mixture."""
+    try:
+        old = os.pread(fd, BLOCK_SIZE, 0)
+    except OSError as exc:
+        raise DeviceError(f"read of block 0 failed: {exc.strerror}") from None
+    if any(old):
+        _pwritev_all(fd, [memoryview(bytes(BLOCK_SIZE))], 0)
         _fsync(fd)
 
 
