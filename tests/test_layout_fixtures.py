@@ -262,3 +262,40 @@ def test_kernel_written_blocks_round_trip(name, tmp_path):
     with lzma.open(FIXTURES / f"{name}.meta.xz") as f:
         meta.write_bytes(f.read())
     assert _round_trips(meta) >= 1
+
+
+# ----------------------------------------------------------------------- what a commit writes
+
+def test_commit_keeps_what_a_kernel_commit_keeps(restored_pool, tmp_path):
+    """The kernel's commit rewrites time, trans_id, flags, held_root, both roots and both
+    space-map roots in the superblock it read and keeps the rest (uuid, version, block sizes,
+    metadata_nr_blocks, compat_flags); a metadata-snapshot copy is the committed superblock at
+    its own block with held_root 0 and zero space-map roots (thin-format.md §2.5). Checked on
+    the bytes, against offsets written out here."""
+    from dmimage.thin.transaction import open_writable
+
+    meta = restored_pool(poolgen.thins_pool(2), tools="1.1").path
+    raw = bytearray(meta.read_bytes()[:4096])
+    uuid = bytes(range(1, 17))
+    raw[16:32] = uuid
+    _put(raw, 352, 4, 0x80)  # a compat flag the kernel ignores and keeps
+    _seal(raw, SALT_SUPERBLOCK)
+    with open(meta, "r+b") as f:
+        f.write(raw)
+    with open_writable(meta) as wp:
+        wp.create_thin(77)
+        wp.commit()
+        held = wp.reserve_metadata_snap()
+        wp.commit()
+    disk = meta.read_bytes()
+    live, copy = disk[:4096], disk[held * 4096:(held + 1) * 4096]
+    assert live[16:32] == uuid and int.from_bytes(live[352:356], "little") == 0x80
+    assert live[40:44] == raw[40:44] and live[336:352] == raw[336:352]
+    assert int.from_bytes(live[56:64], "little") == held
+    assert int.from_bytes(copy[8:16], "little") == held
+    assert int.from_bytes(copy[56:64], "little") == 0
+    assert copy[64:320] == bytes(256), "a snapshot copy holds no space-map roots"
+    assert copy[16:56] == live[16:56] and copy[320:364] == live[320:364]
+    assert copy[4:8] == live[4:8]
+    assert checksum_ok(live, SALT_SUPERBLOCK) and checksum_ok(copy, SALT_SUPERBLOCK)
+    assert copy[364:] == bytes(4096 - 364) and live[364:] == bytes(4096 - 364)

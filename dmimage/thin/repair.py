@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -61,6 +62,9 @@ from dmimage.pdata.block import BlockReader
 from dmimage.pdata.btree import MAX_DEPTH, Node, node_view, order_problem, parse_node
 from dmimage.thin.check import CheckReport, check_metadata
 from dmimage.thin.superblock import read_superblock
+
+if TYPE_CHECKING:
+    from dmimage.thin.ir import PoolIR
 
 __all__ = [
     "FixResult", "fix_in_place", "clear_needs_check",
@@ -562,7 +566,8 @@ def _match_by_counts(s: _Salvager, report: SalvageReport,
     return out
 
 
-def salvage(path: str | os.PathLike[str], overrides: Overrides | None = None):
+def salvage(path: str | os.PathLike[str],
+            overrides: Overrides | None = None) -> tuple[PoolIR, SalvageReport]:
     """Recover as much of the pool at ``path`` as can be trusted; returns (PoolIR, report).
 
     The input is opened read-only. Every node used passes its checksum and location check;
@@ -631,7 +636,7 @@ def salvage(path: str | os.PathLike[str], overrides: Overrides | None = None):
             leaves, lost = s.walk(root, MAPPING_VALUE_SIZE)
             if (root, "counted") not in s._walks:  # count losses once per shared tree
                 report.lost_nodes += lost
-                s._walks[(root, "counted")] = ([], 0)  # type: ignore[index]
+                s._walks[(root, "counted")] = ([], 0)
             ids = []
             for lid, keys, vals in leaves:
                 leaf_data[lid] = (keys, vals)
