@@ -32,9 +32,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from dmimage.errors import MetadataError, UsageError
-from dmimage.format.constants import TIME_BITS
+from dmimage.format.constants import MAPPING_VALUE_SIZE
+from dmimage.format.values import mapping_blocks
 from dmimage.pdata.btree import MAX_DEPTH, U64, order_problem, read_node
-from dmimage.thin.pool import MAPPING_VALUE_SIZE, DeviceDetails, Pool
+from dmimage.thin.pool import DeviceDetails, Pool
 
 __all__ = ["FIELDS", "DEFAULT_FIELDS", "DeviceUsage", "device_usage", "pretty_size",
            "ls_table", "render_grid", "ls_json", "parse_fields", "MappingForest"]
@@ -139,7 +140,7 @@ class MappingForest:
             raise problem
         if node.is_leaf:
             self.leaf_keys[blocknr] = keys
-            self.leaf_data[blocknr] = node.values(U64) >> np.uint64(TIME_BITS)
+            self.leaf_data[blocknr] = mapping_blocks(node.values(U64))
             self.height[blocknr] = 0
             self.owner[blocknr] = dev_id
             return
