@@ -14,6 +14,7 @@ Public API:
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import IO, BinaryIO
 
 from dmimage.thin.dump.human import HumanEmitter, human_bytes, write_human
@@ -54,8 +55,8 @@ def write_dump(ir: PoolIR, out: BinaryIO, fmt: str = "xml", *, expand: bool = Fa
 
 
 def dump_pool(metadata: str | os.PathLike[str], out: BinaryIO, fmt: str = "xml", *,
-              metadata_snap: bool | int = False, dev_ids=None, skip_mappings: bool = False,
-              expand: bool = False) -> None:
+              metadata_snap: bool | int = False, dev_ids: Iterable[int] | None = None,
+              skip_mappings: bool = False, expand: bool = False) -> None:
     """Open metadata, read it and write the dump (what ``dmimage dump`` does)."""
     from dmimage.thin.pool import open_pool
 
@@ -64,7 +65,7 @@ def dump_pool(metadata: str | os.PathLike[str], out: BinaryIO, fmt: str = "xml",
     write_dump(ir, out, fmt, expand=expand)
 
 
-def parse_dump(source: str | os.PathLike[str] | bytes | IO[bytes]):
+def parse_dump(source: str | os.PathLike[str] | bytes | IO[bytes]) -> PoolIR:
     """Parse an XML (thin_dump 0.9/1.x) or JSON (dmimage) dump, telling them apart by the
     first non-blank byte."""
     if isinstance(source, (bytes, bytearray, memoryview)):
