@@ -3,7 +3,7 @@ human-readable, JSON) it drives.
 
 Every format lays a dump out in the same order: the superblock, every shared run list
 (``def``) in the order the IR holds them, then every device with its items (its own runs and
-``ref``\\ s to defs) in origin order. :func:`walk` decides that order, and which items are
+refs to defs) in origin order. :func:`walk` decides that order, and which items are
 worth emitting (empty runs are not), once; it tells a :class:`DumpVisitor` each event in turn,
 and an :class:`Emitter` only says how each event looks in its format.
 
