@@ -42,7 +42,8 @@ BITMAP_LUT = _bitmap_lut()
 
 def decode_bitmap(payload: np.ndarray) -> np.ndarray:
     """Counts (uint8, 0..3) for the 2-bit entries of raw bitmap bytes (any multiple of bytes)."""
-    return BITMAP_LUT[payload].reshape(-1)
+    counts: np.ndarray = BITMAP_LUT[payload].reshape(-1)
+    return counts
 
 
 @dataclass(slots=True)

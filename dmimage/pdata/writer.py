@@ -226,7 +226,8 @@ class MetadataImage:
         while i >= 0:
             start, seg = self._starts[i], self._segments[i]
             if start <= loc < start + len(seg):
-                return seg[loc - start]
+                block: np.ndarray = seg[loc - start]
+                return block
             i -= 1
         raise KeyError(loc)
 
@@ -404,7 +405,7 @@ class NodeBuilder:
             k = -(-(total - 2 * self.max) // self.max)
             self._emit_sizes([self.max] * k)
 
-    def push_value(self, key: int, value) -> None:
+    def push_value(self, key: int, value: int | bytes) -> None:
         self.push_values(np.array([key], dtype=U64), np.array([value], dtype=self.kind.dtype))
 
     # -- pre-built nodes ------------------------------------------------------------------

@@ -27,6 +27,7 @@ errors"); we count them like any other node.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -254,11 +255,13 @@ def _cell(field: str, u: DeviceUsage, bs: int) -> str:
     return pretty_size(v) if field in _HUMAN else str(v)
 
 
-def needs_counting(fields) -> bool:
+def needs_counting(fields: Iterable[str]) -> bool:
     return any(f not in _NON_COUNTING for f in fields)
 
 
-def ls_table(pool: Pool, fields=DEFAULT_FIELDS, *, headers: bool = True) -> list[list[str]]:
+def ls_table(
+    pool: Pool, fields: Iterable[str] = DEFAULT_FIELDS, *, headers: bool = True
+) -> list[list[str]]:
     """The table thin_ls prints, as rows of cells (header row first unless ``headers=False``)."""
     fields = list(fields)
     usage = device_usage(pool, counting=needs_counting(fields))
@@ -279,7 +282,7 @@ def render_grid(rows: list[list[str]]) -> str:
     return "".join(line + "\n" for line in lines)
 
 
-def ls_json(pool: Pool, fields=DEFAULT_FIELDS) -> str:
+def ls_json(pool: Pool, fields: Iterable[str] = DEFAULT_FIELDS) -> str:
     """``{"data_block_size": N, "fields": [...], "devices": [{FIELD: value}, ...]}``; numbers
     as integers, the human-unit fields as thin_ls's strings."""
     fields = list(fields)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import IO, BinaryIO
+from typing import IO, Any, BinaryIO
 
 import numpy as np
 
@@ -127,13 +127,13 @@ def json_bytes(ir: PoolIR) -> bytes:
 
 # --------------------------------------------------------------------------------- parsing
 
-def _int(v, what: str, hi: int = (1 << 64) - 1) -> int:
+def _int(v: object, what: str, hi: int = (1 << 64) - 1) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= hi:
         raise DumpFormatError(f"{what}: expected an integer in 0..{hi}, got {v!r}")
     return v
 
 
-def _runs(rows, what: str) -> Runs:
+def _runs(rows: object, what: str) -> Runs:
     if not isinstance(rows, list):
         raise DumpFormatError(f"{what}: expected a list of runs")
     if not rows:
@@ -220,7 +220,7 @@ def parse_json(source: str | os.PathLike[str] | bytes | IO[bytes]) -> PoolIR:
         maps = dv.get("mappings", [])
         if not isinstance(maps, list):
             raise DumpFormatError(f"devices[{i}].mappings must be a list")
-        pending: list = []
+        pending: list[Any] = []
         for j, m in enumerate(maps):
             if isinstance(m, dict):
                 name = m.get("ref")

@@ -24,6 +24,7 @@ tree only (and, as in 1.1, then ignores the device selection).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -218,7 +219,7 @@ def pool_to_ir(pool: Pool, *, dev_ids: Iterable[int] | None = None,
     return ir
 
 
-def _device_ir(d) -> DeviceIR:
+def _device_ir(d: Any) -> DeviceIR:
     # thin_dump 1.1 prints the id as a u32 (`thin_id as u32`).
     return DeviceIR(dev_id=d.dev_id & MAX_DUMP_DEV_ID, mapped_blocks=d.mapped_blocks,
                     transaction=d.transaction_id, creation_time=d.creation_time,

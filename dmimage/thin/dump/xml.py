@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from array import array
-from typing import IO, BinaryIO
+from typing import IO, Any, BinaryIO
 
 import numpy as np
 
@@ -165,7 +165,7 @@ class _Builder:
 
     __slots__ = ("o", "d", "n", "t", "parts")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.o, self.d, self.n, self.t = array("Q"), array("Q"), array("Q"), array("L")
         self.parts: list[Runs] = []
 
@@ -204,7 +204,7 @@ class _XmlParser:
     def err(self, msg: str) -> DumpFormatError:
         return DumpFormatError(msg, line=self.p.CurrentLineNumber, source=self.source)
 
-    def num(self, tag: str, a: dict, k: str) -> int:
+    def num(self, tag: str, a: dict[str, str], k: str) -> int:
         v = a.get(k)
         if v is None:
             raise self.err(f"<{tag}> lacks the {k} attribute")
@@ -216,7 +216,7 @@ class _XmlParser:
             raise self.err(f'<{tag}> {k}="{v}" is out of range')
         return x
 
-    def check_attrs(self, tag: str, a: dict, allowed: tuple[str, ...]) -> None:
+    def check_attrs(self, tag: str, a: dict[str, str], allowed: tuple[str, ...]) -> None:
         for k in a:
             if k not in allowed:
                 raise self.err(f"<{tag}> has an unknown attribute {k}")
@@ -227,7 +227,7 @@ class _XmlParser:
             self.dev.items.append(self.cur.runs())
         self.cur = _Builder() if self.dev is not None else None
 
-    def start(self, tag: str, a: dict) -> None:
+    def start(self, tag: str, a: dict[str, str]) -> None:
         cur = self.cur
         if tag == "single_mapping":
             if cur is None:
@@ -344,7 +344,7 @@ class _XmlParser:
         except self.expat.ExpatError as exc:
             raise self._syntax_error(exc) from None
 
-    def _syntax_error(self, exc) -> DumpFormatError:
+    def _syntax_error(self, exc: Any) -> DumpFormatError:
         text = self.expat.ErrorString(exc.code)
         if text == self.expat.errors.XML_ERROR_NO_ELEMENTS:
             text = "the XML ends before </superblock> (truncated?)"
