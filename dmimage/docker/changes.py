@@ -1,10 +1,11 @@
-"""A container's own changes: its read-write device against its init device (the layer below
-it), compared as moby's ``pkg/archive/changes.go`` does for ``docker diff``: a path is added
-(A) when only the container has it, deleted (D) when only the init layer has it (the top-most
-one only), changed (C) when type, mode, uid, gid or device number differ, or, for non-
-directories, size or mtime; a directory holding a change is listed as changed too. Extended
-attributes (capabilities) are not compared. ``changes_tar`` writes the changes as a layer tar
-with ``.wh.`` whiteouts, so a container's data can be rescued and applied elsewhere."""
+"""A container's own changes: its read-write device against its init device (the layer below it),
+compared as moby's ``pkg/archive/changes.go`` does for ``docker diff``: a path is added (A)
+when only the container has it, deleted (D) when only the init layer has it (the top-most one
+only), changed (C) when type, mode, uid, gid or device number differ, or, for non-directories,
+size or mtime; a directory holding a change is listed as changed too. Extended attributes
+(capabilities) are not compared, nor device numbers on xfs. ``changes_tar`` writes the changes
+as a layer tar with ``.wh.`` whiteouts, so a container's data can be rescued and applied
+elsewhere."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from dmimage.docker.errors import NameNotFound, StoreError
+from dmimage.docker.fs import open_filesystem, owner_mode
 from dmimage.docker.store import Store, article, resolve
 from dmimage.docker.thinfile import ThinFile
 from dmimage.thin.pool import Pool
@@ -34,14 +36,13 @@ class Change:
 
 
 def _stat(node: Any) -> tuple[int, int, int, int, int, int, bytes]:
-    """(type|mode, uid, gid, rdev, size, mtime_ns, link) of a dissect.extfs INode."""
-    i = node.inode
-    mode = int(i.i_mode)
+    """(type|mode, uid, gid, rdev, size, mtime_ns, link) of an ext4 or xfs node."""
+    mode, uid, gid = owner_mode(node)
     link = node.link.encode("utf-8", "surrogateescape") if stat.S_ISLNK(mode) else b""
     rdev = 0
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        rdev = int.from_bytes(bytes(i.i_block)[:8], "little")
-    return (mode, int(i.i_uid), int(i.i_gid), rdev, int(node.size), int(node.mtime_ns), link)
+    if (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) and hasattr(node.inode, "i_block"):
+        rdev = int.from_bytes(bytes(node.inode.i_block)[:8], "little")
+    return (mode, uid, gid, rdev, int(node.size), int(node.mtime_ns), link)
 
 
 def _children(node: Any) -> dict[str, Any]:
@@ -75,8 +76,6 @@ def _walk_changes(old: Any | None, new: Any, path: str, out: list[Change]) -> No
 
 
 def _open_fs(store: Store, pool: Pool, data_fd: int, hash_: str, what: str) -> Any:
-    from dissect.extfs import ExtFS
-
     dev = store.device(hash_)
     if dev is None:
         raise StoreError(store.root.display("devicemapper/metadata"),
@@ -85,10 +84,11 @@ def _open_fs(store: Store, pool: Pool, data_fd: int, hash_: str, what: str) -> A
         raise StoreError(store.root.display(dev.source), f"{what}: device {dev.device_id} is "
                          "not in the pool")
     try:
-        return ExtFS(ThinFile(pool, data_fd, dev.device_id, dev.size)).get(ROOTFS)
-    except Exception as exc:  # dissect's own error types for what is not ext4
+        fs = open_filesystem(ThinFile(pool, data_fd, dev.device_id, dev.size))
+        return fs.get(ROOTFS)
+    except Exception as exc:  # dissect's own error types for damaged filesystems
         raise StoreError(store.root.display(dev.source), f"{what}: device {dev.device_id} "
-                         f"has no readable ext4 with {ROOTFS} ({exc})") from None
+                         f"has no readable ext4 or xfs with {ROOTFS} ({exc})") from None
 
 
 def container_changes(store: Store, pool: Pool, data_fd: int, name: str

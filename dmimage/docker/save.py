@@ -3,11 +3,10 @@
 Per image: ``<config hex>.json`` (the imagedb bytes, unchanged), per layer ``<id>/VERSION``,
 ``<id>/json`` and ``<id>/layer.tar``, plus ``manifest.json`` and ``repositories``. Each
 layer.tar is rebuilt from the layer's tar-split with the file contents read from the layer's
-thin device (ext4, via dissect.extfs, below the device's ``rootfs/``, where the devicemapper
-driver keeps a layer's tree), so its sha256 is the diff id; any difference is an error and no
-output is left behind. The layer directory ids are this tool's own (sha256 of the chain id):
-``docker load`` reads manifest.json, not the legacy v1 ids.
-"""
+thin device (ext4 or xfs, via dissect.extfs or dissect.xfs, below the device's ``rootfs/``,
+where the devicemapper driver keeps a layer's tree), so its sha256 is the diff id; any
+difference is an error and no output is left behind. The layer directory ids are this tool's
+own (sha256 of the chain id): ``docker load`` reads manifest.json, not the legacy v1 ids."""
 
 from __future__ import annotations
 
@@ -20,6 +19,7 @@ from collections.abc import Iterator
 from typing import BinaryIO
 
 from dmimage.docker.errors import StoreError, StoreIOError
+from dmimage.docker.fs import open_filesystem
 from dmimage.docker.images import Image
 from dmimage.docker.layers import Layer
 from dmimage.docker.store import Store, article, resolve
@@ -57,8 +57,6 @@ class _Stream(io.RawIOBase):
 def _layer_tar(store: Store, pool: Pool, data_fd: int, layer: Layer
                ) -> tuple[int, Iterator[bytes]]:
     """(size, chunks) of the rebuilt layer tar; the chunks raise StoreError on any mismatch."""
-    from dissect.extfs import ExtFS
-
     where = store.root.display(layer.tar_split or f"{layer.dir}/tar-split.json.gz")
     if layer.tar_split is None:
         raise StoreError(where, "missing: the layer tar cannot be rebuilt")
@@ -70,10 +68,10 @@ def _layer_tar(store: Store, pool: Pool, data_fd: int, layer: Layer
         raise StoreError(where, f"device {dev.device_id} of layer {layer.chain_id} is not in "
                          "the pool")
     try:
-        fs = ExtFS(ThinFile(pool, data_fd, dev.device_id, dev.size))
-    except Exception as exc:  # dissect raises its own types for a non-ext filesystem
-        raise StoreError(where, f"device {dev.device_id}: no readable ext4 filesystem "
-                         f"({exc})") from None
+        fs = open_filesystem(ThinFile(pool, data_fd, dev.device_id, dev.size))
+    except Exception as exc:  # dissect raises its own types for damaged filesystems
+        raise StoreError(where, f"device {dev.device_id}: no readable ext4 or xfs "
+                         f"filesystem ({exc})") from None
 
     def open_file(name: bytes) -> BinaryIO:
         rel = name.decode("utf-8", "surrogateescape").lstrip("/").removeprefix("./")

@@ -1,6 +1,6 @@
 """A thin device as a read-only file object: what the kernel's thin target would return,
 read straight from the pool's data file (unmapped blocks read as zeros). Filesystem readers
-(dissect.extfs) open layers through it, with no export, mount or root."""
+(dissect.extfs, dissect.xfs) open layers through it, with no export, mount or root."""
 
 from __future__ import annotations
 

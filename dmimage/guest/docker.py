@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -28,12 +29,15 @@ import tempfile
 from pathlib import Path
 from types import TracebackType
 
-from dmimage.guest.appliance import ApplianceError, cache_root, read_module, shared_libraries
+from dmimage.guest.appliance import ApplianceError, cache_root, read_module
 from dmimage.guest.kernels import Kernel, kernel_by_name
 from dmimage.guest.machine import Disk, Machine
 
-#: Debian 12 packages unpacked for the guest (docker.io needs containerd; runc for completeness).
-PACKAGES = ("docker.io", "containerd", "runc")
+#: Debian 12 packages unpacked for the guest (docker.io needs containerd; runc for
+#: completeness; xfsprogs and its libraries for ``dm.fs=xfs``).
+PACKAGES = ("docker.io", "containerd", "runc", "xfsprogs", "libinih1", "liburcu8")
+#: Files whose presence says the unpacked cache is complete.
+REQUIRED = ("usr/sbin/dockerd", "sbin/mkfs.xfs")
 
 #: (path in the unpacked .debs or on the host, name in the tools disk's bin/).
 BINARIES = (
@@ -46,10 +50,12 @@ BINARIES = (
     ("host:/sbin/tune2fs", "tune2fs"),
     ("host:/sbin/resize2fs", "resize2fs"),
     ("host:/sbin/blkid", "blkid"),
+    ("debs:sbin/mkfs.xfs", "mkfs.xfs"),
+    ("debs:usr/sbin/xfs_growfs", "xfs_growfs"),
 )
 
 #: Modules dockerd's devicemapper driver needs beyond the appliance's (dm-thin-pool, ext4).
-MODULES = ("loop",)
+MODULES = ("loop", "xfs")
 
 #: Guest memory: dockerd and containerd together take a few hundred MB.
 MEMORY_MB = 1024
@@ -68,26 +74,47 @@ class DockerUnavailable(ApplianceError):
 
 
 def debs_root(*, fetch: bool = True) -> Path:
-    """The unpacked Debian 12 Docker packages (``<cache>/docker-debs/root``)."""
+    """The unpacked Debian 12 packages (``<cache>/docker-debs/root``), fetched when a file
+    the guest needs is missing (a cache from before a package was added is refreshed)."""
     base = cache_root() / "docker-debs"
     root = base / "root"
-    if (root / "usr/sbin/dockerd").exists():
+    if all((root / r).exists() for r in REQUIRED):
         return root
     if not fetch:
         raise DockerUnavailable(f"{root}: Docker packages not unpacked")
     base.mkdir(parents=True, exist_ok=True)
     res = subprocess.run(["apt-get", "-o", "APT::Sandbox::User=root", "download", *PACKAGES],
-                         cwd=base, capture_output=True,
-                         text=True, check=False)
-    debs = sorted(base.glob("*.deb"))
-    if res.returncode != 0 or len(debs) < len(PACKAGES):
-        raise DockerUnavailable(f"apt-get download {' '.join(PACKAGES)} failed: "
-                                f"{res.stderr.strip()[-500:]}")
+                         cwd=base, capture_output=True, text=True, check=False)
+    debs = []
+    for pkg in PACKAGES:
+        found = sorted(base.glob(f"{pkg}_*.deb"), key=lambda p: p.stat().st_mtime)
+        if res.returncode != 0 or not found:
+            raise DockerUnavailable(f"apt-get download {' '.join(PACKAGES)} failed: "
+                                    f"{res.stderr.strip()[-500:]}")
+        debs.append(found[-1])
     tmp = Path(tempfile.mkdtemp(prefix="root.", dir=base))
     for deb in debs:
         subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], check=True)
+    if root.exists():
+        shutil.rmtree(root)
     os.replace(tmp, root)
     return root
+
+
+def _libraries(binary: Path, extra: Path) -> list[Path]:
+    """What ``ldd`` names for *binary*, looking in *extra* (the unpacked packages' library
+    directory) before the host's; the loader itself is left out (the appliance has it)."""
+    env = {**os.environ, "LD_LIBRARY_PATH": str(extra)}
+    out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=False,
+                         env=env)
+    libs = []
+    for line in out.stdout.splitlines():
+        if "not found" in line:
+            raise DockerUnavailable(f"{binary}: ldd says {line.strip()}")
+        m = re.match(r"\s*\S+ => (/\S+) \(", line)
+        if m and "ld-linux" not in m.group(1):
+            libs.append(Path(m.group(1)))
+    return libs
 
 
 def _sources(kernel: Kernel) -> tuple[list[tuple[Path, str]], list[Path], list[Path]]:
@@ -102,9 +129,8 @@ def _sources(kernel: Kernel) -> tuple[list[tuple[Path, str]], list[Path], list[P
         bins.append((path, name))
     libs: dict[str, Path] = {}
     for path, _ in bins:
-        for lib in shared_libraries(path):
-            if "ld-linux" not in lib:
-                libs.setdefault(os.path.basename(lib), Path(lib))
+        for lib in _libraries(path, debs / "usr/lib/x86_64-linux-gnu"):
+            libs.setdefault(lib.name, lib)
     dep = {line.split(":", 1)[0] for line in
            (kernel.moddir / "modules.dep").read_text().splitlines() if ":" in line}
     mods = []
