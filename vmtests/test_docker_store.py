@@ -44,6 +44,15 @@ def store(guest: DockerGuest, tmp_path_factory: pytest.TempPathFactory
     return extract_root(disk, work / "root"), rec
 
 
+@pytest.fixture(scope="module")
+def xfs_store(guest: DockerGuest, tmp_path_factory: pytest.TempPathFactory
+              ) -> tuple[Path, GuestRecord]:
+    """The same scenario with ``dm.fs=xfs``."""
+    work = tmp_path_factory.mktemp("docker-xfs")
+    disk, rec = make_store(guest, work, fs="xfs")
+    return extract_root(disk, work / "root"), rec
+
+
 def test_guest_store_written(store: tuple[Path, GuestRecord]) -> None:
     """The guest did what the scenario asked: the tags, containers and devices exist, and the
     kernel could read every device Docker's inspect names."""
@@ -186,11 +195,13 @@ def _members(tar_path: Path) -> tuple[list[dict[str, Any]], dict[str, str]]:
     return manifest, sums
 
 
-def test_save_matches_guest_docker_save(store: tuple[Path, GuestRecord], tmp_path: Path,
+@pytest.mark.parametrize("which", ["store", "xfs_store"])
+def test_save_matches_guest_docker_save(request: pytest.FixtureRequest, which: str,
+                                        tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
-    """Per image, the layer tars (rebuilt from tar-split and the ext4 on each thin device)
-    and the config are bit-identical to what the guest's `docker save` wrote."""
-    root, rec = store
+    """Per image, the layer tars (rebuilt from tar-split and the ext4 or xfs on each thin
+    device) and the config are bit-identical to what the guest's `docker save` wrote."""
+    root, rec = request.getfixturevalue(which)
     refs = sorted({t for i in rec.images for t in i["RepoTags"]})
     out = tmp_path / "save.tar"
     rc, _, err = _run(capsys, "docker", "save", str(root), *refs, "-o", str(out))
@@ -248,13 +259,15 @@ def test_save_bad_tar_split(store: tuple[Path, GuestRecord], tmp_path: Path,
     assert not out.exists() and not list(tmp_path.glob(".save.tar*"))
 
 
-def test_diff_agrees_with_docker_diff(store: tuple[Path, GuestRecord], tmp_path: Path,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("which", ["store", "xfs_store"])
+def test_diff_agrees_with_docker_diff(request: pytest.FixtureRequest, which: str,
+                                      tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
     """`dmimage docker diff` lists what the guest's `docker diff` listed, per container; the
     tar holds the added and changed files with the content the guest copied in."""
     import tarfile
 
-    root, rec = store
+    root, rec = request.getfixturevalue(which)
     assert rec.diffs
     for name, lines in rec.diffs.items():
         rc, out, err = _run(capsys, "docker", "diff", str(root), name)
@@ -278,6 +291,19 @@ def _ls_agrees(doc: dict[str, Any], rec: GuestRecord) -> None:
     for img in rec.images:
         assert ours[img["Id"]]["tags"] == sorted(img["RepoTags"])
         assert ours[img["Id"]]["device_id"] == int(img["GraphDriver"]["Data"]["DeviceId"])
+
+
+def test_xfs_ls_agrees_with_docker_inspect(xfs_store: tuple[Path, GuestRecord],
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """With dm.fs=xfs: ls agrees with inspect, the devices hold xfs, check is clean."""
+    root, rec = xfs_store
+    rc, out, err = _run(capsys, "docker", "ls", str(root), "--json")
+    assert rc == 0, err
+    doc = json.loads(out)
+    _ls_agrees(doc, rec)
+    assert doc["pool"]["base_filesystem"] == "xfs"
+    rc, out, err = _run(capsys, "docker", "check", str(root))
+    assert rc == 0, out + err
 
 
 def test_kill_mid_import(guest: DockerGuest, tmp_path: Path,
