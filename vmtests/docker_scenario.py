@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dmimage.guest.docker import DATA_ROOT, DockerGuest, make_data_disk
+from dmimage.guest.docker import DATA_ROOT, ENV, DockerGuest, make_data_disk
 
 
 def _tar(files: dict[str, bytes], *, dirs: tuple[str, ...] = ()) -> bytes:
@@ -86,6 +86,8 @@ class GuestRecord:
     containers: list[dict[str, Any]] = field(default_factory=list)
     device_sha256: dict[int, str] = field(default_factory=dict)
     device_size: dict[int, int] = field(default_factory=dict)
+    #: The random run's commands and exit codes.
+    ops: list[str] = field(default_factory=list)
     #: `docker diff` of every container, by name.
     diffs: dict[str, list[str]] = field(default_factory=dict)
     #: `docker save` of every tagged image: {"manifest": [...], "sha256": {member: hex}}.
@@ -133,6 +135,54 @@ def run_docker_ops(dg: DockerGuest, inputs: dict[str, Path]) -> None:
     dg.docker("rm c2")
     dg.docker("tag app:2 app:latest")
     dg.docker("rmi gone:1")
+
+
+def run_random_ops(dg: DockerGuest, inputs: dict[str, Path], seed: int, n: int = 12
+                   ) -> list[str]:
+    """*n* operations drawn from import, load, create, cp, commit, rm and rmi (seeded); an
+    operation Docker refuses (rmi of an image a container uses) is part of the run. Returns
+    the commands, for the failure message."""
+    import random
+
+    rng = random.Random(seed)
+    for name, p in inputs.items():
+        _copy_in(dg, p, f"/tmp/{name}.in")
+    tags: list[str] = []
+    containers: list[str] = []
+    done: list[str] = []
+    for i in range(n):
+        ops = ["import", "load"]
+        if tags:
+            ops += ["create"] * 3 + ["rmi"]
+        if containers:
+            ops += ["cp", "cp", "commit", "commit", "rm"]
+        op = rng.choice(ops)
+        if op == "import":
+            tags.append(f"imp{i}:1")
+            cmd = f"import /tmp/base.in {tags[-1]}"
+        elif op == "load":
+            cmd = "load -i /tmp/app.in"
+            if "app:1" not in tags:
+                tags.append("app:1")
+        elif op == "create":
+            containers.append(f"r{i}")
+            cmd = f"create --name r{i} {rng.choice(tags)} /bin/hello"
+        elif op == "rmi":
+            cmd = f"rmi {tags.pop(rng.randrange(len(tags)))}"
+        elif op == "cp":
+            cmd = f"cp /tmp/note.in {rng.choice(containers)}:/note{i}.txt"
+        elif op == "commit":
+            tags.append(f"com{i}:1")
+            cmd = f"commit {rng.choice(containers)} {tags[-1]}"
+        else:
+            cmd = f"rm {containers.pop(rng.randrange(len(containers)))}"
+        res = dg.vm.run(ENV + f"docker {cmd}", timeout=180)
+        done.append(f"docker {cmd} -> {res.returncode}")
+        if not res.ok and not cmd.startswith("rmi"):
+            raise AssertionError(f"seed {seed}: {done[-1]}: {res.stderr!r}")
+    dg.docker("import /tmp/base.in last:1")  # at least one tag for `docker save`
+    done.append("docker import /tmp/base.in last:1 -> 0")
+    return done
 
 
 def guest_save(dg: DockerGuest, refs: list[str]) -> dict[str, Any]:
@@ -183,9 +233,11 @@ dmsetup remove hpool; losetup -d $d; losetup -d $m
 XFS_OPTS = ("dm.fs=xfs", "dm.basesize=320M")
 
 
-def make_store(dg: DockerGuest, work: Path, *, fs: str = "ext4") -> tuple[Path, GuestRecord]:
+def make_store(dg: DockerGuest, work: Path, *, fs: str = "ext4", seed: int | None = None
+               ) -> tuple[Path, GuestRecord]:
     """Run the whole scenario; returns the data-root disk image and the guest's record.
-    With *fs* "xfs" the devices hold xfs and are not hashed."""
+    With *fs* "xfs" the devices hold xfs and are not hashed; with *seed*, a random sequence
+    of operations replaces the fixed one."""
     t = [time.monotonic()]
     rec = GuestRecord()
 
@@ -198,7 +250,10 @@ def make_store(dg: DockerGuest, work: Path, *, fs: str = "ext4") -> tuple[Path, 
     dg.start(disk, extra_opts=XFS_OPTS if fs == "xfs" else ())
     lap("start dockerd")
     try:
-        run_docker_ops(dg, inputs)
+        if seed is None:
+            run_docker_ops(dg, inputs)
+        else:
+            rec.ops = run_random_ops(dg, inputs, seed)
         lap("docker operations")
         rec.images = _inspect(dg, "image")
         rec.containers = _inspect(dg, "container")

@@ -53,6 +53,22 @@ def xfs_store(guest: DockerGuest, tmp_path_factory: pytest.TempPathFactory
     return extract_root(disk, work / "root"), rec
 
 
+@pytest.fixture(scope="module")
+def random_store(guest: DockerGuest, tmp_path_factory: pytest.TempPathFactory
+                 ) -> tuple[Path, GuestRecord]:
+    """A seeded random sequence of operations (DMIMAGE_DOCKER_SEED replays one)."""
+    import os
+    import random
+
+    seed = int(os.environ.get("DMIMAGE_DOCKER_SEED", "0")) or random.randrange(1, 1 << 30)
+    work = tmp_path_factory.mktemp(f"docker-random-{seed}")
+    disk, rec = make_store(guest, work, seed=seed)
+    return extract_root(disk, work / "root"), rec
+
+
+STORES = ["store", "random_store"]
+
+
 def test_guest_store_written(store: tuple[Path, GuestRecord]) -> None:
     """The guest did what the scenario asked: the tags, containers and devices exist, and the
     kernel could read every device Docker's inspect names."""
@@ -76,11 +92,12 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
     return rc, out, err
 
 
-def test_ls_agrees_with_docker_inspect(store: tuple[Path, GuestRecord],
+@pytest.mark.parametrize("which", STORES)
+def test_ls_agrees_with_docker_inspect(request: pytest.FixtureRequest, which: str,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     """ids, tags, names, images of containers and GraphDriver DeviceIds: `dmimage docker ls
     --json` on the offline copy says what `docker inspect` said in the guest."""
-    root, rec = store
+    root, rec = request.getfixturevalue(which)
     rc, out, err = _run(capsys, "docker", "ls", str(root), "--json")
     assert rc == 0, err
     doc = json.loads(out)
@@ -106,13 +123,14 @@ def test_ls_agrees_with_docker_inspect(store: tuple[Path, GuestRecord],
     assert doc["pool"]["transaction_id"] == doc["pool"]["docker_transaction_id"]
 
 
-def test_export_matches_guest_hash(store: tuple[Path, GuestRecord], tmp_path: Path,
+@pytest.mark.parametrize("which", STORES)
+def test_export_matches_guest_hash(request: pytest.FixtureRequest, which: str, tmp_path: Path,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     """Every device exported offline (by tag, container name, layer id or device hash) has
     the sha256 the guest's kernel computed through the thin target."""
     import hashlib
 
-    root, rec = store
+    root, rec = request.getfixturevalue(which)
     rc, out, _ = _run(capsys, "docker", "ls", str(root), "--json")
     doc = json.loads(out)
     names: dict[int, str] = {}
@@ -135,11 +153,12 @@ def test_export_matches_guest_hash(store: tuple[Path, GuestRecord], tmp_path: Pa
         out_file.unlink()
 
 
-def test_check_clean(store: tuple[Path, GuestRecord],
+@pytest.mark.parametrize("which", STORES)
+def test_check_clean(request: pytest.FixtureRequest, which: str,
                      capsys: pytest.CaptureFixture[str]) -> None:
-    root, _ = store
+    root, rec = request.getfixturevalue(which)
     rc, out, err = _run(capsys, "docker", "check", str(root))
-    assert rc == 0, out + err
+    assert rc == 0, out + err + "\n".join(rec.ops)
     assert "clean" in out
 
 
@@ -195,7 +214,7 @@ def _members(tar_path: Path) -> tuple[list[dict[str, Any]], dict[str, str]]:
     return manifest, sums
 
 
-@pytest.mark.parametrize("which", ["store", "xfs_store"])
+@pytest.mark.parametrize("which", ["store", "xfs_store", "random_store"])
 def test_save_matches_guest_docker_save(request: pytest.FixtureRequest, which: str,
                                         tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
