@@ -92,13 +92,16 @@ def load_vgs(paths: list[str]) -> tuple[list[LoadedVG], ScanResult, list[str]]:
     return loaded, result, problems
 
 
-def find_vg(loaded: list[LoadedVG], name: str | None) -> LoadedVG:
-    """The VG called ``name``, or the only one when ``name`` is None."""
+def find_vg(loaded: list[LoadedVG], name: str | None,
+            problems: list[str] | None = None) -> LoadedVG:
+    """The VG called ``name``, or the only one when ``name`` is None; with none readable,
+    NoVolumeGroupError (exit 1) names the first problem met."""
+    if not loaded:
+        why = f" ({problems[0]})" if problems else ""
+        raise NoVolumeGroupError(f"no readable LVM volume group on the inputs{why}")
     if name is None:
         if len(loaded) == 1:
             return loaded[0]
-        if not loaded:
-            raise NoVolumeGroupError("no LVM volume group found on the inputs")
         raise UsageError("several volume groups found (" + ", ".join(v.vg.name for v in loaded)
                          + "): name one as VG/LV")
     for v in loaded:
