@@ -116,7 +116,9 @@ def lv_rows(vg: VolumeGroup, all_lvs: bool,
             "origin": (thin.origin or thin.external_origin or "") if thin else "",
             "segtype": segtype(lv),
             "thin_id": str(thin.device_id) if thin else "",
-            "transaction_id": str(pool.transaction_id) if pool else "",
+            # lvs shows a pool's transaction_id, and the one a thin was created in
+            "transaction_id": str(pool.transaction_id) if pool else
+                              str(thin.transaction_id) if thin else "",
             "lv_uuid": lv.id,
         })
     return rows

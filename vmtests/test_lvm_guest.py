@@ -1,0 +1,228 @@
+"""lvm2 writes, dmimage reads (issue 10 §4): a seeded lvm2 sequence in the guest, then offline.
+
+In the guest (Debian 12's lvm2, vmtests/lvm2.py): PVs on a GPT partition and on a bare disk,
+one VG across both, a linear and a striped LV, a thin pool with a chosen chunk size, a thin,
+snapshots of it and of the snapshot, writes, lvrename, lvremove, lvextend of the pool onto the
+second PV. Offline on the host: ``dmimage lvm ls --json -a`` equals lvs's JSON, every LV's
+export sha256 equals the guest's, ``lvm check`` is clean, our formatting of the vgcfgbackup
+text is accepted by vgcfgrestore. Then the pool's transaction id is bumped behind lvm2's back
+and a thin created that the VG does not know: ``lvm check`` exits 1 naming both; after
+``lvm set-transaction-id`` a fresh guest activates the pool again.
+
+``DMIMAGE_SAVE_LVM_FIXTURES=DIR`` saves the first MiB of each PV, gzip'd (tests/fixtures/lvm/).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import random
+import re
+import uuid
+from pathlib import Path
+
+import pytest
+
+from vmtests.plugin import unavailable
+
+pytestmark = pytest.mark.vm
+
+FIELDS = "lv_name,vg_name,lv_attr,lv_size,pool_lv,origin,segtype,thin_id,transaction_id,lv_uuid"
+MiB = 1 << 20
+
+
+def _kernels() -> list[str]:
+    from vmtests.kernels import selected_names
+
+    return selected_names()
+
+
+def _boot(name: str):
+    from vmtests.errors import HarnessUnavailable
+    from vmtests.kernels import KernelNotFound, kernel_by_name, qemu_binary
+    from vmtests.lvm2 import LvmMachine
+
+    if not qemu_binary():
+        unavailable("qemu-system-x86_64 not found")
+    try:
+        vm = LvmMachine(kernel_by_name(name, fetch=True), memory_mb=512).start()
+    except (KernelNotFound, HarnessUnavailable) as exc:
+        unavailable(str(exc))
+    vm.lvm_setup()
+    return vm
+
+
+def _dmimage(*argv: str) -> tuple[int, str, str]:
+    import contextlib
+    import io
+
+    from dmimage.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(["lvm", *argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def _disks(tmp_path: Path) -> tuple[str, str]:
+    from dmimage.image.gpt import create_gpt, plan_layout
+
+    a, b = str(tmp_path / "a.img"), str(tmp_path / "b.img")
+    open(a, "wb").close()
+    create_gpt(a, plan_layout(48 * MiB, MiB), [("pv", uuid.UUID(int=1)),
+                                               ("spare", uuid.UUID(int=2))], uuid.UUID(int=3))
+    with open(b, "wb") as f:
+        f.truncate(48 * MiB)
+    return a, b
+
+
+def _lvs_json(vm) -> dict[str, dict[str, str]]:
+    out = vm.sh(f"lvs -a --reportformat json --units b --nosuffix -o {FIELDS} vgt")
+    return {r["lv_name"]: r for r in json.loads(out)["report"][0]["lv"]}
+
+
+def _write(vm, dev: str, rng: random.Random, size: int) -> None:
+    for _ in range(3):
+        count = rng.randint(1, 4)
+        seek = rng.randrange(0, size // 65536 - count)
+        vm.sh(f"dd if=/dev/urandom of={dev} bs=64k count={count} seek={seek} conv=fsync "
+              "status=none")
+
+
+def _sequence(vm, a1: str, b: str, rng: random.Random) -> None:
+    chunk = rng.choice([64, 128, 256])
+    steps = [
+        f"pvcreate -y {a1} {b}",
+        f"vgcreate -s 1m vgt {a1} {b}",
+        f"lvcreate -y -L {rng.randint(3, 6)}m -n lin vgt {a1}",
+        "lvcreate -y -L 8m -i 2 -I 64k -n str vgt",
+        f"lvcreate -y --type thin-pool -L 12m -c {chunk}k -n pool vgt {a1}",
+        "lvcreate -y -V 16m -T vgt/pool -n thin1",
+    ]
+    for s in steps:
+        vm.sh(s, timeout=180)
+    _write(vm, "/dev/vgt/thin1", rng, 16 * MiB)
+    vm.sh("lvcreate -y -s -n snap1 vgt/thin1 && lvchange -ay -K vgt/snap1", timeout=180)
+    _write(vm, "/dev/vgt/snap1", rng, 16 * MiB)
+    vm.sh("lvcreate -y -s -n snap2 vgt/snap1 && lvchange -ay -K vgt/snap2", timeout=180)
+    _write(vm, "/dev/vgt/snap2", rng, 16 * MiB)
+    vm.sh("lvcreate -y -V 8m -T vgt/pool -n thin2", timeout=180)
+    _write(vm, "/dev/vgt/thin2", rng, 8 * MiB)
+    vm.sh("lvremove -y vgt/thin2", timeout=180)
+    vm.sh("lvrename vgt thin1 base", timeout=180)
+    vm.sh(f"lvextend -y -L +8m vgt/pool {b}", timeout=180)
+    _write(vm, "/dev/vgt/lin", rng, 3 * MiB)
+    _write(vm, "/dev/vgt/str", rng, 8 * MiB)
+
+
+def _guest_hashes(vm, names: list[str]) -> dict[str, str]:
+    vm.sh("vgchange -ay -K vgt", timeout=180)
+    hashes = {n: vm.sha256_of(f"/dev/mapper/vgt-{n}") for n in names}
+    vm.sh("vgchange -an vgt", timeout=180)
+    return hashes
+
+
+def _host_hash(disks: list[str], lv: str, tmp_path: Path) -> str:
+    out = tmp_path / f"{lv}.bin"
+    rc, _, err = _dmimage("export", *disks, f"vgt/{lv}", "-o", str(out))
+    assert rc == 0, err
+    h = hashlib.sha256(out.read_bytes()).hexdigest()
+    out.unlink()
+    return h
+
+
+def _save_fixtures(disks: list[str], kernel: str) -> None:
+    dest = os.environ.get("DMIMAGE_SAVE_LVM_FIXTURES")
+    if not dest:
+        return
+    from dmimage.lvm.ondisk import scan
+
+    os.makedirs(dest, exist_ok=True)
+    for label in scan(disks).labels:
+        with open(label.region.path, "rb") as f:
+            f.seek(label.region.offset)
+            head = f.read(MiB)
+        name = "gpt-part" if ":p" in label.region.name else "bare"
+        with gzip.open(os.path.join(dest, f"lvm2-{kernel}-{name}.bin.gz"), "wb", 9) as g:
+            g.write(head)
+
+
+@pytest.mark.parametrize("kernel", _kernels())
+def test_lvm2_writes_dmimage_reads(tmp_path, kernel):
+    rng = random.Random(10)
+    a, b = _disks(tmp_path)
+    disks = [a, b]
+    vm = _boot(kernel)
+    try:
+        da = vm.attach(a, read_only=False)
+        db = vm.attach(b, read_only=False)
+        a1 = da.guest_path + "1"
+        vm.sh(f"test -b {a1}")
+        _sequence(vm, a1, db.guest_path, rng)
+        visible = ["lin", "str", "base", "snap1", "snap2"]
+        hidden = ["pool_tmeta", "pool_tdata", "lvol0_pmspare"]
+        want_hash = _guest_hashes(vm, visible + hidden[:1])
+        guest_rows = _lvs_json(vm)
+        backup = vm.sh("vgcfgbackup -f /tmp/vgt.txt vgt >/dev/null && cat /tmp/vgt.txt")
+        vm.detach(da)
+        vm.detach(db)
+        _save_fixtures(disks, kernel)
+
+        # offline: lvs, exports, check
+        rc, out, err = _dmimage("ls", "--json", "-a", *disks)
+        assert rc == 0, err
+        ours = {r["lv_name"]: r for r in json.loads(out)["report"][0]["lv"]}
+        diff = {name: {k: (ours.get(name, {}).get(k), v) for k, v in row.items()
+                       if ours.get(name, {}).get(k) != v}
+                for name, row in guest_rows.items()}
+        assert set(ours) == set(guest_rows) and not any(diff.values()), diff
+        for lv, h in want_hash.items():
+            assert _host_hash(disks, lv, tmp_path) == h, lv
+        rc, out, err = _dmimage("check", *disks)
+        assert (rc, err) == (0, ""), err
+
+        # our formatting of lvm2's text is accepted by vgcfgrestore
+        from dmimage.lvm.text import format_section, parse
+
+        ours_text = format_section(parse(backup))
+        assert parse(ours_text) == parse(backup)
+        da = vm.attach(a, read_only=False)
+        db = vm.attach(b, read_only=False)
+        vm.sh("cat > /tmp/ours.txt <<'DMIMAGE_EOF'\n" + ours_text + "DMIMAGE_EOF")
+        vm.sh("vgcfgrestore --force -y -f /tmp/ours.txt vgt && vgck vgt", timeout=180)
+        assert _lvs_json(vm) == guest_rows
+
+        # the transaction id bumped behind lvm2's back, and a thin the VG does not know
+        vm.sh("lvchange -ay vgt/pool", timeout=180)
+        status = vm.sh("dmsetup status vgt-pool-tpool").split()
+        tid = int(status[3])
+        vm.sh(f'dmsetup message vgt-pool-tpool 0 "set_transaction_id {tid} {tid + 1}"')
+        vm.sh('dmsetup message vgt-pool-tpool 0 "create_thin 77"')
+        vm.sh("vgchange -an vgt", timeout=180)
+        vm.detach(da)
+        vm.detach(db)
+    finally:
+        vm.close()
+
+    rc, _, err = _dmimage("check", *disks)
+    assert rc == 1
+    assert (f"vgt/pool: transaction_id mismatch: VG metadata says {tid}, pool superblock "
+            f"says {tid + 1}") in err
+    assert re.search(r"vgt/pool: pool device 77 \(0 mapped blocks.*orphan", err), err
+    rc, out, err = _dmimage("set-transaction-id", *disks, "vgt/pool")
+    assert rc == 0, err
+    rc, _, err = _dmimage("check", *disks)
+    assert rc == 1 and "mismatch" not in err and "pool device 77" in err
+
+    vm = _boot(kernel)  # a fresh guest: lvm2 activates the pool again
+    try:
+        vm.attach(a, read_only=False)
+        vm.attach(b, read_only=False)
+        vm.sh("vgchange -ay -K vgt", timeout=180)
+        assert vm.sha256_of("/dev/mapper/vgt-base") == want_hash["base"]
+        assert _lvs_json(vm)["pool"]["transaction_id"] == str(tid + 1)
+        vm.sh("vgchange -an vgt", timeout=180)
+    finally:
+        vm.close()
