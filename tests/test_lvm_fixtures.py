@@ -35,7 +35,7 @@ def pvs(tmp_path) -> list[str]:
 
 
 def test_fixtures_present():
-    assert len(FILES) == 2
+    assert len(FILES) == 4  # deb12 and deb13 guests, each a GPT-partition PV and a bare one
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
@@ -54,7 +54,13 @@ def test_lvm2_checksums_equal_ours(path):
     assert text.endswith(b"\0") and csum == fmt.lvm_crc(text) == lvmgen.crc_ref(text)
 
 
-def test_scan_and_model(pvs):
+@pytest.fixture(params=["deb12", "deb13"])
+def vg_pvs(request, pvs) -> list[str]:
+    return [p for p in pvs if f"-{request.param}-" in p]
+
+
+def test_scan_and_model(vg_pvs):
+    pvs = vg_pvs
     res = scan(pvs)
     assert res.problems == []
     assert len(res.labels) == 2
@@ -71,8 +77,8 @@ def test_scan_and_model(pvs):
     assert vg.lv("thin2") is None and vg.lv("base") is not None
 
 
-def test_lvm2_text_round_trips(pvs):
-    (lvg,), _, _ = load_vgs(pvs)
+def test_lvm2_text_round_trips(vg_pvs):
+    (lvg,), _, _ = load_vgs(vg_pvs)
     tree = parse(lvg.text)
     assert parse(format_section(tree)) == tree
     vg = vg_from_tree(tree)
