@@ -220,6 +220,7 @@ def test_lvm2_writes_dmimage_reads(tmp_path, kernel):
     try:
         vm.attach(a, read_only=False)
         vm.attach(b, read_only=False)
+        vm.sh("vgck vgt", timeout=180)  # lvm2 validates the generation we wrote
         vm.sh("vgchange -ay -K vgt", timeout=180)
         assert vm.sha256_of("/dev/mapper/vgt-base") == want_hash["base"]
         assert _lvs_json(vm)["pool"]["transaction_id"] == str(tid + 1)

@@ -39,149 +39,131 @@ _IDENT_STOP = set(_SPACE) | set("#={}")
 _NUMBER_START = set("0123456789+-.")
 _INT = re.compile(r"[+-]?[0-9]+\Z")
 _FLOAT = re.compile(r"[+-]?[0-9]*\.[0-9]*\Z")
+#: One significant token per match, after any space and comments: a "string" (a backslash
+#: takes the next character along, as libdm's tokenizer does), a 'string', punctuation, a bare
+#: word, or (last group) a character that starts no token: an unterminated string.
+_TOKEN = re.compile(r"""
+    (?:[ \t\n\v\f\r]+|\#[^\n]*)*
+    (?: ("(?:[^"\\]|\\.)*")
+      | ('[^']*')
+      | ([{}\[\]=,])
+      | ([^ \t\n\v\f\r\#={}\[\],"']+)
+      | \Z
+      | (.) )
+""", re.X | re.S)
+_UNESCAPE = re.compile(r'\\(["\\])')
+_DQ, _SQ, _PUNCT, _WORD, _BAD = range(5)
+_NONE = ("", "", "", "", "")
 
 
-class _Lexer:
+class _Parser:
+    """Recursive descent over findall's token tuples; positions only for error lines."""
+
     def __init__(self, text: str, source: str):
         end = text.find("\0")
         self.s = text if end < 0 else text[:end]
-        self.i = 0
-        self.line = 1
         self.source = source
+        #: findall's 5-tuples (dq, sq, punct, word, bad): exactly one member is non-empty
+        self.toks: list[tuple[str, str, str, str, str]] = [
+            t for t in _TOKEN.findall(self.s) if t != _NONE]
+        self.i = 0
+        bad = [i for i, t in enumerate(self.toks) if t[_BAD]]
+        if bad:
+            self.i = bad[0]
+            tok = self.toks[bad[0]][_BAD]
+            raise self.error("unterminated string" if tok in "\"'" else
+                             f"unexpected character {tok!r}")
+
+    def _pos(self, index: int) -> int:
+        for i, m in enumerate(_TOKEN.finditer(self.s)):
+            if i == index:
+                return m.start(m.lastindex or 0)
+        return len(self.s)
 
     def error(self, msg: str) -> TextError:
-        return TextError(msg, self.line, self.source)
+        pos = self._pos(self.i)
+        return TextError(msg, self.s.count("\n", 0, pos) + 1, self.source)
 
-    def skip(self) -> None:
-        s, n = self.s, len(self.s)
-        while self.i < n:
-            c = s[self.i]
-            if c == "\n":
-                self.line += 1
-                self.i += 1
-            elif c in _SPACE:
-                self.i += 1
-            elif c == "#":
-                j = s.find("\n", self.i)
-                self.i = n if j < 0 else j
-            else:
-                break
+    def _found(self) -> str:
+        return repr("".join(self.toks[self.i])) if self.i < len(self.toks) else "end of text"
 
-    def peek(self) -> str:
-        self.skip()
-        return self.s[self.i] if self.i < len(self.s) else ""
-
-    def expect(self, ch: str) -> None:
-        if self.peek() != ch:
-            got = repr(self.s[self.i]) if self.i < len(self.s) else "end of text"
-            raise self.error(f"expected {ch!r}, found {got}")
-        self.i += 1
-
-    def quoted(self) -> str:
-        s, q = self.s, self.s[self.i]
-        j = self.i + 1
-        out: list[str] = []
-        while True:
-            if j >= len(s):
-                raise self.error("unterminated string")
-            c = s[j]
-            if c == q:
-                break
-            if c == "\n":
-                self.line += 1
-            if q == '"' and c == "\\" and j + 1 < len(s) and s[j + 1] in '"\\':
-                out.append(s[j + 1])
-                j += 2
-                continue
-            out.append(c)
-            j += 1
-        self.i = j + 1
-        return "".join(out)
-
-    def word(self) -> str:
-        s, j = self.s, self.i
-        while j < len(s) and s[j] not in _IDENT_STOP:
-            j += 1
-        w = s[self.i:j]
-        self.i = j
-        return w
+    @staticmethod
+    def _string(t: tuple[str, str, str, str, str]) -> str:
+        if t[_DQ]:
+            body = t[_DQ][1:-1]
+            return _UNESCAPE.sub(r"\1", body) if "\\" in body else body
+        return t[_SQ][1:-1]
 
     def name(self) -> str:
-        c = self.peek()
-        if c in ('"', "'"):
-            name = self.quoted()
-        elif c in ("", "{", "}", "=", "[", "]", ","):
-            raise self.error(f"expected a key or section name, found {c or 'end of text'!r}")
-        else:
-            name = self.word()
+        if self.i >= len(self.toks) or self.toks[self.i][_PUNCT]:
+            raise self.error(f"expected a key or section name, found {self._found()}")
+        t = self.toks[self.i]
+        self.i += 1
+        name = t[_WORD] or self._string(t)
         if not name:
             raise self.error("empty section identifier")
         return name
 
     def scalar(self) -> Scalar:
-        c = self.peek()
-        if c in ('"', "'"):
-            return self.quoted()
-        if c == "" or c in "{}=[],":
-            raise self.error(f"expected a value, found {c or 'end of text'!r}")
-        if c in _NUMBER_START:
-            j = self.i + 1
-            while j < len(self.s) and (self.s[j].isdigit() or self.s[j] == "."):
-                j += 1
-            tok = self.s[self.i:j]
+        if self.i >= len(self.toks) or self.toks[self.i][_PUNCT]:
+            raise self.error(f"expected a value, found {self._found()}")
+        t = self.toks[self.i]
+        self.i += 1
+        tok = t[_WORD]
+        if not tok:
+            return self._string(t)
+        if tok[0] in _NUMBER_START:
             if _INT.match(tok):
-                self.i = j
                 return int(tok)
             if _FLOAT.match(tok) and any(ch.isdigit() for ch in tok):
-                self.i = j
                 return float(tok)
-        # lvm2 reads anything else as a bare string up to a space, '#', '=', '{' or '}'
-        j = self.i
-        while j < len(self.s) and self.s[j] not in _IDENT_STOP and self.s[j] not in ",]":
-            j += 1
-        w = self.s[self.i:j]
-        self.i = j
-        return w
+        return tok
+
+    def punct(self) -> str:
+        return self.toks[self.i][_PUNCT] if self.i < len(self.toks) else ""
 
     def value(self) -> Scalar | list[Scalar]:
-        if self.peek() != "[":
+        if self.punct() != "[":
             return self.scalar()
         self.i += 1
         items: list[Scalar] = []
         while True:
-            c = self.peek()
-            if c == "]":
+            p = self.punct()
+            if p == "]":
                 self.i += 1
                 return items
-            if c == "":
+            if self.i >= len(self.toks):
                 raise self.error("unterminated list")
             items.append(self.scalar())
-            if self.peek() == ",":
+            if self.punct() == ",":
                 self.i += 1
 
     def section_body(self, into: Section, closing: bool) -> None:
+        toks = self.toks
         while True:
-            c = self.peek()
-            if c == "":
+            if self.i >= len(toks):
                 if closing:
                     raise self.error("unbalanced braces: end of text inside a section")
                 return
-            if c == "}":
+            if toks[self.i][_PUNCT] == "}":
                 if not closing:
                     raise self.error("unbalanced braces: '}' without a section")
                 self.i += 1
                 return
             key = self.name()
-            if self.peek() == "{":
+            p = self.punct()
+            if p == "{":
                 self.i += 1
                 sub = into.get(key)
                 if not isinstance(sub, Section):
                     sub = Section()
                     into[key] = sub
                 self.section_body(sub, True)
-            else:
-                self.expect("=")
+            elif p == "=":
+                self.i += 1
                 into[key] = self.value()
+            else:
+                raise self.error(f"expected '=', found {self._found()}")
 
 
 def parse(text: str | bytes, source: str = "metadata text") -> Section:
@@ -189,7 +171,7 @@ def parse(text: str | bytes, source: str = "metadata text") -> Section:
     if isinstance(text, (bytes, bytearray, memoryview)):
         text = bytes(text).decode("utf-8", errors="surrogateescape")
     root = Section()
-    _Lexer(text, source).section_body(root, False)
+    _Parser(text, source).section_body(root, False)
     return root
 
 
