@@ -11,8 +11,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from dmimage.cli._output import atomic_output
-from dmimage.errors import UsageError
+from dmimage.errors import DeviceError, UsageError
 from dmimage.format.lvm import SECTOR_SIZE
 from dmimage.lvm.model import LogicalVolume, ThinSegment
 from dmimage.lvm.thin import data_view, open_lv_pool, sub_lv
@@ -36,6 +35,30 @@ def _copy_view(view: LvView, out: BinaryIO, sparse: bool) -> None:
         out.truncate(view.size)
 
 
+def _to_path(view: LvView, path: str) -> None:
+    """Temp file beside the target, renamed when complete (as thin/export.py does)."""
+    tmp = f"{path}.dmimage-tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            _copy_view(view, f, sparse=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        _unlink(tmp)
+        raise DeviceError(f"{path}: {exc.strerror}") from None
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def export_lv(lvg: LoadedVG, lv: LogicalVolume, out: str | BinaryIO) -> int:
     """Write the LV's bytes to a path or binary stream; returns the size."""
     size = lv.extent_count * lvg.vg.extent_size * SECTOR_SIZE
@@ -57,8 +80,7 @@ def export_lv(lvg: LoadedVG, lv: LogicalVolume, out: str | BinaryIO) -> int:
         if isinstance(out, str):
             if os.path.exists(out) and not os.path.isfile(out):
                 raise UsageError(f"{out}: refusing to export onto a non-regular file")
-            with atomic_output(out) as f:
-                _copy_view(view, f, sparse=True)
+            _to_path(view, out)
         else:
             _copy_view(view, out, sparse=False)
     return size
