@@ -256,3 +256,29 @@ def test_wrong_lv_name_is_usage_error(tmp_path, capsys):
     sc = build(tmp_path)
     rc, _, err = run(capsys, "export", *sc.disks, "vg0/nope", "-o", str(tmp_path / "x"))
     assert rc == 2 and "no LV 'nope'" in err
+
+
+@needs_tools
+def test_second_metadata_area_at_the_end_of_the_pv(tmp_path, capsys):
+    """pvcreate --pvmetadatacopies 2 puts an area at the end: it is read, an older copy
+    there is reported, and a new generation is written to both areas."""
+    from test_lvm import PE_START as _PE
+    from test_lvm import PV1_SIZE
+    sc = build(tmp_path, text=scenario_text(tid=5))
+    end_off = PV1_SIZE - 64 * 1024
+    with open(sc.disk_b, "r+b") as f:
+        lvmgen.write_pv(f, 0, PV1_ID, PV1_SIZE, _PE * 512, scenario_text(tid=5),
+                        second_mda=(end_off, 64 * 1024, scenario_text(seqno=6, tid=5)))
+    from dmimage.lvm.vg import load_vgs
+    (lvg,), _, _ = load_vgs(sc.disks)
+    assert len(lvg.mdas) == 3
+    assert any(f"metadata area at byte {end_off}: VG vg0 seqno 6, the newest is 7" in p
+               for p in lvg.problems)
+    rc, out, _ = run(capsys, "set-transaction-id", *sc.disks, "vg0/pool")
+    assert rc == 0 and out.count("written:") == 3
+    (lvg,), _, _ = load_vgs(sc.disks)
+    assert lvg.problems == [] and lvg.vg.seqno == 8
+    with open(sc.disk_b, "rb") as f:
+        f.seek(end_off)
+        hdr = f.read(512)
+    assert struct.unpack_from("<I", hdr)[0] == lvmgen.crc_ref(hdr[4:])
