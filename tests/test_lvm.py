@@ -470,3 +470,65 @@ def test_label_and_area_reader_fuzz(pristine, tmp_path_factory, flips, fix_crcs)
                     pass
     except DmimageError:
         pass
+
+
+# -- the typed model round trip, generated ------------------------------------------------
+
+_names = st.text(st.sampled_from("abcdefgh_0123456789+.-"), min_size=1, max_size=8).filter(
+    lambda s: s[0] not in "0123456789+-.")
+_txt = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"),
+               max_size=10)
+_u64 = st.integers(0, 2**63)
+
+
+@st.composite
+def _segment(draw, i: int):
+    from dmimage.lvm.model import Message, UnknownSegment
+
+    name, start, count = f"segment{i}", draw(_u64), draw(_u64)
+    kind = draw(st.sampled_from(["striped", "thin-pool", "thin", "other"]))
+    if kind == "striped":
+        stripes = draw(st.lists(st.tuples(_names, _u64), min_size=1, max_size=3))
+        return StripedSegment(name, start, count, "striped", lvmtext.Section(),
+                              draw(st.none() | _u64) if len(stripes) > 1 else None, stripes)
+    if kind == "thin-pool":
+        msgs = [Message(f"message{j + 1}", *draw(st.sampled_from([(c, None) for c in "ab"]
+                                                                 + [(None, 5)])))
+                for j in range(draw(st.integers(0, 2)))]
+        return ThinPoolSegment(name, start, count, "thin-pool", lvmtext.Section(),
+                               draw(_txt), draw(_txt), draw(_u64), draw(_u64),
+                               draw(st.none() | st.sampled_from(["passdown", "nopassdown"])),
+                               draw(st.none() | st.integers(0, 1)), msgs)
+    if kind == "thin":
+        return ThinSegment(name, start, count, "thin", lvmtext.Section(), draw(_txt),
+                           draw(_u64), draw(_u64), draw(st.none() | _txt),
+                           draw(st.none() | _txt), draw(st.none() | _txt))
+    extra = lvmtext.Section(draw(st.dictionaries(
+        _names.filter(lambda k: k not in ("start_extent", "extent_count", "type")),
+        _txt | _u64, max_size=3)))
+    return UnknownSegment(name, start, count, draw(_names), extra)
+
+
+@st.composite
+def _vgs(draw):
+    from dmimage.lvm.model import LogicalVolume, PhysicalVolume, VolumeGroup
+
+    pvs = [PhysicalVolume(f"pv{i}", draw(_txt), draw(st.none() | _txt), ["ALLOCATABLE"],
+                          draw(st.none() | _u64), draw(_u64), draw(_u64))
+           for i in range(draw(st.integers(1, 3)))]
+    lvs = []
+    for name in draw(st.lists(_names, unique=True, max_size=4)):
+        segs = [draw(_segment(j + 1)) for j in range(draw(st.integers(1, 3)))]
+        lvs.append(LogicalVolume(name, draw(_txt), draw(st.lists(_names, max_size=3)), segs,
+                                 draw(st.lists(_names, max_size=2))))
+    return VolumeGroup(draw(_names), draw(_txt), draw(_u64), draw(st.integers(1, 2**40)),
+                       ["READ", "WRITE"], pvs, lvs, [], "lvm2",
+                       lvmtext.Section(max_lv=0),
+                       lvmtext.Section(contents="Text Format Volume Group", version=1))
+
+
+@settings(max_examples=200, deadline=None)
+@given(_vgs())
+def test_model_round_trip_property(vg):
+    text = lvmtext.format_section(vg.to_tree())
+    assert vg_from_tree(lvmtext.parse(text)) == vg
