@@ -216,9 +216,12 @@ def test_missing_file_is_an_io_error(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("bad,what", [
-    ("}", "unbalanced braces"), ('"', "unterminated string")])
+    ("}", "unbalanced braces"), ('"', "unterminated string"),
+    ("TRUNCATE", "unbalanced braces: end of text inside a section")])
 def test_broken_text_is_named(tmp_path, capsys, bad, what):
-    sc = build(tmp_path, text=scenario_text() + bad)
+    full = scenario_text()
+    text = full[:full.index("\n", 900) + 1] if bad == "TRUNCATE" else full + bad
+    sc = build(tmp_path, text=text)  # the area's checksum is right: the text itself is bad
     rc, _, err = run(capsys, "check", *sc.disks)
     assert rc == 1 and what in err
     rc, _, err = run(capsys, "export", *sc.disks, "vg0/lin", "-o", str(tmp_path / "x"))
@@ -240,6 +243,16 @@ def test_missing_pv_partial_vg(tmp_path, capsys):
     assert rows["lin"][8] == "p" and rows["[pool_tmeta]"][8] == "-"
     rc, _, err = run(capsys, "check", sc.disk_a)
     assert rc == 1 and PV1_ID in err
+
+
+def test_overlapping_segments_within_an_lv(tmp_path, capsys):
+    text = scenario_text().replace("start_extent = 8\n", "start_extent = 6\n", 1)
+    sc = build(tmp_path, text=text)
+    rc, _, err = run(capsys, "check", *sc.disks)
+    assert rc == 1 and "vg0/lin segment2: start_extent 6, expected 8" in err
+    rc, _, err = run(capsys, "export", *sc.disks, "vg0/lin", "-o", str(tmp_path / "x"))
+    assert rc == 1 and "overlap" in err and not (tmp_path / "x").exists()
+    _one_line(err)
 
 
 def test_overlapping_extents_and_origin_loop(tmp_path, capsys):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from dmimage.errors import DmimageError, MetadataError, UsageError
 from dmimage.lvm.model import PhysicalVolume, VolumeGroup, vg_from_tree
 from dmimage.lvm.ondisk import MetadataArea, PvLabel, ScanResult, scan
-from dmimage.lvm.text import Section, parse
+from dmimage.lvm.text import Section, TextError, parse
 
 
 @dataclass
@@ -48,6 +48,9 @@ def _candidates(result: ScanResult, problems: list[str]) -> list[Candidate]:
             try:
                 tree = parse(mda.text, source=mda.where)
                 vg = vg_from_tree(tree)
+            except TextError as exc:  # names the area and the line already
+                problems.append(str(exc))
+                continue
             except MetadataError as exc:
                 problems.append(f"{mda.where}: {exc}")
                 continue
