@@ -7,7 +7,8 @@ second PV. Offline on the host: ``dmimage lvm ls --json -a`` equals lvs's JSON, 
 export sha256 equals the guest's, ``lvm check`` is clean, our formatting of the vgcfgbackup
 text is accepted by vgcfgrestore. Then the pool's transaction id is bumped behind lvm2's back
 and a thin created that the VG does not know: ``lvm check`` exits 1 naming both; after
-``lvm set-transaction-id`` a fresh guest activates the pool again.
+``lvm set-transaction-id`` (the VG's side, then after a second bump the superblock's side) a
+fresh guest activates the pool again.
 
 ``DMIMAGE_SAVE_LVM_FIXTURES=DIR`` saves the first MiB of each PV, gzip'd (tests/fixtures/lvm/).
 """
@@ -224,6 +225,23 @@ def test_lvm2_writes_dmimage_reads(tmp_path, kernel):
         vm.sh("vgchange -ay -K vgt", timeout=180)
         assert vm.sha256_of("/dev/mapper/vgt-base") == want_hash["base"]
         assert _lvs_json(vm)["pool"]["transaction_id"] == str(tid + 1)
+        # once more behind lvm2's back, fixed this time on the superblock's side
+        vm.sh(f'dmsetup message vgt-pool-tpool 0 "set_transaction_id {tid + 1} {tid + 2}"')
+        vm.sh("vgchange -an vgt", timeout=180)
+    finally:
+        vm.close()
+
+    rc, _, err = _dmimage("check", *disks)
+    assert (f"VG metadata says {tid + 1}, pool superblock says {tid + 2}") in err, err
+    rc, out, err = _dmimage("set-transaction-id", "--side", "pool", *disks, "vgt/pool")
+    assert rc == 0 and f"{tid + 2} -> {tid + 1}" in out, err
+    vm = _boot(kernel)
+    try:
+        vm.attach(a, read_only=False)
+        vm.attach(b, read_only=False)
+        vm.sh("vgchange -ay -K vgt", timeout=180)  # runs thin_check on the superblock we wrote
+        assert vm.sh("dmsetup status vgt-pool-tpool").split()[3] == str(tid + 1)
+        assert vm.sha256_of("/dev/mapper/vgt-snap2") == want_hash["snap2"]
         vm.sh("vgchange -an vgt", timeout=180)
     finally:
         vm.close()
