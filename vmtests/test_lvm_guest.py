@@ -125,9 +125,9 @@ def _guest_hashes(vm, names: list[str]) -> dict[str, str]:
     return hashes
 
 
-def _host_hash(disks: list[str], lv: str, tmp_path: Path) -> str:
+def _host_hash(disks: list[str], lv: str, tmp_path: Path, vg: str = "vgt") -> str:
     out = tmp_path / f"{lv}.bin"
-    rc, _, err = _dmimage("export", *disks, f"vgt/{lv}", "-o", str(out))
+    rc, _, err = _dmimage("export", *disks, f"{vg}/{lv}", "-o", str(out))
     assert rc == 0, err
     h = hashlib.sha256(out.read_bytes()).hexdigest()
     out.unlink()
@@ -245,3 +245,47 @@ def test_lvm2_writes_dmimage_reads(tmp_path, kernel):
         vm.sh("vgchange -an vgt", timeout=180)
     finally:
         vm.close()
+
+
+@pytest.mark.parametrize("kernel", _kernels())
+def test_dmimage_builds_lvm2_reads(tmp_path, kernel):
+    """`dmimage build` with layout = "lvm": vgck and lvs accept the image, vgchange -ay
+    activates it (thin_check included) with every thin's content as the manifest says; lvm2
+    then adds a thin and writes to it, and `dmimage lvm check` stays clean."""
+    import sys
+
+    from dmimage.image import build, load_spec
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_build_lvm import SPEC, _write
+
+    _write(tmp_path / "base.img", {0: 1, 3: 2, 17: 3}, 32)
+    _write(tmp_path / "layer.img", {0: 1, 3: 9, 30: 5}, 32)
+    (tmp_path / "s.toml").write_text(SPEC)
+    m = build(load_spec(tmp_path / "s.toml"), tmp_path / "out").manifest
+    img = str(tmp_path / "out" / "lv.img")
+    vm = _boot(kernel)
+    try:
+        d = vm.attach(img, read_only=False)
+        vm.sh(f"test -b {d.guest_path}1")
+        vm.sh("vgck vgb", timeout=180)
+        vm.sh("vgchange -ay vgb", timeout=180)
+        for dev in m["devices"]:
+            assert vm.sha256_of(f"/dev/mapper/vgb-{dev['name']}") == dev["sha256"], dev
+        vm.sh("lvcreate -y -V 2m -T vgb/tp -n c && dd if=/dev/urandom of=/dev/vgb/c bs=64k "
+              "count=5 conv=fsync status=none", timeout=180)
+        want_c = vm.sha256_of("/dev/mapper/vgb-c")
+        vm.sh("vgchange -an vgb", timeout=180)
+        out = vm.sh("lvs -a --reportformat json --units b --nosuffix "
+                    f"-o {FIELDS.replace(',lv_uuid', '')} vgb")
+        guest_rows = {r["lv_name"]: r for r in json.loads(out)["report"][0]["lv"]}
+        vm.detach(d)
+    finally:
+        vm.close()
+    rc, _, err = _dmimage("check", img)
+    assert (rc, err) == (0, ""), err
+    rc, out, err = _dmimage("ls", "--json", "-a", img)
+    ours = {r["lv_name"]: {k: v for k, v in r.items() if k != "lv_uuid"}
+            for r in json.loads(out)["report"][0]["lv"]}
+    assert ours == guest_rows
+    assert _host_hash([img], "c", tmp_path, "vgb") == want_c
