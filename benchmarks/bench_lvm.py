@@ -64,11 +64,12 @@ def main() -> None:
               "(target <= 0.5 s)")
         fd = os.open(disk, os.O_RDONLY)
         best_read = float("inf")
-        for _ in range(3):
+        buf = bytearray(4 * MiB)
+        for _ in range(3):  # the fastest plain read: one reused buffer, 4 MiB at a time
             t = time.perf_counter()
             off, end = MiB + n * EXT * 512, size
             while off < end:
-                off += len(os.pread(fd, 4 * MiB, off))
+                off += os.preadv(fd, [buf], off)
             best_read = min(best_read, time.perf_counter() - t)
         os.close(fd)
         from dmimage.lvm.export import export_lv

@@ -23,14 +23,16 @@ CHUNK = 4 << 20
 
 
 def _copy_view(view: LvView, out: BinaryIO, sparse: bool) -> None:
+    buf = bytearray(CHUNK)
+    mv = memoryview(buf)
+    words = np.frombuffer(buf, np.uint64)
     for off in range(0, view.size, CHUNK):
-        buf = view.pread(min(CHUNK, view.size - off), off)
-        if sparse and not np.frombuffer(buf, np.uint8).any():
-            out.seek(off + len(buf))
-            continue
+        n = view.pread_into(mv[:min(CHUNK, view.size - off)], off)
         if sparse:
+            if not words[:n // 8].any() and not any(mv[n - n % 8:n]):
+                continue
             out.seek(off)
-        out.write(buf)
+        out.write(mv[:n])
     if sparse:
         out.truncate(view.size)
 

@@ -147,6 +147,20 @@ class LvView(io.RawIOBase):
             parts.append(b)
         return b"".join(parts)
 
+    def pread_into(self, buf: memoryview, off: int) -> int:
+        """Fill ``buf`` with LV bytes from ``off`` (no allocation: the export hot path)."""
+        done = 0
+        for path, start, length in self.extents(off, len(buf)):
+            try:
+                got = os.preadv(self._fd(path), [buf[done:done + length]], start)
+            except OSError as exc:
+                raise DeviceError(f"{path}: {exc.strerror}") from None
+            if got != length:
+                raise DeviceError(f"{path}: ends at byte {start + got}, {self.name} needs "
+                                  f"{start + length}")
+            done += length
+        return done
+
     # -- file-like ---------------------------------------------------------------------------
     def readable(self) -> bool:
         return True
