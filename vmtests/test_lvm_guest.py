@@ -92,7 +92,8 @@ def _write(vm, dev: str, rng: random.Random, size: int) -> None:
               "status=none")
 
 
-def _sequence(vm, a1: str, b: str, rng: random.Random) -> None:
+def _sequence(vm, a1: str, b: str, rng: random.Random) -> list[str]:
+    """A seeded lvm2 sequence; returns the thin LVs left, in creation order."""
     chunk = rng.choice([64, 128, 256])
     steps = [
         f"pvcreate -y {a1} {b}",
@@ -105,17 +106,26 @@ def _sequence(vm, a1: str, b: str, rng: random.Random) -> None:
     for s in steps:
         vm.sh(s, timeout=180)
     _write(vm, "/dev/vgt/thin1", rng, 16 * MiB)
-    vm.sh("lvcreate -y -s -n snap1 vgt/thin1 && lvchange -ay -K vgt/snap1", timeout=180)
-    _write(vm, "/dev/vgt/snap1", rng, 16 * MiB)
-    vm.sh("lvcreate -y -s -n snap2 vgt/snap1 && lvchange -ay -K vgt/snap2", timeout=180)
-    _write(vm, "/dev/vgt/snap2", rng, 16 * MiB)
-    vm.sh("lvcreate -y -V 8m -T vgt/pool -n thin2", timeout=180)
-    _write(vm, "/dev/vgt/thin2", rng, 8 * MiB)
-    vm.sh("lvremove -y vgt/thin2", timeout=180)
-    vm.sh("lvrename vgt thin1 base", timeout=180)
+    thins = ["thin1"]
+    parent = "thin1"
+    for i in range(rng.randint(2, 3)):  # snapshots of snapshots, sometimes of an older one
+        origin = parent if rng.random() < 0.7 else rng.choice(thins)
+        name = f"snap{i + 1}"
+        vm.sh(f"lvcreate -y -s -n {name} vgt/{origin} && lvchange -ay -K vgt/{name}",
+              timeout=180)
+        _write(vm, f"/dev/vgt/{name}", rng, 16 * MiB)
+        thins.append(name)
+        parent = name
+    vm.sh("lvcreate -y -V 8m -T vgt/pool -n gone", timeout=180)
+    _write(vm, "/dev/vgt/gone", rng, 8 * MiB)
+    vm.sh("lvremove -y vgt/gone", timeout=180)
+    victim = rng.choice(thins)
+    vm.sh(f"lvrename vgt {victim} renamed", timeout=180)
+    thins[thins.index(victim)] = "renamed"
     vm.sh(f"lvextend -y -L +8m vgt/pool {b}", timeout=180)
     _write(vm, "/dev/vgt/lin", rng, 3 * MiB)
     _write(vm, "/dev/vgt/str", rng, 8 * MiB)
+    return thins
 
 
 def _guest_hashes(vm, names: list[str]) -> dict[str, str]:
@@ -150,9 +160,16 @@ def _save_fixtures(disks: list[str], kernel: str) -> None:
             g.write(head)
 
 
+def _seeds() -> list[int]:
+    from vmtests.scenario import seeds_from_env
+
+    return seeds_from_env([10])
+
+
+@pytest.mark.parametrize("seed", _seeds(), ids=lambda s: f"seed{s}")
 @pytest.mark.parametrize("kernel", _kernels())
-def test_lvm2_writes_dmimage_reads(tmp_path, kernel):
-    rng = random.Random(10)
+def test_lvm2_writes_dmimage_reads(tmp_path, kernel, seed):
+    rng = random.Random(seed)
     a, b = _disks(tmp_path)
     disks = [a, b]
     vm = _boot(kernel)
@@ -161,10 +178,8 @@ def test_lvm2_writes_dmimage_reads(tmp_path, kernel):
         db = vm.attach(b, read_only=False)
         a1 = da.guest_path + "1"
         vm.sh(f"test -b {a1}")
-        _sequence(vm, a1, db.guest_path, rng)
-        visible = ["lin", "str", "base", "snap1", "snap2"]
-        hidden = ["pool_tmeta", "pool_tdata", "lvol0_pmspare"]
-        want_hash = _guest_hashes(vm, visible + hidden[:1])
+        thins = _sequence(vm, a1, db.guest_path, rng)
+        want_hash = _guest_hashes(vm, ["lin", "str", *thins, "pool_tmeta"])
         guest_rows = _lvs_json(vm)
         backup = vm.sh("vgcfgbackup -f /tmp/vgt.txt vgt >/dev/null && cat /tmp/vgt.txt")
         vm.detach(da)
@@ -223,7 +238,8 @@ def test_lvm2_writes_dmimage_reads(tmp_path, kernel):
         vm.attach(b, read_only=False)
         vm.sh("vgck vgt", timeout=180)  # lvm2 validates the generation we wrote
         vm.sh("vgchange -ay -K vgt", timeout=180)
-        assert vm.sha256_of("/dev/mapper/vgt-base") == want_hash["base"]
+        for name in thins:
+            assert vm.sha256_of(f"/dev/mapper/vgt-{name}") == want_hash[name], name
         assert _lvs_json(vm)["pool"]["transaction_id"] == str(tid + 1)
         # once more behind lvm2's back, fixed this time on the superblock's side
         vm.sh(f'dmsetup message vgt-pool-tpool 0 "set_transaction_id {tid + 1} {tid + 2}"')
@@ -241,7 +257,7 @@ def test_lvm2_writes_dmimage_reads(tmp_path, kernel):
         vm.attach(b, read_only=False)
         vm.sh("vgchange -ay -K vgt", timeout=180)  # runs thin_check on the superblock we wrote
         assert vm.sh("dmsetup status vgt-pool-tpool").split()[3] == str(tid + 1)
-        assert vm.sha256_of("/dev/mapper/vgt-snap2") == want_hash["snap2"]
+        assert vm.sha256_of(f"/dev/mapper/vgt-{thins[-1]}") == want_hash[thins[-1]]
         vm.sh("vgchange -an vgt", timeout=180)
     finally:
         vm.close()
