@@ -204,10 +204,17 @@ def test_lvm2_writes_dmimage_reads(tmp_path, kernel, seed):
 
         ours_text = format_section(parse(backup))
         assert parse(ours_text) == parse(backup)
+        rc, _, err = _dmimage("metadata", *disks, "-o", str(tmp_path / "raw.txt"))
+        assert rc == 0, err
+        raw_text = (tmp_path / "raw.txt").read_text()
         da = vm.attach(a, read_only=False)
         db = vm.attach(b, read_only=False)
         vm.sh("cat > /tmp/ours.txt <<'DMIMAGE_EOF'\n" + ours_text + "DMIMAGE_EOF")
         vm.sh("vgcfgrestore --force -y -f /tmp/ours.txt vgt && vgck vgt", timeout=180)
+        assert _lvs_json(vm) == guest_rows
+        # and `dmimage lvm metadata` (the committed text as read offline) restores as well
+        vm.sh("cat > /tmp/raw.txt <<'DMIMAGE_EOF'\n" + raw_text + "\nDMIMAGE_EOF")
+        vm.sh("vgcfgrestore --force -y -f /tmp/raw.txt vgt && vgck vgt", timeout=180)
         assert _lvs_json(vm) == guest_rows
 
         # the transaction id bumped behind lvm2's back, and a thin the VG does not know
