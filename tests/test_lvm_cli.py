@@ -295,3 +295,38 @@ def test_second_metadata_area_at_the_end_of_the_pv(tmp_path, capsys):
         f.seek(end_off)
         hdr = f.read(512)
     assert struct.unpack_from("<I", hdr)[0] == lvmgen.crc_ref(hdr[4:])
+
+
+@needs_tools
+def test_delete_orphans(tmp_path, capsys):
+    from test_lvm import EXT, PV0_PE, PV0_SIZE, PV1_PE, PV1_SIZE, VG_ID, lvs_spec
+    from test_lvm import PV0_ID as P0
+    text = lvmgen.vg_text("vg0", VG_ID, 7, EXT,
+                          [("pv0", P0, PV0_SIZE // 512, PE_START, PV0_PE),
+                           ("pv1", PV1_ID, PV1_SIZE // 512, PE_START, PV1_PE)],
+                          [t for t in lvs_spec() if t.name != "snap"])
+    sc = build(tmp_path, text=text)
+    rc, _, err = run(capsys, "check", *sc.disks)
+    assert rc == 1 and "pool device 2 (11 mapped blocks, transaction 1)" in err
+    before = digest(*sc.disks)
+    rc, out, _ = run(capsys, "delete-orphans", "--dry-run", *sc.disks, "vg0/pool")
+    assert rc == 0 and "delete orphan thin device 2 [dry run]" in out
+    assert digest(*sc.disks) == before
+    rc, out, _ = run(capsys, "delete-orphans", *sc.disks, "vg0/pool")
+    assert rc == 0 and "block 0 last" in out
+    rc, _, err = run(capsys, "check", *sc.disks)
+    assert (rc, err) == (0, "")
+    meta = str(tmp_path / "tmeta.bin")
+    with open(sc.disk_a, "rb") as f, open(meta, "wb") as g:
+        f.seek(PV0_OFF + PE_START * 512 + 16 * EXT_B)
+        g.write(f.read(64 * EXT_B))
+    assert subprocess.run(["thin_check", meta], capture_output=True).returncode == 0
+    dump = subprocess.run(["thin_dump", meta], capture_output=True, text=True, check=True)
+    assert 'dev_id="1"' in dump.stdout and 'dev_id="2"' not in dump.stdout
+    out_file = str(tmp_path / "t1")
+    assert run(capsys, "export", *sc.disks, "vg0/thin1", "-o", out_file)[0] == 0
+    tdata, bs = expected_lv(sc, "pool_tdata"), 128 * 512
+    want = bytearray(32 * EXT_B)
+    for v, d in THIN_MAP[1].items():
+        want[v * bs:(v + 1) * bs] = tdata[d * bs:(d + 1) * bs]
+    assert open(out_file, "rb").read() == bytes(want)

@@ -7,8 +7,8 @@ second PV. Offline on the host: ``dmimage lvm ls --json -a`` equals lvs's JSON, 
 export sha256 equals the guest's, ``lvm check`` is clean, our formatting of the vgcfgbackup
 text is accepted by vgcfgrestore. Then the pool's transaction id is bumped behind lvm2's back
 and a thin created that the VG does not know: ``lvm check`` exits 1 naming both; after
-``lvm set-transaction-id`` (the VG's side, then after a second bump the superblock's side) a
-fresh guest activates the pool again.
+``lvm set-transaction-id`` (the VG's side, then after a second bump the superblock's side) and
+``lvm delete-orphans`` a fresh guest activates the pool again.
 
 ``DMIMAGE_SAVE_LVM_FIXTURES=DIR`` saves the first MiB of each PV, gzip'd (tests/fixtures/lvm/).
 """
@@ -238,6 +238,10 @@ def test_lvm2_writes_dmimage_reads(tmp_path, kernel, seed):
     assert rc == 0, err
     rc, _, err = _dmimage("check", *disks)
     assert rc == 1 and "mismatch" not in err and "pool device 77" in err
+    rc, out, err = _dmimage("delete-orphans", *disks, "vgt/pool")
+    assert rc == 0 and "delete orphan thin device 77" in out, err
+    rc, _, err = _dmimage("check", *disks)
+    assert (rc, err) == (0, ""), err
 
     vm = _boot(kernel)  # a fresh guest: lvm2 activates the pool again
     try:

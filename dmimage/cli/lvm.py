@@ -79,6 +79,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     fx.add_argument("--dry-run", action="store_true", help="print the change, write nothing")
     fx.set_defaults(func=run_set_transaction_id)
 
+    do = lsub.add_parser(
+        "delete-orphans", help="delete pool devices that no thin LV names",
+        description="Runs the deletes through the offline writer on a copy of the pool's "
+        "metadata, then writes the changed blocks back into the _tmeta extents, the "
+        "superblock last after a flush. The VG metadata does not change.")
+    do.add_argument("disks", metavar="DISK", nargs="+")
+    do.add_argument("lv", metavar="VG/POOL")
+    do.add_argument("--dry-run", action="store_true", help="print the deletes, write nothing")
+    do.set_defaults(func=run_delete_orphans)
+
 
 def _split(name: str) -> tuple[str | None, str]:
     from dmimage.errors import UsageError
@@ -212,5 +222,14 @@ def run_set_transaction_id(args: argparse.Namespace) -> int:
 
     lvg, lv = _target(args.disks, args.lv)
     for line in set_transaction_id(lvg, lv, side=args.side, to=args.to, dry_run=args.dry_run):
+        print(line)
+    return 0
+
+
+def run_delete_orphans(args: argparse.Namespace) -> int:
+    from dmimage.lvm.orphans import delete_orphans
+
+    lvg, lv = _target(args.disks, args.lv)
+    for line in delete_orphans(lvg, lv, dry_run=args.dry_run):
         print(line)
     return 0
