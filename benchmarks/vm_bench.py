@@ -16,10 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from vmtests.kernels import kernel_by_name  # noqa: E402
-from vmtests.machine import Machine  # noqa: E402
+from dmimage.guest.kernels import kernel_by_name
+from dmimage.guest.machine import Machine
 
 
 def main() -> int:

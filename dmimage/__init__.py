@@ -6,6 +6,8 @@ Entry points: :func:`open_pool` (read), :func:`open_writable` (offline edits),
 
 from __future__ import annotations
 
+from typing import Any
+
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "check_metadata", "open_pool", "open_writable"]
@@ -17,7 +19,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):  # lazy: keep `import dmimage` cheap for the CLI
+def __getattr__(name: str) -> Any:  # lazy: keep `import dmimage` cheap for the CLI
     if name in _LAZY:
         import importlib
 

@@ -15,25 +15,21 @@
   reserve a metadata snapshot); the writer under test will have to produce those.
 
 The helper modules (oracles, poolgen, semantic, damage) are importable as top-level modules
-because this directory is put on sys.path here; importing them never runs a tool.
+because pyproject.toml sets pytest's ``pythonpath = ["tests"]`` (vmtests/ imports them the same
+way); importing them never runs a tool.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-_HERE = Path(__file__).resolve().parent
-if str(_HERE) not in sys.path:
-    sys.path.insert(0, str(_HERE))
-
-import oracles  # noqa: E402
-import poolgen  # noqa: E402
+import oracles
+import poolgen
 
 ORACLE_FIXTURES = {
     "tools09",

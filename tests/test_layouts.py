@@ -86,9 +86,45 @@ def test_btree_header_struct_twin(raw):
         parsed.value_size, parsed.padding)
 
 
+@given(st.binary(min_size=32, max_size=32))
+def test_btree_header_dtype_twin(raw):
+    parsed = L.BtreeNodeHeader.parse(raw)
+    a = np.frombuffer(raw, L.BTREE_HEADER_DTYPE)[0]
+    assert {name: int(a[name]) for name in L.BTREE_HEADER_DTYPE.names} == {
+        name: parsed[name] for name in L.BTREE_HEADER_DTYPE.names}
+
+
 @given(st.binary(min_size=364, max_size=364))
 def test_superblock_round_trip(raw):
     assert L.Superblock.build(L.Superblock.parse(raw)) == raw
+
+
+@given(st.binary(min_size=364, max_size=364))
+def test_superblock_struct_twin(raw):
+    """The struct twin that format/superblock.py packs with reads what construct describes."""
+    parsed = L.Superblock.parse(raw)
+    names = [k for k in parsed if not k.startswith("_")]
+    assert list(L.SUPERBLOCK_STRUCT.unpack(raw)) == [parsed[k] for k in names]
+    assert L.SUPERBLOCK_STRUCT.pack(*(parsed[k] for k in names)) == raw
+
+
+@given(st.binary(min_size=364, max_size=364))
+def test_superblock_value_matches_construct(raw):
+    """Superblock.unpack (format/superblock.py) and the construct description agree."""
+    from dmimage.format.superblock import Superblock
+
+    parsed = L.Superblock.parse(raw)
+    sb = Superblock.unpack(raw)
+    for k in parsed:
+        if k.startswith("_") or k == "csum":
+            continue
+        if k in ("data_space_map_root", "metadata_space_map_root"):
+            sm = L.SpaceMapRoot.parse(parsed[k])
+            got = sb.data_sm if k.startswith("data") else sb.metadata_sm
+            assert (got.nr_blocks, got.nr_allocated, got.bitmap_root, got.ref_count_root) == (
+                sm.nr_blocks, sm.nr_allocated, sm.bitmap_root, sm.ref_count_root)
+        else:
+            assert getattr(sb, k) == parsed[k], k
 
 
 def test_bitmap_bit_order_vectors():

@@ -9,11 +9,9 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-import lvmgen
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from lvmgen import TLv, striped
 
 from dmimage.errors import MetadataError
 from dmimage.format import lvm as fmt
@@ -24,6 +22,9 @@ from dmimage.lvm.thin import data_view, open_lv_pool
 from dmimage.lvm.vg import load_vgs
 from dmimage.lvm.view import LvView, MissingPvError
 from dmimage.thin.export import export_thin
+
+import lvmgen
+from lvmgen import TLv, striped
 
 MiB = 1 << 20
 EXT = 128  # sectors: 64 KiB extents keep the images small

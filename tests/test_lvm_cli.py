@@ -8,11 +8,12 @@ import shutil
 import struct
 import subprocess
 
-import lvmgen
 import pytest
-from test_lvm import EXT_B, PE_START, PV0_OFF, PV1_ID, THIN_MAP, build, expected_lv, scenario_text
 
 from dmimage.cli.main import main
+
+import lvmgen
+from test_lvm import EXT_B, PE_START, PV0_OFF, PV1_ID, THIN_MAP, build, expected_lv, scenario_text
 
 needs_tools = pytest.mark.skipif(not shutil.which("thin_restore") or not shutil.which("thin_dump"),
                                  reason="needs thin-provisioning-tools")

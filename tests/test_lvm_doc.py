@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from test_lvm import build, expected_lv, scenario_text
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "lvm.md"

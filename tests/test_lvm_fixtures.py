@@ -11,7 +11,6 @@ import gzip
 import struct
 from pathlib import Path
 
-import lvmgen
 import pytest
 
 from dmimage.format import lvm as fmt
@@ -19,6 +18,8 @@ from dmimage.lvm.model import ThinPoolSegment, ThinSegment, vg_from_tree
 from dmimage.lvm.ondisk import scan
 from dmimage.lvm.text import format_section, parse
 from dmimage.lvm.vg import load_vgs
+
+import lvmgen
 
 FIX = Path(__file__).parent / "fixtures" / "lvm"
 FILES = sorted(FIX.glob("lvm2-*.bin.gz"))

@@ -23,17 +23,20 @@ import io
 import os
 import random
 import shlex
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
+from typing import Any
 
 import numpy as np
 
+from dmimage.guest.dmstatus import PoolStatus, ThinStatus, parse_pool_status, parse_thin_status
+from dmimage.guest.machine import Disk, Machine
 from dmimage.thin.model import PoolModel
 
-from .dmstatus import PoolStatus, ThinStatus, parse_pool_status, parse_thin_status
-from .machine import Disk, Machine
+import oracles
+import semantic
 
 SECTOR = 512
 META_BLOCK = 4096
@@ -42,20 +45,6 @@ META_BLOCK = 4096
 MAX_METADATA_RESERVE = 4096
 #: THIN_METADATA_MAX_SECTORS (dm-thin-metadata.h): 255 * (1 << 14) * 8 sectors.
 MAX_METADATA_BLOCKS = 255 * (1 << 14) * 8 // 8
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def oracle_modules():
-    """Import tests/ helper modules (oracles, semantic, poolgen) as the unit tests do."""
-    here = str(REPO / "tests")
-    if here not in sys.path:
-        sys.path.insert(0, here)
-    import oracles
-    import poolgen
-    import semantic
-
-    return oracles, semantic, poolgen
 
 
 def metadata_reserve(nr_metadata_blocks: int) -> int:
@@ -241,7 +230,8 @@ class PoolSession:
                  read_only: bool = False, held: bool = False) -> None:
         self.vm = vm
         self.files = files
-        self.pattern_path, self.pattern = pattern if pattern else (None, b"")
+        self.pattern_path: Path | None = pattern[0] if pattern else None
+        self.pattern = pattern[1] if pattern else b""
         self.model = model if model is not None else KernelModel(files.block_bytes)
         self.name = name
         self.vblocks = vblocks
@@ -265,7 +255,8 @@ class PoolSession:
             raise
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if exc_type is None:
             self.teardown()
         else:  # best effort; the plugin guard clears what is left
@@ -513,10 +504,10 @@ class OfflineReport:
     nr_allocated_metadata: int
     nr_allocated_data: int
     held_root: int
-    facts: dict = field(default_factory=dict)
+    facts: dict[str, Any] = field(default_factory=dict)
 
 
-def model_facts(model: PoolModel) -> dict:
+def model_facts(model: PoolModel) -> dict[str, Any]:
     return {
         "time": model.time,
         "transaction": model.trans_id,
@@ -531,7 +522,8 @@ def model_facts(model: PoolModel) -> dict:
 
 def verify_offline(files: PoolFiles, model: KernelModel, *, size: int,
                    guest_hashes: dict[int, str] | None = None, status: PoolStatus | None = None,
-                   held: bool | None = None, tools11=None, byte_identical_dump: bool = True
+                   held: bool | None = None, tools11: oracles.Tools | None = None,
+                   byte_identical_dump: bool = True
                    ) -> OfflineReport:
     """dmimage check passes; dmimage's reader equals the model; exports equal the model and the
     guest's hashes; the status line equals what the metadata says (+ the kernel's reserve);
@@ -556,9 +548,9 @@ def verify_offline(files: PoolFiles, model: KernelModel, *, size: int,
             f"devices {sorted(devs)} != model {sorted(model.devices)}"
         for dev, d in devs.items():
             m = model.devices[dev]
-            got = (d.mapped_blocks, d.transaction_id, d.creation_time, d.snapshotted_time)
-            want = (len(m.blocks), m.transaction_id, m.creation_time, m.snapshotted_time)
-            assert got == want, f"device {dev} details {got} != model {want}"
+            details = (d.mapped_blocks, d.transaction_id, d.creation_time, d.snapshotted_time)
+            expected = (len(m.blocks), m.transaction_id, m.creation_time, m.snapshotted_time)
+            assert details == expected, f"device {dev} details {details} != model {expected}"
             keys = sorted(int(k) for k in pool.mappings(dev).origin)
             assert keys == sorted(m.blocks), f"device {dev} mapped blocks differ from the model"
         meta_alloc = pool.metadata_space_map().nr_allocated
@@ -585,7 +577,6 @@ def verify_offline(files: PoolFiles, model: KernelModel, *, size: int,
         assert status.transaction_id == model.trans_id
         assert (status.held_metadata_root or 0) == held_root
     if tools11 is not None:
-        oracles, semantic, _ = oracle_modules()
         rc, _out, err = oracles.check(files.meta, tools11)
         assert rc == 0, f"thin_check 1.1: {err}"
         theirs = oracles.dump(files.meta, tools11)

@@ -11,17 +11,20 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from dmimage.guest.machine import Machine
+from dmimage.guest.pytest_plugin import unavailable
 from dmimage.image import build, load_spec
 from dmimage.image.gpt import extract
-from dmimage.image.guest import GUEST_DIR, verify_build
+from dmimage.image.guest import GUEST_DIR, GuestReport, verify_build
 from dmimage.thin.check import check_metadata
 from dmimage.thin.export import export_thin
 from dmimage.thin.pool import open_pool
-from vmtests.plugin import unavailable
-from vmtests.scenario import oracle_modules
+
+import oracles
 
 pytestmark = pytest.mark.vm
 
@@ -29,8 +32,7 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "images" / "example.toml"
 
 
 @pytest.fixture(scope="session")
-def tools11():
-    oracles, _, _ = oracle_modules()
+def tools11() -> oracles.Tools:
     try:
         return oracles.tools_11()
     except oracles.OracleUnavailable as exc:
@@ -38,7 +40,7 @@ def tools11():
 
 
 @pytest.fixture(scope="module")
-def example(tmp_path_factory):
+def example(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     out = tmp_path_factory.mktemp("build") / "example"
     m = build(load_spec(EXAMPLE), out).manifest
     return out, m
@@ -48,11 +50,11 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _assert_ok(rep) -> None:
+def _assert_ok(rep: GuestReport) -> None:
     assert rep.ok, "\n".join(rep.lines())
 
 
-def test_example_read_only(dm_vm, example):
+def test_example_read_only(dm_vm: Machine, example: tuple[Path, dict[str, Any]]) -> None:
     """Read-only disk, `activate.sh -r` (thin-pool read_only): everything matches; the image
     is not changed."""
     out, m = example
@@ -67,12 +69,12 @@ def test_example_read_only(dm_vm, example):
     assert _sha(out / "example.img") == m["image"]["sha256"]
 
 
-def test_example_writable_copy(dm_vm, example, tmp_path, tools11):
+def test_example_writable_copy(dm_vm: Machine, example: tuple[Path, dict[str, Any]],
+                               tmp_path: Path, tools11: oracles.Tools) -> None:
     """A writable copy, pool read-write: the same checks; then a write through the container
     (mounted read-write); afterwards the metadata partition passes dmimage check and
     thin_check 1.1, the layers still export to their manifest hashes and the container holds
     the new file."""
-    oracles, _, _ = oracle_modules()
     out, m = example
     img = tmp_path / "copy.img"
     shutil.copyfile(out / "example.img", img)
@@ -121,7 +123,7 @@ def test_example_writable_copy(dm_vm, example, tmp_path, tools11):
     assert json.loads((out / "manifest.json").read_text()) == m
 
 
-def test_files_layout(dm_vm, tmp_path):
+def test_files_layout(dm_vm: Machine, tmp_path: Path) -> None:
     """layout = "files": metadata and data attached as two disks, passed to activate.sh;
     a raw volume, an ext4 volume from a directory and a raw layer over the raw volume."""
     import os

@@ -8,16 +8,19 @@ the model. Seeds are in the test ids; ``DMIMAGE_VM_SEEDS`` overrides them.
 from __future__ import annotations
 
 import random
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from dmimage import open_pool
 from dmimage.errors import DmimageError
+from dmimage.guest.machine import Machine
+from dmimage.guest.pytest_plugin import unavailable
 from dmimage.thin.format_pool import format_pool
 from dmimage.thin.restore import read_input, restore
 from dmimage.thin.transaction import open_writable
-from vmtests.plugin import unavailable
 from vmtests.scenario import (
     KernelModel,
     OfflineSession,
@@ -27,26 +30,26 @@ from vmtests.scenario import (
     apply_op,
     make_pattern,
     metadata_reserve,
-    oracle_modules,
     random_ops,
     seeds_from_env,
     verify_offline,
 )
 
+import oracles
+import poolgen
+
 pytestmark = pytest.mark.vm
 
 
 @pytest.fixture(scope="session")
-def tools11():
-    oracles, _, _ = oracle_modules()
+def tools11() -> oracles.Tools:
     try:
         return oracles.tools_11()
     except oracles.OracleUnavailable as exc:
         unavailable(f"thin-provisioning-tools 1.1: {exc}")
 
 
-def _poolgen_pool(name: str):
-    _, _, poolgen = oracle_modules()
+def _poolgen_pool(name: str) -> poolgen.Pool:
     if name == "snapshots":
         return poolgen.snapshot_pool(n_mappings=30, seed=3)
     if name == "thins":
@@ -54,7 +57,8 @@ def _poolgen_pool(name: str):
     raise ValueError(name)
 
 
-def _model_of(desc, block_bytes: int, data: np.memmap) -> KernelModel:
+def _model_of(desc: poolgen.Pool, block_bytes: int, data: np.memmap[Any, np.dtype[np.uint8]]
+              ) -> KernelModel:
     """The model of a poolgen description (oracle side: independent of dmimage's reader)."""
     devices = {}
     for d in desc.devices:
@@ -66,8 +70,8 @@ def _model_of(desc, block_bytes: int, data: np.memmap) -> KernelModel:
 
 
 @pytest.mark.parametrize("name,seed", [("snapshots", 11), ("thins", 12)])
-def test_restored_pool(dm_vm, tmp_path, tools11, name, seed):
-    _, _, poolgen = oracle_modules()
+def test_restored_pool(dm_vm: Machine, tmp_path: Path, tools11: oracles.Tools, name: str,
+                       seed: int) -> None:
     desc = _poolgen_pool(name)
     bs_sectors = desc.data_block_size
     files = PoolFiles(tmp_path / "pool.meta", tmp_path / "pool.data", bs_sectors,
@@ -124,7 +128,8 @@ def _sha(b: bytes) -> str:
 
 
 @pytest.mark.parametrize("seed", seeds_from_env([21, 22]))
-def test_writable_pool(dm_vm, tmp_path, tools11, seed):
+def test_writable_pool(dm_vm: Machine, tmp_path: Path, tools11: oracles.Tools, seed: int
+                       ) -> None:
     """Random offline operations with WritablePool (committed at random points), then the
     kernel reads every thin, continues with its own random operations, and dmimage reads it."""
     bs_sectors, nr_data = 128, 256
@@ -183,7 +188,7 @@ def test_writable_pool(dm_vm, tmp_path, tools11, seed):
         raise AssertionError(f"seed {seed}: after {len(done)} ops {done[-8:]}: {exc}") from exc
 
 
-def test_held_snapshot_write_in_place(dm_vm, tmp_path):
+def test_held_snapshot_write_in_place(dm_vm: Machine, tmp_path: Path) -> None:
     """Same operations in the kernel and in WritablePool, from identical metadata:
     create_thin 0; write vblock 1; commit; reserve_metadata_snap; write vblock 0 (unmapped:
     an insert, so the leaf shared with the held snapshot is shadowed and its data blocks
@@ -232,7 +237,7 @@ def test_held_snapshot_write_in_place(dm_vm, tmp_path):
     assert views[1] == views[0], f"kernel (used, mappings) {views[0]} != WritablePool {views[1]}"
 
 
-def test_snapshot_of_uncommitted_thin(dm_vm, tmp_path):
+def test_snapshot_of_uncommitted_thin(dm_vm: Machine, tmp_path: Path) -> None:
     """create_thin 1; create_snap 2 1; write to 2 — offline in one transaction, in the kernel
     message by message. The kernel leaves thin 1 empty; WritablePool writes the mapping into
     the root leaf that 1 and 2 share, so thin 1 gains a mapping its details do not count."""
@@ -266,7 +271,7 @@ def test_snapshot_of_uncommitted_thin(dm_vm, tmp_path):
     assert views[1] == views[0], f"kernel mapped vblocks {views[0]} != WritablePool {views[1]}"
 
 
-def _small_pool(tmp_path, seed: int) -> tuple[PoolFiles, KernelModel]:
+def _small_pool(tmp_path: Path, seed: int) -> tuple[PoolFiles, KernelModel]:
     files = PoolFiles(tmp_path / "v.meta", tmp_path / "v.data", 128, 64)
     with open(files.meta, "wb") as h:
         h.truncate(2 << 20)
@@ -289,7 +294,7 @@ def _small_pool(tmp_path, seed: int) -> tuple[PoolFiles, KernelModel]:
     return files, off.model
 
 
-def test_vm_verify(dm_vm, tmp_path):
+def test_vm_verify(dm_vm: Machine, tmp_path: Path) -> None:
     """`dmimage vm verify`'s engine on the session guest: all agree (default sizes, an explicit
     odd size, an empty thin); a damaged superblock is reported, not crashed on."""
     from dmimage.vm.verify import verify_in
@@ -311,7 +316,7 @@ def test_vm_verify(dm_vm, tmp_path):
         verify_in(dm_vm, str(bad), str(files.data))
 
 
-def test_vm_verify_cli(dm_vm, tmp_path):
+def test_vm_verify_cli(dm_vm: Machine, tmp_path: Path) -> None:
     """The command line (boots its own guest, same kernel as dm_vm): exit 0 and a JSON report."""
     import json
     import subprocess

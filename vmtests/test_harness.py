@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import io
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,16 +21,17 @@ from pathlib import Path
 
 import pytest
 
-from vmtests.agent import check_kernel_log, find_kernel_problems
-from vmtests.appliance import CpioWriter, resolve_modules
-from vmtests.dmstatus import parse_pool_status, parse_thin_status
-from vmtests.errors import (
+from dmimage.guest.agent import check_kernel_log, find_kernel_problems
+from dmimage.guest.appliance import CpioWriter, resolve_modules
+from dmimage.guest.dmstatus import parse_pool_status, parse_thin_status
+from dmimage.guest.errors import (
     GuestCommandError,
     GuestTimeout,
     KernelProblem,
     MachineDied,
 )
-from vmtests.plugin import unavailable
+from dmimage.guest.machine import Machine
+from dmimage.guest.pytest_plugin import DiskFactory, unavailable
 
 # --------------------------------------------------------------------------------------------
 # No VM needed
@@ -49,7 +51,7 @@ def _sample_cpio() -> bytes:
 
 
 @pytest.mark.parametrize("tool", [["cpio"], ["busybox", "cpio"]])
-def test_cpio_writer_round_trip(tool, tmp_path):
+def test_cpio_writer_round_trip(tool: list[str], tmp_path: Path) -> None:
     if shutil.which(tool[0]) is None:
         unavailable(f"{tool[0]} not installed")
     data = _sample_cpio()
@@ -69,13 +71,13 @@ def test_cpio_writer_round_trip(tool, tmp_path):
     assert (out / "d/f").stat().st_mode & 0o777 == 0o640
 
 
-def test_cpio_writer_is_deterministic():
+def test_cpio_writer_is_deterministic() -> None:
     assert _sample_cpio() == _sample_cpio()
 
 
-def test_appliance_contents(tmp_path, monkeypatch):
-    from vmtests.appliance import ApplianceError, build_initramfs
-    from vmtests.kernels import KernelNotFound, debian12
+def test_appliance_contents(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dmimage.guest.appliance import ApplianceError, build_initramfs
+    from dmimage.guest.kernels import KernelNotFound, debian12
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     try:
@@ -94,7 +96,7 @@ def test_appliance_contents(tmp_path, monkeypatch):
     assert app.modules.index("dm-mod.ko") < app.modules.index("dm-thin-pool.ko")
 
 
-def test_cli_disk_spec():
+def test_cli_disk_spec() -> None:
     from dmimage.cli.vm import _parse_disk
 
     assert _parse_disk("a.img") == ("a.img", False)
@@ -103,7 +105,7 @@ def test_cli_disk_spec():
     assert _parse_disk("/x:y/a.img") == ("/x:y/a.img", False)
 
 
-def test_module_order_from_modules_dep(tmp_path):
+def test_module_order_from_modules_dep(tmp_path: Path) -> None:
     (tmp_path / "modules.dep").write_text(
         "kernel/a.ko.xz: kernel/b.ko.xz kernel/c.ko.xz\n"
         "kernel/b.ko.xz: kernel/c.ko.xz\n"
@@ -114,7 +116,7 @@ def test_module_order_from_modules_dep(tmp_path):
     assert order == ["kernel/c.ko.xz", "kernel/b.ko.xz", "kernel/a.ko.xz", "kernel/d-e.ko"]
 
 
-def test_kernel_log_scanner():
+def test_kernel_log_scanner() -> None:
     good = "[    1.0] device-mapper: thin: Data device (dm-1) discard unsupported\n"
     assert find_kernel_problems(good) == []
     bad = good + "[    2.0] WARNING: CPU: 0 PID: 1 at drivers/md/dm-thin.c:123\n" \
@@ -125,7 +127,7 @@ def test_kernel_log_scanner():
     check_kernel_log(bad, allow=(r"dm-thin\.c", r"Call Trace"))
 
 
-def test_pool_status_parser():
+def test_pool_status_parser() -> None:
     s = parse_pool_status("0 131072 thin-pool 1 213/2048 16/1024 - rw discard_passdown "
                           "queue_if_no_space - 1024")
     assert (s.transaction_id, s.used_metadata_blocks, s.total_metadata_blocks) == (1, 213, 2048)
@@ -142,7 +144,7 @@ def test_pool_status_parser():
 
 
 @pytest.mark.vm
-def test_boot_and_modules(dm_vm):
+def test_boot_and_modules(dm_vm: Machine) -> None:
     assert dm_vm.alive and dm_vm.boot_time is not None
     assert dm_vm.run("uname -r", check=True).out.strip() == dm_vm.kernel.version
     mods = dm_vm.sh("cat /proc/modules; ls /sys/module")
@@ -153,7 +155,7 @@ def test_boot_and_modules(dm_vm):
 
 
 @pytest.mark.vm
-def test_agent_round_trip(dm_vm):
+def test_agent_round_trip(dm_vm: Machine) -> None:
     r = dm_vm.run("printf 'a\\000b\\377\\r\\n\\001'; printf 'E\\000\\n' >&2; exit 7")
     assert r.returncode == 7 and not r.timed_out
     assert r.stdout == b"a\x00b\xff\r\n\x01"
@@ -173,7 +175,7 @@ def test_agent_round_trip(dm_vm):
 
 
 @pytest.mark.vm
-def test_agent_timeout_kills_process_group(dm_vm):
+def test_agent_timeout_kills_process_group(dm_vm: Machine) -> None:
     t = time.monotonic()
     r = dm_vm.run("sleep 300 & sleep 300; echo never", timeout=2)
     assert r.timed_out and r.returncode == 137 and b"never" not in r.stdout
@@ -184,7 +186,7 @@ def test_agent_timeout_kills_process_group(dm_vm):
 
 
 @pytest.mark.vm
-def test_hung_guest_raises_timeout_with_console_tail(dm_vm):
+def test_hung_guest_raises_timeout_with_console_tail(dm_vm: Machine) -> None:
     dm_vm.qmp("stop")  # freeze the vCPUs: the agent cannot answer
     try:
         with pytest.raises(GuestTimeout) as ei:
@@ -198,7 +200,7 @@ def test_hung_guest_raises_timeout_with_console_tail(dm_vm):
 
 
 @pytest.mark.vm
-def test_hotplug_read_back(dm_vm, vm_disk, tmp_path):
+def test_hotplug_read_back(dm_vm: Machine, vm_disk: DiskFactory, tmp_path: Path) -> None:
     img = tmp_path / "disk.img"
     img.write_bytes(os.urandom(3 << 20) + b"tail")
     size = img.stat().st_size
@@ -224,7 +226,8 @@ def test_hotplug_read_back(dm_vm, vm_disk, tmp_path):
 
 
 @pytest.mark.vm
-def test_read_only_attach_refuses_writes(dm_vm, vm_disk, tmp_path):
+def test_read_only_attach_refuses_writes(dm_vm: Machine, vm_disk: DiskFactory,
+                                         tmp_path: Path) -> None:
     img = tmp_path / "ro.img"
     img.write_bytes(b"\x5a" * (1 << 20))
     before = hashlib.sha256(img.read_bytes()).hexdigest()
@@ -237,7 +240,8 @@ def test_read_only_attach_refuses_writes(dm_vm, vm_disk, tmp_path):
 
 
 @pytest.mark.vm
-def test_writable_attach_writes_reach_host(dm_vm, vm_disk, tmp_path):
+def test_writable_attach_writes_reach_host(dm_vm: Machine, vm_disk: DiskFactory,
+                                           tmp_path: Path) -> None:
     img = tmp_path / "rw.img"
     img.write_bytes(bytes(1 << 20))
     d = vm_disk(img, read_only=False)
@@ -248,7 +252,7 @@ def test_writable_attach_writes_reach_host(dm_vm, vm_disk, tmp_path):
 
 
 def _thin_checks() -> list[str]:
-    from vmtests.kernels import debian13_dir
+    from dmimage.guest.kernels import debian13_dir
 
     found = []
     for p in ("/usr/sbin/thin_check",
@@ -259,7 +263,7 @@ def _thin_checks() -> list[str]:
 
 
 @pytest.mark.vm
-def test_kernel_thin_pool_smoke(dm_vm, vm_disk, tmp_path):
+def test_kernel_thin_pool_smoke(dm_vm: Machine, vm_disk: DiskFactory, tmp_path: Path) -> None:
     checkers = _thin_checks()
     if not checkers:
         unavailable("no thin_check installed")
@@ -298,9 +302,9 @@ def test_kernel_thin_pool_smoke(dm_vm, vm_disk, tmp_path):
 # Faults and process hygiene (own short-lived machines, deb12)
 
 
-def _own_machine():
-    from vmtests.kernels import kernel_by_name, qemu_binary
-    from vmtests.machine import Machine
+def _own_machine() -> Machine:
+    from dmimage.guest.kernels import kernel_by_name, qemu_binary
+    from dmimage.guest.machine import Machine
 
     if not qemu_binary():
         unavailable("qemu-system-x86_64 missing")
@@ -326,37 +330,40 @@ def _pid_gone(pid: int, timeout: float = 10.0) -> bool:
 
 
 @pytest.mark.vm
-def test_dead_qemu_is_a_clear_error_and_context_manager_cleans_up():
+def test_dead_qemu_is_a_clear_error_and_context_manager_cleans_up() -> None:
     vm = _own_machine()
     with vm:
-        pid = vm.pid
+        pid, rundir = vm.pid, vm.rundir
+        assert pid is not None and rundir is not None
         assert vm.sh("echo up").strip() == "up"
         os.kill(pid, signal.SIGKILL)
         with pytest.raises(MachineDied) as ei:
             vm.run("echo hi", timeout=5)
         assert "QEMU exited" in str(ei.value)
     assert _pid_gone(pid)
-    shutil.rmtree(vm.rundir, ignore_errors=True)  # kept for inspection after a failure
+    shutil.rmtree(rundir, ignore_errors=True)  # kept for inspection after a failure
     vm2 = _own_machine()
     with vm2:
         pid2 = vm2.pid
+        assert pid2 is not None
     assert _pid_gone(pid2), "QEMU survived the context manager"
 
 
 @pytest.mark.vm
-def test_no_orphan_qemu_when_python_is_killed(tmp_path):
+def test_no_orphan_qemu_when_python_is_killed(tmp_path: Path) -> None:
     _own_machine()  # skip/fail early like the others
     child = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent("""\
             import sys, time
-            from vmtests.kernels import kernel_by_name
-            from vmtests.machine import Machine
+            from dmimage.guest.kernels import kernel_by_name
+            from dmimage.guest.machine import Machine
             vm = Machine(kernel_by_name("deb12")).start()
             print(vm.pid, vm.rundir, flush=True)
             time.sleep(600)
             """)],
         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent)
     try:
+        assert child.stdout is not None
         line = child.stdout.readline().split()
         assert line and line[0].isdigit(), "child did not boot a machine"
         qemu_pid, rundir = int(line[0]), line[1]
@@ -372,7 +379,26 @@ def test_no_orphan_qemu_when_python_is_killed(tmp_path):
 
 
 @pytest.mark.vm
-def test_zz_guard_sees_clean_guest(dm_vm):
+def test_plugin_in_another_project(dm_vm: Machine, tmp_path: Path) -> None:
+    """docs/vm.md's "another project" example, verbatim, as such a project runs it: its own
+    directory outside this repository and pytest process, no conftest; the fixtures come from
+    dmimage's pytest11 entry point. (*dm_vm* only selects the kernel; the child boots its own.)"""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "vm.md").read_text()
+    example = re.search(r"```python\n(# test_thin_pool\.py.*?)```", doc, re.S)
+    assert example, "docs/vm.md lost its test_thin_pool.py example"
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "pytest.ini").write_text("[pytest]\n")
+    (project / "test_thin_pool.py").write_text(example.group(1))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env.update(DMIMAGE_VM_KERNELS=dm_vm.kernel.name, DMIMAGE_VM_REQUIRED="1")
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+                         cwd=project, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "1 passed" in res.stdout, res.stdout + res.stderr
+
+
+@pytest.mark.vm
+def test_zz_guard_sees_clean_guest(dm_vm: Machine) -> None:
     # Runs after the other dm_vm tests of this kernel: nothing may be left behind.
     assert dm_vm.disks == []
     assert "No devices found" in dm_vm.run("dmsetup ls").out

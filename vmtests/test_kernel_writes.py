@@ -15,10 +15,12 @@ import os
 import random
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from vmtests.plugin import unavailable
+from dmimage.guest.machine import Machine
+from dmimage.guest.pytest_plugin import unavailable
 from vmtests.scenario import (
     OpLimits,
     PoolSession,
@@ -27,11 +29,12 @@ from vmtests.scenario import (
     make_pool_files,
     metadata_reserve,
     model_facts,
-    oracle_modules,
     random_ops,
     seeds_from_env,
     verify_offline,
 )
+
+import oracles
 
 pytestmark = pytest.mark.vm
 
@@ -42,15 +45,14 @@ CASES = [
 ]
 
 
-def _cases():
+def _cases() -> list[tuple[int, int, int, int, int]]:
     seeds = seeds_from_env([c[0] for c in CASES])
     by_seed = {c[0]: c for c in CASES}
     return [by_seed.get(s, (s, 128, 4 << 20, 256, 40)) for s in seeds]
 
 
 @pytest.fixture(scope="session")
-def tools11():
-    oracles, _, _ = oracle_modules()
+def tools11() -> oracles.Tools:
     try:
         return oracles.tools_11()
     except oracles.OracleUnavailable as exc:
@@ -58,7 +60,8 @@ def tools11():
 
 
 @pytest.mark.parametrize("case", _cases(), ids=lambda c: f"seed{c[0]}")
-def test_random_kernel_sequence(dm_vm, tmp_path, tools11, case):
+def test_random_kernel_sequence(dm_vm: Machine, tmp_path: Path, tools11: oracles.Tools,
+                                case: tuple[int, int, int, int, int]) -> None:
     seed, block_sectors, meta_bytes, nr_data, n_ops = case
     files = make_pool_files(tmp_path, meta_bytes=meta_bytes, nr_data_blocks=nr_data,
                             block_sectors=block_sectors)
@@ -104,10 +107,10 @@ def test_random_kernel_sequence(dm_vm, tmp_path, tools11, case):
             "model": model_facts(s.model)})
 
 
-def _save_fixture(out: Path, name: str, meta: Path, tools11, facts: dict) -> None:
+def _save_fixture(out: Path, name: str, meta: Path, tools11: oracles.Tools,
+                  facts: dict[str, Any]) -> None:
     import lzma
 
-    oracles, _, _ = oracle_modules()
     out.mkdir(parents=True, exist_ok=True)
     with open(meta, "rb") as f, lzma.open(out / f"{name}.meta.xz", "wb", preset=9) as g:
         shutil.copyfileobj(f, g)
@@ -115,7 +118,7 @@ def _save_fixture(out: Path, name: str, meta: Path, tools11, facts: dict) -> Non
     (out / f"{name}.json").write_text(json.dumps(facts, indent=1, sort_keys=True) + "\n")
 
 
-def test_fresh_pool_status_and_reserve(dm_vm, tmp_path):
+def test_fresh_pool_status_and_reserve(dm_vm: Machine, tmp_path: Path) -> None:
     """The kernel formats zeroed metadata on first activation; the status line's used metadata
     is the space map's nr_allocated plus min(4096, nr_blocks // 10)."""
     files = make_pool_files(tmp_path, meta_bytes=8 << 20, nr_data_blocks=64)

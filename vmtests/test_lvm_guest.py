@@ -1,6 +1,6 @@
 """lvm2 writes, dmimage reads (issue 10 §4): a seeded lvm2 sequence in the guest, then offline.
 
-In the guest (Debian 12's lvm2, vmtests/lvm2.py): PVs on a GPT partition and on a bare disk,
+In the guest (Debian 12's lvm2, dmimage/guest/lvm2.py): PVs on a GPT partition and on a bare disk,
 one VG across both, a linear and a striped LV, a thin pool with a chosen chunk size, a thin,
 snapshots of it and of the snapshot, writes, lvrename, lvremove, lvextend of the pool onto the
 second PV. Offline on the host: ``dmimage lvm ls --json -a`` equals lvs's JSON, every LV's
@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from vmtests.plugin import unavailable
+from dmimage.guest.lvm2 import LvmMachine
+from dmimage.guest.pytest_plugin import unavailable
 
 pytestmark = pytest.mark.vm
 
@@ -35,20 +36,20 @@ MiB = 1 << 20
 
 
 def _kernels() -> list[str]:
-    from vmtests.kernels import selected_names
+    from dmimage.guest.kernels import selected_names
 
     return selected_names()
 
 
-def _boot(name: str):
-    from vmtests.errors import HarnessUnavailable
-    from vmtests.kernels import KernelNotFound, kernel_by_name, qemu_binary
-    from vmtests.lvm2 import LvmMachine
+def _boot(name: str) -> LvmMachine:
+    from dmimage.guest.errors import HarnessUnavailable
+    from dmimage.guest.kernels import KernelNotFound, kernel_by_name, qemu_binary
 
     if not qemu_binary():
         unavailable("qemu-system-x86_64 not found")
     try:
-        vm = LvmMachine(kernel_by_name(name, fetch=True), memory_mb=512).start()
+        vm = LvmMachine(kernel_by_name(name, fetch=True), memory_mb=512)
+        vm.start()
     except (KernelNotFound, HarnessUnavailable) as exc:
         unavailable(str(exc))
     vm.lvm_setup()
@@ -79,12 +80,13 @@ def _disks(tmp_path: Path) -> tuple[str, str]:
     return a, b
 
 
-def _lvs_json(vm) -> dict[str, dict[str, str]]:
+def _lvs_json(vm: LvmMachine) -> dict[str, dict[str, str]]:
     out = vm.sh(f"lvs -a --reportformat json --units b --nosuffix -o {FIELDS} vgt")
-    return {r["lv_name"]: r for r in json.loads(out)["report"][0]["lv"]}
+    rows: list[dict[str, str]] = json.loads(out)["report"][0]["lv"]
+    return {r["lv_name"]: r for r in rows}
 
 
-def _write(vm, dev: str, rng: random.Random, size: int) -> None:
+def _write(vm: LvmMachine, dev: str, rng: random.Random, size: int) -> None:
     for _ in range(3):
         count = rng.randint(1, 4)
         seek = rng.randrange(0, size // 65536 - count)
@@ -92,7 +94,7 @@ def _write(vm, dev: str, rng: random.Random, size: int) -> None:
               "status=none")
 
 
-def _sequence(vm, a1: str, b: str, rng: random.Random) -> list[str]:
+def _sequence(vm: LvmMachine, a1: str, b: str, rng: random.Random) -> list[str]:
     """A seeded lvm2 sequence; returns the thin LVs left, in creation order."""
     chunk = rng.choice([64, 128, 256])
     steps = [
@@ -128,7 +130,7 @@ def _sequence(vm, a1: str, b: str, rng: random.Random) -> list[str]:
     return thins
 
 
-def _guest_hashes(vm, names: list[str]) -> dict[str, str]:
+def _guest_hashes(vm: LvmMachine, names: list[str]) -> dict[str, str]:
     vm.sh("vgchange -ay -K vgt", timeout=180)
     hashes = {n: vm.sha256_of(f"/dev/mapper/vgt-{n}") for n in names}
     vm.sh("vgchange -an vgt", timeout=180)
@@ -168,7 +170,7 @@ def _seeds() -> list[int]:
 
 @pytest.mark.parametrize("seed", _seeds(), ids=lambda s: f"seed{s}")
 @pytest.mark.parametrize("kernel", _kernels())
-def test_lvm2_writes_dmimage_reads(tmp_path, kernel, seed):
+def test_lvm2_writes_dmimage_reads(tmp_path: Path, kernel: str, seed: int) -> None:
     rng = random.Random(seed)
     a, b = _disks(tmp_path)
     disks = [a, b]
@@ -275,19 +277,17 @@ def test_lvm2_writes_dmimage_reads(tmp_path, kernel, seed):
 
 
 @pytest.mark.parametrize("kernel", _kernels())
-def test_dmimage_builds_lvm2_reads(tmp_path, kernel):
+def test_dmimage_builds_lvm2_reads(tmp_path: Path, kernel: str) -> None:
     """`dmimage build` with layout = "lvm": vgck and lvs accept the image, vgchange -ay
     activates it (thin_check included) with every thin's content as the manifest says; lvm2
     then adds a thin and writes to it, and `dmimage lvm check` stays clean."""
-    import sys
-
     from dmimage.image import build, load_spec
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from test_build_lvm import SPEC, _write
+    from test_build_lvm import SPEC
+    from test_build_lvm import _write as write_raw
 
-    _write(tmp_path / "base.img", {0: 1, 3: 2, 17: 3}, 32)
-    _write(tmp_path / "layer.img", {0: 1, 3: 9, 30: 5}, 32)
+    write_raw(tmp_path / "base.img", {0: 1, 3: 2, 17: 3}, 32)
+    write_raw(tmp_path / "layer.img", {0: 1, 3: 9, 30: 5}, 32)
     (tmp_path / "s.toml").write_text(SPEC)
     m = build(load_spec(tmp_path / "s.toml"), tmp_path / "out").manifest
     img = str(tmp_path / "out" / "lv.img")

@@ -13,14 +13,18 @@ import shlex
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from dmimage.format.checksum import seal
 from dmimage.format.constants import SALT_SUPERBLOCK
+from dmimage.guest.machine import Machine
 from dmimage.thin.check import check_metadata
 from dmimage.thin.format_pool import format_pool
-from vmtests.scenario import PoolFiles, oracle_modules
+from vmtests.scenario import PoolFiles
+
+import oracles
 
 pytestmark = pytest.mark.vm
 
@@ -54,7 +58,7 @@ THIN_CHECK_11_REFUSES = {"checksum": True, "magic": False, "blocknr": False, "in
 
 
 @pytest.fixture(scope="module")
-def pristine(tmp_path_factory):
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> PoolFiles:
     d = tmp_path_factory.mktemp("refusals")
     f = PoolFiles(d / "good.meta", d / "good.data", 128, 64)
     with open(f.meta, "wb") as h:
@@ -65,7 +69,7 @@ def pristine(tmp_path_factory):
     return f
 
 
-def _activate(vm, meta, data) -> tuple[bool, str]:
+def _activate(vm: Machine, meta: Path, data: Path) -> tuple[bool, str]:
     with vm.disk(meta, read_only=False) as m, vm.disk(data, read_only=False) as d:
         table = f"0 {64 * 128} thin-pool {m.guest_path} {d.guest_path} 128 0"
         res = vm.run(f"dmsetup create refusal --table {shlex.quote(table)}")
@@ -75,14 +79,14 @@ def _activate(vm, meta, data) -> tuple[bool, str]:
         return res.ok, log
 
 
-def test_pristine_activates(dm_vm, pristine):
+def test_pristine_activates(dm_vm: Machine, pristine: PoolFiles) -> None:
     assert check_metadata(pristine.meta).ok()
     ok, _ = _activate(dm_vm, pristine.meta, pristine.data)
     assert ok
 
 
 @pytest.mark.parametrize("kind", ["checksum", "magic", "blocknr", "incompat"])
-def test_refused_alike(dm_vm, pristine, tmp_path, kind):
+def test_refused_alike(dm_vm: Machine, pristine: PoolFiles, tmp_path: Path, kind: str) -> None:
     meta = tmp_path / f"{kind}.meta"
     buf = bytearray(pristine.meta.read_bytes())
     blk = bytearray(buf[:4096])
@@ -96,7 +100,6 @@ def test_refused_alike(dm_vm, pristine, tmp_path, kind):
                          capture_output=True, text=True)
     assert cli.returncode != 0, cli.stdout + cli.stderr
     # thin_check 1.1, for the record (it is laxer than the kernel, see the module doc).
-    oracles, _, _ = oracle_modules()
     try:
         rc, _out, _err = oracles.check(meta, oracles.tools_11())
         assert (rc != 0) == THIN_CHECK_11_REFUSES[kind], f"thin_check 1.1 exit {rc} on {kind}"

@@ -10,19 +10,23 @@ the export of every recovered block must equal the model's content for that bloc
 from __future__ import annotations
 
 import shutil
-import sys
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from dmimage import open_pool
+from dmimage.guest.machine import Machine
 from dmimage.thin.check import check_metadata
 from dmimage.thin.format_pool import format_pool
 from dmimage.thin.model import PoolModel
 from dmimage.thin.repair import Overrides, repair
 from dmimage.thin.transaction import open_writable
 from dmimage.vm.verify import verify_in
-from vmtests.scenario import REPO, oracle_modules
+
+import damage
+import oracles
 
 pytestmark = pytest.mark.vm
 
@@ -31,17 +35,8 @@ BS = BS_SECTORS * 512
 NR_DATA = 512
 
 
-def _damage_module():
-    here = str(REPO / "tests")
-    if here not in sys.path:
-        sys.path.insert(0, here)
-    import damage
-
-    return damage
-
-
 @pytest.fixture(scope="module")
-def written_pool(tmp_path_factory):
+def written_pool(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, PoolModel]:
     """Three thins and a snapshot with random content, written offline; plus the model."""
     d = tmp_path_factory.mktemp("repairpool")
     meta, data = d / "pool.meta", d / "pool.data"
@@ -53,7 +48,7 @@ def written_pool(tmp_path_factory):
     rng = np.random.default_rng(11)
     model = PoolModel(BS)
     with open_writable(meta, data) as pool:
-        def both(op, *args):
+        def both(op: str, *args: Any) -> None:
             getattr(pool, op)(*args)
             getattr(model, op)(*args)
 
@@ -71,8 +66,7 @@ def written_pool(tmp_path_factory):
     return meta, data, model
 
 
-def _damaged(meta, kind: str) -> bytearray:
-    damage = _damage_module()
+def _damaged(meta: Path, kind: str) -> bytearray:
     raw = bytes(meta.read_bytes())
     if kind == "superblock zeroed":
         out = bytearray(raw)
@@ -87,7 +81,9 @@ def _damaged(meta, kind: str) -> bytearray:
 
 @pytest.mark.parametrize("kind", ["superblock zeroed", "bottom leaf corrupt",
                                   "bottom internal corrupt"])
-def test_repaired_pool_serves_recovered_mappings(dm_vm, written_pool, tmp_path, kind):
+def test_repaired_pool_serves_recovered_mappings(
+        dm_vm: Machine, written_pool: tuple[Path, Path, PoolModel], tmp_path: Path,
+        kind: str) -> None:
     meta, data, model = written_pool
     bad = tmp_path / "bad.meta"
     bad.write_bytes(_damaged(meta, kind))
@@ -100,7 +96,6 @@ def test_repaired_pool_serves_recovered_mappings(dm_vm, written_pool, tmp_path, 
     repair(bad, out, ov)
     report = check_metadata(out)
     assert report.ok(), [str(p) for p in report.problems]
-    oracles, _, _ = oracle_modules()
     assert oracles.check(out, oracles.tools_11())[0] == 0
     recovered = 0
     raw = np.memmap(data, np.uint8, mode="r")
@@ -121,7 +116,7 @@ def test_repaired_pool_serves_recovered_mappings(dm_vm, written_pool, tmp_path, 
         # children, each validated on its own (docs/repair.md)
         assert recovered == total
     verdict = verify_in(dm_vm, str(out), str(data))
-    bad = [(d.dev_id, d.size, d.error, d.guest_sha256, d.offline_sha256)
-           for d in verdict.devices if not d.ok]
-    assert verdict.ok, (verdict.errors, verdict.pool_status, bad)
+    differ = [(d.dev_id, d.size, d.error, d.guest_sha256, d.offline_sha256)
+              for d in verdict.devices if not d.ok]
+    assert verdict.ok, (verdict.errors, verdict.pool_status, differ)
     assert {d.dev_id for d in verdict.devices} == set(devs)

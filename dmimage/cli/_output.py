@@ -1,15 +1,24 @@
-"""Output files written atomically: a temp file beside the target, renamed when complete, so
-an interrupted or failed command never leaves a half-written file under the final name."""
+"""Where commands write their results: text to stdout in one write, and output files written
+atomically (a temp file beside the target, renamed when complete, so an interrupted or failed
+command never leaves a half-written file under the final name)."""
 
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import BinaryIO
 
 from dmimage.errors import DeviceError
+
+
+def write_text(text: str) -> None:
+    """The whole of a command's text result to stdout, encoded, in one write."""
+    out = sys.stdout.buffer
+    out.write(text.encode())
+    out.flush()
 
 
 @contextmanager

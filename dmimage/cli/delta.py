@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from dmimage.cli._meta_args import add_metadata_snap, resolve_meta
+from dmimage.cli._output import write_text
 from dmimage.cli._units import parse_uint
-from dmimage.cli.ls import add_metadata_snap, resolve_meta, write_text
 from dmimage.errors import UsageError
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dmimage.cli._meta_args import add_metadata_snap, resolve_meta
 from dmimage.cli._output import atomic_output
 from dmimage.cli._units import parse_uint
 from dmimage.errors import UsageError
@@ -23,9 +24,7 @@ def register(subparsers) -> None:
     p.add_argument("--dev-id", dest="dev_ids", metavar="N", type=parse_uint, action="append",
                    help="dump only this device (repeatable)")
     p.add_argument("--skip-mappings", action="store_true", help="do not dump mappings")
-    p.add_argument("-m", "--metadata-snap", metavar="BLOCK", nargs="?", const=True,
-                   default=False, help="read through the metadata snapshot (at BLOCK, default "
-                                       "the one the superblock names)")
+    add_metadata_snap(p)
     p.add_argument("--expand-shared", action="store_true",
                    help="no <def>/<ref>: every device fully expanded (thin_restore 0.9 form)")
     p.add_argument("-r", "--repair", action="store_true",
@@ -49,16 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
         return write_dump(_select(ir, args), out, fmt, expand=kwargs.get("expand", False))
 
-    meta, snap = args.meta, args.metadata_snap
-    if isinstance(snap, str):
-        if snap.isdigit():
-            snap = int(snap)
-        elif meta is None:  # `-m META`: the optional BLOCK swallowed the metadata path
-            meta, snap = snap, True
-        else:
-            raise UsageError(f"--metadata-snap: not a block number: {snap!r}")
-    if meta is None:
-        raise UsageError("no metadata file given")
+    meta, snap = resolve_meta(args.meta, args.metadata_snap)
     kwargs = dict(metadata_snap=snap, dev_ids=args.dev_ids, skip_mappings=args.skip_mappings,
                   expand=args.expand_shared)
     if getattr(args, "repair", False):

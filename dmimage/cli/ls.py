@@ -3,38 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from dmimage.errors import UsageError
-
-
-def add_metadata_snap(p: argparse.ArgumentParser) -> None:
-    """``-m [BLOCK]``: read through the held metadata snapshot (shared by ls/delta/rmap)."""
-    p.add_argument("-m", "--metadata-snap", metavar="BLOCK", nargs="?", const=True,
-                   default=False, help="read through the metadata snapshot (at BLOCK, default "
-                                       "the one the superblock names)")
-
-
-def resolve_meta(meta: str | None, snap: bool | str) -> tuple[str, bool | int]:
-    """Untangle ``-m META`` (the optional BLOCK swallowing the path) and parse BLOCK."""
-    if isinstance(snap, str):
-        if snap.isdigit():
-            snap_v: bool | int = int(snap)
-        elif meta is None:
-            meta, snap_v = snap, True
-        else:
-            raise UsageError(f"--metadata-snap: not a block number: {snap!r}")
-    else:
-        snap_v = snap
-    if meta is None:
-        raise UsageError("no metadata file given")
-    return meta, snap_v
-
-
-def write_text(text: str) -> None:
-    out = sys.stdout.buffer
-    out.write(text.encode())
-    out.flush()
+from dmimage.cli._meta_args import add_metadata_snap, resolve_meta
+from dmimage.cli._output import write_text
 
 
 def register(subparsers) -> None:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
-from contextlib import contextmanager
 
+from dmimage.cli._progress import progress_bar
 from dmimage.cli._units import parse_uint
 
 #: Below this many mappings a restore takes well under a second: no progress bar.
@@ -34,20 +33,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-
-@contextmanager
-def _progress(enabled: bool, total: int):
-    if not enabled:
-        yield None
-        return
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(TextColumn("restoring"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                  TimeRemainingColumn(), transient=True) as prog:
-        task = prog.add_task("restore", total=total)
-        yield lambda n: prog.advance(task, n)
-
-
 def run(args: argparse.Namespace) -> int:
     from dmimage.thin.restore import apply_overrides, read_input, restore, validate_ir
 
@@ -56,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
                     data_block_size=args.data_block_size, nr_data_blocks=args.nr_data_blocks)
     validate_ir(ir)
     total = sum(int(d.mapped_blocks) for d in ir.devices)
-    show = not args.quiet and sys.stderr.isatty() and total >= PROGRESS_THRESHOLD
-    with _progress(show, total) as advance:
+    show = not args.quiet and total >= PROGRESS_THRESHOLD
+    with progress_bar("restoring", total, unit="items", enabled=show) as advance:
         restore(ir, args.output, progress=advance)
     return 0

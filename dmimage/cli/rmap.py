@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from dmimage.cli.ls import add_metadata_snap, resolve_meta, write_text
+from dmimage.cli._meta_args import add_metadata_snap, resolve_meta
+from dmimage.cli._output import write_text
 
 
 def register(subparsers) -> None:

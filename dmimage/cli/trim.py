@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from dmimage.cli.ls import write_text
+from dmimage.cli._output import write_text
 from dmimage.errors import UsageError
 
 

@@ -4,7 +4,7 @@
     dmimage vm verify META DATA [--dev N[:SIZE]]... [--kernel K] [--json]
     dmimage vm kernels
 
-The guest is the vmtests appliance (busybox, dmsetup, dm-thin-pool); see docs/vm.md.
+The guest is dmimage.guest's appliance (busybox, dmsetup, dm-thin-pool); see docs/vm.md.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ def _parse_disk(spec: str) -> tuple[str, bool]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from dmimage.errors import UsageError
-    from vmtests.kernels import kernel_by_name
-    from vmtests.machine import Machine
+    from dmimage.guest.kernels import kernel_by_name
+    from dmimage.guest.machine import Machine
 
     command = list(args.guest_command)
     if command and command[0] == "--":
@@ -77,9 +77,9 @@ def _parse_dev(spec: str) -> tuple[int, int | None]:
 def cmd_verify(args: argparse.Namespace) -> int:
     import json
 
+    from dmimage.guest.kernels import kernel_by_name
+    from dmimage.guest.machine import Machine
     from dmimage.vm.verify import verify_in
-    from vmtests.kernels import kernel_by_name
-    from vmtests.machine import Machine
 
     devs = dict(args.dev) if args.dev else None
     kernel = kernel_by_name(args.kernel, fetch=True)
@@ -100,7 +100,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_kernels(args: argparse.Namespace) -> int:
-    from vmtests.kernels import KNOWN, KernelNotFound, kernel_by_name
+    from dmimage.guest.kernels import KNOWN, KernelNotFound, kernel_by_name
 
     status = 0
     for name in KNOWN:
@@ -113,7 +113,7 @@ def cmd_kernels(args: argparse.Namespace) -> int:
     return status
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("vm", help="run commands in a QEMU guest with a real dm kernel",
                               description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -35,7 +35,8 @@ Block: TypeAlias = bytes | bytearray | memoryview | np.ndarray
 WritableBlock: TypeAlias = bytearray | memoryview | np.ndarray
 
 
-def _view(block: Block) -> memoryview:
+def byte_view(block: Block) -> memoryview:
+    """Any in-memory block as a memoryview of its bytes (no copy)."""
     return block.data if isinstance(block, np.ndarray) else memoryview(block)
 
 
@@ -44,11 +45,11 @@ def block_checksum(block: Block, salt: int) -> int:
 
     The standard crc32c finishes by inverting; the kernel's does not, hence the extra XOR.
     """
-    return crc32c(_view(block)[4:BLOCK_SIZE]) ^ 0xFFFFFFFF ^ salt
+    return crc32c(byte_view(block)[4:BLOCK_SIZE]) ^ 0xFFFFFFFF ^ salt
 
 
 def stored_checksum(block: Block) -> int:
-    return int(_U32.unpack_from(_view(block), 0)[0])
+    return int(_U32.unpack_from(byte_view(block), 0)[0])
 
 
 def checksum_ok(block: Block, salt: int) -> bool:
@@ -57,10 +58,10 @@ def checksum_ok(block: Block, salt: int) -> bool:
 
 def sniff_block_type(block: Block) -> str | None:
     """Name the block type whose salt makes the checksum match, or None (garbage or zeros)."""
-    salt = crc32c(_view(block)[4:BLOCK_SIZE]) ^ 0xFFFFFFFF ^ stored_checksum(block)
+    salt = crc32c(byte_view(block)[4:BLOCK_SIZE]) ^ 0xFFFFFFFF ^ stored_checksum(block)
     return BLOCK_TYPE_NAMES.get(salt)
 
 
 def seal(block: WritableBlock, salt: int) -> None:
     """Store the checksum of ``block`` (in place): the last step before writing any block."""
-    _U32.pack_into(_view(block), 0, block_checksum(block, salt))
+    _U32.pack_into(byte_view(block), 0, block_checksum(block, salt))

@@ -22,6 +22,9 @@ SALT_METADATA_INDEX = 160478
 BTREE_INTERNAL = 1
 BTREE_LEAF = 2
 BTREE_HEADER_SIZE = 32
+#: Every btree key is a u64; KEY_END is one past the largest.
+KEY_SIZE = 8
+KEY_END = 1 << 64
 
 BITMAP_HEADER_SIZE = 16
 #: Two bits per block in the 4080 bytes after a bitmap's header.
@@ -32,14 +35,24 @@ MAX_METADATA_BITMAPS = (BLOCK_SIZE - 16) // INDEX_ENTRY_SIZE
 MAX_METADATA_BLOCKS = MAX_METADATA_BITMAPS * ENTRIES_PER_BITMAP
 SPACE_MAP_ROOT_SIZE = 128
 
-#: Mapping values pack (data block << 24) | time.
+#: Mapping values pack (data block << 24) | time (encoded in format/values.py only).
 TIME_BITS = 24
 TIME_MASK = (1 << TIME_BITS) - 1
 MAX_DATA_BLOCK = (1 << 40) - 1
 
+#: Value sizes of every btree in a thin pool. Internal nodes hold u64 child block numbers
+#: whatever their tree's leaves hold.
+INTERNAL_VALUE_SIZE = 8
+MAPPING_VALUE_SIZE = 8  # bottom level: a mapping value; top level: a bottom tree's root
 DEVICE_DETAILS_SIZE = 24
+REF_COUNT_VALUE_SIZE = 4
+#: Every leaf value size in a thin pool (the data space map's index tree holds index entries).
+LEAF_VALUE_SIZES = (MAPPING_VALUE_SIZE, DEVICE_DETAILS_SIZE, INDEX_ENTRY_SIZE,
+                    REF_COUNT_VALUE_SIZE)
 #: The kernel's message interface takes 24-bit thin ids.
 MAX_DEV_ID = (1 << 24) - 1
+#: thin_dump prints device ids as u32 and thin_restore parses them so.
+MAX_DUMP_DEV_ID = (1 << 32) - 1
 
 MIN_DATA_BLOCK_SECTORS = 128
 MAX_DATA_BLOCK_SECTORS = 2097152

@@ -1,8 +1,10 @@
 """construct Structs for every on-disk header, and numpy dtypes for the arrays in hot paths.
 
-construct documents the layout and parses the few headers per block; the bulk arrays (btree keys
-and values, bitmap words, index entries, device details) are read as numpy views of whole blocks
-through the matching dtypes, which must stay byte-identical to the Structs (tests check sizes).
+construct documents each layout. Code packs and unpacks through the struct/numpy twins below
+(one C call per header, numpy views for the bulk arrays: btree keys and values, bitmap words,
+index entries, device details), which must stay byte-identical to the Structs
+(tests/test_layouts.py builds with one and parses with the other). The typed values that use
+them are in format/superblock.py and format/values.py.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dmimage.format.constants import (
     INDEX_ENTRY_SIZE,
     MAX_METADATA_BITMAPS,
     SPACE_MAP_ROOT_SIZE,
+    SUPERBLOCK_USED_BYTES,
 )
 
 #: The 128-byte blob in the superblock that roots a space map (32 bytes used, rest zero).
@@ -90,12 +93,25 @@ MetadataIndexBlock = Struct(
     "entries" / IndexEntry[MAX_METADATA_BITMAPS],
 )
 
+#: struct twin of Superblock (the 364 used bytes of block 0).
+SUPERBLOCK_STRUCT = struct.Struct("<IIQ16sQIIQQ128s128sQQIIQIII")
 #: struct twin of BtreeNodeHeader: one C call per node on the walk's hot path.
 BTREE_HEADER_STRUCT = struct.Struct("<IIQIIII")
 #: struct twin of the superblock's space-map root's 32 used bytes.
 SPACE_MAP_ROOT_STRUCT = struct.Struct("<QQQQ")
 
 #: numpy twins of the Structs above, for whole-block views.
+BTREE_HEADER_DTYPE = np.dtype(
+    [
+        ("csum", "<u4"),
+        ("flags", "<u4"),
+        ("blocknr", "<u8"),
+        ("nr_entries", "<u4"),
+        ("max_entries", "<u4"),
+        ("value_size", "<u4"),
+        ("padding", "<u4"),
+    ]
+)
 INDEX_ENTRY_DTYPE = np.dtype([("blocknr", "<u8"), ("nr_free", "<u4"), ("none_free_before", "<u4")])
 DEVICE_DETAILS_DTYPE = np.dtype(
     [
@@ -107,5 +123,6 @@ DEVICE_DETAILS_DTYPE = np.dtype(
 )
 assert INDEX_ENTRY_DTYPE.itemsize == INDEX_ENTRY_SIZE == IndexEntry.sizeof()
 assert DEVICE_DETAILS_DTYPE.itemsize == DEVICE_DETAILS_SIZE == DeviceDetails.sizeof()
-assert Superblock.sizeof() == 364
-assert BTREE_HEADER_STRUCT.size == BtreeNodeHeader.sizeof()
+assert Superblock.sizeof() == SUPERBLOCK_STRUCT.size == SUPERBLOCK_USED_BYTES
+assert BTREE_HEADER_STRUCT.size == BTREE_HEADER_DTYPE.itemsize == BtreeNodeHeader.sizeof()
+assert SPACE_MAP_ROOT_STRUCT.size <= SPACE_MAP_ROOT_SIZE

@@ -129,7 +129,7 @@ def _plan(v: Volume, c: _Content, base: _Content | None, bs: int) -> _Plan:
             nonzero = a.any(axis=1)
             writes.append(first + np.flatnonzero(differ & nonzero))
             discards.append(first + np.flatnonzero(differ & ~nonzero))
-    def cat(xs):
+    def cat(xs: list[np.ndarray]) -> np.ndarray:
         return (np.concatenate(xs).astype(np.int64) if xs else np.empty(0, np.int64))
     return _Plan(v, c, cat(writes), cat(discards))
 
@@ -245,7 +245,7 @@ def build(spec: Spec, outdir: str | os.PathLike[str], *, progress: Progress | No
             for p in plans:
                 v = p.volume
                 sink = _Sink()
-                export_thin(pool, data_tmp, v.id, sink, size=v.size)  # type: ignore[arg-type]
+                export_thin(pool, data_tmp, v.id, sink, size=v.size)
                 sha = sink.h.hexdigest()
                 if sha != p.sha256:
                     raise BuildError(f"self-check: thin {v.id} ({v.name}) exports as {sha}, "
@@ -312,7 +312,7 @@ def _fill_pool(spec: Spec, plans: list[_Plan], meta_tmp: Path, data_tmp: Path,
             wp.commit()
 
 
-def _outputs(spec: Spec, tmp: Path, meta_tmp: Path, data_tmp: Path, devices: list,
+def _outputs(spec: Spec, tmp: Path, meta_tmp: Path, data_tmp: Path, devices: list[Any],
              data_used: int, meta_used: int) -> dict[str, Any]:
     from dmimage.image.gpt import create_gpt, plan_layout
     from dmimage.image.scripts import activation_script, deactivation_script

@@ -31,7 +31,7 @@ class FileEntry:
     sha256: str
     mode: int
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, object]:
         return {"path": self.path, "size": self.size, "sha256": self.sha256,
                 "mode": f"{self.mode:04o}"}
 

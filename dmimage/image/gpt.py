@@ -15,6 +15,7 @@ import struct
 import uuid
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 from dmimage.errors import DeviceError
 
@@ -85,7 +86,7 @@ def _read(fd: int, off: int, n: int) -> bytes:
     return b
 
 
-def _header(fd: int, lba: int) -> tuple[bytearray, tuple]:
+def _header(fd: int, lba: int) -> tuple[bytearray, tuple[Any, ...]]:
     raw = bytearray(_read(fd, lba * SECTOR, SECTOR))
     fields = _HDR.unpack_from(raw)
     if fields[0] != b"EFI PART":

@@ -1,6 +1,6 @@
 """Proof in a guest: a built image, activated by its own activate.sh under a real kernel.
 
-:func:`verify_build` (on a running :class:`vmtests.machine.Machine`) attaches the image (or
+:func:`verify_build` (on a running :class:`dmimage.guest.machine.Machine`) attaches the image (or
 the two files), copies activate.sh/deactivate.sh into the guest and runs activate.sh — for a
 GPT image without arguments, so the partitions are found by PARTUUID as on a real machine —
 then checks:
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from vmtests.machine import Machine
+    from dmimage.guest.machine import Machine
 
 GUEST_DIR = "/tmp/dmimage-build"
 
@@ -108,8 +108,8 @@ def verify_build(vm: Machine, outdir: str | Path, *, read_only: bool = True,
                  image: str | Path | None = None) -> GuestReport:
     """Verify the build in *outdir* on a running machine. *image*: attach this file instead
     of the built image (e.g. a writable copy)."""
+    from dmimage.guest.dmstatus import parse_pool_status
     from dmimage.table import parse_tables
-    from vmtests.dmstatus import parse_pool_status
 
     outdir = Path(outdir)
     m = json.loads((outdir / "manifest.json").read_text())
@@ -208,8 +208,8 @@ def verify_build(vm: Machine, outdir: str | Path, *, read_only: bool = True,
 
 def verify_build_vm(outdir: str | Path, *, kernel: str = "deb12") -> GuestReport:
     """Boot a guest, verify the build read-only (image unchanged), shut down."""
-    from vmtests.kernels import kernel_by_name
-    from vmtests.machine import Machine
+    from dmimage.guest.kernels import kernel_by_name
+    from dmimage.guest.machine import Machine
 
     t0 = time.monotonic()
     with Machine(kernel_by_name(kernel, fetch=True)) as vm:

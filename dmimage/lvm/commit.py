@@ -12,13 +12,12 @@ leaves some areas newer, and lvm2 takes the highest seqno that checks.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
 from dmimage.errors import DeviceError, MetadataError
-from dmimage.format.checksum import seal
-from dmimage.format.constants import BLOCK_SIZE, SALT_SUPERBLOCK
-from dmimage.format.layouts import Superblock as SuperblockLayout
+from dmimage.format.constants import BLOCK_SIZE
 from dmimage.format.lvm import (
     MDA_HEADER_FIXED_SIZE,
     MDA_HEADER_SIZE,
@@ -27,6 +26,7 @@ from dmimage.format.lvm import (
     RawLocn,
     lvm_crc,
 )
+from dmimage.format.superblock import Superblock
 from dmimage.lvm.ondisk import MetadataArea
 from dmimage.lvm.text import Section, format_section
 from dmimage.lvm.vg import LoadedVG
@@ -156,14 +156,11 @@ def set_superblock_transaction_id(path: str, offset: int, old: int, new: int) ->
         block = bytearray(os.pread(fd, BLOCK_SIZE, offset))
         if len(block) != BLOCK_SIZE:
             raise DeviceError(f"{path}: short read of the pool superblock")
-        fields = SuperblockLayout.parse(bytes(block))
-        if fields.trans_id != old:
-            raise MetadataError(f"superblock transaction id is {fields.trans_id}, not {old}",
+        sb = Superblock.unpack(block)
+        if sb.trans_id != old:
+            raise MetadataError(f"superblock transaction id is {sb.trans_id}, not {old}",
                                 block=0, field="trans_id")
-        fields.trans_id = new
-        head = SuperblockLayout.build(fields)
-        block[:len(head)] = head
-        seal(block, SALT_SUPERBLOCK)
+        dataclasses.replace(sb, trans_id=new).pack_into(block)  # seals the block
         os.pwrite(fd, bytes(block[:512]), offset)
         os.fsync(fd)
     except OSError as exc:

@@ -18,12 +18,21 @@ from dataclasses import dataclass
 import numpy as np
 
 from dmimage.errors import BlockNumberError, ChecksumError, FormatError, MetadataError
-from dmimage.format.checksum import BLOCK_TYPE_NAMES, block_checksum, sniff_block_type
+from dmimage.format.checksum import (
+    BLOCK_TYPE_NAMES,
+    block_checksum,
+    sniff_block_type,
+    stored_checksum,
+)
 from dmimage.format.constants import (
     BLOCK_SIZE,
     BTREE_HEADER_SIZE,
     BTREE_INTERNAL,
     BTREE_LEAF,
+    INTERNAL_VALUE_SIZE,
+    KEY_END,
+    KEY_SIZE,
+    LEAF_VALUE_SIZES,
     SALT_BTREE_NODE,
 )
 from dmimage.format.layouts import BTREE_HEADER_STRUCT
@@ -32,7 +41,6 @@ from dmimage.pdata.block import BlockReader
 U64 = np.dtype("<u8")
 #: No real tree is deeper: 84-way fan-out exhausts 64-bit keys in 10 levels.
 MAX_DEPTH = 12
-_KEY_END = 1 << 64
 
 
 @dataclass(slots=True)
@@ -57,13 +65,24 @@ def read_node(reader: BlockReader, blocknr: int, leaf_value_size: int) -> Node:
     Raises a MetadataError subclass naming the block and field on the first problem.
     """
     block = reader.block(blocknr)
-    csum, flags, own, nr, max_entries, value_size, _pad = BTREE_HEADER_STRUCT.unpack_from(block)
-    if block_checksum(block, SALT_BTREE_NODE) != csum:
+    if block_checksum(block, SALT_BTREE_NODE) != stored_checksum(block):
         kind = sniff_block_type(block)
         other = kind and kind != BLOCK_TYPE_NAMES[SALT_BTREE_NODE]
         hint = f" (it is a {kind} block)" if other else ""
         raise ChecksumError(f"btree node checksum mismatch{hint}", block=blocknr, field="csum")
-    if own != blocknr:
+    return parse_node(block, blocknr, leaf_value_size)
+
+
+def parse_node(block: memoryview, blocknr: int, leaf_value_size: int | None, *,
+                check_blocknr: bool = True) -> Node:
+    """The header rules of the kernel's validator and thin_check, checksum aside; then
+    :func:`node_view`. Raises a MetadataError subclass naming the field on the first problem.
+
+    ``leaf_value_size=None`` accepts a leaf of any value size a thin pool uses (a scan that
+    does not know the tree yet); ``check_blocknr=False`` accepts a wrong blocknr field.
+    """
+    _csum, flags, own, nr, max_entries, value_size, _pad = BTREE_HEADER_STRUCT.unpack_from(block)
+    if check_blocknr and own != blocknr:
         raise BlockNumberError(f"btree node says it is block {own}", block=blocknr, field="blocknr")
     if flags == BTREE_LEAF:
         is_leaf = True
@@ -74,10 +93,13 @@ def read_node(reader: BlockReader, blocknr: int, leaf_value_size: int) -> Node:
                           field="flags")
     # An internal node's value_size field is not used: the kernel and thin_check 1.1 read its
     # values as u64 block numbers whatever it says (only the size bound below applies).
-    if is_leaf and value_size != leaf_value_size:
+    if is_leaf and leaf_value_size is None and value_size not in LEAF_VALUE_SIZES:
+        raise FormatError(f"leaf value_size {value_size} is none a thin pool uses",
+                          block=blocknr, field="value_size")
+    if is_leaf and leaf_value_size is not None and value_size != leaf_value_size:
         raise FormatError(f"leaf value_size {value_size}, expected {leaf_value_size}",
                           block=blocknr, field="value_size")
-    if BTREE_HEADER_SIZE + (8 + value_size) * max_entries > BLOCK_SIZE:
+    if BTREE_HEADER_SIZE + (KEY_SIZE + value_size) * max_entries > BLOCK_SIZE:
         raise FormatError(f"max_entries {max_entries} does not fit a block", block=blocknr,
                           field="max_entries")
     if max_entries % 3:
@@ -86,12 +108,19 @@ def read_node(reader: BlockReader, blocknr: int, leaf_value_size: int) -> Node:
     if nr > max_entries:
         raise FormatError(f"nr_entries {nr} > max_entries {max_entries}", block=blocknr,
                           field="nr_entries")
-    keys = np.frombuffer(block, dtype=U64, count=nr, offset=BTREE_HEADER_SIZE)
-    vstart = BTREE_HEADER_SIZE + 8 * max_entries
-    if not is_leaf:
-        value_size = 8
-    return Node(blocknr, is_leaf, nr, max_entries, value_size, keys,
-                block[vstart : vstart + value_size * nr])
+    return node_view(block, blocknr, is_leaf, nr, max_entries,
+                     value_size if is_leaf else INTERNAL_VALUE_SIZE)
+
+
+def node_view(block: memoryview, blocknr: int, is_leaf: bool, nr_entries: int,
+              max_entries: int, value_size: int) -> Node:
+    """A node's keys and values as views of its block: values start after *max* keys.
+
+    The caller has checked that ``nr_entries <= max_entries`` and that they fit the block."""
+    keys = np.frombuffer(block, dtype=U64, count=nr_entries, offset=BTREE_HEADER_SIZE)
+    vstart = BTREE_HEADER_SIZE + KEY_SIZE * max_entries
+    return Node(blocknr, is_leaf, nr_entries, max_entries, value_size, keys,
+                block[vstart : vstart + value_size * nr_entries])
 
 
 def fill_problem(node: Node, is_root: bool, what: str) -> MetadataError | None:
@@ -128,7 +157,7 @@ class SubtreeSummary:
     """What a parent needs to know about a child subtree already walked."""
 
     height: int  # 0 for a leaf
-    first_key: int  # _KEY_END for an empty leaf
+    first_key: int  # KEY_END for an empty leaf
     last_key: int
     entries: int  # leaf entries below (mappings, for a bottom-level tree)
 
@@ -175,7 +204,7 @@ class BtreeWalker:
 
         Returns the root's summary, or None when the root itself is unusable (reported).
         """
-        return self._visit(root, leaf_value_size, visit_leaf, 0, _KEY_END, True, 0, what)
+        return self._visit(root, leaf_value_size, visit_leaf, 0, KEY_END, True, 0, what)
 
     def _count(self, blocknr: int) -> None:
         counts = self.meta_counts
@@ -248,7 +277,7 @@ class BtreeWalker:
             self.on_error(bad)
             return None
         if nr == 0:
-            return SubtreeSummary(0, _KEY_END, 0, 0)
+            return SubtreeSummary(0, KEY_END, 0, 0)
         keys = node.keys
         first, last = int(keys[0]), int(keys[-1])
         if node.is_leaf:
@@ -261,7 +290,7 @@ class BtreeWalker:
             key_list = keys.tolist()
             height: int | None = None
             entries = 0
-            real_first = _KEY_END
+            real_first = KEY_END
             real_last = 0
             for i, child in enumerate(children):
                 child_hi = key_list[i + 1] if i + 1 < nr else hi
@@ -327,7 +356,7 @@ def leaves_in_order(reader: BlockReader, root: int, leaf_value_size: int,
                 raise MetadataError(f"{what}: leaves at different depths", block=blocknr)
         return height + 1
 
-    visit(root, 0, _KEY_END, 0, True)
+    visit(root, 0, KEY_END, 0, True)
     return out
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import numpy as np
 
@@ -116,7 +116,7 @@ class MNode:
     is_leaf: bool
     value_size: int
     keys: list[int] = field(default_factory=list)
-    values: list = field(default_factory=list)
+    values: list[Any] = field(default_factory=list)
 
     @property
     def max_entries(self) -> int:
@@ -172,7 +172,7 @@ class Transaction:
         n = read_node(self.reader, b, kind.value_size)
         if n.is_leaf:
             if kind.int_values:
-                values: list = n.values(U64).tolist()
+                values: list[Any] = n.values(U64).tolist()
             else:
                 raw = bytes(n.raw_values)
                 vs = kind.value_size
@@ -313,7 +313,8 @@ class Transaction:
         i = bisect.bisect_right(keys, key) - 1
         if node.is_leaf:
             del keys[i]
-            return node.values.pop(i)
+            removed: Value = node.values.pop(i)
+            return removed
         child = self.shadow(node.values[i], kind)
         node.values[i] = child.blocknr
         old = self._remove(child, key, kind)

@@ -16,18 +16,18 @@ from dmimage.format.checksum import block_checksum, sniff_block_type, stored_che
 from dmimage.format.constants import (
     BITMAP_HEADER_SIZE,
     BLOCK_SIZE,
-    ENTRIES_PER_BITMAP,
     INDEX_ENTRY_SIZE,
     MAX_METADATA_BITMAPS,
+    REF_COUNT_VALUE_SIZE,
     SALT_BITMAP,
     SALT_METADATA_INDEX,
 )
-from dmimage.format.layouts import INDEX_ENTRY_DTYPE, SPACE_MAP_ROOT_STRUCT
+from dmimage.format.layouts import INDEX_ENTRY_DTYPE
+from dmimage.format.superblock import SpaceMapRoot
 from dmimage.pdata.block import BlockReader
 from dmimage.pdata.btree import U64, BtreeWalker, ErrorSink, Node, _prefixed, _raise
 
 INDEX_VALUE_SIZE = INDEX_ENTRY_SIZE
-REF_COUNT_VALUE_SIZE = 4
 
 
 def _bitmap_lut() -> np.ndarray:
@@ -42,25 +42,8 @@ BITMAP_LUT = _bitmap_lut()
 
 def decode_bitmap(payload: np.ndarray) -> np.ndarray:
     """Counts (uint8, 0..3) for the 2-bit entries of raw bitmap bytes (any multiple of bytes)."""
-    return BITMAP_LUT[payload].reshape(-1)
-
-
-@dataclass(slots=True, frozen=True)
-class SpaceMapRoot:
-    """The 32 used bytes of a space map's 128-byte root in the superblock."""
-
-    nr_blocks: int
-    nr_allocated: int
-    bitmap_root: int
-    ref_count_root: int
-
-    @classmethod
-    def parse(cls, blob: bytes | memoryview) -> SpaceMapRoot:
-        return cls(*SPACE_MAP_ROOT_STRUCT.unpack_from(blob))
-
-    @property
-    def nr_bitmaps(self) -> int:
-        return -(-self.nr_blocks // ENTRIES_PER_BITMAP)
+    counts: np.ndarray = BITMAP_LUT[payload].reshape(-1)
+    return counts
 
 
 @dataclass(slots=True)

@@ -43,17 +43,14 @@ from dmimage.format.constants import (
     SALT_METADATA_INDEX,
     max_entries,
 )
-from dmimage.format.layouts import INDEX_ENTRY_DTYPE, SPACE_MAP_ROOT_STRUCT
+from dmimage.format.layouts import BTREE_HEADER_DTYPE, INDEX_ENTRY_DTYPE
+from dmimage.format.superblock import SpaceMapRoot
+from dmimage.format.values import mapping_blocks
 
 U8 = np.dtype("u1")
 U32 = np.dtype("<u4")
 U64 = np.dtype("<u8")
 
-NODE_HEADER_DTYPE = np.dtype([
-    ("csum", "<u4"), ("flags", "<u4"), ("blocknr", "<u8"), ("nr_entries", "<u4"),
-    ("max_entries", "<u4"), ("value_size", "<u4"), ("padding", "<u4"),
-])
-assert NODE_HEADER_DTYPE.itemsize == BTREE_HEADER_SIZE
 
 #: Raw 2-bit pair for a count (0, 1, 2, >=3): the even bit of each pair is the high bit.
 _RAW_PAIR = np.array([0, 2, 1, 3], dtype=U8)
@@ -229,7 +226,8 @@ class MetadataImage:
         while i >= 0:
             start, seg = self._starts[i], self._segments[i]
             if start <= loc < start + len(seg):
-                return seg[loc - start]
+                block: np.ndarray = seg[loc - start]
+                return block
             i -= 1
         raise KeyError(loc)
 
@@ -239,9 +237,11 @@ class MetadataImage:
     # -- output --------------------------------------------------------------------------
     def flush_to(self, fd: int, superblock: np.ndarray | bytes | bytearray,
                  progress: Callable[[int], None] | None = None) -> None:
-        """Crash-safe write: every block but the superblock, fsync, the superblock, fsync.
+        """Crash-safe write: block 0 zeroed (see :func:`invalidate_superblock`), every block
+        but the superblock, fsync, the superblock, fsync.
 
         The caller has checked that every block fits the device."""
+        invalidate_superblock(fd)
         pending: list[memoryview] = []
         pending_off = -1
         pending_end = -1
@@ -276,6 +276,19 @@ class MetadataImage:
         _fsync(fd)
 
 
+def invalidate_superblock(fd: int) -> None:
+    """Zero block 0 and flush, if it holds anything: the first step of writing a new pool over
+    an old one. The new pool's blocks overwrite the old pool's, so until the new superblock
+    lands, a crash must find no superblock rather than the old one pointing at a mixture."""
+    try:
+        old = os.pread(fd, BLOCK_SIZE, 0)
+    except OSError as exc:
+        raise DeviceError(f"read of block 0 failed: {exc.strerror}") from None
+    if any(old):
+        _pwritev_all(fd, [memoryview(bytes(BLOCK_SIZE))], 0)
+        _fsync(fd)
+
+
 def _pwritev_all(fd: int, bufs: list[memoryview], offset: int) -> None:
     try:
         total = sum(len(b) for b in bufs)
@@ -306,7 +319,7 @@ def encode_nodes(kind: NodeKind, keys: np.ndarray, values: np.ndarray, sizes: li
     maxe = kind.max_entries
     vs = kind.value_size
     voff = BTREE_HEADER_SIZE + 8 * maxe
-    hdr = np.zeros(m, dtype=NODE_HEADER_DTYPE)
+    hdr = np.zeros(m, dtype=BTREE_HEADER_DTYPE)
     hdr["flags"] = BTREE_LEAF if kind.is_leaf else BTREE_INTERNAL
     hdr["blocknr"] = locs
     hdr["nr_entries"] = sizes
@@ -392,7 +405,7 @@ class NodeBuilder:
             k = -(-(total - 2 * self.max) // self.max)
             self._emit_sizes([self.max] * k)
 
-    def push_value(self, key: int, value) -> None:
+    def push_value(self, key: int, value: int | bytes) -> None:
         self.push_values(np.array([key], dtype=U64), np.array([value], dtype=self.kind.dtype))
 
     # -- pre-built nodes ------------------------------------------------------------------
@@ -498,18 +511,6 @@ def build_tree(image: MetadataImage, kind: NodeKind, keys: np.ndarray, values: n
 # ----------------------------------------------------------------------------- space maps
 
 
-@dataclass(slots=True)
-class SpaceMapRootValues:
-    nr_blocks: int
-    nr_allocated: int
-    bitmap_root: int
-    ref_count_root: int
-
-    def pack(self) -> bytes:
-        return SPACE_MAP_ROOT_STRUCT.pack(self.nr_blocks, self.nr_allocated, self.bitmap_root,
-                                          self.ref_count_root) + bytes(96)
-
-
 def encode_bitmaps(raw_pairs: np.ndarray, locs: np.ndarray) -> np.ndarray:
     """Sealed bitmap blocks from raw 2-bit pair values (uint8, len = n * 16320)."""
     n = len(locs)
@@ -544,8 +545,8 @@ class SparseCounts:
             self._parts.append((np.asarray(blocks, dtype=U64), sign))
 
     def mapping_rc(self, values: np.ndarray, sign: int) -> None:
-        """RefCounter for mapping leaves: the value's data block is (v >> 24)."""
-        self.add(np.asarray(values, dtype=U64) >> np.uint64(24), sign)
+        """RefCounter for mapping leaves: each value references its data block."""
+        self.add(mapping_blocks(values), sign)
 
     def totals(self) -> tuple[np.ndarray, np.ndarray]:
         """(blocks, counts) with counts > 0, blocks ascending."""
@@ -570,7 +571,7 @@ class SparseCounts:
 
 
 def write_data_space_map(image: MetadataImage, nr_blocks: int, blocks: np.ndarray,
-                         counts: np.ndarray) -> SpaceMapRootValues:
+                         counts: np.ndarray) -> SpaceMapRoot:
     """Bitmaps (with overflow leaves emitted among them), overflow tree, index btree."""
     if len(counts) and int(counts.min()) < 0:
         raise AssertionError("negative data reference count")
@@ -607,10 +608,10 @@ def write_data_space_map(image: MetadataImage, nr_blocks: int, blocks: np.ndarra
     entries["nr_free"] = nr_free
     entries["none_free_before"] = nfb
     bitmap_root = build_tree(image, INDEX_LEAF, np.arange(nb, dtype=U64), entries)
-    return SpaceMapRootValues(nr_blocks, int(len(blocks)), bitmap_root, ref_count_root)
+    return SpaceMapRoot(nr_blocks, int(len(blocks)), bitmap_root, ref_count_root)
 
 
-def write_metadata_space_map(image: MetadataImage) -> SpaceMapRootValues:
+def write_metadata_space_map(image: MetadataImage) -> SpaceMapRoot:
     """Bitmaps, overflow tree and index block of the metadata space map, counting themselves.
 
     Placement as thin_restore 1.x: a bitmap is allocated once the walk over the allocated
@@ -671,4 +672,4 @@ def write_metadata_space_map(image: MetadataImage) -> SpaceMapRootValues:
     seal(index, SALT_METADATA_INDEX)
     image.put(index_loc, index)
     nr_allocated = int(np.count_nonzero(image.counts[:nr_blocks]))
-    return SpaceMapRootValues(nr_blocks, nr_allocated, index_loc, ref_count_root)
+    return SpaceMapRoot(nr_blocks, nr_allocated, index_loc, ref_count_root)

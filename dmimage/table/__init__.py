@@ -9,6 +9,8 @@ The public API (docs/tables.md)::
 
 from __future__ import annotations
 
+from typing import Any
+
 from dmimage.table.errors import TableError
 from dmimage.table.model import Entry, Table
 from dmimage.table.targets import (
@@ -33,7 +35,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):  # the JSON and dm-init halves load on first use
+def __getattr__(name: str) -> Any:  # the JSON and dm-init halves load on first use
     if name in ("table_to_json", "table_from_json"):
         from dmimage.table import jsonio
 

@@ -20,15 +20,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from dmimage.errors import MetadataError
-from dmimage.format.constants import (
-    DEVICE_DETAILS_SIZE,
-    TIME_BITS,
-)
-from dmimage.format.layouts import DEVICE_DETAILS_DTYPE
+from dmimage.format.constants import DEVICE_DETAILS_SIZE, MAPPING_VALUE_SIZE
+from dmimage.format.values import mapping_blocks, unpack_details
 from dmimage.pdata.block import BlockReader
 from dmimage.pdata.btree import U64, BtreeWalker, Node
 from dmimage.pdata.spacemap import SpaceMap, read_space_map
-from dmimage.thin.pool import MAPPING_VALUE_SIZE
 from dmimage.thin.superblock import Superblock, read_superblock
 
 #: How many example blocks a summarised problem names.
@@ -92,9 +88,8 @@ class _Checker:
         out: dict[int, int] = {}
 
         def leaf(node: Node) -> None:
-            vals = node.values(DEVICE_DETAILS_DTYPE)
-            for k, mapped in zip(node.keys.tolist(), vals["mapped_blocks"].tolist(), strict=True):
-                out[k] = mapped
+            for k, d in zip(node.keys.tolist(), unpack_details(node.raw_values), strict=True):
+                out[k] = d.mapped_blocks
 
         self.walker.walk(sb.device_details_root, DEVICE_DETAILS_SIZE, leaf,
                          what=f"{label}device details tree")
@@ -114,7 +109,7 @@ class _Checker:
         total = 0
 
         def leaf(node: Node) -> None:
-            self.data_leaves.append(node.values(U64) >> np.uint64(TIME_BITS))
+            self.data_leaves.append(mapping_blocks(node.values(U64)))
 
         for dev, root in sorted(roots.items()):
             s = self.walker.walk(root, MAPPING_VALUE_SIZE, leaf,

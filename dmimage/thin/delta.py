@@ -22,9 +22,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dmimage.format.constants import TIME_BITS
+from dmimage.format.constants import MAPPING_VALUE_SIZE
+from dmimage.format.values import mapping_blocks
 from dmimage.pdata.btree import U64, tree_items
-from dmimage.thin.pool import MAPPING_VALUE_SIZE, Pool
+from dmimage.thin.pool import Pool
 
 __all__ = ["KINDS", "Delta", "diff_mappings", "side_mappings", "delta_xml", "delta_json"]
 
@@ -56,7 +57,7 @@ def side_mappings(pool: Pool, *, dev_id: int | None = None, root: int | None = N
     assert root is not None
     keys, vals = tree_items(pool.reader, root, MAPPING_VALUE_SIZE, U64,
                             what=f"mapping tree at block {root}")
-    return keys, vals >> np.uint64(TIME_BITS)
+    return keys, mapping_blocks(vals)
 
 
 def _lookup(keys: np.ndarray, values: np.ndarray, at: np.ndarray

@@ -25,7 +25,8 @@ from dmimage.format.constants import (
     SALT_METADATA_INDEX,
     valid_data_block_size,
 )
-from dmimage.format.layouts import DEVICE_DETAILS_DTYPE, INDEX_ENTRY_DTYPE
+from dmimage.format.layouts import INDEX_ENTRY_DTYPE
+from dmimage.format.superblock import SpaceMapRoot, Superblock
 from dmimage.pdata.writer import (
     _RAW_PAIR,
     INDEX_LEAF,
@@ -33,16 +34,14 @@ from dmimage.pdata.writer import (
     REF_COUNT_LEAF,
     MetadataImage,
     NodeKind,
-    SpaceMapRootValues,
     _bitmap_stats,
     build_tree,
     encode_bitmaps,
     encode_nodes,
 )
-from dmimage.thin.restore import open_output, pack_superblock
+from dmimage.thin.restore import DETAILS_LEAF, open_output
 
 U64 = np.dtype("<u8")
-DETAILS_LEAF = NodeKind(True, DEVICE_DETAILS_DTYPE)
 
 
 def _empty_leaf(image: MetadataImage, kind: NodeKind, loc: int) -> None:
@@ -51,7 +50,7 @@ def _empty_leaf(image: MetadataImage, kind: NodeKind, loc: int) -> None:
 
 
 def build_empty_pool(nr_metadata_blocks: int, data_block_size: int,
-                     nr_data_blocks: int) -> tuple[MetadataImage, np.ndarray]:
+                     nr_data_blocks: int) -> tuple[MetadataImage, bytes]:
     """(image, superblock) of an empty pool on a metadata device of that many blocks."""
     if not valid_data_block_size(int(data_block_size)):
         raise UsageError(
@@ -91,7 +90,7 @@ def build_empty_pool(nr_metadata_blocks: int, data_block_size: int,
         image.dec(data_index_root)  # the empty root is replaced by a real index tree
         _empty_leaf(image, INDEX_LEAF, data_index_root)
         data_index_root = build_tree(image, INDEX_LEAF, np.arange(ndb, dtype=U64), entries)
-    data_sm = SpaceMapRootValues(int(nr_data_blocks), 0, data_index_root, data_rc_root)
+    data_sm = SpaceMapRoot(int(nr_data_blocks), 0, data_index_root, data_rc_root)
 
     if image.overflowed:
         raise OutputTooSmallError(
@@ -115,12 +114,11 @@ def build_empty_pool(nr_metadata_blocks: int, data_block_size: int,
     index[16:16 + ie.nbytes] = ie.view(np.uint8)
     seal(index, SALT_METADATA_INDEX)
     image.put(index_loc, index)
-    meta_sm = SpaceMapRootValues(nr_meta, int(np.count_nonzero(counts)), index_loc,
-                                 meta_rc_root)
-    sb = pack_superblock(time=0, transaction=0, data_sm=data_sm, metadata_sm=meta_sm,
-                         mapping_root=mapping_root, details_root=details_root,
-                         data_block_size=int(data_block_size), metadata_nr_blocks=nr_meta)
-    return image, sb
+    meta_sm = SpaceMapRoot(nr_meta, int(np.count_nonzero(counts)), index_loc, meta_rc_root)
+    sb = Superblock(data_sm=data_sm, metadata_sm=meta_sm, data_mapping_root=mapping_root,
+                    device_details_root=details_root, data_block_size=int(data_block_size),
+                    metadata_nr_blocks=nr_meta)
+    return image, sb.pack()
 
 
 def format_pool(output: str | os.PathLike[str], data_block_size: int,

@@ -27,14 +27,16 @@ errors"); we count them like any other node.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
 from dmimage.errors import MetadataError, UsageError
-from dmimage.format.constants import TIME_BITS
+from dmimage.format.constants import MAPPING_VALUE_SIZE
+from dmimage.format.values import mapping_blocks
 from dmimage.pdata.btree import MAX_DEPTH, U64, order_problem, read_node
-from dmimage.thin.pool import MAPPING_VALUE_SIZE, DeviceDetails, Pool
+from dmimage.thin.pool import DeviceDetails, Pool
 
 __all__ = ["FIELDS", "DEFAULT_FIELDS", "DeviceUsage", "device_usage", "pretty_size",
            "ls_table", "render_grid", "ls_json", "parse_fields", "MappingForest"]
@@ -139,7 +141,7 @@ class MappingForest:
             raise problem
         if node.is_leaf:
             self.leaf_keys[blocknr] = keys
-            self.leaf_data[blocknr] = node.values(U64) >> np.uint64(TIME_BITS)
+            self.leaf_data[blocknr] = mapping_blocks(node.values(U64))
             self.height[blocknr] = 0
             self.owner[blocknr] = dev_id
             return
@@ -253,11 +255,13 @@ def _cell(field: str, u: DeviceUsage, bs: int) -> str:
     return pretty_size(v) if field in _HUMAN else str(v)
 
 
-def needs_counting(fields) -> bool:
+def needs_counting(fields: Iterable[str]) -> bool:
     return any(f not in _NON_COUNTING for f in fields)
 
 
-def ls_table(pool: Pool, fields=DEFAULT_FIELDS, *, headers: bool = True) -> list[list[str]]:
+def ls_table(
+    pool: Pool, fields: Iterable[str] = DEFAULT_FIELDS, *, headers: bool = True
+) -> list[list[str]]:
     """The table thin_ls prints, as rows of cells (header row first unless ``headers=False``)."""
     fields = list(fields)
     usage = device_usage(pool, counting=needs_counting(fields))
@@ -278,7 +282,7 @@ def render_grid(rows: list[list[str]]) -> str:
     return "".join(line + "\n" for line in lines)
 
 
-def ls_json(pool: Pool, fields=DEFAULT_FIELDS) -> str:
+def ls_json(pool: Pool, fields: Iterable[str] = DEFAULT_FIELDS) -> str:
     """``{"data_block_size": N, "fields": [...], "devices": [{FIELD: value}, ...]}``; numbers
     as integers, the human-unit fields as thin_ls's strings."""
     fields = list(fields)

@@ -44,6 +44,7 @@ import numpy as np
 from dmimage.errors import DeviceError, DmimageError
 from dmimage.format.constants import BLOCK_SIZE
 from dmimage.pdata.block import BlockReader
+from dmimage.pdata.writer import invalidate_superblock
 
 __all__ = ["MAGIC", "PACK_VERSION", "PackFormatError", "pack_metadata", "unpack_metadata",
            "encode_block", "decode_block", "known_block_kind", "read_pack"]
@@ -353,13 +354,16 @@ def read_pack(f: BinaryIO) -> tuple[int, Iterator[tuple[int, bytes]]]:
 def unpack_metadata(packed: BinaryIO, output: str | os.PathLike[str]) -> int:
     """Write the metadata a pack describes to ``output`` (a file, created or truncated to
     nr_blocks × 4096 bytes, sparse where nothing was packed; or a block device of at least
-    that size). Returns the number of blocks written."""
+    that size). Returns the number of blocks written.
+
+    Crash-safe like restore: block 0 is zeroed and flushed first, the packed superblock is
+    written last, after a flush (a pack without block 0 leaves it zeroed)."""
     nr_blocks, blocks = read_pack(packed)
     if nr_blocks == 0:
         raise PackFormatError("pack file describes 0 blocks")
     path = os.fspath(output)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as exc:
         raise DeviceError(f"{path}: {exc.strerror}") from None
     n = 0
@@ -367,16 +371,25 @@ def unpack_metadata(packed: BinaryIO, output: str | os.PathLike[str]) -> int:
         import stat as _stat
 
         st = os.fstat(fd)
+        if not _stat.S_ISREG(st.st_mode) and \
+                os.lseek(fd, 0, os.SEEK_END) < nr_blocks * BLOCK_SIZE:
+            raise DeviceError(f"{path}: smaller than the {nr_blocks * BLOCK_SIZE} bytes "
+                              "the pack describes")
+        invalidate_superblock(fd)
         if _stat.S_ISREG(st.st_mode):
             os.ftruncate(fd, 0)
             os.ftruncate(fd, nr_blocks * BLOCK_SIZE)
-        elif os.lseek(fd, 0, os.SEEK_END) < nr_blocks * BLOCK_SIZE:
-            raise DeviceError(f"{path}: smaller than the {nr_blocks * BLOCK_SIZE} bytes "
-                              "the pack describes")
+        superblock = None
         for b, block in blocks:
-            os.pwrite(fd, block, b * BLOCK_SIZE)
+            if b == 0:
+                superblock = block
+            else:
+                os.pwrite(fd, block, b * BLOCK_SIZE)
             n += 1
         os.fsync(fd)
+        if superblock is not None:
+            os.pwrite(fd, superblock, 0)
+            os.fsync(fd)
     except OSError as exc:
         raise DeviceError(f"{path}: {exc.strerror}") from None
     finally:

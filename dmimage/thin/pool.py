@@ -14,19 +14,19 @@ from types import TracebackType
 import numpy as np
 
 from dmimage.errors import MetadataError, UsageError
-from dmimage.format.constants import DEVICE_DETAILS_SIZE, TIME_BITS, TIME_MASK
-from dmimage.format.layouts import DEVICE_DETAILS_DTYPE
+from dmimage.format.constants import DEVICE_DETAILS_SIZE, MAPPING_VALUE_SIZE
+from dmimage.format.values import DEVICE_DETAILS_DTYPE, unpack_details, unpack_mappings
 from dmimage.pdata.block import BlockReader
 from dmimage.pdata.btree import U64, BtreeWalker, leaves_in_order, tree_items
 from dmimage.pdata.spacemap import SpaceMap, read_space_map
 from dmimage.thin.superblock import Superblock, read_superblock
 
-MAPPING_VALUE_SIZE = 8
+__all__ = ["MAPPING_VALUE_SIZE", "DeviceDetails", "Mappings", "Pool", "open_pool"]
 
 
 @dataclass(slots=True, frozen=True)
 class DeviceDetails:
-    """One thin device's entry in the details tree."""
+    """One thin device: its id and its details record (unpacked by format/values.py)."""
 
     dev_id: int
     mapped_blocks: int
@@ -48,8 +48,7 @@ class Mappings:
 
     @classmethod
     def from_values(cls, keys: np.ndarray, values: np.ndarray) -> Mappings:
-        return cls(keys, values >> np.uint64(TIME_BITS),
-                   (values & np.uint64(TIME_MASK)).astype(np.uint32))
+        return cls(keys, *unpack_mappings(values))
 
 
 class Pool:
@@ -72,9 +71,9 @@ class Pool:
                                     DEVICE_DETAILS_SIZE, DEVICE_DETAILS_DTYPE,
                                     what="device details tree")
             self._devices = {
-                int(k): DeviceDetails(int(k), int(v["mapped_blocks"]), int(v["transaction_id"]),
-                                      int(v["creation_time"]), int(v["snapshotted_time"]))
-                for k, v in zip(keys.tolist(), vals, strict=True)
+                k: DeviceDetails(k, v.mapped_blocks, v.transaction_id, v.creation_time,
+                                 v.snapshotted_time)
+                for k, v in zip(keys.tolist(), unpack_details(vals), strict=True)
             }
         return self._devices
 

@@ -20,21 +20,51 @@ and never writes it. See docs/repair.md for the strategy and how it compares wit
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dmimage.errors import DeviceError, MetadataError, UsageError
-from dmimage.format.checksum import seal
+from dmimage.format.checksum import checksum_ok
 from dmimage.format.constants import (
     BLOCK_SIZE,
+    BTREE_HEADER_SIZE,
+    BTREE_INTERNAL,
+    BTREE_LEAF,
+    DEVICE_DETAILS_SIZE,
     ENTRIES_PER_BITMAP,
+    INTERNAL_VALUE_SIZE,
+    KEY_END,
+    MAPPING_VALUE_SIZE,
+    MAX_DATA_BLOCK,
+    MAX_DUMP_DEV_ID,
     NEEDS_CHECK_FLAG,
+    SALT_BTREE_NODE,
     SALT_SUPERBLOCK,
+    SUPERBLOCK_MAGIC,
+    SUPERBLOCK_VERSION,
+    max_entries,
+    valid_data_block_size,
+)
+from dmimage.format.layouts import BTREE_HEADER_DTYPE, BTREE_HEADER_STRUCT
+from dmimage.format.superblock import Superblock
+from dmimage.format.values import (
+    DEVICE_DETAILS_DTYPE,
+    MAPPING_VALUE_DTYPE,
+    DeviceDetails,
+    mapping_blocks,
+    unpack_details,
+    unpack_mappings,
 )
 from dmimage.pdata.block import BlockReader
+from dmimage.pdata.btree import MAX_DEPTH, Node, node_view, order_problem, parse_node
 from dmimage.thin.check import CheckReport, check_metadata
 from dmimage.thin.superblock import read_superblock
+
+if TYPE_CHECKING:
+    from dmimage.thin.ir import PoolIR
 
 __all__ = [
     "FixResult", "fix_in_place", "clear_needs_check",
@@ -81,11 +111,10 @@ def clear_needs_check(path: str | os.PathLike[str]) -> bool:
         block = bytearray(os.pread(fd, BLOCK_SIZE, 0))
         if len(block) != BLOCK_SIZE:
             raise MetadataError("too short to hold a superblock", block=0)
-        flags = int.from_bytes(block[4:8], "little")
-        if not flags & NEEDS_CHECK_FLAG:
+        sb = Superblock.unpack(block)
+        if not sb.flags & NEEDS_CHECK_FLAG:
             return False
-        block[4:8] = (flags & ~NEEDS_CHECK_FLAG).to_bytes(4, "little")
-        seal(block, SALT_SUPERBLOCK)
+        replace(sb, flags=sb.flags & ~NEEDS_CHECK_FLAG).pack_into(block)
         try:
             if os.pwrite(fd, bytes(block), 0) != BLOCK_SIZE:
                 raise DeviceError(f"{p}: short write of the superblock")
@@ -163,11 +192,8 @@ def _rewrite_space_maps(path: str | os.PathLike[str], report: CheckReport,
 
 # ============================================================================ salvage
 
-_KEY_END = 1 << 64
-_MAP_VS = 8
-_DETAILS_VS = 24
-#: thin_dump prints device ids as u32 and thin_restore parses them so.
-_MAX_DEV_ID = (1 << 32) - 1
+#: A kernel internal node's capacity (lenient_internal accepts no other).
+_INTERNAL_MAX_ENTRIES = max_entries(INTERNAL_VALUE_SIZE)
 
 
 @dataclass(slots=True)
@@ -201,18 +227,6 @@ _Leaf = tuple[int, np.ndarray, np.ndarray]
 
 
 @dataclass(slots=True)
-class _Node:
-    blocknr: int
-    is_leaf: bool
-    value_size: int
-    keys: np.ndarray  # uint64, strictly ascending
-    raw: memoryview  # nr_entries values
-
-    def values(self, dtype) -> np.ndarray:
-        return np.frombuffer(self.raw, dtype=dtype, count=len(self.keys))
-
-
-@dataclass(slots=True)
 class _Info:
     """What scanning learnt about a subtree (as thin_repair's node collector does)."""
 
@@ -222,7 +236,7 @@ class _Info:
     age: int = 0  # newest time seen
     max_tid: int = 0
     highest_data_block: int = -1
-    first_key: int = _KEY_END
+    first_key: int = KEY_END
     last_key: int = -1
 
 
@@ -231,16 +245,16 @@ class _Salvager:
         self.reader = reader
         self.n = reader.nr_blocks
         self.report = report
-        self._strict: dict[int, _Node | None] = {}
+        self._strict: dict[int, Node | None] = {}
         self._infos: dict[int, _Info | None] | None = None
         self._referenced: set[int] = set()
         self._walks: dict[tuple[int, object], tuple[list[_Leaf], int]] = {}
         self._pseudo = self.n
 
     # -- nodes ------------------------------------------------------------------------
-    def node(self, b: int, *, own_location: bool = True) -> _Node | None:
+    def node(self, b: int, *, own_location: bool = True) -> Node | None:
         """The node at ``b`` if it passes every check of the kernel's validator and thin_check's
-        node checks (checksum, blocknr, flags, value size, max_entries, ascending keys).
+        node checks (checksum, then pdata/btree.py's header and key-order rules).
 
         ``own_location=False`` accepts a wrong blocknr field: the content is still protected
         by the checksum (thin_repair 1.1 does not look at a leaf's blocknr either)."""
@@ -249,49 +263,34 @@ class _Salvager:
             return self._strict[key]
         got = None
         if 0 <= b < self.n:
-            from dmimage.format.checksum import block_checksum
-            from dmimage.format.constants import SALT_BTREE_NODE
-            from dmimage.format.layouts import BTREE_HEADER_STRUCT
-
             block = self.reader.block(b)
-            csum, flags, own, nr, mx, vs, _ = BTREE_HEADER_STRUCT.unpack_from(block)
-            if (own == b or not own_location) and flags in (1, 2) \
-                    and block_checksum(block, SALT_BTREE_NODE) == csum:
-                got = self._decode(block, b, flags == 2, nr, mx, vs)
+            if checksum_ok(block, SALT_BTREE_NODE):
+                try:
+                    got = parse_node(block, b, None, check_blocknr=own_location)
+                except MetadataError:
+                    got = None
+                if got is not None and order_problem(got, 0, KEY_END, "salvage") is not None:
+                    got = None
         self._strict[key] = got
         return got
 
-    def _decode(self, block: memoryview, b: int, is_leaf: bool, nr: int, mx: int,
-                vs: int) -> _Node | None:
-        if is_leaf and vs not in (_MAP_VS, _DETAILS_VS, 4, 16):
-            return None
-        if not is_leaf and vs != 8:
-            return None
-        if mx % 3 or 32 + (8 + vs) * mx > BLOCK_SIZE or nr > mx or (nr == 0 and not is_leaf):
-            return None
-        keys = np.frombuffer(block, dtype="<u8", count=nr, offset=32)
-        if nr > 1 and not bool((keys[1:] > keys[:-1]).all()):
-            return None
-        start = 32 + 8 * mx
-        return _Node(b, is_leaf, vs, keys, block[start:start + vs * nr])
-
-    def lenient_internal(self, b: int) -> _Node | None:
+    def lenient_internal(self, b: int) -> Node | None:
         """An internal node whose checksum or value_size field is damaged but whose header is
         otherwise that of a kernel internal node: its child pointers are still usable, as
         every child is validated on its own (checksum, blocknr, key range)."""
         if not 0 <= b < self.n:
             return None
-        from dmimage.format.layouts import BTREE_HEADER_STRUCT
-
         block = self.reader.block(b)
         _csum, flags, own, nr, mx, _vs, _ = BTREE_HEADER_STRUCT.unpack_from(block)
-        if flags != 1 or own != b or mx != 252 or not 0 < nr <= mx:
+        if flags != BTREE_INTERNAL or own != b or mx != _INTERNAL_MAX_ENTRIES or nr > mx:
             return None
-        return self._decode(block, b, False, nr, mx, 8)
+        node = node_view(block, b, False, nr, mx, INTERNAL_VALUE_SIZE)
+        return None if order_problem(node, 0, KEY_END, "salvage") is not None else node
 
     # -- tolerant walks ---------------------------------------------------------------
-    def walk(self, root: int, vs: int, keep=None) -> tuple[list[tuple[int, np.ndarray,
-                                                                  np.ndarray]], int]:
+    def walk(self, root: int, vs: int,
+             keep: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+             ) -> tuple[list[_Leaf], int]:
         """Leaves of one tree in key order, skipping whatever is unreadable.
 
         Returns ([(leaf id, keys, values)], nodes lost). A leaf taken whole keeps its block
@@ -310,7 +309,7 @@ class _Salvager:
 
         def visit(b: int, lo: int, hi: int, depth: int) -> None:
             nonlocal lost, last
-            if depth > 12 or b in ancestors:
+            if depth > MAX_DEPTH or b in ancestors:
                 lost += 1
                 return
             node = self.node(b)
@@ -326,12 +325,13 @@ class _Salvager:
                 vals = node.values(dtype)
                 lo_eff = max(lo, last + 1)
                 mask = keys >= np.uint64(lo_eff)
-                if hi < _KEY_END:
+                if hi < KEY_END:
                     mask &= keys < np.uint64(hi)
                 if keep is not None and len(keys):
                     mask &= keep(keys, vals)
                 kept = int(mask.sum())
-                self.report.dropped_mappings += (len(keys) - kept) if vs == _MAP_VS else 0
+                self.report.dropped_mappings += (len(keys) - kept) if vs == MAPPING_VALUE_SIZE \
+                    else 0
                 if kept == len(keys):
                     if kept:
                         out.append((b, np.array(keys), np.array(vals)))
@@ -343,7 +343,7 @@ class _Salvager:
                 return
             ancestors.add(b)
             key_list = keys.tolist()
-            children = node.values("<u8").tolist()
+            children = node.values().tolist()
             for i, child in enumerate(children):
                 clo = max(key_list[i], lo)
                 chi = min(key_list[i + 1], hi) if i + 1 < len(key_list) else hi
@@ -351,7 +351,7 @@ class _Salvager:
                     visit(child, clo, chi, depth + 1)
             ancestors.discard(b)
 
-        visit(root, 0, _KEY_END, 0)
+        visit(root, 0, KEY_END, 0)
         if keep is None:
             self._walks[cache_key] = (out, lost)
         return out, lost
@@ -382,9 +382,10 @@ class _Salvager:
         for start in range(0, n, step):
             stop = min(n, start + step)
             view = buf[start * BLOCK_SIZE: stop * BLOCK_SIZE].reshape(stop - start, BLOCK_SIZE)
-            flags = view[:, 4:8].copy().view("<u4").reshape(-1)
-            own = view[:, 8:16].copy().view("<u8").reshape(-1)
-            hit = ((flags == 1) | (flags == 2)) & (own == np.arange(start, stop, dtype=np.uint64))
+            hdr = np.ascontiguousarray(view[:, :BTREE_HEADER_SIZE]).view(BTREE_HEADER_DTYPE)
+            flags, own = hdr["flags"].reshape(-1), hdr["blocknr"].reshape(-1)
+            hit = ((flags == BTREE_INTERNAL) | (flags == BTREE_LEAF)) \
+                & (own == np.arange(start, stop, dtype=np.uint64))
             out.extend((np.flatnonzero(hit) + start).tolist())
         return out
 
@@ -394,29 +395,28 @@ class _Salvager:
         if b in infos:
             return infos[b]
         infos[b] = None  # in progress: a cycle reads as invalid
-        if depth > 12:
+        if depth > MAX_DEPTH:
             return None
         node = self.node(b)
         info: _Info | None = None
         if node is None:
             pass
-        elif node.is_leaf and node.value_size == _DETAILS_VS:
-            from dmimage.format.layouts import DEVICE_DETAILS_DTYPE
-
-            v = node.values(DEVICE_DETAILS_DTYPE)
-            info = _Info("details", len(v))
-            if len(v):
-                info.nr_mappings = int(v["mapped_blocks"].astype(object).sum())
-                info.max_tid = int(v["transaction_id"].max())
-                info.age = int(max(v["creation_time"].max(), v["snapshotted_time"].max()))
-        elif node.is_leaf and node.value_size == _MAP_VS:
-            vals = node.values("<u8")
+        elif node.is_leaf and node.value_size == DEVICE_DETAILS_SIZE:
+            recs = unpack_details(node.raw_values)
+            info = _Info("details", len(recs))
+            if recs:
+                info.nr_mappings = sum(d.mapped_blocks for d in recs)
+                info.max_tid = max(d.transaction_id for d in recs)
+                info.age = max(max(d.creation_time, d.snapshotted_time) for d in recs)
+        elif node.is_leaf and node.value_size == MAPPING_VALUE_SIZE:
+            vals = node.values(MAPPING_VALUE_DTYPE)
             info = self._top_leaf_info(node, vals, depth)
             if info is None:
                 info = _Info("map", len(vals), len(vals))
                 if len(vals):
-                    info.age = int((vals & np.uint64(0xFFFFFF)).max())
-                    info.highest_data_block = int((vals >> np.uint64(24)).max())
+                    blocks, times = unpack_mappings(vals)
+                    info.age = int(times.max())
+                    info.highest_data_block = int(blocks.max())
         elif not node.is_leaf:
             info = self._internal_info(node, depth)
         if info is not None and node is not None and node.is_leaf and len(node.keys):
@@ -424,7 +424,7 @@ class _Salvager:
         infos[b] = info
         return info
 
-    def _top_leaf_info(self, node: _Node, vals: np.ndarray, depth: int) -> _Info | None:
+    def _top_leaf_info(self, node: Node, vals: np.ndarray, depth: int) -> _Info | None:
         if not len(vals) or bool((vals >= np.uint64(self.n)).any()):
             return None
         info = _Info("top", len(vals))
@@ -438,9 +438,9 @@ class _Salvager:
         self._referenced.update(vals.tolist())
         return info
 
-    def _internal_info(self, node: _Node, depth: int) -> _Info | None:
+    def _internal_info(self, node: Node, depth: int) -> _Info | None:
         agg: _Info | None = None
-        children = node.values("<u8").tolist()
+        children = node.values().tolist()
         for child in children:
             ci = self._info(child, depth + 1)
             if ci is None:
@@ -470,37 +470,35 @@ class _Salvager:
         return [b for b, _ in found]
 
 
-def _value_dtype(vs: int):
-    from dmimage.format.layouts import DEVICE_DETAILS_DTYPE
-
-    return DEVICE_DETAILS_DTYPE if vs == _DETAILS_VS else np.dtype("<u8")
+def _value_dtype(vs: int) -> np.dtype:
+    return DEVICE_DETAILS_DTYPE if vs == DEVICE_DETAILS_SIZE else MAPPING_VALUE_DTYPE
 
 
-def _details_of(s: _Salvager, root: int) -> dict[int, tuple[int, int, int, int]]:
-    leaves, lost = s.walk(root, _DETAILS_VS)
+def _details_of(s: _Salvager, root: int) -> dict[int, DeviceDetails]:
+    leaves, lost = s.walk(root, DEVICE_DETAILS_SIZE)
     s.report.lost_nodes += lost
-    out: dict[int, tuple[int, int, int, int]] = {}
+    out: dict[int, DeviceDetails] = {}
     for _, keys, vals in leaves:
-        for k, v in zip(keys.tolist(), vals.tolist(), strict=True):
-            if k <= _MAX_DEV_ID:
-                out[k] = tuple(v)
+        for k, d in zip(keys.tolist(), unpack_details(vals), strict=True):
+            if k <= MAX_DUMP_DEV_ID:
+                out[k] = d
     return out
 
 
 def _top_of(s: _Salvager, root: int) -> dict[int, int]:
-    leaves, lost = s.walk(root, _MAP_VS)
+    leaves, lost = s.walk(root, MAPPING_VALUE_SIZE)
     s.report.lost_nodes += lost
     out: dict[int, int] = {}
     for _, keys, vals in leaves:
         for k, v in zip(keys.tolist(), vals.tolist(), strict=True):
-            if k <= _MAX_DEV_ID and v < s.n:
+            if k <= MAX_DUMP_DEV_ID and v < s.n:
                 out[k] = v
     return out
 
 
 def _choose_roots(s: _Salvager, report: SalvageReport, top: dict[int, int] | None,
-                  details: dict[int, tuple] | None
-                  ) -> tuple[dict[int, int], dict[int, tuple] | None]:
+                  details: dict[int, DeviceDetails] | None
+                  ) -> tuple[dict[int, int], dict[int, DeviceDetails] | None]:
     """Fill in whichever of the two trees is missing from the scan (details may stay None:
     the caller regenerates them)."""
     report.source = "scan"
@@ -541,7 +539,7 @@ def _choose_roots(s: _Salvager, report: SalvageReport, top: dict[int, int] | Non
 
 
 def _match_by_counts(s: _Salvager, report: SalvageReport,
-                     details: dict[int, tuple]) -> dict[int, int]:
+                     details: dict[int, DeviceDetails]) -> dict[int, int]:
     """No usable top-level mapping tree: pair each device with an orphan bottom-level tree
     holding exactly its details' mapped_blocks, when exactly one such tree exists. Devices
     the details say are empty need no tree (an empty one is made)."""
@@ -552,7 +550,7 @@ def _match_by_counts(s: _Salvager, report: SalvageReport,
         by_count.setdefault(infos[b].nr_mappings, []).append(b)  # type: ignore[union-attr]
     out: dict[int, int] = {}
     for dev, d in sorted(details.items()):
-        mapped = int(d[0])
+        mapped = d.mapped_blocks
         cands = by_count.get(mapped, [])
         if mapped == 0:
             out[dev] = -1
@@ -568,26 +566,16 @@ def _match_by_counts(s: _Salvager, report: SalvageReport,
     return out
 
 
-def salvage(path: str | os.PathLike[str], overrides: Overrides | None = None):
+def salvage(path: str | os.PathLike[str],
+            overrides: Overrides | None = None) -> tuple[PoolIR, SalvageReport]:
     """Recover as much of the pool at ``path`` as can be trusted; returns (PoolIR, report).
 
     The input is opened read-only. Every node used passes its checksum and location check;
     damaged subtrees are skipped. Roots come from the superblock when it and they are
     readable; otherwise from a scan of every block (thin-format.md; docs/repair.md).
     """
-    from dmimage.format.checksum import checksum_ok
-    from dmimage.format.constants import (
-        SALT_SUPERBLOCK as SALT_SB,
-    )
-    from dmimage.format.constants import (
-        SUPERBLOCK_MAGIC,
-        TIME_BITS,
-        TIME_MASK,
-        valid_data_block_size,
-    )
     from dmimage.thin.dump.reader import shared_leaf_items
-    from dmimage.thin.ir import U32, DeviceIR, PoolIR, Runs, SuperblockIR
-    from dmimage.thin.superblock import parse_superblock
+    from dmimage.thin.ir import DeviceIR, PoolIR, Runs, SuperblockIR
 
     ov = overrides or Overrides()
     report = SalvageReport()
@@ -595,24 +583,24 @@ def salvage(path: str | os.PathLike[str], overrides: Overrides | None = None):
         s = _Salvager(reader, report)
         block0 = reader.block(0)
         ref = None
-        if checksum_ok(block0, SALT_SB):
-            ref = parse_superblock(block0)
+        if checksum_ok(block0, SALT_SUPERBLOCK):
+            ref = Superblock.unpack(block0)
             if ref.magic != SUPERBLOCK_MAGIC:
                 report.notes.append(f"superblock magic {ref.magic} is wrong; its fields are used "
                                     "as hints only")
         else:
             report.notes.append("superblock checksum is wrong: roots found by scanning")
         top: dict[int, int] | None = None
-        details: dict[int, tuple] | None = None
+        details: dict[int, DeviceDetails] | None = None
         trusted = ref is not None and ref.magic == SUPERBLOCK_MAGIC
         if trusted:
             assert ref is not None
-            if s.root_readable(ref.data_mapping_root, _MAP_VS):
+            if s.root_readable(ref.data_mapping_root, MAPPING_VALUE_SIZE):
                 top = _top_of(s, ref.data_mapping_root)
             else:
                 report.notes.append(f"mapping tree root (block {ref.data_mapping_root}) is "
                                     "unreadable")
-            if s.root_readable(ref.device_details_root, _DETAILS_VS):
+            if s.root_readable(ref.device_details_root, DEVICE_DETAILS_SIZE):
                 details = _details_of(s, ref.device_details_root)
             else:
                 report.notes.append(f"device details root (block {ref.device_details_root}) "
@@ -638,31 +626,31 @@ def salvage(path: str | os.PathLike[str], overrides: Overrides | None = None):
         lists: dict[int, list[int]] = {}
         # A real pool's data space map has its bitmaps on this metadata device, one per 16320
         # data blocks: a data block beyond that can only be garbage (a damaged value).
-        plausible = min(1 << 40, s.n * ENTRIES_PER_BITMAP)
+        plausible = min(MAX_DATA_BLOCK + 1, s.n * ENTRIES_PER_BITMAP)
         highest = -1
         age = 0
         for dev, root in sorted(top.items()):
             if root < 0:
                 lists[dev] = []
                 continue
-            leaves, lost = s.walk(root, _MAP_VS)
+            leaves, lost = s.walk(root, MAPPING_VALUE_SIZE)
             if (root, "counted") not in s._walks:  # count losses once per shared tree
                 report.lost_nodes += lost
-                s._walks[(root, "counted")] = ([], 0)  # type: ignore[index]
+                s._walks[(root, "counted")] = ([], 0)
             ids = []
             for lid, keys, vals in leaves:
                 leaf_data[lid] = (keys, vals)
                 ids.append(lid)
                 if len(vals):
-                    blocks = vals >> np.uint64(TIME_BITS)
+                    blocks, times = unpack_mappings(vals)
                     blocks = blocks[blocks < np.uint64(plausible)]
                     if len(blocks):
                         highest = max(highest, int(blocks.max()))
-                    age = max(age, int((vals & np.uint64(TIME_MASK)).max()))
+                    age = max(age, int(times.max()))
             lists[dev] = ids
         if details:
             for d in details.values():
-                age = max(age, int(d[2]), int(d[3]))
+                age = max(age, d.creation_time, d.snapshotted_time)
 
         # -- superblock facts
         dbs = ov.data_block_size if ov.data_block_size is not None else (
@@ -679,7 +667,7 @@ def salvage(path: str | os.PathLike[str], overrides: Overrides | None = None):
         if report.source == "scan" or not nr_hints:
             nr_hints.append(highest + 1)
             if details:
-                tid = max(tid, max(int(d[1]) for d in details.values()) + 1)
+                tid = max(tid, max(d.transaction_id for d in details.values()) + 1)
         sane = [v for v in nr_hints if v <= plausible]
         if len(sane) < len(nr_hints):
             report.notes.append(f"nr_data_blocks beyond {plausible} (more than this metadata "
@@ -689,13 +677,13 @@ def salvage(path: str | os.PathLike[str], overrides: Overrides | None = None):
         if details is None:
             tid = max(tid, 1)
             details = {}
-        regenerated = (0, max(tid, 1) - 1, time, time)
         for dev in top:  # devices whose details are lost (as thin_repair regenerates them)
-            details.setdefault(dev, regenerated)
+            if dev not in details:
+                details[dev] = DeviceDetails(0, max(tid, 1) - 1, time, time)
 
         # -- mappings beyond the data device are dropped (their leaves become private)
         for lid, (keys, vals) in list(leaf_data.items()):
-            bad = (vals >> np.uint64(TIME_BITS)) >= np.uint64(nr_data)
+            bad = mapping_blocks(vals) >= np.uint64(nr_data)
             if bad.any():
                 report.dropped_mappings += int(bad.sum())
                 leaf_data[lid] = (keys[~bad], vals[~bad])
@@ -706,8 +694,7 @@ def salvage(path: str | os.PathLike[str], overrides: Overrides | None = None):
                 return Runs.empty()
             keys = np.concatenate([p[0] for p in parts])
             vals = np.concatenate([p[1] for p in parts])
-            return Runs.from_blocks(keys, vals >> np.uint64(TIME_BITS),
-                                    (vals & np.uint64(TIME_MASK)).astype(U32))
+            return Runs.from_blocks(keys, *unpack_mappings(vals))
 
         devs = sorted(top)
         seqs = [lists[d] for d in devs]
@@ -715,7 +702,8 @@ def salvage(path: str | os.PathLike[str], overrides: Overrides | None = None):
             per_dev, defs = shared_leaf_items(seqs)
         except MetadataError:
             per_dev, defs = [[(False, q)] if q else [] for q in seqs], []
-        ir = PoolIR(SuperblockIR(uuid="", time=time, transaction=tid, flags=0, version=2,
+        ir = PoolIR(SuperblockIR(uuid="", time=time, transaction=tid, flags=0,
+                                 version=SUPERBLOCK_VERSION,
                                  data_block_size=int(dbs), nr_data_blocks=nr_data))
         def_sizes: dict[str, int] = {}
         for head, seq in defs:
@@ -725,8 +713,8 @@ def salvage(path: str | os.PathLike[str], overrides: Overrides | None = None):
         total = 0
         for dev, items in zip(devs, per_dev, strict=True):
             d = details[dev]
-            dev_ir = DeviceIR(dev_id=dev, mapped_blocks=0, transaction=int(d[1]),
-                              creation_time=int(d[2]), snap_time=int(d[3]))
+            dev_ir = DeviceIR(dev_id=dev, mapped_blocks=0, transaction=d.transaction_id,
+                              creation_time=d.creation_time, snap_time=d.snapshotted_time)
             for is_ref, what in items:
                 if is_ref:
                     dev_ir.items.append(str(what))

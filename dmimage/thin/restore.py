@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import stat
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,22 +26,22 @@ from pathlib import Path
 import numpy as np
 
 from dmimage.errors import DeviceError, InputError, OutputTooSmallError, UsageError
-from dmimage.format.checksum import seal
 from dmimage.format.constants import (
     BLOCK_SIZE,
-    DEVICE_DETAILS_SIZE,
     ENTRIES_PER_BITMAP,
     MAX_DATA_BLOCK,
+    MAX_DUMP_DEV_ID,
     MAX_METADATA_BLOCKS,
-    METADATA_BLOCK_SECTORS,
-    SALT_SUPERBLOCK,
-    SUPERBLOCK_MAGIC,
-    SUPERBLOCK_VERSION,
-    TIME_BITS,
     TIME_MASK,
     valid_data_block_size,
 )
-from dmimage.format.layouts import DEVICE_DETAILS_DTYPE
+from dmimage.format.superblock import Superblock
+from dmimage.format.values import (
+    DEVICE_DETAILS_DTYPE,
+    DeviceDetails,
+    pack_details,
+    pack_mappings,
+)
 from dmimage.pdata.writer import (
     INTERNAL,
     MAPPING_LEAF,
@@ -50,7 +49,6 @@ from dmimage.pdata.writer import (
     NodeBuilder,
     NodeKind,
     NodeSummary,
-    SpaceMapRootValues,
     SparseCounts,
     build_btree,
     build_tree,
@@ -63,13 +61,9 @@ from dmimage.thin.ir import U64, PoolIR, Runs, SuperblockIR
 DETAILS_LEAF = NodeKind(True, DEVICE_DETAILS_DTYPE)
 TOP_LEAF = NodeKind(True, U64)
 assert DETAILS_LEAF.max_entries == 126 and INTERNAL.max_entries == 252
-assert DEVICE_DETAILS_DTYPE.itemsize == DEVICE_DETAILS_SIZE
 
 MAX_U32 = (1 << 32) - 1
 MAX_U64 = (1 << 64) - 1
-
-_SUPERBLOCK = struct.Struct("<IIQ16sQIIQQ128s128sQQIIQIII")
-assert _SUPERBLOCK.size == 364
 
 
 # ----------------------------------------------------------------------------- validation
@@ -143,7 +137,7 @@ def validate_ir(ir: PoolIR) -> None:
     seen: set[int] = set()
     for dev in ir.devices:
         did = int(dev.dev_id)
-        if not 0 <= did <= MAX_U32:
+        if not 0 <= did <= MAX_DUMP_DEV_ID:
             raise InputError(f"device id {did} does not fit 32 bits")
         if did in seen:
             raise InputError(f"device {did} appears more than once")
@@ -172,27 +166,14 @@ def validate_ir(ir: PoolIR) -> None:
 
 def _mapping_arrays(runs: Runs) -> tuple[np.ndarray, np.ndarray]:
     origin, data, time = runs.expand()
-    return origin, (data << np.uint64(TIME_BITS)) | time.astype(U64)
-
-
-def pack_superblock(*, time: int, transaction: int, data_sm: SpaceMapRootValues,
-                    metadata_sm: SpaceMapRootValues, mapping_root: int, details_root: int,
-                    data_block_size: int, metadata_nr_blocks: int, flags: int = 0,
-                    held_root: int = 0) -> np.ndarray:
-    """A sealed superblock block (4 KiB, zero after byte 364)."""
-    block = np.zeros(BLOCK_SIZE, dtype=np.uint8)
-    _SUPERBLOCK.pack_into(
-        block.data, 0, 0, flags, 0, bytes(16), SUPERBLOCK_MAGIC, SUPERBLOCK_VERSION, time,
-        transaction, held_root, data_sm.pack(), metadata_sm.pack(), mapping_root,
-        details_root, data_block_size, METADATA_BLOCK_SECTORS, metadata_nr_blocks, 0, 0, 0)
-    seal(block, SALT_SUPERBLOCK)
-    return block
+    return origin, pack_mappings(data, time)
 
 
 @dataclass(slots=True)
 class BuiltMetadata:
     image: MetadataImage
-    superblock: np.ndarray
+    #: the sealed block 0 (empty when nothing was laid out)
+    superblock: bytes
     #: Blocks the image needs on the device (it fits when <= image.nr_blocks).
     blocks_needed: int
     #: False when the device was too small to lay anything out: blocks_needed is a lower bound.
@@ -226,7 +207,7 @@ def build_metadata(ir: PoolIR, nr_metadata_blocks: int, *, validate: bool = True
     floor = 1 + _data_bitmap_floor(ir) + sum(int(d.mapped_blocks) for d in ir.devices) // 252
     if floor > image.nr_blocks and floor > _EXACT_NEED_LIMIT:
         # Too big to lay out in memory only to say by how much it does not fit.
-        return BuiltMetadata(image, np.zeros(BLOCK_SIZE, np.uint8), floor, exact=False)
+        return BuiltMetadata(image, bytes(BLOCK_SIZE), floor, exact=False)
     if image.alloc() != 0:
         raise AssertionError("the superblock must be block 0")
     data_rc = SparseCounts(int(sb.nr_data_blocks))
@@ -261,10 +242,9 @@ def build_metadata(ir: PoolIR, nr_metadata_blocks: int, *, validate: bool = True
 
     ids = np.array(sorted(roots), dtype=U64)
     by_id = {int(d.dev_id): d for d in ir.devices}
-    details = np.zeros(len(ids), dtype=DEVICE_DETAILS_DTYPE)
-    for i, did in enumerate(ids.tolist()):
-        d = by_id[did]
-        details[i] = (d.mapped_blocks, d.transaction, d.creation_time, d.snap_time)
+    details = pack_details(
+        DeviceDetails(int(d.mapped_blocks), int(d.transaction), int(d.creation_time),
+                      int(d.snap_time)) for d in (by_id[did] for did in ids.tolist()))
     details_root = build_tree(image, DETAILS_LEAF, ids, details)
     mapping_root = build_tree(image, TOP_LEAF, ids,
                               np.array([roots[i] for i in ids.tolist()], dtype=U64))
@@ -280,10 +260,10 @@ def build_metadata(ir: PoolIR, nr_metadata_blocks: int, *, validate: bool = True
     data_sm = write_data_space_map(image, int(sb.nr_data_blocks), blocks, counts)
     pre_meta_sm = image.high_water
     meta_sm = write_metadata_space_map(image)
-    superblock = pack_superblock(
-        time=int(sb.time), transaction=int(sb.transaction), data_sm=data_sm,
-        metadata_sm=meta_sm, mapping_root=mapping_root, details_root=details_root,
-        data_block_size=int(sb.data_block_size), metadata_nr_blocks=image.nr_blocks)
+    superblock = Superblock(
+        time=int(sb.time), trans_id=int(sb.transaction), data_sm=data_sm, metadata_sm=meta_sm,
+        data_mapping_root=mapping_root, device_details_root=details_root,
+        data_block_size=int(sb.data_block_size), metadata_nr_blocks=image.nr_blocks).pack()
     needed = image.high_water
     if image.overflowed or needed > image.nr_blocks:
         needed = _blocks_needed(pre_meta_sm, image)

@@ -15,41 +15,38 @@ use at the last commit, as the kernel's space maps do.
 from __future__ import annotations
 
 import os
-import struct
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from types import TracebackType
 
 import numpy as np
 
 from dmimage.errors import DeviceError, DmimageError, MetadataError, UsageError
-from dmimage.format.checksum import seal
 from dmimage.format.constants import (
     BLOCK_SIZE,
     DEVICE_DETAILS_SIZE,
+    INDEX_ENTRY_SIZE,
+    MAPPING_VALUE_SIZE,
     MAX_DEV_ID,
     NEEDS_CHECK_FLAG,
-    SALT_SUPERBLOCK,
+    REF_COUNT_VALUE_SIZE,
     SECTOR_SIZE,
-    SUPERBLOCK_MAGIC,
-    SUPERBLOCK_VERSION,
-    TIME_BITS,
-    TIME_MASK,
 )
-from dmimage.format.layouts import Superblock as SuperblockLayout
+from dmimage.format.superblock import ZERO_SPACE_MAP_ROOT, SpaceMapRoot
+from dmimage.format.values import DeviceDetails, pack_mapping, unpack_mapping
 from dmimage.pdata.block import BlockReader
 from dmimage.pdata.cow import SpaceAccount, Transaction, TreeKind, Value
-from dmimage.pdata.spacemap import SpaceMap, SpaceMapRoot
+from dmimage.pdata.spacemap import SpaceMap
 from dmimage.pdata.writer import (
     MetadataImage,
-    SpaceMapRootValues,
     write_data_space_map,
     write_metadata_space_map,
 )
 from dmimage.thin.pool import Pool, open_pool
 from dmimage.thin.superblock import Superblock, read_superblock
 
-_DETAILS = struct.Struct("<QQII")
+#: A device's details record, as the transaction edits it (format/values.py packs it).
+Details = DeviceDetails
 
 
 class PoolStateError(DmimageError):
@@ -58,33 +55,25 @@ class PoolStateError(DmimageError):
     exit_code = 1
 
 
+def _data_block(v: Value) -> int:
+    return unpack_mapping(int(v))[0]
+
+
 def _data_inc(tx: Transaction, v: Value) -> None:
-    tx.data.inc(int(v) >> TIME_BITS)
+    tx.data.inc(_data_block(v))
 
 
 def _data_dec(tx: Transaction, v: Value) -> None:
-    tx.data.dec(int(v) >> TIME_BITS)
+    tx.data.dec(_data_block(v))
 
 
-BOTTOM = TreeKind("mapping", 8, True, _data_inc, _data_dec)
-TOP = TreeKind("top-level mapping", 8, True,
+BOTTOM = TreeKind("mapping", MAPPING_VALUE_SIZE, True, _data_inc, _data_dec)
+TOP = TreeKind("top-level mapping", MAPPING_VALUE_SIZE, True,
                lambda tx, v: tx.meta.inc(int(v)),
                lambda tx, v: tx.dec_tree(int(v), BOTTOM))
 DETAILS = TreeKind("device details", DEVICE_DETAILS_SIZE, False)
-REF_COUNT = TreeKind("ref-count", 4, False)
-DATA_INDEX = TreeKind("data space map index", 16, False)
-
-
-@dataclass(slots=True)
-class Details:
-    mapped_blocks: int
-    transaction_id: int
-    creation_time: int
-    snapshotted_time: int
-
-    def pack(self) -> bytes:
-        return _DETAILS.pack(self.mapped_blocks, self.transaction_id, self.creation_time,
-                             self.snapshotted_time)
+REF_COUNT = TreeKind("ref-count", REF_COUNT_VALUE_SIZE, False)
+DATA_INDEX = TreeKind("data space map index", INDEX_ENTRY_SIZE, False)
 
 
 class _TxImage(MetadataImage):
@@ -308,8 +297,7 @@ class WritablePool:
         v = self.tx.lookup(self._dev_root(dev), vblock, BOTTOM)
         if v is None:
             return None
-        v = int(v)
-        return v >> TIME_BITS, v & TIME_MASK
+        return unpack_mapping(int(v))
 
     def _need_data(self) -> int:
         if self._data_fd is None:
@@ -363,8 +351,7 @@ class WritablePool:
             chunk = data[pos : pos + n]
             found = self.tx.lookup(root, vblock, BOTTOM)
             if found is not None:
-                old_block = int(found) >> TIME_BITS
-                old_time = int(found) & TIME_MASK
+                old_block, old_time = unpack_mapping(int(found))
                 if not self._is_shared(dev, old_time):
                     self._write_data(old_block, within, chunk)
                     pos += n
@@ -375,11 +362,11 @@ class WritablePool:
             new = self.tx.data.alloc()
             content = base[:within] + chunk + base[within + n :] if n < bs else chunk
             self._write_data(new, 0, content)
-            root, old = self.tx.insert(root, vblock, (new << TIME_BITS) | self.time, BOTTOM)
+            root, old = self.tx.insert(root, vblock, pack_mapping(new, self.time), BOTTOM)
             if old is None:
                 d.mapped_blocks += 1
             else:
-                self.tx.data.dec(int(old) >> TIME_BITS)
+                self.tx.data.dec(_data_block(old))
             pos += n
         self._set_root(dev, root)
         self._touch(dev)
@@ -395,7 +382,7 @@ class WritablePool:
         for vblock in self._mapped_in(root, first, end):
             root, old = self.tx.remove(root, vblock, BOTTOM)
             if old is not None:
-                self.tx.data.dec(int(old) >> TIME_BITS)
+                self.tx.data.dec(_data_block(old))
                 d.mapped_blocks -= 1
                 count += 1
         self._set_root(dev, root)
@@ -416,45 +403,33 @@ class WritablePool:
             n = min(bs - within, length - pos)
             found = self.tx.lookup(root, vblock, BOTTOM)
             if found is not None:
-                blk = self._read_data_block(int(found) >> TIME_BITS)
+                blk = self._read_data_block(_data_block(found))
                 out[pos : pos + n] = blk[within : within + n]
             pos += n
         return bytes(out)
 
     def mappings(self, dev: int) -> dict[int, tuple[int, int]]:
-        return {k: (int(v) >> TIME_BITS, int(v) & TIME_MASK)
-                for k, v in self.tx.items(self._dev_root(dev), BOTTOM)}
+        return {k: unpack_mapping(int(v)) for k, v in self.tx.items(self._dev_root(dev), BOTTOM)}
 
     # -- commit --------------------------------------------------------------------------
     def _superblock_bytes(self, location: int, *, snapshot: bool = False,
-                          data_root: SpaceMapRootValues | None = None,
-                          meta_root: SpaceMapRootValues | None = None) -> bytes:
-        zero_root = bytes(128)
-        block = bytearray(BLOCK_SIZE)
-        block[: SuperblockLayout.sizeof()] = SuperblockLayout.build(dict(
-            csum=0,
+                          data_root: SpaceMapRoot | None = None,
+                          meta_root: SpaceMapRoot | None = None) -> bytes:
+        """The committed superblock with the fields a kernel commit sets (the rest, uuid and
+        block sizes included, is kept). A metadata-snapshot copy holds no space-map roots and
+        no held_root (thin-format.md §2.5)."""
+        return replace(
+            self.sb,
             flags=self.flags,
             blocknr=location,
-            uuid=bytes(16),
-            magic=SUPERBLOCK_MAGIC,
-            version=SUPERBLOCK_VERSION,
             time=self.time,
             trans_id=self.trans_id,
             held_root=0 if snapshot else self.held_root,
-            data_space_map_root=zero_root if snapshot or data_root is None else data_root.pack(),
-            metadata_space_map_root=zero_root if snapshot or meta_root is None
-            else meta_root.pack(),
+            data_sm=ZERO_SPACE_MAP_ROOT if snapshot or data_root is None else data_root,
+            metadata_sm=ZERO_SPACE_MAP_ROOT if snapshot or meta_root is None else meta_root,
             data_mapping_root=self.mapping_root,
             device_details_root=self.details_root,
-            data_block_size=self.sb.data_block_size,
-            metadata_block_size=8,
-            metadata_nr_blocks=self.sb.metadata_nr_blocks,
-            compat_flags=self.sb.compat_flags,
-            compat_ro_flags=0,
-            incompat_flags=0,
-        ))
-        seal(block, SALT_SUPERBLOCK)
-        return bytes(block)
+        ).pack()
 
     def _retire_space_maps(self) -> None:
         """Drop the committed space maps' own blocks: the commit writes them afresh."""

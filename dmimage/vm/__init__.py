@@ -1,1 +1,1 @@
-"""Things that need the QEMU guest of vmtests/ (see docs/vm.md)."""
+"""Things that need the QEMU guest (dmimage.guest), see docs/vm.md."""

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from dmimage.format.constants import SECTOR_SIZE
 
 if TYPE_CHECKING:
-    from vmtests.machine import Machine
+    from dmimage.guest.machine import Machine
 
 
 class _HashSink:
@@ -98,7 +98,7 @@ def offline_hashes(metadata: str, data: str, devs: dict[int, int | None] | None
 def verify_in(vm: Machine, metadata: str, data: str, devs: dict[int, int | None] | None = None,
               *, timeout: float = 600.0) -> VerifyReport:
     """Verify on a running machine (attaches and detaches the two files itself)."""
-    from vmtests.dmstatus import parse_pool_status
+    from dmimage.guest.dmstatus import parse_pool_status
 
     report = VerifyReport(str(metadata), str(data), kernel=str(vm.kernel))
     hashes, bs, nr_data = offline_hashes(metadata, data, devs)

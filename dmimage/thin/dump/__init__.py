@@ -3,9 +3,10 @@
 Public API:
 
 * :func:`pool_to_ir` (``Pool`` -> ``PoolIR``, with thin_dump 1.1's shared-leaf defs/refs);
-* :func:`write_xml` / :func:`xml_bytes` (``expand=True``: no defs, runs re-merged, which
-  thin_restore 0.9 also reads), :func:`write_human` / :func:`human_bytes`,
-  :func:`write_json` / :func:`json_bytes`;
+* :func:`write_dump` (any of :data:`FORMATS`: the one walk of dump/walk.py driving that
+  format's emitter; ``expand=True``: no defs, runs re-merged, which thin_restore 0.9 also
+  reads), and per format :func:`write_xml` / :func:`xml_bytes`, :func:`write_human` /
+  :func:`human_bytes`, :func:`write_json` / :func:`json_bytes`;
 * :func:`parse_xml`, :func:`parse_json`, :func:`parse_dump` (either, sniffed) -> ``PoolIR``;
 * :func:`expand_shared` (splice refs into devices), :func:`dump_pool` (open + read + write).
 """
@@ -13,44 +14,49 @@ Public API:
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import IO, BinaryIO
 
-from dmimage.thin.dump.human import human_bytes, write_human
-from dmimage.thin.dump.json import json_bytes, parse_json, write_json
+from dmimage.thin.dump.human import HumanEmitter, human_bytes, write_human
+from dmimage.thin.dump.json import JsonEmitter, json_bytes, parse_json, write_json
 from dmimage.thin.dump.reader import gather_runs, pool_to_ir, superblock_ir
+from dmimage.thin.dump.walk import DumpVisitor, Emitter, walk
 from dmimage.thin.dump.xml import (
     DumpFormatError,
+    XmlEmitter,
     expand_shared,
     merge_runs,
     parse_xml,
     write_xml,
     xml_bytes,
 )
+from dmimage.thin.ir import PoolIR
 
 __all__ = [
-    "DumpFormatError", "FORMATS", "dump_pool", "expand_shared", "gather_runs", "human_bytes",
+    "DumpFormatError", "DumpVisitor", "EMITTERS", "Emitter", "FORMATS", "HumanEmitter",
+    "JsonEmitter", "XmlEmitter", "dump_pool", "expand_shared", "gather_runs", "human_bytes",
     "json_bytes", "merge_runs", "parse_dump", "parse_json", "parse_xml", "pool_to_ir",
-    "superblock_ir", "write_dump", "write_human", "write_json", "write_xml", "xml_bytes",
+    "superblock_ir", "walk", "write_dump", "write_human", "write_json", "write_xml",
+    "xml_bytes",
 ]
 
-FORMATS = ("xml", "human_readable", "json")
+#: Each dump format and the emitter that writes it.
+EMITTERS: dict[str, type[Emitter]] = {
+    "xml": XmlEmitter, "human_readable": HumanEmitter, "json": JsonEmitter}
+FORMATS = tuple(EMITTERS)
 
 
-def write_dump(ir, out: BinaryIO, fmt: str = "xml", *, expand: bool = False) -> None:
+def write_dump(ir: PoolIR, out: BinaryIO, fmt: str = "xml", *, expand: bool = False) -> None:
     """Write the IR in one of :data:`FORMATS` to a binary stream."""
-    if fmt == "xml":
-        write_xml(ir, out, expand=expand)
-    elif fmt == "human_readable":
-        write_human(expand_shared(ir) if expand else ir, out)
-    elif fmt == "json":
-        write_json(expand_shared(ir) if expand else ir, out)
-    else:
+    emitter = EMITTERS.get(fmt)
+    if emitter is None:
         raise ValueError(f"unknown dump format {fmt!r}")
+    emitter.document(expand_shared(ir) if expand else ir).write_to(out)
 
 
 def dump_pool(metadata: str | os.PathLike[str], out: BinaryIO, fmt: str = "xml", *,
-              metadata_snap: bool | int = False, dev_ids=None, skip_mappings: bool = False,
-              expand: bool = False) -> None:
+              metadata_snap: bool | int = False, dev_ids: Iterable[int] | None = None,
+              skip_mappings: bool = False, expand: bool = False) -> None:
     """Open metadata, read it and write the dump (what ``dmimage dump`` does)."""
     from dmimage.thin.pool import open_pool
 
@@ -59,7 +65,7 @@ def dump_pool(metadata: str | os.PathLike[str], out: BinaryIO, fmt: str = "xml",
     write_dump(ir, out, fmt, expand=expand)
 
 
-def parse_dump(source: str | os.PathLike[str] | bytes | IO[bytes]):
+def parse_dump(source: str | os.PathLike[str] | bytes | IO[bytes]) -> PoolIR:
     """Parse an XML (thin_dump 0.9/1.x) or JSON (dmimage) dump, telling them apart by the
     first non-blank byte."""
     if isinstance(source, (bytes, bytearray, memoryview)):

@@ -25,42 +25,53 @@ from typing import BinaryIO
 import numpy as np
 
 from dmimage.thin.dump.render import Document, render_rows
-from dmimage.thin.ir import PoolIR
+from dmimage.thin.dump.walk import Emitter
+from dmimage.thin.ir import DeviceIR, PoolIR, SuperblockIR
 
-__all__ = ["human_document", "write_human", "human_bytes"]
+__all__ = ["HumanEmitter", "human_document", "write_human", "human_bytes"]
 
 _PARTS = [b"    (", b"..", b") -> (", b"..", b"), ", b"\n"]
 
 
-def _render(origin, data, length, time, want_lengths):
+def _render(origin: np.ndarray, data: np.ndarray, length: np.ndarray, time: np.ndarray,
+            want_lengths: bool) -> tuple[np.ndarray, np.ndarray | None]:
     last = length - np.uint64(1)
     return render_rows(_PARTS, [origin, origin + last, data, data + last, time], want_lengths)
 
 
+class HumanEmitter(Emitter):
+    render_runs = staticmethod(_render)
+
+    def superblock_begin(self, sb: SuperblockIR) -> None:
+        head = (f'begin superblock: "{sb.uuid}", {sb.time}, {sb.transaction}, {sb.flags}, '
+                f"{sb.version}, {sb.data_block_size}, {sb.nr_data_blocks}")
+        if sb.metadata_snap is not None:
+            head += f", {sb.metadata_snap}"
+        self.doc.text(head + "\n")
+
+    def def_begin(self, name: str) -> None:
+        self.doc.text(f"def: {name}\n")
+
+    def def_end(self, name: str) -> None:
+        self.doc.text("\n")
+
+    def device_begin(self, dev: DeviceIR) -> None:
+        self.doc.text(f"device: {dev.dev_id}\nmapped_blocks: {dev.mapped_blocks}\n"
+                      f"transaction: {dev.transaction}\ncreation time: {dev.creation_time}\n"
+                      f"snap time: {dev.snap_time}\n")
+
+    def ref(self, name: str) -> None:
+        self.doc.text(f"    ref: {name}\n")
+
+    def device_end(self, dev: DeviceIR) -> None:
+        self.doc.text("\n")
+
+    def superblock_end(self) -> None:
+        self.doc.text("end superblock\n")
+
+
 def human_document(ir: PoolIR) -> Document:
-    sb = ir.superblock
-    doc = Document(_render)
-    head = (f'begin superblock: "{sb.uuid}", {sb.time}, {sb.transaction}, {sb.flags}, '
-            f"{sb.version}, {sb.data_block_size}, {sb.nr_data_blocks}")
-    if sb.metadata_snap is not None:
-        head += f", {sb.metadata_snap}"
-    doc.text(head + "\n")
-    for name, runs in ir.defs.items():
-        doc.text(f"def: {name}\n")
-        doc.runs(runs)
-        doc.text("\n")
-    for d in ir.devices:
-        doc.text(f"device: {d.dev_id}\nmapped_blocks: {d.mapped_blocks}\n"
-                 f"transaction: {d.transaction}\ncreation time: {d.creation_time}\n"
-                 f"snap time: {d.snap_time}\n")
-        for item in d.items:
-            if isinstance(item, str):
-                doc.text(f"    ref: {item}\n")
-            else:
-                doc.runs(item)
-        doc.text("\n")
-    doc.text("end superblock\n")
-    return doc
+    return HumanEmitter.document(ir)
 
 
 def write_human(ir: PoolIR, out: BinaryIO) -> None:

@@ -1,23 +1,25 @@
 """JSON dump format ``dmimage-thin-dump`` version 1 (documented in docs/dump-json.md).
 
-Writer: one run per line, rendered in bulk like the XML. Parser: back into the IR.
+Writer: an emitter of the one walk (dump/walk.py), one run per line, rendered in bulk like the
+XML. Parser: back into the IR.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import IO, BinaryIO
+from typing import IO, Any, BinaryIO
 
 import numpy as np
 
 from dmimage.errors import DeviceError
 from dmimage.thin.dump.render import Document, render_rows
+from dmimage.thin.dump.walk import Emitter
 from dmimage.thin.dump.xml import DumpFormatError
 from dmimage.thin.ir import U32, U64, DeviceIR, PoolIR, Runs, SuperblockIR
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "json_document", "write_json", "json_bytes",
-           "parse_json"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "JsonEmitter", "json_document", "write_json",
+           "json_bytes", "parse_json"]
 
 FORMAT_NAME = "dmimage-thin-dump"
 FORMAT_VERSION = 1
@@ -28,54 +30,91 @@ _SB_KEYS = ("uuid", "time", "transaction", "flags", "version", "data_block_size"
 _DEV_KEYS = ("dev_id", "mapped_blocks", "transaction", "creation_time", "snap_time")
 
 
-def _render(origin, data, length, time, want_lengths):
+def _render(origin: np.ndarray, data: np.ndarray, length: np.ndarray, time: np.ndarray,
+            want_lengths: bool) -> tuple[np.ndarray, np.ndarray | None]:
     return render_rows(_PARTS, [origin, data, length, time], want_lengths)
 
 
-def json_document(ir: PoolIR) -> Document:
-    sb = ir.superblock
-    doc = Document(_render)
-    head = {"format": FORMAT_NAME, "version": FORMAT_VERSION}
-    doc.text("{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in head.items())
-             + ",\n")
-    sbd = {k: getattr(sb, k) for k in _SB_KEYS}
-    doc.text(f'  "superblock": {json.dumps(sbd)},\n')
-    doc.text('  "defs": [')
-    for i, (name, runs) in enumerate(ir.defs.items()):
-        doc.text(("," if i else "") + f'\n    {{"name": {json.dumps(name)}, "runs": [\n')
-        _runs_list(doc, [runs])
-        doc.text("    ]}")
-    doc.text("\n  ],\n" if ir.defs else "],\n")
-    doc.text('  "devices": [')
-    for i, d in enumerate(ir.devices):
-        dd = {k: getattr(d, k) for k in _DEV_KEYS}
-        body = json.dumps(dd)[:-1]
-        doc.text(("," if i else "") + f'\n    {body}, "mappings": [\n')
-        _runs_list(doc, d.items)
-        doc.text("    ]}")
-    doc.text("\n  ]\n}\n" if ir.devices else "]\n}\n")
-    return doc
+class JsonEmitter(Emitter):
+    """The ``dmimage-thin-dump`` document. A def's runs and a device's mappings are lists with
+    one element per line, runs as ``[origin, data, length, time]``, refs as ``{"ref": NAME}``.
+    Bulk-rendered rows end with ``,\\n``; JSON wants no comma after a list's last element, so
+    each item is held back until the next one (or the list's end) says whether it is last."""
 
+    render_runs = staticmethod(_render)
 
-def _runs_list(doc: Document, items: list) -> None:
-    """Items, one per line; runs as [origin, data, length, time], refs as {"ref": NAME}.
+    def __init__(self) -> None:
+        super().__init__()
+        self._pending: Runs | str | None = None
+        self._defs = 0
+        self._devices = 0
+        self._in_devices = False
 
-    Bulk-rendered rows end with ",\\n"; the list's last element is written separately,
-    without the comma."""
-    items = [it for it in items if isinstance(it, str) or len(it)]
-    for idx, it in enumerate(items):
-        last = idx == len(items) - 1
+    def superblock_begin(self, sb: SuperblockIR) -> None:
+        head = {"format": FORMAT_NAME, "version": FORMAT_VERSION}
+        sbd = {k: getattr(sb, k) for k in _SB_KEYS}
+        self.doc.text("{\n" + "".join(f"  {json.dumps(k)}: {json.dumps(v)},\n"
+                                      for k, v in head.items())
+                      + f'  "superblock": {json.dumps(sbd)},\n  "defs": [')
+
+    def def_begin(self, name: str) -> None:
+        self.doc.text(("," if self._defs else "")
+                      + f'\n    {{"name": {json.dumps(name)}, "runs": [\n')
+        self._defs += 1
+
+    def def_end(self, name: str) -> None:
+        self._end_list()
+
+    def device_begin(self, dev: DeviceIR) -> None:
+        self._start_devices()
+        dd = {k: getattr(dev, k) for k in _DEV_KEYS}
+        self.doc.text(("," if self._devices else "")
+                      + f'\n    {json.dumps(dd)[:-1]}, "mappings": [\n')
+        self._devices += 1
+
+    def runs(self, runs: Runs) -> None:
+        self._flush(last=False)
+        self._pending = runs
+
+    def ref(self, name: str) -> None:
+        self._flush(last=False)
+        self._pending = name
+
+    def device_end(self, dev: DeviceIR) -> None:
+        self._end_list()
+
+    def superblock_end(self) -> None:
+        self._start_devices()
+        self.doc.text("\n  ]\n}\n" if self._devices else "]\n}\n")
+
+    def _start_devices(self) -> None:
+        if not self._in_devices:
+            self.doc.text("\n  ],\n" if self._defs else "],\n")
+            self.doc.text('  "devices": [')
+            self._in_devices = True
+
+    def _end_list(self) -> None:
+        self._flush(last=True)
+        self.doc.text("    ]}")
+
+    def _flush(self, *, last: bool) -> None:
+        it, self._pending = self._pending, None
+        if it is None:
+            return
         if isinstance(it, str):
-            doc.text(f'        {{"ref": {json.dumps(it)}}}' + ("\n" if last else ",\n"))
-        elif last:
-            n = len(it)
-            if n > 1:
-                doc.runs(Runs(it.origin_begin[:-1], it.data_begin[:-1], it.length[:-1],
-                              it.time[:-1]))
-            doc.text(f"        [{int(it.origin_begin[-1])}, {int(it.data_begin[-1])}, "
-                     f"{int(it.length[-1])}, {int(it.time[-1])}]\n")
+            self.doc.text(f'        {{"ref": {json.dumps(it)}}}' + ("\n" if last else ",\n"))
+        elif not last:
+            self.doc.runs(it)
         else:
-            doc.runs(it)
+            if len(it) > 1:
+                self.doc.runs(Runs(it.origin_begin[:-1], it.data_begin[:-1], it.length[:-1],
+                                   it.time[:-1]))
+            self.doc.text(f"        [{int(it.origin_begin[-1])}, {int(it.data_begin[-1])}, "
+                          f"{int(it.length[-1])}, {int(it.time[-1])}]\n")
+
+
+def json_document(ir: PoolIR) -> Document:
+    return JsonEmitter.document(ir)
 
 
 def write_json(ir: PoolIR, out: BinaryIO) -> None:
@@ -88,13 +127,13 @@ def json_bytes(ir: PoolIR) -> bytes:
 
 # --------------------------------------------------------------------------------- parsing
 
-def _int(v, what: str, hi: int = (1 << 64) - 1) -> int:
+def _int(v: object, what: str, hi: int = (1 << 64) - 1) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= hi:
         raise DumpFormatError(f"{what}: expected an integer in 0..{hi}, got {v!r}")
     return v
 
 
-def _runs(rows, what: str) -> Runs:
+def _runs(rows: object, what: str) -> Runs:
     if not isinstance(rows, list):
         raise DumpFormatError(f"{what}: expected a list of runs")
     if not rows:
@@ -181,7 +220,7 @@ def parse_json(source: str | os.PathLike[str] | bytes | IO[bytes]) -> PoolIR:
         maps = dv.get("mappings", [])
         if not isinstance(maps, list):
             raise DumpFormatError(f"devices[{i}].mappings must be a list")
-        pending: list = []
+        pending: list[Any] = []
         for j, m in enumerate(maps):
             if isinstance(m, dict):
                 name = m.get("ref")

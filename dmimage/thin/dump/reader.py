@@ -24,14 +24,16 @@ tree only (and, as in 1.1, then ignores the device selection).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
 from dmimage.errors import MetadataError
-from dmimage.format.constants import TIME_BITS, TIME_MASK
+from dmimage.format.constants import MAPPING_VALUE_SIZE, MAX_DUMP_DEV_ID
+from dmimage.format.values import unpack_mappings
 from dmimage.pdata.btree import U64, leaves_in_order
-from dmimage.thin.ir import U32, DeviceIR, PoolIR, Runs, SuperblockIR
-from dmimage.thin.pool import MAPPING_VALUE_SIZE, Pool
+from dmimage.thin.ir import DeviceIR, PoolIR, Runs, SuperblockIR
+from dmimage.thin.pool import Pool
 
 __all__ = ["pool_to_ir", "superblock_ir", "gather_runs", "shared_leaf_items"]
 
@@ -176,8 +178,7 @@ class _Leaves:
         else:
             keys = np.concatenate([self.keys[b] for b in blocks])
             vals = np.concatenate([self.values[b] for b in blocks])
-        return Runs.from_blocks(keys, vals >> np.uint64(TIME_BITS),
-                                (vals & np.uint64(TIME_MASK)).astype(U32))
+        return Runs.from_blocks(keys, *unpack_mappings(vals))
 
 
 def pool_to_ir(pool: Pool, *, dev_ids: Iterable[int] | None = None,
@@ -218,8 +219,8 @@ def pool_to_ir(pool: Pool, *, dev_ids: Iterable[int] | None = None,
     return ir
 
 
-def _device_ir(d) -> DeviceIR:
+def _device_ir(d: Any) -> DeviceIR:
     # thin_dump 1.1 prints the id as a u32 (`thin_id as u32`).
-    return DeviceIR(dev_id=d.dev_id & 0xFFFFFFFF, mapped_blocks=d.mapped_blocks,
+    return DeviceIR(dev_id=d.dev_id & MAX_DUMP_DEV_ID, mapped_blocks=d.mapped_blocks,
                     transaction=d.transaction_id, creation_time=d.creation_time,
                     snap_time=d.snapshotted_time)

@@ -10,14 +10,23 @@ compress squeezes the NULs out. Templates must not contain NUL bytes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import BinaryIO
 
 import numpy as np
+
+from dmimage.thin.ir import Runs
 
 U64 = np.dtype("<u8")
 _P10 = [10**k for k in range(20)]
 #: Rows per batch: bounds the temporary matrix (rows × line width bytes).
 CHUNK_ROWS = 1 << 15
+#: Pieces shorter than this are joined before they are written.
+WRITE_JOIN = 1 << 16
+
+#: ``(origin_begin, data_begin, length, time, want_lengths) -> (flat bytes, row lengths)``.
+RunsRenderer = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool],
+                        tuple[np.ndarray, np.ndarray | None]]
 
 
 def _width(col: np.ndarray) -> int:
@@ -159,10 +168,10 @@ class Document:
     back into blocks and interleaved with the literals.
     """
 
-    def __init__(self, runs_renderer):
+    def __init__(self, runs_renderer: RunsRenderer) -> None:
         self._render = runs_renderer
         self.pieces: list[bytes | int] = []  # literal bytes, or the index of a runs block
-        self._blocks: list = []
+        self._blocks: list[Runs] = []
 
     def text(self, s: str | bytes) -> None:
         b = s.encode() if isinstance(s, str) else s
@@ -171,18 +180,18 @@ class Document:
         else:
             self.pieces.append(b)
 
-    def runs(self, r) -> None:
+    def runs(self, r: Runs) -> None:
         if len(r):
             self.pieces.append(len(self._blocks))
             self._blocks.append(r)
 
-    def chunks(self):
+    def chunks(self) -> Iterator[bytes | memoryview]:
         """Yield the document as bytes-like chunks, rendering the mapping rows in batches of
         about CHUNK_ROWS (whatever the block sizes), so memory stays small and many tiny
         blocks cost no more than a few big ones."""
         blocks = self._blocks
         if not blocks:
-            yield from self.pieces
+            yield from (p for p in self.pieces if isinstance(p, bytes))
             return
         if len(blocks) == 1:
             cols = [blocks[0].origin_begin, blocks[0].data_begin, blocks[0].length,
@@ -196,33 +205,51 @@ class Document:
         pieces = self.pieces
         pi = 0
         # literals before the first block
-        while pi < len(pieces) and isinstance(pieces[pi], bytes):
-            yield pieces[pi]
+        while pi < len(pieces) and isinstance(lit := pieces[pi], bytes):
+            yield lit
             pi += 1
         bi = 0  # the block whose rows come next
         nblocks = len(ends)
         for s in range(0, total, CHUNK_ROWS):
             e = min(total, s + CHUNK_ROWS)
             inner = ends[bi] < e  # a block ends inside this batch: need row offsets
-            data, lengths = self._render(*(c[s:e] for c in cols), inner)
-            offs = np.cumsum(lengths) if inner else None
+            o, d, n, t = (c[s:e] for c in cols)
+            data, lengths = self._render(o, d, n, t, inner)
+            offs = np.cumsum(lengths) if inner and lengths is not None else None
             pos = 0
             while bi < nblocks and ends[bi] <= e:
-                off = len(data) if ends[bi] == e else int(offs[ends[bi] - s - 1])
+                off = len(data) if offs is None or ends[bi] == e else int(offs[ends[bi] - s - 1])
                 if off > pos:
-                    yield memoryview(data[pos:off])
+                    yield data[pos:off].data
                 pos = off
                 bi += 1
                 pi += 1  # the block's own piece
-                while pi < len(pieces) and isinstance(pieces[pi], bytes):
-                    yield pieces[pi]
+                while pi < len(pieces) and isinstance(lit := pieces[pi], bytes):
+                    yield lit
                     pi += 1
             if pos < len(data):
-                yield memoryview(data[pos:])
+                yield data[pos:].data
 
-    def write_to(self, out) -> None:
+    def write_to(self, out: BinaryIO) -> None:
+        """Write the document in few large writes: batches of rendered rows as they are,
+        the small literal pieces between them joined up first."""
+        small: list[bytes | memoryview] = []
+        small_bytes = 0
         for c in self.chunks():
-            out.write(c)
+            n = len(c)
+            if n >= WRITE_JOIN:
+                if small:
+                    out.write(b"".join(small))
+                    small, small_bytes = [], 0
+                out.write(c)
+                continue
+            small.append(c)
+            small_bytes += n
+            if small_bytes >= WRITE_JOIN:
+                out.write(b"".join(small))
+                small, small_bytes = [], 0
+        if small:
+            out.write(b"".join(small))
 
     def getvalue(self) -> bytes:
         return b"".join(bytes(c) for c in self.chunks())

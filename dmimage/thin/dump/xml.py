@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import os
 from array import array
-from typing import IO, BinaryIO
+from typing import IO, Any, BinaryIO
 
 import numpy as np
 
 from dmimage.errors import InputError
 from dmimage.thin.dump.render import Document, render_rows
+from dmimage.thin.dump.walk import Emitter
 from dmimage.thin.ir import U32, U64, DeviceIR, PoolIR, Runs, SuperblockIR
 
-__all__ = ["xml_document", "write_xml", "xml_bytes", "parse_xml", "expand_shared",
+__all__ = ["XmlEmitter", "xml_document", "write_xml", "xml_bytes", "parse_xml", "expand_shared",
            "DumpFormatError"]
 
 
@@ -44,7 +45,7 @@ class DumpFormatError(InputError):
         super().__init__(f"{':'.join(where)}: {message}" if where else message)
 
 
-_MAP_PARTS = [
+_MAP_PARTS: list[bytes | tuple[bytes, bytes]] = [
     (b'    <single_mapping origin_block="', b'    <range_mapping origin_begin="'),
     (b'" data_block="', b'" data_begin="'),
     (b"", b'" length="'),
@@ -53,7 +54,8 @@ _MAP_PARTS = [
 ]
 
 
-def _render_xml_runs(origin, data, length, time, want_lengths):
+def _render_xml_runs(origin: np.ndarray, data: np.ndarray, length: np.ndarray,
+                     time: np.ndarray, want_lengths: bool) -> tuple[np.ndarray, np.ndarray | None]:
     # Inside <def> and <device> alike the indentation is four spaces.
     return render_rows(_MAP_PARTS, [origin, data, length, time], want_lengths,
                        select=length > 1, optional=(2,))
@@ -101,27 +103,37 @@ def merge_runs(r: Runs) -> Runs:
     return Runs(r.origin_begin[starts], r.data_begin[starts], lengths.astype(U64), r.time[starts])
 
 
+class XmlEmitter(Emitter):
+    """thin_dump 1.1's XML."""
+
+    render_runs = staticmethod(_render_xml_runs)
+
+    def superblock_begin(self, sb: SuperblockIR) -> None:
+        self.doc.text(superblock_start(sb))
+
+    def def_begin(self, name: str) -> None:
+        self.doc.text(f'  <def name="{_esc(name)}">\n')
+
+    def def_end(self, name: str) -> None:
+        self.doc.text("  </def>\n")
+
+    def device_begin(self, dev: DeviceIR) -> None:
+        self.doc.text(f'  <device dev_id="{dev.dev_id}" mapped_blocks="{dev.mapped_blocks}" '
+                      f'transaction="{dev.transaction}" creation_time="{dev.creation_time}" '
+                      f'snap_time="{dev.snap_time}">\n')
+
+    def ref(self, name: str) -> None:
+        self.doc.text(f'    <ref name="{_esc(name)}"/>\n')
+
+    def device_end(self, dev: DeviceIR) -> None:
+        self.doc.text("  </device>\n")
+
+    def superblock_end(self) -> None:
+        self.doc.text("</superblock>")
+
+
 def xml_document(ir: PoolIR, *, expand: bool = False) -> Document:
-    if expand:
-        ir = expand_shared(ir)
-    doc = Document(_render_xml_runs)
-    doc.text(superblock_start(ir.superblock))
-    for name, runs in ir.defs.items():
-        doc.text(f'  <def name="{_esc(name)}">\n')
-        doc.runs(runs)
-        doc.text("  </def>\n")
-    for d in ir.devices:
-        doc.text(f'  <device dev_id="{d.dev_id}" mapped_blocks="{d.mapped_blocks}" '
-                 f'transaction="{d.transaction}" creation_time="{d.creation_time}" '
-                 f'snap_time="{d.snap_time}">\n')
-        for item in d.items:
-            if isinstance(item, str):
-                doc.text(f'    <ref name="{_esc(item)}"/>\n')
-            else:
-                doc.runs(item)
-        doc.text("  </device>\n")
-    doc.text("</superblock>")
-    return doc
+    return XmlEmitter.document(expand_shared(ir) if expand else ir)
 
 
 def write_xml(ir: PoolIR, out: BinaryIO, *, expand: bool = False) -> None:
@@ -153,7 +165,7 @@ class _Builder:
 
     __slots__ = ("o", "d", "n", "t", "parts")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.o, self.d, self.n, self.t = array("Q"), array("Q"), array("Q"), array("L")
         self.parts: list[Runs] = []
 
@@ -192,7 +204,7 @@ class _XmlParser:
     def err(self, msg: str) -> DumpFormatError:
         return DumpFormatError(msg, line=self.p.CurrentLineNumber, source=self.source)
 
-    def num(self, tag: str, a: dict, k: str) -> int:
+    def num(self, tag: str, a: dict[str, str], k: str) -> int:
         v = a.get(k)
         if v is None:
             raise self.err(f"<{tag}> lacks the {k} attribute")
@@ -204,7 +216,7 @@ class _XmlParser:
             raise self.err(f'<{tag}> {k}="{v}" is out of range')
         return x
 
-    def check_attrs(self, tag: str, a: dict, allowed: tuple[str, ...]) -> None:
+    def check_attrs(self, tag: str, a: dict[str, str], allowed: tuple[str, ...]) -> None:
         for k in a:
             if k not in allowed:
                 raise self.err(f"<{tag}> has an unknown attribute {k}")
@@ -215,7 +227,7 @@ class _XmlParser:
             self.dev.items.append(self.cur.runs())
         self.cur = _Builder() if self.dev is not None else None
 
-    def start(self, tag: str, a: dict) -> None:
+    def start(self, tag: str, a: dict[str, str]) -> None:
         cur = self.cur
         if tag == "single_mapping":
             if cur is None:
@@ -332,7 +344,7 @@ class _XmlParser:
         except self.expat.ExpatError as exc:
             raise self._syntax_error(exc) from None
 
-    def _syntax_error(self, exc) -> DumpFormatError:
+    def _syntax_error(self, exc: Any) -> DumpFormatError:
         text = self.expat.ErrorString(exc.code)
         if text == self.expat.errors.XML_ERROR_NO_ELEMENTS:
             text = "the XML ends before </superblock> (truncated?)"

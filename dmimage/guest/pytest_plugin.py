@@ -1,5 +1,8 @@
 """pytest plugin (entry point ``pytest11: dmimage_vm``): the ``vm`` marker and VM fixtures.
 
+Installing dmimage registers it in every pytest run of that environment, so any project can
+use the fixtures without a conftest (docs/vm.md, "In another project"):
+
 - ``dm_vm``: a booted ``Machine``, session-scoped and parametrized over the selected kernels
   (``--vm-kernels`` or ``$DMIMAGE_VM_KERNELS``, default deb12 plus deb13 when unpacked). One
   boot per kernel per session; scenarios hot-plug disks, never reboot.
@@ -11,19 +14,32 @@
 
 Missing prerequisites (no QEMU, no kernel) skip the VM tests, unless ``DMIMAGE_VM_REQUIRED=1``
 (or ``CI`` is set and ``DMIMAGE_VM_REQUIRED`` is not ``0``): then they are errors.
-This module is loaded in every pytest run, so it imports the harness lazily.
+Because it is loaded into every pytest run, this module imports only pytest and the standard
+library; the machinery (and QEMU's QMP library) is imported when a test first asks for
+``dm_vm``. ``-p no:dmimage_vm`` disables it.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, NoReturn, Protocol
 
 import pytest
 
 if TYPE_CHECKING:
-    from .machine import Machine
+    from .machine import Disk, Machine
+
+#: Per session: kernel name -> its booted machine, or the exception its boot raised.
+_VMS = pytest.StashKey["dict[str, Machine | Exception]"]()
+
+
+class DiskFactory(Protocol):
+    """The ``vm_disk`` fixture: attach a host file to the session's guest."""
+
+    def __call__(self, path: str | os.PathLike[str], read_only: bool = True,
+                 serial: str | None = None) -> Disk: ...
 
 
 def vm_required() -> bool:
@@ -42,8 +58,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "vm(allow_dmesg=()): needs QEMU and a guest kernel (the vmtests harness)")
-    config._dmimage_vms = {}  # type: ignore[attr-defined]
+        "markers", "vm(allow_dmesg=()): needs QEMU and a guest kernel (dmimage's QEMU harness)")
+    config.stash[_VMS] = {}
 
 
 def _kernel_names(config: pytest.Config) -> list[str]:
@@ -64,7 +80,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.vm)
 
 
-def unavailable(message: str) -> None:
+def unavailable(message: str) -> NoReturn:
     """Skip for a missing prerequisite, or fail where the VM tests are required (CI)."""
     if vm_required():
         pytest.fail(f"VM harness required (DMIMAGE_VM_REQUIRED/CI) but unavailable: {message}",
@@ -78,14 +94,14 @@ def boot_machine(config: pytest.Config, name: str) -> Machine:
     from .kernels import KernelNotFound, kernel_by_name, qemu_binary
     from .machine import Machine
 
-    cache: dict = config._dmimage_vms  # type: ignore[attr-defined]
+    cache = config.stash[_VMS]
     if name in cache:
-        vm = cache[name]
-        if isinstance(vm, Exception):
-            raise vm
-        if not vm.alive:
+        cached = cache[name]
+        if isinstance(cached, Exception):
+            raise cached
+        if not cached.alive:
             pytest.fail(f"the {name} guest died earlier in this session", pytrace=False)
-        return vm
+        return cached
     if not qemu_binary():
         unavailable("qemu-system-x86_64 not found (apt-get install qemu-system-x86)")
     try:
@@ -108,7 +124,7 @@ def boot_machine(config: pytest.Config, name: str) -> Machine:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    for vm in getattr(config, "_dmimage_vms", {}).values():
+    for vm in config.stash.get(_VMS, {}).values():
         if not isinstance(vm, Exception):
             vm.close()
 
@@ -121,16 +137,15 @@ def dm_vm(request: pytest.FixtureRequest) -> Machine:
 
 
 @pytest.fixture(autouse=True)
-def _dm_vm_guard(request: pytest.FixtureRequest):
+def _dm_vm_guard(request: pytest.FixtureRequest) -> Iterator[None]:
     """After a test that used ``dm_vm``: detach leftovers, check the kernel log."""
     if "dm_vm" not in request.fixturenames:
         yield
         return
     yield
-    cache = request.config._dmimage_vms  # type: ignore[attr-defined]
-    name = request.node.callspec.params.get("dm_vm") if hasattr(request.node, "callspec") \
-        else None
-    vm = cache.get(name) if name else None
+    callspec = getattr(request.node, "callspec", None)
+    name = callspec.params.get("dm_vm") if callspec is not None else None
+    vm = request.config.stash[_VMS].get(name) if name else None
     if vm is None or isinstance(vm, Exception) or not vm.alive:
         return
     left = vm.run("dmsetup ls", timeout=30).out
@@ -148,11 +163,12 @@ def _dm_vm_guard(request: pytest.FixtureRequest):
 
 
 @pytest.fixture
-def vm_disk(dm_vm: Machine):
+def vm_disk(dm_vm: Machine) -> Iterator[DiskFactory]:
     """Factory: ``vm_disk(path, read_only=True, serial=None) -> Disk``; detached at test end."""
-    attached = []
+    attached: list[Disk] = []
 
-    def attach(path, read_only: bool = True, serial: str | None = None):
+    def attach(path: str | os.PathLike[str], read_only: bool = True,
+               serial: str | None = None) -> Disk:
         d = dm_vm.attach(path, read_only=read_only, serial=serial)
         attached.append(d)
         return d

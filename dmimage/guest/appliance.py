@@ -3,7 +3,7 @@
 Contents: busybox-static (applets as symlinks), dmsetup plus the shared libraries `ldd` names and
 the dynamic loader, the kernel modules the thin-pool target needs (dependency order from
 modules.dep, `.ko.xz` decompressed on the host), ``/init`` and the guest agent (a busybox sh
-script speaking a line protocol on the second serial port, see ``vmtests/agent.py``).
+script speaking a line protocol on the second serial port, see ``agent.py``).
 
 The archive is cached by content hash under ``$XDG_CACHE_HOME/dmimage/appliance`` (default
 ``~/.cache/dmimage``), so a second run of the same kernel reuses it.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import lzma
 import os
 import re
@@ -72,7 +73,7 @@ class CpioWriter:
 
     TRAILER = "TRAILER!!!"
 
-    def __init__(self, fileobj) -> None:
+    def __init__(self, fileobj: io.BufferedIOBase) -> None:
         self._f = fileobj
         self._ino = 1
         self._closed = False
@@ -181,10 +182,11 @@ def read_module(path: Path) -> bytes:
         return gzip.decompress(data)
     if path.name.endswith(".zst"):
         try:
-            import zstandard  # type: ignore[import-not-found]
+            import zstandard
         except ImportError as exc:
             raise ApplianceError(f"{path}: .zst modules need the zstandard package") from exc
-        return zstandard.ZstdDecompressor().decompress(data, max_output_size=64 << 20)
+        out: bytes = zstandard.ZstdDecompressor().decompress(data, max_output_size=64 << 20)
+        return out
     return data
 
 

@@ -42,7 +42,7 @@ class Kernel:
         return f"{self.name} ({self.version})"
 
 
-def _version_key(v: str) -> list:
+def _version_key(v: str) -> list[int | str]:
     return [int(x) if x.isdigit() else x for x in re.split(r"[.+~-]", v)]
 
 
@@ -77,7 +77,7 @@ def _fetch_tool() -> Path:
     env = os.environ.get(FETCH_TOOL_ENV)
     if env:
         return Path(env)
-    here = Path(__file__).resolve().parent.parent
+    here = Path(__file__).resolve().parents[2]
     for cand in (here.parent / "shared/tools/debian13-fetch",
                  Path("/work/shared/tools/debian13-fetch")):
         if cand.exists():
@@ -202,9 +202,10 @@ def _decompress(payload: bytes, kind: str) -> bytes | None:
     if kind == "gzip":
         return gzip.decompress(payload)
     try:
-        import zstandard  # type: ignore[import-not-found]
+        import zstandard
 
-        return zstandard.ZstdDecompressor().decompressobj().decompress(payload)
+        out: bytes = zstandard.ZstdDecompressor().decompressobj().decompress(payload)
+        return out
     except ImportError:
         pass
     zstd = shutil.which("zstd")

@@ -6,7 +6,7 @@ Frames (one per line, payloads base64 so any bytes survive the tty):
 - guest → host: ``@@R <id> <rc> <timed_out> <len_out> <len_err> <b64 stdout> <b64 stderr>``
 - guest → host: ``@@READY <uptime>`` once when the agent starts
 
-The guest side is the busybox sh script ``AGENT_SCRIPT`` in ``vmtests/appliance.py``: it runs each
+The guest side is the busybox sh script ``AGENT_SCRIPT`` in ``appliance.py``: it runs each
 script with ``sh`` in its own session and, after *timeout_s*, kills that whole process group
 (rc 137, timed_out 1). Lines that are not frames are ignored; replies with a stale id (from a
 command the host gave up on) are skipped.
@@ -213,7 +213,8 @@ def find_kernel_problems(dmesg: str, *, allow: tuple[str, ...] = ()) -> list[str
             if _PROBLEM_RE.search(ln) and not any(a.search(ln) for a in allowed)]
 
 
-def check_kernel_log(dmesg: str, *, allow: tuple[str, ...] = (), **kw) -> None:
+def check_kernel_log(dmesg: str, *, allow: tuple[str, ...] = (), console_tail: str = "",
+                     log_path: str | None = None) -> None:
     """Raise ``KernelProblem`` if *dmesg* shows a kernel BUG, WARNING or call trace."""
     bad = find_kernel_problems(dmesg, allow=allow)
     if bad:
@@ -221,4 +222,5 @@ def check_kernel_log(dmesg: str, *, allow: tuple[str, ...] = (), **kw) -> None:
         lines = dmesg.splitlines()
         first = lines.index(bad[0])
         raise KernelProblem("guest kernel log shows a problem:",
-                            lines[max(0, first - 5): first + 30], **kw)
+                            lines[max(0, first - 5): first + 30],
+                            console_tail=console_tail, log_path=log_path)

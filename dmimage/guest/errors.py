@@ -49,18 +49,21 @@ class HotplugError(VMError):
 class GuestCommandError(VMError):
     """A guest command exited non-zero (or was killed by its timeout) under ``check=True``."""
 
-    def __init__(self, result: CommandResult, **kw):
+    def __init__(self, result: CommandResult, *, console_tail: str = "",
+                 log_path: str | None = None):
         self.result = result
         what = "timed out" if result.timed_out else f"exited {result.returncode}"
         msg = (f"guest command {what}: {result.command!r}\n"
                f"stdout: {result.stdout[-2000:].decode(errors='replace')}\n"
                f"stderr: {result.stderr[-2000:].decode(errors='replace')}")
-        super().__init__(msg, **kw)
+        super().__init__(msg, console_tail=console_tail, log_path=log_path)
 
 
 class KernelProblem(VMError):
     """The guest kernel log shows a BUG, WARNING, oops or call trace."""
 
-    def __init__(self, message: str, lines: list[str], **kw):
+    def __init__(self, message: str, lines: list[str], *, console_tail: str = "",
+                 log_path: str | None = None):
         self.lines = lines
-        super().__init__(message + "\n" + "\n".join(lines), **kw)
+        super().__init__(message + "\n" + "\n".join(lines), console_tail=console_tail,
+                         log_path=log_path)

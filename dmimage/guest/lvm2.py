@@ -1,6 +1,6 @@
 """An optional appliance component: Debian 12's lvm2 in the guest (for the LVM proofs).
 
-Self-contained on purpose (the guest modules are being moved): the component is a second
+An optional component, so the base appliance (and its cache key) stays as it is: a second
 cpio archive appended to the base initramfs (the kernel unpacks concatenated archives), and
 :class:`LvmMachine` boots with the pair. Contents: ``/sbin/lvm`` from the lvm2 .deb
 (downloaded with ``apt-get download`` into ``~/.cache/dmimage/lvm2`` and unpacked with

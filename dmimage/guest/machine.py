@@ -26,11 +26,12 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, TypedDict, TypeVar
 
 from .agent import AgentChannel, CommandResult, check_kernel_log
 from .appliance import build_initramfs
@@ -93,6 +94,16 @@ def choose_accel() -> str:
 # QMP on a private event loop thread
 
 
+_T = TypeVar("_T")
+
+
+class _Ctx(TypedDict):
+    """What every harness error carries about the guest (``VMError`` keyword arguments)."""
+
+    console_tail: str
+    log_path: str | None
+
+
 class _QMP:
     def __init__(self) -> None:
         from qemu.qmp import QMPClient
@@ -102,11 +113,11 @@ class _QMP:
                                        daemon=True)
         self.thread.start()
         self.client = QMPClient("dmimage-vm")
-        self.events: list[dict] = []
+        self.events: list[dict[str, Any]] = []
         self.cond = threading.Condition()
         self._pump: Any = None
 
-    def call(self, coro, timeout: float | None):
+    def call(self, coro: Coroutine[Any, Any, _T], timeout: float | None) -> _T:
         fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
             return fut.result(timeout)
@@ -135,10 +146,11 @@ class _QMP:
     def accept(self, timeout: float) -> None:
         self.call(self._accept_and_pump(), timeout)
 
-    def execute(self, cmd: str, args: dict | None, timeout: float):
+    def execute(self, cmd: str, args: dict[str, Any] | None, timeout: float) -> object:
         return self.call(self.client.execute(cmd, args), timeout)
 
-    def wait_event(self, name: str, match: dict, deadline: float, health) -> dict:
+    def wait_event(self, name: str, match: dict[str, Any], deadline: float,
+                   health: Callable[[], None]) -> dict[str, Any]:
         with self.cond:
             while True:
                 for i, ev in enumerate(self.events):
@@ -201,7 +213,7 @@ class Machine:
         self.keep_logs = (os.environ.get("DMIMAGE_VM_KEEP") == "1") if keep_logs is None \
             else keep_logs
         self.qemu = qemu or qemu_binary()
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.rundir: Path | None = None
         self.console_log: Path | None = None
         self.boot_time: float | None = None
@@ -304,7 +316,7 @@ class Machine:
     def _log_str(self) -> str | None:
         return str(self.console_log) if self.console_log else None
 
-    def _ctx(self) -> dict:
+    def _ctx(self) -> _Ctx:
         self._failed = True
         return {"console_tail": self.console_tail(), "log_path": self._log_str()}
 
@@ -407,7 +419,8 @@ class Machine:
             self.start()
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if exc_type is not None:
             self._failed = True
         self.close()
@@ -432,7 +445,7 @@ class Machine:
             raise GuestTimeout(f"QMP {command} did not answer in {timeout} s",
                                **self._ctx()) from None
 
-    def wait_event(self, name: str, timeout: float = 30.0, **match: Any) -> dict:
+    def wait_event(self, name: str, timeout: float = 30.0, **match: Any) -> dict[str, Any]:
         assert self._qmp is not None
         try:
             return self._qmp.wait_event(name, match, time.monotonic() + timeout, self._health)
@@ -494,7 +507,7 @@ class Machine:
         return res.stdout
 
     # -- disks -------------------------------------------------------------------------------
-    def attach(self, path: str | os.PathLike, *, read_only: bool = True,
+    def attach(self, path: str | os.PathLike[str], *, read_only: bool = True,
                serial: str | None = None, timeout: float = 60.0) -> Disk:
         """Hot-plug *path* as a virtio-blk disk; returns once the guest sees it.
 
@@ -552,8 +565,8 @@ class Machine:
         self.qmp("blockdev-del", {"node-name": disk.node_name})
 
     @contextlib.contextmanager
-    def disk(self, path: str | os.PathLike, *, read_only: bool = True, serial: str | None = None,
-             timeout: float = 60.0) -> Iterator[Disk]:
+    def disk(self, path: str | os.PathLike[str], *, read_only: bool = True,
+             serial: str | None = None, timeout: float = 60.0) -> Iterator[Disk]:
         """Attach *path* for the duration of a ``with`` block."""
         d = self.attach(path, read_only=read_only, serial=serial, timeout=timeout)
         try:
