@@ -324,6 +324,11 @@ def _outputs(spec: Spec, tmp: Path, meta_tmp: Path, data_tmp: Path, devices: lis
     files: list[str] = []
     m: dict[str, Any] = {"format": "dmimage-build", "version": 1, "name": spec.name,
                          "spec": spec.source.name, "layout": spec.layout}
+    if spec.layout == "lvm":
+        from dmimage.image.lvm_image import write_lvm_image
+
+        m.update(write_lvm_image(spec, tmp, meta_tmp, data_tmp, devices))
+        return m
     if spec.layout == "gpt":
         layout = plan_layout(ps.metadata_size, ps.data_size, spec.image_size)
         meta_uuid, data_uuid = spec.uuid5("partition:metadata"), spec.uuid5("partition:data")

@@ -9,6 +9,7 @@ missing or unreadable, exit 2), and ``str()`` starts with the key path, e.g.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -141,15 +142,24 @@ class PoolSpec:
 
 
 @dataclass
+class LvmSpec:
+    """``layout = "lvm"``: one GPT partition holding a PV, a VG with the thin pool in it."""
+
+    vg: str
+    extent_size: int  # bytes
+
+
+@dataclass
 class Spec:
     source: Path
     name: str
-    layout: str  # "gpt" | "files"
+    layout: str  # "gpt" | "files" | "lvm"
     image_size: int | None
     pool: PoolSpec
     volumes: list[Volume]  # in creation order (every origin before its snapshots)
     source_date_epoch: int
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
+    lvm: LvmSpec | None = None
 
     def volume(self, name: str) -> Volume:
         return next(v for v in self.volumes if v.name == name)
@@ -305,11 +315,11 @@ def parse_spec(data: dict[str, Any], base: Path, source: Path | None = None) -> 
     if not NAME_RE.match(name):
         raise SpecError("name", f"{name!r}: use 1-64 letters, digits, '_', '.', '+', '-'")
     layout = top.str_("layout", "gpt")
-    if layout not in ("gpt", "files"):
-        raise SpecError("layout", f"{layout!r}: must be \"gpt\" or \"files\"")
+    if layout not in ("gpt", "files", "lvm"):
+        raise SpecError("layout", f"{layout!r}: must be \"gpt\", \"files\" or \"lvm\"")
     image_size = top.size("image_size")
-    if image_size is not None and layout != "gpt":
-        raise SpecError("image_size", "only for layout = \"gpt\"")
+    if image_size is not None and layout == "files":
+        raise SpecError("image_size", "only for layout = \"gpt\" or \"lvm\"")
     epoch = top.int_("source_date_epoch", DEFAULT_EPOCH, lo=1, hi=(1 << 32) - 1)
     assert epoch is not None
 
@@ -434,6 +444,35 @@ def parse_spec(data: dict[str, Any], base: Path, source: Path | None = None) -> 
     lwm = p.int_("low_water_mark", 0, hi=nr_blocks)
     assert lwm is not None
     p.done()
+    lvm = None
+    if layout == "lvm":
+        lt = _Table(top.get("lvm", {}), "lvm")
+        vgname = lt.str_("vg", re.sub(r"[^A-Za-z0-9+_.-]", "_", name))
+        assert vgname is not None
+        if not re.fullmatch(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}", vgname):
+            raise SpecError(lt.key("vg"), f"{vgname!r}: not a valid VG name")
+        ext = lt.size("extent_size", 4 * MiB)
+        assert ext is not None
+        if ext < 64 << 10 or ext & (ext - 1):
+            raise SpecError(lt.key("extent_size"), f"{human(ext)}: a power of 2, at least "
+                            "64KiB")
+        lt.done()
+        # lvcreate rounds sizes up to whole extents; the pool's data LV also to whole blocks
+        unit = ext * bs // math.gcd(ext, bs)
+        data_size = -(-data_size // unit) * unit
+        meta = -(-meta // ext) * ext
+        for v in vols.values():
+            if v.size % ext:
+                raise SpecError(f"{v.key}.size", f"{human(v.size)} is not a multiple of the "
+                                f"extent size ({human(ext)}), as lvm2 needs")
+        lvm = LvmSpec(vgname, ext)
+        if image_size is not None:
+            need = 2 * MiB + -(-(MiB + 2 * meta + data_size) // MiB) * MiB
+            if image_size < need or image_size % SECTOR_SIZE:
+                raise SpecError("image_size", f"{human(image_size)}: the GPT and a PV of the "
+                                f"pool need {human(need)}, a multiple of 512")
+    elif top.get("lvm") is not None:
+        raise SpecError("lvm", "only for layout = \"lvm\"")
     pool = PoolSpec(pname, bs, data_size, meta, tid, sorted(set(feats),
                     key=POOL_FEATURES.index), lwm)
     dm_names = {pname: "pool.name"}
@@ -455,4 +494,4 @@ def parse_spec(data: dict[str, Any], base: Path, source: Path | None = None) -> 
             raise SpecError("image_size", "must be a multiple of 512")
     top.done()
     return Spec(source or base / "spec.toml", name, layout, image_size, pool,
-                [vols[i] for i in order], epoch, data)
+                [vols[i] for i in order], epoch, data, lvm)

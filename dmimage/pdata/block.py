@@ -26,9 +26,13 @@ def device_size(fd: int) -> int:
 
 
 class BlockReader:
-    """A metadata device opened read-only; blocks are 4 KiB and numbered from 0."""
+    """A metadata device opened read-only; blocks are 4 KiB and numbered from 0.
 
-    def __init__(self, path: str | os.PathLike[str]):
+    ``window`` = (byte offset, length) maps only that part of the file (offset page-aligned):
+    metadata held inside a larger file, such as an LVM pool's ``_tmeta`` within a PV.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, window: tuple[int, int] | None = None):
         self.path = os.fspath(path)
         try:
             fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -41,6 +45,13 @@ class BlockReader:
                 size = device_size(fd)
             except DeviceError as exc:
                 raise DeviceError(f"{self.path}: {exc}") from None
+            offset = 0
+            if window is not None:
+                offset, length = window
+                if offset % mmap.ALLOCATIONGRANULARITY or offset + length > size:
+                    raise DeviceError(f"{self.path}: window {offset}+{length} is unaligned or "
+                                      f"past the end ({size} bytes)")
+                size = length
             self.size = size
             self.nr_blocks = size // BLOCK_SIZE
             if self.nr_blocks == 0:
@@ -50,7 +61,8 @@ class BlockReader:
                     block=0,
                     field="superblock",
                 )
-            self._mmap = mmap.mmap(fd, self.nr_blocks * BLOCK_SIZE, prot=mmap.PROT_READ)
+            self._mmap = mmap.mmap(fd, self.nr_blocks * BLOCK_SIZE, prot=mmap.PROT_READ,
+                                   offset=offset)
         except BaseException:
             os.close(fd)
             raise

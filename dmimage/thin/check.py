@@ -198,11 +198,15 @@ def check_metadata(
     super_block_only: bool = False,
     skip_mappings: bool = False,
     metadata_snap: bool = False,
+    window: tuple[int, int] | None = None,
 ) -> CheckReport:
-    """Check thin-pool metadata read-only; I/O problems raise DeviceError, damage is reported."""
+    """Check thin-pool metadata read-only; I/O problems raise DeviceError, damage is reported.
+
+    ``window``: check metadata held in that (offset, length) of the file (BlockReader).
+    """
     report = CheckReport(os.fspath(path))
     try:
-        reader = BlockReader(path)
+        reader = BlockReader(path, window=window)
     except MetadataError as err:
         report.problems.append(Problem(err.detail, err.block, err.field))
         return report

@@ -34,6 +34,22 @@ class ByteSink(Protocol):
     def flush(self) -> object: ...
 
 
+class DataSource(Protocol):
+    """Random-access bytes of a pool's data device held somewhere else (an LVM ``_tdata``)."""
+
+    size: int
+
+    def pread(self, n: int, off: int, /) -> bytes: ...
+
+
+class _FdSource:
+    def __init__(self, fd: int, name: str):
+        self.fd, self.name = fd, name
+
+    def pread(self, n: int, off: int) -> bytes:
+        return os.pread(self.fd, n, off)
+
+
 def default_size(pool: Pool, dev_id: int) -> int:
     """Bytes up to the end of the highest mapped block (0 for an empty volume)."""
     m = pool.mappings(dev_id)
@@ -47,12 +63,12 @@ def export_runs(pool: Pool, dev_id: int) -> Runs:
     return Runs.from_blocks(m.origin, m.data, m.time)
 
 
-def _copy_range(data_fd: int, src: int, length: int, write: Callable[[int, bytes], None],
-                dst: int, progress: Progress | None) -> None:
+def _copy_range(data: DataSource | _FdSource, src: int, length: int,
+                write: Callable[[int, bytes], None], dst: int, progress: Progress | None) -> None:
     done = 0
     while done < length:
         n = min(CHUNK, length - done)
-        buf = os.pread(data_fd, n, src + done)
+        buf = data.pread(n, src + done)
         if len(buf) != n:
             raise DeviceError(f"data device ends at byte {src + done + len(buf)}, the mapping "
                               f"needs {src + length}")
@@ -65,7 +81,7 @@ def _copy_range(data_fd: int, src: int, length: int, write: Callable[[int, bytes
 
 def export_thin(
     pool: Pool,
-    data_path: str | os.PathLike[str],
+    data_path: str | os.PathLike[str] | DataSource,
     dev_id: int,
     out: str | os.PathLike[str] | ByteSink,
     *,
@@ -75,7 +91,7 @@ def export_thin(
     """Write thin device ``dev_id``'s first ``size`` bytes to ``out``; return the size.
 
     ``out`` is a path (written sparsely, atomically) or a byte sink such as a binary stream
-    (holes become zeros).
+    (holes become zeros). ``data_path`` is the data file, or a :class:`DataSource`.
     """
     bs = pool.superblock.data_block_size * SECTOR_SIZE
     runs = export_runs(pool, dev_id)
@@ -83,26 +99,36 @@ def export_thin(
         size = 0 if not len(runs) else int(runs.origin_begin[-1] + runs.length[-1]) * bs
     if size < 0:
         raise UsageError("size must not be negative")
+    if not isinstance(data_path, (str, os.PathLike)):
+        src_name = str(getattr(data_path, "name", "data"))
+        _export_from(data_path, data_path.size, src_name, runs, bs, size, out, progress)
+        return size
+    name = os.fspath(data_path)
     try:
         data_fd = os.open(data_path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
-        raise DeviceError(f"{os.fspath(data_path)}: {exc.strerror}") from None
+        raise DeviceError(f"{name}: {exc.strerror}") from None
     try:
         try:
             data_size = device_size(data_fd)
         except DeviceError as exc:
-            raise DeviceError(f"{os.fspath(data_path)}: {exc}") from None
-        need = 0 if not len(runs) else (int((runs.data_begin + runs.length).max()) * bs)
-        if need > data_size:
-            raise DeviceError(f"{os.fspath(data_path)}: data device has {data_size} bytes, the "
-                              f"mappings need {need}")
-        if isinstance(out, (str, os.PathLike)):
-            _export_to_path(os.fspath(out), data_fd, runs, bs, size, progress)
-        else:
-            _export_to_stream(out, data_fd, runs, bs, size, progress)
+            raise DeviceError(f"{name}: {exc}") from None
+        _export_from(_FdSource(data_fd, name), data_size, name, runs, bs, size, out, progress)
     finally:
         os.close(data_fd)
     return size
+
+
+def _export_from(data: DataSource | _FdSource, data_size: int, name: str, runs: Runs, bs: int,
+                 size: int, out: str | os.PathLike[str] | ByteSink,
+                 progress: Progress | None) -> None:
+    need = 0 if not len(runs) else (int((runs.data_begin + runs.length).max()) * bs)
+    if need > data_size:
+        raise DeviceError(f"{name}: data device has {data_size} bytes, the mappings need {need}")
+    if isinstance(out, (str, os.PathLike)):
+        _export_to_path(os.fspath(out), data, runs, bs, size, progress)
+    else:
+        _export_to_stream(out, data, runs, bs, size, progress)
 
 
 def _clipped(runs: Runs, bs: int, size: int):
@@ -115,7 +141,7 @@ def _clipped(runs: Runs, bs: int, size: int):
         yield dst, d * bs, min(n * bs, size - dst)
 
 
-def _export_to_path(path: str, data_fd: int, runs: Runs, bs: int, size: int,
+def _export_to_path(path: str, data: DataSource | _FdSource, runs: Runs, bs: int, size: int,
                     progress: Progress | None) -> None:
     try:
         st = os.stat(path)
@@ -134,7 +160,7 @@ def _export_to_path(path: str, data_fd: int, runs: Runs, bs: int, size: int,
             os.pwrite(fd, buf, off)
 
         for dst, src, n in _clipped(runs, bs, size):
-            _copy_range(data_fd, src, n, write, dst, progress)
+            _copy_range(data, src, n, write, dst, progress)
         os.ftruncate(fd, size)
         os.fsync(fd)
         os.close(fd)
@@ -150,8 +176,8 @@ def _export_to_path(path: str, data_fd: int, runs: Runs, bs: int, size: int,
         raise
 
 
-def _export_to_stream(stream: ByteSink, data_fd: int, runs: Runs, bs: int, size: int,
-                      progress: Progress | None) -> None:
+def _export_to_stream(stream: ByteSink, data: DataSource | _FdSource, runs: Runs, bs: int,
+                      size: int, progress: Progress | None) -> None:
     pos = 0
     zeros = bytes(CHUNK)
 
@@ -169,7 +195,7 @@ def _export_to_stream(stream: ByteSink, data_fd: int, runs: Runs, bs: int, size:
         pos += len(buf)
 
     for dst, src, n in _clipped(runs, bs, size):
-        _copy_range(data_fd, src, n, write, dst, progress)
+        _copy_range(data, src, n, write, dst, progress)
     pad_to(size)
     stream.flush()
 

@@ -134,14 +134,15 @@ class Pool:
         self.close()
 
 
-def open_pool(metadata: str | os.PathLike[str], *, metadata_snap: bool | int = False) -> Pool:
+def open_pool(metadata: str | os.PathLike[str], *, metadata_snap: bool | int = False,
+              window: tuple[int, int] | None = None) -> Pool:
     """Open thin-pool metadata read-only.
 
     ``metadata_snap``: True reads through the held metadata snapshot named by the superblock;
     an int reads the snapshot superblock at that block. The live superblock is always
-    validated first, as the kernel and thin_dump do.
+    validated first, as the kernel and thin_dump do. ``window``: see :class:`BlockReader`.
     """
-    reader = BlockReader(metadata)
+    reader = BlockReader(metadata, window=window)
     try:
         live = read_superblock(reader, 0)
         sb = live

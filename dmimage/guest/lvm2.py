@@ -1,0 +1,176 @@
+"""An optional appliance component: Debian 12's lvm2 in the guest (for the LVM proofs).
+
+An optional component, so the base appliance (and its cache key) stays as it is: a second
+cpio archive appended to the base initramfs (the kernel unpacks concatenated archives), and
+:class:`LvmMachine` boots with the pair. Contents: ``/sbin/lvm`` from the lvm2 .deb
+(downloaded with ``apt-get download`` into ``~/.cache/dmimage/lvm2`` and unpacked with
+``dpkg-deb -x``, never installed on the host), the host libraries ``ldd`` names for it,
+thin_check (thin-provisioning-tools 0.9's pdata_tools from the host, which lvm2 runs when it
+activates a pool) with its libraries, and a minimal lvm.conf for a guest without udev.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+
+from .appliance import (
+    GUEST_MODULES,
+    ApplianceError,
+    CpioWriter,
+    build_initramfs,
+    cache_root,
+    read_module,
+    resolve_modules,
+    shared_libraries,
+)
+from .machine import Machine
+
+LVM_CONF = """\
+config { checks = 1 }
+devices {
+    dir = "/dev"
+    scan = [ "/dev" ]
+    obtain_device_list_from_udev = 0
+    external_device_info_source = "none"
+    use_devicesfile = 0
+    filter = [ "a|^/dev/vd|", "r|.*|" ]
+    sysfs_scan = 1
+    multipath_component_detection = 0
+    md_component_detection = 0
+    fw_raid_component_detection = 0
+}
+activation {
+    udev_sync = 0
+    udev_rules = 0
+    verify_udev_operations = 0
+    monitoring = 0
+    checks = 0
+}
+global {
+    thin_check_executable = "/sbin/thin_check"
+    thin_check_options = [ "-q", "--clear-needs-check-flag" ]
+    use_lvmpolld = 0
+    event_activation = 0
+}
+backup { backup = 0 archive = 0 }
+log { verbose = 0 syslog = 0 }
+"""
+
+#: Modules lvm2 needs beyond the base appliance's (lvcreate -s checks for the snapshot target
+#: even for thin snapshots); loaded by :meth:`LvmMachine.lvm_setup`.
+EXTRA_MODULES = ("dm-snapshot",)
+
+#: lvm commands the tests call, as symlinks to the one binary.
+COMMANDS = ("pvcreate", "vgcreate", "lvcreate", "lvs", "pvs", "vgs", "vgchange", "lvchange",
+            "vgck", "vgcfgbackup", "vgcfgrestore", "lvremove", "lvrename", "lvextend",
+            "vgremove", "pvremove", "vgscan", "pvscan")
+
+
+def lvm2_root() -> Path:
+    """The unpacked lvm2 .deb (downloaded once into the cache)."""
+    cache = cache_root() / "lvm2"
+    root = cache / "root"
+    if (root / "sbin" / "lvm").exists():
+        return root
+    cache.mkdir(parents=True, exist_ok=True)
+    debs = sorted(cache.glob("lvm2_*.deb"))
+    if not debs:
+        try:
+            subprocess.run(["apt-get", "download", "lvm2"], cwd=cache, check=True,
+                           capture_output=True, timeout=300)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise ApplianceError(f"apt-get download lvm2 failed: {exc}") from None
+        debs = sorted(cache.glob("lvm2_*.deb"))
+    tmp = cache / f"root.tmp{os.getpid()}"
+    subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(tmp)], check=True)
+    os.replace(tmp, root)
+    return root
+
+
+def _add_path(w: CpioWriter, made: set[str], rel: str, data: bytes, perm: int) -> None:
+    parts = rel.split("/")
+    for i in range(1, len(parts)):
+        d = "/".join(parts[:i])
+        if d not in made:
+            w.add_dir(d)
+            made.add(d)
+    w.add_file(rel, data, perm)
+
+
+def _extra_modules(moddir: Path) -> list[str]:
+    base = set(resolve_modules(moddir))
+    return [m for m in resolve_modules(moddir, GUEST_MODULES + EXTRA_MODULES, ())
+            if m not in base]
+
+
+def build_component(moddir: Path) -> Path:
+    """The lvm2 cpio component for one kernel (cached by content)."""
+    lvm = lvm2_root() / "sbin" / "lvm"
+    thin = Path(os.path.realpath("/usr/sbin/thin_check"))
+    if not thin.exists():
+        raise ApplianceError("thin_check (thin-provisioning-tools) not found on the host")
+    libs = sorted(set(shared_libraries(lvm)) | set(shared_libraries(thin)))
+    h = hashlib.sha256(b"dmimage-lvm2-component-v1\0" + LVM_CONF.encode())
+    mods = _extra_modules(moddir)
+    for p in [lvm, thin, *map(Path, libs), *(moddir / m for m in mods)]:
+        data = p.read_bytes()
+        h.update(f"{p}\0{len(data)}\0".encode())
+        h.update(data)
+    out = cache_root() / "appliance" / f"lvm2-{h.hexdigest()[:20]}.cpio"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        w = CpioWriter(f)
+        made = {"sbin", "lib", "lib64", "usr", "etc"}
+        _add_path(w, made, "sbin/lvm", lvm.read_bytes(), 0o755)
+        for c in COMMANDS:
+            w.add_symlink(f"sbin/{c}", "lvm")
+        _add_path(w, made, "sbin/pdata_tools", thin.read_bytes(), 0o755)
+        for c in ("thin_check", "thin_dump"):
+            w.add_symlink(f"sbin/{c}", "pdata_tools")
+        for lib in libs:
+            _add_path(w, made, lib.lstrip("/"), Path(lib).read_bytes(), 0o755)
+        _add_path(w, made, "etc/lvm/lvm.conf", LVM_CONF.encode(), 0o644)
+        names = []
+        for m in mods:
+            name = os.path.basename(m).rsplit(".ko", 1)[0] + ".ko"
+            _add_path(w, made, f"lib/modules/lvm2/{name}", read_module(moddir / m), 0o644)
+            names.append(name)
+        _add_path(w, made, "etc/lvm2.modules", ("\n".join(names) + "\n").encode(), 0o644)
+        w.close()
+    os.replace(tmp, out)
+    return out
+
+
+def combined_initramfs(moddir: Path) -> Path:
+    """The base appliance followed by the lvm2 component, as one initrd file."""
+    base = build_initramfs(moddir).path
+    comp = build_component(moddir)
+    key = hashlib.sha256(f"{base.name}\0{comp.name}".encode()).hexdigest()[:20]
+    out = base.parent / f"initramfs-lvm2-{key}.cpio"
+    if not out.exists():
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            for part in (base, comp):
+                data = part.read_bytes()
+                f.write(data + bytes(-len(data) % 4))
+        os.replace(tmp, out)
+    return out
+
+
+class LvmMachine(Machine):
+    """A guest whose appliance carries lvm2 (and thin_check for pool activation)."""
+
+    def command_line(self, initrd: Path, kernel_image: Path, accel: str) -> list[str]:
+        return super().command_line(combined_initramfs(self.kernel.moddir), kernel_image,
+                                    accel)
+
+    def lvm_setup(self) -> None:
+        self.sh("mkdir -p /run/lvm /run/lock/lvm /etc/lvm/backup /etc/lvm/archive && "
+                "for m in $(cat /etc/lvm2.modules); do insmod /lib/modules/lvm2/$m || exit 1; "
+                "done")

@@ -1,0 +1,318 @@
+"""lvm2 writes, dmimage reads (issue 10 §4): a seeded lvm2 sequence in the guest, then offline.
+
+In the guest (Debian 12's lvm2, dmimage/guest/lvm2.py): PVs on a GPT partition and on a bare disk,
+one VG across both, a linear and a striped LV, a thin pool with a chosen chunk size, a thin,
+snapshots of it and of the snapshot, writes, lvrename, lvremove, lvextend of the pool onto the
+second PV. Offline on the host: ``dmimage lvm ls --json -a`` equals lvs's JSON, every LV's
+export sha256 equals the guest's, ``lvm check`` is clean, our formatting of the vgcfgbackup
+text is accepted by vgcfgrestore. Then the pool's transaction id is bumped behind lvm2's back
+and a thin created that the VG does not know: ``lvm check`` exits 1 naming both; after
+``lvm set-transaction-id`` (the VG's side, then after a second bump the superblock's side) and
+``lvm delete-orphans`` a fresh guest activates the pool again.
+
+``DMIMAGE_SAVE_LVM_FIXTURES=DIR`` saves the first MiB of each PV, gzip'd (tests/fixtures/lvm/).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import random
+import re
+import uuid
+from pathlib import Path
+
+import pytest
+
+from dmimage.guest.lvm2 import LvmMachine
+from dmimage.guest.pytest_plugin import unavailable
+
+pytestmark = pytest.mark.vm
+
+FIELDS = "lv_name,vg_name,lv_attr,lv_size,pool_lv,origin,segtype,thin_id,transaction_id,lv_uuid"
+MiB = 1 << 20
+
+
+def _kernels() -> list[str]:
+    from dmimage.guest.kernels import selected_names
+
+    return selected_names()
+
+
+def _boot(name: str) -> LvmMachine:
+    from dmimage.guest.errors import HarnessUnavailable
+    from dmimage.guest.kernels import KernelNotFound, kernel_by_name, qemu_binary
+
+    if not qemu_binary():
+        unavailable("qemu-system-x86_64 not found")
+    try:
+        vm = LvmMachine(kernel_by_name(name, fetch=True), memory_mb=512)
+        vm.start()
+    except (KernelNotFound, HarnessUnavailable) as exc:
+        unavailable(str(exc))
+    vm.lvm_setup()
+    return vm
+
+
+def _dmimage(*argv: str) -> tuple[int, str, str]:
+    import contextlib
+    import io
+
+    from dmimage.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(["lvm", *argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def _disks(tmp_path: Path) -> tuple[str, str]:
+    from dmimage.image.gpt import create_gpt, plan_layout
+
+    a, b = str(tmp_path / "a.img"), str(tmp_path / "b.img")
+    open(a, "wb").close()
+    create_gpt(a, plan_layout(48 * MiB, MiB), [("pv", uuid.UUID(int=1)),
+                                               ("spare", uuid.UUID(int=2))], uuid.UUID(int=3))
+    with open(b, "wb") as f:
+        f.truncate(48 * MiB)
+    return a, b
+
+
+def _lvs_json(vm: LvmMachine) -> dict[str, dict[str, str]]:
+    out = vm.sh(f"lvs -a --reportformat json --units b --nosuffix -o {FIELDS} vgt")
+    rows: list[dict[str, str]] = json.loads(out)["report"][0]["lv"]
+    return {r["lv_name"]: r for r in rows}
+
+
+def _write(vm: LvmMachine, dev: str, rng: random.Random, size: int) -> None:
+    for _ in range(3):
+        count = rng.randint(1, 4)
+        seek = rng.randrange(0, size // 65536 - count)
+        vm.sh(f"dd if=/dev/urandom of={dev} bs=64k count={count} seek={seek} conv=fsync "
+              "status=none")
+
+
+def _sequence(vm: LvmMachine, a1: str, b: str, rng: random.Random) -> list[str]:
+    """A seeded lvm2 sequence; returns the thin LVs left, in creation order."""
+    chunk = rng.choice([64, 128, 256])
+    steps = [
+        f"pvcreate -y {a1} {b}",
+        f"vgcreate -s 1m vgt {a1} {b}",
+        f"lvcreate -y -L {rng.randint(3, 6)}m -n lin vgt {a1}",
+        "lvcreate -y -L 8m -i 2 -I 64k -n str vgt",
+        f"lvcreate -y --type thin-pool -L 12m -c {chunk}k -n pool vgt {a1}",
+        "lvcreate -y -V 16m -T vgt/pool -n thin1",
+    ]
+    for s in steps:
+        vm.sh(s, timeout=180)
+    _write(vm, "/dev/vgt/thin1", rng, 16 * MiB)
+    thins = ["thin1"]
+    parent = "thin1"
+    for i in range(rng.randint(2, 3)):  # snapshots of snapshots, sometimes of an older one
+        origin = parent if rng.random() < 0.7 else rng.choice(thins)
+        name = f"snap{i + 1}"
+        vm.sh(f"lvcreate -y -s -n {name} vgt/{origin} && lvchange -ay -K vgt/{name}",
+              timeout=180)
+        _write(vm, f"/dev/vgt/{name}", rng, 16 * MiB)
+        thins.append(name)
+        parent = name
+    vm.sh("lvcreate -y -V 8m -T vgt/pool -n gone", timeout=180)
+    _write(vm, "/dev/vgt/gone", rng, 8 * MiB)
+    vm.sh("lvremove -y vgt/gone", timeout=180)
+    victim = rng.choice(thins)
+    vm.sh(f"lvrename vgt {victim} renamed", timeout=180)
+    thins[thins.index(victim)] = "renamed"
+    vm.sh(f"lvextend -y -L +8m vgt/pool {b}", timeout=180)
+    _write(vm, "/dev/vgt/lin", rng, 3 * MiB)
+    _write(vm, "/dev/vgt/str", rng, 8 * MiB)
+    return thins
+
+
+def _guest_hashes(vm: LvmMachine, names: list[str]) -> dict[str, str]:
+    vm.sh("vgchange -ay -K vgt", timeout=180)
+    hashes = {n: vm.sha256_of(f"/dev/mapper/vgt-{n}") for n in names}
+    vm.sh("vgchange -an vgt", timeout=180)
+    return hashes
+
+
+def _host_hash(disks: list[str], lv: str, tmp_path: Path, vg: str = "vgt") -> str:
+    out = tmp_path / f"{lv}.bin"
+    rc, _, err = _dmimage("export", *disks, f"{vg}/{lv}", "-o", str(out))
+    assert rc == 0, err
+    h = hashlib.sha256(out.read_bytes()).hexdigest()
+    out.unlink()
+    return h
+
+
+def _save_fixtures(disks: list[str], kernel: str) -> None:
+    dest = os.environ.get("DMIMAGE_SAVE_LVM_FIXTURES")
+    if not dest:
+        return
+    from dmimage.lvm.ondisk import scan
+
+    os.makedirs(dest, exist_ok=True)
+    for label in scan(disks).labels:
+        with open(label.region.path, "rb") as f:
+            f.seek(label.region.offset)
+            head = f.read(MiB)
+        name = "gpt-part" if ":p" in label.region.name else "bare"
+        with gzip.open(os.path.join(dest, f"lvm2-{kernel}-{name}.bin.gz"), "wb", 9) as g:
+            g.write(head)
+
+
+def _seeds() -> list[int]:
+    from vmtests.scenario import seeds_from_env
+
+    return seeds_from_env([10])
+
+
+@pytest.mark.parametrize("seed", _seeds(), ids=lambda s: f"seed{s}")
+@pytest.mark.parametrize("kernel", _kernels())
+def test_lvm2_writes_dmimage_reads(tmp_path: Path, kernel: str, seed: int) -> None:
+    rng = random.Random(seed)
+    a, b = _disks(tmp_path)
+    disks = [a, b]
+    vm = _boot(kernel)
+    try:
+        da = vm.attach(a, read_only=False)
+        db = vm.attach(b, read_only=False)
+        a1 = da.guest_path + "1"
+        vm.sh(f"test -b {a1}")
+        thins = _sequence(vm, a1, db.guest_path, rng)
+        want_hash = _guest_hashes(vm, ["lin", "str", *thins, "pool_tmeta"])
+        guest_rows = _lvs_json(vm)
+        backup = vm.sh("vgcfgbackup -f /tmp/vgt.txt vgt >/dev/null && cat /tmp/vgt.txt")
+        vm.detach(da)
+        vm.detach(db)
+        _save_fixtures(disks, kernel)
+
+        # offline: lvs, exports, check
+        rc, out, err = _dmimage("ls", "--json", "-a", *disks)
+        assert rc == 0, err
+        ours = {r["lv_name"]: r for r in json.loads(out)["report"][0]["lv"]}
+        diff = {name: {k: (ours.get(name, {}).get(k), v) for k, v in row.items()
+                       if ours.get(name, {}).get(k) != v}
+                for name, row in guest_rows.items()}
+        assert set(ours) == set(guest_rows) and not any(diff.values()), diff
+        for lv, h in want_hash.items():
+            assert _host_hash(disks, lv, tmp_path) == h, lv
+        rc, out, err = _dmimage("check", *disks)
+        assert (rc, err) == (0, ""), err
+
+        # our formatting of lvm2's text is accepted by vgcfgrestore
+        from dmimage.lvm.text import format_section, parse
+
+        ours_text = format_section(parse(backup))
+        assert parse(ours_text) == parse(backup)
+        rc, _, err = _dmimage("metadata", *disks, "-o", str(tmp_path / "raw.txt"))
+        assert rc == 0, err
+        raw_text = (tmp_path / "raw.txt").read_text()
+        da = vm.attach(a, read_only=False)
+        db = vm.attach(b, read_only=False)
+        vm.sh("cat > /tmp/ours.txt <<'DMIMAGE_EOF'\n" + ours_text + "DMIMAGE_EOF")
+        vm.sh("vgcfgrestore --force -y -f /tmp/ours.txt vgt && vgck vgt", timeout=180)
+        assert _lvs_json(vm) == guest_rows
+        # and `dmimage lvm metadata` (the committed text as read offline) restores as well
+        vm.sh("cat > /tmp/raw.txt <<'DMIMAGE_EOF'\n" + raw_text + "\nDMIMAGE_EOF")
+        vm.sh("vgcfgrestore --force -y -f /tmp/raw.txt vgt && vgck vgt", timeout=180)
+        assert _lvs_json(vm) == guest_rows
+
+        # the transaction id bumped behind lvm2's back, and a thin the VG does not know
+        vm.sh("lvchange -ay vgt/pool", timeout=180)
+        status = vm.sh("dmsetup status vgt-pool-tpool").split()
+        tid = int(status[3])
+        vm.sh(f'dmsetup message vgt-pool-tpool 0 "set_transaction_id {tid} {tid + 1}"')
+        vm.sh('dmsetup message vgt-pool-tpool 0 "create_thin 77"')
+        vm.sh("vgchange -an vgt", timeout=180)
+        vm.detach(da)
+        vm.detach(db)
+    finally:
+        vm.close()
+
+    rc, _, err = _dmimage("check", *disks)
+    assert rc == 1
+    assert (f"vgt/pool: transaction_id mismatch: VG metadata says {tid}, pool superblock "
+            f"says {tid + 1}") in err
+    assert re.search(r"vgt/pool: pool device 77 \(0 mapped blocks.*orphan", err), err
+    rc, out, err = _dmimage("set-transaction-id", *disks, "vgt/pool")
+    assert rc == 0, err
+    rc, _, err = _dmimage("check", *disks)
+    assert rc == 1 and "mismatch" not in err and "pool device 77" in err
+    rc, out, err = _dmimage("delete-orphans", *disks, "vgt/pool")
+    assert rc == 0 and "delete orphan thin device 77" in out, err
+    rc, _, err = _dmimage("check", *disks)
+    assert (rc, err) == (0, ""), err
+
+    vm = _boot(kernel)  # a fresh guest: lvm2 activates the pool again
+    try:
+        vm.attach(a, read_only=False)
+        vm.attach(b, read_only=False)
+        vm.sh("vgck vgt", timeout=180)  # lvm2 validates the generation we wrote
+        vm.sh("vgchange -ay -K vgt", timeout=180)
+        for name in thins:
+            assert vm.sha256_of(f"/dev/mapper/vgt-{name}") == want_hash[name], name
+        assert _lvs_json(vm)["pool"]["transaction_id"] == str(tid + 1)
+        # once more behind lvm2's back, fixed this time on the superblock's side
+        vm.sh(f'dmsetup message vgt-pool-tpool 0 "set_transaction_id {tid + 1} {tid + 2}"')
+        vm.sh("vgchange -an vgt", timeout=180)
+    finally:
+        vm.close()
+
+    rc, _, err = _dmimage("check", *disks)
+    assert (f"VG metadata says {tid + 1}, pool superblock says {tid + 2}") in err, err
+    rc, out, err = _dmimage("set-transaction-id", "--side", "pool", *disks, "vgt/pool")
+    assert rc == 0 and f"{tid + 2} -> {tid + 1}" in out, err
+    vm = _boot(kernel)
+    try:
+        vm.attach(a, read_only=False)
+        vm.attach(b, read_only=False)
+        vm.sh("vgchange -ay -K vgt", timeout=180)  # runs thin_check on the superblock we wrote
+        assert vm.sh("dmsetup status vgt-pool-tpool").split()[3] == str(tid + 1)
+        assert vm.sha256_of(f"/dev/mapper/vgt-{thins[-1]}") == want_hash[thins[-1]]
+        vm.sh("vgchange -an vgt", timeout=180)
+    finally:
+        vm.close()
+
+
+@pytest.mark.parametrize("kernel", _kernels())
+def test_dmimage_builds_lvm2_reads(tmp_path: Path, kernel: str) -> None:
+    """`dmimage build` with layout = "lvm": vgck and lvs accept the image, vgchange -ay
+    activates it (thin_check included) with every thin's content as the manifest says; lvm2
+    then adds a thin and writes to it, and `dmimage lvm check` stays clean."""
+    from dmimage.image import build, load_spec
+
+    from test_build_lvm import SPEC
+    from test_build_lvm import _write as write_raw
+
+    write_raw(tmp_path / "base.img", {0: 1, 3: 2, 17: 3}, 32)
+    write_raw(tmp_path / "layer.img", {0: 1, 3: 9, 30: 5}, 32)
+    (tmp_path / "s.toml").write_text(SPEC)
+    m = build(load_spec(tmp_path / "s.toml"), tmp_path / "out").manifest
+    img = str(tmp_path / "out" / "lv.img")
+    vm = _boot(kernel)
+    try:
+        d = vm.attach(img, read_only=False)
+        vm.sh(f"test -b {d.guest_path}1")
+        vm.sh("vgck vgb", timeout=180)
+        vm.sh("vgchange -ay vgb", timeout=180)
+        for dev in m["devices"]:
+            assert vm.sha256_of(f"/dev/mapper/vgb-{dev['name']}") == dev["sha256"], dev
+        vm.sh("lvcreate -y -V 2m -T vgb/tp -n c && dd if=/dev/urandom of=/dev/vgb/c bs=64k "
+              "count=5 conv=fsync status=none", timeout=180)
+        want_c = vm.sha256_of("/dev/mapper/vgb-c")
+        vm.sh("vgchange -an vgb", timeout=180)
+        out = vm.sh("lvs -a --reportformat json --units b --nosuffix "
+                    f"-o {FIELDS.replace(',lv_uuid', '')} vgb")
+        guest_rows = {r["lv_name"]: r for r in json.loads(out)["report"][0]["lv"]}
+        vm.detach(d)
+    finally:
+        vm.close()
+    rc, _, err = _dmimage("check", img)
+    assert (rc, err) == (0, ""), err
+    rc, out, err = _dmimage("ls", "--json", "-a", img)
+    ours = {r["lv_name"]: {k: v for k, v in r.items() if k != "lv_uuid"}
+            for r in json.loads(out)["report"][0]["lv"]}
+    assert ours == guest_rows
+    assert _host_hash([img], "c", tmp_path, "vgb") == want_c
