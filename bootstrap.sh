@@ -55,7 +55,7 @@ setup_oracles() {
 }
 
 setup_docker() {
-    # Debian 12's docker.io, containerd and runc for the guest (vmtests/test_docker_store.py):
+    # Debian 12's docker.io, containerd, runc and xfsprogs for the guest (test_docker_store.py):
     # downloaded and unpacked under ~/.cache/dmimage/docker-debs, never installed.
     .venv/bin/python -c "from dmimage.guest.docker import debs_root; debs_root()"
 }
