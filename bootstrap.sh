@@ -4,8 +4,9 @@
 #   ./bootstrap.sh test      set everything up, then run the whole test suite (VM tests included)
 #   ./bootstrap.sh setup     only set up
 # Set-up installs only what is missing: Debian packages, a virtualenv in .venv with dmimage and
-# its test tools, and the Debian 13 oracles (thin-provisioning-tools 1.1, kernel 6.12) unpacked
-# under ~/.cache/dmimage/debian13 (never installed).
+# its test tools, the Debian 13 oracles (thin-provisioning-tools 1.1, kernel 6.12) unpacked
+# under ~/.cache/dmimage/debian13 and Debian 12's Docker packages for the guest under
+# ~/.cache/dmimage/docker-debs (never installed).
 set -eu
 cd "$(dirname "$0")"
 here=$(pwd)
@@ -53,7 +54,13 @@ setup_oracles() {
     fi
 }
 
-setup() { setup_system; setup_python; setup_oracles; }
+setup_docker() {
+    # Debian 12's docker.io, containerd, runc and xfsprogs for the guest (test_docker_store.py):
+    # downloaded and unpacked under ~/.cache/dmimage/docker-debs, never installed.
+    .venv/bin/python -c "from dmimage.guest.docker import debs_root; debs_root()"
+}
+
+setup() { setup_system; setup_python; setup_oracles; setup_docker; }
 
 case "${1:-}" in
     setup) setup ;;

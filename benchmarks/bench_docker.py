@@ -1,0 +1,128 @@
+"""`dmimage docker ls` on a big store: 500 images and 1,000 containers (goal: at most 1 s).
+
+Builds a synthetic data root (the pool by dmimage's own offline transaction: a base thin, one
+snapshot per image layer, two per container; the JSON files as dockerd 20.10 lays them out),
+then times the whole command, Python start-up included.
+
+    python benchmarks/bench_docker.py [--images 500] [--containers 1000] [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from dmimage.thin.format_pool import format_pool
+from dmimage.thin.transaction import WritablePool
+
+
+def h(*parts: object) -> str:
+    return hashlib.sha256(" ".join(map(str, parts)).encode()).hexdigest()
+
+
+def make_store(root: Path, images: int, containers: int) -> None:
+    loop = root / "devicemapper/devicemapper"
+    loop.mkdir(parents=True)
+    with open(loop / "metadata", "wb") as f:
+        f.truncate(64 << 20)
+    with open(loop / "data", "wb") as f:
+        f.truncate(1 << 30)
+    format_pool(str(loop / "metadata"), data_block_size=128, nr_data_blocks=16384)
+    md = root / "devicemapper/metadata"
+    md.mkdir(parents=True)
+    lay = root / "image/devicemapper/layerdb/sha256"
+    mnt = root / "image/devicemapper/layerdb/mounts"
+    idb = root / "image/devicemapper/imagedb/content/sha256"
+    ctr = root / "containers"
+    for d in (lay, mnt, idb, ctr):
+        d.mkdir(parents=True)
+    msgs = ["create_thin 1"]
+    next_id = 2
+
+    def dev(name: str, dev_id: int) -> None:
+        (md / name).write_text(json.dumps({"device_id": dev_id, "size": 10 << 30,
+                                           "transaction_id": dev_id, "initialized": False,
+                                           "deleted": False}))
+
+    dev("base", 1)
+    tags = {}
+    image_ids = []
+    for i in range(images):
+        diff = "sha256:" + h("diff", i)
+        cache = h("cache", i)
+        (lay / diff[7:]).mkdir()
+        (lay / diff[7:] / "cache-id").write_text(cache)
+        (lay / diff[7:] / "diff").write_text(diff)
+        (lay / diff[7:] / "size").write_text("0")
+        msgs.append(f"create_snap {next_id} 1")
+        dev(cache, next_id)
+        next_id += 1
+        config = json.dumps({"rootfs": {"type": "layers", "diff_ids": [diff]}}).encode()
+        iid = hashlib.sha256(config).hexdigest()
+        (idb / iid).write_bytes(config)
+        tags[f"img{i}:1"] = "sha256:" + iid
+        image_ids.append(("sha256:" + iid, diff))
+    for c in range(containers):
+        iid, chain = image_ids[c % images]
+        cid = h("container", c)
+        mount = h("mount", c)
+        (mnt / cid).mkdir()
+        (mnt / cid / "mount-id").write_text(mount)
+        (mnt / cid / "init-id").write_text(mount + "-init")
+        (mnt / cid / "parent").write_text(chain)
+        layer_dev = 2 + (c % images)
+        msgs += [f"create_snap {next_id} {layer_dev}", f"create_snap {next_id + 1} {next_id}"]
+        dev(mount + "-init", next_id)
+        dev(mount, next_id + 1)
+        next_id += 2
+        (ctr / cid).mkdir()
+        (ctr / cid / "config.v2.json").write_text(json.dumps(
+            {"ID": cid, "Name": f"/c{c}", "Image": iid, "Driver": "devicemapper"}))
+    msgs.append(f"set_transaction_id 0 {next_id - 1}")
+    with WritablePool(str(loop / "metadata")) as pool:
+        for m in msgs:
+            pool.message(m)
+        pool.commit()
+    (root / "image/devicemapper/repositories.json").write_text(json.dumps(
+        {"Repositories": {t.split(":")[0]: {t: i} for t, i in tags.items()}}))
+    (md / "deviceset-metadata").write_text(json.dumps({"next_device_id": next_id - 1}))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=500)
+    ap.add_argument("--containers", type=int, default=1000)
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "root"
+        t0 = time.perf_counter()
+        make_store(root, args.images, args.containers)
+        print(f"store: {args.images} images, {args.containers} containers, "
+              f"{1 + args.images + 2 * args.containers} thins, built in "
+              f"{time.perf_counter() - t0:.1f} s")
+        dm = str(Path(sys.executable).with_name("dmimage"))
+        for cmd in (["ls", "--json"], ["check"]):
+            times = []
+            for _ in range(args.repeat):
+                t = time.perf_counter()
+                res = subprocess.run([dm, "docker", cmd[0], str(root), *cmd[1:]],
+                                     capture_output=True, check=False)
+                times.append(time.perf_counter() - t)
+                if res.returncode != 0:
+                    print(res.stderr.decode(), file=sys.stderr)
+                    return 1
+            print(f"docker {' '.join(cmd)}: median {statistics.median(times):.2f} s "
+                  f"(min {min(times):.2f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

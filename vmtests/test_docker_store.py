@@ -1,0 +1,358 @@
+"""Docker's devicemapper store: Debian 12's dockerd 20.10 writes it in the guest (import, load,
+create, cp, commit, rm, rmi), then dmimage reads the data-root disk offline on the host and
+must agree with ``docker inspect`` and with the kernel's view of every thin device."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dmimage.guest.docker import DockerGuest, DockerUnavailable
+from dmimage.guest.pytest_plugin import unavailable
+from vmtests.docker_scenario import (
+    GuestRecord,
+    extract_root,
+    kill_during_import,
+    make_store,
+    restart_and_inspect,
+)
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture(scope="module")
+def guest() -> Iterator[DockerGuest]:
+    """One guest (1 GiB, the Docker tools disk attached) for the module."""
+    try:
+        dg = DockerGuest.boot("deb12")
+    except DockerUnavailable as exc:
+        unavailable(str(exc))
+    with dg:
+        yield dg
+
+
+@pytest.fixture(scope="module")
+def store(guest: DockerGuest, tmp_path_factory: pytest.TempPathFactory
+          ) -> tuple[Path, GuestRecord]:
+    """(extracted data root, guest record): the scenario runs once per module."""
+    work = tmp_path_factory.mktemp("docker")
+    disk, rec = make_store(guest, work)
+    return extract_root(disk, work / "root"), rec
+
+
+@pytest.fixture(scope="module")
+def xfs_store(guest: DockerGuest, tmp_path_factory: pytest.TempPathFactory
+              ) -> tuple[Path, GuestRecord]:
+    """The same scenario with ``dm.fs=xfs``."""
+    work = tmp_path_factory.mktemp("docker-xfs")
+    disk, rec = make_store(guest, work, fs="xfs")
+    return extract_root(disk, work / "root"), rec
+
+
+@pytest.fixture(scope="module")
+def random_store(guest: DockerGuest, tmp_path_factory: pytest.TempPathFactory
+                 ) -> tuple[Path, GuestRecord]:
+    """A seeded random sequence of operations (DMIMAGE_DOCKER_SEED replays one)."""
+    import os
+    import random
+
+    seed = int(os.environ.get("DMIMAGE_DOCKER_SEED", "0")) or random.randrange(1, 1 << 30)
+    work = tmp_path_factory.mktemp(f"docker-random-{seed}")
+    disk, rec = make_store(guest, work, seed=seed)
+    return extract_root(disk, work / "root"), rec
+
+
+STORES = ["store", "random_store"]
+
+
+def test_guest_store_written(store: tuple[Path, GuestRecord]) -> None:
+    """The guest did what the scenario asked: the tags, containers and devices exist, and the
+    kernel could read every device Docker's inspect names."""
+    root, rec = store
+    tags = sorted(t for img in rec.images for t in img["RepoTags"])
+    assert tags == ["app:1", "app:2", "app:latest", "base:1"]
+    assert sorted(c["Name"] for c in rec.containers) == ["/c1", "/c3"]
+    for obj in rec.images + rec.containers:
+        gd = obj["GraphDriver"]
+        assert gd["Name"] == "devicemapper"
+        assert int(gd["Data"]["DeviceId"]) in rec.device_sha256
+    assert (root / "devicemapper/devicemapper/data").stat().st_size == 128 << 20
+    assert json.loads((root / "devicemapper/metadata/base").read_text())["initialized"] is True
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    from dmimage.cli.main import main
+
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("which", STORES)
+def test_ls_agrees_with_docker_inspect(request: pytest.FixtureRequest, which: str,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """ids, tags, names, images of containers and GraphDriver DeviceIds: `dmimage docker ls
+    --json` on the offline copy says what `docker inspect` said in the guest."""
+    root, rec = request.getfixturevalue(which)
+    rc, out, err = _run(capsys, "docker", "ls", str(root), "--json")
+    assert rc == 0, err
+    doc = json.loads(out)
+    ours = {i["id"]: i for i in doc["images"]}
+    theirs = {i["Id"]: i for i in rec.images}
+    assert set(ours) == set(theirs)
+    layers = {x["chain_id"]: x for x in doc["layers"]}
+    for iid, img in theirs.items():
+        assert ours[iid]["tags"] == sorted(img["RepoTags"])
+        assert ours[iid]["device_id"] == int(img["GraphDriver"]["Data"]["DeviceId"])
+        assert [layers[c]["diff_id"] for c in ours[iid]["layers"]] == img["RootFS"]["Layers"]
+    ours_c = {c["id"]: c for c in doc["containers"]}
+    theirs_c = {c["Id"]: c for c in rec.containers}
+    assert set(ours_c) == set(theirs_c)
+    for cid, c in theirs_c.items():
+        assert "/" + ours_c[cid]["name"] == c["Name"]
+        assert ours_c[cid]["image"] == c["Image"]
+        assert ours_c[cid]["device_id"] == int(c["GraphDriver"]["Data"]["DeviceId"])
+        # The init device is not in inspect's output; the kernel must at least have it.
+        assert ours_c[cid]["init_device_id"] in rec.device_sha256
+    # Every device the JSON names was readable by the guest's kernel, with Docker's size.
+    assert {d["device_id"]: d["size"] for d in doc["devices"]} == rec.device_size
+    assert doc["pool"]["transaction_id"] == doc["pool"]["docker_transaction_id"]
+
+
+@pytest.mark.parametrize("which", STORES)
+def test_export_matches_guest_hash(request: pytest.FixtureRequest, which: str, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Every device exported offline (by tag, container name, layer id or device hash) has
+    the sha256 the guest's kernel computed through the thin target."""
+    import hashlib
+
+    root, rec = request.getfixturevalue(which)
+    rc, out, _ = _run(capsys, "docker", "ls", str(root), "--json")
+    doc = json.loads(out)
+    names: dict[int, str] = {}
+    for d in doc["devices"]:
+        names[d["device_id"]] = d["hash"]
+    for i in doc["images"]:
+        if i["tags"]:
+            names[i["device_id"]] = i["tags"][0]
+    for c in doc["containers"]:
+        names[c["device_id"]] = c["name"]
+    for x in doc["layers"]:
+        names.setdefault(x["device_id"], x["chain_id"])
+    assert set(names) == set(rec.device_sha256)
+    for dev_id, name in sorted(names.items()):
+        out_file = tmp_path / f"{dev_id}.img"
+        rc, _, err = _run(capsys, "docker", "export", str(root), name, "-o", str(out_file))
+        assert rc == 0, err
+        h = hashlib.sha256(out_file.read_bytes()).hexdigest()
+        assert h == rec.device_sha256[dev_id], f"device {dev_id} ({name})"
+        out_file.unlink()
+
+
+@pytest.mark.parametrize("which", STORES)
+def test_check_clean(request: pytest.FixtureRequest, which: str,
+                     capsys: pytest.CaptureFixture[str]) -> None:
+    root, rec = request.getfixturevalue(which)
+    rc, out, err = _run(capsys, "docker", "check", str(root))
+    assert rc == 0, out + err + "\n".join(rec.ops)
+    assert "clean" in out
+
+
+def test_check_names_tampering(store: tuple[Path, GuestRecord], tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A thin created behind Docker's back, a removed device JSON and an entry marked
+    deleted: check exits 1 and names each one; ROOT itself is unchanged."""
+    import shutil
+    import subprocess
+
+    root, _ = store
+    copy = tmp_path / "root"
+    subprocess.run(["cp", "-a", "--sparse=always", str(root), str(copy)], check=True)
+    meta_dir = copy / "devicemapper/metadata"
+    doc = json.loads(_run(capsys, "docker", "ls", str(copy), "--json")[1])
+    c = doc["containers"][0]
+    removed = meta_dir / c["device_hash"]
+    removed_id = c["device_id"]
+    removed.unlink()
+    marked = meta_dir / c["init_device_hash"]
+    info = json.loads(marked.read_text())
+    info["deleted"] = True
+    marked.write_text(json.dumps(info))
+    used = {d["device_id"] for d in doc["devices"]}
+    leak = max(used) + 100
+    rc, _, err = _run(capsys, "message", str(copy / "devicemapper/devicemapper/metadata"),
+                      f"create_thin {leak}")
+    assert rc == 0, err
+    rc, out, err = _run(capsys, "docker", "check", str(copy), "--json")
+    assert rc == 1, err
+    rep = json.loads(out)
+    kinds = {(p["kind"], p["device_id"]) for p in rep["problems"]}
+    assert ("leak", leak) in kinds
+    assert ("leak", removed_id) in kinds  # its thin is still in the pool
+    assert ("no-device", None) in kinds  # the container's mount names a device without JSON
+    assert ("deleted", c["init_device_id"]) in kinds
+    texts = "\n".join(p["message"] for p in rep["problems"])
+    assert c["device_hash"] in texts and c["init_device_hash"] in texts
+    shutil.rmtree(copy)
+    assert _run(capsys, "docker", "check", str(root))[0] == 0
+
+
+def _members(tar_path: Path) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    import hashlib
+    import tarfile
+
+    sums: dict[str, str] = {}
+    with tarfile.open(tar_path) as t:
+        manifest = json.load(t.extractfile("manifest.json"))  # type: ignore[arg-type]
+        for m in t.getmembers():
+            if m.isfile():
+                sums[m.name] = hashlib.sha256(t.extractfile(m).read()).hexdigest()  # type: ignore[union-attr]
+    return manifest, sums
+
+
+@pytest.mark.parametrize("which", ["store", "xfs_store", "random_store"])
+def test_save_matches_guest_docker_save(request: pytest.FixtureRequest, which: str,
+                                        tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Per image, the layer tars (rebuilt from tar-split and the ext4 or xfs on each thin
+    device) and the config are bit-identical to what the guest's `docker save` wrote."""
+    root, rec = request.getfixturevalue(which)
+    refs = sorted({t for i in rec.images for t in i["RepoTags"]})
+    out = tmp_path / "save.tar"
+    rc, _, err = _run(capsys, "docker", "save", str(root), *refs, "-o", str(out))
+    assert rc == 0, err
+    ours_m, ours = _members(out)
+    theirs = rec.save["sha256"]
+
+    def per_image(manifest: list[dict[str, Any]], sums: dict[str, str]
+                  ) -> dict[str, tuple[str, list[str]]]:
+        return {m["Config"]: (sums[m["Config"]], [sums[x] for x in m["Layers"]])
+                for m in manifest}
+
+    assert per_image(ours_m, ours) == per_image(rec.save["manifest"], theirs)
+    assert len(ours_m) == len({i["Id"] for i in rec.images if i["RepoTags"]})
+    assert {t for m in ours_m for t in m["RepoTags"]} == set(refs)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing-file", "wrong-size"])
+def test_save_bad_tar_split(store: tuple[Path, GuestRecord], tmp_path: Path,
+                            capsys: pytest.CaptureFixture[str], damage: str) -> None:
+    """A truncated tar-split, a file it names that the layer's filesystem lacks, or content
+    that does not rebuild the diff id: one line naming the file, exit 1, no output left."""
+    import gzip
+    import subprocess
+
+    root, rec = store
+    copy = tmp_path / "root"
+    subprocess.run(["cp", "-a", "--sparse=always", str(root), str(copy)], check=True)
+    ref = "app:1"
+    image = next(i for i in rec.images if ref in i["RepoTags"])
+    diff = image["RootFS"]["Layers"][-1]
+    layerdb = copy / "image/devicemapper/layerdb/sha256"
+    ldir = next(d for d in layerdb.iterdir() if (d / "diff").read_text() == diff)
+    ts = ldir / "tar-split.json.gz"
+    raw = ts.read_bytes()
+    lines = gzip.decompress(raw).splitlines()
+    if damage == "truncated":
+        ts.write_bytes(raw[: len(raw) // 2])
+    else:
+        i = next(n for n, line in enumerate(lines)
+                 if json.loads(line)["type"] == 1 and json.loads(line).get("size"))
+        e = json.loads(lines[i])
+        if damage == "missing-file":
+            e["name"] = "app/no-such-file"
+        else:
+            e["size"] -= 1
+        lines[i] = json.dumps(e).encode()
+        ts.write_bytes(gzip.compress(b"\n".join(lines) + b"\n"))
+    out = tmp_path / "save.tar"
+    rc, _, err = _run(capsys, "docker", "save", str(copy), ref, "-o", str(out))
+    assert rc == 1, err
+    assert err.count("\n") == 1 and "tar-split.json.gz" in err and "Traceback" not in err
+    if damage == "missing-file":
+        assert "app/no-such-file" in err
+    assert not out.exists() and not list(tmp_path.glob(".save.tar*"))
+
+
+@pytest.mark.parametrize("which", ["store", "xfs_store"])
+def test_diff_agrees_with_docker_diff(request: pytest.FixtureRequest, which: str,
+                                      tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """`dmimage docker diff` lists what the guest's `docker diff` listed, per container; the
+    tar holds the added and changed files with the content the guest copied in."""
+    import tarfile
+
+    root, rec = request.getfixturevalue(which)
+    assert rec.diffs
+    for name, lines in rec.diffs.items():
+        rc, out, err = _run(capsys, "docker", "diff", str(root), name)
+        assert rc == 0, err
+        assert sorted(out.splitlines()) == sorted(lines), name
+        tar = tmp_path / f"{name}.tar"
+        assert _run(capsys, "docker", "diff", str(root), name, "-o", str(tar))[0] == 0
+        with tarfile.open(tar) as t:
+            names = {"/" + m.name.rstrip("/") for m in t.getmembers()}
+            assert names == {line[2:] for line in lines if line[0] in "AC"}
+            for m in t.getmembers():
+                if m.isfile() and m.name.startswith("app/"):
+                    f = t.extractfile(m)
+                    assert f is not None
+                    assert f.read() == b"written by docker cp\n"
+
+
+def _ls_agrees(doc: dict[str, Any], rec: GuestRecord) -> None:
+    ours = {i["id"]: i for i in doc["images"]}
+    assert set(ours) == {i["Id"] for i in rec.images}
+    for img in rec.images:
+        assert ours[img["Id"]]["tags"] == sorted(img["RepoTags"])
+        assert ours[img["Id"]]["device_id"] == int(img["GraphDriver"]["Data"]["DeviceId"])
+
+
+def test_xfs_ls_agrees_with_docker_inspect(xfs_store: tuple[Path, GuestRecord],
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """With dm.fs=xfs: ls agrees with inspect, the devices hold xfs, check is clean."""
+    root, rec = xfs_store
+    rc, out, err = _run(capsys, "docker", "ls", str(root), "--json")
+    assert rc == 0, err
+    doc = json.loads(out)
+    _ls_agrees(doc, rec)
+    assert doc["pool"]["base_filesystem"] == "xfs"
+    rc, out, err = _run(capsys, "docker", "check", str(root))
+    assert rc == 0, out + err
+
+
+def test_kill_mid_import(guest: DockerGuest, tmp_path: Path,
+                         capsys: pytest.CaptureFixture[str]) -> None:
+    """dockerd killed (SIGKILL) during `docker import`: check names what the kill left; after
+    dockerd's own restart, a predicted rollback has happened (the device is gone from the
+    pool), ls agrees with inspect again, and whatever check still names was named before."""
+    import os
+    import random
+
+    from dmimage.thin.pool import open_pool
+
+    seed = int(os.environ.get("DMIMAGE_DOCKER_KILL_SEED", "0")) or random.randrange(1, 1 << 30)
+    delay = random.Random(seed).uniform(0.5, 12.0)
+    disk = kill_during_import(guest, tmp_path, delay)
+    where = f"(DMIMAGE_DOCKER_KILL_SEED={seed}, kill after {delay:.2f} s)"
+    before = extract_root(disk, tmp_path / "before")
+    rc, out, err = _run(capsys, "docker", "check", str(before), "--json")
+    assert rc in (0, 1) and not err, where + err
+    found = json.loads(out)["problems"]
+    rollback = {p["device_id"] for p in found
+                if p["kind"] == "transaction" and "roll it back" in p["message"]}
+    rec = restart_and_inspect(guest, disk)
+    after = extract_root(disk, tmp_path / "after")
+    with open_pool(after / "devicemapper/devicemapper/metadata") as pool:
+        assert not rollback & set(pool.devices()), where
+    rc, out, err = _run(capsys, "docker", "ls", str(after), "--json")
+    assert rc == 0, where + err
+    _ls_agrees(json.loads(out), rec)
+    rc, out, err = _run(capsys, "docker", "check", str(after), "--json")
+    assert rc in (0, 1) and not err, where + err
+    still = {(p["kind"], p["device_id"]) for p in json.loads(out)["problems"]}
+    assert still <= {(p["kind"], p["device_id"]) for p in found}, (where, found, still)
