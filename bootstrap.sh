@@ -5,15 +5,15 @@
 #   ./bootstrap.sh setup     only set up
 # Set-up installs only what is missing: Debian packages, a virtualenv in .venv with dmimage and
 # its test tools, the Debian 13 oracles (thin-provisioning-tools 1.1, kernel 6.12) unpacked
-# under ~/.cache/dmimage/debian13 and Debian 12's Docker packages for the guest under
-# ~/.cache/dmimage/docker-debs (never installed).
+# under ~/.cache/dmimage/debian13 and Debian 12's lvm2 and Docker packages for the guest under
+# ~/.cache/dmimage/{lvm2,docker-debs} (never installed).
 set -eu
 cd "$(dirname "$0")"
 here=$(pwd)
 
 PKGS="qemu-system-x86 linux-image-amd64 busybox-static dmsetup thin-provisioning-tools
       libparted-dev pkg-config e2fsprogs cpio xz-utils zstd util-linux python3-venv python3-dev
-      gcc"
+      gcc libdevmapper-event1.02.1 libaio1 libedit2"
 
 sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -54,13 +54,16 @@ setup_oracles() {
     fi
 }
 
-setup_docker() {
-    # Debian 12's docker.io, containerd, runc and xfsprogs for the guest (test_docker_store.py):
-    # downloaded and unpacked under ~/.cache/dmimage/docker-debs, never installed.
-    .venv/bin/python -c "from dmimage.guest.docker import debs_root; debs_root()"
+setup_guest_debs() {
+    # Debian 12's lvm2 (test_lvm_guest.py) and docker.io, containerd, runc and xfsprogs
+    # (test_docker_store.py) for the guest: downloaded with `apt-get download` and unpacked
+    # under ~/.cache/dmimage/{lvm2,docker-debs}, never installed. That needs apt's lists.
+    ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1 || sudo_ apt-get update -qq
+    .venv/bin/python -c "from dmimage.guest.lvm2 import lvm2_root; lvm2_root()" >/dev/null
+    .venv/bin/python -c "from dmimage.guest.docker import debs_root; debs_root()" >/dev/null
 }
 
-setup() { setup_system; setup_python; setup_oracles; setup_docker; }
+setup() { setup_system; setup_python; setup_oracles; setup_guest_debs; }
 
 case "${1:-}" in
     setup) setup ;;
