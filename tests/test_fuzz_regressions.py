@@ -1,0 +1,77 @@
+"""What the fuzzer (tests/test_fuzz.py) found, pinned as fixed inputs.
+
+Each test rebuilds the input the fuzzer reported (a thin_restore 1.1 pool of 512 metadata
+blocks, damaged as the recipe said, written out here as the one field it changes) and checks
+the fixed behaviour, with thin_check 1.1 as the oracle where a verdict is involved.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from dmimage.cli.main import main
+from dmimage.thin.check import check_metadata
+
+import damage
+import poolgen
+
+SB_DATA_NR_BLOCKS = 64
+SB_DATA_BITMAP_ROOT = 80
+
+
+def _set_sb(meta: bytearray, offset: int, value: int) -> None:
+    struct.pack_into("<Q", meta, offset, value)
+    damage.fix_checksum(meta, 0, damage.SALT_SUPERBLOCK)
+
+
+def _write(path: Path, meta: bytes) -> str:
+    path.write_bytes(meta)
+    return str(path)
+
+
+def _data_file(path: Path, pool: poolgen.Pool) -> str:
+    with open(path, "wb") as f:
+        f.truncate(pool.nr_data_blocks * pool.data_block_size * 512)
+    return str(path)
+
+
+def test_mappings_beyond_the_data_device_without_a_readable_space_map(restored_pool,
+                                                                      tmp_path: Path) -> None:
+    """The same check no longer depends on the data space map being readable (export's
+    refusal does not either)."""
+    rp = restored_pool(poolgen.thins_pool(3), nr_meta_blocks=512)
+    meta = rp.read()
+    _set_sb(meta, SB_DATA_NR_BLOCKS, 5)
+    _set_sb(meta, SB_DATA_BITMAP_ROOT, 1 << 40)
+    problems = check_metadata(_write(tmp_path / "bad.meta", meta)).problems
+    assert any(x.field == "mapping value" and x.scope == "device:1" for x in problems)
+
+
+def test_problems_name_the_structure_readers_need(restored_pool, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """check --json gives each problem's scope; a reader fails exactly when its scope is hit:
+    device 2's leaf damaged stops dump and ls but not an export of device 1."""
+    pool = poolgen.thins_pool(3)
+    rp = restored_pool(pool, nr_meta_blocks=512)
+    raw = rp.read()
+    mm = damage.MetaMap(bytes(raw))
+    top = mm.nodes_where("top", False)[0].block
+    roots = dict(zip(struct.unpack_from("<3Q", raw, top * damage.BLOCK + 32),
+                     struct.unpack_from("<3Q", raw, top * damage.BLOCK + 32 + 8 * mm.nodes[top]
+                                        .max_entries), strict=True))
+    meta = damage.flip_byte(bytes(raw), "btree_leaf", role="bottom",
+                            which=sorted(b.block for b in mm.nodes_where("bottom", False))
+                            .index(roots[2])).data
+    p = _write(tmp_path / "bad.meta", meta)
+    data = _data_file(tmp_path / "data", pool)
+    capsys.readouterr()
+    assert main(["check", "--json", p]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert [x["scope"] for x in doc["problems"] if x["fatal"]] == ["device:2"]
+    assert main(["dump", p, "-o", str(tmp_path / "d.xml")]) == 1
+    assert main(["ls", p]) == 1
+    assert main(["export", p, data, "--dev-id", "1", "-o", str(tmp_path / "o")]) == 0
