@@ -17,6 +17,7 @@ from dmimage.cli.main import main
 from dmimage.thin.check import check_metadata
 
 import damage
+import oracles
 import poolgen
 
 SB_DATA_NR_BLOCKS = 64
@@ -37,6 +38,36 @@ def _data_file(path: Path, pool: poolgen.Pool) -> str:
     with open(path, "wb") as f:
         f.truncate(pool.nr_data_blocks * pool.data_block_size * 512)
     return str(path)
+
+
+def test_wrong_data_index_key_is_one_problem(restored_pool, tmp_path: Path) -> None:
+    """Seed 443479594 input 269: one flipped byte in the data index leaf's first key (checksum
+    fixed). Check reported the key, then read block 0 as the missing bitmap and reported all
+    60 data blocks' counts; 1.1 reads the entries in order and passes."""
+    rp = restored_pool(poolgen.thins_pool(3), nr_meta_blocks=512)
+    meta = rp.read()
+    leaf = damage.MetaMap(bytes(meta)).nodes_where("data_index", False)[0].block
+    struct.pack_into("<Q", meta, leaf * damage.BLOCK + 32, 20)
+    damage.fix_checksum(meta, leaf, damage.SALT_BTREE)
+    p = _write(tmp_path / "bad.meta", meta)
+    assert oracles.check(p, rp.tools)[0] == 0
+    problems = check_metadata(p).problems
+    assert [(x.field, x.fatal) for x in problems] == [("data space map index", True)]
+    assert "keys are not 0..0" in problems[0].message
+
+
+def test_too_small_data_nr_blocks_leaks_nothing(restored_pool, tmp_path: Path) -> None:
+    """Seed 443479594 input 537: the superblock's data nr_blocks set to 0. The index entry
+    beyond it was dropped before its bitmap was counted, so check also called that metadata
+    block leaked."""
+    rp = restored_pool(poolgen.multilevel_pool(1500), nr_meta_blocks=512)
+    meta = rp.read()
+    _set_sb(meta, SB_DATA_NR_BLOCKS, 0)
+    p = _write(tmp_path / "bad.meta", meta)
+    assert oracles.check(p, rp.tools)[0] == 0  # 1.1 does not look at the data device size
+    report = check_metadata(p)
+    assert not any("leaked" in x.message for x in report.problems), report.problems
+    assert any(x.field == "mapping value" and x.scope == "device:1" for x in report.problems)
 
 
 def test_mappings_beyond_the_data_device_without_a_readable_space_map(restored_pool,
