@@ -70,6 +70,28 @@ def test_too_small_data_nr_blocks_leaks_nothing(restored_pool, tmp_path: Path) -
     assert any(x.field == "mapping value" and x.scope == "device:1" for x in report.problems)
 
 
+def test_export_refuses_a_mapping_beyond_the_data_device(restored_pool, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]
+                                                         ) -> None:
+    """Seed 1294926763 input 93: data nr_blocks set to 5. Check fails the pool (the mappings
+    point beyond the data device), but export read the data file at those blocks and exited 0
+    (or 2 when the file was short)."""
+    pool = poolgen.thins_pool(3)
+    rp = restored_pool(pool, nr_meta_blocks=512)
+    meta = rp.read()
+    _set_sb(meta, SB_DATA_NR_BLOCKS, 5)
+    p = _write(tmp_path / "bad.meta", meta)
+    data = _data_file(tmp_path / "data", pool)
+    scopes = {x.scope for x in check_metadata(p).problems if x.field == "mapping value"}
+    assert scopes == {"device:1", "device:2", "device:3"}
+    capsys.readouterr()
+    rc = main(["export", p, data, "--dev-id", "1", "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "beyond the pool's 5 data blocks" in err
+    assert not (tmp_path / "out").exists()
+    assert main(["dump", p, "-o", str(tmp_path / "dump.xml")]) == 0  # prints values as they are
+
+
 def test_mappings_beyond_the_data_device_without_a_readable_space_map(restored_pool,
                                                                       tmp_path: Path) -> None:
     """The same check no longer depends on the data space map being readable (export's
