@@ -128,3 +128,22 @@ def test_problems_name_the_structure_readers_need(restored_pool, tmp_path: Path,
     assert main(["dump", p, "-o", str(tmp_path / "d.xml")]) == 1
     assert main(["ls", p]) == 1
     assert main(["export", p, data, "--dev-id", "1", "-o", str(tmp_path / "o")]) == 0
+
+
+def test_repair_drops_a_data_block_mapped_twice_in_one_leaf(restored_pool,
+                                                             tmp_path: Path) -> None:
+    """Seed 2322783378 input 2395: the bottom tree's internal root relabelled a leaf (flags 2,
+    checksum fixed). Its child pointers then read as six mappings of data block 0; repair
+    kept all six with a count of 6, which thin_check 1.1 rejects (it expects 1)."""
+    rp = restored_pool(poolgen.multilevel_pool(1500), nr_meta_blocks=512)
+    meta = rp.read()
+    node = damage.MetaMap(bytes(meta)).nodes_where("bottom", True)[0]
+    struct.pack_into("<I", meta, node.block * damage.BLOCK + 4, 2)
+    damage.fix_checksum(meta, node.block, damage.SALT_BTREE)
+    p = _write(tmp_path / "bad.meta", meta)
+    out = oracles.make_sparse(tmp_path / "repaired.meta", 512)
+    assert main(["repair", "-q", "-i", p, "-o", str(out)]) == 0
+    assert check_metadata(out).ok()
+    assert oracles.check(out, rp.tools)[0] == 0
+    dump = main(["dump", str(out), "-o", str(tmp_path / "d.xml")])
+    assert dump == 0 and (tmp_path / "d.xml").read_text().count('data_block="0"') == 1

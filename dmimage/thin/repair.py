@@ -693,9 +693,17 @@ def salvage(path: str | os.PathLike[str], overrides: Overrides | None = None):
         for dev in top:  # devices whose details are lost (as thin_repair regenerates them)
             details.setdefault(dev, regenerated)
 
-        # -- mappings beyond the data device are dropped (their leaves become private)
+        # -- mappings beyond the data device are dropped (their leaves become private), and
+        # so is a data block met again in the same leaf: the kernel never maps one data block
+        # to two virtual blocks of a device, so it is damage (e.g. an internal node read as a
+        # leaf: its child pointers look like mappings of data block 0), and thin_check 1.1
+        # would expect a count of one for it
         for lid, (keys, vals) in list(leaf_data.items()):
-            bad = (vals >> np.uint64(TIME_BITS)) >= np.uint64(nr_data)
+            blocks = vals >> np.uint64(TIME_BITS)
+            bad = blocks >= np.uint64(nr_data)
+            again = np.ones(len(blocks), dtype=bool)
+            again[np.unique(blocks, return_index=True)[1]] = False
+            bad |= again
             if bad.any():
                 report.dropped_mappings += int(bad.sum())
                 leaf_data[lid] = (keys[~bad], vals[~bad])
