@@ -147,3 +147,22 @@ def test_repair_drops_a_data_block_mapped_twice_in_one_leaf(restored_pool,
     assert oracles.check(out, rp.tools)[0] == 0
     dump = main(["dump", str(out), "-o", str(tmp_path / "d.xml")])
     assert dump == 0 and (tmp_path / "d.xml").read_text().count('data_block="0"') == 1
+
+
+def test_internal_node_pointers_past_the_block_are_damage(restored_pool, tmp_path: Path) -> None:
+    """An internal node with value_size 0 and max_entries 504 passes the size bound
+    (32 + (8 + 0) x 504 <= 4096), but its u64 child pointers then start at byte 4064 and run
+    past the block: every reader died with a numpy ValueError."""
+    rp = restored_pool(poolgen.multilevel_pool(1500), nr_meta_blocks=512)
+    meta = rp.read()
+    node = damage.MetaMap(bytes(meta)).nodes_where("bottom", True)[0]
+    struct.pack_into("<II", meta, node.block * damage.BLOCK + 20, 504, 0)  # max_entries, vs
+    damage.fix_checksum(meta, node.block, damage.SALT_BTREE)
+    p = _write(tmp_path / "bad.meta", meta)
+    problems = check_metadata(p).problems
+    assert any(x.field == "max_entries" and x.block == node.block and x.scope == "device:1"
+               for x in problems), problems
+    assert oracles.check(p, rp.tools)[0] != 0
+    for argv in (["dump", p, "-o", str(tmp_path / "d.xml")], ["ls", p],
+                 ["rmap", "--region", "0..10", p]):
+        assert main(argv) == 1

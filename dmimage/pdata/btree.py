@@ -90,6 +90,11 @@ def read_node(reader: BlockReader, blocknr: int, leaf_value_size: int) -> Node:
     vstart = BTREE_HEADER_SIZE + 8 * max_entries
     if not is_leaf:
         value_size = 8
+        if vstart + value_size * nr > BLOCK_SIZE:
+            # a value_size field below 8 lets max_entries pass the bound above, but the child
+            # pointers are read as u64 whatever it says
+            raise FormatError(f"internal node: {nr} child pointers after {max_entries} keys run "
+                              "past the end of the block", block=blocknr, field="max_entries")
     return Node(blocknr, is_leaf, nr, max_entries, value_size, keys,
                 block[vstart : vstart + value_size * nr])
 
