@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,6 +22,8 @@ import damage
 import oracles
 import poolgen
 
+#: the restored_pool fixture (conftest.py)
+Restore = Callable[..., Any]
 SB_DATA_NR_BLOCKS = 64
 SB_DATA_BITMAP_ROOT = 80
 
@@ -29,7 +33,7 @@ def _set_sb(meta: bytearray, offset: int, value: int) -> None:
     damage.fix_checksum(meta, 0, damage.SALT_SUPERBLOCK)
 
 
-def _write(path: Path, meta: bytes) -> str:
+def _write(path: Path, meta: bytes | bytearray) -> str:
     path.write_bytes(meta)
     return str(path)
 
@@ -40,7 +44,7 @@ def _data_file(path: Path, pool: poolgen.Pool) -> str:
     return str(path)
 
 
-def test_wrong_data_index_key_is_one_problem(restored_pool, tmp_path: Path) -> None:
+def test_wrong_data_index_key_is_one_problem(restored_pool: Restore, tmp_path: Path) -> None:
     """Seed 443479594 input 269: one flipped byte in the data index leaf's first key (checksum
     fixed). Check reported the key, then read block 0 as the missing bitmap and reported all
     60 data blocks' counts; 1.1 reads the entries in order and passes."""
@@ -56,7 +60,7 @@ def test_wrong_data_index_key_is_one_problem(restored_pool, tmp_path: Path) -> N
     assert "keys are not 0..0" in problems[0].message
 
 
-def test_too_small_data_nr_blocks_leaks_nothing(restored_pool, tmp_path: Path) -> None:
+def test_too_small_data_nr_blocks_leaks_nothing(restored_pool: Restore, tmp_path: Path) -> None:
     """Seed 443479594 input 537: the superblock's data nr_blocks set to 0. The index entry
     beyond it was dropped before its bitmap was counted, so check also called that metadata
     block leaked."""
@@ -70,7 +74,7 @@ def test_too_small_data_nr_blocks_leaks_nothing(restored_pool, tmp_path: Path) -
     assert any(x.field == "mapping value" and x.scope == "device:1" for x in report.problems)
 
 
-def test_export_refuses_a_mapping_beyond_the_data_device(restored_pool, tmp_path: Path,
+def test_export_refuses_a_mapping_beyond_the_data_device(restored_pool: Restore, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]
                                                          ) -> None:
     """Seed 1294926763 input 93: data nr_blocks set to 5. Check fails the pool (the mappings
@@ -92,7 +96,7 @@ def test_export_refuses_a_mapping_beyond_the_data_device(restored_pool, tmp_path
     assert main(["dump", p, "-o", str(tmp_path / "dump.xml")]) == 0  # prints values as they are
 
 
-def test_mappings_beyond_the_data_device_without_a_readable_space_map(restored_pool,
+def test_mappings_beyond_the_data_device_without_a_readable_space_map(restored_pool: Restore,
                                                                       tmp_path: Path) -> None:
     """The same check no longer depends on the data space map being readable (export's
     refusal does not either)."""
@@ -104,7 +108,7 @@ def test_mappings_beyond_the_data_device_without_a_readable_space_map(restored_p
     assert any(x.field == "mapping value" and x.scope == "device:1" for x in problems)
 
 
-def test_problems_name_the_structure_readers_need(restored_pool, tmp_path: Path,
+def test_problems_name_the_structure_readers_need(restored_pool: Restore, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """check --json gives each problem's scope; a reader fails exactly when its scope is hit:
     device 2's leaf damaged stops dump and ls but not an export of device 1."""
@@ -130,7 +134,7 @@ def test_problems_name_the_structure_readers_need(restored_pool, tmp_path: Path,
     assert main(["export", p, data, "--dev-id", "1", "-o", str(tmp_path / "o")]) == 0
 
 
-def test_repair_drops_a_data_block_mapped_twice_in_one_leaf(restored_pool,
+def test_repair_drops_a_data_block_mapped_twice_in_one_leaf(restored_pool: Restore,
                                                              tmp_path: Path) -> None:
     """Seed 2322783378 input 2395: the bottom tree's internal root relabelled a leaf (flags 2,
     checksum fixed). Its child pointers then read as six mappings of data block 0; repair
@@ -149,7 +153,8 @@ def test_repair_drops_a_data_block_mapped_twice_in_one_leaf(restored_pool,
     assert dump == 0 and (tmp_path / "d.xml").read_text().count('data_block="0"') == 1
 
 
-def test_internal_node_pointers_past_the_block_are_damage(restored_pool, tmp_path: Path) -> None:
+def test_internal_node_pointers_past_the_block_are_damage(restored_pool: Restore,
+                                                         tmp_path: Path) -> None:
     """An internal node with value_size 0 and max_entries 504 passes the size bound
     (32 + (8 + 0) x 504 <= 4096), but its u64 child pointers then start at byte 4064 and run
     past the block: every reader died with a numpy ValueError."""
