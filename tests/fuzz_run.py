@@ -432,7 +432,7 @@ class Run:
             # superblock's: a damaged data_block_size is the one difference allowed
             dumps_equal = same_dump((case.dir / "dump.xml").read_bytes(),
                                     (case.dir / "dump-repaired.xml").read_bytes())
-        if res.get("repair", {}).get("rc") == 0:
+        if res.get("repair", {}).get("rc") == 0 and case.parent is None:
             self.stats.repaired += 1
         fails += fuzz_judge.repair_failures(problems, res, repaired_report, dumps_equal)
 
