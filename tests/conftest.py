@@ -104,6 +104,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if ORACLE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.oracle)
+    # the longest test first: under xdist its worker starts on it while the others share the
+    # rest, instead of the whole suite waiting for it at the end
+    items.sort(key=lambda item: item.name != "test_fuzz")
 
 
 def _get_tools(getter, what: str) -> oracles.Tools:

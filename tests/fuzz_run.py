@@ -158,6 +158,13 @@ def commands(case: Case) -> list[list[Any]]:
          if os.path.exists(case.normalized) else [])
 
 
+def _may_change_flags(recipe: Sequence[tuple[Any, ...]]) -> bool:
+    """Can the recipe leave a valid node with odd flags (a flags field, or a checksum-fixed
+    flip of bytes 4-7)? The named damage never touches flags."""
+    return any(m[0] == "field" and m[2] == "flags"
+               or m[0] == "flip" and m[4] and 4 <= m[2] % damage.BLOCK < 8 for m in recipe)
+
+
 def normalize_flags(meta: bytearray, used: Sequence[int]) -> bool:
     """Set the flags of every btree node among ``used`` whose flags are neither 1 nor 2 to 1
     (internal: what thin_check 1.1 reads "not 2" as), checksum fixed. Changed anything?"""
@@ -299,7 +306,7 @@ class Run:
         bad = fuzz_damage.apply(base.meta, recipe, base.used, base.named)
         with open(case.meta, "wb") as f:
             f.write(bad)
-        if normalize_flags(bad, base.used):
+        if _may_change_flags(recipe) and normalize_flags(bad, base.used):
             with open(case.normalized, "wb") as f:
                 f.write(bad)
         oracles.make_sparse(case.repaired, 512)
