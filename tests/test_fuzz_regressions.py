@@ -171,3 +171,24 @@ def test_internal_node_pointers_past_the_block_are_damage(restored_pool: Restore
     for argv in (["dump", p, "-o", str(tmp_path / "d.xml")], ["ls", p],
                  ["rmap", "--region", "0..10", p]):
         assert main(argv) == 1
+
+
+def test_repair_drops_a_data_block_mapped_twice_in_one_device(restored_pool: Restore,
+                                                              tmp_path: Path) -> None:
+    """Seed 1964916683 input 708: one mapping's value damaged to a data block another leaf
+    of the same device maps (checksum fixed). Repair kept both with a count of 2; thin_check
+    1.1 rejects that output (it expects 1)."""
+    rp = restored_pool(poolgen.multilevel_pool(1500), nr_meta_blocks=512)
+    meta = rp.read()
+    leaves = damage.MetaMap(bytes(meta)).nodes_where("bottom", False)
+    first, other = leaves[0], leaves[1]
+    value_off = lambda n: n.block * damage.BLOCK + 32 + 8 * n.max_entries  # noqa: E731
+    (taken,) = struct.unpack_from("<Q", meta, value_off(first))
+    struct.pack_into("<Q", meta, value_off(other), taken)
+    damage.fix_checksum(meta, other.block, damage.SALT_BTREE)
+    p = _write(tmp_path / "bad.meta", meta)
+    out = oracles.make_sparse(tmp_path / "repaired.meta", 512)
+    assert main(["repair", "-q", "-i", p, "-o", str(out)]) == 0
+    assert check_metadata(out).ok()
+    assert oracles.check(out, rp.tools)[0] == 0
+    assert check_metadata(out).nr_mappings == 1499
