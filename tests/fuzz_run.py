@@ -181,15 +181,17 @@ def normalize_flags(meta: bytearray, used: Sequence[int]) -> bool:
 
 
 def same_dump(before: bytes, after: bytes) -> bool:
-    """Is ``after`` (the repaired pool's dump) ``before`` (the input's)? Two superblock
+    """Is ``after`` (the repaired pool's dump) ``before`` (the input's)? Three superblock
     attributes may differ, as docs/repair.md says: data_block_size, which the harness tells
-    repair (128, the bases' true size) and which replaces the superblock's, and the time,
-    which repair raises to the newest mapping's when the superblock's is older."""
+    repair (128, the bases' true size) and which replaces the superblock's; the time, which
+    repair raises to the newest mapping's when the superblock's is older; the version, which
+    repair writes as 2 (the format it writes) whatever the input's said."""
     head_b, _, rest_b = before.partition(b"\n")
     head_a, _, rest_a = after.partition(b"\n")
     attrs_b = dict(re.findall(rb'(\w+)="([^"]*)"', head_b))
     attrs_a = dict(re.findall(rb'(\w+)="([^"]*)"', head_a))
     attrs_b[b"data_block_size"] = b"128"
+    attrs_b[b"version"] = b"2"
     if b"time" in attrs_b and b"time" in attrs_a and int(attrs_a[b"time"]) >= int(attrs_b[b"time"]):
         attrs_b[b"time"] = attrs_a[b"time"]
     return rest_b == rest_a and attrs_b == attrs_a
@@ -382,13 +384,14 @@ class Run:
         are verified rather than named) that mutation alone produced the same problem."""
         sig = _signature(p)
         for part in case.parts:
-            rule = next((r for r in fuzz_judge.STRICTER_RULES if r.name == part.rule), None)
-            if rule is None:
-                continue
-            if rule.explains(p):
-                return True
-            if rule.counterfactual and sig in {_signature(q) for q in part.problems}:
-                return True
+            for name in (part.rule or "").split(">"):
+                rule = next((r for r in fuzz_judge.STRICTER_RULES if r.name == name), None)
+                if rule is None:
+                    continue
+                if rule.explains(p):
+                    return True
+                if rule.counterfactual and sig in {_signature(q) for q in part.problems}:
+                    return True
         return False
 
     @staticmethod
@@ -419,12 +422,12 @@ class Run:
             fails.append(f"check: exit {chk['rc']} but its report says ok={report['ok']}")
         if any(p["fatal"] for p in problems):
             self.stats.damaged += case.parent is None
-        normalized_ok = None
+        normalized = None
         norm = res.get("check normalized")
         if norm is not None and not norm["error"]:
-            normalized_ok = bool(json.loads(norm["stdout"])["ok"])
+            normalized = json.loads(norm["stdout"])["problems"]
         case.verdict_fail, case.rule = fuzz_judge.verdict_failure(report["ok"], theirs_ok,
-                                                                  problems, normalized_ok)
+                                                                  problems, normalized)
         fails += fuzz_judge.reader_failures(readers(case.base), problems, res,
                                             data_short=self._data_short(case))
         self.stats.reader_fails += sum(1 for r in fuzz_judge.READERS

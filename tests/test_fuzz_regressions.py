@@ -182,7 +182,10 @@ def test_repair_drops_a_data_block_mapped_twice_in_one_device(restored_pool: Res
     meta = rp.read()
     leaves = damage.MetaMap(bytes(meta)).nodes_where("bottom", False)
     first, other = leaves[0], leaves[1]
-    value_off = lambda n: n.block * damage.BLOCK + 32 + 8 * n.max_entries  # noqa: E731
+
+    def value_off(n: damage.Node) -> int:
+        return n.block * damage.BLOCK + 32 + 8 * n.max_entries
+
     (taken,) = struct.unpack_from("<Q", meta, value_off(first))
     struct.pack_into("<Q", meta, value_off(other), taken)
     damage.fix_checksum(meta, other.block, damage.SALT_BTREE)
