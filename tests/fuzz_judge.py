@@ -149,7 +149,7 @@ class StricterRule:
     why: str
     matchers: tuple[tuple[str, str], ...]
     #: the rule's consequences are checked, not named: the harness rewrites the one field
-    #: to what 1.1 reads it as (fuzz_run.normalize_flags) and dmimage must then find nothing
+    #: to what 1.1 reads it as (fuzz_run.normalize_headers) and dmimage must then find nothing
     counterfactual: bool = False
 
     def explains(self, p: Problem) -> bool:
@@ -215,8 +215,10 @@ STRICTER_RULES = (
                  "must check clean",
                  (("flags", r"btree node flags \d+ \(expected 1 or 2\)"),), counterfactual=True),
     StricterRule("internal-value-size-wraps", "an internal node's value_size so large that "
-                 "1.1's u32 size bound wraps; the kernel computes it in 64 bits",
-                 (("max_entries", r"max_entries \d+ does not fit a block"),)),
+                 "1.1's u32 size bound wraps; the kernel computes it in 64 bits; the lost "
+                 "subtree shows in the space-map counts, so the input with that value_size "
+                 "set to 8 must check clean",
+                 (("max_entries", r"max_entries \d+ does not fit a block"),), counterfactual=True),
 )
 
 
@@ -224,19 +226,24 @@ def explaining_rule(problems: Sequence[Problem],
                     normalized: Sequence[Problem] | None = None) -> StricterRule | None:
     """The one stricter rule that explains every problem, if there is one.
 
-    ``normalized``: dmimage's problems with the input's odd node flags rewritten to what 1.1
-    reads them as (None: the input has none). The node-flags rule holds when they are gone
-    (:func:`verdict_failure` also accepts them explained by one further named rule)."""
+    ``normalized``: dmimage's problems with the node headers 1.1 reads differently rewritten
+    to what 1.1 reads (None: the input has none). A counterfactual rule holds when they are
+    gone (:func:`verdict_failure` also accepts them explained by one further named rule)."""
     if not problems:
         return None
+    counterfactual = _counterfactual(problems)
+    if normalized is not None and not normalized and counterfactual is not None:
+        return counterfactual
     for rule in STRICTER_RULES:
-        if rule.counterfactual:
-            if normalized is not None and not normalized and any(rule.explains(p)
-                                                                  for p in problems):
-                return rule
-        elif all(rule.explains(p) for p in problems):
+        if not rule.counterfactual and all(rule.explains(p) for p in problems):
             return rule
     return None
+
+
+def _counterfactual(problems: Sequence[Problem]) -> StricterRule | None:
+    """The one counterfactual rule some problem falls under (None: none, or several)."""
+    hit = [r for r in STRICTER_RULES if r.counterfactual and any(r.explains(p) for p in problems)]
+    return hit[0] if len(hit) == 1 else None
 
 
 def verdict_failure(ours_ok: bool, theirs_ok: bool, problems: Sequence[Problem],
@@ -244,8 +251,8 @@ def verdict_failure(ours_ok: bool, theirs_ok: bool, problems: Sequence[Problem],
                     ) -> tuple[str | None, str | None]:
     """(failure, name of the stricter rule used): check's verdict against thin_check 1.1's.
 
-    With odd node flags, the rewritten input's remaining problems may be explained by one
-    more rule (e.g. a ref-count leaf relabelled internal whose "children" lie beyond the
+    With a counterfactual rule, the rewritten input's remaining problems may be explained by
+    one more rule (e.g. a ref-count leaf relabelled internal whose "children" lie beyond the
     device): the excuse then names both, "node-flags>RULE"."""
     if ours_ok == theirs_ok:
         return None, None
@@ -253,10 +260,9 @@ def verdict_failure(ours_ok: bool, theirs_ok: bool, problems: Sequence[Problem],
         return "thin_check 1.1 fails it, dmimage check passes it", None
     rule = explaining_rule(problems, normalized)
     if rule is None and normalized:
-        flags = next(r for r in STRICTER_RULES if r.counterfactual)
-        then = explaining_rule(normalized)
-        if then is not None and any(flags.explains(p) for p in problems):
-            return None, f"{flags.name}>{then.name}"
+        first, then = _counterfactual(problems), explaining_rule(normalized)
+        if first is not None and then is not None:
+            return None, f"{first.name}>{then.name}"
     if rule is not None:
         return None, rule.name
     return ("thin_check 1.1 passes it, dmimage check fails it and no single stricter rule "

@@ -19,6 +19,7 @@ import re
 import resource
 import select
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -51,7 +52,7 @@ class Base:
     meta: bytes
     used: list[int]
     named: list[damage.Damaged]
-    data: str  # a sparse data file of the pool's size
+    data: str  # a sparse data file, room for the pool at the largest data block size
     #: (export's device, delta's two devices): the lowest ids, see fuzz_judge's scope note
     devices: tuple[int, ...]
 
@@ -106,8 +107,9 @@ class Case:
 
     @property
     def normalized(self) -> str:
-        """The input with odd node flags set to 1 (only written when there are any)."""
-        return str(self.dir / "flags-normalized.meta")
+        """The input with the node headers 1.1 reads differently rewritten to what it reads
+        (only written when there are any; fuzz_judge's counterfactual rules)."""
+        return str(self.dir / "headers-normalized.meta")
 
     def oracles_done(self) -> bool:
         return all(p is None or p.poll() is not None
@@ -158,40 +160,54 @@ def commands(case: Case) -> list[list[Any]]:
          if os.path.exists(case.normalized) else [])
 
 
-def _may_change_flags(recipe: Sequence[tuple[Any, ...]]) -> bool:
-    """Can the recipe leave a valid node with odd flags (a flags field, or a checksum-fixed
-    flip of bytes 4-7)? The named damage never touches flags."""
-    return any(m[0] == "field" and m[2] == "flags"
-               or m[0] == "flip" and m[4] and 4 <= m[2] % damage.BLOCK < 8 for m in recipe)
+def _may_change_header(recipe: Sequence[tuple[Any, ...]]) -> bool:
+    """Can the recipe leave a valid node whose flags or value_size 1.1 reads differently
+    (those fields set, or a checksum-fixed flip of their bytes)? The named damage cannot."""
+    return any(m[0] == "field" and m[2] in ("flags", "value_size")
+               or m[0] == "flip" and m[4] and (4 <= m[2] % damage.BLOCK < 8
+                                              or 24 <= m[2] % damage.BLOCK < 28)
+               for m in recipe)
 
 
-def normalize_flags(meta: bytearray, used: Sequence[int]) -> bool:
-    """Set the flags of every btree node among ``used`` whose flags are neither 1 nor 2 to 1
-    (internal: what thin_check 1.1 reads "not 2" as), checksum fixed. Changed anything?"""
+def normalize_headers(meta: bytearray, used: Sequence[int]) -> bool:
+    """Rewrite the btree node headers among ``used`` that thin_check 1.1 reads differently
+    from dmimage (and the kernel) to what 1.1 reads them as, checksum fixed: flags neither 1
+    nor 2 -> 1 (1.1 takes "not 2" as internal), and an internal node's value_size whose size
+    bound wraps in 1.1's u32 arithmetic -> 8 (1.1 then reads the node). Changed anything?"""
     changed = False
     for b in used:
-        blk = bytes(meta[b * damage.BLOCK:(b + 1) * damage.BLOCK])
+        off = b * damage.BLOCK
+        blk = bytes(meta[off:off + damage.BLOCK])
         if len(blk) < damage.BLOCK or damage.block_salt(blk) != damage.SALT_BTREE:
             continue
-        if int.from_bytes(blk[4:8], "little") not in (1, 2):
-            meta[b * damage.BLOCK + 4:b * damage.BLOCK + 8] = (1).to_bytes(4, "little")
+        flags, _, _, max_entries, value_size = struct.unpack_from("<IQIII", blk, 4)
+        if flags not in (1, 2):
+            flags = 1
+            struct.pack_into("<I", meta, off + 4, flags)
+        wrapped = (8 + value_size) & 0xFFFFFFFF
+        if flags == 1 and 32 + (8 + value_size) * max_entries > damage.BLOCK \
+                and 32 + wrapped * max_entries <= damage.BLOCK:
+            struct.pack_into("<I", meta, off + 24, 8)
+        if meta[off:off + damage.BLOCK] != blk:
             damage.fix_checksum(meta, b, damage.SALT_BTREE)
             changed = True
     return changed
 
 
 def same_dump(before: bytes, after: bytes) -> bool:
-    """Is ``after`` (the repaired pool's dump) ``before`` (the input's)? Three superblock
+    """Is ``after`` (the repaired pool's dump) ``before`` (the input's)? Four superblock
     attributes may differ, as docs/repair.md says: data_block_size, which the harness tells
     repair (128, the bases' true size) and which replaces the superblock's; the time, which
     repair raises to the newest mapping's when the superblock's is older; the version, which
-    repair writes as 2 (the format it writes) whatever the input's said."""
+    repair writes as 2 (the format it writes) whatever the input's said; the flags, which
+    repair clears (NEEDS_CHECK)."""
     head_b, _, rest_b = before.partition(b"\n")
     head_a, _, rest_a = after.partition(b"\n")
     attrs_b = dict(re.findall(rb'(\w+)="([^"]*)"', head_b))
     attrs_a = dict(re.findall(rb'(\w+)="([^"]*)"', head_a))
     attrs_b[b"data_block_size"] = b"128"
     attrs_b[b"version"] = b"2"
+    attrs_b.pop(b"flags", None)
     if b"time" in attrs_b and b"time" in attrs_a and int(attrs_a[b"time"]) >= int(attrs_b[b"time"]):
         attrs_b[b"time"] = attrs_a[b"time"]
     return rest_b == rest_a and attrs_b == attrs_a
@@ -308,7 +324,7 @@ class Run:
         bad = fuzz_damage.apply(base.meta, recipe, base.used, base.named)
         with open(case.meta, "wb") as f:
             f.write(bad)
-        if _may_change_flags(recipe) and normalize_flags(bad, base.used):
+        if _may_change_header(recipe) and normalize_headers(bad, base.used):
             with open(case.normalized, "wb") as f:
                 f.write(bad)
         oracles.make_sparse(case.repaired, 512)

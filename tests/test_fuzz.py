@@ -54,9 +54,11 @@ def test_fuzz(fuzz_seed: int, tools11: oracles.Tools, workdir: Path,
     bases = fuzz_run.make_bases(workdir, tools11)
     run = fuzz_run.Run(fuzz_seed, bases, workdir, tools11, jobs=JOBS, memory_mb=MEMORY_MB,
                        timeout=TIMEOUT)
-    run.run(INPUTS or range(EXAMPLES))
-    request.node.user_properties.append(("dmimage_fuzz",
-                                         {"seed": fuzz_seed, **run.stats.as_dict()}))
+    try:
+        run.run(INPUTS or range(EXAMPLES))
+    finally:  # the summary line names the seed whatever happened
+        request.node.user_properties.append(("dmimage_fuzz",
+                                             {"seed": fuzz_seed, **run.stats.as_dict()}))
     assert not run.failures, (f"fuzz seed {fuzz_seed}: {len(run.failures)} failing inputs "
                               f"(of {run.stats.inputs}):\n" + "\n".join(run.failures[:10]))
     assert run.stats.inputs == len(INPUTS or range(EXAMPLES))
