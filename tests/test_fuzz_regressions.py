@@ -195,3 +195,22 @@ def test_repair_drops_a_data_block_mapped_twice_in_one_device(restored_pool: Res
     assert check_metadata(out).ok()
     assert oracles.check(out, rp.tools)[0] == 0
     assert check_metadata(out).nr_mappings == 1499
+
+
+def test_ls_and_rmap_check_a_shared_subtree_against_each_parent(restored_pool: Restore,
+                                                                tmp_path: Path) -> None:
+    """Seed 4022491230 input 9494: device 2's first child pointer redirected to a subtree of
+    device 1 whose keys (400..798) lie outside that slot's range (0..399). Check and dump
+    fail it; ls and rmap read a node once and did not check it under its second parent, so
+    they listed device 2 from keys the kernel would never find there."""
+    import fuzz_damage
+
+    rp = restored_pool(poolgen.snapshot_pool(400), nr_meta_blocks=512)
+    raw = bytes(rp.read())
+    bad = fuzz_damage.apply(raw, [("field", 9402, "value0", 2)], fuzz_damage.used_blocks(raw))
+    p = _write(tmp_path / "bad.meta", bad)
+    scopes = {x.scope for x in check_metadata(p).problems if x.fatal and x.field == "keys"}
+    assert scopes == {"device:2"}
+    assert main(["dump", p, "-o", str(tmp_path / "d.xml")]) == 1
+    assert main(["ls", p]) == 1
+    assert main(["rmap", "--region", "0..10", p]) == 1
