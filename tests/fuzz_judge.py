@@ -7,8 +7,9 @@ verdict is judged against thin_check 1.1):
    ``rmap`` and ``export`` validate every tree node they read as strictly as check does, but
    they read only part of the metadata and check nothing about the *values* they print. So:
 
-   * a fatal check problem in a structure the command reads (its :data:`SCOPES` below; the
-     problem's ``scope`` says where check met it) -> the command exits 1;
+   * a fatal check problem in a structure the command reads (:meth:`Reader.reads`: the
+     superblock, details and top-level trees, and its devices' trees; the problem's
+     ``scope`` says where check met it) -> the command exits 1;
    * otherwise it exits 0. That covers damage only in the space maps (no reader opens them:
      dump + restore is the way out of a damaged space map, so dump must work then), in the held
      metadata snapshot (read only with ``-m``), in a device the command does not read
@@ -16,7 +17,7 @@ verdict is judged against thin_check 1.1):
      (:data:`VALUE_ONLY`): a details ``mapped_blocks`` that disagrees with the tree, and a
      mapping beyond the data device, which the readers print as they are (so does thin_dump
      1.1) -- except ``export``, which would read data at that block and so must exit 1;
-   * ``ls`` and ``rmap`` also answer despite an underfull node (documented in docs/tools.md).
+   * ``ls`` and ``rmap`` also answer despite an underfull node (documented in docs/tools.md);
    * ``export`` may also exit 2 (data device too small) when the superblock's nr_data_blocks
      x data_block_size, read from the raw bytes by the harness, exceeds the data file (sized
      for the base pool at the kernel's largest data block size, 1 GiB).
@@ -28,7 +29,9 @@ verdict is judged against thin_check 1.1):
    agree; a clean input is repaired (exit 0) without changing its dump; every repaired output
    checks clean with dmimage (and thin_check 1.1: the caller's part).
 3. **Check vs thin_check 1.1** (:func:`verdict_failure`): equal verdicts, or dmimage stricter
-   under exactly one :class:`StricterRule` that explains *every* problem reported.
+   under exactly one :class:`StricterRule` that explains *every* problem reported (a
+   counterfactual rule: see :attr:`StricterRule.counterfactual`). Inputs of several
+   mutations are split by the harness (fuzz_run.Run.decompose) when no single rule does.
 """
 
 from __future__ import annotations
