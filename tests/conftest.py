@@ -14,6 +14,10 @@
 * No held-metadata-snapshot fixture: neither thin_restore can make one (the tools cannot
   reserve a metadata snapshot); the writer under test will have to produce those.
 
+* ``fuzz_seed`` (session): the seed of this run's fuzz inputs (tests/test_fuzz.py): fresh per
+  run, or ``$DMIMAGE_FUZZ_SEED``; shared with xdist workers; printed in the terminal summary
+  (also under ``-q``) with the fuzz statistics.
+
 The helper modules (oracles, poolgen, semantic, damage) are importable as top-level modules
 because pyproject.toml sets pytest's ``pythonpath = ["tests"]`` (vmtests/ imports them the same
 way); importing them never runs a tool.
@@ -22,9 +26,11 @@ way); importing them never runs a tool.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -43,10 +49,60 @@ ORACLE_FIXTURES = {
 }
 
 
+FUZZ_SEED = pytest.StashKey[int]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None and "dmimage_fuzz_seed" in workerinput:
+        seed = int(workerinput["dmimage_fuzz_seed"])
+    elif os.environ.get("DMIMAGE_FUZZ_SEED"):
+        seed = int(os.environ["DMIMAGE_FUZZ_SEED"])
+    else:
+        seed = secrets.randbits(32)
+    config.stash[FUZZ_SEED] = seed
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """xdist: every worker fuzzes with the controller's seed."""
+    node.workerinput["dmimage_fuzz_seed"] = node.config.stash[FUZZ_SEED]
+
+
+#: statistics of the fuzz runs in this session (sent with the report under xdist)
+_stats_sink: list[dict[str, Any]] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    for key, value in report.user_properties:
+        if key == "dmimage_fuzz" and report.when == "call":
+            _stats_sink.append(value)
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    for st in _stats_sink:
+        rate = st["inputs"] / st["seconds"] if st["seconds"] else 0.0
+        terminalreporter.write_line(
+            f"fuzz: seed {st['seed']} (replay: DMIMAGE_FUZZ_SEED={st['seed']}), "
+            f"{st['inputs']} damaged inputs in {st['seconds']} s on {st['jobs']} workers "
+            f"({rate:.0f}/s, {st['cpu_seconds']} CPU-s); {st['damaged']} damaged per check, "
+            f"{st['repaired']} repaired "
+            f"({st['repaired_oracle']} distinct outputs through thin_check 1.1); stricter "
+            f"verdicts: {st['stricter'] or 'none'}")
+
+
+@pytest.fixture(scope="session")
+def fuzz_seed(request: pytest.FixtureRequest) -> int:
+    return request.config.stash[FUZZ_SEED]
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if ORACLE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.oracle)
+    # the longest test first: under xdist its worker starts on it while the others share the
+    # rest, instead of the whole suite waiting for it at the end
+    items.sort(key=lambda item: item.name != "test_fuzz")
 
 
 def _get_tools(getter, what: str) -> oracles.Tools:

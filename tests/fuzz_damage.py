@@ -13,10 +13,14 @@ damaged bytes. Mutations:
 * ``("sbroot", which, value_sel)``: point a superblock root (mapping, details, held_root,
   data/metadata SM bitmap_root, ref_count_root) at another used block or a huge number, or
   set an SM root's nr_blocks / nr_allocated to an extreme value; checksum fixed.
+
+:func:`random_recipe` draws a recipe from a ``random.Random``: seeded per input by the
+harness, so any input is replayed from (seed, index) alone.
 """
 
 from __future__ import annotations
 
+import random
 import struct
 
 import damage
@@ -97,21 +101,24 @@ def apply(meta: bytes, recipe: list[tuple], used: list[int] | None = None,
     return out
 
 
-def recipes():
-    """A hypothesis strategy for recipes of 1..3 mutations."""
-    from hypothesis import strategies as st
-
-    sel = st.integers(0, 10_000)
-    mutation = st.one_of(
-        st.tuples(st.just("named"), st.integers(0, 100)),
-        st.tuples(st.just("flip"), sel, st.integers(0, BLOCK - 1), st.integers(0, 254),
-                  st.booleans()),
-        st.tuples(st.just("flip"), sel, st.integers(0, 63), st.integers(0, 254),
-                  st.booleans()),
-        st.tuples(st.just("zero"), sel),
-        st.tuples(st.just("field"), sel, st.sampled_from(sorted(_NODE_FIELDS)),
-                  st.one_of(st.integers(0, 300), st.sampled_from(_EXTREMES))),
-        st.tuples(st.just("sbroot"), st.sampled_from(sorted(_SB_FIELDS)),
-                  st.integers(-len(_EXTREMES), 10_000)),
-    )
-    return st.lists(mutation, min_size=1, max_size=3)
+def random_recipe(rng: random.Random) -> list[tuple]:
+    """1..3 mutations, each kind equally likely (flips of the first 64 bytes, where the
+    headers are, as often as flips anywhere)."""
+    out: list[tuple] = []
+    for _ in range(rng.randint(1, 3)):
+        kind = rng.randrange(6)
+        sel = rng.randint(0, 10_000)
+        if kind == 0:
+            out.append(("named", rng.randint(0, 100)))
+        elif kind in (1, 2):
+            offset = rng.randrange(BLOCK if kind == 1 else 64)
+            out.append(("flip", sel, offset, rng.randint(0, 254), rng.random() < 0.5))
+        elif kind == 3:
+            out.append(("zero", sel))
+        elif kind == 4:
+            value = rng.randint(0, 300) if rng.random() < 0.5 else rng.choice(_EXTREMES)
+            out.append(("field", sel, rng.choice(sorted(_NODE_FIELDS)), value))
+        else:
+            out.append(("sbroot", rng.choice(sorted(_SB_FIELDS)),
+                        rng.randint(-len(_EXTREMES), 10_000)))
+    return out

@@ -7,6 +7,7 @@ Exit codes (docs/cli.md): 0 success, 1 metadata damaged / verification failed,
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import pkgutil
 import sys
@@ -36,10 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@functools.cache
+def _parser() -> argparse.ArgumentParser:
+    """One parser per process: building it costs ~15 ms, more than many commands take, and
+    in-process callers (the fuzz harness, the Python API's users) run main() thousands of times."""
+    return build_parser()
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except DmimageError as exc:

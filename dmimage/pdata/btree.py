@@ -108,6 +108,12 @@ def parse_node(block: memoryview, blocknr: int, leaf_value_size: int | None, *,
     if nr > max_entries:
         raise FormatError(f"nr_entries {nr} > max_entries {max_entries}", block=blocknr,
                           field="nr_entries")
+    if not is_leaf and BTREE_HEADER_SIZE + KEY_SIZE * max_entries + INTERNAL_VALUE_SIZE * nr \
+            > BLOCK_SIZE:
+        # a value_size field below 8 lets max_entries pass the bound above, but the child
+        # pointers are read as u64 whatever it says
+        raise FormatError(f"internal node: {nr} child pointers after {max_entries} keys run "
+                          "past the end of the block", block=blocknr, field="max_entries")
     return node_view(block, blocknr, is_leaf, nr, max_entries,
                      value_size if is_leaf else INTERNAL_VALUE_SIZE)
 

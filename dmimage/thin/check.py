@@ -31,12 +31,22 @@ from dmimage.thin.superblock import Superblock, read_superblock
 EXAMPLES = 5
 
 
+#: Where a problem was found (:attr:`Problem.scope`): the structure whose walk met it. A node
+#: shared by several trees is reported once, under the first walk that reaches it, in this
+#: order: superblock, details, top-level, each device's mapping tree by ascending id,
+#: metadata-snapshot (everything reached through the held superblock), data-space-map,
+#: metadata-space-map. Device trees are ``device:N``.
+SCOPES = ("superblock", "details", "top-level", "device:N", "metadata-snapshot",
+          "data-space-map", "metadata-space-map")
+
+
 @dataclass(slots=True)
 class Problem:
     message: str
     block: int | None = None
     field: str | None = None
     fatal: bool = True
+    scope: str | None = None
 
     def __str__(self) -> str:
         where = [f"block {self.block}"] if self.block is not None else []
@@ -74,13 +84,17 @@ class _Checker:
         self.report = report
         self.meta_counts = np.zeros(reader.nr_blocks, dtype=np.uint32)
         self.walker = BtreeWalker(reader, meta_counts=self.meta_counts, on_error=self.error)
-        self.data_leaves: list[np.ndarray] = []
+        #: (scope, data blocks of one leaf) for every mapping leaf walked
+        self.data_leaves: list[tuple[str, np.ndarray]] = []
+        #: the structure being walked; stamped on every problem reported (SCOPES)
+        self.scope = "superblock"
 
     def error(self, err: MetadataError | Problem, fatal: bool = True) -> None:
-        if isinstance(err, Problem):
-            self.report.problems.append(err)
-            return
-        self.report.problems.append(Problem(err.detail, err.block, err.field, fatal))
+        if not isinstance(err, Problem):
+            err = Problem(err.detail, err.block, err.field, fatal)
+        if err.scope is None:
+            err.scope = self.scope
+        self.report.problems.append(err)
 
     # -- trees -------------------------------------------------------------------------
     def device_ids(self, sb: Superblock, label: str) -> dict[int, int]:
@@ -91,6 +105,7 @@ class _Checker:
             for k, d in zip(node.keys.tolist(), unpack_details(node.raw_values), strict=True):
                 out[k] = d.mapped_blocks
 
+        self.scope = "metadata-snapshot" if label else "details"
         self.walker.walk(sb.device_details_root, DEVICE_DETAILS_SIZE, leaf,
                          what=f"{label}device details tree")
         return out
@@ -101,6 +116,7 @@ class _Checker:
         def leaf(node: Node) -> None:
             out.update(zip(node.keys.tolist(), node.values(U64).tolist(), strict=True))
 
+        self.scope = "metadata-snapshot" if label else "top-level"
         self.walker.walk(sb.data_mapping_root, MAPPING_VALUE_SIZE, leaf,
                          what=f"{label}mapping tree (top level)")
         return out
@@ -109,9 +125,10 @@ class _Checker:
         total = 0
 
         def leaf(node: Node) -> None:
-            self.data_leaves.append(mapping_blocks(node.values(U64)))
+            self.data_leaves.append((self.scope, mapping_blocks(node.values(U64))))
 
         for dev, root in sorted(roots.items()):
+            self.scope = "metadata-snapshot" if label else f"device:{dev}"
             s = self.walker.walk(root, MAPPING_VALUE_SIZE, leaf,
                                  what=f"{label}mapping tree of device {dev}")
             if s is None:
@@ -131,7 +148,8 @@ class _Checker:
             only_m = sorted(set(roots) - set(details))[:EXAMPLES]
             self.error(Problem(f"{label}details tree and mapping tree disagree on device ids "
                                f"(details only: {only_d}, mappings only: {only_m})",
-                               block=sb.data_mapping_root, field="data_mapping_root"))
+                               block=sb.data_mapping_root, field="data_mapping_root",
+                               scope="metadata-snapshot" if label else "top-level"))
         if label == "":
             self.report.nr_devices = len(details)
         if not skip_mappings:
@@ -143,6 +161,7 @@ class _Checker:
     def read_sm(self, sb: Superblock, metadata: bool) -> SpaceMap | None:
         what = "metadata space map" if metadata else "data space map"
         root = sb.metadata_sm if metadata else sb.data_sm
+        self.scope = what.replace(" ", "-")
         if root.nr_bitmaps > self.reader.nr_blocks:
             self.error(Problem(f"{what}: nr_blocks {root.nr_blocks} needs more bitmaps than the "
                                f"metadata device has blocks", block=0,
@@ -157,6 +176,7 @@ class _Checker:
 
     def compare(self, sm: SpaceMap, expected: np.ndarray, what: str) -> list[int]:
         """Report count differences; return leaked blocks (stored 1, expected 0)."""
+        self.scope = what.replace(" ", "-")
         stored = sm.counts
         n = len(stored)
         if len(expected) > n:
@@ -208,24 +228,27 @@ def check_metadata(
     try:
         reader = BlockReader(path, window=window)
     except MetadataError as err:
-        report.problems.append(Problem(err.detail, err.block, err.field))
+        report.problems.append(Problem(err.detail, err.block, err.field, scope="superblock"))
         return report
     with reader:
         try:
             sb = read_superblock(reader, 0)
         except MetadataError as err:
-            report.problems.append(Problem(err.detail, err.block, err.field))
+            report.problems.append(Problem(err.detail, err.block, err.field,
+                                           scope="superblock"))
             return report
         report.transaction_id = sb.trans_id
         report.metadata_free_blocks = sb.metadata_sm.nr_blocks - sb.metadata_sm.nr_allocated
         if sb.incompat_flags:
             report.problems.append(Problem(f"incompat_flags {sb.incompat_flags:#x}: the kernel "
-                                           "refuses to open this pool", 0, "incompat_flags"))
+                                           "refuses to open this pool", 0, "incompat_flags",
+                                           scope="superblock"))
         if super_block_only:
             return report
         c = _Checker(reader, report)
         c.meta_counts[0] += 1
         held: Superblock | None = None
+        c.scope = "metadata-snapshot"
         if sb.held_root:
             if sb.held_root >= reader.nr_blocks:
                 c.error(Problem(f"metadata snapshot at block {sb.held_root} lies beyond the "
@@ -245,17 +268,27 @@ def check_metadata(
         meta_sm = c.read_sm(sb, metadata=True)
         if skip_mappings:
             return report
+        # every mapping must lie inside the data device the superblock describes, whether or
+        # not its space map is readable (export refuses the same mappings)
+        limit = sb.data_sm.nr_blocks
+        by_scope: dict[str, list[np.ndarray]] = {}
+        for scope, blocks in c.data_leaves:
+            by_scope.setdefault(scope, []).append(blocks)
+        kept = []
+        for scope, parts in by_scope.items():
+            blocks = np.concatenate(parts)
+            beyond = blocks >= limit
+            if beyond.any():
+                whose = scope.replace("device:", "device ")
+                c.error(Problem(f"{whose}: {int(beyond.sum())} mappings point beyond the data "
+                                f"device (nr_data_blocks {limit}, e.g. data block "
+                                f"{int(blocks[beyond][0])})", field="mapping value",
+                                scope=scope))
+                blocks = blocks[~beyond]
+            kept.append(blocks)
         if data_sm is not None:
-            if c.data_leaves:
-                blocks = np.concatenate(c.data_leaves)
-                limit = max(len(data_sm.counts), 1)
-                beyond = blocks >= limit
-                if beyond.any():
-                    c.error(Problem(f"{int(beyond.sum())} mappings point beyond the data device "
-                                    f"(nr_data_blocks {sb.data_sm.nr_blocks}, e.g. data block "
-                                    f"{int(blocks[beyond][0])})", field="mapping value"))
-                    blocks = blocks[~beyond]
-                expected = np.bincount(blocks.astype(np.int64),
+            if kept:
+                expected = np.bincount(np.concatenate(kept).astype(np.int64),
                                        minlength=len(data_sm.counts)).astype(np.uint32)
             else:
                 expected = np.zeros(len(data_sm.counts), np.uint32)

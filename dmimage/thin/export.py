@@ -15,7 +15,7 @@ from typing import BinaryIO, Protocol
 
 import numpy as np
 
-from dmimage.errors import DeviceError, UsageError
+from dmimage.errors import DeviceError, MetadataError, UsageError
 from dmimage.format.constants import SECTOR_SIZE
 from dmimage.pdata.block import device_size
 from dmimage.thin.ir import Runs
@@ -95,6 +95,13 @@ def export_thin(
     """
     bs = pool.superblock.data_block_size * SECTOR_SIZE
     runs = export_runs(pool, dev_id)
+    nr_data = pool.live_superblock.nr_data_blocks
+    if len(runs) and int((runs.data_begin + runs.length).max()) > nr_data:
+        # damaged metadata (check reports it), not a short data device: whatever lies there
+        # is not this volume's data
+        last = int((runs.data_begin + runs.length).max()) - 1
+        raise MetadataError(f"device {dev_id}: a mapping points at data block {last}, beyond "
+                            f"the pool's {nr_data} data blocks", field="mapping value")
     if size is None:
         size = 0 if not len(runs) else int(runs.origin_begin[-1] + runs.length[-1]) * bs
     if size < 0:

@@ -110,6 +110,8 @@ class MappingForest:
         self.leaf_keys: dict[int, np.ndarray] = {}
         self.leaf_data: dict[int, np.ndarray] = {}
         self.height: dict[int, int] = {}
+        #: (first key, last key) below each node read (None: no entries)
+        self.span: dict[int, tuple[int, int] | None] = {}
         self.owner: dict[int, int] = {}
         self._stack: set[int] = set()
 
@@ -143,6 +145,7 @@ class MappingForest:
             self.leaf_keys[blocknr] = keys
             self.leaf_data[blocknr] = mapping_blocks(node.values(U64))
             self.height[blocknr] = 0
+            self.span[blocknr] = (int(keys[0]), int(keys[-1])) if nr else None
             self.owner[blocknr] = dev_id
             return
         kids = node.values(U64).tolist()
@@ -156,15 +159,25 @@ class MappingForest:
                                     block=blocknr)
             seen = child in self.refs
             self.refs[child] = self.refs.get(child, 0) + 1
+            child_hi = key_list[i + 1] if i + 1 < nr else hi
             if not seen:
-                child_hi = key_list[i + 1] if i + 1 < nr else hi
                 self._expand(child, key_list[i], child_hi, depth + 1, False, dev_id)
+            else:
+                # a subtree read under another parent must fit this parent's range too (as
+                # check and dump require): its keys are found through this parent
+                span = self.span.get(child)
+                if span is not None and not (key_list[i] <= span[0] and span[1] < child_hi):
+                    raise MetadataError(f"{what}: shared subtree keys {span[0]}..{span[1]} "
+                                        f"outside the parent's range {key_list[i]}.."
+                                        f"{child_hi - 1}", block=child, field="keys")
             h = self.height[child]
             if height not in (-1, h):
                 raise MetadataError(f"{what}: leaves at different depths", block=blocknr)
             height = h
         self._stack.discard(blocknr)
         self.height[blocknr] = height + 1
+        spans = [s for s in (self.span.get(c) for c in kids) if s is not None]
+        self.span[blocknr] = (spans[0][0], spans[-1][1]) if spans else None
 
     def summaries(self, roots: list[int]) -> list[tuple[int, int, int]]:
         """(mapped, shared, highest key) of each root."""

@@ -566,6 +566,38 @@ def _match_by_counts(s: _Salvager, report: SalvageReport,
     return out
 
 
+def _drop_repeated_blocks(lists: dict[int, list[int]],
+                          leaf_data: dict[int, tuple[np.ndarray, np.ndarray]]) -> int:
+    """Drop every mapping of a data block a device already maps (first in key order wins);
+    return how many.
+
+    The kernel never maps one data block to two virtual blocks of a device (only snapshots
+    share blocks, across devices), so a repeat is damage -- e.g. an internal node read as a
+    leaf, whose child pointers look like mappings of data block 0, or one damaged value -- and
+    thin_check 1.1 would reject the count written for it.
+    """
+    dropped = 0
+    for dev in sorted(lists):
+        ids = list(dict.fromkeys(lists[dev]))
+        parts = [mapping_blocks(leaf_data[i][1]) for i in ids]
+        sizes = [len(p) for p in parts]
+        if sum(sizes) < 2:
+            continue
+        blocks = np.concatenate(parts)
+        again = np.ones(len(blocks), dtype=bool)
+        again[np.unique(blocks, return_index=True)[1]] = False
+        if not again.any():
+            continue
+        ends = np.cumsum(sizes)
+        for lid, end, size in zip(ids, ends.tolist(), sizes, strict=True):
+            mask = again[end - size:end]
+            if mask.any():
+                keys, vals = leaf_data[lid]
+                leaf_data[lid] = (keys[~mask], vals[~mask])
+                dropped += int(mask.sum())
+    return dropped
+
+
 def salvage(path: str | os.PathLike[str],
             overrides: Overrides | None = None) -> tuple[PoolIR, SalvageReport]:
     """Recover as much of the pool at ``path`` as can be trusted; returns (PoolIR, report).
@@ -687,6 +719,7 @@ def salvage(path: str | os.PathLike[str],
             if bad.any():
                 report.dropped_mappings += int(bad.sum())
                 leaf_data[lid] = (keys[~bad], vals[~bad])
+        report.dropped_mappings += _drop_repeated_blocks(lists, leaf_data)
 
         def runs_of(ids: list[int]) -> Runs:
             parts = [leaf_data[i] for i in ids if len(leaf_data[i][0])]

@@ -1,0 +1,93 @@
+"""The fuzz harness's sandboxed worker: runs dmimage commands in-process, one job per line.
+
+Started as ``python fuzz_worker.py MEMORY_MB TIMEOUT_S`` by :class:`fuzz_run.Worker`. The
+whole process runs under RLIMIT_AS (a runaway allocation fails as MemoryError instead of
+swapping the machine) and each command under a SIGALRM timer, so one long-lived process
+guards thousands of inputs without a fork per input. A command that ignores the alarm
+(stuck in C code) is caught by the parent's read timeout, which kills and restarts the worker.
+
+Protocol: the first line out is ``{"ready": true}``; then for each JSON job in (``cmds``: a
+list of ``[name, argv, requires]``, run in order, a command only when every command named in
+``requires`` ran and returned 0; ``capture``: names whose stdout to return) one JSON line
+out: name -> ``{"rc", "exc", "error", "stdout"}`` for the commands that ran. ``rc`` is main()'s
+return value or the SystemExit code; ``exc`` the class of a DmimageError that escaped; ``error`` a traceback
+or ``"hang"`` (both are failures the parent reports).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import resource
+import signal
+import sys
+import traceback
+from types import FrameType
+from typing import Any
+
+from dmimage.cli.main import main
+from dmimage.errors import DmimageError
+
+
+class Hang(BaseException):
+    """Raised by the alarm: a command took longer than the timeout."""
+
+
+def _on_alarm(signum: int, frame: FrameType | None) -> None:
+    raise Hang()
+
+
+def run_command(argv: list[str], timeout: float, capture: bool) -> dict[str, Any]:
+    """main(argv) under the alarm; never raises (except KeyboardInterrupt)."""
+    out: dict[str, Any] = {"rc": None, "exc": None, "error": None, "stdout": None}
+    saved = sys.stdout
+    buf = io.BytesIO()
+    wrapper = io.TextIOWrapper(buf, encoding="utf-8")
+    if capture:
+        sys.stdout = wrapper
+    signal.setitimer(signal.ITIMER_REAL, timeout)
+    try:
+        out["rc"] = main(argv)
+    except Hang:
+        out["error"] = "hang"
+    except SystemExit as e:
+        out["rc"] = e.code if isinstance(e.code, int) else 2
+    except DmimageError as e:  # main() maps these; one escaping is worth knowing about
+        out["rc"], out["exc"] = e.exit_code, type(e).__name__
+        out["error"] = f"{type(e).__name__} escaped main(): {e}"
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        out["error"] = traceback.format_exc()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        if capture:
+            sys.stdout = saved
+            wrapper.flush()
+            out["stdout"] = buf.getvalue().decode("utf-8", "replace")
+        wrapper.detach()
+    return out
+
+
+def serve(memory_mb: int, timeout: float) -> None:
+    limit = memory_mb << 20
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    proto = os.fdopen(os.dup(1), "w")
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    signal.signal(signal.SIGALRM, _on_alarm)
+    print(json.dumps({"ready": True}), file=proto, flush=True)
+    for line in sys.stdin:
+        job = json.loads(line)
+        capture = set(job.get("capture", ()))
+        results: dict[str, dict[str, Any]] = {}
+        for name, argv, requires in job["cmds"]:
+            if all(r in results and results[r]["rc"] == 0 for r in requires):
+                results[name] = run_command(argv, timeout, name in capture)
+        print(json.dumps(results), file=proto, flush=True)
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]), float(sys.argv[2]))

@@ -1,0 +1,216 @@
+"""What the fuzzer (tests/test_fuzz.py) found, pinned as fixed inputs.
+
+Each test rebuilds the input the fuzzer reported (a thin_restore 1.1 pool of 512 metadata
+blocks, damaged as the recipe said, written out here as the one field it changes) and checks
+the fixed behaviour, with thin_check 1.1 as the oracle where a verdict is involved.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dmimage.cli.main import main
+from dmimage.thin.check import check_metadata
+
+import damage
+import oracles
+import poolgen
+
+#: the restored_pool fixture (conftest.py)
+Restore = Callable[..., Any]
+SB_DATA_NR_BLOCKS = 64
+SB_DATA_BITMAP_ROOT = 80
+
+
+def _set_sb(meta: bytearray, offset: int, value: int) -> None:
+    struct.pack_into("<Q", meta, offset, value)
+    damage.fix_checksum(meta, 0, damage.SALT_SUPERBLOCK)
+
+
+def _write(path: Path, meta: bytes | bytearray) -> str:
+    path.write_bytes(meta)
+    return str(path)
+
+
+def _data_file(path: Path, pool: poolgen.Pool) -> str:
+    with open(path, "wb") as f:
+        f.truncate(pool.nr_data_blocks * pool.data_block_size * 512)
+    return str(path)
+
+
+def test_wrong_data_index_key_is_one_problem(restored_pool: Restore, tmp_path: Path) -> None:
+    """Seed 443479594 input 269: one flipped byte in the data index leaf's first key (checksum
+    fixed). Check reported the key, then read block 0 as the missing bitmap and reported all
+    60 data blocks' counts; 1.1 reads the entries in order and passes."""
+    rp = restored_pool(poolgen.thins_pool(3), nr_meta_blocks=512)
+    meta = rp.read()
+    leaf = damage.MetaMap(bytes(meta)).nodes_where("data_index", False)[0].block
+    struct.pack_into("<Q", meta, leaf * damage.BLOCK + 32, 20)
+    damage.fix_checksum(meta, leaf, damage.SALT_BTREE)
+    p = _write(tmp_path / "bad.meta", meta)
+    assert oracles.check(p, rp.tools)[0] == 0
+    problems = check_metadata(p).problems
+    assert [(x.field, x.fatal) for x in problems] == [("data space map index", True)]
+    assert "keys are not 0..0" in problems[0].message
+
+
+def test_too_small_data_nr_blocks_leaks_nothing(restored_pool: Restore, tmp_path: Path) -> None:
+    """Seed 443479594 input 537: the superblock's data nr_blocks set to 0. The index entry
+    beyond it was dropped before its bitmap was counted, so check also called that metadata
+    block leaked."""
+    rp = restored_pool(poolgen.multilevel_pool(1500), nr_meta_blocks=512)
+    meta = rp.read()
+    _set_sb(meta, SB_DATA_NR_BLOCKS, 0)
+    p = _write(tmp_path / "bad.meta", meta)
+    assert oracles.check(p, rp.tools)[0] == 0  # 1.1 does not look at the data device size
+    report = check_metadata(p)
+    assert not any("leaked" in x.message for x in report.problems), report.problems
+    assert any(x.field == "mapping value" and x.scope == "device:1" for x in report.problems)
+
+
+def test_export_refuses_a_mapping_beyond_the_data_device(restored_pool: Restore, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]
+                                                         ) -> None:
+    """Seed 1294926763 input 93: data nr_blocks set to 5. Check fails the pool (the mappings
+    point beyond the data device), but export read the data file at those blocks and exited 0
+    (or 2 when the file was short)."""
+    pool = poolgen.thins_pool(3)
+    rp = restored_pool(pool, nr_meta_blocks=512)
+    meta = rp.read()
+    _set_sb(meta, SB_DATA_NR_BLOCKS, 5)
+    p = _write(tmp_path / "bad.meta", meta)
+    data = _data_file(tmp_path / "data", pool)
+    scopes = {x.scope for x in check_metadata(p).problems if x.field == "mapping value"}
+    assert scopes == {"device:1", "device:2", "device:3"}
+    capsys.readouterr()
+    rc = main(["export", p, data, "--dev-id", "1", "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "beyond the pool's 5 data blocks" in err
+    assert not (tmp_path / "out").exists()
+    assert main(["dump", p, "-o", str(tmp_path / "dump.xml")]) == 0  # prints values as they are
+
+
+def test_mappings_beyond_the_data_device_without_a_readable_space_map(restored_pool: Restore,
+                                                                      tmp_path: Path) -> None:
+    """The same check no longer depends on the data space map being readable (export's
+    refusal does not either)."""
+    rp = restored_pool(poolgen.thins_pool(3), nr_meta_blocks=512)
+    meta = rp.read()
+    _set_sb(meta, SB_DATA_NR_BLOCKS, 5)
+    _set_sb(meta, SB_DATA_BITMAP_ROOT, 1 << 40)
+    problems = check_metadata(_write(tmp_path / "bad.meta", meta)).problems
+    assert any(x.field == "mapping value" and x.scope == "device:1" for x in problems)
+
+
+def test_problems_name_the_structure_readers_need(restored_pool: Restore, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """check --json gives each problem's scope; a reader fails exactly when its scope is hit:
+    device 2's leaf damaged stops dump and ls but not an export of device 1."""
+    pool = poolgen.thins_pool(3)
+    rp = restored_pool(pool, nr_meta_blocks=512)
+    raw = rp.read()
+    mm = damage.MetaMap(bytes(raw))
+    top = mm.nodes_where("top", False)[0].block
+    roots = dict(zip(struct.unpack_from("<3Q", raw, top * damage.BLOCK + 32),
+                     struct.unpack_from("<3Q", raw, top * damage.BLOCK + 32 + 8 * mm.nodes[top]
+                                        .max_entries), strict=True))
+    meta = damage.flip_byte(bytes(raw), "btree_leaf", role="bottom",
+                            which=sorted(b.block for b in mm.nodes_where("bottom", False))
+                            .index(roots[2])).data
+    p = _write(tmp_path / "bad.meta", meta)
+    data = _data_file(tmp_path / "data", pool)
+    capsys.readouterr()
+    assert main(["check", "--json", p]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert [x["scope"] for x in doc["problems"] if x["fatal"]] == ["device:2"]
+    assert main(["dump", p, "-o", str(tmp_path / "d.xml")]) == 1
+    assert main(["ls", p]) == 1
+    assert main(["export", p, data, "--dev-id", "1", "-o", str(tmp_path / "o")]) == 0
+
+
+def test_repair_drops_a_data_block_mapped_twice_in_one_leaf(restored_pool: Restore,
+                                                             tmp_path: Path) -> None:
+    """Seed 2322783378 input 2395: the bottom tree's internal root relabelled a leaf (flags 2,
+    checksum fixed). Its child pointers then read as six mappings of data block 0; repair
+    kept all six with a count of 6, which thin_check 1.1 rejects (it expects 1)."""
+    rp = restored_pool(poolgen.multilevel_pool(1500), nr_meta_blocks=512)
+    meta = rp.read()
+    node = damage.MetaMap(bytes(meta)).nodes_where("bottom", True)[0]
+    struct.pack_into("<I", meta, node.block * damage.BLOCK + 4, 2)
+    damage.fix_checksum(meta, node.block, damage.SALT_BTREE)
+    p = _write(tmp_path / "bad.meta", meta)
+    out = oracles.make_sparse(tmp_path / "repaired.meta", 512)
+    assert main(["repair", "-q", "-i", p, "-o", str(out)]) == 0
+    assert check_metadata(out).ok()
+    assert oracles.check(out, rp.tools)[0] == 0
+    dump = main(["dump", str(out), "-o", str(tmp_path / "d.xml")])
+    assert dump == 0 and (tmp_path / "d.xml").read_text().count('data_block="0"') == 1
+
+
+def test_internal_node_pointers_past_the_block_are_damage(restored_pool: Restore,
+                                                         tmp_path: Path) -> None:
+    """An internal node with value_size 0 and max_entries 504 passes the size bound
+    (32 + (8 + 0) x 504 <= 4096), but its u64 child pointers then start at byte 4064 and run
+    past the block: every reader died with a numpy ValueError."""
+    rp = restored_pool(poolgen.multilevel_pool(1500), nr_meta_blocks=512)
+    meta = rp.read()
+    node = damage.MetaMap(bytes(meta)).nodes_where("bottom", True)[0]
+    struct.pack_into("<II", meta, node.block * damage.BLOCK + 20, 504, 0)  # max_entries, vs
+    damage.fix_checksum(meta, node.block, damage.SALT_BTREE)
+    p = _write(tmp_path / "bad.meta", meta)
+    problems = check_metadata(p).problems
+    assert any(x.field == "max_entries" and x.block == node.block and x.scope == "device:1"
+               for x in problems), problems
+    assert oracles.check(p, rp.tools)[0] != 0
+    for argv in (["dump", p, "-o", str(tmp_path / "d.xml")], ["ls", p],
+                 ["rmap", "--region", "0..10", p]):
+        assert main(argv) == 1
+
+
+def test_repair_drops_a_data_block_mapped_twice_in_one_device(restored_pool: Restore,
+                                                              tmp_path: Path) -> None:
+    """Seed 1964916683 input 708: one mapping's value damaged to a data block another leaf
+    of the same device maps (checksum fixed). Repair kept both with a count of 2; thin_check
+    1.1 rejects that output (it expects 1)."""
+    rp = restored_pool(poolgen.multilevel_pool(1500), nr_meta_blocks=512)
+    meta = rp.read()
+    leaves = damage.MetaMap(bytes(meta)).nodes_where("bottom", False)
+    first, other = leaves[0], leaves[1]
+
+    def value_off(n: damage.Node) -> int:
+        return n.block * damage.BLOCK + 32 + 8 * n.max_entries
+
+    (taken,) = struct.unpack_from("<Q", meta, value_off(first))
+    struct.pack_into("<Q", meta, value_off(other), taken)
+    damage.fix_checksum(meta, other.block, damage.SALT_BTREE)
+    p = _write(tmp_path / "bad.meta", meta)
+    out = oracles.make_sparse(tmp_path / "repaired.meta", 512)
+    assert main(["repair", "-q", "-i", p, "-o", str(out)]) == 0
+    assert check_metadata(out).ok()
+    assert oracles.check(out, rp.tools)[0] == 0
+    assert check_metadata(out).nr_mappings == 1499
+
+
+def test_ls_and_rmap_check_a_shared_subtree_against_each_parent(restored_pool: Restore,
+                                                                tmp_path: Path) -> None:
+    """Seed 4022491230 input 9494: device 2's first child pointer redirected to a subtree of
+    device 1 whose keys (400..798) lie outside that slot's range (0..399). Check and dump
+    fail it; ls and rmap read a node once and did not check it under its second parent, so
+    they listed device 2 from keys the kernel would never find there."""
+    import fuzz_damage
+
+    rp = restored_pool(poolgen.snapshot_pool(400), nr_meta_blocks=512)
+    raw = bytes(rp.read())
+    bad = fuzz_damage.apply(raw, [("field", 9402, "value0", 2)], fuzz_damage.used_blocks(raw))
+    p = _write(tmp_path / "bad.meta", bad)
+    scopes = {x.scope for x in check_metadata(p).problems if x.fatal and x.field == "keys"}
+    assert scopes == {"device:2"}
+    assert main(["dump", p, "-o", str(tmp_path / "d.xml")]) == 1
+    assert main(["ls", p]) == 1
+    assert main(["rmap", "--region", "0..10", p]) == 1
