@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from dmimage.thin.metadata_size import Unit
+
+T = TypeVar("T")
 
 
-def _typed(parse):
-    def conv(text: str):
+def _typed(parse: Callable[[str], T]) -> Callable[[str], T]:
+    def conv(text: str) -> T:
         from dmimage.errors import UsageError
 
         try:
@@ -22,7 +29,7 @@ def _size(text: str) -> int:
     return parse_size(text)
 
 
-def _unit(text: str):
+def _unit(text: str) -> Unit:
     from dmimage.thin.metadata_size import parse_unit
 
     return parse_unit(text)
@@ -45,7 +52,7 @@ def _numeric_opt(text: str) -> str:
     return text
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "metadata-size",
         help="estimate the metadata device size for a pool (like thin_metadata_size)",

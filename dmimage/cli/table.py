@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dmimage.table.model import Table
 
 
 def _read(path: str) -> str:
@@ -20,8 +24,9 @@ def _read(path: str) -> str:
         raise DeviceError(f"{path}: not UTF-8 text") from None
 
 
-def _load(path: str, from_json: bool):
-    from dmimage.table import parse_table, table_from_json
+def _load(path: str, from_json: bool) -> Table:
+    from dmimage.table import parse_table
+    from dmimage.table.jsonio import table_from_json
 
     text = _read(path)
     if not from_json:
@@ -52,7 +57,7 @@ def _size(text: str) -> tuple[str, int]:
     return dev, int(value)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "table", help="check, normalise and convert device-mapper tables",
         description="Device-mapper tables as `dmsetup table` prints them (see docs/tables.md).")

@@ -20,7 +20,7 @@ from typing import Any
 
 from dmimage.errors import DmimageError
 from dmimage.format.constants import MAX_DEV_ID, SECTOR_SIZE
-from dmimage.table.targets import POOL_FEATURES
+from dmimage.table.kernel import POOL_FEATURES
 
 #: Namespace of every uuid5 a build derives (PARTUUIDs, disk GUID, ext4 UUIDs, hash seeds).
 BUILD_NAMESPACE = uuid.UUID("d5edd51c-e019-46a6-b31a-cecb375a55b3")
@@ -375,7 +375,8 @@ def parse_spec(data: dict[str, Any], base: Path, source: Path | None = None) -> 
     def root_of(i: int) -> str:
         while origins[i] is not None:
             i = names[origins[i]]  # type: ignore[index]
-        return tables[i].data["name"]
+        name: str = tables[i].data["name"]
+        return name
 
     vols: dict[int, Volume] = {}
     for i in order:
