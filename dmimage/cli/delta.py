@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from dmimage.cli._locking import add_lock_plan
 from dmimage.cli._units import parse_uint
 from dmimage.cli.ls import add_metadata_snap, resolve_meta, write_text
 from dmimage.errors import UsageError
@@ -25,6 +26,7 @@ def register(subparsers) -> None:
     p.add_argument("--verbose", action="store_true", help="data blocks of each range")
     p.add_argument("--json", action="store_true", help="JSON instead of XML")
     add_metadata_snap(p)
+    add_lock_plan(p, lambda a: [(a.meta, False)])
     p.set_defaults(func=run)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dmimage.cli._locking import add_lock_plan
 from dmimage.errors import UsageError
 
 
@@ -50,6 +51,7 @@ def register(subparsers) -> None:
     p.add_argument("--no-headers", action="store_true", help="no header row")
     p.add_argument("--json", action="store_true", help="JSON instead of the table")
     add_metadata_snap(p)
+    add_lock_plan(p, lambda a: [(a.meta, False)])
     p.set_defaults(func=run)
 
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 from contextlib import contextmanager
 
+from dmimage.cli._locking import add_lock_plan
 from dmimage.cli._units import parse_uint
 
 #: Below this many mappings a restore takes well under a second: no progress bar.
@@ -31,6 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="override the data block size (sectors)")
     p.add_argument("--nr-data-blocks", type=parse_uint, metavar="N",
                    help="override the number of data blocks")
+    add_lock_plan(p, lambda a: [(a.output, True)])
     p.set_defaults(func=run)
 
 

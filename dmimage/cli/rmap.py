@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from dmimage.cli._locking import add_lock_plan
 from dmimage.cli.ls import add_metadata_snap, resolve_meta, write_text
 
 
@@ -18,6 +19,7 @@ def register(subparsers) -> None:
                    required=True, help="data blocks BEGIN to END-1 (repeatable)")
     p.add_argument("--json", action="store_true", help="JSON instead of text")
     add_metadata_snap(p)
+    add_lock_plan(p, lambda a: [(a.meta, False)])
     p.set_defaults(func=run)
 
 

@@ -11,6 +11,7 @@ import os
 import stat
 from types import TracebackType
 
+from dmimage import devlock
 from dmimage.errors import DeviceError, MetadataError
 from dmimage.format.constants import BLOCK_SIZE
 
@@ -26,7 +27,11 @@ def device_size(fd: int) -> int:
 
 
 class BlockReader:
-    """A metadata device opened read-only; blocks are 4 KiB and numbered from 0."""
+    """A metadata device opened read-only; blocks are 4 KiB and numbered from 0.
+
+    Holds a shared lock on the device (``dmimage.devlock``) from before the superblock is
+    read until :meth:`close`, so no writer commits underneath it.
+    """
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = os.fspath(path)
@@ -36,7 +41,9 @@ class BlockReader:
             raise DeviceError(f"{self.path}: is a directory") from None
         except OSError as exc:
             raise DeviceError(f"{self.path}: {exc.strerror}") from None
+        self._lock: devlock.Lock | None = None
         try:
+            self._lock = devlock.acquire(self.path, exclusive=False)
             try:
                 size = device_size(fd)
             except DeviceError as exc:
@@ -53,6 +60,8 @@ class BlockReader:
             self._mmap = mmap.mmap(fd, self.nr_blocks * BLOCK_SIZE, prot=mmap.PROT_READ)
         except BaseException:
             os.close(fd)
+            if self._lock is not None:
+                self._lock.release()
             raise
         os.close(fd)
         self._view = memoryview(self._mmap)
@@ -72,6 +81,8 @@ class BlockReader:
         return self._view
 
     def close(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
         view, self._view = self._view, memoryview(b"")
         try:
             view.release()

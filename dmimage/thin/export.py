@@ -15,6 +15,7 @@ from typing import BinaryIO, Protocol
 
 import numpy as np
 
+from dmimage import devlock
 from dmimage.errors import DeviceError, UsageError
 from dmimage.format.constants import SECTOR_SIZE
 from dmimage.pdata.block import device_size
@@ -87,6 +88,7 @@ def export_thin(
         data_fd = os.open(data_path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise DeviceError(f"{os.fspath(data_path)}: {exc.strerror}") from None
+    data_lock = devlock.acquire(data_path, exclusive=False)
     try:
         try:
             data_size = device_size(data_fd)
@@ -102,6 +104,7 @@ def export_thin(
             _export_to_stream(out, data_fd, runs, bs, size, progress)
     finally:
         os.close(data_fd)
+        data_lock.release()
     return size
 
 

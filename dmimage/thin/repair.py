@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dmimage import devlock
 from dmimage.errors import DeviceError, MetadataError, UsageError
 from dmimage.format.checksum import seal
 from dmimage.format.constants import (
@@ -761,6 +762,7 @@ def repair(input_path: str | os.PathLike[str], output_path: str | os.PathLike[st
         same = False
     if same:
         raise UsageError("input and output are the same file: repair never writes its input")
-    ir, report = salvage(input_path, overrides)
-    res = restore(ir, output_path)
+    with devlock.acquire_all([(input_path, False), (output_path, True)]):
+        ir, report = salvage(input_path, overrides)
+        res = restore(ir, output_path)
     return RepairResult(report, res.metadata_blocks, res.blocks_written)

@@ -22,6 +22,7 @@ from types import TracebackType
 
 import numpy as np
 
+from dmimage import devlock
 from dmimage.errors import DeviceError, DmimageError, MetadataError, UsageError
 from dmimage.format.checksum import seal
 from dmimage.format.constants import (
@@ -109,14 +110,21 @@ BlockWrite = Callable[[int, bytes], None]
 
 
 class WritablePool:
-    """A pool opened for offline changes. Use as a context manager; call :meth:`commit`."""
+    """A pool opened for offline changes. Use as a context manager; call :meth:`commit`.
+
+    Holds exclusive locks on the metadata and data devices (``dmimage.devlock``) from before
+    the superblock is read until :meth:`close`: concurrent writers queue, none loses an update.
+    """
 
     def __init__(self, metadata: str | os.PathLike[str],
                  data: str | os.PathLike[str] | None = None):
         self.path = os.fspath(metadata)
+        self._fd = -1
+        self._locks = devlock.acquire_all([(metadata, True), (data, True)])
         try:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
+            self._locks.release()
             raise DeviceError(f"{self.path}: {exc.strerror}") from None
         self._data_fd: int | None = None
         self._pool: Pool | None = None
@@ -549,6 +557,7 @@ class WritablePool:
                 os.close(fd)
         self._fd = -1
         self._data_fd = None
+        self._locks.release()
 
     def __enter__(self) -> WritablePool:
         return self
