@@ -125,7 +125,7 @@ def describe_pid(pid: int) -> str:
         argv = argv[1:]
     if argv:
         argv[0] = os.path.basename(argv[0])
-        text = " ".join(argv)
+        text = " ".join(" ".join(argv).split())  # one line, whatever the arguments hold
         if len(text) > 100:
             text = text[:97] + "..."
         return f"pid {pid} ({text})"
@@ -172,12 +172,12 @@ def _flock(h: _Held, op: int, st: os.stat_result, timeout: float | None) -> None
     except OSError as exc:
         raise DeviceError(f"{h.path}: cannot lock: {exc.strerror}") from None
     holders = [describe_pid(p) for p in _proc_locks_holders(st)]
-    by = f" held by {', '.join(holders)}" if holders else ""
+    by = f" by {', '.join(holders)}" if holders else " by another process"
     if timeout is not None and timeout <= 0:
         raise LockTimeout(f"{h.path}: locked{by} (--lock-timeout {timeout:g})")
     notify = _policy.notify or _stderr
     mode = "exclusive" if op == fcntl.LOCK_EX else "shared"
-    notify(f"dmimage: {h.path}: waiting for the {mode} lock{by}")
+    notify(f"dmimage: {h.path}: waiting for the {mode} lock, held{by}")
     if timeout is None:
         try:
             fcntl.flock(h.fd, op)
@@ -195,7 +195,7 @@ def _flock(h: _Held, op: int, st: os.stat_result, timeout: float | None) -> None
         left = deadline - time.monotonic()
         if left <= 0:
             holders = [describe_pid(p) for p in _proc_locks_holders(st)] or holders
-            by = f" held by {', '.join(holders)}" if holders else ""
+            by = f" by {', '.join(holders)}" if holders else " by another process"
             raise LockTimeout(f"{h.path}: still locked{by} after {timeout:g} s "
                               "(--lock-timeout)")
         time.sleep(min(pause, left))
@@ -256,16 +256,17 @@ FROM_POLICY = _FromPolicy()
 
 
 def acquire(path: str | os.PathLike[str], *, exclusive: bool,
-            timeout: float | None | _FromPolicy = FROM_POLICY) -> Lock:
+            timeout: float | None | _FromPolicy = FROM_POLICY, fd: int | None = None) -> Lock:
     """Lock ``path`` (shared or exclusive) for this process; see the module docstring.
 
     A path that does not exist or is neither a regular file nor a block device gets a no-op
     lock: the caller's own open reports the problem. ``timeout`` defaults to the policy's.
+    ``fd``: lock through this open descriptor of ``path`` (duplicated, not opened again).
     """
     p = os.fspath(path)
     wait = _policy.timeout if isinstance(timeout, _FromPolicy) else timeout
     try:
-        st = os.stat(p)
+        st = os.stat(p) if fd is None else os.fstat(fd)
     except OSError:
         return Lock(None, exclusive)
     key = _key(st)
@@ -275,10 +276,11 @@ def acquire(path: str | os.PathLike[str], *, exclusive: bool,
     new = h is None
     if h is None:
         try:
-            fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+            lock_fd = (os.open(p, os.O_RDONLY | os.O_CLOEXEC) if fd is None
+                       else os.dup(fd))
         except OSError:
             return Lock(None, exclusive)
-        h = _Held(p, fd, stat.S_ISBLK(st.st_mode), st.st_rdev)
+        h = _Held(p, lock_fd, stat.S_ISBLK(st.st_mode), st.st_rdev)
     try:
         if new:
             _flock(h, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH, st, wait)
@@ -301,9 +303,10 @@ def acquire(path: str | os.PathLike[str], *, exclusive: bool,
 
 
 @contextlib.contextmanager
-def hold(path: str | os.PathLike[str], *, exclusive: bool) -> Iterator[None]:
+def hold(path: str | os.PathLike[str], *, exclusive: bool,
+         fd: int | None = None) -> Iterator[None]:
     """``with hold(path, exclusive=...)``: :func:`acquire` for the block."""
-    lock = acquire(path, exclusive=exclusive)
+    lock = acquire(path, exclusive=exclusive, fd=fd)
     try:
         yield
     finally:

@@ -28,7 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--auto-repair", action="store_true",
                    help="fix leaked blocks and wrong nr_allocated, clear NEEDS_CHECK (only if "
                         "nothing fatal is wrong; space maps rewritten crash-safely)")
-    add_lock_plan(p, lambda a: [(a.metadata, a.auto_repair or a.clear_needs_check_flag)])
+    # The fixes lock through the one descriptor they open (thin/fix.py); a check shares.
+    add_lock_plan(p, lambda a: [] if a.auto_repair or a.clear_needs_check_flag
+                  else [(a.metadata, False)])
     p.set_defaults(func=run)
 
 
@@ -36,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     actions: list[str] = []
     if getattr(args, "auto_repair", False) or getattr(args, "clear_needs_check_flag", False):
         from dmimage.errors import UsageError
-        from dmimage.thin.repair import fix_in_place
+        from dmimage.thin.fix import fix_in_place
 
         if args.super_block_only or args.skip_mappings:
             raise UsageError("--auto-repair/--clear-needs-check-flag need a full check")

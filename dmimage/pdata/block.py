@@ -33,14 +33,18 @@ class BlockReader:
     read until :meth:`close`, so no writer commits underneath it.
     """
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], *, fd: int | None = None):
+        """``fd``: map this already open descriptor of ``path`` (left open) instead of
+        opening the path again."""
         self.path = os.fspath(path)
-        try:
-            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except IsADirectoryError:
-            raise DeviceError(f"{self.path}: is a directory") from None
-        except OSError as exc:
-            raise DeviceError(f"{self.path}: {exc.strerror}") from None
+        own_fd = fd is None
+        if fd is None:
+            try:
+                fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except IsADirectoryError:
+                raise DeviceError(f"{self.path}: is a directory") from None
+            except OSError as exc:
+                raise DeviceError(f"{self.path}: {exc.strerror}") from None
         self._lock: devlock.Lock | None = None
         try:
             self._lock = devlock.acquire(self.path, exclusive=False)
@@ -59,11 +63,13 @@ class BlockReader:
                 )
             self._mmap = mmap.mmap(fd, self.nr_blocks * BLOCK_SIZE, prot=mmap.PROT_READ)
         except BaseException:
-            os.close(fd)
+            if own_fd:
+                os.close(fd)
             if self._lock is not None:
                 self._lock.release()
             raise
-        os.close(fd)
+        if own_fd:
+            os.close(fd)
         self._view = memoryview(self._mmap)
 
     def block(self, blocknr: int) -> memoryview:

@@ -15,6 +15,7 @@ non-fatal problem, with a wrong nr_allocated (`--ignore-non-fatal-errors`; what
 from __future__ import annotations
 
 import os
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -203,15 +204,23 @@ def check_metadata(
     super_block_only: bool = False,
     skip_mappings: bool = False,
     metadata_snap: bool = False,
+    reader: BlockReader | None = None,
 ) -> CheckReport:
-    """Check thin-pool metadata read-only; I/O problems raise DeviceError, damage is reported."""
+    """Check thin-pool metadata read-only; I/O problems raise DeviceError, damage is reported.
+
+    ``reader``: check through this open reader of ``path`` (left open) instead of opening it.
+    """
     report = CheckReport(os.fspath(path))
-    try:
-        reader = BlockReader(path)
-    except MetadataError as err:
-        report.problems.append(Problem(err.detail, err.block, err.field))
-        return report
-    with reader:
+    opened: AbstractContextManager[BlockReader]
+    if reader is not None:
+        opened = nullcontext(reader)
+    else:
+        try:
+            opened = BlockReader(path)
+        except MetadataError as err:
+            report.problems.append(Problem(err.detail, err.block, err.field))
+            return report
+    with opened as reader:
         try:
             sb = read_superblock(reader, 0)
         except MetadataError as err:

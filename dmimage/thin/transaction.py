@@ -47,7 +47,7 @@ from dmimage.pdata.writer import (
     write_data_space_map,
     write_metadata_space_map,
 )
-from dmimage.thin.pool import Pool, open_pool
+from dmimage.thin.pool import Pool, open_pool, read_pool
 from dmimage.thin.superblock import Superblock, read_superblock
 
 _DETAILS = struct.Struct("<QQII")
@@ -117,12 +117,17 @@ class WritablePool:
     """
 
     def __init__(self, metadata: str | os.PathLike[str],
-                 data: str | os.PathLike[str] | None = None):
+                 data: str | os.PathLike[str] | None = None, *,
+                 fd: int | None = None, reader: BlockReader | None = None):
+        """``fd`` (opened read-write) and ``reader`` reuse what the caller already opened of
+        ``metadata``; both are left open."""
         self.path = os.fspath(metadata)
         self._fd = -1
+        self._own_fd = fd is None
+        self._shared_reader = reader
         self._locks = devlock.acquire_all([(metadata, True), (data, True)])
         try:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC) if fd is None else fd
         except OSError as exc:
             self._locks.release()
             raise DeviceError(f"{self.path}: {exc.strerror}") from None
@@ -141,9 +146,10 @@ class WritablePool:
 
     # -- state ---------------------------------------------------------------------------
     def _load(self) -> None:
-        if self._pool is not None:
+        if self._pool is not None and self._shared_reader is None:
             self._pool.close()
-        self._pool = pool = open_pool(self.path)
+        self._pool = pool = (open_pool(self.path) if self._shared_reader is None
+                             else read_pool(self._shared_reader))
         sb = pool.superblock
         if sb.incompat_flags or sb.compat_ro_flags:
             raise MetadataError("feature flags set that the kernel cannot write with",
@@ -550,9 +556,10 @@ class WritablePool:
     def close(self) -> None:
         """Close without committing: the metadata device keeps its committed state."""
         if self._pool is not None:
-            self._pool.close()
+            if self._shared_reader is None:
+                self._pool.close()
             self._pool = None
-        for fd in (self._fd, self._data_fd):
+        for fd in (self._fd if self._own_fd else None, self._data_fd):
             if fd is not None and fd >= 0:
                 os.close(fd)
         self._fd = -1
