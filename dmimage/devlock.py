@@ -18,7 +18,8 @@ call inside a command reuses the command's lock. A shared lock asked for while t
 holds the exclusive one is simply counted; an exclusive lock asked for while only a shared one
 is held is converted (flock converts by releasing first, so do that only when no other
 process's view matters). :func:`acquire_all` takes several locks in one global order (device,
-inode), so two commands never wait for each other in a cycle.
+inode), so two commands never wait for each other in a cycle. The counts are per process and
+not guarded for threads: dmimage takes its locks from one thread.
 """
 
 from __future__ import annotations
@@ -247,6 +248,14 @@ class Lock:
     def __exit__(self, *exc: object) -> None:
         self.release()
 
+    def __del__(self) -> None:
+        # A reader dropped without close() (a Pool left to the garbage collector) must not
+        # keep other processes' writers waiting for the rest of this process's life.
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to do
+            pass
+
 
 class _FromPolicy:
     """Marker: take the timeout from :func:`policy`."""
@@ -256,17 +265,18 @@ FROM_POLICY = _FromPolicy()
 
 
 def acquire(path: str | os.PathLike[str], *, exclusive: bool,
-            timeout: float | None | _FromPolicy = FROM_POLICY, fd: int | None = None) -> Lock:
+            timeout: float | None | _FromPolicy = FROM_POLICY) -> Lock:
     """Lock ``path`` (shared or exclusive) for this process; see the module docstring.
 
     A path that does not exist or is neither a regular file nor a block device gets a no-op
     lock: the caller's own open reports the problem. ``timeout`` defaults to the policy's.
-    ``fd``: lock through this open descriptor of ``path`` (duplicated, not opened again).
+    The lock has a descriptor of its own: a lock on a description the caller also uses (or
+    that an mmap duplicates) would outlive :meth:`Lock.release`.
     """
     p = os.fspath(path)
     wait = _policy.timeout if isinstance(timeout, _FromPolicy) else timeout
     try:
-        st = os.stat(p) if fd is None else os.fstat(fd)
+        st = os.stat(p)
     except OSError:
         return Lock(None, exclusive)
     key = _key(st)
@@ -276,8 +286,7 @@ def acquire(path: str | os.PathLike[str], *, exclusive: bool,
     new = h is None
     if h is None:
         try:
-            lock_fd = (os.open(p, os.O_RDONLY | os.O_CLOEXEC) if fd is None
-                       else os.dup(fd))
+            lock_fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return Lock(None, exclusive)
         h = _Held(p, lock_fd, stat.S_ISBLK(st.st_mode), st.st_rdev)
@@ -303,10 +312,9 @@ def acquire(path: str | os.PathLike[str], *, exclusive: bool,
 
 
 @contextlib.contextmanager
-def hold(path: str | os.PathLike[str], *, exclusive: bool,
-         fd: int | None = None) -> Iterator[None]:
+def hold(path: str | os.PathLike[str], *, exclusive: bool) -> Iterator[None]:
     """``with hold(path, exclusive=...)``: :func:`acquire` for the block."""
-    lock = acquire(path, exclusive=exclusive, fd=fd)
+    lock = acquire(path, exclusive=exclusive)
     try:
         yield
     finally:

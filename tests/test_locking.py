@@ -34,7 +34,7 @@ def _cli(unlocked: bool = False) -> list[str]:
 
 
 @pytest.fixture
-def pool(tmp_path, tools11):
+def pool(tmp_path: Path, tools11: oracles.Tools) -> tuple[Path, Path]:
     meta, data = tmp_path / "p.meta", tmp_path / "p.data"
     oracles.restore(poolgen.to_xml(poolgen.empty_pool(256)), meta, tools11, 1024)
     with open(data, "wb") as f:
@@ -62,7 +62,8 @@ def _eight_by_ten(meta: Path, unlocked: bool) -> list[subprocess.CompletedProces
     return out
 
 
-def test_eight_writers_lose_no_update(pool, tools11):
+def test_eight_writers_lose_no_update(pool: tuple[Path, Path],
+                                     tools11: oracles.Tools) -> None:
     # Measured without the locks (DMIMAGE_TEST_UNLOCKED=1 runs the test below, 2-core host
     # under load): all 8 shells succeeded (every command exited 0) and only 47 of the 80
     # thins were left. With the locks: 80 of 80.
@@ -79,7 +80,8 @@ def test_eight_writers_lose_no_update(pool, tools11):
 
 @pytest.mark.skipif(os.environ.get("DMIMAGE_TEST_UNLOCKED") != "1",
                     reason="demonstration run: DMIMAGE_TEST_UNLOCKED=1")
-def test_without_locks_updates_are_lost(pool, tools11):
+def test_without_locks_updates_are_lost(pool: tuple[Path, Path],
+                                        tools11: oracles.Tools) -> None:
     """The same run with the locks patched out loses thins: the test above can fail."""
     meta, _ = pool
     results = _eight_by_ten(meta, unlocked=True)
@@ -92,7 +94,8 @@ def test_without_locks_updates_are_lost(pool, tools11):
 # ----------------------------------------------------------------------------- readers
 
 
-def test_readers_see_only_committed_states(pool, tools11, tmp_path):
+def test_readers_see_only_committed_states(pool: tuple[Path, Path], tools11: oracles.Tools,
+                                          tmp_path: Path) -> None:
     """Two writers with known sequences, three readers dumping and checking meanwhile: each
     dump must be a state the writers committed, and no read may fail."""
     meta, data = pool
@@ -100,9 +103,9 @@ def test_readers_see_only_committed_states(pool, tools11, tmp_path):
     assert subprocess.run([DMIMAGE, "message", str(meta), "create_thin 1000"]).returncode == 0
     blocks = []
     for i in range(k):
-        b = tmp_path / f"block{i}"
-        b.write_bytes(bytes([i + 1]) * BS)
-        blocks.append(b)
+        blk = tmp_path / f"block{i}"
+        blk.write_bytes(bytes([i + 1]) * BS)
+        blocks.append(blk)
     creator = " ".join(f'{DMIMAGE} message {meta} "create_thin {i}" || exit 9;'
                        for i in range(k))
     writer = " ".join(f"{DMIMAGE} write {meta} {data} --dev-id 1000 --offset {i * BS} "
@@ -122,7 +125,7 @@ def test_readers_see_only_committed_states(pool, tools11, tmp_path):
     for r in readers:
         _, err = r.communicate(timeout=600)
         assert r.returncode == 0, err
-    seen = set()
+    seen: set[tuple[int, int]] = set()
     dumps = sorted(tmp_path.glob("r*.xml"))
     for path in dumps:
         pool_state = semantic.parse_xml(path.read_text())
@@ -174,7 +177,7 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_lock_timeout_names_the_holder(pool, tools11):
+def test_lock_timeout_names_the_holder(pool: tuple[Path, Path]) -> None:
     meta, data = pool
     before = _sha(meta)
     holder = _hold(meta)
@@ -201,7 +204,8 @@ def test_lock_timeout_names_the_holder(pool, tools11):
     assert _sha(meta) == before
 
 
-def test_writer_waits_for_the_lock_then_succeeds(pool, tools11):
+def test_writer_waits_for_the_lock_then_succeeds(pool: tuple[Path, Path],
+                                                 tools11: oracles.Tools) -> None:
     meta, _ = pool
     holder = _hold(meta)
     try:
@@ -221,7 +225,7 @@ def test_writer_waits_for_the_lock_then_succeeds(pool, tools11):
     assert _thin_ids(meta, tools11) == {7}
 
 
-def test_shared_holder_lets_readers_in_keeps_writers_out(pool):
+def test_shared_holder_lets_readers_in_keeps_writers_out(pool: tuple[Path, Path]) -> None:
     meta, _ = pool
     holder = _hold(meta, "sh")
     try:
@@ -235,7 +239,7 @@ def test_shared_holder_lets_readers_in_keeps_writers_out(pool):
         _release(holder)
 
 
-def test_in_process_locks_are_counted_not_retaken(pool):
+def test_in_process_locks_are_counted_not_retaken(pool: tuple[Path, Path]) -> None:
     """A writer that reads its own file (WritablePool opens a BlockReader) never waits for
     itself; the lock is gone once the last user closes."""
     from dmimage import devlock
@@ -269,7 +273,8 @@ def _loop(path: Path) -> str:
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("losetup"),
                     reason="needs root and losetup")
-def test_block_device_claimed_elsewhere_is_refused(pool, tools11):
+def test_block_device_claimed_elsewhere_is_refused(pool: tuple[Path, Path],
+                                                   tools11: oracles.Tools) -> None:
     """O_EXCL on a block device: while another program has it open exclusively (as a live
     pool's DM table does; the guest test vmtests/test_live_pool_lock.py has the real one),
     a writer fails at once and changes nothing; afterwards it works."""

@@ -14,10 +14,12 @@ import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from vmtests.agent import CommandResult
 from vmtests.machine import Machine
 from vmtests.scenario import PoolSession, make_pool_files
 
@@ -38,7 +40,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture(scope="module")
-def share_vm(request: pytest.FixtureRequest):
+def share_vm(request: pytest.FixtureRequest) -> Iterator[Machine]:
     from vmtests.errors import HarnessUnavailable
     from vmtests.kernels import KernelNotFound, kernel_by_name, qemu_binary
     from vmtests.plugin import unavailable
@@ -60,7 +62,7 @@ def share_vm(request: pytest.FixtureRequest):
         vm.close()
 
 
-def _dmimage(vm: Machine, args: str, stdin: str | None = None):
+def _dmimage(vm: Machine, args: str, stdin: str | None = None) -> CommandResult:
     redirect = f" < {shlex.quote(stdin)}" if stdin else ""
     return vm.run(f"chroot {ROOT} {DMIMAGE} {args}{redirect}", timeout=CMD_TIMEOUT)
 
@@ -73,13 +75,13 @@ def _holders(vm: Machine, dev: str) -> list[str]:
     return [line for line in out.splitlines() if line]
 
 
-def test_live_pool_metadata_is_refused(share_vm: Machine, tmp_path: Path):
+def test_live_pool_metadata_is_refused(share_vm: Machine, tmp_path: Path) -> None:
     vm = share_vm
     files = make_pool_files(tmp_path, nr_data_blocks=64)
-    for args in (["format", str(files.meta), "--data-block-size", str(files.block_sectors),
+    for argv in (["format", str(files.meta), "--data-block-size", str(files.block_sectors),
                   "--nr-data-blocks", str(files.nr_data_blocks)],
                  ["message", str(files.meta), "create_thin 1"]):
-        subprocess.run([DMIMAGE, *args], check=True)
+        subprocess.run([DMIMAGE, *argv], check=True)
     line = b"live pool lock\n"
     payload = (line * (files.block_bytes // len(line) + 1))[: files.block_bytes]
     session = PoolSession(vm, files)

@@ -28,9 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--auto-repair", action="store_true",
                    help="fix leaked blocks and wrong nr_allocated, clear NEEDS_CHECK (only if "
                         "nothing fatal is wrong; space maps rewritten crash-safely)")
-    # The fixes lock through the one descriptor they open (thin/fix.py); a check shares.
-    add_lock_plan(p, lambda a: [] if a.auto_repair or a.clear_needs_check_flag
-                  else [(a.metadata, False)])
+    add_lock_plan(p, lambda a: [(a.metadata, a.auto_repair or a.clear_needs_check_flag)])
     p.set_defaults(func=run)
 
 

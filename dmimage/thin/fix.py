@@ -8,10 +8,10 @@
   included), flushed, and the superblock is written last and flushed again. A crash leaves
   either the old or the repaired pool.
 
-:func:`fix_in_place` takes the exclusive lock and opens the device once: the check before,
-the fix and the check after all go through the same descriptor and mapping, so nothing can
-change between the check and the write. Fatal damage is never written to; salvaging it is
-``thin/repair.py``'s job.
+:func:`fix_in_place` holds the exclusive lock throughout and opens the device once for I/O:
+the check before, the fix and the check after all go through the same descriptor and
+mapping, so nothing can change between the check and the write. Fatal damage is never
+written to; salvaging it is ``thin/repair.py``'s job.
 """
 
 from __future__ import annotations
@@ -60,12 +60,12 @@ def clear_needs_check(path: str | os.PathLike[str]) -> bool:
     Returns False if the flag was not set. The caller decides whether the pool deserves it.
     """
     p = os.fspath(path)
-    fd = _open_rw(p)
-    try:
-        with devlock.hold(p, exclusive=True, fd=fd):
+    with devlock.hold(p, exclusive=True):
+        fd = _open_rw(p)
+        try:
             return _clear_needs_check(fd, p)
-    finally:
-        os.close(fd)
+        finally:
+            os.close(fd)
 
 
 def _clear_needs_check(fd: int, path: str) -> bool:
@@ -101,9 +101,11 @@ def fix_in_place(path: str | os.PathLike[str], *, auto_repair: bool = False,
     Fatal damage is never written to: the result then just carries the report.
     """
     p = os.fspath(path)
-    fd = _open_rw(p)
-    try:
-        with devlock.hold(p, exclusive=True, fd=fd):
+    # The lock lives on its own descriptor: the mapping keeps a duplicate of ``fd`` while
+    # numpy views of it live, and a lock on that description would outlive the call.
+    with devlock.hold(p, exclusive=True):
+        fd = _open_rw(p)
+        try:
             try:
                 reader = BlockReader(p, fd=fd)
             except MetadataError:
@@ -113,8 +115,8 @@ def fix_in_place(path: str | os.PathLike[str], *, auto_repair: bool = False,
             with reader:
                 return _fix(p, fd, reader, auto_repair, clear_needs_check_flag,
                             ignore_non_fatal)
-    finally:
-        os.close(fd)
+        finally:
+            os.close(fd)
 
 
 def _fix(path: str, fd: int, reader: BlockReader, auto_repair: bool,
