@@ -77,3 +77,16 @@ class OutputTooSmallError(DeviceError):
     def __init__(self, message: str, *, needed_bytes: int):
         self.needed_bytes = needed_bytes
         super().__init__(message)
+
+
+class LockTimeout(DeviceError):
+    """Another process held the lock on a metadata or data file longer than --lock-timeout."""
+
+
+class DeviceBusy(DeviceError):
+    """A block device is claimed by someone else (a live pool's DM table, a mount): writing
+    to it is refused before anything is written. ``holders`` names them (``dm-3 (pool)``)."""
+
+    def __init__(self, message: str, *, holders: list[str]):
+        self.holders = holders
+        super().__init__(message)

@@ -17,6 +17,11 @@ Exit codes for every command: **0** success; **1** damaged or invalid input (met
 table, a spec) or a failed verification; **2** usage error or I/O error (missing file,
 unreadable device, too-small output); **130** interrupted. Errors are one line on stderr,
 prefixed with `dmimage COMMAND:`, never a traceback.
+
+Commands that read metadata or data take a shared lock on the files, commands that write take
+an exclusive one, for their whole run; they wait for another dmimage process's lock unless
+`--lock-timeout SECONDS` says otherwise, and a block device a live pool holds is refused for
+writing (exit 2). See docs/locking.md.
 """
 
 

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from dmimage.cli._locking import add_lock_plan
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("check", help="check thin-pool metadata for damage (read-only)",
@@ -26,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--auto-repair", action="store_true",
                    help="fix leaked blocks and wrong nr_allocated, clear NEEDS_CHECK (only if "
                         "nothing fatal is wrong; space maps rewritten crash-safely)")
+    add_lock_plan(p, lambda a: [(a.metadata, a.auto_repair or a.clear_needs_check_flag)])
     p.set_defaults(func=run)
 
 
@@ -33,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     actions: list[str] = []
     if getattr(args, "auto_repair", False) or getattr(args, "clear_needs_check_flag", False):
         from dmimage.errors import UsageError
-        from dmimage.thin.repair import fix_in_place
+        from dmimage.thin.fix import fix_in_place
 
         if args.super_block_only or args.skip_mappings:
             raise UsageError("--auto-repair/--clear-needs-check-flag need a full check")

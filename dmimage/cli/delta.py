@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from dmimage.cli._locking import add_lock_plan
 from dmimage.cli._meta_args import add_metadata_snap, resolve_meta
 from dmimage.cli._output import write_text
 from dmimage.cli._units import parse_uint
@@ -26,6 +27,7 @@ def register(subparsers) -> None:
     p.add_argument("--verbose", action="store_true", help="data blocks of each range")
     p.add_argument("--json", action="store_true", help="JSON instead of XML")
     add_metadata_snap(p)
+    add_lock_plan(p, lambda a: [(a.meta, False)])
     p.set_defaults(func=run)
 
 

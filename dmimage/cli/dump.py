@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dmimage.cli._locking import add_lock_plan
 from dmimage.cli._meta_args import add_metadata_snap, resolve_meta
 from dmimage.cli._output import atomic_output
 from dmimage.cli._units import parse_uint
@@ -35,6 +36,7 @@ def register(subparsers) -> None:
                    help="with --repair: data block size (needed if the superblock is lost)")
     p.add_argument("--nr-data-blocks", type=parse_uint, metavar="N",
                    help="with --repair: number of data blocks (at least this)")
+    add_lock_plan(p, lambda a: [(a.meta, False)])
     p.set_defaults(func=run)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dmimage.cli._locking import add_lock_plan
 from dmimage.cli._progress import progress_bar
 from dmimage.cli._units import parse_size
 
@@ -22,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-m", "--metadata-snap", action="store_true",
                    help="read the mappings through the held metadata snapshot")
     p.add_argument("-o", "--output", required=True, help="output file, or - for stdout")
+    add_lock_plan(p, lambda a: [(a.metadata, False), (a.data, False)])
     p.set_defaults(func=run)
 
 

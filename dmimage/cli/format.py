@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from dmimage.cli._locking import add_lock_plan
 from dmimage.cli._units import parse_uint
 
 
@@ -22,6 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="number of data blocks in the pool")
     p.add_argument("-f", "--force", action="store_true",
                    help="overwrite even if META already holds thin-pool metadata")
+    add_lock_plan(p, lambda a: [(a.metadata, True)])
     p.set_defaults(func=run)
 
 

@@ -36,6 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
             register(sub)
     return parser
 
+def _run_locked(args: argparse.Namespace) -> int:
+    """Run the command holding the locks of its plan (cli/_locking.py) for its whole run."""
+    from dmimage import devlock
+
+    plan = getattr(args, "lock_plan", None)
+    with devlock.policy(timeout=getattr(args, "lock_timeout", None)):
+        with devlock.acquire_all(plan(args) if plan is not None else []):
+            return int(args.func(args) or 0)
 
 @functools.cache
 def _parser() -> argparse.ArgumentParser:
@@ -47,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        return _run_locked(args)
     except DmimageError as exc:
         print(f"dmimage {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from dmimage.cli._locking import add_lock_plan
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -14,6 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "the end; if one fails, nothing is written.")
     p.add_argument("metadata", metavar="META")
     p.add_argument("messages", metavar="MSG", nargs="+", help="one quoted message per argument")
+    add_lock_plan(p, lambda a: [(a.metadata, True)])
     p.set_defaults(func=run)
 
 

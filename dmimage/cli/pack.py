@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dmimage.cli._locking import add_lock_plan
 from dmimage.cli._output import atomic_output
 from dmimage.errors import UsageError
 
@@ -18,6 +19,7 @@ def register(subparsers) -> None:
     p.add_argument("-i", "--input", metavar="META", help="same as META (the 1.1 spelling)")
     p.add_argument("-o", "--output", metavar="FILE", required=True,
                    help="pack file to write (atomically)")
+    add_lock_plan(p, lambda a: [(a.input or a.meta, False)])
     p.set_defaults(func=run)
 
 

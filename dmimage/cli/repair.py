@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dmimage.cli._locking import add_lock_plan
 from dmimage.cli._units import parse_uint
 
 
@@ -26,6 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="data block size in sectors (required if the superblock is lost)")
     p.add_argument("--nr-data-blocks", type=parse_uint, metavar="N",
                    help="number of data blocks (at least this)")
+    add_lock_plan(p, lambda a: [(a.input, False), (a.output, True)])
     p.set_defaults(func=run)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from dmimage.cli._locking import add_lock_plan
 from dmimage.cli._progress import progress_bar
 from dmimage.cli._units import parse_uint
 
@@ -30,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="override the data block size (sectors)")
     p.add_argument("--nr-data-blocks", type=parse_uint, metavar="N",
                    help="override the number of data blocks")
+    add_lock_plan(p, lambda a: [(a.output, True)])
     p.set_defaults(func=run)
 
 

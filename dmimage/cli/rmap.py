@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from dmimage.cli._locking import add_lock_plan
 from dmimage.cli._meta_args import add_metadata_snap, resolve_meta
 from dmimage.cli._output import write_text
 
@@ -19,6 +20,7 @@ def register(subparsers) -> None:
                    required=True, help="data blocks BEGIN to END-1 (repeatable)")
     p.add_argument("--json", action="store_true", help="JSON instead of text")
     add_metadata_snap(p)
+    add_lock_plan(p, lambda a: [(a.meta, False)])
     p.set_defaults(func=run)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from dmimage.cli._locking import add_lock_plan
 from dmimage.cli._output import write_text
 from dmimage.errors import UsageError
 
@@ -21,16 +22,27 @@ def register(subparsers) -> None:
     p.add_argument("-n", "--dry-run", action="store_true",
                    help="only print the ranges that would be discarded")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing")
+    add_lock_plan(p, _lock_plan)
     p.set_defaults(func=run)
+
+
+def _paths(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    meta = args.metadata_dev or args.meta
+    data = args.data_dev or args.data
+    if args.metadata_dev and args.meta and not args.data:
+        data = data or args.meta
+    return meta, data
+
+
+def _lock_plan(args: argparse.Namespace) -> list[tuple[str | None, bool]]:
+    meta, data = _paths(args)
+    return [(meta, False), (data, not args.dry_run)]
 
 
 def run(args: argparse.Namespace) -> int:
     from dmimage.thin.trim import trim_data
 
-    meta = args.metadata_dev or args.meta
-    data = args.data_dev or args.data
-    if args.metadata_dev and args.meta and not args.data:
-        data = data or args.meta
+    meta, data = _paths(args)
     if meta is None or data is None:
         raise UsageError("need the metadata and the data device (META DATA)")
     ranges = trim_data(meta, data, dry_run=args.dry_run)

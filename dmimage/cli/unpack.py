@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from dmimage.cli._locking import add_lock_plan
 from dmimage.errors import DeviceError, UsageError
 
 
@@ -16,6 +17,7 @@ def register(subparsers) -> None:
     p.add_argument("-i", "--input", metavar="FILE", required=True, help="pack file")
     p.add_argument("-o", "--output", metavar="META", required=True,
                    help="metadata file (created or truncated) or device")
+    add_lock_plan(p, lambda a: [(a.output, True)])
     p.set_defaults(func=run)
 
 

@@ -13,6 +13,8 @@ import argparse
 import shlex
 import sys
 
+from dmimage.cli._locking import add_lock_plan
+
 
 def _parse_disk(spec: str) -> tuple[str, bool]:
     path, sep, mode = spec.rpartition(":")
@@ -137,6 +139,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     r.add_argument("-v", "--verbose", action="store_true", help="report boot time and disks")
     r.add_argument("guest_command", nargs=argparse.REMAINDER, metavar="CMD",
                    help="-- CMD...: run with sh in the guest")
+    # A guest writes to its read-write disks: no other dmimage may edit them meanwhile.
+    add_lock_plan(r, lambda a: [(path, not ro) for path, ro in map(_parse_disk, a.disk)])
     r.set_defaults(func=cmd_run)
 
     v = sub.add_parser("verify", help="activate a pool read-only in the guest and compare every "
@@ -153,6 +157,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     v.add_argument("--timeout", type=float, default=600.0,
                    help="seconds allowed for hashing one thin in the guest (default 600)")
     v.add_argument("--memory", type=int, default=256, help="guest RAM in MiB (default 256)")
+    add_lock_plan(v, lambda a: [(a.metadata, False), (a.data, False)])
     v.set_defaults(func=cmd_verify)
 
     k = sub.add_parser("kernels", help="list the guest kernels and where they are")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dmimage.cli._locking import add_lock_plan
 from dmimage.cli._units import parse_size
 
 
@@ -17,6 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dev-id", type=int, required=True)
     p.add_argument("--offset", type=parse_size, default=0, help="byte offset in the volume")
     p.add_argument("-i", "--input", required=True, help="file to write, or - for stdin")
+    add_lock_plan(p, lambda a: [(a.metadata, True), (a.data, True)])
     p.set_defaults(func=run_write)
 
     d = sub.add_parser("discard", help="unmap the whole blocks of a byte range (offline)")
@@ -25,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--dev-id", type=int, required=True)
     d.add_argument("--offset", type=parse_size, required=True)
     d.add_argument("--length", type=parse_size, required=True)
+    add_lock_plan(d, lambda a: [(a.metadata, True), (a.data, True)])
     d.set_defaults(func=run_discard)
 
 

@@ -43,6 +43,10 @@ GUEST_MODULES = (
     "ext4",
 )
 
+#: For a machine with a host share (``Machine(host_share=...)``): virtio-9p and the 9p
+#: filesystem (with netfs/fscache as modules.dep says). Off unless a test asks for the share.
+HOST_SHARE_MODULES = ("9pnet_virtio", "9p")
+
 #: Optional: loaded when present (faster crc32c with SSE4.2, which `-cpu max`/`host` offers).
 OPTIONAL_MODULES = ("crc32c-intel",)
 
@@ -294,25 +298,29 @@ class Appliance:
     digest: str = ""
 
 
-def _inputs(moddir: Path) -> tuple[Path, Path, list[str], list[str]]:
+def _inputs(moddir: Path, extra_modules: Iterable[str] = ()
+            ) -> tuple[Path, Path, list[str], list[str]]:
     busybox = _first_existing(BUSYBOX_CANDIDATES, "busybox")
     dmsetup = _first_existing(DMSETUP_CANDIDATES, "dmsetup")
     libs = shared_libraries(dmsetup)
     if shared_libraries(busybox):
         raise ApplianceError(f"{busybox} is dynamically linked: install busybox-static")
     mods = resolve_modules(moddir)
+    if extra_modules:
+        mods += [m for m in resolve_modules(moddir, extra_modules, ()) if m not in mods]
     return busybox, dmsetup, libs, mods
 
 
 def build_initramfs(moddir: Path | str, *, cache_dir: Path | None = None,
-                    compress: bool = False) -> Appliance:
+                    compress: bool = False, extra_modules: Iterable[str] = ()) -> Appliance:
     """Build (or reuse from the cache) the guest initramfs for the kernel whose modules live in
-    *moddir* (``.../lib/modules/<version>``).
+    *moddir* (``.../lib/modules/<version>``). ``extra_modules`` are loaded too, after the
+    standard set (e.g. HOST_SHARE_MODULES).
 
     Uncompressed by default: under TCG the kernel unpacks a plain cpio faster than it gunzips.
     """
     moddir = Path(moddir)
-    busybox, dmsetup, libs, mods = _inputs(moddir)
+    busybox, dmsetup, libs, mods = _inputs(moddir, extra_modules)
 
     h = hashlib.sha256()
     h.update(b"dmimage-appliance-v1\0")

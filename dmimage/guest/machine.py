@@ -34,7 +34,7 @@ from types import TracebackType
 from typing import Any, TypedDict, TypeVar
 
 from .agent import AgentChannel, CommandResult, check_kernel_log
-from .appliance import build_initramfs
+from .appliance import HOST_SHARE_MODULES, build_initramfs
 from .errors import (
     GuestTimeout,
     HarnessUnavailable,
@@ -48,6 +48,9 @@ from .kernels import Kernel, boot_image, qemu_binary
 #: Kernel command line. loglevel=5 keeps the console quiet but shows warnings and worse.
 BASE_CMDLINE = ("console=ttyS0 loglevel=5 panic=-1 rdinit=/init edd=off "
                 "i8042.noaux i8042.nomux i8042.nopnp")
+
+#: The virtio-9p mount tag (and fsdev id) of the optional read-only host share.
+HOST_SHARE_TAG = "hostshare"
 
 _LIVE: weakref.WeakSet[Machine] = weakref.WeakSet()
 
@@ -203,8 +206,12 @@ class Machine:
     def __init__(self, kernel: Kernel, *, memory_mb: int = 256, cpus: int = 1,
                  accel: str | None = None, boot_timeout: float = 180.0,
                  cmdline_extra: str = "", keep_logs: bool | None = None,
-                 qemu: str | None = None) -> None:
+                 qemu: str | None = None,
+                 host_share: str | os.PathLike[str] | None = None) -> None:
+        """``host_share``: a host directory the guest may mount read-only over virtio-9p
+        (:meth:`mount_host_share`); None (the default) adds neither the device nor modules."""
         self.kernel = kernel
+        self.host_share = os.fspath(host_share) if host_share is not None else None
         self.memory_mb = memory_mb
         self.cpus = cpus
         self.accel = accel
@@ -245,7 +252,29 @@ class Machine:
             "-serial", "chardev:agent",
             "-chardev", f"socket,id=qmp,path={self.rundir / 'qmp.sock'}",
             "-mon", "chardev=qmp,mode=control",
+            *self._host_share_args(),
         ]
+
+    def _host_share_args(self) -> list[str]:
+        if self.host_share is None:
+            return []
+        path = self.host_share.replace(",", ",,")
+        return ["-fsdev", f"local,id={HOST_SHARE_TAG},path={path},security_model=none,"
+                          "readonly=on",
+                "-device", f"virtio-9p-pci,fsdev={HOST_SHARE_TAG},mount_tag={HOST_SHARE_TAG}"]
+
+    def mount_host_share(self, guest_dir: str = "/tmp/host", *, timeout: float = 60.0) -> str:
+        """Mount the host share read-only at ``guest_dir`` with the guest's /dev, /proc and
+        /sys bound under it, so ``chroot guest_dir PROGRAM`` runs a host program against the
+        guest's devices. Returns ``guest_dir``; idempotent."""
+        if self.host_share is None:
+            raise VMError("this machine has no host share (Machine(host_share=...))")
+        d = shlex.quote(guest_dir)
+        self.sh(f"mountpoint -q {d} && exit 0; mkdir -p {d} && "
+                f"mount -t 9p -o ro,trans=virtio,version=9p2000.L {HOST_SHARE_TAG} {d} && "
+                f"for m in dev proc sys; do mount --bind /$m {d}/$m || exit 1; done",
+                timeout=timeout)
+        return guest_dir
 
     def start(self) -> Machine:
         if self.proc is not None:
@@ -255,7 +284,8 @@ class Machine:
                                      "qemu-system-x86, or set DMIMAGE_QEMU)")
         accel = self.accel or choose_accel()
         self.accel = accel
-        initrd = build_initramfs(self.kernel.moddir).path
+        extra = HOST_SHARE_MODULES if self.host_share is not None else ()
+        initrd = build_initramfs(self.kernel.moddir, extra_modules=extra).path
         image = boot_image(self.kernel)
         self.rundir = Path(tempfile.mkdtemp(prefix="dmimage-vm-"))
         self.console_log = self.rundir / "console.log"

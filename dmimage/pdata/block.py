@@ -11,6 +11,7 @@ import os
 import stat
 from types import TracebackType
 
+from dmimage import devlock
 from dmimage.errors import DeviceError, MetadataError
 from dmimage.format.constants import BLOCK_SIZE
 
@@ -30,17 +31,27 @@ class BlockReader:
 
     ``window`` = (byte offset, length) maps only that part of the file (offset page-aligned):
     metadata held inside a larger file, such as an LVM pool's ``_tmeta`` within a PV.
+
+    Holds a shared lock on the device (``dmimage.devlock``) from before the superblock is
+    read until :meth:`close`, so no writer commits underneath it.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, window: tuple[int, int] | None = None):
+    def __init__(self, path: str | os.PathLike[str], *, fd: int | None = None,
+                 window: tuple[int, int] | None = None):
+        """``fd``: map this already open descriptor of ``path`` (left open) instead of
+        opening the path again."""
         self.path = os.fspath(path)
+        own_fd = fd is None
+        if fd is None:
+            try:
+                fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except IsADirectoryError:
+                raise DeviceError(f"{self.path}: is a directory") from None
+            except OSError as exc:
+                raise DeviceError(f"{self.path}: {exc.strerror}") from None
+        self._lock: devlock.Lock | None = None
         try:
-            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except IsADirectoryError:
-            raise DeviceError(f"{self.path}: is a directory") from None
-        except OSError as exc:
-            raise DeviceError(f"{self.path}: {exc.strerror}") from None
-        try:
+            self._lock = devlock.acquire(self.path, exclusive=False)
             try:
                 size = device_size(fd)
             except DeviceError as exc:
@@ -64,9 +75,13 @@ class BlockReader:
             self._mmap = mmap.mmap(fd, self.nr_blocks * BLOCK_SIZE, prot=mmap.PROT_READ,
                                    offset=offset)
         except BaseException:
-            os.close(fd)
+            if own_fd:
+                os.close(fd)
+            if self._lock is not None:
+                self._lock.release()
             raise
-        os.close(fd)
+        if own_fd:
+            os.close(fd)
         self._view = memoryview(self._mmap)
 
     def block(self, blocknr: int) -> memoryview:
@@ -84,6 +99,8 @@ class BlockReader:
         return self._view
 
     def close(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
         view, self._view = self._view, memoryview(b"")
         try:
             view.release()

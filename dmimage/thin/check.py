@@ -15,6 +15,7 @@ non-fatal problem, with a wrong nr_allocated (`--ignore-non-fatal-errors`; what
 from __future__ import annotations
 
 import os
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -219,18 +220,24 @@ def check_metadata(
     skip_mappings: bool = False,
     metadata_snap: bool = False,
     window: tuple[int, int] | None = None,
+    reader: BlockReader | None = None,
 ) -> CheckReport:
     """Check thin-pool metadata read-only; I/O problems raise DeviceError, damage is reported.
 
     ``window``: check metadata held in that (offset, length) of the file (BlockReader).
+    ``reader``: check through this open reader of ``path`` (left open) instead of opening it.
     """
     report = CheckReport(os.fspath(path))
-    try:
-        reader = BlockReader(path, window=window)
-    except MetadataError as err:
-        report.problems.append(Problem(err.detail, err.block, err.field, scope="superblock"))
-        return report
-    with reader:
+    opened: AbstractContextManager[BlockReader]
+    if reader is not None:
+        opened = nullcontext(reader)
+    else:
+        try:
+            opened = BlockReader(path, window=window)
+        except MetadataError as err:
+            report.problems.append(Problem(err.detail, err.block, err.field, scope="superblock"))
+            return report
+    with opened as reader:
         try:
             sb = read_superblock(reader, 0)
         except MetadataError as err:

@@ -15,6 +15,7 @@ from typing import BinaryIO, Protocol
 
 import numpy as np
 
+from dmimage import devlock
 from dmimage.errors import DeviceError, MetadataError, UsageError
 from dmimage.format.constants import SECTOR_SIZE
 from dmimage.pdata.block import device_size
@@ -116,6 +117,11 @@ def export_thin(
     except OSError as exc:
         raise DeviceError(f"{name}: {exc.strerror}") from None
     try:
+        data_lock = devlock.acquire(data_path, exclusive=False)
+    except BaseException:
+        os.close(data_fd)
+        raise
+    try:
         try:
             data_size = device_size(data_fd)
         except DeviceError as exc:
@@ -123,6 +129,7 @@ def export_thin(
         _export_from(_FdSource(data_fd, name), data_size, name, runs, bs, size, out, progress)
     finally:
         os.close(data_fd)
+        data_lock.release()
     return size
 
 

@@ -15,6 +15,7 @@ import os
 
 import numpy as np
 
+from dmimage import devlock
 from dmimage.errors import OutputTooSmallError, UsageError
 from dmimage.format.checksum import seal
 from dmimage.format.constants import (
@@ -127,6 +128,12 @@ def format_pool(output: str | os.PathLike[str], data_block_size: int,
 
     Returns the metadata size in blocks. Nothing is written when the device is too small.
     """
+    with devlock.hold(output, exclusive=True):
+        return _format_locked(output, data_block_size, nr_data_blocks)
+
+
+def _format_locked(output: str | os.PathLike[str], data_block_size: int,
+                   nr_data_blocks: int) -> int:
     fd, size = open_output(output)
     try:
         nr_blocks = min(size // BLOCK_SIZE, MAX_METADATA_BLOCKS)

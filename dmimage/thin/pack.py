@@ -41,6 +41,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from dmimage import devlock
 from dmimage.errors import DeviceError, DmimageError
 from dmimage.format.constants import BLOCK_SIZE
 from dmimage.pdata.block import BlockReader
@@ -367,7 +368,9 @@ def unpack_metadata(packed: BinaryIO, output: str | os.PathLike[str]) -> int:
     except OSError as exc:
         raise DeviceError(f"{path}: {exc.strerror}") from None
     n = 0
+    lock = None
     try:
+        lock = devlock.acquire(path, exclusive=True)
         import stat as _stat
 
         st = os.fstat(fd)
@@ -394,4 +397,6 @@ def unpack_metadata(packed: BinaryIO, output: str | os.PathLike[str]) -> int:
         raise DeviceError(f"{path}: {exc.strerror}") from None
     finally:
         os.close(fd)
+        if lock is not None:
+            lock.release()
     return n

@@ -144,14 +144,19 @@ def open_pool(metadata: str | os.PathLike[str], *, metadata_snap: bool | int = F
     """
     reader = BlockReader(metadata, window=window)
     try:
-        live = read_superblock(reader, 0)
-        sb = live
-        if metadata_snap is not False:
-            loc = live.held_root if metadata_snap is True else int(metadata_snap)
-            if loc == 0:
-                raise UsageError("the pool has no metadata snapshot (held_root is 0)")
-            sb = read_superblock(reader, loc)
-        return Pool(reader, sb, live)
+        return read_pool(reader, metadata_snap=metadata_snap)
     except BaseException:
         reader.close()
         raise
+
+
+def read_pool(reader: BlockReader, *, metadata_snap: bool | int = False) -> Pool:
+    """The Pool on an open reader (see :func:`open_pool`); closing the Pool closes it."""
+    live = read_superblock(reader, 0)
+    sb = live
+    if metadata_snap is not False:
+        loc = live.held_root if metadata_snap is True else int(metadata_snap)
+        if loc == 0:
+            raise UsageError("the pool has no metadata snapshot (held_root is 0)")
+        sb = read_superblock(reader, loc)
+    return Pool(reader, sb, live)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dmimage import devlock
 from dmimage.errors import DeviceError, InputError, OutputTooSmallError, UsageError
 from dmimage.format.constants import (
     BLOCK_SIZE,
@@ -328,6 +329,12 @@ def restore(ir: PoolIR, output: str | os.PathLike[str], *,
     as its tree is built.
     """
     validate_ir(ir)
+    with devlock.hold(output, exclusive=True):
+        return _restore_locked(ir, output, progress)
+
+
+def _restore_locked(ir: PoolIR, output: str | os.PathLike[str],
+                    progress: Callable[[int], None] | None) -> RestoreResult:
     fd, size = open_output(output)
     try:
         nr_blocks = min(size // BLOCK_SIZE, MAX_METADATA_BLOCKS)

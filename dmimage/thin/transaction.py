@@ -21,6 +21,7 @@ from types import TracebackType
 
 import numpy as np
 
+from dmimage import devlock
 from dmimage.errors import DeviceError, DmimageError, MetadataError, UsageError
 from dmimage.format.constants import (
     BLOCK_SIZE,
@@ -42,7 +43,7 @@ from dmimage.pdata.writer import (
     write_data_space_map,
     write_metadata_space_map,
 )
-from dmimage.thin.pool import Pool, open_pool
+from dmimage.thin.pool import Pool, open_pool, read_pool
 from dmimage.thin.superblock import Superblock, read_superblock
 
 #: A device's details record, as the transaction edits it (format/values.py packs it).
@@ -98,14 +99,26 @@ BlockWrite = Callable[[int, bytes], None]
 
 
 class WritablePool:
-    """A pool opened for offline changes. Use as a context manager; call :meth:`commit`."""
+    """A pool opened for offline changes. Use as a context manager; call :meth:`commit`.
+
+    Holds exclusive locks on the metadata and data devices (``dmimage.devlock``) from before
+    the superblock is read until :meth:`close`: concurrent writers queue, none loses an update.
+    """
 
     def __init__(self, metadata: str | os.PathLike[str],
-                 data: str | os.PathLike[str] | None = None):
+                 data: str | os.PathLike[str] | None = None, *,
+                 fd: int | None = None, reader: BlockReader | None = None):
+        """``fd`` (opened read-write) and ``reader`` reuse what the caller already opened of
+        ``metadata``; both are left open."""
         self.path = os.fspath(metadata)
+        self._fd = -1
+        self._own_fd = fd is None
+        self._shared_reader = reader
+        self._locks = devlock.acquire_all([(metadata, True), (data, True)])
         try:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC) if fd is None else fd
         except OSError as exc:
+            self._locks.release()
             raise DeviceError(f"{self.path}: {exc.strerror}") from None
         self._data_fd: int | None = None
         self._pool: Pool | None = None
@@ -122,9 +135,10 @@ class WritablePool:
 
     # -- state ---------------------------------------------------------------------------
     def _load(self) -> None:
-        if self._pool is not None:
+        if self._pool is not None and self._shared_reader is None:
             self._pool.close()
-        self._pool = pool = open_pool(self.path)
+        self._pool = pool = (open_pool(self.path) if self._shared_reader is None
+                             else read_pool(self._shared_reader))
         sb = pool.superblock
         if sb.incompat_flags or sb.compat_ro_flags:
             raise MetadataError("feature flags set that the kernel cannot write with",
@@ -517,13 +531,15 @@ class WritablePool:
     def close(self) -> None:
         """Close without committing: the metadata device keeps its committed state."""
         if self._pool is not None:
-            self._pool.close()
+            if self._shared_reader is None:
+                self._pool.close()
             self._pool = None
-        for fd in (self._fd, self._data_fd):
+        for fd in (self._fd if self._own_fd else None, self._data_fd):
             if fd is not None and fd >= 0:
                 os.close(fd)
         self._fd = -1
         self._data_fd = None
+        self._locks.release()
 
     def __enter__(self) -> WritablePool:
         return self

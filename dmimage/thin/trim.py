@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dmimage import devlock
 from dmimage.errors import DeviceError, MetadataError
 from dmimage.format.constants import SECTOR_SIZE
 from dmimage.thin.pool import Pool, open_pool
@@ -114,6 +115,12 @@ def trim_data(metadata: str | os.PathLike[str], data: str | os.PathLike[str], *,
     """Discard every unprovisioned range of ``data``; returns the ranges (all of them, also
     with ``dry_run``). ``check=False`` skips the full metadata check (not the mapped-block
     guard)."""
+    with devlock.acquire_all([(metadata, False), (data, not dry_run)]):
+        return _trim_locked(metadata, data, dry_run, check)
+
+
+def _trim_locked(metadata: str | os.PathLike[str], data: str | os.PathLike[str],
+                 dry_run: bool, check: bool) -> list[TrimRange]:
     if check:
         from dmimage.thin.check import check_metadata
 
