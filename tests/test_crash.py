@@ -39,10 +39,11 @@ from dmimage import open_pool
 from dmimage.errors import DmimageError
 from dmimage.thin.check import check_metadata
 from dmimage.thin.dump import parse_dump
+from dmimage.thin.fix import fix_in_place
 from dmimage.thin.format_pool import format_pool
 from dmimage.thin.pack import pack_metadata, unpack_metadata
 from dmimage.thin.pool import Mappings
-from dmimage.thin.repair import fix_in_place, repair
+from dmimage.thin.repair import repair
 from dmimage.thin.restore import restore
 from dmimage.thin.transaction import WritablePool, open_writable
 
