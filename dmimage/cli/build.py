@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "build", help="build a thin-pool disk image (or metadata/data files) from a spec",
         description="Builds the pool described by SPEC.toml offline: a GPT disk image with "

@@ -9,7 +9,7 @@ import sys
 from dmimage.cli._locking import add_lock_plan
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("check", help="check thin-pool metadata for damage (read-only)",
                        description="Exit 0 if clean, 1 if damaged, 2 on usage or I/O errors.")
     p.add_argument("metadata", metavar="META", help="metadata file or block device")

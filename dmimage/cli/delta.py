@@ -11,7 +11,7 @@ from dmimage.cli._units import parse_uint
 from dmimage.errors import UsageError
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "delta", help="differences between two thin devices (like thin_delta 1.1)",
         description="Compare the mappings of two thin devices (or two mapping-tree roots). "

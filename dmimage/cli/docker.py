@@ -31,7 +31,7 @@ def _pool_args(p: argparse.ArgumentParser) -> None:
                    "ROOT/devicemapper/devicemapper/data")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "docker", help="list, check and export Docker's devicemapper store offline",
         description="Reads a Docker data root that used the devicemapper storage driver "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from dmimage.cli._locking import add_lock_plan
 from dmimage.cli._meta_args import add_metadata_snap, resolve_meta
@@ -11,8 +12,11 @@ from dmimage.cli._output import atomic_output
 from dmimage.cli._units import parse_uint
 from dmimage.errors import UsageError
 
+if TYPE_CHECKING:
+    from dmimage.thin.ir import PoolIR
 
-def register(subparsers) -> None:
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "dump", help="dump thin-pool metadata (XML like thin_dump 1.1, human_readable, json)",
         description="Dump thin-pool metadata. The default XML is byte-identical to thin_dump "
@@ -43,16 +47,18 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from dmimage.thin.dump import dump_pool as _dump_pool
 
-    def dump_pool(meta, out, fmt, *, ir=None, **kwargs):
+    def dump_pool(meta: str, out: BinaryIO, fmt: str, *, ir: PoolIR | None = None,
+                  **kwargs: Any) -> None:
         if ir is None:
-            return _dump_pool(meta, out, fmt, **kwargs)
+            _dump_pool(meta, out, fmt, **kwargs)
+            return
         from dmimage.thin.dump import write_dump
 
-        return write_dump(_select(ir, args), out, fmt, expand=kwargs.get("expand", False))
+        write_dump(_select(ir, args), out, fmt, expand=kwargs.get("expand", False))
 
     meta, snap = resolve_meta(args.meta, args.metadata_snap)
-    kwargs = dict(metadata_snap=snap, dev_ids=args.dev_ids, skip_mappings=args.skip_mappings,
-                  expand=args.expand_shared)
+    kwargs: dict[str, Any] = dict(metadata_snap=snap, dev_ids=args.dev_ids,
+                                  skip_mappings=args.skip_mappings, expand=args.expand_shared)
     if getattr(args, "repair", False):
         if snap is not False:
             raise UsageError("--repair cannot read through the metadata snapshot")
@@ -74,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _select(ir, args: argparse.Namespace):
+def _select(ir: PoolIR, args: argparse.Namespace) -> PoolIR:
     """--dev-id / --skip-mappings applied to a salvaged pool."""
     if args.skip_mappings:
         for d in ir.devices:

@@ -10,7 +10,7 @@ from dmimage.cli._progress import progress_bar
 from dmimage.cli._units import parse_size
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("export", help="write a thin volume's content to a file (sparse)",
                        description="Reads as the kernel's thin device would: unmapped blocks are "
                        "zeros (holes in the output file).")

@@ -8,7 +8,7 @@ from dmimage.cli._locking import add_lock_plan
 from dmimage.cli._units import parse_uint
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "format",
         help="write the metadata of an empty thin pool",

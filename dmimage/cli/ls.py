@@ -9,7 +9,7 @@ from dmimage.cli._meta_args import add_metadata_snap, resolve_meta
 from dmimage.cli._output import write_text
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "ls", help="list thin devices and their usage (like thin_ls 1.1)",
         description="List the thin devices of a pool. The table is byte-identical to thin_ls "

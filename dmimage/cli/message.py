@@ -7,7 +7,7 @@ import argparse
 from dmimage.cli._locking import add_lock_plan
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "message", help="apply thin-pool messages (create_thin, create_snap, delete, ...) offline",
         description="The same strings as `dmsetup message POOL 0 MSG`: create_thin ID, "

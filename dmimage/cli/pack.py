@@ -10,7 +10,7 @@ from dmimage.cli._output import atomic_output
 from dmimage.errors import UsageError
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "pack", help="pack metadata into a compressed file (thin_metadata_pack 1.1 format)",
         description="Pack every metadata block with a valid checksum into a compressed file "

@@ -9,7 +9,7 @@ from dmimage.cli._locking import add_lock_plan
 from dmimage.cli._units import parse_uint
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "repair", help="salvage damaged metadata into a new metadata file (like thin_repair)",
         description="Read damaged thin-pool metadata (never written) and write the pool that "

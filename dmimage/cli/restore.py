@@ -12,7 +12,7 @@ from dmimage.cli._units import parse_uint
 PROGRESS_THRESHOLD = 200_000
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "restore",
         help="write thin-pool metadata from an XML or JSON dump (like thin_restore)",

@@ -9,7 +9,7 @@ from dmimage.cli._meta_args import add_metadata_snap, resolve_meta
 from dmimage.cli._output import write_text
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "rmap", help="reverse map of data-block regions (like thin_rmap 1.1)",
         description="Print which thin blocks map the given data-block regions. Output is "

@@ -9,7 +9,7 @@ from dmimage.cli._output import write_text
 from dmimage.errors import UsageError
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "trim", help="discard unprovisioned data blocks (like thin_trim 1.1)",
         description="Discard every data range whose data-space-map count is 0: BLKDISCARD on "

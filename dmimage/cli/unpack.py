@@ -8,7 +8,7 @@ from dmimage.cli._locking import add_lock_plan
 from dmimage.errors import DeviceError, UsageError
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "unpack", help="unpack a thin_metadata_pack 1.1 file into metadata",
         description="Write the metadata a pack file describes (blocks not in the pack read "

@@ -9,7 +9,7 @@ from dmimage.cli._locking import add_lock_plan
 from dmimage.cli._units import parse_size
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("write", help="write a file's bytes into a thin volume (offline)",
                        description="Provisions and zero-fills new blocks, copies shared blocks "
                        "before changing them, as the kernel does; commits at the end.")

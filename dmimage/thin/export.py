@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import stat
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import BinaryIO, Protocol
 
 import numpy as np
@@ -145,7 +145,7 @@ def _export_from(data: DataSource | _FdSource, data_size: int, name: str, runs: 
         _export_to_stream(out, data, runs, bs, size, progress)
 
 
-def _clipped(runs: Runs, bs: int, size: int):
+def _clipped(runs: Runs, bs: int, size: int) -> Iterator[tuple[int, int, int]]:
     """(dst byte, src byte, length) of every mapped run, clipped to ``size``."""
     for o, d, n in zip(runs.origin_begin.tolist(), runs.data_begin.tolist(),
                        runs.length.tolist(), strict=True):

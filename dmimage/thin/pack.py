@@ -210,7 +210,7 @@ class _VM:
             raise PackFormatError(f"bad operand width {width}")
         if self.pos + width > len(self.buf):
             raise PackFormatError("truncated block encoding")
-        v = struct.unpack_from(fmt, self.buf, self.pos)[0]
+        v: int = struct.unpack_from(fmt, self.buf, self.pos)[0]
         self.pos += width
         return v
 
