@@ -95,6 +95,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
             f"{st['repaired']} repaired "
             f"({st['repaired_oracle']} distinct outputs through thin_check 1.1); stricter "
             f"verdicts: {st['stricter'] or 'none'}")
+        for line in st.get("unnamed_stricter", []):
+            terminalreporter.write_line(f"fuzz: unnamed stricter verdict (triage): {line}")
 
 
 @pytest.fixture(scope="session")

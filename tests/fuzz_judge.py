@@ -249,6 +249,10 @@ def _counterfactual(problems: Sequence[Problem]) -> StricterRule | None:
     return hit[0] if len(hit) == 1 else None
 
 
+#: the start of the failure line of an input dmimage fails, 1.1 passes and no rule explains
+UNNAMED_STRICTER = "thin_check 1.1 passes it, dmimage check fails it"
+
+
 def verdict_failure(ours_ok: bool, theirs_ok: bool, problems: Sequence[Problem],
                     normalized: Sequence[Problem] | None = None
                     ) -> tuple[str | None, str | None]:
@@ -268,8 +272,7 @@ def verdict_failure(ours_ok: bool, theirs_ok: bool, problems: Sequence[Problem],
             return None, f"{first.name}>{then.name}"
     if rule is not None:
         return None, rule.name
-    return ("thin_check 1.1 passes it, dmimage check fails it and no single stricter rule "
-            "explains all of: " + "; ".join(short(p) for p in problems[:4])), None
+    return (UNNAMED_STRICTER + " and no single stricter rule explains all of: " + "; ".join(short(p) for p in problems[:4])), None
 
 
 def short(p: Problem) -> str:

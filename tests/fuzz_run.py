@@ -279,6 +279,8 @@ class Stats:
     repaired_oracle: int = 0  # distinct repaired outputs thin_check 1.1 ran on
     parts: int = 0  # single-mutation inputs judged for decomposed inputs
     stricter: Counter[str] = field(default_factory=Counter)
+    #: replay descriptions of inputs whose only failure is an unnamed stricter verdict
+    unnamed_stricter: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {"inputs": self.inputs, "seconds": round(self.seconds, 1),
@@ -286,7 +288,8 @@ class Stats:
                 "damaged": self.damaged, "reader_fails": self.reader_fails,
                 "repaired": self.repaired, "repaired_oracle": self.repaired_oracle,
                 "parts": self.parts,
-                "stricter": dict(self.stricter)}
+                "stricter": dict(self.stricter),
+                "unnamed_stricter": list(self.unnamed_stricter)}
 
 
 def _cpu_seconds() -> float:
@@ -390,7 +393,13 @@ class Run:
             fails.append(case.verdict_fail)
         if case.rule:
             self.stats.stricter[case.rule] += 1
-        if fails:
+        if fails and all(fuzz_judge.UNNAMED_STRICTER in f for f in fails):
+            # dmimage reports damage 1.1 misses and no one named rule explains it: never a
+            # weaker verdict than the oracle's, but unexplained -- listed for triage, and
+            # test_fuzz fails when there are more than a few (UNNAMED_STRICTER_BUDGET)
+            self.stats.unnamed_stricter.append(case.describe(self.seed) + "\n  "
+                                               + "\n  ".join(fails))
+        elif fails:
             self.failures.append(case.describe(self.seed) + "\n  " + "\n  ".join(fails))
 
     @staticmethod

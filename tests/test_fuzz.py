@@ -33,6 +33,11 @@ import fuzz_run
 import oracles
 
 EXAMPLES = int(os.environ.get("DMIMAGE_FUZZ_EXAMPLES", "10000"))
+#: inputs per 10,000 whose only failure is an unnamed stricter verdict (dmimage fails, 1.1
+#: passes, no single named rule explains it) that a run tolerates, listing each for triage:
+#: multi-mutation inputs whose combined effect no rule names turn up about once per 10,000.
+#: A systematic disagreement (a new class) exceeds it; any other failure fails at once.
+UNNAMED_STRICTER_PER_10K = 5
 INPUTS = [int(i) for i in os.environ.get("DMIMAGE_FUZZ_INPUTS", "").split(",") if i.strip()]
 JOBS = int(os.environ.get("DMIMAGE_FUZZ_JOBS", "0")) or min(2, len(os.sched_getaffinity(0)))
 TIMEOUT = float(os.environ.get("DMIMAGE_FUZZ_TIMEOUT", "20"))
@@ -61,6 +66,11 @@ def test_fuzz(fuzz_seed: int, tools11: oracles.Tools, workdir: Path,
                                              {"seed": fuzz_seed, **run.stats.as_dict()}))
     assert not run.failures, (f"fuzz seed {fuzz_seed}: {len(run.failures)} failing inputs "
                               f"(of {run.stats.inputs}):\n" + "\n".join(run.failures[:10]))
+    unnamed = run.stats.unnamed_stricter
+    budget = max(1, run.stats.inputs * UNNAMED_STRICTER_PER_10K // 10_000)
+    assert len(unnamed) <= budget, (
+        f"fuzz seed {fuzz_seed}: {len(unnamed)} unnamed stricter verdicts (of "
+        f"{run.stats.inputs}; at most {budget}):\n" + "\n".join(unnamed[:10]))
     assert run.stats.inputs == len(INPUTS or range(EXAMPLES))
 
 
