@@ -84,7 +84,9 @@ def test_lvm_writer_waits_then_commits(tmp_path: Path) -> None:
 @needs_tools
 def test_concurrent_lvm_writers_lose_no_generation(tmp_path: Path) -> None:
     """K writers at once, each setting another transaction_id: each must commit one new
-    generation on top of the previous one (seqnos 8..7+K, each exactly once)."""
+    generation on top of the previous one (seqnos 8..7+K, each exactly once). Measured with
+    devlock.acquire patched to a no-op (test_locking.UNLOCKED's way), 6 writers: 2 of them
+    exited 1 (the stale-VG refusal in lvm/commit.py caught them), so this test fails."""
     sc = build(tmp_path, text=scenario_text(tid=5))
     k = 6
     procs = [subprocess.Popen([DMIMAGE, "lvm", "set-transaction-id", *sc.disks, "vg0/pool",
@@ -188,3 +190,32 @@ def test_docker_waits_for_a_writer(tmp_path: Path,
     r = subprocess.run([DMIMAGE, "docker", "ls", str(root), "--lock-timeout", "0"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+@needs_tools
+def test_library_writer_locks_and_refuses_a_stale_vg(tmp_path: Path) -> None:
+    """An API caller's LoadedVG, read before another writer committed: the library writer
+    takes the PV locks itself (waiting for a holder) and then refuses the stale VG."""
+    from dmimage import devlock
+    from dmimage.errors import LockTimeout, MetadataError
+    from dmimage.lvm.fix import set_transaction_id
+    from dmimage.lvm.vg import load_vgs
+
+    sc = build(tmp_path, text=scenario_text(tid=5))
+    (lvg,), _, _ = load_vgs(sc.disks)
+    pool = lvg.vg.lv("pool")
+    assert pool is not None
+    holder = _hold(Path(sc.disk_b))
+    try:
+        with devlock.policy(timeout=0.2), pytest.raises(LockTimeout, match=f"pid {holder.pid}"):
+            set_transaction_id(lvg, pool, side="vg", to=None, dry_run=False)
+    finally:
+        _release(holder)
+    r = subprocess.run([DMIMAGE, "lvm", "set-transaction-id", *sc.disks, "vg0/pool"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    after = _digest(*sc.disks)
+    with pytest.raises(MetadataError, match="changed since the VG was read"):
+        set_transaction_id(lvg, pool, side="vg", to=9, dry_run=False)
+    assert _digest(*sc.disks) == after
+    assert devlock.held() == {}
