@@ -7,6 +7,7 @@
     dmimage docker diff ROOT CONTAINER [--json] [-o FILE.tar]
 
 ROOT is a data root (a copy of /var/lib/docker, or the directory itself); it is never written.
+Every subcommand holds shared locks on the pool's metadata and data files (docs/locking.md).
 See docs/docker.md.
 """
 
@@ -16,6 +17,8 @@ import argparse
 import json
 import sys
 from typing import TYPE_CHECKING
+
+from dmimage.cli._locking import add_lock_plan
 
 if TYPE_CHECKING:
     from dmimage.docker.store import Store
@@ -29,6 +32,18 @@ def _pool_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None,
                    help="the pool's data device (direct-lvm); default: "
                    "ROOT/devicemapper/devicemapper/data")
+    add_lock_plan(p, _pool_locks)
+
+
+def _pool_locks(args: argparse.Namespace) -> list[tuple[str | None, bool]]:
+    """Shared on the pool's metadata and data: every subcommand only reads them."""
+    import os
+
+    from dmimage.docker.devices import LOOP_DIR
+
+    loop = os.path.join(args.root, LOOP_DIR)
+    return [(args.metadata or os.path.join(loop, "metadata"), False),
+            (args.data or os.path.join(loop, "data"), False)]
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -171,24 +186,29 @@ def cmd_save(args: argparse.Namespace) -> int:
 def cmd_diff(args: argparse.Namespace) -> int:
     import os
 
+    from dmimage import devlock
     from dmimage.cli._output import atomic_output
     from dmimage.docker.changes import changes_tar, container_changes
     from dmimage.docker.errors import StoreIOError
     from dmimage.thin.pool import open_pool
 
     store = _open(args)
-    try:
-        fd = os.open(store.pool_files.data, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise StoreIOError(store.pool_files.data, exc.strerror or str(exc)) from None
-    try:
-        with open_pool(store.pool_files.metadata) as pool:
-            changes, root = container_changes(store, pool, fd, args.container)
-            if args.output:
-                with atomic_output(args.output) as out:
-                    changes_tar(changes, root, out)
-    finally:
-        os.close(fd)
+    # The lock plan holds both files already (counted); the locks name the files the store
+    # resolved, so a plan computed from other spellings of the paths still covers them.
+    with devlock.acquire_all([(store.pool_files.metadata, False),
+                              (store.pool_files.data, False)]):
+        try:
+            fd = os.open(store.pool_files.data, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise StoreIOError(store.pool_files.data, exc.strerror or str(exc)) from None
+        try:
+            with open_pool(store.pool_files.metadata) as pool:
+                changes, root = container_changes(store, pool, fd, args.container)
+                if args.output:
+                    with atomic_output(args.output) as out:
+                        changes_tar(changes, root, out)
+        finally:
+            os.close(fd)
     if args.json:
         json.dump([{"kind": c.kind, "path": c.path} for c in changes], sys.stdout, indent=1)
         sys.stdout.write("\n")

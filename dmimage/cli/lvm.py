@@ -2,6 +2,8 @@
 
 Every subcommand takes one or more DISK arguments: whole disk images (GPT or MBR), bare PVs,
 partitions or block devices. Exit codes: 0 ok, 1 damage or problems found, 2 usage or I/O.
+Readers hold a shared lock on every DISK, writers an exclusive one (O_EXCL on block devices)
+from before the first read to the last write; see docs/locking.md.
 """
 
 from __future__ import annotations
@@ -11,9 +13,21 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
+from dmimage.cli._locking import add_lock_plan
+
 if TYPE_CHECKING:
     from dmimage.lvm.model import LogicalVolume
     from dmimage.lvm.vg import LoadedVG
+
+
+def _readers(args: argparse.Namespace) -> list[tuple[str | None, bool]]:
+    return [(d, False) for d in args.disks]
+
+
+def _writers(args: argparse.Namespace) -> list[tuple[str | None, bool]]:
+    """Every DISK exclusively: a new generation goes to the metadata areas of every PV, and
+    ``_tmeta`` extents may lie on any of them. Shared on --dry-run."""
+    return [(d, not args.dry_run) for d in args.disks]
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -29,6 +43,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ls.add_argument("--json", action="store_true", help="lvs's JSON report shape")
     ls.add_argument("-a", "--all", action="store_true", help="include hidden LVs, in brackets")
     ls.add_argument("--tree", action="store_true", help="draw the thin snapshot lineage")
+    add_lock_plan(ls, _readers)
     ls.set_defaults(func=run_ls)
 
     ck = lsub.add_parser("check", help="check labels, checksums, the VG and every thin pool",
@@ -37,6 +52,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ck.add_argument("disks", metavar="DISK", nargs="+")
     ck.add_argument("--json", action="store_true", help="print a JSON report on stdout")
     ck.add_argument("-q", "--quiet", action="store_true", help="only set the exit code")
+    add_lock_plan(ck, _readers)
     ck.set_defaults(func=run_check)
 
     ex = lsub.add_parser("export", help="write one LV's bytes to a file (sparse)",
@@ -45,6 +61,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ex.add_argument("disks", metavar="DISK", nargs="+")
     ex.add_argument("lv", metavar="VG/LV")
     ex.add_argument("-o", "--output", required=True, help="output file, or - for stdout")
+    add_lock_plan(ex, _readers)
     ex.set_defaults(func=run_export)
 
     dp = lsub.add_parser("dump", help="dump a thin pool's metadata (as dmimage dump)")
@@ -53,6 +70,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     dp.add_argument("-f", "--format", dest="fmt", default="xml",
                     choices=("xml", "human_readable", "json"), help="output format (xml)")
     dp.add_argument("-o", "--output", metavar="FILE", help="output file (default stdout)")
+    add_lock_plan(dp, _readers)
     dp.set_defaults(func=run_dump)
 
     md = lsub.add_parser("metadata", help="print the committed VG metadata text",
@@ -61,6 +79,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     md.add_argument("disks", metavar="DISK", nargs="+")
     md.add_argument("--vg", help="the VG to print when the disks hold several")
     md.add_argument("-o", "--output", metavar="FILE", help="output file (default stdout)")
+    add_lock_plan(md, _readers)
     md.set_defaults(func=run_metadata)
 
     fx = lsub.add_parser(
@@ -77,6 +96,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     fx.add_argument("--to", type=int, metavar="N", help="the new value (default: the other "
                     "side's)")
     fx.add_argument("--dry-run", action="store_true", help="print the change, write nothing")
+    add_lock_plan(fx, _writers)
     fx.set_defaults(func=run_set_transaction_id)
 
     do = lsub.add_parser(
@@ -87,6 +107,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     do.add_argument("disks", metavar="DISK", nargs="+")
     do.add_argument("lv", metavar="VG/POOL")
     do.add_argument("--dry-run", action="store_true", help="print the deletes, write nothing")
+    add_lock_plan(do, _writers)
     do.set_defaults(func=run_delete_orphans)
 
 

@@ -18,6 +18,7 @@ import tarfile
 from collections.abc import Iterator
 from typing import BinaryIO
 
+from dmimage import devlock
 from dmimage.docker.errors import StoreError, StoreIOError
 from dmimage.docker.fs import open_filesystem
 from dmimage.docker.images import Image
@@ -110,6 +111,14 @@ def save(store: Store, names: list[str], out: BinaryIO) -> list[str]:
             refs.append(name)
         elif ":" not in name and f"{name}:latest" in store.tags:
             refs.append(f"{name}:latest")
+    # Shared locks on both pool files, in devlock's global order (a data lock taken before
+    # the pool's metadata lock could wait in a cycle with a writer), for the whole save.
+    with devlock.acquire_all([(store.pool_files.metadata, False),
+                              (store.pool_files.data, False)]):
+        return _save(store, images, out)
+
+
+def _save(store: Store, images: dict[str, tuple[Image, list[str]]], out: BinaryIO) -> list[str]:
     try:
         data_fd = os.open(store.pool_files.data, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:

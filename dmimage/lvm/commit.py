@@ -8,6 +8,11 @@ when the text is on disk in *every* area (flushed) are the headers rewritten, po
 at the new text and clearing slot 1, each header's checksum recomputed, flushed again. A crash
 before the headers leaves the old generation in force everywhere; a crash between headers
 leaves some areas newer, and lvm2 takes the highest seqno that checks.
+
+Both writers hold exclusive locks (``dmimage.devlock``) on the files they write for the whole
+write, and refuse to write when the disk no longer holds what the caller read (another writer
+committed in between): an API caller that loaded the VG before locking gets an error, never
+a lost update. The CLI locks every DISK before it reads anything.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
+from dmimage import devlock
 from dmimage.errors import DeviceError, MetadataError
 from dmimage.format.constants import BLOCK_SIZE
 from dmimage.format.lvm import (
@@ -52,6 +58,11 @@ def _plan(fd: int, mda: MetadataArea, size: int) -> Placement:
     if lvm_crc(hdr[4:MDA_HEADER_SIZE]) != h.checksum:
         raise MetadataError("header changed since it was read", field=mda.where)
     rl = RawLocn.parse(hdr[MDA_HEADER_FIXED_SIZE:MDA_HEADER_FIXED_SIZE + RAW_LOCN_SIZE])
+    if (rl.offset, rl.size, rl.checksum) != (mda.text_offset, mda.text_size,
+                                             mda.text_checksum):
+        raise MetadataError("the committed text changed since the VG was read (another "
+                            "writer committed); nothing was written, read it again",
+                            field=mda.where)
     max_size = (h.size - MDA_HEADER_SIZE) // 2 - ALIGN
     if size > max_size:
         raise MetadataError(f"new text of {size} bytes exceeds the area's limit of {max_size}",
@@ -104,6 +115,11 @@ def new_generation_text(tree: Section) -> bytes:
 def write_generation(lvg: LoadedVG, tree: Section) -> list[str]:
     """Write ``tree`` (its seqno already raised) to every metadata area of the VG; returns
     the areas written. Any planning error aborts before a single byte is written."""
+    with lvg.lock():
+        return _write_generation(lvg, tree)
+
+
+def _write_generation(lvg: LoadedVG, tree: Section) -> list[str]:
     body = new_generation_text(tree)
     checksum = lvm_crc(body)
     fds: dict[str, int] = {}
@@ -146,8 +162,14 @@ def set_superblock_transaction_id(path: str, offset: int, old: int, new: int) ->
     """Rewrite the pool superblock at byte ``offset`` of ``path`` with transaction id ``new``.
 
     Only the first sector changes (trans_id and the checksum both lie in it), so the write is
-    as atomic as a sector write; it is flushed before returning.
+    as atomic as a sector write; it is flushed before returning. Holds ``path`` exclusively
+    meanwhile; the check of ``old`` under the lock makes a concurrent writer's change an error.
     """
+    with devlock.hold(path, exclusive=True):
+        _set_superblock_transaction_id(path, offset, old, new)
+
+
+def _set_superblock_transaction_id(path: str, offset: int, old: int, new: int) -> None:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:

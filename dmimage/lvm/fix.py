@@ -3,7 +3,9 @@
 ``vg``: a new VG metadata generation (lvm/commit.py) in which only seqno (+1) and the pool
 segment's transaction_id change. ``pool``: the pool superblock's trans_id, rewritten in place
 in its first sector (lvm/commit.py). Either way the pool metadata is checked first, and
-nothing is written on --dry-run or when the sides already agree.
+nothing is written on --dry-run or when the sides already agree. The VG's PVs are held
+exclusively (shared on --dry-run) from the check to the write, so the check still holds when
+the write lands.
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ def _pool_section(tree: Section, vgname: str, pool: str, seg: str) -> Section:
 
 def set_transaction_id(lvg: LoadedVG, pool_lv: LogicalVolume, *, side: str,
                        to: int | None, dry_run: bool) -> list[str]:
+    with lvg.lock(exclusive=not dry_run):
+        return _set_transaction_id(lvg, pool_lv, side=side, to=to, dry_run=dry_run)
+
+
+def _set_transaction_id(lvg: LoadedVG, pool_lv: LogicalVolume, *, side: str,
+                        to: int | None, dry_run: bool) -> list[str]:
     seg = pool_segment(pool_lv)
     where = f"{lvg.vg.name}/{pool_lv.name}"
     if lvg.missing:

@@ -5,7 +5,9 @@ through the existing offline writer (thin/transaction.py: copy-on-write, superbl
 The blocks that changed are then written back into the ``_tmeta`` extents: every other block
 first (the writer only wrote blocks that were free in the committed metadata), a flush, then
 block 0, then a flush; a crash before block 0 leaves the old metadata in force. The VG
-metadata does not change: it never named the orphans.
+metadata does not change: it never named the orphans. The VG's PVs are held exclusively
+(shared on --dry-run) from the check of the pool to the write-back, so no other writer's
+commit falls in between and is overwritten.
 """
 
 from __future__ import annotations
@@ -55,6 +57,11 @@ def _write_back(tmeta: LvView, changed: dict[int, bytes], where: str) -> None:
 
 
 def delete_orphans(lvg: LoadedVG, pool_lv: LogicalVolume, *, dry_run: bool) -> list[str]:
+    with lvg.lock(exclusive=not dry_run):
+        return _delete_orphans(lvg, pool_lv, dry_run=dry_run)
+
+
+def _delete_orphans(lvg: LoadedVG, pool_lv: LogicalVolume, *, dry_run: bool) -> list[str]:
     seg = pool_segment(pool_lv)
     where = f"{lvg.vg.name}/{pool_lv.name}"
     report = LvmReport()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dmimage import devlock
 from dmimage.errors import DmimageError, MetadataError, UsageError
 from dmimage.lvm.model import PhysicalVolume, VolumeGroup, vg_from_tree
 from dmimage.lvm.ondisk import MetadataArea, PvLabel, ScanResult, scan
@@ -28,6 +29,17 @@ class LoadedVG:
     #: is written to).
     mdas: list[MetadataArea]
     problems: list[str] = field(default_factory=list)
+
+    def pv_paths(self) -> list[str]:
+        """The files or block devices that carry this VG's PVs (each once)."""
+        return sorted({lab.region.path for lab in self.labels.values()})
+
+    def lock(self, exclusive: bool = True) -> devlock.Locks:
+        """Exclusive (or shared) locks on every file that carries a PV of this VG (O_EXCL on block
+        devices, so a PV that an active LV holds is refused): a writer may touch any of
+        them (metadata areas on every PV, ``_tmeta`` extents anywhere). Counted per process,
+        so a CLI command that already holds them does not wait for itself."""
+        return devlock.acquire_all([(p, exclusive) for p in self.pv_paths()])
 
 
 @dataclass
