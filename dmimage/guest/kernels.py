@@ -78,7 +78,8 @@ def _fetch_tool() -> Path:
     if env:
         return Path(env)
     here = Path(__file__).resolve().parents[2]
-    for cand in (here.parent / "shared/tools/debian13-fetch",
+    for cand in (here / "tools/debian13-fetch",  # the repository's own copy
+                 here.parent / "shared/tools/debian13-fetch",
                  Path("/work/shared/tools/debian13-fetch")):
         if cand.exists():
             return cand
