@@ -19,6 +19,7 @@ from dmimage.cli.main import main
 from dmimage.thin.check import check_metadata
 
 import damage
+import fuzz_judge
 import oracles
 import poolgen
 
@@ -214,3 +215,39 @@ def test_ls_and_rmap_check_a_shared_subtree_against_each_parent(restored_pool: R
     assert main(["dump", p, "-o", str(tmp_path / "d.xml")]) == 1
     assert main(["ls", p]) == 1
     assert main(["rmap", "--region", "0..10", p]) == 1
+
+
+def test_leaf_key_at_the_next_separator_loses_that_mapping_only(restored_pool: Restore,
+                                                                tmp_path: Path) -> None:
+    """Seed 3395293201 input 872: one separator key of device 1's bottom root lowered by one
+    (2258 -> 2257, checksum fixed), so the leaf before it ends with the separator's key. 1.1
+    passes it (it takes the range's end as inclusive); the kernel routes 2257 to the next leaf
+    and never finds it. check dropped the whole leaf (252 mappings lost, 252 data blocks
+    leaked); it now loses only the one mapping the kernel cannot reach."""
+    pool = poolgen.multilevel_pool(1500)
+    rp = restored_pool(pool, nr_meta_blocks=512)
+    meta = rp.read()
+    root = damage.MetaMap(bytes(meta)).nodes_where("bottom", True)[0].block
+    off = root * damage.BLOCK
+    nr, max_entries = struct.unpack_from("<II", meta, off + 16)
+    keys = list(struct.unpack_from(f"<{nr}Q", meta, off + 32))
+    children = struct.unpack_from(f"<{nr}Q", meta, off + 32 + 8 * max_entries)
+    i = 3
+    struct.pack_into("<Q", meta, off + 32 + 8 * i, keys[i] - 1)
+    damage.fix_checksum(meta, root, damage.SALT_BTREE)
+    p = _write(tmp_path / "bad.meta", meta)
+    assert oracles.check(p, rp.tools)[0] == 0
+    # the mapping lost: the previous leaf's last key, which the pool has at keys[i] - 1
+    dev = pool.devices[0]
+    (row,) = dev.mappings[dev.mappings[:, 0] == keys[i] - 1]
+    lost_data = int(row[1])
+    report = check_metadata(p)
+    got = [(x.scope, x.block, x.field, x.fatal) for x in report.problems]
+    assert got == [("device:1", children[i - 1], "keys", True),
+                   ("device:1", None, "mapped_blocks", True),
+                   ("data-space-map", None, None, False)], report.problems
+    assert f"holds {len(dev.mappings) - 1}" in report.problems[1].message
+    assert report.leaked_data_blocks == [lost_data]
+    assert report.nr_mappings == len(dev.mappings) - 1
+    verdict = fuzz_judge.verdict_failure(False, True, report.to_json()["problems"])
+    assert verdict == (None, "key-at-range-end")
