@@ -16,6 +16,9 @@ from typing import Any
 import pytest
 
 from dmimage.cli.main import main
+from dmimage.format.constants import MAPPING_VALUE_SIZE
+from dmimage.pdata.block import BlockReader
+from dmimage.pdata.btree import BtreeWalker
 from dmimage.thin.check import check_metadata
 
 import damage
@@ -251,3 +254,41 @@ def test_leaf_key_at_the_next_separator_loses_that_mapping_only(restored_pool: R
     assert report.nr_mappings == len(dev.mappings) - 1
     verdict = fuzz_judge.verdict_failure(False, True, report.to_json()["problems"])
     assert verdict == (None, "key-at-range-end")
+
+
+def test_a_leaf_cut_on_one_path_counts_whole_on_another(restored_pool: Restore,
+                                                        tmp_path: Path) -> None:
+    """The same damage, walked as if the leaf were shared: once under the lowered separator
+    (its last key cut) and once as a tree of its own (whole). Whichever walk comes first, each
+    path counts what it reaches and the leaf's entries are visited exactly once in all."""
+    pool = poolgen.multilevel_pool(1500)
+    meta = restored_pool(pool, nr_meta_blocks=512).read()
+    root = damage.MetaMap(bytes(meta)).nodes_where("bottom", True)[0].block
+    off = root * damage.BLOCK
+    nr, max_entries = struct.unpack_from("<II", meta, off + 16)
+    sep = struct.unpack_from("<Q", meta, off + 32 + 8 * 3)[0]
+    leaf = struct.unpack_from("<Q", meta, off + 32 + 8 * max_entries + 8 * 2)[0]
+    leaf_nr = struct.unpack_from("<I", meta, leaf * damage.BLOCK + 16)[0]
+    struct.pack_into("<Q", meta, off + 32 + 8 * 3, sep - 1)
+    damage.fix_checksum(meta, root, damage.SALT_BTREE)
+    p = _write(tmp_path / "bad.meta", meta)
+    n = len(pool.devices[0].mappings)
+
+    def walk(order: tuple[int, int]) -> tuple[dict[int, int], list[int], list[str]]:
+        seen: list[int] = []
+        errors: list[str] = []
+        got = {}
+        with BlockReader(p) as reader:
+            walker = BtreeWalker(reader, on_error=lambda e: errors.append(str(e)))
+            for r in order:
+                s = walker.walk(r, MAPPING_VALUE_SIZE,
+                                lambda node: seen.extend(node.keys.tolist()))
+                assert s is not None
+                got[r] = s.entries
+        return got, seen, errors
+
+    for order in ((root, leaf), (leaf, root)):
+        got, seen, errors = walk(order)
+        assert got[root] == n - 1 and got[leaf] == leaf_nr, (order, got)
+        assert sorted(seen) == sorted(pool.devices[0].mappings[:, 0].tolist()), order
+        assert len(errors) == 1 and f"..{sep - 1} outside" in errors[0], errors
