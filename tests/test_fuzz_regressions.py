@@ -292,3 +292,35 @@ def test_a_leaf_cut_on_one_path_counts_whole_on_another(restored_pool: Restore,
         assert got[root] == n - 1 and got[leaf] == leaf_nr, (order, got)
         assert sorted(seen) == sorted(pool.devices[0].mappings[:, 0].tolist()), order
         assert len(errors) == 1 and f"..{sep - 1} outside" in errors[0], errors
+
+
+def test_a_root_reached_again_as_a_child_is_held_to_the_fill_rule(
+        restored_pool: Restore, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Seed 2112707547 input 3518: device 3's first child pointer set to the top-level leaf
+    (3 entries; checksum fixed). That leaf was walked first as the top-level root, exempt from
+    the fill rule, and check did not apply it when the leaf came back as device 3's child:
+    it reported only the mapped_blocks the readers do not stop at, while dump refused the
+    underfull node. check now reports it under device 3."""
+    pool = poolgen.snapshot_pool(400)
+    rp = restored_pool(pool, nr_meta_blocks=512)
+    meta = rp.read()
+    mm = damage.MetaMap(bytes(meta))
+    top = mm.nodes_where("top", False)[0].block
+    top_max = mm.nodes[top].max_entries
+    nr = mm.nodes[top].nr_entries
+    roots = dict(zip(struct.unpack_from(f"<{nr}Q", meta, top * damage.BLOCK + 32),
+                     struct.unpack_from(f"<{nr}Q", meta, top * damage.BLOCK + 32 + 8 * top_max),
+                     strict=True))
+    root3 = roots[3]
+    assert mm.nodes[root3].internal
+    max3 = mm.nodes[root3].max_entries
+    struct.pack_into("<Q", meta, root3 * damage.BLOCK + 32 + 8 * max3, top)
+    damage.fix_checksum(meta, root3, damage.SALT_BTREE)
+    p = _write(tmp_path / "bad.meta", meta)
+    assert oracles.check(p, rp.tools)[0] != 0
+    fatal = [x for x in check_metadata(p).problems if x.fatal]
+    assert [(x.scope, x.block, x.field) for x in fatal if "underfull" in x.message] == [
+        ("device:3", top, "nr_entries")], fatal
+    capsys.readouterr()
+    assert main(["dump", p, "-o", str(tmp_path / "d.xml")]) == 1
+    assert main(["ls", p]) == 0  # ls counts underfull nodes like any other (docs/tools.md)

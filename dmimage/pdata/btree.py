@@ -227,6 +227,8 @@ class BtreeWalker:
         self._summaries: dict[int, SubtreeSummary | None] = {}
         self._in_progress: set[int] = set()
         self._value_size: dict[int, int] = {}
+        #: nodes first walked as a root that would be underfull as a child
+        self._underfull_as_child: dict[int, Node] = {}
         #: leaves with keys outside a parent's range: which entries some walk has reached
         self._reached: dict[int, np.ndarray] = {}
 
@@ -266,6 +268,11 @@ class BtreeWalker:
             return None
         if blocknr in self._summaries:
             summary = self._summaries[blocknr]
+            if not is_root and blocknr in self._underfull_as_child:
+                # first walked as a root (exempt from the fill rule), now a child too
+                problem = fill_problem(self._underfull_as_child.pop(blocknr), False, what)
+                if problem is not None:
+                    self.on_error(problem)
             if summary is not None and self._value_size.get(blocknr) != vs:
                 self.on_error(FormatError(f"{what}: node shared between trees of different "
                                           "value sizes", block=blocknr))
@@ -340,6 +347,8 @@ class BtreeWalker:
         underfull = fill_problem(node, is_root, what)
         if underfull is not None:
             self.on_error(underfull)
+        elif is_root and fill_problem(node, False, what) is not None:
+            self._underfull_as_child[b] = node
         bad = sort_problem(node, what)
         if bad is not None:
             self.on_error(bad)
