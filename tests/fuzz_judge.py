@@ -221,6 +221,17 @@ def _key_at_range_end(problems: Sequence[Problem]) -> bool:
                     if scope.startswith("device:")))
 
 
+def _data_index_root_seen(problems: Sequence[Problem]) -> bool:
+    """One data index root met before in another tree, and only what an unreadable data
+    index leaves: no bitmap found (counts read as 0), so every referenced data block is
+    short and nr_allocated disagrees."""
+    roots = [p for p in problems if "node shared between trees of different value sizes"
+             in p.get("message", "")]
+    return (len(roots) == 1 and all(p.get("scope") == "data-space-map" for p in problems)
+            and all(int(st) == 0 for p in problems
+                    for st, _ in _STORED.findall(p.get("message", ""))))
+
+
 STRICTER_RULES = (
     StricterRule("nr_allocated", "1.1 does not compare nr_allocated with the counts; the "
                  "kernel's free-space accounting trusts it (non-fatal, --auto-repair fixes it)",
@@ -275,6 +286,18 @@ STRICTER_RULES = (
                   ("", r"^data space map: \d+ leaked blocks"),
                   ("", r"^data space map: \d+ blocks with wrong reference counts")),
                  consistent=_key_at_range_end),
+    StricterRule("data-index-root-seen", "the data space map's index root is a node of "
+                 "another tree: 1.1 walks the index skipping nodes it has seen, so it reads an "
+                 "empty index and checks no data counts; the kernel looks the bitmaps up in "
+                 "that node and fails. Seen as the shared node, the missing index entries and "
+                 "bitmaps, and the counts and nr_allocated they leave",
+                 (("", r"^data space map index: node shared between trees of different value"),
+                  ("data space map index", r"^data space map index has \d+ entries, expected"),
+                  ("csum", r"^data space map bitmap \d+: bitmap checksum mismatch"),
+                  ("", r"^data space map: \d+ blocks with wrong reference counts"),
+                  ("data space map root nr_allocated",
+                   r"nr_allocated is \d+ but \d+ blocks are in use")),
+                 consistent=_data_index_root_seen),
     StricterRule("node-flags", "node flags other than exactly 1 or 2: 1.1 reads 'not 2' as "
                  "internal, the kernel refuses a node with neither bit; what the lost subtree "
                  "held shows up in the space-map counts, so the input with those flags set to 1 "

@@ -148,6 +148,28 @@ def test_judge_key_at_range_end_adds_up() -> None:
     assert rule([key(2257, 2256), short(1499), wrong]) is None
 
 
+def test_judge_data_index_root_seen() -> None:
+    """Seed 2112707547 input 4987: the data index root set to a mapping leaf. Its problems
+    are excused together; a count that is not 0 or a problem elsewhere is not."""
+    shared = _problem("data-space-map", "", "data space map index: node shared between trees "
+                      "of different value sizes")
+    empty = _problem("data-space-map", "data space map index",
+                     "data space map index has 0 entries, expected 1 (nr_blocks 3000)")
+
+    def counts(stored: int) -> fuzz_judge.Problem:
+        return _problem("data-space-map", "", "data space map: 1500 blocks with wrong reference "
+                        f"counts (block 2: stored {stored}, expected 1)")
+
+    def rule(problems: list[fuzz_judge.Problem]) -> str | None:
+        return fuzz_judge.verdict_failure(False, True, problems)[1]
+
+    assert rule([shared, empty, counts(0)]) == "data-index-root-seen"
+    assert rule([shared, empty, counts(2)]) is None  # a bitmap was read: 1.1 compares it
+    assert rule([empty, counts(0)]) is None  # no shared root: not what 1.1 skips
+    assert rule([shared, shared, empty]) is None
+    assert rule([shared, empty, _problem("device:1")]) is None
+
+
 def test_judge_repair() -> None:
     results = {"repair": _res(0), "dump --repair": _res(1)}
     fails = fuzz_judge.repair_failures([], results, {"ok": False, "problems": []}, False)

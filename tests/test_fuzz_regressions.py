@@ -11,7 +11,8 @@ import json
 import struct
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
@@ -23,6 +24,7 @@ from dmimage.thin.check import check_metadata
 
 import damage
 import fuzz_judge
+import fuzz_run
 import oracles
 import poolgen
 
@@ -30,6 +32,7 @@ import poolgen
 Restore = Callable[..., Any]
 SB_DATA_NR_BLOCKS = 64
 SB_DATA_BITMAP_ROOT = 80
+SB_META_NR_BLOCKS = 192
 
 
 def _set_sb(meta: bytearray, offset: int, value: int) -> None:
@@ -324,3 +327,38 @@ def test_a_root_reached_again_as_a_child_is_held_to_the_fill_rule(
     capsys.readouterr()
     assert main(["dump", p, "-o", str(tmp_path / "d.xml")]) == 1
     assert main(["ls", p]) == 0  # ls counts underfull nodes like any other (docs/tools.md)
+
+
+def test_data_index_root_at_a_mapping_leaf_hidden_from_1_1(restored_pool: Restore,
+                                                           tmp_path: Path) -> None:
+    """Seed 2112707547 input 4987: the data space map's index root set to a mapping leaf, and
+    the metadata space map's nr_blocks to 0. 1.1 walks the data index skipping nodes it has
+    seen, so it reads no index entries and checks no data counts; alone, it still fails on
+    the metadata blocks that leak, but nr_blocks 0 hides those. The data index problems are
+    excused by data-index-root-seen, mutation by mutation (fuzz_run.Run)."""
+    rp = restored_pool(poolgen.multilevel_pool(1500), nr_meta_blocks=512)
+    meta = rp.read()
+    leaf = damage.MetaMap(bytes(meta)).nodes_where("bottom", False)[0].block
+    _set_sb(meta, SB_DATA_BITMAP_ROOT, leaf)
+    alone = _write(tmp_path / "alone.meta", meta)
+    _set_sb(meta, SB_META_NR_BLOCKS, 0)
+    both = _write(tmp_path / "both.meta", meta)
+    meta = rp.read()
+    _set_sb(meta, SB_META_NR_BLOCKS, 0)
+    other = _write(tmp_path / "other.meta", meta)
+    assert oracles.check(alone, rp.tools)[0] != 0
+    assert oracles.check(both, rp.tools)[0] == 0
+    assert oracles.check(other, rp.tools)[0] == 0
+
+    def problems(p: str) -> list[dict[str, Any]]:
+        return cast(list[dict[str, Any]], check_metadata(p).to_json()["problems"])
+
+    a, b, whole = problems(alone), problems(other), problems(both)
+    assert fuzz_judge.verdict_failure(False, True, whole)[0] is not None  # no single rule
+    assert fuzz_judge.verdict_failure(False, True, b) == (None, "metadata-nr-blocks-too-small")
+    parts = SimpleNamespace(parts=[SimpleNamespace(problems=a, rule=None),
+                                   SimpleNamespace(problems=b,
+                                                   rule="metadata-nr-blocks-too-small")])
+    assert all(fuzz_run.Run._explained_by_parts(p, cast(Any, parts)) for p in whole), whole
+    data_sm = [p for p in a if p["scope"] == "data-space-map"]
+    assert fuzz_judge.verdict_failure(False, True, data_sm) == (None, "data-index-root-seen")
