@@ -362,3 +362,20 @@ def test_data_index_root_at_a_mapping_leaf_hidden_from_1_1(restored_pool: Restor
     assert all(fuzz_run.Run._explained_by_parts(p, cast(Any, parts)) for p in whole), whole
     data_sm = [p for p in a if p["scope"] == "data-space-map"]
     assert fuzz_judge.verdict_failure(False, True, data_sm) == (None, "data-index-root-seen")
+
+
+def test_readers_refuse_an_unknown_incompat_feature(restored_pool: Restore, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """Seed 1132727687 input 720: a checksum-fixed flip set incompat_flags to 0xba. check
+    failed the pool (the kernel refuses it: vmtests/test_refusals.py) but dump, ls, rmap,
+    delta and export read it as if the flags were 0. They now refuse it, naming the field."""
+    rp = restored_pool(poolgen.thins_pool(3), nr_meta_blocks=512)
+    meta = rp.read()
+    struct.pack_into("<I", meta, 360, 0xBA)
+    damage.fix_checksum(meta, 0, damage.SALT_SUPERBLOCK)
+    p = _write(tmp_path / "bad.meta", meta)
+    assert [x.field for x in check_metadata(p).problems] == ["incompat_flags"]
+    for argv in (["dump", p, "-o", str(tmp_path / "d.xml")], ["ls", p]):
+        capsys.readouterr()
+        assert main(argv) == 1, argv
+        assert "incompat_flags 0xba" in capsys.readouterr().err
