@@ -30,14 +30,15 @@ verdict is judged against thin_check 1.1):
    checks clean with dmimage (and thin_check 1.1: the caller's part).
 3. **Check vs thin_check 1.1** (:func:`verdict_failure`): equal verdicts, or dmimage stricter
    under exactly one :class:`StricterRule` that explains *every* problem reported (a
-   counterfactual rule: see :attr:`StricterRule.counterfactual`). Inputs of several
+   counterfactual rule: see :attr:`StricterRule.counterfactual`; a rule with
+   :attr:`StricterRule.consistent` also checks that the problems' numbers add up). Inputs of several
    mutations are split by the harness (fuzz_run.Run.decompose) when no single rule does.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,11 +155,17 @@ class StricterRule:
     #: the rule's consequences are checked, not named: the harness rewrites the one field
     #: to what 1.1 reads it as (fuzz_run.normalize_headers) and dmimage must then find nothing
     counterfactual: bool = False
+    #: the numbers in the problems must also add up (all of them, together)
+    consistent: Callable[[Sequence[Problem]], bool] | None = None
 
     def explains(self, p: Problem) -> bool:
         field = p.get("field") or ""
         msg = p.get("message", "")
         return any(re.fullmatch(f, field) and re.search(m, msg) for f, m in self.matchers)
+
+    def explains_all(self, problems: Sequence[Problem]) -> bool:
+        return all(self.explains(p) for p in problems) and (
+            self.consistent is None or self.consistent(problems))
 
 
 _DATA_NR_BLOCKS = (
@@ -167,6 +174,63 @@ _DATA_NR_BLOCKS = (
     ("data space map index", r"^data space map index has \d+ entries, expected \d+"),
     ("data space map root nr_allocated", r"nr_allocated is \d+ but \d+ blocks are in use"),
 )
+
+_KEY_AT_END = re.compile(r"keys (\d+)\.\.(\d+) outside (?:the )?parent(?:'s)? range (\d+)\.\.(\d+)")
+_MAPPED_SHORT = re.compile(r"details say (\d+) mapped blocks, its mapping tree holds (\d+)")
+_DATA_LEAKS = re.compile(r"^data space map: (\d+) leaked blocks")
+_DATA_WRONG = re.compile(r"^data space map: (\d+) blocks with wrong reference counts \((.*)\)$")
+_STORED = re.compile(r"stored (\d+), expected (\d+)")
+
+
+def _key_at_range_end(problems: Sequence[Problem]) -> bool:
+    """Each key problem is a child's last key equal to the parent's next key (one past the
+    range: what 1.1 lets through), so each loses exactly one mapping; the consequences are
+    no more than those mappings: a device's mapping tree short by at most that many (by
+    exactly as many as its own key problems), their data blocks counted once too often."""
+    lost: dict[str, int] = {}
+    for p in problems:
+        if p.get("field") != "keys":
+            continue
+        m = _KEY_AT_END.search(p.get("message", ""))
+        if m is None:
+            return False
+        first, last, lo, top = (int(x) for x in m.groups())
+        if first < lo or last != top + 1:
+            return False
+        scope = p.get("scope") or ""
+        lost[scope] = lost.get(scope, 0) + 1
+    total = sum(lost.values())
+    short_by: dict[str, int] = {}
+    data = 0
+    for p in problems:
+        msg = p.get("message", "")
+        if p.get("field") == "mapped_blocks":
+            m = _MAPPED_SHORT.search(msg)
+            if m is None:
+                return False
+            short_by[p.get("scope") or ""] = int(m[1]) - int(m[2])
+        elif (m := _DATA_LEAKS.search(msg)) is not None:
+            data += int(m[1])
+        elif (m := _DATA_WRONG.search(msg)) is not None:
+            data += int(m[1])
+            if any(int(st) != int(ex) + 1 for st, ex in _STORED.findall(m[2])):
+                return False
+    return (total > 0 and data <= total
+            and all(1 <= d <= total for d in short_by.values())
+            and all(short_by.get(scope) == n for scope, n in lost.items()
+                    if scope.startswith("device:")))
+
+
+def _data_index_root_seen(problems: Sequence[Problem]) -> bool:
+    """One data index root met before in another tree, and only what an unreadable data
+    index leaves: no bitmap found (counts read as 0), so every referenced data block is
+    short and nr_allocated disagrees."""
+    roots = [p for p in problems if "node shared between trees of different value sizes"
+             in p.get("message", "")]
+    return (len(roots) == 1 and all(p.get("scope") == "data-space-map" for p in problems)
+            and all(int(st) == 0 for p in problems
+                    for st, _ in _STORED.findall(p.get("message", ""))))
+
 
 STRICTER_RULES = (
     StricterRule("nr_allocated", "1.1 does not compare nr_allocated with the counts; the "
@@ -212,6 +276,28 @@ STRICTER_RULES = (
     StricterRule("data-index-keys", "1.1 reads the data index entries in order and ignores "
                  "their keys; the kernel looks bitmaps up by key",
                  (("data space map index", r"^data space map index keys are not"),)),
+    StricterRule("key-at-range-end", "a child's last key equal to its parent's next key: "
+                 "1.1 compares the child's highest key with the range's end as if the end were "
+                 "inclusive, the kernel routes that key to the next child and never finds it; "
+                 "the one lost mapping per such key shows in mapped_blocks and the data counts "
+                 "(checked: the numbers must add up)",
+                 (("keys", r"keys \d+\.\.\d+ outside (the )?parent('s)? range"),
+                  ("mapped_blocks", r"details say \d+ mapped blocks, its mapping tree holds"),
+                  ("", r"^data space map: \d+ leaked blocks"),
+                  ("", r"^data space map: \d+ blocks with wrong reference counts")),
+                 consistent=_key_at_range_end),
+    StricterRule("data-index-root-seen", "the data space map's index root is a node of "
+                 "another tree: 1.1 walks the index skipping nodes it has seen, so it reads an "
+                 "empty index and checks no data counts; the kernel looks the bitmaps up in "
+                 "that node and fails. Seen as the shared node, the missing index entries and "
+                 "bitmaps, and the counts and nr_allocated they leave",
+                 (("", r"^data space map index: node shared between trees of different value"),
+                  ("data space map index", r"^data space map index has \d+ entries, expected"),
+                  ("csum", r"^data space map bitmap \d+: bitmap checksum mismatch"),
+                  ("", r"^data space map: \d+ blocks with wrong reference counts"),
+                  ("data space map root nr_allocated",
+                   r"nr_allocated is \d+ but \d+ blocks are in use")),
+                 consistent=_data_index_root_seen),
     StricterRule("node-flags", "node flags other than exactly 1 or 2: 1.1 reads 'not 2' as "
                  "internal, the kernel refuses a node with neither bit; what the lost subtree "
                  "held shows up in the space-map counts, so the input with those flags set to 1 "
@@ -238,7 +324,7 @@ def explaining_rule(problems: Sequence[Problem],
     if normalized is not None and not normalized and counterfactual is not None:
         return counterfactual
     for rule in STRICTER_RULES:
-        if not rule.counterfactual and all(rule.explains(p) for p in problems):
+        if not rule.counterfactual and rule.explains_all(problems):
             return rule
     return None
 

@@ -125,6 +125,61 @@ def test_judge_stricter_rule_must_explain_every_problem() -> None:
     assert fail == "thin_check 1.1 fails it, dmimage check passes it"
 
 
+def test_judge_key_at_range_end_adds_up() -> None:
+    """Seed 3395293201 input 872: the one key 1.1 lets through is one lost mapping. The
+    report check gave before the fix (the whole leaf dropped) is not excused, nor is a key
+    two past the range, nor a lost mapping without its key problem."""
+    def key(last: int, top: int) -> fuzz_judge.Problem:
+        return _problem("device:1", "keys", f"mapping tree of device 1: keys 1506..{last} "
+                        f"outside the parent's range 1506..{top}")
+
+    def short(holds: int) -> fuzz_judge.Problem:
+        return _problem("device:1", "mapped_blocks", "device 1: details say 1500 mapped "
+                        f"blocks, its mapping tree holds {holds}")
+
+    def leaks(n: int) -> fuzz_judge.Problem:
+        return _problem("data-space-map", "", f"data space map: {n} leaked blocks (counted but "
+                        "unreferenced, e.g. [906])", fatal=False)
+
+    def rule(problems: list[fuzz_judge.Problem]) -> str | None:
+        return fuzz_judge.verdict_failure(False, True, problems)[1]
+
+    assert rule([key(2257, 2256), short(1499), leaks(1)]) == "key-at-range-end"
+    shared = _problem("data-space-map", "", "data space map: 1 blocks with wrong reference "
+                      "counts (block 906: stored 2, expected 1)")
+    assert rule([key(2257, 2256), short(1499), shared]) == "key-at-range-end"
+    assert rule([key(2257, 2256), short(1248), leaks(252)]) is None  # the old whole leaf
+    assert rule([key(2257, 2256), short(1499), leaks(2)]) is None
+    assert rule([key(2258, 2256), short(1499), leaks(1)]) is None  # 1.1 fails that one
+    assert rule([key(2257, 2256), leaks(1)]) is None  # the lost mapping must show
+    assert rule([short(1499), leaks(1)]) is None
+    wrong = _problem("data-space-map", "", "data space map: 1 blocks with wrong reference "
+                     "counts (block 906: stored 1, expected 2)")
+    assert rule([key(2257, 2256), short(1499), wrong]) is None
+
+
+def test_judge_data_index_root_seen() -> None:
+    """Seed 2112707547 input 4987: the data index root set to a mapping leaf. Its problems
+    are excused together; a count that is not 0 or a problem elsewhere is not."""
+    shared = _problem("data-space-map", "", "data space map index: node shared between trees "
+                      "of different value sizes")
+    empty = _problem("data-space-map", "data space map index",
+                     "data space map index has 0 entries, expected 1 (nr_blocks 3000)")
+
+    def counts(stored: int) -> fuzz_judge.Problem:
+        return _problem("data-space-map", "", "data space map: 1500 blocks with wrong reference "
+                        f"counts (block 2: stored {stored}, expected 1)")
+
+    def rule(problems: list[fuzz_judge.Problem]) -> str | None:
+        return fuzz_judge.verdict_failure(False, True, problems)[1]
+
+    assert rule([shared, empty, counts(0)]) == "data-index-root-seen"
+    assert rule([shared, empty, counts(2)]) is None  # a bitmap was read: 1.1 compares it
+    assert rule([empty, counts(0)]) is None  # no shared root: not what 1.1 skips
+    assert rule([shared, shared, empty]) is None
+    assert rule([shared, empty, _problem("device:1")]) is None
+
+
 def test_judge_repair() -> None:
     results = {"repair": _res(0), "dump --repair": _res(1)}
     fails = fuzz_judge.repair_failures([], results, {"ok": False, "problems": []}, False)

@@ -11,14 +11,20 @@ import json
 import struct
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
 from dmimage.cli.main import main
+from dmimage.format.constants import MAPPING_VALUE_SIZE
+from dmimage.pdata.block import BlockReader
+from dmimage.pdata.btree import BtreeWalker
 from dmimage.thin.check import check_metadata
 
 import damage
+import fuzz_judge
+import fuzz_run
 import oracles
 import poolgen
 
@@ -26,6 +32,7 @@ import poolgen
 Restore = Callable[..., Any]
 SB_DATA_NR_BLOCKS = 64
 SB_DATA_BITMAP_ROOT = 80
+SB_META_NR_BLOCKS = 192
 
 
 def _set_sb(meta: bytearray, offset: int, value: int) -> None:
@@ -214,3 +221,161 @@ def test_ls_and_rmap_check_a_shared_subtree_against_each_parent(restored_pool: R
     assert main(["dump", p, "-o", str(tmp_path / "d.xml")]) == 1
     assert main(["ls", p]) == 1
     assert main(["rmap", "--region", "0..10", p]) == 1
+
+
+def test_leaf_key_at_the_next_separator_loses_that_mapping_only(restored_pool: Restore,
+                                                                tmp_path: Path) -> None:
+    """Seed 3395293201 input 872: one separator key of device 1's bottom root lowered by one
+    (2258 -> 2257, checksum fixed), so the leaf before it ends with the separator's key. 1.1
+    passes it (it takes the range's end as inclusive); the kernel routes 2257 to the next leaf
+    and never finds it. check dropped the whole leaf (252 mappings lost, 252 data blocks
+    leaked); it now loses only the one mapping the kernel cannot reach."""
+    pool = poolgen.multilevel_pool(1500)
+    rp = restored_pool(pool, nr_meta_blocks=512)
+    meta = rp.read()
+    root = damage.MetaMap(bytes(meta)).nodes_where("bottom", True)[0].block
+    off = root * damage.BLOCK
+    nr, max_entries = struct.unpack_from("<II", meta, off + 16)
+    keys = list(struct.unpack_from(f"<{nr}Q", meta, off + 32))
+    children = struct.unpack_from(f"<{nr}Q", meta, off + 32 + 8 * max_entries)
+    i = 3
+    struct.pack_into("<Q", meta, off + 32 + 8 * i, keys[i] - 1)
+    damage.fix_checksum(meta, root, damage.SALT_BTREE)
+    p = _write(tmp_path / "bad.meta", meta)
+    assert oracles.check(p, rp.tools)[0] == 0
+    # the mapping lost: the previous leaf's last key, which the pool has at keys[i] - 1
+    dev = pool.devices[0]
+    (row,) = dev.mappings[dev.mappings[:, 0] == keys[i] - 1]
+    lost_data = int(row[1])
+    report = check_metadata(p)
+    got = [(x.scope, x.block, x.field, x.fatal) for x in report.problems]
+    assert got == [("device:1", children[i - 1], "keys", True),
+                   ("device:1", None, "mapped_blocks", True),
+                   ("data-space-map", None, None, False)], report.problems
+    assert f"holds {len(dev.mappings) - 1}" in report.problems[1].message
+    assert report.leaked_data_blocks == [lost_data]
+    assert report.nr_mappings == len(dev.mappings) - 1
+    verdict = fuzz_judge.verdict_failure(False, True, report.to_json()["problems"])
+    assert verdict == (None, "key-at-range-end")
+
+
+def test_a_leaf_cut_on_one_path_counts_whole_on_another(restored_pool: Restore,
+                                                        tmp_path: Path) -> None:
+    """The same damage, walked as if the leaf were shared: once under the lowered separator
+    (its last key cut) and once as a tree of its own (whole). Whichever walk comes first, each
+    path counts what it reaches and the leaf's entries are visited exactly once in all."""
+    pool = poolgen.multilevel_pool(1500)
+    meta = restored_pool(pool, nr_meta_blocks=512).read()
+    root = damage.MetaMap(bytes(meta)).nodes_where("bottom", True)[0].block
+    off = root * damage.BLOCK
+    nr, max_entries = struct.unpack_from("<II", meta, off + 16)
+    sep = struct.unpack_from("<Q", meta, off + 32 + 8 * 3)[0]
+    leaf = struct.unpack_from("<Q", meta, off + 32 + 8 * max_entries + 8 * 2)[0]
+    leaf_nr = struct.unpack_from("<I", meta, leaf * damage.BLOCK + 16)[0]
+    struct.pack_into("<Q", meta, off + 32 + 8 * 3, sep - 1)
+    damage.fix_checksum(meta, root, damage.SALT_BTREE)
+    p = _write(tmp_path / "bad.meta", meta)
+    n = len(pool.devices[0].mappings)
+
+    def walk(order: tuple[int, int]) -> tuple[dict[int, int], list[int], list[str]]:
+        seen: list[int] = []
+        errors: list[str] = []
+        got = {}
+        with BlockReader(p) as reader:
+            walker = BtreeWalker(reader, on_error=lambda e: errors.append(str(e)))
+            for r in order:
+                s = walker.walk(r, MAPPING_VALUE_SIZE,
+                                lambda node: seen.extend(node.keys.tolist()))
+                assert s is not None
+                got[r] = s.entries
+        return got, seen, errors
+
+    for order in ((root, leaf), (leaf, root)):
+        got, seen, errors = walk(order)
+        assert got[root] == n - 1 and got[leaf] == leaf_nr, (order, got)
+        assert sorted(seen) == sorted(pool.devices[0].mappings[:, 0].tolist()), order
+        assert len(errors) == 1 and f"..{sep - 1} outside" in errors[0], errors
+
+
+def test_a_root_reached_again_as_a_child_is_held_to_the_fill_rule(
+        restored_pool: Restore, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Seed 2112707547 input 3518: device 3's first child pointer set to the top-level leaf
+    (3 entries; checksum fixed). That leaf was walked first as the top-level root, exempt from
+    the fill rule, and check did not apply it when the leaf came back as device 3's child:
+    it reported only the mapped_blocks the readers do not stop at, while dump refused the
+    underfull node. check now reports it under device 3."""
+    pool = poolgen.snapshot_pool(400)
+    rp = restored_pool(pool, nr_meta_blocks=512)
+    meta = rp.read()
+    mm = damage.MetaMap(bytes(meta))
+    top = mm.nodes_where("top", False)[0].block
+    top_max = mm.nodes[top].max_entries
+    nr = mm.nodes[top].nr_entries
+    roots = dict(zip(struct.unpack_from(f"<{nr}Q", meta, top * damage.BLOCK + 32),
+                     struct.unpack_from(f"<{nr}Q", meta, top * damage.BLOCK + 32 + 8 * top_max),
+                     strict=True))
+    root3 = roots[3]
+    assert mm.nodes[root3].internal
+    max3 = mm.nodes[root3].max_entries
+    struct.pack_into("<Q", meta, root3 * damage.BLOCK + 32 + 8 * max3, top)
+    damage.fix_checksum(meta, root3, damage.SALT_BTREE)
+    p = _write(tmp_path / "bad.meta", meta)
+    assert oracles.check(p, rp.tools)[0] != 0
+    fatal = [x for x in check_metadata(p).problems if x.fatal]
+    assert [(x.scope, x.block, x.field) for x in fatal if "underfull" in x.message] == [
+        ("device:3", top, "nr_entries")], fatal
+    capsys.readouterr()
+    assert main(["dump", p, "-o", str(tmp_path / "d.xml")]) == 1
+    assert main(["ls", p]) == 0  # ls counts underfull nodes like any other (docs/tools.md)
+
+
+def test_data_index_root_at_a_mapping_leaf_hidden_from_1_1(restored_pool: Restore,
+                                                           tmp_path: Path) -> None:
+    """Seed 2112707547 input 4987: the data space map's index root set to a mapping leaf, and
+    the metadata space map's nr_blocks to 0. 1.1 walks the data index skipping nodes it has
+    seen, so it reads no index entries and checks no data counts; alone, it still fails on
+    the metadata blocks that leak, but nr_blocks 0 hides those. The data index problems are
+    excused by data-index-root-seen, mutation by mutation (fuzz_run.Run)."""
+    rp = restored_pool(poolgen.multilevel_pool(1500), nr_meta_blocks=512)
+    meta = rp.read()
+    leaf = damage.MetaMap(bytes(meta)).nodes_where("bottom", False)[0].block
+    _set_sb(meta, SB_DATA_BITMAP_ROOT, leaf)
+    alone = _write(tmp_path / "alone.meta", meta)
+    _set_sb(meta, SB_META_NR_BLOCKS, 0)
+    both = _write(tmp_path / "both.meta", meta)
+    meta = rp.read()
+    _set_sb(meta, SB_META_NR_BLOCKS, 0)
+    other = _write(tmp_path / "other.meta", meta)
+    assert oracles.check(alone, rp.tools)[0] != 0
+    assert oracles.check(both, rp.tools)[0] == 0
+    assert oracles.check(other, rp.tools)[0] == 0
+
+    def problems(p: str) -> list[dict[str, Any]]:
+        return cast(list[dict[str, Any]], check_metadata(p).to_json()["problems"])
+
+    a, b, whole = problems(alone), problems(other), problems(both)
+    assert fuzz_judge.verdict_failure(False, True, whole)[0] is not None  # no single rule
+    assert fuzz_judge.verdict_failure(False, True, b) == (None, "metadata-nr-blocks-too-small")
+    parts = SimpleNamespace(parts=[SimpleNamespace(problems=a, rule=None),
+                                   SimpleNamespace(problems=b,
+                                                   rule="metadata-nr-blocks-too-small")])
+    assert all(fuzz_run.Run._explained_by_parts(p, cast(Any, parts)) for p in whole), whole
+    data_sm = [p for p in a if p["scope"] == "data-space-map"]
+    assert fuzz_judge.verdict_failure(False, True, data_sm) == (None, "data-index-root-seen")
+
+
+def test_readers_refuse_an_unknown_incompat_feature(restored_pool: Restore, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """Seed 1132727687 input 720: a checksum-fixed flip set incompat_flags to 0xba. check
+    failed the pool (the kernel refuses it: vmtests/test_refusals.py) but dump, ls, rmap,
+    delta and export read it as if the flags were 0. They now refuse it, naming the field."""
+    rp = restored_pool(poolgen.thins_pool(3), nr_meta_blocks=512)
+    meta = rp.read()
+    struct.pack_into("<I", meta, 360, 0xBA)
+    damage.fix_checksum(meta, 0, damage.SALT_SUPERBLOCK)
+    p = _write(tmp_path / "bad.meta", meta)
+    assert [x.field for x in check_metadata(p).problems] == ["incompat_flags"]
+    for argv in (["dump", p, "-o", str(tmp_path / "d.xml")], ["ls", p]):
+        capsys.readouterr()
+        assert main(argv) == 1, argv
+        assert "incompat_flags 0xba" in capsys.readouterr().err

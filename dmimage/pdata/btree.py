@@ -140,22 +140,52 @@ def fill_problem(node: Node, is_root: bool, what: str) -> MetadataError | None:
 
 def order_problem(node: Node, lo: int, hi: int, what: str) -> MetadataError | None:
     """Keys strictly ascending and inside the parent's range [lo, hi); an internal node
-    must not be empty. A problem here makes the node's subtree unusable."""
+    must not be empty (:func:`sort_problem`, then :func:`range_problem`)."""
+    return sort_problem(node, what) or range_problem(node, lo, hi, what)
+
+
+def sort_problem(node: Node, what: str) -> MetadataError | None:
+    """Keys not strictly ascending, or an empty internal node: the node cannot be searched,
+    so its whole subtree is unusable."""
     keys = node.keys
     nr = node.nr_entries
-    b = node.blocknr
     if nr == 0:
         if node.is_leaf:
             return None
-        return MetadataError(f"{what}: internal node with no entries", block=b,
+        return MetadataError(f"{what}: internal node with no entries", block=node.blocknr,
                              field="nr_entries")
     if nr > 1 and not bool((keys[1:] > keys[:-1]).all()):
-        return MetadataError(f"{what}: keys not in ascending order", block=b, field="keys")
-    first, last = int(keys[0]), int(keys[-1])
+        return MetadataError(f"{what}: keys not in ascending order", block=node.blocknr,
+                             field="keys")
+    return None
+
+
+def range_problem(node: Node, lo: int, hi: int, what: str) -> MetadataError | None:
+    """Keys (ascending) outside the parent's range [lo, hi). The kernel routes a lookup by
+    the parent's keys, so such a key is never found; the node's other keys still are."""
+    if node.nr_entries == 0:
+        return None
+    first, last = int(node.keys[0]), int(node.keys[-1])
     if first < lo or last >= hi:
         return MetadataError(f"{what}: keys {first}..{last} outside the parent's range "
-                             f"{lo}..{hi - 1}", block=b, field="keys")
+                             f"{lo}..{hi - 1}", block=node.blocknr, field="keys")
     return None
+
+
+def in_range(keys: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Mask of the (ascending) keys a lookup routed into [lo, hi) can reach."""
+    mask = keys >= np.uint64(lo)
+    if hi < KEY_END:
+        mask &= keys < np.uint64(hi)
+    return mask
+
+
+def leaf_subset(node: Node, mask: np.ndarray) -> Node:
+    """A leaf holding only the entries under ``mask`` (copies)."""
+    vals = np.frombuffer(node.raw_values, dtype=f"V{node.value_size}", count=node.nr_entries)
+    n = int(np.count_nonzero(mask))
+    return Node(node.blocknr, True, n, node.max_entries, node.value_size,
+                np.ascontiguousarray(node.keys[mask]), memoryview(vals[mask].tobytes()))
 
 
 @dataclass(slots=True, frozen=True)
@@ -197,6 +227,10 @@ class BtreeWalker:
         self._summaries: dict[int, SubtreeSummary | None] = {}
         self._in_progress: set[int] = set()
         self._value_size: dict[int, int] = {}
+        #: nodes first walked as a root that would be underfull as a child
+        self._underfull_as_child: dict[int, Node] = {}
+        #: leaves with keys outside a parent's range: which entries some walk has reached
+        self._reached: dict[int, np.ndarray] = {}
 
     def walk(
         self,
@@ -234,16 +268,25 @@ class BtreeWalker:
             return None
         if blocknr in self._summaries:
             summary = self._summaries[blocknr]
+            if not is_root and blocknr in self._underfull_as_child:
+                # first walked as a root (exempt from the fill rule), now a child too
+                problem = fill_problem(self._underfull_as_child.pop(blocknr), False, what)
+                if problem is not None:
+                    self.on_error(problem)
             if summary is not None and self._value_size.get(blocknr) != vs:
                 self.on_error(FormatError(f"{what}: node shared between trees of different "
                                           "value sizes", block=blocknr))
                 return None
-            if summary is not None and summary.entries and not (
-                lo <= summary.first_key and summary.last_key < hi
-            ):
+            outside = summary is not None and summary.entries > 0 and not (
+                lo <= summary.first_key and summary.last_key < hi)
+            if outside:
+                assert summary is not None
                 self.on_error(MetadataError(
                     f"{what}: shared subtree keys {summary.first_key}..{summary.last_key} "
                     f"outside parent range {lo}..{hi - 1}", block=blocknr, field="keys"))
+            if summary is not None and summary.height == 0 and (
+                    outside or blocknr in self._reached):
+                return self._reach(blocknr, vs, visit_leaf, lo, hi, what)
             return summary
         if depth > MAX_DEPTH:
             self.on_error(MetadataError(f"{what}: tree deeper than {MAX_DEPTH} levels",
@@ -260,7 +303,33 @@ class BtreeWalker:
         self._value_size[blocknr] = vs
         summary = self._check_node(node, vs, visit_leaf, lo, hi, is_root, depth, what)
         self._summaries[blocknr] = summary
+        if blocknr in self._reached:
+            return self._reach(blocknr, vs, visit_leaf, lo, hi, what, node)
         return summary
+
+    def _reach(self, blocknr: int, vs: int, visit_leaf: LeafVisitor | None, lo: int, hi: int,
+               what: str, node: Node | None = None) -> SubtreeSummary | None:
+        """A leaf with keys outside its parent's range [lo, hi) (reported): as the kernel
+        reads it, this path reaches only its keys inside the range. Entries no walk reached
+        before are visited now; the summary counts what this path reaches."""
+        if node is None:
+            try:
+                node = read_node(self.reader, blocknr, vs)
+            except MetadataError as err:  # it was read and validated before
+                self.on_error(_prefixed(err, what))
+                return None
+        mask = in_range(node.keys, lo, hi)
+        # a leaf not in _reached was visited whole by a walk whose range held it
+        reached = self._reached.setdefault(blocknr, np.ones(node.nr_entries, dtype=bool))
+        new = mask & ~reached
+        reached |= mask
+        if visit_leaf is not None and new.any():
+            visit_leaf(leaf_subset(node, new))
+        n = int(np.count_nonzero(mask))
+        if n == 0:
+            return SubtreeSummary(0, KEY_END, 0, 0)
+        keys = node.keys[mask]
+        return SubtreeSummary(0, int(keys[0]), int(keys[-1]), n)
 
     def _check_node(
         self,
@@ -278,7 +347,9 @@ class BtreeWalker:
         underfull = fill_problem(node, is_root, what)
         if underfull is not None:
             self.on_error(underfull)
-        bad = order_problem(node, lo, hi, what)
+        elif is_root and fill_problem(node, False, what) is not None:
+            self._underfull_as_child[b] = node
+        bad = sort_problem(node, what)
         if bad is not None:
             self.on_error(bad)
             return None
@@ -286,6 +357,14 @@ class BtreeWalker:
             return SubtreeSummary(0, KEY_END, 0, 0)
         keys = node.keys
         first, last = int(keys[0]), int(keys[-1])
+        outside = range_problem(node, lo, hi, what)
+        if outside is not None:
+            self.on_error(outside)
+            if not node.is_leaf:
+                return None  # an internal node's subtree is dropped whole
+            # the kernel still finds the leaf's keys inside the range: _visit reaches those
+            self._reached[b] = np.zeros(nr, dtype=bool)
+            return SubtreeSummary(0, first, last, nr)
         if node.is_leaf:
             if visit_leaf is not None:
                 visit_leaf(node)

@@ -13,7 +13,7 @@ from types import TracebackType
 
 import numpy as np
 
-from dmimage.errors import MetadataError, UsageError
+from dmimage.errors import FormatError, MetadataError, UsageError
 from dmimage.format.constants import DEVICE_DETAILS_SIZE, MAPPING_VALUE_SIZE
 from dmimage.format.values import DEVICE_DETAILS_DTYPE, unpack_details, unpack_mappings
 from dmimage.pdata.block import BlockReader
@@ -153,6 +153,11 @@ def open_pool(metadata: str | os.PathLike[str], *, metadata_snap: bool | int = F
 def read_pool(reader: BlockReader, *, metadata_snap: bool | int = False) -> Pool:
     """The Pool on an open reader (see :func:`open_pool`); closing the Pool closes it."""
     live = read_superblock(reader, 0)
+    if live.incompat_flags:
+        # an incompatible feature changes how the metadata must be read: not guessed at
+        raise FormatError(f"incompat_flags {live.incompat_flags:#x}: a feature this reader "
+                          "does not know (the kernel refuses to open this pool too)",
+                          block=0, field="incompat_flags")
     sb = live
     if metadata_snap is not False:
         loc = live.held_root if metadata_snap is True else int(metadata_snap)
