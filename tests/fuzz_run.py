@@ -396,7 +396,7 @@ class Run:
         if fails and all(fuzz_judge.UNNAMED_STRICTER in f for f in fails):
             # dmimage reports damage 1.1 misses and no one named rule explains it: never a
             # weaker verdict than the oracle's, but unexplained -- listed for triage, and
-            # test_fuzz fails when there are more than a few (UNNAMED_STRICTER_BUDGET)
+            # test_fuzz fails when there are more than a few (test_fuzz.UNNAMED_STRICTER_PER_10K)
             self.stats.unnamed_stricter.append(case.describe(self.seed) + "\n  "
                                                + "\n  ".join(fails))
         elif fails:
