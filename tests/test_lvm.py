@@ -420,14 +420,18 @@ def test_text_parser_fuzz(text):
 @settings(max_examples=200, deadline=None)
 @given(st.integers(0, len(scenario_text()) - 1), st.text(max_size=8))
 def test_model_fuzz_on_mutated_scenario_text(at, insert):
-    text = scenario_text()
-    text = text[:at] + insert + text[at + len(insert):]
+    original = scenario_text()
+    text = original[:at] + insert + original[at + len(insert):]
     try:
         vg = vg_from_tree(lvmtext.parse(text))
     except MetadataError:
         return
     from dmimage.lvm.check import model_problems
-    model_problems(vg)
+    problems = model_problems(vg)
+    # every problem names the VG it is in; the unmutated scenario has none
+    assert all(p.startswith(vg.name) for p in problems), problems
+    if text == original:
+        assert problems == []
 
 
 @pytest.fixture(scope="module")
