@@ -36,6 +36,7 @@ from dmimage.format.superblock import Superblock
 from dmimage.lvm.ondisk import MetadataArea
 from dmimage.lvm.text import Section, format_section
 from dmimage.lvm.vg import LoadedVG
+from dmimage.pdata.writer import pwrite_all
 
 ALIGN = 512
 
@@ -137,17 +138,19 @@ def _write_generation(lvg: LoadedVG, tree: Section) -> list[str]:
             fd, base = fds[p.mda.region.path], p.mda.region.offset + p.mda.offset
             first = len(body) - p.wrap
             if p.wrap:
-                os.pwrite(fd, body[:first], base + p.start)
+                pwrite_all(fd, [memoryview(body[:first])], base + p.start)
                 tail = body[first:]
-                os.pwrite(fd, tail + bytes(-len(tail) % ALIGN), base + MDA_HEADER_SIZE)
+                pwrite_all(fd, [memoryview(tail + bytes(-len(tail) % ALIGN))],
+                           base + MDA_HEADER_SIZE)
             else:
                 room = p.area_size - (p.start + first)
-                os.pwrite(fd, body + bytes(min(-first % ALIGN, room)), base + p.start)
+                pwrite_all(fd, [memoryview(body + bytes(min(-first % ALIGN, room)))],
+                           base + p.start)
         for fd in fds.values():
             os.fsync(fd)
         for p in plans:  # phase 2: the headers, last
             fd, base = fds[p.mda.region.path], p.mda.region.offset + p.mda.offset
-            os.pwrite(fd, _header(p, len(body), checksum), base)
+            pwrite_all(fd, [memoryview(_header(p, len(body), checksum))], base)
         for fd in fds.values():
             os.fsync(fd)
     except OSError as exc:
@@ -183,7 +186,7 @@ def _set_superblock_transaction_id(path: str, offset: int, old: int, new: int) -
             raise MetadataError(f"superblock transaction id is {sb.trans_id}, not {old}",
                                 block=0, field="trans_id")
         dataclasses.replace(sb, trans_id=new).pack_into(block)  # seals the block
-        os.pwrite(fd, bytes(block[:512]), offset)
+        pwrite_all(fd, [memoryview(bytes(block[:512]))], offset)
         os.fsync(fd)
     except OSError as exc:
         raise DeviceError(f"{path}: {exc.strerror}") from None

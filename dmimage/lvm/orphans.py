@@ -22,6 +22,7 @@ from dmimage.lvm.model import LogicalVolume
 from dmimage.lvm.thin import pool_segment, sub_lv
 from dmimage.lvm.vg import LoadedVG
 from dmimage.lvm.view import LvView
+from dmimage.pdata.writer import pwrite_all
 from dmimage.thin.transaction import open_writable
 
 _CHUNK = 4 << 20
@@ -36,7 +37,7 @@ def _write_back(tmeta: LvView, changed: dict[int, bytes], where: str) -> None:
         for path, start, length in tmeta.extents(b * BLOCK_SIZE, BLOCK_SIZE):
             if path not in fds:
                 fds[path] = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-            os.pwrite(fds[path], changed[b][done:done + length], start)
+            pwrite_all(fds[path], [memoryview(changed[b][done:done + length])], start)
             done += length
 
     try:

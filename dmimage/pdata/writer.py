@@ -250,7 +250,7 @@ class MetadataImage:
         def drain() -> None:
             nonlocal pending, pending_off, pending_bytes
             if pending:
-                _pwritev_all(fd, pending, pending_off)
+                pwrite_all(fd, pending, pending_off)
                 if progress:
                     progress(pending_bytes)
             pending, pending_off, pending_bytes = [], -1, 0
@@ -272,7 +272,7 @@ class MetadataImage:
         _fsync(fd)
         sb = bytes(superblock)
         assert len(sb) == BLOCK_SIZE
-        _pwritev_all(fd, [memoryview(sb)], 0)
+        pwrite_all(fd, [memoryview(sb)], 0)
         _fsync(fd)
 
 
@@ -285,11 +285,12 @@ def invalidate_superblock(fd: int) -> None:
     except OSError as exc:
         raise DeviceError(f"read of block 0 failed: {exc.strerror}") from None
     if any(old):
-        _pwritev_all(fd, [memoryview(bytes(BLOCK_SIZE))], 0)
+        pwrite_all(fd, [memoryview(bytes(BLOCK_SIZE))], 0)
         _fsync(fd)
 
 
-def _pwritev_all(fd: int, bufs: list[memoryview], offset: int) -> None:
+def pwrite_all(fd: int, bufs: list[memoryview], offset: int) -> None:
+    """Write every byte of ``bufs`` at ``offset``: a short write is finished, not ignored."""
     try:
         total = sum(len(b) for b in bufs)
         done = os.pwritev(fd, bufs, offset)
