@@ -90,7 +90,8 @@ def kernel_case(name: str) -> Case:
     """A kernel-written fixture; the truth is thin_dump 1.1's dump of it (committed)."""
     with lzma.open(FIXTURES / f"{name}.meta.xz") as f:
         meta = f.read()
-    pool = semantic.parse_dump((FIXTURES / f"{name}.thin_dump-1.1.xml").read_text())
+    with lzma.open(FIXTURES / f"{name}.thin_dump-1.1.xml.xz", "rt") as x:
+        pool = semantic.parse_dump(x.read())
     return Case(name, meta, _key_set(pool), pool.data_block_size, pool.transaction)
 
 

@@ -13,7 +13,7 @@ benchmarks/repair_quality.py) with::
 
     .venv/bin/python vmtests/repair_pools.py --out tests/fixtures/repair [--only NAME]
 
-Each fixture is NAME.meta.xz (the metadata device after teardown), NAME.thin_dump-1.1.xml
+Each fixture is NAME.meta.xz (the metadata device after teardown), NAME.thin_dump-1.1.xml.xz
 (thin_dump 1.1 of it: the truth the repairs are judged against) and NAME.json (the spec, the
 kernel, the status line).
 """
@@ -103,6 +103,7 @@ class _Pool:
         self.meta_dev, self.data_dev, self.pat_dev = (d.guest_path for d in self.disks)
         self.active: set[int] = set()
         self.ops: list[str] = []
+        self.trans_id = 0
         table = (f"0 {nr_data * BLOCK_SECTORS} thin-pool {self.meta_dev} {self.data_dev} "
                  f"{BLOCK_SECTORS} 0 1 skip_block_zeroing")
         self.sh(f"dmsetup create rpool --table {shlex.quote(table)}")
@@ -111,8 +112,12 @@ class _Pool:
         return self.vm.sh(cmd, timeout=timeout)
 
     def message(self, text: str) -> None:
+        """One pool message, after a set_transaction_id as LVM sends with each change."""
         self.ops.append(text)
-        self.sh(f"dmsetup message rpool 0 {shlex.quote(text)}")
+        tid = f"set_transaction_id {self.trans_id} {self.trans_id + 1}"
+        self.trans_id += 1
+        self.sh(f"dmsetup message rpool 0 {shlex.quote(tid)} && "
+                f"dmsetup message rpool 0 {shlex.quote(text)}")
 
     def path(self, dev: int, vblocks: int) -> str:
         if dev not in self.active:
@@ -245,7 +250,8 @@ def save_fixture(out: Path, spec: Spec, w: Written, kernel: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(w.meta, "rb") as f, lzma.open(out / f"{spec.name}.meta.xz", "wb", preset=9) as g:
         shutil.copyfileobj(f, g)
-    (out / f"{spec.name}.thin_dump-1.1.xml").write_text(oracles.dump(w.meta, tools))
+    with lzma.open(out / f"{spec.name}.thin_dump-1.1.xml.xz", "wt", preset=9) as x:
+        x.write(oracles.dump(w.meta, tools))
     facts: dict[str, Any] = {
         "spec": asdict(spec), "kernel": kernel, "ops": w.ops,
         "status": {"transaction_id": w.status.transaction_id,
