@@ -371,7 +371,7 @@ def _top_of(s: _Salvager, root: int) -> dict[int, int]:
 
 def _choose_roots(s: _Salvager, report: SalvageReport, top: dict[int, int] | None,
                   details: dict[int, DeviceDetails] | None, time_limit: int | None = None,
-                  data_used: Callable[[np.ndarray], np.ndarray] | None = None
+                  data_counts: np.ndarray | None = None
                   ) -> tuple[dict[int, int], dict[int, DeviceDetails] | None]:
     """Fill in whichever of the two trees is missing from the scan (details may stay None:
     the caller regenerates them)."""
@@ -379,8 +379,10 @@ def _choose_roots(s: _Salvager, report: SalvageReport, top: dict[int, int] | Non
 
     report.source = "scan"
     if top is None:
+        chosen_top: int | None = None
         if details is None:
-            details = _newest_details(s, report, TreeFinder(s, time_limit, data_used))
+            details, chosen_top = _newest_details(s, report,
+                                                  TreeFinder(s, time_limit, data_counts))
         if details is None:
             tops = s.roots("top")
             if not tops:
@@ -390,11 +392,13 @@ def _choose_roots(s: _Salvager, report: SalvageReport, top: dict[int, int] | Non
             return _top_of(s, tops[0]), None
         saved = report.lost_nodes
         tops = newest_first(s.roots("top"), s.n)
+        if chosen_top is not None:  # the generation chosen with the details comes first
+            tops = [chosen_top] + [t for t in tops if t != chosen_top]
         stale = [_top_of(s, t) for t in tops]
         report.lost_nodes = saved
         report.notes.append(f"top-level mapping tree rebuilt from the bottom-level trees on "
                             f"the device ({len(stale)} stale top-level trees found)")
-        return rebuild_top_level(s, report, details, stale, time_limit, data_used), details
+        return rebuild_top_level(s, report, details, stale, time_limit, data_counts), details
     for d in s.roots("details"):
         dmap = _details_of(s, d)
         if set(dmap) == set(top):
@@ -405,61 +409,80 @@ def _choose_roots(s: _Salvager, report: SalvageReport, top: dict[int, int] | Non
 
 
 def _newest_details(s: _Salvager, report: SalvageReport, finder: TreeFinder
-                    ) -> dict[int, DeviceDetails] | None:
-    """The newest consistent details tree among those found by scanning: every device's
-    mapped_blocks is held by some complete bottom-level tree; newest by the latest creation
-    or snapshot time, then by where the kernel's metadata allocator wrote its root last."""
+                    ) -> tuple[dict[int, DeviceDetails] | None, int | None]:
+    """The details tree of the newest consistent generation found by scanning: a details
+    tree and a top-level tree whose every device's bottom-level tree is complete and holds
+    exactly its mapped_blocks (as thin_repair pairs roots); newest by the latest creation or
+    snapshot time, then by where the kernel's metadata allocator wrote the top-level root
+    last. Without such a pair, the details tree whose counts some tree fits best."""
     from dmimage.thin.repair_roots import newest_first
 
     saved = report.lost_nodes
     found = {b: _details_of(s, b) for b in s.roots("details")}
+    tops = {t: _top_of(s, t) for t in s.roots("top")}
     report.lost_nodes = saved
     found = {b: d for b, d in found.items() if d}
     if not found:
-        return None
+        return None, None
+    top_recency = {b: i for i, b in enumerate(newest_first(list(tops), s.n))}
     recency = {b: i for i, b in enumerate(newest_first(list(found), s.n))}
+
+    def pairs(d: dict[int, DeviceDetails]) -> list[int]:
+        out = []
+        for t, tmap in tops.items():
+            if set(tmap) != set(d):
+                continue
+            ok = True
+            for dev, x in d.items():
+                tree = finder.tree(tmap[dev])
+                if tree is None or tree.nr_mappings != x.mapped_blocks:
+                    ok = False
+                    break
+            if ok:
+                out.append(t)
+        return sorted(out, key=lambda t: top_recency[t])
 
     def fit(d: dict[int, DeviceDetails]) -> int:
         return sum(1 for x in d.values()
                    if x.mapped_blocks == 0 or finder.candidates(x.mapped_blocks))
 
-    def age(d: dict[int, DeviceDetails]) -> int:
-        return max(max(x.creation_time, x.snapshotted_time) for x in d.values())
+    def age(d: dict[int, DeviceDetails]) -> tuple[int, int]:
+        return (max(max(x.creation_time, x.snapshotted_time) for x in d.values()),
+                max(x.transaction_id for x in d.values()))
 
-    ranked = sorted(found, key=lambda b: (-(fit(found[b]) == len(found[b])), -age(found[b]),
-                                          recency[b]))
+    paired = {b: p for b, d in found.items() if (p := pairs(d))}
+    if paired:
+        ranked = sorted(paired, key=lambda b: (-age(found[b])[0], -age(found[b])[1],
+                                               top_recency[paired[b][0]]))
+        best = ranked[0]
+        report.notes.append(f"scan: details tree at block {best} and top-level tree at block "
+                            f"{paired[best][0]} agree on {len(found[best])} devices "
+                            f"({len(paired)} consistent generations found: the newest by "
+                            "time, the devices' transaction ids, then the metadata "
+                            "allocator's order)")
+        if len(ranked) > 1 and age(found[ranked[0]]) == age(found[ranked[1]]) \
+                and found[ranked[0]] != found[ranked[1]]:
+            report.notes.append("ambiguous: several consistent generations share the newest "
+                                "time and transaction id; the one the allocator wrote last "
+                                "was chosen")
+        return found[best], paired[best][0]
+    ranked = sorted(found, key=lambda b: (-fit(found[b]), -age(found[b])[0], recency[b]))
     best = ranked[0]
-    consistent = [b for b in ranked if fit(found[b]) == len(found[b])]
     report.notes.append(f"scan: details tree at block {best} chosen ({len(found[best])} "
-                        f"devices; {len(consistent)} consistent details trees found, the "
-                        "newest by time, then by the metadata allocator's order)")
-    if len(consistent) > 1 and age(found[consistent[0]]) == age(found[consistent[1]]) \
-            and found[consistent[0]] != found[consistent[1]]:
-        report.notes.append("ambiguous: several consistent generations share the newest "
-                            "time; the one the allocator wrote last was chosen")
-    return found[best]
+                        "devices; no top-level tree agrees with any details tree)")
+    return found[best], None
 
 
-def _data_used(reader: BlockReader, ref: Superblock
-               ) -> Callable[[np.ndarray], np.ndarray] | None:
-    """``blocks -> mask`` of data blocks the superblock's data space map counts as used, or
-    None when that space map is unreadable."""
+def _data_counts(reader: BlockReader, ref: Superblock) -> np.ndarray | None:
+    """The reference count of every data block by the superblock's data space map, or None
+    when that space map is unreadable."""
     from dmimage.pdata.btree import BtreeWalker
     from dmimage.pdata.spacemap import read_space_map
 
     try:
-        counts = read_space_map(reader, ref.data_sm, BtreeWalker(reader), metadata=False).counts
+        return read_space_map(reader, ref.data_sm, BtreeWalker(reader), metadata=False).counts
     except (MetadataError, ValueError, IndexError):
         return None
-    n = len(counts)
-
-    def used(blocks: np.ndarray) -> np.ndarray:
-        ok = blocks < n
-        out = np.zeros(len(blocks), dtype=bool)
-        out[ok] = counts[blocks[ok]] > 0
-        return out
-
-    return used
 
 
 def _drop_repeated_blocks(lists: dict[int, list[int]],
@@ -538,7 +561,7 @@ def salvage(path: str | os.PathLike[str],
         if top is None or details is None:
             top, details = _choose_roots(s, report, top, details,
                                          ref.time if trusted and ref else None,
-                                         _data_used(reader, ref) if trusted and ref else None)
+                                         _data_counts(reader, ref) if trusted and ref else None)
         elif set(top) != set(details):
             only_top = sorted(set(top) - set(details))
             only_det = sorted(set(details) - set(top))

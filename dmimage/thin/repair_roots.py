@@ -15,8 +15,7 @@ least the older one's). When no single tree is left, the choice is noted as ambi
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -110,16 +109,18 @@ class Choice:
     tree: Tree | None
     how: str
     ambiguous: bool = False
+    #: every distinct tree that fits the device (for the reference-count arbitration)
+    options: list[Tree] = field(default_factory=list)
 
 
 class TreeFinder:
     """Candidate bottom-level trees for devices, by mapping count (cached)."""
 
     def __init__(self, s: _Salvager, time_limit: int | None,
-                 data_used: Callable[[np.ndarray], np.ndarray] | None) -> None:
+                 data_counts: np.ndarray | None) -> None:
         self.s = s
         self.time_limit = time_limit
-        self.data_used = data_used
+        self.data_counts = data_counts
         self._trees: dict[int, Tree | None] = {}
         infos = s.infos()
         self.by_count: dict[int, list[int]] = {}
@@ -139,8 +140,9 @@ class TreeFinder:
         """No mapping newer than the pool, none of a data block the pool counts as free."""
         if self.time_limit is not None and t.max_time > self.time_limit:
             return False
-        if self.data_used is not None and len(t.blocks):
-            if not bool(self.data_used(t.blocks).all()):
+        c = self.data_counts
+        if c is not None and len(t.blocks):
+            if t.max_block >= len(c) or not bool((c[t.blocks] > 0).all()):
                 return False
         return True
 
@@ -170,41 +172,97 @@ def choose_tree(dev: int, want: int, cands: list[Tree], prior: int | None,
         return Choice(None, "no tree on the device holds its mapped_blocks "
                       f"({want})")
     reps = [g[0] for g in groups.values()]
-    if len(reps) > 1:  # older versions of a tree give way to newer ones
-        reps = [a for a in reps if not any(b is not a and _newer(b, a) for b in reps)]
+    options = [pick_of(g, prior) for g in groups.values()]
+    choice = _choose(want, groups, reps, prior)
+    choice.options = options
+    return choice
 
-    def pick(group: list[Tree]) -> Tree:
-        for t in group:
-            if t.root == prior:
-                return t
-        return min(group, key=lambda t: t.root)
 
-    if len(reps) == 1:
-        g = groups[reps[0].signature]
-        t = pick(g)
-        how = "the stale top-level tree's root" if t.root == prior else \
-            f"the only tree holding its {want} mappings"
-        if t.root != prior and prior is not None:
-            how += f" (the stale top-level tree had block {prior})"
-        return Choice(t, how)
+def pick_of(group: list[Tree], prior: int | None) -> Tree:
+    for t in group:
+        if t.root == prior:
+            return t
+    return min(group, key=lambda t: t.root)
+
+
+def _choose(want: int, groups: dict[bytes, list[Tree]], reps: list[Tree], prior: int | None
+            ) -> Choice:
+    """The stale top-level tree's root when it fits (a newer tree that fits too is another
+    device's as often as this one's: only the data space map can tell, see _arbitrate);
+    otherwise the one tree no other fitting tree is a newer version of."""
     prior_rep = next((r for r in reps if any(t.root == prior for t in groups[r.signature])),
                      None)
     if prior_rep is not None:
-        return Choice(pick(groups[prior_rep.signature]),
-                      f"ambiguous: {len(reps)} trees hold its {want} mappings; the stale "
-                      "top-level tree's root kept", True)
+        t = pick_of(groups[prior_rep.signature], prior)
+        newer = [r for r in reps if r is not prior_rep and _newer(r, prior_rep)]
+        if newer:
+            return Choice(t, f"ambiguous: {len(reps)} trees hold its {want} mappings, "
+                          f"{len(newer)} of them newer; the stale top-level tree's root kept",
+                          True)
+        return Choice(t, "the stale top-level tree's root")
+    if len(reps) > 1:  # older versions of a tree give way to newer ones
+        reps = [a for a in reps if not any(b is not a and _newer(b, a) for b in reps)]
+    if len(reps) == 1:
+        t = pick_of(groups[reps[0].signature], prior)
+        how = f"the only tree holding its {want} mappings"
+        if prior is not None:
+            how += f" (the stale top-level tree had block {prior})"
+        return Choice(t, how)
     # nothing says which tree is this device's: a guess could return wrong mappings
     return Choice(None, f"ambiguous: {len(reps)} trees hold its {want} mappings and no "
                   "stale top-level tree names one", True)
 
 
+def _arbitrate(finder: TreeFinder, sm: np.ndarray, out: dict[int, int],
+               options: dict[int, list[Tree]], how: dict[int, str], ambiguous: list[int]
+               ) -> None:
+    """Where several trees fit a device, take the one with which every data block is mapped
+    by as many devices as the data space map counts (the kernel commits both together)."""
+    n = len(sm)
+    ref = sm.astype(np.int64)
+
+    def bc(t: Tree | None) -> np.ndarray:
+        if t is None or not len(t.blocks):
+            return np.zeros(n, np.int64)
+        return np.bincount(t.blocks, minlength=n)[:n]
+
+    chosen = {d: finder.tree(r) if r >= 0 else None for d, r in out.items()}
+    counts = np.zeros(n, np.int64)
+    for t in chosen.values():
+        counts += bc(t)
+    for _ in range(4):
+        changed = False
+        for dev, opts in sorted(options.items()):
+            cur = chosen.get(dev)
+            base = counts - bc(cur)
+            costs = [(int(np.abs(base + bc(t) - ref).sum()), t is not cur, i)
+                     for i, t in enumerate(opts)]
+            costs.sort()
+            best = opts[costs[0][2]]
+            unique = len(costs) == 1 or costs[0][0] < costs[1][0]
+            if best is not cur and unique:
+                chosen[dev] = best
+                counts = base + bc(best)
+                out[dev] = best.root
+                how[dev] = (f"{len(opts)} trees hold its mappings; the one the data space "
+                            "map's reference counts agree with")
+                changed = True
+            if unique and dev in ambiguous:
+                ambiguous.remove(dev)
+                if best is cur:
+                    how[dev] = (f"{len(opts)} trees hold its mappings; the stale top-level "
+                                "tree's, which the data space map's reference counts agree "
+                                "with")
+        if not changed:
+            break
+
+
 def rebuild_top_level(s: _Salvager, report: SalvageReport, details: dict[int, DeviceDetails],
                       stale_tops: list[dict[int, int]], time_limit: int | None,
-                      data_used: Callable[[np.ndarray], np.ndarray] | None
-                      ) -> dict[int, int]:
+                      data_counts: np.ndarray | None) -> dict[int, int]:
     """device -> bottom-level root for every device of ``details`` that can be matched
     (-1: an empty tree); ``stale_tops``: the top-level trees found by scanning, best first."""
-    finder = TreeFinder(s, time_limit, data_used)
+    finder = TreeFinder(s, time_limit, data_counts)
 
     def fits(dev: int, root: int) -> bool:
         t = finder.tree(root)
@@ -223,6 +281,7 @@ def rebuild_top_level(s: _Salvager, report: SalvageReport, details: dict[int, De
             if d in details and fits(d, r):
                 claims.setdefault(r, set()).add(d)
     out: dict[int, int] = {}
+    options: dict[int, list[Tree]] = {}
     how: dict[int, str] = {}
     ambiguous: list[int] = []
     for dev, det in sorted(details.items()):
@@ -248,6 +307,10 @@ def rebuild_top_level(s: _Salvager, report: SalvageReport, details: dict[int, De
             continue
         out[dev] = choice.tree.root
         how[dev] = choice.how
+        if len(choice.options) > 1:
+            options[dev] = choice.options
+    if data_counts is not None and options:
+        _arbitrate(finder, data_counts, out, options, how, ambiguous)
     # One new tree chosen for several devices that no stale tree shows sharing it: it is one
     # device's newer version (say a snapshot's copy-on-write) and the metadata cannot say
     # whose. Each falls back to its stale root, as the previous generation had it.
