@@ -446,27 +446,24 @@ def _newest_details(s: _Salvager, report: SalvageReport, finder: TreeFinder
         return sum(1 for x in d.values()
                    if x.mapped_blocks == 0 or finder.candidates(x.mapped_blocks))
 
-    def age(d: dict[int, DeviceDetails]) -> tuple[int, int]:
-        return (max(max(x.creation_time, x.snapshotted_time) for x in d.values()),
-                max(x.transaction_id for x in d.values()))
+    def age(d: dict[int, DeviceDetails]) -> int:
+        # (not the devices' transaction ids: a deleted device's can exceed every survivor's)
+        return max(max(x.creation_time, x.snapshotted_time) for x in d.values())
 
     paired = {b: p for b, d in found.items() if (p := pairs(d))}
     if paired:
-        ranked = sorted(paired, key=lambda b: (-age(found[b])[0], -age(found[b])[1],
-                                               top_recency[paired[b][0]]))
+        ranked = sorted(paired, key=lambda b: (-age(found[b]), top_recency[paired[b][0]]))
         best = ranked[0]
         report.notes.append(f"scan: details tree at block {best} and top-level tree at block "
                             f"{paired[best][0]} agree on {len(found[best])} devices "
                             f"({len(paired)} consistent generations found: the newest by "
-                            "time, the devices' transaction ids, then the metadata "
-                            "allocator's order)")
+                            "time, then the metadata allocator's order)")
         if len(ranked) > 1 and age(found[ranked[0]]) == age(found[ranked[1]]) \
                 and found[ranked[0]] != found[ranked[1]]:
             report.notes.append("ambiguous: several consistent generations share the newest "
-                                "time and transaction id; the one the allocator wrote last "
-                                "was chosen")
+                                "time; the one the allocator wrote last was chosen")
         return found[best], paired[best][0]
-    ranked = sorted(found, key=lambda b: (-fit(found[b]), -age(found[b])[0], recency[b]))
+    ranked = sorted(found, key=lambda b: (-fit(found[b]), -age(found[b]), recency[b]))
     best = ranked[0]
     report.notes.append(f"scan: details tree at block {best} chosen ({len(found[best])} "
                         "devices; no top-level tree agrees with any details tree)")
