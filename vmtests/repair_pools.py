@@ -86,7 +86,7 @@ class Written:
     meta: Path
     data: Path
     status: PoolStatus
-    #: dev -> {vblock: sha256 of the block as the kernel served it}
+    #: dev -> {vblock: sha256 of the block as the kernel served it}, for every block written
     block_hashes: dict[int, dict[int, str]]
     ops: list[str]
 
@@ -94,18 +94,23 @@ class Written:
 class _Pool:
     """The pool in the guest: only the commands the generator needs."""
 
-    def __init__(self, vm: Machine, meta: Path, data: Path, pattern: Path, nr_data: int):
+    def __init__(self, vm: Machine, meta: Path, data: Path, pattern: Path | None,
+                 nr_data: int, *, data_read_only: bool = False) -> None:
+        """``pattern`` None: no writes (a pool only read, e.g. a repaired one)."""
         self.vm = vm
         self.nr_data = nr_data
-        self.disks: list[Disk] = [vm.attach(meta, read_only=False),
-                                  vm.attach(data, read_only=False),
-                                  vm.attach(pattern, read_only=True)]
-        self.meta_dev, self.data_dev, self.pat_dev = (d.guest_path for d in self.disks)
+        self.disks: list[Disk] = [vm.attach(meta, read_only=data_read_only),
+                                  vm.attach(data, read_only=data_read_only)]
+        if pattern is not None:
+            self.disks.append(vm.attach(pattern, read_only=True))
+        self.meta_dev, self.data_dev = self.disks[0].guest_path, self.disks[1].guest_path
+        self.pat_dev = self.disks[2].guest_path if pattern is not None else ""
         self.active: set[int] = set()
         self.ops: list[str] = []
         self.trans_id = 0
+        feats = "2 skip_block_zeroing read_only" if data_read_only else "1 skip_block_zeroing"
         table = (f"0 {nr_data * BLOCK_SECTORS} thin-pool {self.meta_dev} {self.data_dev} "
-                 f"{BLOCK_SECTORS} 0 1 skip_block_zeroing")
+                 f"{BLOCK_SECTORS} 0 {feats}")
         self.sh(f"dmsetup create rpool --table {shlex.quote(table)}")
 
     def sh(self, cmd: str, timeout: float = 600.0) -> str:
@@ -156,17 +161,20 @@ class _Pool:
     def status(self) -> PoolStatus:
         return parse_pool_status(self.sh("dmsetup status rpool").strip())
 
-    def block_hashes(self, devs: dict[int, int]) -> dict[int, dict[int, str]]:
-        """sha256 of every block of every thin, as the kernel serves it (unmapped blocks
-        read as zeros and are left out by the caller against the dump)."""
+    def block_hashes(self, blocks: dict[int, list[int]], vblocks: int
+                     ) -> dict[int, dict[int, str]]:
+        """sha256 of the given blocks of each thin, as the kernel serves them."""
         out: dict[int, dict[int, str]] = {}
-        for dev, vblocks in sorted(devs.items()):
+        for dev, which in sorted(blocks.items()):
             path = self.path(dev, vblocks)
-            text = self.sh(f"i=0; while [ $i -lt {vblocks} ]; do "
-                           f"echo $i $(dd if={path} bs={BLOCK_BYTES} count=1 skip=$i "
-                           f"iflag=direct 2>/dev/null | sha256sum | cut -c1-64); "
-                           f"i=$((i+1)); done", timeout=1800)
-            out[dev] = {int(a): h for a, h in (ln.split() for ln in text.splitlines() if ln)}
+            out[dev] = {}
+            for i in range(0, len(which), 256):
+                chunk = " ".join(map(str, which[i:i + 256]))
+                text = self.sh(f"for i in {chunk}; do set -- $(dd if={path} bs={BLOCK_BYTES} "
+                               f"count=1 skip=$i iflag=direct 2>/dev/null | sha256sum); "
+                               f"echo $i $1; done", timeout=1800)
+                out[dev].update({int(a): h for a, h in
+                                 (ln.split() for ln in text.splitlines() if ln)})
         return out
 
     def teardown(self) -> None:
@@ -175,6 +183,17 @@ class _Pool:
         self.active.clear()
         for d in reversed(self.disks):
             self.vm.detach(d)
+
+
+def read_back(vm: Machine, meta: Path, data: Path, spec: Spec, blocks: dict[int, list[int]]
+              ) -> dict[int, dict[int, str]]:
+    """Activate the pool (read-only, e.g. a repaired one) and hash the given blocks of each
+    thin."""
+    pool = _Pool(vm, meta, data, None, spec.nr_data_blocks, data_read_only=True)
+    try:
+        return pool.block_hashes(blocks, spec.vblocks)
+    finally:
+        pool.teardown()
 
 
 def write_pool(vm: Machine, spec: Spec, directory: Path, *, hashes: bool = False) -> Written:
@@ -192,10 +211,12 @@ def write_pool(vm: Machine, spec: Spec, directory: Path, *, hashes: bool = False
     pool = _Pool(vm, meta, data, pattern, spec.nr_data_blocks)
     try:
         devs: dict[int, int] = {}  # live dev -> vblocks
+        mapped: dict[int, set[int]] = {}  # dev -> virtual blocks written (the kernel maps them)
         next_id = 1
 
         def fill(dev: int, fraction: float) -> None:
             chosen = rng.sample(range(spec.vblocks), max(1, int(spec.vblocks * fraction)))
+            mapped.setdefault(dev, set()).update(chosen)
             size = max(1, len(chosen) // spec.batches)
             for i in range(0, len(chosen), size):
                 pool.write(dev, spec.vblocks, sorted(chosen[i:i + size]), rng)
@@ -219,6 +240,7 @@ def write_pool(vm: Machine, spec: Spec, directory: Path, *, hashes: bool = False
             next_id += 1
             pool.snapshot(dev, origin)
             devs[dev] = spec.vblocks
+            mapped[dev] = set(mapped.get(origin, ()))
             if spec.overwrite:
                 fill(dev, spec.overwrite)
             if rng.random() < 0.5:  # the origin moves on too
@@ -226,8 +248,11 @@ def write_pool(vm: Machine, spec: Spec, directory: Path, *, hashes: bool = False
         for _ in range(spec.discards):
             dev = rng.choice(sorted(devs))
             start = rng.randrange(spec.vblocks - 4)
-            pool.discard(dev, spec.vblocks, start, rng.randint(1, 4))
-        got = pool.block_hashes(devs) if hashes else {}
+            count = rng.randint(1, 4)
+            pool.discard(dev, spec.vblocks, start, count)
+            mapped.get(dev, set()).difference_update(range(start, start + count))
+        got = pool.block_hashes({d: sorted(mapped.get(d, ())) for d in devs}, spec.vblocks) \
+            if hashes else {}
         status = pool.status()
         ops = pool.ops
     finally:
