@@ -51,8 +51,8 @@ def print_report(prefix: str, r: SalvageReport) -> None:
     for note in r.notes:
         print(f"{prefix}: {note}", file=sys.stderr)
     if r.ambiguous_devices:
-        print(f"{prefix}: ambiguous: the trees of devices {r.ambiguous_devices} were chosen "
-              "among several that fit (see the notes above)", file=sys.stderr)
+        print(f"{prefix}: ambiguous: several trees fit devices {r.ambiguous_devices} (see the "
+              "notes above for the one taken, or why the device was left out)", file=sys.stderr)
     print(f"{prefix}: salvaged {r.nr_devices} devices, {r.nr_mappings} mappings "
           f"(roots from the {r.source}; {r.lost_nodes} unreadable nodes skipped, "
           f"{r.dropped_mappings} mappings dropped)", file=sys.stderr)
