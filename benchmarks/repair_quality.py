@@ -1,19 +1,24 @@
 #!/usr/bin/env python3
 """Repair quality: dmimage repair vs thin_repair 1.1 on the same damaged metadata.
 
-For every (pool, damage class) pair: damage a thin_restore 1.1 image, run both repairs into
-fresh files of the input's size, check both outputs with thin_check 1.1, dump them with
+For every (pool, damage class) pair: damage a copy of the pool's metadata, run both repairs
+into fresh files of the input's size, check both outputs with thin_check 1.1, dump them with
 thin_dump 1.1 and count the mappings that are *correct* (same device, virtual block, data
 block and time as the undamaged pool) and *wrong* (anything else). Prints a Markdown table
 (the one in docs/repair.md) or, with --json, the rows.
 
-    python benchmarks/repair_quality.py [--json] [--out DIR]
+Pools: metadata written by the real 6.1 and 6.12 kernels (tests/fixtures/repair/, made by
+vmtests/repair_pools.py: multi-level trees, snapshots sharing subtrees, stale nodes of earlier
+transactions) and three pools made by thin_restore 1.1 from tests/poolgen.py.
+
+    python benchmarks/repair_quality.py [--json] [--out DIR] [--pool NAME ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import lzma
 import subprocess
 import sys
 import tempfile
@@ -44,6 +49,65 @@ def _garbage_block(meta: bytes, b: int, what: str, kind: str) -> damage.Damaged:
     return damage.Damaged(out, f"{what} (block {b}) overwritten with garbage", kind, b)
 
 
+FIXTURES = REPO / "tests" / "fixtures" / "repair"
+
+
+@dataclass
+class Case:
+    """One undamaged pool: its metadata and the mappings it holds (the truth)."""
+
+    name: str
+    meta: bytes
+    truth: set[tuple[int, int, int, int]]
+    data_block_size: int
+    transaction: int
+
+
+GENERATED = ("thins3", "multilevel", "snapshots")
+
+
+def generated_cases(workdir: Path, tools, only: list[str] | None = None) -> list[Case]:
+    """The pools thin_restore 1.1 makes from tests/poolgen.py."""
+    out = []
+    for name, pool in (("thins3", poolgen.thins_pool(3)),
+                       ("multilevel", poolgen.multilevel_pool(5000)),
+                       ("snapshots", poolgen.snapshot_pool(2000))):
+        if only and name not in only:
+            continue
+        src = workdir / f"{name}.meta"
+        nr = oracles.nr_meta_blocks_for(pool.nr_mappings, len(pool.devices), pool.nr_data_blocks)
+        oracles.restore(poolgen.to_xml(pool), src, tools, nr)
+        out.append(Case(name, src.read_bytes(), _key_set(pool), pool.data_block_size,
+                        pool.transaction))
+    return out
+
+
+def kernel_fixture_names() -> list[str]:
+    return sorted(p.name[: -len(".meta.xz")] for p in FIXTURES.glob("*.meta.xz"))
+
+
+def kernel_case(name: str) -> Case:
+    """A kernel-written fixture; the truth is thin_dump 1.1's dump of it (committed)."""
+    with lzma.open(FIXTURES / f"{name}.meta.xz") as f:
+        meta = f.read()
+    with lzma.open(FIXTURES / f"{name}.thin_dump-1.1.xml.xz", "rt") as x:
+        pool = semantic.parse_dump(x.read())
+    return Case(name, meta, _key_set(pool), pool.data_block_size, pool.transaction)
+
+
+def _flip_leaves(meta: bytes, n: int) -> damage.Damaged:
+    """n different bottom-level leaves with a bad checksum."""
+    d = damage.flip_byte(meta, "btree_leaf", role="bottom")
+    blocks = [d.block]
+    for i in range(1, n):
+        d2 = damage.flip_byte(bytes(d.data), "btree_leaf", role="bottom", which=3 * i)
+        if d2.block in blocks:
+            raise LookupError("not enough bottom leaves")
+        blocks.append(d2.block)
+        d = d2
+    return damage.Damaged(d.data, f"bottom leaves {blocks}: bad checksum", "leaves", d.block)
+
+
 def damage_classes(meta: bytes) -> list[damage.Damaged]:
     """The damage classes of the comparison (skipping those the pool has no target for)."""
     mm = damage.MetaMap(meta)
@@ -65,6 +129,7 @@ def damage_classes(meta: bytes) -> list[damage.Damaged]:
                       "bottom internal node: bad value_size"))
     add(lambda: _kind(damage.flip_byte(meta, "btree_leaf", role="bottom"),
                       "bottom leaf: bad checksum"))
+    add(lambda: _kind(_flip_leaves(meta, 3), "three bottom leaves: bad checksum"))
     add(lambda: _kind(damage.wrong_blocknr(meta, "btree_leaf", role="bottom"),
                       "bottom leaf: wrong blocknr"))
     add(lambda: _kind(damage.flip_byte(meta, "bitmap", role="data"), "data bitmap damaged"))
@@ -119,76 +184,90 @@ def _evaluate(out: Path, rc: int, err: str, truth: set, tools) -> Outcome:
                    "" if crc == 0 else f"thin_check 1.1 rc {crc}: {cerr.strip()[:100]}")
 
 
-def evaluate(pool_name: str, pool, workdir: Path, tools) -> list[Row]:
-    src = workdir / f"{pool_name}.meta"
-    nr = oracles.nr_meta_blocks_for(pool.nr_mappings, len(pool.devices), pool.nr_data_blocks)
-    oracles.restore(poolgen.to_xml(pool), src, tools, nr)
-    meta = src.read_bytes()
-    truth = _key_set(pool)
+def _superblock_args(c: Case, kind: str) -> list[str]:
+    """What the user gives when the superblock is gone (thin_repair needs the same)."""
+    if not kind.startswith("superblock"):
+        return []
+    return ["--data-block-size", str(c.data_block_size), "--transaction-id", str(c.transaction)]
+
+
+def evaluate(c: Case, workdir: Path, tools, kinds: set[str] | None = None) -> list[Row]:
+    """Both repairs on every damage class of *c* (or only the *kinds* named)."""
     rows = []
-    for i, d in enumerate(damage_classes(meta)):
-        bad = workdir / f"{pool_name}-{i}.bad"
+    for i, d in enumerate(damage_classes(c.meta)):
+        if kinds is not None and d.kind not in kinds:
+            continue
+        bad = workdir / f"{c.name}-{i}.bad"
         bad.write_bytes(d.data)
-        extra = ["--data-block-size", str(pool.data_block_size)] if d.kind.startswith(
-            "superblock") else []
-        theirs_out = workdir / f"{pool_name}-{i}.theirs"
-        p = oracles.repair(bad, theirs_out, tools, len(meta) // BLOCK, *extra)
-        theirs = _evaluate(theirs_out, p.returncode, p.stderr, truth, tools)
-        ours_out = workdir / f"{pool_name}-{i}.ours"
-        oracles.make_sparse(ours_out, len(meta) // BLOCK)
+        extra = _superblock_args(c, d.kind)
+        nr_blocks = len(c.meta) // BLOCK
+        theirs_out = workdir / f"{c.name}-{i}.theirs"
+        p = oracles.repair(bad, theirs_out, tools, nr_blocks, *extra)
+        theirs = _evaluate(theirs_out, p.returncode, p.stderr, c.truth, tools)
+        ours_out = workdir / f"{c.name}-{i}.ours"
+        oracles.make_sparse(ours_out, nr_blocks)
         q = subprocess.run([sys.executable, "-m", "dmimage", "repair", "-q", "-i", str(bad),
                             "-o", str(ours_out), *extra], capture_output=True, text=True,
                            cwd=REPO, timeout=600)
-        ours = _evaluate(ours_out, q.returncode, q.stderr, truth, tools)
-        rows.append(Row(pool_name, d.kind, len(truth), theirs, ours))
+        ours = _evaluate(ours_out, q.returncode, q.stderr, c.truth, tools)
+        rows.append(Row(c.name, d.kind, len(c.truth), theirs, ours))
+        for f in (bad, theirs_out, ours_out):
+            f.unlink(missing_ok=True)
     return rows
 
 
-def pools():
-    return [("thins3", poolgen.thins_pool(3)),
-            ("multilevel", poolgen.multilevel_pool(5000)),
-            ("snapshots", poolgen.snapshot_pool(2000))]
-
-
-def run_all(workdir: Path) -> list[Row]:
+def run_all(workdir: Path, only: list[str] | None = None) -> list[Row]:
     tools = oracles.tools_11()
+    cases = [kernel_case(n) for n in kernel_fixture_names() if not only or n in only]
+    if not only or set(only) & set(GENERATED):
+        cases += generated_cases(workdir, tools, only)
     rows: list[Row] = []
-    for name, pool in pools():
-        rows.extend(evaluate(name, pool, workdir, tools))
+    for c in cases:
+        rows.extend(evaluate(c, workdir, tools))
     return rows
 
 
-def _cell(o: Outcome) -> str:
-    if not o.ok and o.correct == 0 and o.error:
-        return "fails"
-    s = f"{o.correct}"
-    if o.wrong:
-        s += f" (+{o.wrong} wrong)"
-    if not o.ok:
-        s += " (output not clean)"
-    return s
+def _cells(o: Outcome) -> str:
+    """correct | wrong; "fails" when the tool exited non-zero, "(not clean)" when its output
+    fails thin_check 1.1."""
+    if not o.ok and o.correct == 0 and o.wrong == 0 and o.error:
+        return "fails | -"
+    return f"{o.correct}{'' if o.ok else ' (not clean)'} | {o.wrong}"
 
 
 def markdown(rows: list[Row]) -> str:
-    lines = ["| pool | damage | mappings | thin_repair 1.1 | dmimage repair |",
-             "|---|---|---:|---:|---:|"]
+    lines = ["| pool | damage | mappings | thin_repair 1.1 correct | wrong "
+             "| dmimage correct | wrong |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r.pool} | {r.damage} | {r.total} | {_cell(r.theirs)} | "
-                     f"{_cell(r.ours)} |")
+        lines.append(f"| {r.pool} | {r.damage} | {r.total} | {_cells(r.theirs)} | "
+                     f"{_cells(r.ours)} |")
     return "\n".join(lines)
+
+
+def worse_than_thin_repair(r: Row) -> str | None:
+    """Why dmimage's result is worse than thin_repair 1.1's on this row, or None."""
+    if not r.ours.ok:
+        return f"dmimage's repair failed or is not clean: {r.ours.error}"
+    if r.ours.correct < r.theirs.correct:
+        return f"{r.ours.correct} correct mappings < thin_repair's {r.theirs.correct}"
+    if r.ours.wrong > (r.theirs.wrong if r.theirs.ok else 0):
+        return f"{r.ours.wrong} wrong mappings > thin_repair's {r.theirs.wrong}"
+    return None
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--out", type=Path, help="keep the images in this directory")
+    ap.add_argument("--out", type=Path, help="work in this directory")
+    ap.add_argument("--pool", action="append", help="only these pools (fixture or generated)")
     args = ap.parse_args(argv)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        rows = run_all(args.out)
+        rows = run_all(args.out, args.pool)
     else:
         with tempfile.TemporaryDirectory() as d:
-            rows = run_all(Path(d))
+            rows = run_all(Path(d), args.pool)
     if args.json:
         print(json.dumps([asdict(r) for r in rows], indent=1))
     else:

@@ -10,6 +10,7 @@ the export of every recovered block must equal the model's content for that bloc
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,14 @@ from dmimage.thin.model import PoolModel
 from dmimage.thin.repair import Overrides, repair
 from dmimage.thin.transaction import open_writable
 from dmimage.vm.verify import verify_in
+from vmtests.repair_pools import Spec, Written, read_back, write_pool
 
 import damage
 import oracles
+import semantic
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import repair_quality as q  # noqa: E402
 
 pytestmark = pytest.mark.vm
 
@@ -120,3 +126,50 @@ def test_repaired_pool_serves_recovered_mappings(
               for d in verdict.devices if not d.ok]
     assert verdict.ok, (verdict.errors, verdict.pool_status, differ)
     assert {d.dev_id for d in verdict.devices} == set(devs)
+
+
+# -------------------------------------------------------------- kernel-written pools (issue 14)
+
+#: small enough to hash every block in the guest, big enough for two-level trees, snapshots
+#: sharing them, a deleted thin and discards over many transactions
+KERNEL_SPEC = Spec("vm-repair", "any", 14, thins=5, snapshots=2, vblocks=384, fill=0.85,
+                   overwrite=0.1, batches=4, deletes=1, discards=3, nr_data_blocks=4096)
+
+
+@pytest.fixture(scope="module")
+def kernel_pool(dm_vm: Machine, tmp_path_factory: pytest.TempPathFactory) -> Written:
+    """A pool the guest's kernel wrote, and every block of every thin as the kernel served
+    it before any damage."""
+    return write_pool(dm_vm, KERNEL_SPEC, tmp_path_factory.mktemp("kernelpool"), hashes=True)
+
+
+@pytest.mark.parametrize("kind", ["mapping root zeroed", "superblock zeroed",
+                                  "bottom leaf: bad checksum"])
+def test_repaired_kernel_pool_serves_pre_damage_content(
+        dm_vm: Machine, kernel_pool: Written, tmp_path: Path, kind: str) -> None:
+    raw = kernel_pool.meta.read_bytes()
+    truth = semantic.parse_dump(oracles.dump(kernel_pool.meta, oracles.tools_11()))
+    total = sum(len(d.mappings) for d in truth.devices)
+    d = next(x for x in q.damage_classes(raw) if x.kind == kind)
+    bad = tmp_path / "bad.meta"
+    bad.write_bytes(d.data)
+    out = tmp_path / "repaired.meta"
+    oracles.make_sparse(out, len(raw) // 4096)
+    ov = Overrides(data_block_size=truth.data_block_size, transaction_id=truth.transaction) \
+        if kind == "superblock zeroed" else None
+    res = repair(bad, out, ov)
+    assert check_metadata(out).ok()
+    assert oracles.check(out, oracles.tools_11())[0] == 0
+    with open_pool(out) as pool:
+        recovered = {dev: pool.mappings(dev).origin.tolist() for dev in pool.devices()}
+    nr = sum(len(v) for v in recovered.values())
+    if kind == "bottom leaf: bad checksum":
+        assert 0 < nr < total, (nr, total, res.report.notes)
+    else:
+        assert nr == total, (nr, total, res.report.notes)
+    assert {(dev, vb) for dev, vbs in recovered.items() for vb in vbs} <= \
+        {(dev, vb) for dev, h in kernel_pool.block_hashes.items() for vb in h}
+    served = read_back(dm_vm, out, kernel_pool.data, KERNEL_SPEC, recovered)
+    differ = [(dev, vb) for dev, vbs in recovered.items() for vb in vbs
+              if served[dev][vb] != kernel_pool.block_hashes[dev][vb]]
+    assert not differ, f"{len(differ)} recovered blocks serve other content: {differ[:10]}"

@@ -33,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--expand-shared", action="store_true",
                    help="no <def>/<ref>: every device fully expanded (thin_restore 0.9 form)")
     p.add_argument("-r", "--repair", action="store_true",
-                   help="dump what `dmimage repair` would salvage from damaged metadata")
+                   help="dump what `dmimage repair` would salvage from damaged metadata "
+                        "(its notes on stderr: per device, where its tree came from)")
     p.add_argument("--transaction-id", type=parse_uint, metavar="N",
                    help="with --repair: transaction id (at least this)")
     p.add_argument("--data-block-size", type=parse_uint, metavar="SECTORS",
@@ -62,10 +63,12 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "repair", False):
         if snap is not False:
             raise UsageError("--repair cannot read through the metadata snapshot")
+        from dmimage.cli.repair import print_report
         from dmimage.thin.repair import Overrides, salvage
 
-        ir, _ = salvage(meta, Overrides(args.transaction_id, args.data_block_size,
-                                        args.nr_data_blocks))
+        ir, report = salvage(meta, Overrides(args.transaction_id, args.data_block_size,
+                                             args.nr_data_blocks))
+        print_report("dmimage dump --repair", report)
         kwargs = dict(ir=ir, expand=args.expand_shared)
     elif any(getattr(args, k, None) is not None
              for k in ("transaction_id", "data_block_size", "nr_data_blocks")):

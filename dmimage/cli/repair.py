@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from dmimage.cli._locking import add_lock_plan
 from dmimage.cli._units import parse_uint
+
+if TYPE_CHECKING:
+    from dmimage.thin.repair import SalvageReport
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -38,10 +42,17 @@ def run(args: argparse.Namespace) -> int:
     res = repair(args.input, args.output,
                  Overrides(args.transaction_id, args.data_block_size, args.nr_data_blocks))
     if not args.quiet:
-        r = res.report
-        for note in r.notes:
-            print(f"dmimage repair: {note}", file=sys.stderr)
-        print(f"dmimage repair: salvaged {r.nr_devices} devices, {r.nr_mappings} mappings "
-              f"(roots from the {r.source}; {r.lost_nodes} unreadable nodes skipped, "
-              f"{r.dropped_mappings} mappings dropped)", file=sys.stderr)
+        print_report("dmimage repair", res.report)
     return 0
+
+
+def print_report(prefix: str, r: SalvageReport) -> None:
+    """The salvage's notes (per device: where its tree came from) and summary, on stderr."""
+    for note in r.notes:
+        print(f"{prefix}: {note}", file=sys.stderr)
+    if r.ambiguous_devices:
+        print(f"{prefix}: ambiguous: several trees fit devices {r.ambiguous_devices} (see the "
+              "notes above for the one taken, or why the device was left out)", file=sys.stderr)
+    print(f"{prefix}: salvaged {r.nr_devices} devices, {r.nr_mappings} mappings "
+          f"(roots from the {r.source}; {r.lost_nodes} unreadable nodes skipped, "
+          f"{r.dropped_mappings} mappings dropped)", file=sys.stderr)

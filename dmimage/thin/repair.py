@@ -52,6 +52,7 @@ from dmimage.pdata.btree import MAX_DEPTH, Node, node_view, order_problem, parse
 
 if TYPE_CHECKING:
     from dmimage.thin.ir import PoolIR
+    from dmimage.thin.repair_roots import TreeFinder
 
 __all__ = [
     "Overrides", "SalvageReport", "salvage", "repair", "RepairResult",
@@ -88,6 +89,10 @@ class SalvageReport:
     dropped_mappings: int = 0
     #: devices known to have existed but left out
     dropped_devices: list[int] = field(default_factory=list)
+    #: devices whose bottom-level tree was one of several that fit (docs/repair.md)
+    ambiguous_devices: list[int] = field(default_factory=list)
+    #: device -> where its bottom-level tree came from, when the top-level tree was rebuilt
+    tree_sources: dict[int, str] = field(default_factory=dict)
 
 
 #: (leaf id, keys, values) of one salvaged leaf
@@ -365,38 +370,35 @@ def _top_of(s: _Salvager, root: int) -> dict[int, int]:
 
 
 def _choose_roots(s: _Salvager, report: SalvageReport, top: dict[int, int] | None,
-                  details: dict[int, DeviceDetails] | None
+                  details: dict[int, DeviceDetails] | None, time_limit: int | None = None,
+                  data_counts: np.ndarray | None = None
                   ) -> tuple[dict[int, int], dict[int, DeviceDetails] | None]:
     """Fill in whichever of the two trees is missing from the scan (details may stay None:
     the caller regenerates them)."""
+    from dmimage.thin.repair_roots import TreeFinder, newest_first, rebuild_top_level
+
     report.source = "scan"
-    if top is None and details is None:
-        tops = s.roots("top")
-        dets = [(b, _details_of(s, b)) for b in s.roots("details")]
-        for t in tops:
-            tmap = _top_of(s, t)
-            for d, dmap in dets:
-                if set(dmap) == set(tmap):
-                    report.notes.append(f"scan: mapping tree at block {t} and details tree at "
-                                        f"block {d} agree on {len(tmap)} devices")
-                    return tmap, dmap
-        if tops:
-            report.notes.append(f"scan: mapping tree at block {tops[0]} has no matching details "
-                                "tree; device details regenerated")
-            return _top_of(s, tops[0]), None
-        if dets:
-            d, dmap = dets[0]
-            report.notes.append(f"scan: only a details tree (block {d}) was found")
-            return _match_by_counts(s, report, dmap), dmap
-        raise MetadataError("no thin-pool btrees found: nothing to salvage")
     if top is None:
-        assert details is not None
-        for t in s.roots("top"):
-            tmap = _top_of(s, t)
-            if set(tmap) == set(details):
-                report.notes.append(f"scan: mapping tree at block {t} matches the details tree")
-                return tmap, details
-        return _match_by_counts(s, report, details), details
+        chosen_top: int | None = None
+        if details is None:
+            details, chosen_top = _newest_details(s, report,
+                                                  TreeFinder(s, time_limit, data_counts))
+        if details is None:
+            tops = s.roots("top")
+            if not tops:
+                raise MetadataError("no thin-pool btrees found: nothing to salvage")
+            report.notes.append(f"scan: mapping tree at block {tops[0]} has no matching "
+                                "details tree; device details regenerated")
+            return _top_of(s, tops[0]), None
+        saved = report.lost_nodes
+        tops = newest_first(s.roots("top"), s.n)
+        if chosen_top is not None:  # the generation chosen with the details comes first
+            tops = [chosen_top] + [t for t in tops if t != chosen_top]
+        stale = [_top_of(s, t) for t in tops]
+        report.lost_nodes = saved
+        report.notes.append(f"top-level mapping tree rebuilt from the bottom-level trees on "
+                            f"the device ({len(stale)} stale top-level trees found)")
+        return rebuild_top_level(s, report, details, stale, time_limit, data_counts), details
     for d in s.roots("details"):
         dmap = _details_of(s, d)
         if set(dmap) == set(top):
@@ -406,32 +408,78 @@ def _choose_roots(s: _Salvager, report: SalvageReport, top: dict[int, int] | Non
     return top, None
 
 
-def _match_by_counts(s: _Salvager, report: SalvageReport,
-                     details: dict[int, DeviceDetails]) -> dict[int, int]:
-    """No usable top-level mapping tree: pair each device with an orphan bottom-level tree
-    holding exactly its details' mapped_blocks, when exactly one such tree exists. Devices
-    the details say are empty need no tree (an empty one is made)."""
-    infos = s.infos()
-    orphans = s.roots("map")
-    by_count: dict[int, list[int]] = {}
-    for b in orphans:
-        by_count.setdefault(infos[b].nr_mappings, []).append(b)  # type: ignore[union-attr]
-    out: dict[int, int] = {}
-    for dev, d in sorted(details.items()):
-        mapped = d.mapped_blocks
-        cands = by_count.get(mapped, [])
-        if mapped == 0:
-            out[dev] = -1
-        elif len(cands) == 1:
-            out[dev] = cands[0]
-            report.notes.append(f"device {dev}: bottom-level tree at block {cands[0]} chosen by "
-                                f"its mapping count ({mapped})")
-        else:
-            report.dropped_devices.append(dev)
-    if report.dropped_devices:
-        report.notes.append(f"devices without a recognisable mapping tree, left out: "
-                            f"{report.dropped_devices[:10]}")
-    return out
+def _newest_details(s: _Salvager, report: SalvageReport, finder: TreeFinder
+                    ) -> tuple[dict[int, DeviceDetails] | None, int | None]:
+    """The details tree of the newest consistent generation found by scanning: a details
+    tree and a top-level tree whose every device's bottom-level tree is complete and holds
+    exactly its mapped_blocks (as thin_repair pairs roots); newest by the latest creation or
+    snapshot time, then by where the kernel's metadata allocator wrote the top-level root
+    last. Without such a pair, the details tree whose counts some tree fits best."""
+    from dmimage.thin.repair_roots import newest_first
+
+    saved = report.lost_nodes
+    found = {b: _details_of(s, b) for b in s.roots("details")}
+    tops = {t: _top_of(s, t) for t in s.roots("top")}
+    report.lost_nodes = saved
+    found = {b: d for b, d in found.items() if d}
+    if not found:
+        return None, None
+    top_recency = {b: i for i, b in enumerate(newest_first(list(tops), s.n))}
+    recency = {b: i for i, b in enumerate(newest_first(list(found), s.n))}
+
+    def pairs(d: dict[int, DeviceDetails]) -> list[int]:
+        out = []
+        for t, tmap in tops.items():
+            if set(tmap) != set(d):
+                continue
+            ok = True
+            for dev, x in d.items():
+                tree = finder.tree(tmap[dev])
+                if tree is None or tree.nr_mappings != x.mapped_blocks:
+                    ok = False
+                    break
+            if ok:
+                out.append(t)
+        return sorted(out, key=lambda t: top_recency[t])
+
+    def fit(d: dict[int, DeviceDetails]) -> int:
+        return sum(1 for x in d.values()
+                   if x.mapped_blocks == 0 or finder.candidates(x.mapped_blocks))
+
+    def age(d: dict[int, DeviceDetails]) -> int:
+        # (not the devices' transaction ids: a deleted device's can exceed every survivor's)
+        return max(max(x.creation_time, x.snapshotted_time) for x in d.values())
+
+    paired = {b: p for b, d in found.items() if (p := pairs(d))}
+    if paired:
+        ranked = sorted(paired, key=lambda b: (-age(found[b]), top_recency[paired[b][0]]))
+        best = ranked[0]
+        report.notes.append(f"scan: details tree at block {best} and top-level tree at block "
+                            f"{paired[best][0]} agree on {len(found[best])} devices "
+                            f"({len(paired)} consistent generations found: the newest by "
+                            "time, then the metadata allocator's order)")
+        if len(ranked) > 1 and age(found[ranked[0]]) == age(found[ranked[1]]) \
+                and found[ranked[0]] != found[ranked[1]]:
+            report.notes.append("ambiguous: several consistent generations share the newest "
+                                "time; the one the allocator wrote last was chosen")
+        return found[best], paired[best][0]
+    ranked = sorted(found, key=lambda b: (-fit(found[b]), -age(found[b]), recency[b]))
+    best = ranked[0]
+    report.notes.append(f"scan: details tree at block {best} chosen ({len(found[best])} "
+                        "devices; no top-level tree agrees with any details tree)")
+    return found[best], None
+
+
+def _data_counts(reader: BlockReader, ref: Superblock) -> np.ndarray | None:
+    """The reference count of every data block by the superblock's data space map, or None
+    when that space map is unreadable."""
+    from dmimage.pdata.btree import BtreeWalker
+    from dmimage.pdata.spacemap import read_space_map
+
+    try:
+        return read_space_map(reader, ref.data_sm, BtreeWalker(reader), metadata=False).counts
+    except (MetadataError, ValueError, IndexError):
+        return None
 
 
 def _drop_repeated_blocks(lists: dict[int, list[int]],
@@ -508,7 +556,9 @@ def salvage(path: str | os.PathLike[str],
             if ref.held_root:
                 report.notes.append("the metadata snapshot is not carried over")
         if top is None or details is None:
-            top, details = _choose_roots(s, report, top, details)
+            top, details = _choose_roots(s, report, top, details,
+                                         ref.time if trusted and ref else None,
+                                         _data_counts(reader, ref) if trusted and ref else None)
         elif set(top) != set(details):
             only_top = sorted(set(top) - set(details))
             only_det = sorted(set(details) - set(top))
