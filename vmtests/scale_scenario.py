@@ -18,8 +18,10 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,6 +97,36 @@ class ScaleModel(PoolModel):
                 out[pos : pos + n] = self.block_bytes(b)[within : within + n]
             pos += n
         return bytes(out)
+
+
+class Clock:
+    """Wall time, and CPU time of the QEMU process and of this one: on a loaded machine the
+    CPU seconds are what the test would take alone."""
+
+    def __init__(self, vm: Machine) -> None:
+        self.vm = vm
+        self.t0 = time.monotonic()
+        self.q0, self.h0 = self._qemu(), self._host()
+
+    def _qemu(self) -> float:
+        pid = self.vm.pid
+        if pid is None:
+            return 0.0
+        try:
+            f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _host() -> float:
+        """This process and its finished children (thin_check, thin_dump)."""
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def __str__(self) -> str:
+        return (f"{time.monotonic() - self.t0:.1f} s wall, CPU {self._qemu() - self.q0:.1f} s "
+                f"guest + {self._host() - self.h0:.1f} s host")
 
 
 # --------------------------------------------------------------------------------------------
