@@ -246,9 +246,25 @@ def _restore_xml(path: Path, rng: random.Random, n1: int, n3: int) -> tuple[
     devices = {1: (0, 0, 2, maps1), 2: (4, 2, 2, dict(maps1)), 3: (5, 3, 3, maps3)}
 
     def runs(m: dict[int, tuple[int, int]]) -> str:
-        out = []
+        """Maximal runs (origin and data both +1, one time), as thin_dump writes them."""
+        out: list[str] = []
+        run: list[int] = []  # origin, data, length, time
+
+        def flush() -> None:
+            if run and run[2] == 1:
+                out.append(f'    <single_mapping origin_block="{run[0]}" data_block="{run[1]}" '
+                           f'time="{run[3]}"/>')
+            elif run:
+                out.append(f'    <range_mapping origin_begin="{run[0]}" data_begin="{run[1]}" '
+                           f'length="{run[2]}" time="{run[3]}"/>')
+
         for vb, (b, t) in sorted(m.items()):
-            out.append(f'    <single_mapping origin_block="{vb}" data_block="{b}" time="{t}"/>')
+            if run and vb == run[0] + run[2] and b == run[1] + run[2] and t == run[3]:
+                run[2] += 1
+                continue
+            flush()
+            run = [vb, b, 1, t]
+        flush()
         return "\n".join(out)
 
     lines = [f'<superblock uuid="" time="{pool_time}" transaction="{trans}" version="2" '
@@ -310,16 +326,18 @@ def test_dmimage_writes_at_scale(dm_vm: Machine, tmp_path: Path, tools11: oracle
     rng = random.Random(1202)
     nrng = np.random.default_rng(1202)
     files = _files(tmp_path)
-    n1, n3 = BITMAP_ENTRIES + 1_000, 100
+    n1, n3 = 4 * BITMAP_ENTRIES + 800, 100
     xml, devices, pool_time, trans = _restore_xml(tmp_path / "pool.xml", rng, n1, n3)
     _dmimage("restore", "-q", "-i", xml, "-o", str(files.meta))
     # Every mapped data block gets a distinct first sector, so a wrong mapping shows.
     used = sorted({b for _t, _c, _s, m in devices.values() for b, _ in m.values()})
     tags = nrng.integers(0, 256, (len(used), 512), dtype=np.uint8)
-    mm = np.memmap(files.data, np.uint8, "r+")
-    mm.reshape(NR_DATA, BLOCK)[np.array(used), :512] = tags
-    mm.flush()
-    del mm
+    fd = os.open(files.data, os.O_WRONLY)
+    try:
+        for i, b in enumerate(used):
+            os.pwrite(fd, tags[i].tobytes(), b * BLOCK)
+    finally:
+        os.close(fd)
     tag_of = {b: tags[i].tobytes() for i, b in enumerate(used)}
     model = ScaleModel.from_mappings(BLOCK, time=pool_time, transaction=trans, devices=devices,
                                      read_block=lambda b: b"")
