@@ -1,23 +1,26 @@
 """Kernel-scale differentials, both directions (issue 12 §3).
 
-``test_kernel_writes_at_scale``: the guest's dm-thin-pool builds a pool whose origin has a
-bottom-level mapping tree of three or more levels (tens of thousands of provisioning writes,
-a snapshot between batches so the kernel's splits leave half-full leaves), a data space map
-over several bitmap blocks, data blocks referenced from many leaves (reference counts above 2,
-in the overflow tree), hundreds of snapshots, a held metadata snapshot and a deleted shared
-origin. At three checkpoints dmimage's reading must equal thin_dump 1.1 (every device-details
-field, every mapping with its time, byte-identical dump), thin_check 1.1 and dmimage check
-must pass, the data space map's counts must equal those derived from thin_dump's leaves, the
-kernel's status lines must agree, and the reference model must predict details, mapping times
-and sharing.
+``test_kernel_writes_at_scale``: the guest's dm-thin-pool builds a pool whose origin's
+mappings sit three node levels below the top-level root (an internal bottom root the kernel
+built; ``DMIMAGE_KSCALE_DEEP=1``: a bottom tree of three levels, four from the top), from
+17,520 provisioning writes with a snapshot between batches (the kernel never rebalances into a
+shared sibling), a data space map of seven bitmap blocks with allocations in two, data blocks
+referenced from up to seven leaves (counts above 2 live in the overflow tree), seventy-odd
+snapshots, a held metadata snapshot and a deleted shared origin. At three checkpoints
+dmimage's reading must equal thin_dump 1.1 (every device-details field, every mapping with its
+time, byte-identical dump), thin_check 1.1 and dmimage check must pass, the data space map's
+counts must equal those derived from thin_dump's leaves, the kernel's status lines must
+agree, and the reference model must predict details, mapping times and sharing.
 
 ``test_dmimage_writes_at_scale``: `dmimage restore`, `dmimage message` and `dmimage write`
-make a pool of the same scale offline; the kernel then inserts into the full leaves dmimage
-built (splitting them), snapshots, copies on write, discards and commits; afterwards
-thin_check 1.1 and dmimage check pass, dmimage equals thin_dump 1.1 and the model, and what
-the guest reads equals the model and dmimage's export.
+make a pool of the same scale offline (66,080 mappings, a bottom tree of three levels); the
+kernel then inserts into the full leaves and internal nodes dmimage built (splitting them),
+snapshots, copies on write, discards and commits; afterwards thin_check 1.1 and dmimage check
+pass, dmimage equals thin_dump 1.1 and the model, and what the guest reads equals the model
+and dmimage's export.
 
-Writes use the scatter devices of vmtests/scale_scenario.py: one ``dd`` per batch.
+Writes use the scatter devices of vmtests/scale_scenario.py: one ``dd`` per batch. Each
+test prints its measured tree shapes, counts and times (wall, and CPU of QEMU and the host).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import pytest
 from dmimage.guest.machine import Machine
 from dmimage.guest.pytest_plugin import unavailable
 from vmtests.scale_scenario import (
+    BITMAP_ENTRIES,
     Blob,
     CheckpointFacts,
     Clock,
@@ -53,7 +57,6 @@ pytestmark = pytest.mark.vm
 
 BLOCK_SECTORS = 128  # 64 KiB, the smallest data block
 BLOCK = BLOCK_SECTORS * 512
-BITMAP_ENTRIES = 16320  # data blocks per space-map bitmap block (4 KiB metadata blocks)
 NR_DATA = 6 * BITMAP_ENTRIES + 2000  # seven bitmap blocks
 META_BYTES = 32 << 20
 #: Leaf capacity of a mapping tree node: 3 * ((4096 - 32) // 16 // 3).
