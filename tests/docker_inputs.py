@@ -169,10 +169,10 @@ def write_inputs(work: Path) -> Inputs:
     gz = gzip.compress(tars["l4"], mtime=0)
     layer_descs.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
                         "digest": blob(gz), "size": len(gz)})
-    cfg = inp.configs["other:1"]
+    config = inp.configs["other:1"]
     man = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest."
                       "v1+json", "config": {"mediaType": "application/vnd.oci.image.config."
-                                            "v1+json", "digest": blob(cfg), "size": len(cfg)},
+                                            "v1+json", "digest": blob(config), "size": len(config)},
                       "layers": layer_descs}).encode()
     (inp.oci_dir / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
     (inp.oci_dir / "index.json").write_text(json.dumps({

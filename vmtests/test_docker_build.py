@@ -142,12 +142,12 @@ def test_dockerd_runs_built_store(guest: DockerGuest, built: tuple[Path, Inputs]
         _copy_in(dg, note, "/tmp/note.in")
         dg.docker("cp /tmp/note.in c1:/app/note.txt")
         out = dg.sh("rm -rf /tmp/cpo && mkdir /tmp/cpo && docker cp c1:/app/note.txt "
-                    "/tmp/cpo/ && docker cp c1:/usr/share/big /tmp/cpo/ && "
-                    "sha256sum /tmp/cpo/note.txt /tmp/cpo/big")
+                    "/tmp/cpo/ && docker cp c1:/app/data /tmp/cpo/ && "
+                    "sha256sum /tmp/cpo/note.txt /tmp/cpo/data")
         sums = {line.split()[1].rsplit("/", 1)[1]: line.split()[0] for line in out.splitlines()}
         assert sums["note.txt"] == hashlib.sha256(note.read_bytes()).hexdigest()
-        big = next(m.data for m in layers()["l1"] if m.name == "usr/share/big")
-        assert sums["big"] == hashlib.sha256(big).hexdigest()
+        data = next(m.data for m in layers()["l3"] if m.name == "app/data")
+        assert sums["data"] == hashlib.sha256(data).hexdigest()
 
         for name, tag in (("c1", "rich:2"), ("c2", "other:1"), ("c3", "rich:1")):
             exp = _export(dg, name)
@@ -178,8 +178,8 @@ def test_dockerd_runs_built_store(guest: DockerGuest, built: tuple[Path, Inputs]
         man = json.load(t.extractfile("manifest.json"))  # type: ignore[arg-type]
         for m in man:
             tag = m["RepoTags"][0]
-            cfg = t.extractfile(m["Config"]).read()  # type: ignore[union-attr]
-            assert cfg == inp.configs[tag]
+            config = t.extractfile(m["Config"]).read()  # type: ignore[union-attr]
+            assert config == inp.configs[tag]
             got = [hashlib.sha256(t.extractfile(p).read()).hexdigest()  # type: ignore[union-attr]
                    for p in m["Layers"]]
             assert got == [inp.diff_id(x)[7:] for x in inp.images[tag]]

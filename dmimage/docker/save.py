@@ -14,9 +14,10 @@ import hashlib
 import io
 import json
 import os
+import posixpath
 import tarfile
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from dmimage import devlock
 from dmimage.docker.errors import StoreError, StoreIOError
@@ -74,10 +75,21 @@ def _layer_tar(store: Store, pool: Pool, data_fd: int, layer: Layer
         raise StoreError(where, f"device {dev.device_id}: no readable ext4 or xfs "
                          f"filesystem ({exc})") from None
 
+    listings: dict[str, dict[str, Any]] = {}
+
+    def lookup(rel: str) -> Any:
+        """The node at *rel* below rootfs/, each directory listed once (a path lookup
+        scans its directories: per file, that is quadratic in a directory's size)."""
+        parent, _, base = rel.rpartition("/")
+        listing = listings.get(parent)
+        if listing is None:
+            listing = listings[parent] = fs.get(ROOTFS + parent).listdir()
+        return listing[base]
+
     def open_file(name: bytes) -> BinaryIO:
-        rel = name.decode("utf-8", "surrogateescape").lstrip("/").removeprefix("./")
+        rel = posixpath.normpath(name.decode("utf-8", "surrogateescape")).lstrip("/")
         try:
-            f: BinaryIO = fs.get(ROOTFS + rel).open()
+            f: BinaryIO = lookup(rel).open()
         except Exception:  # a missing path, or one that is not a regular file
             raise StoreError(where, f"{rel}: named by tar-split but not a file in the layer's "
                              f"filesystem (device {dev.device_id})") from None
