@@ -5,12 +5,12 @@ Per image: ``<config hex>.json`` (the imagedb bytes, unchanged), per layer ``<id
 layer.tar is rebuilt from the layer's tar-split with the file contents read from the layer's
 thin device (ext4 or xfs, via dissect.extfs or dissect.xfs, below the device's ``rootfs/``,
 where the devicemapper driver keeps a layer's tree), so its sha256 is the diff id; any
-difference is an error and no output is left behind. The layer directory ids are this tool's
-own (sha256 of the chain id): ``docker load`` reads manifest.json, not the legacy v1 ids."""
+difference is an error and no output is left behind. The layer directories are named by the
+legacy v1 ids dockerd 20.10 computes, with its ``json`` records (``v1id``); a layer saved
+again under another id is a symlink to the first copy, as Docker writes it."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -27,6 +27,7 @@ from dmimage.docker.layers import Layer
 from dmimage.docker.store import Store, article, resolve
 from dmimage.docker.tarsplit import assemble, read_entries, tar_size
 from dmimage.docker.thinfile import ThinFile
+from dmimage.docker.v1id import layer_records
 from dmimage.errors import UsageError
 from dmimage.thin.pool import Pool, open_pool
 
@@ -99,10 +100,6 @@ def _layer_tar(store: Store, pool: Pool, data_fd: int, layer: Layer
                                        where=where)
 
 
-def _v1_id(chain_id: str) -> str:
-    return hashlib.sha256(chain_id.encode()).hexdigest()
-
-
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     ti = tarfile.TarInfo(name)
     ti.size = len(data)
@@ -138,25 +135,36 @@ def _save(store: Store, images: dict[str, tuple[Image, list[str]]], out: BinaryI
     manifest = []
     repos: dict[str, dict[str, str]] = {}
     written: set[str] = set()
+    by_diff: dict[str, str] = {}  # diff id -> the v1 id its layer.tar was written under
     try:
         with open_pool(store.pool_files.metadata) as pool, \
                 tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for img, refs in images.values():
                 layer_paths = []
                 parent = ""
-                for chain in img.chain_ids:
+                records = layer_records(img.config, list(img.chain_ids),
+                                        store.root.display(f"image/devicemapper/imagedb/"
+                                                           f"content/sha256/{img.id[7:]}"))
+                for chain, (v1, v1_json) in zip(img.chain_ids, records, strict=True):
                     layer = store.layers.get(chain)
                     if layer is None:
                         raise StoreError(store.root.display("image/devicemapper/layerdb"),
                                          f"image {img.id} needs layer {chain}, which is "
                                          "missing")
-                    v1 = _v1_id(chain)
                     layer_paths.append(f"{v1}/layer.tar")
                     if v1 not in written:
                         _add_bytes(tar, f"{v1}/VERSION", b"1.0")
-                        meta = {"id": v1, "os": "linux", **({"parent": parent} if parent
-                                                           else {})}
-                        _add_bytes(tar, f"{v1}/json", json.dumps(meta).encode())
+                        _add_bytes(tar, f"{v1}/json", v1_json)
+                        first = by_diff.get(layer.diff_id)
+                        if first is not None:
+                            # as docker save: the same layer under another v1 id is a link
+                            ti = tarfile.TarInfo(f"{v1}/layer.tar")
+                            ti.type = tarfile.SYMTYPE
+                            ti.linkname = f"../{first}/layer.tar"
+                            tar.addfile(ti)
+                            written.add(v1)
+                            parent = v1
+                            continue
                         size, chunks = _layer_tar(store, pool, data_fd, layer)
                         ti = tarfile.TarInfo(f"{v1}/layer.tar")
                         ti.size = size
@@ -170,6 +178,7 @@ def _save(store: Store, images: dict[str, tuple[Image, list[str]]], out: BinaryI
                                              "the rebuilt layer tar is longer than its "
                                              "tar-split says")
                         written.add(v1)
+                        by_diff[layer.diff_id] = v1
                     parent = v1
                 hexid = img.id.removeprefix("sha256:")
                 _add_bytes(tar, f"{hexid}.json", img.config)
