@@ -71,7 +71,8 @@ def _layer_tar(store: Store, pool: Pool, data_fd: int, layer: Layer
         raise StoreError(where, f"device {dev.device_id} of layer {layer.chain_id} is not in "
                          "the pool")
     try:
-        fs = open_filesystem(ThinFile(pool, data_fd, dev.device_id, dev.size))
+        fs = open_filesystem(ThinFile(pool, data_fd, dev.device_id, dev.size,
+                                           store.pool_files.data_offset))
     except Exception as exc:  # dissect raises its own types for damaged filesystems
         raise StoreError(where, f"device {dev.device_id}: no readable ext4 or xfs "
                          f"filesystem ({exc})") from None
