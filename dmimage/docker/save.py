@@ -34,29 +34,6 @@ from dmimage.thin.pool import Pool, open_pool
 ROOTFS = "/rootfs/"
 
 
-class _Stream(io.RawIOBase):
-    """A readable stream over chunks (tarfile copies a member's content from it)."""
-
-    def __init__(self, chunks: Iterator[bytes]) -> None:
-        super().__init__()
-        self._chunks = chunks
-        self._buf = b""
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
-        while not self._buf:
-            try:
-                self._buf = next(self._chunks)
-            except StopIteration:
-                return 0
-        n = min(len(b), len(self._buf))
-        memoryview(b).cast("B")[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
-        return n
-
-
 def _layer_tar(store: Store, pool: Pool, data_fd: int, layer: Layer
                ) -> tuple[int, Iterator[bytes]]:
     """(size, chunks) of the rebuilt layer tar; the chunks raise StoreError on any mismatch."""
@@ -99,6 +76,26 @@ def _layer_tar(store: Store, pool: Pool, data_fd: int, layer: Layer
 
     return tar_size(entries), assemble(entries, open_file, expect_digest=layer.diff_id,
                                        where=where)
+
+
+def _add_stream(tar: tarfile.TarFile, ti: tarfile.TarInfo, chunks: Iterator[bytes],
+                where: str) -> None:
+    """A member of ``ti.size`` bytes written straight from *chunks* (no copy through a file
+    object): the header, the chunks, the padding. The chunks' last step is the diff id
+    check, so they are drained to the end."""
+    assert tar.fileobj is not None
+    tar.addfile(ti)  # the header only
+    n = 0
+    for c in chunks:
+        n += len(c)
+        if n > ti.size:
+            raise StoreError(where, "the rebuilt layer tar is longer than its tar-split says")
+        tar.fileobj.write(c)
+    if n != ti.size:
+        raise StoreError(where, "the rebuilt layer tar is shorter than its tar-split says")
+    pad = -n % tarfile.BLOCKSIZE
+    tar.fileobj.write(bytes(pad))
+    tar.offset += n + pad
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -170,14 +167,7 @@ def _save(store: Store, images: dict[str, tuple[Image, list[str]]], out: BinaryI
                         ti = tarfile.TarInfo(f"{v1}/layer.tar")
                         ti.size = size
                         ti.mode = 0o644
-                        src = io.BufferedReader(_Stream(chunks), 1 << 20)
-                        tar.addfile(ti, src)
-                        # tarfile reads exactly ti.size bytes: drain the stream so that its
-                        # last step, the diff id check, runs.
-                        if src.read(1):
-                            raise StoreError(store.root.display(layer.dir),
-                                             "the rebuilt layer tar is longer than its "
-                                             "tar-split says")
+                        _add_stream(tar, ti, chunks, store.root.display(layer.dir))
                         written.add(v1)
                         by_diff[layer.diff_id] = v1
                     parent = v1
