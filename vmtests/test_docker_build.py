@@ -153,9 +153,11 @@ def test_dockerd_runs_built_store(guest: DockerGuest, built: tuple[Path, Inputs]
             exp = _export(dg, name)
             want = expected_tree([inp.tars[x] for x in inp.images[tag]])
             _compare(exp, want, f"{name} ({tag})")
-            gone = {"etc/gone-later", "usr/share/old", "home/u", "home/u/file",
-                    "usr/share/big"}
-            assert not gone & set(exp), f"{name}: whiteouts not honoured: {gone & set(exp)}"
+            if "l2" in inp.images[tag]:  # l2's whiteouts and opaque directory
+                gone = {"etc/gone-later", "usr/share/old", "home/u", "home/u/file",
+                        "usr/share/big"}
+                assert not gone & set(exp), f"{name}: whiteouts not honoured: " \
+                    f"{gone & set(exp)}"
         ps = dg.docker("ps -a --format '{{.Names}}'").split()
         assert sorted(ps) == ["c1", "c2", "c3"]
     except BaseException:
