@@ -28,6 +28,7 @@ from dmimage.docker.report import ls_data, read_pool_view
 from dmimage.docker.save import save
 from dmimage.docker.store import open_store
 from dmimage.guest.docker import DockerGuest, DockerUnavailable
+from dmimage.guest.kernels import selected_names
 from dmimage.guest.pytest_plugin import unavailable
 from dmimage.image.docker_store import build_docker_store, load_docker_spec
 from vmtests.docker_scenario import _copy_in, extract_root, guest_save
@@ -35,10 +36,11 @@ from vmtests.docker_scenario import _copy_in, extract_root, guest_save
 pytestmark = pytest.mark.vm
 
 
-@pytest.fixture(scope="module")
-def guest() -> Iterator[DockerGuest]:
+@pytest.fixture(scope="module", params=selected_names())
+def guest(request: pytest.FixtureRequest) -> Iterator[DockerGuest]:
+    """One guest per selected kernel ($DMIMAGE_VM_KERNELS)."""
     try:
-        dg = DockerGuest.boot("deb12")
+        dg = DockerGuest.boot(request.param)
     except DockerUnavailable as exc:
         unavailable(str(exc))
     with dg:
