@@ -222,12 +222,21 @@ class DockerGuest:
         self.data: Disk | None = None
 
     @classmethod
-    def boot(cls, kernel_name: str = "deb12") -> DockerGuest:
+    def boot(cls, kernel_name: str = "deb12", *, lvm: bool = False) -> DockerGuest:
+        """With *lvm*, the appliance carries lvm2 too (a direct-lvm pool for
+        ``dm.thinpooldev``)."""
         kernel = kernel_by_name(kernel_name)
         disk = tools_disk(kernel)
-        vm = Machine(kernel, memory_mb=MEMORY_MB).start()
+        if lvm:
+            from dmimage.guest.lvm2 import LvmMachine
+
+            vm: Machine = LvmMachine(kernel, memory_mb=MEMORY_MB).start()
+        else:
+            vm = Machine(kernel, memory_mb=MEMORY_MB).start()
         try:
             dg = cls(vm, kernel)
+            if lvm:
+                vm.lvm_setup()  # type: ignore[attr-defined]
             dg.tools = vm.attach(disk, read_only=True, serial="dockertools")
             vm.sh(GUEST_SETUP.replace("$1", shlex.quote(dg.tools.guest_path)), timeout=120)
         except BaseException:
