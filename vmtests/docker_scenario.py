@@ -188,7 +188,7 @@ def run_random_ops(dg: DockerGuest, inputs: dict[str, Path], seed: int, n: int =
 def guest_save(dg: DockerGuest, refs: list[str]) -> dict[str, Any]:
     """`docker save` in the guest; its manifest and the sha256 of every member file (a layer
     whose diff id was already saved is a symlink to the first copy: sha256sum follows it)."""
-    dg.docker(f"save -o /tmp/g.tar {' '.join(refs)}")
+    dg.docker(f"save -o /tmp/g.tar {' '.join(refs)}", timeout=900)
     out = dg.sh("rm -rf /tmp/gs && mkdir /tmp/gs && cd /tmp/gs && tar xf /tmp/g.tar && "
                 "find . -type f -o -type l | sort | xargs sha256sum && rm -f /tmp/g.tar")
     sums = {}

@@ -40,6 +40,10 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("give SPEC.toml, or --vm-verify -o OUTDIR to verify a build")
         outdir = Path(args.output)
     else:
+        from dmimage.image.docker_store import is_docker_spec
+
+        if is_docker_spec(args.spec):
+            return _docker(args)
         from dmimage.cli._progress import progress_bar
         from dmimage.image import build, load_spec
         from dmimage.image.spec import human
@@ -73,4 +77,28 @@ def run(args: argparse.Namespace) -> int:
             for line in rep.lines():
                 print(line)
         return 0 if rep.ok else 1
+    return 0
+
+
+def _docker(args: argparse.Namespace) -> int:
+    """``layout = "docker-devicemapper"``: OUTDIR becomes a Docker data root."""
+    from pathlib import Path
+
+    from dmimage.errors import UsageError
+    from dmimage.image.docker_store import build_docker_store, load_docker_spec
+
+    if args.vm_verify:
+        raise UsageError("--vm-verify is not available for layout = \"docker-devicemapper\" "
+                         "(vmtests/test_docker_build.py runs dockerd on a built store)")
+    spec = load_docker_spec(args.spec)
+    outdir = Path(args.output) if args.output else Path("out") / spec.name
+    lines: list[str] = []
+    rep = build_docker_store(spec, outdir, log=lines.append)
+    if not args.quiet:
+        m = rep.manifest
+        print(f"built {spec.name} in {rep.timings['total']:.2f} s: Docker data root {outdir} "
+              f"({len(m['images'])} images, {len(m['devices'])} devices, pool transaction "
+              f"id {m['pool_transaction_id']})")
+        for line in lines:
+            print(f"  {line}")
     return 0

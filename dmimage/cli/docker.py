@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dmimage.cli._locking import add_lock_plan
 
@@ -32,6 +32,10 @@ def _pool_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None,
                    help="the pool's data device (direct-lvm); default: "
                    "ROOT/devicemapper/devicemapper/data")
+    p.add_argument("--lvm", nargs="+", metavar="DISK... VG/POOL", default=None,
+                   help="direct-lvm: the LVM thin pool dockerd used (dm.thinpooldev), read "
+                   "from the disks or disk images holding its VG; instead of --metadata and "
+                   "--data")
     add_lock_plan(p, _pool_locks)
 
 
@@ -41,6 +45,8 @@ def _pool_locks(args: argparse.Namespace) -> list[tuple[str | None, bool]]:
 
     from dmimage.docker.devices import LOOP_DIR
 
+    if args.lvm:
+        return [(d, False) for d in args.lvm[:-1]]
     loop = os.path.join(args.root, LOOP_DIR)
     return [(args.metadata or os.path.join(loop, "metadata"), False),
             (args.data or os.path.join(loop, "data"), False)]
@@ -112,8 +118,31 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def _open(args: argparse.Namespace) -> Store:
     from dmimage.docker.store import open_store
+    from dmimage.errors import UsageError
 
+    if args.lvm:
+        if args.metadata or args.data:
+            raise UsageError("--lvm names the pool: leave out --metadata and --data")
+        if len(args.lvm) < 2:
+            raise UsageError("--lvm DISK... VG/POOL: give the disks, then the pool")
+        return open_store(args.root, lvm=(args.lvm[:-1], args.lvm[-1]))
     return open_store(args.root, metadata=args.metadata, data=args.data)
+
+
+class _OffsetSource:
+    """The pool's data at an offset of a file (an LVM _tdata inside a PV)."""
+
+    def __init__(self, path: str, offset: int) -> None:
+        import os
+
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.offset = offset
+        self.size = os.fstat(self.fd).st_size - offset
+
+    def pread(self, n: int, off: int, /) -> bytes:
+        import os
+
+        return os.pread(self.fd, n, self.offset + off)
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -159,17 +188,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     store = _open(args)
     target = resolve(store, args.name)
     dev = target.device
-    with open_pool(store.pool_files.metadata) as pool:
+    pf = store.pool_files
+    data: Any = _OffsetSource(pf.data, pf.data_offset) if pf.data_offset else pf.data
+    with open_pool(pf.metadata) as pool:
         if dev.device_id not in pool.devices():
             raise UsageError(f"{args.name}: device {dev.device_id} ({dev.source}) is not in "
                              "the pool")
         if args.output == "-":
-            export_thin(pool, store.pool_files.data, dev.device_id, sys.stdout.buffer,
-                        size=dev.size)
+            export_thin(pool, data, dev.device_id, sys.stdout.buffer, size=dev.size)
             return 0
         with progress_bar("export") as advance:
-            export_thin(pool, store.pool_files.data, dev.device_id, args.output,
-                        size=dev.size, progress=advance)
+            export_thin(pool, data, dev.device_id, args.output, size=dev.size,
+                        progress=advance)
     return 0
 
 

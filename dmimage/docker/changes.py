@@ -84,7 +84,8 @@ def _open_fs(store: Store, pool: Pool, data_fd: int, hash_: str, what: str) -> A
         raise StoreError(store.root.display(dev.source), f"{what}: device {dev.device_id} is "
                          "not in the pool")
     try:
-        fs = open_filesystem(ThinFile(pool, data_fd, dev.device_id, dev.size))
+        fs = open_filesystem(ThinFile(pool, data_fd, dev.device_id, dev.size,
+                                           store.pool_files.data_offset))
         return fs.get(ROOTFS)
     except Exception as exc:  # dissect's own error types for damaged filesystems
         raise StoreError(store.root.display(dev.source), f"{what}: device {dev.device_id} "

@@ -37,6 +37,22 @@ class Root:
         if not os.path.isdir(self.real):
             raise StoreIOError(self.given, "not a directory")
         self._dirs: dict[str, str] = {"": self.real}
+        #: per directory (by rel), its entries: name -> "d" (directory), "l" (symlink) or
+        #: "f" (anything else), from one scandir (d_type, no stat per entry)
+        self._entries: dict[str, dict[str, str]] = {}
+
+    def _listing(self, rel: str, real: str) -> dict[str, str] | None:
+        hit = self._entries.get(rel)
+        if hit is not None:
+            return hit
+        try:
+            with os.scandir(real) as it:
+                out = {e.name: ("l" if e.is_symlink() else
+                                "d" if e.is_dir(follow_symlinks=False) else "f") for e in it}
+        except OSError:
+            return None  # left to the per-path checks (and their error messages)
+        self._entries[rel] = out
+        return out
 
     def display(self, rel: str) -> str:
         return os.path.join(self.given, rel)
@@ -57,6 +73,16 @@ class Root:
                 return None
             self._dirs[parent] = preal
         path = f"{preal}/{name}"
+        listing = self._listing(parent, preal)
+        if listing is not None:
+            kind = listing.get(name)
+            if kind is None:
+                if must_exist:
+                    raise StoreIOError(self.display(rel), "No such file or directory")
+                return None
+            if kind != "l":
+                return path
+            return self._full(rel, must_exist)
         try:
             st = os.lstat(path)
         except (FileNotFoundError, NotADirectoryError):
@@ -105,18 +131,37 @@ class Root:
 
     def is_dir(self, rel: str) -> bool:
         real = self.resolve(rel, must_exist=False)
-        return real is not None and os.path.isdir(real)
+        if real is None:
+            return False
+        parent, _, name = rel.rpartition("/")
+        kind = self._entries.get(parent, {}).get(name)
+        if kind in ("d", "f"):
+            return kind == "d"
+        return os.path.isdir(real)
 
     def read_bytes(self, rel: str) -> bytes:
         real = self.resolve(rel)
         assert real is not None
         try:
-            with open(real, "rb") as f:
-                return f.read()
+            fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC)
         except IsADirectoryError:
             raise StoreError(self.display(rel), "is a directory, expected a file") from None
         except OSError as exc:
             raise StoreIOError(self.display(rel), exc.strerror or str(exc)) from None
+        try:
+            parts = []
+            while True:
+                b = os.read(fd, 1 << 20)
+                if not b:
+                    break
+                parts.append(b)
+            return b"".join(parts)
+        except IsADirectoryError:
+            raise StoreError(self.display(rel), "is a directory, expected a file") from None
+        except OSError as exc:
+            raise StoreIOError(self.display(rel), exc.strerror or str(exc)) from None
+        finally:
+            os.close(fd)
 
     def read_text(self, rel: str) -> str:
         data = self.read_bytes(rel)

@@ -5,18 +5,19 @@ Per image: ``<config hex>.json`` (the imagedb bytes, unchanged), per layer ``<id
 layer.tar is rebuilt from the layer's tar-split with the file contents read from the layer's
 thin device (ext4 or xfs, via dissect.extfs or dissect.xfs, below the device's ``rootfs/``,
 where the devicemapper driver keeps a layer's tree), so its sha256 is the diff id; any
-difference is an error and no output is left behind. The layer directory ids are this tool's
-own (sha256 of the chain id): ``docker load`` reads manifest.json, not the legacy v1 ids."""
+difference is an error and no output is left behind. The layer directories are named by the
+legacy v1 ids dockerd 20.10 computes, with its ``json`` records (``v1id``); a layer saved
+again under another id is a symlink to the first copy, as Docker writes it."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
+import posixpath
 import tarfile
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from dmimage import devlock
 from dmimage.docker.errors import StoreError, StoreIOError
@@ -26,33 +27,11 @@ from dmimage.docker.layers import Layer
 from dmimage.docker.store import Store, article, resolve
 from dmimage.docker.tarsplit import assemble, read_entries, tar_size
 from dmimage.docker.thinfile import ThinFile
+from dmimage.docker.v1id import layer_records
 from dmimage.errors import UsageError
 from dmimage.thin.pool import Pool, open_pool
 
 ROOTFS = "/rootfs/"
-
-
-class _Stream(io.RawIOBase):
-    """A readable stream over chunks (tarfile copies a member's content from it)."""
-
-    def __init__(self, chunks: Iterator[bytes]) -> None:
-        super().__init__()
-        self._chunks = chunks
-        self._buf = b""
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
-        while not self._buf:
-            try:
-                self._buf = next(self._chunks)
-            except StopIteration:
-                return 0
-        n = min(len(b), len(self._buf))
-        memoryview(b).cast("B")[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
-        return n
 
 
 def _layer_tar(store: Store, pool: Pool, data_fd: int, layer: Layer
@@ -69,15 +48,27 @@ def _layer_tar(store: Store, pool: Pool, data_fd: int, layer: Layer
         raise StoreError(where, f"device {dev.device_id} of layer {layer.chain_id} is not in "
                          "the pool")
     try:
-        fs = open_filesystem(ThinFile(pool, data_fd, dev.device_id, dev.size))
+        fs = open_filesystem(ThinFile(pool, data_fd, dev.device_id, dev.size,
+                                           store.pool_files.data_offset))
     except Exception as exc:  # dissect raises its own types for damaged filesystems
         raise StoreError(where, f"device {dev.device_id}: no readable ext4 or xfs "
                          f"filesystem ({exc})") from None
 
+    listings: dict[str, dict[str, Any]] = {}
+
+    def lookup(rel: str) -> Any:
+        """The node at *rel* below rootfs/, each directory listed once (a path lookup
+        scans its directories: per file, that is quadratic in a directory's size)."""
+        parent, _, base = rel.rpartition("/")
+        listing = listings.get(parent)
+        if listing is None:
+            listing = listings[parent] = fs.get(ROOTFS + parent).listdir()
+        return listing[base]
+
     def open_file(name: bytes) -> BinaryIO:
-        rel = name.decode("utf-8", "surrogateescape").lstrip("/").removeprefix("./")
+        rel = posixpath.normpath(name.decode("utf-8", "surrogateescape")).lstrip("/")
         try:
-            f: BinaryIO = fs.get(ROOTFS + rel).open()
+            f: BinaryIO = lookup(rel).open()
         except Exception:  # a missing path, or one that is not a regular file
             raise StoreError(where, f"{rel}: named by tar-split but not a file in the layer's "
                              f"filesystem (device {dev.device_id})") from None
@@ -87,8 +78,24 @@ def _layer_tar(store: Store, pool: Pool, data_fd: int, layer: Layer
                                        where=where)
 
 
-def _v1_id(chain_id: str) -> str:
-    return hashlib.sha256(chain_id.encode()).hexdigest()
+def _add_stream(tar: tarfile.TarFile, ti: tarfile.TarInfo, chunks: Iterator[bytes],
+                where: str) -> None:
+    """A member of ``ti.size`` bytes written straight from *chunks* (no copy through a file
+    object): the header, the chunks, the padding. The chunks' last step is the diff id
+    check, so they are drained to the end."""
+    assert tar.fileobj is not None
+    tar.addfile(ti)  # the header only
+    n = 0
+    for c in chunks:
+        n += len(c)
+        if n > ti.size:
+            raise StoreError(where, "the rebuilt layer tar is longer than its tar-split says")
+        tar.fileobj.write(c)
+    if n != ti.size:
+        raise StoreError(where, "the rebuilt layer tar is shorter than its tar-split says")
+    pad = -n % tarfile.BLOCKSIZE
+    tar.fileobj.write(bytes(pad))
+    tar.offset += n + pad
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -126,38 +133,43 @@ def _save(store: Store, images: dict[str, tuple[Image, list[str]]], out: BinaryI
     manifest = []
     repos: dict[str, dict[str, str]] = {}
     written: set[str] = set()
+    by_diff: dict[str, str] = {}  # diff id -> the v1 id its layer.tar was written under
     try:
         with open_pool(store.pool_files.metadata) as pool, \
                 tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for img, refs in images.values():
                 layer_paths = []
                 parent = ""
-                for chain in img.chain_ids:
+                records = layer_records(img.config, list(img.chain_ids),
+                                        store.root.display(f"image/devicemapper/imagedb/"
+                                                           f"content/sha256/{img.id[7:]}"))
+                for chain, (v1, v1_json) in zip(img.chain_ids, records, strict=True):
                     layer = store.layers.get(chain)
                     if layer is None:
                         raise StoreError(store.root.display("image/devicemapper/layerdb"),
                                          f"image {img.id} needs layer {chain}, which is "
                                          "missing")
-                    v1 = _v1_id(chain)
                     layer_paths.append(f"{v1}/layer.tar")
                     if v1 not in written:
                         _add_bytes(tar, f"{v1}/VERSION", b"1.0")
-                        meta = {"id": v1, "os": "linux", **({"parent": parent} if parent
-                                                           else {})}
-                        _add_bytes(tar, f"{v1}/json", json.dumps(meta).encode())
+                        _add_bytes(tar, f"{v1}/json", v1_json)
+                        first = by_diff.get(layer.diff_id)
+                        if first is not None:
+                            # as docker save: the same layer under another v1 id is a link
+                            ti = tarfile.TarInfo(f"{v1}/layer.tar")
+                            ti.type = tarfile.SYMTYPE
+                            ti.linkname = f"../{first}/layer.tar"
+                            tar.addfile(ti)
+                            written.add(v1)
+                            parent = v1
+                            continue
                         size, chunks = _layer_tar(store, pool, data_fd, layer)
                         ti = tarfile.TarInfo(f"{v1}/layer.tar")
                         ti.size = size
                         ti.mode = 0o644
-                        src = io.BufferedReader(_Stream(chunks), 1 << 20)
-                        tar.addfile(ti, src)
-                        # tarfile reads exactly ti.size bytes: drain the stream so that its
-                        # last step, the diff id check, runs.
-                        if src.read(1):
-                            raise StoreError(store.root.display(layer.dir),
-                                             "the rebuilt layer tar is longer than its "
-                                             "tar-split says")
+                        _add_stream(tar, ti, chunks, store.root.display(layer.dir))
                         written.add(v1)
+                        by_diff[layer.diff_id] = v1
                     parent = v1
                 hexid = img.id.removeprefix("sha256:")
                 _add_bytes(tar, f"{hexid}.json", img.config)

@@ -26,6 +26,10 @@ class PoolFiles:
 
     metadata: str
     data: str
+    #: where the pool's data starts in *data* (an LVM ``_tdata`` inside a PV), bytes
+    data_offset: int = 0
+    #: the PVs read for ``--lvm`` (what a lock plan must hold)
+    disks: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -50,9 +54,15 @@ class Store:
 
 
 def open_store(root: str | os.PathLike[str], *, metadata: str | None = None,
-               data: str | None = None) -> Store:
-    """Read every bookkeeping file under *root*; the pool files are located, not yet read."""
+               data: str | None = None, lvm: tuple[list[str], str] | None = None) -> Store:
+    """Read every bookkeeping file under *root*; the pool files are located, not yet read.
+    With *lvm* (disks, "VG/POOL"), the pool is an LVM thin pool (direct-lvm,
+    ``dm.thinpooldev``): see :func:`lvm_pool_files`."""
     r = Root(root)
+    if lvm is not None:
+        pf = lvm_pool_files(*lvm)
+        return Store(r, read_devices(r), read_layers(r), read_mounts(r), read_images(r),
+                     read_tags(r), read_containers(r), pf)
     if metadata is None or data is None:
         loop = r.resolve(LOOP_DIR, must_exist=False)
         if loop is None and (metadata is None or data is None):
@@ -147,3 +157,54 @@ def _hexish(name: str) -> bool:
 
 def default_pool_paths(root: Path) -> PoolFiles:
     return PoolFiles(str(root / LOOP_DIR / "metadata"), str(root / LOOP_DIR / "data"))
+
+
+def lvm_pool_files(disks: list[str], vg_pool: str) -> PoolFiles:
+    """The pool VG/POOL found on *disks* with dmimage's LVM reader: its ``_tmeta`` copied to
+    a temporary file (removed when the process exits; metadata is small), its ``_tdata``
+    read in place, which must be one run of one PV (what lvcreate allocates unless the pool
+    was extended onto other extents)."""
+    import atexit
+    import tempfile
+
+    from dmimage.errors import UsageError
+    from dmimage.lvm.thin import data_view, metadata_source, pool_segment
+    from dmimage.lvm.vg import find_vg, load_vgs
+
+    vgname, _, poolname = vg_pool.partition("/")
+    if not vgname or not poolname:
+        raise UsageError(f"--lvm: {vg_pool!r}: give the pool as VG/POOL after the disks")
+    loaded, _, problems = load_vgs(disks)
+    lvg = find_vg(loaded, vgname, problems)
+    lv = lvg.vg.lv(poolname)
+    if lv is None:
+        raise UsageError(f"--lvm: VG {vgname} has no LV {poolname}")
+    pool_segment(lv)  # a thin pool, or a usage error naming it
+    view = data_view(lvg, lv)
+    try:
+        run = view.contiguous()
+    finally:
+        view.close()
+    if run is None:
+        raise UsageError(f"--lvm: {vg_pool}'s data LV is in several pieces; not supported "
+                         "(give --metadata and --data of an activated pool instead)")
+    fd, tmp = tempfile.mkstemp(prefix="dmimage-docker-tmeta-")
+    os.close(fd)
+
+    def _remove() -> None:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+    atexit.register(_remove)
+    with metadata_source(lvg, lv) as src:
+        with open(src.path, "rb") as fi, open(tmp, "wb") as fo:
+            start, length = src.window or (0, os.fstat(fi.fileno()).st_size)
+            fi.seek(start)
+            left = length
+            while left:
+                buf = fi.read(min(left, 4 << 20))
+                if not buf:
+                    break
+                fo.write(buf)
+                left -= len(buf)
+    return PoolFiles(tmp, run[0], run[1], tuple(disks))

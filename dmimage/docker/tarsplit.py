@@ -11,6 +11,8 @@ import binascii
 import gzip
 import hashlib
 import json
+import posixpath
+import tarfile
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -88,3 +90,111 @@ def assemble(entries: list[Entry], open_file: Callable[[bytes], BinaryIO], *,
     if got != expect_digest:
         raise StoreError(where, f"rebuilt layer tar has {got}, the layer's diff id is "
                          f"{expect_digest}")
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One tar member as a layer applies it (names raw bytes, as Go's tar reader has them)."""
+
+    info: tarfile.TarInfo
+    name: bytes
+    data_offset: int
+
+
+def _name_json(name: bytes) -> dict[str, str]:
+    try:
+        return {"name": name.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"name_raw": base64.b64encode(name).decode()}
+
+
+def disassemble(path: str, where: str) -> tuple[bytes, list[Member], int]:
+    """(tar-split.json.gz, members, applied size) of the layer tar at *path*.
+
+    The segments are the raw bytes between one member's data and the next one's (headers,
+    PAX/GNU extended headers, padding), then the end-of-archive blocks and anything after
+    them, so the entries rebuild the file byte for byte. Every member is a file entry (Go's
+    tar-split does the same; its packer refuses a name seen twice, so this does too); a
+    regular file's entry carries the CRC-64/ISO of its data. The applied size is what
+    dockerd records in the layerdb's ``size``: the sum of the members' header sizes.
+    """
+    from dmimage.docker.crc64 import crc64, crc64_many
+
+    members: list[Member] = []
+    lines: list[bytes] = []
+    pos = 0  # bytes of the file already covered by entries
+
+    def seg(data: bytes) -> None:
+        lines.append(json.dumps({"type": SEGMENT_TYPE,
+                                 "payload": base64.b64encode(data).decode(),
+                                 "position": len(lines)}, separators=(",", ":")).encode())
+
+    seen: set[str] = set()
+    applied = 0
+    with open(path, "rb") as raw:
+        try:
+            tar = tarfile.open(fileobj=raw, mode="r:", encoding="utf-8",
+                               errors="surrogateescape")
+            infos = tar.getmembers()
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise StoreError(where, f"not a readable tar ({exc})") from None
+        small: list[int] = []
+        payloads: list[bytes | None] = []
+        for ti in infos:
+            if ti.sparse is not None or ti.type in (tarfile.GNUTYPE_SPARSE,):
+                raise StoreError(where, f"{ti.name}: sparse members are not supported")
+            size = ti.size
+            if not ti.isreg() and size:
+                raise StoreError(where, f"{ti.name}: a {ti.type!r} member with {size} bytes "
+                                 "of data")
+            name = ti.name.encode("utf-8", "surrogateescape")
+            clean = posixpath.normpath(ti.name)
+            if clean in seen:
+                raise StoreError(where, f"{ti.name}: named twice (tar-split refuses "
+                                 "duplicate paths)")
+            seen.add(clean)
+            raw.seek(pos)
+            seg(raw.read(ti.offset_data - pos))
+            payload = None
+            if size:
+                raw.seek(ti.offset_data)
+                data = raw.read(size)
+                if len(data) != size:
+                    raise StoreError(where, f"{ti.name}: truncated data")
+                if size >= 1 << 16:
+                    payload = crc64(data).to_bytes(8, "big")
+                else:
+                    small.append(len(payloads))
+                    payloads.append(data)
+                    payload = None
+            if payload is not None or not size:
+                payloads.append(payload)
+            members.append(Member(ti, name, ti.offset_data))
+            applied += size
+            lines.append(b"")  # the file entry: filled in once its CRC is known
+            pos = ti.offset_data + size
+            pad = -size % 512
+            if pad:
+                raw.seek(pos)
+                seg(raw.read(pad))
+                pos += pad
+        raw.seek(pos)
+        seg(raw.read())
+    # CRCs of the small files, batched
+    crcs = crc64_many([p for p in (payloads[i] for i in small) if p is not None])
+    for i, c in zip(small, crcs, strict=True):
+        payloads[i] = c.to_bytes(8, "big")
+    k = 0
+    for i, line in enumerate(lines):
+        if line:
+            continue
+        m = members[k]
+        p = payloads[k]
+        entry: dict[str, object] = {"type": FILE_TYPE, **_name_json(m.name)}
+        if m.info.size:
+            entry["size"] = m.info.size
+        entry["payload"] = base64.b64encode(p).decode() if p is not None else None
+        entry["position"] = i
+        lines[i] = json.dumps(entry, separators=(",", ":")).encode()
+        k += 1
+    return gzip.compress(b"\n".join(lines) + b"\n", mtime=0), members, applied

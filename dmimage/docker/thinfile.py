@@ -16,7 +16,8 @@ from dmimage.thin.pool import Pool
 
 
 class ThinFile(io.RawIOBase):
-    def __init__(self, pool: Pool, data_fd: int, dev_id: int, size: int) -> None:
+    def __init__(self, pool: Pool, data_fd: int, dev_id: int, size: int,
+                 data_offset: int = 0) -> None:
         super().__init__()
         self._bs = pool.superblock.data_block_size * SECTOR_SIZE
         runs = export_runs(pool, dev_id)
@@ -24,6 +25,7 @@ class ThinFile(io.RawIOBase):
         self._dbegin = runs.data_begin.astype(np.int64)
         self._len = runs.length.astype(np.int64)
         self._fd = data_fd
+        self._base = data_offset  # where the pool's data starts in the file (an LVM _tdata)
         self._size = size
         self._pos = 0
 
@@ -52,7 +54,8 @@ class ThinFile(io.RawIOBase):
             if i >= 0 and vblock < self._vbegin[i] + self._len[i]:
                 run_end = int(self._vbegin[i] + self._len[i]) * self._bs
                 take = min(n - done, run_end - pos)
-                src = int(self._dbegin[i] + (vblock - self._vbegin[i])) * self._bs + off
+                src = int(self._dbegin[i] + (vblock - self._vbegin[i])) * self._bs + off \
+                    + self._base
                 got = os.preadv(self._fd, [mv[done:done + take]], src)
                 if got != take:
                     raise DeviceError(f"data device ends before byte {src + take}")
