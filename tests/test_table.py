@@ -454,7 +454,7 @@ def _lin(n=1, length=8):
     ([DmDevice("d", _lin(), uuid="u" * 129)], "at most 128"),
     ([DmDevice("d", _lin(), minor=1 << 20)], "minor"),
     ([DmDevice("d", _lin()), DmDevice("d", _lin())], "used twice"),
-    ([DmDevice("d", parse_table("0 8 crypt a,b 0 8:1 0"))], "comma"),
+    ([DmDevice("d", parse_table("0 8 crypt aes-cbc-essiv:sha256 " + "ab" * 16 + " 0 8:1,2 0"))], "comma"),
     ([DmDevice("d", parse_table("0 8 linear 8:1 0\n9 8 linear 8:1 0"))], "Gap in table"),
 ])
 def test_dm_mod_create_refusals(devices, match):
