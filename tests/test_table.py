@@ -555,3 +555,50 @@ def test_cli_dm_mod_create(tmp_path, capsys):
     t = _write(tmp_path, "t", "0 8 thin 253:1 0\n")
     assert main(["table", "dm-mod-create", f"t={t}"]) == 1
     assert "not allowed" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the guest test's generator
+
+
+def _fake_backing(kernel):
+    from vmtests.tablegen import Backing
+
+    helpers = [f"253:{i}" for i in range(200)]
+    return Backing(kernel, "254:0", 64 << 11, helpers, 8192, "253:250", 4,
+                   [("logon:dmimage:k32", 32), ("user:dmimage-u32", 32)])
+
+
+@pytest.mark.parametrize("kernel", [(6, 1), (6, 12)])
+@pytest.mark.parametrize("seed", range(5))
+def test_generated_valid_tables_check_and_round_trip(kernel, seed):
+    """What vmtests/test_tables_guest.py feeds the kernel: valid by our rules (for that
+    kernel), and stable through text, JSON and the kernel's canonical form."""
+    import random
+
+    from dmimage.table.args import Style
+    from vmtests.tablegen import TARGET_TYPES, Generator
+
+    backing = _fake_backing(kernel)
+    gen = Generator(random.Random(seed), backing)
+    sizes = {backing.disk: backing.disk_sectors, **{h: 8192 for h in backing.helpers}}
+    for kind in TARGET_TYPES:
+        for _ in range(3):
+            case = gen.valid(kind)
+            t = case.table
+            assert [p for p in t.problems(sizes, kernel) if not p.warning] == [], (kind, t)
+            shown = format_table(t, Style(show_keys=True))
+            assert parse_table(shown) == t
+            assert table_from_json(table_to_json(t, Style(show_keys=True))) == t
+            k = t.kernel_form(kernel)
+            assert k.kernel_form(kernel) == k
+            assert parse_table(format_table(k, Style(kernel=kernel, show_keys=True))) == k
+
+
+def test_generated_invalid_cases_parse_or_refuse():
+    import random
+
+    from vmtests.tablegen import Generator
+
+    gen = Generator(random.Random(1), _fake_backing((6, 12)))
+    labels = [c.label for c in gen.invalid_cases()]
+    assert len(labels) == len(set(labels))

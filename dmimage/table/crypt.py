@@ -101,11 +101,25 @@ class Crypt:
     def areas(self, length: int) -> list[tuple[str, str, int, int]]:
         return [("device", self.device, self.offset, length)]
 
+    def logical_block_sectors(self) -> int:
+        """crypt_io_hints(): the device's logical block size becomes ``sector_size``."""
+        ss = self.feature("sector_size")
+        if ss is None or not ss.isdigit() or int(ss) not in (512, 1024, 2048, 4096):
+            return 1
+        return int(ss) // 512
+
     def kernel_form(self, kernel: KernelVersion | None = None) -> Crypt:
-        """What the kernel prints back: hex key without an odd last digit, features deduped."""
+        """What the kernel prints back: hex key without an odd last digit, features deduped,
+        ``sector_size:512`` (the default) left out."""
         seen: dict[str, Feature] = {}
         for f in self.features:
             seen[f[0]] = f  # the kernel keeps flags; a repeated name:value keeps the last
+        ss = seen.get("sector_size")
+        if ss is not None and ss[1].isdigit():
+            if int(ss[1]) == 512:
+                del seen["sector_size"]
+            else:
+                seen["sector_size"] = ("sector_size", str(int(ss[1])))
         return Crypt(self.cipher, self.key.canonical(), self.iv_offset, self.device,
                      self.offset, tuple(seen.values()))
 
@@ -182,6 +196,10 @@ class Crypt:
                     yield ("length", f"length {length} is not a multiple of sector_size "
                            f"{sector_size} (dm-crypt.c: Device size is not multiple of "
                            "sector_size feature)", False)
+        if self.offset % (sector_size // 512):
+            yield ("offset", f"offset {self.offset} is not a multiple of sector_size "
+                   f"{sector_size} (dm-table.c: start=... not aligned to h/w logical block "
+                   "size)", False)
         if self.iv_offset % (sector_size // 512):
             yield ("iv_offset", f"iv_offset {self.iv_offset} is not a multiple of the sector "
                    f"size ({sector_size // 512} sectors) (dm-crypt.c: Invalid iv_offset sector)",

@@ -96,7 +96,7 @@ class CryptKey:
         if self.key_type is not None:
             return f":{self.key_size}:{self.key_type}:{self.description}"
         if self._hex is None:
-            return "-"
+            return "-" if show else "0"  # dmsetup zeroes whatever word is not a keyring ref
         return self._hex if show else "0" * len(self._hex)
 
     def secret_hex(self) -> str | None:

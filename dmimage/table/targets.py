@@ -144,6 +144,10 @@ class Error:
     def devices(self) -> list[str]:
         return [] if self.device is None else [self.device]
 
+    def kernel_form(self, kernel: tuple[int, int] | None = None) -> Error:
+        """The kernel never prints the device back (dm-target.c has no status function)."""
+        return Error()
+
 
 @dataclass(frozen=True)
 class ThinPool:

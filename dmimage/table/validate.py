@@ -149,6 +149,11 @@ def table_problems(table: Table, sizes: Mapping[str, int] | None = None,
         out.append(TableError("a table needs at least one target (dm-ioctl.c: no targets "
                               "specified)"))
         return out
+    # dm-table.c validate_hardware_logical_block_alignment(): every line boundary must be a
+    # multiple of the device's logical block size, which crypt (sector_size) and verity (data
+    # block size) raise; the backing devices' own sizes are not known here (512 assumed).
+    lbs = max((getattr(e.target, "logical_block_sectors", lambda: 1)()
+               for e in table.entries), default=1)
     expected = 0
     for i, e in enumerate(table.entries):
         line = table.line_of(i)
@@ -162,6 +167,10 @@ def table_problems(table: Table, sizes: Mapping[str, int] | None = None,
             out.append(_err(msg + " (dm-table.c: Gap in table)", line, e, "start"))
         if e.length == 0:
             out.append(_err("zero-length target (dm-table.c)", line, e, "length"))
+        if lbs > 1 and (e.start + e.length) % lbs:
+            out.append(_err(f"ends at sector {e.start + e.length}, not a multiple of the "
+                            f"table's logical block size ({lbs * 512} bytes) (dm-table.c: not "
+                            "aligned to h/w logical block size)", line, e, "length"))
         if e.start + e.length > K.SECTOR_MAX:
             out.append(_err("ends beyond 2^64 sectors", line, e, "length"))
         if e.type_name in _SINGLETONS and len(table.entries) > 1:

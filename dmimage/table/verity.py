@@ -118,14 +118,17 @@ class Verity:
     def areas(self, length: int) -> list[tuple[str, str, int, int]]:
         return [("data_dev", self.data_dev, 0, length)]
 
+    def logical_block_sectors(self) -> int:
+        """verity_io_hints(): the logical block size becomes the data block size."""
+        dbs = self.data_block_size
+        return dbs // 512 if 512 <= dbs <= PAGE_SIZE and not dbs & (dbs - 1) else 1
+
     def kernel_form(self, kernel: KernelVersion | None = None) -> Verity:
-        """Flags once each; the salt as the kernel decodes it (whole bytes)."""
+        """Flags once each; an empty salt as ``-``."""
         feats = tuple(dict.fromkeys(self.features))
-        salt = self.salt if self.salt != "-" else ""
-        salt = salt[:2 * (len(salt) // 2)]
         return Verity(self.version, self.data_dev, self.hash_dev, self.data_block_size,
                       self.hash_block_size, self.num_data_blocks, self.hash_start_block,
-                      self.algorithm, self.digest, salt or "-", feats)
+                      self.algorithm, self.digest, self.salt or "-", feats)
 
     def rules(self, length: int, kernel: KernelVersion | None
               ) -> Iterator[tuple[str, str, bool]]:
@@ -149,8 +152,9 @@ class Verity:
             want = f" ({2 * digest} hex digits for {self.algorithm})" if digest else ""
             yield ("digest", f"root digest must be hex{want} (dm-verity: Invalid root digest)",
                    False)
-        if self.salt != "-" and not _is_hex(self.salt[:2 * (len(self.salt) // 2)]):
-            yield ("salt", "salt must be hex or - (dm-verity: Invalid salt)", False)
+        if self.salt != "-" and (not _is_hex(self.salt) or len(self.salt) % 2):
+            yield ("salt", "salt must be whole bytes of hex, or - (dm-verity: Invalid salt)",
+                   False)
         words = len(feature_words(self.features, VERITY_FEATURES))
         limit = MAX_OPT_ARGS if at_least(kernel, (6, 12)) else MAX_OPT_ARGS_61
         if words > limit:
