@@ -52,9 +52,20 @@ THIN_IDS = 4
 #: label -> (dmimage refuses, kernel refuses, why), for the near misses where they differ on
 #: purpose. Kernel versions where the kernel's verdict differs are listed per version.
 KNOWN_DIFFERENCES: dict[str, tuple[bool, bool, str]] = {
-    "snapshot: chunk 0 on a new COW": (
-        False, True, "chunk size 0 means 'read it from the store': dmimage cannot see the COW "
-        "device, so it only warns"),
+    "thin-pool: read_only on blank metadata": (
+        False, True, "a read-only pool cannot format blank metadata; dmimage does not read the "
+        "metadata device"),
+    "verity: unknown hash": (
+        False, True, "which hashes exist is up to the kernel's crypto API; dmimage warns"),
+    "verity: not read-only": (
+        False, True, "read-only is how the table is loaded, not part of it; dmimage warns"),
+    "snapshot: store Nx": (
+        True, False, "the kernel reads only the first letter of a transient store's type"),
+    "error: three arguments": (
+        True, False, "the error target ignores arguments other than <dev> <offset>"),
+    "thin-pool: a word after the features": (
+        True, False, "pool_ctr ignores words after the features; dmimage refuses a likely "
+        "mistake"),
 }
 
 
@@ -207,7 +218,7 @@ def _reasons(dmesg: str) -> dict[str, str]:
             continue
         if current and "device-mapper:" in line and current not in out:
             text = line.split("device-mapper:", 1)[1].strip()
-            if "ioctl: error adding target" not in text:
+            if "ioctl: error adding target" not in text and "using implementation" not in text:
                 out[current] = re.sub(r"^table: \d+:\d+: ", "", text)
     return out
 
@@ -305,9 +316,10 @@ def test_refusals_agree(guest: Guest) -> None:
                       f" ({reason}); dmimage {'refuses' if we_refuse else 'accepts'}")
         known = KNOWN_DIFFERENCES.get(c.label)
         if known is not None:
-            assert (we_refuse, kernel_refuses) == known[:2], (
-                f"{c.label}: the documented difference changed: dmimage refuses={we_refuse}, "
-                f"kernel refuses={kernel_refuses} ({reason})")
+            if (we_refuse, kernel_refuses) != known[:2]:
+                mismatches.append(f"{c.label}: the documented difference changed: dmimage "
+                                  f"refuses={we_refuse}, kernel refuses={kernel_refuses} "
+                                  f"({reason})")
             continue
         if we_refuse != kernel_refuses:
             mismatches.append(f"{c.label}: kernel {'refuses' if kernel_refuses else 'loads'} "

@@ -157,9 +157,9 @@ class Flakey:
 
     def rules(self, length: int, kernel: KernelVersion | None
               ) -> Iterator[tuple[str, str, bool]]:
-        if self.up_interval + self.down_interval == 0:
-            yield ("down_interval", "up + down interval is zero (dm-flakey.c: Total (up + "
-                   "down) interval is zero)", False)
+        if (self.up_interval + self.down_interval) % (1 << 32) == 0:
+            yield ("down_interval", "up + down interval is zero (modulo 2^32) (dm-flakey.c: "
+                   "Total (up + down) interval is zero)", False)
         elif self.up_interval + self.down_interval > _U32:
             yield ("down_interval", "up + down interval overflows 32 bits (dm-flakey.c: "
                    "Interval overflow)", False)

@@ -118,10 +118,11 @@ class Snapshot:
     def rules(self, length: int, kernel: KernelVersion | None
               ) -> Iterator[tuple[str, str, bool]]:
         c = self.chunk_size
-        if c == 0:
-            yield ("chunk_size", "chunk size 0 reads it from an existing persistent store; a "
-                   "new COW device has none (dm-snap.c: Chunk size not set)", True)
-        elif c & (c - 1):
+        if c == 0 and self.store != "N":
+            yield ("chunk_size", "chunk size 0: the persistent store's header decides (32 "
+                   "sectors for a new store; dm-snap-persistent.c), so `dmsetup table` will "
+                   "not print 0", True)
+        elif c and c & (c - 1):
             yield ("chunk_size", f"chunk size {c} is not a power of 2 (dm-exception-store.c: "
                    "Chunk size is not a power of 2)", False)
         elif c > MAX_CHUNK:

@@ -132,6 +132,12 @@ class Verity:
 
     def rules(self, length: int, kernel: KernelVersion | None
               ) -> Iterator[tuple[str, str, bool]]:
+        yield ("type", "verity tables load only read-only (dmsetup create --readonly; "
+               "dm-verity: Device must be readonly)", True)
+        if self.algorithm not in DIGEST_BYTES:
+            yield ("algorithm", f"hash {self.algorithm!r} is not one dmimage knows: the kernel "
+                   "refuses it unless its crypto API has it (dm-verity: Cannot initialize hash "
+                   "function)", True)
         if self.version > 1:
             yield ("version", f"version {self.version}: 0 or 1 (dm-verity: Invalid version)",
                    False)
