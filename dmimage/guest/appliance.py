@@ -60,9 +60,9 @@ HOST_SHARE_MODULES = ("9pnet_virtio", "9p")
 
 #: Optional: loaded when present (faster crc32c with SSE4.2, which `-cpu max`/`host` offers).
 OPTIONAL_MODULES = ("crc32c-intel",
-                    # crypto modes dm-crypt tables use (built in on some kernels: aes, cbc,
-                    # sha256 are on Debian's; xts and essiv are modules, ecb is on 6.1)
-                    "xts", "ecb", "essiv")
+                    # crypto dm-crypt tables use: aes, cbc and sha256 are built into Debian's
+                    # kernels; xts and essiv are modules, ecb and cipher_null are on 6.1 only)
+                    "xts", "ecb", "essiv", "crypto_null")
 
 BUSYBOX_CANDIDATES = ("/usr/bin/busybox", "/bin/busybox")
 DMSETUP_CANDIDATES = ("/usr/sbin/dmsetup", "/sbin/dmsetup")
