@@ -298,10 +298,24 @@ def _refusals(g: Guest, gen: tablegen.Generator) -> tuple[list[str], list[str]]:
         rc, out = _cli("table", "check", str(path), "--kernel", ver, *sizes)
         assert rc in (0, 1), out
         ours[f"tx{i}"] = (rc == 1, out.strip())
+    # The cases dmimage accepts go in one `dmsetup create --concise` (each dmsetup start costs
+    # ~0.3 s under TCG); if that fails, they are retried one by one like the rest.
+    accepted = [i for i in range(len(cases)) if not ours[f"tx{i}"][0]]
+    rcs: dict[str, int] = {}
     try:
-        res = g.vm.run(_create_script(cases, "tx"), timeout=600)
-        rcs = _rcs(res.out)
-        reasons = _reasons(g.vm.dmesg())
+        batch = [cases[i] for i in accepted]
+        res = g.vm.run(_concise(batch, "txa") + '; echo "@concise $?"', timeout=600)
+        if res.out.startswith("@concise 0"):
+            print(f"{len(accepted)} near misses dmimage accepts loaded in one dmsetup call")
+            rcs.update({f"tx{i}": 0 for i in accepted})
+            single = [i for i in range(len(cases)) if i not in accepted]
+        else:
+            _remove_all(g.vm, "txa")
+            single = list(range(len(cases)))
+        res = g.vm.run(_create_script([cases[i] for i in single], "txs"), timeout=600)
+        rcs.update({f"tx{single[int(n[3:])]}": rc for n, rc in _rcs(res.out).items()})
+        reasons = {f"tx{single[int(n[3:])]}": r
+                   for n, r in _reasons(g.vm.dmesg()).items() if n.startswith("txs")}
     finally:
         _remove_all(g.vm, "tx")
     assert len(rcs) == len(cases), res.out + res.err
