@@ -416,6 +416,9 @@ class Generator:
             ("flakey: corrupt byte 0", flakey(1, 1, ("corrupt_bio_byte", "0", "r", "0", "0"))),
             ("flakey: direction x", flakey(1, 1, ("corrupt_bio_byte", "1", "x", "0", "0"))),
             ("flakey: error_reads", flakey(1, 1, ("error_reads",))),
+            ("flakey: corrupt_bio_byte twice", flakey(
+                1, 1, ("corrupt_bio_byte", "1", "r", "0", "0"),
+                ("corrupt_bio_byte", "2", "r", "1", "0"))),
             ("flakey: random_read_corrupt above 10^9", flakey(
                 1, 1, ("random_read_corrupt", "1000000001"))),
             ("flakey: up interval overflow", flakey((1 << 32) - 1, 1)),

@@ -145,15 +145,21 @@ class Flakey:
         return [("device", self.device, self.offset, length)]
 
     def kernel_form(self, kernel: KernelVersion | None = None) -> Flakey:
-        """6.12 turns "no fault feature" into error_reads + error_writes (error all I/O)."""
-        if not at_least(kernel, (6, 12)):
-            return self
-        have = set(names(self.features))
-        if not have & {"error_reads", "drop_writes", "error_writes", "corrupt_bio_byte",
-                       "random_read_corrupt", "random_write_corrupt"}:
-            return Flakey(self.device, self.offset, self.up_interval, self.down_interval,
-                          self.features + (("error_reads",), ("error_writes",)))
-        return self
+        """6.12 turns "no fault feature" into error_reads + error_writes (error all I/O); a
+        repeated corrupt_bio_byte or random_*_corrupt keeps the last (repeated flags are
+        refused, so they are left for :meth:`rules` to report)."""
+        feats = self.features
+        seen = names(feats)
+        if not any(seen.count(f) > 1 for f in ("drop_writes", "error_writes", "error_reads")):
+            last: dict[str, Feature] = {}
+            for f in feats:
+                last[f[0]] = f
+            feats = tuple(last.values())
+        if at_least(kernel, (6, 12)) and not set(seen) & {
+                "error_reads", "drop_writes", "error_writes", "corrupt_bio_byte",
+                "random_read_corrupt", "random_write_corrupt"}:
+            feats = feats + (("error_reads",), ("error_writes",))
+        return Flakey(self.device, self.offset, self.up_interval, self.down_interval, feats)
 
     def rules(self, length: int, kernel: KernelVersion | None
               ) -> Iterator[tuple[str, str, bool]]:
