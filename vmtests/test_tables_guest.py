@@ -46,7 +46,9 @@ SEED = int(os.environ.get("DMIMAGE_TABLE_SEED", "0")) or random.SystemRandom().r
 PER_TYPE = int(os.environ.get("DMIMAGE_TABLE_PER_TYPE", "3"))
 DISK_SECTORS = 64 << 11  # 64 MiB raw scratch disk
 HELPER_SECTORS = 8192  # 4 MiB fresh zeroed helper devices
-HELPERS = 64  # 24 for the valid tables, 36 for the near misses, 2 for the pool
+#: Fresh helper devices: 8 per round of valid tables (pools, COW stores, cache and era
+#: metadata), 37 for the near misses, 2 for the live pool.
+HELPERS = 8 * PER_TYPE + 40
 THIN_IDS = 4
 
 #: label -> (dmimage refuses, kernel refuses, why), for the near misses where they differ on
@@ -300,7 +302,8 @@ def _refusals(g: Guest, gen: tablegen.Generator) -> tuple[list[str], list[str]]:
         ours[f"tx{i}"] = (rc == 1, out.strip())
     # The cases dmimage accepts go in one `dmsetup create --concise` (each dmsetup start costs
     # ~0.3 s under TCG); if that fails, they are retried one by one like the rest.
-    accepted = [i for i in range(len(cases)) if not ours[f"tx{i}"][0]]
+    accepted = [i for i in range(len(cases))
+                if not ours[f"tx{i}"][0] and cases[i].label not in KNOWN_DIFFERENCES]
     rcs: dict[str, int] = {}
     try:
         batch = [cases[i] for i in accepted]
