@@ -60,8 +60,9 @@ HOST_SHARE_MODULES = ("9pnet_virtio", "9p")
 
 #: Optional: loaded when present (faster crc32c with SSE4.2, which `-cpu max`/`host` offers).
 OPTIONAL_MODULES = ("crc32c-intel",
-                    # crypto dm-crypt tables use: aes, cbc and sha256 are built into Debian's
-                    # kernels; xts and essiv are modules, ecb and cipher_null are on 6.1 only)
+                    # crypto that dm-crypt tables use: aes, cbc and sha256 are built into
+                    # Debian's kernels; xts and essiv are modules on both, ecb a module on 6.1,
+                    # crypto_null (cipher_null) a module on 6.12
                     "xts", "ecb", "essiv", "crypto_null")
 
 BUSYBOX_CANDIDATES = ("/usr/bin/busybox", "/bin/busybox")
