@@ -454,7 +454,7 @@ def _lin(n=1, length=8):
     ([DmDevice("d", _lin(), uuid="u" * 129)], "at most 128"),
     ([DmDevice("d", _lin(), minor=1 << 20)], "minor"),
     ([DmDevice("d", _lin()), DmDevice("d", _lin())], "used twice"),
-    ([DmDevice("d", parse_table("0 8 crypt a,b 0 8:1 0"))], "comma"),
+    ([DmDevice("d", parse_table("0 8 crypt aes-cbc-essiv:sha256 " + "ab" * 16 + " 0 8:1,2 0"))], "comma"),
     ([DmDevice("d", parse_table("0 8 linear 8:1 0\n9 8 linear 8:1 0"))], "Gap in table"),
 ])
 def test_dm_mod_create_refusals(devices, match):
@@ -555,3 +555,203 @@ def test_cli_dm_mod_create(tmp_path, capsys):
     t = _write(tmp_path, "t", "0 8 thin 253:1 0\n")
     assert main(["table", "dm-mod-create", f"t={t}"]) == 1
     assert "not allowed" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the guest test's generator
+
+
+def _fake_backing(kernel):
+    from vmtests.tablegen import Backing
+
+    helpers = [f"253:{i}" for i in range(200)]
+    return Backing(kernel, "254:0", 64 << 11, helpers, 8192, "253:250", 4,
+                   [("logon:dmimage:k32", 32), ("user:dmimage-u32", 32)])
+
+
+@pytest.mark.parametrize("kernel", [(6, 1), (6, 12)])
+@pytest.mark.parametrize("seed", range(5))
+def test_generated_valid_tables_check_and_round_trip(kernel, seed):
+    """What vmtests/test_tables_guest.py feeds the kernel: valid by our rules (for that
+    kernel), and stable through text, JSON and the kernel's canonical form."""
+    import random
+
+    from dmimage.table.args import Style
+    from vmtests.tablegen import TARGET_TYPES, Generator
+
+    backing = _fake_backing(kernel)
+    gen = Generator(random.Random(seed), backing)
+    sizes = {backing.disk: backing.disk_sectors, **{h: 8192 for h in backing.helpers}}
+    for kind in TARGET_TYPES:
+        for _ in range(3):
+            case = gen.valid(kind)
+            t = case.table
+            assert [p for p in t.problems(sizes, kernel) if not p.warning] == [], (kind, t)
+            shown = format_table(t, Style(show_keys=True))
+            assert parse_table(shown) == t
+            assert table_from_json(table_to_json(t, Style(show_keys=True))) == t
+            k = t.kernel_form(kernel)
+            assert k.kernel_form(kernel) == k
+            assert parse_table(format_table(k, Style(kernel=kernel, show_keys=True))) == k
+
+
+def test_generated_invalid_cases_parse_or_refuse():
+    import random
+
+    from vmtests.tablegen import Generator
+
+    gen = Generator(random.Random(1), _fake_backing((6, 12)))
+    labels = [c.label for c in gen.invalid_cases()]
+    assert len(labels) == len(set(labels))
+
+
+# ---------------------------------------------------------------- crypt, delay, flakey, snapshot,
+# verity, cache, era
+
+KEY = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+
+#: As dmsetup printed them in the guest (deb12 6.1 unless noted): (kernel, --showkeys text).
+KERNEL_PRINTED = [
+    ((6, 1), f"0 2048 crypt aes-xts-plain64 {KEY} 0 254:0 0 2 allow_discards sector_size:4096\n"),
+    ((6, 1), "0 2048 crypt cipher_null-ecb - 0 254:0 0\n"),
+    ((6, 1), "0 2048 crypt aes-cbc-plain64 :32:logon:dmimage:k32 0 254:0 8\n"),
+    ((6, 1), "0 2048 flakey 254:0 0 1 1 0 \n"),
+    ((6, 1), "0 2048 flakey 254:0 0 1 1 1 drop_writes \n"),
+    ((6, 1), "0 2048 flakey 254:0 0 1 1 5 corrupt_bio_byte 32 r 1 0 \n"),
+    ((6, 12), "0 2048 flakey 254:0 0 1 1 2 error_reads error_writes\n"),
+    ((6, 12), "0 2048 flakey 254:0 0 1 1 1 drop_writes\n"),
+    ((6, 1), "0 2048 delay 254:0 0 10 254:0 100 20\n"),
+    ((6, 1), "0 2048 snapshot-origin 254:0\n"),
+    ((6, 1), "0 2048 snapshot 254:0 253:2 P 16 1 discard_zeroes_cow\n"),
+    ((6, 1), "0 2048 snapshot-merge 254:0 253:2 PO 8\n"),
+    ((6, 1), "0 8 verity 1 254:0 254:0 4096 4096 1 1 sha256 "
+             "4392712ba01368efdf14b05c76f9e4df0d53664630b5d48632ed17a137f39076 1234 "
+             "2 ignore_corruption ignore_zero_blocks\n"),
+    ((6, 1), "0 2048 cache 253:10 253:5 254:0 64 1 WriteBack smq 2 migration_threshold 100\n"),
+    ((6, 1), "0 2048 era 253:11 254:0 8\n"),
+]
+
+
+@pytest.mark.parametrize("kernel,text", KERNEL_PRINTED)
+def test_kernel_printed_tables_round_trip(kernel, text):
+    from dmimage.table.args import Style
+
+    t = parse_table(text)
+    assert format_table(t, Style(kernel=kernel, show_keys=True)) == text
+    assert t.kernel_form(kernel) == t
+    assert table_from_json(table_to_json(t, Style(show_keys=True))) == t
+
+
+def test_kernel_forms():
+    """What the kernels print for what they were given (seen in the guest)."""
+    from dmimage.table.args import Style
+
+    def printed(given, kernel):
+        return format_table(parse_table(given).kernel_form(kernel),
+                            Style(kernel=kernel, show_keys=True))
+
+    # 6.12 fills in "error everything" for a flakey without fault features; 6.1 prints 0
+    assert printed("0 8 flakey 8:0 0 1 1", (6, 12)) == \
+        "0 8 flakey 8:0 0 1 1 2 error_reads error_writes\n"
+    assert printed("0 8 flakey 8:0 0 1 1", (6, 1)) == "0 8 flakey 8:0 0 1 1 0 \n"
+    assert printed("0 8 flakey 8:0 0 1 1 5 CORRUPT_bio_byte 32 R 1 0", (6, 12)) == \
+        "0 8 flakey 8:0 0 1 1 5 corrupt_bio_byte 32 r 1 0\n"
+    # crypt: hex lower case, an odd last digit dropped, sector_size:512 (the default) dropped,
+    # repeated flags once, features in the kernel's order
+    assert printed(f"0 8 crypt aes-xts-plain64 {KEY.upper()}f 0 8:0 0 3 sector_size:512 "
+                   "no_write_workqueue allow_discards", (6, 1)) == \
+        f"0 8 crypt aes-xts-plain64 {KEY} 0 8:0 0 2 allow_discards no_write_workqueue\n"
+    assert printed("0 8 crypt aes-cbc-plain64 " + "ab" * 16 + " 0 8:0 0 2 allow_discards "
+                   "allow_discards", (6, 1)).endswith(" 1 allow_discards\n")
+    # the error target never prints a device; snapshot stores print upper case
+    assert printed("0 8 error 8:0 0", (6, 12)) == "0 8 error \n"
+    assert printed("0 8 snapshot 8:0 8:1 po 8", (6, 1)) == "0 8 snapshot 8:0 8:1 PO 8\n"
+    # verity: hex lower case
+    assert printed("0 8 verity 1 8:0 8:0 4096 4096 1 1 sha1 " + "AB" * 20 + " -", (6, 1)) == \
+        "0 8 verity 1 8:0 8:0 4096 4096 1 1 sha1 " + "ab" * 20 + " -\n"
+
+
+def test_crypt_key_never_shown_unless_asked(tmp_path, capsys):
+    from dmimage.table.args import Style
+
+    text = f"0 8 crypt aes-xts-plain64 {KEY} 0 8:0 0\n"
+    t = parse_table(text)
+    assert KEY not in repr(t) and KEY not in str(t.entries[0].target.key)
+    assert format_table(t) == f"0 8 crypt aes-xts-plain64 {'0' * 64} 0 8:0 0\n"
+    assert format_table(t, Style(show_keys=True)) == text
+    assert KEY not in json.dumps(table_to_json(t))
+    # "-" is zeroed too, as dmsetup does (it zeroes every key word but a keyring reference)
+    assert format_table(parse_table("0 8 crypt cipher_null-ecb - 0 8:0 0")) == \
+        "0 8 crypt cipher_null-ecb 0 0 8:0 0\n"
+    ref = "0 8 crypt aes-xts-plain64 :64:logon:cryptsetup:x 0 8:0 0\n"
+    assert format_table(parse_table(ref)) == ref
+    # the CLI: format hides, --show-keys shows; check never prints the key, even on errors
+    f = tmp_path / "t"
+    bad = f"0 8 crypt aes-xts-plain64 {KEY[:-2]}zz 3 8:0 0 1 sector_size:4096\n"
+    for content in (text, bad):
+        f.write_text(content)
+        main(["table", "format", str(f)])
+        main(["table", "format", "--json", str(f)])
+        main(["table", "check", str(f)])
+        out = capsys.readouterr()
+        assert KEY[:40] not in out.out + out.err
+    f.write_text(text)
+    main(["table", "format", "--show-keys", str(f)])
+    assert capsys.readouterr().out == text
+    # a word in the wrong place is not quoted either (it may be the key)
+    with pytest.raises(TableError) as exc:
+        parse_table(f"0 8 crypt aes-xts-plain64 0 {KEY} 8:0 0")
+    assert KEY not in str(exc.value)
+
+
+@pytest.mark.parametrize("text,kernel,field", [
+    (f"0 8 crypt aes-xts-plain64 {KEY[:48]} 0 8:0 0", None, "key"),
+    (f"0 8 crypt aes-xts-plain64 {KEY} 0 8:0 0 1 sector_size:1000", None, "features"),
+    (f"0 8 crypt aes-xts-plain64 {KEY} 4 8:0 0 1 sector_size:4096", None, "iv_offset"),
+    (f"0 8 crypt aes-xts-plain64 {KEY} 0 8:0 4 1 sector_size:4096", None, "offset"),
+    (f"0 8 crypt aes-xts-plain64 {KEY} 0 8:0 0 1 high_priority", (6, 1), "features"),
+    (f"0 8 crypt aes:3-cbc-plain64 {KEY[:96]} 0 8:0 0", None, "cipher"),
+    ("0 8 crypt aes-xts-plain64 :0:logon:a:b 0 8:0 0", None, "key"),
+    ("0 8 flakey 8:0 0 0 0", None, "down_interval"),
+    ("0 8 flakey 8:0 0 1 1 2 drop_writes error_writes", None, "features"),
+    ("0 8 flakey 8:0 0 1 1 1 error_reads", (6, 1), "features"),
+    ("0 8 flakey 8:0 0 1 1 6 drop_writes corrupt_bio_byte 1 w 0 0", None, "features"),
+    ("0 8 snapshot 8:0 8:1 P 24", None, "chunk_size"),
+    ("0 8 snapshot 8:0 8:0 P 8", None, "cow"),
+    ("0 8 snapshot 8:0 8:1 N 0", None, "chunk_size"),
+    ("0 8 snapshot-merge 8:0 8:1 N 8", None, "store"),
+    ("0 8 snapshot 8:0 8:1 P 8 1 discard_passdown_origin", None, "features"),
+    ("0 8 verity 2 8:0 8:0 4096 4096 1 1 sha1 " + "ab" * 20 + " -", None, "version"),
+    ("0 8 verity 1 8:0 8:0 8192 4096 1 1 sha1 " + "ab" * 20 + " -", None, "data_block_size"),
+    ("0 16 verity 1 8:0 8:0 4096 4096 1 1 sha1 " + "ab" * 20 + " -", None, "num_data_blocks"),
+    ("0 8 verity 1 8:0 8:0 4096 4096 1 1 sha1 " + "ab" * 19 + " -", None, "digest"),
+    ("0 8 verity 1 8:0 8:0 4096 4096 1 1 sha1 " + "ab" * 20 + " abc", None, "salt"),
+    ("0 4 verity 1 8:0 8:0 4096 4096 1 1 sha1 " + "ab" * 20 + " -", None, "length"),
+    ("0 8 cache 8:0 8:1 8:2 100 0 smq 0", None, "block_size"),
+    ("0 8 cache 8:0 8:1 8:2 64 2 writeback passthrough smq 0", None, "features"),
+    ("0 8 cache 8:0 8:1 8:2 64 0 lru 0", None, "policy"),
+    ("0 8 cache 8:0 8:1 8:2 64 0 smq 1 migration_threshold", None, "policy_args"),
+    ("0 8 era 8:0 8:1 12", None, "block_size"),
+    ("0 12 linear 8:0 0\n12 8 crypt aes-xts-plain64 " + KEY + " 0 8:0 0 1 sector_size:4096",
+     None, "length"),
+])
+def test_new_target_rules(text, kernel, field):
+    errors = [p for p in parse_table(text).problems(kernel=kernel) if not p.warning]
+    assert [e.field for e in errors][:1] == [field], errors
+
+
+@pytest.mark.parametrize("text", [
+    "0 8 crypt aes-xts-plain64 " + KEY,
+    "0 8 delay 8:0 0 10 8:1",
+    "0 8 flakey 8:0 0 1",
+    "0 8 flakey 8:0 0 1 1 2 drop_writes",
+    "0 8 flakey 8:0 0 1 1 1 nosuch",
+    "0 8 snapshot 8:0 8:1 X 8",
+    "0 8 snapshot-origin 8:0 8:1",
+    "0 8 verity 1 8:0 8:0 4096 4096 1 1 sha1 ab",
+    "0 8 cache 8:0 8:1 8:2 64 3 writeback smq 0",
+    "0 8 cache 8:0 8:1 8:2 64 0 smq 2 migration_threshold",
+    "0 8 era 8:0 8:1",
+])
+def test_new_target_parse_errors(text):
+    with pytest.raises(TableError):
+        parse_table(text)

@@ -57,6 +57,16 @@ def _size(text: str) -> tuple[str, int]:
     return dev, int(value)
 
 
+def _kernel(text: str) -> tuple[int, int]:
+    from dmimage.table import TableError
+    from dmimage.table.args import parse_kernel
+
+    try:
+        return parse_kernel(text)
+    except TableError as exc:
+        raise argparse.ArgumentTypeError(exc.detail) from None
+
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "table", help="check, normalise and convert device-mapper tables",
@@ -72,6 +82,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     c.add_argument("--size", action="append", type=_size, default=[], metavar="DEV=SECTORS",
                    help="size of a device named in the table, to check lengths against")
     c.add_argument("-q", "--quiet", action="store_true", help="print nothing, exit code only")
+    c.add_argument("--kernel", type=_kernel, default=None, metavar="VERSION",
+                   help="apply this kernel's limits where kernels differ (6.1, 6.12); "
+                        "default: the newest dmimage knows")
     c.set_defaults(func=run)
 
     f = sub.add_parser("format", help="print a table in canonical form (or as JSON)",
@@ -79,6 +92,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     f.add_argument("file", metavar="FILE", help="table file ('-' for standard input)")
     f.add_argument("--from-json", action="store_true", help="FILE is the JSON form")
     f.add_argument("--json", action="store_true", help="print the JSON form")
+    f.add_argument("--show-keys", action="store_true",
+                   help="print crypt hex keys (by default they print as zeros, as "
+                        "`dmsetup table` shows them)")
+    f.add_argument("--kernel", type=_kernel, default=None, metavar="VERSION",
+                   help="print as this kernel does (6.1, 6.12): its spelling and the "
+                        "defaults it fills in")
     f.set_defaults(func=run)
 
     d = sub.add_parser("dm-mod-create", help="emit the dm-mod.create= boot parameter",
@@ -101,7 +120,7 @@ def _check(args: argparse.Namespace) -> int:
 
     sizes = dict(args.size) if args.size else None
     try:
-        problems = _load(args.file, args.from_json).problems(sizes)
+        problems = _load(args.file, args.from_json).problems(sizes, args.kernel)
     except TableError as exc:
         problems = [exc]
     bad = False
@@ -115,14 +134,18 @@ def _check(args: argparse.Namespace) -> int:
 
 def _format(args: argparse.Namespace) -> int:
     from dmimage.table import format_table, table_to_json
+    from dmimage.table.args import Style
 
     table = _load(args.file, args.from_json)
+    style = Style(kernel=args.kernel, show_keys=args.show_keys)
+    if args.kernel is not None:
+        table = table.kernel_form(args.kernel)
     if args.json:
         import json
 
-        print(json.dumps(table_to_json(table), indent=2))
+        print(json.dumps(table_to_json(table, style), indent=2))
     else:
-        sys.stdout.write(format_table(table))
+        sys.stdout.write(format_table(table, style))
     return 0
 
 

@@ -41,6 +41,17 @@ GUEST_MODULES = (
     # `dmimage build` proofs mount the ext4 volumes they build: ext4 and its dependencies
     # from modules.dep (jbd2, mbcache, crc16) on Debian 12 and 13, where all are modules.
     "ext4",
+    # The other device-mapper targets `dmimage table` models, so vmtests/test_tables_guest.py
+    # can load every one of them (dm-snapshot is also what lvm2's snapshots need).
+    "dm-zero",
+    "dm-crypt",
+    "dm-delay",
+    "dm-flakey",
+    "dm-snapshot",
+    "dm-verity",
+    "dm-cache",
+    "dm-cache-smq",
+    "dm-era",
 )
 
 #: For a machine with a host share (``Machine(host_share=...)``): virtio-9p and the 9p
@@ -48,7 +59,11 @@ GUEST_MODULES = (
 HOST_SHARE_MODULES = ("9pnet_virtio", "9p")
 
 #: Optional: loaded when present (faster crc32c with SSE4.2, which `-cpu max`/`host` offers).
-OPTIONAL_MODULES = ("crc32c-intel",)
+OPTIONAL_MODULES = ("crc32c-intel",
+                    # crypto that dm-crypt tables use: aes, cbc and sha256 are built into
+                    # Debian's kernels; xts and essiv are modules on both, ecb a module on 6.1,
+                    # crypto_null (cipher_null) a module on 6.12
+                    "xts", "ecb", "essiv", "crypto_null")
 
 BUSYBOX_CANDIDATES = ("/usr/bin/busybox", "/bin/busybox")
 DMSETUP_CANDIDATES = ("/usr/sbin/dmsetup", "/sbin/dmsetup")

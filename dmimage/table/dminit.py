@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dmimage.table import kernel as K
+from dmimage.table.args import KEYS_STYLE
 from dmimage.table.errors import TableError
 from dmimage.table.model import Table
 from dmimage.table.text import format_entry, parse_entry
@@ -76,8 +77,8 @@ def _device(dev: DmDevice) -> str:
             raise TableError(f"target type {e.type_name!r} is not allowed in dm-mod.create= "
                              f"(dm-init.c allows {', '.join(K.DM_INIT_ALLOWED_TARGETS)})",
                              line=dev.table.line_of(i), field="type", target=label)
-        text = format_entry(e).rstrip(" ")
-        if not e.target.params().strip():
+        text = format_entry(e, KEYS_STYLE).rstrip(" ")
+        if not e.target.params(KEYS_STYLE).strip():
             text += " "  # dm-init needs a space after the type even with no arguments
         _clean(text.rstrip(" "), "table", label)
         lines.append(text)

@@ -6,11 +6,19 @@ typo in a hand-written file is not silently dropped.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
+from dmimage.table.args import DEFAULT_STYLE, Style
+from dmimage.table.crypt import CRYPT_FEATURES
+from dmimage.table.cryptkey import CryptKey
 from dmimage.table.errors import TableError
+from dmimage.table.faults import FLAKEY_FEATURES, DelayClass
+from dmimage.table.features import FeatureDef, feature_text, features_from_texts
 from dmimage.table.model import Entry, Table
+from dmimage.table.snapshot import SNAPSHOT_FEATURES
 from dmimage.table.targets import (
+    TYPED,
     Error,
     Generic,
     Linear,
@@ -21,14 +29,43 @@ from dmimage.table.targets import (
     ThinPool,
     Zero,
 )
+from dmimage.table.verity import VERITY_FEATURES
+
+#: The feature vocabulary of each target whose ``features`` field holds parsed features.
+_FEATURE_DEFS: dict[str, tuple[FeatureDef, ...]] = {
+    "crypt": CRYPT_FEATURES, "flakey": FLAKEY_FEATURES, "snapshot": SNAPSHOT_FEATURES,
+    "snapshot-merge": SNAPSHOT_FEATURES, "verity": VERITY_FEATURES,
+}
+_BASIC = (Linear, Striped, Zero, Error, ThinPool, Thin)
 
 FORMAT = "dmimage-table"
 VERSION = 1
 
 
-def target_to_json(target: Target) -> dict[str, Any]:
-    """The target's fields, without start and length."""
+def _fields_to_json(target: Any, style: Style) -> dict[str, Any]:
+    """The newer targets: every dataclass field under its own name."""
+    d: dict[str, Any] = {}
+    for f in dataclasses.fields(target):
+        v = getattr(target, f.name)
+        if isinstance(v, CryptKey):
+            d[f.name] = v.text(style.show_keys)
+        elif f.name == "features" and target.type_name in _FEATURE_DEFS:
+            d[f.name] = [feature_text(x, _FEATURE_DEFS[target.type_name]) for x in v]
+        elif f.name == "classes":
+            d[f.name] = [dataclasses.asdict(c) for c in v]
+        elif isinstance(v, tuple):
+            d[f.name] = list(v)
+        else:
+            d[f.name] = v
+    return d
+
+
+def target_to_json(target: Target, style: Style = DEFAULT_STYLE) -> dict[str, Any]:
+    """The target's fields, without start and length (crypt keys redacted unless shown)."""
     d: dict[str, Any] = {"type": target.type_name}
+    if not isinstance(target, (*_BASIC, Generic)):
+        d.update(_fields_to_json(target, style))
+        return d
     if isinstance(target, Linear):
         d.update(device=target.device, offset=target.offset)
     elif isinstance(target, Striped):
@@ -50,12 +87,12 @@ def target_to_json(target: Target) -> dict[str, Any]:
     return d
 
 
-def table_to_json(table: Table) -> dict[str, Any]:
+def table_to_json(table: Table, style: Style = DEFAULT_STYLE) -> dict[str, Any]:
     """A JSON-ready dict: ``{"format", "version", "targets": [...]}``."""
     targets = []
     for e in table.entries:
         d: dict[str, Any] = {"start": e.start, "length": e.length}
-        d.update(target_to_json(e.target))
+        d.update(target_to_json(e.target, style))
         targets.append(d)
     return {"format": FORMAT, "version": VERSION, "targets": targets}
 
@@ -146,11 +183,50 @@ def _target(r: _Reader) -> Target:
     if t == "thin":
         return Thin(r.string("pool_dev"), r.integer("dev_id"),
                     r.string("external_origin_dev", required=False))
+    if t in TYPED:
+        return _fields_from_json(r, TYPED[t])
     params = r.string("params", required=False)
     try:
         return Generic(t, params or "")
     except TableError as exc:
         raise r.fail(exc.detail, exc.field) from None
+
+
+def _fields_from_json(r: _Reader, cls: Any) -> Target:
+    """The newer targets, field by field (the inverse of :func:`_fields_to_json`)."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        kind = str(f.type)
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if kind == "int":
+            values[f.name] = r.integer(f.name)
+        elif kind == "str":
+            if f.name in r.obj or required:
+                values[f.name] = r.string(f.name)
+            else:
+                r.used.add(f.name)
+        elif kind == "CryptKey":
+            values[f.name] = CryptKey.parse(r.string(f.name), line=r.where)
+        elif f.name == "classes":
+            groups = []
+            for c in r.array(f.name):
+                cr = _Reader(c, r.where)
+                cr.used = set()
+                groups.append(DelayClass(cr.string("device"), cr.integer("offset"),
+                                         cr.integer("delay_ms")))
+                cr.done()
+            values[f.name] = tuple(groups)
+        else:
+            items = r.array(f.name)
+            if not all(isinstance(x, str) for x in items):
+                raise r.fail("must be a list of strings", f.name)
+            if f.name == "features" and r.type in _FEATURE_DEFS:
+                values[f.name] = features_from_texts(items, _FEATURE_DEFS[r.type],
+                                                     target=r.type, line=r.where)
+            else:
+                values[f.name] = tuple(items)
+    result: Target = cls(**values)
+    return result
 
 
 def table_from_json(obj: Any) -> Table:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from dmimage.table.args import KernelVersion
 from dmimage.table.errors import TableError
 from dmimage.table.targets import Target
 
@@ -51,19 +52,30 @@ class Table:
             return self.source_lines[index]
         return index + 1
 
-    def problems(self, sizes: Mapping[str, int] | None = None) -> list[TableError]:
+    def problems(self, sizes: Mapping[str, int] | None = None,
+                 kernel: KernelVersion | None = None) -> list[TableError]:
         """Every rule this table breaks, errors and warnings (``TableError.warning``)."""
         from dmimage.table.validate import table_problems
 
-        return table_problems(self, sizes)
+        return table_problems(self, sizes, kernel)
 
-    def validate(self, sizes: Mapping[str, int] | None = None) -> list[TableError]:
+    def kernel_form(self, kernel: KernelVersion | None = None) -> Table:
+        """The table as that kernel holds it (and ``dmsetup table`` prints it): implied
+        defaults made explicit (6.12's flakey), repeated flags once, a crypt key's odd last
+        hex digit dropped. Devices stay as written: the kernel prints ``major:minor``."""
+        entries = tuple(
+            Entry(e.start, e.length, e.target.kernel_form(kernel))
+            if hasattr(e.target, "kernel_form") else e for e in self.entries)
+        return Table(entries, self.source_lines)
+
+    def validate(self, sizes: Mapping[str, int] | None = None,
+                 kernel: KernelVersion | None = None) -> list[TableError]:
         """Raise a TableError (listing all errors in ``.errors``) if the kernel would refuse.
 
         ``sizes`` maps device names as written in the table (``253:1``, ``/dev/sdb``) to their
         size in sectors; devices not in it are not size-checked. Returns the warnings.
         """
-        found = self.problems(sizes)
+        found = self.problems(sizes, kernel)
         errors = [p for p in found if not p.warning]
         if errors:
             first = errors[0]

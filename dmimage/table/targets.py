@@ -9,60 +9,31 @@ time; values the model can hold but the kernel refuses (block size 100) are left
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from dmimage.table.args import (
+    DEFAULT_STYLE,
+    Style,
+    check_count,
+    device_arg,
+    parse_number,
+    split_args,
+)
+from dmimage.table.cache import Cache, Era
+from dmimage.table.crypt import Crypt
 from dmimage.table.errors import TableError
+from dmimage.table.faults import Delay, Flakey
 from dmimage.table.kernel import POOL_FEATURES
+from dmimage.table.snapshot import Snapshot, SnapshotMerge, SnapshotOrigin
+from dmimage.table.verity import Verity
 
-_DIGITS = re.compile(r"[0-9]+\Z")
-
-
-def split_args(params: str) -> list[str]:
-    """Split like the kernel's dm_split_args: whitespace separates, a backslash escapes.
-
-    Tokens keep their backslashes (``/dev/a\\ b`` stays one raw token) so they print back
-    unchanged.
-    """
-    out: list[str] = []
-    i, n = 0, len(params)
-    while True:
-        while i < n and params[i].isspace():
-            i += 1
-        if i >= n:
-            return out
-        start = i
-        while i < n and not params[i].isspace():
-            i += 2 if params[i] == "\\" and i + 1 < n else 1
-        out.append(params[start:min(i, n)])
-
-
-def parse_number(text: str, *, target: str | None, field: str, line: int | None,
-                 limit: int = (1 << 64) - 1) -> int:
-    """A plain decimal number, as every canonical table prints them."""
-    if not _DIGITS.match(text):
-        raise TableError(f"{text!r} is not a decimal number", line=line, field=field,
-                         target=target)
-    value = int(text)
-    if value > limit:
-        raise TableError(f"{value} does not fit (at most {limit})", line=line, field=field,
-                         target=target)
-    return value
-
-
-def _device(text: str, *, target: str, field: str, line: int | None) -> str:
-    if not text:
-        raise TableError("missing device", line=line, field=field, target=target)
-    return text
-
-
-def _count(args: Sequence[str], allowed: Callable[[int], bool], usage: str, *, target: str,
-           line: int | None) -> None:
-    if not allowed(len(args)):
-        raise TableError(f"{len(args)} arguments, expected {usage}", line=line, field="args",
-                         target=target)
+__all__ = [
+    "TYPED", "Cache", "Crypt", "Delay", "Era", "Error", "Flakey", "Generic", "Linear", "Snapshot",
+    "SnapshotMerge", "SnapshotOrigin", "Stripe", "Striped", "Target", "Thin", "ThinPool",
+    "Verity", "Zero", "parse_number", "split_args", "target_from_params",
+]
 
 
 @dataclass(frozen=True)
@@ -76,11 +47,11 @@ class Linear:
     @classmethod
     def from_args(cls, args: Sequence[str], line: int | None = None) -> Linear:
         t = cls.type_name
-        _count(args, lambda n: n == 2, "<dev> <offset>", target=t, line=line)
-        return cls(_device(args[0], target=t, field="device", line=line),
+        check_count(args, lambda n: n == 2, "<dev> <offset>", target=t, line=line)
+        return cls(device_arg(args[0], target=t, field="device", line=line),
                    parse_number(args[1], target=t, field="offset", line=line))
 
-    def params(self) -> str:
+    def params(self, style: Style = DEFAULT_STYLE) -> str:
         return f"{self.device} {self.offset}"
 
     def devices(self) -> list[str]:
@@ -106,7 +77,7 @@ class Striped:
     @classmethod
     def from_args(cls, args: Sequence[str], line: int | None = None) -> Striped:
         t = cls.type_name
-        _count(args, lambda n: n >= 2, "<#stripes> <chunk_size> [<dev> <offset>]+",
+        check_count(args, lambda n: n >= 2, "<#stripes> <chunk_size> [<dev> <offset>]+",
                target=t, line=line)
         count = parse_number(args[0], target=t, field="stripes", line=line, limit=(1 << 32) - 1)
         chunk = parse_number(args[1], target=t, field="chunk_size", line=line,
@@ -116,13 +87,13 @@ class Striped:
                              f"{len(args) - 2} (dm-stripe.c: Not enough destinations specified)",
                              line=line, field="stripes", target=t)
         stripes = tuple(
-            Stripe(_device(args[i], target=t, field=f"stripe {k} device", line=line),
+            Stripe(device_arg(args[i], target=t, field=f"stripe {k} device", line=line),
                    parse_number(args[i + 1], target=t, field=f"stripe {k} offset", line=line))
             for k, i in enumerate(range(2, len(args), 2))
         )
         return cls(chunk, stripes)
 
-    def params(self) -> str:
+    def params(self, style: Style = DEFAULT_STYLE) -> str:
         pairs = "".join(f" {s.device} {s.offset}" for s in self.stripes)
         return f"{len(self.stripes)} {self.chunk_size}{pairs}"
 
@@ -138,10 +109,10 @@ class Zero:
 
     @classmethod
     def from_args(cls, args: Sequence[str], line: int | None = None) -> Zero:
-        _count(args, lambda n: n == 0, "none", target=cls.type_name, line=line)
+        check_count(args, lambda n: n == 0, "none", target=cls.type_name, line=line)
         return cls()
 
-    def params(self) -> str:
+    def params(self, style: Style = DEFAULT_STYLE) -> str:
         return ""
 
     def devices(self) -> list[str]:
@@ -159,19 +130,23 @@ class Error:
     @classmethod
     def from_args(cls, args: Sequence[str], line: int | None = None) -> Error:
         t = cls.type_name
-        _count(args, lambda n: n in (0, 2), "none or <dev> <offset>", target=t, line=line)
+        check_count(args, lambda n: n in (0, 2), "none or <dev> <offset>", target=t, line=line)
         if not args:
             return cls()
-        return cls(_device(args[0], target=t, field="device", line=line),
+        return cls(device_arg(args[0], target=t, field="device", line=line),
                    parse_number(args[1], target=t, field="offset", line=line))
 
-    def params(self) -> str:
+    def params(self, style: Style = DEFAULT_STYLE) -> str:
         if self.device is None:
             return ""
         return f"{self.device} {self.offset}"
 
     def devices(self) -> list[str]:
         return [] if self.device is None else [self.device]
+
+    def kernel_form(self, kernel: tuple[int, int] | None = None) -> Error:
+        """The kernel never prints the device back (dm-target.c has no status function)."""
+        return Error()
 
 
 @dataclass(frozen=True)
@@ -200,7 +175,7 @@ class ThinPool:
     @classmethod
     def from_args(cls, args: Sequence[str], line: int | None = None) -> ThinPool:
         t = cls.type_name
-        _count(args, lambda n: n >= 4, "<metadata_dev> <data_dev> <data_block_size> "
+        check_count(args, lambda n: n >= 4, "<metadata_dev> <data_dev> <data_block_size> "
                "<low_water_mark> [<#feature_args> [<arg>]*]", target=t, line=line)
         block = parse_number(args[2], target=t, field="data_block_size", line=line)
         lwm = parse_number(args[3], target=t, field="low_water_mark", line=line)
@@ -220,15 +195,15 @@ class ThinPool:
                                      "feature requested)", line=line, field="features",
                                      target=t)
                 features.add(name)
-        return cls(_device(args[0], target=t, field="metadata_dev", line=line),
-                   _device(args[1], target=t, field="data_dev", line=line), block, lwm,
+        return cls(device_arg(args[0], target=t, field="metadata_dev", line=line),
+                   device_arg(args[1], target=t, field="data_dev", line=line), block, lwm,
                    frozenset(features))
 
     def ordered_features(self) -> list[str]:
         """The features in the order the kernel prints them."""
         return [f for f in POOL_FEATURES if f in self.features]
 
-    def params(self) -> str:
+    def params(self, style: Style = DEFAULT_STYLE) -> str:
         flags = "".join(f"{f} " for f in self.ordered_features())
         return (f"{self.metadata_dev} {self.data_dev} {self.data_block_size} "
                 f"{self.low_water_mark} {len(self.features)} {flags}")
@@ -249,14 +224,14 @@ class Thin:
     @classmethod
     def from_args(cls, args: Sequence[str], line: int | None = None) -> Thin:
         t = cls.type_name
-        _count(args, lambda n: n in (2, 3), "<pool_dev> <dev_id> [<external_origin_dev>]",
+        check_count(args, lambda n: n in (2, 3), "<pool_dev> <dev_id> [<external_origin_dev>]",
                target=t, line=line)
-        origin = (_device(args[2], target=t, field="external_origin_dev", line=line)
+        origin = (device_arg(args[2], target=t, field="external_origin_dev", line=line)
                   if len(args) == 3 else None)
-        return cls(_device(args[0], target=t, field="pool_dev", line=line),
+        return cls(device_arg(args[0], target=t, field="pool_dev", line=line),
                    parse_number(args[1], target=t, field="dev_id", line=line), origin)
 
-    def params(self) -> str:
+    def params(self, style: Style = DEFAULT_STYLE) -> str:
         origin = f" {self.external_origin_dev}" if self.external_origin_dev is not None else ""
         return f"{self.pool_dev} {self.dev_id}{origin}"
 
@@ -281,7 +256,7 @@ class Generic:
     def from_params(cls, type_name: str, params: str) -> Generic:
         return cls(type_name, params)
 
-    def params(self) -> str:
+    def params(self, style: Style = DEFAULT_STYLE) -> str:
         return self.params_text
 
     @property
@@ -293,11 +268,13 @@ class Generic:
         return []
 
 
-Target = Linear | Striped | Zero | Error | ThinPool | Thin | Generic
+Target = (Linear | Striped | Zero | Error | ThinPool | Thin | Crypt | Delay | Flakey | Snapshot
+          | SnapshotOrigin | SnapshotMerge | Verity | Cache | Era | Generic)
 
 #: Target types with a typed model; everything else parses as :class:`Generic`.
 TYPED: dict[str, Any] = {
-    c.type_name: c for c in (Linear, Striped, Zero, Error, ThinPool, Thin)
+    c.type_name: c for c in (Linear, Striped, Zero, Error, ThinPool, Thin, Crypt, Delay, Flakey,
+                             Snapshot, SnapshotOrigin, SnapshotMerge, Verity, Cache, Era)
 }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 
+from dmimage.table.args import DEFAULT_STYLE, Style
 from dmimage.table.errors import TableError
 from dmimage.table.model import Entry, Table
 from dmimage.table.targets import parse_number, target_from_params
@@ -69,11 +70,16 @@ def parse_tables(text: str) -> dict[str, Table]:
     return {name: Table(tuple(e), tuple(n)) for name, (e, n) in found.items()}
 
 
-def format_entry(entry: Entry) -> str:
+def format_entry(entry: Entry, style: Style = DEFAULT_STYLE) -> str:
     """One line, without newline, exactly as dmsetup prints it."""
-    return f"{entry.start} {entry.length} {entry.type_name} {entry.target.params()}"
+    return f"{entry.start} {entry.length} {entry.type_name} {entry.target.params(style)}"
 
 
-def format_table(table: Table) -> str:
-    """The table as ``dmsetup table`` prints it: one line per target, each ending in newline."""
-    return "".join(format_entry(e) + "\n" for e in table.entries)
+def format_table(table: Table, style: Style = DEFAULT_STYLE) -> str:
+    """The table as ``dmsetup table`` prints it: one line per target, each ending in newline.
+
+    By default crypt hex keys print as zeros, as ``dmsetup table`` shows them; pass
+    ``Style(show_keys=True)`` for the real key (``dmsetup table --showkeys``), and
+    ``Style(kernel=(6, 1))`` for an older kernel's spelling where it differs (flakey).
+    """
+    return "".join(format_entry(e, style) + "\n" for e in table.entries)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from dmimage.table import kernel as K
+from dmimage.table.args import KernelVersion
 from dmimage.table.errors import TableError
 from dmimage.table.model import Entry, Table
 from dmimage.table.targets import Error, Linear, Striped, Target, Thin, ThinPool
@@ -130,13 +131,29 @@ _CHECKS: dict[str, _Check] = {"linear": _linear, "striped": _striped, "thin-pool
                               "thin": _thin, "error": _error}
 
 
-def table_problems(table: Table, sizes: Mapping[str, int] | None = None) -> list[TableError]:
-    """All problems, in line order."""
+def _modelled(t: Any, e: Entry, line: int, sizes: Mapping[str, int] | None,
+              kernel: KernelVersion | None) -> Iterator[TableError]:
+    """Targets that carry their own rules (crypt, delay, flakey, snapshot*, verity, cache, era)."""
+    for field, msg, warning in t.rules(e.length, kernel):
+        yield _err(msg, line, e, field, warning)
+    for field, device, offset, length in t.areas(e.length):
+        yield from _fits(device, offset, length, sizes, line, e, field)
+
+
+def table_problems(table: Table, sizes: Mapping[str, int] | None = None,
+                   kernel: KernelVersion | None = None) -> list[TableError]:
+    """All problems, in line order. ``kernel`` (major, minor) applies that kernel's limits
+    where they differ (features new since 6.1); None means the newest we know."""
     out: list[TableError] = []
     if not table.entries:
         out.append(TableError("a table needs at least one target (dm-ioctl.c: no targets "
                               "specified)"))
         return out
+    # dm-table.c validate_hardware_logical_block_alignment(): every line boundary must be a
+    # multiple of the device's logical block size, which crypt (sector_size) and verity (data
+    # block size) raise; the backing devices' own sizes are not known here (512 assumed).
+    lbs = max((getattr(e.target, "logical_block_sectors", lambda: 1)()
+               for e in table.entries), default=1)
     expected = 0
     for i, e in enumerate(table.entries):
         line = table.line_of(i)
@@ -150,6 +167,10 @@ def table_problems(table: Table, sizes: Mapping[str, int] | None = None) -> list
             out.append(_err(msg + " (dm-table.c: Gap in table)", line, e, "start"))
         if e.length == 0:
             out.append(_err("zero-length target (dm-table.c)", line, e, "length"))
+        if lbs > 1 and (e.start + e.length) % lbs:
+            out.append(_err(f"ends at sector {e.start + e.length}, not a multiple of the "
+                            f"table's logical block size ({lbs * 512} bytes) (dm-table.c: not "
+                            "aligned to h/w logical block size)", line, e, "length"))
         if e.start + e.length > K.SECTOR_MAX:
             out.append(_err("ends beyond 2^64 sectors", line, e, "length"))
         if e.type_name in _SINGLETONS and len(table.entries) > 1:
@@ -159,5 +180,7 @@ def table_problems(table: Table, sizes: Mapping[str, int] | None = None) -> list
         check = _CHECKS.get(e.type_name)
         if check is not None and type(target).__name__ != "Generic":
             out.extend(check(target, e, line, sizes))
+        elif hasattr(target, "rules"):
+            out.extend(_modelled(target, e, line, sizes, kernel))
         expected = e.start + e.length
     return out
