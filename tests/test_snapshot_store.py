@@ -256,3 +256,48 @@ def test_invalidated_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     rc, _, err = run(capsys, "snapshot", "export", str(cow), str(origin), "-o",
                      str(tmp_path / "v"))
     assert rc == 1 and "header.valid" in err and not (tmp_path / "v").exists()
+
+
+def _mutations() -> object:
+    from hypothesis import strategies as st
+
+    return st.lists(st.tuples(st.integers(0, 40 * 512 - 1), st.integers(0, 255)), max_size=12)
+
+
+def test_fuzz_reader_never_crashes(tmp_path: Path) -> None:
+    """Byte mutations of a two-area store (header, areas, data): every outcome is a store or a
+    DmimageError; a store's view and its problems are computed without any other exception."""
+    from hypothesis import given, settings
+
+    from dmimage.errors import DmimageError
+    from dmimage.snapshot.check import store_problems
+    from dmimage.snapshot.store import read_store
+    from dmimage.snapshot.view import iter_view
+
+    pairs = list(zip(range(40), kernel_chunks(40, 32), strict=True))
+    base = bytes(build_store(1, pairs, 120))
+    origin = tmp_path / "origin"
+    origin.write_bytes(bytes(64 * 512))
+    cow = tmp_path / "cow"
+
+    @settings(max_examples=300)
+    @given(_mutations())  # type: ignore[misc]
+    def one(muts: list[tuple[int, int]]) -> None:
+        buf = bytearray(base)
+        for off, val in muts:
+            buf[off] = val
+        cow.write_bytes(buf)
+        cfd = os.open(cow, os.O_RDONLY)
+        ofd = os.open(origin, os.O_RDONLY)
+        try:
+            store = read_store(cfd, str(cow))
+            store_problems(store, 64 * 512)
+            for _ in iter_view(store, cfd, ofd, 64 * 512, str(origin)):
+                pass
+        except DmimageError as exc:
+            assert str(exc) and "\n" not in str(exc)
+        finally:
+            os.close(cfd)
+            os.close(ofd)
+
+    one()
