@@ -37,6 +37,9 @@ class CacheCheckReport:
     nr_mappings: int = 0
     nr_dirty: int = 0
     version: int = 0
+    #: the metadata space map's nr_allocated and nr_blocks (dmsetup status's used/total)
+    metadata_used: int = 0
+    metadata_total: int = 0
 
     @property
     def ok(self) -> bool:
@@ -83,6 +86,8 @@ def check_cache(path: str) -> CacheCheckReport:
     with BlockReader(path) as reader:
         sb = parse_superblock(reader.block(0))
         rep.version = sb.version
+        rep.metadata_used = sb.metadata_sm.nr_allocated
+        rep.metadata_total = sb.metadata_sm.nr_blocks
         counts = np.zeros(reader.nr_blocks, np.uint32)
         counts[0] = 1
         walker = BtreeWalker(reader, meta_counts=counts)

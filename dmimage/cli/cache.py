@@ -35,6 +35,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_lock_plan(dp, lambda a: [(a.metadata, False)])
     dp.set_defaults(func=run_dump)
 
+    wb = csub.add_parser("writeback", help="copy dirty cache blocks to the origin, offline",
+                         description="The rescue before a cache device is removed: every dirty "
+                         "block is copied from FAST to ORIGIN, then ORIGIN is flushed. The "
+                         "metadata is not changed (cache_writeback --no-metadata-update): "
+                         "activated again, the kernel would only write the same data back.")
+    wb.add_argument("metadata", metavar="META")
+    wb.add_argument("fast", metavar="FAST", help="the cache (fast) device")
+    wb.add_argument("origin", metavar="ORIGIN", help="the origin (slow) device")
+    wb.add_argument("--dry-run", action="store_true", help="count the dirty blocks only")
+    add_lock_plan(wb, lambda a: [(a.metadata, False), (a.fast, False),
+                                 (a.origin, not a.dry_run)])
+    wb.set_defaults(func=run_writeback)
+
 
 def run_check(args: argparse.Namespace) -> int:
     from dmimage.cache.check import check_cache
@@ -42,7 +55,8 @@ def run_check(args: argparse.Namespace) -> int:
     rep = check_cache(args.metadata)
     if args.json:
         write_text(json.dumps({"version": rep.version, "mappings": rep.nr_mappings,
-                               "dirty": rep.nr_dirty, "problems": rep.problems,
+                               "dirty": rep.nr_dirty, "metadata_used": rep.metadata_used,
+                               "metadata_total": rep.metadata_total, "problems": rep.problems,
                                "leaked_metadata_blocks": rep.leaked_metadata_blocks},
                               indent=2) + "\n")
     elif not args.quiet:
@@ -65,4 +79,35 @@ def run_dump(args: argparse.Namespace) -> int:
             f.write(text.encode())
     else:
         write_text(text)
+    return 0
+
+
+def run_writeback(args: argparse.Namespace) -> int:
+    import os
+
+    from dmimage.cache.metadata import read_cache
+    from dmimage.cache.writeback import dirty_blocks, writeback
+    from dmimage.cli._progress import progress_bar
+    from dmimage.errors import DeviceError
+    from dmimage.pdata.block import BlockReader
+
+    with BlockReader(args.metadata) as reader:
+        md = read_cache(reader)
+    if args.dry_run:
+        n = len(dirty_blocks(md)[0])
+        write_text(f"{n} dirty blocks of {md.sb.data_block_size} sectors would be copied\n")
+        return 0
+    fds = []
+    try:
+        for path, mode in ((args.fast, os.O_RDONLY), (args.origin, os.O_RDWR)):
+            try:
+                fds.append(os.open(path, mode | os.O_CLOEXEC))
+            except OSError as exc:
+                raise DeviceError(f"{path}: {exc.strerror}") from None
+        with progress_bar("writeback") as advance:
+            n = writeback(md, fds[0], args.fast, fds[1], args.origin, advance)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    write_text(f"copied {n} dirty blocks to {args.origin}\n")
     return 0

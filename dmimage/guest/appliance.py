@@ -40,6 +40,9 @@ GUEST_MODULES = (
     "dm-thin-pool",
     # dm-snapshot (snapshot, snapshot-origin, snapshot-merge) for the exception-store proofs.
     "dm-snapshot",
+    # dm-cache with the smq policy, for the cache-metadata proofs.
+    "dm-cache",
+    "dm-cache-smq",
     # `dmimage build` proofs mount the ext4 volumes they build: ext4 and its dependencies
     # from modules.dep (jbd2, mbcache, crc16) on Debian 12 and 13, where all are modules.
     "ext4",
