@@ -1,0 +1,125 @@
+"""dm-era metadata against thin-provisioning-tools 1.1: metadata written by era_restore 1.1
+from seeded random XML (many array blocks, several archived writesets); `era dump` (plain and
+--logical) and `era invalidate` must be byte-identical to era_dump / era_invalidate 1.1 and
+`era check` must give era_check 1.1's verdict, pristine and damaged.
+
+The kernel's own era metadata is read in vmtests/test_era_guest.py."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dmimage.cli.main import main
+from dmimage.format.era import ERA_SUPERBLOCK, EraSuperblock
+
+import oracles
+
+TOOLS = oracles.tools_11()
+
+
+def random_xml(rng: random.Random, nr_blocks: int, eras: list[int], current: int) -> str:
+    lines = [f'<superblock uuid="" block_size="128" nr_blocks="{nr_blocks}" '
+             f'current_era="{current}">']
+    for era in eras:
+        lines.append(f'  <writeset era="{era}" nr_bits="{nr_blocks}">')
+        p = rng.random() * 0.4
+        lines += [f'    <bit block="{b}" value="{"true" if rng.random() < p else "false"}"/>'
+                  for b in range(nr_blocks)]
+        lines.append("  </writeset>")
+    lines.append("  <era_array>")
+    low = eras[0] if eras else current
+    lines += [f'    <era block="{b}" era="{rng.randrange(0, low)}"/>' for b in range(nr_blocks)]
+    lines += ["  </era_array>", "</superblock>"]
+    return "\n".join(lines)
+
+
+CASES = [(100, [4, 5], 5), (3000, [10, 11, 12], 12), (40_000, [7], 7), (64, [], 3),
+         (20_000, [20, 21, 22, 23], 23)]
+
+
+def run11(tool: str, *argv: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([str(TOOLS.bindir / tool), *argv], capture_output=True, timeout=300)
+
+
+def ours(*argv: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "dmimage", "era", *argv], capture_output=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def metas(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    tmp = tmp_path_factory.mktemp("era")
+    rng = random.Random(5)
+    out = []
+    for i, (n, eras, cur) in enumerate(CASES):
+        src, meta = tmp / f"e{i}.xml", tmp / f"e{i}.meta"
+        src.write_text(random_xml(rng, n, eras, cur))
+        with open(meta, "wb") as f:
+            f.truncate(16 << 20)
+        subprocess.run([str(TOOLS.bindir / "era_restore"), "-i", str(src), "-o", str(meta)],
+                       check=True, capture_output=True)
+        out.append(meta)
+    return out
+
+
+def test_layout_twins_agree() -> None:
+    raw = EraSuperblock.build(dict(csum=1, flags=2, blocknr=3, uuid=bytes(16), magic=4,
+                                   version=5, metadata_space_map_root=bytes(128),
+                                   data_block_size=6, metadata_block_size=7, nr_blocks=8,
+                                   current_era=9, current_writeset_nr_bits=10,
+                                   current_writeset_root=11, writeset_tree_root=12,
+                                   era_array_root=13, metadata_snap=14))
+    assert ERA_SUPERBLOCK.unpack(raw)[9:] == (8, 9, 10, 11, 12, 13, 14)
+
+
+@pytest.mark.parametrize("i", range(len(CASES)))
+def test_dump_invalidate_identical(metas: list[Path], i: int) -> None:
+    meta = metas[i]
+    for extra in ([], ["--logical"]):
+        want = run11("era_dump", *extra, str(meta))
+        assert want.returncode == 0
+        got = ours("dump", *extra, str(meta))
+        assert got.returncode == 0, got.stderr
+        assert got.stdout == want.stdout, extra
+    _, eras, cur = CASES[i]
+    for since in sorted({0, cur, cur + 1, *eras, max(cur - 2, 0)}):
+        want = run11("era_invalidate", "--written-since", str(since), str(meta))
+        got = ours("invalidate", "--written-since", str(since), str(meta))
+        assert got.stdout == want.stdout, since
+    assert run11("era_check", str(meta)).returncode == 0
+    assert ours("check", str(meta)).returncode == 0
+
+
+def test_damaged_verdicts_agree(metas: list[Path], tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    rng = random.Random(9)
+    disagreements = []
+    for meta in metas:
+        blocks = np.frombuffer(meta.read_bytes(), np.uint8).reshape(-1, 4096)
+        used = np.flatnonzero(blocks.any(axis=1))
+        for k in range(8):
+            buf = bytearray(meta.read_bytes())
+            b = int(rng.choice(used))
+            if rng.random() < 0.5:
+                buf[b * 4096:(b + 1) * 4096] = bytes(4096)
+                what = f"zeroed block {b}"
+            else:
+                off = b * 4096 + rng.randrange(4096)
+                buf[off] ^= 1 << rng.randrange(8)
+                what = f"bit flip at byte {off}"
+            dst = tmp_path / f"{meta.stem}-{k}"
+            dst.write_bytes(buf)
+            t = run11("era_check", str(dst)).returncode != 0
+            rc = main(["era", "check", "-q", str(dst)])
+            err = capsys.readouterr().err
+            assert rc in (0, 1, 2) and "Traceback" not in err
+            if (rc != 0) != t:
+                disagreements.append(f"{meta.stem} {what}: 1.1 {'fails' if t else 'passes'}, "
+                                     f"dmimage exit {rc} {err.strip()}")
+    assert not disagreements, "\n".join(disagreements)
