@@ -43,6 +43,7 @@ GUEST_MODULES = (
     # dm-cache with the smq policy, for the cache-metadata proofs.
     "dm-cache",
     "dm-cache-smq",
+    "dm-era",
     # `dmimage build` proofs mount the ext4 volumes they build: ext4 and its dependencies
     # from modules.dep (jbd2, mbcache, crc16) on Debian 12 and 13, where all are modules.
     "ext4",
