@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import restore_xml
 
 from dmimage.cli.main import main
 from dmimage.format.cache import CACHE_SUPERBLOCK, CacheSuperblock
@@ -23,23 +24,6 @@ import oracles
 TOOLS = oracles.tools_11()
 
 
-def random_xml(rng: random.Random, nr_cache_blocks: int, fill: float) -> str:
-    n_map = int(nr_cache_blocks * fill)
-    cblocks = sorted(rng.sample(range(nr_cache_blocks), n_map))
-    oblocks = rng.sample(range(nr_cache_blocks * 8), n_map)
-    lines = [f'<superblock uuid="" block_size="128" nr_cache_blocks="{nr_cache_blocks}" '
-             'policy="smq" hint_width="4">', "  <mappings>"]
-    lines += [f'    <mapping cache_block="{c}" origin_block="{o}" '
-              f'dirty="{"true" if rng.random() < 0.3 else "false"}"/>'
-              for c, o in zip(cblocks, oblocks, strict=True)]
-    lines += ["  </mappings>", "  <hints>"]
-    import base64
-
-    lines += [f'    <hint cache_block="{c}" '
-              f'data="{base64.b64encode(rng.randbytes(4)).decode()}"/>'
-              for c in cblocks if rng.random() < 0.8]
-    lines += ["  </hints>", "</superblock>"]
-    return "\n".join(lines)
 
 
 def restore(tmp: Path, xml: str, version: int, name: str) -> Path:
@@ -69,7 +53,7 @@ CASES = [(1, 64, 0.5), (2, 64, 0.5), (1, 5000, 0.3), (2, 5000, 0.9), (2, 140_000
 def pools(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     tmp = tmp_path_factory.mktemp("cache")
     rng = random.Random(20261201)
-    return [restore(tmp, random_xml(rng, n, fill), v, f"c{i}")
+    return [restore(tmp, restore_xml.cache_xml(rng, n, fill), v, f"c{i}")
             for i, (v, n, fill) in enumerate(CASES)]
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import restore_xml
 
 from dmimage.cli.main import main
 from dmimage.format.era import ERA_SUPERBLOCK, EraSuperblock
@@ -23,20 +24,6 @@ import oracles
 TOOLS = oracles.tools_11()
 
 
-def random_xml(rng: random.Random, nr_blocks: int, eras: list[int], current: int) -> str:
-    lines = [f'<superblock uuid="" block_size="128" nr_blocks="{nr_blocks}" '
-             f'current_era="{current}">']
-    for era in eras:
-        lines.append(f'  <writeset era="{era}" nr_bits="{nr_blocks}">')
-        p = rng.random() * 0.4
-        lines += [f'    <bit block="{b}" value="{"true" if rng.random() < p else "false"}"/>'
-                  for b in range(nr_blocks)]
-        lines.append("  </writeset>")
-    lines.append("  <era_array>")
-    low = eras[0] if eras else current
-    lines += [f'    <era block="{b}" era="{rng.randrange(0, low)}"/>' for b in range(nr_blocks)]
-    lines += ["  </era_array>", "</superblock>"]
-    return "\n".join(lines)
 
 
 CASES = [(100, [4, 5], 5), (3000, [10, 11, 12], 12), (40_000, [7], 7), (64, [], 3),
@@ -59,7 +46,7 @@ def metas(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     out = []
     for i, (n, eras, cur) in enumerate(CASES):
         src, meta = tmp / f"e{i}.xml", tmp / f"e{i}.meta"
-        src.write_text(random_xml(rng, n, eras, cur))
+        src.write_text(restore_xml.era_xml(rng, n, eras, cur))
         with open(meta, "wb") as f:
             f.truncate(16 << 20)
         subprocess.run([str(TOOLS.bindir / "era_restore"), "-i", str(src), "-o", str(meta)],

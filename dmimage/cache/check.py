@@ -132,7 +132,9 @@ def check_cache(path: str) -> CacheCheckReport:
         if sm is None:
             return rep
         stored = sm.counts
-        expected = counts[:len(stored)]
+        expected = np.zeros(len(stored), np.uint32)
+        n = min(len(stored), len(counts))
+        expected[:n] = counts[:n]
         if len(counts) > len(stored) and counts[len(stored):].any():
             rep.problems.append("metadata space map: referenced blocks lie beyond its nr_blocks")
         diff = np.flatnonzero(stored != expected)
