@@ -145,3 +145,76 @@ def test_writeback_copies_exactly_the_dirty_blocks(tmp_path: Path,
         for c, o in ((0, 3), (5, 7)):
             want[o * bs:(o + 1) * bs] = fast_bytes[c * bs:(c + 1) * bs]
         assert origin.read_bytes() == bytes(want)
+
+
+@pytest.mark.parametrize("i", range(len(CASES)))
+def test_restore_matches_cache_restore(pools: list[Path], tmp_path: Path, i: int) -> None:
+    """dmimage's restore of cache_dump 1.1's XML: cache_check 1.1 passes and cache_dump 1.1
+    gives the same XML as for 1.1's own restore; the flags and counters are 1.1's but for
+    read_misses (1.1 writes 9)."""
+    version = CASES[i][0]
+    xml = tmp_path / "in.xml"
+    xml.write_bytes(theirs("cache_dump", str(pools[i])).stdout)
+    out = tmp_path / "ours.meta"
+    with open(out, "wb") as f:
+        f.truncate(32 << 20)
+    res = ours("restore", "-i", str(xml), "-o", str(out), "--metadata-version", str(version))
+    assert res.returncode == 0, res.stderr
+    assert theirs("cache_check", str(out)).returncode == 0
+    assert theirs("cache_dump", str(out)).stdout == xml.read_bytes()
+    a = CACHE_SUPERBLOCK.unpack_from(out.read_bytes())
+    b = CACHE_SUPERBLOCK.unpack_from(pools[i].read_bytes())
+    names = ["csum", "flags", "blocknr", "uuid", "magic", "version", "policy", "hint_size",
+             "sm_root", "mapping_root", "hint_root", "discard_root", "discard_bs", "discard_nr",
+             "data_bs", "meta_bs", "cache_blocks", "compat", "compat_ro", "incompat", "rh", "rm",
+             "wh", "wm", "pv0", "pv1", "pv2", "dirty_root"]
+    differ = {n for n, x, y in zip(names, a, b, strict=True) if x != y}
+    assert differ <= {"csum", "sm_root", "mapping_root", "hint_root", "discard_root",
+                      "dirty_root", "rm"}, differ
+
+
+@pytest.mark.parametrize("xml,needle", [
+    ("<superblock uuid='' block_size='128' nr_cache_blocks='4' policy='smq' hint_width='4'>"
+     "<mappings><mapping cache_block='9' origin_block='1' dirty='true'/></mappings>"
+     "</superblock>", "cache_block=9: out of range"),
+    ("<superblock uuid='' block_size='128' nr_cache_blocks='4' policy='smq' hint_width='4'>"
+     "<mappings><mapping cache_block='1' origin_block='1' dirty='yes'/></mappings>"
+     "</superblock>", "dirty must be true or false"),
+    ("<superblock uuid='' block_size='128' nr_cache_blocks='4' policy='smq' hint_width='4'>"
+     "<hints><hint cache_block='1' data='AAA='/></hints></superblock>", "the hint width is 4"),
+    ("<superblock uuid='' block_size='128' nr_cache_blocks='4' policy='smq' hint_width='4'>"
+     "<mappings>", "no element found"),
+    ("<superblock bogus='1'/>", "unknown attribute bogus"),
+])
+def test_restore_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str], xml: str,
+                           needle: str) -> None:
+    src, out = tmp_path / "in.xml", tmp_path / "out.meta"
+    src.write_text(xml)
+    out.write_bytes(b"\xaa" * (1 << 20))
+    rc = main(["cache", "restore", "-i", str(src), "-o", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and needle in err and len(err.splitlines()) == 1
+    assert out.read_bytes() == b"\xaa" * (1 << 20)  # nothing written
+
+
+def test_restore_output_too_small(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src, out = tmp_path / "in.xml", tmp_path / "out.meta"
+    src.write_text(restore_xml.cache_xml(random.Random(4), 200_000, 0.5))
+    out.write_bytes(b"\xaa" * (64 << 10))
+    rc = main(["cache", "restore", "-i", str(src), "-o", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "too small" in err and out.read_bytes() == b"\xaa" * (64 << 10)
+
+
+@pytest.mark.parametrize("args", [
+    ["--nr-blocks", "1000000"], ["--block-size", "128", "--device-size", "1073741824"],
+    ["--nr-blocks", "12345", "-u", "m"], ["--nr-blocks", "12345", "-u", "G", "-n"],
+    ["--nr-blocks", "1", "--max-hint-width", "128", "-n=short"],
+    ["--block-size", "64k", "--device-size", "100g", "-u", "k", "-n=long"],
+    ["--nr-blocks", "999999999999"], ["--block-size", "32k", "--device-size", "1t"],
+])
+def test_metadata_size_matches_1_1(args: list[str]) -> None:
+    want = theirs("cache_metadata_size", *args)
+    got = ours("metadata-size", *args)
+    assert want.returncode == got.returncode == 0
+    assert got.stdout == want.stdout

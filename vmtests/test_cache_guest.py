@@ -91,3 +91,60 @@ def test_kernel_cache_metadata(dm_vm: Machine, tmp_path: Path, version: int) -> 
     assert res.returncode == 0, res.stderr
     assert f"copied {dirty_status} dirty blocks" in res.stdout
     assert hashlib.sha256(origin.read_bytes()).hexdigest() == want_sha
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_kernel_serves_restored_cache(dm_vm: Machine, tmp_path: Path, version: int) -> None:
+    """`cache restore` metadata mapping origin blocks to cache blocks whose content differs
+    from the origin: the kernel takes it and serves the cache blocks' content (dirty and clean
+    alike), carries on writing, and leaves metadata both checkers pass."""
+    tools = oracles.tools_11()
+    bs = BLOCK * 512
+    nr_cache, nr_origin = 128, 512
+    rng = np.random.default_rng(10 + version)
+    fast_bytes = rng.integers(0, 256, nr_cache * bs, dtype=np.uint8).tobytes()
+    origin_bytes = rng.integers(0, 256, nr_origin * bs, dtype=np.uint8).tobytes()
+    cblocks = rng.choice(nr_cache, 40, replace=False)
+    oblocks = rng.choice(nr_origin, 40, replace=False)
+    lines = [f'<superblock uuid="" block_size="{BLOCK}" nr_cache_blocks="{nr_cache}" '
+             'policy="smq" hint_width="4">', "  <mappings>"]
+    for c, o, k in sorted(zip(cblocks.tolist(), oblocks.tolist(), range(40), strict=True)):
+        lines.append(f'    <mapping cache_block="{c}" origin_block="{o}" '
+                     f'dirty="{"true" if k % 2 else "false"}"/>')
+    lines += ["  </mappings>", "  <hints>", "  </hints>", "</superblock>"]
+    xml = tmp_path / "in.xml"
+    xml.write_text("\n".join(lines))
+    meta, fast, origin = tmp_path / "meta", tmp_path / "fast", tmp_path / "origin"
+    with open(meta, "wb") as f:
+        f.truncate(4 << 20)
+    fast.write_bytes(fast_bytes)
+    origin.write_bytes(origin_bytes)
+    res = _dmimage("cache", "restore", "-i", str(xml), "-o", str(meta), "--metadata-version",
+                   str(version))
+    assert res.returncode == 0, res.stderr
+    view = bytearray(origin_bytes)
+    for c, o in zip(cblocks.tolist(), oblocks.tolist(), strict=True):
+        view[o * bs:(o + 1) * bs] = fast_bytes[c * bs:(c + 1) * bs]
+    want = hashlib.sha256(view).hexdigest()
+
+    feature = "metadata2 writeback" if version == 2 else "writeback"
+    vm = dm_vm
+    with vm.disk(meta, read_only=False) as m, vm.disk(fast, read_only=False) as c, \
+            vm.disk(origin, read_only=False) as o:
+        t = (f"0 {nr_origin * BLOCK} cache {m.guest_path} {c.guest_path} {o.guest_path} "
+             f"{BLOCK} {len(feature.split())} {feature} smq 2 migration_threshold 0")
+        # no migrations: the restored dirty set stays as the kernel loaded it
+        vm.sh(f"dmsetup create rcache --table {shlex.quote(t)}")
+        try:
+            fields = vm.sh("dmsetup status rcache").split()
+            got = vm.sha256_of("/dev/mapper/rcache")
+            vm.sh("dd if=/dev/urandom of=/dev/mapper/rcache bs=64k seek=7 count=30 conv=fsync "
+                  "status=none")
+        finally:
+            vm.sh("dmsetup remove rcache")
+    vm.check_dmesg()
+    assert int(fields[6].split("/")[0]) == 40 and int(fields[13]) == 20
+    assert got == want
+    assert subprocess.run([str(tools.bindir / "cache_check"), str(meta)],
+                          capture_output=True).returncode == 0
+    assert _dmimage("cache", "check", str(meta)).returncode == 0

@@ -35,6 +35,34 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_lock_plan(dp, lambda a: [(a.metadata, False)])
     dp.set_defaults(func=run_dump)
 
+    rs = csub.add_parser("restore", help="write dm-cache metadata from cache_dump's XML",
+                         description="Writes onto an existing file or device (never grown); "
+                         "block 0 is zeroed first and the superblock written last, after a "
+                         "flush. Exit 1 on invalid XML, 2 on usage or I/O errors.")
+    rs.add_argument("-i", "--input", required=True, help="the XML")
+    rs.add_argument("-o", "--output", required=True, help="the metadata file or device")
+    rs.add_argument("--metadata-version", type=int, choices=(1, 2), default=2)
+    rs.add_argument("--omit-clean-shutdown", action="store_true",
+                    help="do not set the clean-shutdown flag")
+    add_lock_plan(rs, lambda a: [(a.output, True)])
+    rs.set_defaults(func=run_restore)
+
+    ms = csub.add_parser("metadata-size", help="estimate the metadata size for a cache "
+                         "(cache_metadata_size 1.1's answers)")
+    ms.add_argument("--block-size", type=_size, metavar="SIZE[bskmg]",
+                    help="cache block size (default unit: sectors)")
+    ms.add_argument("--device-size", type=_size, metavar="SIZE[bskmgtp]",
+                    help="size of the fast device")
+    ms.add_argument("--nr-blocks", type=int, metavar="NUM", help="number of cache blocks")
+    ms.add_argument("--max-hint-width", type=int, default=4, metavar="BYTES")
+    ms.add_argument("-u", "--unit", default="sector", metavar="UNIT",
+                    help="output unit in {bskKmMgG} (default: sector)")
+    ms.add_argument("-n", "--numeric-only", nargs="?", const="plain",
+                    choices=("short", "long", "plain"), metavar="OPT",
+                    help="print the number only (=short: with the unit letter, =long: with the "
+                    "unit name)")
+    ms.set_defaults(func=run_metadata_size)
+
     wb = csub.add_parser("writeback", help="copy dirty cache blocks to the origin, offline",
                          description="The rescue before a cache device is removed: every dirty "
                          "block is copied from FAST to ORIGIN, then ORIGIN is flushed. The "
@@ -47,6 +75,43 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_lock_plan(wb, lambda a: [(a.metadata, False), (a.fast, False),
                                  (a.origin, not a.dry_run)])
     wb.set_defaults(func=run_writeback)
+
+
+def _size(text: str) -> int:
+    from dmimage.errors import UsageError
+    from dmimage.thin.metadata_size import parse_size
+
+    try:
+        return parse_size(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def run_restore(args: argparse.Namespace) -> int:
+    from dmimage.cache.restore import parse_xml, restore_cache
+
+    ir = parse_xml(args.input)
+    restore_cache(ir, args.output, version=args.metadata_version,
+                  clean_shutdown=not args.omit_clean_shutdown)
+    return 0
+
+
+def run_metadata_size(args: argparse.Namespace) -> int:
+    from dmimage.cache.metadata_size import metadata_size, nr_cache_blocks
+    from dmimage.errors import UsageError
+    from dmimage.thin.metadata_size import format_size, parse_unit
+
+    if args.nr_blocks is not None:
+        if args.block_size is not None or args.device_size is not None:
+            raise UsageError("--nr-blocks conflicts with --block-size and --device-size")
+        n = args.nr_blocks
+    elif args.block_size is not None and args.device_size is not None:
+        n = nr_cache_blocks(args.device_size, args.block_size)
+    else:
+        raise UsageError("Please specify either --device-size and --block-size, or --nr-blocks.")
+    write_text(format_size(metadata_size(n, args.max_hint_width), parse_unit(args.unit),
+                           args.numeric_only) + "\n")
+    return 0
 
 
 def run_check(args: argparse.Namespace) -> int:
