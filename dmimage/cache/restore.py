@@ -21,7 +21,6 @@ import numpy as np
 from dmimage import devlock
 from dmimage.errors import InputError, OutputTooSmallError
 from dmimage.format.cache import (
-    ARRAY_BLOCK_HEADER,
     CACHE_MAGIC,
     CACHE_SUPERBLOCK,
     FLAG_CLEAN_SHUTDOWN,
@@ -29,19 +28,12 @@ from dmimage.format.cache import (
     M_VALID,
     MAPPING_FLAG_BITS,
     POLICY_NAME_SIZE,
-    SALT_ARRAY_BLOCK,
     SALT_CACHE_SUPERBLOCK,
 )
 from dmimage.format.checksum import seal
 from dmimage.format.constants import BLOCK_SIZE, MAX_METADATA_BLOCKS
-from dmimage.pdata.array import max_entries
-from dmimage.pdata.writer import (
-    MAPPING_LEAF,
-    MetadataImage,
-    build_tree,
-    open_output,
-    write_metadata_space_map,
-)
+from dmimage.pdata.array import write_array
+from dmimage.pdata.writer import MetadataImage, open_output, write_metadata_space_map
 
 #: smq's policy version, which cache_restore 1.1 writes for every policy.
 POLICY_VERSION = (2, 0, 0)
@@ -130,26 +122,6 @@ def parse_xml(path: str) -> CacheIR:
     return ir
 
 
-def _write_array(image: MetadataImage, values: np.ndarray) -> int:
-    """An array of ``values`` ((n, value_size) uint8): array blocks, then the btree over them."""
-    vs = values.shape[1]
-    per = max_entries(vs)
-    n = len(values)
-    nblocks = -(-n // per)
-    locs = image.alloc_many(nblocks)
-    blocks = np.zeros((nblocks, BLOCK_SIZE), np.uint8)
-    hdr = ARRAY_BLOCK_HEADER.size
-    for i, loc in enumerate(locs.tolist()):
-        part = values[i * per:(i + 1) * per]
-        row = blocks[i]
-        ARRAY_BLOCK_HEADER.pack_into(row.data, 0, 0, per, len(part), vs, loc)
-        row[hdr:hdr + part.size] = part.reshape(-1)
-        seal(row, SALT_ARRAY_BLOCK)
-    image.put(locs, blocks)
-    return build_tree(image, MAPPING_LEAF, np.arange(nblocks, dtype=np.uint64),
-                      locs.astype(np.uint64))
-
-
 @dataclass(frozen=True)
 class BuiltCache:
     image: MetadataImage
@@ -161,25 +133,25 @@ def build_cache(ir: CacheIR, nr_blocks: int, *, version: int = 2,
     image = MetadataImage(nr_blocks)
     image.alloc()  # block 0: the superblock
     n = ir.nr_cache_blocks
-    discard_root = _write_array(image, np.zeros((0, 8), np.uint8))
+    discard_root = write_array(image, np.zeros((0, 8), np.uint8))
     maps = np.zeros(n, np.uint64)
     dirty = np.zeros(n, bool)
     for c, (o, d) in ir.mappings.items():
         flags = M_VALID | (M_DIRTY if d and version == 1 else 0)
         maps[c] = (o << MAPPING_FLAG_BITS) | flags
         dirty[c] = d
-    mapping_root = _write_array(image, maps.astype("<u8").view(np.uint8).reshape(n, 8))
+    mapping_root = write_array(image, maps.astype("<u8").view(np.uint8).reshape(n, 8))
     dirty_root = 0
     if version >= 2:
         words = np.packbits(np.concatenate([dirty, np.zeros(-n % 64, bool)]),
                             bitorder="little").view("<u8")
-        dirty_root = _write_array(image, words.view(np.uint8).reshape(-1, 8))
+        dirty_root = write_array(image, words.view(np.uint8).reshape(-1, 8))
     hint_root = 0
     if ir.hint_width:
         hints = np.zeros((n, ir.hint_width), np.uint8)
         for c, data in ir.hints.items():
             hints[c] = np.frombuffer(data, np.uint8)
-        hint_root = _write_array(image, hints)
+        hint_root = write_array(image, hints)
     sm_root = write_metadata_space_map(image)
     sb = bytearray(BLOCK_SIZE)
     CACHE_SUPERBLOCK.pack_into(

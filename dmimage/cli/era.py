@@ -44,6 +44,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_lock_plan(iv, lambda a: [(a.metadata, False)])
     iv.set_defaults(func=run_invalidate)
 
+    rs = esub.add_parser("restore", help="write dm-era metadata from era_dump's XML",
+                         description="Writes onto an existing file or device (never grown); "
+                         "block 0 is zeroed first and the superblock written last, after a "
+                         "flush. Exit 1 on invalid XML, 2 on usage or I/O errors.")
+    rs.add_argument("-i", "--input", required=True, help="the XML")
+    rs.add_argument("-o", "--output", required=True, help="the metadata file or device")
+    add_lock_plan(rs, lambda a: [(a.output, True)])
+    rs.set_defaults(func=run_restore)
+
 
 def _emit(text: str, output: str | None) -> None:
     if output:
@@ -93,4 +102,11 @@ def run_invalidate(args: argparse.Namespace) -> int:
         sb = parse_superblock(reader.block(0))
         marked = blocks_written_since(BtreeWalker(reader), sb, args.written_since)
     _emit(invalidate_xml(marked), args.output)
+    return 0
+
+
+def run_restore(args: argparse.Namespace) -> int:
+    from dmimage.era.restore import parse_xml, restore_era
+
+    restore_era(parse_xml(args.input), args.output)
     return 0

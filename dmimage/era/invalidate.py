@@ -1,11 +1,13 @@
 """era_invalidate: the blocks that may have changed since an era, as thin-provisioning-tools
 1.1 lists them.
 
-1.1 ORs the archived writesets of every era >= the threshold and, when the oldest archived
-writeset is newer than the threshold (older ones were folded into the era array), adds every
-block whose era-array entry is >= the threshold. The current, not yet archived, writeset is
-not read: checkpoint the era (and take a metadata snapshot) first, as the kernel's
-documentation describes.
+As 1.1: the archived writesets of every era >= the threshold, ORed, plus, when the oldest
+archived writeset is newer than the threshold (older ones were folded into the era array),
+every block whose era-array entry is >= the threshold. One deliberate difference: when the
+kernel has folded every writeset into the era array (the tree is empty, as it is soon after
+a few checkpoints), 1.1 lists nothing; dmimage reads the era array, which then holds the
+whole history. The current, not yet archived, writeset is not read: checkpoint the era first,
+as the kernel's documentation describes.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def blocks_written_since(walker: BtreeWalker, sb: EraSuperblock, threshold: int)
         bits = read_bitset(walker, root, words * 64, f"writeset of era {era}")
         m = min(n, len(bits))
         marked[:m] |= bits[:m]
-    if tree and min(tree) > threshold:
+    if not tree or min(tree) > threshold:
         arr = read_array(walker, sb.era_array_root, 4, "era array").values
         eras = arr.reshape(-1).view("<u4")[:n] if len(arr) else np.zeros(0, "<u4")
         marked[:len(eras)] |= eras >= threshold

@@ -1,4 +1,5 @@
-"""persistent-data's array (dm-array.c): a btree of array blocks, and the bitset built on it.
+"""persistent-data's array (dm-array.c), read and written: a btree of array blocks, and the
+bitset built on it.
 
 The btree maps array-block index -> block location; every array block holds ``max_entries``
 values of ``value_size`` bytes after a 24-byte header (format/cache.py). Only the last block
@@ -14,9 +15,10 @@ import numpy as np
 
 from dmimage.errors import BlockNumberError, ChecksumError, FormatError, MetadataError
 from dmimage.format.cache import ARRAY_BLOCK_HEADER, SALT_ARRAY_BLOCK
-from dmimage.format.checksum import checksum_ok
+from dmimage.format.checksum import checksum_ok, seal
 from dmimage.format.constants import BLOCK_SIZE
 from dmimage.pdata.btree import U64, BtreeWalker, Node
+from dmimage.pdata.writer import MAPPING_LEAF, MetadataImage, build_tree
 
 
 def max_entries(value_size: int) -> int:
@@ -99,3 +101,24 @@ def read_bitset(walker: BtreeWalker, root: int, nr_bits: int, what: str) -> np.n
                             block=root, field="bitset")
     bits = np.unpackbits(words.astype("<u8").view(np.uint8), bitorder="little")
     return bits[:nr_bits].astype(bool)
+
+
+def write_array(image: MetadataImage, values: np.ndarray) -> int:
+    """Write an array of ``values`` ((n, value_size) uint8) into ``image``: full array blocks
+    (the last one partial), then the btree over them; returns the btree's root."""
+    vs = values.shape[1]
+    per = max_entries(vs)
+    n = len(values)
+    nblocks = -(-n // per)
+    locs = image.alloc_many(nblocks)
+    blocks = np.zeros((nblocks, BLOCK_SIZE), np.uint8)
+    hdr = ARRAY_BLOCK_HEADER.size
+    for i, loc in enumerate(locs.tolist()):
+        part = values[i * per:(i + 1) * per]
+        row = blocks[i]
+        ARRAY_BLOCK_HEADER.pack_into(row.data, 0, 0, per, len(part), vs, loc)
+        row[hdr:hdr + part.size] = part.reshape(-1)
+        seal(row, SALT_ARRAY_BLOCK)
+    image.put(locs, blocks)
+    return build_tree(image, MAPPING_LEAF, np.arange(nblocks, dtype=np.uint64),
+                      locs.astype(np.uint64))
