@@ -138,12 +138,15 @@ def run_dump(args: argparse.Namespace) -> int:
     from dmimage.pdata.block import BlockReader
 
     with BlockReader(args.metadata) as reader:
-        text = cache_xml(read_cache(reader))
+        data = cache_xml(read_cache(reader))
     if args.output:
         with atomic_output(args.output) as f:
-            f.write(text.encode())
+            f.write(data)
     else:
-        write_text(text)
+        import sys
+
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
     return 0
 
 

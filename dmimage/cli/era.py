@@ -54,12 +54,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rs.set_defaults(func=run_restore)
 
 
-def _emit(text: str, output: str | None) -> None:
+def _emit(data: str | bytes, output: str | None) -> None:
+    raw = data.encode() if isinstance(data, str) else data
     if output:
         with atomic_output(output) as f:
-            f.write(text.encode())
+            f.write(raw)
     else:
-        write_text(text)
+        import sys
+
+        sys.stdout.buffer.write(raw)
+        sys.stdout.buffer.flush()
 
 
 def run_check(args: argparse.Namespace) -> int:

@@ -1,6 +1,7 @@
 """era_dump's XML, byte for byte as thin-provisioning-tools 1.1 writes it: every writeset (one
 <bit> per block, true or false) and the era array; ``logical`` folds the writesets into the
-era array instead (a block's era is that of the newest writeset holding it)."""
+era array instead (a block's era is that of the newest writeset holding it). Rows are
+rendered in bulk (numpy), not one Python string at a time."""
 
 from __future__ import annotations
 
@@ -8,14 +9,17 @@ import numpy as np
 
 from dmimage.era.metadata import EraMetadata
 
+# A general bulk renderer that lives with thin dump for now (a sideways import to move down).
+from dmimage.thin.dump.render import render_rows
 
-def _head(md: EraMetadata) -> str:
+
+def _head(md: EraMetadata) -> bytes:
     sb = md.sb
     return (f'<superblock uuid="" block_size="{sb.data_block_size}" nr_blocks="{sb.nr_blocks}" '
-            f'current_era="{sb.current_era}">')
+            f'current_era="{sb.current_era}">\n').encode()
 
 
-def era_xml(md: EraMetadata, *, logical: bool = False) -> str:
+def era_xml(md: EraMetadata, *, logical: bool = False) -> bytes:
     out = [_head(md)]
     eras = md.eras
     if logical:
@@ -27,15 +31,17 @@ def era_xml(md: EraMetadata, *, logical: bool = False) -> str:
     else:
         nb = md.sb.nr_blocks
         for era, (nr_bits, bits) in md.writesets.items():
-            out.append(f'  <writeset era="{era}" nr_bits="{nr_bits}">')
+            out.append(f'  <writeset era="{era}" nr_bits="{nr_bits}">\n'.encode())
             marked = np.flatnonzero(bits)
             end = max(nb, int(marked[-1]) + 1 if len(marked) else 0)
             values = np.zeros(end, bool)
             values[marked] = True
-            out += [f'    <bit block="{b}" value="{"true" if v else "false"}"/>'
-                    for b, v in enumerate(values.tolist())]
-            out.append("  </writeset>")
-    out.append("  <era_array>")
-    out += [f'    <era block="{b}" era="{e}"/>' for b, e in enumerate(eras.tolist())]
-    out += ["  </era_array>", "</superblock>"]
-    return "\n".join(out)
+            rows, _ = render_rows([b'    <bit block="', (b'" value="false"/>\n',
+                                                        b'" value="true"/>\n')],
+                                  [np.arange(end, dtype=np.uint64)], select=values)
+            out += [rows.tobytes(), b"  </writeset>\n"]
+    out.append(b"  <era_array>\n")
+    rows, _ = render_rows([b'    <era block="', b'" era="', b'"/>\n'],
+                          [np.arange(len(eras), dtype=np.uint64), eras])
+    out += [rows.tobytes(), b"  </era_array>\n</superblock>"]
+    return b"".join(out)
