@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -274,6 +275,30 @@ class MetadataImage:
         assert len(sb) == BLOCK_SIZE
         pwrite_all(fd, [memoryview(sb)], 0)
         _fsync(fd)
+
+
+def open_output(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """Open an existing file or block device for writing: (fd, size in bytes)."""
+    p = os.fspath(path)
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise DeviceError(f"{p}: no such file (create it with the metadata size you want, "
+                          "e.g. truncate -s 16M FILE)") from None
+    except OSError as exc:
+        raise DeviceError(f"{p}: {exc.strerror}") from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise DeviceError(f"{p}: not a regular file or block device")
+    try:
+        fd = os.open(p, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise DeviceError(f"{p}: cannot open for writing: {exc.strerror}") from None
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END) if stat.S_ISBLK(st.st_mode) else os.fstat(fd).st_size
+    except OSError as exc:
+        os.close(fd)
+        raise DeviceError(f"{p}: {exc.strerror}") from None
+    return fd, size
 
 
 def invalidate_superblock(fd: int) -> None:

@@ -39,8 +39,9 @@ from dmimage.pdata.writer import (
     build_tree,
     encode_bitmaps,
     encode_nodes,
+    open_output,
 )
-from dmimage.thin.restore import DETAILS_LEAF, open_output
+from dmimage.thin.restore import DETAILS_LEAF
 
 U64 = np.dtype("<u8")
 

@@ -18,7 +18,6 @@ Public API:
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from dmimage import devlock
-from dmimage.errors import DeviceError, InputError, OutputTooSmallError, UsageError
+from dmimage.errors import InputError, OutputTooSmallError, UsageError
 from dmimage.format.constants import (
     BLOCK_SIZE,
     ENTRIES_PER_BITMAP,
@@ -54,6 +53,7 @@ from dmimage.pdata.writer import (
     build_btree,
     build_tree,
     decode_node,
+    open_output,
     write_data_space_map,
     write_metadata_space_map,
 )
@@ -293,30 +293,6 @@ class RestoreResult:
     metadata_blocks: int
     blocks_written: int
     nr_allocated: int
-
-
-def open_output(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """Open an existing file or block device for writing: (fd, size in bytes)."""
-    p = os.fspath(path)
-    try:
-        st = os.stat(p)
-    except FileNotFoundError:
-        raise DeviceError(f"{p}: no such file (create it with the metadata size you want, "
-                          "e.g. truncate -s 16M FILE)") from None
-    except OSError as exc:
-        raise DeviceError(f"{p}: {exc.strerror}") from None
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        raise DeviceError(f"{p}: not a regular file or block device")
-    try:
-        fd = os.open(p, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise DeviceError(f"{p}: cannot open for writing: {exc.strerror}") from None
-    try:
-        size = os.lseek(fd, 0, os.SEEK_END) if stat.S_ISBLK(st.st_mode) else os.fstat(fd).st_size
-    except OSError as exc:
-        os.close(fd)
-        raise DeviceError(f"{p}: {exc.strerror}") from None
-    return fd, size
 
 
 def restore(ir: PoolIR, output: str | os.PathLike[str], *,

@@ -1,0 +1,1 @@
+"""dm-cache metadata: read, check and dump (format/cache.py has the layouts)."""

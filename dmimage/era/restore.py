@@ -1,0 +1,152 @@
+"""era_restore: dm-era metadata from era_dump's XML (<bit> or <marked> writesets).
+
+As era_restore 1.1 writes it: every writeset archived in the writeset tree, the current
+writeset empty (nr_bits = nr_blocks, no bitset), the era array, the clean-shutdown flag.
+Block placement is dmimage's own. Crash-safe like every dmimage writer (block 0 zeroed
+first, the superblock last after a flush); the output is never grown.
+"""
+
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dmimage import devlock
+from dmimage.errors import InputError, OutputTooSmallError
+from dmimage.format.checksum import seal
+from dmimage.format.constants import BLOCK_SIZE, MAX_METADATA_BLOCKS
+from dmimage.format.era import ERA_MAGIC, ERA_SUPERBLOCK, SALT_ERA_SUPERBLOCK, WRITESET_DTYPE
+from dmimage.pdata.array import write_array
+from dmimage.pdata.writer import (
+    MetadataImage,
+    NodeKind,
+    build_tree,
+    open_output,
+    write_metadata_space_map,
+)
+
+WRITESET_LEAF = NodeKind(True, WRITESET_DTYPE)
+FLAG_CLEAN_SHUTDOWN = 1
+
+
+@dataclass
+class EraIR:
+    block_size: int
+    nr_blocks: int
+    current_era: int
+    #: era -> (nr_bits, marked bits)
+    writesets: dict[int, tuple[int, np.ndarray]] = field(default_factory=dict)
+    eras: dict[int, int] = field(default_factory=dict)
+
+
+def _int(elem: ET.Element, name: str, limit: int = 2**32) -> int:
+    raw = elem.get(name)
+    if raw is None:
+        raise InputError(f"<{elem.tag}>: missing attribute {name}")
+    try:
+        v = int(raw, 10)
+    except ValueError:
+        raise InputError(f"<{elem.tag}> {name}={raw!r}: not a number") from None
+    if not 0 <= v < limit:
+        raise InputError(f"<{elem.tag}> {name}={v}: out of range")
+    return v
+
+
+def parse_xml(path: str) -> EraIR:
+    ir: EraIR | None = None
+    current: tuple[int, np.ndarray] | None = None
+    try:
+        for event, elem in ET.iterparse(path, events=("start", "end")):
+            tag = elem.tag
+            if event == "end":
+                if tag == "writeset":
+                    current = None
+                elem.clear()
+                continue
+            if tag == "superblock":
+                if ir is not None:
+                    raise InputError("duplicated <superblock>")
+                ir = EraIR(_int(elem, "block_size"), _int(elem, "nr_blocks"),
+                           _int(elem, "current_era"))
+            elif ir is None:
+                raise InputError(f"<{tag}> outside <superblock>")
+            elif tag == "writeset":
+                era, nr = _int(elem, "era"), _int(elem, "nr_bits")
+                if era in ir.writesets:
+                    raise InputError(f"writeset of era {era} given twice")
+                current = (nr, np.zeros(nr, bool))
+                ir.writesets[era] = current
+            elif tag in ("bit", "marked"):
+                if current is None:
+                    raise InputError(f"<{tag}> outside <writeset>")
+                nr, bits = current
+                if tag == "bit":
+                    b = _int(elem, "block", nr)
+                    v = elem.get("value")
+                    if v not in ("true", "false"):
+                        raise InputError(f"<bit block=\"{b}\">: value must be true or false")
+                    bits[b] = v == "true"
+                else:
+                    b, n = _int(elem, "block_begin"), _int(elem, "len")
+                    if n == 0 or b + n > nr:
+                        raise InputError(f"<marked block_begin=\"{b}\" len=\"{n}\">: outside "
+                                         f"the writeset's {nr} bits")
+                    bits[b:b + n] = True
+            elif tag == "era":
+                ir.eras[_int(elem, "block", ir.nr_blocks)] = _int(elem, "era")
+            elif tag != "era_array":
+                raise InputError(f"unknown element <{tag}>")
+    except ET.ParseError as exc:
+        raise InputError(f"{path}: {exc}") from None
+    except OSError as exc:
+        raise InputError(f"{path}: {exc.strerror}") from None
+    if ir is None:
+        raise InputError(f"{path}: no <superblock>")
+    return ir
+
+
+def _bitset_words(bits: np.ndarray) -> np.ndarray:
+    padded = np.concatenate([bits, np.zeros(-len(bits) % 64, bool)])
+    return np.packbits(padded, bitorder="little").reshape(-1, 8)
+
+
+def build_era(ir: EraIR, nr_blocks: int) -> tuple[MetadataImage, bytes]:
+    image = MetadataImage(nr_blocks)
+    image.alloc()  # block 0: the superblock
+    keys, values = [], []
+    for era in sorted(ir.writesets):
+        nr, bits = ir.writesets[era]
+        keys.append(era)
+        values.append((nr, write_array(image, _bitset_words(bits))))
+    ws_values = np.array(values, dtype=WRITESET_DTYPE) if values else \
+        np.zeros(0, WRITESET_DTYPE)
+    ws_root = build_tree(image, WRITESET_LEAF, np.array(keys, dtype=np.uint64), ws_values)
+    eras = np.zeros(ir.nr_blocks, "<u4")
+    for b, e in ir.eras.items():
+        eras[b] = e
+    era_root = write_array(image, eras.view(np.uint8).reshape(-1, 4))
+    sm_root = write_metadata_space_map(image)
+    sb = bytearray(BLOCK_SIZE)
+    ERA_SUPERBLOCK.pack_into(sb, 0, 0, FLAG_CLEAN_SHUTDOWN, 0, bytes(16), ERA_MAGIC, 1,
+                             sm_root.pack(), ir.block_size, BLOCK_SIZE // 512, ir.nr_blocks,
+                             ir.current_era, ir.nr_blocks, 0, ws_root, era_root, 0)
+    seal(sb, SALT_ERA_SUPERBLOCK)
+    return image, bytes(sb)
+
+
+def restore_era(ir: EraIR, output: str) -> None:
+    with devlock.hold(output, exclusive=True):
+        fd, size = open_output(output)
+        try:
+            nr_blocks = min(size // BLOCK_SIZE, MAX_METADATA_BLOCKS)
+            image, sb = build_era(ir, max(nr_blocks, 1))
+            if image.overflowed or nr_blocks < 1:
+                need = (image.high_water + 1) * BLOCK_SIZE
+                raise OutputTooSmallError(f"{output} is too small: {size} bytes, the metadata "
+                                          f"needs at least {need} bytes", needed_bytes=need)
+            image.flush_to(fd, sb)
+        finally:
+            os.close(fd)

@@ -1,0 +1,124 @@
+"""persistent-data's array (dm-array.c), read and written: a btree of array blocks, and the
+bitset built on it.
+
+The btree maps array-block index -> block location; every array block holds ``max_entries``
+values of ``value_size`` bytes after a 24-byte header (format/cache.py). Only the last block
+may be partly filled. Reading counts every array block in the walker's ``meta_counts``, as the
+metadata space map must.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dmimage.errors import BlockNumberError, ChecksumError, FormatError, MetadataError
+from dmimage.format.cache import ARRAY_BLOCK_HEADER, SALT_ARRAY_BLOCK
+from dmimage.format.checksum import checksum_ok, seal
+from dmimage.format.constants import BLOCK_SIZE
+from dmimage.pdata.btree import U64, BtreeWalker, Node
+from dmimage.pdata.writer import MAPPING_LEAF, MetadataImage, build_tree
+
+
+def max_entries(value_size: int) -> int:
+    return (BLOCK_SIZE - ARRAY_BLOCK_HEADER.size) // value_size
+
+
+@dataclass(frozen=True)
+class ArrayContents:
+    """The values of one array, ``values[i]`` the raw bytes of entry ``i``."""
+
+    values: np.ndarray  # uint8, shape (nr_entries, value_size)
+    #: array block locations in index order
+    blocks: list[int]
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+def read_array(walker: BtreeWalker, root: int, value_size: int, what: str) -> ArrayContents:
+    """Every entry of the array at ``root``; the first damage raises MetadataError."""
+    keys: list[np.ndarray] = []
+    locs: list[np.ndarray] = []
+
+    def leaf(node: Node) -> None:
+        keys.append(node.keys)
+        locs.append(node.values(U64))
+
+    summary = walker.walk(root, 8, leaf, what=f"{what} btree")
+    if summary is None:
+        raise MetadataError(f"{what}: btree root unusable", block=root)
+    k = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
+    v = np.concatenate(locs) if locs else np.zeros(0, np.uint64)
+    order = np.argsort(k, kind="stable")
+    k, v = k[order], v[order]
+    if len(k) and not np.array_equal(k, np.arange(len(k), dtype=k.dtype)):
+        gap = int(np.flatnonzero(k != np.arange(len(k), dtype=k.dtype))[0])
+        raise MetadataError(f"{what}: gaps in array indices (index {gap} missing)", block=root,
+                            field="array btree")
+    per = max_entries(value_size)
+    parts: list[bytes] = []
+    blocks = [int(b) for b in v.tolist()]
+    for i, b in enumerate(blocks):
+        walker._count(b)
+        raw = _array_block(walker, b, what, i)
+        _csum, mx, nr, vs, blocknr = ARRAY_BLOCK_HEADER.unpack_from(raw)
+        if blocknr != b:
+            raise BlockNumberError(f"{what}: array block {i} says it lives at block {blocknr}",
+                                   block=b, field="array block blocknr")
+        if vs != value_size or mx != per:
+            raise FormatError(f"{what}: array block {i} has value_size {vs}, max_entries {mx}; "
+                              f"expected {value_size}, {per}", block=b, field="array block")
+        if nr > mx or (i + 1 < len(blocks) and nr != mx):
+            raise FormatError(f"{what}: array block {i} holds {nr} of {mx} entries"
+                              + (" but is not the last block" if nr <= mx else ""),
+                              block=b, field="array block nr_entries")
+        off = ARRAY_BLOCK_HEADER.size
+        parts.append(bytes(raw[off:off + nr * vs]))
+    data = np.frombuffer(b"".join(parts), np.uint8).reshape(-1, value_size)
+    return ArrayContents(data, blocks)
+
+
+def _array_block(walker: BtreeWalker, b: int, what: str, i: int) -> memoryview:
+    if not 0 <= b < walker.reader.nr_blocks:
+        raise MetadataError(f"{what}: array block {i} at {b} lies past the end of the "
+                            "metadata device", block=b, field="array btree value")
+    raw = walker.reader.block(b)
+    if not checksum_ok(raw, SALT_ARRAY_BLOCK):
+        raise ChecksumError(f"{what}: array block {i}: bad checksum", block=b,
+                            field="array block")
+    return raw
+
+
+def read_bitset(walker: BtreeWalker, root: int, nr_bits: int, what: str) -> np.ndarray:
+    """A bitset (an array of u64 words) as ``nr_bits`` booleans."""
+    arr = read_array(walker, root, 8, what)
+    words = arr.values.reshape(-1).view("<u8") if len(arr) else np.zeros(0, "<u8")
+    need = -(-nr_bits // 64)
+    if len(words) < need:
+        raise MetadataError(f"{what}: {len(words)} words hold fewer than {nr_bits} bits",
+                            block=root, field="bitset")
+    bits = np.unpackbits(words.astype("<u8").view(np.uint8), bitorder="little")
+    return bits[:nr_bits].astype(bool)
+
+
+def write_array(image: MetadataImage, values: np.ndarray) -> int:
+    """Write an array of ``values`` ((n, value_size) uint8) into ``image``: full array blocks
+    (the last one partial), then the btree over them; returns the btree's root."""
+    vs = values.shape[1]
+    per = max_entries(vs)
+    n = len(values)
+    nblocks = -(-n // per)
+    locs = image.alloc_many(nblocks)
+    blocks = np.zeros((nblocks, BLOCK_SIZE), np.uint8)
+    hdr = ARRAY_BLOCK_HEADER.size
+    for i, loc in enumerate(locs.tolist()):
+        part = values[i * per:(i + 1) * per]
+        row = blocks[i]
+        ARRAY_BLOCK_HEADER.pack_into(row.data, 0, 0, per, len(part), vs, loc)
+        row[hdr:hdr + part.size] = part.reshape(-1)
+        seal(row, SALT_ARRAY_BLOCK)
+    image.put(locs, blocks)
+    return build_tree(image, MAPPING_LEAF, np.arange(nblocks, dtype=np.uint64),
+                      locs.astype(np.uint64))

@@ -1,0 +1,1 @@
+"""dm-snapshot's persistent exception store (COW devices): read, check, export, merge."""

@@ -1,0 +1,220 @@
+"""dm-cache metadata against thin-provisioning-tools 1.1: metadata written by cache_restore 1.1
+from seeded random XML (versions 1 and 2, several array blocks, multi-level array btrees);
+`dmimage cache dump` must be byte-identical to cache_dump 1.1 and `cache check` must give
+cache_check 1.1's verdict, on the pristine metadata and on damaged copies.
+
+The kernel's own cache metadata is read in vmtests/test_cache_guest.py."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import restore_xml
+
+from dmimage.cli.main import main
+from dmimage.format.cache import CACHE_SUPERBLOCK, CacheSuperblock
+
+import oracles
+
+TOOLS = oracles.tools_11()
+
+
+
+
+def restore(tmp: Path, xml: str, version: int, name: str) -> Path:
+    src, meta = tmp / f"{name}.xml", tmp / f"{name}.meta"
+    src.write_text(xml)
+    with open(meta, "wb") as f:
+        f.truncate(32 << 20)
+    subprocess.run([str(TOOLS.bindir / "cache_restore"), "-i", str(src), "-o", str(meta),
+                    "--metadata-version", str(version)], check=True, capture_output=True)
+    return meta
+
+
+def ours(*argv: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "dmimage", "cache", *argv],
+                          capture_output=True, timeout=120)
+
+
+def theirs(tool: str, *argv: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([str(TOOLS.bindir / tool), *argv], capture_output=True, timeout=120)
+
+
+CASES = [(1, 64, 0.5), (2, 64, 0.5), (1, 5000, 0.3), (2, 5000, 0.9), (2, 140_000, 0.05),
+         (1, 140_000, 0.02), (2, 1000, 0.0)]
+
+
+@pytest.fixture(scope="module")
+def pools(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    tmp = tmp_path_factory.mktemp("cache")
+    rng = random.Random(20261201)
+    return [restore(tmp, restore_xml.cache_xml(rng, n, fill), v, f"c{i}")
+            for i, (v, n, fill) in enumerate(CASES)]
+
+
+def test_layout_twins_agree() -> None:
+    fields = dict(csum=1, flags=2, blocknr=3, uuid=bytes(range(16)), magic=4, version=5,
+                  policy_name=b"smq".ljust(16, b"\0"), policy_hint_size=6,
+                  metadata_space_map_root=bytes(range(128)), mapping_root=7, hint_root=8,
+                  discard_root=9, discard_block_size=10, discard_nr_blocks=11,
+                  data_block_size=12, metadata_block_size=13, cache_blocks=14,
+                  compat_flags=15, compat_ro_flags=16, incompat_flags=17, read_hits=18,
+                  read_misses=19, write_hits=20, write_misses=21, policy_version=[22, 23, 24],
+                  dirty_root=25)
+    raw = CacheSuperblock.build(fields)
+    assert CACHE_SUPERBLOCK.unpack(raw)[5] == 5 and CACHE_SUPERBLOCK.unpack(raw)[-1] == 25
+    assert len(raw) == CACHE_SUPERBLOCK.size
+
+
+@pytest.mark.parametrize("i", range(len(CASES)))
+def test_dump_identical_and_check_clean(pools: list[Path], i: int) -> None:
+    meta = pools[i]
+    want = theirs("cache_dump", str(meta))
+    assert want.returncode == 0
+    got = ours("dump", str(meta))
+    assert got.returncode == 0, got.stderr
+    assert got.stdout == want.stdout
+    assert theirs("cache_check", str(meta)).returncode == 0
+    res = ours("check", str(meta))
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def _damage(src: Path, dst: Path, rng: random.Random, used: int) -> str:
+    buf = bytearray(src.read_bytes())
+    b = rng.randrange(used)
+    kind = rng.choice(["zero", "byte", "csum-ok-field"])
+    if kind == "zero":
+        buf[b * 4096:(b + 1) * 4096] = bytes(4096)
+    else:
+        off = b * 4096 + rng.randrange(4096)
+        buf[off] ^= 1 << rng.randrange(8)
+    dst.write_bytes(buf)
+    return f"{kind} block {b}"
+
+
+def test_damaged_verdicts_agree(pools: list[Path], tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Random single damages to used metadata blocks: the same exit status as cache_check 1.1
+    (0 against non-0), except where dmimage is stricter for a rule the kernel also enforces
+    (superblock magic and block number: 1.1 reads neither)."""
+    rng = random.Random(7)
+    disagreements = []
+    for meta in pools[:5]:
+        blocks = np.frombuffer(meta.read_bytes(), np.uint8).reshape(-1, 4096)
+        used = int(np.flatnonzero(blocks.any(axis=1)).max()) + 1
+        for k in range(12):
+            dst = tmp_path / f"{meta.stem}-{k}"
+            what = _damage(meta, dst, rng, used)
+            t = theirs("cache_check", str(dst)).returncode != 0
+            rc = main(["cache", "check", "-q", str(dst)])
+            err = capsys.readouterr().err
+            assert rc in (0, 1, 2) and "Traceback" not in err
+            if (rc != 0) != t:
+                disagreements.append(f"{meta.stem} {what}: 1.1 {'fails' if t else 'passes'}, "
+                                     f"dmimage exit {rc} {err.strip()}")
+    assert not disagreements, "\n".join(disagreements)
+
+
+def test_writeback_copies_exactly_the_dirty_blocks(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A cache_restore 1.1 pool with a known dirty set: writeback copies those blocks (64 KiB
+    each) from FAST to ORIGIN and nothing else; --dry-run counts without writing."""
+    xml = ('<superblock uuid="" block_size="128" nr_cache_blocks="8" policy="smq" '
+           'hint_width="4">\n  <mappings>\n'
+           '    <mapping cache_block="0" origin_block="3" dirty="true"/>\n'
+           '    <mapping cache_block="2" origin_block="1" dirty="false"/>\n'
+           '    <mapping cache_block="5" origin_block="7" dirty="true"/>\n'
+           '  </mappings>\n  <hints>\n  </hints>\n</superblock>')
+    bs = 128 * 512
+    for version in (1, 2):
+        meta = restore(tmp_path, xml, version, f"wb{version}")
+        fast, origin = tmp_path / "fast", tmp_path / "origin"
+        fast_bytes = np.random.default_rng(1).integers(0, 256, 8 * bs, dtype=np.uint8).tobytes()
+        org = np.random.default_rng(2).integers(0, 256, 10 * bs, dtype=np.uint8).tobytes()
+        fast.write_bytes(fast_bytes)
+        origin.write_bytes(org)
+        assert main(["cache", "writeback", "--dry-run", str(meta), str(fast), str(origin)]) == 0
+        assert "2 dirty blocks" in capsys.readouterr().out and origin.read_bytes() == org
+        assert main(["cache", "writeback", str(meta), str(fast), str(origin)]) == 0
+        want = bytearray(org)
+        for c, o in ((0, 3), (5, 7)):
+            want[o * bs:(o + 1) * bs] = fast_bytes[c * bs:(c + 1) * bs]
+        assert origin.read_bytes() == bytes(want)
+
+
+@pytest.mark.parametrize("i", range(len(CASES)))
+def test_restore_matches_cache_restore(pools: list[Path], tmp_path: Path, i: int) -> None:
+    """dmimage's restore of cache_dump 1.1's XML: cache_check 1.1 passes and cache_dump 1.1
+    gives the same XML as for 1.1's own restore; the flags and counters are 1.1's but for
+    read_misses (1.1 writes 9)."""
+    version = CASES[i][0]
+    xml = tmp_path / "in.xml"
+    xml.write_bytes(theirs("cache_dump", str(pools[i])).stdout)
+    out = tmp_path / "ours.meta"
+    with open(out, "wb") as f:
+        f.truncate(32 << 20)
+    res = ours("restore", "-i", str(xml), "-o", str(out), "--metadata-version", str(version))
+    assert res.returncode == 0, res.stderr
+    assert theirs("cache_check", str(out)).returncode == 0
+    assert theirs("cache_dump", str(out)).stdout == xml.read_bytes()
+    a = CACHE_SUPERBLOCK.unpack_from(out.read_bytes())
+    b = CACHE_SUPERBLOCK.unpack_from(pools[i].read_bytes())
+    names = ["csum", "flags", "blocknr", "uuid", "magic", "version", "policy", "hint_size",
+             "sm_root", "mapping_root", "hint_root", "discard_root", "discard_bs", "discard_nr",
+             "data_bs", "meta_bs", "cache_blocks", "compat", "compat_ro", "incompat", "rh", "rm",
+             "wh", "wm", "pv0", "pv1", "pv2", "dirty_root"]
+    differ = {n for n, x, y in zip(names, a, b, strict=True) if x != y}
+    assert differ <= {"csum", "sm_root", "mapping_root", "hint_root", "discard_root",
+                      "dirty_root", "rm"}, differ
+
+
+@pytest.mark.parametrize("xml,needle", [
+    ("<superblock uuid='' block_size='128' nr_cache_blocks='4' policy='smq' hint_width='4'>"
+     "<mappings><mapping cache_block='9' origin_block='1' dirty='true'/></mappings>"
+     "</superblock>", "cache_block=9: out of range"),
+    ("<superblock uuid='' block_size='128' nr_cache_blocks='4' policy='smq' hint_width='4'>"
+     "<mappings><mapping cache_block='1' origin_block='1' dirty='yes'/></mappings>"
+     "</superblock>", "dirty must be true or false"),
+    ("<superblock uuid='' block_size='128' nr_cache_blocks='4' policy='smq' hint_width='4'>"
+     "<hints><hint cache_block='1' data='AAA='/></hints></superblock>", "the hint width is 4"),
+    ("<superblock uuid='' block_size='128' nr_cache_blocks='4' policy='smq' hint_width='4'>"
+     "<mappings>", "no element found"),
+    ("<superblock bogus='1'/>", "unknown attribute bogus"),
+])
+def test_restore_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str], xml: str,
+                           needle: str) -> None:
+    src, out = tmp_path / "in.xml", tmp_path / "out.meta"
+    src.write_text(xml)
+    out.write_bytes(b"\xaa" * (1 << 20))
+    rc = main(["cache", "restore", "-i", str(src), "-o", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and needle in err and len(err.splitlines()) == 1
+    assert out.read_bytes() == b"\xaa" * (1 << 20)  # nothing written
+
+
+def test_restore_output_too_small(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src, out = tmp_path / "in.xml", tmp_path / "out.meta"
+    src.write_text(restore_xml.cache_xml(random.Random(4), 200_000, 0.5))
+    out.write_bytes(b"\xaa" * (64 << 10))
+    rc = main(["cache", "restore", "-i", str(src), "-o", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "too small" in err and out.read_bytes() == b"\xaa" * (64 << 10)
+
+
+@pytest.mark.parametrize("args", [
+    ["--nr-blocks", "1000000"], ["--block-size", "128", "--device-size", "1073741824"],
+    ["--nr-blocks", "12345", "-u", "m"], ["--nr-blocks", "12345", "-u", "G", "-n"],
+    ["--nr-blocks", "1", "--max-hint-width", "128", "-n=short"],
+    ["--block-size", "64k", "--device-size", "100g", "-u", "k", "-n=long"],
+    ["--nr-blocks", "999999999999"], ["--block-size", "32k", "--device-size", "1t"],
+])
+def test_metadata_size_matches_1_1(args: list[str]) -> None:
+    want = theirs("cache_metadata_size", *args)
+    got = ours("metadata-size", *args)
+    assert want.returncode == got.returncode == 0
+    assert got.stdout == want.stdout

@@ -1,0 +1,179 @@
+"""dm-snapshot exception stores: the kernel writes them, dmimage reads them exactly; dmimage's
+offline merge gives the origin the kernel's snapshot-merge gives it; stores the kernel
+invalidates or refuses, dmimage flags.
+
+Oracles: the guest's `dmsetup status` counters (sectors allocated, metadata sectors), the
+sha256 of the snapshot device in the guest, and the kernel's own snapshot-merge target."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+import shutil
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dmimage.guest.machine import Machine
+
+pytestmark = pytest.mark.vm
+
+CHUNK = 8  # sectors: 4 KiB chunks, 256 exceptions per metadata area
+ORIGIN_MIB = 8
+COW_MIB = 4
+
+
+def _dmimage(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dmimage", *argv], capture_output=True,
+                          text=True, timeout=300)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _status(vm: Machine, name: str) -> tuple[int, int, int]:
+    """(allocated, total, metadata) sectors from a snapshot's `dmsetup status`."""
+    fields = vm.sh(f"dmsetup status {name}").split()
+    alloc, total = fields[3].split("/")
+    return int(alloc), int(total), int(fields[4])
+
+
+def _stack(vm: Machine, origin: str, cow: str, writes: str) -> dict[str, object]:
+    """base (linear) <- snapshot (persistent store on cow) and snapshot-origin; run ``writes``
+    (shell, with $ORIG and $SNAP), record status and hashes, tear down."""
+    size = int(vm.sh(f"blockdev --getsz {origin}"))
+    vm.sh(f"dmsetup create sbase --table {shlex.quote(f'0 {size} linear {origin} 0')}")
+    vm.sh("dmsetup create ssnap --table "
+          + shlex.quote(f"0 {size} snapshot /dev/mapper/sbase {cow} P {CHUNK}"))
+    vm.sh("dmsetup create sorig --table "
+          + shlex.quote(f"0 {size} snapshot-origin /dev/mapper/sbase"))
+    try:
+        vm.sh(f"ORIG=/dev/mapper/sorig SNAP=/dev/mapper/ssnap; {writes}", timeout=300)
+        status_line = vm.sh("dmsetup status ssnap")
+        rec: dict[str, object] = {"status_line": status_line.strip()}
+        if "Invalid" not in status_line:
+            rec["status"] = _status(vm, "ssnap")
+            rec["snap_sha"] = vm.sha256_of("/dev/mapper/ssnap")
+        rec["orig_sha"] = vm.sha256_of("/dev/mapper/sorig")
+    finally:
+        vm.sh("dmsetup remove sorig; dmsetup remove ssnap; dmsetup remove sbase")
+    vm.check_dmesg(allow=("snapshot is invalidated", "Invalidating snapshot"))
+    return rec
+
+
+@pytest.fixture
+def disks(tmp_path: Path) -> tuple[Path, Path]:
+    origin, cow = tmp_path / "origin", tmp_path / "cow"
+    origin.write_bytes(np.random.default_rng(11).integers(0, 256, ORIGIN_MIB << 20,
+                                                           dtype=np.uint8).tobytes())
+    with open(cow, "wb") as f:
+        f.truncate(COW_MIB << 20)
+    return origin, cow
+
+
+# 300 origin chunks copied out (two full areas' worth crosses into a second area), writes to the
+# snapshot (new chunks and a rewrite of an already excepted one), and sub-chunk writes.
+WRITES = ("dd if=/dev/urandom of=$ORIG bs=4096 seek=100 count=300 conv=fsync status=none && "
+          "dd if=/dev/urandom of=$SNAP bs=4096 seek=1000 count=20 conv=fsync status=none && "
+          "dd if=/dev/urandom of=$SNAP bs=4096 seek=150 count=2 conv=fsync status=none && "
+          "dd if=/dev/urandom of=$SNAP bs=512 seek=16001 count=3 conv=fsync status=none && "
+          "dd if=/dev/urandom of=$ORIG bs=512 seek=12003 count=1 conv=fsync status=none")
+
+
+def test_kernel_store_read_exactly_and_merged(dm_vm: Machine, tmp_path: Path,
+                                              disks: tuple[Path, Path]) -> None:
+    origin, cow = disks
+    with dm_vm.disk(origin, read_only=False) as o, dm_vm.disk(cow, read_only=False) as c:
+        rec = _stack(dm_vm, o.guest_path, c.guest_path, WRITES)
+    status = rec["status"]
+    assert isinstance(status, tuple)
+    alloc, total, meta = status
+    assert _sha(origin) == rec["orig_sha"]
+
+    res = _dmimage("snapshot", "check", str(cow), str(origin), "--json")
+    assert res.returncode == 0, res.stdout + res.stderr
+    rep = json.loads(res.stdout)
+    # 300 + 20 + 1 (the 512-byte snapshot write's chunk) + 1 (the origin's) exceptions
+    assert rep["exceptions"] == 322 and rep["areas"] == 2
+    assert (rep["allocated_sectors"], rep["total_sectors"], rep["metadata_sectors"]) == \
+        (alloc, total, meta)
+
+    view = tmp_path / "view"
+    res = _dmimage("snapshot", "export", str(cow), str(origin), "-o", str(view))
+    assert res.returncode == 0, res.stderr
+    assert _sha(view) == rec["snap_sha"]
+
+    # The kernel's snapshot-merge on copies of both disks, against dmimage's offline merge.
+    k_origin, k_cow = tmp_path / "k_origin", tmp_path / "k_cow"
+    shutil.copyfile(origin, k_origin)
+    shutil.copyfile(cow, k_cow)
+    size = (ORIGIN_MIB << 20) // 512
+    with dm_vm.disk(k_origin, read_only=False) as o, dm_vm.disk(k_cow, read_only=False) as c:
+        dm_vm.sh(f"dmsetup create mbase --table {shlex.quote(f'0 {size} linear {o.guest_path} 0')}")
+        dm_vm.sh("dmsetup create smerge --table " + shlex.quote(
+            f"0 {size} snapshot-merge /dev/mapper/mbase {c.guest_path} P {CHUNK}"))
+        deadline = time.monotonic() + 120
+        while True:
+            a, _, m = _status(dm_vm, "smerge")
+            if a == m:
+                break
+            assert time.monotonic() < deadline, f"kernel merge stuck at {a}/{m}"
+            time.sleep(0.2)
+        merged_sha = dm_vm.sha256_of("/dev/mapper/smerge")
+        dm_vm.sh("dmsetup remove smerge; dmsetup remove mbase")
+    dm_vm.check_dmesg()
+    assert merged_sha == rec["snap_sha"]
+
+    res = _dmimage("snapshot", "merge", str(cow), str(origin))
+    assert res.returncode == 0, res.stderr
+    assert _sha(origin) == rec["snap_sha"]
+    assert origin.read_bytes() == k_origin.read_bytes()
+    # what the kernel left in its store after merging, dmimage reads as empty too
+    for store in (cow, k_cow):
+        rep = json.loads(_dmimage("snapshot", "check", str(store), "--json").stdout)
+        assert rep["exceptions"] == 0 and rep["problems"] == []
+
+    # The kernel takes dmimage's emptied store over the merged origin: nothing excepted.
+    with dm_vm.disk(origin, read_only=False) as o, dm_vm.disk(cow, read_only=False) as c:
+        again = _stack(dm_vm, o.guest_path, c.guest_path, "true")
+    assert again["snap_sha"] == again["orig_sha"] == rec["snap_sha"]
+    status = again["status"]
+    assert isinstance(status, tuple) and status[0] == status[2]
+
+
+def test_overflow_invalidates(dm_vm: Machine, tmp_path: Path) -> None:
+    """A COW of 16 chunks overflows; the kernel invalidates the snapshot, dmimage says so."""
+    origin, cow = tmp_path / "origin", tmp_path / "cow"
+    origin.write_bytes(bytes(1 << 20))
+    cow.write_bytes(bytes(16 * CHUNK * 512))
+    with dm_vm.disk(origin, read_only=False) as o, dm_vm.disk(cow, read_only=False) as c:
+        rec = _stack(dm_vm, o.guest_path, c.guest_path,
+                     "dd if=/dev/urandom of=$ORIG bs=4096 count=64 conv=fsync status=none")
+    assert "Invalid" in str(rec["status_line"])
+    res = _dmimage("snapshot", "check", str(cow))
+    assert res.returncode == 1 and "invalidated" in res.stdout
+    res = _dmimage("snapshot", "export", str(cow), str(origin), "-o", str(tmp_path / "v"))
+    assert res.returncode == 1 and "header.valid" in res.stderr
+
+
+def test_bad_magic_refused_by_both(dm_vm: Machine, tmp_path: Path) -> None:
+    origin, cow = tmp_path / "origin", tmp_path / "cow"
+    origin.write_bytes(bytes(1 << 20))
+    buf = bytearray(1 << 20)
+    struct.pack_into("<4I", buf, 0, 0x70416E54, 1, 1, CHUNK)
+    cow.write_bytes(buf)
+    with dm_vm.disk(origin, read_only=False) as o, dm_vm.disk(cow, read_only=False) as c:
+        res = dm_vm.run("dmsetup create sbad --table " + shlex.quote(
+            f"0 2048 snapshot {o.guest_path} {c.guest_path} P {CHUNK}"))
+        if res.ok:
+            dm_vm.sh("dmsetup remove sbad")
+    assert not res.ok and "Invalid or corrupt snapshot" in dm_vm.dmesg()
+    res2 = _dmimage("snapshot", "check", str(cow))
+    assert res2.returncode == 1 and "header.magic" in res2.stderr
