@@ -176,7 +176,9 @@ def commands(b: Built, work: Path) -> dict[str, tuple[list[str] | None, list[str
                   work / "delta.dm"),
         "rmap": ([f"{t}/thin_rmap", "--region", region, meta],
                  [*dm, "rmap", meta, "--region", region], work / "rmap.11", work / "rmap.dm"),
-        "export": (None, [*dm, "export", meta, str(b.data), "--dev-id", "0", "-o", "-"],
+        # the first 2 GiB of thin 0: the whole tree is still walked (validated, extent) first
+        "export": (None, [*dm, "export", meta, str(b.data), "--dev-id", "0", "--size", "2G",
+                          "-o", "-"],
                    None, None),
     }
 
