@@ -41,7 +41,8 @@ from dmimage.pdata.btree import (
     read_node,
 )
 
-__all__ = ["BATCH_LEAVES", "LeafBatch", "gather_leaves", "leaf_batches", "leaf_blocks"]
+__all__ = ["BATCH_LEAVES", "LeafBatch", "gather_leaves", "leaf_batches", "leaf_blocks",
+           "validated_leaves"]
 
 #: Leaves per batch (up to 252 mappings each: at most ~64,000 mappings, ~0.5 MB an array).
 BATCH_LEAVES = 256
@@ -99,10 +100,12 @@ def gather_leaves(reader: BlockReader, blocks: np.ndarray, *, values: bool = Tru
     return LeafBatch(blocks, counts, keys, vals)
 
 
-def _group_ok(reader: BlockReader, blocks: np.ndarray, lo: np.ndarray, hi_last: int,
-              root: bool, value_size: int) -> LeafBatch | None:
+def validated_leaves(reader: BlockReader, blocks: np.ndarray, lo: np.ndarray, hi_last: int, *,
+                     root: bool, value_size: int) -> LeafBatch | None:
     """Validate sibling leaves (children of one internal node, or a root leaf) as
-    read_node, fill_problem and order_problem would; None on the first doubt."""
+    read_node, fill_problem and order_problem would; None on the first doubt. ``lo``: each
+    leaf's lowest allowed key (the parent's keys), ``hi_last``: one past the last leaf's
+    highest; ``root``: no fill rule."""
     words = _words(reader)
     nblocks = reader.nr_blocks
     if int(blocks.min()) < 0 or int(blocks.max()) >= nblocks:
@@ -174,7 +177,7 @@ def leaf_batches(reader: BlockReader, root: int, value_size: int, what: str = "b
         if depth > MAX_DEPTH or leaf_depth not in (-1, depth):
             raise fail()
         leaf_depth = depth
-        got = _group_ok(reader, blocks, lo, hi, is_root, value_size)
+        got = validated_leaves(reader, blocks, lo, hi, root=is_root, value_size=value_size)
         if got is None:
             raise fail()
         pending.append(got)
