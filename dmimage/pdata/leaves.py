@@ -158,12 +158,14 @@ def validated_leaves(reader: BlockReader, blocks: np.ndarray, lo: np.ndarray, hi
 
 
 def leaf_batches(reader: BlockReader, root: int, value_size: int, what: str = "btree", *,
-                 batch: int = BATCH_LEAVES) -> Iterator[LeafBatch]:
-    """Every leaf of the tree at ``root`` in key order, about ``batch`` leaves at a time,
-    validated strictly (the first problem raises, as :func:`leaves_in_order` does).
+                 batch: int | None = None) -> Iterator[LeafBatch]:
+    """Every leaf of the tree at ``root`` in key order, about ``batch`` leaves at a time
+    (default :data:`BATCH_LEAVES`), validated strictly (the first problem raises, as
+    :func:`leaves_in_order` does).
 
     ``values`` of a batch are the u64 leaf values when ``value_size`` is 8 (else empty).
     """
+    batch = batch or BATCH_LEAVES
     pending: list[LeafBatch] = []
     npending = 0
     leaf_depth = -1  # every leaf must be at the same depth

@@ -35,8 +35,9 @@ import numpy as np
 from dmimage.errors import MetadataError, UsageError
 from dmimage.format.constants import BTREE_LEAF, MAPPING_VALUE_SIZE
 from dmimage.format.values import mapping_blocks
+from dmimage.pdata import leaves
 from dmimage.pdata.btree import MAX_DEPTH, U64, Node, order_problem, read_node
-from dmimage.pdata.leaves import BATCH_LEAVES, LeafBatch, gather_leaves, validated_leaves
+from dmimage.pdata.leaves import LeafBatch, gather_leaves, validated_leaves
 from dmimage.thin.pool import DeviceDetails, Pool
 
 __all__ = ["FIELDS", "DEFAULT_FIELDS", "DeviceUsage", "device_usage", "pretty_size",
@@ -306,8 +307,9 @@ def _multi_per_leaf(pool: Pool, forest: MappingForest, data: DataCounts) -> dict
     once = np.array([b for b, n in forest.leaf_entries.items() if n and forest.refs[b] == 1],
                     np.int64)
     out: dict[int, int] = {}
-    for s in range(0, len(once), BATCH_LEAVES):
-        batch = gather_leaves(pool.reader, once[s:s + BATCH_LEAVES])
+    step = leaves.BATCH_LEAVES
+    for s in range(0, len(once), step):
+        batch = gather_leaves(pool.reader, once[s:s + step])
         pool.reader.drop_pages()
         multi = data.multi(mapping_blocks(batch.values)).astype(np.int64)
         starts = np.cumsum(batch.counts) - batch.counts

@@ -25,8 +25,9 @@ import numpy as np
 
 from dmimage.format.constants import MAPPING_VALUE_SIZE
 from dmimage.format.values import unpack_mappings
+from dmimage.pdata import leaves
 from dmimage.pdata.block import BlockReader
-from dmimage.pdata.leaves import BATCH_LEAVES, gather_leaves, leaf_blocks
+from dmimage.pdata.leaves import gather_leaves, leaf_blocks
 from dmimage.thin.dump.reader import _device_ir, shared_leaf_items, superblock_ir
 from dmimage.thin.dump.walk import Emitter
 from dmimage.thin.ir import Runs
@@ -68,11 +69,12 @@ def share_items(lists: list[np.ndarray]) -> tuple[list[list[Item]], list[tuple[i
     return items, [(h, np.array(seq, np.int64)) for h, seq in defs]
 
 
-def leaf_runs(reader: BlockReader, blocks: np.ndarray, batch: int = BATCH_LEAVES
+def leaf_runs(reader: BlockReader, blocks: np.ndarray, batch: int | None = None
               ) -> Iterator[Runs]:
     """The mapping runs of consecutive leaves (validated before), ``batch`` leaves at a time;
     a run crossing a batch boundary is held back and merged, so the runs are exactly those
     of all the leaves at once. Empty results are not yielded."""
+    batch = batch or leaves.BATCH_LEAVES
     carry: Runs | None = None
     for s in range(0, len(blocks), batch):
         lb = gather_leaves(reader, blocks[s:s + batch])
@@ -101,10 +103,11 @@ def leaf_runs(reader: BlockReader, blocks: np.ndarray, batch: int = BATCH_LEAVES
 
 def stream_dump(pool: Pool, out: BinaryIO, emitter: Emitter, *,
                 dev_ids: Iterable[int] | None = None, skip_mappings: bool = False,
-                expand: bool = False, batch: int = BATCH_LEAVES) -> None:
+                expand: bool = False, batch: int | None = None) -> None:
     """Write the dump of ``pool`` in ``emitter``'s format to ``out`` as it is read: the
     same text as ``write_dump(pool_to_ir(pool, ...), ...)`` (``expand``: no defs, each
-    device's runs merged whole, as ``share=False`` and ``expand=True`` give)."""
+    device's runs merged whole, as ``share=False`` and ``expand=True`` give). ``batch``:
+    leaves read at a time (default :data:`~dmimage.pdata.leaves.BATCH_LEAVES`)."""
     emitter.doc.sink = out
     emitter.superblock_begin(superblock_ir(pool))
     details = pool.devices()
