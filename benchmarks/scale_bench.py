@@ -6,11 +6,11 @@ fragmented single mappings each (64 KiB blocks, every data block distinct and sh
 two mappings form a run), written as XML here and restored by thin_restore 1.1. Built pools are
 cached under ~/.cache/dmimage/bench/. Then check, dump, ls, restore, delta and rmap of both
 tools, and dmimage's export (1.1 has none), run REPEAT times each, interleaved; a cell is the
-median wall time / the largest peak RSS of the command's process (os.wait4's ru_maxrss).
+median wall time / the largest peak RSS of the command's process (GNU time's %M).
 
-The outputs must be byte-identical to 1.1's in the same run (dump, ls, delta, rmap; restore:
-thin_dump 1.1 of both restored pools); a difference, or a missed goal of the issue, makes the
-exit status 1.
+The outputs must be byte-identical to 1.1's in the same run (dump, ls, delta, rmap: sha256 of
+stdout, hashed as it streams; restore: thin_dump 1.1 of both restored pools); a difference, or
+a missed goal of the issue, makes the exit status 1.
 
     python benchmarks/scale_bench.py [--sizes 1M,10M] [--big] [--repeat 3] [--only CMD,...]
 """
@@ -18,6 +18,7 @@ exit status 1.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import statistics
 import subprocess
@@ -130,69 +131,70 @@ def build(total: int) -> Built:
 class Measure:
     seconds: float
     rss: int  # bytes
+    digest: str  # sha256 of stdout ("" when not kept)
 
 
-def run_once(argv: list[str], stdout: Path | None) -> Measure:
-    """Wall time and peak RSS of one command (its own process, from wait4)."""
-    out = open(stdout, "wb") if stdout else subprocess.DEVNULL
-    try:
-        t0 = time.perf_counter()
-        p = subprocess.Popen(argv, stdout=out, stderr=subprocess.PIPE)
-        assert p.stderr is not None
-        err = p.stderr.read()
-        _, status, usage = os.wait4(p.pid, 0)
-        dt = time.perf_counter() - t0
-        p.returncode = os.waitstatus_to_exitcode(status)
-    finally:
-        if stdout:
-            out.close()  # type: ignore[union-attr]
-    if p.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)} exited {p.returncode}: {err.decode()[-500:]}")
-    return Measure(dt, usage.ru_maxrss * 1024)
+def run_once(argv: list[str], hashed: bool) -> Measure:
+    """Wall time, peak RSS and (``hashed``) the sha256 of stdout of one command. Outputs are
+    hashed as they stream, never stored: at 10M mappings a dump is 700 MB. The peak RSS comes
+    from /usr/bin/time: a child forked from this (larger) process would start with this
+    process's RSS as its high-water mark."""
+    rss_file = CACHE / "rss.txt"
+    h = hashlib.sha256()
+    t0 = time.perf_counter()
+    p = subprocess.Popen(["/usr/bin/time", "-f", "%M", "-o", str(rss_file), *argv],
+                         stdout=subprocess.PIPE if hashed else subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    if p.stdout is not None:
+        while chunk := p.stdout.read(1 << 20):
+            h.update(chunk)
+    rc = p.wait()
+    dt = time.perf_counter() - t0
+    if rc != 0:
+        raise SystemExit(f"{' '.join(argv)} exited {rc}")
+    kib = int(rss_file.read_text().split()[-1])
+    return Measure(dt, kib * 1024, h.hexdigest() if hashed else "")
 
 
-def measure(argv: list[str], repeat: int, stdout: Path | None) -> Measure:
-    runs = [run_once(argv, stdout) for _ in range(repeat)]
-    return Measure(statistics.median(m.seconds for m in runs), max(m.rss for m in runs))
+def measure(argv: list[str], repeat: int, hashed: bool) -> Measure:
+    runs = [run_once(argv, hashed) for _ in range(repeat)]
+    digests = {m.digest for m in runs}
+    return Measure(statistics.median(m.seconds for m in runs), max(m.rss for m in runs),
+                   digests.pop() if len(digests) == 1 else "unstable")
 
 
-def commands(b: Built, work: Path) -> dict[str, tuple[list[str] | None, list[str],
-                                                     Path | None, Path | None]]:
-    """name -> (1.1 argv, dmimage argv, 1.1's output file, ours) for one pool."""
+def commands(b: Built, work: Path) -> dict[str, tuple[list[str] | None, list[str], bool]]:
+    """name -> (1.1 argv, dmimage argv, compare stdout) for one pool."""
     t, dm = str(TOOLS), [sys.executable, "-m", "dmimage"]
     meta = str(b.meta)
     region = f"0..{b.total}"
     return {
-        "check": ([f"{t}/thin_check", "-q", meta], [*dm, "check", "-q", meta], None, None),
-        "dump": ([f"{t}/thin_dump", meta], [*dm, "dump", meta], work / "dump.11",
-                 work / "dump.dm"),
+        "check": ([f"{t}/thin_check", "-q", meta], [*dm, "check", "-q", meta], False),
+        "dump": ([f"{t}/thin_dump", meta], [*dm, "dump", meta], True),
         "ls": ([f"{t}/thin_ls", "--format", LS_FIELDS, meta], [*dm, "ls", meta, "-o", LS_FIELDS],
-               work / "ls.11", work / "ls.dm"),
+               True),
         "restore": ([f"{t}/thin_restore", "-q", "-i", str(b.xml), "-o", str(work / "r11.meta")],
                     [*dm, "restore", "-q", "-i", str(b.xml), "-o", str(work / "rdm.meta")],
-                    None, None),
+                    False),
         "delta": ([f"{t}/thin_delta", "--snap1", "0", "--snap2", "1", meta],
-                  [*dm, "delta", meta, "--thin1", "0", "--thin2", "1"], work / "delta.11",
-                  work / "delta.dm"),
+                  [*dm, "delta", meta, "--thin1", "0", "--thin2", "1"], True),
         "rmap": ([f"{t}/thin_rmap", "--region", region, meta],
-                 [*dm, "rmap", meta, "--region", region], work / "rmap.11", work / "rmap.dm"),
+                 [*dm, "rmap", meta, "--region", region], True),
         # the first 2 GiB of thin 0: the whole tree is still walked (validated, extent) first
         "export": (None, [*dm, "export", meta, str(b.data), "--dev-id", "0", "--size", "2G",
-                          "-o", "-"],
-                   None, None),
+                          "-o", "-"], False),
     }
 
 
-def same_files(a: Path, b: Path) -> bool:
-    if a.stat().st_size != b.stat().st_size:
-        return False
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        while True:
-            x, y = fa.read(1 << 24), fb.read(1 << 24)
-            if x != y:
-                return False
-            if not x:
-                return True
+def dump_digest(meta: Path) -> str:
+    h = hashlib.sha256()
+    p = subprocess.Popen([f"{TOOLS}/thin_dump", str(meta)], stdout=subprocess.PIPE)
+    assert p.stdout is not None
+    while chunk := p.stdout.read(1 << 20):
+        h.update(chunk)
+    if p.wait():
+        return "thin_dump failed"
+    return h.hexdigest()
 
 
 def main() -> int:
@@ -221,21 +223,19 @@ def main() -> int:
         for path in (work / "r11.meta", work / "rdm.meta"):
             with open(path, "wb") as f:
                 f.truncate(b.meta.stat().st_size)
-        for name, (theirs, ours, out11, outdm) in commands(b, work).items():
+        for name, (theirs, ours, hashed) in commands(b, work).items():
             if only is not None and name not in only:
                 continue
-            m11 = measure(theirs, a.repeat, out11) if theirs else None
-            mdm = measure(ours, 1 if name == "export" else a.repeat, outdm)
+            m11 = measure(theirs, a.repeat, hashed) if theirs else None
+            mdm = measure(ours, 1 if name == "export" else a.repeat, hashed)
             notes: list[str] = []
-            if out11 and outdm and not same_files(out11, outdm):
+            if m11 and hashed and m11.digest != mdm.digest:
                 notes.append("OUTPUT DIFFERS")
             if name == "restore":
-                d11 = subprocess.run([f"{TOOLS}/thin_dump", str(work / "r11.meta")],
-                                     capture_output=True, check=True).stdout
-                ddm = subprocess.run([f"{TOOLS}/thin_dump", str(work / "rdm.meta")],
-                                     capture_output=True, check=True).stdout
-                if d11 != ddm:
+                if dump_digest(work / "r11.meta") != dump_digest(work / "rdm.meta"):
                     notes.append("RESTORED POOL DIFFERS")
+                for path in (work / "r11.meta", work / "rdm.meta"):
+                    path.unlink()
             tr = mr = None
             if m11:
                 tr, mr = mdm.seconds / m11.seconds, mdm.rss / m11.rss

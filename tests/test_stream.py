@@ -214,3 +214,14 @@ def test_export_identical_to_transaction_reads(shared_pool: tuple[Path, Path],
             want = wp.read(dev, 0, size)
             assert (tmp_path / f"{dev}.img").read_bytes() == want
             assert (b"two" in want) == (dev == 2) and (b"four" in want) == (dev == 4)
+
+
+@pytest.mark.parametrize("pair", [(1, 2), (1, 4), (2, 3), (6, 1), (5, 4)])
+def test_delta_identical_to_thin_delta_11(shared_pool: tuple[Path, Path],
+                                          tools11: oracles.Tools, tiny_batches: None,
+                                          pair: tuple[int, int]) -> None:
+    meta, _ = shared_pool
+    a, b = (str(x) for x in pair)
+    for verbose in ((), ("--verbose",)):
+        want = _tool(tools11, "thin_delta", "--snap1", a, "--snap2", b, *verbose, str(meta))
+        assert _ours("delta", str(meta), "--thin1", a, "--thin2", b, *verbose) == want

@@ -24,7 +24,8 @@ import numpy as np
 
 from dmimage.format.constants import MAPPING_VALUE_SIZE
 from dmimage.format.values import mapping_blocks
-from dmimage.pdata.btree import U64, tree_items
+from dmimage.pdata.btree import U64
+from dmimage.pdata.leaves import leaf_batches
 from dmimage.thin.pool import Pool
 
 __all__ = ["KINDS", "Delta", "diff_mappings", "side_mappings", "delta_xml", "delta_json"]
@@ -50,14 +51,22 @@ class Delta:
 
 def side_mappings(pool: Pool, *, dev_id: int | None = None, root: int | None = None
                   ) -> tuple[np.ndarray, np.ndarray]:
-    """(virtual, data) arrays of a device, or of the bottom-level tree at ``root``."""
+    """(virtual, data) arrays of a device, or of the bottom-level tree at ``root`` (read a
+    batch of leaves at a time: the arrays are all that is kept)."""
     if dev_id is not None:
-        m = pool.mappings(dev_id)
-        return m.origin, m.data
-    assert root is not None
-    keys, vals = tree_items(pool.reader, root, MAPPING_VALUE_SIZE, U64,
-                            what=f"mapping tree at block {root}")
-    return keys, mapping_blocks(vals)
+        root, what = pool.mapping_root(dev_id), f"mapping tree of device {dev_id}"
+    else:
+        assert root is not None
+        what = f"mapping tree at block {root}"
+    keys: list[np.ndarray] = []
+    data: list[np.ndarray] = []
+    for batch in leaf_batches(pool.reader, root, MAPPING_VALUE_SIZE, what):
+        keys.append(batch.keys)
+        data.append(mapping_blocks(batch.values))
+        pool.reader.drop_pages()
+    if not keys:
+        return np.empty(0, U64), np.empty(0, U64)
+    return np.concatenate(keys), np.concatenate(data)
 
 
 def _lookup(keys: np.ndarray, values: np.ndarray, at: np.ndarray

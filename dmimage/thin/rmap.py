@@ -17,6 +17,7 @@ thin_rmap 1.1.0's behaviour (read from its source; reproduced with our own code)
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,10 +26,11 @@ from dmimage.errors import UsageError
 from dmimage.format.values import mapping_blocks
 from dmimage.pdata.btree import U64
 from dmimage.pdata.leaves import LeafBatch
+from dmimage.thin.dump.render import CHUNK_ROWS, render_rows
 from dmimage.thin.ls import MappingForest
 from dmimage.thin.pool import Pool
 
-__all__ = ["RmapRuns", "parse_region", "rmap", "rmap_text", "rmap_json"]
+__all__ = ["RmapRuns", "parse_region", "rmap", "rmap_chunks", "rmap_text", "rmap_json"]
 
 
 @dataclass(slots=True)
@@ -95,11 +97,21 @@ def rmap(pool: Pool, regions: list[tuple[int, int]]) -> RmapRuns:
     return RmapRuns(db[order], de[order], dv[order], tb[order])
 
 
+_TEXT_PARTS = [b"data ", b"..", b" -> thin(", b") ", b"..", b"\n"]
+
+
+def rmap_chunks(r: RmapRuns) -> Iterator[bytes]:
+    """The text, ``data B..E -> thin(D) V..W`` per line, a batch of lines at a time
+    (rendered in bulk by dump/render.py)."""
+    cols = [r.data_begin, r.data_end, r.dev_id, r.thin_begin,
+            r.thin_begin + (r.data_end - r.data_begin)]
+    for s in range(0, len(r), CHUNK_ROWS):
+        data, _ = render_rows(_TEXT_PARTS, [c[s:s + CHUNK_ROWS] for c in cols])
+        yield data.tobytes()
+
+
 def rmap_text(r: RmapRuns) -> str:
-    return "".join(
-        f"data {b}..{e} -> thin({d}) {t}..{t + (e - b)}\n"
-        for b, e, d, t in zip(r.data_begin.tolist(), r.data_end.tolist(), r.dev_id.tolist(),
-                              r.thin_begin.tolist(), strict=True))
+    return b"".join(rmap_chunks(r)).decode("ascii")
 
 
 def rmap_json(r: RmapRuns) -> str:
