@@ -18,6 +18,7 @@ thin_delta 1.1.0's rule (read from its source; reproduced with our own, vectoris
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +29,8 @@ from dmimage.pdata.btree import U64
 from dmimage.pdata.leaves import leaf_batches
 from dmimage.thin.pool import Pool
 
-__all__ = ["KINDS", "Delta", "diff_mappings", "side_mappings", "delta_xml", "delta_json"]
+__all__ = ["KINDS", "Delta", "diff_mappings", "side_batches", "side_mappings", "stream_diff",
+           "delta_xml", "delta_json"]
 
 #: Class codes, in the order of :attr:`Delta.kind` values.
 KINDS = ("left_only", "right_only", "same", "different")
@@ -49,24 +51,83 @@ class Delta:
         return len(self.kind)
 
 
-def side_mappings(pool: Pool, *, dev_id: int | None = None, root: int | None = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """(virtual, data) arrays of a device, or of the bottom-level tree at ``root`` (read a
-    batch of leaves at a time: the arrays are all that is kept)."""
+Side = Iterator[tuple[np.ndarray, np.ndarray]]
+
+
+def side_batches(pool: Pool, *, dev_id: int | None = None, root: int | None = None) -> Side:
+    """(virtual, data) arrays of a device, or of the bottom-level tree at ``root``, a batch
+    of leaves at a time in key order."""
     if dev_id is not None:
         root, what = pool.mapping_root(dev_id), f"mapping tree of device {dev_id}"
     else:
         assert root is not None
         what = f"mapping tree at block {root}"
-    keys: list[np.ndarray] = []
-    data: list[np.ndarray] = []
     for batch in leaf_batches(pool.reader, root, MAPPING_VALUE_SIZE, what):
-        keys.append(batch.keys)
-        data.append(mapping_blocks(batch.values))
         pool.reader.drop_pages()
-    if not keys:
+        if len(batch):
+            yield np.asarray(batch.keys, U64), mapping_blocks(batch.values)
+
+
+def side_mappings(pool: Pool, *, dev_id: int | None = None, root: int | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(virtual, data) arrays of a device, or of the bottom-level tree at ``root``."""
+    parts = list(side_batches(pool, dev_id=dev_id, root=root))
+    if not parts:
         return np.empty(0, U64), np.empty(0, U64)
-    return np.concatenate(keys), np.concatenate(data)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def stream_diff(left: Side, right: Side) -> Delta:
+    """:func:`diff_mappings` of two sides read batch by batch: each step classifies the
+    keys up to the smaller of the two buffers' last keys, so memory is a batch per side plus
+    the runs (the output), not the mappings."""
+    empty = np.empty(0, U64)
+    lk, ld, rk, rd = empty, empty, empty, empty
+    ldone = rdone = False
+    parts: list[Delta] = []
+    while True:
+        while not ldone and not len(lk):
+            try:
+                lk, ld = next(left)
+            except StopIteration:
+                ldone = True
+        while not rdone and not len(rk):
+            try:
+                rk, rd = next(right)
+            except StopIteration:
+                rdone = True
+        if not len(lk) and not len(rk):
+            break
+        # a side still being read may hold keys up to its buffer's last key only
+        bounds = [int(k[-1]) for k, done in ((lk, ldone), (rk, rdone)) if not done]
+        if bounds:
+            bound = np.uint64(min(bounds))
+            li = int(np.searchsorted(lk, bound, "right"))
+            ri = int(np.searchsorted(rk, bound, "right"))
+        else:
+            li, ri = len(lk), len(rk)
+        parts.append(diff_mappings(lk[:li], ld[:li], rk[:ri], rd[:ri]))
+        lk, ld, rk, rd = lk[li:], ld[li:], rk[ri:], rd[ri:]
+    return _joined(parts)
+
+
+def _joined(parts: list[Delta]) -> Delta:
+    """The runs of consecutive pieces, a run split at a seam joined again (each piece's own
+    runs are maximal, so only seams can join)."""
+    if not parts:
+        e = np.empty(0, U64)
+        return Delta(np.empty(0, np.uint8), e, e.copy(), e.copy(), e.copy())
+    kind, begin, length, ld, rd = (np.concatenate([getattr(p, f) for p in parts]) for f in
+                                   ("kind", "begin", "length", "left_data", "right_data"))
+    n = len(kind)
+    if n < 2:
+        return Delta(kind, begin, length, ld, rd)
+    join = (kind[1:] == kind[:-1]) & (begin[1:] == begin[:-1] + length[:-1])
+    if not join.any():
+        return Delta(kind, begin, length, ld, rd)
+    starts = np.flatnonzero(np.concatenate([[True], ~join]))
+    return Delta(kind[starts], begin[starts], np.add.reduceat(length, starts).astype(U64),
+                 ld[starts], rd[starts])
 
 
 def _lookup(keys: np.ndarray, values: np.ndarray, at: np.ndarray
