@@ -86,7 +86,8 @@ class _Checker:
         self.reader = reader
         self.report = report
         self.meta_counts = np.zeros(reader.nr_blocks, dtype=np.uint32)
-        self.walker = BtreeWalker(reader, meta_counts=self.meta_counts, on_error=self.error)
+        self.walker = BtreeWalker(reader, meta_counts=self.meta_counts, on_error=self.error,
+                                  batch_leaves=True)
         #: data blocks referenced by the leaves walked, counted as the walk goes (blocks at
         #: or past ``data_limit`` only in ``beyond``): memory is the data space map's size,
         #: not the number of mappings
