@@ -59,8 +59,8 @@ def share_items(lists: list[np.ndarray]) -> tuple[list[list[Item]], list[tuple[i
     """thin_dump 1.1's defs and each device's items (reader.shared_leaf_items), with a fast
     answer for the common case of no leaf reached twice."""
     if lists:
-        every = np.concatenate(lists)
-        if len(np.unique(every)) == len(every):
+        every = np.sort(np.concatenate(lists))
+        if not bool((every[1:] == every[:-1]).any()):
             return [[(False, lst)] if len(lst) else [] for lst in lists], []
     per_dev, defs = shared_leaf_items([lst.tolist() for lst in lists])
     items: list[list[Item]] = [
