@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    from dmimage.thin.delta import delta_json, delta_xml, diff_mappings, side_mappings
+    from dmimage.thin.delta import delta_json, delta_xml, side_batches, stream_diff
     from dmimage.thin.pool import open_pool
 
     meta, snap = resolve_meta(args.meta, args.metadata_snap)
@@ -46,12 +46,12 @@ def run(args: argparse.Namespace) -> int:
         for name, dev, root in (("left", args.thin1, args.root1),
                                 ("right", args.thin2, args.root2)):
             if dev is not None:
-                sides.append(side_mappings(pool, dev_id=dev))
+                sides.append(side_batches(pool, dev_id=dev))
                 labels.append((name, dev))
             else:
-                sides.append(side_mappings(pool, root=root))
+                sides.append(side_batches(pool, root=root))
                 labels.append((f"{name}_root", root))
-        d = diff_mappings(*sides[0], *sides[1])
+        d = stream_diff(sides[0], sides[1])
         if args.json:
             text = delta_json(pool, labels[0], labels[1], d)
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from dmimage.cli._locking import add_lock_plan
 from dmimage.cli._meta_args import add_metadata_snap, resolve_meta
@@ -26,11 +27,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def run(args: argparse.Namespace) -> int:
     from dmimage.thin.pool import open_pool
-    from dmimage.thin.rmap import parse_region, rmap, rmap_json, rmap_text
+    from dmimage.thin.rmap import parse_region, rmap, rmap_chunks, rmap_json
 
     meta, snap = resolve_meta(args.meta, args.metadata_snap)
     regions = [parse_region(r) for r in args.regions]
     with open_pool(meta, metadata_snap=snap) as pool:
         runs = rmap(pool, regions)
-    write_text(rmap_json(runs) if args.json else rmap_text(runs))
+    if args.json:
+        write_text(rmap_json(runs))
+        return 0
+    out = sys.stdout.buffer
+    for chunk in rmap_chunks(runs):
+        out.write(chunk)
+    out.flush()
     return 0

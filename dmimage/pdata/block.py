@@ -94,6 +94,12 @@ class BlockReader:
         start = blocknr * BLOCK_SIZE
         return self._view[start : start + BLOCK_SIZE]
 
+    def drop_pages(self) -> None:
+        """Let go of the mapped pages read so far (they stay in the page cache): a walk
+        over a metadata device of any size then keeps only what it reads next resident."""
+        if hasattr(mmap, "MADV_DONTNEED") and not self._mmap.closed:
+            self._mmap.madvise(mmap.MADV_DONTNEED)
+
     def buffer(self) -> memoryview:
         """The whole device as one read-only buffer (for numpy views over many blocks)."""
         return self._view

@@ -220,10 +220,16 @@ class BtreeWalker:
         *,
         meta_counts: np.ndarray | None = None,
         on_error: ErrorSink = _raise,
+        batch_leaves: bool = False,
     ):
+        """``batch_leaves``: sibling leaves of 8-byte values, none seen before and all
+        sound, are validated together (pdata/leaves.py) and handed to ``visit_leaf`` as one
+        node holding all their entries (block number: the first leaf's); the results are
+        the same, only faster. Anything doubtful takes the one-node path."""
         self.reader = reader
         self.meta_counts = meta_counts
         self.on_error = on_error
+        self.batch_leaves = batch_leaves
         self._summaries: dict[int, SubtreeSummary | None] = {}
         self._in_progress: set[int] = set()
         self._value_size: dict[int, int] = {}
@@ -369,6 +375,10 @@ class BtreeWalker:
             if visit_leaf is not None:
                 visit_leaf(node)
             return SubtreeSummary(0, first, last, nr)
+        if self.batch_leaves and vs == 8 and depth + 1 <= MAX_DEPTH:
+            fast = self._leaf_group(node, visit_leaf, hi)
+            if fast is not None:
+                return fast
         self._in_progress.add(b)
         try:
             children = node.values(U64).tolist()
@@ -398,6 +408,40 @@ class BtreeWalker:
             return SubtreeSummary(height + 1, real_first, real_last, entries)
         finally:
             self._in_progress.discard(b)
+
+
+    def _leaf_group(self, node: Node, visit_leaf: LeafVisitor | None, hi: int
+                    ) -> SubtreeSummary | None:
+        """The children of ``node`` as fresh, sound leaves, all at once; None (nothing
+        recorded) when they are not."""
+        from dmimage.pdata.leaves import validated_leaves
+
+        reader = self.reader
+        kids = node.values(U64).astype(np.int64)
+        first = int(kids[0])
+        if not 0 <= first < reader.nr_blocks or reader.block(first)[4] != BTREE_LEAF:
+            return None
+        kid_list = kids.tolist()
+        if len(set(kid_list)) != len(kid_list) or any(
+                k in self._summaries or k in self._in_progress for k in kid_list):
+            return None
+        batch = validated_leaves(reader, kids, node.keys.copy(), hi, root=False, value_size=8)
+        if batch is None or not bool((batch.counts > 0).all()):
+            return None
+        counts = self.meta_counts
+        if counts is not None:
+            np.add.at(counts, kids[(kids >= 0) & (kids < len(counts))], np.uint32(1))
+        ends = np.cumsum(batch.counts)
+        firsts = batch.keys[ends - batch.counts].tolist()
+        lasts = batch.keys[ends - 1].tolist()
+        for k, n, lo_k, hi_k in zip(kid_list, batch.counts.tolist(), firsts, lasts,
+                                    strict=True):
+            self._value_size[k] = 8
+            self._summaries[k] = SubtreeSummary(0, lo_k, hi_k, n)
+        if visit_leaf is not None:
+            visit_leaf(Node(first, True, len(batch.keys), len(batch.keys), 8, batch.keys,
+                            batch.values.data))
+        return SubtreeSummary(1, firsts[0], lasts[-1], len(batch.keys))
 
 
 def _prefixed(err: MetadataError, what: str) -> MetadataError:

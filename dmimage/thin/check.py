@@ -30,6 +30,8 @@ from dmimage.thin.superblock import Superblock, read_superblock
 
 #: How many example blocks a summarised problem names.
 EXAMPLES = 5
+#: Data block references counted at once.
+DATA_BATCH = 1 << 16
 
 
 #: Where a problem was found (:attr:`Problem.scope`): the structure whose walk met it. A node
@@ -84,9 +86,18 @@ class _Checker:
         self.reader = reader
         self.report = report
         self.meta_counts = np.zeros(reader.nr_blocks, dtype=np.uint32)
-        self.walker = BtreeWalker(reader, meta_counts=self.meta_counts, on_error=self.error)
-        #: (scope, data blocks of one leaf) for every mapping leaf walked
-        self.data_leaves: list[tuple[str, np.ndarray]] = []
+        self.walker = BtreeWalker(reader, meta_counts=self.meta_counts, on_error=self.error,
+                                  batch_leaves=True)
+        #: data blocks referenced by the leaves walked, counted as the walk goes (blocks at
+        #: or past ``data_limit`` only in ``beyond``): memory is the data space map's size,
+        #: not the number of mappings
+        self.data_limit = 0
+        self.data_counts = np.zeros(0, np.uint32)
+        #: scope -> [mappings beyond the data device, the first such data block]
+        self.beyond: dict[str, list[int]] = {}
+        self._pending: list[np.ndarray] = []
+        self._pending_scope = ""
+        self._pending_n = 0
         #: the structure being walked; stamped on every problem reported (SCOPES)
         self.scope = "superblock"
 
@@ -96,6 +107,32 @@ class _Checker:
         if err.scope is None:
             err.scope = self.scope
         self.report.problems.append(err)
+
+    # -- data references -------------------------------------------------------------
+    def data_leaf(self, blocks: np.ndarray) -> None:
+        """Count one leaf's data blocks (buffered: counted a batch at a time)."""
+        if self._pending and self.scope != self._pending_scope:
+            self.flush_data()
+        self._pending_scope = self.scope
+        self._pending.append(blocks)
+        self._pending_n += len(blocks)
+        if self._pending_n >= DATA_BATCH:
+            self.flush_data()
+
+    def flush_data(self) -> None:
+        if not self._pending:
+            return
+        blocks = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
+        self._pending, self._pending_n = [], 0
+        self.reader.drop_pages()  # the leaves counted here are not read again
+        beyond = blocks >= np.uint64(self.data_limit)
+        if beyond.any():
+            seen = self.beyond.setdefault(self._pending_scope, [0, int(blocks[beyond][0])])
+            seen[0] += int(np.count_nonzero(beyond))
+            blocks = blocks[~beyond]
+        if len(self.data_counts):
+            # a uint32 increment keeps add.at on its fast path (no casting: ~60x faster)
+            np.add.at(self.data_counts, blocks.astype(np.intp), np.uint32(1))
 
     # -- trees -------------------------------------------------------------------------
     def device_ids(self, sb: Superblock, label: str) -> dict[int, int]:
@@ -126,7 +163,7 @@ class _Checker:
         total = 0
 
         def leaf(node: Node) -> None:
-            self.data_leaves.append((self.scope, mapping_blocks(node.values(U64))))
+            self.data_leaf(mapping_blocks(node.values(U64)))
 
         for dev, root in sorted(roots.items()):
             self.scope = "metadata-snapshot" if label else f"device:{dev}"
@@ -253,6 +290,13 @@ def check_metadata(
         if super_block_only:
             return report
         c = _Checker(reader, report)
+        # every mapping must lie inside the data device the superblock describes, whether or
+        # not its space map is readable (export refuses the same mappings)
+        limit = sb.data_sm.nr_blocks
+        if not skip_mappings:
+            c.data_limit = limit
+            if sb.data_sm.nr_bitmaps <= reader.nr_blocks:  # else read_sm reports it
+                c.data_counts = np.zeros(limit, np.uint32)
         c.meta_counts[0] += 1
         held: Superblock | None = None
         c.scope = "metadata-snapshot"
@@ -275,31 +319,14 @@ def check_metadata(
         meta_sm = c.read_sm(sb, metadata=True)
         if skip_mappings:
             return report
-        # every mapping must lie inside the data device the superblock describes, whether or
-        # not its space map is readable (export refuses the same mappings)
-        limit = sb.data_sm.nr_blocks
-        by_scope: dict[str, list[np.ndarray]] = {}
-        for scope, blocks in c.data_leaves:
-            by_scope.setdefault(scope, []).append(blocks)
-        kept = []
-        for scope, parts in by_scope.items():
-            blocks = np.concatenate(parts)
-            beyond = blocks >= limit
-            if beyond.any():
-                whose = scope.replace("device:", "device ")
-                c.error(Problem(f"{whose}: {int(beyond.sum())} mappings point beyond the data "
-                                f"device (nr_data_blocks {limit}, e.g. data block "
-                                f"{int(blocks[beyond][0])})", field="mapping value",
-                                scope=scope))
-                blocks = blocks[~beyond]
-            kept.append(blocks)
+        c.flush_data()
+        for scope, (count, example) in c.beyond.items():
+            whose = scope.replace("device:", "device ")
+            c.error(Problem(f"{whose}: {count} mappings point beyond the data device "
+                            f"(nr_data_blocks {limit}, e.g. data block {example})",
+                            field="mapping value", scope=scope))
         if data_sm is not None:
-            if kept:
-                expected = np.bincount(np.concatenate(kept).astype(np.int64),
-                                       minlength=len(data_sm.counts)).astype(np.uint32)
-            else:
-                expected = np.zeros(len(data_sm.counts), np.uint32)
-            report.leaked_data_blocks = c.compare(data_sm, expected, "data space map")
+            report.leaked_data_blocks = c.compare(data_sm, c.data_counts, "data space map")
         if meta_sm is not None:
             report.leaked_metadata_blocks = c.compare(meta_sm, c.meta_counts,
                                                       "metadata space map")

@@ -18,16 +18,19 @@ thin_delta 1.1.0's rule (read from its source; reproduced with our own, vectoris
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from dmimage.format.constants import MAPPING_VALUE_SIZE
 from dmimage.format.values import mapping_blocks
-from dmimage.pdata.btree import U64, tree_items
+from dmimage.pdata.btree import U64
+from dmimage.pdata.leaves import leaf_batches
 from dmimage.thin.pool import Pool
 
-__all__ = ["KINDS", "Delta", "diff_mappings", "side_mappings", "delta_xml", "delta_json"]
+__all__ = ["KINDS", "Delta", "diff_mappings", "side_batches", "side_mappings", "stream_diff",
+           "delta_xml", "delta_json"]
 
 #: Class codes, in the order of :attr:`Delta.kind` values.
 KINDS = ("left_only", "right_only", "same", "different")
@@ -48,26 +51,97 @@ class Delta:
         return len(self.kind)
 
 
+Side = Iterator[tuple[np.ndarray, np.ndarray]]
+
+
+def side_batches(pool: Pool, *, dev_id: int | None = None, root: int | None = None) -> Side:
+    """(virtual, data) arrays of a device, or of the bottom-level tree at ``root``, a batch
+    of leaves at a time in key order."""
+    if dev_id is not None:
+        root, what = pool.mapping_root(dev_id), f"mapping tree of device {dev_id}"
+    else:
+        assert root is not None
+        what = f"mapping tree at block {root}"
+    for batch in leaf_batches(pool.reader, root, MAPPING_VALUE_SIZE, what):
+        pool.reader.drop_pages()
+        if len(batch):
+            yield np.asarray(batch.keys, U64), mapping_blocks(batch.values)
+
+
 def side_mappings(pool: Pool, *, dev_id: int | None = None, root: int | None = None
                   ) -> tuple[np.ndarray, np.ndarray]:
     """(virtual, data) arrays of a device, or of the bottom-level tree at ``root``."""
-    if dev_id is not None:
-        m = pool.mappings(dev_id)
-        return m.origin, m.data
-    assert root is not None
-    keys, vals = tree_items(pool.reader, root, MAPPING_VALUE_SIZE, U64,
-                            what=f"mapping tree at block {root}")
-    return keys, mapping_blocks(vals)
+    parts = list(side_batches(pool, dev_id=dev_id, root=root))
+    if not parts:
+        return np.empty(0, U64), np.empty(0, U64)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def _lookup(keys: np.ndarray, values: np.ndarray, at: np.ndarray
-            ) -> tuple[np.ndarray, np.ndarray]:
-    if len(keys) == 0:
-        return np.zeros(len(at), bool), np.zeros(len(at), U64)
-    i = np.searchsorted(keys, at)
-    ic = np.minimum(i, len(keys) - 1)
-    found = (i < len(keys)) & (keys[ic] == at)
-    return found, np.where(found, values[ic], np.uint64(0))
+def stream_diff(left: Side, right: Side) -> Delta:
+    """:func:`diff_mappings` of two sides read batch by batch: each step classifies the
+    keys up to the smaller of the two buffers' last keys, so memory is a batch per side plus
+    the runs (the output), not the mappings."""
+    empty = np.empty(0, U64)
+    lk, ld, rk, rd = empty, empty, empty, empty
+    ldone = rdone = False
+    parts: list[Delta] = []
+    while True:
+        while not ldone and not len(lk):
+            try:
+                lk, ld = next(left)
+            except StopIteration:
+                ldone = True
+        while not rdone and not len(rk):
+            try:
+                rk, rd = next(right)
+            except StopIteration:
+                rdone = True
+        if not len(lk) and not len(rk):
+            break
+        # a side still being read may hold keys up to its buffer's last key only
+        bounds = [int(k[-1]) for k, done in ((lk, ldone), (rk, rdone)) if not done]
+        if bounds:
+            bound = np.uint64(min(bounds))
+            li = int(np.searchsorted(lk, bound, "right"))
+            ri = int(np.searchsorted(rk, bound, "right"))
+        else:
+            li, ri = len(lk), len(rk)
+        parts.append(diff_mappings(lk[:li], ld[:li], rk[:ri], rd[:ri]))
+        lk, ld, rk, rd = lk[li:], ld[li:], rk[ri:], rd[ri:]
+    return _joined(parts)
+
+
+def _joined(parts: list[Delta]) -> Delta:
+    """The runs of consecutive pieces, a run split at a seam joined again (each piece's own
+    runs are maximal, so only seams can join)."""
+    if not parts:
+        e = np.empty(0, U64)
+        return Delta(np.empty(0, np.uint8), e, e.copy(), e.copy(), e.copy())
+    kind, begin, length, ld, rd = (np.concatenate([getattr(p, f) for p in parts]) for f in
+                                   ("kind", "begin", "length", "left_data", "right_data"))
+    n = len(kind)
+    if n < 2:
+        return Delta(kind, begin, length, ld, rd)
+    join = (kind[1:] == kind[:-1]) & (begin[1:] == begin[:-1] + length[:-1])
+    if not join.any():
+        return Delta(kind, begin, length, ld, rd)
+    starts = np.flatnonzero(np.concatenate([[True], ~join]))
+    return Delta(kind[starts], begin[starts], np.add.reduceat(length, starts).astype(U64),
+                 ld[starts], rd[starts])
+
+
+def _merge(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sorted union of two ascending, duplicate-free arrays and where each element of ``a``
+    and of ``b`` sits in it. A stable argsort merges the two sorted runs in linear time;
+    np.union1d's hash-based unique and a binary search per element are many times slower."""
+    c = np.concatenate([a, b])
+    order = np.argsort(c, kind="stable")
+    s = c[order]
+    keep = np.ones(len(s), bool)
+    keep[1:] = s[1:] != s[:-1]
+    pos = np.empty(len(c), np.int64)
+    pos[order] = np.cumsum(keep) - 1
+    return s[keep], pos[:len(a)], pos[len(a):]
 
 
 def diff_mappings(left_origin: np.ndarray, left_data: np.ndarray, right_origin: np.ndarray,
@@ -76,13 +150,17 @@ def diff_mappings(left_origin: np.ndarray, left_data: np.ndarray, right_origin: 
     Origins must be ascending and unique on each side."""
     lo = np.asarray(left_origin, U64)
     ro = np.asarray(right_origin, U64)
-    union = np.union1d(lo, ro).astype(U64)
+    union, pl, pr = _merge(lo, ro)
     n = len(union)
     if n == 0:
         e = np.empty(0, U64)
         return Delta(np.empty(0, np.uint8), e, e.copy(), e.copy(), e.copy())
-    in_l, dl = _lookup(lo, np.asarray(left_data, U64), union)
-    in_r, dr = _lookup(ro, np.asarray(right_data, U64), union)
+    in_l, in_r = np.zeros(n, bool), np.zeros(n, bool)
+    dl, dr = np.zeros(n, U64), np.zeros(n, U64)
+    in_l[pl] = True
+    in_r[pr] = True
+    dl[pl] = np.asarray(left_data, U64)
+    dr[pr] = np.asarray(right_data, U64)
     kind = np.where(in_l & in_r, np.where(dl == dr, SAME, DIFFERENT),
                     np.where(in_l, LEFT_ONLY, RIGHT_ONLY)).astype(np.uint8)
     brk = np.ones(n, bool)

@@ -3,6 +3,9 @@
 Unmapped blocks read as zeros and stay holes in a regular output file; mapped runs are copied
 from the data device in large chunks. Nothing is written under the final name until the export
 is complete (temp file + rename), so an interrupted export leaves no half-written file.
+
+The mapping tree is read twice, a batch of leaves at a time (pdata/leaves.py): once to
+validate it and find its extent, once to copy; memory does not grow with the volume.
 """
 
 from __future__ import annotations
@@ -10,15 +13,18 @@ from __future__ import annotations
 import os
 import stat
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
 import numpy as np
 
 from dmimage import devlock
 from dmimage.errors import DeviceError, MetadataError, UsageError
-from dmimage.format.constants import SECTOR_SIZE
+from dmimage.format.constants import MAPPING_VALUE_SIZE, SECTOR_SIZE, TIME_BITS
 from dmimage.pdata.block import device_size
+from dmimage.pdata.leaves import leaf_batches
+from dmimage.thin.dump.stream import leaf_runs
 from dmimage.thin.ir import Runs
 from dmimage.thin.pool import Pool
 
@@ -51,12 +57,31 @@ class _FdSource:
         return os.pread(self.fd, n, off)
 
 
+@dataclass(slots=True)
+class _Extent:
+    """A device's leaves (validated, key order) and what the export checks first."""
+
+    leaves: np.ndarray  # int64 leaf blocks
+    end_block: int  # one past the highest mapped virtual block (0: nothing mapped)
+    data_end: int  # one past the highest data block mapped (0: nothing mapped)
+
+
+def _extent(pool: Pool, dev_id: int) -> _Extent:
+    parts: list[np.ndarray] = []
+    end = data_end = 0
+    for lb in leaf_batches(pool.reader, pool.mapping_root(dev_id), MAPPING_VALUE_SIZE,
+                           what=f"mapping tree of device {dev_id}"):
+        parts.append(lb.blocks)
+        if len(lb):
+            end = int(lb.keys[-1]) + 1
+            data_end = max(data_end, int(lb.values.max() >> np.uint64(TIME_BITS)) + 1)
+    leaves = np.concatenate(parts) if parts else np.empty(0, np.int64)
+    return _Extent(leaves, end, data_end)
+
+
 def default_size(pool: Pool, dev_id: int) -> int:
     """Bytes up to the end of the highest mapped block (0 for an empty volume)."""
-    m = pool.mappings(dev_id)
-    if not len(m):
-        return 0
-    return (int(m.origin[-1]) + 1) * pool.superblock.data_block_size * SECTOR_SIZE
+    return _extent(pool, dev_id).end_block * pool.superblock.data_block_size * SECTOR_SIZE
 
 
 def export_runs(pool: Pool, dev_id: int) -> Runs:
@@ -95,18 +120,19 @@ def export_thin(
     (holes become zeros). ``data_path`` is the data file, or a :class:`DataSource`.
     """
     bs = pool.superblock.data_block_size * SECTOR_SIZE
-    runs = export_runs(pool, dev_id)
+    ext = _extent(pool, dev_id)
     nr_data = pool.live_superblock.nr_data_blocks
-    if len(runs) and int((runs.data_begin + runs.length).max()) > nr_data:
+    if ext.data_end > nr_data:
         # damaged metadata (check reports it), not a short data device: whatever lies there
         # is not this volume's data
-        last = int((runs.data_begin + runs.length).max()) - 1
-        raise MetadataError(f"device {dev_id}: a mapping points at data block {last}, beyond "
-                            f"the pool's {nr_data} data blocks", field="mapping value")
+        raise MetadataError(f"device {dev_id}: a mapping points at data block "
+                            f"{ext.data_end - 1}, beyond the pool's {nr_data} data blocks",
+                            field="mapping value")
     if size is None:
-        size = 0 if not len(runs) else int(runs.origin_begin[-1] + runs.length[-1]) * bs
+        size = ext.end_block * bs
     if size < 0:
         raise UsageError("size must not be negative")
+    runs = _Runs(leaf_runs(pool.reader, ext.leaves), ext.data_end)
     if not isinstance(data_path, (str, os.PathLike)):
         src_name = str(getattr(data_path, "name", "data"))
         _export_from(data_path, data_path.size, src_name, runs, bs, size, out, progress)
@@ -133,10 +159,18 @@ def export_thin(
     return size
 
 
-def _export_from(data: DataSource | _FdSource, data_size: int, name: str, runs: Runs, bs: int,
+@dataclass(slots=True)
+class _Runs:
+    """A volume's runs as they are read, and the end of the data they need."""
+
+    batches: Iterable[Runs]
+    data_end: int
+
+
+def _export_from(data: DataSource | _FdSource, data_size: int, name: str, runs: _Runs, bs: int,
                  size: int, out: str | os.PathLike[str] | ByteSink,
                  progress: Progress | None) -> None:
-    need = 0 if not len(runs) else (int((runs.data_begin + runs.length).max()) * bs)
+    need = runs.data_end * bs
     if need > data_size:
         raise DeviceError(f"{name}: data device has {data_size} bytes, the mappings need {need}")
     if isinstance(out, (str, os.PathLike)):
@@ -145,17 +179,18 @@ def _export_from(data: DataSource | _FdSource, data_size: int, name: str, runs: 
         _export_to_stream(out, data, runs, bs, size, progress)
 
 
-def _clipped(runs: Runs, bs: int, size: int) -> Iterator[tuple[int, int, int]]:
+def _clipped(runs: _Runs, bs: int, size: int) -> Iterator[tuple[int, int, int]]:
     """(dst byte, src byte, length) of every mapped run, clipped to ``size``."""
-    for o, d, n in zip(runs.origin_begin.tolist(), runs.data_begin.tolist(),
-                       runs.length.tolist(), strict=True):
-        dst = o * bs
-        if dst >= size:
-            break
-        yield dst, d * bs, min(n * bs, size - dst)
+    for batch in runs.batches:
+        for o, d, n in zip(batch.origin_begin.tolist(), batch.data_begin.tolist(),
+                           batch.length.tolist(), strict=True):
+            dst = o * bs
+            if dst >= size:
+                return
+            yield dst, d * bs, min(n * bs, size - dst)
 
 
-def _export_to_path(path: str, data: DataSource | _FdSource, runs: Runs, bs: int, size: int,
+def _export_to_path(path: str, data: DataSource | _FdSource, runs: _Runs, bs: int, size: int,
                     progress: Progress | None) -> None:
     try:
         st = os.stat(path)
@@ -190,7 +225,7 @@ def _export_to_path(path: str, data: DataSource | _FdSource, runs: Runs, bs: int
         raise
 
 
-def _export_to_stream(stream: ByteSink, data: DataSource | _FdSource, runs: Runs, bs: int,
+def _export_to_stream(stream: ByteSink, data: DataSource | _FdSource, runs: _Runs, bs: int,
                       size: int, progress: Progress | None) -> None:
     pos = 0
     zeros = bytes(CHUNK)

@@ -27,19 +27,21 @@ errors"); we count them like any other node.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
 from dmimage.errors import MetadataError, UsageError
-from dmimage.format.constants import MAPPING_VALUE_SIZE
+from dmimage.format.constants import BTREE_LEAF, MAPPING_VALUE_SIZE
 from dmimage.format.values import mapping_blocks
-from dmimage.pdata.btree import MAX_DEPTH, U64, order_problem, read_node
+from dmimage.pdata import leaves
+from dmimage.pdata.btree import MAX_DEPTH, U64, Node, order_problem, read_node
+from dmimage.pdata.leaves import LeafBatch, gather_leaves, validated_leaves
 from dmimage.thin.pool import DeviceDetails, Pool
 
 __all__ = ["FIELDS", "DEFAULT_FIELDS", "DeviceUsage", "device_usage", "pretty_size",
-           "ls_table", "render_grid", "ls_json", "parse_fields", "MappingForest"]
+           "ls_table", "render_grid", "ls_json", "parse_fields", "MappingForest", "DataCounts"]
 
 FIELDS = (
     "DEV",
@@ -95,24 +97,31 @@ def pretty_size(nbytes: int) -> str:
     return f"{multiple}{_UNITS[i]}"
 
 
+#: Called with each batch of leaves first read, in visit order, and the device reading them.
+LeafVisitor = Callable[[LeafBatch, int], None]
+
+
 class MappingForest:
     """Distinct nodes of all bottom-level trees, with thin_ls's reference counts.
 
     Roots are added in dev_id order; a node already read is not read again, so the leaves
-    (``leaf_keys``/``leaf_data``, in insertion order) come in the order thin_rmap 1.1 visits
-    them, each attributed (``owner``) to the first device whose tree reaches it.
+    reach ``visit`` in the order thin_rmap 1.1 visits them, each attributed to the first
+    device whose tree reaches it. Leaves are not kept: per leaf only its entry count and
+    key span (a few dict entries), so memory is the tree shapes, not the mappings. The
+    children of a bottom internal node are read and validated together (pdata/leaves.py)
+    when none was read before; anything else goes one node at a time.
     """
 
-    def __init__(self, pool: Pool):
+    def __init__(self, pool: Pool, visit: LeafVisitor | None = None):
         self.reader = pool.reader
+        self.visit = visit
         self.refs: dict[int, int] = {}
         self.children: dict[int, list[int]] = {}  # internal nodes
-        self.leaf_keys: dict[int, np.ndarray] = {}
-        self.leaf_data: dict[int, np.ndarray] = {}
+        #: entries of each leaf, in the order leaves were first read
+        self.leaf_entries: dict[int, int] = {}
         self.height: dict[int, int] = {}
         #: (first key, last key) below each node read (None: no entries)
         self.span: dict[int, tuple[int, int] | None] = {}
-        self.owner: dict[int, int] = {}
         self._stack: set[int] = set()
 
     def add_root(self, root: int, dev_id: int) -> None:
@@ -123,6 +132,45 @@ class MappingForest:
         elif root not in self.height:
             raise MetadataError(f"mapping tree of device {dev_id}: root is inside another "
                                 "tree's path (a cycle?)", block=root)
+
+    def _leaves(self, batch: LeafBatch, dev_id: int) -> None:
+        """Record leaves read for the first time (validated by the caller)."""
+        ends = np.cumsum(batch.counts)
+        firsts = batch.keys[ends - batch.counts].tolist() if len(batch.keys) else []
+        lasts = batch.keys[ends - 1].tolist() if len(batch.keys) else []
+        i = 0
+        for b, n in zip(batch.blocks.tolist(), batch.counts.tolist(), strict=True):
+            self.leaf_entries[b] = n
+            self.height[b] = 0
+            if n:
+                # indexes into firsts/lasts run over the non-empty leaves only
+                self.span[b] = (firsts[i], lasts[i])
+                i += 1
+            else:
+                self.span[b] = None
+        if self.visit is not None:
+            self.visit(batch, dev_id)
+
+    def _leaf_group(self, node: Node, hi: int, dev_id: int) -> bool:
+        """The children of ``node`` as one batch of fresh leaves; False if they are not
+        (shared, repeated, internal or damaged: the one-node path then decides)."""
+        kids = node.values(U64).astype(np.int64)
+        first = int(kids[0])
+        if not (0 <= first < self.reader.nr_blocks) or \
+                self.reader.block(first)[4] != BTREE_LEAF:
+            return False
+        kid_list = kids.tolist()
+        if any(k in self.refs for k in kid_list) or len(set(kid_list)) != len(kid_list):
+            return False
+        # thin_ls 1.1 rejects underfull leaves; we list them (as the one-node path does)
+        batch = validated_leaves(self.reader, kids, node.keys.copy(), hi, root=True,
+                                 value_size=MAPPING_VALUE_SIZE)
+        if batch is None:
+            return False
+        for k in kid_list:
+            self.refs[k] = 1
+        self._leaves(batch, dev_id)
+        return True
 
     def _expand(self, blocknr: int, lo: int, hi: int, depth: int, is_root: bool,
                 dev_id: int) -> None:
@@ -142,14 +190,17 @@ class MappingForest:
         if problem is not None:
             raise problem
         if node.is_leaf:
-            self.leaf_keys[blocknr] = keys
-            self.leaf_data[blocknr] = mapping_blocks(node.values(U64))
-            self.height[blocknr] = 0
-            self.span[blocknr] = (int(keys[0]), int(keys[-1])) if nr else None
-            self.owner[blocknr] = dev_id
+            vals = node.values(U64)
+            self._leaves(LeafBatch(np.array([blocknr], np.int64), np.array([nr], np.int64),
+                                   keys, vals), dev_id)
             return
         kids = node.values(U64).tolist()
         self.children[blocknr] = kids
+        if depth + 1 <= MAX_DEPTH and self._leaf_group(node, hi, dev_id):
+            self.height[blocknr] = 1
+            spans = [s for s in (self.span[c] for c in kids) if s is not None]
+            self.span[blocknr] = (spans[0][0], spans[-1][1]) if spans else None
+            return
         key_list = keys.tolist()
         self._stack.add(blocknr)
         height = -1
@@ -179,22 +230,14 @@ class MappingForest:
         spans = [s for s in (self.span.get(c) for c in kids) if s is not None]
         self.span[blocknr] = (spans[0][0], spans[-1][1]) if spans else None
 
-    def summaries(self, roots: list[int]) -> list[tuple[int, int, int]]:
-        """(mapped, shared, highest key) of each root."""
-        blocks = [b for b, d in self.leaf_data.items() if len(d)]
-        multi_per_leaf: dict[int, int] = {}
-        if blocks:
-            lens = np.array([len(self.leaf_data[b]) for b in blocks], dtype=np.int64)
-            data = np.concatenate([self.leaf_data[b] for b in blocks])
-            _, inverse, counts = np.unique(data, return_inverse=True, return_counts=True)
-            multi = (counts[inverse] > 1).astype(np.int64)
-            starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
-            sums = np.add.reduceat(multi, starts)
-            multi_per_leaf = dict(zip(blocks, sums.tolist(), strict=True))
+    def summaries(self, roots: list[int], multi_per_leaf: dict[int, int]
+                  ) -> list[tuple[int, int, int]]:
+        """(mapped, shared, highest key) of each root; ``multi_per_leaf``: for leaves
+        referenced once, how many of their mappings have a data block counted twice."""
         memo: dict[int, tuple[int, int, int]] = {}
-        for b, keys in self.leaf_keys.items():
-            n = len(keys)
-            high = int(keys[-1]) if n else 0
+        for b, n in self.leaf_entries.items():
+            span = self.span[b]
+            high = span[1] if span is not None else 0
             shared = n if self.refs[b] > 1 else multi_per_leaf.get(b, 0)
             memo[b] = (n, shared, high)
 
@@ -217,6 +260,64 @@ class MappingForest:
         return [summary(r) for r in roots]
 
 
+class DataCounts:
+    """How many distinct leaves name each data block, counted a batch of leaves at a time
+    into one array the size of the data device (what the data space map holds); blocks past
+    it (damaged metadata) are kept aside."""
+
+    def __init__(self, nr_data_blocks: int):
+        self.counts = np.zeros(max(nr_data_blocks, 0), np.uint32)
+        self.beyond: list[np.ndarray] = []
+
+    def add(self, batch: LeafBatch, _dev_id: int) -> None:
+        data = mapping_blocks(batch.values)
+        inside = data < np.uint64(len(self.counts))
+        if not inside.all():
+            self.beyond.append(data[~inside])
+            data = data[inside]
+        # a uint32 increment keeps add.at on its fast path
+        np.add.at(self.counts, data.astype(np.intp), np.uint32(1))
+
+    def multi(self, data: np.ndarray) -> np.ndarray:
+        """Which of ``data`` are named by more than one leaf entry."""
+        n = len(self.counts)
+        inside = data < np.uint64(n)
+        out = np.zeros(len(data), bool)
+        out[inside] = self.counts[data[inside].astype(np.intp)] > 1
+        if self.beyond and not inside.all():
+            extra, cnt = np.unique(np.concatenate(self.beyond), return_counts=True)
+            far = data[~inside]
+            i = np.minimum(np.searchsorted(extra, far), len(extra) - 1)
+            out[~inside] = (extra[i] == far) & (cnt[i] > 1)
+        return out
+
+    def any_multi(self) -> bool:
+        if len(self.counts) and int(self.counts.max()) > 1:
+            return True
+        if self.beyond:
+            return len(np.unique(np.concatenate(self.beyond))) < sum(map(len, self.beyond))
+        return False
+
+
+def _multi_per_leaf(pool: Pool, forest: MappingForest, data: DataCounts) -> dict[int, int]:
+    """Mappings with a data block counted twice, per leaf referenced once (a second read of
+    those leaves, in batches; skipped when no data block is counted twice)."""
+    if not data.any_multi():
+        return {}
+    once = np.array([b for b, n in forest.leaf_entries.items() if n and forest.refs[b] == 1],
+                    np.int64)
+    out: dict[int, int] = {}
+    step = leaves.BATCH_LEAVES
+    for s in range(0, len(once), step):
+        batch = gather_leaves(pool.reader, once[s:s + step])
+        pool.reader.drop_pages()
+        multi = data.multi(mapping_blocks(batch.values)).astype(np.int64)
+        starts = np.cumsum(batch.counts) - batch.counts
+        sums = np.add.reduceat(multi, starts)
+        out.update(zip(batch.blocks.tolist(), sums.tolist(), strict=True))
+    return out
+
+
 def device_usage(pool: Pool, *, counting: bool = True) -> list[DeviceUsage]:
     """Every device's usage in dev_id order. ``counting=False`` reads the details only
     (all counts 0), as thin_ls does when no counting field is asked for."""
@@ -224,11 +325,17 @@ def device_usage(pool: Pool, *, counting: bool = True) -> list[DeviceUsage]:
     if not counting:
         return [DeviceUsage(d, 0, 0, 0) for d in details.values()]
     roots = pool.mapping_roots()
-    tree = MappingForest(pool)
+    data = DataCounts(pool.live_superblock.nr_data_blocks)
+
+    def visit(batch: LeafBatch, dev_id: int) -> None:
+        data.add(batch, dev_id)
+        pool.reader.drop_pages()
+
+    tree = MappingForest(pool, visit)
     ids = sorted(roots)
     for dev_id in ids:
         tree.add_root(roots[dev_id], dev_id)
-    sums = tree.summaries([roots[i] for i in ids])
+    sums = tree.summaries([roots[i] for i in ids], _multi_per_leaf(pool, tree, data))
     return [DeviceUsage(details[i], m, s, h) for i, (m, s, h) in zip(ids, sums, strict=True)]
 
 

@@ -93,11 +93,14 @@ class Pool:
                     block=self.superblock.data_mapping_root, field="data_mapping_root")
         return self._roots
 
-    def _root_of(self, dev_id: int) -> int:
+    def mapping_root(self, dev_id: int) -> int:
+        """Root block of one device's mapping tree; UsageError for an unknown id."""
         roots = self.mapping_roots()
         if dev_id not in roots:
             raise UsageError(f"no thin device with id {dev_id}")
         return roots[dev_id]
+
+    _root_of = mapping_root
 
     def mappings(self, dev_id: int) -> Mappings:
         """All mappings of one device."""

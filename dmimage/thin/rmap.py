@@ -17,16 +17,20 @@ thin_rmap 1.1.0's behaviour (read from its source; reproduced with our own code)
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from dmimage.errors import UsageError
+from dmimage.format.values import mapping_blocks
 from dmimage.pdata.btree import U64
+from dmimage.pdata.leaves import LeafBatch
+from dmimage.thin.dump.render import CHUNK_ROWS, render_rows
 from dmimage.thin.ls import MappingForest
 from dmimage.thin.pool import Pool
 
-__all__ = ["RmapRuns", "parse_region", "rmap", "rmap_text", "rmap_json"]
+__all__ = ["RmapRuns", "parse_region", "rmap", "rmap_chunks", "rmap_text", "rmap_json"]
 
 
 @dataclass(slots=True)
@@ -56,42 +60,58 @@ def parse_region(text: str) -> tuple[int, int]:
 
 
 def rmap(pool: Pool, regions: list[tuple[int, int]]) -> RmapRuns:
+    """The runs of every mapping whose data block lies in a region. Leaves are read a batch
+    at a time and only the mappings taken are kept (they must be sorted before printing)."""
     roots = pool.mapping_roots()
-    forest = MappingForest(pool)
+    taken: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    bounds = [(np.uint64(lo), np.uint64(hi)) for lo, hi in regions]
+
+    def visit(batch: LeafBatch, dev_id: int) -> None:
+        data = mapping_blocks(batch.values)
+        take = np.zeros(len(data), bool)
+        for lo, hi in bounds:
+            take |= (data >= lo) & (data < hi)
+        if take.any():
+            keys = np.asarray(batch.keys, U64)
+            taken.append((data[take], keys[take], np.full(int(take.sum()), dev_id, U64)))
+        pool.reader.drop_pages()
+
+    forest = MappingForest(pool, visit)
     for dev_id in sorted(roots):
         forest.add_root(roots[dev_id], dev_id)
-    leaves = [b for b in forest.leaf_data if len(forest.leaf_data[b])]
-    if not leaves:
+    if not taken:
         e = np.empty(0, U64)
         return RmapRuns(e, e.copy(), e.copy(), e.copy())
-    data = np.concatenate([forest.leaf_data[b] for b in leaves])
-    keys = np.concatenate([forest.leaf_keys[b] for b in leaves]).astype(U64)
-    devs = np.repeat(np.array([forest.owner[b] for b in leaves], U64),
-                     [len(forest.leaf_data[b]) for b in leaves])
-    take = np.zeros(len(data), bool)
-    for lo, hi in regions:
-        take |= (data >= np.uint64(lo)) & (data < np.uint64(hi))
-    data, keys, devs = data[take], keys[take], devs[take]
+    data, keys, devs = (np.concatenate([t[i] for t in taken]) for i in range(3))
+    taken.clear()
     n = len(data)
-    if n == 0:
-        e = np.empty(0, U64)
-        return RmapRuns(e, e.copy(), e.copy(), e.copy())
     brk = np.ones(n, bool)
     brk[1:] = (devs[1:] != devs[:-1]) | (keys[1:] != keys[:-1] + np.uint64(1)) | (
         data[1:] != data[:-1] + np.uint64(1))
     starts = np.flatnonzero(brk)
     lengths = np.diff(np.append(starts, n)).astype(U64)
     db, tb, dv = data[starts], keys[starts], devs[starts]
+    del data, keys, devs, brk
     de = db + lengths
     order = np.lexsort((tb, dv, de, db))
     return RmapRuns(db[order], de[order], dv[order], tb[order])
 
 
+_TEXT_PARTS = [b"data ", b"..", b" -> thin(", b") ", b"..", b"\n"]
+
+
+def rmap_chunks(r: RmapRuns) -> Iterator[bytes]:
+    """The text, ``data B..E -> thin(D) V..W`` per line, a batch of lines at a time
+    (rendered in bulk by dump/render.py)."""
+    cols = [r.data_begin, r.data_end, r.dev_id, r.thin_begin,
+            r.thin_begin + (r.data_end - r.data_begin)]
+    for s in range(0, len(r), CHUNK_ROWS):
+        data, _ = render_rows(_TEXT_PARTS, [c[s:s + CHUNK_ROWS] for c in cols])
+        yield data.tobytes()
+
+
 def rmap_text(r: RmapRuns) -> str:
-    return "".join(
-        f"data {b}..{e} -> thin({d}) {t}..{t + (e - b)}\n"
-        for b, e, d, t in zip(r.data_begin.tolist(), r.data_end.tolist(), r.dev_id.tolist(),
-                              r.thin_begin.tolist(), strict=True))
+    return b"".join(rmap_chunks(r)).decode("ascii")
 
 
 def rmap_json(r: RmapRuns) -> str:

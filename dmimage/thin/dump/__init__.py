@@ -8,7 +8,8 @@ Public API:
   reads), and per format :func:`write_xml` / :func:`xml_bytes`, :func:`write_human` /
   :func:`human_bytes`, :func:`write_json` / :func:`json_bytes`;
 * :func:`parse_xml`, :func:`parse_json`, :func:`parse_dump` (either, sniffed) -> ``PoolIR``;
-* :func:`expand_shared` (splice refs into devices), :func:`dump_pool` (open + read + write).
+* :func:`expand_shared` (splice refs into devices), :func:`dump_pool` (open, then read and
+  write as one stream: :func:`stream_dump`, whose memory is a batch of leaves).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import IO, BinaryIO
 from dmimage.thin.dump.human import HumanEmitter, human_bytes, write_human
 from dmimage.thin.dump.json import JsonEmitter, json_bytes, parse_json, write_json
 from dmimage.thin.dump.reader import gather_runs, pool_to_ir, superblock_ir
+from dmimage.thin.dump.stream import stream_dump
 from dmimage.thin.dump.walk import DumpVisitor, Emitter, walk
 from dmimage.thin.dump.xml import (
     DumpFormatError,
@@ -36,7 +38,7 @@ __all__ = [
     "DumpFormatError", "DumpVisitor", "EMITTERS", "Emitter", "FORMATS", "HumanEmitter",
     "JsonEmitter", "XmlEmitter", "dump_pool", "expand_shared", "gather_runs", "human_bytes",
     "json_bytes", "merge_runs", "parse_dump", "parse_json", "parse_xml", "pool_to_ir",
-    "superblock_ir", "walk", "write_dump", "write_human", "write_json", "write_xml",
+    "stream_dump", "superblock_ir", "walk", "write_dump", "write_human", "write_json", "write_xml",
     "xml_bytes",
 ]
 
@@ -57,12 +59,15 @@ def write_dump(ir: PoolIR, out: BinaryIO, fmt: str = "xml", *, expand: bool = Fa
 def dump_pool(metadata: str | os.PathLike[str], out: BinaryIO, fmt: str = "xml", *,
               metadata_snap: bool | int = False, dev_ids: Iterable[int] | None = None,
               skip_mappings: bool = False, expand: bool = False) -> None:
-    """Open metadata, read it and write the dump (what ``dmimage dump`` does)."""
+    """Open metadata and write the dump as it is read (what ``dmimage dump`` does)."""
     from dmimage.thin.pool import open_pool
 
+    emitter = EMITTERS.get(fmt)
+    if emitter is None:
+        raise ValueError(f"unknown dump format {fmt!r}")
     with open_pool(metadata, metadata_snap=metadata_snap) as pool:
-        ir = pool_to_ir(pool, dev_ids=dev_ids, skip_mappings=skip_mappings, share=not expand)
-    write_dump(ir, out, fmt, expand=expand)
+        stream_dump(pool, out, emitter(), dev_ids=dev_ids, skip_mappings=skip_mappings,
+                    expand=expand)
 
 
 def parse_dump(source: str | os.PathLike[str] | bytes | IO[bytes]) -> PoolIR:

@@ -11,7 +11,7 @@ then parses the same bytes with expat, which also reports problems with their li
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
@@ -53,6 +53,87 @@ def parse_canonical(data: bytes, parser: _XmlParser) -> None:
         raise NotCanonical from None
     if not parser.sb_closed:
         raise NotCanonical
+
+
+#: Bytes read at a time by :func:`parse_canonical_file`.
+READ_BLOCK = 1 << 24
+
+
+def parse_canonical_file(f: IO[bytes], parser: _XmlParser, block: int = READ_BLOCK) -> None:
+    """:func:`parse_canonical` of a file read ``block`` bytes at a time: a device's or def's
+    body is parsed in pieces cut at line ends (each piece starts at a newline, so a body of
+    single mappings keeps its one-line-repeated shape), so memory is a block, not the
+    file. NotCanonical as :func:`parse_canonical` (the caller re-reads the file with expat).
+    """
+    from dmimage.thin.dump.xml import DumpFormatError
+
+    try:
+        _parse_stream(f, parser, block)
+    except DumpFormatError:
+        raise NotCanonical from None
+    if not parser.sb_closed:
+        raise NotCanonical
+
+
+def _parse_stream(f: IO[bytes], p: _XmlParser, block: int) -> None:
+    data = b""
+    pos = 0
+    eof = False
+    body_end: bytes | None = None  # the closing tag of the body being read
+
+    def more() -> bool:
+        nonlocal data, pos, eof
+        if eof:
+            return False
+        chunk = f.read(block)
+        if not chunk:
+            eof = True
+            return False
+        data = data[pos:] + chunk
+        pos = 0
+        return True
+
+    while True:
+        if body_end is not None:
+            end = data.find(body_end, pos)
+            if end >= 0:
+                _body(data, pos, end, p)
+                pos = end
+                body_end = None
+                continue
+            cut = data.rfind(b"\n", pos)
+            if cut > pos:
+                _body(data, pos, cut, p)
+                pos = cut
+            if not more():
+                raise NotCanonical
+            continue
+        while pos < len(data) and data[pos] in _WS:
+            pos += 1
+        if pos >= len(data):
+            if not more():
+                return
+            continue
+        if data.find(b">", pos) < 0:
+            if not more():
+                raise NotCanonical
+            continue
+        m = _TAG_AT.match(data, pos)
+        if m is None:
+            raise NotCanonical
+        closing, tag, attr_text, selfclose = m.groups()
+        tag_s = tag.decode()
+        pos = m.end()
+        if closing:
+            if attr_text.strip() or selfclose:
+                raise NotCanonical
+            p.end(tag_s)
+        else:
+            p.start(tag_s, _attrs(attr_text))
+            if selfclose:
+                p.end(tag_s)
+            elif tag_s in ("device", "def"):
+                body_end = b"</" + tag + b">"
 
 
 def _parse(data: bytes, p: _XmlParser) -> None:

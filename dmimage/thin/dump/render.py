@@ -20,9 +20,11 @@ from dmimage.thin.ir import Runs
 U64 = np.dtype("<u8")
 _P10 = [10**k for k in range(20)]
 #: Rows per batch: bounds the temporary matrix (rows × line width bytes).
-CHUNK_ROWS = 1 << 15
+CHUNK_ROWS = 1 << 13
 #: Pieces shorter than this are joined before they are written.
 WRITE_JOIN = 1 << 16
+#: A streaming document writes out what it holds once this many rows are pending.
+FLUSH_ROWS = 1 << 15
 
 #: ``(origin_begin, data_begin, length, time, want_lengths) -> (flat bytes, row lengths)``.
 RunsRenderer = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool],
@@ -166,12 +168,18 @@ class Document:
     ``runs_renderer(origin_begin, data_begin, length, time, want_lengths)`` turns the
     concatenation of every block's runs into (flat bytes, row lengths); the result is cut
     back into blocks and interleaved with the literals.
+
+    With a ``sink`` the document streams: whenever :data:`FLUSH_ROWS` rows are pending, what
+    it holds so far is written to the sink and forgotten, so a dump of any size holds about
+    one batch of rows; :meth:`write_to` then writes the rest.
     """
 
-    def __init__(self, runs_renderer: RunsRenderer) -> None:
+    def __init__(self, runs_renderer: RunsRenderer, sink: BinaryIO | None = None) -> None:
         self._render = runs_renderer
         self.pieces: list[bytes | int] = []  # literal bytes, or the index of a runs block
         self._blocks: list[Runs] = []
+        self._rows = 0
+        self.sink = sink
 
     def text(self, s: str | bytes) -> None:
         b = s.encode() if isinstance(s, str) else s
@@ -184,6 +192,9 @@ class Document:
         if len(r):
             self.pieces.append(len(self._blocks))
             self._blocks.append(r)
+            self._rows += len(r)
+            if self.sink is not None and self._rows >= FLUSH_ROWS:
+                self.write_to(self.sink)
 
     def chunks(self) -> Iterator[bytes | memoryview]:
         """Yield the document as bytes-like chunks, rendering the mapping rows in batches of
@@ -250,6 +261,7 @@ class Document:
                 small, small_bytes = [], 0
         if small:
             out.write(b"".join(small))
+        self.pieces, self._blocks, self._rows = [], [], 0
 
     def getvalue(self) -> bytes:
         return b"".join(bytes(c) for c in self.chunks())

@@ -363,17 +363,27 @@ def parse_xml(source: str | os.PathLike[str] | bytes | IO[bytes]) -> PoolIR:
     Paths and bytes in thin_dump's own layout take the bulk path (dump/fastxml.py, several
     times faster on big pools); everything else, and every error, goes through expat.
     """
-    from dmimage.thin.dump.fastxml import NotCanonical, parse_canonical
+    from dmimage.thin.dump.fastxml import NotCanonical, parse_canonical, parse_canonical_file
 
     if isinstance(source, (str, os.PathLike)):
+        # read in blocks (fastxml), never whole: a dump of 100M mappings is 7 GB
         name: str | None = os.fspath(source)
         try:
             with open(name, "rb") as f:  # type: ignore[arg-type]
-                data = f.read()
+                try:
+                    fast = _XmlParser(name)
+                    parse_canonical_file(f, fast)
+                    return fast.result()
+                except NotCanonical:
+                    pass
+                f.seek(0)
+                p = _XmlParser(name)
+                p.feed_file(f)
+                return p.result()
         except OSError as exc:
             from dmimage.errors import DeviceError
             raise DeviceError(f"{name}: {exc.strerror}") from None
-    elif isinstance(source, (bytes, bytearray, memoryview)):
+    if isinstance(source, (bytes, bytearray, memoryview)):
         name, data = None, bytes(source)
     else:
         p = _XmlParser(getattr(source, "name", None))

@@ -1,0 +1,265 @@
+#!/usr/bin/env python3
+"""dmimage against thin-provisioning-tools 1.1 at real pool sizes (issue 11): time and memory.
+
+For each size N (1M and 10M mappings; ``--big`` adds 100M) the pool is 10 thins of N/10
+fragmented single mappings each (64 KiB blocks, every data block distinct and shuffled, so no
+two mappings form a run), written as XML here and restored by thin_restore 1.1. Built pools are
+cached under ~/.cache/dmimage/bench/. Then check, dump, ls, restore, delta and rmap of both
+tools, and dmimage's export (1.1 has none), run REPEAT times each, interleaved; a cell is the
+median wall time / the largest peak RSS of the command's process (GNU time's %M).
+
+The outputs must be byte-identical to 1.1's in the same run (dump, ls, delta, rmap: sha256 of
+stdout, hashed as it streams; restore: thin_dump 1.1 of both restored pools); a difference, or
+a missed goal of the issue, makes the exit status 1.
+
+    python benchmarks/scale_bench.py [--sizes 1M,10M] [--big] [--repeat 3] [--only CMD,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+TOOLS = Path.home() / ".cache" / "dmimage" / "debian13" / "thin-provisioning-tools" / "usr" / "sbin"
+CACHE = Path.home() / ".cache" / "dmimage" / "bench"
+THINS = 10
+BLOCK_SECTORS = 128  # 64 KiB
+MiB = 1 << 20
+
+#: command -> maximum time ratio dmimage / 1.1 (issue 11, at 1M and 10M).
+TIME_GOALS = {"check": 0.5, "ls": 0.5, "dump": 0.8, "restore": 1.0, "delta": 1.0, "rmap": 1.0}
+#: at 10M every command's peak RSS is at most this multiple of 1.1's
+MEM_RATIO_AT_10M = 2.0
+#: dump and export at any size
+STREAM_LIMIT = 64 * MiB
+#: at 100M every command
+BIG_LIMIT = 4 << 30
+LS_FIELDS = "DEV,MAPPED_BLOCKS,EXCLUSIVE_BLOCKS,SHARED_BLOCKS,HIGHEST_BLOCK"
+
+
+def parse_size(text: str) -> int:
+    t = text.strip().upper()
+    mult = {"K": 10**3, "M": 10**6, "G": 10**9}.get(t[-1:], 1)
+    return int(float(t.rstrip("KMG")) * mult)
+
+
+def label(n: int) -> str:
+    return f"{n // 10**6}M" if n % 10**6 == 0 else f"{n // 1000}K"
+
+
+# -- the pool ---------------------------------------------------------------------------------
+
+def write_pool_xml(path: Path, total: int, seed: int = 0) -> None:
+    """The issue's pool as thin_dump XML, written in chunks (formatting here is plain Python:
+    the input does not depend on dmimage's renderer)."""
+    per = total // THINS
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(total).astype(np.uint64).reshape(THINS, per)
+    with open(path, "w") as f:
+        f.write(f'<superblock uuid="" time="0" transaction="{THINS}" version="2" '
+                f'data_block_size="{BLOCK_SECTORS}" nr_data_blocks="{total}">\n')
+        for dev in range(THINS):
+            d = perm[dev]
+            # no accidental runs: data[i+1] == data[i] + 1 would merge two mappings
+            for b in np.flatnonzero(d[1:] == d[:-1] + 1).tolist():
+                j = (b + 2) % per
+                d[b + 1], d[j] = d[j], d[b + 1]
+            f.write(f'  <device dev_id="{dev}" mapped_blocks="{per}" transaction="0" '
+                    f'creation_time="0" snap_time="0">\n')
+            step = 1 << 20
+            for s in range(0, per, step):
+                rows = d[s:s + step].tolist()
+                f.write("".join(f'    <single_mapping origin_block="{s + i}" data_block="{v}" '
+                                f'time="0"/>\n' for i, v in enumerate(rows)))
+            f.write("  </device>\n")
+        f.write("</superblock>")
+
+
+def meta_blocks(total: int) -> int:
+    """A roomy metadata device: leaves at least a third full, internal levels, bitmaps."""
+    leaves = -(-total // 84)
+    n = 1024 + leaves + leaves // 40 + 2 * (total // 16320 + 1)
+    return n + n // 8
+
+
+@dataclass
+class Built:
+    total: int
+    meta: Path  # restored by thin_restore 1.1
+    xml: Path  # thin_dump 1.1 of it: the restore input
+    data: Path  # sparse data device (for export)
+
+
+def build(total: int) -> Built:
+    d = CACHE / f"scale-{label(total)}"
+    d.mkdir(parents=True, exist_ok=True)
+    b = Built(total, d / "pool.meta", d / "pool.xml", d / "pool.data")
+    if b.meta.exists() and b.xml.exists() and b.data.exists():
+        return b
+    t0 = time.perf_counter()
+    src = d / "generated.xml"
+    write_pool_xml(src, total)
+    tmp = d / "pool.meta.tmp"
+    with open(tmp, "wb") as f:
+        f.truncate(meta_blocks(total) * 4096)
+    subprocess.run([str(TOOLS / "thin_restore"), "-q", "-i", str(src), "-o", str(tmp)],
+                   check=True)
+    with open(b.xml, "wb") as f:
+        subprocess.run([str(TOOLS / "thin_dump"), str(tmp)], check=True, stdout=f)
+    src.unlink()
+    with open(b.data, "wb") as f:
+        f.truncate(total * BLOCK_SECTORS * 512)
+    tmp.rename(b.meta)
+    print(f"built {label(total)} pool in {time.perf_counter() - t0:.0f} s: {b.meta}",
+          file=sys.stderr)
+    return b
+
+
+# -- measuring --------------------------------------------------------------------------------
+
+@dataclass
+class Measure:
+    seconds: float
+    rss: int  # bytes
+    digest: str  # sha256 of stdout ("" when not kept)
+
+
+def run_once(argv: list[str], hashed: bool) -> Measure:
+    """Wall time, peak RSS and (``hashed``) the sha256 of stdout of one command. Outputs are
+    hashed as they stream, never stored: at 10M mappings a dump is 700 MB. The peak RSS comes
+    from /usr/bin/time: a child forked from this (larger) process would start with this
+    process's RSS as its high-water mark."""
+    rss_file = CACHE / "rss.txt"
+    h = hashlib.sha256()
+    t0 = time.perf_counter()
+    p = subprocess.Popen(["/usr/bin/time", "-f", "%M", "-o", str(rss_file), *argv],
+                         stdout=subprocess.PIPE if hashed else subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    if p.stdout is not None:
+        while chunk := p.stdout.read(1 << 20):
+            h.update(chunk)
+    rc = p.wait()
+    dt = time.perf_counter() - t0
+    if rc != 0:
+        raise SystemExit(f"{' '.join(argv)} exited {rc}")
+    kib = int(rss_file.read_text().split()[-1])
+    return Measure(dt, kib * 1024, h.hexdigest() if hashed else "")
+
+
+def measure(argv: list[str], repeat: int, hashed: bool) -> Measure:
+    runs = [run_once(argv, hashed) for _ in range(repeat)]
+    digests = {m.digest for m in runs}
+    return Measure(statistics.median(m.seconds for m in runs), max(m.rss for m in runs),
+                   digests.pop() if len(digests) == 1 else "unstable")
+
+
+def commands(b: Built, work: Path) -> dict[str, tuple[list[str] | None, list[str], bool]]:
+    """name -> (1.1 argv, dmimage argv, compare stdout) for one pool."""
+    t, dm = str(TOOLS), [sys.executable, "-m", "dmimage"]
+    meta = str(b.meta)
+    region = f"0..{b.total}"
+    return {
+        "check": ([f"{t}/thin_check", "-q", meta], [*dm, "check", "-q", meta], False),
+        "dump": ([f"{t}/thin_dump", meta], [*dm, "dump", meta], True),
+        "ls": ([f"{t}/thin_ls", "--format", LS_FIELDS, meta], [*dm, "ls", meta, "-o", LS_FIELDS],
+               True),
+        "restore": ([f"{t}/thin_restore", "-q", "-i", str(b.xml), "-o", str(work / "r11.meta")],
+                    [*dm, "restore", "-q", "-i", str(b.xml), "-o", str(work / "rdm.meta")],
+                    False),
+        "delta": ([f"{t}/thin_delta", "--snap1", "0", "--snap2", "1", meta],
+                  [*dm, "delta", meta, "--thin1", "0", "--thin2", "1"], True),
+        "rmap": ([f"{t}/thin_rmap", "--region", region, meta],
+                 [*dm, "rmap", meta, "--region", region], True),
+        # the first 2 GiB of thin 0: the whole tree is still walked (validated, extent) first
+        "export": (None, [*dm, "export", meta, str(b.data), "--dev-id", "0", "--size", "2G",
+                          "-o", "-"], False),
+    }
+
+
+def dump_digest(meta: Path) -> str:
+    h = hashlib.sha256()
+    p = subprocess.Popen([f"{TOOLS}/thin_dump", str(meta)], stdout=subprocess.PIPE)
+    assert p.stdout is not None
+    while chunk := p.stdout.read(1 << 20):
+        h.update(chunk)
+    if p.wait():
+        return "thin_dump failed"
+    return h.hexdigest()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="1M,10M", help="total mappings (comma-separated)")
+    ap.add_argument("--big", action="store_true", help="add 100M mappings")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--only", default=None, help="commands to run (comma-separated)")
+    ap.add_argument("--build-only", action="store_true")
+    a = ap.parse_args()
+    sizes = [parse_size(s) for s in a.sizes.split(",") if s]
+    if a.big:
+        sizes.append(100 * 10**6)
+    only = set(a.only.split(",")) if a.only else None
+    built = [build(n) for n in sizes]
+    if a.build_only:
+        return 0
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print("| mappings | command | thin-provisioning-tools 1.1 | dmimage | time ratio | "
+          "memory ratio | goals |")
+    print("|---|---|---|---|---|---|---|")
+    missed: list[str] = []
+    for b in built:
+        work = CACHE / f"run-{label(b.total)}"
+        work.mkdir(exist_ok=True)
+        for path in (work / "r11.meta", work / "rdm.meta"):
+            with open(path, "wb") as f:
+                f.truncate(b.meta.stat().st_size)
+        for name, (theirs, ours, hashed) in commands(b, work).items():
+            if only is not None and name not in only:
+                continue
+            m11 = measure(theirs, a.repeat, hashed) if theirs else None
+            mdm = measure(ours, 1 if name == "export" else a.repeat, hashed)
+            notes: list[str] = []
+            if m11 and hashed and m11.digest != mdm.digest:
+                notes.append("OUTPUT DIFFERS")
+            if name == "restore":
+                if dump_digest(work / "r11.meta") != dump_digest(work / "rdm.meta"):
+                    notes.append("RESTORED POOL DIFFERS")
+                for path in (work / "r11.meta", work / "rdm.meta"):
+                    path.unlink()
+            tr = mr = None
+            if m11:
+                tr, mr = mdm.seconds / m11.seconds, mdm.rss / m11.rss
+                goal = TIME_GOALS.get(name)
+                if goal is not None and b.total <= 10 * 10**6 and tr > goal:
+                    notes.append(f"time > {goal}x")
+                if b.total == 10 * 10**6 and mr > MEM_RATIO_AT_10M:
+                    notes.append(f"memory > {MEM_RATIO_AT_10M:.0f}x")
+            if name in ("dump", "export") and mdm.rss > STREAM_LIMIT:
+                notes.append("memory > 64 MiB")
+            if b.total >= 100 * 10**6 and mdm.rss > BIG_LIMIT:
+                notes.append("memory > 4 GiB")
+            missed += [f"{label(b.total)} {name}: {n}" for n in notes]
+            c11 = f"{m11.seconds:.2f} / {m11.rss / MiB:.0f}" if m11 else "-"
+            print(f"| {label(b.total)} | {name} | {c11} | {mdm.seconds:.2f} / "
+                  f"{mdm.rss / MiB:.0f} | {f'{tr:.2f}' if tr else '-'} | "
+                  f"{f'{mr:.1f}' if mr else '-'} | {'; '.join(notes) or 'met'} |", flush=True)
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if missed:
+        print(f"{len(missed)} goals missed or outputs differing:", *missed, sep="\n  ")
+        return 1
+    print("every goal met, every output identical to 1.1's")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
