@@ -624,7 +624,7 @@ class Machine:
             timeout: float = 30.0, **kwargs: Any) -> Any:
         """Execute a QMP command with *arguments* (a dict, for names like ``node-name``) and/or
         keyword arguments; errors become ``QMPCommandError``."""
-        from qemu.qmp import ExecuteError
+        from qemu.qmp import ExecuteError, QMPError
 
         args = {**(arguments or {}), **kwargs}
 
@@ -634,6 +634,12 @@ class Machine:
             return self._qmp.execute(command, args or None, timeout)
         except ExecuteError as exc:
             raise QMPCommandError(f"QMP {command} failed: {exc}") from exc
+        except QMPError as exc:  # disconnected: QEMU is exiting (e.g. a restore failed)
+            if self.proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(5)
+            self._health()
+            raise VMError(f"QMP {command}: {exc!r}", **self._ctx()) from exc
         except TimeoutError:
             self._health()
             raise GuestTimeout(f"QMP {command} did not answer in {timeout} s",

@@ -10,7 +10,7 @@ came from, so its key hashes everything the guest's RAM and device state depend 
   replaced by placeholders: memory, CPUs, accelerator, kernel command line and the devices
   present (a machine with a host share has its own state, saved before the share is mounted).
 
-Files live in ``$XDG_CACHE_HOME/dmimage/vmstate/<key>.state`` and are written to a temporary
+Files live in ``$XDG_CACHE_HOME/dmimage/vmstate/<key>.state`` (or ``$DMIMAGE_VM_STATE_DIR``) and are written to a temporary
 name and renamed into place, so concurrent creators never expose a partial file; the last
 rename wins, and every candidate is a complete state of the same configuration.
 """
@@ -42,7 +42,9 @@ def enabled() -> bool:
 
 
 def state_dir() -> Path:
-    return cache_root() / "vmstate"
+    """``$DMIMAGE_VM_STATE_DIR``, else ``$XDG_CACHE_HOME/dmimage/vmstate``."""
+    env = os.environ.get("DMIMAGE_VM_STATE_DIR")
+    return Path(env) if env else cache_root() / "vmstate"
 
 
 @lru_cache(maxsize=32)
