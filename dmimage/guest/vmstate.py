@@ -10,9 +10,10 @@ came from, so its key hashes everything the guest's RAM and device state depend 
   replaced by placeholders: memory, CPUs, accelerator, kernel command line and the devices
   present (a machine with a host share has its own state, saved before the share is mounted).
 
-Files live in ``$XDG_CACHE_HOME/dmimage/vmstate/<key>.state`` (or ``$DMIMAGE_VM_STATE_DIR``) and are written to a temporary
-name and renamed into place, so concurrent creators never expose a partial file; the last
-rename wins, and every candidate is a complete state of the same configuration.
+Files live in ``$XDG_CACHE_HOME/dmimage/vmstate/<key>.state`` (or ``$DMIMAGE_VM_STATE_DIR``)
+and are written to a temporary name and renamed into place, so concurrent creators never
+expose a partial file; the last rename wins, and every candidate is a complete state of the
+same configuration.
 """
 
 from __future__ import annotations
