@@ -478,6 +478,36 @@ def test_corrupt_state_falls_back_to_cold_boot(state_dir: Path, monkeypatch: pyt
 
 
 @pytest.mark.vm
+def test_two_processes_create_the_state_at_once(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes boot the same configuration into an empty cache at the same moment: both
+    save, the renames leave exactly one complete state and no temporary file, and it restores."""
+    _own_machine()  # skip/fail early like the others
+    state_dir = tmp_path / "vmstate"
+    env = {**os.environ, "DMIMAGE_VM_STATE_DIR": str(state_dir)}
+    code = textwrap.dedent("""\
+        from dmimage.guest.kernels import kernel_by_name
+        from dmimage.guest.machine import Machine
+        with Machine(kernel_by_name("deb12")) as vm:
+            print(vm.start_kind, vm.sh("echo up").strip(), flush=True)
+        """)
+    kids = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [k.communicate(timeout=600) for k in kids]
+    assert [k.returncode for k in kids] == [0, 0], outs
+    # Both boot cold and save (unless one child started so late that the other's state was
+    # already there: then it restores).
+    kinds = sorted(o.split()[0] for o, _ in outs)
+    assert all(o.split()[1:] == ["up"] for o, _ in outs), outs
+    assert kinds in (["cold+saved", "cold+saved"], ["cold+saved", "restored"]), outs
+    assert [p.name.endswith(".state") for p in state_dir.iterdir()] == [True]
+    monkeypatch.setenv("DMIMAGE_VM_STATE_DIR", str(state_dir))
+    with _own_machine() as vm:
+        assert vm.start_kind == "restored"
+        assert vm.sh("echo restored").strip() == "restored"
+
+
+@pytest.mark.vm
 def test_plugin_in_another_project(dm_vm: Machine, tmp_path: Path) -> None:
     """docs/vm.md's "another project" example, verbatim, as such a project runs it: its own
     directory outside this repository and pytest process, no conftest; the fixtures come from
