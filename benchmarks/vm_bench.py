@@ -1,14 +1,17 @@
-"""VM harness timings: boot to a ready agent, then warm cycles of hot-plug (metadata + data),
-pool activation (first one formats), a thin create + 1 MiB write + hash, teardown and unplug.
+"""VM harness timings: launch to a ready agent, cold (boot) and warm (restored from the saved
+VM state), then warm cycles of hot-plug (metadata + data), pool activation (first one formats),
+a thin create + 1 MiB write + hash, teardown and unplug.
 
-    python benchmarks/vm_bench.py [--kernel deb12] [--boots 2] [--cycles 5]
+    python benchmarks/vm_bench.py [--kernel deb12] [--boots 2] [--restores 10] [--cycles 5]
 
-Prints one line per measurement and a summary (median, min, max) per phase.
+Prints one line per measurement and a summary (median, min, max) per phase. The first
+saved-state launch saves the state when the cache has none (reported as "cold boot + save").
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import statistics
 import sys
@@ -20,12 +23,21 @@ from dmimage.guest.kernels import kernel_by_name
 from dmimage.guest.machine import Machine
 
 
+def _qemu_cpu(pid: int | None) -> float:
+    """User + system CPU seconds QEMU has used so far (``/proc/PID/stat``)."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kernel", default="deb12")
-    ap.add_argument("--boots", type=int, default=2, help="machines to boot (the last one runs "
-                    "the cycles)")
+    ap.add_argument("--boots", type=int, default=2, help="cold boots (no saved state)")
+    ap.add_argument("--restores", type=int, default=10,
+                    help="machines started from the saved state (the last one runs the cycles)")
     ap.add_argument("--cycles", type=int, default=5)
     args = ap.parse_args()
     kernel = kernel_by_name(args.kernel, fetch=True)
@@ -37,14 +49,34 @@ def main() -> int:
         print(f"{name:<28} {dt * 1000:8.0f} ms", flush=True)
         return time.monotonic()
 
-    for i in range(args.boots):
+    for _ in range(args.boots):
         t = time.monotonic()
-        vm = Machine(kernel).start()
-        rec("boot → agent ready", t)
-        print(f"{'  (guest uptime)':<28} {vm.guest_uptime_at_ready * 1000:8.0f} ms "
-              f"[{vm.accel}]")
-        if i < args.boots - 1:
+        cpu = time.process_time()
+        with Machine(kernel, saved_state=False) as vm:
+            rec("cold boot → agent ready", t)
+            spent = time.process_time() - cpu + _qemu_cpu(vm.pid)
+            phases.setdefault("cold boot CPU (QEMU+host)", []).append(spent)
+            print(f"{'  (CPU, QEMU + host)':<28} {spent * 1000:8.0f} ms", flush=True)
+            print(f"{'  (guest uptime)':<28} {vm.guest_uptime_at_ready * 1000:8.0f} ms "
+                  f"[{vm.accel}]")
+    for i in range(args.restores + 1):
+        t = time.monotonic()
+        cpu = time.process_time()
+        vm = Machine(kernel, saved_state=True).start()
+        if vm.start_kind == "restored":
+            rec("restore → agent ready", t)
+            # CPU seconds (QEMU + this process) until ready: what the restore costs whatever
+            # the machine's load; the wall time above grows with the load.
+            spent = time.process_time() - cpu + _qemu_cpu(vm.pid)
+            phases.setdefault("restore CPU (QEMU+host)", []).append(spent)
+            print(f"{'  (CPU, QEMU + host)':<28} {spent * 1000:8.0f} ms", flush=True)
+        else:
+            rec(f"{'cold boot + save' if vm.start_kind == 'cold+saved' else 'cold (no save)'}", t)
+        if i < args.restores:
             vm.close()
+    print(f"state file: {vm.state_file} "
+          f"({os.path.getsize(vm.state_file) >> 20 if vm.state_file else 0} MiB); "
+          f"load average {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory() as tmp, vm:
         t = time.monotonic()
         vm.run("true", check=True)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,48 @@ def test_pool_status_parser() -> None:
     assert parse_pool_status("0 8 thin-pool Fail").failed
     t = parse_thin_status("0 2048 thin 1024 1023")
     assert (t.mapped_sectors, t.highest_mapped_sector) == (1024, 1023)
+
+
+def _fake_qemu(path: Path, version: str) -> str:
+    path.write_text(f"#!/bin/sh\necho 'QEMU emulator version {version}'\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_state_key_follows_every_input(tmp_path: Path) -> None:
+    """The saved-state key changes with the appliance's content (same file name), the kernel
+    image, the QEMU version and the machine options, and not with per-run paths."""
+    from dmimage.guest.vmstate import state_key
+
+    qemu = _fake_qemu(tmp_path / "qemu", "7.2.22")
+    kernel, initrd = tmp_path / "vmlinux", tmp_path / "initrd.cpio"
+    kernel.write_bytes(b"kernel-1")
+    initrd.write_bytes(b"appliance-1")
+
+    def argv(rundir: str, memory: str = "256", share: str = "/srv") -> list[str]:
+        return [qemu, "-m", memory, "-kernel", str(kernel), "-initrd", str(initrd),
+                "-chardev", f"socket,id=agent,path={rundir}/agent.sock",
+                "-fsdev", f"local,id=hostshare,path={share},readonly=on"]
+
+    def key(rundir: str = "/tmp/run-a", **kw: str) -> str:
+        share = kw.get("share", "/srv")
+        return state_key(argv(rundir, **kw), {rundir: "@RUNDIR@", share: "@HOSTSHARE@"})
+
+    base = key()
+    assert key("/tmp/run-b") == base and key(share="/other") == base
+    assert key(memory="512") != base
+    # Same names, new content (mtime moved on so the per-process memo cannot hide it).
+    initrd.write_bytes(b"appliance-2")
+    os.utime(initrd, ns=(time.time_ns(), time.time_ns() + 10**9))
+    changed_appliance = key()
+    assert changed_appliance != base
+    kernel.write_bytes(b"kernel-2")
+    os.utime(kernel, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert key() not in (base, changed_appliance)
+    before = key()
+    _fake_qemu(Path(qemu), "8.2.0")
+    os.utime(qemu, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert key() != before
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,6 +419,92 @@ def test_no_orphan_qemu_when_python_is_killed(tmp_path: Path) -> None:
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+@pytest.fixture(scope="module")
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A private saved-state cache holding one deb12 state (booted cold, then saved)."""
+    d = tmp_path_factory.mktemp("vmstate")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DMIMAGE_VM_STATE_DIR", str(d))
+        with _own_machine() as vm:
+            assert vm.start_kind == "cold+saved", vm.start_kind
+            assert vm.state_file is not None and vm.state_file.parent == d
+            assert vm.sh("echo saved-machine-goes-on").strip() == "saved-machine-goes-on"
+        yield d
+
+
+@pytest.mark.vm
+def test_restored_guest_sees_hotplugged_disks(state_dir: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DMIMAGE_VM_STATE_DIR", str(state_dir))
+    img, img2 = tmp_path / "disk.img", tmp_path / "disk2.img"
+    img.write_bytes(os.urandom(1 << 20))
+    img2.write_bytes(bytes(1 << 20))
+    with _own_machine() as vm:
+        assert vm.start_kind == "restored" and vm.state_file is not None
+        assert vm.state_file.parent == state_dir
+        assert vm.boot_time is not None and vm.guest_uptime_at_ready is not None
+        # The restored guest's clock was moved from the save time to now.
+        assert abs(int(vm.sh("date +%s")) - time.time()) < 30
+        assert "thin-pool" in vm.sh("dmsetup targets")
+        with vm.disk(img) as d, vm.disk(img2, read_only=False) as d2:
+            assert d.guest_path != d2.guest_path
+            assert vm.sha256_of(d.guest_path) == hashlib.sha256(img.read_bytes()).hexdigest()
+            vm.sh(f"printf restored | dd of={d2.guest_path} bs=512 seek=1 conv=notrunc,fsync "
+                  "2>/dev/null")
+        assert img2.read_bytes()[512:520] == b"restored"
+        vm.check_dmesg(since_last=False)
+
+
+@pytest.mark.vm
+def test_corrupt_state_falls_back_to_cold_boot(state_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("DMIMAGE_VM_STATE_DIR", str(state_dir))
+    (state,) = state_dir.glob("*.state")
+    size = state.stat().st_size
+    with open(state, "r+b") as f:  # a partial copy: the stream ends half-way
+        f.truncate(size // 2)
+    bad_ino = state.stat().st_ino
+    with caplog.at_level("WARNING", logger="dmimage.guest"), _own_machine() as vm:
+        assert vm.start_kind == "cold+saved", vm.start_kind
+        assert vm.sh("echo cold").strip() == "cold"
+    assert any("restoring the saved state" in r.getMessage() and "booting cold" in r.getMessage()
+               for r in caplog.records), caplog.text
+    # The bad file was replaced by a complete state that restores.
+    assert state.stat().st_ino != bad_ino and state.stat().st_size > size // 2
+    with _own_machine() as vm:
+        assert vm.start_kind == "restored"
+
+
+@pytest.mark.vm
+def test_two_processes_create_the_state_at_once(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes boot the same configuration into an empty cache at the same moment: both
+    save, the renames leave exactly one complete state and no temporary file, and it restores."""
+    _own_machine()  # skip/fail early like the others
+    state_dir = tmp_path / "vmstate"
+    env = {**os.environ, "DMIMAGE_VM_STATE_DIR": str(state_dir)}
+    code = textwrap.dedent("""\
+        from dmimage.guest.kernels import kernel_by_name
+        from dmimage.guest.machine import Machine
+        with Machine(kernel_by_name("deb12")) as vm:
+            print(vm.start_kind, vm.sh("echo up").strip(), flush=True)
+        """)
+    kids = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [k.communicate(timeout=600) for k in kids]
+    assert [k.returncode for k in kids] == [0, 0], outs
+    # Both boot cold and save (unless one child started so late that the other's state was
+    # already there: then it restores).
+    kinds = sorted(o.split()[0] for o, _ in outs)
+    assert all(o.split()[1:] == ["up"] for o, _ in outs), outs
+    assert kinds in (["cold+saved", "cold+saved"], ["cold+saved", "restored"]), outs
+    assert [p.name.endswith(".state") for p in state_dir.iterdir()] == [True]
+    monkeypatch.setenv("DMIMAGE_VM_STATE_DIR", str(state_dir))
+    with _own_machine() as vm:
+        assert vm.start_kind == "restored"
+        assert vm.sh("echo restored").strip() == "restored"
 
 
 @pytest.mark.vm

@@ -37,8 +37,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     disks = [_parse_disk(s) for s in args.disk]
     with Machine(kernel, memory_mb=args.memory) as vm:
         if args.verbose:
-            print(f"dmimage vm: {kernel} booted in {vm.boot_time:.2f} s ({vm.accel})",
-                  file=sys.stderr)
+            print(f"dmimage vm: {kernel} ready in {vm.boot_time:.2f} s ({vm.start_kind}, "
+                  f"{vm.accel})", file=sys.stderr)
         exports = []
         for i, (path, ro) in enumerate(disks):
             d = vm.attach(path, read_only=ro)

@@ -143,14 +143,15 @@ class AgentChannel:
                 return self.ready_uptime
             self.noise.append(line)
 
-    def run(self, script: str | bytes, *, timeout: float = 60.0, check: bool = False
-            ) -> CommandResult:
+    def run(self, script: str | bytes, *, timeout: float = 60.0, check: bool = False,
+            host_timeout: float | None = None) -> CommandResult:
         """Run *script* with ``sh`` in the guest; stdin is /dev/null.
 
         After *timeout* seconds the guest kills the command's process group and the result has
         ``timed_out=True`` (``returncode`` 137). If the guest does not answer within
         *timeout* + ``host_grace`` (default ``HOST_GRACE``), ``GuestTimeout`` is raised (the
-        guest is hung).
+        guest is hung). *timeout* 0 runs without a guest-side watchdog (one process less);
+        *host_timeout* then bounds the host's wait.
         """
         raw = script.encode() if isinstance(script, str) else script
         text = script if isinstance(script, str) else script.decode(errors="replace")
@@ -161,6 +162,8 @@ class AgentChannel:
         frame = b"@@C %d %d %d\n" % (cid, tmo, len(lines)) + b"".join(ln + b"\n" for ln in lines)
         start = time.monotonic()
         host_deadline = start + (tmo if tmo else 24 * 3600) + self.host_grace
+        if host_timeout is not None:
+            host_deadline = start + host_timeout
         self._send(frame, host_deadline)
         while True:
             line = self._read_line(host_deadline, f"running {text[:200]!r}")

@@ -9,6 +9,13 @@ QEMU runs in its own process group with a parent-death signal (``setpriv --pdeat
 and every live machine is killed at interpreter exit, so no QEMU outlives its Python process.
 QMP is spoken with ``qemu.qmp.QMPClient`` on an asyncio loop in a private thread; the public API
 is synchronous.
+
+Saved state (``vmstate.py``): the first machine of a configuration boots cold, waits for the
+agent, and saves itself (QMP ``migrate`` to a file descriptor) into the cache; every later
+machine of that configuration starts QEMU with ``-incoming fd:N`` on that file, resumes, and is
+ready once the agent answers a first command (which also sets the guest clock and stirs its
+random pool). Disks are hot-plugged after that, as always. A state that fails to restore is
+removed and the machine boots cold, with a warning in the log.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import logging
 import os
 import shlex
 import shutil
@@ -33,6 +41,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypedDict, TypeVar
 
+from . import vmstate
 from .agent import AgentChannel, CommandResult, check_kernel_log
 from .appliance import HOST_SHARE_MODULES, build_initramfs
 from .errors import (
@@ -53,6 +62,13 @@ BASE_CMDLINE = ("console=ttyS0 loglevel=5 panic=-1 rdinit=/init edd=off "
 HOST_SHARE_TAG = "hostshare"
 
 _LIVE: weakref.WeakSet[Machine] = weakref.WeakSet()
+
+log = logging.getLogger("dmimage.guest")
+
+#: Seconds a restore may take (QEMU loading the state + the agent's first answer) before the
+#: state is declared bad and the machine boots cold. A good restore takes ~1 s, or a few
+#: seconds on a loaded host.
+RESTORE_TIMEOUT = 60.0
 
 
 @atexit.register
@@ -152,6 +168,14 @@ class _QMP:
     def execute(self, cmd: str, args: dict[str, Any] | None, timeout: float) -> object:
         return self.call(self.client.execute(cmd, args), timeout)
 
+    def send_fd(self, fd: int, name: str, timeout: float) -> None:
+        """Pass *fd* to QEMU (SCM_RIGHTS) and name it *name* for commands like ``migrate``."""
+        async def _send() -> object:
+            self.client.send_fd_scm(fd)
+            return await self.client.execute("getfd", {"fdname": name})
+
+        self.call(_send(), timeout)
+
     def wait_event(self, name: str, match: dict[str, Any], deadline: float,
                    health: Callable[[], None]) -> dict[str, Any]:
         with self.cond:
@@ -207,9 +231,12 @@ class Machine:
                  accel: str | None = None, boot_timeout: float = 180.0,
                  cmdline_extra: str = "", keep_logs: bool | None = None,
                  qemu: str | None = None,
-                 host_share: str | os.PathLike[str] | None = None) -> None:
+                 host_share: str | os.PathLike[str] | None = None,
+                 saved_state: bool | None = None) -> None:
         """``host_share``: a host directory the guest may mount read-only over virtio-9p
-        (:meth:`mount_host_share`); None (the default) adds neither the device nor modules."""
+        (:meth:`mount_host_share`); None (the default) adds neither the device nor modules.
+        ``saved_state``: start from (or create) the cached saved state of this configuration;
+        default on unless ``DMIMAGE_VM_SNAPSHOT=0``."""
         self.kernel = kernel
         self.host_share = os.fspath(host_share) if host_share is not None else None
         self.memory_mb = memory_mb
@@ -220,6 +247,12 @@ class Machine:
         self.keep_logs = (os.environ.get("DMIMAGE_VM_KEEP") == "1") if keep_logs is None \
             else keep_logs
         self.qemu = qemu or qemu_binary()
+        self.saved_state = vmstate.enabled() if saved_state is None else saved_state
+        #: "restored" (from a saved state), "cold" (booted; no state used) or "cold+saved"
+        #: (booted, then saved its state for later machines); None before start().
+        self.start_kind: str | None = None
+        #: The state file this machine was restored from or saved to.
+        self.state_file: Path | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.rundir: Path | None = None
         self.console_log: Path | None = None
@@ -290,31 +323,164 @@ class Machine:
         self.rundir = Path(tempfile.mkdtemp(prefix="dmimage-vm-"))
         self.console_log = self.rundir / "console.log"
         self.console_log.touch()
+        t0 = time.monotonic()
         try:
-            self._launch(initrd, image, accel)
+            self._boot(self.command_line(initrd, image, accel), t0)
         except BaseException:
             self._failed = True
             self.close()
             raise
         return self
 
-    def _launch(self, initrd: Path, image: Path, accel: str) -> None:
+    def _state_key(self, argv: list[str]) -> str | None:
+        if not self.saved_state:
+            return None
         assert self.rundir is not None
+        placeholders = {str(self.rundir): "@RUNDIR@"}
+        if self.host_share is not None:
+            placeholders[self.host_share.replace(",", ",,")] = "@HOSTSHARE@"
+        try:
+            return vmstate.state_key(argv, placeholders)
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.warning("dmimage-vm: no saved state (cannot compute its key: %s)", exc)
+            return None
+
+    def _boot(self, argv: list[str], t0: float) -> None:
+        """Restore from the saved state if there is one, else boot cold (and save)."""
+        key = self._state_key(argv)
+        if key is not None:
+            path = vmstate.state_path(key)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                fd = -1
+            if fd >= 0:
+                ino = os.fstat(fd).st_ino
+                try:
+                    self._launch(argv + ["-incoming", f"fd:{fd}"], pass_fds=(fd,))
+                    self._resume_restored(time.monotonic() + RESTORE_TIMEOUT)
+                    self.boot_time = time.monotonic() - t0
+                    self.start_kind, self.state_file = "restored", path
+                    return
+                except VMError as exc:
+                    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                    log.warning("dmimage-vm: restoring the saved state %s failed (%s); "
+                                "removed it, booting cold", path, first)
+                    vmstate.discard(path, ino)
+                    self._teardown_process()
+                finally:
+                    os.close(fd)
+        self._launch(argv)
+        assert self._agent is not None
+        self.guest_uptime_at_ready = self._agent.wait_ready(self.boot_timeout)
+        self.boot_time = time.monotonic() - t0
+        self.start_kind = "cold"
+        if key is not None and self._save_state(key):
+            self.start_kind = "cold+saved"
+
+    def _resume_restored(self, deadline: float) -> None:
+        """Wait until QEMU has loaded the state, resume the vCPUs, and wait for the agent."""
+        assert self._qmp is not None and self._agent is not None
+        while True:
+            self._health()
+            status = self.qmp("query-status", timeout=max(1.0, deadline - time.monotonic()))
+            state = status.get("status")
+            if state == "paused":  # saved while stopped: QEMU does not resume on its own
+                self.qmp("cont")
+                break
+            if state == "running":
+                break
+            if state != "inmigrate":
+                raise VMError(f"QEMU is {state!r} after loading the saved state")
+            if time.monotonic() > deadline:
+                raise GuestTimeout("QEMU did not finish loading the saved state",
+                                   **self._ctx())
+            time.sleep(0.01)
+        # The first command proves the agent is alive; it also moves the guest clock (frozen
+        # at save time) to now and stirs host randomness into the pool every restored guest
+        # shares.
+        seed = os.urandom(32).hex()
+        # timeout=0: no watchdog process in the guest (the host deadline still holds); only
+        # builtins but date, as every process is slow to start on a cold translation cache.
+        res = self._agent.run(f"date -s @{int(time.time())} >/dev/null; "
+                              f"echo {seed} > /dev/urandom; read -r up _ < /proc/uptime; "
+                              "echo $up", timeout=0, check=True,
+                              host_timeout=max(1.0, deadline - time.monotonic()))
+        self.guest_uptime_at_ready = float(res.out.strip() or "nan")
+
+    def _save_state(self, key: str) -> bool:
+        """Save this freshly booted, idle guest as the state of its configuration; True when
+        it was saved. Failures only cost the speed-up: logged, never raised."""
+        assert self._qmp is not None
+        tmp = vmstate.temp_path(key)
         t0 = time.monotonic()
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                self._qmp.send_fd(fd, "dmimage-vmstate", 30)
+            finally:
+                os.close(fd)
+            self.qmp("stop")
+            try:
+                self.qmp("migrate", uri="fd:dmimage-vmstate")
+                deadline = time.monotonic() + 120
+                while True:
+                    info = self.qmp("query-migrate")
+                    status = info.get("status")
+                    if status == "completed":
+                        break
+                    if status in ("failed", "cancelled") or time.monotonic() > deadline:
+                        raise VMError(f"migrate {status}: {info.get('error-desc', '')}")
+                    time.sleep(0.02)
+            finally:
+                self.qmp("cont")
+            self.state_file = vmstate.publish(tmp, key)
+        except (VMError, OSError) as exc:
+            log.warning("dmimage-vm: could not save the VM state (%s); later machines boot "
+                        "cold", exc)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            return False
+        log.info("dmimage-vm: saved VM state %s in %.2f s", self.state_file,
+                 time.monotonic() - t0)
+        return True
+
+    def _teardown_process(self) -> None:
+        """Undo a failed launch so that ``_launch`` can start over in the same run dir."""
+        self.kill()
+        _LIVE.discard(self)
+        if self._agent_sock is not None:
+            self._agent_sock.close()
+            self._agent_sock = None
+        self._agent = None
+        if self._qmp is not None:
+            self._qmp.close()
+            self._qmp = None
+        assert self.rundir is not None
+        for s in ("qmp.sock", "agent.sock"):
+            with contextlib.suppress(OSError):
+                (self.rundir / s).unlink()
+        self.proc = None
+        self._failed = False
+
+    def _launch(self, argv: list[str], pass_fds: tuple[int, ...] = ()) -> None:
+        """Start QEMU with *argv* and connect QMP and the agent channel (not yet ready)."""
+        assert self.rundir is not None
         self._qmp = _QMP()
         self._qmp.listen(str(self.rundir / "qmp.sock"))
         lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         lsock.bind(str(self.rundir / "agent.sock"))
         lsock.listen(1)
-        argv = self.command_line(initrd, image, accel)
         setpriv = shutil.which("setpriv")
         if setpriv:
             argv = [setpriv, "--pdeathsig", "KILL", "--"] + argv
-        (self.rundir / "cmdline").write_text(shlex.join(argv) + "\n")
-        stderr = open(self.rundir / "qemu.stderr", "wb")  # noqa: SIM115
+        with open(self.rundir / "cmdline", "a") as f:
+            f.write(shlex.join(argv) + "\n")
+        stderr = open(self.rundir / "qemu.stderr", "ab")  # noqa: SIM115
         try:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stderr,
-                                         stderr=stderr, start_new_session=True)
+                                         stderr=stderr, start_new_session=True,
+                                         pass_fds=pass_fds)
         finally:
             stderr.close()
         _LIVE.add(self)
@@ -340,8 +506,6 @@ class Machine:
         self._agent = AgentChannel(self._agent_sock, health=self._health,
                                    context=lambda: (self.console_tail(), self._log_str()),
                                    on_broken=self._broken)
-        self.guest_uptime_at_ready = self._agent.wait_ready(self.boot_timeout)
-        self.boot_time = time.monotonic() - t0
 
     def _log_str(self) -> str | None:
         return str(self.console_log) if self.console_log else None
@@ -460,7 +624,7 @@ class Machine:
             timeout: float = 30.0, **kwargs: Any) -> Any:
         """Execute a QMP command with *arguments* (a dict, for names like ``node-name``) and/or
         keyword arguments; errors become ``QMPCommandError``."""
-        from qemu.qmp import ExecuteError
+        from qemu.qmp import ExecuteError, QMPError
 
         args = {**(arguments or {}), **kwargs}
 
@@ -470,6 +634,12 @@ class Machine:
             return self._qmp.execute(command, args or None, timeout)
         except ExecuteError as exc:
             raise QMPCommandError(f"QMP {command} failed: {exc}") from exc
+        except QMPError as exc:  # disconnected: QEMU is exiting (e.g. a restore failed)
+            if self.proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(5)
+            self._health()
+            raise VMError(f"QMP {command}: {exc!r}", **self._ctx()) from exc
         except TimeoutError:
             self._health()
             raise GuestTimeout(f"QMP {command} did not answer in {timeout} s",

@@ -118,8 +118,9 @@ def boot_machine(config: pytest.Config, name: str) -> Machine:
     cache[name] = vm
     reporter = config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
-        reporter.write_line(f"[dmimage-vm] {kernel} booted in {vm.boot_time:.2f} s "
-                            f"({vm.accel}, guest uptime {vm.guest_uptime_at_ready:.2f} s)")
+        reporter.write_line(f"[dmimage-vm] {kernel} ready in {vm.boot_time:.2f} s "
+                            f"({vm.start_kind}, {vm.accel}, guest uptime "
+                            f"{vm.guest_uptime_at_ready:.2f} s)")
     return vm
 
 
