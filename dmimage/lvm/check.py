@@ -2,7 +2,7 @@
 
 Problems are lines naming both sides' values. Thin pools: the full metadata check on
 ``_tmeta``, the VG's transaction_id against the superblock's (lvm2 activates when they are
-equal, or when the VG is one ahead and messages are pending: libdm-deptree.c), every thin
+equal, or when the VG is one ahead, with or without pending messages: libdm-deptree.c), every thin
 LV's device_id present in the pool, pool devices no LV names (orphans), pending messages.
 """
 
@@ -136,16 +136,32 @@ def check_pool(lvg: LoadedVG, pool_name: str, report: LvmReport) -> None:
             report.problems.append(f"{where}: superblock has {nr_data} data blocks, "
                                    f"{seg.pool} holds {tdata_blocks}")
     vg_tid = seg.transaction_id
+    # lvm2 2.03.16 at activation (libdm-deptree.c, _thin_pool_node_send_messages): equal ids
+    # pass and the pending messages are skipped as already committed; a VG one ahead passes
+    # and the messages (if any) are sent, then set_transaction_id; anything else is refused.
+    messages_apply = vg_tid == sb_tid + 1 and bool(seg.messages)
     if vg_tid == sb_tid:
-        pass
-    elif vg_tid == sb_tid + 1 and seg.messages:
-        report.notes.append(f"{where}: VG transaction_id {vg_tid} is one ahead of the "
-                            f"superblock's {sb_tid}; the pending messages close the gap")
+        if seg.messages:
+            report.notes.append(f"{where}: transaction_id {vg_tid} matches the superblock; "
+                                "lvm2 treats the pending messages as already committed and "
+                                "skips them")
+    elif vg_tid == sb_tid + 1:
+        if seg.messages:
+            report.notes.append(f"{where}: VG transaction_id {vg_tid} is one ahead of the "
+                                f"superblock's {sb_tid}; lvm2 sends the pending messages at "
+                                "activation")
+        else:
+            # activation passes; lvm2 warns and refuses new thins (pool_below_threshold)
+            report.notes.append(f"{where}: VG transaction_id {vg_tid} is one ahead of the "
+                                f"superblock's {sb_tid} with no pending message: lvm2 "
+                                "activates the pool but refuses new thins until the ids agree "
+                                "(lvm set-transaction-id)")
     else:
         report.problems.append(f"{where}: transaction_id mismatch: VG metadata says {vg_tid}, "
                                f"pool superblock says {sb_tid}")
-    creates = {m.create for m in seg.messages if m.create}
-    deletes = {m.delete for m in seg.messages if m.delete is not None}
+    creates = {m.create for m in seg.messages if m.create} if messages_apply else set()
+    deletes = ({m.delete for m in seg.messages if m.delete is not None} if messages_apply
+               else set())
     named: dict[int, str] = {}
     for lv in vg.lvs:
         s = lv.segments[0] if lv.segments else None
