@@ -52,6 +52,7 @@ activation {
 global {
     thin_check_executable = "/sbin/thin_check"
     thin_check_options = [ "-q", "--clear-needs-check-flag" ]
+    cache_check_executable = "/sbin/cache_check"
     use_lvmpolld = 0
     event_activation = 0
 }
@@ -62,11 +63,15 @@ log { verbose = 0 syslog = 0 }
 #: Modules lvm2 needs beyond the base appliance's (lvcreate -s checks for the snapshot target
 #: even for thin snapshots); loaded by :meth:`LvmMachine.lvm_setup`.
 EXTRA_MODULES = ("dm-snapshot",)
+#: Targets of the other segment types lvs reports (raid, mirror, cache, writecache); loaded
+#: when the kernel has them, so the lv_attr proofs can create such LVs.
+OPTIONAL_EXTRA_MODULES = ("dm-raid", "raid0", "raid1", "raid10", "dm-mirror", "dm-log", "dm-region-hash",
+                          "dm-cache", "dm-cache-smq", "dm-writecache")
 
 #: lvm commands the tests call, as symlinks to the one binary.
 COMMANDS = ("pvcreate", "vgcreate", "lvcreate", "lvs", "pvs", "vgs", "vgchange", "lvchange",
             "vgck", "vgcfgbackup", "vgcfgrestore", "lvremove", "lvrename", "lvextend",
-            "vgremove", "pvremove", "vgscan", "pvscan")
+            "vgremove", "pvremove", "vgscan", "pvscan", "lvconvert")
 
 
 def lvm2_root() -> Path:
@@ -102,7 +107,8 @@ def _add_path(w: CpioWriter, made: set[str], rel: str, data: bytes, perm: int) -
 
 def _extra_modules(moddir: Path) -> list[str]:
     base = set(resolve_modules(moddir))
-    return [m for m in resolve_modules(moddir, GUEST_MODULES + EXTRA_MODULES, ())
+    return [m for m in resolve_modules(moddir, GUEST_MODULES + EXTRA_MODULES,
+                                       OPTIONAL_EXTRA_MODULES)
             if m not in base]
 
 
@@ -131,7 +137,7 @@ def build_component(moddir: Path) -> Path:
         for c in COMMANDS:
             w.add_symlink(f"sbin/{c}", "lvm")
         _add_path(w, made, "sbin/pdata_tools", thin.read_bytes(), 0o755)
-        for c in ("thin_check", "thin_dump"):
+        for c in ("thin_check", "thin_dump", "cache_check"):
             w.add_symlink(f"sbin/{c}", "pdata_tools")
         for lib in libs:
             _add_path(w, made, lib.lstrip("/"), Path(lib).read_bytes(), 0o755)
