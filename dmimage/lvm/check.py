@@ -8,11 +8,13 @@ LV's device_id present in the pool, pool devices no LV names (orphans), pending 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from dmimage.errors import DmimageError, MetadataError
 from dmimage.format.lvm import SECTOR_SIZE
 from dmimage.lvm.model import StripedSegment, ThinPoolSegment, ThinSegment, VolumeGroup
+from dmimage.lvm.ondisk import MetadataArea
 from dmimage.lvm.thin import metadata_source, pool_segment
 from dmimage.lvm.vg import LoadedVG, load_vgs
 from dmimage.thin.check import check_metadata
@@ -93,6 +95,18 @@ def model_problems(vg: VolumeGroup) -> list[str]:
             seen.add(cur)
             cur = origins.get(cur)
     return out
+
+
+def precommitted_note(m: MetadataArea, committed_seqno: int) -> str:
+    """lvm2 reads raw_locn slot 0; a slot 1 left by an uncommitted vg_precommit is reported,
+    not used (format-text.c: vg_precommit fills slot 1, vg_commit moves it to 0)."""
+    if m.precommitted is None:
+        return (f"{m.where}: precommitted slot (raw_locn 1) unreadable: "
+                f"{m.precommitted_problem}; lvm2 uses the committed seqno {committed_seqno}")
+    found = re.search(rb"\bseqno\s*=\s*(\d+)", m.precommitted)
+    seq = found.group(1).decode() if found else "?"
+    return (f"{m.where}: precommitted metadata seqno {seq} (raw_locn 1) was never committed; "
+            f"lvm2 uses the committed seqno {committed_seqno}")
 
 
 def check_pool(lvg: LoadedVG, pool_name: str, report: LvmReport) -> None:
@@ -194,6 +208,9 @@ def check_lvm(paths: list[str]) -> LvmReport:
                     check_pool(lvg, lv.name, report)
                 except MetadataError as exc:
                     report.problems.append(f"{lvg.vg.name}/{lv.name}: {exc}")
+        for m in lvg.mdas:
+            if m.precommitted is not None or m.precommitted_problem is not None:
+                report.notes.append(precommitted_note(m, lvg.vg.seqno))
         for label in lvg.labels.values():
             pv = next(p for p in lvg.vg.pvs if p.id == label.uuid)
             end = (pv.pe_start + pv.pe_count * lvg.vg.extent_size) * SECTOR_SIZE
