@@ -38,6 +38,23 @@ KNOWN_TYPES = RAID_TYPES | VIRTUAL_TYPES | {
     "writecache", "integrity", "vdo-pool"}
 
 
+def one_line(text: str) -> str:
+    """``text`` safe to print as one line: names read from a damaged or hostile VG text may
+    hold newlines, control characters or bytes that are not UTF-8 (kept as surrogates); each
+    such character becomes a backslash escape (``\\n``, ``\\x1b``, ``\\xff``)."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable():
+            out.append(ch)
+        elif "\udc80" <= ch <= "\udcff":  # a byte that was not UTF-8 (surrogateescape)
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        else:
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+    return "".join(out)
+
+
 def base_type(seg: Segment) -> str:
     """The segment type without lvm2's ``+FLAG`` suffixes (``cache+CACHE_USES_CACHEVOL``)."""
     return seg.type.split("+", 1)[0]
@@ -67,6 +84,7 @@ class Roles:
     cow: dict[str, str] = field(default_factory=dict)  # COW LV -> its snapshot's origin
     snapshot_lvs: set[str] = field(default_factory=set)  # the internal snapshotN LVs
     visible_cow: set[str] = field(default_factory=set)
+    by_name: dict[str, LogicalVolume] = field(default_factory=dict)
 
 
 def _names(value: object) -> list[str]:
@@ -79,6 +97,7 @@ def _name(value: object) -> str | None:
 
 def roles(vg: VolumeGroup) -> Roles:
     r = Roles()
+    r.by_name = {lv.name: lv for lv in vg.lvs}
     for lv in vg.lvs:
         for s in lv.segments:
             t, x = base_type(s), s.extra
@@ -234,7 +253,7 @@ def lv_attr(vg: VolumeGroup, lv: LogicalVolume, r: Roles, partial: bool) -> str:
         a[6] = "v"
     pool = first if is_pool else None
     if isinstance(first, ThinSegment):
-        pool_lv = vg.lv(first.thin_pool)
+        pool_lv = r.by_name.get(first.thin_pool) if r.by_name else vg.lv(first.thin_pool)
         if pool_lv is not None and pool_lv.segments and isinstance(pool_lv.segments[0],
                                                                      ThinPoolSegment):
             pool = pool_lv.segments[0]
@@ -251,7 +270,7 @@ def _shown(vg: VolumeGroup, r: Roles, name: str | None) -> str:
     """An LV name as lvs prints it in pool_lv/origin: hidden ones in brackets."""
     if not name:
         return ""
-    lv = vg.lv(name)
+    lv = r.by_name.get(name)
     return name if lv is None or visible(lv, r) else f"[{name}]"
 
 
