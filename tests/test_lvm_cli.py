@@ -370,3 +370,21 @@ def test_one_line_escapes_bytes_that_are_not_utf8():
     raw = b"lv\xff\x00x".decode("utf-8", errors="surrogateescape")
     assert one_line(raw) == "lv\\xff\\x00x"
     assert one_line("plain-name_1.2+") == "plain-name_1.2+"
+
+
+@needs_tools
+@pytest.mark.parametrize("vg_tid,clean,says", [
+    (2, True, None),
+    (3, True, "one ahead of the superblock's 2 with no pending message"),
+    (0, True, "VG transaction_id 0: lvm2 does not validate it"),
+    (1, False, "transaction_id mismatch: VG metadata says 1, pool superblock says 2"),
+    (4, False, "transaction_id mismatch: VG metadata says 4, pool superblock says 2"),
+])
+def test_transaction_id_rule_as_lvm2_activates(tmp_path, capsys, vg_tid, clean, says):
+    """The rule of lvm2 2.03.16's activation (the guest proof is vmtests/
+    test_lvm_rules_guest.py): the superblock here says 2."""
+    sc = build(tmp_path, text=scenario_text(tid=vg_tid))
+    rc, out, err = run(capsys, "check", *sc.disks)
+    assert rc == (0 if clean else 1), err
+    if says:
+        assert says in (out if clean else err), (out, err)

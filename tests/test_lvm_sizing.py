@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,7 +37,7 @@ def parse_case(commands: list[str]) -> tuple[int, int, int | None, int | None]:
 
 
 @pytest.mark.parametrize("case", TABLE, ids=lambda c: c["commands"][1].split("thin-pool ")[1])
-def test_sizes_match_lvm2(case: dict) -> None:
+def test_sizes_match_lvm2(case: dict[str, Any]) -> None:
     ext, data_extents, chunk, meta = parse_case(case["commands"])
     got = thin_pool_sizes(data_extents, ext, chunk, meta)
     lvs = case["lvs"]

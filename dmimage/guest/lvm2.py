@@ -153,9 +153,10 @@ def build_component(moddir: Path) -> Path:
     return out
 
 
-def combined_initramfs(moddir: Path) -> Path:
-    """The base appliance followed by the lvm2 component, as one initrd file."""
-    base = build_initramfs(moddir).path
+def combined_initramfs(moddir: Path, base: Path | None = None) -> Path:
+    """The base appliance (``base``: the initrd the machine built, e.g. with the host-share
+    modules) followed by the lvm2 component, as one initrd file."""
+    base = base or build_initramfs(moddir).path
     comp = build_component(moddir)
     key = hashlib.sha256(f"{base.name}\0{comp.name}".encode()).hexdigest()[:20]
     out = base.parent / f"initramfs-lvm2-{key}.cpio"
@@ -173,8 +174,8 @@ class LvmMachine(Machine):
     """A guest whose appliance carries lvm2 (and thin_check for pool activation)."""
 
     def command_line(self, initrd: Path, kernel_image: Path, accel: str) -> list[str]:
-        return super().command_line(combined_initramfs(self.kernel.moddir), kernel_image,
-                                    accel)
+        return super().command_line(combined_initramfs(self.kernel.moddir, initrd),
+                                    kernel_image, accel)
 
     def lvm_setup(self) -> None:
         self.sh("mkdir -p /run/lvm /run/lock/lvm /etc/lvm/backup /etc/lvm/archive && "

@@ -2,7 +2,7 @@
 
 Problems are lines naming both sides' values. Thin pools: the full metadata check on
 ``_tmeta``, the VG's transaction_id against the superblock's (lvm2 activates when they are
-equal, or when the VG is one ahead, with or without pending messages: libdm-deptree.c), every thin
+equal, when the VG is one ahead, or when the VG's is 0: libdm-deptree.c), every thin
 LV's device_id present in the pool, pool devices no LV names (orphans), pending messages.
 """
 
@@ -150,41 +150,50 @@ def check_pool(lvg: LoadedVG, pool_name: str, report: LvmReport) -> None:
             report.problems.append(f"{where}: superblock has {nr_data} data blocks, "
                                    f"{seg.pool} holds {tdata_blocks}")
     vg_tid = seg.transaction_id
-    # lvm2 2.03.16 at activation (libdm-deptree.c, _thin_pool_node_send_messages): equal ids
-    # pass and the pending messages are skipped as already committed; a VG one ahead passes
-    # and the messages (if any) are sent, then set_transaction_id; anything else is refused.
-    messages_apply = vg_tid == sb_tid + 1 and bool(seg.messages)
+    # lvm2 2.03.16 at activation (libdm-deptree.c, _thin_pool_node_send_messages, called with
+    # send=0: a fresh activation only validates; messages go out only when lvm2 suspends an
+    # already active pool, dev_manager.c): a VG id of 0 without messages is not validated at
+    # all; equal ids pass; a VG one ahead passes; anything else is refused.
+    pending_deletes_apply = vg_tid == sb_tid + 1  # messages still to be sent
     if vg_tid == sb_tid:
         if seg.messages:
             report.notes.append(f"{where}: transaction_id {vg_tid} matches the superblock; "
                                 "lvm2 treats the pending messages as already committed and "
-                                "skips them")
+                                "never sends them")
     elif vg_tid == sb_tid + 1:
         if seg.messages:
             report.notes.append(f"{where}: VG transaction_id {vg_tid} is one ahead of the "
-                                f"superblock's {sb_tid}; lvm2 sends the pending messages at "
-                                "activation")
+                                f"superblock's {sb_tid}; lvm2 activates the pool and sends the "
+                                "pending messages the next time it suspends the active pool")
         else:
             # activation passes; lvm2 warns and refuses new thins (pool_below_threshold)
             report.notes.append(f"{where}: VG transaction_id {vg_tid} is one ahead of the "
                                 f"superblock's {sb_tid} with no pending message: lvm2 "
                                 "activates the pool but refuses new thins until the ids agree "
                                 "(lvm set-transaction-id)")
+    elif vg_tid == 0 and not seg.messages:
+        report.notes.append(f"{where}: VG transaction_id 0: lvm2 does not validate it at "
+                            f"activation (the superblock says {sb_tid})")
     else:
         report.problems.append(f"{where}: transaction_id mismatch: VG metadata says {vg_tid}, "
                                f"pool superblock says {sb_tid}")
-    creates = {m.create for m in seg.messages if m.create} if messages_apply else set()
-    deletes = ({m.delete for m in seg.messages if m.delete is not None} if messages_apply
-               else set())
+    creates = {m.create for m in seg.messages if m.create}
+    deletes = ({m.delete for m in seg.messages if m.delete is not None}
+               if pending_deletes_apply else set())
     named: dict[int, str] = {}
     for lv in vg.lvs:
         s = lv.segments[0] if lv.segments else None
         if isinstance(s, ThinSegment) and s.thin_pool == pool_name:
             named[s.device_id] = lv.name
-            if s.device_id not in devices and lv.name not in creates:
+            if s.device_id not in devices:
+                # a pending create is not sent at activation, so the LV cannot activate
+                pending = ("" if lv.name not in creates else
+                           " (its create message is pending; lvm2 sends it only when it "
+                           "suspends the active pool)" if pending_deletes_apply else
+                           " (its create message counts as committed; lvm2 never sends it)")
                 report.problems.append(f"{where}: thin LV {lv.name} has device_id "
                                        f"{s.device_id}, which the pool does not have (pool "
-                                       f"devices: {sorted(devices)[:10]})")
+                                       f"devices: {sorted(devices)[:10]}){pending}")
     st.orphans = sorted(set(devices) - set(named) - deletes)
     for dev in st.orphans:
         d = devices[dev]
