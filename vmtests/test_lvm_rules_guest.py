@@ -315,7 +315,9 @@ def test_built_linear_lvs_activate(tmp_path: Path, kernel: str) -> None:
     from test_build_lvm import SPEC, write_inputs
 
     write_inputs(tmp_path)
-    (tmp_path / "s.toml").write_text(SPEC)
+    # room for lvm2 to extend a linear LV afterwards
+    (tmp_path / "s.toml").write_text(SPEC.replace('layout = "lvm"',
+                                                  'layout = "lvm"\nimage_size = "40MiB"'))
     m = build(load_spec(tmp_path / "s.toml"), tmp_path / "out").manifest
     img = str(tmp_path / "out" / "lv.img")
     assert {lv["name"] for lv in m["linear"]} == {"lin", "blank"}
