@@ -27,7 +27,7 @@ def test_every_column_matches_lvs() -> None:
     assert not any(diff.values()), {n: d for n, d in diff.items() if d}
     # the fixture covers the kinds this test is about
     attrs = {t["lv_attr"][0] for t in FIXTURE["lvs"]}
-    assert {"r", "m", "C", "I", "e", "l", "o", "s"} <= attrs
+    assert {"r", "m", "C", "I", "e", "l", "o", "s", "V", "t", "T"} <= attrs
 
 
 def test_unknown_segment_type_is_shown_not_fatal() -> None:

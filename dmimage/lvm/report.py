@@ -110,6 +110,8 @@ def roles(vg: VolumeGroup) -> Roles:
                 if s.external_origin:
                     r.external_origins.add(s.external_origin)
             elif t in RAID_TYPES:
+                # raid0 without metadata LVs lists its images as raid0_lvs (raid_manip.c)
+                r.raid_image.update(_names(x.get("raid0_lvs")))
                 raids = _names(x.get("raids"))
                 count = x.get("device_count")
                 if isinstance(count, int) and len(raids) == 2 * count:  # (rmeta, rimage) pairs
