@@ -354,8 +354,8 @@ def parse_spec(data: dict[str, Any], base: Path, source: Path | None = None) -> 
             if layout != "lvm":
                 raise SpecError(t.key("type"), "linear volumes need layout = \"lvm\"")
             linear_tables.append((i, t))
-    tables = {i: t for i, t in enumerate(all_tables)
-              if all(i != j for j, _ in linear_tables)}
+    linear_idx = {i for i, _ in linear_tables}
+    tables = {i: t for i, t in enumerate(all_tables) if i not in linear_idx}
     if not tables:
         raise SpecError("volumes", "give at least one thin volume (the pool needs one)")
     names: dict[str, int] = {}
