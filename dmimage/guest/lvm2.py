@@ -65,8 +65,8 @@ log { verbose = 0 syslog = 0 }
 EXTRA_MODULES = ("dm-snapshot",)
 #: Targets of the other segment types lvs reports (raid, mirror, cache, writecache); loaded
 #: when the kernel has them, so the lv_attr proofs can create such LVs.
-OPTIONAL_EXTRA_MODULES = ("dm-raid", "raid0", "raid1", "raid10", "dm-mirror", "dm-log", "dm-region-hash",
-                          "dm-cache", "dm-cache-smq", "dm-writecache")
+OPTIONAL_EXTRA_MODULES = ("dm-raid", "raid0", "raid1", "raid10", "dm-mirror", "dm-log",
+                          "dm-region-hash", "dm-cache", "dm-cache-smq", "dm-writecache")
 
 #: lvm commands the tests call, as symlinks to the one binary.
 COMMANDS = ("pvcreate", "vgcreate", "lvcreate", "lvs", "pvs", "vgs", "vgchange", "lvchange",
