@@ -5,8 +5,10 @@ cpio archive appended to the base initramfs (the kernel unpacks concatenated arc
 :class:`LvmMachine` boots with the pair. Contents: ``/sbin/lvm`` from the lvm2 .deb
 (downloaded with ``apt-get download`` into ``~/.cache/dmimage/lvm2`` and unpacked with
 ``dpkg-deb -x``, never installed on the host), the host libraries ``ldd`` names for it,
-thin_check (thin-provisioning-tools 0.9's pdata_tools from the host, which lvm2 runs when it
-activates a pool) with its libraries, and a minimal lvm.conf for a guest without udev.
+thin_check and cache_check (thin-provisioning-tools 0.9's pdata_tools from the host, which
+lvm2 runs when it activates a thin pool or a cache) with its libraries, the raid, mirror, cache
+and writecache targets when the kernel has them, and a minimal lvm.conf for a guest without
+udev. :class:`LvmMachine` boots the machine's own base initrd (so a host share works too).
 """
 
 from __future__ import annotations
