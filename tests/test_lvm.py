@@ -537,3 +537,66 @@ def _vgs(draw):
 def test_model_round_trip_property(vg):
     text = lvmtext.format_section(vg.to_tree())
     assert vg_from_tree(lvmtext.parse(text)) == vg
+
+
+# -- precommitted slot ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("damaged", [False, True], ids=["readable", "bad-crc"])
+def test_precommitted_slot_is_reported_not_used(tmp_path, damaged):
+    """raw_locn slot 1 (vg_precommit without vg_commit) is read and reported by check as a
+    note; the committed slot 0 stays in force, as lvm2's readers use it."""
+    from dmimage.lvm.check import check_lvm
+
+    sc = build(tmp_path)
+    newer = scenario_text(seqno=8).encode() + b"\0"
+    area_off, area_size, slot0_off = PV0_OFF + 4096, 64 * 1024, 512
+    old_len = len(scenario_text().encode()) + 1
+    pre_off = -(-(slot0_off + old_len) // 512) * 512
+    crc = lvmgen.crc_ref(newer) ^ (1 if damaged else 0)
+    with open(sc.disk_a, "r+b") as f:
+        f.seek(area_off + pre_off)
+        f.write(newer)
+        f.seek(area_off)
+        committed = (slot0_off, old_len, lvmgen.crc_ref(scenario_text().encode() + b"\0"), 0)
+        f.write(lvmgen.mda_header(4096, area_size, [committed, (pre_off, len(newer), crc, 0)]))
+    (lvg,), _, problems = load_vgs([sc.disk_a, sc.disk_b])
+    assert lvg.vg.seqno == 7 and not problems
+    rep = check_lvm([sc.disk_a, sc.disk_b])
+    notes = [n for n in rep.notes if "precommitted" in n]
+    assert len(notes) == 1, rep.notes
+    if damaged:
+        assert "unreadable: metadata text checksum" in notes[0]
+    else:
+        assert "precommitted metadata seqno 8 (raw_locn 1) was never committed" in notes[0]
+    assert "committed seqno 7" in notes[0]
+    assert not any("precommitted" in p for p in rep.problems)
+
+
+def test_generation_write_order(tmp_path, monkeypatch):
+    """A new VG generation: every area's text, a flush of every PV, then the headers, then a
+    flush (dmimage/ordered_write.py); no header write before the first flush."""
+    from dmimage import ordered_write
+    from dmimage.lvm.fix import set_transaction_id
+
+    sc = build(tmp_path, text=scenario_text(tid=1))
+    (lvg,), _, _ = load_vgs(sc.disks)
+    log: list[tuple[str, int]] = []
+    real_pwritev, real_fsync = os.pwritev, os.fsync
+
+    def pwritev(fd, bufs, off):
+        log.append(("write", off))
+        return real_pwritev(fd, bufs, off)
+
+    def fsync(fd):
+        log.append(("fsync", fd))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(ordered_write.os, "pwritev", pwritev)
+    monkeypatch.setattr(ordered_write.os, "fsync", fsync)
+    pool = lvg.vg.lv("pool")
+    assert pool is not None
+    set_transaction_id(lvg, pool, side="vg", to=None, dry_run=False)
+    headers = {PV0_OFF + 4096, PV1_OFF + 4096}
+    kinds = ["H" if k == "write" and v in headers else "T" if k == "write" else "F"
+             for k, v in log]
+    assert "".join(kinds) == "TTFFHHFF", kinds

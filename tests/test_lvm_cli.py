@@ -331,3 +331,60 @@ def test_delete_orphans(tmp_path, capsys):
     for v, d in THIN_MAP[1].items():
         want[v * bs:(v + 1) * bs] = tdata[d * bs:(d + 1) * bs]
     assert open(out_file, "rb").read() == bytes(want)
+
+
+ODD = "ev\"il\nna\x1bme\u202e"  # a quote, a newline, an escape, a bidi override
+
+
+@needs_tools
+def test_odd_lv_names_print_one_line_per_item(tmp_path, capsys):
+    """An LV name with a newline, control characters and a bidi override (possible in a
+    damaged or hostile VG text) prints escaped: one line per row, problem and error."""
+    from dmimage.lvm.report import one_line
+    from dmimage.lvm.text import quote
+
+    text = scenario_text().replace("snap {", quote(ODD) + " {").replace(
+        "origin = \"thin1\"\ndevice_id = 2", "origin = \"thin1\"\ndevice_id = 9")
+    assert ODD not in scenario_text() and quote(ODD) in text and "device_id = 9" in text
+    sc = build(tmp_path, text=text)
+    shown = one_line(ODD)
+    assert shown == 'ev"il\\nna\\x1bme\\u202e'
+    rc, out, err = run(capsys, "ls", *sc.disks)
+    assert rc == 0 and shown in out and len(out.splitlines()) == 1 + 5, out
+    rc, out, _ = run(capsys, "ls", "--json", *sc.disks)
+    assert ODD in [r["lv_name"] for r in json.loads(out)["report"][0]["lv"]]  # JSON escapes
+    rc, out, _ = run(capsys, "ls", "--tree", *sc.disks)
+    assert shown in out and "\x1b" not in out
+    rc, out, err = run(capsys, "check", *sc.disks)
+    assert rc == 1
+    lines = err.splitlines()
+    assert any(f"thin LV {shown} has device_id 9" in x for x in lines), err
+    assert any("pool device 2" in x for x in lines) and len(lines) == 2, err
+    rc, out, err = run(capsys, "export", *sc.disks, "vg0/" + ODD, "-o", str(tmp_path / "o"))
+    assert rc == 2 and err.count("\n") == 1 and shown in err, err
+
+
+def test_one_line_escapes_bytes_that_are_not_utf8():
+    from dmimage.lvm.report import one_line
+
+    raw = b"lv\xff\x00x".decode("utf-8", errors="surrogateescape")
+    assert one_line(raw) == "lv\\xff\\x00x"
+    assert one_line("plain-name_1.2+") == "plain-name_1.2+"
+
+
+@needs_tools
+@pytest.mark.parametrize("vg_tid,clean,says", [
+    (2, True, None),
+    (3, True, "one ahead of the superblock's 2 with no pending message"),
+    (0, True, "VG transaction_id 0: lvm2 does not validate it"),
+    (1, False, "transaction_id mismatch: VG metadata says 1, pool superblock says 2"),
+    (4, False, "transaction_id mismatch: VG metadata says 4, pool superblock says 2"),
+])
+def test_transaction_id_rule_as_lvm2_activates(tmp_path, capsys, vg_tid, clean, says):
+    """The rule of lvm2 2.03.16's activation (the guest proof is vmtests/
+    test_lvm_rules_guest.py): the superblock here says 2."""
+    sc = build(tmp_path, text=scenario_text(tid=vg_tid))
+    rc, out, err = run(capsys, "check", *sc.disks)
+    assert rc == (0 if clean else 1), err
+    if says:
+        assert says in (out if clean else err), (out, err)

@@ -283,11 +283,9 @@ def test_dmimage_builds_lvm2_reads(tmp_path: Path, kernel: str) -> None:
     then adds a thin and writes to it, and `dmimage lvm check` stays clean."""
     from dmimage.image import build, load_spec
 
-    from test_build_lvm import SPEC
-    from test_build_lvm import _write as write_raw
+    from test_build_lvm import SPEC, write_inputs
 
-    write_raw(tmp_path / "base.img", {0: 1, 3: 2, 17: 3}, 32)
-    write_raw(tmp_path / "layer.img", {0: 1, 3: 9, 30: 5}, 32)
+    write_inputs(tmp_path)
     (tmp_path / "s.toml").write_text(SPEC)
     m = build(load_spec(tmp_path / "s.toml"), tmp_path / "out").manifest
     img = str(tmp_path / "out" / "lv.img")
@@ -297,7 +295,7 @@ def test_dmimage_builds_lvm2_reads(tmp_path: Path, kernel: str) -> None:
         vm.sh(f"test -b {d.guest_path}1")
         vm.sh("vgck vgb", timeout=180)
         vm.sh("vgchange -ay vgb", timeout=180)
-        for dev in m["devices"]:
+        for dev in m["devices"] + m["linear"]:
             assert vm.sha256_of(f"/dev/mapper/vgb-{dev['name']}") == dev["sha256"], dev
         vm.sh("lvcreate -y -V 2m -T vgb/tp -n c && dd if=/dev/urandom of=/dev/vgb/c bs=64k "
               "count=5 conv=fsync status=none", timeout=180)

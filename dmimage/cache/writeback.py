@@ -15,8 +15,8 @@ import numpy as np
 
 from dmimage.cache.metadata import CacheMetadata
 from dmimage.errors import DeviceError, MetadataError
+from dmimage.ordered_write import pwrite_all
 from dmimage.pdata.block import device_size
-from dmimage.pdata.writer import pwrite_all
 
 Progress = Callable[[int], None]
 

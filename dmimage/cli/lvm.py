@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from dmimage.cli._locking import add_lock_plan
+from dmimage.errors import DmimageError
 
 if TYPE_CHECKING:
     from dmimage.lvm.model import LogicalVolume
@@ -44,7 +46,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ls.add_argument("-a", "--all", action="store_true", help="include hidden LVs, in brackets")
     ls.add_argument("--tree", action="store_true", help="draw the thin snapshot lineage")
     add_lock_plan(ls, _readers)
-    ls.set_defaults(func=run_ls)
+    ls.set_defaults(func=_one_line_errors(run_ls))
 
     ck = lsub.add_parser("check", help="check labels, checksums, the VG and every thin pool",
                          description="Exit 0 if clean, 1 if problems were found (each named "
@@ -53,7 +55,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ck.add_argument("--json", action="store_true", help="print a JSON report on stdout")
     ck.add_argument("-q", "--quiet", action="store_true", help="only set the exit code")
     add_lock_plan(ck, _readers)
-    ck.set_defaults(func=run_check)
+    ck.set_defaults(func=_one_line_errors(run_check))
 
     ex = lsub.add_parser("export", help="write one LV's bytes to a file (sparse)",
                          description="Linear and striped LVs are read from their extents; "
@@ -62,7 +64,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ex.add_argument("lv", metavar="VG/LV")
     ex.add_argument("-o", "--output", required=True, help="output file, or - for stdout")
     add_lock_plan(ex, _readers)
-    ex.set_defaults(func=run_export)
+    ex.set_defaults(func=_one_line_errors(run_export))
 
     dp = lsub.add_parser("dump", help="dump a thin pool's metadata (as dmimage dump)")
     dp.add_argument("disks", metavar="DISK", nargs="+")
@@ -71,7 +73,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     choices=("xml", "human_readable", "json"), help="output format (xml)")
     dp.add_argument("-o", "--output", metavar="FILE", help="output file (default stdout)")
     add_lock_plan(dp, _readers)
-    dp.set_defaults(func=run_dump)
+    dp.set_defaults(func=_one_line_errors(run_dump))
 
     md = lsub.add_parser("metadata", help="print the committed VG metadata text",
                          description="The text of the newest generation that checks, as "
@@ -80,7 +82,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     md.add_argument("--vg", help="the VG to print when the disks hold several")
     md.add_argument("-o", "--output", metavar="FILE", help="output file (default stdout)")
     add_lock_plan(md, _readers)
-    md.set_defaults(func=run_metadata)
+    md.set_defaults(func=_one_line_errors(run_metadata))
 
     fx = lsub.add_parser(
         "set-transaction-id",
@@ -97,7 +99,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     "side's)")
     fx.add_argument("--dry-run", action="store_true", help="print the change, write nothing")
     add_lock_plan(fx, _writers)
-    fx.set_defaults(func=run_set_transaction_id)
+    fx.set_defaults(func=_one_line_errors(run_set_transaction_id))
 
     do = lsub.add_parser(
         "delete-orphans", help="delete pool devices that no thin LV names",
@@ -108,7 +110,31 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     do.add_argument("lv", metavar="VG/POOL")
     do.add_argument("--dry-run", action="store_true", help="print the deletes, write nothing")
     add_lock_plan(do, _writers)
-    do.set_defaults(func=run_delete_orphans)
+    do.set_defaults(func=_one_line_errors(run_delete_orphans))
+
+
+class _EscapedError(DmimageError):
+    """An error whose message held characters that would break its line (escaped)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _one_line_errors(run: Callable[[argparse.Namespace], int]
+                     ) -> Callable[[argparse.Namespace], int]:
+    """Errors naming an LV or VG read from the disk print as one line, escaped."""
+    def wrapper(args: argparse.Namespace) -> int:
+        from dmimage.lvm.report import one_line
+
+        try:
+            return run(args)
+        except DmimageError as exc:
+            msg = str(exc)
+            if one_line(msg) != msg:
+                raise _EscapedError(one_line(msg), exc.exit_code) from None
+            raise
+    return wrapper
 
 
 def _split(name: str) -> tuple[str | None, str]:
@@ -143,7 +169,7 @@ def _partial(lvg: LoadedVG) -> set[str]:
 
 
 def run_ls(args: argparse.Namespace) -> int:
-    from dmimage.lvm.report import lineage, lv_rows
+    from dmimage.lvm.report import lineage, lv_rows, one_line
     from dmimage.lvm.vg import NoVolumeGroupError, load_vgs
 
     loaded, _, problems = load_vgs(args.disks)
@@ -153,17 +179,17 @@ def run_ls(args: argparse.Namespace) -> int:
     rows = [r for lvg in loaded for r in lv_rows(lvg.vg, args.all, _partial(lvg))]
     for lvg in loaded:
         for p in lvg.problems:
-            print(f"dmimage lvm ls: warning: {p}", file=sys.stderr)
+            print(f"dmimage lvm ls: warning: {one_line(p)}", file=sys.stderr)
     if args.json:
         sys.stdout.write(_lvs_json(rows))
     elif args.tree:
         for lvg in loaded:
             for line in lineage(lvg.vg):
-                print(line)
+                print(one_line(line))
     else:
         cols = ("lv_name", "vg_name", "lv_attr", "lv_size", "pool_lv", "origin", "segtype")
         heads = ("LV", "VG", "Attr", "Bytes", "Pool", "Origin", "Type")
-        table = [heads] + [tuple(r[c] for c in cols) for r in rows]
+        table = [heads] + [tuple(one_line(r[c]) for c in cols) for r in rows]
         widths = [max(len(t[i]) for t in table) for i in range(len(cols))]
         for t in table:
             print("  ".join(v.ljust(w) for v, w in zip(t, widths, strict=True)).rstrip())
@@ -180,6 +206,7 @@ def _lvs_json(rows: list[dict[str, str]]) -> str:
 
 def run_check(args: argparse.Namespace) -> int:
     from dmimage.lvm.check import check_lvm
+    from dmimage.lvm.report import one_line
 
     report = check_lvm(args.disks)
     if args.json:
@@ -187,12 +214,13 @@ def run_check(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     elif not args.quiet:
         for p in report.problems:
-            print(p, file=sys.stderr)
+            print(one_line(p), file=sys.stderr)
         for n in report.notes:
-            print(n)
+            print(one_line(n))
         for st in report.pools:
-            print(f"{st.vg}/{st.pool}: transaction_id VG {st.vg_transaction_id}, superblock "
-                  f"{st.sb_transaction_id}; devices {st.devices}")
+            print(f"{one_line(st.vg)}/{one_line(st.pool)}: transaction_id VG "
+                  f"{st.vg_transaction_id}, superblock {st.sb_transaction_id}; "
+                  f"devices {st.devices}")
     return 0 if report.ok else 1
 
 
@@ -240,17 +268,19 @@ def run_metadata(args: argparse.Namespace) -> int:
 
 def run_set_transaction_id(args: argparse.Namespace) -> int:
     from dmimage.lvm.fix import set_transaction_id
+    from dmimage.lvm.report import one_line
 
     lvg, lv = _target(args.disks, args.lv)
     for line in set_transaction_id(lvg, lv, side=args.side, to=args.to, dry_run=args.dry_run):
-        print(line)
+        print(one_line(line))
     return 0
 
 
 def run_delete_orphans(args: argparse.Namespace) -> int:
     from dmimage.lvm.orphans import delete_orphans
+    from dmimage.lvm.report import one_line
 
     lvg, lv = _target(args.disks, args.lv)
     for line in delete_orphans(lvg, lv, dry_run=args.dry_run):
-        print(line)
+        print(one_line(line))
     return 0

@@ -5,8 +5,10 @@ cpio archive appended to the base initramfs (the kernel unpacks concatenated arc
 :class:`LvmMachine` boots with the pair. Contents: ``/sbin/lvm`` from the lvm2 .deb
 (downloaded with ``apt-get download`` into ``~/.cache/dmimage/lvm2`` and unpacked with
 ``dpkg-deb -x``, never installed on the host), the host libraries ``ldd`` names for it,
-thin_check (thin-provisioning-tools 0.9's pdata_tools from the host, which lvm2 runs when it
-activates a pool) with its libraries, and a minimal lvm.conf for a guest without udev.
+thin_check and cache_check (thin-provisioning-tools 0.9's pdata_tools from the host, which
+lvm2 runs when it activates a thin pool or a cache) with its libraries, the raid, mirror, cache
+and writecache targets when the kernel has them, and a minimal lvm.conf for a guest without
+udev. :class:`LvmMachine` boots the machine's own base initrd (so a host share works too).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ activation {
 global {
     thin_check_executable = "/sbin/thin_check"
     thin_check_options = [ "-q", "--clear-needs-check-flag" ]
+    cache_check_executable = "/sbin/cache_check"
     use_lvmpolld = 0
     event_activation = 0
 }
@@ -62,11 +65,15 @@ log { verbose = 0 syslog = 0 }
 #: Modules lvm2 needs beyond the base appliance's (lvcreate -s checks for the snapshot target
 #: even for thin snapshots); loaded by :meth:`LvmMachine.lvm_setup`.
 EXTRA_MODULES = ("dm-snapshot",)
+#: Targets of the other segment types lvs reports (raid, mirror, cache, writecache); loaded
+#: when the kernel has them, so the lv_attr proofs can create such LVs.
+OPTIONAL_EXTRA_MODULES = ("dm-raid", "raid0", "raid1", "raid10", "dm-mirror", "dm-log",
+                          "dm-region-hash", "dm-cache", "dm-cache-smq", "dm-writecache")
 
 #: lvm commands the tests call, as symlinks to the one binary.
 COMMANDS = ("pvcreate", "vgcreate", "lvcreate", "lvs", "pvs", "vgs", "vgchange", "lvchange",
             "vgck", "vgcfgbackup", "vgcfgrestore", "lvremove", "lvrename", "lvextend",
-            "vgremove", "pvremove", "vgscan", "pvscan")
+            "vgremove", "pvremove", "vgscan", "pvscan", "lvconvert")
 
 
 def lvm2_root() -> Path:
@@ -102,7 +109,8 @@ def _add_path(w: CpioWriter, made: set[str], rel: str, data: bytes, perm: int) -
 
 def _extra_modules(moddir: Path) -> list[str]:
     base = set(resolve_modules(moddir))
-    return [m for m in resolve_modules(moddir, GUEST_MODULES + EXTRA_MODULES, ())
+    return [m for m in resolve_modules(moddir, GUEST_MODULES + EXTRA_MODULES,
+                                       OPTIONAL_EXTRA_MODULES)
             if m not in base]
 
 
@@ -131,7 +139,7 @@ def build_component(moddir: Path) -> Path:
         for c in COMMANDS:
             w.add_symlink(f"sbin/{c}", "lvm")
         _add_path(w, made, "sbin/pdata_tools", thin.read_bytes(), 0o755)
-        for c in ("thin_check", "thin_dump"):
+        for c in ("thin_check", "thin_dump", "cache_check"):
             w.add_symlink(f"sbin/{c}", "pdata_tools")
         for lib in libs:
             _add_path(w, made, lib.lstrip("/"), Path(lib).read_bytes(), 0o755)
@@ -147,9 +155,10 @@ def build_component(moddir: Path) -> Path:
     return out
 
 
-def combined_initramfs(moddir: Path) -> Path:
-    """The base appliance followed by the lvm2 component, as one initrd file."""
-    base = build_initramfs(moddir).path
+def combined_initramfs(moddir: Path, base: Path | None = None) -> Path:
+    """The base appliance (``base``: the initrd the machine built, e.g. with the host-share
+    modules) followed by the lvm2 component, as one initrd file."""
+    base = base or build_initramfs(moddir).path
     comp = build_component(moddir)
     key = hashlib.sha256(f"{base.name}\0{comp.name}".encode()).hexdigest()[:20]
     out = base.parent / f"initramfs-lvm2-{key}.cpio"
@@ -167,8 +176,8 @@ class LvmMachine(Machine):
     """A guest whose appliance carries lvm2 (and thin_check for pool activation)."""
 
     def command_line(self, initrd: Path, kernel_image: Path, accel: str) -> list[str]:
-        return super().command_line(combined_initramfs(self.kernel.moddir), kernel_image,
-                                    accel)
+        return super().command_line(combined_initramfs(self.kernel.moddir, initrd),
+                                    kernel_image, accel)
 
     def lvm_setup(self) -> None:
         self.sh("mkdir -p /run/lvm /run/lock/lvm /etc/lvm/backup /etc/lvm/archive && "

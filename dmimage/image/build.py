@@ -204,6 +204,16 @@ def build(spec: Spec, outdir: str | os.PathLike[str], *, progress: Progress | No
             else:
                 contents[v.name] = _Content(None, 0)
             own[v.name] = c is not None
+        for lv in spec.linear:  # linear LVs (layout = "lvm"): content as for thins
+            c = lv.content
+            if isinstance(c, Ext4Content):
+                img = tmp / f"content-{lv.name}.ext4"
+                files = make_ext4(c, lv.size, img, tmp, spec.source_date_epoch)
+                contents[lv.name] = _Content(img, lv.size, files)
+            elif isinstance(c, RawContent):
+                contents[lv.name] = _Content(c.file, c.size)
+            else:
+                contents[lv.name] = _Content(None, 0)
         timings["content"] = time.monotonic() - t0
         # 2. plan ------------------------------------------------------------------------
         plans: list[_Plan] = []
@@ -253,7 +263,10 @@ def build(spec: Spec, outdir: str | os.PathLike[str], *, progress: Progress | No
                 devices.append((v, p, details[v.id].mapped_blocks, sha))
         timings["verify"] = time.monotonic() - t0 - sum(timings.values())
         # 5. outputs ---------------------------------------------------------------------
-        manifest = _outputs(spec, tmp, meta_tmp, data_tmp, devices, data_used, meta_used)
+        linear = [(lv, contents[lv.name], _sha_of(contents[lv.name], lv.size))
+                  for lv in spec.linear]
+        manifest = _outputs(spec, tmp, meta_tmp, data_tmp, devices, data_used, meta_used,
+                            linear)
         finals = manifest["_files"]
         del manifest["_files"]
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -313,7 +326,8 @@ def _fill_pool(spec: Spec, plans: list[_Plan], meta_tmp: Path, data_tmp: Path,
 
 
 def _outputs(spec: Spec, tmp: Path, meta_tmp: Path, data_tmp: Path, devices: list[Any],
-             data_used: int, meta_used: int) -> dict[str, Any]:
+             data_used: int, meta_used: int,
+             linear: list[tuple[Any, _Content, str]] | None = None) -> dict[str, Any]:
     from dmimage.image.gpt import create_gpt, plan_layout
     from dmimage.image.scripts import activation_script, deactivation_script
     from dmimage.image.sparse import copy_sparse
@@ -327,7 +341,8 @@ def _outputs(spec: Spec, tmp: Path, meta_tmp: Path, data_tmp: Path, devices: lis
     if spec.layout == "lvm":
         from dmimage.image.lvm_image import write_lvm_image
 
-        m.update(write_lvm_image(spec, tmp, meta_tmp, data_tmp, devices))
+        m.update(write_lvm_image(spec, tmp, meta_tmp, data_tmp, devices,
+                                 [(lv, c.path, c.length, sha) for lv, c, sha in linear or []]))
         return m
     if spec.layout == "gpt":
         layout = plan_layout(ps.metadata_size, ps.data_size, spec.image_size)

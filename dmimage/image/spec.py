@@ -123,6 +123,21 @@ class Volume:
 
 
 @dataclass
+class LinearVolume:
+    """``type = "linear"`` (layout = "lvm" only): a plain LV of the VG, its content written
+    straight into its extents."""
+
+    index: int
+    name: str
+    size: int
+    content: Content
+
+    @property
+    def key(self) -> str:
+        return f"volumes[{self.index}]"
+
+
+@dataclass
 class PoolSpec:
     name: str
     data_block_size: int  # bytes
@@ -147,6 +162,7 @@ class LvmSpec:
 
     vg: str
     extent_size: int  # bytes
+    pmspare_size: int = 0  # bytes (lvm2's choice: the metadata LV's size, at most 16 GiB)
 
 
 @dataclass
@@ -160,6 +176,7 @@ class Spec:
     source_date_epoch: int
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
     lvm: LvmSpec | None = None
+    linear: list[LinearVolume] = field(default_factory=list)
 
     def volume(self, name: str) -> Volume:
         return next(v for v in self.volumes if v.name == name)
@@ -327,10 +344,33 @@ def parse_spec(data: dict[str, Any], base: Path, source: Path | None = None) -> 
     raw_vols = top.get("volumes")
     if raw_vols is None or not isinstance(raw_vols, list) or not raw_vols:
         raise SpecError("volumes", "missing: give at least one [[volumes]] table")
-    tables = [_Table(v, f"volumes[{i}]") for i, v in enumerate(raw_vols)]
+    all_tables = [_Table(v, f"volumes[{i}]") for i, v in enumerate(raw_vols)]
+    linear_tables: list[tuple[int, _Table]] = []
+    for i, t in enumerate(all_tables):
+        kind = t.str_("type", "thin")
+        if kind not in ("thin", "linear"):
+            raise SpecError(t.key("type"), f"{kind!r}: must be \"thin\" or \"linear\"")
+        if kind == "linear":
+            if layout != "lvm":
+                raise SpecError(t.key("type"), "linear volumes need layout = \"lvm\"")
+            linear_tables.append((i, t))
+    linear_idx = {i for i, _ in linear_tables}
+    tables = {i: t for i, t in enumerate(all_tables) if i not in linear_idx}
+    if not tables:
+        raise SpecError("volumes", "give at least one thin volume (the pool needs one)")
     names: dict[str, int] = {}
     ids: dict[int, int] = {}
-    for i, t in enumerate(tables):
+    for i, t in linear_tables:
+        vname = t.str_("name", required=True)
+        assert vname is not None
+        if not NAME_RE.match(vname):
+            raise SpecError(t.key("name"), f"{vname!r}: use 1-64 letters, digits, '_', '.', "
+                            "'+', '-'")
+        if vname in names:
+            raise SpecError(t.key("name"), f"duplicate name {vname!r} (also volumes"
+                            f"[{names[vname]}])")
+        names[vname] = i
+    for i, t in tables.items():
         vname = t.str_("name", required=True)
         assert vname is not None
         if not NAME_RE.match(vname):
@@ -346,10 +386,11 @@ def parse_spec(data: dict[str, Any], base: Path, source: Path | None = None) -> 
             raise SpecError(t.key("id"), f"duplicate id {vid} (also volumes[{ids[vid]}])")
         ids[vid] = i
     origins: dict[int, str | None] = {}
-    for i, t in enumerate(tables):
+    for i, t in tables.items():
         o = t.str_("origin")
-        if o is not None and o not in names:
-            raise SpecError(t.key("origin"), f"no volume named {o!r}")
+        if o is not None and (o not in names or names[o] not in tables):
+            raise SpecError(t.key("origin"), f"no volume named {o!r}" if o not in names
+                            else f"{o!r} is a linear volume, not a thin one")
         origins[i] = o
     # cycles, and the creation order (origins first, then spec order)
     order: list[int] = []
@@ -369,7 +410,7 @@ def parse_spec(data: dict[str, Any], base: Path, source: Path | None = None) -> 
         state[i] = 2
         order.append(i)
 
-    for i in range(len(tables)):
+    for i in tables:
         visit(i, [])
 
     def root_of(i: int) -> str:
@@ -402,6 +443,22 @@ def parse_spec(data: dict[str, Any], base: Path, source: Path | None = None) -> 
         t.done()
         vols[i] = Volume(i, vname, t.data["id"], size, o, content, dm_name)
 
+    linear: list[LinearVolume] = []
+    for i, t in linear_tables:
+        vname = t.data["name"]
+        size = t.size("size", required=True)
+        assert size is not None
+        if size == 0 or size % SECTOR_SIZE:
+            raise SpecError(t.key("size"), f"{size} bytes: must be a positive multiple of 512")
+        content = _content(t, base, name, vname, vname)
+        if isinstance(content, RawContent) and content.size > size:
+            raise SpecError(content.path, f"{content.file.name} is {content.size} bytes, "
+                            f"larger than the volume ({size} bytes)")
+        if isinstance(content, Ext4Content) and size < 1 * MiB:
+            raise SpecError(t.key("size"), "an ext4 volume needs at least 1MiB")
+        t.done()
+        linear.append(LinearVolume(i, vname, size, content))
+
     # -- pool ----------------------------------------------------------------------------
     p = _Table(top.get("pool", {}), "pool")
     pname = p.str_("name", f"{name}-pool")
@@ -423,6 +480,7 @@ def parse_spec(data: dict[str, Any], base: Path, source: Path | None = None) -> 
 
     need = estimate(bs, max(data_size, bs), len(vols))
     meta = p.size("metadata_size")
+    meta_given = meta is not None
     if meta is None:
         meta = max(4 * MiB, -(-2 * need // MiB) * MiB)
     elif meta % 4096:
@@ -461,14 +519,24 @@ def parse_spec(data: dict[str, Any], base: Path, source: Path | None = None) -> 
         # lvcreate rounds sizes up to whole extents; the pool's data LV also to whole blocks
         unit = ext * bs // math.gcd(ext, bs)
         data_size = -(-data_size // unit) * unit
-        meta = -(-meta // ext) * ext
-        for v in vols.values():
+        # _tmeta and the spare as lvm2 sizes them (dmimage/lvm/sizing.py); without a
+        # metadata_size, lvm2's estimate, raised to what the content needs when that is more
+        from dmimage.lvm.sizing import pmspare_extents, thin_pool_sizes
+
+        sizes = thin_pool_sizes(data_size // ext, ext // SECTOR_SIZE, bs // SECTOR_SIZE,
+                                meta // SECTOR_SIZE if meta_given else None)
+        lvm2_meta = sizes.tmeta_extents * ext
+        meta = lvm2_meta if meta_given else max(lvm2_meta, -(-need // ext) * ext)
+        spare = pmspare_extents(meta // ext, ext // SECTOR_SIZE) * ext
+        sized: list[Volume | LinearVolume] = [*vols.values(), *linear]
+        for v in sized:
             if v.size % ext:
                 raise SpecError(f"{v.key}.size", f"{human(v.size)} is not a multiple of the "
                                 f"extent size ({human(ext)}), as lvm2 needs")
-        lvm = LvmSpec(vgname, ext)
+        lvm = LvmSpec(vgname, ext, spare)
         if image_size is not None:
-            need = 2 * MiB + -(-(MiB + 2 * meta + data_size) // MiB) * MiB
+            lin = sum(v.size for v in linear)
+            need = 2 * MiB + -(-(MiB + meta + spare + data_size + lin) // MiB) * MiB
             if image_size < need or image_size % SECTOR_SIZE:
                 raise SpecError("image_size", f"{human(image_size)}: the GPT and a PV of the "
                                 f"pool need {human(need)}, a multiple of 512")
@@ -495,4 +563,4 @@ def parse_spec(data: dict[str, Any], base: Path, source: Path | None = None) -> 
             raise SpecError("image_size", "must be a multiple of 512")
     top.done()
     return Spec(source or base / "spec.toml", name, layout, image_size, pool,
-                [vols[i] for i in order], epoch, data, lvm)
+                [vols[i] for i in order], epoch, data, lvm, linear)

@@ -2,17 +2,19 @@
 
 Problems are lines naming both sides' values. Thin pools: the full metadata check on
 ``_tmeta``, the VG's transaction_id against the superblock's (lvm2 activates when they are
-equal, or when the VG is one ahead and messages are pending: libdm-deptree.c), every thin
+equal, when the VG is one ahead, or when the VG's is 0: libdm-deptree.c), every thin
 LV's device_id present in the pool, pool devices no LV names (orphans), pending messages.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from dmimage.errors import DmimageError, MetadataError
 from dmimage.format.lvm import SECTOR_SIZE
 from dmimage.lvm.model import StripedSegment, ThinPoolSegment, ThinSegment, VolumeGroup
+from dmimage.lvm.ondisk import MetadataArea
 from dmimage.lvm.thin import metadata_source, pool_segment
 from dmimage.lvm.vg import LoadedVG, load_vgs
 from dmimage.thin.check import check_metadata
@@ -95,6 +97,18 @@ def model_problems(vg: VolumeGroup) -> list[str]:
     return out
 
 
+def precommitted_note(m: MetadataArea, committed_seqno: int) -> str:
+    """lvm2 reads raw_locn slot 0; a slot 1 left by an uncommitted vg_precommit is reported,
+    not used (format-text.c: vg_precommit fills slot 1, vg_commit moves it to 0)."""
+    if m.precommitted is None:
+        return (f"{m.where}: precommitted slot (raw_locn 1) unreadable: "
+                f"{m.precommitted_problem}; lvm2 uses the committed seqno {committed_seqno}")
+    found = re.search(rb"\bseqno\s*=\s*(\d+)", m.precommitted)
+    seq = found.group(1).decode() if found else "?"
+    return (f"{m.where}: precommitted metadata seqno {seq} (raw_locn 1) was never committed; "
+            f"lvm2 uses the committed seqno {committed_seqno}")
+
+
 def check_pool(lvg: LoadedVG, pool_name: str, report: LvmReport) -> None:
     vg = lvg.vg
     pool_lv = vg.lv(pool_name)
@@ -136,25 +150,50 @@ def check_pool(lvg: LoadedVG, pool_name: str, report: LvmReport) -> None:
             report.problems.append(f"{where}: superblock has {nr_data} data blocks, "
                                    f"{seg.pool} holds {tdata_blocks}")
     vg_tid = seg.transaction_id
+    # lvm2 2.03.16 at activation (libdm-deptree.c, _thin_pool_node_send_messages, called with
+    # send=0: a fresh activation only validates; messages go out only when lvm2 suspends an
+    # already active pool, dev_manager.c): a VG id of 0 without messages is not validated at
+    # all; equal ids pass; a VG one ahead passes; anything else is refused.
+    pending_deletes_apply = vg_tid == sb_tid + 1  # messages still to be sent
     if vg_tid == sb_tid:
-        pass
-    elif vg_tid == sb_tid + 1 and seg.messages:
-        report.notes.append(f"{where}: VG transaction_id {vg_tid} is one ahead of the "
-                            f"superblock's {sb_tid}; the pending messages close the gap")
+        if seg.messages:
+            report.notes.append(f"{where}: transaction_id {vg_tid} matches the superblock; "
+                                "lvm2 treats the pending messages as already committed and "
+                                "never sends them")
+    elif vg_tid == sb_tid + 1:
+        if seg.messages:
+            report.notes.append(f"{where}: VG transaction_id {vg_tid} is one ahead of the "
+                                f"superblock's {sb_tid}; lvm2 activates the pool and sends the "
+                                "pending messages the next time it suspends the active pool")
+        else:
+            # activation passes; lvm2 warns and refuses new thins (pool_below_threshold)
+            report.notes.append(f"{where}: VG transaction_id {vg_tid} is one ahead of the "
+                                f"superblock's {sb_tid} with no pending message: lvm2 "
+                                "activates the pool but refuses new thins until the ids agree "
+                                "(lvm set-transaction-id)")
+    elif vg_tid == 0 and not seg.messages:
+        report.notes.append(f"{where}: VG transaction_id 0: lvm2 does not validate it at "
+                            f"activation (the superblock says {sb_tid})")
     else:
         report.problems.append(f"{where}: transaction_id mismatch: VG metadata says {vg_tid}, "
                                f"pool superblock says {sb_tid}")
     creates = {m.create for m in seg.messages if m.create}
-    deletes = {m.delete for m in seg.messages if m.delete is not None}
+    deletes = ({m.delete for m in seg.messages if m.delete is not None}
+               if pending_deletes_apply else set())
     named: dict[int, str] = {}
     for lv in vg.lvs:
         s = lv.segments[0] if lv.segments else None
         if isinstance(s, ThinSegment) and s.thin_pool == pool_name:
             named[s.device_id] = lv.name
-            if s.device_id not in devices and lv.name not in creates:
+            if s.device_id not in devices:
+                # a pending create is not sent at activation, so the LV cannot activate
+                pending = ("" if lv.name not in creates else
+                           " (its create message is pending; lvm2 sends it only when it "
+                           "suspends the active pool)" if pending_deletes_apply else
+                           " (its create message counts as committed; lvm2 never sends it)")
                 report.problems.append(f"{where}: thin LV {lv.name} has device_id "
                                        f"{s.device_id}, which the pool does not have (pool "
-                                       f"devices: {sorted(devices)[:10]})")
+                                       f"devices: {sorted(devices)[:10]}){pending}")
     st.orphans = sorted(set(devices) - set(named) - deletes)
     for dev in st.orphans:
         d = devices[dev]
@@ -178,6 +217,9 @@ def check_lvm(paths: list[str]) -> LvmReport:
                     check_pool(lvg, lv.name, report)
                 except MetadataError as exc:
                     report.problems.append(f"{lvg.vg.name}/{lv.name}: {exc}")
+        for m in lvg.mdas:
+            if m.precommitted is not None or m.precommitted_problem is not None:
+                report.notes.append(precommitted_note(m, lvg.vg.seqno))
         for label in lvg.labels.values():
             pv = next(p for p in lvg.vg.pvs if p.id == label.uuid)
             end = (pv.pe_start + pv.pe_count * lvg.vg.extent_size) * SECTOR_SIZE

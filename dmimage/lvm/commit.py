@@ -36,7 +36,7 @@ from dmimage.format.superblock import Superblock
 from dmimage.lvm.ondisk import MetadataArea
 from dmimage.lvm.text import Section, format_section
 from dmimage.lvm.vg import LoadedVG
-from dmimage.pdata.writer import pwrite_all
+from dmimage.ordered_write import Write, commit_last
 
 ALIGN = 512
 
@@ -121,8 +121,8 @@ def write_generation(lvg: LoadedVG, tree: Section) -> list[str]:
 
 
 def _write_generation(lvg: LoadedVG, tree: Section) -> list[str]:
-    body = new_generation_text(tree)
-    checksum = lvm_crc(body)
+    body_text = new_generation_text(tree)
+    checksum = lvm_crc(body_text)
     fds: dict[str, int] = {}
     try:
         for m in lvg.mdas:
@@ -131,28 +131,25 @@ def _write_generation(lvg: LoadedVG, tree: Section) -> list[str]:
                     fds[m.region.path] = os.open(m.region.path, os.O_RDWR | os.O_CLOEXEC)
                 except OSError as exc:
                     raise DeviceError(f"{m.region.path}: {exc.strerror}") from None
-        plans = [_plan(fds[m.region.path], m, len(body)) for m in lvg.mdas]
+        plans = [_plan(fds[m.region.path], m, len(body_text)) for m in lvg.mdas]
         if not plans:
             raise MetadataError("the VG has no metadata area on the inputs", field=lvg.vg.name)
-        for p in plans:  # phase 1: the text, zero-padded to the next sector
+        body: list[Write] = []
+        for p in plans:  # the text, zero-padded to the next sector
             fd, base = fds[p.mda.region.path], p.mda.region.offset + p.mda.offset
-            first = len(body) - p.wrap
+            first = len(body_text) - p.wrap
             if p.wrap:
-                pwrite_all(fd, [memoryview(body[:first])], base + p.start)
-                tail = body[first:]
-                pwrite_all(fd, [memoryview(tail + bytes(-len(tail) % ALIGN))],
-                           base + MDA_HEADER_SIZE)
+                tail = body_text[first:]
+                body += [Write(fd, base + p.start, [memoryview(body_text[:first])]),
+                         Write(fd, base + MDA_HEADER_SIZE,
+                               [memoryview(tail + bytes(-len(tail) % ALIGN))])]
             else:
                 room = p.area_size - (p.start + first)
-                pwrite_all(fd, [memoryview(body + bytes(min(-first % ALIGN, room)))],
-                           base + p.start)
-        for fd in fds.values():
-            os.fsync(fd)
-        for p in plans:  # phase 2: the headers, last
-            fd, base = fds[p.mda.region.path], p.mda.region.offset + p.mda.offset
-            pwrite_all(fd, [memoryview(_header(p, len(body), checksum))], base)
-        for fd in fds.values():
-            os.fsync(fd)
+                body.append(Write(fd, base + p.start,
+                                  [memoryview(body_text + bytes(min(-first % ALIGN, room)))]))
+        headers = [Write(fds[p.mda.region.path], p.mda.region.offset + p.mda.offset,
+                         [memoryview(_header(p, len(body_text), checksum))]) for p in plans]
+        commit_last(fds.values(), body, headers)  # the headers last, after every area's text
     except OSError as exc:
         raise DeviceError(f"writing metadata: {exc.strerror}") from None
     finally:
@@ -186,8 +183,8 @@ def _set_superblock_transaction_id(path: str, offset: int, old: int, new: int) -
             raise MetadataError(f"superblock transaction id is {sb.trans_id}, not {old}",
                                 block=0, field="trans_id")
         dataclasses.replace(sb, trans_id=new).pack_into(block)  # seals the block
-        pwrite_all(fd, [memoryview(bytes(block[:512]))], offset)
-        os.fsync(fd)
+        # no body: the sector is the commit itself
+        commit_last([fd], [], [Write(fd, offset, [memoryview(bytes(block[:512]))])])
     except OSError as exc:
         raise DeviceError(f"{path}: {exc.strerror}") from None
     finally:

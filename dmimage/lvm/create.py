@@ -8,7 +8,6 @@ right after the area's 512-byte header; the header's slot 0 points at it, slot 1
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from dmimage.format.lvm import (
@@ -36,6 +35,7 @@ from dmimage.lvm.model import (
     VolumeGroup,
 )
 from dmimage.lvm.text import Section, format_section
+from dmimage.ordered_write import Write, commit_last
 
 SECTOR = 512
 MDA_OFFSET = 4096
@@ -88,11 +88,11 @@ def write_pv(fd: int, region_offset: int, region_size: int, pv_id: str, text: by
     area = (MDA_OFFSET, PE_START - MDA_OFFSET)
     if len(text) > (area[1] - MDA_HEADER_SIZE) // 2 - 512:
         raise ValueError(f"VG text of {len(text)} bytes does not fit the metadata area")
-    os.pwrite(fd, text, region_offset + MDA_OFFSET + MDA_HEADER_SIZE)
-    os.pwrite(fd, label_sector(pv_id, region_size, PE_START, area), region_offset + SECTOR)
-    os.fsync(fd)
-    os.pwrite(fd, mda_header(*area, text), region_offset + MDA_OFFSET)
-    os.fsync(fd)
+    commit_last([fd], [Write(fd, region_offset + MDA_OFFSET + MDA_HEADER_SIZE,
+                             [memoryview(text)]),
+                       Write(fd, region_offset + SECTOR,
+                             [memoryview(label_sector(pv_id, region_size, PE_START, area))])],
+                [Write(fd, region_offset + MDA_OFFSET, [memoryview(mda_header(*area, text))])])
 
 
 @dataclass
@@ -105,16 +105,18 @@ class ThinSpec:
 
 def thin_pool_vg(*, vg: str, seed: bytes, extent_size: int, region_size: int, pool: str,
                  tmeta_size: int, tdata_size: int, chunk_sectors: int, transaction_id: int,
-                 thins: list[ThinSpec], creation_time: int) -> tuple[VolumeGroup, str]:
-    """The VG (pmspare, tmeta, tdata as lvcreate --type thin-pool lays them out, then the
-    thins) and the PV's id. Sizes in bytes, multiples of ``extent_size``."""
+                 thins: list[ThinSpec], creation_time: int, pmspare_size: int | None = None,
+                 linear: list[tuple[str, int]] | None = None) -> tuple[VolumeGroup, str]:
+    """The VG (pmspare, tmeta, tdata as lvcreate --type thin-pool lays them out, the
+    thins, then the ``linear`` (name, size) LVs, allocated after the pool's) and the PV's id.
+    Sizes in bytes, multiples of ``extent_size``; the spare defaults to the tmeta's size."""
     ext = extent_size
     pe_count = (region_size - PE_START) // ext
     pv_id = make_id(seed + b"\0pv0")
     lvs: list[LogicalVolume] = []
     pe = 0
 
-    def linear(name: str, size: int) -> LogicalVolume:
+    def extents_lv(name: str, size: int) -> LogicalVolume:
         nonlocal pe
         count = size // ext
         seg = StripedSegment("segment1", 0, count, "striped", Section(), None, [("pv0", pe)])
@@ -123,9 +125,12 @@ def thin_pool_vg(*, vg: str, seed: bytes, extent_size: int, region_size: int, po
                              [], Section(creation_time=creation_time,
                                          creation_host="dmimage"))
 
-    lvs.append(linear("lvol0_pmspare", tmeta_size))
-    lvs.append(linear(f"{pool}_tmeta", tmeta_size))
-    lvs.append(linear(f"{pool}_tdata", tdata_size))
+    lvs.append(extents_lv("lvol0_pmspare", tmeta_size if pmspare_size is None else pmspare_size))
+    lvs.append(extents_lv(f"{pool}_tmeta", tmeta_size))
+    lvs.append(extents_lv(f"{pool}_tdata", tdata_size))
+    plain = [extents_lv(name, size) for name, size in linear or []]
+    for lv in plain:
+        lv.status.append("VISIBLE")
     if pe > pe_count:
         raise ValueError(f"{pe} extents needed, the PV has {pe_count}")
     extra = Section(creation_time=creation_time, creation_host="dmimage")
@@ -140,6 +145,7 @@ def thin_pool_vg(*, vg: str, seed: bytes, extent_size: int, region_size: int, po
         status = ["READ", "WRITE", "VISIBLE"]
         lvs.append(LogicalVolume(t.name, make_id(seed + b"\0thin" + t.name.encode()), status,
                                  [seg], [], Section(extra)))
+    lvs.extend(plain)
     pv = PhysicalVolume("pv0", pv_id, "/dev/vda1", ["ALLOCATABLE"], region_size // SECTOR,
                         PE_START // SECTOR, pe_count)
     group = VolumeGroup(vg, make_id(seed + b"\0vg"), 1, ext // SECTOR,

@@ -269,12 +269,14 @@ def _segment(name: str, sec: Section, where: str) -> Segment:
     if typ == "striped":
         flat = sec.get("stripes")
         n = _int(sec, "stripe_count", where)
+        pvs = flat[0::2] if isinstance(flat, list) else []
+        pes = flat[1::2] if isinstance(flat, list) else []
         if (not isinstance(flat, list) or len(flat) != 2 * n or n < 1
-                or not all(isinstance(flat[i], str) and isinstance(flat[i + 1], int)
-                           for i in range(0, len(flat), 2))):
+                or not all(type(x) is str for x in pvs)
+                or not all(type(x) is int for x in pes)):
             raise MetadataError("stripes must be stripe_count (\"pvN\", first_pe) pairs",
                                 field=where)
-        stripes = [(str(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
+        stripes: list[tuple[str, int]] = list(zip(pvs, pes, strict=True))  # type: ignore[arg-type]
         return StripedSegment(name, start, count, typ,
                               _extra(sec, {"start_extent", "extent_count", "type",
                                            "stripe_count", "stripe_size", "stripes"}),

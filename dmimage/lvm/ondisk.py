@@ -5,12 +5,15 @@ label; a label that fails any check is reported and skipped, as lvm2 skips it. E
 area's header is checked (checksum, magic, version, start, size) and the committed text
 (raw_locn slot 0) is read through the circular buffer: text running past the end of the area
 continues right after the 512-byte header. Its checksum is lvm2's CRC chained over both parts.
+A precommitted text (slot 1, left when vg_precommit was not followed by vg_commit) is read the
+same way and kept for check to report; lvm2's readers, and ours, use slot 0.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from dmimage.errors import DeviceError
 from dmimage.format.lvm import (
@@ -62,6 +65,10 @@ class MetadataArea:
     text_size: int = 0  # raw_locn.size, including the terminating NUL
     text_checksum: int = 0
     wraps: bool = False
+    #: raw_locn slot 1: text lvm2's vg_precommit pointed at and no vg_commit followed (a
+    #: crash in between, or an interrupted suspend); lvm2's readers use slot 0.
+    precommitted: bytes | None = None
+    precommitted_problem: str | None = None
 
     @property
     def where(self) -> str:
@@ -190,25 +197,36 @@ def read_mda(fd: int, region: Region, offset: int, size: int) -> MetadataArea:
         mda.empty = True
         return mda
     mda.text_offset, mda.text_size, mda.text_checksum = rl.offset, rl.size, rl.checksum
-    if (rl.offset < MDA_HEADER_SIZE or rl.offset >= h.size
-            or rl.size > h.size - MDA_HEADER_SIZE or rl.size == 0):
-        mda.problems.append(f"{mda.where}: raw_locn offset {rl.offset} size {rl.size} lies "
-                            f"outside the area of {h.size} bytes")
+    text, why, wraps = _read_text(fd, region, base, h.size, rl)
+    if why is not None:
+        mda.problems.append(f"{mda.where}: {why}")
         return mda
-    wrap = max(0, rl.offset + rl.size - h.size)
+    mda.wraps, mda.text = wraps, text
+    at = MDA_HEADER_FIXED_SIZE + RAW_LOCN_SIZE
+    pre = RawLocn.parse(hdr[at:at + RAW_LOCN_SIZE])
+    if pre.size and pre.offset != rl.offset:  # lvm2 honours slot 1 only when it differs
+        mda.precommitted, why, _ = _read_text(fd, region, base, h.size, pre)
+        mda.precommitted_problem = why
+    return mda
+
+
+def _read_text(fd: int, region: Region, base: int, area_size: int, rl: Any
+               ) -> tuple[bytes | None, str | None, bool]:
+    """The text a raw_locn points at, through the circular buffer: (text, problem, wraps)."""
+    if (rl.offset < MDA_HEADER_SIZE or rl.offset >= area_size
+            or rl.size > area_size - MDA_HEADER_SIZE or rl.size == 0):
+        return None, (f"raw_locn offset {rl.offset} size {rl.size} lies outside the area of "
+                      f"{area_size} bytes"), False
+    wrap = max(0, rl.offset + rl.size - area_size)
     first = _read(fd, base + rl.offset, rl.size - wrap, region.name)
     second = _read(fd, base + MDA_HEADER_SIZE, wrap, region.name) if wrap else b""
     if len(first) + len(second) != rl.size:
-        mda.problems.append(f"{mda.where}: metadata text runs past the end of the file")
-        return mda
+        return None, "metadata text runs past the end of the file", False
     crc = lvm_crc(second, lvm_crc(first))
     if crc != rl.checksum:
-        mda.problems.append(f"{mda.where}: metadata text checksum {rl.checksum:#010x}, "
-                            f"computed {crc:#010x}")
-        return mda
-    mda.wraps = bool(wrap)
-    mda.text = first + second
-    return mda
+        return None, (f"metadata text checksum {rl.checksum:#010x}, computed "
+                      f"{crc:#010x}"), False
+    return first + second, None, bool(wrap)
 
 
 def scan(paths: list[str]) -> ScanResult:

@@ -22,7 +22,7 @@ from dmimage.lvm.model import LogicalVolume
 from dmimage.lvm.thin import pool_segment, sub_lv
 from dmimage.lvm.vg import LoadedVG
 from dmimage.lvm.view import LvView
-from dmimage.pdata.writer import pwrite_all
+from dmimage.ordered_write import Write, commit_last, pwrite_all
 from dmimage.thin.transaction import open_writable
 
 _CHUNK = 4 << 20
@@ -32,24 +32,20 @@ def _write_back(tmeta: LvView, changed: dict[int, bytes], where: str) -> None:
     """Changed blocks into the LV's extents: all but block 0, flush, block 0, flush."""
     fds: dict[str, int] = {}
 
-    def put(b: int) -> None:
-        done = 0
+    def writes(b: int) -> list[Write]:
+        out, done = [], 0
         for path, start, length in tmeta.extents(b * BLOCK_SIZE, BLOCK_SIZE):
             if path not in fds:
                 fds[path] = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-            pwrite_all(fds[path], [memoryview(changed[b][done:done + length])], start)
+            out.append(Write(fds[path], start,
+                             [memoryview(changed[b][done:done + length])]))
             done += length
+        return out
 
     try:
-        for b in sorted(changed):
-            if b:
-                put(b)
-        for f in fds.values():
-            os.fsync(f)
-        if 0 in changed:
-            put(0)
-        for f in fds.values():
-            os.fsync(f)
+        body = [w for b in sorted(changed) if b for w in writes(b)]
+        commit = writes(0) if 0 in changed else []
+        commit_last(fds.values(), body, commit)
     except OSError as exc:
         raise DeviceError(f"writing {where} metadata: {exc.strerror}") from None
     finally:
@@ -80,7 +76,8 @@ def _delete_orphans(lvg: LoadedVG, pool_lv: LogicalVolume, *, dry_run: bool) -> 
         fd, tmp = tempfile.mkstemp(prefix="dmimage-tmeta-")
         try:
             for off in range(0, tmeta.size, _CHUNK):
-                os.pwrite(fd, tmeta.pread(min(_CHUNK, tmeta.size - off), off), off)
+                pwrite_all(fd, [memoryview(tmeta.pread(min(_CHUNK, tmeta.size - off), off))],
+                           off)
             os.close(fd)
             fd = -1
             with open_writable(tmp) as wp:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import bisect
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +47,7 @@ from dmimage.format.constants import (
 from dmimage.format.layouts import BTREE_HEADER_DTYPE, INDEX_ENTRY_DTYPE
 from dmimage.format.superblock import SpaceMapRoot
 from dmimage.format.values import mapping_blocks
+from dmimage.ordered_write import Write, commit_last, fsync_all, pwrite_all
 
 U8 = np.dtype("u1")
 U32 = np.dtype("<u4")
@@ -243,19 +244,17 @@ class MetadataImage:
 
         The caller has checked that every block fits the device."""
         invalidate_superblock(fd)
+        sb = bytes(superblock)
+        assert len(sb) == BLOCK_SIZE
+        commit_last([fd], self._body_writes(fd, progress), [Write(fd, 0, [memoryview(sb)])])
+
+    def _body_writes(self, fd: int, progress: Callable[[int], None] | None
+                     ) -> Iterator[Write]:
+        """Every written block but block 0, as writes of up to 512 runs or 64 MiB each."""
         pending: list[memoryview] = []
         pending_off = -1
         pending_end = -1
         pending_bytes = 0
-
-        def drain() -> None:
-            nonlocal pending, pending_off, pending_bytes
-            if pending:
-                pwrite_all(fd, pending, pending_off)
-                if progress:
-                    progress(pending_bytes)
-            pending, pending_off, pending_bytes = [], -1, 0
-
         for start, seg in self.segments():
             if start == 0:
                 seg = seg[1:]
@@ -264,17 +263,19 @@ class MetadataImage:
                     continue
             off = start * BLOCK_SIZE
             if off != pending_end or len(pending) >= 512 or pending_bytes >= (64 << 20):
-                drain()
+                if pending:
+                    yield Write(fd, pending_off, pending)
+                    if progress:
+                        progress(pending_bytes)
+                pending, pending_bytes = [], 0
                 pending_off = off
             pending.append(np.ascontiguousarray(seg).data.cast("B"))
             pending_bytes += seg.nbytes
             pending_end = off + seg.nbytes
-        drain()
-        _fsync(fd)
-        sb = bytes(superblock)
-        assert len(sb) == BLOCK_SIZE
-        pwrite_all(fd, [memoryview(sb)], 0)
-        _fsync(fd)
+        if pending:
+            yield Write(fd, pending_off, pending)
+            if progress:
+                progress(pending_bytes)
 
 
 def open_output(path: str | os.PathLike[str]) -> tuple[int, int]:
@@ -314,24 +315,8 @@ def invalidate_superblock(fd: int) -> None:
         _fsync(fd)
 
 
-def pwrite_all(fd: int, bufs: list[memoryview], offset: int) -> None:
-    """Write every byte of ``bufs`` at ``offset``: a short write is finished, not ignored."""
-    try:
-        total = sum(len(b) for b in bufs)
-        done = os.pwritev(fd, bufs, offset)
-        if done != total:  # short write: finish one buffer at a time
-            data = b"".join(bytes(b) for b in bufs)
-            while done < total:
-                done += os.pwrite(fd, data[done:], offset + done)
-    except OSError as exc:
-        raise DeviceError(f"write at byte {offset} failed: {exc.strerror}") from None
-
-
 def _fsync(fd: int) -> None:
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        raise DeviceError(f"fsync failed: {exc.strerror}") from None
+    fsync_all([fd])
 
 
 # ----------------------------------------------------------------------------- nodes

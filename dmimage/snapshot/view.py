@@ -13,7 +13,7 @@ import numpy as np
 
 from dmimage.errors import DeviceError, MetadataError
 from dmimage.format.snapshot_cow import area_chunk
-from dmimage.pdata.writer import pwrite_all
+from dmimage.ordered_write import pwrite_all
 from dmimage.snapshot.check import store_problems
 from dmimage.snapshot.store import ExceptionStore, StoreState, read_at
 
