@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from dmimage import devlock
-from dmimage.errors import InputError, OutputTooSmallError
+from dmimage.errors import InputError
 from dmimage.format.cache import (
     CACHE_MAGIC,
     CACHE_SUPERBLOCK,
@@ -31,9 +29,10 @@ from dmimage.format.cache import (
     SALT_CACHE_SUPERBLOCK,
 )
 from dmimage.format.checksum import seal
-from dmimage.format.constants import BLOCK_SIZE, MAX_METADATA_BLOCKS
+from dmimage.format.constants import BLOCK_SIZE
 from dmimage.pdata.array import write_array
-from dmimage.pdata.writer import MetadataImage, open_output, write_metadata_space_map
+from dmimage.pdata.writer import MetadataImage, write_metadata_space_map, write_new_metadata
+from dmimage.xml_attrs import bool_attr, int_attr, known_attrs
 
 #: smq's policy version, which cache_restore 1.1 writes for every policy.
 POLICY_VERSION = (2, 0, 0)
@@ -52,25 +51,6 @@ class CacheIR:
     hints: dict[int, bytes] = field(default_factory=dict)
 
 
-def _int(elem: ET.Element, name: str, limit: int = 2**64) -> int:
-    raw = elem.get(name)
-    if raw is None:
-        raise InputError(f"<{elem.tag}>: missing attribute {name}")
-    try:
-        v = int(raw, 10)
-    except ValueError:
-        raise InputError(f"<{elem.tag}> {name}={raw!r}: not a number") from None
-    if not 0 <= v < limit:
-        raise InputError(f"<{elem.tag}> {name}={v}: out of range")
-    return v
-
-
-def _known(elem: ET.Element, names: set[str]) -> None:
-    extra = set(elem.attrib) - names
-    if extra:
-        raise InputError(f"<{elem.tag}>: unknown attribute {sorted(extra)[0]}")
-
-
 def parse_xml(path: str) -> CacheIR:
     """Stream the XML (iterparse); any malformation is an InputError naming what is wrong."""
     ir: CacheIR | None = None
@@ -80,29 +60,29 @@ def parse_xml(path: str) -> CacheIR:
             if tag == "superblock":
                 if ir is not None:
                     raise InputError("duplicated <superblock>")
-                _known(elem, {"uuid", "block_size", "nr_cache_blocks", "policy", "hint_width"})
-                ir = CacheIR(_int(elem, "block_size", 2**32), _int(elem, "nr_cache_blocks", 2**32),
-                             elem.get("policy", ""), _int(elem, "hint_width", 2**32))
+                known_attrs(elem, {"uuid", "block_size", "nr_cache_blocks", "policy",
+                                   "hint_width"})
+                ir = CacheIR(int_attr(elem, "block_size", 2**32),
+                             int_attr(elem, "nr_cache_blocks", 2**32),
+                             elem.get("policy", ""), int_attr(elem, "hint_width", 2**32))
                 if len(ir.policy.encode()) > POLICY_NAME_SIZE:
                     raise InputError(f"<superblock> policy {ir.policy!r}: longer than "
                                      f"{POLICY_NAME_SIZE} bytes")
             elif tag == "mapping":
                 if ir is None:
                     raise InputError("<mapping> outside <superblock>")
-                _known(elem, {"cache_block", "origin_block", "dirty"})
-                c = _int(elem, "cache_block", ir.nr_cache_blocks)
-                o = _int(elem, "origin_block", 2**(64 - MAPPING_FLAG_BITS))
-                d = elem.get("dirty")
-                if d not in ("true", "false"):
-                    raise InputError(f"<mapping cache_block=\"{c}\">: dirty must be true or false")
+                known_attrs(elem, {"cache_block", "origin_block", "dirty"})
+                c = int_attr(elem, "cache_block", ir.nr_cache_blocks)
+                o = int_attr(elem, "origin_block", 2**(64 - MAPPING_FLAG_BITS))
+                d = bool_attr(elem, "dirty")
                 if c in ir.mappings:
                     raise InputError(f"cache block {c} mapped twice")
-                ir.mappings[c] = (o, d == "true")
+                ir.mappings[c] = (o, d)
             elif tag == "hint":
                 if ir is None:
                     raise InputError("<hint> outside <superblock>")
-                _known(elem, {"cache_block", "data"})
-                c = _int(elem, "cache_block", ir.nr_cache_blocks)
+                known_attrs(elem, {"cache_block", "data"})
+                c = int_attr(elem, "cache_block", ir.nr_cache_blocks)
                 try:
                     data = base64.b64decode(elem.get("data", ""), validate=True)
                 except (binascii.Error, ValueError):
@@ -166,18 +146,9 @@ def build_cache(ir: CacheIR, nr_blocks: int, *, version: int = 2,
 def restore_cache(ir: CacheIR, output: str, *, version: int = 2,
                   clean_shutdown: bool = True) -> int:
     """Write the metadata to the existing file or device ``output``; returns its blocks used."""
-    with devlock.hold(output, exclusive=True):
-        fd, size = open_output(output)
-        try:
-            nr_blocks = min(size // BLOCK_SIZE, MAX_METADATA_BLOCKS)
-            built = build_cache(ir, max(nr_blocks, 1), version=version,
-                                clean_shutdown=clean_shutdown)
-            if built.image.overflowed or nr_blocks < 1:
-                need = max(built.image.high_water, len(np.flatnonzero(built.image.counts)))
-                raise OutputTooSmallError(
-                    f"{output} is too small: {size} bytes, the metadata needs at least "
-                    f"{(need + 1) * BLOCK_SIZE} bytes", needed_bytes=(need + 1) * BLOCK_SIZE)
-            built.image.flush_to(fd, built.superblock)
-            return int(np.count_nonzero(built.image.counts[:nr_blocks]))
-        finally:
-            os.close(fd)
+    def build(nr_blocks: int) -> tuple[MetadataImage, bytes]:
+        built = build_cache(ir, nr_blocks, version=version, clean_shutdown=clean_shutdown)
+        return built.image, built.superblock
+
+    image, nr_blocks = write_new_metadata(output, build)
+    return int(np.count_nonzero(image.counts[:nr_blocks]))

@@ -8,25 +8,24 @@ first, the superblock last after a flush); the output is never grown.
 
 from __future__ import annotations
 
-import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from dmimage import devlock
-from dmimage.errors import InputError, OutputTooSmallError
+from dmimage.errors import InputError
 from dmimage.format.checksum import seal
-from dmimage.format.constants import BLOCK_SIZE, MAX_METADATA_BLOCKS
+from dmimage.format.constants import BLOCK_SIZE
 from dmimage.format.era import ERA_MAGIC, ERA_SUPERBLOCK, SALT_ERA_SUPERBLOCK, WRITESET_DTYPE
 from dmimage.pdata.array import write_array
 from dmimage.pdata.writer import (
     MetadataImage,
     NodeKind,
     build_tree,
-    open_output,
     write_metadata_space_map,
+    write_new_metadata,
 )
+from dmimage.xml_attrs import bool_attr, int_attr
 
 WRITESET_LEAF = NodeKind(True, WRITESET_DTYPE)
 FLAG_CLEAN_SHUTDOWN = 1
@@ -40,19 +39,6 @@ class EraIR:
     #: era -> (nr_bits, marked bits)
     writesets: dict[int, tuple[int, np.ndarray]] = field(default_factory=dict)
     eras: dict[int, int] = field(default_factory=dict)
-
-
-def _int(elem: ET.Element, name: str, limit: int = 2**32) -> int:
-    raw = elem.get(name)
-    if raw is None:
-        raise InputError(f"<{elem.tag}>: missing attribute {name}")
-    try:
-        v = int(raw, 10)
-    except ValueError:
-        raise InputError(f"<{elem.tag}> {name}={raw!r}: not a number") from None
-    if not 0 <= v < limit:
-        raise InputError(f"<{elem.tag}> {name}={v}: out of range")
-    return v
 
 
 def parse_xml(path: str) -> EraIR:
@@ -69,12 +55,13 @@ def parse_xml(path: str) -> EraIR:
             if tag == "superblock":
                 if ir is not None:
                     raise InputError("duplicated <superblock>")
-                ir = EraIR(_int(elem, "block_size"), _int(elem, "nr_blocks"),
-                           _int(elem, "current_era"))
+                ir = EraIR(int_attr(elem, "block_size", 2**32),
+                           int_attr(elem, "nr_blocks", 2**32),
+                           int_attr(elem, "current_era", 2**32))
             elif ir is None:
                 raise InputError(f"<{tag}> outside <superblock>")
             elif tag == "writeset":
-                era, nr = _int(elem, "era"), _int(elem, "nr_bits")
+                era, nr = int_attr(elem, "era", 2**32), int_attr(elem, "nr_bits", 2**32)
                 if era in ir.writesets:
                     raise InputError(f"writeset of era {era} given twice")
                 current = (nr, np.zeros(nr, bool))
@@ -84,19 +71,16 @@ def parse_xml(path: str) -> EraIR:
                     raise InputError(f"<{tag}> outside <writeset>")
                 nr, bits = current
                 if tag == "bit":
-                    b = _int(elem, "block", nr)
-                    v = elem.get("value")
-                    if v not in ("true", "false"):
-                        raise InputError(f"<bit block=\"{b}\">: value must be true or false")
-                    bits[b] = v == "true"
+                    b = int_attr(elem, "block", nr)
+                    bits[b] = bool_attr(elem, "value")
                 else:
-                    b, n = _int(elem, "block_begin"), _int(elem, "len")
+                    b, n = int_attr(elem, "block_begin", 2**32), int_attr(elem, "len", 2**32)
                     if n == 0 or b + n > nr:
                         raise InputError(f"<marked block_begin=\"{b}\" len=\"{n}\">: outside "
                                          f"the writeset's {nr} bits")
                     bits[b:b + n] = True
             elif tag == "era":
-                ir.eras[_int(elem, "block", ir.nr_blocks)] = _int(elem, "era")
+                ir.eras[int_attr(elem, "block", ir.nr_blocks)] = int_attr(elem, "era", 2**32)
             elif tag != "era_array":
                 raise InputError(f"unknown element <{tag}>")
     except ET.ParseError as exc:
@@ -138,15 +122,4 @@ def build_era(ir: EraIR, nr_blocks: int) -> tuple[MetadataImage, bytes]:
 
 
 def restore_era(ir: EraIR, output: str) -> None:
-    with devlock.hold(output, exclusive=True):
-        fd, size = open_output(output)
-        try:
-            nr_blocks = min(size // BLOCK_SIZE, MAX_METADATA_BLOCKS)
-            image, sb = build_era(ir, max(nr_blocks, 1))
-            if image.overflowed or nr_blocks < 1:
-                need = (image.high_water + 1) * BLOCK_SIZE
-                raise OutputTooSmallError(f"{output} is too small: {size} bytes, the metadata "
-                                          f"needs at least {need} bytes", needed_bytes=need)
-            image.flush_to(fd, sb)
-        finally:
-            os.close(fd)
+    write_new_metadata(output, lambda nr_blocks: build_era(ir, nr_blocks))

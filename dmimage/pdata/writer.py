@@ -302,6 +302,30 @@ def open_output(path: str | os.PathLike[str]) -> tuple[int, int]:
     return fd, size
 
 
+def write_new_metadata(output: str, build: Callable[[int], tuple[MetadataImage, bytes]]
+                       ) -> tuple[MetadataImage, int]:
+    """Build metadata for the existing file or device ``output`` (never grown) and write it
+    crash-safely: ``build(nr_blocks)`` returns the image and its superblock; an image that
+    does not fit raises OutputTooSmallError before anything is written. Holds the output's
+    exclusive lock throughout. Returns the image and the device's size in blocks."""
+    from dmimage import devlock
+    from dmimage.errors import OutputTooSmallError
+
+    with devlock.hold(output, exclusive=True):
+        fd, size = open_output(output)
+        try:
+            nr_blocks = min(size // BLOCK_SIZE, MAX_METADATA_BLOCKS)
+            image, superblock = build(max(nr_blocks, 1))
+            if image.overflowed or nr_blocks < 1:
+                need = (image.high_water + 1) * BLOCK_SIZE
+                raise OutputTooSmallError(f"{output} is too small: {size} bytes, the metadata "
+                                          f"needs at least {need} bytes", needed_bytes=need)
+            image.flush_to(fd, superblock)
+            return image, nr_blocks
+        finally:
+            os.close(fd)
+
+
 def invalidate_superblock(fd: int) -> None:
     """Zero block 0 and flush, if it holds anything: the first step of writing a new pool over
     an old one. The new pool's blocks overwrite the old pool's, so until the new superblock
