@@ -4,8 +4,22 @@ malformation is an InputError naming the element and attribute, never a tracebac
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from typing import Literal
 
 from dmimage.errors import InputError
+
+
+def xml_events(path: str, events: tuple[Literal["start", "end"], ...] = ("start",)
+               ) -> Iterator[tuple[str, ET.Element]]:
+    """iterparse (streaming) with a malformed or unreadable file turned into an InputError
+    naming it."""
+    try:
+        yield from ET.iterparse(path, events=events)
+    except ET.ParseError as exc:
+        raise InputError(f"{path}: {exc}") from None
+    except OSError as exc:
+        raise InputError(f"{path}: {exc.strerror}") from None
 
 
 def int_attr(elem: ET.Element, name: str, limit: int = 2**64) -> int:

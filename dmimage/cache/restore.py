@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,7 +31,7 @@ from dmimage.format.checksum import seal
 from dmimage.format.constants import BLOCK_SIZE
 from dmimage.pdata.array import write_array
 from dmimage.pdata.writer import MetadataImage, write_metadata_space_map, write_new_metadata
-from dmimage.xml_attrs import bool_attr, int_attr, known_attrs
+from dmimage.xml_attrs import bool_attr, int_attr, known_attrs, xml_events
 
 #: smq's policy version, which cache_restore 1.1 writes for every policy.
 POLICY_VERSION = (2, 0, 0)
@@ -54,49 +53,44 @@ class CacheIR:
 def parse_xml(path: str) -> CacheIR:
     """Stream the XML (iterparse); any malformation is an InputError naming what is wrong."""
     ir: CacheIR | None = None
-    try:
-        for _event, elem in ET.iterparse(path, events=("start",)):
-            tag = elem.tag
-            if tag == "superblock":
-                if ir is not None:
-                    raise InputError("duplicated <superblock>")
-                known_attrs(elem, {"uuid", "block_size", "nr_cache_blocks", "policy",
-                                   "hint_width"})
-                ir = CacheIR(int_attr(elem, "block_size", 2**32),
-                             int_attr(elem, "nr_cache_blocks", 2**32),
-                             elem.get("policy", ""), int_attr(elem, "hint_width", 2**32))
-                if len(ir.policy.encode()) > POLICY_NAME_SIZE:
-                    raise InputError(f"<superblock> policy {ir.policy!r}: longer than "
-                                     f"{POLICY_NAME_SIZE} bytes")
-            elif tag == "mapping":
-                if ir is None:
-                    raise InputError("<mapping> outside <superblock>")
-                known_attrs(elem, {"cache_block", "origin_block", "dirty"})
-                c = int_attr(elem, "cache_block", ir.nr_cache_blocks)
-                o = int_attr(elem, "origin_block", 2**(64 - MAPPING_FLAG_BITS))
-                d = bool_attr(elem, "dirty")
-                if c in ir.mappings:
-                    raise InputError(f"cache block {c} mapped twice")
-                ir.mappings[c] = (o, d)
-            elif tag == "hint":
-                if ir is None:
-                    raise InputError("<hint> outside <superblock>")
-                known_attrs(elem, {"cache_block", "data"})
-                c = int_attr(elem, "cache_block", ir.nr_cache_blocks)
-                try:
-                    data = base64.b64decode(elem.get("data", ""), validate=True)
-                except (binascii.Error, ValueError):
-                    raise InputError(f"<hint cache_block=\"{c}\">: data is not base64") from None
-                if len(data) != ir.hint_width:
-                    raise InputError(f"<hint cache_block=\"{c}\">: {len(data)} bytes, the hint "
-                                     f"width is {ir.hint_width}")
-                ir.hints[c] = data
-            elif tag not in ("mappings", "hints", "discards", "discard"):
-                raise InputError(f"unknown element <{tag}>")
-    except ET.ParseError as exc:
-        raise InputError(f"{path}: {exc}") from None
-    except OSError as exc:
-        raise InputError(f"{path}: {exc.strerror}") from None
+    for _event, elem in xml_events(path):
+        tag = elem.tag
+        if tag == "superblock":
+            if ir is not None:
+                raise InputError("duplicated <superblock>")
+            known_attrs(elem, {"uuid", "block_size", "nr_cache_blocks", "policy",
+                               "hint_width"})
+            ir = CacheIR(int_attr(elem, "block_size", 2**32),
+                         int_attr(elem, "nr_cache_blocks", 2**32),
+                         elem.get("policy", ""), int_attr(elem, "hint_width", 2**32))
+            if len(ir.policy.encode()) > POLICY_NAME_SIZE:
+                raise InputError(f"<superblock> policy {ir.policy!r}: longer than "
+                                 f"{POLICY_NAME_SIZE} bytes")
+        elif tag == "mapping":
+            if ir is None:
+                raise InputError("<mapping> outside <superblock>")
+            known_attrs(elem, {"cache_block", "origin_block", "dirty"})
+            c = int_attr(elem, "cache_block", ir.nr_cache_blocks)
+            o = int_attr(elem, "origin_block", 2**(64 - MAPPING_FLAG_BITS))
+            d = bool_attr(elem, "dirty")
+            if c in ir.mappings:
+                raise InputError(f"cache block {c} mapped twice")
+            ir.mappings[c] = (o, d)
+        elif tag == "hint":
+            if ir is None:
+                raise InputError("<hint> outside <superblock>")
+            known_attrs(elem, {"cache_block", "data"})
+            c = int_attr(elem, "cache_block", ir.nr_cache_blocks)
+            try:
+                data = base64.b64decode(elem.get("data", ""), validate=True)
+            except (binascii.Error, ValueError):
+                raise InputError(f"<hint cache_block=\"{c}\">: data is not base64") from None
+            if len(data) != ir.hint_width:
+                raise InputError(f"<hint cache_block=\"{c}\">: {len(data)} bytes, the hint "
+                                 f"width is {ir.hint_width}")
+            ir.hints[c] = data
+        elif tag not in ("mappings", "hints", "discards", "discard"):
+            raise InputError(f"unknown element <{tag}>")
     if ir is None:
         raise InputError(f"{path}: no <superblock>")
     return ir

@@ -8,7 +8,6 @@ first, the superblock last after a flush); the output is never grown.
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,7 +24,7 @@ from dmimage.pdata.writer import (
     write_metadata_space_map,
     write_new_metadata,
 )
-from dmimage.xml_attrs import bool_attr, int_attr
+from dmimage.xml_attrs import bool_attr, int_attr, xml_events
 
 WRITESET_LEAF = NodeKind(True, WRITESET_DTYPE)
 FLAG_CLEAN_SHUTDOWN = 1
@@ -44,49 +43,44 @@ class EraIR:
 def parse_xml(path: str) -> EraIR:
     ir: EraIR | None = None
     current: tuple[int, np.ndarray] | None = None
-    try:
-        for event, elem in ET.iterparse(path, events=("start", "end")):
-            tag = elem.tag
-            if event == "end":
-                if tag == "writeset":
-                    current = None
-                elem.clear()
-                continue
-            if tag == "superblock":
-                if ir is not None:
-                    raise InputError("duplicated <superblock>")
-                ir = EraIR(int_attr(elem, "block_size", 2**32),
-                           int_attr(elem, "nr_blocks", 2**32),
-                           int_attr(elem, "current_era", 2**32))
-            elif ir is None:
-                raise InputError(f"<{tag}> outside <superblock>")
-            elif tag == "writeset":
-                era, nr = int_attr(elem, "era", 2**32), int_attr(elem, "nr_bits", 2**32)
-                if era in ir.writesets:
-                    raise InputError(f"writeset of era {era} given twice")
-                current = (nr, np.zeros(nr, bool))
-                ir.writesets[era] = current
-            elif tag in ("bit", "marked"):
-                if current is None:
-                    raise InputError(f"<{tag}> outside <writeset>")
-                nr, bits = current
-                if tag == "bit":
-                    b = int_attr(elem, "block", nr)
-                    bits[b] = bool_attr(elem, "value")
-                else:
-                    b, n = int_attr(elem, "block_begin", 2**32), int_attr(elem, "len", 2**32)
-                    if n == 0 or b + n > nr:
-                        raise InputError(f"<marked block_begin=\"{b}\" len=\"{n}\">: outside "
-                                         f"the writeset's {nr} bits")
-                    bits[b:b + n] = True
-            elif tag == "era":
-                ir.eras[int_attr(elem, "block", ir.nr_blocks)] = int_attr(elem, "era", 2**32)
-            elif tag != "era_array":
-                raise InputError(f"unknown element <{tag}>")
-    except ET.ParseError as exc:
-        raise InputError(f"{path}: {exc}") from None
-    except OSError as exc:
-        raise InputError(f"{path}: {exc.strerror}") from None
+    for event, elem in xml_events(path, ("start", "end")):
+        tag = elem.tag
+        if event == "end":
+            if tag == "writeset":
+                current = None
+            elem.clear()
+            continue
+        if tag == "superblock":
+            if ir is not None:
+                raise InputError("duplicated <superblock>")
+            ir = EraIR(int_attr(elem, "block_size", 2**32),
+                       int_attr(elem, "nr_blocks", 2**32),
+                       int_attr(elem, "current_era", 2**32))
+        elif ir is None:
+            raise InputError(f"<{tag}> outside <superblock>")
+        elif tag == "writeset":
+            era, nr = int_attr(elem, "era", 2**32), int_attr(elem, "nr_bits", 2**32)
+            if era in ir.writesets:
+                raise InputError(f"writeset of era {era} given twice")
+            current = (nr, np.zeros(nr, bool))
+            ir.writesets[era] = current
+        elif tag in ("bit", "marked"):
+            if current is None:
+                raise InputError(f"<{tag}> outside <writeset>")
+            nr, bits = current
+            if tag == "bit":
+                b = int_attr(elem, "block", nr)
+                bits[b] = bool_attr(elem, "value")
+            else:
+                b, n = int_attr(elem, "block_begin", 2**32), int_attr(elem, "len", 2**32)
+                if n == 0 or b + n > nr:
+                    raise InputError(f"<marked block_begin=\"{b}\" len=\"{n}\">: outside "
+                                     f"the writeset's {nr} bits")
+                bits[b:b + n] = True
+        elif tag == "era":
+            ir.eras[int_attr(elem, "block", ir.nr_blocks)] = int_attr(elem, "era", 2**32)
+        elif tag != "era_array":
+            raise InputError(f"unknown element <{tag}>")
     if ir is None:
         raise InputError(f"{path}: no <superblock>")
     return ir
