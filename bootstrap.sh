@@ -58,7 +58,7 @@ setup_guest_debs() {
     # Debian 12's lvm2 (test_lvm_guest.py) and docker.io, containerd, runc and xfsprogs
     # (test_docker_store.py) for the guest: downloaded with `apt-get download` and unpacked
     # under ~/.cache/dmimage/{lvm2,docker-debs}, never installed. That needs apt's lists.
-    ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1 || sudo_ apt-get update -qq
+    ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1 || sudo_ apt-get update -qq
     .venv/bin/python -c "from dmimage.guest.lvm2 import lvm2_root; lvm2_root()" >/dev/null
     .venv/bin/python -c "from dmimage.guest.docker import debs_root; debs_root()" >/dev/null
 }
