@@ -4,8 +4,9 @@
 #   ./bootstrap.sh test      set everything up, then run the whole test suite (VM tests included)
 #   ./bootstrap.sh setup     only set up
 # Set-up installs only what is missing: Debian packages, a virtualenv in .venv with dmimage and
-# its test tools, the Debian 13 oracles (thin-provisioning-tools 1.1, kernel 6.12) unpacked
-# under ~/.cache/dmimage/debian13 and Debian 12's lvm2 and Docker packages for the guest under
+# its test tools, thin-provisioning-tools 1.1 and the guest kernels CI uses (Debian 13's 6.12;
+# Debian 12's is installed; DMIMAGE_VM_KERNELS=all adds Debian 11's and 13-backports') unpacked
+# under ~/.cache/dmimage/debianNN and Debian 12's lvm2 and Docker packages for the guest under
 # ~/.cache/dmimage/{lvm2,docker-debs} (never installed).
 set -eu
 cd "$(dirname "$0")"
@@ -46,12 +47,17 @@ setup_python() {
 setup_oracles() {
     cache=${XDG_CACHE_HOME:-$HOME/.cache}/dmimage/debian13
     if [ ! -x "$cache/thin-provisioning-tools/usr/sbin/thin_check" ]; then
-        sh tools/debian13-fetch "$cache" thin-provisioning-tools >/dev/null
+        sh tools/debian-fetch trixie "$cache" thin-provisioning-tools >/dev/null
     fi
-    kernel=$(sh tools/debian13-fetch "$cache" --print-kernel)
-    if [ -n "$kernel" ] && [ ! -d "$cache/$kernel" ]; then
-        sh tools/debian13-fetch "$cache" "$kernel" >/dev/null
-    fi
+}
+
+setup_kernels() {
+    # The guest kernels the VM tests run on: CI's two (deb12 installed, deb13 fetched) or those
+    # DMIMAGE_VM_KERNELS names (all: deb11, deb12, deb13, deb13-backports). Fetched kernels are
+    # .debs unpacked under ~/.cache/dmimage/debianNN, never installed.
+    names=$(echo "${DMIMAGE_VM_KERNELS:-deb12,deb13}" | tr ',' '\n' | grep -v / | tr '\n' ' ')
+    # shellcheck disable=SC2086
+    [ -z "$names" ] || .venv/bin/dmimage vm kernels --fetch $names >/dev/null
 }
 
 setup_guest_debs() {
@@ -63,7 +69,7 @@ setup_guest_debs() {
     .venv/bin/python -c "from dmimage.guest.docker import debs_root; debs_root()" >/dev/null
 }
 
-setup() { setup_system; setup_python; setup_oracles; setup_guest_debs; }
+setup() { setup_system; setup_python; setup_oracles; setup_kernels; setup_guest_debs; }
 
 case "${1:-}" in
     setup) setup ;;

@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--vm-verify", action="store_true",
                    help="verify the build in a guest (needs QEMU; see docs/vm.md)")
     p.add_argument("--kernel", default="deb12", help="guest kernel for --vm-verify "
-                   "(deb12, deb13 or a vmlinuz path)")
+                   "(deb11, deb12, deb13, deb13-backports or a vmlinuz path)")
     p.add_argument("--json", action="store_true", help="print the verification report as JSON")
     p.set_defaults(func=run)
 

@@ -2,7 +2,7 @@
 
     dmimage vm run [--kernel K] [--disk PATH[:ro]]... -- CMD...
     dmimage vm verify META DATA [--dev N[:SIZE]]... [--kernel K] [--json]
-    dmimage vm kernels
+    dmimage vm kernels [NAME...] [--fetch]
 
 The guest is dmimage.guest's appliance (busybox, dmsetup, dm-thin-pool); see docs/vm.md.
 """
@@ -102,17 +102,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_kernels(args: argparse.Namespace) -> int:
-    from dmimage.guest.kernels import KNOWN, KernelNotFound, kernel_by_name
+    from dmimage.errors import UsageError
+    from dmimage.guest.kernels import KNOWN, KernelNotFound, list_kernels, selected_names
 
-    status = 0
-    for name in KNOWN:
-        try:
-            k = kernel_by_name(name, fetch=args.fetch)
-            print(f"{name}\t{k.version}\t{k.vmlinuz}")
-        except KernelNotFound as exc:
-            print(f"{name}\t-\t{exc}")
-            status = 1 if args.fetch else status
-    return status
+    try:
+        names = selected_names(",".join(args.names)) if args.names else list(KNOWN)
+        rows = list_kernels(names, fetch=args.fetch)
+    except KernelNotFound as exc:
+        raise UsageError(str(exc)) from exc
+    print("NAME\tVERSION\tSTATE\tPATH")
+    for row in rows:
+        version = row.kernel.version if row.kernel is not None else "-"
+        print(f"{row.name}\t{version}\t{row.state}\t{row.where}")
+        if row.error:
+            print(f"dmimage vm kernels: {row.name}: {row.error}", file=sys.stderr)
+    return 1 if any(row.state == "failed" for row in rows) else 0
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -125,8 +129,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     r = sub.add_parser("run", help="boot, attach disks, run a shell command, print its output, "
                                    "exit with its status")
     r.add_argument("--kernel", default="deb12",
-                   help="guest kernel: deb12 (installed), deb13 (fetched on demand), or a "
-                        "vmlinuz path (default: deb12)")
+                   help="guest kernel: deb12 (installed), deb11, deb13 or deb13-backports "
+                        "(fetched on demand), or a vmlinuz path (default: deb12)")
     r.add_argument("--disk", action="append", default=[], metavar="PATH[:ro]",
                    help="attach a file as a virtio disk (read-write unless :ro); the guest "
                         "command sees its device as $DISK0, $DISK1, ... (repeatable)")
@@ -152,7 +156,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     v.add_argument("--dev", action="append", type=_parse_dev, default=[], metavar="N[:SIZE]",
                    help="thin to compare, optionally with a size in bytes (suffixes K, M, G, "
                         "s); default size: end of the highest mapped block; default: all thins")
-    v.add_argument("--kernel", default="deb12", help="guest kernel (default: deb12)")
+    v.add_argument("--kernel", default="deb12",
+                   help="guest kernel: deb11, deb12, deb13, deb13-backports or a vmlinuz path "
+                        "(default: deb12)")
     v.add_argument("--json", action="store_true", help="print a JSON report")
     v.add_argument("--timeout", type=float, default=600.0,
                    help="seconds allowed for hashing one thin in the guest (default 600)")
@@ -160,6 +166,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add_lock_plan(v, lambda a: [(a.metadata, False), (a.data, False)])
     v.set_defaults(func=cmd_verify)
 
-    k = sub.add_parser("kernels", help="list the guest kernels and where they are")
-    k.add_argument("--fetch", action="store_true", help="fetch Debian 13's kernel if missing")
+    k = sub.add_parser("kernels", help="list the guest kernels: version, fetched or not, path",
+                       description="One line per kernel: NAME, VERSION, STATE (installed, "
+                       "fetched, not fetched, failed) and PATH (the vmlinuz, or where a fetched "
+                       "kernel is unpacked). Exit 1 if a kernel is missing after --fetch.")
+    k.add_argument("names", nargs="*", metavar="NAME",
+                   help="kernels to list (default: all: deb11, deb12, deb13, deb13-backports)")
+    k.add_argument("--fetch", action="store_true",
+                   help="fetch missing kernels (their .debs from Debian, unpacked, never "
+                        "installed)")
     k.set_defaults(func=cmd_kernels)
