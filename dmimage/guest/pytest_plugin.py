@@ -52,8 +52,9 @@ def vm_required() -> bool:
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("dmimage-vm", "dmimage QEMU harness")
     group.addoption("--vm-kernels", default=None,
-                    help="comma-separated guest kernels (deb12,deb13 or vmlinuz paths); "
-                         "default $DMIMAGE_VM_KERNELS or deb12 (+deb13 when unpacked)")
+                    help="comma-separated guest kernels (deb11, deb12, deb13, deb13-backports, "
+                         "all, or vmlinuz paths); default $DMIMAGE_VM_KERNELS or deb12 "
+                         "(+deb13 when unpacked)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
