@@ -379,3 +379,25 @@ def test_readers_refuse_an_unknown_incompat_feature(restored_pool: Restore, tmp_
         capsys.readouterr()
         assert main(argv) == 1, argv
         assert "incompat_flags 0xba" in capsys.readouterr().err
+
+
+def test_ls_and_rmap_list_an_empty_leaf_under_a_node(restored_pool: Restore,
+                                                     tmp_path: Path) -> None:
+    """Seed 1211243454 input 9383: a multi-level pool whose leaf lost its entries (nr_entries
+    0) and a damaged superblock. ls and rmap read the sibling leaves as one batch and indexed
+    the empty leaf's first key past the batch (IndexError); now they list what the other
+    leaves hold, and exit as they do for every other damage."""
+    import fuzz_damage
+
+    rp = restored_pool(poolgen.multilevel_pool(1500), nr_meta_blocks=512)
+    raw = bytes(rp.read())
+    recipe = [("named", 21), ("sbroot", "data_nr_blocks", 3827),
+              ("field", 6630, "nr_entries", 1 << 63)]
+    bad = fuzz_damage.apply(raw, recipe, fuzz_damage.used_blocks(raw))
+    p = _write(tmp_path / "bad.meta", bad)
+    for argv in (["ls", p], ["rmap", "--region", "0..100000", p]):
+        assert main(argv) in (0, 1), argv
+    one = fuzz_damage.apply(raw, recipe[2:], fuzz_damage.used_blocks(raw))
+    p1 = _write(tmp_path / "one.meta", one)
+    assert main(["ls", p1]) in (0, 1)
+    assert main(["rmap", "--region", "0..100000", p1]) in (0, 1)

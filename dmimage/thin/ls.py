@@ -136,8 +136,9 @@ class MappingForest:
     def _leaves(self, batch: LeafBatch, dev_id: int) -> None:
         """Record leaves read for the first time (validated by the caller)."""
         ends = np.cumsum(batch.counts)
-        firsts = batch.keys[ends - batch.counts].tolist() if len(batch.keys) else []
-        lasts = batch.keys[ends - 1].tolist() if len(batch.keys) else []
+        full = batch.counts > 0  # empty leaves (allowed here) own no keys
+        firsts = batch.keys[(ends - batch.counts)[full]].tolist()
+        lasts = batch.keys[ends[full] - 1].tolist()
         i = 0
         for b, n in zip(batch.blocks.tolist(), batch.counts.tolist(), strict=True):
             self.leaf_entries[b] = n
