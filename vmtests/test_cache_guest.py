@@ -53,11 +53,13 @@ def test_kernel_cache_metadata(dm_vm: Machine, tmp_path: Path, version: int) -> 
         try:
             # rewrites and rereads get blocks promoted; then, with migrations stopped (no
             # background writeback either), rewrites of the cached blocks leave them dirty
-            vm.sh("for i in 1 2 3; do "
+            # smq's hotspot queues move on the cache's once-a-second tick: give it a few
+            # (without the sleeps the CI run saw no promotion at all)
+            vm.sh("for i in 1 2 3 4 5; do "
                   "dd if=/dev/urandom of=/dev/mapper/kcache bs=64k seek=10 count=40 conv=fsync "
                   "status=none; dd if=/dev/mapper/kcache of=/dev/null bs=64k skip=10 count=40 "
                   "status=none; dd if=/dev/mapper/kcache of=/dev/null bs=64k skip=300 count=20 "
-                  "status=none; done; dmsetup message kcache 0 migration_threshold 0; "
+                  "status=none; sleep 1.2; done; dmsetup message kcache 0 migration_threshold 0; "
                   "dd if=/dev/urandom of=/dev/mapper/kcache bs=64k seek=10 count=40 conv=fsync "
                   "status=none", timeout=300)
             want_sha = vm.sha256_of("/dev/mapper/kcache")
