@@ -66,7 +66,6 @@ STORAGE_OPTS = ("dm.fs=ext4", "dm.override_udev_sync_check=true", "dm.loopdatasi
                 "dm.loopmetadatasize=16M", "dm.basesize=16M", "dm.min_free_space=0%")
 
 MOUNT = "/opt/docker"
-CONTAINERD_SOCK = "/run/containerd/containerd.sock"
 DATA_ROOT = "/var/lib/docker"
 
 
@@ -266,16 +265,7 @@ class DockerGuest:
         self.data = self.vm.attach(data_disk, read_only=False, serial="dockerdata")
         opts = " ".join(f"--storage-opt {o}" for o in (*STORAGE_OPTS, *extra_opts))
         self.sh(f"mkdir -p {DATA_ROOT} && mount -t ext4 {self.data.guest_path} {DATA_ROOT}")
-        # containerd is started here, not by dockerd: dockerd gives the containerd it starts
-        # itself a fixed time to come up, which a loaded host's TCG guest can exceed.
-        self.sh("pgrep -x containerd >/dev/null || { mkdir -p /run/containerd; rm -f "
-                f"{CONTAINERD_SOCK}; setsid "
-                f"containerd --address {CONTAINERD_SOCK} </dev/null >/tmp/containerd.log "
-                "2>&1 & }; i=0; until [ -S " + CONTAINERD_SOCK + " ]; do i=$((i+1)); "
-                f"[ $i -lt {int(timeout * 5)} ] || {{ tail -n 20 /tmp/containerd.log >&2; "
-                "exit 1; }; sleep 0.2; done", timeout=timeout + 10)
         self.sh(f"setsid dockerd --data-root {DATA_ROOT} --storage-driver devicemapper {opts} "
-                f"--containerd {CONTAINERD_SOCK} "
                 "--iptables=false --ip-masq=false --bridge=none --log-level=debug "
                 "</dev/null >/tmp/dockerd.log 2>&1 & echo $! > /tmp/dockerd.pid")
         self.sh(f"i=0; until docker version >/dev/null 2>&1; do i=$((i+1)); "
