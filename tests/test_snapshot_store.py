@@ -173,7 +173,7 @@ def test_merge_makes_origin_the_snapshot(tmp_path: Path, capsys: pytest.CaptureF
 def test_interrupted_merge_finishes_on_rerun(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
         two_areas: tuple[Path, Path, list[tuple[int, int]], bytes]) -> None:
-    import dmimage.snapshot.view as view
+    import dmimage.ordered_write as view
 
     cow, origin, pairs, org = two_areas
     real = view.pwrite_all

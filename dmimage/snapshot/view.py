@@ -6,14 +6,13 @@ only I/O errors) or one with damage store_problems reports about the data chunks
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 
 import numpy as np
 
 from dmimage.errors import DeviceError, MetadataError
 from dmimage.format.snapshot_cow import area_chunk
-from dmimage.ordered_write import pwrite_all
+from dmimage.ordered_write import Write, commit_last
 from dmimage.snapshot.check import store_problems
 from dmimage.snapshot.store import ExceptionStore, StoreState, read_at
 
@@ -75,27 +74,23 @@ def merge_into_origin(store: ExceptionStore, cow_fd: int, origin_fd: int, origin
     """
     ensure_servable(store)
     cb = store.chunk_bytes
-    for o, c in zip(store.old.tolist(), store.new.tolist(), strict=True):
-        dst = o * cb
-        if dst >= origin_bytes:
-            continue  # never visible through the snapshot (its table ends at the origin's end)
-        length = min(cb, origin_bytes - dst)
-        data = read_at(cow_fd, length, c * cb, store.name)
-        if len(data) < length:
-            raise DeviceError(f"{store.name}: short read of chunk {c}")
-        pwrite_all(origin_fd, [memoryview(data)], dst)
-        if progress is not None:
-            progress(length)
-    _fsync(origin_fd, origin_name)
+
+    def copies() -> Iterator[Write]:
+        for o, c in zip(store.old.tolist(), store.new.tolist(), strict=True):
+            dst = o * cb
+            if dst >= origin_bytes:
+                continue  # never visible through the snapshot (its table ends at the origin)
+            length = min(cb, origin_bytes - dst)
+            data = read_at(cow_fd, length, c * cb, store.name)
+            if len(data) < length:
+                raise DeviceError(f"{store.name}: short read of chunk {c}")
+            yield Write(origin_fd, dst, [memoryview(data)])
+            if progress is not None:
+                progress(length)
+
     zero = memoryview(bytes(cb))
-    for area in reversed(range(store.areas)):
-        pwrite_all(cow_fd, [zero], area_chunk(area, store.per_area) * cb)
-    _fsync(cow_fd, store.name)
+    clears = [Write(cow_fd, area_chunk(area, store.per_area) * cb, [zero])
+              for area in reversed(range(store.areas))]
+    commit_last([origin_fd, cow_fd], copies(), clears)
     return len(store.old)
 
-
-def _fsync(fd: int, name: str) -> None:
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        raise DeviceError(f"{name}: fsync failed: {exc.strerror}") from None
