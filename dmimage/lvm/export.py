@@ -1,22 +1,22 @@
 """Export one LV's bytes: linear/striped from their extents, thin LVs through the pool.
 
-Output to a path is sparse (all-zero 4 MiB chunks become holes) and atomic (temp file, then
-rename), so a failed export leaves nothing under the final name.
+Output to a path is sparse (all-zero 4 MiB chunks become holes) and whole or nothing
+(dmimage/output_file.py), so a failed export leaves nothing under the final name.
 """
 
 from __future__ import annotations
 
-import os
 from typing import BinaryIO
 
 import numpy as np
 
-from dmimage.errors import DeviceError, UsageError
+from dmimage.errors import UsageError
 from dmimage.format.lvm import SECTOR_SIZE
 from dmimage.lvm.model import LogicalVolume, ThinSegment
 from dmimage.lvm.thin import data_view, open_lv_pool, sub_lv
 from dmimage.lvm.vg import LoadedVG
 from dmimage.lvm.view import LvView
+from dmimage.output_file import replaced_when_complete
 from dmimage.thin.export import export_thin
 
 CHUNK = 4 << 20
@@ -38,27 +38,9 @@ def _copy_view(view: LvView, out: BinaryIO, sparse: bool) -> None:
 
 
 def _to_path(view: LvView, path: str) -> None:
-    """Temp file beside the target, renamed when complete (as thin/export.py does)."""
-    tmp = f"{path}.dmimage-tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            _copy_view(view, f, sparse=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        _unlink(tmp)
-        raise DeviceError(f"{path}: {exc.strerror}") from None
-    except BaseException:
-        _unlink(tmp)
-        raise
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+    """Sparse and whole-or-nothing (dmimage/output_file.py); plain into a pipe."""
+    with replaced_when_complete(path) as f:
+        _copy_view(view, f, sparse=f.seekable())
 
 
 def export_lv(lvg: LoadedVG, lv: LogicalVolume, out: str | BinaryIO) -> int:
@@ -73,15 +55,10 @@ def export_lv(lvg: LoadedVG, lv: LogicalVolume, out: str | BinaryIO) -> int:
             if first.device_id not in pool.devices():
                 raise UsageError(f"{lv.name}: device_id {first.device_id} is not in pool "
                                  f"{pool_lv.name}")
-            if isinstance(out, str):
-                if os.path.exists(out) and not os.path.isfile(out):
-                    raise UsageError(f"{out}: refusing to export onto a non-regular file")
             export_thin(pool, data, first.device_id, out, size=size)
         return size
     with LvView(lvg, lv) as view:
         if isinstance(out, str):
-            if os.path.exists(out) and not os.path.isfile(out):
-                raise UsageError(f"{out}: refusing to export onto a non-regular file")
             _to_path(view, out)
         else:
             _copy_view(view, out, sparse=False)

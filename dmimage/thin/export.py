@@ -11,7 +11,6 @@ validate it and find its extent, once to copy; memory does not grow with the vol
 from __future__ import annotations
 
 import os
-import stat
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import numpy as np
 from dmimage import devlock
 from dmimage.errors import DeviceError, MetadataError, UsageError
 from dmimage.format.constants import MAPPING_VALUE_SIZE, SECTOR_SIZE, TIME_BITS
+from dmimage.output_file import replaced_when_complete
 from dmimage.pdata.block import device_size
 from dmimage.pdata.leaves import leaf_batches
 from dmimage.thin.dump.stream import leaf_runs
@@ -192,37 +192,20 @@ def _clipped(runs: _Runs, bs: int, size: int) -> Iterator[tuple[int, int, int]]:
 
 def _export_to_path(path: str, data: DataSource | _FdSource, runs: _Runs, bs: int, size: int,
                     progress: Progress | None) -> None:
-    try:
-        st = os.stat(path)
-        is_blk = stat.S_ISBLK(st.st_mode)
-    except FileNotFoundError:
-        is_blk = False
-    if is_blk:
-        raise UsageError(f"{path}: refusing to export onto a block device; give a file path")
-    tmp = f"{path}.dmimage-tmp-{os.getpid()}"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    except OSError as exc:
-        raise DeviceError(f"{tmp}: {exc.strerror}") from None
-    try:
+    """Sparse (only mapped runs are written) and whole-or-nothing; a pipe or character device
+    named as the output gets the plain stream."""
+    with replaced_when_complete(path) as f:
+        if not f.seekable():
+            _export_to_stream(f, data, runs, bs, size, progress)
+            return
+        fd = f.fileno()
+
         def write(off: int, buf: bytes) -> None:
             os.pwrite(fd, buf, off)
 
         for dst, src, n in _clipped(runs, bs, size):
             _copy_range(data, src, n, write, dst, progress)
         os.ftruncate(fd, size)
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, path)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def _export_to_stream(stream: ByteSink, data: DataSource | _FdSource, runs: _Runs, bs: int,

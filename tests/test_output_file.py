@@ -1,0 +1,89 @@
+"""Output files appear whole or not at all, and non-regular targets are never renamed over
+(dmimage/output_file.py: dump/pack/export/lvm export/docker save/... write through it)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+
+from dmimage.errors import DeviceError, UsageError
+from dmimage.output_file import replaced_when_complete
+
+
+def leftovers(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir() if p.name.endswith(".tmp"))
+
+
+def test_new_file_appears_only_when_complete(tmp_path: Path) -> None:
+    out = tmp_path / "out.xml"
+    with replaced_when_complete(out) as f:
+        f.write(b"half")
+        assert not out.exists()  # nothing under the final name yet
+        f.write(b" and the rest")
+    assert out.read_bytes() == b"half and the rest"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
+    assert leftovers(tmp_path) == []
+
+
+def test_failure_keeps_the_old_file_and_leaves_no_temp(tmp_path: Path) -> None:
+    out = tmp_path / "out.xml"
+    out.write_bytes(b"old")
+    out.chmod(0o600)
+    with pytest.raises(RuntimeError), replaced_when_complete(out) as f:
+        f.write(b"new but broken")
+        raise RuntimeError("the command failed half way")
+    assert out.read_bytes() == b"old"
+    assert leftovers(tmp_path) == []
+    with replaced_when_complete(out) as f:
+        f.write(b"new")
+    assert out.read_bytes() == b"new"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600  # an existing file keeps its mode
+
+
+def test_symlink_is_kept_and_its_file_replaced(tmp_path: Path) -> None:
+    real = tmp_path / "real.bin"
+    real.write_bytes(b"old")
+    link = tmp_path / "link.bin"
+    link.symlink_to(real)
+    with replaced_when_complete(link) as f:
+        f.write(b"new")
+    assert link.is_symlink() and real.read_bytes() == b"new"
+
+
+def test_fifo_is_written_through_not_renamed_over(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    with replaced_when_complete(fifo) as f:
+        assert not f.seekable()
+        f.write(b"streamed")
+    reader.join(10)
+    assert got == [b"streamed"]
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)  # still the pipe, not a regular file
+
+
+def test_block_device_is_refused_untouched(tmp_path: Path) -> None:
+    node = tmp_path / "blk"
+    try:
+        os.mknod(node, stat.S_IFBLK | 0o600, os.makedev(7, 200))
+    except OSError as exc:
+        pytest.skip(f"cannot make a block device node here: {exc.strerror}")
+    with pytest.raises(UsageError, match="refusing to write onto a block device"), \
+            replaced_when_complete(node):
+        pass
+    assert stat.S_ISBLK(os.lstat(node).st_mode)
+    assert leftovers(tmp_path) == []
+
+
+def test_unwritable_directory_is_a_one_line_error(tmp_path: Path) -> None:
+    with pytest.raises(DeviceError, match="cannot create a file in"), \
+            replaced_when_complete(tmp_path / "missing-dir" / "out"):
+        pass
