@@ -102,18 +102,56 @@ class BuiltCache:
     superblock: bytes
 
 
+@dataclass(frozen=True)
+class CacheContent:
+    """What the metadata says, one array entry per cache block: what restore and repair
+    write."""
+
+    block_size: int
+    policy: str
+    hint_width: int
+    origin: np.ndarray  # uint64
+    valid: np.ndarray  # bool
+    dirty: np.ndarray  # bool (only where valid)
+    hints: np.ndarray  # uint8, (n, hint_width)
+
+    @property
+    def nr_cache_blocks(self) -> int:
+        return len(self.origin)
+
+
+def ir_content(ir: CacheIR) -> CacheContent:
+    n = ir.nr_cache_blocks
+    origin = np.zeros(n, np.uint64)
+    valid = np.zeros(n, bool)
+    dirty = np.zeros(n, bool)
+    if ir.mappings:
+        at = np.fromiter(ir.mappings.keys(), np.int64, len(ir.mappings))
+        od = np.array(list(ir.mappings.values()), dtype=np.uint64).reshape(-1, 2)
+        origin[at], valid[at], dirty[at] = od[:, 0], True, od[:, 1].astype(bool)
+    hints = np.zeros((n, ir.hint_width), np.uint8)
+    for c, data in ir.hints.items():
+        hints[c] = np.frombuffer(data, np.uint8)
+    return CacheContent(ir.block_size, ir.policy, ir.hint_width, origin, valid, dirty, hints)
+
+
 def build_cache(ir: CacheIR, nr_blocks: int, *, version: int = 2,
                 clean_shutdown: bool = True) -> BuiltCache:
+    return build_content(ir_content(ir), nr_blocks, version=version,
+                         clean_shutdown=clean_shutdown)
+
+
+def build_content(cc: CacheContent, nr_blocks: int, *, version: int = 2,
+                  clean_shutdown: bool = True) -> BuiltCache:
     image = MetadataImage(nr_blocks)
     image.alloc()  # block 0: the superblock
-    n = ir.nr_cache_blocks
+    n = cc.nr_cache_blocks
     discard_root = write_array(image, np.zeros((0, 8), np.uint8))
-    maps = np.zeros(n, np.uint64)
-    dirty = np.zeros(n, bool)
-    for c, (o, d) in ir.mappings.items():
-        flags = M_VALID | (M_DIRTY if d and version == 1 else 0)
-        maps[c] = (o << MAPPING_FLAG_BITS) | flags
-        dirty[c] = d
+    dirty = cc.dirty & cc.valid
+    flags = np.where(cc.valid, np.uint64(M_VALID), np.uint64(0))
+    if version == 1:
+        flags |= np.where(dirty, np.uint64(M_DIRTY), np.uint64(0))
+    maps = np.where(cc.valid, cc.origin << np.uint64(MAPPING_FLAG_BITS), np.uint64(0)) | flags
     mapping_root = write_array(image, maps.astype("<u8").view(np.uint8).reshape(n, 8))
     dirty_root = 0
     if version >= 2:
@@ -121,28 +159,32 @@ def build_cache(ir: CacheIR, nr_blocks: int, *, version: int = 2,
                             bitorder="little").view("<u8")
         dirty_root = write_array(image, words.view(np.uint8).reshape(-1, 8))
     hint_root = 0
-    if ir.hint_width:
-        hints = np.zeros((n, ir.hint_width), np.uint8)
-        for c, data in ir.hints.items():
-            hints[c] = np.frombuffer(data, np.uint8)
-        hint_root = write_array(image, hints)
+    if cc.hint_width:
+        hint_root = write_array(image, np.ascontiguousarray(cc.hints, np.uint8))
     sm_root = write_metadata_space_map(image)
     sb = bytearray(BLOCK_SIZE)
     CACHE_SUPERBLOCK.pack_into(
         sb, 0, 0, FLAG_CLEAN_SHUTDOWN if clean_shutdown else 0, 0, bytes(16), CACHE_MAGIC,
-        version, ir.policy.encode().ljust(POLICY_NAME_SIZE, b"\0"), ir.hint_width,
-        sm_root.pack(), mapping_root, hint_root, discard_root, 0, 0, ir.block_size,
+        version, cc.policy.encode().ljust(POLICY_NAME_SIZE, b"\0"), cc.hint_width,
+        sm_root.pack(), mapping_root, hint_root, discard_root, 0, 0, cc.block_size,
         BLOCK_SIZE // 512, n, 0, 0, 0, 0, 0, 0, 0, *POLICY_VERSION, dirty_root)
     seal(sb, SALT_CACHE_SUPERBLOCK)
     return BuiltCache(image, bytes(sb))
 
 
-def restore_cache(ir: CacheIR, output: str, *, version: int = 2,
+def write_content(cc: CacheContent, output: str, *, version: int = 2,
                   clean_shutdown: bool = True) -> int:
-    """Write the metadata to the existing file or device ``output``; returns its blocks used."""
+    """Write ``cc`` to the existing file or device ``output``; returns its blocks used."""
     def build(nr_blocks: int) -> tuple[MetadataImage, bytes]:
-        built = build_cache(ir, nr_blocks, version=version, clean_shutdown=clean_shutdown)
+        built = build_content(cc, nr_blocks, version=version, clean_shutdown=clean_shutdown)
         return built.image, built.superblock
 
     image, nr_blocks = write_new_metadata(output, build)
     return int(np.count_nonzero(image.counts[:nr_blocks]))
+
+
+def restore_cache(ir: CacheIR, output: str, *, version: int = 2,
+                  clean_shutdown: bool = True) -> int:
+    """Write the metadata to the existing file or device ``output``; returns its blocks used."""
+    return write_content(ir_content(ir), output, version=version,
+                         clean_shutdown=clean_shutdown)

@@ -10,8 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 
+from dmimage.cli._cache_era_args import (
+    add_check,
+    add_reader,
+    add_repair,
+    add_restore,
+    emit,
+    report_losses,
+)
 from dmimage.cli._locking import add_lock_plan
-from dmimage.cli._output import atomic_output, write_text
+from dmimage.cli._output import write_text
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -19,33 +27,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     csub = p.add_subparsers(dest="cache_command", metavar="SUBCOMMAND")
     csub.required = True
 
-    ck = csub.add_parser("check", help="check dm-cache metadata (cache_check's verdict)",
-                         description="The superblock, the mapping, dirty, hint and discard "
-                         "arrays, and the metadata space map against every reference. Exit 0 "
-                         "clean, 1 damaged, 2 usage or I/O error.")
-    ck.add_argument("metadata", metavar="META")
-    ck.add_argument("--json", action="store_true", help="print a JSON report")
-    ck.add_argument("-q", "--quiet", action="store_true", help="only set the exit code")
-    add_lock_plan(ck, lambda a: [(a.metadata, False)])
-    ck.set_defaults(func=run_check)
-
-    dp = csub.add_parser("dump", help="dump dm-cache metadata as cache_dump 1.1's XML")
-    dp.add_argument("metadata", metavar="META")
-    dp.add_argument("-o", "--output", help="write to FILE (atomically) instead of stdout")
-    add_lock_plan(dp, lambda a: [(a.metadata, False)])
-    dp.set_defaults(func=run_dump)
-
-    rs = csub.add_parser("restore", help="write dm-cache metadata from cache_dump's XML",
-                         description="Writes onto an existing file or device (never grown); "
-                         "block 0 is zeroed first and the superblock written last, after a "
-                         "flush. Exit 1 on invalid XML, 2 on usage or I/O errors.")
-    rs.add_argument("-i", "--input", required=True, help="the XML")
-    rs.add_argument("-o", "--output", required=True, help="the metadata file or device")
+    add_check(csub, run_check, help="check dm-cache metadata (cache_check's verdict)",
+              description="The superblock, the mapping, dirty, hint and discard arrays, and "
+              "the metadata space map against every reference. Exit 0 clean, 1 damaged, 2 "
+              "usage or I/O error.")
+    add_reader(csub, "dump", run_dump, help="dump dm-cache metadata as cache_dump 1.1's XML")
+    rs = add_restore(csub, run_restore, what="dm-cache")
     rs.add_argument("--metadata-version", type=int, choices=(1, 2), default=2)
     rs.add_argument("--omit-clean-shutdown", action="store_true",
                     help="do not set the clean-shutdown flag")
-    add_lock_plan(rs, lambda a: [(a.output, True)])
-    rs.set_defaults(func=run_restore)
+    add_repair(csub, run_repair, what="dm-cache", description="Keeps every mapping, hint "
+               "and dirty bit still readable (cache_repair 1.1 gives up on any damaged "
+               "mapping or hint array block); lost dirty bits count as dirty; mappings no "
+               "check would pass are dropped. docs/cache.md lists the rules.")
 
     ms = csub.add_parser("metadata-size", help="estimate the metadata size for a cache "
                          "(cache_metadata_size 1.1's answers)")
@@ -139,14 +133,19 @@ def run_dump(args: argparse.Namespace) -> int:
 
     with BlockReader(args.metadata) as reader:
         data = cache_xml(read_cache(reader))
-    if args.output:
-        with atomic_output(args.output) as f:
-            f.write(data)
-    else:
-        import sys
+    emit(data, args.output)
+    return 0
 
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
+
+def run_repair(args: argparse.Namespace) -> int:
+    from dmimage.cache.repair import repair_cache
+
+    rep = repair_cache(args.input, args.output)
+    report_losses(rep.losses, args.quiet)
+    if not args.quiet:
+        write_text(f"repaired: version {rep.version}, {rep.nr_mappings} mappings, "
+                   f"{rep.nr_dirty} dirty, {rep.metadata_blocks} metadata blocks, "
+                   f"{len(rep.losses)} losses\n")
     return 0
 
 

@@ -38,6 +38,8 @@ class EraIR:
     #: era -> (nr_bits, marked bits)
     writesets: dict[int, tuple[int, np.ndarray]] = field(default_factory=dict)
     eras: dict[int, int] = field(default_factory=dict)
+    #: the whole era array at once (repair); overrides ``eras`` when given
+    era_values: np.ndarray | None = None
 
 
 def parse_xml(path: str) -> EraIR:
@@ -103,6 +105,8 @@ def build_era(ir: EraIR, nr_blocks: int) -> tuple[MetadataImage, bytes]:
         np.zeros(0, WRITESET_DTYPE)
     ws_root = build_tree(image, WRITESET_LEAF, np.array(keys, dtype=np.uint64), ws_values)
     eras = np.zeros(ir.nr_blocks, "<u4")
+    if ir.era_values is not None:
+        eras[:] = ir.era_values
     for b, e in ir.eras.items():
         eras[b] = e
     era_root = write_array(image, eras.view(np.uint8).reshape(-1, 4))

@@ -17,6 +17,7 @@ from dmimage.errors import BlockNumberError, ChecksumError, FormatError, Metadat
 from dmimage.format.cache import ARRAY_BLOCK_HEADER, SALT_ARRAY_BLOCK
 from dmimage.format.checksum import checksum_ok, seal
 from dmimage.format.constants import BLOCK_SIZE
+from dmimage.pdata.block import BlockReader
 from dmimage.pdata.btree import U64, BtreeWalker, Node
 from dmimage.pdata.writer import MAPPING_LEAF, MetadataImage, build_tree
 
@@ -101,6 +102,77 @@ def read_bitset(walker: BtreeWalker, root: int, nr_bits: int, what: str) -> np.n
                             block=root, field="bitset")
     bits = np.unpackbits(words.astype("<u8").view(np.uint8), bitorder="little")
     return bits[:nr_bits].astype(bool)
+
+
+@dataclass(frozen=True)
+class SalvagedArray:
+    """What could be read of an array: damaged parts are zero and not ``present``."""
+
+    values: np.ndarray  # uint8, shape (nr_entries, value_size)
+    present: np.ndarray  # bool per entry
+    problems: list[str]
+
+    def lost_runs(self, limit: int = 5) -> str:
+        """The first ``limit`` lost index ranges, for a one-line message."""
+        edges = np.flatnonzero(np.diff(np.concatenate([[1], self.present.astype(np.int8),
+                                                       [1]])))
+        runs = [f"{b}-{e - 1}" if e > b + 1 else str(b)
+                for b, e in zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True)]
+        return ", ".join(runs[:limit]) + (", ..." if len(runs) > limit else "")
+
+
+def salvage_array(reader: BlockReader, root: int, value_size: int, nr_entries: int,
+                  what: str) -> SalvagedArray:
+    """Every entry of the array at ``root`` that can still be read, for repair: a damaged
+    btree node loses the array blocks under it, a damaged array block its own entries; the
+    rest is kept in place (an entry's index is its position in the array). Never raises
+    MetadataError: each loss is a line in ``problems``."""
+    problems: list[str] = []
+    walker = BtreeWalker(reader, on_error=lambda err: problems.append(str(err)))
+    keys: list[np.ndarray] = []
+    locs: list[np.ndarray] = []
+
+    def leaf(node: Node) -> None:
+        keys.append(node.keys.copy())
+        locs.append(node.values(U64).copy())
+
+    values = np.zeros((nr_entries, value_size), np.uint8)
+    present = np.zeros(nr_entries, bool)
+    per = max_entries(value_size)
+    nr_array_blocks = -(-nr_entries // per)
+    if root == 0 or walker.walk(root, 8, leaf, what=f"{what} btree") is None:
+        if not problems:
+            problems.append(f"{what}: no btree root")
+        return SalvagedArray(values, present, problems)
+    k = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
+    v = np.concatenate(locs) if locs else np.zeros(0, np.uint64)
+    seen: set[int] = set()
+    hdr = ARRAY_BLOCK_HEADER.size
+    for i, b in zip(k.tolist(), v.tolist(), strict=True):
+        if i >= nr_array_blocks or i in seen:
+            problems.append(f"{what}: array block index {i} "
+                            + ("given twice" if i in seen else "past the array's end"))
+            continue
+        seen.add(i)
+        try:
+            raw = _array_block(walker, b, what, i)
+        except MetadataError as err:
+            problems.append(str(err))
+            continue
+        _csum, mx, nr, vs, blocknr = ARRAY_BLOCK_HEADER.unpack_from(raw)
+        want = min(per, nr_entries - i * per)
+        if blocknr != b or vs != value_size or mx != per or nr != want:
+            problems.append(f"block {b}: {what}: array block {i}: header (blocknr {blocknr}, "
+                            f"value_size {vs}, max_entries {mx}, nr_entries {nr}) is not "
+                            f"({b}, {value_size}, {per}, {want})")
+            continue
+        values[i * per:i * per + nr] = np.frombuffer(raw, np.uint8, nr * vs,
+                                                     hdr).reshape(nr, vs)
+        present[i * per:i * per + nr] = True
+    missing = sorted(set(range(nr_array_blocks)) - seen)
+    if missing and len(missing) == nr_array_blocks and not problems:
+        problems.append(f"{what}: the btree holds no array blocks")
+    return SalvagedArray(values, present, problems)
 
 
 def write_array(image: MetadataImage, values: np.ndarray) -> int:
