@@ -1,13 +1,15 @@
 """era repair: salvage damaged dm-era metadata into fresh metadata on another device.
 
-era_repair 1.1 recovers nothing we could find (it fails even on era_restore's own
-metadata, "array index out of bounds"). dmimage keeps everything still readable and, where
+era_repair 1.1 recovers little: of tests/test_era_repair.py's damages, only a damaged space
+map, and it fails on era_restore's own undamaged metadata ("array index out of bounds"). dmimage keeps everything still readable and, where
 something is lost, errs towards "written": era metadata exists to tell a backup which blocks
 changed, and a block wrongly called unchanged is a corrupt backup.
 - the superblock: a bad checksum is forgiven when its location, magic and version are right;
   otherwise nothing can be found (exit 1);
 - the writeset tree: writesets under a damaged node are lost; an era missing between the
-  oldest and newest found gets a writeset with every bit set; the current writeset (the
+  oldest and newest found gets a writeset with every bit set, and so does the era just
+  before the oldest found (or the current era when none is) once the tree is damaged at all,
+  since older writesets may be gone with it; the current writeset (the
   kernel's, not yet archived) is archived under the current era, as era_dump plus
   era_restore would;
 - a writeset's lost bitset words: every bit set;
@@ -72,11 +74,13 @@ def salvage_era(reader: BlockReader) -> tuple[EraIR, EraRepairReport]:
     rep.current_era = sb.current_era
     walker = BtreeWalker(reader, on_error=lambda err: rep.losses.append(str(err)))
     tree: dict[int, tuple[int, int]] = {}
+    before = len(rep.losses)
     if sb.writeset_tree_root:
         try:
             tree = read_writeset_tree(walker, sb.writeset_tree_root)
         except MetadataError as err:
             rep.losses.append(f"{err}: every archived writeset is lost")
+    tree_damaged = len(rep.losses) > before
     sets: dict[int, tuple[int, np.ndarray]] = {}
     found = dict(tree)
     ws_bits, ws_root = sb.current_writeset
@@ -90,6 +94,14 @@ def salvage_era(reader: BlockReader) -> tuple[EraIR, EraRepairReport]:
         if era == sb.current_era and ws_root and ws_bits <= n:
             bits = bits | _writeset(reader, era, ws_bits, ws_root, rep)[:nr_bits]
         sets[era] = (nr_bits, bits)
+    if tree_damaged:
+        # writesets older than the oldest found may be gone, with the only record of their
+        # writes (the era array has not folded them in): one all-set writeset just below
+        # stands for them
+        era = max(min(sets, default=sb.current_era + 1) - 1, 0)
+        rep.losses.append(f"writeset tree: writesets before the oldest found may be lost: "
+                          f"era {era} gets every bit set (counted as written)")
+        sets[era] = (n, np.ones(n, bool))
     if sets:
         for era in range(min(sets), max(sets)):
             if era not in sets:
