@@ -59,15 +59,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     wb = csub.add_parser("writeback", help="copy dirty cache blocks to the origin, offline",
                          description="The rescue before a cache device is removed: every dirty "
-                         "block is copied from FAST to ORIGIN, then ORIGIN is flushed. The "
-                         "metadata is not changed (cache_writeback --no-metadata-update): "
-                         "activated again, the kernel would only write the same data back.")
+                         "block is copied from FAST to ORIGIN, ORIGIN is flushed, then the "
+                         "copied blocks' dirty bits are cleared in META, as cache_writeback "
+                         "does (a transaction: new blocks, a flush, the superblock last).")
     wb.add_argument("metadata", metavar="META")
     wb.add_argument("fast", metavar="FAST", help="the cache (fast) device")
     wb.add_argument("origin", metavar="ORIGIN", help="the origin (slow) device")
     wb.add_argument("--dry-run", action="store_true", help="count the dirty blocks only")
-    add_lock_plan(wb, lambda a: [(a.metadata, False), (a.fast, False),
-                                 (a.origin, not a.dry_run)])
+    wb.add_argument("--no-metadata-update", action="store_true",
+                    help="leave META as it is (the blocks stay dirty: activated again, the "
+                    "kernel would write the same data back)")
+    add_lock_plan(wb, lambda a: [(a.metadata, not (a.dry_run or a.no_metadata_update)),
+                                 (a.fast, False), (a.origin, not a.dry_run)])
     wb.set_defaults(func=run_writeback)
 
 
@@ -152,6 +155,7 @@ def run_repair(args: argparse.Namespace) -> int:
 def run_writeback(args: argparse.Namespace) -> int:
     import os
 
+    from dmimage.cache.clear_dirty import clear_dirty, open_metadata_rw
     from dmimage.cache.metadata import read_cache
     from dmimage.cache.writeback import dirty_blocks, writeback
     from dmimage.cli._progress import progress_bar
@@ -173,8 +177,12 @@ def run_writeback(args: argparse.Namespace) -> int:
                 raise DeviceError(f"{path}: {exc.strerror}") from None
         with progress_bar("writeback") as advance:
             n = writeback(md, fds[0], args.fast, fds[1], args.origin, advance)
+        if not args.no_metadata_update and n:
+            fds.append(open_metadata_rw(args.metadata))
+            clear_dirty(args.metadata, fds[2], md, dirty_blocks(md)[0])
     finally:
         for fd in fds:
             os.close(fd)
-    write_text(f"copied {n} dirty blocks to {args.origin}\n")
+    cleared = "" if args.no_metadata_update or not n else "; their dirty bits cleared"
+    write_text(f"copied {n} dirty blocks to {args.origin}{cleared}\n")
     return 0
