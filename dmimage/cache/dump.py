@@ -12,9 +12,7 @@ import base64
 import numpy as np
 
 from dmimage.cache.metadata import CacheMetadata
-
-# A general bulk renderer that lives with thin dump for now (a sideways import to move down).
-from dmimage.thin.dump.render import render_rows
+from dmimage.textrows import render_rows
 
 _ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "'": "&apos;",
                           '"': "&quot;"})

@@ -8,9 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from dmimage.era.metadata import EraMetadata
-
-# A general bulk renderer that lives with thin dump for now (a sideways import to move down).
-from dmimage.thin.dump.render import render_rows
+from dmimage.textrows import render_rows
 
 
 def _head(md: EraMetadata) -> bytes:

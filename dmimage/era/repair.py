@@ -1,9 +1,10 @@
 """era repair: salvage damaged dm-era metadata into fresh metadata on another device.
 
 era_repair 1.1 recovers little: of tests/test_era_repair.py's damages, only a damaged space
-map, and it fails on era_restore's own undamaged metadata ("array index out of bounds"). dmimage keeps everything still readable and, where
-something is lost, errs towards "written": era metadata exists to tell a backup which blocks
-changed, and a block wrongly called unchanged is a corrupt backup.
+map, and it fails on era_restore's own undamaged metadata ("array index out of bounds").
+dmimage keeps everything still readable and, where something is lost, errs towards
+"written": era metadata exists to tell a backup which blocks changed, and a block wrongly
+called unchanged is a corrupt backup.
 - the superblock: a bad checksum is forgiven when its location, magic and version are right;
   otherwise nothing can be found (exit 1);
 - the writeset tree: writesets under a damaged node are lost; an era missing between the
