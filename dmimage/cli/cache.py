@@ -8,7 +8,6 @@ shared lock (docs/locking.md).
 from __future__ import annotations
 
 import argparse
-import json
 
 from dmimage.cli._cache_era_args import (
     add_check,
@@ -116,6 +115,8 @@ def run_check(args: argparse.Namespace) -> int:
 
     rep = check_cache(args.metadata)
     if args.json:
+        import json
+
         write_text(json.dumps({"version": rep.version, "mappings": rep.nr_mappings,
                                "dirty": rep.nr_dirty, "metadata_used": rep.metadata_used,
                                "metadata_total": rep.metadata_total, "problems": rep.problems,

@@ -8,7 +8,6 @@ Exit codes: 0 ok, 1 damaged metadata, 2 usage or I/O error. META is read under a
 from __future__ import annotations
 
 import argparse
-import json
 
 from dmimage.cli._cache_era_args import (
     add_check,
@@ -47,6 +46,8 @@ def run_check(args: argparse.Namespace) -> int:
 
     rep = check_era(args.metadata)
     if args.json:
+        import json
+
         write_text(json.dumps({"current_era": rep.current_era, "nr_blocks": rep.nr_blocks,
                                "archived_eras": rep.archived_eras, "problems": rep.problems},
                               indent=2) + "\n")

@@ -10,6 +10,7 @@ metadata space map must.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,7 +20,9 @@ from dmimage.format.checksum import checksum_ok, seal
 from dmimage.format.constants import BLOCK_SIZE
 from dmimage.pdata.block import BlockReader
 from dmimage.pdata.btree import U64, BtreeWalker, Node
-from dmimage.pdata.writer import MAPPING_LEAF, MetadataImage, build_tree
+
+if TYPE_CHECKING:  # the writer is imported when something is written: readers skip it
+    from dmimage.pdata.writer import MetadataImage
 
 
 def max_entries(value_size: int) -> int:
@@ -58,27 +61,67 @@ def read_array(walker: BtreeWalker, root: int, value_size: int, what: str) -> Ar
         gap = int(np.flatnonzero(k != np.arange(len(k), dtype=k.dtype))[0])
         raise MetadataError(f"{what}: gaps in array indices (index {gap} missing)", block=root,
                             field="array btree")
+    blocks = v.astype(np.int64)
+    nb = len(blocks)
+    if nb == 0:
+        return ArrayContents(np.zeros((0, value_size), np.uint8), [])
+    return ArrayContents(_array_values(walker, blocks, value_size, what), blocks.tolist())
+
+
+#: An array block's header as numpy reads it (format/cache.py's ARRAY_BLOCK_HEADER).
+_HEADER = np.dtype([("csum", "<u4"), ("max_entries", "<u4"), ("nr_entries", "<u4"),
+                    ("value_size", "<u4"), ("blocknr", "<u8")])
+
+
+def _array_values(walker: BtreeWalker, blocks: np.ndarray, value_size: int, what: str
+                  ) -> np.ndarray:
+    """The entries of array blocks ``blocks`` (in index order), validated all at once; the
+    error raised is the one a block-by-block read would meet first."""
+    reader = walker.reader
+    nb = len(blocks)
+    counts = walker.meta_counts
+    inside = (blocks >= 0) & (blocks < reader.nr_blocks)
+    if counts is not None:
+        ok = inside & (blocks < len(counts))
+        np.add.at(counts, blocks[ok], 1)
+    if not inside.all():
+        i = int(np.flatnonzero(~inside)[0])
+        _array_block(walker, int(blocks[i]), what, i)  # raises: past the end
+    every = np.frombuffer(reader.buffer(), np.uint8, reader.nr_blocks * BLOCK_SIZE)
+    raw = every.reshape(-1, BLOCK_SIZE)[blocks]
     per = max_entries(value_size)
-    parts: list[bytes] = []
-    blocks = [int(b) for b in v.tolist()]
-    for i, b in enumerate(blocks):
-        walker._count(b)
-        raw = _array_block(walker, b, what, i)
-        _csum, mx, nr, vs, blocknr = ARRAY_BLOCK_HEADER.unpack_from(raw)
-        if blocknr != b:
-            raise BlockNumberError(f"{what}: array block {i} says it lives at block {blocknr}",
-                                   block=b, field="array block blocknr")
-        if vs != value_size or mx != per:
-            raise FormatError(f"{what}: array block {i} has value_size {vs}, max_entries {mx}; "
-                              f"expected {value_size}, {per}", block=b, field="array block")
-        if nr > mx or (i + 1 < len(blocks) and nr != mx):
-            raise FormatError(f"{what}: array block {i} holds {nr} of {mx} entries"
-                              + (" but is not the last block" if nr <= mx else ""),
-                              block=b, field="array block nr_entries")
-        off = ARRAY_BLOCK_HEADER.size
-        parts.append(bytes(raw[off:off + nr * vs]))
-    data = np.frombuffer(b"".join(parts), np.uint8).reshape(-1, value_size)
-    return ArrayContents(data, blocks)
+    sums = [checksum_ok(row, SALT_ARRAY_BLOCK) for row in raw]
+    hdr = raw[:, :ARRAY_BLOCK_HEADER.size].copy().view(_HEADER).reshape(-1)
+    nr = hdr["nr_entries"]
+    bad = ~np.array(sums, bool) | (hdr["blocknr"] != blocks.astype(np.uint64)) | \
+        (hdr["value_size"] != value_size) | (hdr["max_entries"] != per) | (nr > per)
+    bad[:-1] |= nr[:-1] != per
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        _check_header(walker, int(blocks[i]), value_size, what, i, i + 1 == nb)
+        raise AssertionError("array block rejected in bulk, accepted alone")
+    off = ARRAY_BLOCK_HEADER.size
+    last = int(nr[-1])
+    values: np.ndarray = raw[:, off:off + per * value_size].reshape(nb * per, value_size)
+    return values[:(nb - 1) * per + last]
+
+
+def _check_header(walker: BtreeWalker, b: int, value_size: int, what: str, i: int,
+                  is_last: bool) -> None:
+    """Raise the first problem of array block ``i`` at ``b``, as a one-block read would."""
+    raw = _array_block(walker, b, what, i)
+    _csum, mx, nr, vs, blocknr = ARRAY_BLOCK_HEADER.unpack_from(raw)
+    per = max_entries(value_size)
+    if blocknr != b:
+        raise BlockNumberError(f"{what}: array block {i} says it lives at block {blocknr}",
+                               block=b, field="array block blocknr")
+    if vs != value_size or mx != per:
+        raise FormatError(f"{what}: array block {i} has value_size {vs}, max_entries {mx}; "
+                          f"expected {value_size}, {per}", block=b, field="array block")
+    if nr > mx or (not is_last and nr != mx):
+        raise FormatError(f"{what}: array block {i} holds {nr} of {mx} entries"
+                          + (" but is not the last block" if nr <= mx else ""),
+                          block=b, field="array block nr_entries")
 
 
 def _array_block(walker: BtreeWalker, b: int, what: str, i: int) -> memoryview:
@@ -178,6 +221,8 @@ def salvage_array(reader: BlockReader, root: int, value_size: int, nr_entries: i
 def write_array(image: MetadataImage, values: np.ndarray) -> int:
     """Write an array of ``values`` ((n, value_size) uint8) into ``image``: full array blocks
     (the last one partial), then the btree over them; returns the btree's root."""
+    from dmimage.pdata.writer import MAPPING_LEAF, build_tree
+
     vs = values.shape[1]
     per = max_entries(vs)
     n = len(values)
