@@ -11,7 +11,7 @@ compress squeezes the NULs out. Templates must not contain NUL bytes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -30,7 +30,8 @@ def render_rows(parts: Sequence[bytes | tuple[bytes, bytes]], cols: list[np.ndar
                 optional: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray | None]:
     """Render rows ``parts[0] + str(cols[0][i]) + parts[1] + ... + str(cols[-1][i]) + parts[-1]``.
 
-    ``len(parts) == len(cols) + 1``; the columns are non-negative integer arrays of one length.
+    ``len(parts) == len(cols) + 1``; the columns are non-negative integer arrays of one length,
+    or (n, w) uint8 matrices of text placed verbatim (fixed width, no NUL bytes).
     A part may be a pair ``(a, b)``: rows where ``select`` is False get ``a``, the others ``b``;
     a column whose index is in ``optional`` is printed only where ``select`` is True (the
     template part *after* it should then be a pair with ``a`` empty, as for the ``length``
@@ -60,11 +61,12 @@ def render_rows(parts: Sequence[bytes | tuple[bytes, bytes]], cols: list[np.ndar
     elif any(isinstance(p, tuple) for p in parts) or optional:
         raise ValueError("alternative parts need a select array")
     cols = [np.asarray(c) for c in cols]
-    widths = [_width(c) for c in cols]
+    text = [c.ndim == 2 for c in cols]
+    widths = [c.shape[1] if t else _width(c) for c, t in zip(cols, text, strict=True)]
     # 32-bit arithmetic is about twice as fast; use it when every value fits.
-    small = max(widths) <= 9
+    small = max((w for w, t in zip(widths, text, strict=True) if not t), default=1) <= 9
     dt = np.dtype(np.uint32) if small else U64
-    cols = [c.astype(dt, copy=False) for c in cols]
+    cols = [c if t else c.astype(dt, copy=False) for c, t in zip(cols, text, strict=True)]
     p10 = [dt.type(x) for x in _P10[:10 if small else 20]]
     row_parts = [p[0] + p[1] if isinstance(p, tuple) else p for p in parts]
     line_w = sum(len(p) for p in row_parts) + sum(widths)
@@ -88,7 +90,10 @@ def render_rows(parts: Sequence[bytes | tuple[bytes, bytes]], cols: list[np.ndar
         mat = np.empty((m, line_w), np.uint8)
         mat[:] = row
         length = np.full(m, line_w, np.int64) if want_lengths else None
-        for col, start, w in zip(cols, starts, widths, strict=True):
+        for col, start, w, t in zip(cols, starts, widths, text, strict=True):
+            if t:
+                mat[:, start:start + w] = col[s:e]
+                continue
             v = col[s:e]
             prev = None
             for j in range(w):
@@ -139,3 +144,16 @@ def _drop_columns(parts: Sequence[bytes], keep: list[int], ncols: int) -> list[b
         else:
             out[-1] = out[-1] + parts[i + 1]
     return out
+
+
+def render_chunks(parts: Sequence[bytes | tuple[bytes, bytes]], cols: list[np.ndarray],
+                  select: np.ndarray | None = None, rows: int = 1 << 16
+                  ) -> Iterator[memoryview]:
+    """:func:`render_rows` ``rows`` rows at a time, for writing as they come: a dump of
+    millions of rows then never holds its whole text (fewer pages to fault in and copy)."""
+    n = len(cols[0]) if cols else 0
+    for s in range(0, n, rows):
+        sl = slice(s, min(n, s + rows))
+        data, _ = render_rows(parts, [c[sl] for c in cols],
+                              select=None if select is None else select[sl])
+        yield data.data

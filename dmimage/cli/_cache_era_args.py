@@ -4,7 +4,7 @@ one spelling of their arguments, lock plans and output, so the two stay alike.""
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TypeAlias
 
 from dmimage.cli._locking import add_lock_plan
@@ -65,16 +65,20 @@ def add_repair(sub: Sub, func: Run, *, what: str, description: str
     return p
 
 
-def emit(data: str | bytes, output: str | None) -> None:
-    """``data`` to ``output`` (atomically) or stdout."""
-    raw = data.encode() if isinstance(data, str) else data
+def emit(data: str | bytes | Iterable[bytes | memoryview], output: str | None) -> None:
+    """``data`` (or its pieces, written as they come) to ``output`` (atomically) or stdout."""
+    if isinstance(data, str):
+        data = data.encode()
+    pieces = [data] if isinstance(data, bytes) else data
     if output:
         with atomic_output(output) as f:
-            f.write(raw)
+            for piece in pieces:
+                f.write(piece)
     else:
         import sys
 
-        sys.stdout.buffer.write(raw)
+        for piece in pieces:
+            sys.stdout.buffer.write(piece)
         sys.stdout.buffer.flush()
 
 

@@ -131,13 +131,13 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_dump(args: argparse.Namespace) -> int:
-    from dmimage.cache.dump import cache_xml
+    from dmimage.cache.dump import cache_xml_chunks
     from dmimage.cache.metadata import read_cache
     from dmimage.pdata.block import BlockReader
 
     with BlockReader(args.metadata) as reader:
-        data = cache_xml(read_cache(reader))
-    emit(data, args.output)
+        md = read_cache(reader)
+    emit(cache_xml_chunks(md), args.output)
     return 0
 
 

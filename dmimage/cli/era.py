@@ -61,15 +61,15 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_dump(args: argparse.Namespace) -> int:
-    from dmimage.era.dump import era_xml
+    from dmimage.era.dump import era_xml_chunks
     from dmimage.era.metadata import parse_superblock, read_era
     from dmimage.pdata.block import BlockReader
     from dmimage.pdata.btree import BtreeWalker
 
     with BlockReader(args.metadata) as reader:
         sb = parse_superblock(reader.block(0))
-        text = era_xml(read_era(BtreeWalker(reader), sb), logical=args.logical)
-    emit(text, args.output)
+        md = read_era(BtreeWalker(reader), sb)
+    emit(era_xml_chunks(md, logical=args.logical), args.output)
     return 0
 
 
