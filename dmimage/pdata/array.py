@@ -221,21 +221,35 @@ def salvage_array(reader: BlockReader, root: int, value_size: int, nr_entries: i
 def write_array(image: MetadataImage, values: np.ndarray) -> int:
     """Write an array of ``values`` ((n, value_size) uint8) into ``image``: full array blocks
     (the last one partial), then the btree over them; returns the btree's root."""
-    from dmimage.pdata.writer import MAPPING_LEAF, build_tree
+    locs = image.alloc_many(nr_array_blocks(len(values), values.shape[1]))
+    put_array_blocks(image, values, locs)
+    return array_tree(image, locs)
 
+
+def nr_array_blocks(nr_entries: int, value_size: int) -> int:
+    return -(-nr_entries // max_entries(value_size))
+
+
+def put_array_blocks(image: MetadataImage, values: np.ndarray, locs: np.ndarray) -> None:
+    """The array blocks of ``values`` ((n, value_size) uint8), block i at ``locs[i]``
+    (already allocated): every block full but the last."""
     vs = values.shape[1]
     per = max_entries(vs)
-    n = len(values)
-    nblocks = -(-n // per)
-    locs = image.alloc_many(nblocks)
+    nblocks = len(locs)
     blocks = np.zeros((nblocks, BLOCK_SIZE), np.uint8)
     hdr = ARRAY_BLOCK_HEADER.size
-    for i, loc in enumerate(locs.tolist()):
+    for i, loc in enumerate(np.asarray(locs).tolist()):
         part = values[i * per:(i + 1) * per]
         row = blocks[i]
         ARRAY_BLOCK_HEADER.pack_into(row.data, 0, 0, per, len(part), vs, loc)
         row[hdr:hdr + part.size] = part.reshape(-1)
         seal(row, SALT_ARRAY_BLOCK)
-    image.put(locs, blocks)
-    return build_tree(image, MAPPING_LEAF, np.arange(nblocks, dtype=np.uint64),
-                      locs.astype(np.uint64))
+    image.put(np.asarray(locs, np.int64), blocks)
+
+
+def array_tree(image: MetadataImage, locs: np.ndarray) -> int:
+    """The btree (array block index -> location) over an array's blocks; its root."""
+    from dmimage.pdata.writer import MAPPING_LEAF, build_tree
+
+    return build_tree(image, MAPPING_LEAF, np.arange(len(locs), dtype=np.uint64),
+                      np.asarray(locs).astype(np.uint64))
