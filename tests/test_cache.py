@@ -8,7 +8,6 @@ The kernel's own cache metadata is read in vmtests/test_cache_guest.py."""
 from __future__ import annotations
 
 import random
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import restore_xml
+from meta_compare import differing_blocks
 
 from dmimage.cli.main import main
 from dmimage.format.cache import CACHE_SUPERBLOCK, CacheSuperblock
@@ -275,28 +275,6 @@ def test_writeback_clears_dirty_bits_as_1_1(tmp_path: Path, version: int,
     assert theirs("cache_check", str(m)).returncode == 0  # ... where the old ones are not
 
 
-def _used_bytes(img: bytes, nr_blocks: int) -> list[bytes]:
-    """Each block's bytes that carry meaning: everything but the checksum and, in array
-    blocks and btree nodes, the unused space after the entries (cache_restore 1.1 leaves
-    whatever its buffers held there, e.g. pieces of the XML it read)."""
-    from dmimage.format.checksum import sniff_block_type
-
-    out = []
-    for b in range(nr_blocks):
-        raw = img[b * 4096:(b + 1) * 4096]
-        kind = sniff_block_type(raw)
-        if kind == "dm-array":
-            _c, _mx, nr, vs, _bn = struct.unpack_from("<IIIIQ", raw)
-            out.append(raw[4:24 + nr * vs])
-        elif kind == "btree node":
-            nr, mx, vs = struct.unpack_from("<III", raw, 16)
-            vals = 32 + mx * 8
-            out.append(raw[4:32 + nr * 8] + raw[vals:vals + nr * vs])
-        else:
-            out.append(raw[4:])
-    return out
-
-
 @pytest.mark.parametrize("n,fill,version", [
     (64, 0.5, 1), (5000, 0.5, 1), (5000, 0.9, 2), (140_000, 0.3, 1), (140_000, 0.3, 2),
     (140_000, 0.02, 2), (1000, 0.0, 2), (40_000, 1.0, 2)])
@@ -311,10 +289,5 @@ def test_restore_places_blocks_as_1_1(tmp_path: Path, n: int, fill: float, versi
         f.truncate(32 << 20)
     assert main(["cache", "restore", "-i", str(tmp_path / "theirs.xml"), "-o", str(ours_meta),
                  "--metadata-version", str(version)]) == 0
-    a, b = theirs_meta.read_bytes(), ours_meta.read_bytes()
-    assert len(a) == len(b)
-    used = max(int(np.flatnonzero(np.frombuffer(x, np.uint8).reshape(-1, 4096).any(axis=1))
-                   .max()) + 1 for x in (a, b))
-    ua, ub = _used_bytes(a, used), _used_bytes(b, used)
-    differ = [i for i in range(used) if ua[i] != ub[i]]
+    differ = differing_blocks(theirs_meta.read_bytes(), ours_meta.read_bytes())
     assert not differ, f"blocks {differ[:10]} differ"
