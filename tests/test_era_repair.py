@@ -186,3 +186,35 @@ def test_repair_refusals(pristine: list[Pristine], tmp_path: Path,
     assert out.read_bytes() == b"x" * BS * 8
     assert main(["era", "repair", "-i", str(p.meta), "-o", str(p.meta)]) == 2
     assert "same file" in capsys.readouterr().err
+
+
+def test_random_damage_repairs_or_refuses(pristine: list[Pristine], tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Random damage (a used block zeroed, a random byte flipped, the file cut short): repair
+    exits 0 with an output both checkers pass, or 1 (superblock unusable) with one line;
+    never a traceback."""
+    rng = random.Random(3131)
+    out = tmp_path / "out"
+    for p in pristine:
+        src = p.meta.read_bytes()
+        used = max(b for blocks in p.blocks.values() for b in blocks) + 1
+        for k in range(20):
+            buf = bytearray(src)
+            kind = k % 3
+            if kind == 0:
+                buf[(b := rng.randrange(used)) * BS:(b + 1) * BS] = bytes(BS)
+            elif kind == 1:
+                buf[rng.randrange(used * BS)] ^= 1 << rng.randrange(8)
+            else:
+                del buf[rng.randrange(1, used) * BS:]
+            bad = tmp_path / "bad"
+            bad.write_bytes(bytes(buf))
+            oracles.make_sparse(out, 2048)
+            rc = main(["era", "repair", "-q", "-i", str(bad), "-o", str(out)])
+            err = capsys.readouterr().err
+            assert "Traceback" not in err
+            if rc == 0:
+                assert tool("era_check", str(out)).returncode == 0, (p.meta.name, k)
+                assert main(["era", "check", "-q", str(out)]) == 0, (p.meta.name, k)
+            else:
+                assert rc == 1 and len(err.strip().splitlines()) == 1, (k, err)

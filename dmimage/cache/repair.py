@@ -31,7 +31,7 @@ from dmimage.cache.metadata import CacheSuperblock, parse_superblock
 from dmimage.cache.restore import CacheContent, write_content
 from dmimage.errors import ChecksumError, MetadataError, UsageError
 from dmimage.format.cache import M_DIRTY, M_VALID, MAPPING_FLAG_BITS
-from dmimage.pdata.array import salvage_array
+from dmimage.pdata.array import max_entries, salvage_array
 from dmimage.pdata.block import BlockReader
 
 #: The hint widths cache_check accepts (dm-cache's policies use 4 bytes or none).
@@ -75,6 +75,9 @@ def salvage_cache(reader: BlockReader) -> tuple[CacheContent, CacheSuperblock, C
     sb = _superblock(reader, rep)
     rep.version = sb.version
     n = sb.cache_blocks
+    if -(-n // max_entries(8)) > reader.nr_blocks:
+        raise MetadataError(f"{n} cache blocks: more than the metadata device's mapping array "
+                            "could hold", block=0, field="superblock cache_blocks")
     maps_arr = salvage_array(reader, sb.mapping_root, 8, n, "mapping array")
     rep.losses += maps_arr.problems
     if not maps_arr.present.all():

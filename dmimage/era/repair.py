@@ -31,7 +31,7 @@ from dmimage import devlock
 from dmimage.era.metadata import EraSuperblock, parse_superblock, read_writeset_tree
 from dmimage.era.restore import EraIR, restore_era
 from dmimage.errors import ChecksumError, MetadataError, UsageError
-from dmimage.pdata.array import salvage_array
+from dmimage.pdata.array import max_entries, salvage_array
 from dmimage.pdata.block import BlockReader
 from dmimage.pdata.btree import BtreeWalker
 
@@ -72,6 +72,9 @@ def salvage_era(reader: BlockReader) -> tuple[EraIR, EraRepairReport]:
     rep = EraRepairReport()
     sb = _superblock(reader, rep)
     n = sb.nr_blocks
+    if -(-n // max_entries(4)) > reader.nr_blocks:
+        raise MetadataError(f"{n} blocks: more than the metadata device's era array could "
+                            "hold", block=0, field="superblock nr_blocks")
     rep.current_era = sb.current_era
     walker = BtreeWalker(reader, on_error=lambda err: rep.losses.append(str(err)))
     tree: dict[int, tuple[int, int]] = {}
