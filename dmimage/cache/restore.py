@@ -137,9 +137,12 @@ def ir_content(ir: CacheIR) -> CacheContent:
         origin[at], valid[at], dirty[at] = od[:, 0], True, od[:, 1].astype(bool)
     hints = np.zeros((n, ir.hint_width), np.uint8)
     hinted = np.zeros(n, bool)
-    for c, data in ir.hints.items():
-        hints[c] = np.frombuffer(data, np.uint8)
-        hinted[c] = True
+    if ir.hints:
+        at = np.fromiter(ir.hints.keys(), np.int64, len(ir.hints))
+        hinted[at] = True
+        if ir.hint_width:  # every hint is hint_width bytes (parse_xml checks)
+            hints[at] = np.frombuffer(b"".join(ir.hints.values()), np.uint8).reshape(
+                -1, ir.hint_width)
     return CacheContent(ir.block_size, ir.policy, ir.hint_width, origin, valid, dirty, hints,
                         hinted)
 
