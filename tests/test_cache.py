@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import restore_xml
+from meta_compare import differing_blocks
 
 from dmimage.cli.main import main
 from dmimage.format.cache import CACHE_SUPERBLOCK, CacheSuperblock
@@ -218,3 +219,75 @@ def test_metadata_size_matches_1_1(args: list[str]) -> None:
     got = ours("metadata-size", *args)
     assert want.returncode == got.returncode == 0
     assert got.stdout == want.stdout
+
+
+@pytest.mark.parametrize("version", (1, 2))
+def test_writeback_clears_dirty_bits_as_1_1(tmp_path: Path, version: int,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the copy, `cache writeback` clears the copied blocks' dirty bits: cache_dump 1.1
+    of its metadata equals that of cache_writeback 1.1's on a copy of the same metadata, the
+    origins are byte-identical, both checkers pass. --no-metadata-update leaves META
+    untouched; a crash before the superblock leaves the old metadata whole."""
+    rng = random.Random(version)
+    meta = restore(tmp_path, restore_xml.cache_xml(rng, 600, 0.5), version, "wbm")
+    before = meta.read_bytes()
+    assert b'dirty="true"' in theirs("cache_dump", str(meta)).stdout
+    bs = 128 * 512
+    fast = tmp_path / "fast"
+    fast.write_bytes(np.random.default_rng(3).integers(0, 256, 600 * bs, np.uint8).tobytes())
+    runs = {}
+    for who in ("ours", "theirs", "nometa"):
+        m, origin = tmp_path / f"{who}.meta", tmp_path / f"{who}.origin"
+        m.write_bytes(before)
+        with open(origin, "wb") as f:
+            f.truncate(4800 * bs)
+        if who == "theirs":
+            res = theirs("cache_writeback", "--metadata-device", str(m), "--fast-device",
+                         str(fast), "--origin-device", str(origin))
+            assert res.returncode == 0, res.stderr
+        else:
+            extra = ["--no-metadata-update"] if who == "nometa" else []
+            assert main(["cache", "writeback", *extra, str(m), str(fast), str(origin)]) == 0
+        runs[who] = (m, origin)
+    assert runs["ours"][1].read_bytes() == runs["theirs"][1].read_bytes()
+    assert runs["nometa"][1].read_bytes() == runs["theirs"][1].read_bytes()
+    assert runs["nometa"][0].read_bytes() == before
+    dump = theirs("cache_dump", str(runs["ours"][0])).stdout
+    assert dump == theirs("cache_dump", str(runs["theirs"][0])).stdout
+    assert b'dirty="true"' not in dump and b"<mapping " in dump
+    assert theirs("cache_check", str(runs["ours"][0])).returncode == 0
+    assert main(["cache", "check", "-q", str(runs["ours"][0])]) == 0
+
+    import dmimage.cache.clear_dirty as cd
+    from dmimage.ordered_write import pwrite_all
+
+    def crash(fds: object, body: list[object], commit: object) -> None:
+        for w in body:  # every new block lands, then the power fails
+            pwrite_all(w.fd, w.bufs, w.offset)  # type: ignore[attr-defined]
+        raise OSError("simulated crash before the superblock")
+
+    monkeypatch.setattr(cd, "commit_last", crash)
+    m, origin = runs["nometa"]
+    with pytest.raises(OSError):
+        main(["cache", "writeback", str(m), str(fast), str(origin)])
+    assert m.read_bytes() != before  # the new blocks were written ...
+    assert theirs("cache_dump", str(m)).stdout == theirs("cache_dump", str(meta)).stdout
+    assert theirs("cache_check", str(m)).returncode == 0  # ... where the old ones are not
+
+
+@pytest.mark.parametrize("n,fill,version", [
+    (64, 0.5, 1), (5000, 0.5, 1), (5000, 0.9, 2), (140_000, 0.3, 1), (140_000, 0.3, 2),
+    (140_000, 0.02, 2), (1000, 0.0, 2), (40_000, 1.0, 2)])
+def test_restore_places_blocks_as_1_1(tmp_path: Path, n: int, fill: float, version: int) -> None:
+    """`cache restore` writes cache_restore 1.1's metadata block for block: the same blocks
+    in the same places with the same contents (the superblock's read-miss counter 9
+    included), checksums and the unused tails of array blocks and btree nodes aside."""
+    xml = restore_xml.cache_xml(random.Random(n + version), n, fill)
+    theirs_meta = restore(tmp_path, xml, version, "theirs")
+    ours_meta = tmp_path / "ours.meta"
+    with open(ours_meta, "wb") as f:
+        f.truncate(32 << 20)
+    assert main(["cache", "restore", "-i", str(tmp_path / "theirs.xml"), "-o", str(ours_meta),
+                 "--metadata-version", str(version)]) == 0
+    differ = differing_blocks(theirs_meta.read_bytes(), ours_meta.read_bytes())
+    assert not differ, f"blocks {differ[:10]} differ"

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import restore_xml
+from meta_compare import differing_blocks
 
 from dmimage.cli.main import main
 from dmimage.format.era import ERA_SUPERBLOCK, EraSuperblock
@@ -161,3 +162,21 @@ def test_restore_marked_and_bad_input(tmp_path: Path, capsys: pytest.CaptureFixt
     err = capsys.readouterr().err
     assert rc == 1 and "outside the writeset's 100 bits" in err
     assert out.read_bytes() == b"\xaa" * (1 << 20)
+
+
+@pytest.mark.parametrize("i", range(len(CASES)))
+def test_restore_places_blocks_as_1_1(metas: list[Path], tmp_path: Path, i: int) -> None:
+    """`era restore` of era_dump 1.1's XML writes era_restore 1.1's metadata block for block
+    (same blocks, same places, same contents) but checksums and the unused tails of array
+    blocks and btree nodes, where 1.1 leaves whatever its buffers held."""
+    xml, theirs_meta, ours_meta = (tmp_path / n for n in ("in.xml", "theirs", "ours"))
+    res = run11("era_dump", str(metas[i]))
+    assert res.returncode == 0
+    xml.write_bytes(res.stdout)
+    for m in (theirs_meta, ours_meta):
+        with open(m, "wb") as f:
+            f.truncate(16 << 20)
+    assert run11("era_restore", "-i", str(xml), "-o", str(theirs_meta)).returncode == 0
+    assert main(["era", "restore", "-i", str(xml), "-o", str(ours_meta)]) == 0
+    differ = differing_blocks(theirs_meta.read_bytes(), ours_meta.read_bytes())
+    assert not differ, f"blocks {differ[:10]} differ"

@@ -1,6 +1,7 @@
 """dm-era: the kernel writes the metadata through eras and checkpoints; dmimage reads it exactly
 (era_dump 1.1's bytes, plain and --logical) and `era invalidate --written-since E` lists
-exactly the blocks the test wrote in eras >= E.
+exactly the blocks the test wrote in eras >= E; `era repair` of that metadata, as it is and
+damaged, keeps every one of them listed.
 
 Oracles: the test's own record of which blocks it wrote in which era, the guest's `dmsetup
 status` (current era), and era_dump / era_invalidate / era_check 1.1 on the same metadata."""
@@ -141,3 +142,45 @@ def test_kernel_takes_restored_era(dm_vm: Machine, tmp_path: Path) -> None:
         theirs11 = _run(str(tools.bindir / "era_invalidate"), "--written-since", str(since),
                         str(meta)).stdout
         assert theirs11 == (out.stdout if archived else b"<blocks>\n</blocks>")
+    _repairs_keep_the_history(tmp_path, meta, written)
+
+
+def _repairs_keep_the_history(tmp_path: Path, meta: Path, written: dict[int, set[int]]) -> None:
+    """`era repair` of the kernel's metadata, as it is and damaged (a bad superblock
+    checksum, the bitset block of an archived era zeroed): era_check 1.1 passes the result,
+    and `era invalidate --written-since E` still lists every block the test wrote in eras
+    >= E: exactly those where nothing was lost, all blocks (every bit set) where the damaged
+    writeset counts."""
+    from dmimage.era.metadata import parse_superblock, read_writeset_tree
+    from dmimage.pdata.array import read_array
+    from dmimage.pdata.block import BlockReader
+    from dmimage.pdata.btree import BtreeWalker
+
+    tools = oracles.tools_11()
+    with BlockReader(str(meta)) as r:
+        sb = parse_superblock(r.block(0))
+        w = BtreeWalker(r)
+        tree = read_writeset_tree(w, sb.writeset_tree_root)
+        hit = sorted(tree)[len(tree) // 2]
+        hit_block = read_array(w, tree[hit][1], 8, "writeset").blocks[0]
+    buf = bytearray(meta.read_bytes())
+    buf[200] ^= 1  # inside the space-map root, which repair rebuilds
+    buf[hit_block * 4096:(hit_block + 1) * 4096] = bytes(4096)
+    bad = tmp_path / "bad"
+    bad.write_bytes(bytes(buf))
+    for src, damaged in ((meta, None), (bad, hit)):
+        out = tmp_path / "repaired"
+        with open(out, "wb") as f:
+            f.truncate(4 << 20)
+        res = _run(sys.executable, "-m", "dmimage", "era", "repair", "-i", str(src), "-o",
+                   str(out))
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert _run(str(tools.bindir / "era_check"), str(out)).returncode == 0
+        for since in sorted(written):
+            want = set().union(*(b for e, b in written.items() if e >= since))
+            got = _blocks(_run(sys.executable, "-m", "dmimage", "era", "invalidate",
+                               "--written-since", str(since), str(out)).stdout)
+            if damaged is not None and since <= damaged:
+                assert got == set(range(NR_BLOCKS)), (since, damaged)
+            else:
+                assert got == want, (src.name, since)

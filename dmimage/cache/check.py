@@ -74,12 +74,26 @@ def _mapping_problems(sb: CacheSuperblock, maps: np.ndarray, dirty: np.ndarray |
         name(f"mapped beyond the origin's end ({nr_origin} blocks)",
              np.flatnonzero(valid & (oblock >= np.uint64(nr_origin))))
     vo = oblock[valid]
-    s = np.sort(vo)
-    if (s[1:] == s[:-1]).any():  # rare: find which cache blocks, in order
+    if _any_repeated(vo):  # rare: find which cache blocks, in order
         order = np.argsort(vo, kind="stable")
         dup = order[1:][vo[order][1:] == vo[order][:-1]]
         name("mapping an origin block already mapped", np.sort(np.flatnonzero(valid)[dup]))
     return out
+
+
+def _any_repeated(values: np.ndarray) -> bool:
+    """Whether a value occurs twice: a mark per value when the values are dense enough (a
+    pass over n values and a bitmap), else a sort."""
+    n = len(values)
+    if n < 2:
+        return False
+    top = int(values.max())
+    if top < max(64 * n, 1 << 20):
+        marks = np.zeros(top + 1, bool)
+        marks[values] = True
+        return int(np.count_nonzero(marks)) != n
+    s = np.sort(values)
+    return bool((s[1:] == s[:-1]).any())
 
 
 def check_cache(path: str) -> CacheCheckReport:
@@ -140,8 +154,8 @@ def check_cache(path: str) -> CacheCheckReport:
         if len(counts) > len(stored) and counts[len(stored):].any():
             rep.problems.append("metadata space map: referenced blocks lie beyond its nr_blocks")
         diff = np.flatnonzero(stored != expected)
-        leaks = diff[(expected[diff] == 0) & (stored[diff] == 1)]
-        wrong = np.setdiff1d(diff, leaks)
+        is_leak = (expected[diff] == 0) & (stored[diff] == 1)
+        leaks, wrong = diff[is_leak], diff[~is_leak]  # (np.setdiff1d would import numpy.ma)
         if len(leaks):
             rep.leaked_metadata_blocks = leaks.tolist()
             rep.problems.append(f"metadata space map: {len(leaks)} leaked blocks (e.g. "

@@ -8,13 +8,12 @@ width; every valid mapping in cache-block order (dirtiness from the dirty bitset
 from __future__ import annotations
 
 import base64
+from collections.abc import Iterator
 
 import numpy as np
 
 from dmimage.cache.metadata import CacheMetadata
-
-# A general bulk renderer that lives with thin dump for now (a sideways import to move down).
-from dmimage.thin.dump.render import render_rows
+from dmimage.textrows import render_chunks
 
 _ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "'": "&apos;",
                           '"': "&quot;"})
@@ -25,38 +24,30 @@ def _attr(value: str) -> str:
 
 
 def cache_xml(md: CacheMetadata) -> bytes:
+    return b"".join(cache_xml_chunks(md))
+
+
+def cache_xml_chunks(md: CacheMetadata) -> Iterator[bytes | memoryview]:
+    """The XML as pieces to write one after another (rows rendered a batch at a time)."""
     sb = md.sb
-    head = (f'<superblock uuid="" block_size="{sb.data_block_size}" '
-            f'nr_cache_blocks="{sb.cache_blocks}" policy="{_attr(sb.policy_name)}" '
-            f'hint_width="{sb.policy_hint_size}">\n  <mappings>\n').encode()
+    yield (f'<superblock uuid="" block_size="{sb.data_block_size}" '
+           f'nr_cache_blocks="{sb.cache_blocks}" policy="{_attr(sb.policy_name)}" '
+           f'hint_width="{sb.policy_hint_size}">\n  <mappings>\n').encode()
     valid = np.flatnonzero(md.valid)
     n = len(md.mappings)
     dirty = np.ones(n, bool)  # version 2: past the bitset's end counts as dirty, as in 1.1
     d = md.dirty
     dirty[:min(n, len(d))] = d[:n]
-    maps, _ = render_rows([b'    <mapping cache_block="', b'" origin_block="',
-                           (b'" dirty="false"/>\n', b'" dirty="true"/>\n')],
-                          [valid, md.origin_blocks[valid]], select=dirty[valid])
+    yield from render_chunks([b'    <mapping cache_block="', b'" origin_block="',
+                              (b'" dirty="false"/>\n', b'" dirty="true"/>\n')],
+                             [valid, md.origin_blocks[valid]], select=dirty[valid])
+    yield b"  </mappings>\n  <hints>\n"
     hinted = valid[valid < len(md.hints)]
-    hints = _hint_rows(hinted, md.hints[hinted])
-    tail = b"  </hints>\n</superblock>"
-    return b"".join([head, maps.tobytes(), b"  </mappings>\n  <hints>\n", hints, tail])
-
-
-def _hint_rows(cblocks: np.ndarray, data: np.ndarray) -> bytes:
-    """``    <hint cache_block="C" data="B64"/>`` rows: the numbers rendered in bulk with a
-    placeholder of the base64's fixed width, then every placeholder overwritten at once."""
-    if not len(cblocks):
-        return b""
-    enc = b64_matrix(data)
-    w = enc.shape[1]
-    end = b'"/>\n'
-    flat, lengths = render_rows([b'    <hint cache_block="', b'" data="' + b"=" * w + end],
-                                [cblocks], want_lengths=True)
-    assert lengths is not None
-    at = np.cumsum(lengths) - len(end) - w
-    flat[at[:, None] + np.arange(w)] = enc
-    return flat.tobytes()
+    if len(hinted):
+        # the base64 (fixed width) is a text column beside the cache block numbers
+        yield from render_chunks([b'    <hint cache_block="', b'" data="', b'"/>\n'],
+                                 [hinted, b64_matrix(md.hints[hinted])])
+    yield b"  </hints>\n</superblock>"
 
 
 def b64_matrix(rows: np.ndarray) -> np.ndarray:

@@ -63,9 +63,11 @@ class CacheSuperblock:
         return bool(self.flags & FLAG_NEEDS_CHECK)
 
 
-def parse_superblock(block: memoryview | bytes) -> CacheSuperblock:
-    """Block 0, checked as every reader must: checksum, location, magic, version."""
-    if not checksum_ok(block, SALT_CACHE_SUPERBLOCK):
+def parse_superblock(block: memoryview | bytes, *, verify_checksum: bool = True
+                     ) -> CacheSuperblock:
+    """Block 0, checked as every reader must: checksum, location, magic, version (repair
+    alone may skip the checksum and rely on the other three)."""
+    if verify_checksum and not checksum_ok(block, SALT_CACHE_SUPERBLOCK):
         raise ChecksumError("bad checksum (not a dm-cache superblock?)", block=0,
                             field="superblock")
     f = CACHE_SUPERBLOCK.unpack_from(block)

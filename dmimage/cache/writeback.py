@@ -1,9 +1,8 @@
 """Offline writeback: copy every dirty cache block from the fast device to the origin.
 
 This is the rescue for a cache device about to be removed: afterwards the origin alone holds
-what the cached device served. The metadata is left as it is (cache_writeback's
---no-metadata-update): were the cache activated again, the kernel would write the same data
-back once more, which is harmless.
+what the cached device served. The copy leaves the metadata as it is; cache/clear_dirty.py
+then clears the copied blocks' dirty bits (the CLI's default, as cache_writeback 1.1's).
 """
 
 from __future__ import annotations

@@ -8,10 +8,17 @@ shared lock (docs/locking.md).
 from __future__ import annotations
 
 import argparse
-import json
 
+from dmimage.cli._cache_era_args import (
+    add_check,
+    add_reader,
+    add_repair,
+    add_restore,
+    emit,
+    report_losses,
+)
 from dmimage.cli._locking import add_lock_plan
-from dmimage.cli._output import atomic_output, write_text
+from dmimage.cli._output import write_text
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -19,33 +26,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     csub = p.add_subparsers(dest="cache_command", metavar="SUBCOMMAND")
     csub.required = True
 
-    ck = csub.add_parser("check", help="check dm-cache metadata (cache_check's verdict)",
-                         description="The superblock, the mapping, dirty, hint and discard "
-                         "arrays, and the metadata space map against every reference. Exit 0 "
-                         "clean, 1 damaged, 2 usage or I/O error.")
-    ck.add_argument("metadata", metavar="META")
-    ck.add_argument("--json", action="store_true", help="print a JSON report")
-    ck.add_argument("-q", "--quiet", action="store_true", help="only set the exit code")
-    add_lock_plan(ck, lambda a: [(a.metadata, False)])
-    ck.set_defaults(func=run_check)
-
-    dp = csub.add_parser("dump", help="dump dm-cache metadata as cache_dump 1.1's XML")
-    dp.add_argument("metadata", metavar="META")
-    dp.add_argument("-o", "--output", help="write to FILE (atomically) instead of stdout")
-    add_lock_plan(dp, lambda a: [(a.metadata, False)])
-    dp.set_defaults(func=run_dump)
-
-    rs = csub.add_parser("restore", help="write dm-cache metadata from cache_dump's XML",
-                         description="Writes onto an existing file or device (never grown); "
-                         "block 0 is zeroed first and the superblock written last, after a "
-                         "flush. Exit 1 on invalid XML, 2 on usage or I/O errors.")
-    rs.add_argument("-i", "--input", required=True, help="the XML")
-    rs.add_argument("-o", "--output", required=True, help="the metadata file or device")
+    add_check(csub, run_check, help="check dm-cache metadata (cache_check's verdict)",
+              description="The superblock, the mapping, dirty, hint and discard arrays, and "
+              "the metadata space map against every reference. Exit 0 clean, 1 damaged, 2 "
+              "usage or I/O error.")
+    add_reader(csub, "dump", run_dump, help="dump dm-cache metadata as cache_dump 1.1's XML")
+    rs = add_restore(csub, run_restore, what="dm-cache")
     rs.add_argument("--metadata-version", type=int, choices=(1, 2), default=2)
     rs.add_argument("--omit-clean-shutdown", action="store_true",
                     help="do not set the clean-shutdown flag")
-    add_lock_plan(rs, lambda a: [(a.output, True)])
-    rs.set_defaults(func=run_restore)
+    add_repair(csub, run_repair, what="dm-cache", description="Keeps every mapping, hint "
+               "and dirty bit still readable (cache_repair 1.1 gives up on any damaged "
+               "mapping or hint array block); lost dirty bits count as dirty; mappings no "
+               "check would pass are dropped. docs/cache.md lists the rules.")
 
     ms = csub.add_parser("metadata-size", help="estimate the metadata size for a cache "
                          "(cache_metadata_size 1.1's answers)")
@@ -65,15 +58,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     wb = csub.add_parser("writeback", help="copy dirty cache blocks to the origin, offline",
                          description="The rescue before a cache device is removed: every dirty "
-                         "block is copied from FAST to ORIGIN, then ORIGIN is flushed. The "
-                         "metadata is not changed (cache_writeback --no-metadata-update): "
-                         "activated again, the kernel would only write the same data back.")
+                         "block is copied from FAST to ORIGIN, ORIGIN is flushed, then the "
+                         "copied blocks' dirty bits are cleared in META, as cache_writeback "
+                         "does (a transaction: new blocks, a flush, the superblock last).")
     wb.add_argument("metadata", metavar="META")
     wb.add_argument("fast", metavar="FAST", help="the cache (fast) device")
     wb.add_argument("origin", metavar="ORIGIN", help="the origin (slow) device")
     wb.add_argument("--dry-run", action="store_true", help="count the dirty blocks only")
-    add_lock_plan(wb, lambda a: [(a.metadata, False), (a.fast, False),
-                                 (a.origin, not a.dry_run)])
+    wb.add_argument("--no-metadata-update", action="store_true",
+                    help="leave META as it is (the blocks stay dirty: activated again, the "
+                    "kernel would write the same data back)")
+    add_lock_plan(wb, lambda a: [(a.metadata, not (a.dry_run or a.no_metadata_update)),
+                                 (a.fast, False), (a.origin, not a.dry_run)])
     wb.set_defaults(func=run_writeback)
 
 
@@ -119,6 +115,8 @@ def run_check(args: argparse.Namespace) -> int:
 
     rep = check_cache(args.metadata)
     if args.json:
+        import json
+
         write_text(json.dumps({"version": rep.version, "mappings": rep.nr_mappings,
                                "dirty": rep.nr_dirty, "metadata_used": rep.metadata_used,
                                "metadata_total": rep.metadata_total, "problems": rep.problems,
@@ -133,26 +131,32 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_dump(args: argparse.Namespace) -> int:
-    from dmimage.cache.dump import cache_xml
+    from dmimage.cache.dump import cache_xml_chunks
     from dmimage.cache.metadata import read_cache
     from dmimage.pdata.block import BlockReader
 
     with BlockReader(args.metadata) as reader:
-        data = cache_xml(read_cache(reader))
-    if args.output:
-        with atomic_output(args.output) as f:
-            f.write(data)
-    else:
-        import sys
+        md = read_cache(reader)
+    emit(cache_xml_chunks(md), args.output)
+    return 0
 
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
+
+def run_repair(args: argparse.Namespace) -> int:
+    from dmimage.cache.repair import repair_cache
+
+    rep = repair_cache(args.input, args.output)
+    report_losses(rep.losses, args.quiet)
+    if not args.quiet:
+        write_text(f"repaired: version {rep.version}, {rep.nr_mappings} mappings, "
+                   f"{rep.nr_dirty} dirty, {rep.metadata_blocks} metadata blocks, "
+                   f"{len(rep.losses)} losses\n")
     return 0
 
 
 def run_writeback(args: argparse.Namespace) -> int:
     import os
 
+    from dmimage.cache.clear_dirty import clear_dirty, open_metadata_rw
     from dmimage.cache.metadata import read_cache
     from dmimage.cache.writeback import dirty_blocks, writeback
     from dmimage.cli._progress import progress_bar
@@ -174,8 +178,12 @@ def run_writeback(args: argparse.Namespace) -> int:
                 raise DeviceError(f"{path}: {exc.strerror}") from None
         with progress_bar("writeback") as advance:
             n = writeback(md, fds[0], args.fast, fds[1], args.origin, advance)
+        if not args.no_metadata_update and n:
+            fds.append(open_metadata_rw(args.metadata))
+            clear_dirty(args.metadata, fds[2], md, dirty_blocks(md)[0])
     finally:
         for fd in fds:
             os.close(fd)
-    write_text(f"copied {n} dirty blocks to {args.origin}\n")
+    cleared = "" if args.no_metadata_update or not n else "; their dirty bits cleared"
+    write_text(f"copied {n} dirty blocks to {args.origin}{cleared}\n")
     return 0

@@ -5,12 +5,12 @@ rendered in bulk (numpy), not one Python string at a time."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 from dmimage.era.metadata import EraMetadata
-
-# A general bulk renderer that lives with thin dump for now (a sideways import to move down).
-from dmimage.thin.dump.render import render_rows
+from dmimage.textrows import render_chunks
 
 
 def _head(md: EraMetadata) -> bytes:
@@ -20,7 +20,12 @@ def _head(md: EraMetadata) -> bytes:
 
 
 def era_xml(md: EraMetadata, *, logical: bool = False) -> bytes:
-    out = [_head(md)]
+    return b"".join(era_xml_chunks(md, logical=logical))
+
+
+def era_xml_chunks(md: EraMetadata, *, logical: bool = False) -> Iterator[bytes | memoryview]:
+    """The XML as pieces to write one after another (rows rendered a batch at a time)."""
+    yield _head(md)
     eras = md.eras
     if logical:
         eras = eras.copy()
@@ -31,17 +36,16 @@ def era_xml(md: EraMetadata, *, logical: bool = False) -> bytes:
     else:
         nb = md.sb.nr_blocks
         for era, (nr_bits, bits) in md.writesets.items():
-            out.append(f'  <writeset era="{era}" nr_bits="{nr_bits}">\n'.encode())
+            yield f'  <writeset era="{era}" nr_bits="{nr_bits}">\n'.encode()
             marked = np.flatnonzero(bits)
             end = max(nb, int(marked[-1]) + 1 if len(marked) else 0)
             values = np.zeros(end, bool)
             values[marked] = True
-            rows, _ = render_rows([b'    <bit block="', (b'" value="false"/>\n',
-                                                        b'" value="true"/>\n')],
-                                  [np.arange(end, dtype=np.uint64)], select=values)
-            out += [rows.tobytes(), b"  </writeset>\n"]
-    out.append(b"  <era_array>\n")
-    rows, _ = render_rows([b'    <era block="', b'" era="', b'"/>\n'],
-                          [np.arange(len(eras), dtype=np.uint64), eras])
-    out += [rows.tobytes(), b"  </era_array>\n</superblock>"]
-    return b"".join(out)
+            yield from render_chunks([b'    <bit block="', (b'" value="false"/>\n',
+                                                           b'" value="true"/>\n')],
+                                     [np.arange(end, dtype=np.uint32)], select=values)
+            yield b"  </writeset>\n"
+    yield b"  <era_array>\n"
+    yield from render_chunks([b'    <era block="', b'" era="', b'"/>\n'],
+                             [np.arange(len(eras), dtype=np.uint32), eras])
+    yield b"  </era_array>\n</superblock>"

@@ -34,8 +34,10 @@ class EraSuperblock:
     metadata_snap: int
 
 
-def parse_superblock(block: memoryview | bytes, where: int = 0) -> EraSuperblock:
-    if not checksum_ok(block, SALT_ERA_SUPERBLOCK):
+def parse_superblock(block: memoryview | bytes, where: int = 0, *,
+                     verify_checksum: bool = True) -> EraSuperblock:
+    """Checksum (unless repair skips it), location, magic, version."""
+    if verify_checksum and not checksum_ok(block, SALT_ERA_SUPERBLOCK):
         raise ChecksumError("bad checksum (not a dm-era superblock?)", block=where,
                             field="superblock")
     (_c, flags, blocknr, _uuid, magic, version, sm_root, data_bs, _meta_bs, nr_blocks, era,

@@ -1,9 +1,10 @@
 """era_restore: dm-era metadata from era_dump's XML (<bit> or <marked> writesets).
 
 As era_restore 1.1 writes it: every writeset archived in the writeset tree, the current
-writeset empty (nr_bits = nr_blocks, no bitset), the era array, the clean-shutdown flag.
-Block placement is dmimage's own. Crash-safe like every dmimage writer (block 0 zeroed
-first, the superblock last after a flush); the output is never grown.
+writeset empty (nr_bits = nr_blocks, no bitset), the era array, the clean-shutdown flag, in
+era_restore 1.1's block placement (build_era; the unused tails of array blocks and btree
+nodes aside, which 1.1 fills with whatever its buffers held). Crash-safe like every dmimage
+writer (block 0 zeroed first, the superblock last after a flush); the output is never grown.
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ from dmimage.errors import InputError
 from dmimage.format.checksum import seal
 from dmimage.format.constants import BLOCK_SIZE
 from dmimage.format.era import ERA_MAGIC, ERA_SUPERBLOCK, SALT_ERA_SUPERBLOCK, WRITESET_DTYPE
-from dmimage.pdata.array import write_array
+from dmimage.pdata.array import (
+    array_tree,
+    max_entries,
+    nr_array_blocks,
+    put_array_blocks,
+    write_array,
+)
 from dmimage.pdata.writer import (
     MetadataImage,
     NodeKind,
@@ -38,6 +45,8 @@ class EraIR:
     #: era -> (nr_bits, marked bits)
     writesets: dict[int, tuple[int, np.ndarray]] = field(default_factory=dict)
     eras: dict[int, int] = field(default_factory=dict)
+    #: the whole era array at once (repair); overrides ``eras`` when given
+    era_values: np.ndarray | None = None
 
 
 def parse_xml(path: str) -> EraIR:
@@ -92,6 +101,11 @@ def _bitset_words(bits: np.ndarray) -> np.ndarray:
 
 
 def build_era(ir: EraIR, nr_blocks: int) -> tuple[MetadataImage, bytes]:
+    """Metadata as era_restore 1.1 lays it out, block for block, for XML in era_dump's
+    order: each writeset's bitset (blocks, then its btree) as its section ends; the era
+    array's blocks as the entries stream (a block when the first entry of a later block
+    arrives); at the superblock's end the writeset tree, the era array's remaining blocks
+    and btree, the space map."""
     image = MetadataImage(nr_blocks)
     image.alloc()  # block 0: the superblock
     keys, values = [], []
@@ -99,13 +113,23 @@ def build_era(ir: EraIR, nr_blocks: int) -> tuple[MetadataImage, bytes]:
         nr, bits = ir.writesets[era]
         keys.append(era)
         values.append((nr, write_array(image, _bitset_words(bits))))
+    eras = np.zeros(ir.nr_blocks, "<u4")
+    if ir.era_values is not None:
+        eras[:] = ir.era_values
+    for b, e in ir.eras.items():
+        eras[b] = e
+    per = max_entries(4)
+    era_locs = np.full(nr_array_blocks(ir.nr_blocks, 4), -1, np.int64)
+    pushed = ir.nr_blocks - 1 if ir.era_values is not None else max(ir.eras, default=-1)
+    if pushed >= 0:  # blocks before the last entry's are written while the XML streams
+        era_locs[:pushed // per] = image.alloc_many(pushed // per)
     ws_values = np.array(values, dtype=WRITESET_DTYPE) if values else \
         np.zeros(0, WRITESET_DTYPE)
     ws_root = build_tree(image, WRITESET_LEAF, np.array(keys, dtype=np.uint64), ws_values)
-    eras = np.zeros(ir.nr_blocks, "<u4")
-    for b, e in ir.eras.items():
-        eras[b] = e
-    era_root = write_array(image, eras.view(np.uint8).reshape(-1, 4))
+    rest = np.flatnonzero(era_locs < 0)
+    era_locs[rest] = image.alloc_many(len(rest))
+    put_array_blocks(image, eras.view(np.uint8).reshape(-1, 4), era_locs)
+    era_root = array_tree(image, era_locs)
     sm_root = write_metadata_space_map(image)
     sb = bytearray(BLOCK_SIZE)
     ERA_SUPERBLOCK.pack_into(sb, 0, 0, FLAG_CLEAN_SHUTDOWN, 0, bytes(16), ERA_MAGIC, 1,

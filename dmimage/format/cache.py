@@ -16,9 +16,10 @@ All integers are little-endian.
 from __future__ import annotations
 
 import struct
+from functools import cache
+from typing import Any
 
 import numpy as np
-from construct import Array, Bytes, Int32ul, Int64ul, Struct
 
 from dmimage.format.constants import SPACE_MAP_ROOT_SIZE
 
@@ -34,46 +35,62 @@ M_VALID = 1
 M_DIRTY = 2
 MAPPING_FLAG_BITS = 16
 
-CacheSuperblock = Struct(
-    "csum" / Int32ul,
-    "flags" / Int32ul,
-    "blocknr" / Int64ul,
-    "uuid" / Bytes(16),
-    "magic" / Int64ul,
-    "version" / Int32ul,
-    "policy_name" / Bytes(POLICY_NAME_SIZE),
-    "policy_hint_size" / Int32ul,
-    "metadata_space_map_root" / Bytes(SPACE_MAP_ROOT_SIZE),
-    "mapping_root" / Int64ul,
-    "hint_root" / Int64ul,
-    "discard_root" / Int64ul,
-    "discard_block_size" / Int64ul,
-    "discard_nr_blocks" / Int64ul,
-    "data_block_size" / Int32ul,
-    "metadata_block_size" / Int32ul,
-    "cache_blocks" / Int32ul,
-    "compat_flags" / Int32ul,
-    "compat_ro_flags" / Int32ul,
-    "incompat_flags" / Int32ul,
-    "read_hits" / Int32ul,
-    "read_misses" / Int32ul,
-    "write_hits" / Int32ul,
-    "write_misses" / Int32ul,
-    "policy_version" / Array(3, Int32ul),
-    "dirty_root" / Int64ul,  # version 2 only
-)
-
 #: struct twin of CacheSuperblock (one C call); tests/test_cache.py checks they agree.
 CACHE_SUPERBLOCK = struct.Struct("<IIQ16sQI16sI128sQQQQQIIIIIIIIII3IQ")
 
-ArrayBlockHeader = Struct(
-    "csum" / Int32ul,
-    "max_entries" / Int32ul,
-    "nr_entries" / Int32ul,
-    "value_size" / Int32ul,
-    "blocknr" / Int64ul,
-)
 ARRAY_BLOCK_HEADER = struct.Struct("<IIIIQ")
 
 #: The kernel's mapping value, one per cache block.
 MAPPING_DTYPE = np.dtype("<u8")
+
+
+#: The construct descriptions (CacheSuperblock, ArrayBlockHeader), built on first access
+#: (module ``__getattr__``): importing construct costs a command start-up time, and only
+#: tests and docs read them; code uses the struct twins.
+@cache
+def _descriptions() -> dict[str, Any]:
+    from construct import Array, Bytes, Int32ul, Int64ul, Struct
+
+    CacheSuperblock = Struct(
+        "csum" / Int32ul,
+        "flags" / Int32ul,
+        "blocknr" / Int64ul,
+        "uuid" / Bytes(16),
+        "magic" / Int64ul,
+        "version" / Int32ul,
+        "policy_name" / Bytes(POLICY_NAME_SIZE),
+        "policy_hint_size" / Int32ul,
+        "metadata_space_map_root" / Bytes(SPACE_MAP_ROOT_SIZE),
+        "mapping_root" / Int64ul,
+        "hint_root" / Int64ul,
+        "discard_root" / Int64ul,
+        "discard_block_size" / Int64ul,
+        "discard_nr_blocks" / Int64ul,
+        "data_block_size" / Int32ul,
+        "metadata_block_size" / Int32ul,
+        "cache_blocks" / Int32ul,
+        "compat_flags" / Int32ul,
+        "compat_ro_flags" / Int32ul,
+        "incompat_flags" / Int32ul,
+        "read_hits" / Int32ul,
+        "read_misses" / Int32ul,
+        "write_hits" / Int32ul,
+        "write_misses" / Int32ul,
+        "policy_version" / Array(3, Int32ul),
+        "dirty_root" / Int64ul,  # version 2 only
+    )
+
+    ArrayBlockHeader = Struct(
+        "csum" / Int32ul,
+        "max_entries" / Int32ul,
+        "nr_entries" / Int32ul,
+        "value_size" / Int32ul,
+        "blocknr" / Int64ul,
+    )
+    return {"CacheSuperblock": CacheSuperblock, "ArrayBlockHeader": ArrayBlockHeader}
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("CacheSuperblock", "ArrayBlockHeader"):
+        return _descriptions()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
