@@ -26,17 +26,21 @@ from dmimage.errors import DeviceError, DmimageError, MetadataError, UsageError
 from dmimage.format.constants import (
     BLOCK_SIZE,
     DEVICE_DETAILS_SIZE,
-    INDEX_ENTRY_SIZE,
     MAPPING_VALUE_SIZE,
     MAX_DEV_ID,
     NEEDS_CHECK_FLAG,
-    REF_COUNT_VALUE_SIZE,
     SECTOR_SIZE,
 )
 from dmimage.format.superblock import ZERO_SPACE_MAP_ROOT, SpaceMapRoot
 from dmimage.format.values import DeviceDetails, pack_mapping, unpack_mapping
 from dmimage.pdata.block import BlockReader
 from dmimage.pdata.cow import SpaceAccount, Transaction, TreeKind, Value
+from dmimage.pdata.sm_update import (
+    DATA_INDEX,
+    REF_COUNT,
+    update_data_space_map,
+    update_metadata_space_map,
+)
 from dmimage.pdata.spacemap import SpaceMap
 from dmimage.pdata.writer import (
     MetadataImage,
@@ -73,8 +77,6 @@ TOP = TreeKind("top-level mapping", MAPPING_VALUE_SIZE, True,
                lambda tx, v: tx.meta.inc(int(v)),
                lambda tx, v: tx.dec_tree(int(v), BOTTOM))
 DETAILS = TreeKind("device details", DEVICE_DETAILS_SIZE, False)
-REF_COUNT = TreeKind("ref-count", REF_COUNT_VALUE_SIZE, False)
-DATA_INDEX = TreeKind("data space map index", INDEX_ENTRY_SIZE, False)
 
 
 class _TxImage(MetadataImage):
@@ -460,6 +462,41 @@ class WritablePool:
         tx.dec_tree(data.root.bitmap_root, DATA_INDEX)
         tx.dec_tree(data.root.ref_count_root, REF_COUNT)
 
+    def _incremental_space_maps(self) -> bool:
+        """Whether both maps keep their committed size (the usual case: they are updated in
+        place); otherwise they are written whole at the new size."""
+        return (len(self.tx.meta.counts) == self._meta_sm.root.nr_blocks
+                and len(self.tx.data.counts) == self._data_sm.root.nr_blocks)
+
+    def _update_space_maps(self) -> tuple[SpaceMapRoot, SpaceMapRoot, list[tuple[int, bytes]]]:
+        """Both maps changed where their counts changed (pdata/sm_update.py); every block to
+        write. The metadata map goes last: it must count every block the others allocate."""
+        tx = self.tx
+        data_root, blocks = update_data_space_map(tx, self._data_sm.root, self._data_sm.index,
+                                                  self._data_sm.counts)
+        meta_root, meta_blocks = update_metadata_space_map(
+            tx, self._meta_sm.root, self._meta_sm.index, self._meta_sm.counts)
+        blocks += meta_blocks
+        blocks += [(b, bytes(buf)) for b, buf in tx.encoded_dirty()]
+        return data_root, meta_root, blocks
+
+    def _rewrite_space_maps(self) -> tuple[SpaceMapRoot, SpaceMapRoot, list[tuple[int, bytes]]]:
+        """Both maps written whole, at the metadata device's current size."""
+        tx = self.tx
+        self._retire_space_maps()
+        image = _TxImage(tx.meta)
+        data_counts = tx.data.counts
+        nz = np.flatnonzero(data_counts)
+        data_root = write_data_space_map(image, tx.data.nr_blocks, nz.astype(np.uint64),
+                                         data_counts[nz].astype(np.int64))
+        # Node blocks must be known to the image before the metadata map is laid out.
+        blocks: list[tuple[int, bytes]] = [(b, bytes(buf)) for b, buf in tx.encoded_dirty()]
+        meta_root = write_metadata_space_map(image)
+        for start, seg in image.segments():
+            for i in range(len(seg)):
+                blocks.append((start + i, seg[i].tobytes()))
+        return data_root, meta_root, blocks
+
     def commit(self, write_block: BlockWrite | None = None,
                flush: Callable[[], None] | None = None) -> bool:
         """Write the transaction crash-safely; return False if there was nothing to write.
@@ -475,20 +512,12 @@ class WritablePool:
                                                  self.details[dev].pack(), DETAILS)
             else:
                 self.details_root, _ = tx.remove(self.details_root, dev, DETAILS)
-        self._retire_space_maps()
-        image = _TxImage(tx.meta)
-        data_counts = tx.data.counts
-        nz = np.flatnonzero(data_counts)
-        data_root = write_data_space_map(image, tx.data.nr_blocks, nz.astype(np.uint64),
-                                         data_counts[nz].astype(np.int64))
-        # Node blocks must be known to the image before the metadata map is laid out.
-        blocks: list[tuple[int, bytes]] = [(b, bytes(buf)) for b, buf in tx.encoded_dirty()]
+        if self._incremental_space_maps():
+            data_root, meta_root, blocks = self._update_space_maps()
+        else:
+            data_root, meta_root, blocks = self._rewrite_space_maps()
         if self._new_held is not None:
             blocks.append(self._new_held[:2])
-        meta_root = write_metadata_space_map(image)
-        for start, seg in image.segments():
-            for i in range(len(seg)):
-                blocks.append((start + i, seg[i].tobytes()))
         sb = self._superblock_bytes(0, data_root=data_root, meta_root=meta_root)
         write_block = write_block or self._pwrite_block
         flush = flush or self._fsync
