@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 
 from dmimage.cli._locking import add_lock_plan
@@ -39,14 +40,17 @@ def run_write(args: argparse.Namespace) -> int:
     from dmimage.thin.transaction import open_writable
 
     try:
-        src = sys.stdin.buffer if args.input == "-" else open(args.input, "rb")  # noqa: SIM115
+        src: io.BufferedIOBase = (sys.stdin.buffer if args.input == "-"  # type: ignore[assignment]
+                                  else open(args.input, "rb"))  # noqa: SIM115
     except OSError as exc:
         raise DeviceError(f"{args.input}: {exc.strerror}") from None
     with src, open_writable(args.metadata, args.data) as pool:
         pos = args.offset
-        while chunk := src.read(CHUNK):
-            pool.write(args.dev_id, pos, chunk)
-            pos += len(chunk)
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        while n := src.readinto(buf):
+            pool.write(args.dev_id, pos, view[:n])
+            pos += n
         pool.commit()
     return 0
 

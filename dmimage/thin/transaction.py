@@ -32,7 +32,8 @@ from dmimage.format.constants import (
     SECTOR_SIZE,
 )
 from dmimage.format.superblock import ZERO_SPACE_MAP_ROOT, SpaceMapRoot
-from dmimage.format.values import DeviceDetails, pack_mapping, unpack_mapping
+from dmimage.format.values import DeviceDetails, pack_mapping, pack_mappings, unpack_mapping
+from dmimage.ordered_write import pwrite_all
 from dmimage.pdata.block import BlockReader
 from dmimage.pdata.cow import SpaceAccount, Transaction, TreeKind, Value
 from dmimage.pdata.sm_update import (
@@ -331,7 +332,7 @@ class WritablePool:
             raise DeviceError(f"data device too short for data block {block}")
         return buf
 
-    def _write_data(self, block: int, offset: int, buf: bytes) -> None:
+    def _write_data(self, block: int, offset: int, buf: bytes | memoryview) -> None:
         """Blocks unused at the last commit are written at once (nobody can see them); a block
         the committed pool maps is changed in memory and written by :meth:`commit`, so an
         abandoned transaction leaves both devices' visible contents as they were."""
@@ -352,19 +353,37 @@ class WritablePool:
         metadata snapshot holds it raises data counts without making the block shared."""
         return time < self.details[dev].snapshotted_time
 
-    def write(self, dev: int, offset: int, data: bytes) -> None:
+    def write(self, dev: int, offset: int, data: bytes | memoryview) -> None:
         """Write bytes through thin device ``dev`` at byte ``offset``, as the kernel would:
-        provision (zero-filled) blocks, break sharing by copying, overwrite private blocks."""
+        provision (zero-filled) blocks, break sharing by copying, overwrite private blocks.
+        The whole blocks of a write go through :meth:`_write_whole_blocks` in bulk."""
         if offset < 0:
             raise UsageError("offset must not be negative")
         bs = self.block_bytes
-        pos = 0
+        view = memoryview(data).cast("B")
+        end = offset + len(view)
+        head_end = min(end, -(-offset // bs) * bs)
+        tail_start = max(head_end, end // bs * bs)
         root = self._root_for_write(dev)
+        if head_end > offset:
+            root = self._write_partial(dev, root, offset, view[: head_end - offset])
+        if tail_start > head_end:
+            root = self._write_whole_blocks(dev, root, head_end // bs,
+                                            view[head_end - offset : tail_start - offset])
+        if end > tail_start:
+            root = self._write_partial(dev, root, tail_start, view[tail_start - offset :])
+        self._set_root(dev, root)
+        self._touch(dev)
+
+    def _write_partial(self, dev: int, root: int, offset: int, data: memoryview) -> int:
+        """Block by block (used for the partial blocks at either end of a write)."""
+        bs = self.block_bytes
         d = self.details[dev]
+        pos = 0
         while pos < len(data):
             vblock, within = divmod(offset + pos, bs)
             n = min(bs - within, len(data) - pos)
-            chunk = data[pos : pos + n]
+            chunk = bytes(data[pos : pos + n])
             found = self.tx.lookup(root, vblock, BOTTOM)
             if found is not None:
                 old_block, old_time = unpack_mapping(int(found))
@@ -384,8 +403,43 @@ class WritablePool:
             else:
                 self.tx.data.dec(_data_block(old))
             pos += n
-        self._set_root(dev, root)
-        self._touch(dev)
+        return root
+
+    def _write_whole_blocks(self, dev: int, root: int, vfirst: int, data: memoryview) -> int:
+        """Whole blocks from ``vfirst`` on: private mapped blocks are overwritten in place;
+        every other block gets a new data block (no old content to keep), allocated,
+        written in runs (one pwrite per run of consecutive data blocks) and mapped with one
+        bulk insert."""
+        bs = self.block_bytes
+        n = len(data) // bs
+        d = self.details[dev]
+        keys, vals = self.tx.range_items(root, vfirst, vfirst + n, BOTTOM)
+        private: set[int] = set()
+        for k, v in zip(keys, vals, strict=True):
+            block, time = unpack_mapping(int(v))
+            if not self._is_shared(dev, time):
+                private.add(k)
+                i = k - vfirst
+                self._write_data(block, 0, data[i * bs : (i + 1) * bs])
+        vblocks = np.arange(vfirst, vfirst + n, dtype=np.int64)
+        if private:
+            vblocks = vblocks[~np.isin(vblocks, np.fromiter(private, np.int64, len(private)))]
+        if not len(vblocks):
+            return root
+        blocks = self.tx.data.alloc_many(len(vblocks))
+        fd = self._need_data()
+        # runs where both the virtual and the data blocks are consecutive
+        brk = np.flatnonzero((np.diff(blocks) != 1) | (np.diff(vblocks) != 1)) + 1
+        for a, z in zip([0, *brk.tolist()], [*brk.tolist(), len(blocks)], strict=True):
+            i = int(vblocks[a]) - vfirst
+            pwrite_all(fd, [data[i * bs : (i + z - a) * bs]], int(blocks[a]) * bs)
+        values = pack_mappings(blocks.astype(np.uint64),
+                               np.full(len(blocks), self.time, np.uint64))
+        root, replaced = self.tx.insert_many(root, vblocks.tolist(), values.tolist(), BOTTOM)
+        d.mapped_blocks += len(vblocks) - len(replaced)
+        for old in replaced:
+            self.tx.data.dec(_data_block(old))
+        return root
 
     def discard(self, dev: int, offset: int, length: int) -> int:
         """Unmap every block wholly inside [offset, offset+length); return how many."""
