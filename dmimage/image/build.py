@@ -146,6 +146,14 @@ def _hash_volume_chunk(h: Any, a: np.ndarray, first: int, bs: int, size: int) ->
     h.update(a.reshape(-1)[:n].data)
 
 
+def _planned_bytes(p: _Plan, bs: int) -> int:
+    """Bytes :func:`_fill_pool` will write for a plan (a volume's last block may be short)."""
+    n = len(p.writes) * bs
+    if len(p.writes) and (int(p.writes[-1]) + 1) * bs > p.volume.size:
+        n -= (int(p.writes[-1]) + 1) * bs - p.volume.size
+    return n
+
+
 def _runs(blocks: np.ndarray) -> Iterator[tuple[int, int]]:
     """(first, count) of consecutive runs in a sorted index array."""
     if not len(blocks):
@@ -201,8 +209,12 @@ def _replace_into(tmp: Path, outdir: Path, names: list[str]) -> None:
 
 
 def build(spec: Spec, outdir: str | os.PathLike[str], *, progress: Progress | None = None,
-          log: Callable[[str], None] | None = None) -> BuildReport:
-    """Build *spec* into *outdir*; returns the manifest. See the module docstring."""
+          log: Callable[[str], None] | None = None,
+          progress_total: Progress | None = None) -> BuildReport:
+    """Build *spec* into *outdir*; returns the manifest. See the module docstring.
+
+    ``progress(n)`` is told of every n bytes written to the pool; ``progress_total`` of the
+    bytes that will be, once the plan knows them."""
     from dmimage.image.ext4 import make_ext4
     from dmimage.thin.export import export_thin
     from dmimage.thin.pool import open_pool
@@ -268,6 +280,8 @@ def build(spec: Spec, outdir: str | os.PathLike[str], *, progress: Progress | No
                             f"the content: {needed} data blocks are needed "
                             f"({human(needed * bs)})")
         timings["plan"] = time.monotonic() - t0 - sum(timings.values())
+        if progress_total is not None:
+            progress_total(sum(_planned_bytes(p, bs) for p in plans))
         # 3. pool ------------------------------------------------------------------------
         meta_tmp, data_tmp = tmp / "metadata.bin", tmp / "data.bin"
         _make_file(meta_tmp, pool_spec.metadata_size)
