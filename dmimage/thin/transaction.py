@@ -166,10 +166,13 @@ class WritablePool:
         pool.mapping_roots()  # validates that the two trees agree
         self._changed_details: set[int] = set()
         #: New contents of data blocks the committed pool maps, written at commit.
-        self._pending: dict[int, bytearray] = {}
+        #: Only the byte ranges written, in order: a small write into a big block neither reads
+        #: nor holds the rest of it.
+        self._pending: dict[int, list[tuple[int, bytes]]] = {}
         #: A snapshot reserved in this transaction: (block, its bytes, mapping root, details root).
         self._new_held: tuple[int, bytes, int, int] | None = None
         self._dirty = False
+        self._zeros = memoryview(b"")
 
     @property
     def data_block_size(self) -> int:
@@ -322,14 +325,18 @@ class WritablePool:
         return self._data_fd
 
     def _read_data_block(self, block: int) -> bytes:
-        pending = self._pending.get(block)
-        if pending is not None:
-            return bytes(pending)
+        """A data block as this transaction sees it (its pending writes applied)."""
         fd = self._need_data()
         bs = self.block_bytes
         buf = os.pread(fd, bs, block * bs)
         if len(buf) != bs:
             raise DeviceError(f"data device too short for data block {block}")
+        pending = self._pending.get(block)
+        if pending:
+            out = bytearray(buf)
+            for off, piece in pending:
+                out[off : off + len(piece)] = piece
+            return bytes(out)
         return buf
 
     def _write_data(self, block: int, offset: int, buf: bytes | memoryview) -> None:
@@ -337,15 +344,23 @@ class WritablePool:
         the committed pool maps is changed in memory and written by :meth:`commit`, so an
         abandoned transaction leaves both devices' visible contents as they were."""
         if self.tx.data.committed_used[block]:
-            pending = self._pending.get(block)
-            if pending is None:
-                pending = self._pending[block] = bytearray(self._read_data_block(block))
-            pending[offset : offset + len(buf)] = buf
+            self._need_data()
+            pending = self._pending.setdefault(block, [])
+            if offset == 0 and len(buf) == self.block_bytes:
+                pending.clear()  # the whole block: earlier pieces are overwritten
+            pending.append((offset, bytes(buf)))
             return
         fd = self._need_data()
-        n = os.pwrite(fd, buf, block * self.block_bytes + offset)
-        if n != len(buf):
-            raise DeviceError(f"short write to data block {block}")
+        pwrite_all(fd, [memoryview(buf).cast("B")], block * self.block_bytes + offset)
+
+    def _write_new_block(self, block: int, within: int, chunk: bytes) -> None:
+        """A new (zero-filled) block holding ``chunk`` at ``within``, in one pwritev."""
+        bs = self.block_bytes
+        if len(self._zeros) < bs:
+            self._zeros = memoryview(bytes(bs))
+        fd = self._need_data()
+        z = self._zeros
+        pwrite_all(fd, [z[:within], memoryview(chunk), z[: bs - within - len(chunk)]], block * bs)
 
     def _is_shared(self, dev: int, time: int) -> bool:
         """The kernel's rule (`__snapshotted_since`): a mapping older than the device's last
@@ -392,11 +407,11 @@ class WritablePool:
                     pos += n
                     continue
                 base = self._read_data_block(old_block)
+                new = self.tx.data.alloc()
+                self._write_data(new, 0, base[:within] + chunk + base[within + n :])
             else:
-                base = bytes(bs)
-            new = self.tx.data.alloc()
-            content = base[:within] + chunk + base[within + n :] if n < bs else chunk
-            self._write_data(new, 0, content)
+                new = self.tx.data.alloc()
+                self._write_new_block(new, within, chunk)
             root, old = self.tx.insert(root, vblock, pack_mapping(new, self.time), BOTTOM)
             if old is None:
                 d.mapped_blocks += 1
@@ -578,9 +593,9 @@ class WritablePool:
         if self._pending:
             fd = self._need_data()
             bs = self.block_bytes
-            for b, content in sorted(self._pending.items()):
-                if os.pwrite(fd, content, b * bs) != bs:
-                    raise DeviceError(f"short write to data block {b}")
+            for b, pieces in sorted(self._pending.items()):
+                for off, piece in pieces:
+                    pwrite_all(fd, [memoryview(piece)], b * bs + off)
         if self._data_fd is not None:
             os.fsync(self._data_fd)
         for b, buf in sorted(blocks):
