@@ -202,3 +202,35 @@ def test_bulk_writes_match_model(tools11, tmp_path):
                 buf = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
                 pool.write(dev, off, buf)
                 model.write(dev, off, buf)
+
+
+def test_write_file_matches_model(tools11, tmp_path, monkeypatch):
+    """write_file (whole blocks copied file to file by the kernel, in steps of FILE_STEP):
+    into a fresh thin, over a snapshot's shared blocks and over committed private blocks,
+    with partial blocks at both ends and a source offset; same result as the model."""
+    from dmimage.thin import transaction
+
+    monkeypatch.setattr(transaction, "FILE_STEP", 7 * BS)  # many steps, a short last one
+    meta, data = fresh_pool(tmp_path, tools11, nr_data=400, meta_blocks=512)
+    src = tmp_path / "src.bin"
+    raw = np.random.default_rng(9).integers(0, 256, 90 * BS, dtype=np.uint8).tobytes()
+    src.write_bytes(raw)
+    model = PoolModel(BS)
+    with open_writable(meta, data) as pool, open(src, "rb") as f:
+        pool.create_thin(1)
+        model.create_thin(1)
+        for step in [(1, 2 * BS + 9, 11, 40 * BS), "commit", ("snap", 2, 1),
+                     (2, 10 * BS, 0, 20 * BS + 1), (1, 0, 5 * BS, 30 * BS - 3), "commit",
+                     (1, 0, 7, 3)]:
+            if step == "commit":
+                pool.commit()
+                assert_disk_equals_model(meta, data, model, tools11, tmp_path)
+            elif step[0] == "snap":
+                pool.create_snap(step[1], step[2])
+                model.create_snap(step[1], step[2])
+            else:
+                dev, off, src_off, n = step
+                pool.write_file(dev, off, f.fileno(), src_off, n)
+                model.write(dev, off, raw[src_off : src_off + n])
+        pool.commit()
+    assert_disk_equals_model(meta, data, model, tools11, tmp_path)

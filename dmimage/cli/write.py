@@ -49,13 +49,18 @@ def run_write(args: argparse.Namespace) -> int:
     total = _regular_size(src)
     with src, open_writable(args.metadata, args.data) as pool, \
             progress_bar("write", total, enabled=not args.quiet) as advance:
-        pos = args.offset
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
-        while n := src.readinto(buf):
-            pool.write(args.dev_id, pos, view[:n])
-            pos += n
-            advance(n)
+        if total is not None:  # a regular file: copied file to file by the kernel
+            start = src.tell()
+            pool.write_file(args.dev_id, args.offset, src.fileno(), start, total - start,
+                            advance)
+        else:
+            pos = args.offset
+            buf = bytearray(CHUNK)
+            view = memoryview(buf)
+            while n := src.readinto(buf):
+                pool.write(args.dev_id, pos, view[:n])
+                pos += n
+                advance(n)
         pool.commit()
     return 0
 

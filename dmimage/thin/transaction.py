@@ -100,6 +100,33 @@ class _TxImage(MetadataImage):
 
 BlockWrite = Callable[[int, bytes], None]
 
+#: Bytes of an input file mapped per step of :meth:`WritablePool.write_file`.
+FILE_STEP = 64 << 20
+
+
+def _copy_range(src: int, src_off: int, dst: int, dst_off: int, n: int) -> None:
+    """``n`` bytes file to file in the kernel (``copy_file_range``), or by read and write
+    where the kernel cannot (a pipe, an old kernel, some filesystem pairs)."""
+    done = 0
+    try:
+        while done < n:
+            got = os.copy_file_range(src, dst, n - done, src_off + done, dst_off + done)
+            if got == 0:
+                raise DeviceError(f"input ended {n - done} bytes early")
+            done += got
+        return
+    except OSError:
+        pass  # fall back for what is left
+    while done < n:
+        try:
+            buf = os.pread(src, min(n - done, 16 << 20), src_off + done)
+        except OSError as exc:
+            raise DeviceError(f"read of the input failed: {exc.strerror}") from None
+        if not buf:
+            raise DeviceError(f"input ended {n - done} bytes early")
+        pwrite_all(dst, [memoryview(buf)], dst_off + done)
+        done += len(buf)
+
 
 class WritablePool:
     """A pool opened for offline changes. Use as a context manager; call :meth:`commit`.
@@ -421,12 +448,76 @@ class WritablePool:
         return root
 
     def _write_whole_blocks(self, dev: int, root: int, vfirst: int, data: memoryview) -> int:
-        """Whole blocks from ``vfirst`` on: private mapped blocks are overwritten in place;
-        every other block gets a new data block (no old content to keep), allocated,
-        written in runs (one pwrite per run of consecutive data blocks) and mapped with one
-        bulk insert."""
+        """Whole blocks from ``vfirst`` on, from memory (see :meth:`_map_whole_blocks`)."""
         bs = self.block_bytes
-        n = len(data) // bs
+        fd = self._need_data()
+
+        def put(i: int, k: int, dst: int) -> None:
+            pwrite_all(fd, [data[i * bs : (i + k) * bs]], dst)
+
+        return self._map_whole_blocks(dev, root, vfirst, len(data) // bs,
+                                      lambda i: data[i * bs : (i + 1) * bs], put)
+
+    def write_file(self, dev: int, offset: int, src_fd: int, src_offset: int, length: int,
+                   progress: Callable[[int], None] | None = None) -> None:
+        """Write ``length`` bytes of the file ``src_fd`` (from ``src_offset``) through thin
+        device ``dev`` at ``offset``, as :meth:`write` would; whole blocks that go to new data
+        blocks are copied file to file by the kernel (``copy_file_range``), never through
+        Python. ``progress(n)`` after every n bytes."""
+        if offset < 0:
+            raise UsageError("offset must not be negative")
+        bs = self.block_bytes
+        end = offset + length
+        head_end = min(end, -(-offset // bs) * bs)
+        tail_start = max(head_end, end // bs * bs)
+        data_fd = self._need_data()
+
+        def pread(pos: int, n: int) -> bytes:
+            try:
+                buf = os.pread(src_fd, n, src_offset + pos - offset)
+            except OSError as exc:
+                raise DeviceError(f"read of the input failed: {exc.strerror}") from None
+            if len(buf) != n:
+                raise DeviceError(f"input ended {n - len(buf)} bytes early")
+            return buf
+
+        root = self._root_for_write(dev)
+        if head_end > offset:
+            root = self._write_partial(dev, root, offset, memoryview(pread(offset, head_end
+                                                                             - offset)))
+            if progress:
+                progress(head_end - offset)
+        step = max(1, FILE_STEP // bs)
+        for v in range(head_end // bs, tail_start // bs, step):
+            k = min(step, tail_start // bs - v)
+            base = v * bs
+
+            def get(i: int, base: int = base) -> bytes:
+                return pread(base + i * bs, bs)
+
+            def put(i: int, n: int, dst: int, base: int = base) -> None:
+                _copy_range(src_fd, src_offset + base + i * bs - offset, data_fd, dst, n * bs)
+
+            root = self._map_whole_blocks(dev, root, v, k, get, put)
+            if progress:
+                progress(k * bs)
+        if end > tail_start:
+            root = self._write_partial(dev, root, tail_start,
+                                       memoryview(pread(tail_start, end - tail_start)))
+            if progress:
+                progress(end - tail_start)
+        self._set_root(dev, root)
+        self._touch(dev)
+
+    def _map_whole_blocks(self, dev: int, root: int, vfirst: int, n: int,
+                          get: Callable[[int], bytes | memoryview],
+                          put: Callable[[int, int, int], None]) -> int:
+        """``n`` whole blocks from ``vfirst`` on: private mapped blocks are overwritten in
+        place (``get(i)``: the bytes of block i of the range); every other block gets a new
+        data block (no old content to keep), allocated, written in runs (``put(i, k, byte
+        offset)``: blocks i..i+k of the range, one call per run of consecutive data blocks)
+        and mapped with one bulk insert."""
+        bs = self.block_bytes
         d = self.details[dev]
         keys, vals = self.tx.range_items(root, vfirst, vfirst + n, BOTTOM)
         private: set[int] = set()
@@ -434,20 +525,17 @@ class WritablePool:
             block, time = unpack_mapping(int(v))
             if not self._is_shared(dev, time):
                 private.add(k)
-                i = k - vfirst
-                self._write_data(block, 0, data[i * bs : (i + 1) * bs])
+                self._write_data(block, 0, get(k - vfirst))
         vblocks = np.arange(vfirst, vfirst + n, dtype=np.int64)
         if private:
             vblocks = vblocks[~np.isin(vblocks, np.fromiter(private, np.int64, len(private)))]
         if not len(vblocks):
             return root
         blocks = self.tx.data.alloc_many(len(vblocks))
-        fd = self._need_data()
         # runs where both the virtual and the data blocks are consecutive
         brk = np.flatnonzero((np.diff(blocks) != 1) | (np.diff(vblocks) != 1)) + 1
         for a, z in zip([0, *brk.tolist()], [*brk.tolist(), len(blocks)], strict=True):
-            i = int(vblocks[a]) - vfirst
-            pwrite_all(fd, [data[i * bs : (i + z - a) * bs]], int(blocks[a]) * bs)
+            put(int(vblocks[a]) - vfirst, z - a, int(blocks[a]) * bs)
         values = pack_mappings(blocks.astype(np.uint64),
                                np.full(len(blocks), self.time, np.uint64))
         root, replaced = self.tx.insert_many(root, vblocks.tolist(), values.tolist(), BOTTOM)
