@@ -40,8 +40,6 @@ from dmimage.image.spec import Ext4Content, RawContent, Spec, SpecError, Volume,
 from dmimage.pdata.cow import OutOfSpaceError
 
 READ_BLOCKS_BYTES = 8 << 20
-#: bytes per write of a run of planned blocks (the reads go into one reused buffer)
-WRITE_CHUNK = 16 << 20
 Progress = Callable[[int], None]
 
 
@@ -355,21 +353,17 @@ def _fill_pool(spec: Spec, plans: list[_Plan], meta_tmp: Path, data_tmp: Path,
                 wp.create_snap(v.id, ids[v.origin])
             wp.commit()
             if len(p.writes) or len(p.discards):
-                buf = bytearray(max(bs, WRITE_CHUNK // bs * bs))
-                view = memoryview(buf)
                 with open(p.content.path, "rb") as f:  # type: ignore[arg-type]
                     for first, count in _runs(p.writes):
                         off = first * bs
                         end = min((first + count) * bs, v.size)
-                        while off < end:
-                            n = min(len(buf), end - off)
-                            want = max(0, min(n, p.content.length - off))
-                            got = os.preadv(f.fileno(), [view[:want]], off) if want else 0
-                            view[got:n] = bytes(n - got)  # past the content: zeros
-                            wp.write(v.id, off, view[:n])
+                        in_file = max(0, min(end, p.content.length) - off)
+                        if in_file:  # copied file to file by the kernel
+                            wp.write_file(v.id, off, f.fileno(), off, in_file, progress)
+                        if end - off > in_file:  # past the content: zeros
+                            wp.write(v.id, off + in_file, bytes(end - off - in_file))
                             if progress:
-                                progress(n)
-                            off += n
+                                progress(end - off - in_file)
                 for first, count in _runs(p.discards):
                     wp.discard(v.id, first * bs, count * bs)
                 wp.commit()
