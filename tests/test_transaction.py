@@ -221,7 +221,7 @@ def test_write_file_matches_model(tools11, tmp_path, monkeypatch):
         model.create_thin(1)
         for step in [(1, 2 * BS + 9, 11, 40 * BS), "commit", ("snap", 2, 1),
                      (2, 10 * BS, 0, 20 * BS + 1), (1, 0, 5 * BS, 30 * BS - 3), "commit",
-                     (1, 0, 7, 3)]:
+                     (1, 0, 7, 3), (1, BS, 3 * BS, 10 * BS)]:  # over committed private
             if step == "commit":
                 pool.commit()
                 assert_disk_equals_model(meta, data, model, tools11, tmp_path)
