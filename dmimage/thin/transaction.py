@@ -563,7 +563,10 @@ class WritablePool:
         return count
 
     def _mapped_in(self, root: int, first: int, end: int) -> list[int]:
-        return [k for k, _ in self.tx.items(root, BOTTOM) if first <= k < end]
+        """Mapped virtual blocks in [first, end): only the nodes over that range are read."""
+        if end <= first:
+            return []
+        return self.tx.range_items(root, first, end, BOTTOM)[0]
 
     def read(self, dev: int, offset: int, length: int) -> bytes:
         """Bytes of thin device ``dev`` as the kernel would return them (zeros if unmapped)."""
