@@ -378,3 +378,22 @@ def test_ext4_ownership_and_times(example, tmp_path):
                         capture_output=True, text=True, check=True).stdout
     assert "User:     0   Group:     0" in st
     assert st.count("0x6553f100") == 4  # ctime, atime, mtime, crtime = source_date_epoch
+
+
+def test_self_check_compares_every_byte(tmp_path):
+    """The build's self-check sink (image/build.py) finds the first byte an export gets wrong,
+    including in the zeros past the end of the content file."""
+    from dmimage.image.build import _CompareSink, _Content
+
+    content = tmp_path / "c.bin"
+    content.write_bytes(bytes(range(256)) * 40)  # 10,240 bytes of a 16,384-byte volume
+    want = content.read_bytes() + bytes(6144)
+    for bad_at in (None, 0, 5000, 10_239, 10_240, 16_383):
+        got = bytearray(want)
+        if bad_at is not None:
+            got[bad_at] ^= 1
+        sink = _CompareSink(_Content(content, 10_240))
+        for i in range(0, len(got), 3000):  # uneven pieces, as an export's chunks may be
+            sink.write(bytes(got[i:i + 3000]))
+        sink.close()
+        assert sink.mismatch == bad_at and sink.pos == len(want)

@@ -175,3 +175,62 @@ def test_stateful_against_model(tools11, tmp_path):
     run.settings = settings(max_examples=20, stateful_step_count=25, deadline=None,
                             suppress_health_check=list(HealthCheck))
     run().runTest()
+
+
+def test_bulk_writes_match_model(tools11, tmp_path):
+    """Writes of hundreds of whole blocks (the bulk path: range lookup, runs of data blocks,
+    one multi-key insert that splits leaves and grows the tree) into a fresh thin, over a
+    snapshot's shared blocks and over private ones, with partial blocks at both ends."""
+    meta, data = fresh_pool(tmp_path, tools11, nr_data=2400, meta_blocks=1024)
+    model = PoolModel(BS)
+    rng = np.random.default_rng(5)
+    with open_writable(meta, data) as pool:
+        pool.create_thin(1)
+        model.create_thin(1)
+        steps = [(1, 3 * BS + 100, 600 * BS), None, ("snap", 2, 1), (2, 100 * BS, 300 * BS + 7),
+                 (1, 50 * BS - 3, 200 * BS), None, (1, 1000 * BS, 260 * BS), (2, 0, 80 * BS),
+                 None]
+        for step in steps:
+            if step is None:
+                pool.commit()
+                assert_disk_equals_model(meta, data, model, tools11, tmp_path)
+            elif step[0] == "snap":
+                pool.create_snap(step[1], step[2])
+                model.create_snap(step[1], step[2])
+            else:
+                dev, off, n = step
+                buf = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+                pool.write(dev, off, buf)
+                model.write(dev, off, buf)
+
+
+def test_write_file_matches_model(tools11, tmp_path, monkeypatch):
+    """write_file (whole blocks copied file to file by the kernel, in steps of FILE_STEP):
+    into a fresh thin, over a snapshot's shared blocks and over committed private blocks,
+    with partial blocks at both ends and a source offset; same result as the model."""
+    from dmimage.thin import transaction
+
+    monkeypatch.setattr(transaction, "FILE_STEP", 7 * BS)  # many steps, a short last one
+    meta, data = fresh_pool(tmp_path, tools11, nr_data=400, meta_blocks=512)
+    src = tmp_path / "src.bin"
+    raw = np.random.default_rng(9).integers(0, 256, 90 * BS, dtype=np.uint8).tobytes()
+    src.write_bytes(raw)
+    model = PoolModel(BS)
+    with open_writable(meta, data) as pool, open(src, "rb") as f:
+        pool.create_thin(1)
+        model.create_thin(1)
+        for step in [(1, 2 * BS + 9, 11, 40 * BS), "commit", ("snap", 2, 1),
+                     (2, 10 * BS, 0, 20 * BS + 1), (1, 0, 5 * BS, 30 * BS - 3), "commit",
+                     (1, 0, 7, 3), (1, BS, 3 * BS, 10 * BS)]:  # over committed private
+            if step == "commit":
+                pool.commit()
+                assert_disk_equals_model(meta, data, model, tools11, tmp_path)
+            elif step[0] == "snap":
+                pool.create_snap(step[1], step[2])
+                model.create_snap(step[1], step[2])
+            else:
+                dev, off, src_off, n = step
+                pool.write_file(dev, off, f.fileno(), src_off, n)
+                model.write(dev, off, raw[src_off : src_off + n])
+        pool.commit()
+    assert_disk_equals_model(meta, data, model, tools11, tmp_path)

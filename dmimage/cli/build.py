@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("spec", nargs="?", metavar="SPEC.toml")
     p.add_argument("-o", "--output", metavar="OUTDIR",
                    help="output directory (default: out/NAME)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no summary")
+    p.add_argument("-q", "--quiet", action="store_true", help="no summary, no progress bar")
     p.add_argument("--vm-verify", action="store_true",
                    help="verify the build in a guest (needs QEMU; see docs/vm.md)")
     p.add_argument("--kernel", default="deb12", help="guest kernel for --vm-verify "
@@ -51,8 +51,9 @@ def run(args: argparse.Namespace) -> int:
         spec = load_spec(args.spec)
         outdir = Path(args.output) if args.output else Path("out") / spec.name
         lines: list[str] = []
-        with progress_bar(f"build {spec.name}") as advance:
-            report = build(spec, outdir, progress=advance, log=lines.append)
+        with progress_bar(f"build {spec.name}", enabled=not args.quiet) as advance:
+            report = build(spec, outdir, progress=advance, log=lines.append,
+                           progress_total=advance.set_total)
         if not args.quiet:
             m = report.manifest
             pool = m["pool"]

@@ -11,8 +11,8 @@ Order of work (nothing appears under a final name until everything is done):
 3. pool: ``format_pool`` on a temp metadata file, then :class:`WritablePool` creates each thin
    or snapshot, writes its planned blocks and commits (once per volume); last the
    transaction id;
-4. self-check: every thin is exported offline (hashed while streaming) and must equal the
-   content it was built from;
+4. self-check: every thin is exported offline and compared, byte for byte while streaming,
+   with the content it was built from (whose sha256 the plan's read computed);
 5. output: the GPT image (temp files copied sparsely into the partitions) or the two files,
    one table per device, activate.sh / deactivate.sh and manifest.json, renamed from
    ``OUTDIR/.tmp-*`` into OUTDIR at the end (manifest last).
@@ -118,20 +118,38 @@ def _sha_of(c: _Content, size: int) -> str:
 
 
 def _plan(v: Volume, c: _Content, base: _Content | None, bs: int) -> _Plan:
+    """The blocks to write and discard, and the content's sha256, in one read of it."""
     writes, discards = [], []
+    h = hashlib.sha256()
     if base is None:
         for first, a in _chunks(c, v.size, bs):
+            _hash_volume_chunk(h, a, first, bs, v.size)
             writes.append(first + np.flatnonzero(a.any(axis=1)))
     else:
         for (first, a), (_, b) in zip(_chunks(c, v.size, bs), _chunks(base, v.size, bs),
                                       strict=True):
+            _hash_volume_chunk(h, a, first, bs, v.size)
             differ = (a != b).any(axis=1)
             nonzero = a.any(axis=1)
             writes.append(first + np.flatnonzero(differ & nonzero))
             discards.append(first + np.flatnonzero(differ & ~nonzero))
     def cat(xs: list[np.ndarray]) -> np.ndarray:
         return (np.concatenate(xs).astype(np.int64) if xs else np.empty(0, np.int64))
-    return _Plan(v, c, cat(writes), cat(discards))
+    return _Plan(v, c, cat(writes), cat(discards), h.hexdigest())
+
+
+def _hash_volume_chunk(h: Any, a: np.ndarray, first: int, bs: int, size: int) -> None:
+    """Feed the bytes of a chunk that lie inside the volume (its last block may be partial)."""
+    n = min(a.size, size - first * bs)
+    h.update(a.reshape(-1)[:n].data)
+
+
+def _planned_bytes(p: _Plan, bs: int) -> int:
+    """Bytes :func:`_fill_pool` will write for a plan (a volume's last block may be short)."""
+    n = len(p.writes) * bs
+    if len(p.writes) and (int(p.writes[-1]) + 1) * bs > p.volume.size:
+        n -= (int(p.writes[-1]) + 1) * bs - p.volume.size
+    return n
 
 
 def _runs(blocks: np.ndarray) -> Iterator[tuple[int, int]]:
@@ -143,16 +161,39 @@ def _runs(blocks: np.ndarray) -> Iterator[tuple[int, int]]:
         yield int(seg[0]), len(seg)
 
 
-class _Sink:
-    def __init__(self) -> None:
-        self.h = hashlib.sha256()
+class _CompareSink:
+    """An export target that compares what it is given with the volume's content (the
+    content's sha256 is known from the plan: comparing bytes spares a second hash pass).
+    ``mismatch`` is the first differing byte offset, or None."""
 
-    def write(self, b: bytes) -> int:
-        self.h.update(b)
-        return len(b)
+    def __init__(self, c: _Content) -> None:
+        self.c = c
+        self.f = open(c.path, "rb") if c.path is not None else None  # noqa: SIM115
+        self.pos = 0
+        self.mismatch: int | None = None
+
+    def write(self, b: bytes | memoryview) -> int:
+        n = len(b)
+        if self.mismatch is None:
+            want = self._content(self.pos, n)
+            if want != b:
+                got = np.frombuffer(b, np.uint8)
+                diff = np.flatnonzero(got != np.frombuffer(want, np.uint8))
+                self.mismatch = self.pos + int(diff[0])
+        self.pos += n
+        return n
+
+    def _content(self, off: int, n: int) -> bytes:
+        k = max(0, min(n, self.c.length - off))
+        raw = os.pread(self.f.fileno(), k, off) if self.f is not None and k else b""
+        return raw + bytes(n - len(raw))
 
     def flush(self) -> None:
         pass
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
 
 
 def _make_file(path: Path, size: int) -> None:
@@ -166,8 +207,12 @@ def _replace_into(tmp: Path, outdir: Path, names: list[str]) -> None:
 
 
 def build(spec: Spec, outdir: str | os.PathLike[str], *, progress: Progress | None = None,
-          log: Callable[[str], None] | None = None) -> BuildReport:
-    """Build *spec* into *outdir*; returns the manifest. See the module docstring."""
+          log: Callable[[str], None] | None = None,
+          progress_total: Progress | None = None) -> BuildReport:
+    """Build *spec* into *outdir*; returns the manifest. See the module docstring.
+
+    ``progress(n)`` is told of every n bytes written to the pool; ``progress_total`` of the
+    bytes that will be, once the plan knows them."""
     from dmimage.image.ext4 import make_ext4
     from dmimage.thin.export import export_thin
     from dmimage.thin.pool import open_pool
@@ -223,8 +268,8 @@ def build(spec: Spec, outdir: str | os.PathLike[str], *, progress: Progress | No
                 base = contents[v.origin] if v.origin is not None else None
                 p = _plan(v, vc, base, bs)
             else:
-                p = _Plan(v, vc, np.empty(0, np.int64), np.empty(0, np.int64))
-            p.sha256 = _sha_of(vc, v.size)
+                p = _Plan(v, vc, np.empty(0, np.int64), np.empty(0, np.int64),
+                          _sha_of(vc, v.size))
             plans.append(p)
         needed = sum(len(p.writes) for p in plans)
         if needed > pool_spec.nr_data_blocks:
@@ -233,6 +278,8 @@ def build(spec: Spec, outdir: str | os.PathLike[str], *, progress: Progress | No
                             f"the content: {needed} data blocks are needed "
                             f"({human(needed * bs)})")
         timings["plan"] = time.monotonic() - t0 - sum(timings.values())
+        if progress_total is not None:
+            progress_total(sum(_planned_bytes(p, bs) for p in plans))
         # 3. pool ------------------------------------------------------------------------
         meta_tmp, data_tmp = tmp / "metadata.bin", tmp / "data.bin"
         _make_file(meta_tmp, pool_spec.metadata_size)
@@ -254,13 +301,16 @@ def build(spec: Spec, outdir: str | os.PathLike[str], *, progress: Progress | No
             meta_used = pool.metadata_space_map().nr_allocated
             for p in plans:
                 v = p.volume
-                sink = _Sink()
-                export_thin(pool, data_tmp, v.id, sink, size=v.size)
-                sha = sink.h.hexdigest()
-                if sha != p.sha256:
-                    raise BuildError(f"self-check: thin {v.id} ({v.name}) exports as {sha}, "
-                                     f"its content is {p.sha256}")
-                devices.append((v, p, details[v.id].mapped_blocks, sha))
+                sink = _CompareSink(p.content)
+                try:
+                    export_thin(pool, data_tmp, v.id, sink, size=v.size)
+                finally:
+                    sink.close()
+                if sink.mismatch is not None or sink.pos != v.size:
+                    where = sink.mismatch if sink.mismatch is not None else sink.pos
+                    raise BuildError(f"self-check: thin {v.id} ({v.name}) exports bytes "
+                                     f"that differ from its content at byte {where}")
+                devices.append((v, p, details[v.id].mapped_blocks, p.sha256))
         timings["verify"] = time.monotonic() - t0 - sum(timings.values())
         # 5. outputs ---------------------------------------------------------------------
         linear = [(lv, contents[lv.name], _sha_of(contents[lv.name], lv.size))
@@ -306,13 +356,14 @@ def _fill_pool(spec: Spec, plans: list[_Plan], meta_tmp: Path, data_tmp: Path,
                 with open(p.content.path, "rb") as f:  # type: ignore[arg-type]
                     for first, count in _runs(p.writes):
                         off = first * bs
-                        n = min(count * bs, v.size - off)
-                        f.seek(off)
-                        buf = f.read(n) if off < p.content.length else b""
-                        buf = buf + bytes(n - len(buf))
-                        wp.write(v.id, off, buf)
-                        if progress:
-                            progress(n)
+                        end = min((first + count) * bs, v.size)
+                        in_file = max(0, min(end, p.content.length) - off)
+                        if in_file:  # copied file to file by the kernel
+                            wp.write_file(v.id, off, f.fileno(), off, in_file, progress)
+                        if end - off > in_file:  # past the content: zeros
+                            wp.write(v.id, off + in_file, bytes(end - off - in_file))
+                            if progress:
+                                progress(end - off - in_file)
                 for first, count in _runs(p.discards):
                     wp.discard(v.id, first * bs, count * bs)
                 wp.commit()

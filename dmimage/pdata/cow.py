@@ -88,6 +88,32 @@ class SpaceAccount:
             start = end if end < n else 0
         raise OutOfSpaceError(f"{self.what}: no free blocks left ({self.nr_blocks} blocks)")
 
+    def alloc_many(self, k: int) -> np.ndarray:
+        """``k`` blocks as :meth:`alloc` would hand them out one by one (int64, count 1 each),
+        found a window at a time."""
+        n = len(self.counts)
+        out: list[np.ndarray] = []
+        got = 0
+        start = self.cursor if self.cursor < n else 0
+        scanned = 0
+        window = max(_ALLOC_WINDOW, 2 * k)
+        while got < k and scanned < n:
+            end = min(start + window, n)
+            free = np.flatnonzero((self.counts[start:end] == 0)
+                                  & ~self.committed_used[start:end])[: k - got] + start
+            if len(free):
+                out.append(free)
+                got += len(free)
+                self.cursor = int(free[-1]) + 1
+            scanned += end - start
+            start = end if end < n else 0
+        if got < k:
+            raise OutOfSpaceError(f"{self.what}: no free blocks left for {k} more "
+                                  f"({self.nr_blocks} blocks)")
+        blocks = np.concatenate(out).astype(np.int64)
+        self.counts[blocks] = 1
+        return blocks
+
     def inc(self, b: int, by: int = 1) -> None:
         self.counts[b] += by
 
@@ -345,6 +371,97 @@ class Transaction:
         left.keys, right.keys = keys[:half], keys[half:]
         left.values, right.values = values[:half], values[half:]
         parent.keys[ri] = right.keys[0]
+
+    def range_items(self, root: int, lo: int, hi: int, kind: TreeKind
+                    ) -> tuple[list[int], list[Value]]:
+        """Keys in [lo, hi) and their values (current state), visiting only the nodes whose
+        key range overlaps it."""
+        keys: list[int] = []
+        values: list[Value] = []
+        self._range(root, lo, hi, kind, keys, values)
+        return keys, values
+
+    def _range(self, b: int, lo: int, hi: int, kind: TreeKind, keys: list[int],
+               values: list[Value]) -> None:
+        node = self.load(b, kind)
+        nk = node.keys
+        if node.is_leaf:
+            i, j = bisect.bisect_left(nk, lo), bisect.bisect_left(nk, hi)
+            keys.extend(nk[i:j])
+            values.extend(node.values[i:j])
+            return
+        i = max(bisect.bisect_right(nk, lo) - 1, 0)
+        j = bisect.bisect_left(nk, hi)
+        for c in node.values[i:j]:
+            self._range(c, lo, hi, kind, keys, values)
+
+    def insert_many(self, root: int, keys: list[int], values: list[Value], kind: TreeKind
+                    ) -> tuple[int, list[Value]]:
+        """Insert or overwrite ascending ``keys`` at once; return (new root, the overwritten
+        values). Each touched node is shadowed once and a node that overflows is cut into
+        even parts (each at least half full), so a run of thousands of keys costs per node,
+        not per key. Leaf value references are the caller's business, as for :meth:`insert`."""
+        if not keys:
+            return root, []
+        replaced: list[Value] = []
+        nodes = self._insert_many(self.shadow(root, kind), keys, values, kind, replaced)
+        while len(nodes) > 1:
+            parent = self.new_node(False, kind)
+            parent.keys = [n.keys[0] for n in nodes]
+            parent.values = [n.blocknr for n in nodes]
+            nodes = self._split_even(parent, kind)
+        return nodes[0].blocknr, replaced
+
+    def _insert_many(self, node: MNode, keys: list[int], values: list[Value], kind: TreeKind,
+                     replaced: list[Value]) -> list[MNode]:
+        """Merge sorted entries into the (shadowed) ``node``; the node(s) it became."""
+        if node.is_leaf:
+            old = dict(zip(node.keys, node.values, strict=True))
+            for k, v in zip(keys, values, strict=True):
+                prev = old.get(k)
+                if prev is not None:
+                    replaced.append(prev)
+                old[k] = v
+            merged = sorted(old)
+            node.keys = merged
+            node.values = [old[k] for k in merged]
+            return self._split_even(node, kind)
+        nk = node.keys
+        if keys[0] < nk[0]:
+            nk[0] = keys[0]  # the kernel lowers the first key for a new minimum
+        # child i takes the keys in [nk[i], nk[i+1])
+        cuts = [bisect.bisect_left(keys, k) for k in nk[1:]]
+        bounds = [0, *cuts, len(keys)]
+        new_keys: list[int] = []
+        new_values: list[Any] = []
+        for i, c in enumerate(node.values):
+            a, z = bounds[i], bounds[i + 1]
+            if a == z:
+                new_keys.append(nk[i])
+                new_values.append(c)
+                continue
+            child = self.shadow(c, kind)
+            for part in self._insert_many(child, keys[a:z], values[a:z], kind, replaced):
+                new_keys.append(part.keys[0])
+                new_values.append(part.blocknr)
+        node.keys, node.values = new_keys, new_values
+        return self._split_even(node, kind)
+
+    def _split_even(self, node: MNode, kind: TreeKind) -> list[MNode]:
+        """``node`` cut into the fewest nodes that fit, entries spread evenly."""
+        n = len(node.keys)
+        if n <= node.max_entries:
+            return [node]
+        parts = -(-n // node.max_entries)
+        keys, values = node.keys, node.values
+        bounds = [n * i // parts for i in range(parts + 1)]
+        node.keys, node.values = keys[: bounds[1]], values[: bounds[1]]
+        out = [node]
+        for a, z in zip(bounds[1:-1], bounds[2:], strict=True):
+            part = self.new_node(node.is_leaf, kind)
+            part.keys, part.values = keys[a:z], values[a:z]
+            out.append(part)
+        return out
 
     def items(self, root: int, kind: TreeKind) -> list[tuple[int, Value]]:
         """Every (key, value) in key order (current state)."""

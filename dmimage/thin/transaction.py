@@ -26,17 +26,22 @@ from dmimage.errors import DeviceError, DmimageError, MetadataError, UsageError
 from dmimage.format.constants import (
     BLOCK_SIZE,
     DEVICE_DETAILS_SIZE,
-    INDEX_ENTRY_SIZE,
     MAPPING_VALUE_SIZE,
     MAX_DEV_ID,
     NEEDS_CHECK_FLAG,
-    REF_COUNT_VALUE_SIZE,
     SECTOR_SIZE,
 )
 from dmimage.format.superblock import ZERO_SPACE_MAP_ROOT, SpaceMapRoot
-from dmimage.format.values import DeviceDetails, pack_mapping, unpack_mapping
+from dmimage.format.values import DeviceDetails, pack_mapping, pack_mappings, unpack_mapping
+from dmimage.ordered_write import pwrite_all
 from dmimage.pdata.block import BlockReader
 from dmimage.pdata.cow import SpaceAccount, Transaction, TreeKind, Value
+from dmimage.pdata.sm_update import (
+    DATA_INDEX,
+    REF_COUNT,
+    update_data_space_map,
+    update_metadata_space_map,
+)
 from dmimage.pdata.spacemap import SpaceMap
 from dmimage.pdata.writer import (
     MetadataImage,
@@ -73,8 +78,6 @@ TOP = TreeKind("top-level mapping", MAPPING_VALUE_SIZE, True,
                lambda tx, v: tx.meta.inc(int(v)),
                lambda tx, v: tx.dec_tree(int(v), BOTTOM))
 DETAILS = TreeKind("device details", DEVICE_DETAILS_SIZE, False)
-REF_COUNT = TreeKind("ref-count", REF_COUNT_VALUE_SIZE, False)
-DATA_INDEX = TreeKind("data space map index", INDEX_ENTRY_SIZE, False)
 
 
 class _TxImage(MetadataImage):
@@ -96,6 +99,33 @@ class _TxImage(MetadataImage):
 
 
 BlockWrite = Callable[[int, bytes], None]
+
+#: Bytes of an input file mapped per step of :meth:`WritablePool.write_file`.
+FILE_STEP = 64 << 20
+
+
+def _copy_range(src: int, src_off: int, dst: int, dst_off: int, n: int) -> None:
+    """``n`` bytes file to file in the kernel (``copy_file_range``), or by read and write
+    where the kernel cannot (a pipe, an old kernel, some filesystem pairs)."""
+    done = 0
+    try:
+        while done < n:
+            got = os.copy_file_range(src, dst, n - done, src_off + done, dst_off + done)
+            if got == 0:
+                raise DeviceError(f"input ended {n - done} bytes early")
+            done += got
+        return
+    except OSError:
+        pass  # fall back for what is left
+    while done < n:
+        try:
+            buf = os.pread(src, min(n - done, 16 << 20), src_off + done)
+        except OSError as exc:
+            raise DeviceError(f"read of the input failed: {exc.strerror}") from None
+        if not buf:
+            raise DeviceError(f"input ended {n - done} bytes early")
+        pwrite_all(dst, [memoryview(buf)], dst_off + done)
+        done += len(buf)
 
 
 class WritablePool:
@@ -163,10 +193,13 @@ class WritablePool:
         pool.mapping_roots()  # validates that the two trees agree
         self._changed_details: set[int] = set()
         #: New contents of data blocks the committed pool maps, written at commit.
-        self._pending: dict[int, bytearray] = {}
+        #: Only the byte ranges written, in order: a small write into a big block neither reads
+        #: nor holds the rest of it.
+        self._pending: dict[int, list[tuple[int, bytes]]] = {}
         #: A snapshot reserved in this transaction: (block, its bytes, mapping root, details root).
         self._new_held: tuple[int, bytes, int, int] | None = None
         self._dirty = False
+        self._zeros = memoryview(b"")
 
     @property
     def data_block_size(self) -> int:
@@ -319,30 +352,42 @@ class WritablePool:
         return self._data_fd
 
     def _read_data_block(self, block: int) -> bytes:
-        pending = self._pending.get(block)
-        if pending is not None:
-            return bytes(pending)
+        """A data block as this transaction sees it (its pending writes applied)."""
         fd = self._need_data()
         bs = self.block_bytes
         buf = os.pread(fd, bs, block * bs)
         if len(buf) != bs:
             raise DeviceError(f"data device too short for data block {block}")
+        pending = self._pending.get(block)
+        if pending:
+            out = bytearray(buf)
+            for off, piece in pending:
+                out[off : off + len(piece)] = piece
+            return bytes(out)
         return buf
 
-    def _write_data(self, block: int, offset: int, buf: bytes) -> None:
+    def _write_data(self, block: int, offset: int, buf: bytes | memoryview) -> None:
         """Blocks unused at the last commit are written at once (nobody can see them); a block
         the committed pool maps is changed in memory and written by :meth:`commit`, so an
         abandoned transaction leaves both devices' visible contents as they were."""
         if self.tx.data.committed_used[block]:
-            pending = self._pending.get(block)
-            if pending is None:
-                pending = self._pending[block] = bytearray(self._read_data_block(block))
-            pending[offset : offset + len(buf)] = buf
+            self._need_data()
+            pending = self._pending.setdefault(block, [])
+            if offset == 0 and len(buf) == self.block_bytes:
+                pending.clear()  # the whole block: earlier pieces are overwritten
+            pending.append((offset, bytes(buf)))
             return
         fd = self._need_data()
-        n = os.pwrite(fd, buf, block * self.block_bytes + offset)
-        if n != len(buf):
-            raise DeviceError(f"short write to data block {block}")
+        pwrite_all(fd, [memoryview(buf).cast("B")], block * self.block_bytes + offset)
+
+    def _write_new_block(self, block: int, within: int, chunk: bytes) -> None:
+        """A new (zero-filled) block holding ``chunk`` at ``within``, in one pwritev."""
+        bs = self.block_bytes
+        if len(self._zeros) < bs:
+            self._zeros = memoryview(bytes(bs))
+        fd = self._need_data()
+        z = self._zeros
+        pwrite_all(fd, [z[:within], memoryview(chunk), z[: bs - within - len(chunk)]], block * bs)
 
     def _is_shared(self, dev: int, time: int) -> bool:
         """The kernel's rule (`__snapshotted_since`): a mapping older than the device's last
@@ -350,19 +395,37 @@ class WritablePool:
         metadata snapshot holds it raises data counts without making the block shared."""
         return time < self.details[dev].snapshotted_time
 
-    def write(self, dev: int, offset: int, data: bytes) -> None:
+    def write(self, dev: int, offset: int, data: bytes | memoryview) -> None:
         """Write bytes through thin device ``dev`` at byte ``offset``, as the kernel would:
-        provision (zero-filled) blocks, break sharing by copying, overwrite private blocks."""
+        provision (zero-filled) blocks, break sharing by copying, overwrite private blocks.
+        The whole blocks of a write go through :meth:`_write_whole_blocks` in bulk."""
         if offset < 0:
             raise UsageError("offset must not be negative")
         bs = self.block_bytes
-        pos = 0
+        view = memoryview(data).cast("B")
+        end = offset + len(view)
+        head_end = min(end, -(-offset // bs) * bs)
+        tail_start = max(head_end, end // bs * bs)
         root = self._root_for_write(dev)
+        if head_end > offset:
+            root = self._write_partial(dev, root, offset, view[: head_end - offset])
+        if tail_start > head_end:
+            root = self._write_whole_blocks(dev, root, head_end // bs,
+                                            view[head_end - offset : tail_start - offset])
+        if end > tail_start:
+            root = self._write_partial(dev, root, tail_start, view[tail_start - offset :])
+        self._set_root(dev, root)
+        self._touch(dev)
+
+    def _write_partial(self, dev: int, root: int, offset: int, data: memoryview) -> int:
+        """Block by block (used for the partial blocks at either end of a write)."""
+        bs = self.block_bytes
         d = self.details[dev]
+        pos = 0
         while pos < len(data):
             vblock, within = divmod(offset + pos, bs)
             n = min(bs - within, len(data) - pos)
-            chunk = data[pos : pos + n]
+            chunk = bytes(data[pos : pos + n])
             found = self.tx.lookup(root, vblock, BOTTOM)
             if found is not None:
                 old_block, old_time = unpack_mapping(int(found))
@@ -371,19 +434,115 @@ class WritablePool:
                     pos += n
                     continue
                 base = self._read_data_block(old_block)
+                new = self.tx.data.alloc()
+                self._write_data(new, 0, base[:within] + chunk + base[within + n :])
             else:
-                base = bytes(bs)
-            new = self.tx.data.alloc()
-            content = base[:within] + chunk + base[within + n :] if n < bs else chunk
-            self._write_data(new, 0, content)
+                new = self.tx.data.alloc()
+                self._write_new_block(new, within, chunk)
             root, old = self.tx.insert(root, vblock, pack_mapping(new, self.time), BOTTOM)
             if old is None:
                 d.mapped_blocks += 1
             else:
                 self.tx.data.dec(_data_block(old))
             pos += n
+        return root
+
+    def _write_whole_blocks(self, dev: int, root: int, vfirst: int, data: memoryview) -> int:
+        """Whole blocks from ``vfirst`` on, from memory (see :meth:`_map_whole_blocks`)."""
+        bs = self.block_bytes
+        fd = self._need_data()
+
+        def put(i: int, k: int, dst: int) -> None:
+            pwrite_all(fd, [data[i * bs : (i + k) * bs]], dst)
+
+        return self._map_whole_blocks(dev, root, vfirst, len(data) // bs,
+                                      lambda i: data[i * bs : (i + 1) * bs], put)
+
+    def write_file(self, dev: int, offset: int, src_fd: int, src_offset: int, length: int,
+                   progress: Callable[[int], None] | None = None) -> None:
+        """Write ``length`` bytes of the file ``src_fd`` (from ``src_offset``) through thin
+        device ``dev`` at ``offset``, as :meth:`write` would; whole blocks that go to new data
+        blocks are copied file to file by the kernel (``copy_file_range``), never through
+        Python. ``progress(n)`` after every n bytes."""
+        if offset < 0:
+            raise UsageError("offset must not be negative")
+        bs = self.block_bytes
+        end = offset + length
+        head_end = min(end, -(-offset // bs) * bs)
+        tail_start = max(head_end, end // bs * bs)
+        data_fd = self._need_data()
+
+        def pread(pos: int, n: int) -> bytes:
+            try:
+                buf = os.pread(src_fd, n, src_offset + pos - offset)
+            except OSError as exc:
+                raise DeviceError(f"read of the input failed: {exc.strerror}") from None
+            if len(buf) != n:
+                raise DeviceError(f"input ended {n - len(buf)} bytes early")
+            return buf
+
+        root = self._root_for_write(dev)
+        if head_end > offset:
+            root = self._write_partial(dev, root, offset, memoryview(pread(offset, head_end
+                                                                             - offset)))
+            if progress:
+                progress(head_end - offset)
+        step = max(1, FILE_STEP // bs)
+        for v in range(head_end // bs, tail_start // bs, step):
+            k = min(step, tail_start // bs - v)
+            base = v * bs
+
+            def get(i: int, base: int = base) -> bytes:
+                return pread(base + i * bs, bs)
+
+            def put(i: int, n: int, dst: int, base: int = base) -> None:
+                _copy_range(src_fd, src_offset + base + i * bs - offset, data_fd, dst, n * bs)
+
+            root = self._map_whole_blocks(dev, root, v, k, get, put)
+            if progress:
+                progress(k * bs)
+        if end > tail_start:
+            root = self._write_partial(dev, root, tail_start,
+                                       memoryview(pread(tail_start, end - tail_start)))
+            if progress:
+                progress(end - tail_start)
         self._set_root(dev, root)
         self._touch(dev)
+
+    def _map_whole_blocks(self, dev: int, root: int, vfirst: int, n: int,
+                          get: Callable[[int], bytes | memoryview],
+                          put: Callable[[int, int, int], None]) -> int:
+        """``n`` whole blocks from ``vfirst`` on: private mapped blocks are overwritten in
+        place (``get(i)``: the bytes of block i of the range); every other block gets a new
+        data block (no old content to keep), allocated, written in runs (``put(i, k, byte
+        offset)``: blocks i..i+k of the range, one call per run of consecutive data blocks)
+        and mapped with one bulk insert."""
+        bs = self.block_bytes
+        d = self.details[dev]
+        keys, vals = self.tx.range_items(root, vfirst, vfirst + n, BOTTOM)
+        private: set[int] = set()
+        for k, v in zip(keys, vals, strict=True):
+            block, time = unpack_mapping(int(v))
+            if not self._is_shared(dev, time):
+                private.add(k)
+                self._write_data(block, 0, get(k - vfirst))
+        vblocks = np.arange(vfirst, vfirst + n, dtype=np.int64)
+        if private:
+            vblocks = vblocks[~np.isin(vblocks, np.fromiter(private, np.int64, len(private)))]
+        if not len(vblocks):
+            return root
+        blocks = self.tx.data.alloc_many(len(vblocks))
+        # runs where both the virtual and the data blocks are consecutive
+        brk = np.flatnonzero((np.diff(blocks) != 1) | (np.diff(vblocks) != 1)) + 1
+        for a, z in zip([0, *brk.tolist()], [*brk.tolist(), len(blocks)], strict=True):
+            put(int(vblocks[a]) - vfirst, z - a, int(blocks[a]) * bs)
+        values = pack_mappings(blocks.astype(np.uint64),
+                               np.full(len(blocks), self.time, np.uint64))
+        root, replaced = self.tx.insert_many(root, vblocks.tolist(), values.tolist(), BOTTOM)
+        d.mapped_blocks += len(vblocks) - len(replaced)
+        for old in replaced:
+            self.tx.data.dec(_data_block(old))
+        return root
 
     def discard(self, dev: int, offset: int, length: int) -> int:
         """Unmap every block wholly inside [offset, offset+length); return how many."""
@@ -404,7 +563,10 @@ class WritablePool:
         return count
 
     def _mapped_in(self, root: int, first: int, end: int) -> list[int]:
-        return [k for k, _ in self.tx.items(root, BOTTOM) if first <= k < end]
+        """Mapped virtual blocks in [first, end): only the nodes over that range are read."""
+        if end <= first:
+            return []
+        return self.tx.range_items(root, first, end, BOTTOM)[0]
 
     def read(self, dev: int, offset: int, length: int) -> bytes:
         """Bytes of thin device ``dev`` as the kernel would return them (zeros if unmapped)."""
@@ -460,6 +622,41 @@ class WritablePool:
         tx.dec_tree(data.root.bitmap_root, DATA_INDEX)
         tx.dec_tree(data.root.ref_count_root, REF_COUNT)
 
+    def _incremental_space_maps(self) -> bool:
+        """Whether both maps keep their committed size (the usual case: they are updated in
+        place); otherwise they are written whole at the new size."""
+        return (len(self.tx.meta.counts) == self._meta_sm.root.nr_blocks
+                and len(self.tx.data.counts) == self._data_sm.root.nr_blocks)
+
+    def _update_space_maps(self) -> tuple[SpaceMapRoot, SpaceMapRoot, list[tuple[int, bytes]]]:
+        """Both maps changed where their counts changed (pdata/sm_update.py); every block to
+        write. The metadata map goes last: it must count every block the others allocate."""
+        tx = self.tx
+        data_root, blocks = update_data_space_map(tx, self._data_sm.root, self._data_sm.index,
+                                                  self._data_sm.counts)
+        meta_root, meta_blocks = update_metadata_space_map(
+            tx, self._meta_sm.root, self._meta_sm.index, self._meta_sm.counts)
+        blocks += meta_blocks
+        blocks += [(b, bytes(buf)) for b, buf in tx.encoded_dirty()]
+        return data_root, meta_root, blocks
+
+    def _rewrite_space_maps(self) -> tuple[SpaceMapRoot, SpaceMapRoot, list[tuple[int, bytes]]]:
+        """Both maps written whole, at the metadata device's current size."""
+        tx = self.tx
+        self._retire_space_maps()
+        image = _TxImage(tx.meta)
+        data_counts = tx.data.counts
+        nz = np.flatnonzero(data_counts)
+        data_root = write_data_space_map(image, tx.data.nr_blocks, nz.astype(np.uint64),
+                                         data_counts[nz].astype(np.int64))
+        # Node blocks must be known to the image before the metadata map is laid out.
+        blocks: list[tuple[int, bytes]] = [(b, bytes(buf)) for b, buf in tx.encoded_dirty()]
+        meta_root = write_metadata_space_map(image)
+        for start, seg in image.segments():
+            for i in range(len(seg)):
+                blocks.append((start + i, seg[i].tobytes()))
+        return data_root, meta_root, blocks
+
     def commit(self, write_block: BlockWrite | None = None,
                flush: Callable[[], None] | None = None) -> bool:
         """Write the transaction crash-safely; return False if there was nothing to write.
@@ -475,29 +672,21 @@ class WritablePool:
                                                  self.details[dev].pack(), DETAILS)
             else:
                 self.details_root, _ = tx.remove(self.details_root, dev, DETAILS)
-        self._retire_space_maps()
-        image = _TxImage(tx.meta)
-        data_counts = tx.data.counts
-        nz = np.flatnonzero(data_counts)
-        data_root = write_data_space_map(image, tx.data.nr_blocks, nz.astype(np.uint64),
-                                         data_counts[nz].astype(np.int64))
-        # Node blocks must be known to the image before the metadata map is laid out.
-        blocks: list[tuple[int, bytes]] = [(b, bytes(buf)) for b, buf in tx.encoded_dirty()]
+        if self._incremental_space_maps():
+            data_root, meta_root, blocks = self._update_space_maps()
+        else:
+            data_root, meta_root, blocks = self._rewrite_space_maps()
         if self._new_held is not None:
             blocks.append(self._new_held[:2])
-        meta_root = write_metadata_space_map(image)
-        for start, seg in image.segments():
-            for i in range(len(seg)):
-                blocks.append((start + i, seg[i].tobytes()))
         sb = self._superblock_bytes(0, data_root=data_root, meta_root=meta_root)
         write_block = write_block or self._pwrite_block
         flush = flush or self._fsync
         if self._pending:
             fd = self._need_data()
             bs = self.block_bytes
-            for b, content in sorted(self._pending.items()):
-                if os.pwrite(fd, content, b * bs) != bs:
-                    raise DeviceError(f"short write to data block {b}")
+            for b, pieces in sorted(self._pending.items()):
+                for off, piece in pieces:
+                    pwrite_all(fd, [memoryview(piece)], b * bs + off)
         if self._data_fd is not None:
             os.fsync(self._data_fd)
         for b, buf in sorted(blocks):
