@@ -24,7 +24,7 @@ from dmimage.errors import MetadataError
 from dmimage.format.constants import DEVICE_DETAILS_SIZE, MAPPING_VALUE_SIZE
 from dmimage.format.values import mapping_blocks, unpack_details
 from dmimage.pdata.block import BlockReader
-from dmimage.pdata.btree import U64, BtreeWalker, Node
+from dmimage.pdata.btree import U64, BtreeWalker, Node, leaves_in_order
 from dmimage.pdata.spacemap import SpaceMap, read_space_map
 from dmimage.thin.superblock import Superblock, read_superblock
 
@@ -178,12 +178,26 @@ class _Checker:
                                    f"tree holds {s.entries}", field="mapped_blocks"))
         return total
 
+    def _all_keys(self, root: int, value_size: int) -> set[int]:
+        return {k for leaf in leaves_in_order(self.reader, root, value_size)
+                for k in leaf.keys.tolist()}
+
     def pool_trees(self, sb: Superblock, label: str, skip_mappings: bool) -> None:
         details = self.device_ids(sb, label)
         roots = self.top_level(sb, label)
-        if set(details) != set(roots):
-            only_d = sorted(set(details) - set(roots))[:EXAMPLES]
-            only_m = sorted(set(roots) - set(details))[:EXAMPLES]
+        ids_d, ids_m = set(details), set(roots)
+        if label:
+            # The walker visits a node once, so leaves the held trees share with the live ones
+            # (walked first) reached no callback: the id sets come from whole reads of the two
+            # (small) trees. A tree too damaged to read whole was reported by the walk.
+            try:
+                ids_d = self._all_keys(sb.device_details_root, DEVICE_DETAILS_SIZE)
+                ids_m = self._all_keys(sb.data_mapping_root, MAPPING_VALUE_SIZE)
+            except MetadataError:
+                ids_d = ids_m
+        if ids_d != ids_m:
+            only_d = sorted(ids_d - ids_m)[:EXAMPLES]
+            only_m = sorted(ids_m - ids_d)[:EXAMPLES]
             self.error(Problem(f"{label}details tree and mapping tree disagree on device ids "
                                f"(details only: {only_d}, mappings only: {only_m})",
                                block=sb.data_mapping_root, field="data_mapping_root",
