@@ -29,6 +29,7 @@ from typing import Any, BinaryIO
 
 from dmimage import devlock
 from dmimage.docker.errors import StoreError, StoreIOError
+from dmimage.docker.ext4runs import Ext4Files
 from dmimage.docker.fs import open_filesystem
 from dmimage.docker.images import Image
 from dmimage.docker.layers import Layer
@@ -91,8 +92,14 @@ def _plan(job: _Job) -> Plan:
             listing = listings[parent] = fs.get(ROOTFS + parent).listdir()
         return listing[base]
 
-    plan = plan_layer(job.entries, fs, job.thin, lookup, where=job.where,
-                      device_id=job.device_id)
+    ext4 = None
+    if type(fs).__name__ == "ExtFS":
+        try:
+            ext4 = Ext4Files(fs, ROOTFS)
+        except Exception:  # no rootfs/: each file then fails on its own, naming itself
+            ext4 = None
+    plan = plan_layer(job.entries, job.thin, lookup, where=job.where,
+                      device_id=job.device_id, ext4=ext4)
     if plan.size != job.size:  # pragma: no cover - both add up the same entries
         raise StoreError(job.where, f"planned {plan.size} bytes, tar-split says {job.size}")
     return plan

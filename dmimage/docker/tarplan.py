@@ -19,6 +19,7 @@ import numpy as np
 from dissect.util.stream import RunlistStream
 
 from dmimage.docker.errors import StoreError
+from dmimage.docker.ext4runs import Ext4Files, Runs, rel_path
 from dmimage.docker.tarsplit import SEGMENT_TYPE, Entry
 from dmimage.docker.thinfile import ThinFile
 from dmimage.errors import DeviceError
@@ -48,17 +49,26 @@ class Plan:
         return out
 
 
-def plan_layer(entries: list[Entry], fs: Any, thin: ThinFile, lookup: Callable[[str], Any],
-               *, where: str, device_id: int) -> Plan:
-    """The pieces of the layer tar *entries* rebuild, file contents taken from *fs* (opened on
-    *thin*); *lookup* maps a path below the layer's root to the filesystem's node. A file
+def plan_layer(entries: list[Entry], thin: ThinFile, lookup: Callable[[str], Any],
+               *, where: str, device_id: int, ext4: Ext4Files | None = None) -> Plan:
+    """The pieces of the layer tar *entries* rebuild, file contents taken from the layer's
+    filesystem (read through *thin*): through *ext4* for all files at once where it can,
+    else one by one with *lookup*, which maps a path below the layer's root to the
+    filesystem's node. A file
     tar-split names that is missing, not a regular file or shorter than tar-split says is a
     StoreError naming it, as the streaming reader reported it."""
+    files = [e for e in entries if e.type != SEGMENT_TYPE and e.size]
+    fast: list[tuple[int, Runs] | None] = [None] * len(files)
+    if ext4 is not None:
+        try:
+            fast = ext4.contents([rel_path(e.name) for e in files])
+        except (OSError, DeviceError, ValueError):  # damaged tables: each file on its own
+            fast = [None] * len(files)
     # items: bytes (literal), int n >= 0 (n zeros), or -(k + 1) for device range k
     items: list[bytes | int] = []
     dev_starts: list[int] = []
     dev_lens: list[int] = []
-    files = 0
+    j = 0
     for e in entries:
         if e.type == SEGMENT_TYPE:
             if e.payload:
@@ -66,43 +76,31 @@ def plan_layer(entries: list[Entry], fs: Any, thin: ThinFile, lookup: Callable[[
             continue
         if e.size == 0:
             continue
-        files += 1
-        rel = posixpath.normpath(e.name.decode("utf-8", "surrogateescape")).lstrip("/")
-        try:
-            stream = lookup(rel).open()
-        except Exception:  # a missing path, or one that is not a regular file
-            raise StoreError(where, f"{rel}: named by tar-split but not a file in the layer's "
-                             f"filesystem (device {device_id})") from None
-        have = getattr(stream, "size", None)
-        if have is not None and have < e.size:
+        got = fast[j]
+        j += 1
+        content = got if got is not None else _one_file(e, thin, lookup, where, device_id)
+        if isinstance(content, bytes):
+            items.append(content)
+            continue
+        have, runs = content
+        if have < e.size:
             raise StoreError(where, f"{e.name.decode(errors='replace')}: the layer's file "
                              f"is {have} bytes, tar-split says {e.size}")
-        if isinstance(stream, RunlistStream) and getattr(stream, "_fh", None) is thin:
-            left = e.size
-            bs = stream.block_size
-            for blk, count in stream.runlist:
-                n = min(count * bs, left)
-                if blk is None:
-                    items.append(n)
-                else:
-                    items.append(-(len(dev_starts) + 1))
-                    dev_starts.append(blk * bs)
-                    dev_lens.append(n)
-                left -= n
-                if not left:
-                    break
-            if left:
-                raise StoreError(where, f"{e.name.decode(errors='replace')}: the layer's "
-                                 f"file is {e.size - left} bytes, tar-split says {e.size}")
-        else:  # inline data, or a reader that does not give runs: read it now
-            try:
-                data = stream.read(e.size)
-            except (OSError, DeviceError) as exc:
-                raise StoreError(where, f"{rel}: cannot read it ({exc})") from None
-            if len(data) != e.size:
-                raise StoreError(where, f"{e.name.decode(errors='replace')}: the layer's "
-                                 f"file is {len(data)} bytes, tar-split says {e.size}")
-            items.append(data)
+        left = e.size
+        for dev, n in runs:
+            n = min(n, left)
+            if dev is None:
+                items.append(n)
+            else:
+                items.append(-(len(dev_starts) + 1))
+                dev_starts.append(dev)
+                dev_lens.append(n)
+            left -= n
+            if not left:
+                break
+        if left:
+            raise StoreError(where, f"{e.name.decode(errors='replace')}: the layer's "
+                             f"file is {e.size - left} bytes, tar-split says {e.size}")
     try:
         which, lens, srcs = thin.locate(np.array(dev_starts, np.int64),
                                         np.array(dev_lens, np.int64))
@@ -134,4 +132,30 @@ def plan_layer(entries: list[Entry], fs: Any, thin: ThinFile, lookup: Callable[[
                 else:
                     pieces.append((n, src))
                 size += n
-    return Plan(size, pieces, files)
+    return Plan(size, pieces, len(files))
+
+
+def _one_file(e: Entry, thin: ThinFile, lookup: Callable[[str], Any], where: str,
+              device_id: int) -> tuple[int, Runs] | bytes:
+    """A file's (size, runs) through the filesystem reader's own stream (its run list when
+    it reads through *thin*), or its bytes (inline data, other streams)."""
+    rel = posixpath.normpath(e.name.decode("utf-8", "surrogateescape")).lstrip("/")
+    try:
+        stream = lookup(rel).open()
+    except Exception:  # a missing path, or one that is not a regular file
+        raise StoreError(where, f"{rel}: named by tar-split but not a file in the layer's "
+                         f"filesystem (device {device_id})") from None
+    have = getattr(stream, "size", None)
+    if isinstance(stream, RunlistStream) and getattr(stream, "_fh", None) is thin:
+        bs = stream.block_size
+        runs = [(None if blk is None else blk * bs, count * bs)
+                for blk, count in stream.runlist]
+        return (e.size if have is None else have), runs
+    try:
+        data: bytes = stream.read(e.size)
+    except (OSError, DeviceError) as exc:
+        raise StoreError(where, f"{rel}: cannot read it ({exc})") from None
+    if len(data) != e.size:
+        raise StoreError(where, f"{e.name.decode(errors='replace')}: the layer's "
+                         f"file is {len(data)} bytes, tar-split says {e.size}")
+    return data
