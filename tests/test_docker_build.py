@@ -344,3 +344,151 @@ def test_direct_lvm_pool(built: tuple[Path, Inputs], tmp_path: Path) -> None:
     assert (tmp_path / "a.ext4").read_bytes() == (tmp_path / "b.ext4").read_bytes()
     res = _cli("docker", "ls", str(bare), "--lvm", str(disk), "docker/nosuch")
     assert res.returncode == 2 and "nosuch" in res.stderr and "Traceback" not in res.stderr
+
+
+def _save_tarball(path: Path, tag: str, files: dict[str, bytes]) -> bytes:
+    """A `docker save` tarball of one image with one layer holding *files*; the layer tar."""
+    lbuf = io.BytesIO()
+    with tarfile.open(fileobj=lbuf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for name, data in files.items():
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            t.addfile(ti, io.BytesIO(data))
+    layer = lbuf.getvalue()
+    config = json.dumps({"rootfs": {"type": "layers", "diff_ids": [
+        "sha256:" + hashlib.sha256(layer).hexdigest()]}}).encode()
+    cid = hashlib.sha256(config).hexdigest()
+    with tarfile.open(path, "w") as t:
+        for name, data in (("l/layer.tar", layer), (f"{cid}.json", config),
+                           ("manifest.json", json.dumps([{"Config": f"{cid}.json",
+                                                          "RepoTags": [tag],
+                                                          "Layers": ["l/layer.tar"]}]).encode())):
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            t.addfile(ti, io.BytesIO(data))
+    return layer
+
+
+def test_ext4_runs_match_dissect(tmp_path: Path) -> None:
+    """save's bulk ext4 reader (ext4runs) against dissect.extfs, file by file, on a layer
+    whose files debugfs writes with holes (it skips zero blocks): extents with gaps between
+    them, a hole at the end, and a file of five extents (an extent tree of depth 1, left to
+    dissect). Where the bulk reader answers, the bytes its runs name must be dissect's."""
+    from dmimage.docker.ext4runs import Ext4Files
+
+    rnd = os.urandom(1 << 20)
+    z = bytes(8192)
+    d = rnd[:4096]
+    files = {
+        "a/holes4": d + z + d + z + d + z + d,  # 4 extents, gaps between them
+        "a/holes5": (d + z) * 4 + d,  # 5 extents: a tree of depth 1
+        "a/tailhole": d + bytes(20000),
+        "a/tiny": b"x",
+        "a/odd": rnd[:123457],
+        "b/big": rnd,
+        **{f"c/f{i}": rnd[i:i + 100 + 37 * i] for i in range(200)},
+    }
+    layer = _save_tarball(tmp_path / "in.tar", "holes:1", files)
+    (tmp_path / "s.toml").write_text(spec_text("holes", ["in.tar"]))
+    build_docker_store(load_docker_spec(tmp_path / "s.toml"), tmp_path / "root")
+    store = open_store(tmp_path / "root")
+    dev = resolve(store, "holes:1").device
+    fast = holes = 0
+    with open_pool(store.pool_files.metadata) as pool:
+        fd = os.open(store.pool_files.data, os.O_RDONLY)
+        try:
+            thin = ThinFile(pool, fd, dev.device_id, dev.size)
+            fs = open_filesystem(thin)
+            names = sorted(files)
+            got = Ext4Files(fs, "/rootfs").contents([n.encode() for n in names])
+            for name, g in zip(names, got, strict=True):
+                want = fs.get("/rootfs/" + name).open().read()
+                assert want == files[name], name
+                if g is None:
+                    continue
+                fast += 1
+                size, runs = g
+                out = bytearray()
+                for i, (at, n) in enumerate(runs):
+                    if at is None:
+                        holes += i + 1 < len(runs)
+                        out += bytes(n)
+                    else:
+                        thin.seek(at)
+                        out += thin.read(n)
+                assert size == len(want) and bytes(out[:size]) == want, name
+            assert got[names.index("a/holes5")] is None  # left to dissect
+        finally:
+            os.close(fd)
+    assert fast == len(files) - 1 and holes >= 3
+    out = tmp_path / "s.tar"
+    with open(out, "wb") as f:
+        save(store, ["holes:1"], f)
+    with tarfile.open(out) as t:
+        m = json.load(t.extractfile("manifest.json"))[0]  # type: ignore[arg-type]
+        assert t.extractfile(m["Layers"][0]).read() == layer  # type: ignore[union-attr]
+
+
+def test_save_parallel_stream_and_pipe_agree(built: tuple[Path, Inputs], tmp_path: Path) -> None:
+    """The tarball is the same whether the layers are written in parallel at their offsets
+    (a regular file), in order to an in-memory file, or by the CLI into a FIFO (which must
+    stay a FIFO: a device or pipe given as -o is written to, never replaced)."""
+    import threading
+
+    root, inp = built
+    store = open_store(root)
+    names = sorted(inp.images)
+    with open(tmp_path / "p.tar", "wb") as f:
+        save(store, names, f)
+    mem = io.BytesIO()
+    save(store, names, mem)
+    parallel = (tmp_path / "p.tar").read_bytes()
+    assert mem.getvalue() == parallel
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got = bytearray()
+
+    def drain() -> None:
+        with open(fifo, "rb") as r:
+            while chunk := r.read(1 << 16):
+                got.extend(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    res = _cli("docker", "save", str(root), *names, "-o", str(fifo))
+    reader.join(timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert bytes(got) == parallel
+
+
+def test_save_error_in_a_parallel_layer(built: tuple[Path, Inputs], tmp_path: Path) -> None:
+    """A layer whose file no longer matches its diff id fails the save naming that layer's
+    tar-split, while the other layers are rebuilt in parallel; no output is left."""
+    import shutil
+
+    src, inp = built
+    root = tmp_path / "root"
+    shutil.copytree(src, root, ignore=lambda d, names: (
+        ["data"] if d.endswith("devicemapper/devicemapper") else []))
+    subprocess.run(["cp", "--sparse=always", str(src / "devicemapper/devicemapper/data"),
+                    str(root / "devicemapper/devicemapper/data")], check=True)
+    store = open_store(root)
+    # l2 only: change one byte of the tar-split's first header segment's copy in the tar
+    l2 = next(x for x in store.layers.values() if x.diff_id == inp.diff_id("l2"))
+    assert l2.tar_split is not None
+    ts = root / l2.tar_split
+    lines = gzip.decompress(ts.read_bytes()).splitlines()
+    seg = json.loads(lines[0])
+    raw = bytearray(base64.b64decode(seg["payload"]))
+    raw[0] ^= 1
+    seg["payload"] = base64.b64encode(bytes(raw)).decode()
+    lines[0] = json.dumps(seg).encode()
+    ts.write_bytes(gzip.compress(b"\n".join(lines) + b"\n"))
+    out = tmp_path / "s.tar"
+    res = _cli("docker", "save", str(root), *sorted(inp.images), "-o", str(out))
+    assert res.returncode == 1, res.stderr
+    err = res.stderr.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    assert l2.tar_split in err and "diff id" in err, err
+    assert not out.exists() and not list(tmp_path.glob(".s.tar.*"))

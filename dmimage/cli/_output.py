@@ -5,6 +5,7 @@ command never leaves a half-written file under the final name)."""
 from __future__ import annotations
 
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -23,7 +24,25 @@ def write_text(text: str) -> None:
 
 @contextmanager
 def atomic_output(path: str) -> Iterator[BinaryIO]:
+    """A file to write the result to, renamed onto *path* once complete. When *path* is
+    a device or a pipe (``-o /dev/null``, ``-o /dev/stdout``) it is written directly: a
+    rename would replace the device node with a regular file."""
     target = os.path.abspath(path)
+    try:
+        st = os.stat(target)
+    except OSError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+        try:
+            f = open(target, "wb")  # noqa: SIM115 - closed below, errors mapped
+        except OSError as exc:
+            raise DeviceError(f"{path}: {exc.strerror}") from None
+        try:
+            with f:
+                yield f
+        except OSError as exc:
+            raise DeviceError(f"{path}: {exc.strerror}") from None
+        return
     directory = os.path.dirname(target)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp",

@@ -25,7 +25,7 @@ import tarfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal, cast
 
 from dmimage import devlock
 from dmimage.docker.errors import StoreError, StoreIOError
@@ -126,6 +126,13 @@ def _positional(out: BinaryIO) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == null.st_rdev
 
 
+def _seekable(out: BinaryIO) -> bool:
+    try:
+        return bool(out.seekable())
+    except (OSError, ValueError):
+        return False
+
+
 def _workers() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -196,10 +203,13 @@ def _save(store: Store, images: dict[str, tuple[Image, list[str]]], out: BinaryI
     parallel = _positional(out)
     jobs: list[_Job] = []
     try:
+        # a pipe cannot tell() its position: tarfile's stream mode then
+        mode: Literal["w", "w|"] = "w" if parallel or _seekable(out) else "w|"
         with open_pool(store.pool_files.metadata) as pool, \
-                tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                tarfile.open(fileobj=out, mode=mode, format=tarfile.PAX_FORMAT) as tar:
             fobj = tar.fileobj
             assert fobj is not None
+            sink = cast(Any, fobj)
             for img, refs in images.values():
                 layer_paths = []
                 parent = ""
@@ -237,7 +247,8 @@ def _save(store: Store, images: dict[str, tuple[Image, list[str]]], out: BinaryI
                             fobj.seek(job.offset + job.size)
                             jobs.append(job)
                         else:
-                            _run(job, data_fd, lambda chunk, _off: out.write(chunk))
+                            # through tarfile's file object: in stream mode it buffers
+                            _run(job, data_fd, lambda chunk, _off: sink.write(chunk))
                         fobj.write(bytes(pad))
                         tar.offset += job.size + pad
                         written.add(v1)
