@@ -80,6 +80,8 @@ def tree_digest(root: Path) -> str:
             h.update(str(p).encode())
             if p.is_symlink():
                 h.update(os.readlink(p).encode())
+            elif p.is_fifo():
+                h.update(b"fifo")
             else:
                 h.update(p.read_bytes())
     return h.hexdigest()
@@ -141,10 +143,12 @@ def test_export_by_tag(store: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 @pytest.mark.parametrize("case", ["traversal", "absolute", "symlink-out", "symlink-loop",
-                                  "malformed", "missing-diff", "bad-field", "container-dir"])
+                                  "malformed", "missing-diff", "bad-field", "container-dir",
+                                  "fifo"])
 def test_bad_input(store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                    case: str) -> None:
-    """One line naming the file, exit 1, no traceback; nothing under ROOT changes."""
+    """One line naming the file, exit 1, no traceback, no hang; nothing under ROOT
+    changes."""
     ldir = store / "image/devicemapper/layerdb/sha256" / DIFF[7:]
     md = store / "devicemapper/metadata"
     if case == "traversal":
@@ -171,6 +175,10 @@ def test_bad_input(store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[st
     elif case == "bad-field":
         (md / "base").write_text(json.dumps({"device_id": 1 << 24, "size": 1}))
         named = "base"
+    elif case == "fifo":  # must not wait for a writer
+        (md / LAYER_HASH).unlink()
+        os.mkfifo(md / LAYER_HASH)
+        named = LAYER_HASH
     else:
         (store / "containers" / ("c" * 64)).mkdir(parents=True)
         named = "config.v2.json"
