@@ -378,3 +378,32 @@ def test_diff_on_hand_built_container(store: Path, tmp_path: Path,
         assert f is not None and f.read() == b"new contents\n"
     rc, _, err = run(capsys, "docker", "diff", str(store), "img:1")
     assert rc == 1 and "is an image, not a container" in one_line(err)
+
+
+def test_output_targets(tmp_path: Path) -> None:
+    """-o: a symlink's target is replaced and the link kept; a FIFO is written to, not
+    replaced (a rename would turn -o /dev/null into a regular file); a failure leaves
+    neither a file nor a temp behind."""
+    import threading
+
+    from dmimage.cli._output import atomic_output
+
+    (tmp_path / "real").write_bytes(b"old")
+    (tmp_path / "link").symlink_to("real")
+    with atomic_output(str(tmp_path / "link")) as f:
+        f.write(b"new")
+    assert os.readlink(tmp_path / "link") == "real"
+    assert (tmp_path / "real").read_bytes() == b"new"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    with atomic_output(str(fifo)) as f:
+        f.write(b"through")
+    reader.join(timeout=30)
+    assert got == [b"through"] and os.path.exists(fifo) and not (tmp_path / "fifo").is_file()
+    with pytest.raises(RuntimeError), atomic_output(str(tmp_path / "x")) as f:
+        f.write(b"partial")
+        raise RuntimeError
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "link", "real"]

@@ -25,16 +25,16 @@ def write_text(text: str) -> None:
 @contextmanager
 def atomic_output(path: str) -> Iterator[BinaryIO]:
     """A file to write the result to, renamed onto *path* once complete. When *path* is
-    a device or a pipe (``-o /dev/null``, ``-o /dev/stdout``) it is written directly: a
-    rename would replace the device node with a regular file."""
-    target = os.path.abspath(path)
+    a device or a pipe (``-o /dev/null``, a FIFO) it is written directly: a rename would
+    replace the device node with a regular file. A symlink is followed (its target is
+    replaced, not the link: ``/dev/stdout`` stays a link)."""
     try:
-        st = os.stat(target)
+        st = os.stat(path)
     except OSError:
         st = None
     if st is not None and not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
         try:
-            f = open(target, "wb")  # noqa: SIM115 - closed below, errors mapped
+            f = open(path, "wb")  # noqa: SIM115 - closed below, errors mapped
         except OSError as exc:
             raise DeviceError(f"{path}: {exc.strerror}") from None
         try:
@@ -43,6 +43,7 @@ def atomic_output(path: str) -> Iterator[BinaryIO]:
         except OSError as exc:
             raise DeviceError(f"{path}: {exc.strerror}") from None
         return
+    target = os.path.realpath(path) if st is not None else os.path.abspath(path)
     directory = os.path.dirname(target)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp",
