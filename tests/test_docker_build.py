@@ -408,15 +408,15 @@ def test_ext4_runs_match_dissect(tmp_path: Path) -> None:
                     continue
                 fast += 1
                 size, runs = g
-                out = bytearray()
+                read = bytearray()
                 for i, (at, n) in enumerate(runs):
                     if at is None:
                         holes += i + 1 < len(runs)
-                        out += bytes(n)
+                        read += bytes(n)
                     else:
                         thin.seek(at)
-                        out += thin.read(n)
-                assert size == len(want) and bytes(out[:size]) == want, name
+                        read += thin.read(n)
+                assert size == len(want) and bytes(read[:size]) == want, name
             assert got[names.index("a/holes5")] is None  # left to dissect
         finally:
             os.close(fd)
@@ -492,3 +492,94 @@ def test_save_error_in_a_parallel_layer(built: tuple[Path, Inputs], tmp_path: Pa
     assert "\n" not in err and "Traceback" not in err, err
     assert l2.tar_split in err and "diff id" in err, err
     assert not out.exists() and not list(tmp_path.glob(".s.tar.*"))
+
+
+def test_docs_rescue_and_migrate(built: tuple[Path, Inputs], tmp_path: Path) -> None:
+    """docs/docker.md's second example (diff, diff -o, save) runs on a copy of a built store
+    given a container by hand, as dockerd makes one: an init device and a writable device
+    snapshotted from the image's top layer, the container's file changes written into its
+    device with debugfs. diff must name them, the tar hold them, save reproduce the input."""
+    import re
+    import shlex
+    import shutil
+
+    src, inp = built
+    root = tmp_path / "root"
+    shutil.copytree(src, root, ignore=lambda d, names: (
+        ["data"] if d.endswith("devicemapper/devicemapper") else []))
+    loop = root / "devicemapper/devicemapper"
+    subprocess.run(["cp", "--sparse=always", str(src / "devicemapper/devicemapper/data"),
+                    str(loop / "data")], check=True)
+    store = open_store(root)
+    img = store.images[inp.image_id("rich:1")]
+    top = resolve(store, "rich:1").device
+    with open_pool(str(loop / "metadata")) as pool:
+        tid = pool.live_superblock.trans_id
+        init_id = max(pool.devices()) + 1
+    rw_id = init_id + 1
+    res = _cli("message", str(loop / "metadata"), f"create_snap {init_id} {top.device_id}",
+               f"create_snap {rw_id} {init_id}", f"set_transaction_id {tid} {tid + 2}")
+    assert res.returncode == 0, res.stderr
+    md = root / "devicemapper/metadata"
+    mount = "e" * 64
+    for name, dev, t in ((mount + "-init", init_id, tid + 1), (mount, rw_id, tid + 2)):
+        (md / name).write_text(json.dumps({"device_id": dev, "size": top.size,
+                                           "transaction_id": t, "initialized": True,
+                                           "deleted": False}))
+    (md / "transaction-metadata").write_text(json.dumps(
+        {"open_transaction_id": tid + 2, "device_hash": mount, "device_id": rw_id}))
+    ds = json.loads((md / "deviceset-metadata").read_text())
+    ds["next_device_id"] = rw_id
+    (md / "deviceset-metadata").write_text(json.dumps(ds))
+    cid = "d" * 64
+    mdir = root / "image/devicemapper/layerdb/mounts" / cid
+    mdir.mkdir(parents=True)
+    (mdir / "mount-id").write_text(mount)
+    (mdir / "init-id").write_text(mount + "-init")
+    (mdir / "parent").write_text(img.chain_ids[-1])
+    (root / "containers" / cid).mkdir(parents=True)
+    (root / "containers" / cid / "config.v2.json").write_text(json.dumps(
+        {"ID": cid, "Name": "/mycontainer", "Image": img.id, "Driver": "devicemapper"}))
+    # the container's changes: a new file, a changed one, a removed one
+    fsimg = tmp_path / "c.ext4"
+    res = _cli("docker", "export", str(root), "mycontainer", "-o", str(fsimg))
+    assert res.returncode == 0, res.stderr
+    (tmp_path / "added").write_bytes(b"rescued data\n")
+    script = (f"write {tmp_path / 'added'} /rootfs/etc/added\n"
+              "rm /rootfs/etc/os-release\n"
+              f"write {tmp_path / 'added'} /rootfs/etc/os-release\n"
+              "rm /rootfs/attr\n")
+    res2 = subprocess.run(["debugfs", "-w", "-f", "-", str(fsimg)], input=script,
+                          capture_output=True, text=True, check=False)
+    assert res2.returncode == 0, res2.stderr
+    res = _cli("write", str(loop / "metadata"), str(loop / "data"), "--dev-id", str(rw_id),
+               "-i", str(fsimg))
+    assert res.returncode == 0, res.stderr
+    res = _cli("docker", "check", str(root))
+    assert res.returncode == 0, res.stdout + res.stderr
+
+    doc = (Path(__file__).resolve().parents[1] / "docs/docker.md").read_text()
+    block = next(b for b in re.findall(r"```sh\n(.*?)```", doc, re.S) if "docker save" in b)
+    cmds = [line.split("#")[0].strip() for line in block.splitlines()]
+    cmds = [c for c in cmds if c]
+    assert len(cmds) == 3
+    outs = []
+    for cmd in cmds:
+        argv = shlex.split(cmd.replace("ROOT", str(root)).replace("app:1", "rich:1"))
+        assert argv[0] == "dmimage"
+        r = subprocess.run([sys.executable, "-m", "dmimage", *argv[1:]], cwd=tmp_path,
+                           capture_output=True, text=True, check=False)
+        assert r.returncode == 0, (cmd, r.stderr)
+        outs.append(r.stdout)
+    assert sorted(outs[0].splitlines()) == ["A /etc/added", "C /etc", "C /etc/os-release",
+                                            "D /attr"]
+    with tarfile.open(tmp_path / "changes.tar") as t:
+        assert {"attr", ".wh.attr", "etc/added", "etc/os-release"} & set(t.getnames()) == \
+            {".wh.attr", "etc/added", "etc/os-release"}
+        f = t.extractfile("etc/added")
+        assert f is not None and f.read() == b"rescued data\n"
+    with tarfile.open(tmp_path / "app.tar") as t:
+        m = json.load(t.extractfile("manifest.json"))[0]  # type: ignore[arg-type]
+        assert m["RepoTags"] == ["rich:1"]
+        for p, layer in zip(m["Layers"], inp.images["rich:1"], strict=True):
+            assert t.extractfile(p).read() == inp.tars[layer]  # type: ignore[union-attr]
