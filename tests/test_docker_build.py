@@ -522,9 +522,9 @@ def test_docs_rescue_and_migrate(built: tuple[Path, Inputs], tmp_path: Path) -> 
     assert res.returncode == 0, res.stderr
     md = root / "devicemapper/metadata"
     mount = "e" * 64
-    for name, dev, t in ((mount + "-init", init_id, tid + 1), (mount, rw_id, tid + 2)):
+    for name, dev, trans in ((mount + "-init", init_id, tid + 1), (mount, rw_id, tid + 2)):
         (md / name).write_text(json.dumps({"device_id": dev, "size": top.size,
-                                           "transaction_id": t, "initialized": True,
+                                           "transaction_id": trans, "initialized": True,
                                            "deleted": False}))
     (md / "transaction-metadata").write_text(json.dumps(
         {"open_transaction_id": tid + 2, "device_hash": mount, "device_id": rw_id}))
