@@ -157,9 +157,15 @@ def _run_parallel(jobs: list[_Job], data_fd: int, out_fd: int) -> None:
             abort.set()
 
     order = sorted(range(len(jobs)), key=lambda i: -jobs[i].size)  # big ones first
-    with ThreadPoolExecutor(max_workers=min(_workers(), len(jobs)),
-                            thread_name_prefix="save") as ex:
-        list(ex.map(one, order))
+    ex = ThreadPoolExecutor(max_workers=min(_workers(), len(jobs)), thread_name_prefix="save")
+    try:
+        for f in [ex.submit(one, i) for i in order]:
+            f.result()
+    except BaseException:  # Ctrl-C: the copies stop at their next buffer
+        abort.set()
+        raise
+    finally:
+        ex.shutdown(wait=True)
     if errors:
         raise errors[min(errors)]
 
