@@ -17,6 +17,7 @@ layers are then rebuilt in parallel, one per core, each written at its offset.""
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
@@ -114,8 +115,12 @@ def _positional(out: BinaryIO) -> bool:
     """Can layer tars be written in parallel at their offsets? A regular file, or /dev/null
     (which ignores offsets); not a pipe or an in-memory file."""
     try:
-        st = os.fstat(out.fileno())
+        fd = out.fileno()
+        st = os.fstat(fd)
+        appends = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND)
     except (OSError, AttributeError, io.UnsupportedOperation):
+        return False
+    if appends:  # pwrite on an O_APPEND file appends (Linux): no writes at offsets
         return False
     if stat.S_ISREG(st.st_mode):
         return True
