@@ -5,15 +5,19 @@ Builds a synthetic data root (the pool by dmimage's own offline transaction: a b
 snapshot per image layer, two per container; the JSON files as dockerd 20.10 lays them out),
 then times the whole command, Python start-up included.
 
-The save store is made by ``dmimage build`` (layout "docker-devicemapper") from one image of
-two layers holding --save-mib MiB of files (a few large, many small); save is timed in-process
-into /dev/null, and the baseline reads as many bytes from the pool's data file with preadv
-into one reused 1 MiB buffer, and again hashing what it reads (sha256: the least a save that
-checks every layer's diff id must do); all from the page cache (each is run once before
-timing).
+The save stores are made by ``dmimage build`` (layout "docker-devicemapper"), one image of
+two layers holding --save-mib MiB of files, "large" (4 MiB and 300 KB files, a few small) and
+"small" (a root filesystem's sizes); --workdir keeps them between runs. save is timed
+in-process into /dev/null; the baselines read the same bytes (the data file ranges save
+copies file contents from, merged, in offset order) with preadv into one reused 1 MiB
+buffer, once plainly and once hashing them with sha256 (the least a save that checks every
+layer's diff id must do). Hot: from the page cache (each is run once before timing); with
+--cold also after ``echo 3 > /proc/sys/vm/drop_caches`` before every run (root). Runs are
+interleaved; wall and CPU (all threads) are printed with the load average.
 
     python benchmarks/bench_docker.py [--images 500] [--containers 1000] [--repeat 5]
-                                      [--save-mib 64]
+                                      [--save-mib 256] [--save-kinds large,small] [--cold]
+                                      [--workdir DIR] [--only ls|save]
 """
 
 from __future__ import annotations
