@@ -203,11 +203,11 @@ def _bench_save_one(kind: str, root: Path, files: int, repeat: int, cold: bool) 
     import os
 
     from dmimage.docker import save as sv
-    from dmimage.docker.store import open_store
+    from dmimage.docker.store import open_store, resolve
     from dmimage.thin.pool import open_pool
 
     store = open_store(root)
-    img = store.images[sv.resolve(store, "big:1").label]
+    img = store.images[resolve(store, "big:1").label]
     fd = os.open(store.pool_files.data, os.O_RDONLY)
     with open_pool(store.pool_files.metadata) as pool:
         plans = [sv._plan(sv._prepare(store, pool, fd, store.layers[c]))
