@@ -62,8 +62,8 @@ def plan_layer(entries: list[Entry], thin: ThinFile, lookup: Callable[[str], Any
     if ext4 is not None:
         try:
             fast = ext4.contents([rel_path(e.name) for e in files])
-        except (OSError, DeviceError, ValueError):  # damaged tables: each file on its own
-            fast = [None] * len(files)
+        except Exception:  # damaged tables, or a dissect.extfs whose internals moved:
+            fast = [None] * len(files)  # each file through the reader on its own
     # items: bytes (literal), int n >= 0 (n zeros), or -(k + 1) for device range k
     items: list[bytes | int] = []
     dev_starts: list[int] = []
