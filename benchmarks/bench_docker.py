@@ -5,15 +5,19 @@ Builds a synthetic data root (the pool by dmimage's own offline transaction: a b
 snapshot per image layer, two per container; the JSON files as dockerd 20.10 lays them out),
 then times the whole command, Python start-up included.
 
-The save store is made by ``dmimage build`` (layout "docker-devicemapper") from one image of
-two layers holding --save-mib MiB of files (a few large, many small); save is timed in-process
-into /dev/null, and the baseline reads as many bytes from the pool's data file with preadv
-into one reused 1 MiB buffer, and again hashing what it reads (sha256: the least a save that
-checks every layer's diff id must do); all from the page cache (each is run once before
-timing).
+The save stores are made by ``dmimage build`` (layout "docker-devicemapper"), one image of
+two layers holding --save-mib MiB of files, "large" (4 MiB and 300 KB files, a few small) and
+"small" (a root filesystem's sizes); --workdir keeps them between runs. save is timed
+in-process into /dev/null; the baselines read the same bytes (the data file ranges save
+copies file contents from, merged, in offset order) with preadv into one reused 1 MiB
+buffer, once plainly and once hashing them with sha256 (the least a save that checks every
+layer's diff id must do). Hot: from the page cache (each is run once before timing); with
+--cold also after ``echo 3 > /proc/sys/vm/drop_caches`` before every run (root). Runs are
+interleaved; wall and CPU (all threads) are printed with the load average.
 
     python benchmarks/bench_docker.py [--images 500] [--containers 1000] [--repeat 5]
-                                      [--save-mib 64]
+                                      [--save-mib 256] [--save-kinds large,small] [--cold]
+                                      [--workdir DIR] [--only ls|save]
 """
 
 from __future__ import annotations
@@ -105,17 +109,15 @@ def make_store(root: Path, images: int, containers: int) -> None:
     (md / "deviceset-metadata").write_text(json.dumps({"next_device_id": next_id - 1}))
 
 
-def bench_save(tmp: Path, mib: int, repeat: int) -> None:
+def _layer_tars(kind: str, mib: int) -> list[bytes]:
+    """Two layer tars of *mib* MiB of files in all: "large" files (a few of 4 MiB, some of
+    300 KB, a sprinkle of small ones) or "small" ones (sizes spread as in a distribution's
+    root filesystem: median about 4 KiB, a few of a MiB)."""
     import io
-    import os
     import random
     import tarfile
 
-    from dmimage.docker.save import save
-    from dmimage.docker.store import open_store
-    from dmimage.image.docker_store import build_docker_store, load_docker_spec
-
-    rng = random.Random(1)
+    rng = random.Random(1 if kind == "large" else 2)
     layers = []
     for li in range(2):
         buf = io.BytesIO()
@@ -123,17 +125,37 @@ def bench_save(tmp: Path, mib: int, repeat: int) -> None:
             left = mib << 19  # half of the bytes per layer
             i = 0
             while left > 0:
-                n = min(left, rng.choice([4 << 20, 300_000, 40_000, 3000, 200]))
+                if kind == "large":
+                    n = rng.choice([4 << 20, 300_000, 40_000, 3000, 200])
+                else:
+                    n = int(min(2 << 20, rng.lognormvariate(8.3, 1.6)))
+                n = min(left, n)
                 ti = tarfile.TarInfo(f"d{li}/{i // 100}/f{i}")
                 ti.size = n
                 t.addfile(ti, io.BytesIO(rng.randbytes(n)))
                 left -= n
                 i += 1
         layers.append(buf.getvalue())
+    return layers
+
+
+def _save_store(work: Path, kind: str, mib: int) -> tuple[Path, int]:
+    """A data root holding image big:1 built by ``dmimage build`` (kept in *work* between
+    runs); and the number of files."""
+    import io
+    import tarfile
+
+    from dmimage.image.docker_store import build_docker_store, load_docker_spec
+
+    root = work / f"{kind}-{mib}"
+    layers = _layer_tars(kind, mib)
+    files = sum(len(tarfile.open(fileobj=io.BytesIO(x)).getmembers()) for x in layers)
+    if root.exists():
+        return root, files
     diffs = ["sha256:" + hashlib.sha256(x).hexdigest() for x in layers]
     config = json.dumps({"rootfs": {"type": "layers", "diff_ids": diffs}}).encode()
     cid = hashlib.sha256(config).hexdigest()
-    src = tmp / "in.tar"
+    src = work / f"{kind}-{mib}.tar"
     with tarfile.open(src, "w") as t:
         members = [(f"l{i}/layer.tar", x) for i, x in enumerate(layers)]
         members += [(f"{cid}.json", config), ("manifest.json", json.dumps(
@@ -143,59 +165,110 @@ def bench_save(tmp: Path, mib: int, repeat: int) -> None:
             ti = tarfile.TarInfo(name)
             ti.size = len(data)
             t.addfile(ti, io.BytesIO(data))
-    spec = tmp / "big.toml"
-    spec.write_text('name = "big"\nlayout = "docker-devicemapper"\n[docker]\n'
-                    'images = ["in.tar"]\nbase_size = "1G"\ndata_size = "2G"\n'
-                    'metadata_size = "64M"\n')
+    spec = work / f"{kind}-{mib}.toml"
+    spec.write_text(f'name = "big"\nlayout = "docker-devicemapper"\n[docker]\n'
+                    f'images = ["{src.name}"]\nbase_size = "{max(1, mib // 256 + 1)}G"\n'
+                    'data_size = "8G"\nmetadata_size = "64M"\n')
     t0 = time.perf_counter()
-    if not (tmp / "bigroot").exists():
-        build_docker_store(load_docker_spec(spec), tmp / "bigroot")
-    print(f"save store: {len(layers[0]) + len(layers[1])} bytes of layer tars, built in "
-          f"{time.perf_counter() - t0:.1f} s")
-    store = open_store(tmp / "bigroot")
-    total = sum(len(x) for x in layers)
+    build_docker_store(load_docker_spec(spec), root)
+    src.unlink()
+    print(f"{kind}: built in {time.perf_counter() - t0:.1f} s")
+    return root, files
+
+
+def _drop_caches() -> bool:
+    """Empty the page cache (root only): the next reads come from the disk."""
+    import os
+
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def bench_save(work: Path, kinds: list[str], mib: int, repeat: int, cold: bool) -> None:
+    for kind in kinds:
+        root, files = _save_store(work, kind, mib)
+        _bench_save_one(kind, root, files, repeat, cold)
+
+
+def _bench_save_one(kind: str, root: Path, files: int, repeat: int, cold: bool) -> None:
+    """save (into /dev/null, in process) against reads of the same bytes: the data file
+    ranges save copies file contents from, merged and read in offset order, 1 MiB per
+    ``preadv`` into one buffer; and the same read hashed with sha256 on one core (what
+    checking the diff ids costs at the least). Runs interleaved; wall and CPU (all threads)."""
+    import os
+
+    from dmimage.docker import save as sv
+    from dmimage.docker.store import open_store, resolve
+    from dmimage.thin.pool import open_pool
+
+    store = open_store(root)
+    img = store.images[resolve(store, "big:1").label]
+    fd = os.open(store.pool_files.data, os.O_RDONLY)
+    with open_pool(store.pool_files.metadata) as pool:
+        plans = [sv._plan(sv._prepare(store, pool, fd, store.layers[c]))
+                 for c in img.chain_ids]
+    ranges = sorted(r for p in plans for r in p.data_ranges())
+    nbytes = sum(n for _, n in ranges)
+    tar_bytes = sum(p.size for p in plans)
     buf = bytearray(1 << 20)
+    mv = memoryview(buf)
 
-    def read_plain() -> None:
-        fd = os.open(store.pool_files.data, os.O_RDONLY)
-        try:
-            off = 0
-            while off < total:
-                n = os.preadv(fd, [memoryview(buf)[:min(len(buf), total - off)]], off)
-                if not n:
-                    off = 0  # the data file holds less than total: read it again
-                off += n
-        finally:
-            os.close(fd)
-
-    def read_hash() -> None:
+    def read(hashed: bool) -> None:
         h = hashlib.sha256()
-        fd = os.open(store.pool_files.data, os.O_RDONLY)
-        try:
-            off = 0
-            while off < total:
-                n = os.preadv(fd, [memoryview(buf)[:min(len(buf), total - off)]], off)
-                if not n:
-                    off = 0
-                h.update(memoryview(buf)[:n])
-                off += n
-        finally:
-            os.close(fd)
+        for s, n in ranges:
+            o = 0
+            while o < n:
+                k = os.preadv(fd, [mv[:min(n - o, len(buf))]], s + o)
+                if hashed:
+                    h.update(mv[:k])
+                o += k
 
     def do_save() -> None:
         with open(os.devnull, "wb") as f:
-            save(store, ["big:1"], f)
+            sv.save(store, ["big:1"], f)
 
-    for name, fn in (("plain read", read_plain), ("read + sha256", read_hash),
-                     ("docker save", do_save)):
-        fn()
-        times = []
+    fns = {"read": lambda: read(False), "read+sha256": lambda: read(True), "save": do_save}
+    print(f"{kind}: {files} files, {tar_bytes / 1e6:.1f} MB of layer tars, "
+          f"{nbytes / 1e6:.1f} MB of file data in {len(ranges)} ranges of the data file")
+    modes = [("hot", False)] + ([("cold", True)] if cold else [])
+    for mode, drop in modes:
+        if drop and not _drop_caches():
+            print("cold: cannot write /proc/sys/vm/drop_caches (not root): skipped")
+            continue
+        if not drop:
+            for fn in fns.values():
+                fn()
+        res: dict[str, list[tuple[float, float]]] = {k: [] for k in fns}
+        load0 = os.getloadavg()[0]
         for _ in range(repeat):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        best = min(times)
-        print(f"{name}: best {best:.3f} s, {total / best / 1e6:.0f} MB/s")
+            for name, fn in fns.items():
+                if drop:
+                    _drop_caches()
+                r0 = resource.getrusage(resource.RUSAGE_SELF)
+                t = time.perf_counter()
+                fn()
+                w = time.perf_counter() - t
+                r1 = resource.getrusage(resource.RUSAGE_SELF)
+                res[name].append((w, r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime))
+        load1 = os.getloadavg()[0]
+        print(f"{kind}, {mode} cache, {repeat} interleaved runs, load average "
+              f"{load0:.1f} -> {load1:.1f}:")
+        base = 0.0
+        for name, v in res.items():
+            wall = statistics.median(x[0] for x in v)
+            cpu = statistics.median(x[1] for x in v)
+            mbw = nbytes / wall / 1e6
+            base = base or mbw
+            best = nbytes / min(x[0] for x in v) / 1e6
+            print(f"  {name:12s} wall median {wall:.3f} s ({mbw:.0f} MB/s, "
+                  f"{100 * mbw / base:.0f}% of read; best {best:.0f} MB/s), CPU median "
+                  f"{cpu:.3f} s ({nbytes / cpu / 1e6:.0f} MB/s of CPU)")
+    os.close(fd)
 
 
 def main() -> int:
@@ -203,12 +276,23 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=500)
     ap.add_argument("--containers", type=int, default=1000)
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--save-mib", type=int, default=64)
+    ap.add_argument("--save-mib", type=int, default=256)
+    ap.add_argument("--save-kinds", default="large,small")
+    ap.add_argument("--cold", action="store_true",
+                    help="also from an empty page cache (drops it: root only)")
+    ap.add_argument("--workdir", default=None,
+                    help="keep the save stores here between runs (default: a temp dir)")
     ap.add_argument("--only", choices=["ls", "save"])
     args = ap.parse_args()
     if args.only != "ls":
-        with tempfile.TemporaryDirectory() as tmp:
-            bench_save(Path(tmp), args.save_mib, args.repeat)
+        if args.workdir:
+            Path(args.workdir).mkdir(parents=True, exist_ok=True)
+            bench_save(Path(args.workdir), args.save_kinds.split(","), args.save_mib,
+                       args.repeat, args.cold)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                bench_save(Path(tmp), args.save_kinds.split(","), args.save_mib,
+                           args.repeat, args.cold)
         if args.only == "save":
             return 0
     with tempfile.TemporaryDirectory() as tmp:

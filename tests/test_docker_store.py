@@ -80,6 +80,8 @@ def tree_digest(root: Path) -> str:
             h.update(str(p).encode())
             if p.is_symlink():
                 h.update(os.readlink(p).encode())
+            elif p.is_fifo():
+                h.update(b"fifo")
             else:
                 h.update(p.read_bytes())
     return h.hexdigest()
@@ -141,10 +143,12 @@ def test_export_by_tag(store: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 @pytest.mark.parametrize("case", ["traversal", "absolute", "symlink-out", "symlink-loop",
-                                  "malformed", "missing-diff", "bad-field", "container-dir"])
+                                  "malformed", "missing-diff", "bad-field", "container-dir",
+                                  "fifo"])
 def test_bad_input(store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                    case: str) -> None:
-    """One line naming the file, exit 1, no traceback; nothing under ROOT changes."""
+    """One line naming the file, exit 1, no traceback, no hang; nothing under ROOT
+    changes."""
     ldir = store / "image/devicemapper/layerdb/sha256" / DIFF[7:]
     md = store / "devicemapper/metadata"
     if case == "traversal":
@@ -171,6 +175,10 @@ def test_bad_input(store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[st
     elif case == "bad-field":
         (md / "base").write_text(json.dumps({"device_id": 1 << 24, "size": 1}))
         named = "base"
+    elif case == "fifo":  # must not wait for a writer
+        (md / LAYER_HASH).unlink()
+        os.mkfifo(md / LAYER_HASH)
+        named = LAYER_HASH
     else:
         (store / "containers" / ("c" * 64)).mkdir(parents=True)
         named = "config.v2.json"
@@ -370,3 +378,32 @@ def test_diff_on_hand_built_container(store: Path, tmp_path: Path,
         assert f is not None and f.read() == b"new contents\n"
     rc, _, err = run(capsys, "docker", "diff", str(store), "img:1")
     assert rc == 1 and "is an image, not a container" in one_line(err)
+
+
+def test_output_targets(tmp_path: Path) -> None:
+    """-o: a symlink's target is replaced and the link kept; a FIFO is written to, not
+    replaced (a rename would turn -o /dev/null into a regular file); a failure leaves
+    neither a file nor a temp behind."""
+    import threading
+
+    from dmimage.cli._output import atomic_output
+
+    (tmp_path / "real").write_bytes(b"old")
+    (tmp_path / "link").symlink_to("real")
+    with atomic_output(str(tmp_path / "link")) as f:
+        f.write(b"new")
+    assert os.readlink(tmp_path / "link") == "real"
+    assert (tmp_path / "real").read_bytes() == b"new"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    with atomic_output(str(fifo)) as f:
+        f.write(b"through")
+    reader.join(timeout=30)
+    assert got == [b"through"] and os.path.exists(fifo) and not (tmp_path / "fifo").is_file()
+    with pytest.raises(RuntimeError), atomic_output(str(tmp_path / "x")) as f:
+        f.write(b"partial")
+        raise RuntimeError
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "link", "real"]

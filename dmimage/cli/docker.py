@@ -145,14 +145,31 @@ class _OffsetSource:
         return os.pread(self.fd, n, self.offset + off)
 
 
+def _json_text(doc: Any) -> str:
+    """*doc* as JSON, one line per list item or key: json's indent= goes through its Python
+    encoder (a store of 3,000 devices took 40 ms), one compact item at a time uses the C one."""
+    def block(v: Any, pad: str) -> str:
+        inner = pad + " "
+        if isinstance(v, dict) and v:
+            return "{\n" + ",\n".join(f"{inner}{json.dumps(k)}: {json.dumps(x)}"
+                                       for k, x in v.items()) + f"\n{pad}}}"
+        if isinstance(v, list) and v:
+            return "[\n" + ",\n".join(inner + json.dumps(x) for x in v) + f"\n{pad}]"
+        return json.dumps(v)
+
+    if isinstance(doc, dict) and doc:
+        return "{\n" + ",\n".join(f" {json.dumps(k)}: {block(v, ' ')}"
+                                   for k, v in doc.items()) + "\n}\n"
+    return block(doc, "") + "\n"
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     from dmimage.docker.report import ls_data, ls_text, ls_tree, read_pool_view
 
     store = _open(args)
     doc = ls_data(store, read_pool_view(store))
     if args.json:
-        json.dump(doc, sys.stdout, indent=1)
-        sys.stdout.write("\n")
+        sys.stdout.write(_json_text(doc))
     elif args.tree:
         sys.stdout.write(ls_tree(doc))
     else:

@@ -7,25 +7,37 @@ thin device (ext4 or xfs, via dissect.extfs or dissect.xfs, below the device's `
 where the devicemapper driver keeps a layer's tree), so its sha256 is the diff id; any
 difference is an error and no output is left behind. The layer directories are named by the
 legacy v1 ids dockerd 20.10 computes, with its ``json`` records (``v1id``); a layer saved
-again under another id is a symlink to the first copy, as Docker writes it."""
+again under another id is a symlink to the first copy, as Docker writes it.
+
+Speed: each layer tar is planned first (the filesystem reader gives every file's block runs,
+the thin mapping turns them into data file ranges: :mod:`tarplan`), then copied in large
+``preadv`` runs while it is hashed (:mod:`tarcopy`). The headers and small members are
+written first with each layer tar's place left open; when the output is a regular file the
+layers are then rebuilt in parallel, one per core, each written at its offset."""
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
-import posixpath
+import stat
 import tarfile
-from collections.abc import Iterator
-from typing import Any, BinaryIO
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Literal, cast
 
 from dmimage import devlock
 from dmimage.docker.errors import StoreError, StoreIOError
+from dmimage.docker.ext4runs import Ext4Files
 from dmimage.docker.fs import open_filesystem
 from dmimage.docker.images import Image
 from dmimage.docker.layers import Layer
 from dmimage.docker.store import Store, article, resolve
-from dmimage.docker.tarsplit import assemble, read_entries, tar_size
+from dmimage.docker.tarcopy import Aborted, Sink, copy_plan, positional_sink
+from dmimage.docker.tarplan import Plan, plan_layer
+from dmimage.docker.tarsplit import Entry, read_entries, tar_size
 from dmimage.docker.thinfile import ThinFile
 from dmimage.docker.v1id import layer_records
 from dmimage.errors import UsageError
@@ -34,9 +46,21 @@ from dmimage.thin.pool import Pool, open_pool
 ROOTFS = "/rootfs/"
 
 
-def _layer_tar(store: Store, pool: Pool, data_fd: int, layer: Layer
-               ) -> tuple[int, Iterator[bytes]]:
-    """(size, chunks) of the rebuilt layer tar; the chunks raise StoreError on any mismatch."""
+@dataclass(slots=True)
+class _Job:
+    """One layer tar to rebuild: what the main thread checked and read (the tar-split, the
+    device, its thin mapping), and where the tar goes in the output."""
+
+    layer: Layer
+    where: str
+    entries: list[Entry]
+    size: int
+    device_id: int
+    thin: ThinFile
+    offset: int = 0  # of the member's data in the output (positional writes)
+
+
+def _prepare(store: Store, pool: Pool, data_fd: int, layer: Layer) -> _Job:
     where = store.root.display(layer.tar_split or f"{layer.dir}/tar-split.json.gz")
     if layer.tar_split is None:
         raise StoreError(where, "missing: the layer tar cannot be rebuilt")
@@ -47,55 +71,108 @@ def _layer_tar(store: Store, pool: Pool, data_fd: int, layer: Layer
     if dev.device_id not in pool.devices():
         raise StoreError(where, f"device {dev.device_id} of layer {layer.chain_id} is not in "
                          "the pool")
-    try:
-        fs = open_filesystem(ThinFile(pool, data_fd, dev.device_id, dev.size,
-                                           store.pool_files.data_offset))
-    except Exception as exc:  # dissect raises its own types for damaged filesystems
-        raise StoreError(where, f"device {dev.device_id}: no readable ext4 or xfs "
-                         f"filesystem ({exc})") from None
+    thin = ThinFile(pool, data_fd, dev.device_id, dev.size, store.pool_files.data_offset)
+    return _Job(layer, where, entries, tar_size(entries), dev.device_id, thin)
 
+
+def _plan(job: _Job) -> Plan:
+    """The layer's filesystem read (ext4 or xfs) and its tar planned; each directory below
+    rootfs/ is listed once (a path lookup scans its directories: per file, that is
+    quadratic in a directory's size)."""
+    try:
+        fs = open_filesystem(job.thin)
+    except Exception as exc:  # dissect raises its own types for damaged filesystems
+        raise StoreError(job.where, f"device {job.device_id}: no readable ext4 or xfs "
+                         f"filesystem ({exc})") from None
     listings: dict[str, dict[str, Any]] = {}
 
     def lookup(rel: str) -> Any:
-        """The node at *rel* below rootfs/, each directory listed once (a path lookup
-        scans its directories: per file, that is quadratic in a directory's size)."""
         parent, _, base = rel.rpartition("/")
         listing = listings.get(parent)
         if listing is None:
             listing = listings[parent] = fs.get(ROOTFS + parent).listdir()
         return listing[base]
 
-    def open_file(name: bytes) -> BinaryIO:
-        rel = posixpath.normpath(name.decode("utf-8", "surrogateescape")).lstrip("/")
+    ext4 = None
+    if type(fs).__name__ == "ExtFS":
         try:
-            f: BinaryIO = lookup(rel).open()
-        except Exception:  # a missing path, or one that is not a regular file
-            raise StoreError(where, f"{rel}: named by tar-split but not a file in the layer's "
-                             f"filesystem (device {dev.device_id})") from None
-        return f
+            ext4 = Ext4Files(fs, ROOTFS)
+        except Exception:  # no rootfs/: each file then fails on its own, naming itself
+            ext4 = None
+    plan = plan_layer(job.entries, job.thin, lookup, where=job.where,
+                      device_id=job.device_id, ext4=ext4)
+    if plan.size != job.size:  # pragma: no cover - both add up the same entries
+        raise StoreError(job.where, f"planned {plan.size} bytes, tar-split says {job.size}")
+    return plan
 
-    return tar_size(entries), assemble(entries, open_file, expect_digest=layer.diff_id,
-                                       where=where)
+
+def _run(job: _Job, data_fd: int, sink: Sink, abort: threading.Event | None = None) -> None:
+    copy_plan(_plan(job), data_fd, sink, expect_digest=job.layer.diff_id,
+              where=job.where, abort=abort)
 
 
-def _add_stream(tar: tarfile.TarFile, ti: tarfile.TarInfo, chunks: Iterator[bytes],
-                where: str) -> None:
-    """A member of ``ti.size`` bytes written straight from *chunks* (no copy through a file
-    object): the header, the chunks, the padding. The chunks' last step is the diff id
-    check, so they are drained to the end."""
-    assert tar.fileobj is not None
-    tar.addfile(ti)  # the header only
-    n = 0
-    for c in chunks:
-        n += len(c)
-        if n > ti.size:
-            raise StoreError(where, "the rebuilt layer tar is longer than its tar-split says")
-        tar.fileobj.write(c)
-    if n != ti.size:
-        raise StoreError(where, "the rebuilt layer tar is shorter than its tar-split says")
-    pad = -n % tarfile.BLOCKSIZE
-    tar.fileobj.write(bytes(pad))
-    tar.offset += n + pad
+def _positional(out: BinaryIO) -> bool:
+    """Can layer tars be written in parallel at their offsets? A regular file, or /dev/null
+    (which ignores offsets); not a pipe or an in-memory file."""
+    try:
+        fd = out.fileno()
+        st = os.fstat(fd)
+        appends = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND)
+    except (OSError, AttributeError, io.UnsupportedOperation):
+        return False
+    if appends:  # pwrite on an O_APPEND file appends (Linux): no writes at offsets
+        return False
+    if stat.S_ISREG(st.st_mode):
+        return True
+    try:
+        null = os.stat(os.devnull)
+    except OSError:  # pragma: no cover
+        return False
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == null.st_rdev
+
+
+def _seekable(out: BinaryIO) -> bool:
+    try:
+        return bool(out.seekable())
+    except (OSError, ValueError):
+        return False
+
+
+def _workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _run_parallel(jobs: list[_Job], data_fd: int, out_fd: int) -> None:
+    """The layer tars rebuilt at once, one per core, each written at its offset; the first
+    failure (in tar order) is raised, the other copies stop early."""
+    abort = threading.Event()
+    errors: dict[int, BaseException] = {}
+
+    def one(i: int) -> None:
+        job = jobs[i]
+        try:
+            _run(job, data_fd, positional_sink(out_fd, job.offset), abort)
+        except Aborted:
+            pass
+        except BaseException as exc:
+            errors[i] = exc
+            abort.set()
+
+    order = sorted(range(len(jobs)), key=lambda i: -jobs[i].size)  # big ones first
+    ex = ThreadPoolExecutor(max_workers=min(_workers(), len(jobs)), thread_name_prefix="save")
+    try:
+        for f in [ex.submit(one, i) for i in order]:
+            f.result()
+    except BaseException:  # Ctrl-C: the copies stop at their next buffer
+        abort.set()
+        raise
+    finally:
+        ex.shutdown(wait=True)
+    if errors:
+        raise errors[min(errors)]
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -134,9 +211,16 @@ def _save(store: Store, images: dict[str, tuple[Image, list[str]]], out: BinaryI
     repos: dict[str, dict[str, str]] = {}
     written: set[str] = set()
     by_diff: dict[str, str] = {}  # diff id -> the v1 id its layer.tar was written under
+    parallel = _positional(out)
+    jobs: list[_Job] = []
     try:
+        # a pipe cannot tell() its position: tarfile's stream mode then
+        mode: Literal["w", "w|"] = "w" if parallel or _seekable(out) else "w|"
         with open_pool(store.pool_files.metadata) as pool, \
-                tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                tarfile.open(fileobj=out, mode=mode, format=tarfile.PAX_FORMAT) as tar:
+            fobj = tar.fileobj
+            assert fobj is not None
+            sink = cast(Any, fobj)
             for img, refs in images.values():
                 layer_paths = []
                 parent = ""
@@ -163,11 +247,21 @@ def _save(store: Store, images: dict[str, tuple[Image, list[str]]], out: BinaryI
                             written.add(v1)
                             parent = v1
                             continue
-                        size, chunks = _layer_tar(store, pool, data_fd, layer)
+                        job = _prepare(store, pool, data_fd, layer)
                         ti = tarfile.TarInfo(f"{v1}/layer.tar")
-                        ti.size = size
+                        ti.size = job.size
                         ti.mode = 0o644
-                        _add_stream(tar, ti, chunks, store.root.display(layer.dir))
+                        tar.addfile(ti)  # the header only
+                        job.offset = tar.offset
+                        pad = -job.size % tarfile.BLOCKSIZE
+                        if parallel:  # the data is written later, at its offset
+                            fobj.seek(job.offset + job.size)
+                            jobs.append(job)
+                        else:
+                            # through tarfile's file object: in stream mode it buffers
+                            _run(job, data_fd, lambda chunk, _off: sink.write(chunk))
+                        fobj.write(bytes(pad))
+                        tar.offset += job.size + pad
                         written.add(v1)
                         by_diff[layer.diff_id] = v1
                     parent = v1
@@ -181,6 +275,9 @@ def _save(store: Store, images: dict[str, tuple[Image, list[str]]], out: BinaryI
             if repos:
                 _add_bytes(tar, "repositories", json.dumps(repos).encode() + b"\n")
             _add_bytes(tar, "manifest.json", json.dumps(manifest).encode() + b"\n")
+            if jobs:
+                out.flush()
+                _run_parallel(jobs, data_fd, out.fileno())
     finally:
         os.close(data_fd)
     return list(images)

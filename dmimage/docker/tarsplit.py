@@ -34,28 +34,78 @@ class Entry:
 
 
 def read_entries(raw: bytes, where: str) -> Iterator[Entry]:
-    """Entries in stream order; malformed or truncated input raises StoreError naming *where*."""
+    """Entries in stream order; malformed or truncated input raises StoreError naming *where*
+    (and the line). The lines are parsed as one JSON array (a layer of 50,000 files has
+    150,000 lines: one call, not one per line); only when that fails is each line parsed
+    alone, to name the bad one."""
     try:
         text = gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as exc:
         raise StoreError(where, f"not a complete gzip stream ({exc})") from None
+    lines = [line for line in text.splitlines() if line.strip()]
+    try:
+        return iter(_entries(json.loads(b"[" + b",".join(lines) + b"]")))
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError,
+            binascii.Error):
+        return _read_lines(text, where)  # names the bad line
+
+
+def _entries(objs: list[dict[str, object]]) -> list[Entry]:
+    """Well-formed entries, fast (most are segments); anything unusual raises, and the
+    caller parses line by line to name it."""
+    out = []
+    a2b = binascii.a2b_base64
+    for obj in objs:
+        kind = obj["type"]
+        if kind == SEGMENT_TYPE and len(obj) <= 3:  # type, payload, position
+            p = obj["payload"]
+            if not isinstance(p, str):
+                raise TypeError("payload")
+            out.append(Entry(SEGMENT_TYPE, b"", 0, a2b(p, strict_mode=True)))
+        elif kind == FILE_TYPE and "name_raw" not in obj:
+            name, size, p = obj["name"], obj.get("size", 0), obj.get("payload") or ""
+            if not isinstance(name, str) or type(size) is not int or size < 0 \
+                    or not isinstance(p, str):
+                raise TypeError("file entry")
+            out.append(Entry(FILE_TYPE, name.encode(), size, a2b(p, strict_mode=True)))
+        else:
+            raise ValueError("another kind of entry")
+    return out
+
+
+def _read_lines(text: bytes, where: str) -> Iterator[Entry]:
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
-            kind = obj["type"]
-            payload = base64.b64decode(obj.get("payload") or b"", validate=True)
-            if "name_raw" in obj and obj["name_raw"]:
-                name = base64.b64decode(obj["name_raw"], validate=True)
-            else:
-                name = str(obj.get("name", "")).encode()
-            size = int(obj.get("size", 0))
-        except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+        except ValueError as exc:
             raise StoreError(where, f"line {lineno}: malformed entry ({exc})") from None
-        if kind not in (FILE_TYPE, SEGMENT_TYPE) or size < 0:
-            raise StoreError(where, f"line {lineno}: entry type {kind!r} size {size}")
-        yield Entry(kind, name, size, payload)
+        yield _entry(obj, lineno, where)
+
+
+def _b64(s: object) -> bytes:
+    if not isinstance(s, str):
+        raise TypeError("not a string")
+    return binascii.a2b_base64(s, strict_mode=True)
+
+
+def _entry(obj: object, lineno: int, where: str) -> Entry:
+    try:
+        if not isinstance(obj, dict):
+            raise TypeError("not an object")
+        kind = obj["type"]
+        payload = _b64(obj.get("payload") or "")
+        if "name_raw" in obj and obj["name_raw"]:
+            name = _b64(obj["name_raw"])
+        else:
+            name = str(obj.get("name", "")).encode()
+        size = int(obj.get("size", 0))
+    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+        raise StoreError(where, f"line {lineno}: malformed entry ({exc})") from None
+    if kind not in (FILE_TYPE, SEGMENT_TYPE) or size < 0:
+        raise StoreError(where, f"line {lineno}: entry type {kind!r} size {size}")
+    return Entry(kind, name, size, payload)
 
 
 def tar_size(entries: list[Entry]) -> int:

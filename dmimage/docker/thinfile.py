@@ -67,3 +67,41 @@ class ThinFile(io.RawIOBase):
             done += take
         self._pos += n
         return n
+
+    def locate(self, starts: np.ndarray, lengths: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Where device byte ranges lie in the data file, all ranges at once: (range index,
+        length, data file offset or -1 for unmapped bytes) per piece, in device order within
+        each range; a range is split where the thin mapping breaks. What readinto would read,
+        so a caller can read large runs itself (save's hot path)."""
+        bs = self._bs
+        starts = np.asarray(starts, np.int64)
+        ends = starts + np.asarray(lengths, np.int64)
+        if ends.size and int(ends.max()) > self._size:
+            raise DeviceError(f"a read ends at byte {int(ends.max())}, past the device's "
+                              f"{self._size}")
+        vb = self._vbegin * bs
+        ve = (self._vbegin + self._len) * bs
+        db = self._dbegin * bs + self._base
+        cuts = np.unique(np.concatenate([vb, ve]))
+        lo = np.searchsorted(cuts, starts, side="right")
+        hi = np.searchsorted(cuts, ends, side="left")
+        npieces = np.maximum(hi - lo, 0) + 1
+        which = np.repeat(np.arange(starts.size, dtype=np.int64), npieces)
+        j = np.arange(which.size, dtype=np.int64) - np.repeat(np.cumsum(npieces) - npieces,
+                                                               npieces)
+        if cuts.size:
+            inner_lo = cuts[np.clip(lo[which] + j - 1, 0, cuts.size - 1)]
+            inner_hi = cuts[np.clip(lo[which] + j, 0, cuts.size - 1)]
+            pstart = np.where(j == 0, starts[which], inner_lo)
+            pend = np.where(j == npieces[which] - 1, ends[which], inner_hi)
+        else:
+            pstart, pend = starts, ends
+        run = np.searchsorted(vb, pstart, side="right") - 1
+        rc = np.clip(run, 0, None)
+        if vb.size:
+            mapped = (run >= 0) & (pstart < ve[rc])
+            src = np.where(mapped, db[rc] + (pstart - vb[rc]), -1)
+        else:
+            src = np.full(pstart.size, -1, np.int64)
+        return which, pend - pstart, src
