@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import BinaryIO
@@ -23,6 +22,8 @@ def write_text(text: str) -> None:
 
 @contextmanager
 def atomic_output(path: str) -> Iterator[BinaryIO]:
+    import tempfile  # lazily: its import (random, hashlib) costs every command start-up
+
     target = os.path.abspath(path)
     directory = os.path.dirname(target)
     try:
