@@ -54,7 +54,7 @@ def _run_locked(args: argparse.Namespace) -> int:
 @functools.cache
 def _parser(command: str | None = None) -> argparse.ArgumentParser:
     """One parser per process and command: building the whole one imports every subcommand
-    module (~60 ms idle, more than many commands take), and in-process callers (the fuzz
+    module (~55 ms of CPU here, more than many commands take), and in-process callers (the fuzz
     harness, the Python API's users) run main() thousands of times.
 
     ``command``: the first word of the command line. When a module of that name registers it,

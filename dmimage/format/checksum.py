@@ -35,7 +35,6 @@ def _native_crc32c() -> Callable[..., int]:
             from crc32c import crc32c as fallback
 
             return fallback
-        spec.name = name  # the extension's init function is named after the last part
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         sys.modules[name] = module
