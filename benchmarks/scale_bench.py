@@ -225,9 +225,10 @@ def main() -> int:
     for b in built:
         work = CACHE / f"run-{label(b.total)}"
         work.mkdir(exist_ok=True)
-        for path in (work / "r11.meta", work / "rdm.meta"):
-            with open(path, "wb") as f:
-                f.truncate(b.meta.stat().st_size)
+        if only is None or "restore" in only:  # the restore targets, removed after it
+            for path in (work / "r11.meta", work / "rdm.meta"):
+                with open(path, "wb") as f:
+                    f.truncate(b.meta.stat().st_size)
         for name, (theirs, ours, hashed) in commands(b, work).items():
             if only is not None and name not in only:
                 continue
