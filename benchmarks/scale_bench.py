@@ -6,7 +6,9 @@ fragmented single mappings each (64 KiB blocks, every data block distinct and sh
 two mappings form a run), written as XML here and restored by thin_restore 1.1. Built pools are
 cached under ~/.cache/dmimage/bench/. Then check, dump, ls, restore, delta and rmap of both
 tools, and dmimage's export (1.1 has none), run REPEAT times each, interleaved; a cell is the
-median wall time / the largest peak RSS of the command's process (GNU time's %M).
+median wall time / median CPU time (user + system) / the largest peak RSS of the command's
+process (GNU time's %U, %S, %M). The machine may be shared: each row also prints the load
+average (1 min) before and after it, and the CPU time is the less load-dependent figure.
 
 The outputs must be byte-identical to 1.1's in the same run (dump, ls, delta, rmap: sha256 of
 stdout, hashed as it streams; restore: thin_dump 1.1 of both restored pools); a difference, or
@@ -130,6 +132,7 @@ def build(total: int) -> Built:
 @dataclass
 class Measure:
     seconds: float
+    cpu: float  # user + system seconds
     rss: int  # bytes
     digest: str  # sha256 of stdout ("" when not kept)
 
@@ -142,7 +145,7 @@ def run_once(argv: list[str], hashed: bool) -> Measure:
     rss_file = CACHE / "rss.txt"
     h = hashlib.sha256()
     t0 = time.perf_counter()
-    p = subprocess.Popen(["/usr/bin/time", "-f", "%M", "-o", str(rss_file), *argv],
+    p = subprocess.Popen(["/usr/bin/time", "-f", "%M %U %S", "-o", str(rss_file), *argv],
                          stdout=subprocess.PIPE if hashed else subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
     if p.stdout is not None:
@@ -152,14 +155,16 @@ def run_once(argv: list[str], hashed: bool) -> Measure:
     dt = time.perf_counter() - t0
     if rc != 0:
         raise SystemExit(f"{' '.join(argv)} exited {rc}")
-    kib = int(rss_file.read_text().split()[-1])
-    return Measure(dt, kib * 1024, h.hexdigest() if hashed else "")
+    kib, user, system = rss_file.read_text().split()[-3:]
+    return Measure(dt, float(user) + float(system), int(kib) * 1024,
+                   h.hexdigest() if hashed else "")
 
 
 def measure(argv: list[str], repeat: int, hashed: bool) -> Measure:
     runs = [run_once(argv, hashed) for _ in range(repeat)]
     digests = {m.digest for m in runs}
-    return Measure(statistics.median(m.seconds for m in runs), max(m.rss for m in runs),
+    return Measure(statistics.median(m.seconds for m in runs),
+                   statistics.median(m.cpu for m in runs), max(m.rss for m in runs),
                    digests.pop() if len(digests) == 1 else "unstable")
 
 
@@ -214,18 +219,20 @@ def main() -> int:
         return 0
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print("| mappings | command | thin-provisioning-tools 1.1 | dmimage | time ratio | "
-          "memory ratio | goals |")
-    print("|---|---|---|---|---|---|---|")
+          "CPU ratio | memory ratio | load | goals |")
+    print("|---|---|---|---|---|---|---|---|---|")
     missed: list[str] = []
     for b in built:
         work = CACHE / f"run-{label(b.total)}"
         work.mkdir(exist_ok=True)
-        for path in (work / "r11.meta", work / "rdm.meta"):
-            with open(path, "wb") as f:
-                f.truncate(b.meta.stat().st_size)
+        if only is None or "restore" in only:  # the restore targets, removed after it
+            for path in (work / "r11.meta", work / "rdm.meta"):
+                with open(path, "wb") as f:
+                    f.truncate(b.meta.stat().st_size)
         for name, (theirs, ours, hashed) in commands(b, work).items():
             if only is not None and name not in only:
                 continue
+            load0 = os.getloadavg()[0]
             m11 = measure(theirs, a.repeat, hashed) if theirs else None
             mdm = measure(ours, 1 if name == "export" else a.repeat, hashed)
             notes: list[str] = []
@@ -236,9 +243,10 @@ def main() -> int:
                     notes.append("RESTORED POOL DIFFERS")
                 for path in (work / "r11.meta", work / "rdm.meta"):
                     path.unlink()
-            tr = mr = None
+            tr = mr = cr = None
             if m11:
                 tr, mr = mdm.seconds / m11.seconds, mdm.rss / m11.rss
+                cr = mdm.cpu / m11.cpu if m11.cpu else None
                 goal = TIME_GOALS.get(name)
                 if goal is not None and b.total <= 10 * 10**6 and tr > goal:
                     notes.append(f"time > {goal}x")
@@ -249,10 +257,12 @@ def main() -> int:
             if b.total >= 100 * 10**6 and mdm.rss > BIG_LIMIT:
                 notes.append("memory > 4 GiB")
             missed += [f"{label(b.total)} {name}: {n}" for n in notes]
-            c11 = f"{m11.seconds:.2f} / {m11.rss / MiB:.0f}" if m11 else "-"
-            print(f"| {label(b.total)} | {name} | {c11} | {mdm.seconds:.2f} / "
+            c11 = f"{m11.seconds:.2f} / {m11.cpu:.2f} / {m11.rss / MiB:.0f}" if m11 else "-"
+            print(f"| {label(b.total)} | {name} | {c11} | {mdm.seconds:.2f} / {mdm.cpu:.2f} / "
                   f"{mdm.rss / MiB:.0f} | {f'{tr:.2f}' if tr else '-'} | "
-                  f"{f'{mr:.1f}' if mr else '-'} | {'; '.join(notes) or 'met'} |", flush=True)
+                  f"{f'{cr:.2f}' if cr else '-'} | {f'{mr:.1f}' if mr else '-'} | "
+                  f"{load0:.1f}-{os.getloadavg()[0]:.1f} | {'; '.join(notes) or 'met'} |",
+                  flush=True)
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if missed:
         print(f"{len(missed)} goals missed or outputs differing:", *missed, sep="\n  ")

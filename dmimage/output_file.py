@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import stat
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import BinaryIO
@@ -39,6 +38,8 @@ def replaced_when_complete(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
         with _straight_through(name) as f:
             yield f
         return
+    import tempfile  # lazily: its import (random, hashlib) would cost every command's start-up
+
     target = os.path.realpath(name)
     directory = os.path.dirname(target)
     try:

@@ -72,6 +72,23 @@ def test_diff_matches_reference(data):
     assert got == reference(lm, rm)
 
 
+@given(st.data())
+@settings(max_examples=100, deadline=None)
+def test_diff_same_blocks_matches_reference(data):
+    """Both sides mapping the same virtual blocks (a snapshot and its origin): the path that
+    skips the merge."""
+    vs = sorted(data.draw(st.lists(st.integers(0, 60), unique=True, max_size=40)))
+    lm = {v: data.draw(st.integers(0, 3)) for v in vs}
+    rm = {v: data.draw(st.integers(0, 3)) for v in vs}
+    keys = np.array(vs, np.uint64)
+    d = diff_mappings(keys, np.array(list(lm.values()), np.uint64), keys.copy(),
+                      np.array(list(rm.values()), np.uint64))
+    got = [(KINDS[k], b, n, ld, rd) for k, b, n, ld, rd in zip(
+        d.kind.tolist(), d.begin.tolist(), d.length.tolist(), d.left_data.tolist(),
+        d.right_data.tolist(), strict=True)]
+    assert got == reference(lm, rm)
+
+
 @pytest.mark.parametrize("fixture", ["empty_pool_meta", "thins3_meta", "multilevel_meta",
                                      "snapshot_meta", "overflow_meta"])
 def test_fixture_pools(fixture, request, tools11):

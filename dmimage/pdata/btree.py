@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import repeat
+from typing import NamedTuple
 
 import numpy as np
 
@@ -188,9 +190,9 @@ def leaf_subset(node: Node, mask: np.ndarray) -> Node:
                 np.ascontiguousarray(node.keys[mask]), memoryview(vals[mask].tobytes()))
 
 
-@dataclass(slots=True, frozen=True)
-class SubtreeSummary:
-    """What a parent needs to know about a child subtree already walked."""
+class SubtreeSummary(NamedTuple):
+    """What a parent needs to know about a child subtree already walked (a tuple: a batch
+    of sibling leaves records tens of thousands of them at C speed)."""
 
     height: int  # 0 for a leaf
     first_key: int  # KEY_END for an empty leaf
@@ -422,8 +424,9 @@ class BtreeWalker:
         if not 0 <= first < reader.nr_blocks or reader.block(first)[4] != BTREE_LEAF:
             return None
         kid_list = kids.tolist()
-        if len(set(kid_list)) != len(kid_list) or any(
-                k in self._summaries or k in self._in_progress for k in kid_list):
+        if len(set(kid_list)) != len(kid_list) or not (
+                self._summaries.keys().isdisjoint(kid_list)
+                and self._in_progress.isdisjoint(kid_list)):
             return None
         batch = validated_leaves(reader, kids, node.keys.copy(), hi, root=False, value_size=8)
         if batch is None or not bool((batch.counts > 0).all()):
@@ -434,10 +437,10 @@ class BtreeWalker:
         ends = np.cumsum(batch.counts)
         firsts = batch.keys[ends - batch.counts].tolist()
         lasts = batch.keys[ends - 1].tolist()
-        for k, n, lo_k, hi_k in zip(kid_list, batch.counts.tolist(), firsts, lasts,
-                                    strict=True):
-            self._value_size[k] = 8
-            self._summaries[k] = SubtreeSummary(0, lo_k, hi_k, n)
+        self._value_size.update(dict.fromkeys(kid_list, 8))
+        summaries = map(SubtreeSummary._make, zip(repeat(0), firsts, lasts,
+                                                  batch.counts.tolist(), strict=False))
+        self._summaries.update(zip(kid_list, summaries, strict=True))
         if visit_leaf is not None:
             visit_leaf(Node(first, True, len(batch.keys), len(batch.keys), 8, batch.keys,
                             batch.values.data))

@@ -144,25 +144,41 @@ def _merge(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     return s[keep], pos[:len(a)], pos[len(a):]
 
 
+def _classified(lo: np.ndarray, ld: np.ndarray, ro: np.ndarray, rd: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The union of both sides' virtual blocks, each one's class, and both sides' data
+    blocks at it (0 where a side has none)."""
+    union, pl, pr = _merge(lo, ro)
+    n = len(union)
+    in_l, in_r = np.zeros(n, bool), np.zeros(n, bool)
+    dl, dr = np.zeros(n, U64), np.zeros(n, U64)
+    in_l[pl] = True
+    in_r[pr] = True
+    dl[pl] = ld
+    dr[pr] = rd
+    kind = np.where(in_l & in_r, np.where(dl == dr, SAME, DIFFERENT),
+                    np.where(in_l, LEFT_ONLY, RIGHT_ONLY)).astype(np.uint8)
+    return union, kind, dl, dr
+
+
 def diff_mappings(left_origin: np.ndarray, left_data: np.ndarray, right_origin: np.ndarray,
                   right_data: np.ndarray) -> Delta:
     """Classify the union of both sides' virtual blocks and cut it into thin_delta's runs.
     Origins must be ascending and unique on each side."""
     lo = np.asarray(left_origin, U64)
     ro = np.asarray(right_origin, U64)
-    union, pl, pr = _merge(lo, ro)
+    if len(lo) == len(ro) and np.array_equal(lo, ro):
+        # both sides map the same virtual blocks (a snapshot and its origin, mostly): no
+        # merge, every block is same or different
+        union, dl, dr = lo, np.asarray(left_data, U64), np.asarray(right_data, U64)
+        kind = np.where(dl == dr, np.uint8(SAME), np.uint8(DIFFERENT))
+    else:
+        union, kind, dl, dr = _classified(lo, np.asarray(left_data, U64), ro,
+                                          np.asarray(right_data, U64))
     n = len(union)
     if n == 0:
         e = np.empty(0, U64)
         return Delta(np.empty(0, np.uint8), e, e.copy(), e.copy(), e.copy())
-    in_l, in_r = np.zeros(n, bool), np.zeros(n, bool)
-    dl, dr = np.zeros(n, U64), np.zeros(n, U64)
-    in_l[pl] = True
-    in_r[pr] = True
-    dl[pl] = np.asarray(left_data, U64)
-    dr[pr] = np.asarray(right_data, U64)
-    kind = np.where(in_l & in_r, np.where(dl == dr, SAME, DIFFERENT),
-                    np.where(in_l, LEFT_ONLY, RIGHT_ONLY)).astype(np.uint8)
     brk = np.ones(n, bool)
     if n > 1:
         brk[1:] = ((union[1:] - union[:-1]) != 1) | (kind[1:] != kind[:-1])

@@ -139,16 +139,14 @@ class MappingForest:
         full = batch.counts > 0  # empty leaves (allowed here) own no keys
         firsts = batch.keys[(ends - batch.counts)[full]].tolist()
         lasts = batch.keys[ends[full] - 1].tolist()
-        i = 0
-        for b, n in zip(batch.blocks.tolist(), batch.counts.tolist(), strict=True):
-            self.leaf_entries[b] = n
-            self.height[b] = 0
-            if n:
-                # indexes into firsts/lasts run over the non-empty leaves only
-                self.span[b] = (firsts[i], lasts[i])
-                i += 1
-            else:
-                self.span[b] = None
+        blocks = batch.blocks.tolist()
+        # dict updates from zips: tens of thousands of leaves at C speed
+        self.leaf_entries.update(zip(blocks, batch.counts.tolist(), strict=True))
+        self.height.update(dict.fromkeys(blocks, 0))
+        if len(firsts) < len(blocks):
+            self.span.update(dict.fromkeys(blocks))  # empty leaves keep None
+            blocks = batch.blocks[full].tolist()
+        self.span.update(zip(blocks, zip(firsts, lasts, strict=True), strict=True))
         if self.visit is not None:
             self.visit(batch, dev_id)
 
@@ -161,15 +159,14 @@ class MappingForest:
                 self.reader.block(first)[4] != BTREE_LEAF:
             return False
         kid_list = kids.tolist()
-        if any(k in self.refs for k in kid_list) or len(set(kid_list)) != len(kid_list):
+        if not self.refs.keys().isdisjoint(kid_list) or len(set(kid_list)) != len(kid_list):
             return False
         # thin_ls 1.1 rejects underfull leaves; we list them (as the one-node path does)
         batch = validated_leaves(self.reader, kids, node.keys.copy(), hi, root=True,
                                  value_size=MAPPING_VALUE_SIZE)
         if batch is None:
             return False
-        for k in kid_list:
-            self.refs[k] = 1
+        self.refs.update(dict.fromkeys(kid_list, 1))
         self._leaves(batch, dev_id)
         return True
 

@@ -63,7 +63,7 @@ def rmap(pool: Pool, regions: list[tuple[int, int]]) -> RmapRuns:
     """The runs of every mapping whose data block lies in a region. Leaves are read a batch
     at a time and only the mappings taken are kept (they must be sorted before printing)."""
     roots = pool.mapping_roots()
-    taken: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    taken: list[list[np.ndarray | None]] = []
     bounds = [(np.uint64(lo), np.uint64(hi)) for lo, hi in regions]
 
     def visit(batch: LeafBatch, dev_id: int) -> None:
@@ -71,9 +71,12 @@ def rmap(pool: Pool, regions: list[tuple[int, int]]) -> RmapRuns:
         take = np.zeros(len(data), bool)
         for lo, hi in bounds:
             take |= (data >= lo) & (data < hi)
-        if take.any():
+        if take.all():
+            taken.append([data, np.asarray(batch.keys, U64).copy(),
+                          np.full(len(data), dev_id, np.uint32)])
+        elif take.any():
             keys = np.asarray(batch.keys, U64)
-            taken.append((data[take], keys[take], np.full(int(take.sum()), dev_id, U64)))
+            taken.append([data[take], keys[take], np.full(int(take.sum()), dev_id, np.uint32)])
         pool.reader.drop_pages()
 
     forest = MappingForest(pool, visit)
@@ -82,19 +85,76 @@ def rmap(pool: Pool, regions: list[tuple[int, int]]) -> RmapRuns:
     if not taken:
         e = np.empty(0, U64)
         return RmapRuns(e, e.copy(), e.copy(), e.copy())
-    data, keys, devs = (np.concatenate([t[i] for t in taken]) for i in range(3))
+    data, keys, devs = (_column(taken, i) for i in range(3))
     taken.clear()
     n = len(data)
     brk = np.ones(n, bool)
     brk[1:] = (devs[1:] != devs[:-1]) | (keys[1:] != keys[:-1] + np.uint64(1)) | (
         data[1:] != data[:-1] + np.uint64(1))
-    starts = np.flatnonzero(brk)
-    lengths = np.diff(np.append(starts, n)).astype(U64)
-    db, tb, dv = data[starts], keys[starts], devs[starts]
-    del data, keys, devs, brk
-    de = db + lengths
-    order = np.lexsort((tb, dv, de, db))
-    return RmapRuns(db[order], de[order], dv[order], tb[order])
+    if bool(brk.all()):  # no two mappings join (a fragmented pool): the columns are the runs
+        del brk
+        db, tb, dv = data, keys, devs
+        de = db + np.uint64(1)
+    else:
+        starts = np.flatnonzero(brk)
+        del brk
+        lengths = np.diff(np.append(starts, n)).astype(U64)
+        db, tb, dv = data[starts], keys[starts], devs[starts]
+        de = db + lengths
+        del lengths, starts
+    del data, keys, devs
+    order = _run_order(db, de, dv, tb)
+    # each column permuted in turn: one extra column alive at a time
+    db = db[order]
+    de = de[order]
+    dv = dv[order].astype(U64)
+    tb = tb[order]
+    return RmapRuns(db, de, dv, tb)
+
+
+def _column(parts: list[list[np.ndarray | None]], i: int) -> np.ndarray:
+    """Column ``i`` of the parts, concatenated; each part's piece is let go as it is copied
+    (so the taken mappings are not held twice)."""
+    pieces = []
+    for p in parts:
+        piece = p[i]
+        assert piece is not None
+        pieces.append(piece)
+        p[i] = None
+    out = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+    return out
+
+
+#: Runs sorted with one packed key (data_begin << 24 | index) while both fit in 64 bits.
+_INDEX_BITS = 24
+
+
+def _run_order(db: np.ndarray, de: np.ndarray, dv: np.ndarray, tb: np.ndarray) -> np.ndarray:
+    """The order of runs by (data begin, data end, device, virtual begin), as thin_rmap 1.1
+    prints them. Data blocks are 40-bit, so with fewer than 2^24 runs one in-place sort of
+    ``data_begin << 24 | index`` orders them by data begin (several times faster than a
+    4-key lexsort); runs sharing a data begin (data shared by several devices) are then put
+    in order by the other keys among themselves."""
+    n = len(db)
+    if n == 0 or n >= 1 << _INDEX_BITS or int(db.max()) >= 1 << (64 - _INDEX_BITS):
+        order: np.ndarray = np.lexsort((tb, dv, de, db))
+        return order
+    key = db << np.uint64(_INDEX_BITS)
+    key |= np.arange(n, dtype=U64)
+    key.sort()
+    order = (key & np.uint64((1 << _INDEX_BITS) - 1)).astype(np.intp)
+    key >>= np.uint64(_INDEX_BITS)  # the sorted data begins
+    tie = key[1:] == key[:-1]
+    del key
+    if bool(tie.any()):
+        in_group = np.zeros(n, bool)
+        in_group[1:] |= tie
+        in_group[:-1] |= tie
+        pos = np.flatnonzero(in_group)
+        group = np.cumsum(~np.concatenate([[False], tie])[pos])  # a new group at each start
+        sub = order[pos]
+        order[pos] = sub[np.lexsort((tb[sub], dv[sub], de[sub], group))]
+    return order
 
 
 _TEXT_PARTS = [b"data ", b"..", b" -> thin(", b") ", b"..", b"\n"]

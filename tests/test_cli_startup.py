@@ -1,0 +1,70 @@
+"""Command start-up (issue 11): a command builds only its own parser and imports only what it
+runs, and its parser is the whole parser's, option for option."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+
+from dmimage.cli import main as cli_main
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+FULL = _subparsers(cli_main.build_parser())
+
+
+@pytest.mark.parametrize("name", sorted(FULL))
+def test_one_command_parser_is_the_whole_parsers(name: str) -> None:
+    """Same help text (every option, default and the prog line) as the whole parser's; a
+    command its module does not name (``discard`` in write.py) gets the whole parser."""
+    only = cli_main._parser(name)
+    subs = _subparsers(only)
+    assert name in subs
+    assert subs[name].format_help() == FULL[name].format_help()
+    own_module = importlib.util.find_spec(f"dmimage.cli.{name.replace('-', '_')}")
+    if own_module is None:
+        assert set(subs) == set(FULL)
+    else:  # its module's commands only (write.py: write and discard)
+        assert set(subs) < set(FULL)
+
+
+def test_unknown_or_optional_first_word_gets_the_whole_parser() -> None:
+    for word in (None, "--version", "no-such-command", "../x", "check.py"):
+        assert set(_subparsers(cli_main._parser(word))) == set(FULL)
+
+
+def test_unknown_command_message_unchanged(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli_main.main(["no-such-command"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'no-such-command'" in capsys.readouterr().err
+
+
+def test_check_imports_no_other_command_nor_construct(thins3_meta) -> None:  # type: ignore[no-untyped-def]
+    """The modules a read command does not need stay unimported: the other subcommands,
+    construct (layouts' descriptions), the crc32c package's ``__init__`` (importlib.metadata)
+    and tempfile."""
+    code = ("import sys; from dmimage.cli.main import main; "
+            f"rc = main(['check', '-q', {str(thins3_meta.path)!r}]); "
+            "import numpy; huge = numpy._core.multiarray._set_madvise_hugepage(False); "
+            "print(rc, huge, *sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('construct', 'crc32c', 'tempfile', 'dmimage', 'importlib')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out[0] == "0"
+    assert out[1] == "False"  # numpy's arrays in 4 KiB pages (cli/main.py: _small_pages)
+    mods = set(out[2:])
+    assert "dmimage.cli.check" in mods and "dmimage.thin.check" in mods
+    assert not {m for m in mods if m.startswith("dmimage.cli.")} - {
+        "dmimage.cli.main", "dmimage.cli.check", "dmimage.cli._locking", "dmimage.cli._output",
+        "dmimage.cli._meta_args", "dmimage.cli._units", "dmimage.cli._progress"}
+    assert not mods & {"construct", "crc32c", "tempfile", "importlib.metadata"}
+    assert "crc32c._crc32c" in mods
