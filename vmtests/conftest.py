@@ -36,7 +36,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for it in mine:
         it.add_marker(pytest.mark.xdist_group(_group(it)))
         it.user_properties.append(("vm_group", _group(it)))
-    cache = config.cache
+    cache = getattr(config, "cache", None)
     weights: dict[str, float] = cache.get(_DURATIONS, {}) if cache is not None else {}
     if weights:
         # Stable: the order inside a group (e.g. test_zz_guard_sees_clean_guest last) is kept.
@@ -57,6 +57,6 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    cache = session.config.cache
+    cache = getattr(session.config, "cache", None)
     if cache is not None and _TIMES and not hasattr(session.config, "workerinput"):
         cache.set(_DURATIONS, {k: round(v, 1) for k, v in _TIMES.items()})
