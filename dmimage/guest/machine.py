@@ -699,9 +699,13 @@ class Machine:
 
     def sha256_of(self, guest_path: str, size: int | None = None, *, timeout: float = 600.0
                   ) -> str:
-        """sha256 (hex) of the first *size* bytes of a guest file or device (all if None)."""
+        """sha256 (hex) of the first *size* bytes of a guest file or device (all if None).
+
+        ``dd bs=1M`` feeds the pipe: busybox ``head -c`` copies in small pieces, 3-4x slower
+        under TCG (16 MiB of a thin: ~9 s against ~2.5 s)."""
         q = shlex.quote(guest_path)
-        cmd = f"head -c {int(size)} {q} | sha256sum" if size is not None else f"sha256sum < {q}"
+        cmd = (f"dd if={q} bs=1048576 count={int(size)} iflag=count_bytes,fullblock "
+               "status=none | sha256sum") if size is not None else f"sha256sum < {q}"
         out = self.sh(f"set -o pipefail; {cmd}", timeout=timeout)
         return out.split()[0]
 
