@@ -88,6 +88,8 @@ def test_one_kernel_and_groups(tmp_path: Path) -> None:
     assert ids["test_kernel_alone[deb12]"] not in (ids["test_kernel_a[deb12]"],
                                                    ids["test_kernel_alone[deb13]"])
     assert ids["test_userspace[deb12-1]"] != ids["test_userspace[deb12-2]"]
+    # xdist takes the group from after the last "@" only when no "]" follows it
+    assert not [g for g in ids.values() if "]" in g or "@" in g or " " in g]
     # the committed weights put the heaviest groups first on a fresh checkout
     assert rows[0][0].split("::", 1)[1].startswith("test_kernel_alone")
 

@@ -151,7 +151,9 @@ def _groups(items: list[pytest.Item]) -> dict[int, str]:
             for f in _module_fixtures(it):
                 parent[_find(parent, "fixture:" + f)] = _find(parent, it.nodeid)
         roots = {id(it): _find(parent, it.nodeid) for it in members}
-        names = {r: min(it.name for it in members if roots[id(it)] == r)
+        # xdist reads the group after the last "@" only if no "]" follows it: no brackets.
+        names = {r: re.sub(r"[^\w.:-]+", "_", min(it.name for it in members
+                                                    if roots[id(it)] == r))
                  for r in set(roots.values())}
         for it in members:
             out[id(it)] = unit if len(names) == 1 else f"{unit}::{names[roots[id(it)]]}"
