@@ -4,6 +4,7 @@ are grouped for xdist, and that a fresh checkout orders groups by the committed 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -101,3 +102,28 @@ def test_every_kernel_when_all_are_selected(tmp_path: Path) -> None:
         rows = _collect(tmp_path / env["DMIMAGE_VM_KERNELS"].replace(",", "_")
                         / env.get("DMIMAGE_VM_EVERY_KERNEL", "0"), env, {})
         assert sum(r[0].split("::")[1].startswith("test_userspace") for r in rows) == 6
+
+
+def test_a_group_runs_on_one_worker(tmp_path: Path) -> None:
+    """Under ``-n 2 --dist loadgroup`` the tests sharing a module fixture run on one worker
+    (the scheduler in conftest.py; xdist's own loadgroup loses the groups here)."""
+    pytest.importorskip("xdist")
+    d = tmp_path / "proj"
+    d.mkdir()
+    shutil.copy(ROOT / "vmtests" / "conftest.py", d / "conftest.py")
+    (d / "vm_durations.json").write_text("{}")
+    (d / "test_fake.py").write_text(FAKE_TESTS)
+    (d / "__init__.py").write_text("")
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-n", "2", "--dist", "loadgroup", "-v",
+         "-p", "no:cacheprovider", "-p", "no:randomly", str(d)],
+        cwd=d, capture_output=True, text=True,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{d}:{ROOT}",
+             "DMIMAGE_VM_KERNELS": "deb12,deb13"})
+    assert out.returncode == 0, out.stdout + out.stderr
+    workers: dict[str, set[str]] = {}
+    for m in re.finditer(r"^\[(gw\d+)\] \[ *\d+%\] PASSED \S+::(\S+)", out.stdout, re.M):
+        workers.setdefault(m.group(2), set()).add(m.group(1))
+    for kernel in ("deb11", "deb12", "deb13"):
+        assert len(workers[f"test_kernel_a[{kernel}]"] | workers[f"test_kernel_b[{kernel}]"]) == 1
+    assert len({w for ws in workers.values() for w in ws}) == 2  # both cores were used

@@ -25,8 +25,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -172,6 +174,47 @@ def _weights(config: pytest.Config) -> dict[str, float]:
     return weights
 
 
+def _groups_file(controller_pid: int) -> Path:
+    return Path(tempfile.gettempdir()) / f"dmimage-vm-groups-{controller_pid}.json"
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadgroup`` with the groups the workers computed.
+
+    xdist 3.8 marks a group by rewriting ``item._nodeid``, which the pytest in use no longer
+    reads (``nodeid`` comes from ``item._id``): its own loadgroup sees no groups and spreads
+    every test of a module scenario over both workers, making the scenario twice. The
+    workers write ``nodeid -> group`` here at collection, before the controller schedules."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    path = _groups_file(os.getpid())
+
+    class VmGroupScheduling(LoadScopeScheduling):  # type: ignore[misc]
+        _groups: dict[str, str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self._groups is None:
+                try:
+                    self._groups = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    self._groups = {}
+            return self._groups.get(nodeid, nodeid)
+
+    return VmGroupScheduling(config, log)
+
+
+def _publish_groups(config: pytest.Config, groups: dict[str, str]) -> None:
+    """From a worker: the groups for the controller's scheduler (atomic; workers agree)."""
+    if not hasattr(config, "workerinput"):
+        return
+    path = _groups_file(os.getppid())
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(groups))
+    os.replace(tmp, path)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     here = Path(__file__).parent
     _select_one_kernel(config, items)
@@ -182,6 +225,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for it in mine:
         it.add_marker(pytest.mark.xdist_group(groups[id(it)]))
         it.user_properties.append(("vm_key", _key(it)))
+    _publish_groups(config, {it.nodeid: groups[id(it)] for it in mine})
     weights = _weights(config)
     total: dict[str, float] = {}
     for it in mine:
@@ -205,6 +249,8 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
+    if not hasattr(session.config, "workerinput"):
+        _groups_file(os.getpid()).unlink(missing_ok=True)
     cache = getattr(session.config, "cache", None)
     if cache is not None and _TIMES and not hasattr(session.config, "workerinput"):
         # One test on several kernels: the slowest kernel's time is its weight.
