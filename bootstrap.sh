@@ -79,8 +79,9 @@ case "${1:-}" in
         .venv/bin/ruff check dmimage vmtests tests benchmarks
         .venv/bin/mypy
         # Unit and differential tests on both cores; then the VM tests, also on both cores:
-        # one xdist group per (file, kernel), each worker with its own guests, restored from
-        # the saved VM state (~/.cache/dmimage/vmstate) in about a second (vmtests/conftest.py).
+        # xdist groups per (file, kernel, shared module fixture), heaviest first, each worker
+        # with its own guests, restored from the saved VM state (~/.cache/dmimage/vmstate) in
+        # about a second; lvm2/dockerd tests on deb12 only (vmtests/conftest.py, docs/vm.md).
         # Each part prints its wall time.
         t0=$(date +%s)
         .venv/bin/python -m pytest -q -n 2 tests

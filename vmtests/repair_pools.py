@@ -163,19 +163,37 @@ class _Pool:
 
     def block_hashes(self, blocks: dict[int, list[int]], vblocks: int
                      ) -> dict[int, dict[int, str]]:
-        """sha256 of the given blocks of each thin, as the kernel serves them."""
-        out: dict[int, dict[int, str]] = {}
-        for dev, which in sorted(blocks.items()):
-            path = self.path(dev, vblocks)
-            out[dev] = {}
-            for i in range(0, len(which), 256):
-                chunk = " ".join(map(str, which[i:i + 256]))
-                text = self.sh(f"for i in {chunk}; do set -- $(dd if={path} bs={BLOCK_BYTES} "
-                               f"count=1 skip=$i iflag=direct 2>/dev/null | sha256sum); "
-                               f"echo $i $1; done", timeout=1800)
-                out[dev].update({int(a): h for a, h in
-                                 (ln.split() for ln in text.splitlines() if ln)})
-        return out
+        """sha256 of the given blocks of each thin, as the kernel serves them.
+
+        The guest copies each thin whole onto a scratch disk (one O_DIRECT ``dd`` per thin)
+        and the host hashes the blocks of the copy: a ``dd | sha256sum`` per block costs two
+        process starts, ~40-60 ms under TCG, i.e. a minute for the ~1,300 blocks of a pool."""
+        import hashlib
+
+        devs = sorted(blocks)
+        scratch = Path(tempfile.mkstemp(prefix="readback-", suffix=".img")[1])
+        try:
+            with open(scratch, "wb") as f:
+                f.truncate(max(1, len(devs)) * vblocks * BLOCK_BYTES)
+            disk = self.vm.attach(scratch, read_only=False)
+            try:
+                self.sh("; ".join(
+                    f"dd if={self.path(dev, vblocks)} of={disk.guest_path} bs={BLOCK_BYTES} "
+                    f"count={vblocks} seek={k * vblocks} iflag=direct oflag=direct "
+                    f"conv=notrunc status=none || exit 1" for k, dev in enumerate(devs)),
+                    timeout=1800)
+            finally:
+                self.vm.detach(disk)  # flushes: the host file holds what the guest wrote
+            out: dict[int, dict[int, str]] = {}
+            with open(scratch, "rb") as f:
+                for k, dev in enumerate(devs):
+                    out[dev] = {}
+                    for vb in blocks[dev]:
+                        f.seek((k * vblocks + vb) * BLOCK_BYTES)
+                        out[dev][vb] = hashlib.sha256(f.read(BLOCK_BYTES)).hexdigest()
+            return out
+        finally:
+            scratch.unlink()
 
     def teardown(self) -> None:
         cmds = [f"dmsetup remove rthin{d}" for d in sorted(self.active)] + ["dmsetup remove rpool"]

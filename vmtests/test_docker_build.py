@@ -33,7 +33,7 @@ from dmimage.guest.pytest_plugin import unavailable
 from dmimage.image.docker_store import build_docker_store, load_docker_spec
 from vmtests.docker_scenario import _copy_in, extract_root, guest_save
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.vm_one_kernel]  # dockerd is the oracle (conftest.py)
 
 
 @pytest.fixture(scope="module", params=selected_names())

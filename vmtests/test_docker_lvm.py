@@ -22,7 +22,7 @@ from dmimage.guest.kernels import selected_names
 from dmimage.guest.pytest_plugin import unavailable
 from vmtests.docker_scenario import _copy_in, _inspect, extract_root, guest_save, write_inputs
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.vm_one_kernel]  # dockerd is the oracle (conftest.py)
 
 
 @pytest.fixture(scope="module", params=selected_names())

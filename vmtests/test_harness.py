@@ -508,6 +508,7 @@ def test_two_processes_create_the_state_at_once(tmp_path: Path,
 
 
 @pytest.mark.vm
+@pytest.mark.vm_one_kernel  # the entry point and fixtures, not the kernel
 def test_plugin_in_another_project(dm_vm: Machine, tmp_path: Path) -> None:
     """docs/vm.md's "another project" example, verbatim, as such a project runs it: its own
     directory outside this repository and pytest process, no conftest; the fixtures come from

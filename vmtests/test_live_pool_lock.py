@@ -23,7 +23,7 @@ from dmimage.guest.agent import CommandResult
 from dmimage.guest.machine import Machine
 from vmtests.scenario import PoolSession, make_pool_files
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.vm_one_kernel]  # O_EXCL: the block layer (conftest.py)
 
 DMIMAGE = str(Path(sys.executable).with_name("dmimage"))
 ROOT = "/tmp/host"

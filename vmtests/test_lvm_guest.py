@@ -29,7 +29,7 @@ import pytest
 from dmimage.guest.lvm2 import LvmMachine
 from dmimage.guest.pytest_plugin import unavailable
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.vm_one_kernel]  # lvm2 is the oracle (conftest.py)
 
 FIELDS = "lv_name,vg_name,lv_attr,lv_size,pool_lv,origin,segtype,thin_id,transaction_id,lv_uuid"
 MiB = 1 << 20

@@ -29,7 +29,7 @@ from dmimage.guest.lvm2 import LvmMachine
 from dmimage.guest.pytest_plugin import unavailable
 from vmtests.test_lvm_guest import FIELDS, _dmimage, _kernels
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.vm_one_kernel]  # lvm2 is the oracle (conftest.py)
 
 MiB = 1 << 20
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "lvm"

@@ -296,15 +296,24 @@ class Machine:
                           "readonly=on",
                 "-device", f"virtio-9p-pci,fsdev={HOST_SHARE_TAG},mount_tag={HOST_SHARE_TAG}"]
 
-    def mount_host_share(self, guest_dir: str = "/tmp/host", *, timeout: float = 60.0) -> str:
+    def mount_host_share(self, guest_dir: str = "/tmp/host", *, timeout: float = 60.0,
+                         cache: str = "loose") -> str:
         """Mount the host share read-only at ``guest_dir`` with the guest's /dev, /proc and
         /sys bound under it, so ``chroot guest_dir PROGRAM`` runs a host program against the
-        guest's devices. Returns ``guest_dir``; idempotent."""
+        guest's devices. Returns ``guest_dir``; idempotent.
+
+        ``cache="loose"`` (default) lets the guest keep what it read (pages, dentries): a
+        Python start-up reads hundreds of files, and without a cache each read is a 9p round
+        trip through a TCG guest, again for every command (3-4x slower). It suits a tree the
+        host leaves alone while mounted (a program run in the chroot); pass ``cache="none"``
+        to see host changes at once. ``msize`` 512000 (under 5.10's virtio limit of 128
+        pages) moves big reads in one message instead of 8 KiB ones."""
         if self.host_share is None:
             raise VMError("this machine has no host share (Machine(host_share=...))")
         d = shlex.quote(guest_dir)
+        opts = f"ro,trans=virtio,version=9p2000.L,msize=512000,cache={shlex.quote(cache)}"
         self.sh(f"mountpoint -q {d} && exit 0; mkdir -p {d} && "
-                f"mount -t 9p -o ro,trans=virtio,version=9p2000.L {HOST_SHARE_TAG} {d} && "
+                f"mount -t 9p -o {opts} {HOST_SHARE_TAG} {d} && "
                 f"for m in dev proc sys; do mount --bind /$m {d}/$m || exit 1; done",
                 timeout=timeout)
         return guest_dir
@@ -690,9 +699,13 @@ class Machine:
 
     def sha256_of(self, guest_path: str, size: int | None = None, *, timeout: float = 600.0
                   ) -> str:
-        """sha256 (hex) of the first *size* bytes of a guest file or device (all if None)."""
+        """sha256 (hex) of the first *size* bytes of a guest file or device (all if None).
+
+        ``dd bs=1M`` feeds the pipe: busybox ``head -c`` copies in small pieces, 3-4x slower
+        under TCG (16 MiB of a thin: ~9 s against ~2.5 s)."""
         q = shlex.quote(guest_path)
-        cmd = f"head -c {int(size)} {q} | sha256sum" if size is not None else f"sha256sum < {q}"
+        cmd = (f"dd if={q} bs=1048576 count={int(size)} iflag=count_bytes,fullblock "
+               "status=none | sha256sum") if size is not None else f"sha256sum < {q}"
         out = self.sh(f"set -o pipefail; {cmd}", timeout=timeout)
         return out.split()[0]
 
