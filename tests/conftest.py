@@ -90,7 +90,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         rate = st["inputs"] / st["seconds"] if st["seconds"] else 0.0
         terminalreporter.write_line(
             f"fuzz: seed {st['seed']} (replay: DMIMAGE_FUZZ_SEED={st['seed']}), "
-            f"{st['inputs']} damaged inputs in {st['seconds']} s on {st['jobs']} workers "
+            f"{st['inputs']} damaged inputs ({st.get('repeats', 0)} repeating an earlier "
+            f"one's bytes) in {st['seconds']} s on {st['jobs']} workers "
             f"({rate:.0f}/s, {st['cpu_seconds']} CPU-s); {st['damaged']} damaged per check, "
             f"{st['repaired']} repaired "
             f"({st['repaired_oracle']} distinct outputs through thin_check 1.1); stricter "
