@@ -114,6 +114,20 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.name != "test_fuzz")
 
 
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``-n N`` (xdist's "load" distribution) steals work instead: "load" hands each worker
+    fixed batches up front, so the worker that starts on test_fuzz keeps a queue of other
+    tests behind it while the other worker runs dry and then idles; with stealing, the idle
+    worker takes the tests still queued behind the fuzz, and both cores stay busy until the
+    end. An explicit other ``--dist`` is left alone."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import WorkStealingScheduling
+
+    return WorkStealingScheduling(config, log)
+
+
 def _get_tools(getter, what: str) -> oracles.Tools:
     try:
         return getter()
