@@ -401,3 +401,64 @@ def test_ls_and_rmap_list_an_empty_leaf_under_a_node(restored_pool: Restore,
     p1 = _write(tmp_path / "one.meta", one)
     assert main(["ls", p1]) in (0, 1)
     assert main(["rmap", "--region", "0..100000", p1]) in (0, 1)
+
+
+def _data_count_word(meta: bytearray, mm: damage.MetaMap, b: int) -> tuple[int, int, int]:
+    """(bitmap block, offset of the 64-bit word holding data block ``b``'s 2-bit count, the
+    count's shift in it): the layout damage._decode_counts reads."""
+    e = b % 16320
+    bm = mm.data_bitmaps[b // 16320]
+    return bm, bm * damage.BLOCK + 16 + 8 * (e // 32), 2 * (e % 32)
+
+
+def _data_bitmap_count(meta: bytearray, mm: damage.MetaMap, b: int) -> int:
+    _, off, j = _data_count_word(meta, mm, b)
+    word = int.from_bytes(meta[off:off + 8], "little")
+    return ((word >> j) & 1) << 1 | (word >> (j + 1)) & 1
+
+
+def _set_data_count(meta: bytearray, mm: damage.MetaMap, b: int, count: int) -> None:
+    bm, off, j = _data_count_word(meta, mm, b)
+    word = int.from_bytes(meta[off:off + 8], "little") & ~(3 << j)
+    word |= ((count >> 1) & 1) << j | (count & 1) << (j + 1)
+    struct.pack_into("<Q", meta, off, word)
+    damage.fix_checksum(meta, bm, damage.SALT_BITMAP)
+
+
+def test_a_ref_count_entry_no_bitmap_count_sends_a_lookup_to_is_no_damage(
+        restored_pool: Restore, tmp_path: Path, tools09: oracles.Tools) -> None:
+    """Seed 1805116920 input 6831: the data ref-count tree's (empty) root leaf given
+    nr_entries 1, i.e. an entry "block 0: count 0". Only a bitmap count of 3 sends a lookup
+    to that tree, so nothing reads the entry: the kernel, thin_check 0.9 and 1.1 pass it.
+    Check called it two fatal problems (an entry for a block counted below 3, a count
+    below 3)."""
+    rp = restored_pool(poolgen.multilevel_pool(1500), nr_meta_blocks=512)
+    meta = rp.read()
+    mm = damage.MetaMap(bytes(meta))
+    (leaf,) = mm.nodes_where("data_refcount")
+    struct.pack_into("<I", meta, leaf.block * damage.BLOCK + 16, 1)
+    damage.fix_checksum(meta, leaf.block, damage.SALT_BTREE)
+    p = _write(tmp_path / "bad.meta", meta)
+    assert oracles.check(p, rp.tools)[0] == 0
+    assert oracles.check(p, tools09)[0] == 0
+    report = check_metadata(p)
+    assert report.ok(), report.problems
+    assert main(["check", p]) == 0
+
+
+def test_an_overflow_count_hidden_by_its_bitmap_is_still_damage(
+        restored_pool: Restore, tmp_path: Path) -> None:
+    """The other side of the test above: data block 10 (mapped by 5 devices, its count in the
+    ref-count tree) with its bitmap count set to 1 leaves the tree's entry unread, and
+    block 10's count is then wrong: check and thin_check 1.1 both fail it."""
+    rp = restored_pool(poolgen.overflow_pool(5), nr_meta_blocks=512)
+    meta = rp.read()
+    mm = damage.MetaMap(bytes(meta))
+    assert damage.data_counts(bytes(meta))[10] == 5 and _data_bitmap_count(meta, mm, 10) == 3
+    _set_data_count(meta, mm, 10, 1)
+    assert _data_bitmap_count(meta, mm, 10) == 1
+    p = _write(tmp_path / "bad.meta", meta)
+    assert oracles.check(p, rp.tools)[0] != 0
+    problems = check_metadata(p).problems
+    assert [x.fatal for x in problems if "wrong reference counts" in x.message] == [True], \
+        problems
