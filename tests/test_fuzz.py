@@ -211,3 +211,8 @@ def test_sparse_inputs_read_back_and_digests_tell_them_apart(tmp_path: Path) -> 
     assert fuzz_run.digest(data) == fuzz_run.digest(bytes(data))
     assert fuzz_run.digest(data) != fuzz_run.digest(other)
     assert fuzz_run.digest(data) != fuzz_run.digest(data + bytes(4096))  # length counts
+    assert fuzz_run.file_digest(p) == fuzz_run.digest(data)
+    with open(p, "r+b") as f:  # a block written with zeros is still zeros
+        f.seek(3 * 4096)
+        f.write(bytes(4096))
+    assert fuzz_run.file_digest(p) == fuzz_run.digest(data)
