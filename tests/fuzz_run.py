@@ -100,6 +100,11 @@ class Case:
     open_parts: int = 0
     #: (base, digest of the input, digest of its normalized copy): equal keys, equal judgement
     key: tuple[str, bytes, bytes | None] | None = None
+    #: the repaired output's digest, once repair succeeded (Run.received)
+    repaired_digest: bytes | None = None
+    #: where the repaired output's dump is (a shared copy when an earlier input's repair
+    #: wrote the same bytes)
+    dump_repaired: Path | None = None
     damaged: bool = False
     reader_fails: int = 0
     repaired_ok: bool = False
@@ -218,11 +223,19 @@ def commands(case: Case) -> list[list[Any]]:
                            "-o", str(d / "salvage.json")], []],
         ["repair", ["repair", "-q", "-i", m, "-o", case.repaired, "--data-block-size", "128"],
          []],
-        ["check repaired", ["check", "--json", case.repaired], ["repair"]],
-        ["dump repaired", ["dump", case.repaired, "-o", str(d / "dump-repaired.xml")],
-         ["repair", "dump"]],
     ] + ([["check normalized", ["check", "--json", case.normalized], []]]
          if os.path.exists(case.normalized) else [])
+
+
+def repaired_commands(case: Case) -> list[list[Any]]:
+    """What runs on repair's output (once repair exited 0): check, and dump when the input's
+    dump succeeded (to compare the two). Sent as a second job, and only for a repaired output
+    not seen before (Run.received): most repairs write one of a few hundred outputs."""
+    out: list[list[Any]] = [["check repaired", ["check", "--json", case.repaired], []]]
+    if case.results.get("dump", {}).get("rc") == 0:
+        out.append(["dump repaired", ["dump", case.repaired, "-o",
+                                      str(case.dir / "dump-repaired.xml")], []])
+    return out
 
 
 def _may_change_header(recipe: Sequence[tuple[Any, ...]]) -> bool:
@@ -298,11 +311,12 @@ class Worker:
             self.stop()
             raise RuntimeError("fuzz worker did not start")
 
-    def send(self, case: Case) -> None:
+    def send(self, case: Case, cmds: list[list[Any]] | None = None) -> None:
+        """Run ``cmds`` (default: :func:`commands`) for the case."""
         if self.proc is None or self.proc.poll() is not None:
             self.start()
         assert self.proc is not None and self.proc.stdin is not None
-        cmds = commands(case)
+        cmds = commands(case) if cmds is None else cmds
         self.case = case
         self.deadline = time.monotonic() + self.timeout * (len(cmds) + 2) + 30
         job = {"cmds": cmds, "capture": ["check", "check repaired", "check normalized"]}
@@ -317,7 +331,7 @@ class Worker:
         if time.monotonic() < self.deadline:
             line = self.proc.stdout.readline()
         if line:
-            case.results = json.loads(line)
+            case.results.update(json.loads(line))
         else:
             code = self.proc.poll()
             case.died = (f"worker exited with {code}" if code is not None
@@ -394,6 +408,10 @@ class Run:
         self.queue: deque[Case] = deque()
         self.repaired_seen: set[bytes] = set()
         self.outcomes: dict[tuple[str, bytes, bytes | None], Outcome] = {}
+        #: repaired output digest -> results of repaired_commands on it
+        self.repaired_results: dict[bytes, dict[str, Any]] = {}
+        self.repaired_dumps = workdir / "repaired-dumps"
+        self.repaired_dumps.mkdir(exist_ok=True)
 
     # -- per input ---------------------------------------------------------------------------
     def prepare(self, index: int, parent: Case | None = None,
@@ -451,14 +469,34 @@ class Run:
         return subprocess.Popen([str(self.tools.thin_check), "-q", path],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-    def received(self, case: Case) -> None:
-        """A worker finished the case: start thin_check 1.1 on a repaired output not seen yet."""
+    def received(self, case: Case, worker: Worker) -> None:
+        """A worker finished a job of the case. After the first: when repair succeeded, start
+        thin_check 1.1 on its output if those bytes are new, and judge the output with
+        :func:`repaired_commands` -- results an earlier identical output got, or a second
+        job on the same worker. Then the case waits for its oracles (:meth:`judge`)."""
         rep = case.results.get("repair")
-        if rep is not None and rep["rc"] == 0:
-            seen = file_digest(case.repaired)
-            if seen not in self.repaired_seen:
-                self.repaired_seen.add(seen)
-                case.repaired_oracle = self._thin_check(case.repaired)
+        if case.died is None and rep is not None and rep["rc"] == 0:
+            if case.repaired_digest is None:
+                case.repaired_digest = seen = file_digest(case.repaired)
+                if seen not in self.repaired_seen:
+                    self.repaired_seen.add(seen)
+                    case.repaired_oracle = self._thin_check(case.repaired)
+            seen = case.repaired_digest
+            known = self.repaired_results.setdefault(seen, {})
+            todo = [c for c in repaired_commands(case) if c[0] not in known]
+            if todo and not all(c[0] in case.results for c in todo):
+                worker.send(case, todo)
+                return
+            for name, _, _ in todo:  # just run on this case's output: keep them
+                known[name] = case.results[name]
+            if any(c[0] == "dump repaired" for c in todo) and known["dump repaired"]["rc"] == 0:
+                shutil.copyfile(case.dir / "dump-repaired.xml",
+                                self.repaired_dumps / f"{seen.hex()}.xml")
+            for name in ("check repaired", "dump repaired"):
+                if name in known and (name == "check repaired"
+                                      or case.results.get("dump", {}).get("rc") == 0):
+                    case.results[name] = known[name]
+            case.dump_repaired = self.repaired_dumps / f"{seen.hex()}.xml"
         self.oracles.append(case)
 
     def judge(self, case: Case) -> None:
@@ -596,8 +634,9 @@ class Run:
         if "dump repaired" in res and res["dump repaired"]["rc"] == 0:
             # repair was told the base's true data block size (128), which replaces the
             # superblock's: a damaged data_block_size is the one difference allowed
+            assert case.dump_repaired is not None
             dumps_equal = same_dump((case.dir / "dump.xml").read_bytes(),
-                                    (case.dir / "dump-repaired.xml").read_bytes())
+                                    case.dump_repaired.read_bytes())
         case.repaired_ok = res.get("repair", {}).get("rc") == 0
         if case.repaired_ok and case.parent is None:
             self.stats.repaired += 1
@@ -628,7 +667,7 @@ class Run:
                 done = [pipes[p] for p in ready]
                 done += [w for w in busy if w not in done and time.monotonic() >= w.deadline]
                 for w in done:
-                    self.received(w.receive())
+                    self.received(w.receive(), w)
                 while self.oracles and (len(self.oracles) > MAX_ORACLES
                                         or self.oracles[0].oracles_done()):
                     self.judge(self.oracles.popleft())
