@@ -7,6 +7,10 @@ per input while the workers go on, and is collected later.
 
 Input ``i`` of a run with seed ``S`` is drawn from ``random.Random(f"{S}:{i}")`` alone, so a
 failure is replayed exactly by ``DMIMAGE_FUZZ_SEED=S DMIMAGE_FUZZ_INPUTS=i``.
+
+Every command's result, and so every judgement, is a function of the bytes it reads: an input
+byte for byte equal to one already judged gets that judgement (:meth:`Run.repeat`), and what
+runs on repair's output runs once per distinct output (:meth:`Run.received`).
 """
 
 from __future__ import annotations
