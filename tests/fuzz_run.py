@@ -243,26 +243,33 @@ def repaired_commands(case: Case) -> list[list[Any]]:
 
 
 def _may_change_header(recipe: Sequence[tuple[Any, ...]]) -> bool:
-    """Can the recipe leave a valid node whose flags or value_size 1.1 reads differently
-    (those fields set, or a checksum-fixed flip of their bytes)? The named damage cannot."""
-    return any(m[0] == "field" and m[2] in ("flags", "value_size")
+    """Can the recipe leave a valid node that 1.1 reads differently (see
+    :func:`normalize_headers`: its flags or value_size set, or a checksum-fixed flip of their
+    bytes or of a child pointer's)? The named damage cannot."""
+    return any(m[0] == "field" and m[2] in ("flags", "value_size", "value0")
                or m[0] == "flip" and m[4] and (4 <= m[2] % damage.BLOCK < 8
-                                              or 24 <= m[2] % damage.BLOCK < 28)
+                                              or 24 <= m[2] % damage.BLOCK < 28
+                                              or m[2] % damage.BLOCK >= 32)
                for m in recipe)
 
 
 def normalize_headers(meta: bytearray, used: Sequence[int]) -> bool:
-    """Rewrite the btree node headers among ``used`` that thin_check 1.1 reads differently
-    from dmimage (and the kernel) to what 1.1 reads them as, checksum fixed: flags neither 1
-    nor 2 -> 1 (1.1 takes "not 2" as internal), and an internal node's value_size whose size
-    bound wraps in 1.1's u32 arithmetic -> 8 (1.1 then reads the node). Changed anything?"""
+    """Rewrite the btree nodes among ``used`` that thin_check 1.1 reads differently from
+    dmimage (and the kernel) to what 1.1 reads them as, checksum fixed: flags neither 1 nor 2
+    -> 1 (1.1 takes "not 2" as internal); an internal node's value_size whose size bound
+    wraps in 1.1's u32 arithmetic -> 8 (1.1 then reads the node); and an internal node's
+    child pointer with bits above the low 32 set -> its low 32 bits when they name a block of
+    the device (1.1 reads only those: seeds 4100220246 input 8218, 3719521081 input 8045).
+    Changed anything?"""
     changed = False
+    nr_blocks = len(meta) // damage.BLOCK
     for b in used:
         off = b * damage.BLOCK
         blk = bytes(meta[off:off + damage.BLOCK])
         if len(blk) < damage.BLOCK or damage.block_salt(blk) != damage.SALT_BTREE:
             continue
-        flags, _, _, max_entries, value_size = struct.unpack_from("<IQIII", blk, 4)
+        flags, _, nr_entries, max_entries, value_size = struct.unpack_from("<IQIII", blk, 4)
+        internal = flags == 1  # (a node relabelled internal below keeps its values)
         if flags not in (1, 2):
             flags = 1
             struct.pack_into("<I", meta, off + 4, flags)
@@ -270,6 +277,12 @@ def normalize_headers(meta: bytearray, used: Sequence[int]) -> bool:
         if flags == 1 and 32 + (8 + value_size) * max_entries > damage.BLOCK \
                 and 32 + wrapped * max_entries <= damage.BLOCK:
             struct.pack_into("<I", meta, off + 24, 8)
+        if internal and nr_entries <= max_entries and 32 + 16 * max_entries <= damage.BLOCK:
+            values = off + 32 + 8 * max_entries
+            for i in range(nr_entries):
+                (child,) = struct.unpack_from("<Q", meta, values + 8 * i)
+                if child >> 32 and (child & 0xFFFFFFFF) < nr_blocks:
+                    struct.pack_into("<Q", meta, values + 8 * i, child & 0xFFFFFFFF)
         if meta[off:off + damage.BLOCK] != blk:
             damage.fix_checksum(meta, b, damage.SALT_BTREE)
             changed = True

@@ -462,3 +462,50 @@ def test_an_overflow_count_hidden_by_its_bitmap_is_still_damage(
     problems = check_metadata(p).problems
     assert [x.fatal for x in problems if "wrong reference counts" in x.message] == [True], \
         problems
+
+
+@pytest.mark.parametrize("high", [1 << 32, 1 << 52, 1 << 63])
+def test_child_pointer_high_bits_are_what_1_1_alone_ignores(
+        restored_pool: Restore, tmp_path: Path, tools09: oracles.Tools, high: int,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Seeds 4100220246 input 8218 and 3719521081 input 8045: a byte of an internal node's
+    child pointer flipped above the low 32 bits (checksum fixed). thin_check 1.1 reads only
+    the low 32 bits and passes; 0.9 (and the kernel) read all 64 and fail, and so does
+    check. Named "child-pointer-high-bits" only as a counterfactual: with the pointer cut to
+    its low 32 bits the input must check clean -- a pointer whose low bits name another
+    block is not excused."""
+    rp = restored_pool(poolgen.multilevel_pool(1500), nr_meta_blocks=512)
+    meta = rp.read()
+    node = damage.MetaMap(bytes(meta)).nodes_where("bottom", True)[0]
+    slot = node.block * damage.BLOCK + 32 + 8 * node.max_entries + 8
+    (child,) = struct.unpack_from("<Q", meta, slot)
+    used = sorted(damage.scan(bytes(meta)))
+
+    def check_json(path: str) -> list[dict[str, Any]]:
+        capsys.readouterr()
+        main(["check", "--json", path])
+        return cast(list[dict[str, Any]], json.loads(capsys.readouterr().out)["problems"])
+
+    def judged(pointer: int) -> tuple[int, list[dict[str, Any]], Any]:
+        bad = bytearray(meta)
+        struct.pack_into("<Q", bad, slot, pointer)
+        damage.fix_checksum(bad, node.block, damage.SALT_BTREE)
+        p = _write(tmp_path / "bad.meta", bad)
+        rc = oracles.check(p, rp.tools)[0]
+        assert oracles.check(p, tools09)[0] != 0
+        problems = check_json(p)
+        assert problems
+        normalized = bytearray(bad)
+        assert fuzz_run.normalize_headers(normalized, used)
+        q = _write(tmp_path / "normalized.meta", normalized)
+        return rc, problems, check_json(q)
+
+    rc, problems, after = judged(child + high)
+    assert rc == 0 and after == []
+    assert fuzz_judge.verdict_failure(False, True, problems, after) == (
+        None, "child-pointer-high-bits")
+    other = next(b for b in used if b not in (child, 0))
+    rc, problems, after = judged(other + high)
+    assert after  # the low bits name a wrong child: damage either way
+    if rc == 0:  # whatever 1.1 makes of it, the rule does not excuse it
+        assert fuzz_judge.verdict_failure(False, True, problems, after)[1] is None
