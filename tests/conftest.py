@@ -152,8 +152,10 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     end. An explicit other ``--dist`` is left alone."""
     if config.getvalue("dist") != "load":
         return None
-    from xdist.scheduler import WorkStealingScheduling
-
+    try:
+        from xdist.scheduler import WorkStealingScheduling  # pytest-xdist >= 3.2
+    except ImportError:
+        return None
     return WorkStealingScheduling(config, log)
 
 
