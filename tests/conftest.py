@@ -90,7 +90,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         rate = st["inputs"] / st["seconds"] if st["seconds"] else 0.0
         terminalreporter.write_line(
             f"fuzz: seed {st['seed']} (replay: DMIMAGE_FUZZ_SEED={st['seed']}), "
-            f"{st['inputs']} damaged inputs in {st['seconds']} s on {st['jobs']} workers "
+            f"{st['inputs']} damaged inputs ({st.get('repeats', 0)} repeating an earlier "
+            f"one's bytes) in {st['seconds']} s on {st['jobs']} workers "
             f"({rate:.0f}/s, {st['cpu_seconds']} CPU-s); {st['damaged']} damaged per check, "
             f"{st['repaired']} repaired "
             f"({st['repaired_oracle']} distinct outputs through thin_check 1.1); stricter "
@@ -108,9 +109,54 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if ORACLE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.oracle)
-    # the longest test first: under xdist its worker starts on it while the others share the
-    # rest, instead of the whole suite waiting for it at the end
-    items.sort(key=lambda item: item.name != "test_fuzz")
+    _order(items)
+
+
+#: tests that take longest after test_fuzz (seconds of wall time each: serial subprocess
+#: chains, many thin_check 1.1 runs, which sleep 0.5 s before they exit, big property runs)
+LONG_TESTS = frozenset({
+    "test_eight_writers_lose_no_update", "test_readers_see_only_committed_states",
+    "test_label_and_area_reader_fuzz", "test_repair_quality_at_least_thin_repair_11",
+    "test_every_crash_image_is_old_or_new", "test_stateful_against_model",
+    "test_concurrent_lvm_writers_lose_no_generation", "test_text_round_trip_property",
+    "test_repair_at_least_thin_repair_11_on_kernel_pools", "test_dump_invalidate_identical",
+    "test_damaged_verdicts_agree", "test_plugin_can_be_disabled",
+    "test_docs_example_collects_in_another_project", "test_plugin_is_loaded_and_lazy",
+    "test_model_fuzz_on_mutated_scenario_text", "test_shared_leaves_identical",
+    "test_generated_pools", "test_many_inserts_and_removes"})
+
+
+def _order(items: list[pytest.Item]) -> None:
+    """test_fuzz first, and the long tests at the start of the second half.
+
+    xdist (worksteal, see pytest_xdist_make_scheduler) first gives each of N workers one
+    contiguous 1/N of this list, so the worker that runs test_fuzz (the longest) is given
+    the first part, and another worker starts on the long tests while the fuzz runs,
+    instead of one of them starting late and being run alone at the end; a worker that runs
+    dry takes the *end* of another's queue. Without xdist the order does not matter."""
+    fuzz = [i for i in items if i.name == "test_fuzz"]
+    rest = [i for i in items if i.name != "test_fuzz"]
+    long = [i for i in rest if getattr(i, "originalname", i.name) in LONG_TESTS]
+    short = [i for i in rest if getattr(i, "originalname", i.name) not in LONG_TESTS]
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "2"))  # set in xdist's workers
+    half = max(0, len(items) // max(2, workers) - len(fuzz))
+    items[:] = fuzz + short[:half] + long + short[half:]
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``-n N`` (xdist's "load" distribution) steals work instead: "load" hands each worker
+    fixed batches up front, so the worker that starts on test_fuzz keeps a queue of other
+    tests behind it while the other worker runs dry and then idles; with stealing, the idle
+    worker takes the tests still queued behind the fuzz, and both cores stay busy until the
+    end. An explicit other ``--dist`` is left alone."""
+    if config.getvalue("dist") != "load":
+        return None
+    try:
+        from xdist.scheduler import WorkStealingScheduling  # pytest-xdist >= 3.2
+    except ImportError:
+        return None
+    return WorkStealingScheduling(config, log)
 
 
 def _get_tools(getter, what: str) -> oracles.Tools:

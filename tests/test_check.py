@@ -52,10 +52,12 @@ def test_damage_verdicts_match_thin_check_11(name, desc, restored_pool, tmp_path
     cases = damage.all_damage(rp.read())
     assert len(cases) >= 20
     disagreements = []
-    for i, d in enumerate(cases):
-        p = tmp_path / f"d{i}.meta"
+    paths = [tmp_path / f"d{i}.meta" for i in range(len(cases))]
+    for p, d in zip(paths, cases, strict=True):
         p.write_bytes(d.data)
-        theirs = oracles.check(p, rp.tools)[0] == 0
+    verdicts = oracles.check_rcs(paths, rp.tools)
+    for p, d, rc in zip(paths, cases, verdicts, strict=True):
+        theirs = rc == 0
         report = check_metadata(p)
         ours = report.ok()
         if theirs and not ours and d.kind in STRICTER_THAN_11:

@@ -195,3 +195,50 @@ def test_inputs_replay_from_seed_and_index() -> None:
     c = [fuzz_damage.random_recipe(random.Random(f"8:{i}")) for i in range(50)]
     assert a == b and a != c
     assert {m[0] for r in a for m in r} == {"named", "flip", "zero", "field", "sbroot"}
+
+
+def test_sparse_inputs_read_back_and_digests_tell_them_apart(tmp_path: Path) -> None:
+    """The harness writes inputs with holes for their zero blocks and recognises repeated
+    inputs by a digest of their non-zero blocks: both must be exact."""
+    data = bytearray(5 * 4096 + 3)
+    data[4096 + 7] = 1
+    data[-1] = 9
+    p = str(tmp_path / "x")
+    fuzz_run.write_sparse(p, data)
+    assert Path(p).read_bytes() == data
+    other = bytearray(data)
+    other[4096 + 7], other[2 * 4096 + 7] = 0, 1  # the same block content, another block
+    assert fuzz_run.digest(data) == fuzz_run.digest(bytes(data))
+    assert fuzz_run.digest(data) != fuzz_run.digest(other)
+    assert fuzz_run.digest(data) != fuzz_run.digest(data + bytes(4096))  # length counts
+    assert fuzz_run.file_digest(p) == fuzz_run.digest(data)
+    with open(p, "r+b") as f:  # a block written with zeros is still zeros
+        f.seek(3 * 4096)
+        f.write(bytes(4096))
+    assert fuzz_run.file_digest(p) == fuzz_run.digest(data)
+
+
+def test_a_repeated_input_gets_the_judgement_of_the_first(tmp_path: Path) -> None:
+    """An input byte for byte equal to one already judged is counted with that judgement: a
+    failure is listed again under the repeat's own replay line, an unnamed stricter verdict
+    counts against the budget again."""
+    from types import SimpleNamespace
+
+    run = fuzz_run.Run(7, [], tmp_path, oracles.Tools.__new__(oracles.Tools), jobs=1,
+                       memory_mb=64, timeout=1)
+    base = SimpleNamespace(name="thins3")
+    bad = fuzz_run.Outcome(3, ("dump: exit 0, expected 1",), False, None, True, 2, True)
+    run.repeat(9, base, [("zero", 4)], bad)  # type: ignore[arg-type]
+    unnamed = fuzz_run.Outcome(4, (fuzz_judge.UNNAMED_STRICTER + " ...",), True, None, True, 0,
+                               False)
+    run.repeat(10, base, [("zero", 5)], unnamed)  # type: ignore[arg-type]
+    excused = fuzz_run.Outcome(5, (), False, "nr_allocated", False, 0, True)
+    run.repeat(11, base, [("zero", 6)], excused)  # type: ignore[arg-type]
+    assert len(run.failures) == 1 and "input 9 " in run.failures[0]
+    assert "the bytes of input 3" in run.failures[0]
+    assert "DMIMAGE_FUZZ_SEED=7 DMIMAGE_FUZZ_INPUTS=9" in run.failures[0]
+    assert "dump: exit 0, expected 1" in run.failures[0]
+    assert len(run.stats.unnamed_stricter) == 1 and "input 10 " in run.stats.unnamed_stricter[0]
+    st = run.stats
+    assert (st.inputs, st.repeats, st.damaged, st.reader_fails, st.repaired) == (3, 3, 2, 2, 2)
+    assert st.stricter == {"nr_allocated": 1}
