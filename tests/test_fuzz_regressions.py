@@ -522,3 +522,22 @@ def test_child_pointer_high_bits_are_what_1_1_alone_ignores(
     assert after  # the low bits name a wrong child: damage either way
     if rc == 0:  # whatever 1.1 makes of it, the rule does not excuse it
         assert fuzz_judge.verdict_failure(False, True, problems, after)[1] is None
+
+
+def test_ls_refuses_a_data_size_no_metadata_device_could_map(restored_pool: Restore,
+                                                             tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]
+                                                             ) -> None:
+    """Seed 3097145373 input 9323: the superblock's data nr_blocks grown to ~2^55. ls sized
+    its per-data-block counts by it and died "out of memory" (exit 2) where check calls the
+    superblock damaged: now a one-line error naming the field, exit 1, as check says."""
+    rp = restored_pool(poolgen.thins_pool(3), nr_meta_blocks=512)
+    meta = rp.read()
+    _set_sb(meta, SB_DATA_NR_BLOCKS, 33214047251858432)
+    p = _write(tmp_path / "big.meta", meta)
+    report = check_metadata(p)
+    assert any(x.field == "data space map root nr_blocks" for x in report.problems)
+    assert oracles.check(p, rp.tools)[0] != 0  # thin_check 1.1 refuses it as well
+    assert main(["ls", "-o", "DEV,MAPPED,EXCLUSIVE,SHARED", p]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data space map root nr_blocks" in err[0], err

@@ -323,7 +323,7 @@ def device_usage(pool: Pool, *, counting: bool = True) -> list[DeviceUsage]:
     if not counting:
         return [DeviceUsage(d, 0, 0, 0) for d in details.values()]
     roots = pool.mapping_roots()
-    data = DataCounts(pool.live_superblock.nr_data_blocks)
+    data = DataCounts(pool.nr_data_blocks())
 
     def visit(batch: LeafBatch, dev_id: int) -> None:
         data.add(batch, dev_id)

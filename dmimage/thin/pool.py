@@ -63,6 +63,17 @@ class Pool:
         self._devices: dict[int, DeviceDetails] | None = None
         self._roots: dict[int, int] | None = None
 
+    def nr_data_blocks(self) -> int:
+        """The data device's size in blocks, from the live data space map's root: refused when
+        its bitmaps could not fit on the metadata device (a damaged field that would size
+        whole-device arrays in the petabytes)."""
+        root = self.live_superblock.data_sm
+        if root.nr_bitmaps > self.reader.nr_blocks:
+            raise MetadataError(f"data space map: nr_blocks {root.nr_blocks} needs more bitmaps "
+                                "than the metadata device has blocks", block=0,
+                                field="data space map root nr_blocks")
+        return root.nr_blocks
+
     # -- devices ---------------------------------------------------------------------------
     def devices(self) -> dict[int, DeviceDetails]:
         """Details of every thin device, by id (ascending)."""
