@@ -83,3 +83,16 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
+
+
+def refuse_writing_input(input_path: str | os.PathLike[str],
+                         output_path: str | os.PathLike[str]) -> None:
+    """Repairs read one file and write another: the same file (by inode, so also through a
+    link or a second name) as both is a usage error, before anything is read or written."""
+    try:
+        same = os.path.samefile(input_path, output_path)
+    except OSError:
+        same = False
+    if same:
+        raise UsageError("input and output are the same file: repair never writes its input")
+

@@ -87,3 +87,28 @@ def test_unwritable_directory_is_a_one_line_error(tmp_path: Path) -> None:
     with pytest.raises(DeviceError, match="cannot create a file in"), \
             replaced_when_complete(tmp_path / "missing-dir" / "out"):
         pass
+
+
+def test_repairs_refuse_their_input_as_output_by_any_name(tmp_path: Path) -> None:
+    from dmimage.output_file import refuse_writing_input
+
+    meta = tmp_path / "meta"
+    meta.write_bytes(b"m")
+    (tmp_path / "hard").hardlink_to(meta)
+    (tmp_path / "soft").symlink_to(meta)
+    for other in ("meta", "hard", "soft"):
+        with pytest.raises(UsageError, match="never writes its input"):
+            refuse_writing_input(meta, tmp_path / other)
+    refuse_writing_input(meta, tmp_path / "new")  # not there yet: a different file
+    (tmp_path / "copy").write_bytes(b"m")
+    refuse_writing_input(meta, tmp_path / "copy")
+
+
+def test_thin_repair_refuses_its_input(tmp_path: Path) -> None:
+    from dmimage.cli.main import main
+
+    meta = tmp_path / "meta"
+    meta.write_bytes(bytes(4096 * 4))
+    before = meta.read_bytes()
+    assert main(["repair", "-i", str(meta), "-o", str(meta)]) == 2
+    assert meta.read_bytes() == before

@@ -21,7 +21,6 @@ restore writes (crash-safe, superblock last); the input is only read.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,8 +28,9 @@ import numpy as np
 from dmimage import devlock
 from dmimage.cache.metadata import CacheSuperblock, parse_superblock
 from dmimage.cache.restore import CacheContent, write_content
-from dmimage.errors import ChecksumError, MetadataError, UsageError
+from dmimage.errors import ChecksumError, MetadataError
 from dmimage.format.cache import M_DIRTY, M_VALID, MAPPING_FLAG_BITS
+from dmimage.output_file import refuse_writing_input
 from dmimage.pdata.array import max_entries, salvage_array
 from dmimage.pdata.block import BlockReader
 
@@ -144,12 +144,7 @@ def salvage_cache(reader: BlockReader) -> tuple[CacheContent, CacheSuperblock, C
 def repair_cache(input_path: str, output_path: str) -> CacheRepairReport:
     """Salvage ``input_path`` (read only) and write fresh metadata to the existing file or
     device ``output_path``; MetadataError (exit 1) when the superblock is unusable."""
-    try:
-        same = os.path.samefile(input_path, output_path)
-    except OSError:
-        same = False
-    if same:
-        raise UsageError("input and output are the same file: repair never writes its input")
+    refuse_writing_input(input_path, output_path)
     with devlock.hold(input_path, exclusive=False), BlockReader(input_path) as reader:
         try:
             content, sb, rep = salvage_cache(reader)

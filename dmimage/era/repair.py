@@ -22,7 +22,6 @@ read.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,7 +29,8 @@ import numpy as np
 from dmimage import devlock
 from dmimage.era.metadata import EraSuperblock, parse_superblock, read_writeset_tree
 from dmimage.era.restore import EraIR, restore_era
-from dmimage.errors import ChecksumError, MetadataError, UsageError
+from dmimage.errors import ChecksumError, MetadataError
+from dmimage.output_file import refuse_writing_input
 from dmimage.pdata.array import max_entries, salvage_array
 from dmimage.pdata.block import BlockReader
 from dmimage.pdata.btree import BtreeWalker
@@ -133,12 +133,7 @@ def salvage_era(reader: BlockReader) -> tuple[EraIR, EraRepairReport]:
 def repair_era(input_path: str, output_path: str) -> EraRepairReport:
     """Salvage ``input_path`` (read only) and write fresh metadata to the existing file or
     device ``output_path``; MetadataError (exit 1) when the superblock is unusable."""
-    try:
-        same = os.path.samefile(input_path, output_path)
-    except OSError:
-        same = False
-    if same:
-        raise UsageError("input and output are the same file: repair never writes its input")
+    refuse_writing_input(input_path, output_path)
     with devlock.hold(input_path, exclusive=False), BlockReader(input_path) as reader:
         try:
             ir, rep = salvage_era(reader)

@@ -47,6 +47,7 @@ from dmimage.format.values import (
     unpack_details,
     unpack_mappings,
 )
+from dmimage.output_file import refuse_writing_input
 from dmimage.pdata.block import BlockReader
 from dmimage.pdata.btree import MAX_DEPTH, Node, node_view, order_problem, parse_node
 
@@ -694,12 +695,7 @@ def repair(input_path: str | os.PathLike[str], output_path: str | os.PathLike[st
     file or device ``output_path`` (superblock last). The output checks clean."""
     from dmimage.thin.restore import restore
 
-    try:
-        same = os.path.samefile(input_path, output_path)
-    except OSError:
-        same = False
-    if same:
-        raise UsageError("input and output are the same file: repair never writes its input")
+    refuse_writing_input(input_path, output_path)
     with devlock.acquire_all([(input_path, False), (output_path, True)]):
         ir, report = salvage(input_path, overrides)
         res = restore(ir, output_path)
