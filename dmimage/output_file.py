@@ -8,6 +8,8 @@ Targets that are not regular files are not renamed over: a pipe or character dev
 over ``/dev/null`` as root would replace the device node itself; a block device is refused,
 since these outputs are files, not images to write onto a disk. A symlink to a regular file
 keeps the link and replaces the file it names.
+
+Also here: ``refuse_writing_input``, the repairs' guard that their output is not their input.
 """
 
 from __future__ import annotations
