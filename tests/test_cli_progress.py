@@ -8,6 +8,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -129,3 +130,214 @@ def test_build_command_total_and_quiet(quiet: bool, tmp_path: Path,
         assert drawn == ""
     else:  # the planned bytes became the bar's total
         assert "build p" in drawn and "196.6/196.6 kB" in drawn and ETA.search(drawn), drawn
+
+
+# -- the read, repair, pack and trim commands ---------------------------------------------
+
+#: every threshold lowered, so a small pool is worth a bar (the defaults keep small tasks quiet)
+LOWERED = ("MIN_MAPPINGS", "MIN_BLOCKS", "MIN_BYTES", "MIN_PACKED_BYTES", "MIN_RANGES")
+
+
+def _lower_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dmimage.cli import _progress
+
+    for name in LOWERED:
+        monkeypatch.setattr(_progress, name, 1)
+
+
+class _Stdout(io.TextIOWrapper):
+    """A pipe-like stdout with the binary ``buffer`` the commands write to."""
+
+    def __init__(self) -> None:
+        super().__init__(io.BytesIO(), encoding="utf-8")
+
+    def output(self) -> bytes:
+        self.flush()
+        return self.buffer.getvalue()  # type: ignore[attr-defined, no-any-return]
+
+
+def _commands(meta: Path, tmp: Path, data_bytes: int) -> dict[str, tuple[str, list[str]]]:
+    """Each command with its bar's label and argv (outputs under ``tmp``)."""
+    data = tmp / "data"
+    if not data.exists():
+        data.write_bytes(b"")
+        os.truncate(data, data_bytes)
+        (tmp / "repaired").write_bytes(bytes(8 << 20))
+        (tmp / "unpacked").write_bytes(b"")
+    pack = tmp / "pool.pack"
+    if not pack.exists():
+        assert main(["pack", str(meta), "-o", str(pack)]) == 0
+    m = str(meta)
+    return {
+        "check": ("checking", ["check", m]),
+        "dump": ("dumping", ["dump", m]),
+        "ls": ("listing", ["ls", m, "-o", "DEV,MAPPED_BLOCKS,EXCLUSIVE_BLOCKS,SHARED_BLOCKS"]),
+        "delta": ("comparing", ["delta", m, "--thin1", "1", "--thin2", "2"]),
+        "rmap": ("mapping back", ["rmap", m, "--region", "0..1000000"]),
+        "repair": ("repairing", ["repair", "-i", m, "-o", str(tmp / "repaired")]),
+        "pack": ("packing", ["pack", m, "-o", str(tmp / "again.pack")]),
+        "unpack": ("unpacking", ["unpack", "-i", str(pack), "-o", str(tmp / "unpacked")]),
+        "trim": ("discarding", ["trim", m, str(data)]),
+    }
+
+
+#: a bar past its start: a percentage above 0, or some bytes done
+ADVANCED = re.compile(r"(?<![\d.])([1-9]\d?|100)%|(?<![\d.])(0\.[1-9]|[1-9])[\d.]*/[\d.]+ [kM]?B")
+COMMANDS = ["check", "dump", "ls", "delta", "rmap", "repair", "pack", "unpack", "trim"]
+
+
+@pytest.fixture
+def snapshot_pool(snapshot_meta: Any, tmp_path: Path) -> tuple[Path, int]:
+    """A private copy of the snapshot pool (devices share leaves) and its data size."""
+    from dmimage.thin.pool import open_pool
+
+    meta = snapshot_meta.copy_to(tmp_path / "pool.meta")
+    with open_pool(meta) as pool:
+        sb = pool.live_superblock
+        assert {1, 2} <= set(pool.devices())
+        return meta, sb.nr_data_blocks * sb.data_block_size * 512
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_command_draws_on_a_terminal_and_leaves_stdout_alone(
+        command: str, snapshot_pool: tuple[Path, int], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With stderr a terminal: the command's bar (label, percentage or bytes, time left) on
+    stderr, and stdout byte for byte what the same command writes with stderr piped."""
+    meta, data_bytes = snapshot_pool
+    label, argv = _commands(meta, tmp_path, data_bytes)[command]
+    piped = _Stdout()
+    monkeypatch.setattr(sys, "stdout", piped)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    _lower_thresholds(monkeypatch)
+    assert main(argv) == 0
+    want, piped_err = piped.output(), sys.stderr.getvalue()
+    assert label not in piped_err and "\x1b" not in piped_err
+
+    err, _ = use_terminal(monkeypatch)
+    out = _Stdout()
+    monkeypatch.setattr(sys, "stdout", out)
+    assert main(argv) == 0
+    drawn = err.getvalue()
+    assert label in drawn and ETA.search(drawn), drawn
+    assert ADVANCED.search(drawn), drawn  # the bar moved: work was reported as it was done
+    assert out.output() == want
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_command_quiet_draws_nothing(command: str, snapshot_pool: tuple[Path, int],
+                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    meta, data_bytes = snapshot_pool
+    label, argv = _commands(meta, tmp_path, data_bytes)[command]
+    _lower_thresholds(monkeypatch)
+    err, _ = use_terminal(monkeypatch)
+    monkeypatch.setattr(sys, "stdout", _Stdout())
+    assert main(argv + ["-q"]) == 0
+    assert label not in err.getvalue() and "\x1b" not in err.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize("command", ["check", "ls", "dump"])
+def test_small_task_draws_nothing_by_default(command: str, snapshot_pool: tuple[Path, int],
+                                             tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default thresholds: a pool of a few hundred mappings ends long before a bar
+    would help, so none is drawn even on a terminal."""
+    meta, data_bytes = snapshot_pool
+    label, argv = _commands(meta, tmp_path, data_bytes)[command]
+    err, _ = use_terminal(monkeypatch)
+    monkeypatch.setattr(sys, "stdout", _Stdout())
+    assert main(argv) == 0
+    assert label not in err.getvalue(), err.getvalue()
+
+
+def test_bar_waits_for_a_total_worth_drawing(monkeypatch: pytest.MonkeyPatch) -> None:
+    err, _ = use_terminal(monkeypatch)
+    with progress_bar("small", unit="items", min_total=100) as advance:
+        advance(5)
+        advance.set_total(50)
+        advance(45)
+    assert err.getvalue() == ""
+    with progress_bar("large", unit="items", min_total=100) as advance:
+        advance(60)  # reported before the total was known: counted once it is
+        advance.set_total(200)
+        advance(40)
+    drawn = err.getvalue()
+    assert "large" in drawn and "50%" in drawn, drawn
+
+
+def _pty_run(argv: list[str], *, quiet: bool = False) -> tuple[int, bytes, bytes]:
+    """Run ``python -m dmimage argv`` with stderr on a pseudo-terminal (100 columns) and
+    stdout on a pipe; (exit code, what reached the terminal, stdout)."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import subprocess
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NO_COLOR", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE")}
+    env["TERM"] = "xterm"
+    proc = subprocess.Popen([sys.executable, "-m", "dmimage", *argv, *(["-q"] if quiet else [])],
+                            stdout=subprocess.PIPE, stderr=slave, env=env)
+    os.close(slave)
+    drawn = bytearray()
+    assert proc.stdout is not None
+    out = bytearray()
+    streams = [master, proc.stdout.fileno()]
+    while streams:
+        ready, _, _ = select.select(streams, [], [], 60)
+        assert ready, "no output for 60 s"
+        for fd in ready:
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except OSError:  # EIO: the terminal's last writer is gone
+                chunk = b""
+            if not chunk:
+                streams.remove(fd)
+            elif fd == master:
+                drawn += chunk
+            else:
+                out += chunk
+    os.close(master)
+    return proc.wait(timeout=60), bytes(drawn), bytes(out)
+
+
+@pytest.fixture(scope="module")
+def big_pool(tmp_path_factory: pytest.TempPathFactory, tools11: Any) -> Path:
+    """One thin of 250,000 mappings (above the default threshold), restored by thin_restore 1.1
+    from one range mapping."""
+    import numpy as np
+
+    import oracles
+    import poolgen
+
+    n = 250_000
+    m = np.stack([np.arange(n), np.arange(n), np.zeros(n)], axis=1).astype(np.uint64)
+    pool = poolgen.Pool(nr_data_blocks=n, devices=[poolgen.Device(1, mappings=m)])
+    path = tmp_path_factory.mktemp("big") / "pool.meta"
+    oracles.restore(poolgen.to_xml(pool), path, tools11,
+                    oracles.nr_meta_blocks_for(n, 1, n))
+    return path
+
+
+def test_real_terminal_shows_the_check_bar(big_pool: Path) -> None:
+    """A real pseudo-terminal as stderr, the default thresholds: `dmimage check` draws its
+    bar (label, percentage, time left) there; stdout carries only the report."""
+    rc, drawn, out = _pty_run(["check", str(big_pool)])
+    text = drawn.decode(errors="replace")
+    assert rc == 0, text
+    assert "checking" in text and "%" in text and ETA.search(text), text
+    assert out.startswith(b"TRANSACTION_ID=") and b"checking" not in out
+
+
+def test_real_terminal_quiet_and_pipe_draw_nothing(big_pool: Path) -> None:
+    import subprocess
+
+    rc, drawn, out = _pty_run(["check", str(big_pool)], quiet=True)
+    assert rc == 0 and drawn == b"" and out == b""
+    res = subprocess.run([sys.executable, "-m", "dmimage", "check", str(big_pool)],
+                         capture_output=True, env=dict(os.environ, TERM="xterm"), check=False)
+    assert res.returncode == 0 and res.stderr == b"", res.stderr

@@ -45,11 +45,14 @@ def run(args: argparse.Namespace) -> int:
                              ignore_non_fatal=args.ignore_non_fatal_errors)
         report, actions = fixed.after, fixed.actions
     else:
+        from dmimage.cli import _progress
         from dmimage.thin.check import check_metadata
 
-        report = check_metadata(args.metadata, super_block_only=args.super_block_only,
-                                skip_mappings=args.skip_mappings,
-                                metadata_snap=args.metadata_snap)
+        with _progress.progress_bar("checking", unit="items", enabled=not args.quiet,
+                                    min_total=_progress.MIN_MAPPINGS) as advance:
+            report = check_metadata(args.metadata, super_block_only=args.super_block_only,
+                                    skip_mappings=args.skip_mappings,
+                                    metadata_snap=args.metadata_snap, progress=advance)
     ok = report.ok(args.ignore_non_fatal_errors)
     if args.json:
         doc = report.to_json()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING, Any, BinaryIO
+from collections.abc import Callable
+from typing import TYPE_CHECKING, BinaryIO
 
 from dmimage.cli._locking import add_lock_plan
 from dmimage.cli._meta_args import add_metadata_snap, resolve_meta
@@ -35,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("-r", "--repair", action="store_true",
                    help="dump what `dmimage repair` would salvage from damaged metadata "
                         "(its notes on stderr: per device, where its tree came from)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("--transaction-id", type=parse_uint, metavar="N",
                    help="with --repair: transaction id (at least this)")
     p.add_argument("--data-block-size", type=parse_uint, metavar="SECTORS",
@@ -46,41 +48,43 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    from dmimage.thin.dump import dump_pool as _dump_pool
-
-    def dump_pool(meta: str, out: BinaryIO, fmt: str, *, ir: PoolIR | None = None,
-                  **kwargs: Any) -> None:
-        if ir is None:
-            _dump_pool(meta, out, fmt, **kwargs)
-            return
-        from dmimage.thin.dump import write_dump
-
-        write_dump(_select(ir, args), out, fmt, expand=kwargs.get("expand", False))
-
     meta, snap = resolve_meta(args.meta, args.metadata_snap)
-    kwargs: dict[str, Any] = dict(metadata_snap=snap, dev_ids=args.dev_ids,
-                                  skip_mappings=args.skip_mappings, expand=args.expand_shared)
     if getattr(args, "repair", False):
         if snap is not False:
             raise UsageError("--repair cannot read through the metadata snapshot")
         from dmimage.cli.repair import print_report
+        from dmimage.thin.dump import write_dump
         from dmimage.thin.repair import Overrides, salvage
 
         ir, report = salvage(meta, Overrides(args.transaction_id, args.data_block_size,
                                              args.nr_data_blocks))
         print_report("dmimage dump --repair", report)
-        kwargs = dict(ir=ir, expand=args.expand_shared)
-    elif any(getattr(args, k, None) is not None
-             for k in ("transaction_id", "data_block_size", "nr_data_blocks")):
+        picked = _select(ir, args)
+        _write(args, lambda out: write_dump(picked, out, args.fmt, expand=args.expand_shared))
+        return 0
+    if any(getattr(args, k, None) is not None
+           for k in ("transaction_id", "data_block_size", "nr_data_blocks")):
         raise UsageError("--transaction-id, --data-block-size, --nr-data-blocks go with --repair")
+    from dmimage.cli import _progress
+    from dmimage.thin.dump import dump_pool
+
+    with _progress.progress_bar("dumping", unit="items", enabled=not args.quiet,
+                                min_total=_progress.MIN_BLOCKS) as advance:
+        _write(args, lambda out: dump_pool(
+            meta, out, args.fmt, metadata_snap=snap, dev_ids=args.dev_ids,
+            skip_mappings=args.skip_mappings, expand=args.expand_shared, progress=advance))
+    return 0
+
+
+def _write(args: argparse.Namespace, dump: Callable[[BinaryIO], None]) -> None:
+    """``dump`` to stdout, or to ``-o FILE`` atomically."""
     if args.output is None:
         out = sys.stdout.buffer
-        dump_pool(meta, out, args.fmt, **kwargs)
+        dump(out)
         out.flush()
-        return 0
+        return
     with atomic_output(args.output) as f:
-        dump_pool(meta, f, args.fmt, **kwargs)
-    return 0
+        dump(f)
 
 
 def _select(ir: PoolIR, args: argparse.Namespace) -> PoolIR:

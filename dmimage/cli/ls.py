@@ -21,21 +21,26 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="comma-separated fields (default DEV,MAPPED,CREATE_TIME,SNAP_TIME)")
     p.add_argument("--no-headers", action="store_true", help="no header row")
     p.add_argument("--json", action="store_true", help="JSON instead of the table")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_metadata_snap(p)
     add_lock_plan(p, lambda a: [(a.meta, False)])
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from dmimage.cli import _progress
     from dmimage.thin.ls import DEFAULT_FIELDS, ls_json, ls_table, parse_fields, render_grid
     from dmimage.thin.pool import open_pool
 
     meta, snap = resolve_meta(args.meta, args.metadata_snap)
     fields = parse_fields(args.fields) if args.fields is not None else list(DEFAULT_FIELDS)
-    with open_pool(meta, metadata_snap=snap) as pool:
+    with open_pool(meta, metadata_snap=snap) as pool, _progress.progress_bar(
+            "listing", unit="items", enabled=not args.quiet,
+            min_total=_progress.MIN_BLOCKS) as advance:
         if args.json:
-            text = ls_json(pool, fields)
+            text = ls_json(pool, fields, progress=advance)
         else:
-            text = render_grid(ls_table(pool, fields, headers=not args.no_headers))
+            text = render_grid(ls_table(pool, fields, headers=not args.no_headers,
+                                        progress=advance))
     write_text(text)
     return 0

@@ -19,18 +19,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("-i", "--input", metavar="META", help="same as META (the 1.1 spelling)")
     p.add_argument("-o", "--output", metavar="FILE", required=True,
                    help="pack file to write (atomically)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_lock_plan(p, lambda a: [(a.input or a.meta, False)])
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from dmimage.cli import _progress
     from dmimage.thin.pack import pack_metadata
 
     meta = args.input or args.meta
     if meta is None:
         raise UsageError("no metadata file given")
-    with atomic_output(args.output) as f:
-        pack_metadata(meta, f)
+    with atomic_output(args.output) as f, _progress.progress_bar(
+            "packing", enabled=not args.quiet, min_total=_progress.MIN_BYTES) as advance:
+        pack_metadata(meta, f, advance)
     sys.stdout.flush()
     return 0
 

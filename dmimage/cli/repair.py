@@ -24,7 +24,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("-i", "--input", required=True, metavar="META", help="damaged metadata")
     p.add_argument("-o", "--output", required=True, metavar="NEW",
                    help="metadata file or block device to overwrite")
-    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="print nothing on success, no progress bar")
     p.add_argument("--transaction-id", type=parse_uint, metavar="N",
                    help="transaction id (at least this; needed if the superblock is lost)")
     p.add_argument("--data-block-size", type=parse_uint, metavar="SECTORS",
@@ -37,10 +38,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
+    from dmimage.cli import _progress
     from dmimage.thin.repair import Overrides, repair
 
-    res = repair(args.input, args.output,
-                 Overrides(args.transaction_id, args.data_block_size, args.nr_data_blocks))
+    with _progress.progress_bar("repairing", unit="items", enabled=not args.quiet,
+                                min_total=_progress.MIN_MAPPINGS) as advance:
+        res = repair(args.input, args.output,
+                     Overrides(args.transaction_id, args.data_block_size, args.nr_data_blocks),
+                     advance)
     if not args.quiet:
         print_report("dmimage repair", res.report)
     return 0

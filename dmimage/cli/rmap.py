@@ -20,19 +20,23 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--region", dest="regions", metavar="BEGIN..END", action="append",
                    required=True, help="data blocks BEGIN to END-1 (repeatable)")
     p.add_argument("--json", action="store_true", help="JSON instead of text")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_metadata_snap(p)
     add_lock_plan(p, lambda a: [(a.meta, False)])
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from dmimage.cli import _progress
     from dmimage.thin.pool import open_pool
     from dmimage.thin.rmap import parse_region, rmap, rmap_chunks, rmap_json
 
     meta, snap = resolve_meta(args.meta, args.metadata_snap)
     regions = [parse_region(r) for r in args.regions]
-    with open_pool(meta, metadata_snap=snap) as pool:
-        runs = rmap(pool, regions)
+    with open_pool(meta, metadata_snap=snap) as pool, _progress.progress_bar(
+            "mapping back", unit="items", enabled=not args.quiet,
+            min_total=_progress.MIN_BLOCKS) as advance:
+        runs = rmap(pool, regions, advance)
     if args.json:
         write_text(rmap_json(runs))
         return 0

@@ -40,12 +40,20 @@ def _lock_plan(args: argparse.Namespace) -> list[tuple[str | None, bool]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dmimage.thin.trim import trim_data
+    from dmimage.cli import _progress
+    from dmimage.thin.trim import check_before_trim, trim_data
 
     meta, data = _paths(args)
     if meta is None or data is None:
         raise UsageError("need the metadata and the data device (META DATA)")
-    ranges = trim_data(meta, data, dry_run=args.dry_run)
+    # the check, then the discards, each with its own bar; main() holds both files' locks
+    # across the two, as trim_data's own check would
+    with _progress.progress_bar("checking", unit="items", enabled=not args.quiet,
+                                min_total=_progress.MIN_MAPPINGS) as advance:
+        check_before_trim(meta, advance)
+    with _progress.progress_bar("discarding", unit="items", enabled=not args.quiet,
+                                min_total=_progress.MIN_RANGES) as advance:
+        ranges = trim_data(meta, data, dry_run=args.dry_run, check=False, progress=advance)
     if not args.quiet:
         verb = "would discard" if args.dry_run else "discarded"
         lines = [f"{verb} data blocks {r.begin}..{r.end} (bytes {r.offset}+{r.length})\n"

@@ -17,11 +17,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("-i", "--input", metavar="FILE", required=True, help="pack file")
     p.add_argument("-o", "--output", metavar="META", required=True,
                    help="metadata file (created or truncated) or device")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_lock_plan(p, lambda a: [(a.output, True)])
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from dmimage.cli import _progress
     from dmimage.thin.pack import unpack_metadata
 
     if args.input == args.output:
@@ -30,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
         f = open(args.input, "rb")
     except OSError as exc:
         raise DeviceError(f"{args.input}: {exc.strerror}") from None
-    with f:
-        unpack_metadata(f, args.output)
+    with f, _progress.progress_bar("unpacking", enabled=not args.quiet,
+                                   min_total=_progress.MIN_PACKED_BYTES) as advance:
+        unpack_metadata(f, args.output, advance)
     return 0

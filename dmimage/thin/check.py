@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,6 +28,9 @@ from dmimage.pdata.block import BlockReader
 from dmimage.pdata.btree import U64, BtreeWalker, Node, leaves_in_order
 from dmimage.pdata.spacemap import SpaceMap, read_space_map
 from dmimage.thin.superblock import Superblock, read_superblock
+
+if TYPE_CHECKING:
+    from dmimage.progress import Progress
 
 #: How many example blocks a summarised problem names.
 EXAMPLES = 5
@@ -82,9 +86,12 @@ class CheckReport:
 
 
 class _Checker:
-    def __init__(self, reader: BlockReader, report: CheckReport):
+    def __init__(self, reader: BlockReader, report: CheckReport,
+                 progress: Progress | None = None):
         self.reader = reader
         self.report = report
+        #: hears of the live devices' mappings as they are walked (total: their details)
+        self.progress = progress
         self.meta_counts = np.zeros(reader.nr_blocks, dtype=np.uint32)
         self.walker = BtreeWalker(reader, meta_counts=self.meta_counts, on_error=self.error,
                                   batch_leaves=True)
@@ -161,16 +168,28 @@ class _Checker:
 
     def bottom_trees(self, roots: dict[int, int], mapped: dict[int, int], label: str) -> int:
         total = 0
+        progress = None if label else self.progress
+        if progress is not None:
+            progress.set_total(sum(mapped.values()))
+        walked = 0  # mappings of this device's leaves read so far
 
         def leaf(node: Node) -> None:
-            self.data_leaf(mapping_blocks(node.values(U64)))
+            nonlocal walked
+            blocks = mapping_blocks(node.values(U64))
+            self.data_leaf(blocks)
+            if progress is not None:
+                walked += len(blocks)
+                progress(len(blocks))
 
         for dev, root in sorted(roots.items()):
             self.scope = "metadata-snapshot" if label else f"device:{dev}"
+            walked = 0
             s = self.walker.walk(root, MAPPING_VALUE_SIZE, leaf,
                                  what=f"{label}mapping tree of device {dev}")
             if s is None:
                 continue
+            if progress is not None and s.entries > walked:  # leaves shared, read before
+                progress(s.entries - walked)
             total += s.entries
             want = mapped.get(dev)
             if want is not None and want != s.entries:
@@ -272,11 +291,13 @@ def check_metadata(
     metadata_snap: bool = False,
     window: tuple[int, int] | None = None,
     reader: BlockReader | None = None,
+    progress: Progress | None = None,
 ) -> CheckReport:
     """Check thin-pool metadata read-only; I/O problems raise DeviceError, damage is reported.
 
     ``window``: check metadata held in that (offset, length) of the file (BlockReader).
     ``reader``: check through this open reader of ``path`` (left open) instead of opening it.
+    ``progress``: told the live devices' mappings (their details' sum) and each batch walked.
     """
     report = CheckReport(os.fspath(path))
     opened: AbstractContextManager[BlockReader]
@@ -303,7 +324,7 @@ def check_metadata(
                                            scope="superblock"))
         if super_block_only:
             return report
-        c = _Checker(reader, report)
+        c = _Checker(reader, report, progress)
         # every mapping must lie inside the data device the superblock describes, whether or
         # not its space map is readable (export refuses the same mappings)
         limit = sb.data_sm.nr_blocks

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,6 +29,9 @@ from dmimage.format.values import mapping_blocks
 from dmimage.pdata.btree import U64
 from dmimage.pdata.leaves import leaf_batches
 from dmimage.thin.pool import Pool
+
+if TYPE_CHECKING:
+    from dmimage.progress import Progress
 
 __all__ = ["KINDS", "Delta", "diff_mappings", "side_batches", "side_mappings", "stream_diff",
            "delta_xml", "delta_json"]
@@ -54,9 +58,10 @@ class Delta:
 Side = Iterator[tuple[np.ndarray, np.ndarray]]
 
 
-def side_batches(pool: Pool, *, dev_id: int | None = None, root: int | None = None) -> Side:
+def side_batches(pool: Pool, *, dev_id: int | None = None, root: int | None = None,
+                 progress: Progress | None = None) -> Side:
     """(virtual, data) arrays of a device, or of the bottom-level tree at ``root``, a batch
-    of leaves at a time in key order."""
+    of leaves at a time in key order; ``progress`` hears of each batch's mappings."""
     if dev_id is not None:
         root, what = pool.mapping_root(dev_id), f"mapping tree of device {dev_id}"
     else:
@@ -64,6 +69,8 @@ def side_batches(pool: Pool, *, dev_id: int | None = None, root: int | None = No
         what = f"mapping tree at block {root}"
     for batch in leaf_batches(pool.reader, root, MAPPING_VALUE_SIZE, what):
         pool.reader.drop_pages()
+        if progress is not None:
+            progress(len(batch))
         if len(batch):
             yield np.asarray(batch.keys, U64), mapping_blocks(batch.values)
 

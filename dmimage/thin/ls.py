@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -39,6 +40,9 @@ from dmimage.pdata import leaves
 from dmimage.pdata.btree import MAX_DEPTH, U64, Node, order_problem, read_node
 from dmimage.pdata.leaves import LeafBatch, gather_leaves, validated_leaves
 from dmimage.thin.pool import DeviceDetails, Pool
+
+if TYPE_CHECKING:
+    from dmimage.progress import Progress
 
 __all__ = ["FIELDS", "DEFAULT_FIELDS", "DeviceUsage", "device_usage", "pretty_size",
            "ls_table", "render_grid", "ls_json", "parse_fields", "MappingForest", "DataCounts"]
@@ -316,18 +320,25 @@ def _multi_per_leaf(pool: Pool, forest: MappingForest, data: DataCounts) -> dict
     return out
 
 
-def device_usage(pool: Pool, *, counting: bool = True) -> list[DeviceUsage]:
+def device_usage(pool: Pool, *, counting: bool = True,
+                 progress: Progress | None = None) -> list[DeviceUsage]:
     """Every device's usage in dev_id order. ``counting=False`` reads the details only
-    (all counts 0), as thin_ls does when no counting field is asked for."""
+    (all counts 0), as thin_ls does when no counting field is asked for. ``progress``:
+    told the metadata blocks in use, then each batch of leaves read (leaves are nearly all
+    of them)."""
     details = pool.devices()
     if not counting:
         return [DeviceUsage(d, 0, 0, 0) for d in details.values()]
     roots = pool.mapping_roots()
     data = DataCounts(pool.nr_data_blocks())
+    if progress is not None:
+        progress.set_total(pool.live_superblock.metadata_sm.nr_allocated)
 
     def visit(batch: LeafBatch, dev_id: int) -> None:
         data.add(batch, dev_id)
         pool.reader.drop_pages()
+        if progress is not None:
+            progress(len(batch.blocks))
 
     tree = MappingForest(pool, visit)
     ids = sorted(roots)
@@ -378,11 +389,12 @@ def needs_counting(fields: Iterable[str]) -> bool:
 
 
 def ls_table(
-    pool: Pool, fields: Iterable[str] = DEFAULT_FIELDS, *, headers: bool = True
+    pool: Pool, fields: Iterable[str] = DEFAULT_FIELDS, *, headers: bool = True,
+    progress: Progress | None = None,
 ) -> list[list[str]]:
     """The table thin_ls prints, as rows of cells (header row first unless ``headers=False``)."""
     fields = list(fields)
-    usage = device_usage(pool, counting=needs_counting(fields))
+    usage = device_usage(pool, counting=needs_counting(fields), progress=progress)
     if not fields:
         return []
     bs = pool.superblock.data_block_size
@@ -400,11 +412,12 @@ def render_grid(rows: list[list[str]]) -> str:
     return "".join(line + "\n" for line in lines)
 
 
-def ls_json(pool: Pool, fields: Iterable[str] = DEFAULT_FIELDS) -> str:
+def ls_json(pool: Pool, fields: Iterable[str] = DEFAULT_FIELDS, *,
+            progress: Progress | None = None) -> str:
     """``{"data_block_size": N, "fields": [...], "devices": [{FIELD: value}, ...]}``; numbers
     as integers, the human-unit fields as thin_ls's strings."""
     fields = list(fields)
-    usage = device_usage(pool, counting=needs_counting(fields))
+    usage = device_usage(pool, counting=needs_counting(fields), progress=progress)
     bs = pool.superblock.data_block_size
     devices = [{f: (pretty_size(_value(f, u, bs)) if f in _HUMAN else _value(f, u, bs))
                 for f in fields} for u in usage]

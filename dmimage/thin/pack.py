@@ -37,7 +37,7 @@ import os
 import struct
 import zlib
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
@@ -46,6 +46,9 @@ from dmimage.errors import DeviceError, DmimageError
 from dmimage.format.constants import BLOCK_SIZE
 from dmimage.pdata.block import BlockReader
 from dmimage.pdata.writer import invalidate_superblock
+
+if TYPE_CHECKING:
+    from dmimage.progress import Progress
 
 __all__ = ["MAGIC", "PACK_VERSION", "PackFormatError", "pack_metadata", "unpack_metadata",
            "encode_block", "decode_block", "known_block_kind", "read_pack"]
@@ -282,16 +285,22 @@ def _frames(blocks: Iterator[tuple[int, bytes]]) -> Iterator[bytes]:
         yield zlib.compress(bytes(records))
 
 
-def pack_metadata(metadata: str | os.PathLike[str], out: BinaryIO) -> int:
-    """Write the pack of a metadata file or device; returns the number of blocks packed."""
+def pack_metadata(metadata: str | os.PathLike[str], out: BinaryIO,
+                  progress: Progress | None = None) -> int:
+    """Write the pack of a metadata file or device; returns the number of blocks packed.
+    ``progress`` hears of the metadata bytes scanned."""
     with BlockReader(metadata) as reader:
         nr_blocks = reader.nr_blocks
         out.write(struct.pack("<4Q", MAGIC, PACK_VERSION, BLOCK_SIZE, nr_blocks))
         packed = 0
+        if progress is not None:
+            progress.set_total(nr_blocks * BLOCK_SIZE)
 
         def blocks() -> Iterator[tuple[int, bytes]]:
             nonlocal packed
             for b in range(nr_blocks):
+                if progress is not None:
+                    progress(BLOCK_SIZE)
                 data = reader.block(b)
                 kind = known_block_kind(data)
                 if kind is not None:
@@ -304,8 +313,11 @@ def pack_metadata(metadata: str | os.PathLike[str], out: BinaryIO) -> int:
     return packed
 
 
-def read_pack(f: BinaryIO) -> tuple[int, Iterator[tuple[int, bytes]]]:
-    """(nr_blocks, iterator of (block number, 4096 bytes)) of a pack stream."""
+def read_pack(f: BinaryIO, progress: Progress | None = None
+              ) -> tuple[int, Iterator[tuple[int, bytes]]]:
+    """(nr_blocks, iterator of (block number, 4096 bytes)) of a pack stream; ``progress``
+    hears of the pack's bytes as each frame is read (its total is the file's size when
+    ``f`` is a regular file)."""
     head = f.read(32)
     if len(head) < 32:
         raise PackFormatError("not a pack file (shorter than its header)")
@@ -317,6 +329,12 @@ def read_pack(f: BinaryIO) -> tuple[int, Iterator[tuple[int, bytes]]]:
                               f"{PACK_VERSION})")
     if block_size != BLOCK_SIZE:
         raise PackFormatError(f"block size is {block_size}, not {BLOCK_SIZE}")
+    if progress is not None:
+        try:
+            progress.set_total(os.fstat(f.fileno()).st_size)
+        except (OSError, ValueError, AttributeError):  # not a file: no total, no bar
+            pass
+        progress(32)
 
     def gen() -> Iterator[tuple[int, bytes]]:
         frame_no = 0
@@ -330,6 +348,8 @@ def read_pack(f: BinaryIO) -> tuple[int, Iterator[tuple[int, bytes]]]:
             comp = f.read(n)
             if len(comp) != n:
                 raise PackFormatError(f"frame {frame_no}: truncated ({len(comp)} of {n} bytes)")
+            if progress is not None:
+                progress(8 + n)
             try:
                 raw = zlib.decompress(comp)
             except zlib.error as exc:
@@ -352,14 +372,16 @@ def read_pack(f: BinaryIO) -> tuple[int, Iterator[tuple[int, bytes]]]:
     return nr_blocks, gen()
 
 
-def unpack_metadata(packed: BinaryIO, output: str | os.PathLike[str]) -> int:
+def unpack_metadata(packed: BinaryIO, output: str | os.PathLike[str],
+                    progress: Progress | None = None) -> int:
     """Write the metadata a pack describes to ``output`` (a file, created or truncated to
     nr_blocks × 4096 bytes, sparse where nothing was packed; or a block device of at least
     that size). Returns the number of blocks written.
 
     Crash-safe like restore: block 0 is zeroed and flushed first, the packed superblock is
-    written last, after a flush (a pack without block 0 leaves it zeroed)."""
-    nr_blocks, blocks = read_pack(packed)
+    written last, after a flush (a pack without block 0 leaves it zeroed). ``progress``:
+    as :func:`read_pack`."""
+    nr_blocks, blocks = read_pack(packed, progress)
     if nr_blocks == 0:
         raise PackFormatError("pack file describes 0 blocks")
     path = os.fspath(output)

@@ -52,6 +52,7 @@ from dmimage.pdata.block import BlockReader
 from dmimage.pdata.btree import MAX_DEPTH, Node, node_view, order_problem, parse_node
 
 if TYPE_CHECKING:
+    from dmimage.progress import Progress
     from dmimage.thin.ir import PoolIR
     from dmimage.thin.repair_roots import TreeFinder
 
@@ -690,13 +691,18 @@ class RepairResult:
 
 
 def repair(input_path: str | os.PathLike[str], output_path: str | os.PathLike[str],
-           overrides: Overrides | None = None) -> RepairResult:
+           overrides: Overrides | None = None, progress: Progress | None = None
+           ) -> RepairResult:
     """Salvage ``input_path`` (read-only) and write the pool as fresh metadata to the existing
-    file or device ``output_path`` (superblock last). The output checks clean."""
+    file or device ``output_path`` (superblock last). The output checks clean.
+    ``progress``: told the mappings salvaged once the salvage is done, then each device's
+    as it is written (the writing is most of a repair's time)."""
     from dmimage.thin.restore import restore
 
     refuse_writing_input(input_path, output_path)
     with devlock.acquire_all([(input_path, False), (output_path, True)]):
         ir, report = salvage(input_path, overrides)
-        res = restore(ir, output_path)
+        if progress is not None:
+            progress.set_total(sum(int(d.mapped_blocks) for d in ir.devices))
+        res = restore(ir, output_path, progress=progress)
     return RepairResult(report, res.metadata_blocks, res.blocks_written)

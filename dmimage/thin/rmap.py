@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -29,6 +30,9 @@ from dmimage.pdata.leaves import LeafBatch
 from dmimage.thin.dump.render import CHUNK_ROWS, render_rows
 from dmimage.thin.ls import MappingForest
 from dmimage.thin.pool import Pool
+
+if TYPE_CHECKING:
+    from dmimage.progress import Progress
 
 __all__ = ["RmapRuns", "parse_region", "rmap", "rmap_chunks", "rmap_text", "rmap_json"]
 
@@ -59,10 +63,14 @@ def parse_region(text: str) -> tuple[int, int]:
     return b, e
 
 
-def rmap(pool: Pool, regions: list[tuple[int, int]]) -> RmapRuns:
+def rmap(pool: Pool, regions: list[tuple[int, int]], progress: Progress | None = None
+         ) -> RmapRuns:
     """The runs of every mapping whose data block lies in a region. Leaves are read a batch
-    at a time and only the mappings taken are kept (they must be sorted before printing)."""
+    at a time and only the mappings taken are kept (they must be sorted before printing).
+    ``progress``: told the metadata blocks in use, then each batch of leaves read."""
     roots = pool.mapping_roots()
+    if progress is not None:
+        progress.set_total(pool.live_superblock.metadata_sm.nr_allocated)
     taken: list[list[np.ndarray | None]] = []
     bounds = [(np.uint64(lo), np.uint64(hi)) for lo, hi in regions]
 
@@ -78,6 +86,8 @@ def rmap(pool: Pool, regions: list[tuple[int, int]]) -> RmapRuns:
             keys = np.asarray(batch.keys, U64)
             taken.append([data[take], keys[take], np.full(int(take.sum()), dev_id, np.uint32)])
         pool.reader.drop_pages()
+        if progress is not None:
+            progress(len(batch.blocks))
 
     forest = MappingForest(pool, visit)
     for dev_id in sorted(roots):

@@ -27,6 +27,7 @@ import os
 import stat
 import struct
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -35,7 +36,11 @@ from dmimage.errors import DeviceError, MetadataError
 from dmimage.format.constants import SECTOR_SIZE
 from dmimage.thin.pool import Pool, open_pool
 
-__all__ = ["TrimRange", "unprovisioned_ranges", "trim_data", "punch_hole", "blkdiscard"]
+if TYPE_CHECKING:
+    from dmimage.progress import Progress
+
+__all__ = ["TrimRange", "unprovisioned_ranges", "check_before_trim", "trim_data", "punch_hole",
+           "blkdiscard"]
 
 BLKDISCARD = 0x1277  # _IO(0x12, 119)
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -110,25 +115,34 @@ def blkdiscard(fd: int, offset: int, length: int) -> None:
     fcntl.ioctl(fd, BLKDISCARD, struct.pack("=QQ", offset, length))
 
 
+def check_before_trim(metadata: str | os.PathLike[str], progress: Progress | None = None
+                      ) -> None:
+    """The full check a trim starts with: any problem (leaks included) raises
+    MetadataError. ``progress``: as :func:`~dmimage.thin.check.check_metadata`'s."""
+    from dmimage.thin.check import check_metadata
+
+    report = check_metadata(metadata, progress=progress)
+    if not report.ok():
+        first = report.problems[0]
+        raise MetadataError(f"metadata contains errors ({len(report.problems)} problems, "
+                            f"first: {first}); run dmimage check", block=first.block)
+
+
 def trim_data(metadata: str | os.PathLike[str], data: str | os.PathLike[str], *,
-              dry_run: bool = False, check: bool = True) -> list[TrimRange]:
+              dry_run: bool = False, check: bool = True,
+              progress: Progress | None = None) -> list[TrimRange]:
     """Discard every unprovisioned range of ``data``; returns the ranges (all of them, also
     with ``dry_run``). ``check=False`` skips the full metadata check (not the mapped-block
-    guard)."""
+    guard): for a caller that ran :func:`check_before_trim` under the same locks.
+    ``progress``: told the ranges to discard, then each one discarded."""
     with devlock.acquire_all([(metadata, False), (data, not dry_run)]):
-        return _trim_locked(metadata, data, dry_run, check)
+        return _trim_locked(metadata, data, dry_run, check, progress)
 
 
 def _trim_locked(metadata: str | os.PathLike[str], data: str | os.PathLike[str],
-                 dry_run: bool, check: bool) -> list[TrimRange]:
+                 dry_run: bool, check: bool, progress: Progress | None) -> list[TrimRange]:
     if check:
-        from dmimage.thin.check import check_metadata
-
-        report = check_metadata(metadata)
-        if not report.ok():
-            first = report.problems[0]
-            raise MetadataError(f"metadata contains errors ({len(report.problems)} problems, "
-                                f"first: {first}); run dmimage check", block=first.block)
+        check_before_trim(metadata)
     with open_pool(metadata) as pool:
         counts = pool.data_space_map().counts
         _guard_mapped(pool, counts)
@@ -153,7 +167,11 @@ def _trim_locked(metadata: str | os.PathLike[str], data: str | os.PathLike[str],
         if dry_run:
             return ranges
         op = blkdiscard if is_blk else punch_hole
+        if progress is not None:
+            progress.set_total(len(ranges))
         for r in ranges:
+            if progress is not None:
+                progress(1)
             try:
                 op(fd, r.offset, r.length)
             except OSError as exc:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from typing import IO, BinaryIO
+from typing import IO, TYPE_CHECKING, BinaryIO
 
 from dmimage.thin.dump.human import HumanEmitter, human_bytes, write_human
 from dmimage.thin.dump.json import JsonEmitter, json_bytes, parse_json, write_json
@@ -33,6 +33,9 @@ from dmimage.thin.dump.xml import (
     xml_bytes,
 )
 from dmimage.thin.ir import PoolIR
+
+if TYPE_CHECKING:
+    from dmimage.progress import Progress
 
 __all__ = [
     "DumpFormatError", "DumpVisitor", "EMITTERS", "Emitter", "FORMATS", "HumanEmitter",
@@ -58,8 +61,10 @@ def write_dump(ir: PoolIR, out: BinaryIO, fmt: str = "xml", *, expand: bool = Fa
 
 def dump_pool(metadata: str | os.PathLike[str], out: BinaryIO, fmt: str = "xml", *,
               metadata_snap: bool | int = False, dev_ids: Iterable[int] | None = None,
-              skip_mappings: bool = False, expand: bool = False) -> None:
-    """Open metadata and write the dump as it is read (what ``dmimage dump`` does)."""
+              skip_mappings: bool = False, expand: bool = False,
+              progress: Progress | None = None) -> None:
+    """Open metadata and write the dump as it is read (what ``dmimage dump`` does);
+    ``progress`` hears of the leaves written (:func:`stream_dump`)."""
     from dmimage.thin.pool import open_pool
 
     emitter = EMITTERS.get(fmt)
@@ -67,7 +72,7 @@ def dump_pool(metadata: str | os.PathLike[str], out: BinaryIO, fmt: str = "xml",
         raise ValueError(f"unknown dump format {fmt!r}")
     with open_pool(metadata, metadata_snap=metadata_snap) as pool:
         stream_dump(pool, out, emitter(), dev_ids=dev_ids, skip_mappings=skip_mappings,
-                    expand=expand)
+                    expand=expand, progress=progress)
 
 
 def parse_dump(source: str | os.PathLike[str] | bytes | IO[bytes]) -> PoolIR:

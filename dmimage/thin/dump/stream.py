@@ -19,7 +19,7 @@ The output is byte for byte what the whole-pool path writes (tests/test_dump_str
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
@@ -32,6 +32,9 @@ from dmimage.thin.dump.reader import _device_ir, shared_leaf_items, superblock_i
 from dmimage.thin.dump.walk import Emitter
 from dmimage.thin.ir import Runs
 from dmimage.thin.pool import Pool
+
+if TYPE_CHECKING:
+    from dmimage.progress import Progress
 
 __all__ = ["device_leaves", "leaf_runs", "stream_dump"]
 
@@ -69,16 +72,19 @@ def share_items(lists: list[np.ndarray]) -> tuple[list[list[Item]], list[tuple[i
     return items, [(h, np.array(seq, np.int64)) for h, seq in defs]
 
 
-def leaf_runs(reader: BlockReader, blocks: np.ndarray, batch: int | None = None
-              ) -> Iterator[Runs]:
+def leaf_runs(reader: BlockReader, blocks: np.ndarray, batch: int | None = None,
+              progress: Progress | None = None) -> Iterator[Runs]:
     """The mapping runs of consecutive leaves (validated before), ``batch`` leaves at a time;
     a run crossing a batch boundary is held back and merged, so the runs are exactly those
-    of all the leaves at once. Empty results are not yielded."""
+    of all the leaves at once. Empty results are not yielded. ``progress`` hears of the
+    leaves of each batch read."""
     batch = batch or leaves.BATCH_LEAVES
     carry: Runs | None = None
     for s in range(0, len(blocks), batch):
         lb = gather_leaves(reader, blocks[s:s + batch])
         reader.drop_pages()
+        if progress is not None:
+            progress(len(lb.blocks))
         if not len(lb):
             continue
         r = Runs.from_blocks(lb.keys, *unpack_mappings(lb.values))
@@ -103,11 +109,13 @@ def leaf_runs(reader: BlockReader, blocks: np.ndarray, batch: int | None = None
 
 def stream_dump(pool: Pool, out: BinaryIO, emitter: Emitter, *,
                 dev_ids: Iterable[int] | None = None, skip_mappings: bool = False,
-                expand: bool = False, batch: int | None = None) -> None:
+                expand: bool = False, batch: int | None = None,
+                progress: Progress | None = None) -> None:
     """Write the dump of ``pool`` in ``emitter``'s format to ``out`` as it is read: the
     same text as ``write_dump(pool_to_ir(pool, ...), ...)`` (``expand``: no defs, each
     device's runs merged whole, as ``share=False`` and ``expand=True`` give). ``batch``:
-    leaves read at a time (default :data:`~dmimage.pdata.leaves.BATCH_LEAVES`)."""
+    leaves read at a time (default :data:`~dmimage.pdata.leaves.BATCH_LEAVES`).
+    ``progress``: told the leaves to write out (once listed) and each batch written."""
     emitter.doc.sink = out
     emitter.superblock_begin(superblock_ir(pool))
     details = pool.devices()
@@ -128,9 +136,13 @@ def stream_dump(pool: Pool, out: BinaryIO, emitter: Emitter, *,
         else:
             per_dev, defs = share_items(lists)
         reader = pool.reader
+        if progress is not None:
+            progress.set_total(sum(len(seq) for _h, seq in defs) + sum(
+                len(what) for items in per_dev for is_ref, what in items
+                if not is_ref and isinstance(what, np.ndarray)))
         for head, seq in defs:
             emitter.def_begin(str(head))
-            for r in leaf_runs(reader, seq, batch):
+            for r in leaf_runs(reader, seq, batch, progress):
                 emitter.runs(r)
             emitter.def_end(str(head))
         for dev_id, items in zip(ids, per_dev, strict=True):
@@ -141,7 +153,7 @@ def stream_dump(pool: Pool, out: BinaryIO, emitter: Emitter, *,
                     emitter.ref(str(what))
                 else:
                     assert isinstance(what, np.ndarray)
-                    for r in leaf_runs(reader, what, batch):
+                    for r in leaf_runs(reader, what, batch, progress):
                         emitter.runs(r)
             emitter.device_end(dev)
     emitter.superblock_end()
