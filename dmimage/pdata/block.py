@@ -94,11 +94,20 @@ class BlockReader:
         start = blocknr * BLOCK_SIZE
         return self._view[start : start + BLOCK_SIZE]
 
-    def drop_pages(self) -> None:
+    def drop_pages(self, first: int = 0, last: int | None = None) -> None:
         """Let go of the mapped pages read so far (they stay in the page cache): a walk
-        over a metadata device of any size then keeps only what it reads next resident."""
+        over a metadata device of any size then keeps only what it reads next resident.
+        ``first``..``last`` (block numbers): only those blocks' pages; the kernel walks
+        the page tables of the whole range, which for a big device costs more than
+        reading a small batch of blocks."""
         if hasattr(mmap, "MADV_DONTNEED") and not self._mmap.closed:
-            self._mmap.madvise(mmap.MADV_DONTNEED)
+            if last is None:
+                self._mmap.madvise(mmap.MADV_DONTNEED)
+            else:
+                start = max(first, 0) * BLOCK_SIZE
+                end = min(last + 1, self.nr_blocks) * BLOCK_SIZE
+                if end > start:
+                    self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def buffer(self) -> memoryview:
         """The whole device as one read-only buffer (for numpy views over many blocks)."""

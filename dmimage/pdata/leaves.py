@@ -247,7 +247,8 @@ def leaf_batches(reader: BlockReader, root: int, value_size: int, what: str = "b
         if 0 <= first < reader.nr_blocks and reader.block(first)[4] == BTREE_LEAF:
             group(children, node.keys.copy(), hi, False, depth + 1)
             if npending >= batch:
-                reader.drop_pages()
+                reader.drop_pages(min(int(p.blocks.min()) for p in pending),
+                                  max(int(p.blocks.max()) for p in pending))
                 yield LeafBatch.concat(pending)
                 pending.clear()
                 npending = 0
@@ -263,8 +264,9 @@ def leaf_batches(reader: BlockReader, root: int, value_size: int, what: str = "b
         yield LeafBatch.concat(pending)
 
 
-def leaf_blocks(reader: BlockReader, root: int, value_size: int, what: str = "btree"
-                ) -> np.ndarray:
-    """Block numbers (int64) of every leaf of one tree in key order, validated strictly."""
-    parts = [b.blocks for b in leaf_batches(reader, root, value_size, what)]
+def leaf_blocks(reader: BlockReader, root: int, value_size: int, what: str = "btree", *,
+                batch: int | None = None) -> np.ndarray:
+    """Block numbers (int64) of every leaf of one tree in key order, validated strictly
+    ``batch`` leaves at a time (:func:`leaf_batches`)."""
+    parts = [b.blocks for b in leaf_batches(reader, root, value_size, what, batch=batch)]
     return np.concatenate(parts) if parts else np.empty(0, _I64)

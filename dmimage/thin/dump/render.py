@@ -16,8 +16,9 @@ __all__ = ["CHUNK_ROWS", "FLUSH_ROWS", "WRITE_JOIN", "Document", "RunsRenderer",
 
 #: Pieces shorter than this are joined before they are written.
 WRITE_JOIN = 1 << 16
-#: A streaming document writes out what it holds once this many rows are pending.
-FLUSH_ROWS = 1 << 15
+#: A streaming document writes out what it holds once this many rows are pending (one
+#: CHUNK_ROWS rendering: more only holds more runs, ~32 bytes each, for no fewer writes).
+FLUSH_ROWS = 1 << 13
 
 #: ``(origin_begin, data_begin, length, time, want_lengths) -> (flat bytes, row lengths)``.
 RunsRenderer = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool],
