@@ -1,10 +1,10 @@
 """The one progress bar of the CLI: drawn on stderr (rich, transient) only when stderr is a
 terminal, so scripts, pipes and CI logs stay clean; otherwise ``advance`` does nothing.
 
-Used by the commands that can run for long on real pools: restore, check, delta (mappings),
-dump, ls, rmap, repair (metadata blocks), trim (ranges), build, write, export, pack, unpack,
-snapshot export/merge, cache writeback, docker export (bytes); each draws nothing with ``-q``
-where it has one."""
+Used by the commands that can run for long on real pools: restore, check, delta, repair
+(mappings), dump (leaves), ls, rmap (metadata blocks), trim (ranges), build, write, export,
+pack, unpack, snapshot export/merge, cache writeback, docker export (bytes); each draws
+nothing with ``-q`` where it has one."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ Advance = Callable[[int], None]
 
 
 #: Below these totals a task ends well inside 2 s on a loaded machine: no bar (read through
-#: the module, so tests may lower them). Mappings walked (check, delta, restore, repair's
-#: rewrite), metadata blocks (ls, rmap, repair's salvage, dump's leaves), metadata bytes
-#: (pack), pack-file bytes (unpack: about 1/15 of the metadata), data ranges discarded (trim).
+#: the module, so tests may lower them). Mappings walked (check, delta) or written (repair),
+#: metadata blocks (ls, rmap) or leaves (dump), metadata bytes (pack), pack-file bytes
+#: (unpack: about 1/15 of the metadata), data ranges discarded (trim).
 MIN_MAPPINGS = 200_000
 MIN_BLOCKS = 2_000
 MIN_BYTES = 32 << 20
