@@ -71,21 +71,27 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     return build_parser()
 
 
-def _small_pages() -> None:
-    """Ask numpy not to madvise its large arrays into transparent huge pages. With the
+def _numpy_env() -> None:
+    """Settings numpy reads at its import, unless the user set them.
+
+    Ask numpy not to madvise its large arrays into transparent huge pages. With the
     kernel's THP defrag policy "madvise" (the default), every first touch of such an array
     may compact memory synchronously: on this project's machine that made a 10M-block
     space map's decode spend 0.1-0.5 s in the kernel against 0.03 s with 4 KiB pages, and
-    the commands' arrays are touched once, so huge pages save no TLB misses worth it."""
+    the commands' arrays are touched once, so huge pages save no TLB misses worth it.
+
+    One OpenBLAS thread: numpy's import starts OpenBLAS, which sets up a thread and its
+    buffers per core (~20 ms of CPU per process here); no command does linear algebra."""
     numpy = sys.modules.get("numpy")
     if numpy is None:
-        os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")  # read by numpy's import
+        os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     elif os.environ.get("NUMPY_MADVISE_HUGEPAGE") is None:
         numpy._core.multiarray._set_madvise_hugepage(False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    _small_pages()
+    _numpy_env()
     words = sys.argv[1:] if argv is None else list(argv)
     args = _parser(words[0] if words else None).parse_args(words)
     try:
