@@ -19,10 +19,33 @@ import dmimage.cli as cli_pkg
 from dmimage.errors import DmimageError
 
 
+def _columns() -> int:
+    """The terminal's width as shutil.get_terminal_size() finds it ($COLUMNS, else the
+    terminal of stdout, else 80), without importing shutil (and with it zlib, bz2, lzma)."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, its help formatters given the width argparse would compute: every
+    ``add_argument`` makes a formatter, and a formatter without a width imports shutil."""
+
+    def _get_formatter(self) -> argparse.HelpFormatter:
+        return self.formatter_class(prog=self.prog, width=_columns() - 2)  # type: ignore[call-arg]
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The whole parser; ``only``: the parser of just that subcommand module (same prog,
     options and messages for that command), None when no such module registers it."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dmimage",
         description="Offline tools for device-mapper thin-pool metadata, tables and disk images.",
     )
