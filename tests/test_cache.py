@@ -291,3 +291,126 @@ def test_restore_places_blocks_as_1_1(tmp_path: Path, n: int, fill: float, versi
                  "--metadata-version", str(version)]) == 0
     differ = differing_blocks(theirs_meta.read_bytes(), ours_meta.read_bytes())
     assert not differ, f"blocks {differ[:10]} differ"
+
+
+def _reseal(buf: bytearray, b: int, salt: int) -> None:
+    from dmimage.format.checksum import seal
+
+    seal(memoryview(buf)[b * 4096:(b + 1) * 4096], salt)
+
+
+def _salts() -> dict[str, int]:
+    from dmimage.format.checksum import BLOCK_TYPE_NAMES
+
+    return {name: salt for salt, name in BLOCK_TYPE_NAMES.items()}
+
+
+def _full(path: Path) -> object:
+    """check_cache's report, or the error it raises (the superblock unusable)."""
+    from dmimage.cache.check import check_cache
+    from dmimage.errors import DmimageError
+
+    try:
+        return check_cache(str(path))
+    except DmimageError as exc:
+        return exc
+
+
+def test_quick_check_takes_every_clean_pool(pools: list[Path], tmp_path: Path) -> None:
+    """The clean path (cache/quick_check.py) proves cache_restore 1.1's and `cache restore`'s
+    metadata clean (versions 1 and 2, multi-level array btrees, an empty mapping array) with
+    the full checker's report, and `cache check` of a clean pool imports none of pdata's
+    walker, array or space-map modules."""
+    from dmimage.cache.quick_check import quick_check
+
+    ours_made = []
+    for i, meta in enumerate(pools):
+        xml = ours("dump", str(meta)).stdout
+        (tmp_path / f"{i}.xml").write_bytes(xml)
+        out = tmp_path / f"{i}.meta"
+        with open(out, "wb") as f:
+            f.truncate(32 << 20)
+        res = ours("restore", "-i", str(tmp_path / f"{i}.xml"), "-o", str(out),
+                   "--metadata-version", str(CASES[i][0]))
+        assert res.returncode == 0, res.stderr
+        ours_made.append(out)
+    for meta in [*pools, *ours_made]:
+        rep = quick_check(str(meta))
+        assert rep is not None, meta
+        assert rep == _full(meta) and rep.ok
+    code = ("import sys; from dmimage.cli.main import main; "
+            f"rc = main(['cache', 'check', '-q', {str(pools[3])!r}]); "
+            "print(rc, *sorted(m for m in sys.modules if m.startswith('dmimage.pdata')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["0", "dmimage.pdata", "dmimage.pdata.block"]
+
+
+def test_quick_check_never_passes_what_the_full_check_fails(pools: list[Path],
+                                                            tmp_path: Path) -> None:
+    """Damage that keeps every checksum right (each mutated block resealed with its own
+    type's salt), random and aimed at the mapping rules: whenever the clean path gives a
+    report, the full checker gives the same, clean one."""
+    from dmimage.cache.metadata import parse_superblock
+    from dmimage.cache.quick_check import quick_check
+    from dmimage.format.cache import SALT_ARRAY_BLOCK
+    from dmimage.format.checksum import sniff_block_type
+    from dmimage.pdata.array import read_array
+    from dmimage.pdata.block import BlockReader
+    from dmimage.pdata.btree import BtreeWalker
+
+    salts = _salts()
+    rng = random.Random(11)
+    taken = refused = 0
+    for meta in pools[:6]:
+        pristine = bytearray(meta.read_bytes())
+        blocks = np.frombuffer(bytes(pristine), np.uint8).reshape(-1, 4096)
+        used = np.flatnonzero(blocks.any(axis=1)).tolist()
+        with BlockReader(str(meta)) as r:
+            sb = parse_superblock(r.block(0))
+            w = BtreeWalker(r)
+            mapping = read_array(w, sb.mapping_root, 8, "m")
+            maps = mapping.values.reshape(-1).view("<u8").copy()
+            array_blocks = mapping.blocks
+        valid = np.flatnonzero(maps & 1)
+        trials: list[bytearray] = []
+        for _ in range(30):  # a random byte of a random used block, resealed
+            buf = bytearray(pristine)
+            b = rng.choice(used)
+            kind = sniff_block_type(blocks[b])
+            buf[b * 4096 + rng.randrange(4, 4096)] ^= 1 << rng.randrange(8)
+            if kind is not None:
+                _reseal(buf, b, salts[kind])
+            trials.append(buf)
+        per = (4096 - 24) // 8
+        aimed = []
+        if len(valid) >= 2:  # an origin block mapped twice
+            i, j = rng.sample(valid.tolist(), 2)
+            aimed.append((j, (int(maps[i]) >> 16 << 16) | (int(maps[j]) & 0xFFFF)))
+        unmapped = np.flatnonzero((maps & 1) == 0)
+        if len(unmapped):
+            k = int(unmapped[0])
+            aimed += [(k, 7 << 16), (k, 2), (k, 1 << 8)]  # names a block; dirty; flag bit 8
+        if len(valid):
+            aimed.append((int(valid[-1]), int(maps[valid[-1]]) | 4))  # unknown flag
+        for idx, value in aimed:
+            buf = bytearray(pristine)
+            b = array_blocks[idx // per]
+            off = b * 4096 + 24 + (idx % per) * 8
+            buf[off:off + 8] = value.to_bytes(8, "little")
+            _reseal(buf, b, SALT_ARRAY_BLOCK)
+            trials.append(buf)
+        for k, buf in enumerate(trials):
+            dst = tmp_path / f"{meta.stem}-{k}"
+            dst.write_bytes(bytes(buf))
+            rep = quick_check(str(dst))
+            full = _full(dst)
+            if rep is None:
+                refused += 1
+            else:
+                taken += 1
+                assert full == rep and rep.ok, (meta.name, k)
+            if k >= 30:  # the aimed ones are all damage the full checker names
+                assert not getattr(full, "ok", False), (meta.name, k, full)
+            dst.unlink()
+    assert taken and refused

@@ -51,20 +51,25 @@ def test_unknown_command_message_unchanged(capsys: pytest.CaptureFixture[str]) -
 def test_check_imports_no_other_command_nor_construct(thins3_meta) -> None:  # type: ignore[no-untyped-def]
     """The modules a read command does not need stay unimported: the other subcommands,
     construct (layouts' descriptions), the crc32c package's ``__init__`` (importlib.metadata)
-    and tempfile."""
-    code = ("import sys; from dmimage.cli.main import main; "
+    and tempfile, shutil (argparse's default width); numpy started without huge pages nor
+    OpenBLAS threads."""
+    code = ("import os, sys; from dmimage.cli.main import main; "
             f"rc = main(['check', '-q', {str(thins3_meta.path)!r}]); "
             "import numpy; huge = numpy._core.multiarray._set_madvise_hugepage(False); "
-            "print(rc, huge, *sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('construct', 'crc32c', 'tempfile', 'dmimage', 'importlib')))")
+            "print(rc, huge, len(os.listdir('/proc/self/task')), "
+            "*sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('construct', 'crc32c', 'tempfile', 'dmimage', 'importlib', 'shutil', 'bz2', "
+            "'lzma')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()
     assert out[0] == "0"
-    assert out[1] == "False"  # numpy's arrays in 4 KiB pages (cli/main.py: _small_pages)
-    mods = set(out[2:])
+    assert out[1] == "False"  # numpy's arrays in 4 KiB pages (cli/main.py: _numpy_env)
+    assert out[2] == "1"  # no OpenBLAS thread besides the main one (_numpy_env)
+    mods = set(out[3:])
     assert "dmimage.cli.check" in mods and "dmimage.thin.check" in mods
     assert not {m for m in mods if m.startswith("dmimage.cli.")} - {
         "dmimage.cli.main", "dmimage.cli.check", "dmimage.cli._locking", "dmimage.cli._output",
         "dmimage.cli._meta_args", "dmimage.cli._units", "dmimage.cli._progress"}
     assert not mods & {"construct", "crc32c", "tempfile", "importlib.metadata"}
+    assert not mods & {"shutil", "bz2", "lzma"}  # argparse's formatters get a width
     assert "crc32c._crc32c" in mods

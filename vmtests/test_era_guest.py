@@ -1,13 +1,15 @@
 """dm-era: the kernel writes the metadata through eras and checkpoints; dmimage reads it exactly
 (era_dump 1.1's bytes, plain and --logical) and `era invalidate --written-since E` lists
 exactly the blocks the test wrote in eras >= E; `era repair` of that metadata, as it is and
-damaged, keeps every one of them listed.
+damaged, keeps every one of them listed; the kernel activates what `era repair` wrote from
+damaged metadata, serves the origin through it and carries its history on.
 
 Oracles: the test's own record of which blocks it wrote in which era, the guest's `dmsetup
 status` (current era), and era_dump / era_invalidate / era_check 1.1 on the same metadata."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -85,15 +87,11 @@ def test_kernel_era_metadata(dm_vm: Machine, tmp_path: Path) -> None:
         assert _blocks(ours.stdout) == want, since
 
 
-def test_kernel_takes_restored_era(dm_vm: Machine, tmp_path: Path) -> None:
-    """`era restore` metadata with archived writesets and an era array: the kernel activates
-    it at the restored era and carries on through checkpoints; afterwards era_dump 1.1 and
-    dmimage agree, and invalidate lists the restored writesets' blocks plus the new writes."""
-    tools = oracles.tools_11()
-    rng = random.Random(77)
-    restored = {era: set(rng.sample(range(NR_BLOCKS), 20)) for era in (2, 3, 4)}
+def _era_xml(restored: dict[int, set[int]], current_era: int) -> str:
+    """era_restore input: a writeset per era of ``restored``, an era array naming era 1 for
+    every third block and 0 for the rest."""
     lines = [f'<superblock uuid="" block_size="{BLOCK}" nr_blocks="{NR_BLOCKS}" '
-             'current_era="4">']
+             f'current_era="{current_era}">']
     for era, blocks in restored.items():
         lines.append(f'  <writeset era="{era}" nr_bits="{NR_BLOCKS}">')
         lines += [f'    <bit block="{b}" value="{"true" if b in blocks else "false"}"/>'
@@ -101,8 +99,18 @@ def test_kernel_takes_restored_era(dm_vm: Machine, tmp_path: Path) -> None:
         lines.append("  </writeset>")
     lines += ["  <era_array>"] + [f'    <era block="{b}" era="{1 if b % 3 == 0 else 0}"/>'
                                   for b in range(NR_BLOCKS)] + ["  </era_array>", "</superblock>"]
+    return "\n".join(lines)
+
+
+def test_kernel_takes_restored_era(dm_vm: Machine, tmp_path: Path) -> None:
+    """`era restore` metadata with archived writesets and an era array: the kernel activates
+    it at the restored era and carries on through checkpoints; afterwards era_dump 1.1 and
+    dmimage agree, and invalidate lists the restored writesets' blocks plus the new writes."""
+    tools = oracles.tools_11()
+    rng = random.Random(77)
+    restored = {era: set(rng.sample(range(NR_BLOCKS), 20)) for era in (2, 3, 4)}
     xml, meta, origin = tmp_path / "in.xml", tmp_path / "meta", tmp_path / "origin"
-    xml.write_text("\n".join(lines))
+    xml.write_text(_era_xml(restored, 4))
     for p, size in ((meta, 4 << 20), (origin, NR_BLOCKS * BLOCK * 512)):
         with open(p, "wb") as f:
             f.truncate(size)
@@ -188,3 +196,80 @@ def _repairs_keep_the_history(tmp_path: Path, meta: Path, written: dict[int, set
                 assert got == set(range(NR_BLOCKS)), (since, damaged)
             else:
                 assert got == want, (src.name, since)
+
+
+def test_kernel_takes_repaired_era(dm_vm: Machine, tmp_path: Path) -> None:
+    """`era restore` metadata (archived writesets of eras 2-4, an era array), damaged: a bad
+    superblock checksum and era 3's writeset bitset zeroed. `era repair` writes fresh
+    metadata from it (era 3 every bit set, the rest as restored); the kernel activates that
+    at the repaired era or later, serves the origin's bytes through it, and carries on
+    through checkpoints. Afterwards both checkers pass the kernel's metadata, era_dump 1.1
+    and dmimage agree, and `era invalidate --written-since E` lists the surviving history
+    plus the kernel's new writes (every block for E <= 3, the damaged era)."""
+    from dmimage.era.metadata import parse_superblock, read_writeset_tree
+    from dmimage.pdata.array import read_array
+    from dmimage.pdata.block import BlockReader
+    from dmimage.pdata.btree import BtreeWalker
+
+    tools = oracles.tools_11()
+    rng = random.Random(78)
+    restored = {era: set(rng.sample(range(NR_BLOCKS), 20)) for era in (2, 3, 4)}
+    xml, pristine, meta, origin = (tmp_path / n for n in ("in.xml", "pristine", "meta",
+                                                          "origin"))
+    xml.write_text(_era_xml(restored, 4))
+    for p in (pristine, meta):
+        with open(p, "wb") as f:
+            f.truncate(4 << 20)
+    origin_bytes = rng.randbytes(NR_BLOCKS * BLOCK * 512)
+    origin.write_bytes(origin_bytes)
+    res = _run(sys.executable, "-m", "dmimage", "era", "restore", "-i", str(xml), "-o",
+               str(pristine))
+    assert res.returncode == 0, res.stderr
+    with BlockReader(str(pristine)) as r:
+        sb = parse_superblock(r.block(0))
+        w = BtreeWalker(r)
+        era3 = read_array(w, read_writeset_tree(w, sb.writeset_tree_root)[3][1], 8,
+                          "writeset").blocks[0]
+    buf = bytearray(pristine.read_bytes())
+    buf[0] ^= 1  # the stored superblock checksum
+    buf[era3 * 4096:(era3 + 1) * 4096] = bytes(4096)
+    bad = tmp_path / "bad"
+    bad.write_bytes(bytes(buf))
+    assert _run(str(tools.bindir / "era_check"), str(bad)).returncode != 0
+    res = _run(sys.executable, "-m", "dmimage", "era", "repair", "-i", str(bad), "-o",
+               str(meta))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert _run(str(tools.bindir / "era_check"), str(meta)).returncode == 0
+    written = {e: set(b) for e, b in restored.items()}
+    written[3] = set(range(NR_BLOCKS))  # what the repair must claim of the lost writeset
+
+    vm = dm_vm
+    with vm.disk(meta, read_only=False) as m, vm.disk(origin, read_only=False) as o:
+        t = f"0 {NR_BLOCKS * BLOCK} era {m.guest_path} {o.guest_path} {BLOCK}"
+        vm.sh(f"dmsetup create pera --table {shlex.quote(t)}")
+        try:
+            first = int(vm.sh("dmsetup status pera").split()[5])
+            served = vm.sha256_of("/dev/mapper/pera")
+            for _ in range(2):
+                era = int(vm.sh("dmsetup status pera").split()[5])
+                blocks = set(rng.sample(range(NR_BLOCKS), 15))
+                written.setdefault(era, set()).update(blocks)
+                vm.sh("; ".join(f"dd if=/dev/zero of=/dev/mapper/pera bs=64k seek={b} count=1 "
+                                "conv=fsync status=none" for b in sorted(blocks)))
+                vm.sh("dmsetup message pera 0 checkpoint")
+        finally:
+            vm.sh("dmsetup remove pera")
+    vm.check_dmesg()
+    assert first >= 4
+    assert served == hashlib.sha256(origin_bytes).hexdigest()
+    assert _run(str(tools.bindir / "era_check"), str(meta)).returncode == 0
+    res = _run(sys.executable, "-m", "dmimage", "era", "check", str(meta))
+    assert res.returncode == 0, res.stdout + res.stderr
+    theirs = _run(str(tools.bindir / "era_dump"), str(meta))
+    ours = _run(sys.executable, "-m", "dmimage", "era", "dump", str(meta))
+    assert theirs.returncode == 0 and ours.stdout == theirs.stdout
+    for since in sorted({2, 3, 4, 5, first, *written}):
+        want = set().union(*(b for e, b in written.items() if e >= since))
+        out = _run(sys.executable, "-m", "dmimage", "era", "invalidate", "--written-since",
+                   str(since), str(meta))
+        assert out.returncode == 0 and _blocks(out.stdout) == want, since

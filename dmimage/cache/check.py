@@ -10,91 +10,22 @@ the check like cache_check without --ignore-non-fatal-errors.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
 
-from dmimage.cache.metadata import CacheSuperblock, parse_superblock
+from dmimage.cache.check_report import CacheCheckReport
+from dmimage.cache.mapping_rules import EXAMPLES, mapping_counts, mapping_problems
+from dmimage.cache.superblock import parse_superblock
 from dmimage.errors import MetadataError
-from dmimage.format.cache import M_DIRTY, M_VALID, MAPPING_FLAG_BITS
 from dmimage.pdata.array import read_array, read_bitset
 from dmimage.pdata.block import BlockReader
 from dmimage.pdata.btree import BtreeWalker
 from dmimage.pdata.spacemap import read_space_map
 
+__all__ = ["CacheCheckReport", "check_cache"]
+
 T = TypeVar("T")
-
-#: Examples named per finding.
-EXAMPLES = 5
-
-
-@dataclass
-class CacheCheckReport:
-    problems: list[str] = field(default_factory=list)
-    #: leaks are listed in ``problems`` too; counted here for --json
-    leaked_metadata_blocks: list[int] = field(default_factory=list)
-    nr_mappings: int = 0
-    nr_dirty: int = 0
-    version: int = 0
-    #: the metadata space map's nr_allocated and nr_blocks (dmsetup status's used/total)
-    metadata_used: int = 0
-    metadata_total: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
-def _mapping_problems(sb: CacheSuperblock, maps: np.ndarray, dirty: np.ndarray | None
-                      ) -> list[str]:
-    out: list[str] = []
-    flags = maps & np.uint64((1 << MAPPING_FLAG_BITS) - 1)
-    oblock = maps >> np.uint64(MAPPING_FLAG_BITS)
-    valid = (flags & np.uint64(M_VALID)).astype(bool)
-    allowed = M_VALID | M_DIRTY if sb.version == 1 else M_VALID
-
-    def name(kind: str, idx: np.ndarray) -> None:
-        if len(idx):
-            out.append(f"mapping array: {len(idx)} cache blocks {kind} (e.g. cache block "
-                       f"{', '.join(str(i) for i in idx[:EXAMPLES].tolist())})")
-
-    name("with unknown flags", np.flatnonzero(flags & np.uint64(~allowed & 0xFFFF)))
-    if dirty is None:
-        dirty_unmapped = ~valid & (flags & np.uint64(M_DIRTY)).astype(bool)
-    else:
-        d = np.zeros(len(maps), bool)
-        d[:min(len(dirty), len(maps))] = dirty[:len(maps)]
-        dirty_unmapped = ~valid & d
-    name("dirty but unmapped", np.flatnonzero(dirty_unmapped))
-    name("unmapped but naming an origin block", np.flatnonzero(~valid & (oblock > 0)))
-    if sb.clean_shutdown and sb.discard_block_size and sb.discard_nr_blocks and \
-            sb.data_block_size:
-        nr_origin = sb.discard_block_size * sb.discard_nr_blocks // sb.data_block_size
-        name(f"mapped beyond the origin's end ({nr_origin} blocks)",
-             np.flatnonzero(valid & (oblock >= np.uint64(nr_origin))))
-    vo = oblock[valid]
-    if _any_repeated(vo):  # rare: find which cache blocks, in order
-        order = np.argsort(vo, kind="stable")
-        dup = order[1:][vo[order][1:] == vo[order][:-1]]
-        name("mapping an origin block already mapped", np.sort(np.flatnonzero(valid)[dup]))
-    return out
-
-
-def _any_repeated(values: np.ndarray) -> bool:
-    """Whether a value occurs twice: a mark per value when the values are dense enough (a
-    pass over n values and a bitmap), else a sort."""
-    n = len(values)
-    if n < 2:
-        return False
-    top = int(values.max())
-    if top < max(64 * n, 1 << 20):
-        marks = np.zeros(top + 1, bool)
-        marks[values] = True
-        return int(np.count_nonzero(marks)) != n
-    s = np.sort(values)
-    return bool((s[1:] == s[:-1]).any())
-
 
 def check_cache(path: str) -> CacheCheckReport:
     """Every problem found; raises only when the superblock itself is unusable."""
@@ -126,13 +57,8 @@ def check_cache(path: str) -> CacheCheckReport:
                                                      "mapping array"))
         if arr is not None:
             maps = arr.values.reshape(-1).view("<u8").astype(np.uint64)
-            rep.problems += _mapping_problems(sb, maps, dirty)
-            valid = (maps & np.uint64(M_VALID)).astype(bool)
-            rep.nr_mappings = int(valid.sum())
-            if dirty is not None:
-                rep.nr_dirty = int((valid[:len(dirty)] & dirty[:len(valid)]).sum())
-            else:
-                rep.nr_dirty = int((valid & (maps & np.uint64(M_DIRTY)).astype(bool)).sum())
+            rep.problems += mapping_problems(sb, maps, dirty)
+            rep.nr_mappings, rep.nr_dirty = mapping_counts(maps, dirty)
         if sb.hint_root != 0 and sb.policy_hint_size != 0:
             if sb.policy_hint_size != 4:
                 rep.problems.append(f"superblock: policy hint size {sb.policy_hint_size} "

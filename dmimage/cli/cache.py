@@ -111,9 +111,13 @@ def run_metadata_size(args: argparse.Namespace) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from dmimage.cache.check import check_cache
+    from dmimage.cache.quick_check import quick_check
 
-    rep = check_cache(args.metadata)
+    rep = quick_check(args.metadata)  # clean, proved without numpy; else the full checker's
+    if rep is None:
+        from dmimage.cache.check import check_cache
+
+        rep = check_cache(args.metadata)
     if args.json:
         import json
 
