@@ -739,6 +739,44 @@ def test_new_target_rules(text, kernel, field):
     assert [e.field for e in errors][:1] == [field], errors
 
 
+_V = "0 8 verity 1 8:0 8:0 4096 4096 1 1 sha1 " + "ab" * 20 + " - "
+_F = "0 8 flakey 8:0 0 1 1 "
+_FEC13 = ("13 ignore_zero_blocks use_fec_from_device 8:0 fec_blocks 1 fec_start 1 fec_roots 2 "
+          "root_hash_sig_key_desc k check_at_most_once ignore_corruption")
+
+
+@pytest.mark.parametrize("text,refused_by", [
+    # try_verify_in_tasklet is new in 6.0
+    (_V + "1 try_verify_in_tasklet", {(5, 10)}),
+    # "allow only one error handling mode" is 5.13's (Debian 11's 5.10.223 takes both)
+    (_V + "2 ignore_corruption restart_on_corruption", {(6, 1), (6, 12), (7, 3)}),
+    (_V + "2 ignore_corruption ignore_corruption", {(6, 1), (6, 12), (7, 3)}),
+    # DM_VERITY_OPTS_MAX: 13 on 5.10, 14 from 6.0, 15 from 6.12 (13, 14 and 15 words here)
+    (_V + _FEC13, set()),
+    (_V + _FEC13.replace("13", "14", 1) + " ignore_zero_blocks", {(5, 10)}),
+    (_V + _FEC13.replace("13", "15", 1) + " ignore_zero_blocks check_at_most_once",
+     {(5, 10), (6, 1)}),
+    # 6.16's flakey: a fault hides the corruption of its direction; valued features once
+    (_F + "3 drop_writes random_write_corrupt 1000", {(5, 10), (6, 1), (7, 3)}),
+    (_F + "3 drop_writes random_write_corrupt 0", {(5, 10), (6, 1)}),
+    (_F + "6 error_reads corrupt_bio_byte 1 r 0 0", {(5, 10), (6, 1), (7, 3)}),
+    (_F + "6 error_reads corrupt_bio_byte 1 w 0 0", {(5, 10), (6, 1)}),
+    (_F + "6 drop_writes corrupt_bio_byte 1 r 0 0", set()),
+    (_F + "10 corrupt_bio_byte 1 w 0 0 corrupt_bio_byte 2 r 1 0", {(5, 10), (6, 1), (7, 3)}),
+    (_F + "4 random_read_corrupt 5 random_read_corrupt 6", {(5, 10), (6, 1), (7, 3)}),
+    (_F + "4 random_read_corrupt 0 random_read_corrupt 6", {(5, 10), (6, 1)}),
+])
+def test_rules_by_kernel_version(text, refused_by):
+    """The four guest kernels' verdicts (vmtests/test_tables_guest.py checks them against the
+    kernels themselves); no kernel given means the newest rules."""
+    kernels = [(5, 10), (6, 1), (6, 12), (7, 3)]
+    table = parse_table(text)
+    got = {k for k in kernels if any(not p.warning for p in table.problems(kernel=k))}
+    assert got == refused_by
+    newest = any(not p.warning for p in table.problems())
+    assert newest == ((7, 3) in refused_by)
+
+
 @pytest.mark.parametrize("text", [
     "0 8 crypt aes-xts-plain64 " + KEY,
     "0 8 delay 8:0 0 10 8:1",

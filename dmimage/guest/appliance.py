@@ -59,12 +59,27 @@ GUEST_MODULES = (
 #: filesystem (with netfs/fscache as modules.dep says). Off unless a test asks for the share.
 HOST_SHARE_MODULES = ("9pnet_virtio", "9p")
 
-#: Optional: loaded when present (faster crc32c with SSE4.2, which `-cpu max`/`host` offers).
-OPTIONAL_MODULES = ("crc32c-intel",
-                    # crypto that dm-crypt tables use: aes, cbc and sha256 are built into
-                    # Debian's kernels; xts and essiv are modules on both, ecb a module on 6.1,
-                    # crypto_null (cipher_null) a module on 6.12
-                    "xts", "ecb", "essiv", "crypto_null")
+#: The crypto API algorithms the crypt and verity tables of the VM tests name, each with the
+#: modules that may provide it. The guest has no modprobe, so the kernel cannot load one on
+#: demand: each must be built in or in the appliance. Which is which differs: 5.10 builds aes
+#: (aes_generic) and cbc as modules, 6.1 and later build them in; xts and essiv are modules
+#: everywhere; ecb is a module on 5.10 and 6.1; crypto_null (cipher_null) is built into 5.10
+#: and 6.1, a module from 6.12; 7.x renamed aes_generic, sha1_generic, sha256_generic to
+#: aes, sha1, sha256 (all built in).
+CRYPTO_PROVIDERS: dict[str, tuple[str, ...]] = {
+    "aes": ("aes_generic", "aes"),
+    "cbc": ("cbc",),
+    "ecb": ("ecb",),
+    "xts": ("xts",),
+    "essiv": ("essiv",),
+    "cipher_null": ("crypto_null",),
+    "sha1": ("sha1_generic", "sha1"),
+    "sha256": ("sha256_generic", "sha256"),
+}
+
+#: Optional: loaded when present (faster crc32c with SSE4.2, which `-cpu max`/`host` offers),
+#: and those of the crypto providers above that some kernel ships as a module.
+OPTIONAL_MODULES = ("crc32c-intel", "aes_generic", "cbc", "ecb", "xts", "essiv", "crypto_null")
 
 #: Modules of GUEST_MODULES that newer kernels no longer have, because what they did moved into
 #: the core: from 6.15 on crc32c is a library function of the built-in lib/crc code, so 7.x has

@@ -85,7 +85,8 @@ class Delay:
                    "Requires exactly 3, 6 or 9 arguments)", False)
 
 
-#: dm-flakey.c flakey_status() order; error_reads and the random_* features are new since 6.1.
+#: dm-flakey.c flakey_status() order; error_reads and the random_* features are new since 6.1
+#: (6.12 has them, 5.10 and 6.1 do not). 6.16 made the parser stricter (``Flakey._rules_616``).
 FLAKEY_FEATURES = (
     FeatureDef("error_reads", since=(6, 12)),
     FeatureDef("drop_writes"),
@@ -187,6 +188,8 @@ class Flakey:
         if "drop_writes" in seen and "error_writes" in seen:
             yield ("features", "drop_writes and error_writes conflict (dm-flakey.c: Feature "
                    "error_writes conflicts with feature drop_writes)", False)
+        if at_least(kernel, (6, 16)):
+            yield from self._rules_616(seen)
         write_corrupt = False
         for f in self.features:
             if f[0] == "corrupt_bio_byte":
@@ -208,8 +211,37 @@ class Flakey:
                     int(f[1]) > PROBABILITY_BASE:
                 yield ("features", f"{f[0]} {f[1]}: at most {PROBABILITY_BASE} (dm-flakey.c: "
                        "Invalid random corrupt argument)", False)
-        if write_corrupt and ("drop_writes" in seen or "error_writes" in seen):
+        if not at_least(kernel, (6, 16)) and write_corrupt and (
+                "drop_writes" in seen or "error_writes" in seen):
+            # Up to 6.15 only the direction of the last corrupt_bio_byte counts.
             which = "drop_writes" if "drop_writes" in seen else "error_writes"
             yield ("features", f"{which} is incompatible with corrupt_bio_byte on writes "
                    f"(dm-flakey.c: {which} is incompatible with corrupt_bio_byte with the "
                    "WRITE flag set)", False)
+
+    def _rules_616(self, seen: list[str]) -> Iterator[tuple[str, str, bool]]:
+        """6.16's stricter parser ("dm-flakey: Clean up parsing messages", and its fix that
+        checks corrupt_bio_byte only when given): a valued feature once, and no fault that
+        hides the corruption of the same direction."""
+        if seen.count("corrupt_bio_byte") > 1:
+            yield ("features", "corrupt_bio_byte given twice (dm-flakey.c: Feature "
+                   "corrupt_bio_byte duplicated; kernels before 6.16 keep the last)", False)
+        rates: dict[str, list[int]] = {"random_read_corrupt": [], "random_write_corrupt": []}
+        for f in self.features:
+            if f[0] in rates:
+                rates[f[0]].append(int(f[1]))
+        for name, values in rates.items():
+            # The kernel refuses a repeat only after a non-zero rate (0 means "not set").
+            if any(values[:-1]):
+                yield ("features", f"{name} given again after a non-zero rate (dm-flakey.c: "
+                       f"Feature {name} duplicated; kernels before 6.16 keep the last)", False)
+        directions = {f[2] for f in self.features if f[0] == "corrupt_bio_byte"}
+        rated = {"w": any(rates["random_write_corrupt"]), "r": any(rates["random_read_corrupt"])}
+        for which, direction, rate, label in (
+                ("drop_writes", "w", "random_write_corrupt", "WRITE"),
+                ("error_writes", "w", "random_write_corrupt", "WRITE"),
+                ("error_reads", "r", "random_read_corrupt", "READ")):
+            if which in seen and (direction in directions or rated[direction]):
+                yield ("features", f"{which} is incompatible with {rate} or corrupt_bio_byte "
+                       f"{direction!r} (dm-flakey.c: {which} is incompatible with {rate} or "
+                       f"corrupt_bio_byte with the {label} flag set)", False)

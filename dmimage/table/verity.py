@@ -39,7 +39,7 @@ VERITY_FEATURES = (
     FeatureDef("panic_on_error", since=(6, 12)),
     FeatureDef("ignore_zero_blocks"),
     FeatureDef("check_at_most_once"),
-    FeatureDef("try_verify_in_tasklet"),
+    FeatureDef("try_verify_in_tasklet", since=(6, 0)),
     FeatureDef("use_fec_from_device", ("fec_dev",), numeric=(False,)),
     FeatureDef("fec_blocks", ("num",)),
     FeatureDef("fec_start", ("offset",)),
@@ -49,8 +49,12 @@ VERITY_FEATURES = (
 _MODES = ("ignore_corruption", "restart_on_corruption", "panic_on_corruption")
 _ERROR_MODES = ("restart_on_error", "panic_on_error")
 _FEC = ("use_fec_from_device", "fec_blocks", "fec_start", "fec_roots")
-#: DM_VERITY_OPTS_MAX = 5 + 8 (FEC) + 2 (signature) on 6.12; 6.1 has 4 + 8 + 2.
-MAX_OPT_ARGS, MAX_OPT_ARGS_61 = 15, 14
+#: DM_VERITY_OPTS_MAX = 5 + 8 (FEC) + 2 (signature) on 6.12; 6.1 has 4 + 8 + 2 (6.0 added
+#: try_verify_in_tasklet); 5.10 has 3 + 8 + 2.
+MAX_OPT_ARGS, MAX_OPT_ARGS_61, MAX_OPT_ARGS_510 = 15, 14, 13
+#: "dm verity: allow only one error handling mode" (5.13): older kernels take several
+#: corruption modes and keep the last (Debian 11's 5.10.223 does not have the change).
+ONE_MODE_SINCE: KernelVersion = (5, 13)
 #: Digest sizes (bytes) of the hashes we know; others are not length-checked.
 DIGEST_BYTES = {"sha1": 20, "sha256": 32, "sha512": 64, "sha384": 48, "sha224": 28,
                 "md5": 16, "crc32c": 4}
@@ -162,7 +166,8 @@ class Verity:
             yield ("salt", "salt must be whole bytes of hex, or - (dm-verity: Invalid salt)",
                    False)
         words = len(feature_words(self.features, VERITY_FEATURES))
-        limit = MAX_OPT_ARGS if at_least(kernel, (6, 12)) else MAX_OPT_ARGS_61
+        limit = MAX_OPT_ARGS if at_least(kernel, (6, 12)) else \
+            MAX_OPT_ARGS_61 if at_least(kernel, (6, 0)) else MAX_OPT_ARGS_510
         if words > limit:
             yield ("features", f"{words} optional arguments, at most {limit} (dm-verity: "
                    "Invalid number of feature args)", False)
@@ -172,9 +177,13 @@ class Verity:
                     and d.name in have:
                 yield ("features", f"{d.name} is not known to kernel {kernel[0]}.{kernel[1]} "
                        "(dm-verity: Unrecognized verity feature request)", False)
-        if sum(have.count(m) for m in _MODES) > 1:
-            yield ("features", "more than one of " + ", ".join(_MODES) + " (dm-verity: "
-                   "Conflicting error handling parameters)", False)
+        if at_least(kernel, ONE_MODE_SINCE):
+            if sum(have.count(m) for m in _MODES) > 1:
+                yield ("features", "more than one of " + ", ".join(_MODES) + " (dm-verity: "
+                       "Conflicting error handling parameters)", False)
+        elif len(set(have) & set(_MODES)) > 1:  # the model keeps print order, not given order
+            yield ("features", "several corruption modes: this kernel keeps the last one "
+                   "given, and dmimage prints them in the kernel's order; give one", True)
         if sum(have.count(m) for m in _ERROR_MODES) > 1:
             yield ("features", "more than one of " + ", ".join(_ERROR_MODES) + " (dm-verity: "
                    "Conflicting error handling parameters)", False)
