@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypedDict, TypeVar
+from typing import Any, BinaryIO, TypedDict, TypeVar
 
 from . import vmstate
 from .agent import AgentChannel, CommandResult, check_kernel_log
@@ -80,6 +80,19 @@ def _kill_all() -> None:
 
 
 @lru_cache(maxsize=1)
+def _sha256_exact(f: BinaryIO, n: int, what: str) -> str:
+    """sha256 of the next *n* bytes of *f* (a scratch copy of guest path *what*)."""
+    h = hashlib.sha256()
+    left = n
+    while left:
+        chunk = f.read(min(left, 8 << 20))
+        if not chunk:
+            raise VMError(f"the scratch copy of {what} is short: {n - left} of {n} bytes")
+        h.update(chunk)
+        left -= len(chunk)
+    return h.hexdigest()
+
+
 def kvm_usable(qemu: str | None = None) -> bool:
     """True when /dev/kvm opens *and* QEMU can start a vCPU with it (a nested /dev/kvm may
     exist yet abort QEMU on MSR setup, as on this project's build machines)."""
@@ -715,38 +728,44 @@ class Machine:
         hashes the copy, then zeroes it: 32 MiB in ~0.4 s instead of ~4 s. Smaller (or not
         sector-sized) ranges are hashed in the guest by ``dd bs=1M | sha256sum`` (busybox
         ``head -c`` copies in small pieces, 3-4x slower under TCG)."""
-        q = shlex.quote(guest_path)
-        limit = f"[ $n -gt {int(size)} ] && n={int(size)}; " if size is not None else ""
-        in_guest = (f"dd if={q} bs=1048576 count=$n iflag=count_bytes,fullblock status=none "
-                    "| sha256sum")
-        script = (f"set -o pipefail; if [ -b {q} ]; then n=$(blockdev --getsize64 {q}); "
-                  f"else n=$(stat -L -c %s {q}); fi; {limit}")
+        return self.sha256_many([(guest_path, size)], timeout=timeout)[0]
+
+    def sha256_many(self, items: list[tuple[str, int | None]], *, timeout: float = 600.0
+                    ) -> list[str]:
+        """:meth:`sha256_of` of each ``(guest path, size or None)``, in one guest command."""
         scratch = self._scratch_disk()
-        script += (f"if [ $n -ge {self.HASH_IN_GUEST_BELOW} ] && [ $((n % 512)) -eq 0 ] && "
-                   f"[ $n -le {self.SCRATCH_BYTES} ]; then "
-                   f"dd if={q} of={scratch.guest_path} bs=1048576 count=$n "
-                   "iflag=count_bytes,fullblock oflag=direct conv=notrunc status=none && "
-                   f"echo copied $n; else {in_guest}; fi")
-        out = self.sh(script, timeout=timeout).split()
-        if out[0] != "copied":
-            return out[0]
-        n = int(out[1])
-        h = hashlib.sha256()
+        lines = ["set -o pipefail; o=0"]
+        for guest_path, size in items:
+            q = shlex.quote(guest_path)
+            limit = f"[ $n -gt {int(size)} ] && n={int(size)}; " if size is not None else ""
+            lines.append(
+                f"if [ -b {q} ]; then n=$(blockdev --getsize64 {q}); "
+                f"else n=$(stat -L -c %s {q}); fi; {limit}"
+                f"if [ $n -ge {self.HASH_IN_GUEST_BELOW} ] && [ $((n % 512)) -eq 0 ] && "
+                f"[ $((o + n)) -le {self.SCRATCH_BYTES} ]; then "
+                f"dd if={q} of={scratch.guest_path} bs=1048576 count=$n seek=$o "
+                "iflag=count_bytes,fullblock oflag=seek_bytes,direct conv=notrunc status=none "
+                "&& echo copied $o $n && o=$(( (o + n + 1048575) / 1048576 * 1048576 )); "
+                f"else dd if={q} bs=1048576 count=$n iflag=count_bytes,fullblock status=none "
+                "| sha256sum; fi || exit 1")
+        digests: list[str] = []
         try:
+            out = self.sh("\n".join(lines), timeout=timeout).splitlines()
+            if len(out) != len(items):
+                raise VMError(f"sha256 of {len(items)} guest paths: {len(out)} answers: {out!r}")
             with open(scratch.host_path, "rb") as f:
-                left = n
-                while left:
-                    chunk = f.read(min(left, 8 << 20))
-                    if not chunk:
-                        raise VMError(f"scratch copy of {guest_path} is short: "
-                                      f"{n - left} of {n} bytes")
-                    h.update(chunk)
-                    left -= len(chunk)
+                for (guest_path, _), line in zip(items, out, strict=True):
+                    words = line.split()
+                    if words[0] != "copied":
+                        digests.append(words[0])
+                        continue
+                    f.seek(int(words[1]))
+                    digests.append(_sha256_exact(f, int(words[2]), guest_path))
         finally:
             # Back to zeros (and no host space): the guest never reads the scratch disk.
             os.truncate(scratch.host_path, 0)
             os.truncate(scratch.host_path, self.SCRATCH_BYTES)
-        return h.hexdigest()
+        return digests
 
     def _scratch_disk(self) -> Disk:
         """The hashing scratch disk, attached writable on first use; not in :attr:`disks`, so
