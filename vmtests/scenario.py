@@ -18,6 +18,7 @@ Random operation sequences (`random_ops`) are reproducible from a seed; apply th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -244,6 +245,8 @@ class PoolSession:
         self.data_disk: Disk | None = None
         self.pat_disk: Disk | None = None
         self.pool_active = False
+        #: Commands queued by :meth:`do` inside :meth:`batched` (with their timeouts).
+        self._queue: list[tuple[str, float]] | None = None
 
     # -- lifetime ----------------------------------------------------------------------------
     def __enter__(self) -> PoolSession:
@@ -295,6 +298,8 @@ class PoolSession:
         self.detach()
 
     def detach(self) -> None:
+        if self.vm.alive:
+            self.flush()
         for d in (self.pat_disk, self.data_disk, self.meta_disk):
             if d is not None and self.vm.alive:
                 self.vm.detach(d)
@@ -302,8 +307,43 @@ class PoolSession:
 
     # -- guest commands ----------------------------------------------------------------------
     def sh(self, cmd: str, timeout: float = 120.0) -> str:
+        """Run *cmd* in the guest (after whatever :meth:`do` queued, in the same command)."""
         self.log.append(cmd)
-        return self.vm.sh(cmd, timeout=timeout)
+        queued, self._queue = self._queue, ([] if self._queue is not None else None)
+        if not queued:
+            return self.vm.sh(cmd, timeout=timeout)
+        # Each queued command in a subshell (one may `exit`), its output dropped; the first
+        # that fails stops the chain and names itself.
+        lines = [f"( {c}\n) >/dev/null || {{ echo {shlex.quote(f'queued command {i} failed: {c}')}"
+                 " >&2; exit 1; }" for i, (c, _) in enumerate(queued)]
+        return self.vm.sh("\n".join([*lines, cmd]),
+                          timeout=timeout + sum(t for _, t in queued))
+
+    def do(self, cmd: str, timeout: float = 120.0) -> None:
+        """Run *cmd* for its effect: at once, or inside :meth:`batched` with the next
+        :meth:`sh` (the kernel sees the same commands in the same order, without a round
+        trip to the host between them: ~0.1-0.5 s each under TCG)."""
+        if self._queue is None:
+            self.sh(cmd, timeout)
+        else:
+            self.log.append(cmd)
+            self._queue.append((cmd, timeout))
+
+    def flush(self) -> None:
+        """Run what :meth:`do` queued."""
+        if self._queue:
+            self.sh(":")
+
+    @contextlib.contextmanager
+    def batched(self) -> Iterator[None]:
+        """Queue the operations' commands until something reads the guest (a status, the
+        hashes, the teardown) or the block ends."""
+        self._queue = []
+        try:
+            yield
+            self.flush()
+        finally:
+            self._queue = None
 
     def thin_name(self, dev: int) -> str:
         return f"{self.name}-t{dev}"
@@ -312,18 +352,18 @@ class PoolSession:
         return f"/dev/mapper/{self.thin_name(dev)}"
 
     def message(self, text: str) -> None:
-        self.sh(f"dmsetup message {self.name} 0 {shlex.quote(text)}")
+        self.do(f"dmsetup message {self.name} 0 {shlex.quote(text)}")
 
     def activate_thin(self, dev: int, sectors: int | None = None) -> str:
         sectors = sectors or self.vblocks * self.files.block_sectors
         table = f"0 {sectors} thin /dev/mapper/{self.name} {dev}"
-        self.sh(f"dmsetup create {self.thin_name(dev)} --table {shlex.quote(table)} && "
+        self.do(f"dmsetup create {self.thin_name(dev)} --table {shlex.quote(table)} && "
                 "dmsetup mknodes")
         self.active[dev] = sectors
         return self.thin_path(dev)
 
     def deactivate_thin(self, dev: int) -> None:
-        self.sh(f"dmsetup remove {self.thin_name(dev)}")
+        self.do(f"dmsetup remove {self.thin_name(dev)}")
         del self.active[dev]
 
     @property
@@ -343,10 +383,10 @@ class PoolSession:
         msg = shlex.quote(f"create_snap {dev} {origin}")
         if origin in self.active:
             o = self.thin_name(origin)
-            self.sh(f"dmsetup suspend {o} && dmsetup message {self.name} 0 {msg}; "
+            self.do(f"dmsetup suspend {o} && dmsetup message {self.name} 0 {msg}; "
                     f"rc=$?; dmsetup resume {o}; exit $rc")
         else:
-            self.sh(f"dmsetup message {self.name} 0 {msg}")
+            self.do(f"dmsetup message {self.name} 0 {msg}")
         if activate:
             self.activate_thin(dev)
 
@@ -377,14 +417,14 @@ class PoolSession:
         assert len(data) == length
         self.model.write(dev, offset, data)
         path = self.thin_path(dev) if dev in self.active else self.activate_thin(dev)
-        self.sh(f"dd if={self.pat_disk.guest_path} of={path} bs=65536 skip={pat_offset} "
+        self.do(f"dd if={self.pat_disk.guest_path} of={path} bs=65536 skip={pat_offset} "
                 f"seek={offset} count={length} iflag=skip_bytes,count_bytes,fullblock "
                 "oflag=seek_bytes conv=notrunc,fsync status=none")
 
     def discard(self, dev: int, offset: int, length: int) -> None:
         self.model.discard(dev, offset, length)
         path = self.thin_path(dev) if dev in self.active else self.activate_thin(dev)
-        self.sh(f"blkdiscard -o {offset} -l {length} {path}")
+        self.do(f"blkdiscard -o {offset} -l {length} {path}")
 
     # -- observations ------------------------------------------------------------------------
     def status(self, *, expect_mode: str | None = "rw") -> PoolStatus:
@@ -398,10 +438,26 @@ class PoolSession:
     def thin_status(self, dev: int) -> ThinStatus:
         return parse_thin_status(self.sh(f"dmsetup status {self.thin_name(dev)}").strip())
 
+    def statuses(self, *, expect_mode: str | None = "rw"
+                 ) -> tuple[PoolStatus, dict[int, ThinStatus]]:
+        """:meth:`status`, then :meth:`thin_status` of every active thin, in one guest command
+        (the pool's line first: it commits)."""
+        devs = sorted(self.active)
+        cmd = " && ".join(f"dmsetup status {n}" for n in [self.name, *map(self.thin_name, devs)])
+        lines = self.sh(cmd).splitlines()
+        if len(lines) != 1 + len(devs):
+            raise AssertionError(f"status lines of {self.name} and thins {devs}: {lines!r}")
+        st = parse_pool_status(lines[0].strip())
+        if expect_mode is not None:
+            check_healthy(st, expect_mode)
+        self.last_status = st
+        return st, {dev: parse_thin_status(line.strip())
+                    for dev, line in zip(devs, lines[1:], strict=True)}
+
     def check_status(self) -> PoolStatus:
         """Pool and thin status lines agree with the model (data blocks, transaction id,
         held snapshot, per-thin mapped sectors and highest mapped sector)."""
-        st = self.status(expect_mode="ro" if self.read_only else "rw")
+        st, thins = self.statuses(expect_mode="ro" if self.read_only else "rw")
         m = self.model
         problems = []
         if st.transaction_id != m.trans_id:
@@ -416,8 +472,7 @@ class PoolSession:
                             f"{self.files.nr_metadata_blocks}")
         if (st.held_metadata_root is not None) != self.held:
             problems.append(f"held metadata root {st.held_metadata_root}, model held={self.held}")
-        for dev in sorted(self.active):
-            ts = self.thin_status(dev)
+        for dev, ts in thins.items():
             want = m.mapped_blocks(dev) * self.files.block_sectors
             high = (m.highest_mapped_end(dev) // SECTOR - 1) if m.devices[dev].blocks else None
             if (ts.mapped_sectors, ts.highest_mapped_sector) != (want, high):
@@ -429,12 +484,13 @@ class PoolSession:
 
     def hashes(self) -> dict[int, str]:
         """sha256 of every model device, read in the guest (activating inactive ones)."""
-        out = {}
-        for dev in sorted(self.model.devices):
+        devs = sorted(self.model.devices)
+        for dev in devs:
             if dev not in self.active:
                 self.activate_thin(dev)
-            out[dev] = self.vm.sha256_of(self.thin_path(dev))
-        return out
+        self.flush()
+        digests = self.vm.sha256_many([(self.thin_path(dev), None) for dev in devs])
+        return dict(zip(devs, digests, strict=True))
 
 
 # --------------------------------------------------------------------------------------------

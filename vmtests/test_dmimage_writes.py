@@ -100,18 +100,20 @@ def test_restored_pool(dm_vm: Machine, tmp_path: Path, tools11: oracles.Tools, n
     try:
         with PoolSession(dm_vm, files, (pat_path, pattern), model=model, vblocks=vblocks) as s:
             # What dmimage wrote reads back byte-identical through the kernel.
-            for dev in sorted(model.devices):
-                s.activate_thin(dev)
-            s.check_status()
+            with s.batched():  # commands reach the guest with each status read
+                for dev in sorted(model.devices):
+                    s.activate_thin(dev)
+                s.check_status()
             before = s.hashes()
             for dev, h in before.items():
                 assert h == _sha(model.read(dev, 0, s.size_bytes)), f"thin {dev} as restored"
             # Then the kernel changes it.
             lim = OpLimits(vblocks=vblocks, dev_ids=8, max_devices=5)
-            for op in random_ops(rng, model, 25, limits=lim, pattern_size=len(pattern)):
-                apply_op(s, op)
-                done.append(str(op))
-            s.check_status()
+            with s.batched():
+                for op in random_ops(rng, model, 25, limits=lim, pattern_size=len(pattern)):
+                    apply_op(s, op)
+                    done.append(str(op))
+                s.check_status()
             hashes = s.hashes()
             final = s.status()
         verify_offline(files, model, size=s.size_bytes, guest_hashes=hashes, status=final,
@@ -166,20 +168,22 @@ def test_writable_pool(dm_vm: Machine, tmp_path: Path, tools11: oracles.Tools, s
         done.append("-- kernel --")
         with PoolSession(dm_vm, files, (pat_path, pattern), model=model, vblocks=lim.vblocks,
                          held=off.held) as s:
-            for dev in sorted(model.devices):
-                s.activate_thin(dev)
-            st = s.check_status()
+            with s.batched():  # commands reach the guest with each status read
+                for dev in sorted(model.devices):
+                    s.activate_thin(dev)
+                st = s.check_status()
             with open_pool(files.meta) as p:
                 alloc = p.metadata_space_map().nr_allocated
             assert st.used_metadata_blocks == alloc + metadata_reserve(files.nr_metadata_blocks)
             before = s.hashes()
             for dev, h in before.items():
                 assert h == _sha(model.read(dev, 0, s.size_bytes)), f"thin {dev} as written"
-            for op in random_ops(rng, model, 20, limits=lim, pattern_size=len(pattern),
-                                 held=s.held):
-                apply_op(s, op)
-                done.append(str(op))
-            s.check_status()
+            with s.batched():
+                for op in random_ops(rng, model, 20, limits=lim, pattern_size=len(pattern),
+                                     held=s.held):
+                    apply_op(s, op)
+                    done.append(str(op))
+                s.check_status()
             hashes = s.hashes()
             final = s.status()
         verify_offline(files, model, size=s.size_bytes, guest_hashes=hashes, status=final,

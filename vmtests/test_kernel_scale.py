@@ -81,8 +81,8 @@ class ScalePool(PoolSession):
 
     def observe(self) -> Observed:
         """Commit (pool status), then every active thin's status."""
-        st = self.status()
-        return Observed(st, {dev: self.thin_status(dev) for dev in sorted(self.active)})
+        st, thins = self.statuses()
+        return Observed(st, thins)
 
 
 def _files(tmp: Path) -> PoolFiles:

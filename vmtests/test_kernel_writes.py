@@ -75,13 +75,16 @@ def test_random_kernel_sequence(dm_vm: Machine, tmp_path: Path, tools11: oracles
             st0 = s.status()
             # A fresh pool: the kernel formatted it; its status counts the reserve.
             assert st0.used_metadata_blocks > metadata_reserve(files.nr_metadata_blocks)
-            for op in random_ops(rng, s.model, n_ops, limits=limits,
-                                 pattern_size=len(pattern), held=s.held):
-                apply_op(s, op)
-                done.append(str(op))
-                if rng.random() < 0.2:
-                    s.check_status()
-            s.check_status()
+            # Batched: the ops' commands reach the guest with the next status read (in
+            # order, one agent round trip for all); a failing one is named in the error.
+            with s.batched():
+                for op in random_ops(rng, s.model, n_ops, limits=limits,
+                                     pattern_size=len(pattern), held=s.held):
+                    apply_op(s, op)
+                    done.append(str(op))
+                    if rng.random() < 0.2:
+                        s.check_status()
+                s.check_status()
             hashes = s.hashes()
             final = s.status()
             held = s.held

@@ -12,21 +12,19 @@ from __future__ import annotations
 import hashlib
 import os
 import shlex
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from dmimage.cli.main import main
 from dmimage.guest.agent import CommandResult
 from dmimage.guest.machine import Machine
+from vmtests.guest_cli import ROOT, compile_checkout, dmimage_command
 from vmtests.scenario import PoolSession, make_pool_files
 
 pytestmark = [pytest.mark.vm, pytest.mark.vm_one_kernel]  # O_EXCL: the block layer (conftest.py)
 
-DMIMAGE = str(Path(sys.executable).with_name("dmimage"))
-ROOT = "/tmp/host"
 #: Python's start-up over 9p in a TCG guest is slow: generous limits.
 CMD_TIMEOUT = 600.0
 
@@ -56,6 +54,7 @@ def share_vm(request: pytest.FixtureRequest) -> Iterator[Machine]:
     except HarnessUnavailable as exc:
         unavailable(str(exc))
     try:
+        compile_checkout()
         vm.mount_host_share(ROOT)
         yield vm
     finally:
@@ -64,7 +63,7 @@ def share_vm(request: pytest.FixtureRequest) -> Iterator[Machine]:
 
 def _dmimage(vm: Machine, args: str, stdin: str | None = None) -> CommandResult:
     redirect = f" < {shlex.quote(stdin)}" if stdin else ""
-    return vm.run(f"chroot {ROOT} {DMIMAGE} {args}{redirect}", timeout=CMD_TIMEOUT)
+    return vm.run(dmimage_command(args) + redirect, timeout=CMD_TIMEOUT)
 
 
 def _holders(vm: Machine, dev: str) -> list[str]:
@@ -81,7 +80,7 @@ def test_live_pool_metadata_is_refused(share_vm: Machine, tmp_path: Path) -> Non
     for argv in (["format", str(files.meta), "--data-block-size", str(files.block_sectors),
                   "--nr-data-blocks", str(files.nr_data_blocks)],
                  ["message", str(files.meta), "create_thin 1"]):
-        subprocess.run([DMIMAGE, *argv], check=True)
+        assert main(argv) == 0, argv  # in this process: no Python start-up
     line = b"live pool lock\n"
     payload = (line * (files.block_bytes // len(line) + 1))[: files.block_bytes]
     session = PoolSession(vm, files)

@@ -132,7 +132,8 @@ def _sequence(vm: LvmMachine, a1: str, b: str, rng: random.Random) -> list[str]:
 
 def _guest_hashes(vm: LvmMachine, names: list[str]) -> dict[str, str]:
     vm.sh("vgchange -ay -K vgt", timeout=180)
-    hashes = {n: vm.sha256_of(f"/dev/mapper/vgt-{n}") for n in names}
+    hashes = dict(zip(names, vm.sha256_many([(f"/dev/mapper/vgt-{n}", None) for n in names]),
+                      strict=True))
     vm.sh("vgchange -an vgt", timeout=180)
     return hashes
 
@@ -251,8 +252,9 @@ def test_lvm2_writes_dmimage_reads(tmp_path: Path, kernel: str, seed: int) -> No
         vm.attach(b, read_only=False)
         vm.sh("vgck vgt", timeout=180)  # lvm2 validates the generation we wrote
         vm.sh("vgchange -ay -K vgt", timeout=180)
-        for name in thins:
-            assert vm.sha256_of(f"/dev/mapper/vgt-{name}") == want_hash[name], name
+        got = vm.sha256_many([(f"/dev/mapper/vgt-{name}", None) for name in thins])
+        for name, sha in zip(thins, got, strict=True):
+            assert sha == want_hash[name], name
         assert _lvs_json(vm)["pool"]["transaction_id"] == str(tid + 1)
         # once more behind lvm2's back, fixed this time on the superblock's side
         vm.sh(f'dmsetup message vgt-pool-tpool 0 "set_transaction_id {tid + 1} {tid + 2}"')
@@ -295,8 +297,10 @@ def test_dmimage_builds_lvm2_reads(tmp_path: Path, kernel: str) -> None:
         vm.sh(f"test -b {d.guest_path}1")
         vm.sh("vgck vgb", timeout=180)
         vm.sh("vgchange -ay vgb", timeout=180)
-        for dev in m["devices"] + m["linear"]:
-            assert vm.sha256_of(f"/dev/mapper/vgb-{dev['name']}") == dev["sha256"], dev
+        devs = m["devices"] + m["linear"]
+        got = vm.sha256_many([(f"/dev/mapper/vgb-{dev['name']}", None) for dev in devs])
+        for dev, sha in zip(devs, got, strict=True):
+            assert sha == dev["sha256"], dev
         vm.sh("lvcreate -y -V 2m -T vgb/tp -n c && dd if=/dev/urandom of=/dev/vgb/c bs=64k "
               "count=5 conv=fsync status=none", timeout=180)
         want_c = vm.sha256_of("/dev/mapper/vgb-c")
