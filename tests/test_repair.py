@@ -213,7 +213,7 @@ def test_dump_repair_matches_the_repaired_pool(multilevel_meta, tools11, tmp_pat
 def test_repair_quality_at_least_thin_repair_11(pool_name, tools11, tmp_path):
     q = _quality()
     (case,) = q.generated_cases(tmp_path, tools11, [pool_name])
-    rows = q.evaluate(case, tmp_path, tools11)
+    rows = q.evaluate(case, tmp_path, tools11, in_process=True)
     assert len(rows) >= 10
     bad = []
     for r in rows:  # on these pools dmimage returns no wrong mapping at all

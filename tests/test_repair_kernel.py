@@ -33,7 +33,7 @@ def test_kernel_fixtures_present():
 @pytest.mark.parametrize("name", NAMES)
 def test_repair_at_least_thin_repair_11_on_kernel_pools(name, tools11, tmp_path):
     case = q.kernel_case(name)
-    rows = q.evaluate(case, tmp_path, tools11, SAMPLE)
+    rows = q.evaluate(case, tmp_path, tools11, SAMPLE, in_process=True)
     assert {r.damage for r in rows} == SAMPLE
     worse = [f"{r.damage}: {why} (ours {r.ours}, thin_repair 1.1 {r.theirs})"
              for r in rows if (why := q.worse_than_thin_repair(r))]
