@@ -10,7 +10,6 @@ read the store dockerd used."""
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import io
 import json
@@ -31,7 +30,7 @@ from dmimage.guest.docker import DockerGuest, DockerUnavailable
 from dmimage.guest.kernels import selected_names
 from dmimage.guest.pytest_plugin import unavailable
 from dmimage.image.docker_store import build_docker_store, load_docker_spec
-from vmtests.docker_scenario import _copy_in, extract_root, guest_save
+from vmtests.docker_scenario import extract_root, guest_save
 
 pytestmark = [pytest.mark.vm, pytest.mark.vm_one_kernel]  # dockerd is the oracle (conftest.py)
 
@@ -66,9 +65,11 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Inputs]:
     return work, inp
 
 
-def _export(dg: DockerGuest, container: str) -> dict[str, tarfile.TarInfo | bytes]:
+def _export(dg: DockerGuest, container: str, work: Path
+            ) -> dict[str, tarfile.TarInfo | bytes]:
     dg.docker(f"export -o /tmp/exp.tar {container}")
-    raw = base64.b64decode(dg.sh("base64 /tmp/exp.tar && rm /tmp/exp.tar", timeout=300))
+    raw = dg.get("/tmp/exp.tar", work)
+    dg.sh("rm /tmp/exp.tar")
     out: dict[str, Any] = {}
     with tarfile.open(fileobj=io.BytesIO(raw), encoding="utf-8",
                       errors="surrogateescape") as t:
@@ -141,7 +142,7 @@ def test_dockerd_runs_built_store(guest: DockerGuest, built: tuple[Path, Inputs]
             dg.docker(f"create --name {name} {tag}")
         note = work / "note.txt"
         note.write_bytes(b"copied in by docker cp\n")
-        _copy_in(dg, note, "/tmp/note.in")
+        dg.put({"/tmp/note.in": note}, work)
         dg.docker("cp /tmp/note.in c1:/app/note.txt")
         out = dg.sh("rm -rf /tmp/cpo && mkdir /tmp/cpo && docker cp c1:/app/note.txt "
                     "/tmp/cpo/ && docker cp c1:/app/data /tmp/cpo/ && "
@@ -152,7 +153,7 @@ def test_dockerd_runs_built_store(guest: DockerGuest, built: tuple[Path, Inputs]
         assert sums["data"] == hashlib.sha256(data).hexdigest()
 
         for name, tag in (("c1", "rich:2"), ("c2", "other:1"), ("c3", "rich:1")):
-            exp = _export(dg, name)
+            exp = _export(dg, name, work)
             want = expected_tree([inp.tars[x] for x in inp.images[tag]])
             _compare(exp, want, f"{name} ({tag})")
             if "l2" in inp.images[tag]:  # l2's whiteouts and opaque directory

@@ -20,7 +20,13 @@ from dmimage.docker.store import open_store
 from dmimage.guest.docker import DockerGuest, DockerUnavailable, make_data_disk
 from dmimage.guest.kernels import selected_names
 from dmimage.guest.pytest_plugin import unavailable
-from vmtests.docker_scenario import _copy_in, _inspect, extract_root, guest_save, write_inputs
+from vmtests.docker_scenario import (
+    _put_inputs,
+    extract_root,
+    guest_save,
+    inspect_all,
+    write_inputs,
+)
 
 pytestmark = [pytest.mark.vm, pytest.mark.vm_one_kernel]  # dockerd is the oracle (conftest.py)
 
@@ -51,14 +57,12 @@ def test_direct_lvm_store(guest: DockerGuest, tmp_path: Path) -> None:
     disk = make_data_disk(tmp_path / "data-root.ext4")
     try:
         dg.start(disk, extra_opts=("dm.thinpooldev=/dev/mapper/docker-thinpool",))
-        for name, p in inputs.items():
-            _copy_in(dg, p, f"/tmp/{name}.in")
+        _put_inputs(dg, inputs)
         dg.docker("load -i /tmp/app.in")
         dg.docker("import /tmp/base.in base:1")
         dg.docker("create --name c1 app:1")
         dg.docker("cp /tmp/note.in c1:/app/note.txt")
-        images = _inspect(dg, "image")
-        containers = _inspect(dg, "container")
+        images, containers = inspect_all(dg)
         rec = guest_save(dg, ["app:1", "base:1"])
     except BaseException:
         (tmp_path / "dockerd.log").write_text(dg.log())

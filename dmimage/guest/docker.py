@@ -26,6 +26,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -206,6 +207,22 @@ for m in {MOUNT}/modules/*.ko; do
   [ -e "$m" ] || continue
   grep -q "^$(basename "$m" .ko) " /proc/modules || insmod "$m"
 done
+# Read the big binaries into the page cache while the host prepares the data disk (the first
+# start otherwise waits seconds for them).
+(cat {MOUNT}/bin/dockerd {MOUNT}/bin/containerd {MOUNT}/bin/docker >/dev/null 2>&1 &)
+"""
+
+#: containerd's configuration: what dockerd writes for the containerd it manages (the CRI
+#: plugin off), with the data root's state and socket paths.
+CONTAINERD_SOCK = "/run/docker/containerd/containerd.sock"
+CONTAINERD_TOML = f"""version = 2
+root = "{DATA_ROOT}/containerd/daemon"
+state = "/run/docker/containerd/daemon"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "{CONTAINERD_SOCK}"
+[debug]
+  level = "debug"
 """
 
 ENV = f"export PATH={MOUNT}/bin:/sbin:/bin DOCKER_HOST=unix:///run/docker.sock; "
@@ -261,21 +278,79 @@ class DockerGuest:
 
     def start(self, data_disk: Path, *, extra_opts: tuple[str, ...] = (),
               timeout: float = 120.0) -> None:
-        """Attach *data_disk* read-write, mount it on /var/lib/docker and start dockerd."""
+        """Attach *data_disk* read-write, mount it on /var/lib/docker and start dockerd.
+
+        containerd is started first and waited for here (its socket), then handed to dockerd
+        with ``--containerd``: dockerd's own wait for the containerd it would spawn has a fixed
+        limit that a loaded TCG guest can miss ("timeout waiting for containerd to start").
+        Readiness is read from dockerd's log ("API listen on"), not polled with the docker CLI,
+        whose start-up takes the guest's only vCPU from dockerd's for ~1 s per try."""
         self.data = self.vm.attach(data_disk, read_only=False, serial="dockerdata")
         opts = " ".join(f"--storage-opt {o}" for o in (*STORAGE_OPTS, *extra_opts))
         self.sh(f"mkdir -p {DATA_ROOT} && mount -t ext4 {self.data.guest_path} {DATA_ROOT}")
+        ticks = int(timeout * 10)
+        fail = "{ tail -n 30 /tmp/%s.log >&2; exit 1; }"
+        self.sh(f"mkdir -p {CONTAINERD_SOCK.rsplit('/', 1)[0]} && "
+                f"cat > /tmp/containerd.toml <<'EOF'\n{CONTAINERD_TOML}EOF\n"
+                "setsid containerd --config /tmp/containerd.toml </dev/null "
+                ">/tmp/containerd.log 2>&1 & echo $! > /tmp/containerd.pid; "
+                f"i=0; until [ -S {CONTAINERD_SOCK} ]; do i=$((i+1)); "
+                f"[ $i -lt {ticks} ] || {fail % 'containerd'}; "
+                "kill -0 $(cat /tmp/containerd.pid) 2>/dev/null || "
+                f"{fail % 'containerd'}; sleep 0.1; done", timeout=timeout + 10)
         self.sh(f"setsid dockerd --data-root {DATA_ROOT} --storage-driver devicemapper {opts} "
+                f"--containerd {CONTAINERD_SOCK} "
                 "--iptables=false --ip-masq=false --bridge=none --log-level=debug "
-                "</dev/null >/tmp/dockerd.log 2>&1 & echo $! > /tmp/dockerd.pid")
-        self.sh(f"i=0; until docker version >/dev/null 2>&1; do i=$((i+1)); "
-                f"[ $i -lt {int(timeout * 5)} ] || {{ tail -n 30 /tmp/dockerd.log >&2; exit 1; }}; "
+                "</dev/null >/tmp/dockerd.log 2>&1 & echo $! > /tmp/dockerd.pid; "
+                f"i=0; until grep -q 'API listen on' /tmp/dockerd.log; do i=$((i+1)); "
+                f"[ $i -lt {ticks} ] || {fail % 'dockerd'}; "
                 "kill -0 $(cat /tmp/dockerd.pid) 2>/dev/null || "
-                "{ tail -n 30 /tmp/dockerd.log >&2; exit 1; }; sleep 0.2; done",
+                f"{fail % 'dockerd'}; sleep 0.1; done",
                 timeout=timeout + 10)
 
+    def put(self, files: Mapping[str, Path], work: Path) -> None:
+        """Copy host *files* to the guest (``{guest path: host path}``) through a small ext4
+        image (``mke2fs -d``) attached read-only: base64 through the agent costs seconds per
+        100 KB under TCG, a hot-plug well under one."""
+        stage = Path(tempfile.mkdtemp(prefix="put.", dir=work))
+        try:
+            total = 0
+            for i, host in enumerate(files.values()):
+                shutil.copyfile(host, stage / str(i))
+                total += host.stat().st_size
+            img = stage.with_suffix(".ext4")
+            with open(img, "wb") as f:
+                f.truncate((total * 5 // 4 + (4 << 20)) // 4096 * 4096)
+            subprocess.run(["mke2fs", "-q", "-t", "ext4", "-F", "-m", "0", "-O", "^has_journal",
+                            "-d", str(stage), str(img)], check=True, capture_output=True)
+            cps = "; ".join(f"cp /tmp/put/{i} {shlex.quote(g)}" for i, g in enumerate(files))
+            with self.vm.disk(img, read_only=True, serial="dockerput") as d:
+                self.sh(f"mkdir -p /tmp/put && mount -t ext4 -o ro {d.guest_path} /tmp/put && "
+                        f"{{ {cps}; }}; r=$?; umount /tmp/put; exit $r")
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+            stage.with_suffix(".ext4").unlink(missing_ok=True)
+
+    def get(self, guest_path: str, work: Path) -> bytes:
+        """The bytes of the guest's file *guest_path*, through a raw disk image the guest
+        writes (the reverse of ``put``; base64 through the agent is slow under TCG)."""
+        size = int(self.sh(f"stat -c %s {shlex.quote(guest_path)}"))
+        fd, name = tempfile.mkstemp(prefix="get.", suffix=".raw", dir=work)
+        raw = Path(name)
+        try:
+            os.ftruncate(fd, max(512, -(-size // 512) * 512))
+            os.close(fd)
+            with self.vm.disk(raw, read_only=False, serial="dockerget") as d:
+                self.sh(f"cat {shlex.quote(guest_path)} > {d.guest_path} && sync")
+            with open(raw, "rb") as f:
+                return f.read(size)
+        finally:
+            raw.unlink(missing_ok=True)
+
     def log(self) -> str:
-        return self.vm.run("cat /tmp/dockerd.log", timeout=30).out
+        """dockerd's log, then containerd's."""
+        return self.vm.run("cat /tmp/dockerd.log; echo '--- containerd'; "
+                           "cat /tmp/containerd.log", timeout=30).out
 
     def stop(self, *, kill: bool = False, unmount: bool = True, timeout: float = 120.0) -> None:
         """Stop dockerd (SIGTERM, or SIGKILL with *kill*); then unmount and detach the data
@@ -284,8 +359,10 @@ class DockerGuest:
         self.sh(f"p=$(cat /tmp/dockerd.pid); kill -{sig} $p; i=0; "
                 f"while kill -0 $p 2>/dev/null; do i=$((i+1)); [ $i -lt {int(timeout * 5)} ] "
                 "|| exit 1; sleep 0.2; done", timeout=timeout + 10)
-        # containerd outlives a killed dockerd; it holds nothing on the data root's pool.
-        self.vm.run("pkill -TERM containerd; sleep 0.5", timeout=30)
+        # containerd is ours (``start``), not dockerd's; it holds nothing on the pool.
+        self.vm.run("p=$(cat /tmp/containerd.pid) && kill -TERM $p && i=0 && "
+                    "while kill -0 $p 2>/dev/null && [ $i -lt 100 ]; do i=$((i+1)); sleep 0.1; "
+                    "done", timeout=30)
         if kill:
             # A killed dockerd leaves its mounts, the pool's dm devices and the loop devices.
             self.vm.run(f"grep ' {DATA_ROOT}/' /proc/mounts | cut -d' ' -f2 | sort -r | "
