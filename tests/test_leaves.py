@@ -163,3 +163,39 @@ def test_checksums_match(tmp_path: Path) -> None:
         assert checksums_match(reader, np.arange(1, 6), SALT_BTREE_NODE)
         assert not checksums_match(reader, np.arange(1, 6), SALT_BTREE_NODE ^ 1)
         assert not checksums_match(reader, np.arange(0, 6), SALT_BTREE_NODE)  # block 0: zeros
+
+
+def _mapped_kib(addr: int) -> int:
+    """Resident KiB of the mapping starting at ``addr`` (/proc/self/smaps)."""
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.split("-", 1)[0] == f"{addr:x}":
+            for field in lines[i + 1:]:
+                if field.startswith("Rss:"):
+                    return int(field.split()[1])
+    raise AssertionError(f"no mapping at {addr:#x}")
+
+
+def test_drop_pages_of_a_block_range(tmp_path: Path) -> None:
+    """drop_pages(first, last) lets go of exactly those blocks' pages (the rest stay
+    resident), takes ranges reaching past either end, and the bytes read afterwards are the
+    file's."""
+    nblocks = 64
+    content = np.random.default_rng(5).integers(0, 256, nblocks * BLOCK_SIZE, np.uint8)
+    path = tmp_path / "meta"
+    path.write_bytes(content.tobytes())
+    with BlockReader(path) as reader:
+        words = np.frombuffer(reader.buffer(), np.uint8)
+        addr = words.ctypes.data
+        assert int(words.sum(dtype=np.int64)) == int(content.sum(dtype=np.int64))  # all read
+        assert _mapped_kib(addr) == nblocks * 4
+        reader.drop_pages(8, 23)
+        assert _mapped_kib(addr) == (nblocks - 16) * 4
+        reader.drop_pages(-5, 3)  # clipped at block 0
+        reader.drop_pages(60, 10_000)  # clipped at the end
+        reader.drop_pages(30, 20)  # empty: nothing
+        assert _mapped_kib(addr) == (nblocks - 16 - 4 - 4) * 4
+        assert bytes(reader.block(9)) == content[9 * BLOCK_SIZE:10 * BLOCK_SIZE].tobytes()
+        reader.drop_pages()
+        assert _mapped_kib(addr) <= 4
+        assert bytes(reader.buffer()) == content.tobytes()
