@@ -96,6 +96,7 @@ class _Checker:
         self.space_map(sb)
         rep.nr_mappings, rep.nr_dirty = _mappings(sb, data, dirty)
         return rep
+
     def tree(self, root: int, value_size: int) -> list[tuple[memoryview, memoryview]]:
         """(keys, values) of every leaf in key order; the walker's rules, stricter."""
         leaves: list[tuple[memoryview, memoryview]] = []
