@@ -73,9 +73,10 @@ def any_repeated(values: np.ndarray) -> bool:
 def mapping_counts(maps: np.ndarray, dirty: np.ndarray | None) -> tuple[int, int]:
     """(mapped, dirty) cache blocks: version 2 (``dirty`` given) counts the dirty bitset's
     bits of mapped blocks, version 1 the dirty flag of mapped ones."""
-    valid = (maps & np.uint64(M_VALID)).astype(bool)
+    lo = maps.astype("<u8", copy=False).view(np.uint8)[0::8]  # the flags' low byte
+    valid = (lo & M_VALID).view(bool)
     if dirty is not None:
-        nr_dirty = int((valid[:len(dirty)] & dirty[:len(valid)]).sum())
+        nr_dirty = int(np.count_nonzero(valid[:len(dirty)] & dirty[:len(valid)]))
     else:
-        nr_dirty = int((valid & (maps & np.uint64(M_DIRTY)).astype(bool)).sum())
-    return int(valid.sum()), nr_dirty
+        nr_dirty = int(np.count_nonzero(lo & (M_VALID | M_DIRTY) == M_VALID | M_DIRTY))
+    return int(np.count_nonzero(valid)), nr_dirty
