@@ -1,8 +1,8 @@
 """cache check's clean path: proves metadata clean with few imports, or gives up.
 
 A cache check of 1M cache blocks has little work, so its start-up decides its speed. This
-path walks the trees and array blocks with struct and the native crc32c (no generic walker,
-no space-map decoder: none of pdata's modules), holds them to a stricter shape than the full
+path walks the trees and array blocks with struct and the native crc32c over the mapped
+device (pdata/block.py; no generic walker, array reader or space-map decoder), holds them to a stricter shape than the full
 checker (cache/check.py), and checks the mapping values with the full checker's own numpy
 rules (cache/mapping_rules.py). Every condition it accepts implies that the full checker
 finds no problem, and it returns the same report fields. Anything it does not accept (a
