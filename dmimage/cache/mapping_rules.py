@@ -14,11 +14,16 @@ EXAMPLES = 5
 
 
 def mapping_problems(sb: CacheSuperblock, maps: np.ndarray, dirty: np.ndarray | None
-                      ) -> list[str]:
+                     ) -> list[str]:
+    """The mapping array's problems, one line per kind, naming the first cache blocks.
+
+    The flags are read as byte columns of the values and the origin block is compared in
+    place (``maps >= n << 16`` is ``oblock >= n``): no whole-array temporaries of flags or
+    origin blocks but the mapped ones'."""
     out: list[str] = []
-    flags = maps & np.uint64((1 << MAPPING_FLAG_BITS) - 1)
-    oblock = maps >> np.uint64(MAPPING_FLAG_BITS)
-    valid = (flags & np.uint64(M_VALID)).astype(bool)
+    cols = maps.astype("<u8", copy=False).view(np.uint8).reshape(-1, 8)
+    lo, hi = cols[:, 0], cols[:, 1]  # the flags' two bytes
+    valid = (lo & M_VALID).view(bool)
     allowed = M_VALID | M_DIRTY if sb.version == 1 else M_VALID
 
     def name(kind: str, idx: np.ndarray) -> None:
@@ -26,21 +31,23 @@ def mapping_problems(sb: CacheSuperblock, maps: np.ndarray, dirty: np.ndarray | 
             out.append(f"mapping array: {len(idx)} cache blocks {kind} (e.g. cache block "
                        f"{', '.join(str(i) for i in idx[:EXAMPLES].tolist())})")
 
-    name("with unknown flags", np.flatnonzero(flags & np.uint64(~allowed & 0xFFFF)))
+    name("with unknown flags", np.flatnonzero((lo & (~allowed & 0xFF)) | hi))
     if dirty is None:
-        dirty_unmapped = ~valid & (flags & np.uint64(M_DIRTY)).astype(bool)
+        dirty_unmapped = ~valid & (lo & M_DIRTY).astype(bool)
     else:
         d = np.zeros(len(maps), bool)
         d[:min(len(dirty), len(maps))] = dirty[:len(maps)]
         dirty_unmapped = ~valid & d
     name("dirty but unmapped", np.flatnonzero(dirty_unmapped))
-    name("unmapped but naming an origin block", np.flatnonzero(~valid & (oblock > 0)))
+    name("unmapped but naming an origin block",
+         np.flatnonzero(~valid & (maps >= np.uint64(1 << MAPPING_FLAG_BITS))))
     if sb.clean_shutdown and sb.discard_block_size and sb.discard_nr_blocks and \
             sb.data_block_size:
         nr_origin = sb.discard_block_size * sb.discard_nr_blocks // sb.data_block_size
-        name(f"mapped beyond the origin's end ({nr_origin} blocks)",
-             np.flatnonzero(valid & (oblock >= np.uint64(nr_origin))))
-    vo = oblock[valid]
+        if nr_origin << MAPPING_FLAG_BITS < 1 << 64:  # else no origin block lies beyond
+            name(f"mapped beyond the origin's end ({nr_origin} blocks)",
+                 np.flatnonzero(valid & (maps >= np.uint64(nr_origin << MAPPING_FLAG_BITS))))
+    vo = maps[valid] >> np.uint64(MAPPING_FLAG_BITS)
     if any_repeated(vo):  # rare: find which cache blocks, in order
         order = np.argsort(vo, kind="stable")
         dup = order[1:][vo[order][1:] == vo[order][:-1]]
@@ -66,9 +73,10 @@ def any_repeated(values: np.ndarray) -> bool:
 def mapping_counts(maps: np.ndarray, dirty: np.ndarray | None) -> tuple[int, int]:
     """(mapped, dirty) cache blocks: version 2 (``dirty`` given) counts the dirty bitset's
     bits of mapped blocks, version 1 the dirty flag of mapped ones."""
-    valid = (maps & np.uint64(M_VALID)).astype(bool)
+    lo = maps.astype("<u8", copy=False).view(np.uint8)[0::8]  # the flags' low byte
+    valid = (lo & M_VALID).view(bool)
     if dirty is not None:
-        nr_dirty = int((valid[:len(dirty)] & dirty[:len(valid)]).sum())
+        nr_dirty = int(np.count_nonzero(valid[:len(dirty)] & dirty[:len(valid)]))
     else:
-        nr_dirty = int((valid & (maps & np.uint64(M_DIRTY)).astype(bool)).sum())
-    return int(valid.sum()), nr_dirty
+        nr_dirty = int(np.count_nonzero(lo & (M_VALID | M_DIRTY) == M_VALID | M_DIRTY))
+    return int(np.count_nonzero(valid)), nr_dirty

@@ -1,5 +1,6 @@
 """The dm-cache superblock: its fields as one typed value, read and checked as every reader
-must. numpy-free, so that cache check's clean path (cache/quick_check.py) starts without it.
+must. Apart from cache/metadata.py (which reads the arrays through pdata's walker), so that
+cache check's clean path (cache/quick_check.py) imports none of pdata's tree modules.
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ import struct
 from functools import cache
 from typing import Any
 
+import numpy as np
+
 from dmimage.format.constants import SPACE_MAP_ROOT_SIZE
 
 CACHE_MAGIC = 0o6142003
@@ -37,6 +39,9 @@ MAPPING_FLAG_BITS = 16
 CACHE_SUPERBLOCK = struct.Struct("<IIQ16sQI16sI128sQQQQQIIIIIIIIII3IQ")
 
 ARRAY_BLOCK_HEADER = struct.Struct("<IIIIQ")
+
+#: The kernel's mapping value, one per cache block.
+MAPPING_DTYPE = np.dtype("<u8")
 
 
 #: The construct descriptions (CacheSuperblock, ArrayBlockHeader), built on first access

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TypeAlias
+
+import numpy as np
 
 from dmimage.format.constants import (
     BLOCK_SIZE,
@@ -54,19 +56,15 @@ BLOCK_TYPE_NAMES = {
 
 _U32 = struct.Struct("<I")
 
-if TYPE_CHECKING:  # numpy is not imported here: cache check's clean path runs without it
-    import numpy as np
 #: A block in memory: bytes-like, or a numpy uint8 array (1-D, contiguous).
-Block: TypeAlias = "bytes | bytearray | memoryview | np.ndarray"
+Block: TypeAlias = bytes | bytearray | memoryview | np.ndarray
 #: A block that :func:`seal` can write its checksum into.
-WritableBlock: TypeAlias = "bytearray | memoryview | np.ndarray"
+WritableBlock: TypeAlias = bytearray | memoryview | np.ndarray
 
 
 def byte_view(block: Block) -> memoryview:
-    """Any in-memory block as a memoryview of its bytes (no copy; a numpy array exports
-    its buffer)."""
-    view = memoryview(block)  # type: ignore[arg-type]  # (numpy's stubs: not a Buffer)
-    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+    """Any in-memory block as a memoryview of its bytes (no copy)."""
+    return block.data if isinstance(block, np.ndarray) else memoryview(block)
 
 
 def block_checksum(block: Block, salt: int) -> int:

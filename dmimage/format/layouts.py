@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import struct
 from functools import cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    import numpy as np
+import numpy as np
 
 from dmimage.format.constants import (
     DEVICE_DETAILS_SIZE,
@@ -31,49 +30,31 @@ BTREE_HEADER_STRUCT = struct.Struct("<IIQIIII")
 #: struct twin of the superblock's space-map root's 32 used bytes.
 SPACE_MAP_ROOT_STRUCT = struct.Struct("<QQQQ")
 
-#: numpy twins of the Structs above, for whole-block views: built on first access (module
-#: ``__getattr__``), so that a command that never uses numpy (cache check's clean path) does
-#: not pay numpy's import for these names.
-if TYPE_CHECKING:
-    BTREE_HEADER_DTYPE: np.dtype[np.void]
-    INDEX_ENTRY_DTYPE: np.dtype[np.void]
-    DEVICE_DETAILS_DTYPE: np.dtype[np.void]
-_DTYPES = ("BTREE_HEADER_DTYPE", "INDEX_ENTRY_DTYPE", "DEVICE_DETAILS_DTYPE")
-
-
-@cache
-def _dtypes() -> dict[str, Any]:
-    import numpy as np
-
-    btree_header = np.dtype(
-        [
-            ("csum", "<u4"),
-            ("flags", "<u4"),
-            ("blocknr", "<u8"),
-            ("nr_entries", "<u4"),
-            ("max_entries", "<u4"),
-            ("value_size", "<u4"),
-            ("padding", "<u4"),
-        ]
-    )
-    index_entry = np.dtype([("blocknr", "<u8"), ("nr_free", "<u4"),
-                            ("none_free_before", "<u4")])
-    device_details = np.dtype(
-        [
-            ("mapped_blocks", "<u8"),
-            ("transaction_id", "<u8"),
-            ("creation_time", "<u4"),
-            ("snapshotted_time", "<u4"),
-        ]
-    )
-    assert index_entry.itemsize == INDEX_ENTRY_SIZE
-    assert device_details.itemsize == DEVICE_DETAILS_SIZE
-    assert BTREE_HEADER_STRUCT.size == btree_header.itemsize
-    return {"BTREE_HEADER_DTYPE": btree_header, "INDEX_ENTRY_DTYPE": index_entry,
-            "DEVICE_DETAILS_DTYPE": device_details}
-
-
+#: numpy twins of the Structs above, for whole-block views.
+BTREE_HEADER_DTYPE = np.dtype(
+    [
+        ("csum", "<u4"),
+        ("flags", "<u4"),
+        ("blocknr", "<u8"),
+        ("nr_entries", "<u4"),
+        ("max_entries", "<u4"),
+        ("value_size", "<u4"),
+        ("padding", "<u4"),
+    ]
+)
+INDEX_ENTRY_DTYPE = np.dtype([("blocknr", "<u8"), ("nr_free", "<u4"), ("none_free_before", "<u4")])
+DEVICE_DETAILS_DTYPE = np.dtype(
+    [
+        ("mapped_blocks", "<u8"),
+        ("transaction_id", "<u8"),
+        ("creation_time", "<u4"),
+        ("snapshotted_time", "<u4"),
+    ]
+)
+assert INDEX_ENTRY_DTYPE.itemsize == INDEX_ENTRY_SIZE
+assert DEVICE_DETAILS_DTYPE.itemsize == DEVICE_DETAILS_SIZE
 assert SUPERBLOCK_STRUCT.size == SUPERBLOCK_USED_BYTES
+assert BTREE_HEADER_STRUCT.size == BTREE_HEADER_DTYPE.itemsize
 assert SPACE_MAP_ROOT_STRUCT.size <= SPACE_MAP_ROOT_SIZE
 
 
@@ -158,8 +139,8 @@ def _descriptions() -> dict[str, Any]:
         "entries" / IndexEntry[MAX_METADATA_BITMAPS],
     )
 
-    assert IndexEntry.sizeof() == INDEX_ENTRY_SIZE
-    assert DeviceDetails.sizeof() == DEVICE_DETAILS_SIZE
+    assert IndexEntry.sizeof() == INDEX_ENTRY_DTYPE.itemsize
+    assert DeviceDetails.sizeof() == DEVICE_DETAILS_DTYPE.itemsize
     assert Superblock.sizeof() == SUPERBLOCK_STRUCT.size
     assert BtreeNodeHeader.sizeof() == BTREE_HEADER_STRUCT.size
     found = locals()
@@ -167,8 +148,6 @@ def _descriptions() -> dict[str, Any]:
 
 
 def __getattr__(name: str) -> Any:
-    if name in _DTYPES:
-        return _dtypes()[name]
     if name in _DESCRIPTIONS:
         return _descriptions()[name]
     raise AttributeError(name)
