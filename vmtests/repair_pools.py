@@ -108,32 +108,43 @@ class _Pool:
         self.active: set[int] = set()
         self.ops: list[str] = []
         self.trans_id = 0
+        #: Commands run for their effect: sent with the next :meth:`sh` (one round trip to
+        #: the guest instead of one each; the kernel sees the same commands in order).
+        self.queue: list[tuple[str, float]] = []
         feats = "2 skip_block_zeroing read_only" if data_read_only else "1 skip_block_zeroing"
         table = (f"0 {nr_data * BLOCK_SECTORS} thin-pool {self.meta_dev} {self.data_dev} "
                  f"{BLOCK_SECTORS} 0 {feats}")
         self.sh(f"dmsetup create rpool --table {shlex.quote(table)}")
 
     def sh(self, cmd: str, timeout: float = 600.0) -> str:
-        return self.vm.sh(cmd, timeout=timeout)
+        """Run what :meth:`do` queued, then *cmd*, in one guest command."""
+        from vmtests.scenario import after_queued
+
+        queued, self.queue = self.queue, []
+        script, total = after_queued(queued, cmd, timeout)
+        return self.vm.sh(script, timeout=total)
+
+    def do(self, cmd: str, timeout: float = 600.0) -> None:
+        self.queue.append((cmd, timeout))
 
     def message(self, text: str) -> None:
         """One pool message, after a set_transaction_id as LVM sends with each change."""
         self.ops.append(text)
         tid = f"set_transaction_id {self.trans_id} {self.trans_id + 1}"
         self.trans_id += 1
-        self.sh(f"dmsetup message rpool 0 {shlex.quote(tid)} && "
+        self.do(f"dmsetup message rpool 0 {shlex.quote(tid)} && "
                 f"dmsetup message rpool 0 {shlex.quote(text)}")
 
     def path(self, dev: int, vblocks: int) -> str:
         if dev not in self.active:
             table = f"0 {vblocks * BLOCK_SECTORS} thin /dev/mapper/rpool {dev}"
-            self.sh(f"dmsetup create rthin{dev} --table {shlex.quote(table)} && dmsetup mknodes")
+            self.do(f"dmsetup create rthin{dev} --table {shlex.quote(table)} && dmsetup mknodes")
             self.active.add(dev)
         return f"/dev/mapper/rthin{dev}"
 
     def deactivate(self, dev: int) -> None:
         if dev in self.active:
-            self.sh(f"dmsetup remove rthin{dev}")
+            self.do(f"dmsetup remove rthin{dev}")
             self.active.discard(dev)
 
     def write(self, dev: int, vblocks: int, blocks: list[int], rng: random.Random) -> None:
@@ -143,7 +154,7 @@ class _Pool:
         self.ops.append(f"write {dev} {len(blocks)} blocks")
         pairs = " ".join(f"{b}:{rng.randrange(PATTERN_PIECES)}" for b in blocks)
         spb = BLOCK_BYTES // PIECE
-        self.sh(f"for p in {pairs}; do b=${{p%:*}}; s=${{p#*:}}; "
+        self.do(f"for p in {pairs}; do b=${{p%:*}}; s=${{p#*:}}; "
                 f"dd if={self.pat_dev} of={path} bs={PIECE} count=1 skip=$s "
                 f"seek=$((b*{spb})) oflag=direct conv=notrunc 2>/dev/null || exit 1; done; "
                 f"dd if={path} of={path} bs={PIECE} count=1 conv=notrunc,fsync 2>/dev/null")
@@ -151,7 +162,7 @@ class _Pool:
     def discard(self, dev: int, vblocks: int, start: int, count: int) -> None:
         path = self.path(dev, vblocks)
         self.ops.append(f"discard {dev} {start}+{count}")
-        self.sh(f"blkdiscard -o {start * BLOCK_BYTES} -l {count * BLOCK_BYTES} {path} && "
+        self.do(f"blkdiscard -o {start * BLOCK_BYTES} -l {count * BLOCK_BYTES} {path} && "
                 f"dd if={path} of={path} bs={PIECE} count=1 conv=notrunc,fsync 2>/dev/null")
 
     def snapshot(self, dev: int, origin: int) -> None:

@@ -209,6 +209,16 @@ def apply_op(session: PoolSession | OfflineSession, op: Op) -> None:
 # The kernel side
 
 
+def after_queued(queued: list[tuple[str, float]], cmd: str, timeout: float
+                 ) -> tuple[str, float]:
+    """One guest script: the *queued* ``(command, timeout)`` pairs, run for their effect, then
+    *cmd*; and its timeout. Each queued command runs in a subshell (one may ``exit``) with its
+    output dropped; the first that fails stops the script and names itself on stderr."""
+    lines = [f"( {c}\n) >/dev/null || {{ echo {shlex.quote(f'queued command {i} failed: {c}')}"
+             " >&2; exit 1; }" for i, (c, _) in enumerate(queued)]
+    return "\n".join([*lines, cmd]), timeout + sum(t for _, t in queued)
+
+
 class UnexpectedPoolStatus(AssertionError):
     pass
 
@@ -310,14 +320,8 @@ class PoolSession:
         """Run *cmd* in the guest (after whatever :meth:`do` queued, in the same command)."""
         self.log.append(cmd)
         queued, self._queue = self._queue, ([] if self._queue is not None else None)
-        if not queued:
-            return self.vm.sh(cmd, timeout=timeout)
-        # Each queued command in a subshell (one may `exit`), its output dropped; the first
-        # that fails stops the chain and names itself.
-        lines = [f"( {c}\n) >/dev/null || {{ echo {shlex.quote(f'queued command {i} failed: {c}')}"
-                 " >&2; exit 1; }" for i, (c, _) in enumerate(queued)]
-        return self.vm.sh("\n".join([*lines, cmd]),
-                          timeout=timeout + sum(t for _, t in queued))
+        script, total = after_queued(queued or [], cmd, timeout)
+        return self.vm.sh(script, timeout=total)
 
     def do(self, cmd: str, timeout: float = 120.0) -> None:
         """Run *cmd* for its effect: at once, or inside :meth:`batched` with the next

@@ -146,6 +146,25 @@ def _fake_qemu(path: Path, version: str) -> str:
     return str(path)
 
 
+def test_queued_commands_run_in_order_and_name_the_failing_one() -> None:
+    """vmtests/scenario.py's batching, in the guest's shell (busybox sh): queued commands run
+    in order with their output dropped, the first failure stops the script and is named."""
+    from vmtests.scenario import after_queued
+
+    sh = shutil.which("busybox")
+    if sh is None:
+        pytest.skip("busybox not installed")
+    script, timeout = after_queued([("echo one >&2; echo hidden", 5), ("exit 0", 5),
+                                    ("false", 5), ("echo never >&2", 5)], "echo last", 7)
+    assert timeout == 27
+    r = subprocess.run([sh, "sh", "-c", script], capture_output=True, text=True)
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr == "one\nqueued command 2 failed: false\n"
+    script, _ = after_queued([("echo hidden", 1), ("exit 0", 1)], "echo shown", 1)
+    r = subprocess.run([sh, "sh", "-c", script], capture_output=True, text=True)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "shown\n", "")
+
+
 def test_state_key_follows_every_input(tmp_path: Path) -> None:
     """The saved-state key changes with the appliance's content (same file name), the kernel
     image, the QEMU version and the machine options, and not with per-run paths."""

@@ -149,7 +149,8 @@ def test_kernel_writes_at_scale(dm_vm: Machine, tmp_path: Path, tools11: oracles
     notes: list[str] = []
     s = ScalePool(dm_vm, files, model=model, vblocks=vblocks)
     with s:
-        s.create_thin(1)
+        with s.batched():  # session commands go to the guest together (scenario.py)
+            s.create_thin(1)
         # 1. Build: batches of ascending writes into the origin, each followed by a snapshot
         # (the previous rolling one is deleted unless kept). The kernel never rebalances into
         # a shared sibling (dm-btree's rebalance_or_split), so after a snapshot the full last
@@ -180,11 +181,12 @@ def test_kernel_writes_at_scale(dm_vm: Machine, tmp_path: Path, tools11: oracles
                      f"({clock})")
         # 2. Snapshots of the origin (suspended, as the kernel asks) and of a snapshot; then
         # writes that copy shared blocks and shadow shared leaves in every one of them.
-        for snap in (2, 3, 4):
-            s.create_snap(snap, 1)
-        s.create_snap(5, 2)
-        for dev in kept:
-            s.activate_thin(dev)
+        with s.batched():
+            for snap in (2, 3, 4):
+                s.create_snap(snap, 1)
+            s.create_snap(5, 2)
+            for dev in kept:
+                s.activate_thin(dev)
         mapped = sorted(model.devices[1].blocks)
         hot = [mapped[k] for k in sorted(rng.sample(range(len(mapped)), 60))]
         spots = [(dev, vb, rng.randrange(128)) for dev in (2, 3, 4, 5, 1) for vb in hot]
@@ -200,8 +202,9 @@ def test_kernel_writes_at_scale(dm_vm: Machine, tmp_path: Path, tools11: oracles
         notes.append(_report("cp1", f1) + f" ({clock})")
         # 3. A held metadata snapshot, then writes (in place and copying), discards, and the
         # shared origin deleted while the snapshot still maps it.
-        s.set_transaction_id(model.trans_id, model.trans_id + 7)
-        s.reserve_metadata_snap()
+        with s.batched():
+            s.set_transaction_id(model.trans_id, model.trans_id + 7)
+            s.reserve_metadata_snap()
         held = (model_view(model), (model.time, model.trans_id))
         spots = [(dev, vb, rng.randrange(128)) for dev in (1, 4) for vb in rng.sample(hot, 40)]
         blob = Blob()
@@ -210,13 +213,15 @@ def test_kernel_writes_at_scale(dm_vm: Machine, tmp_path: Path, tools11: oracles
             model.discard(dev, start * BLOCK, n * BLOCK)
             lines.append(f"blkdiscard -o {start * BLOCK} -l {n * BLOCK} {s.thin_path(dev)}")
         run_script(dm_vm, blob, lines, tmp_path / "held.blob")
-        s.delete(1)
-        cp2, obs2 = _checkpoint(s, tmp_path, "cp2")
+        with s.batched():
+            s.delete(1)
+            cp2, obs2 = _checkpoint(s, tmp_path, "cp2")
         f2 = verify_checkpoint(cp2, model, obs2, tools11, block_sectors=BLOCK_SECTORS,
                                held=held, deep=(2, 3), what="cp2 (held snapshot, origin deleted)")
         notes.append(_report("cp2", f2) + f" ({clock})")
         # 4. Release the snapshot; a last round of writes; teardown commits.
-        s.release_metadata_snap()
+        with s.batched():
+            s.release_metadata_snap()
         spots = [(dev, vb, 5) for dev in (2, 5) for vb in rng.sample(hot, 30)]
         blob = Blob()
         run_script(dm_vm, blob, _writes(s, model, blob, "sce", spots, nrng),
@@ -373,15 +378,17 @@ def test_dmimage_writes_at_scale(dm_vm: Machine, tmp_path: Path, tools11: oracle
     s = ScalePool(dm_vm, files, model=model, vblocks=mapped1[-1] + 8)
     probe: list[tuple[int, int]] = []  # (dev, sector) read back through the kernel
     with s:
-        for dev in (1, 2, 4):
-            s.activate_thin(dev)
-        for dev in (3, 5):
-            s.activate_thin(dev, small * BLOCK_SECTORS)
-        s.check_status()  # what dmimage wrote, as the kernel accounts it
+        with s.batched():  # session commands go to the guest together (scenario.py)
+            for dev in (1, 2, 4):
+                s.activate_thin(dev)
+            for dev in (3, 5):
+                s.activate_thin(dev, small * BLOCK_SECTORS)
+            s.check_status()  # what dmimage wrote, as the kernel accounts it
         # Kernel inserts into the full leaves dmimage built (shared by 1 and 2: shadowed,
         # then split), writes into a snapshot dmimage made, a kernel snapshot, copies on
         # write, discards; then commit.
-        s.create_snap(6, 1)
+        with s.batched():
+            s.create_snap(6, 1)
         spots = [(1, vb, 0) for vb in rng.sample(holes1, 500)]
         spots += [(2, vb, 1) for vb in rng.sample(holes1, 250)]
         spots += [(4, vb, rng.randrange(128)) for vb in rng.sample(mapped1, 150)]

@@ -20,21 +20,19 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
 from dmimage.guest.lvm2 import LvmMachine
 from dmimage.guest.pytest_plugin import unavailable
+from vmtests.guest_cli import ROOT, compile_checkout, dmimage_command
 from vmtests.test_lvm_guest import FIELDS, _dmimage, _kernels
 
 pytestmark = [pytest.mark.vm, pytest.mark.vm_one_kernel]  # lvm2 is the oracle (conftest.py)
 
 MiB = 1 << 20
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "lvm"
-DMIMAGE = str(Path(sys.executable).with_name("dmimage"))
-ROOT = "/tmp/host"
 
 
 def _boot(name: str, *, share: bool = False) -> LvmMachine:
@@ -72,16 +70,19 @@ def test_thin_pool_sizes_match_lvm2(tmp_path: Path, kernel: str) -> None:
     vm = _boot(kernel)
     try:
         dev = vm.attach(img, read_only=False).guest_path
-        vm.sh(f"pvcreate -y {dev}", timeout=180)
+        cleanup = f"pvcreate -y {dev} >/dev/null"
         for case in table:
             vgcreate, lvcreate, lvs = case["commands"]
-            vm.sh(vgcreate.replace("/dev/vda", dev), timeout=180)
             # lvm2 zeroes a new pool's whole _tmeta (up to 16 GiB here) unless told not to;
-            # the sizes do not depend on it, the host's disk does.
-            vm.sh(lvcreate.replace("lvcreate ", "lvcreate --config "
-                                   "'allocation/zero_metadata=0' ", 1), timeout=600)
+            # the sizes do not depend on it, the host's disk does. One guest command per case
+            # (with the previous case's vgremove): only lvs's output is read.
+            lvcreate = lvcreate.replace("lvcreate ", "lvcreate --config "
+                                        "'allocation/zero_metadata=0' ", 1)
+            out = vm.sh(f"{cleanup} && {vgcreate.replace('/dev/vda', dev)} >/dev/null && "
+                        f"{lvcreate} >/dev/null && {lvs}", timeout=900)
+            cleanup = "vgremove -ff -y vgs >/dev/null"
             got = {r["lv_name"]: {"lv_size": r["lv_size"], "chunk_size": r["chunk_size"]}
-                   for r in json.loads(vm.sh(lvs, timeout=180))["report"][0]["lv"]}
+                   for r in json.loads(out)["report"][0]["lv"]}
             assert got == case["lvs"], lvcreate  # lvm2 still makes the recorded table
             ext, data_extents, chunk, meta = parse_case(case["commands"])
             ours = thin_pool_sizes(data_extents, ext, chunk, meta)
@@ -89,7 +90,7 @@ def test_thin_pool_sizes_match_lvm2(tmp_path: Path, kernel: str) -> None:
                     ours.chunk_size * 512) == (int(got["[pool_tmeta]"]["lv_size"]),
                                                int(got["[lvol0_pmspare]"]["lv_size"]),
                                                int(got["pool"]["chunk_size"])), lvcreate
-            vm.sh("vgremove -ff -y vgs", timeout=180)
+        vm.sh(cleanup, timeout=180)
     finally:
         vm.close()
 
@@ -276,6 +277,7 @@ def test_live_vg_refuses_lvm_writers(tmp_path: Path, kernel: str) -> None:
     img = _sparse(tmp_path / "pv.img", 64 * MiB)
     vm = _boot(kernel, share=True)
     try:
+        compile_checkout()
         vm.mount_host_share(ROOT)
         dev = vm.attach(img, read_only=False).guest_path
         name = os.path.basename(dev)
@@ -290,7 +292,7 @@ def test_live_vg_refuses_lvm_writers(tmp_path: Path, kernel: str) -> None:
         for args in (f"set-transaction-id --side pool --to 7 {dev} vgt/pool",
                      f"set-transaction-id --side vg --to 7 {dev} vgt/pool",
                      f"delete-orphans {dev} vgt/pool"):
-            r = vm.run(f"chroot {ROOT} {DMIMAGE} lvm {args}", timeout=600)
+            r = vm.run(dmimage_command(f"lvm {args}"), timeout=600)
             err = r.stderr.decode()
             print(f"[{kernel}] lvm {args}: exit {r.returncode}: {err.strip()}")
             assert r.returncode == 2, (args, r)
@@ -299,8 +301,8 @@ def test_live_vg_refuses_lvm_writers(tmp_path: Path, kernel: str) -> None:
             assert vm.sha256_of(dev) == before, args
         # once the VG is inactive, the same writer goes through
         vm.sh("vgchange -an vgt", timeout=180)
-        r = vm.run(f"chroot {ROOT} {DMIMAGE} lvm set-transaction-id --side vg --to 7 {dev} "
-                   "vgt/pool", timeout=600)
+        r = vm.run(dmimage_command(f"lvm set-transaction-id --side vg --to 7 {dev} vgt/pool"),
+                   timeout=600)
         assert r.returncode == 0, r
         assert vm.sha256_of(dev) != before
         out = vm.sh("lvs --noheadings -o transaction_id vgt/pool")

@@ -13,7 +13,6 @@ import shlex
 import shutil
 import struct
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -30,8 +29,23 @@ COW_MIB = 4
 
 
 def _dmimage(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dmimage", *argv], capture_output=True,
-                          text=True, timeout=300)
+    """The command line's entry point in this process (a Python start-up per command costs
+    ~1 s, more under load): exit code, stdout and stderr as a subprocess would give them."""
+    import contextlib
+    import io
+
+    from dmimage.cli.main import main
+
+    # Byte streams underneath, as a process has (the CLI writes some results to .buffer).
+    out, err = (io.TextIOWrapper(io.BytesIO(), encoding="utf-8") for _ in range(2))
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(list(argv))
+    text = []
+    for stream in (out, err):
+        stream.flush()
+        assert isinstance(stream.buffer, io.BytesIO)
+        text.append(stream.buffer.getvalue().decode())
+    return subprocess.CompletedProcess(["dmimage", *argv], rc, text[0], text[1])
 
 
 def _sha(path: Path) -> str:
@@ -40,7 +54,11 @@ def _sha(path: Path) -> str:
 
 def _status(vm: Machine, name: str) -> tuple[int, int, int]:
     """(allocated, total, metadata) sectors from a snapshot's `dmsetup status`."""
-    fields = vm.sh(f"dmsetup status {name}").split()
+    return _parse_status(vm.sh(f"dmsetup status {name}"))
+
+
+def _parse_status(line: str) -> tuple[int, int, int]:
+    fields = line.split()
     alloc, total = fields[3].split("/")
     return int(alloc), int(total), int(fields[4])
 
@@ -48,20 +66,21 @@ def _status(vm: Machine, name: str) -> tuple[int, int, int]:
 def _stack(vm: Machine, origin: str, cow: str, writes: str) -> dict[str, object]:
     """base (linear) <- snapshot (persistent store on cow) and snapshot-origin; run ``writes``
     (shell, with $ORIG and $SNAP), record status and hashes, tear down."""
-    size = int(vm.sh(f"blockdev --getsz {origin}"))
-    vm.sh(f"dmsetup create sbase --table {shlex.quote(f'0 {size} linear {origin} 0')}")
-    vm.sh("dmsetup create ssnap --table "
-          + shlex.quote(f"0 {size} snapshot /dev/mapper/sbase {cow} P {CHUNK}"))
-    vm.sh("dmsetup create sorig --table "
-          + shlex.quote(f"0 {size} snapshot-origin /dev/mapper/sbase"))
+    # One guest command for the stack and the writes (each command is a round trip).
+    vm.sh(f"set -e; size=$(blockdev --getsz {origin})\n"
+          f"dmsetup create sbase --table \"0 $size linear {origin} 0\"\n"
+          f"dmsetup create ssnap --table \"0 $size snapshot /dev/mapper/sbase {cow} P {CHUNK}\"\n"
+          "dmsetup create sorig --table \"0 $size snapshot-origin /dev/mapper/sbase\"")
     try:
         vm.sh(f"ORIG=/dev/mapper/sorig SNAP=/dev/mapper/ssnap; {writes}", timeout=300)
         status_line = vm.sh("dmsetup status ssnap")
         rec: dict[str, object] = {"status_line": status_line.strip()}
         if "Invalid" not in status_line:
-            rec["status"] = _status(vm, "ssnap")
-            rec["snap_sha"] = vm.sha256_of("/dev/mapper/ssnap")
-        rec["orig_sha"] = vm.sha256_of("/dev/mapper/sorig")
+            rec["status"] = _parse_status(status_line)
+            rec["snap_sha"], rec["orig_sha"] = vm.sha256_many(
+                [("/dev/mapper/ssnap", None), ("/dev/mapper/sorig", None)])
+        else:
+            rec["orig_sha"] = vm.sha256_of("/dev/mapper/sorig")
     finally:
         vm.sh("dmsetup remove sorig; dmsetup remove ssnap; dmsetup remove sbase")
     vm.check_dmesg(allow=("snapshot is invalidated", "Invalidating snapshot"))

@@ -28,7 +28,7 @@ from .appliance import (
     resolve_modules,
     shared_libraries,
 )
-from .machine import Machine
+from .machine import Disk, Machine
 
 LVM_CONF = """\
 config { checks = 1 }
@@ -178,6 +178,16 @@ class LvmMachine(Machine):
     def command_line(self, initrd: Path, kernel_image: Path, accel: str) -> list[str]:
         return super().command_line(combined_initramfs(self.kernel.moddir, initrd),
                                     kernel_image, accel)
+
+    def _scratch_disk(self) -> Disk:
+        """The hashing scratch disk, hidden from lvm2 (its filter rejects it first): copies of
+        LVs land there, and lvm2 must not scan them as PVs of its own."""
+        first = self._scratch is None
+        disk = super()._scratch_disk()
+        if first:
+            self.sh(f"sed -i 's#filter = \\[ #filter = [ \"r|^{disk.guest_path}$|\", #' "
+                    f"/etc/lvm/lvm.conf && grep -q 'r|^{disk.guest_path}' /etc/lvm/lvm.conf")
+        return disk
 
     def lvm_setup(self) -> None:
         self.sh("mkdir -p /run/lvm /run/lock/lvm /etc/lvm/backup /etc/lvm/archive && "
