@@ -172,8 +172,9 @@ def _write_image(path: Path, img: bytearray) -> None:
 
 
 def _thin_check_batch(paths: list[Path], tools11: oracles.Tools) -> list[int]:
+    env = oracles.tool_env(tools11)
     procs = [subprocess.Popen([str(tools11.thin_check), "-q", str(p)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
              for p in paths]
     return [p.wait(timeout=300) for p in procs]
 
