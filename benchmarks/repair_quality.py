@@ -172,12 +172,12 @@ class Row:
 
 
 def _start_check(out: Path, rc: int, tools) -> subprocess.Popen[str] | None:
-    """thin_check 1.1 on a repair's output, started in the background: it sleeps half a
-    second before it exits (its progress thread), so the rows' checks overlap."""
+    """thin_check 1.1 on a repair's output, started in the background so that the rows'
+    checks overlap (tests/oracles.py: the 1.1 tools' half-second exit)."""
     if rc != 0:
         return None
     return subprocess.Popen([str(tools.path("thin_check")), str(out)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env=oracles.tool_env(tools))
 
 
 def _evaluate(out: Path, rc: int, err: str, truth: set, tools,

@@ -429,6 +429,7 @@ class Run:
         self.repaired_results: dict[bytes, dict[str, Any]] = {}
         self.repaired_dumps = workdir / "repaired-dumps"
         self.repaired_dumps.mkdir(exist_ok=True)
+        self.oracle_env = oracles.tool_env(tools) if hasattr(tools, "series") else None
 
     # -- per input ---------------------------------------------------------------------------
     def prepare(self, index: int, parent: Case | None = None,
@@ -484,7 +485,8 @@ class Run:
 
     def _thin_check(self, path: str) -> subprocess.Popen[bytes]:
         return subprocess.Popen([str(self.tools.thin_check), "-q", path],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env=self.oracle_env)
 
     def received(self, case: Case, worker: Worker) -> None:
         """A worker finished a job of the case. After the first: when repair succeeded, start

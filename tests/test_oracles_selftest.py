@@ -11,6 +11,7 @@ They prove that what the reader/writer tests will lean on is right:
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import crc32c
 import numpy as np
@@ -142,6 +143,42 @@ def test_tool_versions(tools09, tools11):
         oracles.metadata_size(tools11, "-b", "64k", "-s", "1t", "-m", "100").split()[0] == "1066032"
     )
     assert "1066024" in oracles.metadata_size(tools09, "-b", "64k", "-s", "1t", "-m", "100")
+
+
+def test_nosleep_shim_changes_no_verdict(tmp_path, tools11, multilevel_meta):
+    """The shim oracles.py preloads into the 1.1 tools (their half-second exit) caps sleeps,
+    and nothing else: thin_check 1.1's exit status, stdout and stderr are the same with and
+    without it, on a clean pool and on damaged ones."""
+    import shutil
+    import subprocess
+    import time
+
+    if os.environ.get("DMIMAGE_ORACLE_SLEEP") == "1":
+        pytest.skip("DMIMAGE_ORACLE_SLEEP=1: the shim is off")
+    assert shutil.which("cc") is None or oracles.nosleep_shim() is not None, \
+        "a C compiler is here but the shim was not built"
+    env = oracles.tool_env(tools11)
+    if env is None:
+        pytest.skip("no C compiler: the 1.1 tools run unchanged")
+    t0 = time.monotonic()
+    assert subprocess.run(["sleep", "3"], env=env).returncode == 0
+    assert time.monotonic() - t0 < 2.5, "the shim does not shorten a sleep"
+    raw = multilevel_meta.read()
+    files = {"clean": multilevel_meta.path}
+    for d in (dm.flip_byte(raw, "btree_leaf", role="bottom"), dm.leaked_block(raw, 1),
+              dm.flip_byte(raw, "bitmap", role="data")):
+        files[d.kind] = tmp_path / f"{d.kind}.meta"
+        files[d.kind].write_bytes(d.data)
+    rcs = set()
+    for name, path in files.items():
+        for args in ((), ("-q",)):
+            argv = [str(tools11.thin_check), *args, str(path)]
+            plain = subprocess.run(argv, capture_output=True, text=True)
+            shimmed = subprocess.run(argv, capture_output=True, text=True, env=env)
+            assert (shimmed.returncode, shimmed.stdout, shimmed.stderr) == (
+                plain.returncode, plain.stdout, plain.stderr), (name, args)
+            rcs.add(plain.returncode)
+    assert rcs == {0, tools11.fail_rc}
 
 
 @pytest.mark.parametrize("restorer", ["1.1", "0.9"])
