@@ -331,7 +331,7 @@ class DockerGuest:
                 f.truncate((total * 5 // 4 + (4 << 20)) // 4096 * 4096)
             subprocess.run(["mke2fs", "-q", "-t", "ext4", "-F", "-m", "0", "-O", "^has_journal",
                             "-d", str(stage), str(img)], check=True, capture_output=True)
-            cps = "; ".join(f"cp /tmp/put/{i} {shlex.quote(g)}" for i, g in enumerate(files))
+            cps = " && ".join(f"cp /tmp/put/{i} {shlex.quote(g)}" for i, g in enumerate(files))
             with self.vm.disk(img, read_only=True, serial="dockerput") as d:
                 self.sh(f"mkdir -p /tmp/put && mount -t ext4 -o ro {d.guest_path} /tmp/put && "
                         f"{{ {cps}; }}; r=$?; umount /tmp/put; exit $r")
