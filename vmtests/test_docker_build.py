@@ -123,9 +123,10 @@ def test_dockerd_runs_built_store(guest: DockerGuest, built: tuple[Path, Inputs]
     dg = guest
     dg.start(disk)
     try:
-        lines = dg.docker("images --no-trunc --format '{{.Repository}}:{{.Tag}} {{.ID}}'")
-        listed = sorted(x for x in lines.splitlines() if x.strip())
-        assert listed == sorted(f"{t} {inp.image_id(t)}" for t in inp.images), lines
+        # `docker images` (the API's image list: tags and ids)
+        listed = sorted(f"{t} {i['Id']}" for i in dg.api("/images/json")[0]
+                        for t in i["RepoTags"] or ["<none>:<none>"])
+        assert listed == sorted(f"{t} {inp.image_id(t)}" for t in inp.images), listed
 
         rec = guest_save(dg, sorted(inp.images))
         by_config = {m["Config"]: m for m in rec["manifest"]}
@@ -161,8 +162,8 @@ def test_dockerd_runs_built_store(guest: DockerGuest, built: tuple[Path, Inputs]
                         "usr/share/big"}
                 assert not gone & set(exp), f"{name}: whiteouts not honoured: " \
                     f"{gone & set(exp)}"
-        ps = dg.docker("ps -a --format '{{.Names}}'").split()
-        assert sorted(ps) == ["c1", "c2", "c3"]
+        ps = [n for c in dg.api("/containers/json?all=1")[0] for n in c["Names"]]  # ps -a
+        assert sorted(ps) == ["/c1", "/c2", "/c3"]
     except BaseException:
         (work / "dockerd.log").write_text(dg.log())
         raise

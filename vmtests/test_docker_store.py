@@ -47,7 +47,7 @@ def store(guest: DockerGuest, tmp_path_factory: pytest.TempPathFactory
 @pytest.fixture(scope="module")
 def xfs_store(guest: DockerGuest, tmp_path_factory: pytest.TempPathFactory
               ) -> tuple[Path, GuestRecord]:
-    """The same scenario with ``dm.fs=xfs``."""
+    """The scenario's filesystem part (import, load, create, cp, commit) with ``dm.fs=xfs``."""
     work = tmp_path_factory.mktemp("docker-xfs")
     disk, rec = make_store(guest, work, fs="xfs")
     return extract_root(disk, work / "root"), rec
