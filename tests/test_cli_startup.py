@@ -73,3 +73,16 @@ def test_check_imports_no_other_command_nor_construct(thins3_meta) -> None:  # t
     assert not mods & {"construct", "crc32c", "tempfile", "importlib.metadata"}
     assert not mods & {"shutil", "bz2", "lzma"}  # argparse's formatters get a width
     assert "crc32c._crc32c" in mods
+
+
+@pytest.mark.parametrize("columns", ["57", "200", "0", "-3", "wide", None])
+def test_help_width_is_shutils(monkeypatch: pytest.MonkeyPatch, columns: str | None) -> None:
+    """The width cli/main.py gives argparse's formatters (so that shutil is not imported)
+    is the one argparse would take from shutil.get_terminal_size()."""
+    import shutil
+
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    assert cli_main._columns() == shutil.get_terminal_size().columns

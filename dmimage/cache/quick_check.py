@@ -2,13 +2,14 @@
 
 A cache check of 1M cache blocks has little work, so its start-up decides its speed. This
 path walks the trees and array blocks with struct and the native crc32c over the mapped
-device (pdata/block.py; no generic walker, array reader or space-map decoder), holds them to a stricter shape than the full
-checker (cache/check.py), and checks the mapping values with the full checker's own numpy
-rules (cache/mapping_rules.py). Every condition it accepts implies that the full checker
-finds no problem, and it returns the same report fields. Anything it does not accept (a
-problem, or only something unusual: a shared block, an overflow count, a node header the
-kernel would not write) returns None, and the caller runs the full checker, which names the
-problems. So this path never decides a verdict other than "clean".
+device (pdata/block.py; no generic walker, array reader or space-map decoder), holds them
+to a stricter shape than the full checker (cache/check.py), and checks the mapping values
+with the full checker's own numpy rules (cache/mapping_rules.py). Every condition it
+accepts implies that the full checker finds no problem, and it returns the same report
+fields. Anything it does not accept (a problem, or only something unusual: a shared block,
+an overflow count, a node header the kernel would not write) returns None, and the caller
+runs the full checker, which names the problems. So this path never decides a verdict
+other than "clean".
 
 The metadata space map is checked as a whole: with every block referenced exactly once, its
 bitmaps must equal, byte for byte, the bitmaps of that set of blocks.
