@@ -102,6 +102,29 @@ def _era_xml(restored: dict[int, set[int]], current_era: int) -> str:
     return "\n".join(lines)
 
 
+def _activate_and_write(vm: Machine, meta: Path, origin: Path, rng: random.Random,
+                        written: dict[int, set[int]]) -> tuple[int, str]:
+    """Activate an era target on ``meta``, hash what it serves, then write 15 random blocks and
+    checkpoint, twice; ``written`` gains each era's blocks. Returns the first era and the hash."""
+    with vm.disk(meta, read_only=False) as m, vm.disk(origin, read_only=False) as o:
+        t = f"0 {NR_BLOCKS * BLOCK} era {m.guest_path} {o.guest_path} {BLOCK}"
+        vm.sh(f"dmsetup create kera --table {shlex.quote(t)}")
+        try:
+            first = int(vm.sh("dmsetup status kera").split()[5])
+            served = vm.sha256_of("/dev/mapper/kera")
+            for _ in range(2):
+                era = int(vm.sh("dmsetup status kera").split()[5])
+                blocks = set(rng.sample(range(NR_BLOCKS), 15))
+                written.setdefault(era, set()).update(blocks)
+                vm.sh("; ".join(f"dd if=/dev/zero of=/dev/mapper/kera bs=64k seek={b} count=1 "
+                                "conv=fsync status=none" for b in sorted(blocks)))
+                vm.sh("dmsetup message kera 0 checkpoint")
+        finally:
+            vm.sh("dmsetup remove kera")
+    vm.check_dmesg()
+    return first, served
+
+
 def test_kernel_takes_restored_era(dm_vm: Machine, tmp_path: Path) -> None:
     """`era restore` metadata with archived writesets and an era array: the kernel activates
     it at the restored era and carries on through checkpoints; afterwards era_dump 1.1 and
@@ -118,23 +141,9 @@ def test_kernel_takes_restored_era(dm_vm: Machine, tmp_path: Path) -> None:
                str(meta))
     assert res.returncode == 0, res.stderr
     written = {e: set(b) for e, b in restored.items()}
-    vm = dm_vm
-    with vm.disk(meta, read_only=False) as m, vm.disk(origin, read_only=False) as o:
-        t = f"0 {NR_BLOCKS * BLOCK} era {m.guest_path} {o.guest_path} {BLOCK}"
-        vm.sh(f"dmsetup create rera --table {shlex.quote(t)}")
-        try:
-            first = int(vm.sh("dmsetup status rera").split()[5])
-            for _ in range(2):
-                era = int(vm.sh("dmsetup status rera").split()[5])
-                blocks = set(rng.sample(range(NR_BLOCKS), 15))
-                written.setdefault(era, set()).update(blocks)
-                vm.sh("; ".join(f"dd if=/dev/zero of=/dev/mapper/rera bs=64k seek={b} count=1 "
-                                "conv=fsync status=none" for b in sorted(blocks)))
-                vm.sh("dmsetup message rera 0 checkpoint")
-        finally:
-            vm.sh("dmsetup remove rera")
-    vm.check_dmesg()
+    first, served = _activate_and_write(dm_vm, meta, origin, rng, written)
     assert first >= 4
+    assert served == hashlib.sha256(bytes(NR_BLOCKS * BLOCK * 512)).hexdigest()
     assert _run(str(tools.bindir / "era_check"), str(meta)).returncode == 0
     theirs = _run(str(tools.bindir / "era_dump"), str(meta))
     ours = _run(sys.executable, "-m", "dmimage", "era", "dump", str(meta))
@@ -242,24 +251,7 @@ def test_kernel_takes_repaired_era(dm_vm: Machine, tmp_path: Path) -> None:
     assert _run(str(tools.bindir / "era_check"), str(meta)).returncode == 0
     written = {e: set(b) for e, b in restored.items()}
     written[3] = set(range(NR_BLOCKS))  # what the repair must claim of the lost writeset
-
-    vm = dm_vm
-    with vm.disk(meta, read_only=False) as m, vm.disk(origin, read_only=False) as o:
-        t = f"0 {NR_BLOCKS * BLOCK} era {m.guest_path} {o.guest_path} {BLOCK}"
-        vm.sh(f"dmsetup create pera --table {shlex.quote(t)}")
-        try:
-            first = int(vm.sh("dmsetup status pera").split()[5])
-            served = vm.sha256_of("/dev/mapper/pera")
-            for _ in range(2):
-                era = int(vm.sh("dmsetup status pera").split()[5])
-                blocks = set(rng.sample(range(NR_BLOCKS), 15))
-                written.setdefault(era, set()).update(blocks)
-                vm.sh("; ".join(f"dd if=/dev/zero of=/dev/mapper/pera bs=64k seek={b} count=1 "
-                                "conv=fsync status=none" for b in sorted(blocks)))
-                vm.sh("dmsetup message pera 0 checkpoint")
-        finally:
-            vm.sh("dmsetup remove pera")
-    vm.check_dmesg()
+    first, served = _activate_and_write(dm_vm, meta, origin, rng, written)
     assert first >= 4
     assert served == hashlib.sha256(origin_bytes).hexdigest()
     assert _run(str(tools.bindir / "era_check"), str(meta)).returncode == 0
