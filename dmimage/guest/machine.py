@@ -704,10 +704,12 @@ class Machine:
     def dmesg(self) -> str:
         return self.run("dmesg", timeout=30, check=True).out
 
-    def check_dmesg(self, *, allow: tuple[str, ...] = (), since_last: bool = True) -> None:
+    def check_dmesg(self, *, allow: tuple[str, ...] = (), since_last: bool = True,
+                    log: str | None = None) -> None:
         """Raise ``KernelProblem`` if the guest's kernel log shows BUG/WARNING/Call Trace.
-        With *since_last*, only lines added since the previous check are looked at."""
-        lines = self.dmesg().splitlines()
+        With *since_last*, only lines added since the previous check are looked at. *log*:
+        the ``dmesg`` output if the caller already read it (in a command of its own)."""
+        lines = (self.dmesg() if log is None else log).splitlines()
         start = self._dmesg_seen if since_last else 0
         self._dmesg_seen = len(lines)
         check_kernel_log("\n".join(lines[start:]), allow=allow, log_path=self._log_str())

@@ -150,10 +150,17 @@ def _dm_vm_guard(request: pytest.FixtureRequest) -> Iterator[None]:
     vm = request.config.stash[_VMS].get(name) if name else None
     if vm is None or isinstance(vm, Exception) or not vm.alive:
         return
-    left = vm.run("dmsetup ls", timeout=30).out
+    # The usual case (nothing left) in one guest command: the dm devices, then the kernel log.
+    log: str | None = None
+    if vm.disks:
+        left = vm.run("dmsetup ls", timeout=30).out
+    else:
+        left, _, log = vm.run("dmsetup ls; echo @@dmesg@@; dmesg",
+                              timeout=30, check=True).out.partition("@@dmesg@@\n")
     if left.strip() and "No devices found" not in left:
         # A test left dm devices behind: clear them so later tests start clean.
         vm.run("dmsetup remove_all --force", timeout=60)
+        log = None  # read again: the removal may have logged
         warnings.warn(f"{request.node.nodeid} left dm devices in the guest: "
                       f"{' '.join(line.split()[0] for line in left.splitlines() if line)}",
                       stacklevel=1)
@@ -161,7 +168,7 @@ def _dm_vm_guard(request: pytest.FixtureRequest) -> Iterator[None]:
         vm.detach(d)
     marker = request.node.get_closest_marker("vm")
     allow = tuple(marker.kwargs.get("allow_dmesg", ())) if marker else ()
-    vm.check_dmesg(allow=allow)
+    vm.check_dmesg(allow=allow, log=log)
 
 
 @pytest.fixture

@@ -20,12 +20,12 @@ command -v dmsetup >/dev/null 2>&1 || die "dmsetup not found"
 _FIND = r'''
 # hex DEV OFFSET COUNT: COUNT bytes of DEV at OFFSET as lower-case hex
 hex() { dd if="$1" bs=1 skip="$2" count="$3" 2>/dev/null | od -An -v -tx1 | tr -d ' \n'; }
-# le DEV OFFSET COUNT: a little-endian unsigned integer
+# le DEV OFFSET COUNT: a little-endian unsigned integer (od's decimal bytes, summed in the
+# shell: no process per byte)
 le() {
-    _h=$(hex "$1" "$2" "$3"); _v=0; _i=$3
-    while [ "$_i" -gt 0 ]; do
-        _b=$(echo "$_h" | cut -c$((2 * _i - 1))-$((2 * _i)))
-        _v=$((_v * 256 + 0x$_b)); _i=$((_i - 1))
+    _v=0; _m=1
+    for _b in $(dd if="$1" bs=1 skip="$2" count="$3" 2>/dev/null | od -An -v -tu1); do
+        _v=$((_v + _b * _m)); _m=$((_m * 256))
     done
     echo "$_v"
 }
