@@ -25,27 +25,35 @@ does not load them on 5.10 (``KERNEL_BUGS`` in ``vmtests/tablegen.py``); the tes
 each in a guest of its own and pin what every kernel does, so a fixed 5.10 (or a 6.x that
 regresses) shows.
 
-Each case boots its own guest (a restored state, about a second): an oops taints it.
+A case that oopses on a kernel boots a guest of its own there (a restored state, about a
+second; the oops taints it); the others share one guest per kernel, each on fresh disks and
+judged on the kernel log lines it added.
 """
 
 from __future__ import annotations
 
+import contextlib
+import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from dmimage.guest.agent import find_kernel_problems
 from dmimage.guest.kernels import selected_names
 from dmimage.guest.machine import Machine
 from dmimage.guest.pytest_plugin import unavailable
 from dmimage.table import parse_table
+from dmimage.table.args import KernelVersion
 from vmtests.tablegen import KERNEL_BUGS
 
 pytestmark = pytest.mark.vm
 
 SECTORS = 4792  # any size; the first generated case that hit it had this one
+DISK_BYTES = 4 << 20
 
 
-def _guest(name: str) -> Machine:
+def _boot(name: str) -> Machine:
     from dmimage.guest.errors import HarnessUnavailable
     from dmimage.guest.kernels import KernelNotFound, kernel_by_name
 
@@ -55,61 +63,99 @@ def _guest(name: str) -> Machine:
         unavailable(str(exc))
 
 
+def _series(name: str) -> KernelVersion:
+    from dmimage.guest.kernels import KernelNotFound, kernel_by_name
+
+    try:
+        version = kernel_by_name(name, fetch=True).version
+    except KernelNotFound as exc:
+        unavailable(str(exc))
+    major, minor = re.split(r"[.-]", version)[:2]
+    return int(major), int(minor)
+
+
+@pytest.fixture(scope="module")
+def quiet_guests() -> Iterator[dict[str, Machine]]:
+    """One guest per kernel for the cases that do not oops there, started on first use."""
+    guests: dict[str, Machine] = {}
+    yield guests
+    for vm in guests.values():
+        vm.close()
+
+
+def _refused(table: str, kernel: str) -> bool:
+    """dmimage's verdict for that kernel: an error, not only a warning."""
+    return any(not p.warning for p in parse_table(table).problems(kernel=_series(kernel)))
+
+
+class Case:
+    """One table on fresh disks in *vm*: returns the dmsetup result and the new log lines."""
+
+    def __init__(self, vm: Machine, tmp_path: Path, disks: int) -> None:
+        self.vm = vm
+        self.paths = []
+        for i in range(disks):
+            p = tmp_path / f"d{i}.img"
+            with open(p, "wb") as f:
+                f.truncate(DISK_BYTES)
+            self.paths.append(vm.attach(p, read_only=False).guest_path)
+
+    def load(self, name: str, table: str) -> tuple[int, str]:
+        before = len(self.vm.dmesg().splitlines())
+        r = self.vm.run(f"dmsetup create {name} --table '{table}'", timeout=120)
+        return r.returncode, "\n".join(self.vm.dmesg().splitlines()[before:])
+
+
+def _guest_for(kernel: str, oopses: bool, guests: dict[str, Machine]
+               ) -> contextlib.AbstractContextManager[Machine]:
+    if oopses:
+        return _boot(kernel)
+    if kernel not in guests:
+        guests[kernel] = _boot(kernel)
+    return contextlib.nullcontext(guests[kernel])
+
+
 @pytest.mark.parametrize("target,store,sectors", [("snapshot-merge", "P", SECTORS),
                                                    ("snapshot", "PO", 40)])
 @pytest.mark.parametrize("kernel", selected_names())
 def test_snapshot_discard_zeroes_cow(kernel: str, target: str, store: str, sectors: int,
-                                     tmp_path: Path) -> None:
-    origin, cow = tmp_path / "origin.img", tmp_path / "cow.img"
-    for p in (origin, cow):
-        with open(p, "wb") as f:
-            f.truncate(4 << 20)
-    with _guest(kernel) as vm:
-        o = vm.attach(origin, read_only=False)
-        c = vm.attach(cow, read_only=False)
-        table = f"0 {sectors} {target} {o.guest_path} {c.guest_path} {store} 8"
+                                     quiet_guests: dict[str, Machine], tmp_path: Path) -> None:
+    oopses = _series(kernel) >= (7, 0)
+    with _guest_for(kernel, oopses, quiet_guests) as vm:
+        case = Case(vm, tmp_path, 2)
+        o, c = case.paths
+        table = f"0 {sectors} {target} {o} {c} {store} 8"
         # Without the feature every kernel loads it: the crash is the feature's.
-        plain = vm.run(f"dmsetup create m0 --table '{table} 0' && dmsetup remove m0",
+        plain = vm.run(f"dmsetup create q0 --table '{table} 0' && dmsetup remove q0",
                        timeout=120)
         assert plain.returncode == 0, plain
-        r = vm.run(f"dmsetup create m1 --table '{table} 1 discard_zeroes_cow'", timeout=120)
-        log = vm.run("dmesg").out
-        series = tuple(int(x) for x in vm.kernel.version.split(".")[:2])
-        if series >= (7, 0):
-            assert r.returncode == 139, r
+        rc, log = case.load("q1", f"{table} 1 discard_zeroes_cow")
+        if oopses:
+            assert rc == 139, (rc, log[-3000:])
             assert "divide error" in log and "blk_stack_limits" in log, log[-3000:]
         else:
-            assert r.returncode == 0, r
-            assert "discard_zeroes_cow" in vm.sh("dmsetup table m1")
-            vm.sh("dmsetup remove m1")
-            vm.check_dmesg()
-
-
-def _series(vm: Machine) -> tuple[int, int]:
-    major, minor = vm.kernel.version.split(".")[:2]
-    return int(major), int(minor)
+            assert rc == 0, (rc, log[-3000:])
+            assert "discard_zeroes_cow" in vm.sh("dmsetup table q1")
+            vm.sh("dmsetup remove q1")
+            assert not find_kernel_problems(log), log
 
 
 @pytest.mark.parametrize("kernel", selected_names())
-def test_snapshot_merge_transient_store(kernel: str, tmp_path: Path) -> None:
-    origin, cow = tmp_path / "origin.img", tmp_path / "cow.img"
-    for p in (origin, cow):
-        with open(p, "wb") as f:
-            f.truncate(4 << 20)
-    with _guest(kernel) as vm:
-        o = vm.attach(origin, read_only=False)
-        c = vm.attach(cow, read_only=False)
-        table = f"0 64 snapshot-merge {o.guest_path} {c.guest_path} N 8"
-        assert parse_table(table).problems(kernel=_series(vm)), "dmimage accepts it"
-        r = vm.run(f"dmsetup create m2 --table '{table}'", timeout=120)
-        log = vm.run("dmesg").out
-        assert r.returncode != 0, r
-        if _series(vm) == KERNEL_BUGS["snapshot-merge: transient store"][0]:
+def test_snapshot_merge_transient_store(kernel: str, quiet_guests: dict[str, Machine],
+                                        tmp_path: Path) -> None:
+    oopses = _series(kernel) == KERNEL_BUGS["snapshot-merge: transient store"][0]
+    with _guest_for(kernel, oopses, quiet_guests) as vm:
+        case = Case(vm, tmp_path, 2)
+        table = f"0 64 snapshot-merge {case.paths[0]} {case.paths[1]} N 8"
+        assert _refused(table, kernel), "dmimage accepts it"
+        rc, log = case.load("q2", table)
+        assert rc != 0, (rc, log[-3000:])
+        if oopses:
             assert "NULL pointer dereference" in log and "snapshot_merge_next_chunks" in log, \
                 log[-3000:]
         else:
             assert "does not support snapshot-merge" in log, log[-3000:]
-            vm.check_dmesg()
+            assert not find_kernel_problems(log), log
 
 
 #: The cache near misses that fail inside cache_create (test_tables_guest.py's labels), with
@@ -122,25 +168,20 @@ CACHE_CTR_ERRORS = {
 }
 
 
+@pytest.mark.parametrize("label", sorted(CACHE_CTR_ERRORS))
 @pytest.mark.parametrize("kernel", selected_names())
-def test_cache_ctr_error_path(kernel: str, tmp_path: Path) -> None:
-    """The three cases in one guest (a WARNING does not break it), each between log markers."""
-    files = [tmp_path / f"{n}.img" for n in ("meta", "cache", "origin")]
-    for p in files:
-        with open(p, "wb") as f:
-            f.truncate(4 << 20)
-    with _guest(kernel) as vm:
-        meta, cdev, origin = (vm.attach(p, read_only=False).guest_path for p in files)
-        vm.check_dmesg()
-        for label, (policy, reason) in CACHE_CTR_ERRORS.items():
-            table = f"0 1024 cache {meta} {cdev} {origin} 64 0 {policy}"
-            assert parse_table(table).problems(kernel=_series(vm)), f"dmimage accepts {label}"
-            before = len(vm.dmesg().splitlines())
-            r = vm.run(f"dmsetup create c1 --table '{table}'", timeout=120)
-            log = "\n".join(vm.dmesg().splitlines()[before:])
-            assert r.returncode != 0, (label, r)
-            assert reason in log, (label, log[-3000:])
-            buggy = _series(vm) == KERNEL_BUGS[label][0]
-            assert ("WARNING" in log and "__flush_work" in log) == buggy, (label, log[-3000:])
-        if not any(_series(vm) == KERNEL_BUGS[label][0] for label in CACHE_CTR_ERRORS):
-            vm.check_dmesg()
+def test_cache_ctr_error_path(kernel: str, label: str, quiet_guests: dict[str, Machine],
+                              tmp_path: Path) -> None:
+    """A WARNING does not break the guest: every kernel runs these in its shared guest."""
+    policy, reason = CACHE_CTR_ERRORS[label]
+    with _guest_for(kernel, False, quiet_guests) as vm:
+        case = Case(vm, tmp_path, 3)
+        table = f"0 1024 cache {' '.join(case.paths)} 64 0 {policy}"
+        assert _refused(table, kernel), "dmimage accepts it"
+        rc, log = case.load("q3", table)
+        assert rc != 0, (rc, log[-3000:])
+        assert reason in log, log[-3000:]
+        if _series(kernel) == KERNEL_BUGS[label][0]:
+            assert "WARNING" in log and "__flush_work" in log, log[-3000:]
+        else:
+            assert not find_kernel_problems(log), log

@@ -143,7 +143,8 @@ def _modelled(t: Any, e: Entry, line: int, sizes: Mapping[str, int] | None,
 def table_problems(table: Table, sizes: Mapping[str, int] | None = None,
                    kernel: KernelVersion | None = None) -> list[TableError]:
     """All problems, in line order. ``kernel`` (major, minor) applies that kernel's limits
-    where they differ (features new since 6.1); None means the newest we know."""
+    where they differ (features and rules that changed from 5.10 to 7.x); None means the
+    newest we know."""
     out: list[TableError] = []
     if not table.entries:
         out.append(TableError("a table needs at least one target (dm-ioctl.c: no targets "
