@@ -38,6 +38,7 @@ import numpy as np
 import damage
 import fuzz_damage
 import fuzz_judge
+import fuzz_worker
 import oracles
 import poolgen
 
@@ -666,6 +667,7 @@ class Run:
         start = time.monotonic()
         cpu0 = _cpu_seconds()
         todo = iter(indices)
+        fuzz_worker.keep_freed_memory()  # each input copies a 2 MiB pool a few times
         try:
             while True:
                 for w in self.workers:
@@ -691,6 +693,7 @@ class Run:
                                         or self.oracles[0].oracles_done()):
                     self.judge(self.oracles.popleft())
         finally:
+            fuzz_worker.keep_freed_memory(False)
             for w in self.workers:
                 w.stop()
             for case in self.oracles:
