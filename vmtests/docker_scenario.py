@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from dmimage.guest.docker import DATA_ROOT, ENV, DockerGuest, make_data_disk
 
@@ -189,9 +190,10 @@ def run_random_ops(dg: DockerGuest, inputs: dict[str, Path], seed: int, n: int =
 
 
 def guest_save(dg: DockerGuest, refs: list[str]) -> dict[str, Any]:
-    """`docker save` in the guest; its manifest and the sha256 of every member file (a layer
-    whose diff id was already saved is a symlink to the first copy: sha256sum follows it)."""
-    dg.docker(f"save -o /tmp/g.tar {' '.join(refs)}", timeout=900)
+    """`docker save` in the guest (dockerd's ``GET /images/get``, which the CLI calls); its
+    manifest and the sha256 of every member file (a layer whose diff id was already saved is
+    a symlink to the first copy: sha256sum follows it)."""
+    dg.download("/images/get?" + "&".join(f"names={quote(r)}" for r in refs), "/tmp/g.tar")
     out = dg.sh("rm -rf /tmp/gs && mkdir /tmp/gs && cd /tmp/gs && tar xf /tmp/g.tar && "
                 "find . -type f -o -type l | sort | xargs sha256sum && rm -f /tmp/g.tar")
     sums = {}

@@ -67,7 +67,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Inputs]:
 
 def _export(dg: DockerGuest, container: str, work: Path
             ) -> dict[str, tarfile.TarInfo | bytes]:
-    dg.docker(f"export -o /tmp/exp.tar {container}")
+    dg.download(f"/containers/{container}/export", "/tmp/exp.tar")  # docker export
     raw = dg.get("/tmp/exp.tar", work)
     dg.sh("rm /tmp/exp.tar")
     out: dict[str, Any] = {}

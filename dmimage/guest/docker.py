@@ -356,6 +356,13 @@ class DockerGuest:
                                  f"requests: {out[-300:]!r}")
         return [json.loads(x) for x in parts[:-1]]
 
+    def download(self, path: str, dest: str, *, timeout: float = 900.0) -> None:
+        """GET *path* from dockerd's Engine API into the guest file *dest* (``docker save``
+        and ``docker export`` are ``GET /images/get`` and ``GET /containers/ID/export``: the
+        CLI writes the same bytes)."""
+        self.sh(f"wget -q -O {shlex.quote(dest)} {shlex.quote(f'http://{API}/v1.41{path}')}",
+                timeout=timeout)
+
     def get(self, guest_path: str, work: Path) -> bytes:
         """The bytes of the guest's file *guest_path*, through a raw disk image the guest
         writes (the reverse of ``put``; base64 through the agent is slow under TCG)."""
