@@ -12,9 +12,10 @@ in-process into /dev/null; the baselines read the same bytes (the data file rang
 copies file contents from, merged, in offset order) with preadv into one reused 1 MiB
 buffer, once plainly and once hashing them with sha256 (the least a save that checks every
 layer's diff id must do); save runs as by default (each layer tar checked against its diff
-id) and with ``--no-verify`` (nothing hashed). Hot: from the page cache (each is run once before timing); with
---cold also after ``echo 3 > /proc/sys/vm/drop_caches`` before every run (root). Runs are
-interleaved; wall and CPU (all threads) are printed with the load average.
+id) and with ``--no-verify`` (nothing hashed). Hot: from the page cache (each is run once
+before timing); with --cold also after ``echo 3 > /proc/sys/vm/drop_caches`` before every
+run (root). Runs are interleaved; wall and CPU (all threads) are printed with the load
+average.
 
     python benchmarks/bench_docker.py [--images 500] [--containers 1000] [--repeat 5]
                                       [--save-mib 256] [--save-kinds large,small] [--cold]
