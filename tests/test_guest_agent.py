@@ -26,8 +26,9 @@ def agent(tmp_path: Path) -> Iterator[AgentChannel]:
     script = tmp_path / "agent.sh"
     script.write_text(AGENT_SCRIPT.replace("/tmp", str(tmp_path)))
     host, guest = socket.socketpair()
-    proc = subprocess.Popen([BUSYBOX, "sh", str(script)], stdin=guest.fileno(), stdout=guest.fileno(),
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    console = (tmp_path / "console").open("wb")  # the guest's /dev/console
+    proc = subprocess.Popen([BUSYBOX, "sh", str(script)], stdin=guest.fileno(),
+                            stdout=guest.fileno(), stderr=console, start_new_session=True)
     guest.close()
     chan = AgentChannel(host)
     try:
@@ -37,6 +38,9 @@ def agent(tmp_path: Path) -> Iterator[AgentChannel]:
         host.close()
         proc.kill()
         proc.wait()
+        console.close()
+    # Nothing per command on the console (ash reports killed jobs there unless told not to).
+    assert (tmp_path / "console").read_bytes() == b""
 
 
 def test_outputs_rc_and_script_bytes_are_exact(agent: AgentChannel) -> None:

@@ -325,11 +325,11 @@ while read -r tag id tmo n; do
     ) </dev/null >/dev/null 2>&1 &
     wd=$!
   fi
-  wait "$pid"
+  wait "$pid" 2>/dev/null  # (ash would print "Killed" on the console)
   rc=$?
   # Reap the watchdog now: ash restarts a read that SIGCHLD interrupts from scratch, so a child
   # dying while the next frame is half read would lose that frame.
-  [ -n "$wd" ] && { rm -f "/tmp/.run.$id"; kill -KILL "$wd" 2>/dev/null; wait "$wd"; }
+  [ -n "$wd" ] && { rm -f "/tmp/.run.$id"; kill -KILL "$wd" 2>/dev/null; wait "$wd" 2>/dev/null; }
   to=0; [ -e "/tmp/.to.$id" ] && to=1
   lo=0; le=0; bo=; be=
   [ -s /tmp/.o ] && bo=1
