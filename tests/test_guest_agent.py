@@ -1,0 +1,78 @@
+"""The guest agent's loop (``AGENT_SCRIPT``) run by the host's static busybox against the host
+side (``AgentChannel``) over a socket pair: the protocol without booting a VM. The loop's files
+move from /tmp to a private directory; everything else is the script the guest runs."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dmimage.guest.agent import AgentChannel
+from dmimage.guest.appliance import AGENT_SCRIPT, BUSYBOX_CANDIDATES
+
+BUSYBOX = next((p for p in BUSYBOX_CANDIDATES if shutil.which(p)), None)
+pytestmark = pytest.mark.skipif(BUSYBOX is None, reason="busybox not installed")
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[AgentChannel]:
+    assert BUSYBOX is not None
+    script = tmp_path / "agent.sh"
+    script.write_text(AGENT_SCRIPT.replace("/tmp", str(tmp_path)))
+    host, guest = socket.socketpair()
+    console = (tmp_path / "console").open("wb")  # the guest's /dev/console
+    proc = subprocess.Popen([BUSYBOX, "sh", str(script)], stdin=guest.fileno(),
+                            stdout=guest.fileno(), stderr=console, start_new_session=True)
+    guest.close()
+    chan = AgentChannel(host)
+    try:
+        chan.wait_ready(30)
+        yield chan
+    finally:
+        host.close()
+        proc.kill()
+        proc.wait()
+        console.close()
+    # Nothing per command on the console (ash reports killed jobs there unless told not to).
+    assert (tmp_path / "console").read_bytes() == b""
+
+
+def test_outputs_rc_and_script_bytes_are_exact(agent: AgentChannel) -> None:
+    r = agent.run("printf 'a\\000b\\377'; printf 'err\\n' >&2; exit 3")
+    assert (r.returncode, r.stdout, r.stderr, r.timed_out) == (3, b"a\0b\xff", b"err\n", False)
+    r = agent.run("true")
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"", b"")
+    # Leading blanks, backslashes, a lone "-n", quotes and non-ASCII reach sh unchanged.
+    text = "  \\t x\\\\y\n-n\n'q' \"é\"\r"
+    script = "cat <<'EOF'\n" + text + "\nEOF\n"
+    assert agent.run(script).stdout == (text + "\n").encode()
+    assert agent.run(b"printf %s '\xfe\xfa'").stdout == b"\xfe\xfa"
+    assert agent.run("").returncode == 0
+    with pytest.raises(ValueError):
+        agent.run(b"echo \0")
+
+
+def test_timeout_kills_the_process_group_and_only_that_command(agent: AgentChannel,
+                                                                 tmp_path: Path) -> None:
+    t = time.monotonic()
+    r = agent.run(f"sleep 30 & echo $! > {tmp_path}/bg; sleep 30; echo never", timeout=1)
+    assert r.timed_out and r.returncode == 137 and r.stdout == b""
+    assert time.monotonic() - t < 10
+    bg = int((tmp_path / "bg").read_text())
+    time.sleep(0.2)
+    stat = Path(f"/proc/{bg}/stat")
+    assert not stat.exists() or stat.read_text().split(") ")[1][0] == "Z"
+    # Commands that end in time are not marked, however many follow one another.
+    for i in range(30):
+        assert agent.run(f"echo {i}", timeout=1).stdout == f"{i}\n".encode()
+
+
+def test_noise_lines_are_skipped(agent: AgentChannel) -> None:
+    agent._send(b"garbage line\n@@X 1 2 3\n", time.monotonic() + 5)
+    assert agent.run("echo ok").stdout == b"ok\n"
