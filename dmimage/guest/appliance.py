@@ -292,13 +292,17 @@ for m in $(cat /etc/modules.order); do
   insmod "/lib/modules/$m" || echo "dmimage-guest: insmod $m failed" > /dev/kmsg
 done
 stty -F /dev/ttyS1 raw -echo -ixon -ixoff -crtscts 2>/dev/null
-exec /bin/sh /agent </dev/ttyS1 >/dev/ttyS1 2>/dev/console
+# The agent runs as init's child, not as init: what a command leaves running is re-parented
+# to PID 1 when its shell exits, and its end must not signal the agent mid-read (busybox sh
+# restarts an interrupted read and loses the bytes it had). init reaps those orphans in wait.
+/bin/sh /agent </dev/ttyS1 >/dev/ttyS1 2>/dev/console &
+wait
+echo "dmimage-guest: agent exited" > /dev/kmsg
+exec sleep 2147483647
 """
 
-# Line protocol (host <-> guest), one frame per line, all payloads base64:
-#   host:  "@@C <id> <timeout_s> <nlines>"  then <nlines> lines of base64 of the shell script
-#   guest: "@@R <id> <rc> <timed_out 0|1> <len_out> <len_err> <b64 out> <b64 err>"
-#   guest: "@@READY <uptime>" once at start; any other line is noise and ignored.
+# Line protocol (host <-> guest), one frame per line; agent.py's docstring has the frames
+# (the script's lines verbatim, outputs in base64) and why the loop forks so little.
 AGENT_SCRIPT = r"""#!/bin/sh
 export PATH=/sbin:/bin HOME=/tmp DM_DISABLE_UDEV=1
 cd /tmp
