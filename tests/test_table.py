@@ -655,6 +655,13 @@ def test_kernel_forms():
     assert printed("0 8 flakey 8:0 0 1 1", (6, 1)) == "0 8 flakey 8:0 0 1 1 0 \n"
     assert printed("0 8 flakey 8:0 0 1 1 5 CORRUPT_bio_byte 32 R 1 0", (6, 12)) == \
         "0 8 flakey 8:0 0 1 1 5 corrupt_bio_byte 32 r 1 0\n"
+    # a random_*_corrupt rate of 0 is not printed and is no fault (dm-flakey.c flakey_status)
+    assert printed("0 8 flakey 8:0 0 1 1 2 random_read_corrupt 0", (7, 3)) == \
+        "0 8 flakey 8:0 0 1 1 2 error_reads error_writes\n"
+    assert printed("0 8 flakey 8:0 0 1 1 3 drop_writes random_write_corrupt 0", (6, 12)) == \
+        "0 8 flakey 8:0 0 1 1 1 drop_writes\n"
+    assert printed("0 8 flakey 8:0 0 1 1 4 random_read_corrupt 5 random_read_corrupt 0",
+                   (6, 12)) == "0 8 flakey 8:0 0 1 1 2 error_reads error_writes\n"
     # crypt: hex lower case, an odd last digit dropped, sector_size:512 (the default) dropped,
     # repeated flags once, features in the kernel's order
     assert printed(f"0 8 crypt aes-xts-plain64 {KEY.upper()}f 0 8:0 0 3 sector_size:512 "

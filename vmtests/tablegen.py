@@ -192,7 +192,8 @@ class Generator:
                 feats.append(corrupt)
         if new and r.random() < 0.3:
             kind = r.choice(("random_read_corrupt", "random_write_corrupt"))
-            rate = r.randint(0, 1_000_000_000)
+            # 0 is "not set": not printed, and no fault (kernel_form must know that)
+            rate = 0 if r.random() < 0.25 else r.randint(1, 1_000_000_000)
             hidden = error_reads if kind == "random_read_corrupt" else write_flag is not None
             if not (strict and hidden and rate):
                 feats.append((kind, str(rate)))

@@ -148,7 +148,8 @@ class Flakey:
     def kernel_form(self, kernel: KernelVersion | None = None) -> Flakey:
         """6.12 turns "no fault feature" into error_reads + error_writes (error all I/O); a
         repeated corrupt_bio_byte or random_*_corrupt keeps the last (repeated flags are
-        refused, so they are left for :meth:`rules` to report)."""
+        refused, so they are left for :meth:`rules` to report); a random_*_corrupt rate of
+        0 is "not set": not printed, and no fault feature."""
         feats = self.features
         seen = names(feats)
         if not any(seen.count(f) > 1 for f in ("drop_writes", "error_writes", "error_reads")):
@@ -156,7 +157,9 @@ class Flakey:
             for f in feats:
                 last[f[0]] = f
             feats = tuple(last.values())
-        if at_least(kernel, (6, 12)) and not set(seen) & {
+            feats = tuple(f for f in feats
+                          if not (f[0].startswith("random_") and int(f[1]) == 0))
+        if at_least(kernel, (6, 12)) and not set(names(feats)) & {
                 "error_reads", "drop_writes", "error_writes", "corrupt_bio_byte",
                 "random_read_corrupt", "random_write_corrupt"}:
             feats = feats + (("error_reads",), ("error_writes",))
