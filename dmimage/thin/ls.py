@@ -330,7 +330,14 @@ def device_usage(pool: Pool, *, counting: bool = True,
     if not counting:
         return [DeviceUsage(d, 0, 0, 0) for d in details.values()]
     roots = pool.mapping_roots()
-    data = DataCounts(pool.nr_data_blocks())
+    try:
+        nr_data = pool.nr_data_blocks()
+    except MetadataError:
+        # A data size no metadata device could map only sizes the counting array: every
+        # block is then counted aside, as blocks past a plausible size are (thin_ls 0.9
+        # lists such a pool too; check names the field).
+        nr_data = 0
+    data = DataCounts(nr_data)
     if progress is not None:
         progress.set_total(pool.live_superblock.metadata_sm.nr_allocated)
 
