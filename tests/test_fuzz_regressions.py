@@ -430,8 +430,9 @@ def test_a_ref_count_entry_no_bitmap_count_sends_a_lookup_to_is_no_damage(
         restored_pool: Restore, tmp_path: Path, tools09: oracles.Tools) -> None:
     """Seed 1805116920 input 6831: the data ref-count tree's (empty) root leaf given
     nr_entries 1, i.e. an entry "block 0: count 0". Only a bitmap count of 3 sends a lookup
-    to that tree, so nothing reads the entry: the kernel, thin_check 0.9 and 1.1 pass it.
-    (In the metadata space map 1.1 reads it: below.)
+    to that tree, so the kernel and thin_check 0.9 never read the entry; 1.1 takes its count
+    as the block's, which for an unused block 0 is its count anyway: all three pass it.
+    (Where the counts differ, and in the metadata space map, 1.1 fails it: below.)
     Check called it two fatal problems (an entry for a block counted below 3, a count
     below 3)."""
     rp = restored_pool(poolgen.multilevel_pool(1500), nr_meta_blocks=512)
@@ -458,6 +459,24 @@ def test_a_ref_count_entry_no_bitmap_count_sends_a_lookup_to_is_no_damage(
     assert oracles.check(p, rp.tools)[0] != 0
     problems = check_metadata(p).problems
     assert problems and all(x.field == "ref_count_root" for x in problems), problems
+
+    # Seed 2906864924 input 4509: the same entry in the *data* tree of a pool whose data
+    # block 0 is mapped (bitmap count 1). The kernel and 0.9 still ignore it, but 1.1 takes
+    # the entry's 0 as block 0's count and fails it ("Expected 1, but space map contains
+    # 0"); an entry agreeing with its bitmap count (above: block 0 unused) changes nothing.
+    rp3 = restored_pool(poolgen.thins_pool(3), nr_meta_blocks=512)
+    meta = rp3.read()
+    mm3 = damage.MetaMap(bytes(meta))
+    assert _data_bitmap_count(meta, mm3, 0) == 1
+    (leaf,) = mm3.nodes_where("data_refcount")
+    struct.pack_into("<I", meta, leaf.block * damage.BLOCK + 16, 1)
+    damage.fix_checksum(meta, leaf.block, damage.SALT_BTREE)
+    p = _write(tmp_path / "bad-data-sm.meta", meta)
+    assert oracles.check(p, rp3.tools)[0] != 0
+    assert oracles.check(p, tools09)[0] == 0
+    problems = check_metadata(p).problems
+    assert [(x.field, x.fatal) for x in problems] == [("ref_count_root", True)], problems
+    assert "block 0 with count 0, whose bitmap count is 1" in problems[0].message
 
 
 def test_an_overflow_count_hidden_by_its_bitmap_is_still_damage(

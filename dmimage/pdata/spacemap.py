@@ -203,16 +203,19 @@ def read_space_map(
                                    block=root.ref_count_root, field="ref_count_root"))
         keys, vals = keys[inside].astype(np.int64), vals[inside]
         # Only a bitmap count of 3 sends the kernel's lookup to the tree, so an entry for a
-        # block counted below 3 is never read. In the data space map thin_check 0.9 and 1.1
-        # ignore it too, and it is no damage (a wrong bitmap count hiding a real overflow
-        # still shows, as that block's count); in the metadata space map 1.1 takes the
-        # entry's count as the block's, and refuses it, so check does as well.
+        # block counted below 3 is never read by the kernel (nor by thin_check 0.9). thin_check
+        # 1.1 takes such an entry's count as the block's: check may not be weaker, so in the
+        # data space map an entry whose count differs from its bitmap's is damage (one that
+        # agrees changes nothing 1.1 sees); in the metadata space map 1.1 refuses any.
         flagged = three[keys]
-        if metadata and not flagged.all():
-            bad = int(keys[~flagged][0])
+        stale = ~flagged
+        if not metadata:
+            stale &= vals != counts[keys]
+        if stale.any():
+            bad = int(keys[stale][0])
             on_error(MetadataError(
-                f"{what}: ref-count tree holds block {bad}, whose bitmap count is below 3",
-                field="ref_count_root"))
+                f"{what}: ref-count tree holds block {bad} with count {int(vals[stale][0])}, "
+                f"whose bitmap count is {int(counts[bad])} (below 3)", field="ref_count_root"))
         low = (vals < 3) & (flagged | metadata)
         if low.any():
             on_error(MetadataError(f"{what}: ref-count tree holds a count below 3 "
