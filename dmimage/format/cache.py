@@ -51,13 +51,10 @@ MAPPING_DTYPE = np.dtype("<u8")
 def _descriptions() -> dict[str, Any]:
     from construct import Array, Bytes, Int32ul, Int64ul, Struct
 
+    from dmimage.format.layouts import superblock_head
+
     CacheSuperblock = Struct(
-        "csum" / Int32ul,
-        "flags" / Int32ul,
-        "blocknr" / Int64ul,
-        "uuid" / Bytes(16),
-        "magic" / Int64ul,
-        "version" / Int32ul,
+        *superblock_head(),
         "policy_name" / Bytes(POLICY_NAME_SIZE),
         "policy_hint_size" / Int32ul,
         "metadata_space_map_root" / Bytes(SPACE_MAP_ROOT_SIZE),

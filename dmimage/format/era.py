@@ -35,13 +35,10 @@ WRITESET_VALUE_SIZE = 12
 def _descriptions() -> dict[str, Any]:
     from construct import Bytes, Int32ul, Int64ul, Struct
 
+    from dmimage.format.layouts import superblock_head
+
     EraSuperblock = Struct(
-        "csum" / Int32ul,
-        "flags" / Int32ul,
-        "blocknr" / Int64ul,
-        "uuid" / Bytes(16),
-        "magic" / Int64ul,
-        "version" / Int32ul,
+        *superblock_head(),
         "metadata_space_map_root" / Bytes(SPACE_MAP_ROOT_SIZE),
         "data_block_size" / Int32ul,
         "metadata_block_size" / Int32ul,

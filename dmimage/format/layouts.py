@@ -64,6 +64,15 @@ _DESCRIPTIONS = ("SpaceMapRoot", "Superblock", "BtreeNodeHeader", "IndexEntry",
                  "MetadataIndexHeader", "BitmapHeader", "DeviceDetails", "MetadataIndexBlock")
 
 
+def superblock_head() -> tuple[Any, ...]:
+    """The construct fields every persistent-data superblock starts with (thin, cache and
+    era alike): checksum, flags, its own block number, uuid, magic and version."""
+    from construct import Bytes, Int32ul, Int64ul
+
+    return ("csum" / Int32ul, "flags" / Int32ul, "blocknr" / Int64ul, "uuid" / Bytes(16),
+            "magic" / Int64ul, "version" / Int32ul)
+
+
 @cache
 def _descriptions() -> dict[str, Any]:
     from construct import Bytes, Int32ul, Int64ul, Padding, Struct
@@ -78,12 +87,7 @@ def _descriptions() -> dict[str, Any]:
     )
 
     Superblock = Struct(
-        "csum" / Int32ul,
-        "flags" / Int32ul,
-        "blocknr" / Int64ul,
-        "uuid" / Bytes(16),
-        "magic" / Int64ul,
-        "version" / Int32ul,
+        *superblock_head(),
         "time" / Int32ul,
         "trans_id" / Int64ul,
         "held_root" / Int64ul,
