@@ -56,6 +56,9 @@ class Node:
     value_size: int
     keys: np.ndarray
     raw_values: memoryview
+    #: a node standing for these sibling leaves, validated together (BtreeWalker's
+    #: ``batch_leaves``); their values are left out of ``raw_values`` in a ``by_block`` walk
+    leaves: np.ndarray | None = None
 
     def values(self, dtype: np.dtype | str = U64) -> np.ndarray:
         return np.frombuffer(self.raw_values, dtype=dtype, count=self.nr_entries)
@@ -239,6 +242,7 @@ class BtreeWalker:
         self._underfull_as_child: dict[int, Node] = {}
         #: leaves with keys outside a parent's range: which entries some walk has reached
         self._reached: dict[int, np.ndarray] = {}
+        self._by_block = False
 
     def walk(
         self,
@@ -247,12 +251,20 @@ class BtreeWalker:
         visit_leaf: LeafVisitor | None = None,
         *,
         what: str = "btree",
+        by_block: bool = False,
     ) -> SubtreeSummary | None:
         """Walk the tree at ``root`` once; ``visit_leaf`` sees each leaf not walked before.
 
-        Returns the root's summary, or None when the root itself is unusable (reported).
+        ``by_block``: a group of sibling leaves validated together (``batch_leaves``) reaches
+        ``visit_leaf`` without its values (empty ``raw_values``; ``leaves`` names the blocks
+        to read them from). Returns the root's summary, or None when the root itself is
+        unusable (reported).
         """
-        return self._visit(root, leaf_value_size, visit_leaf, 0, KEY_END, True, 0, what)
+        self._by_block = by_block
+        try:
+            return self._visit(root, leaf_value_size, visit_leaf, 0, KEY_END, True, 0, what)
+        finally:
+            self._by_block = False
 
     def _count(self, blocknr: int) -> None:
         counts = self.meta_counts
@@ -428,23 +440,25 @@ class BtreeWalker:
                 self._summaries.keys().isdisjoint(kid_list)
                 and self._in_progress.isdisjoint(kid_list)):
             return None
-        batch = validated_leaves(reader, kids, node.keys.copy(), hi, root=False, value_size=8)
+        entries = not self._by_block
+        batch = validated_leaves(reader, kids, node.keys.copy(), hi, root=False, value_size=8,
+                                 values=entries, keys=entries)
         if batch is None or not bool((batch.counts > 0).all()):
             return None
         counts = self.meta_counts
-        if counts is not None:
-            np.add.at(counts, kids[(kids >= 0) & (kids < len(counts))], np.uint32(1))
-        ends = np.cumsum(batch.counts)
-        firsts = batch.keys[ends - batch.counts].tolist()
-        lasts = batch.keys[ends - 1].tolist()
+        if counts is not None:  # kids are distinct: a plain fancy increment counts each once
+            counts[kids[(kids >= 0) & (kids < len(counts))]] += np.uint32(1)
+        assert batch.first is not None and batch.last is not None
+        firsts = batch.first.tolist()
+        lasts = batch.last.tolist()
+        total = int(batch.counts.sum())
         self._value_size.update(dict.fromkeys(kid_list, 8))
         summaries = map(SubtreeSummary._make, zip(repeat(0), firsts, lasts,
                                                   batch.counts.tolist(), strict=False))
         self._summaries.update(zip(kid_list, summaries, strict=True))
         if visit_leaf is not None:
-            visit_leaf(Node(first, True, len(batch.keys), len(batch.keys), 8, batch.keys,
-                            batch.values.data))
-        return SubtreeSummary(1, firsts[0], lasts[-1], len(batch.keys))
+            visit_leaf(Node(first, True, total, total, 8, batch.keys, batch.values.data, kids))
+        return SubtreeSummary(1, firsts[0], lasts[-1], total)
 
 
 def _prefixed(err: MetadataError, what: str) -> MetadataError:

@@ -42,7 +42,7 @@ from dmimage.pdata.btree import (
 )
 
 __all__ = ["BATCH_LEAVES", "LeafBatch", "checksums_match", "gather_leaves", "leaf_batches",
-           "leaf_blocks", "validated_leaves"]
+           "leaf_blocks", "leaf_values", "validated_leaves"]
 
 #: Leaves per batch (up to 252 mappings each: at most ~64,000 mappings, ~0.5 MB an array).
 BATCH_LEAVES = 256
@@ -58,8 +58,11 @@ class LeafBatch:
 
     blocks: np.ndarray  # int64 leaf block numbers
     counts: np.ndarray  # int64 entries of each leaf
-    keys: np.ndarray  # u64
+    keys: np.ndarray  # u64, or empty when not asked for
     values: np.ndarray  # u64 (8-byte values), or empty when not asked for
+    #: each non-empty leaf's first and last key (u64; :func:`validated_leaves` only)
+    first: np.ndarray | None = None
+    last: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -101,6 +104,29 @@ def gather_leaves(reader: BlockReader, blocks: np.ndarray, *, values: bool = Tru
     return LeafBatch(blocks, counts, keys, vals)
 
 
+def leaf_values(reader: BlockReader, blocks: np.ndarray) -> np.ndarray:
+    """The u64 values of leaves already validated, concatenated in order (a fresh array).
+    Leaves of one max_entries (every tree thin_restore or the kernel writes) go in one
+    gather of the value columns of their rows, not one index per entry."""
+    words = _words(reader)
+    blocks = np.asarray(blocks, _I64)
+    if not len(blocks):
+        return np.empty(0, U64)
+    hdr = words[blocks * _WORDS + 2]  # nr_entries (low half), max_entries (high half)
+    nr = (hdr & np.uint64(0xFFFFFFFF)).astype(_I64)
+    mx = hdr >> np.uint64(32)
+    m = int(mx[0])
+    if not bool((mx == np.uint64(m)).all()):
+        mixed: np.ndarray = words[_entry_index(blocks * _WORDS + _HDR_WORDS + mx.astype(_I64),
+                                               nr)]
+        return mixed
+    cols = words.reshape(reader.nr_blocks, _WORDS)[blocks, _HDR_WORDS + m:_HDR_WORDS + 2 * m]
+    if bool((nr == m).all()):
+        return cols.reshape(-1)
+    out: np.ndarray = cols[np.arange(m) < nr[:, None]]
+    return out
+
+
 def checksums_match(reader: BlockReader, blocks: np.ndarray, salt: int) -> bool:
     """Whether every block in ``blocks`` (in range) carries the checksum of a block of type
     ``salt``: one native crc32c call per block in one comprehension, compared with the
@@ -115,20 +141,29 @@ def checksums_match(reader: BlockReader, blocks: np.ndarray, salt: int) -> bool:
 
 
 def validated_leaves(reader: BlockReader, blocks: np.ndarray, lo: np.ndarray, hi_last: int, *,
-                     root: bool, value_size: int) -> LeafBatch | None:
+                     root: bool, value_size: int, values: bool = True, keys: bool = True
+                     ) -> LeafBatch | None:
     """Validate sibling leaves (children of one internal node, or a root leaf) as
     read_node, fill_problem and order_problem would; None on the first doubt. ``lo``: each
     leaf's lowest allowed key (the parent's keys), ``hi_last``: one past the last leaf's
-    highest; ``root``: no fill rule."""
+    highest; ``root``: no fill rule. ``values=False`` / ``keys=False``: the batch's values /
+    keys are left empty (a caller that reads them later, or elsewhere, by block number);
+    ``first`` and ``last`` are always set."""
     words = _words(reader)
     nblocks = reader.nr_blocks
+    n = len(blocks)
+    b0 = int(blocks[0])
     if int(blocks.min()) < 0 or int(blocks.max()) >= nblocks:
         return None
     if not checksums_match(reader, blocks, SALT_BTREE_NODE):
         return None
-    # the whole blocks copied out in one row gather (a few hundred KiB): headers, keys and
-    # values are then columns of it, not one fancy index per field
-    rows = words.reshape(nblocks, _WORDS)[blocks]
+    if int(blocks[-1]) - b0 == n - 1 and bool((np.diff(blocks) == 1).all()):
+        # consecutive blocks (as thin_restore lays out leaves): a view of the mapping
+        rows = words.reshape(nblocks, _WORDS)[b0:b0 + n]
+    else:
+        # the whole blocks copied out in one row gather (a few hundred KiB): headers, keys
+        # and values are then columns of it, not one fancy index per field
+        rows = words.reshape(nblocks, _WORDS)[blocks]
     w0, w1, w2, w3 = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3]
     flags = w0 >> np.uint64(32)
     nr = (w2 & np.uint64(0xFFFFFFFF)).astype(_I64)
@@ -143,20 +178,33 @@ def validated_leaves(reader: BlockReader, blocks: np.ndarray, lo: np.ndarray, hi
         return None
     m = int(mx[0])
     if not bool((mx == m).all()):
-        return _mixed_leaves(words, blocks, nr, mx, lo, hi_last, value_size)
-    used = np.arange(m) < nr[:, None]  # (leaves, max_entries): the entries in use
+        got = _mixed_leaves(words, blocks, nr, mx, lo, hi_last, value_size if values else 0)
+        if got is not None and not keys:
+            got.keys = np.empty(0, U64)
+        return got
     kk = rows[:, _HDR_WORDS:_HDR_WORDS + m]
-    keys = kk[used]
+    vv = rows[:, _HDR_WORDS + m:_HDR_WORDS + 2 * m]
+    want_vals = value_size == 8 and values
+    empty = np.empty(0, U64)
+    if m and bool((nr == m).all()):  # every leaf full: no masks
+        if m > 1 and not bool((kk[:, 1:] > kk[:, :-1]).all()):
+            return None
+        first, last = kk[:, 0].copy(), kk[:, m - 1].copy()
+        if not _in_ranges(first, last, np.ones(n, bool), lo, hi_last):
+            return None
+        return LeafBatch(blocks, nr, kk.reshape(-1) if keys else empty,
+                         vv.reshape(-1) if want_vals else empty, first, last)
+    used = np.arange(m) < nr[:, None]  # (leaves, max_entries): the entries in use
     full = nr > 0
-    if len(keys):
+    at = np.flatnonzero(full)
+    first, last = kk[at, 0], kk[at, nr[at] - 1]
+    if len(at):
         if m > 1 and not bool((kk[:, 1:] > kk[:, :-1])[used[:, 1:]].all()):
             return None
-        at = np.flatnonzero(full)
-        if not _in_ranges(kk[at, 0], kk[at, nr[at] - 1], full, lo, hi_last):
+        if not _in_ranges(first, last, full, lo, hi_last):
             return None
-    vals = rows[:, _HDR_WORDS + m:_HDR_WORDS + 2 * m][used] if value_size == 8 else \
-        np.empty(0, U64)
-    return LeafBatch(blocks, nr, keys, vals)
+    return LeafBatch(blocks, nr, kk[used] if keys else empty, vv[used] if want_vals else empty,
+                     first, last)
 
 
 def _in_ranges(first: np.ndarray, last: np.ndarray, full: np.ndarray, lo: np.ndarray,
@@ -181,21 +229,22 @@ def _mixed_leaves(words: np.ndarray, blocks: np.ndarray, nr: np.ndarray, mx: np.
     base = blocks * _WORDS
     keys = words[_entry_index(base + _HDR_WORDS, nr)]
     n = len(keys)
+    ends = np.cumsum(nr)
+    starts = ends - nr
+    full = nr > 0
+    first, last = keys[starts[full]], keys[ends[full] - 1]
     if n:
-        ends = np.cumsum(nr)
-        starts = ends - nr
-        full = nr > 0
         if n > 1:
             up = keys[1:] > keys[:-1]
             inner = np.ones(n - 1, bool)
             inner[(starts[full & (starts > 0)] - 1)] = False  # leaf boundaries
             if not bool((up | ~inner).all()):
                 return None
-        if not _in_ranges(keys[starts[full]], keys[ends[full] - 1], full, lo, hi_last):
+        if not _in_ranges(first, last, full, lo, hi_last):
             return None
     vals = words[_entry_index(base + _HDR_WORDS + mx, nr)] if value_size == 8 else \
         np.empty(0, U64)
-    return LeafBatch(blocks, nr, keys, vals)
+    return LeafBatch(blocks, nr, keys, vals, first, last)
 
 
 def leaf_batches(reader: BlockReader, root: int, value_size: int, what: str = "btree", *,

@@ -27,6 +27,7 @@ from dmimage.format.values import mapping_blocks, unpack_details
 from dmimage.pdata.block import BlockReader
 from dmimage.pdata.btree import U64, BtreeWalker, Node, leaves_in_order
 from dmimage.pdata.spacemap import SpaceMap, read_space_map
+from dmimage.thin.datarefs import Census, CensusFailed, census
 from dmimage.thin.superblock import Superblock, read_superblock
 
 if TYPE_CHECKING:
@@ -95,16 +96,11 @@ class _Checker:
         self.meta_counts = np.zeros(reader.nr_blocks, dtype=np.uint32)
         self.walker = BtreeWalker(reader, meta_counts=self.meta_counts, on_error=self.error,
                                   batch_leaves=True)
-        #: data blocks referenced by the leaves walked, counted as the walk goes (blocks at
-        #: or past ``data_limit`` only in ``beyond``): memory is the data space map's size,
-        #: not the number of mappings
-        self.data_limit = 0
-        self.data_counts = np.zeros(0, np.uint32)
-        #: scope -> [mappings beyond the data device, the first such data block]
-        self.beyond: dict[str, list[int]] = {}
-        self._pending: list[np.ndarray] = []
-        self._pending_scope = ""
-        self._pending_n = 0
+        #: counts the data blocks the leaves walked reference (thin/datarefs.py: memory is
+        #: the data space map's size, not the number of mappings); None: not counting
+        self.census: Census | None = None
+        #: scopes as the census's tags (their order: the order first counted)
+        self._tags: dict[str, int] = {}
         #: the structure being walked; stamped on every problem reported (SCOPES)
         self.scope = "superblock"
 
@@ -116,30 +112,17 @@ class _Checker:
         self.report.problems.append(err)
 
     # -- data references -------------------------------------------------------------
-    def data_leaf(self, blocks: np.ndarray) -> None:
-        """Count one leaf's data blocks (buffered: counted a batch at a time)."""
-        if self._pending and self.scope != self._pending_scope:
-            self.flush_data()
-        self._pending_scope = self.scope
-        self._pending.append(blocks)
-        self._pending_n += len(blocks)
-        if self._pending_n >= DATA_BATCH:
-            self.flush_data()
-
-    def flush_data(self) -> None:
-        if not self._pending:
+    def data_leaf(self, node: Node) -> None:
+        """Count a leaf's (or a group of sibling leaves') data blocks under this scope."""
+        census = self.census
+        if census is None:
             return
-        blocks = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
-        self._pending, self._pending_n = [], 0
-        self.reader.drop_pages()  # the leaves counted here are not read again
-        beyond = blocks >= np.uint64(self.data_limit)
-        if beyond.any():
-            seen = self.beyond.setdefault(self._pending_scope, [0, int(blocks[beyond][0])])
-            seen[0] += int(np.count_nonzero(beyond))
-            blocks = blocks[~beyond]
-        if len(self.data_counts):
-            # a uint32 increment keeps add.at on its fast path (no casting: ~60x faster)
-            np.add.at(self.data_counts, blocks.astype(np.intp), np.uint32(1))
+        tag = self._tags.setdefault(self.scope, len(self._tags))
+        if node.leaves is not None and not len(node.raw_values):
+            census.leaves(tag, node.leaves)  # a by_block walk: the census reads the values
+            self.reader.drop_pages(int(node.leaves.min()), int(node.leaves.max()))
+        else:
+            census.values(tag, mapping_blocks(node.values(U64)))
 
     # -- trees -------------------------------------------------------------------------
     def device_ids(self, sb: Superblock, label: str) -> dict[int, int]:
@@ -173,19 +156,20 @@ class _Checker:
             progress.set_total(sum(mapped.values()))
         walked = 0  # mappings of this device's leaves read so far
 
+        by_block = self.census is not None and self.census.by_block
+
         def leaf(node: Node) -> None:
             nonlocal walked
-            blocks = mapping_blocks(node.values(U64))
-            self.data_leaf(blocks)
+            self.data_leaf(node)
             if progress is not None:
-                walked += len(blocks)
-                progress(len(blocks))
+                walked += node.nr_entries
+                progress(node.nr_entries)
 
         for dev, root in sorted(roots.items()):
             self.scope = "metadata-snapshot" if label else f"device:{dev}"
             walked = 0
             s = self.walker.walk(root, MAPPING_VALUE_SIZE, leaf,
-                                 what=f"{label}mapping tree of device {dev}")
+                                 what=f"{label}mapping tree of device {dev}", by_block=by_block)
             if s is None:
                 continue
             if progress is not None and s.entries > walked:  # leaves shared, read before
@@ -324,45 +308,74 @@ def check_metadata(
                                            scope="superblock"))
         if super_block_only:
             return report
-        c = _Checker(reader, report, progress)
-        # every mapping must lie inside the data device the superblock describes, whether or
-        # not its space map is readable (export refuses the same mappings)
-        limit = sb.data_sm.nr_blocks
-        if not skip_mappings:
-            c.data_limit = limit
-            if sb.data_sm.nr_bitmaps <= reader.nr_blocks:  # else read_sm reports it
-                c.data_counts = np.zeros(limit, np.uint32)
-        c.meta_counts[0] += 1
-        held: Superblock | None = None
-        c.scope = "metadata-snapshot"
-        if sb.held_root:
-            if sb.held_root >= reader.nr_blocks:
-                c.error(Problem(f"metadata snapshot at block {sb.held_root} lies beyond the "
-                                "device", 0, "held_root"))
-            else:
-                c.meta_counts[sb.held_root] += 1
-                try:
-                    held = read_superblock(reader, sb.held_root)
-                except MetadataError as err:
-                    c.error(err)
-        elif metadata_snap:
-            c.error(Problem("no metadata snapshot to check (held_root is 0)", 0, "held_root"))
-        c.pool_trees(sb, "", skip_mappings)
-        if held is not None:
-            c.pool_trees(held, "metadata snapshot: ", skip_mappings)
-        data_sm = c.read_sm(sb, metadata=False)
-        meta_sm = c.read_sm(sb, metadata=True)
-        if skip_mappings:
-            return report
-        c.flush_data()
-        for scope, (count, example) in c.beyond.items():
-            whose = scope.replace("device:", "device ")
-            c.error(Problem(f"{whose}: {count} mappings point beyond the data device "
-                            f"(nr_data_blocks {limit}, e.g. data block {example})",
-                            field="mapping value", scope=scope))
-        if data_sm is not None:
-            report.leaked_data_blocks = c.compare(data_sm, c.data_counts, "data space map")
-        if meta_sm is not None:
-            report.leaked_metadata_blocks = c.compare(meta_sm, c.meta_counts,
-                                                      "metadata space map")
+        head = list(report.problems)
+        try:
+            _check_pool(reader, sb, report, progress, skip_mappings=skip_mappings,
+                        metadata_snap=metadata_snap, fork=True)
+        except CensusFailed:
+            # the counting child failed (thin/datarefs.py): count again in this process
+            report.problems[:] = head
+            report.nr_devices = report.nr_mappings = None
+            _check_pool(reader, sb, report, progress, skip_mappings=skip_mappings,
+                        metadata_snap=metadata_snap, fork=False)
     return report
+
+
+def _check_pool(reader: BlockReader, sb: Superblock, report: CheckReport,
+                progress: Progress | None, *, skip_mappings: bool, metadata_snap: bool,
+                fork: bool) -> None:
+    """Everything past the superblock's own fields, into ``report``; ``fork``: the data
+    references may be counted in a child process (datarefs.census)."""
+    c = _Checker(reader, report, progress)
+    # every mapping must lie inside the data device the superblock describes, whether or
+    # not its space map is readable (export refuses the same mappings)
+    limit = sb.data_sm.nr_blocks
+    if not skip_mappings:
+        c.census = census(reader, limit, sb.data_sm.nr_allocated,
+                          counting=sb.data_sm.nr_bitmaps <= reader.nr_blocks,  # else read_sm
+                          batch=DATA_BATCH, fork=fork)                          # reports it
+    try:
+        _walk_pool(c, sb, metadata_snap=metadata_snap, skip_mappings=skip_mappings)
+    finally:
+        if c.census is not None:
+            c.census.close()
+
+
+def _walk_pool(c: _Checker, sb: Superblock, *, metadata_snap: bool,
+               skip_mappings: bool) -> None:
+    reader, report = c.reader, c.report
+    c.meta_counts[0] += 1
+    held: Superblock | None = None
+    c.scope = "metadata-snapshot"
+    if sb.held_root:
+        if sb.held_root >= reader.nr_blocks:
+            c.error(Problem(f"metadata snapshot at block {sb.held_root} lies beyond the "
+                            "device", 0, "held_root"))
+        else:
+            c.meta_counts[sb.held_root] += 1
+            try:
+                held = read_superblock(reader, sb.held_root)
+            except MetadataError as err:
+                c.error(err)
+    elif metadata_snap:
+        c.error(Problem("no metadata snapshot to check (held_root is 0)", 0, "held_root"))
+    c.pool_trees(sb, "", skip_mappings)
+    if held is not None:
+        c.pool_trees(held, "metadata snapshot: ", skip_mappings)
+    data_sm = c.read_sm(sb, metadata=False)
+    meta_sm = c.read_sm(sb, metadata=True)
+    if c.census is None:
+        return
+    data_counts, tallies = c.census.finish()
+    scopes = list(c._tags)
+    for tag, t in tallies.items():
+        scope = scopes[tag]
+        whose = scope.replace("device:", "device ")
+        c.error(Problem(f"{whose}: {t.count} mappings point beyond the data device "
+                        f"(nr_data_blocks {sb.data_sm.nr_blocks}, e.g. data block {t.first})",
+                        field="mapping value", scope=scope))
+    if data_sm is not None:
+        report.leaked_data_blocks = c.compare(data_sm, data_counts, "data space map")
+    if meta_sm is not None:
+        report.leaked_metadata_blocks = c.compare(meta_sm, c.meta_counts,
+                                                  "metadata space map")

@@ -39,6 +39,7 @@ from dmimage.format.values import mapping_blocks
 from dmimage.pdata import leaves
 from dmimage.pdata.btree import MAX_DEPTH, U64, Node, order_problem, read_node
 from dmimage.pdata.leaves import LeafBatch, gather_leaves, validated_leaves
+from dmimage.thin.datarefs import CensusFailed, census
 from dmimage.thin.pool import DeviceDetails, Pool
 
 if TYPE_CHECKING:
@@ -116,9 +117,12 @@ class MappingForest:
     when none was read before; anything else goes one node at a time.
     """
 
-    def __init__(self, pool: Pool, visit: LeafVisitor | None = None):
+    def __init__(self, pool: Pool, visit: LeafVisitor | None = None, *, entries: bool = True):
+        """``entries=False``: a batch of sibling leaves validated together reaches ``visit``
+        without its keys and values (a visitor that reads them by block number)."""
         self.reader = pool.reader
         self.visit = visit
+        self.entries = entries
         self.refs: dict[int, int] = {}
         self.children: dict[int, list[int]] = {}  # internal nodes
         #: entries of each leaf, in the order leaves were first read
@@ -139,10 +143,13 @@ class MappingForest:
 
     def _leaves(self, batch: LeafBatch, dev_id: int) -> None:
         """Record leaves read for the first time (validated by the caller)."""
-        ends = np.cumsum(batch.counts)
         full = batch.counts > 0  # empty leaves (allowed here) own no keys
-        firsts = batch.keys[(ends - batch.counts)[full]].tolist()
-        lasts = batch.keys[ends[full] - 1].tolist()
+        if batch.first is not None and batch.last is not None:
+            firsts, lasts = batch.first.tolist(), batch.last.tolist()
+        else:
+            ends = np.cumsum(batch.counts)
+            firsts = batch.keys[(ends - batch.counts)[full]].tolist()
+            lasts = batch.keys[ends[full] - 1].tolist()
         blocks = batch.blocks.tolist()
         # dict updates from zips: tens of thousands of leaves at C speed
         self.leaf_entries.update(zip(blocks, batch.counts.tolist(), strict=True))
@@ -167,7 +174,8 @@ class MappingForest:
             return False
         # thin_ls 1.1 rejects underfull leaves; we list them (as the one-node path does)
         batch = validated_leaves(self.reader, kids, node.keys.copy(), hi, root=True,
-                                 value_size=MAPPING_VALUE_SIZE)
+                                 value_size=MAPPING_VALUE_SIZE, values=self.entries,
+                                 keys=self.entries)
         if batch is None:
             return False
         self.refs.update(dict.fromkeys(kid_list, 1))
@@ -264,21 +272,34 @@ class MappingForest:
 
 class DataCounts:
     """How many distinct leaves name each data block, counted a batch of leaves at a time
-    into one array the size of the data device (what the data space map holds); blocks past
-    it (damaged metadata) are kept aside."""
+    (thin/datarefs.py: in process, or in a forked child for a big pool) into one array the
+    size of the data device (what the data space map holds); blocks past it (damaged
+    metadata) are kept aside. :meth:`finish` before asking :meth:`multi`."""
 
-    def __init__(self, nr_data_blocks: int):
-        self.counts = np.zeros(max(nr_data_blocks, 0), np.uint32)
+    def __init__(self, pool: Pool, nr_data_blocks: int, *, fork: bool = True):
+        self.census = census(pool.reader, nr_data_blocks,
+                             pool.live_superblock.data_sm.nr_allocated, keep_beyond=True,
+                             fork=fork)
+        self.counts = self.census.counts
         self.beyond: list[np.ndarray] = []
 
+    @property
+    def by_block(self) -> bool:
+        """Whether batches may come without their entries (read by block number)."""
+        return self.census.by_block
+
     def add(self, batch: LeafBatch, _dev_id: int) -> None:
-        data = mapping_blocks(batch.values)
-        inside = data < np.uint64(len(self.counts))
-        if not inside.all():
-            self.beyond.append(data[~inside])
-            data = data[inside]
-        # a uint32 increment keeps add.at on its fast path
-        np.add.at(self.counts, data.astype(np.intp), np.uint32(1))
+        if len(batch.values) < int(batch.counts.sum()):  # entries left out: by block number
+            self.census.leaves(0, batch.blocks)
+        elif len(batch.values):
+            self.census.values(0, mapping_blocks(batch.values))
+
+    def finish(self) -> None:
+        self.counts, tallies = self.census.finish()
+        self.beyond = [v for t in tallies.values() for v in t.values]
+
+    def close(self) -> None:
+        self.census.close()
 
     def multi(self, data: np.ndarray) -> np.ndarray:
         """Which of ``data`` are named by more than one leaf entry."""
@@ -329,6 +350,14 @@ def device_usage(pool: Pool, *, counting: bool = True,
     details = pool.devices()
     if not counting:
         return [DeviceUsage(d, 0, 0, 0) for d in details.values()]
+    try:
+        return _usage(pool, details, progress, fork=True)
+    except CensusFailed:  # the counting child failed (thin/datarefs.py): count in process
+        return _usage(pool, details, progress, fork=False)
+
+
+def _usage(pool: Pool, details: dict[int, DeviceDetails], progress: Progress | None, *,
+           fork: bool) -> list[DeviceUsage]:
     roots = pool.mapping_roots()
     try:
         nr_data = pool.nr_data_blocks()
@@ -337,20 +366,25 @@ def device_usage(pool: Pool, *, counting: bool = True,
         # block is then counted aside, as blocks past a plausible size are (thin_ls 0.9
         # lists such a pool too; check names the field).
         nr_data = 0
-    data = DataCounts(nr_data)
     if progress is not None:
         progress.set_total(pool.live_superblock.metadata_sm.nr_allocated)
+    data = DataCounts(pool, nr_data, fork=fork)
 
     def visit(batch: LeafBatch, dev_id: int) -> None:
         data.add(batch, dev_id)
-        pool.reader.drop_pages()
+        blocks = batch.blocks
+        pool.reader.drop_pages(int(blocks.min()), int(blocks.max()))
         if progress is not None:
-            progress(len(batch.blocks))
+            progress(len(blocks))
 
-    tree = MappingForest(pool, visit)
+    tree = MappingForest(pool, visit, entries=not data.by_block)
     ids = sorted(roots)
-    for dev_id in ids:
-        tree.add_root(roots[dev_id], dev_id)
+    try:
+        for dev_id in ids:
+            tree.add_root(roots[dev_id], dev_id)
+        data.finish()
+    finally:
+        data.close()
     sums = tree.summaries([roots[i] for i in ids], _multi_per_leaf(pool, tree, data))
     return [DeviceUsage(details[i], m, s, h) for i, (m, s, h) in zip(ids, sums, strict=True)]
 

@@ -1,0 +1,129 @@
+"""The data-reference census counted in a forked child (thin/datarefs.py) against the same
+census in process: check's report and ls's table must not depend on where the counting ran.
+
+The pools are the fuzzer's three bases (a root-leaf pool, a two-level tree whose leaves are
+validated in groups and handed to the child by block number, snapshots sharing leaves),
+clean and under the fuzzer's random damage, so the child also meets leaves given as values
+(lone leaves, parts of damaged ones), mappings past the data device and walks that stop.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+from pathlib import Path
+
+import pytest
+
+from dmimage.errors import DmimageError
+from dmimage.thin import datarefs
+from dmimage.thin.check import check_metadata
+from dmimage.thin.ls import FIELDS, ls_table
+from dmimage.thin.pool import open_pool
+
+import damage
+import fuzz_damage
+import oracles
+import poolgen
+
+INPUTS = 60
+SB_DATA_NR_BLOCKS = 64  # the superblock's data space map root: nr_blocks
+LS_FIELDS = [f for f in FIELDS if f not in ("MAPPED", "EXCLUSIVE", "SHARED", "HIGHEST_MAPPED")]
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory: pytest.TempPathFactory, tools11: oracles.Tools) -> list[bytes]:
+    d = tmp_path_factory.mktemp("census")
+    out = []
+    for name, pool in (("thins3", poolgen.thins_pool(3)),
+                       ("multilevel", poolgen.multilevel_pool(1500)),
+                       ("snapshot", poolgen.snapshot_pool(400))):
+        p = d / f"{name}.meta"
+        oracles.restore(poolgen.to_xml(pool), p, tools11, 512)
+        out.append(p.read_bytes())
+    return out
+
+
+def _ls(meta: Path) -> object:
+    try:
+        with open_pool(meta) as pool:
+            return ls_table(pool, LS_FIELDS)
+    except DmimageError as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _both(meta: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[object, object]:
+    """(check's report, ls's table or error) with the census forked, then in process."""
+    got = []
+    for fork_min in (0, 1 << 62):
+        monkeypatch.setattr(datarefs, "FORK_MIN_BLOCKS", fork_min)
+        got.append((check_metadata(meta).to_json(), _ls(meta)))
+    assert got[0] == got[1]
+    return got[0]
+
+
+def test_forked_census_agrees_on_clean_pools(bases: list[bytes], tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    for i, meta in enumerate(bases):
+        path = tmp_path / f"base{i}.meta"
+        path.write_bytes(meta)
+        report, table = _both(path, monkeypatch)
+        assert isinstance(report, dict) and report["ok"] and report["nr_mappings"] > 0
+        assert isinstance(table, list) and len(table) > 1
+
+
+def test_forked_census_agrees_on_damaged_pools(bases: list[bytes], tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = random.Random(11)
+    damaged = 0
+    for i in range(INPUTS):
+        base = bases[i % len(bases)]
+        try:
+            meta = fuzz_damage.apply(base, fuzz_damage.random_recipe(rng))
+        except Exception:  # a recipe that finds no target in this (already damaged) input
+            continue
+        path = tmp_path / f"bad{i}.meta"
+        path.write_bytes(meta)
+        report, _ = _both(path, monkeypatch)
+        assert isinstance(report, dict)
+        damaged += not report["ok"]
+    assert damaged > INPUTS // 4  # the damage reached the checker
+
+
+def test_mappings_past_the_data_device_tallied_alike(bases: list[bytes], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A data device shrunk under the mappings (the superblock's data nr_blocks): every
+    device's mappings past it are tallied aside, with the first one met, in either census."""
+    meta = bytearray(bases[1])
+    nr = struct.unpack_from("<Q", meta, SB_DATA_NR_BLOCKS)[0]
+    struct.pack_into("<Q", meta, SB_DATA_NR_BLOCKS, nr // 2)
+    damage.fix_checksum(meta, 0, damage.SALT_SUPERBLOCK)
+    path = tmp_path / "short.meta"
+    path.write_bytes(meta)
+    report, _ = _both(path, monkeypatch)
+    assert isinstance(report, dict)
+    assert any("point beyond the data device" in p["message"] for p in report["problems"])
+
+
+def test_a_failed_child_is_counted_again_in_process(bases: list[bytes], tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child that dies leaves the answer to the in-process census."""
+    path = tmp_path / "pool.meta"
+    path.write_bytes(bases[1])
+    want = check_metadata(path).to_json()
+    monkeypatch.setattr(datarefs, "FORK_MIN_BLOCKS", 0)
+
+    def die(self: datarefs.ForkedCensus, cmd: int, res: int) -> None:
+        raise RuntimeError("child failure")
+
+    monkeypatch.setattr(datarefs.ForkedCensus, "_serve", die)
+    forked = []
+    real = datarefs.ForkedCensus.finish
+
+    def finish(self: datarefs.ForkedCensus) -> object:
+        forked.append(self)
+        return real(self)
+
+    monkeypatch.setattr(datarefs.ForkedCensus, "finish", finish)
+    assert check_metadata(path).to_json() == want
+    assert forked  # the child was tried, and failed
