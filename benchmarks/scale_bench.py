@@ -5,7 +5,8 @@ For each size N (1M and 10M mappings; ``--big`` adds 100M) the pool is 10 thins 
 fragmented single mappings each (64 KiB blocks, every data block distinct and shuffled, so no
 two mappings form a run), written as XML here and restored by thin_restore 1.1. Built pools are
 cached under ~/.cache/dmimage/bench/. Then check, dump, ls, restore, delta and rmap of both
-tools, and dmimage's export (1.1 has none), run REPEAT times each, interleaved; a cell is the
+tools, and dmimage's export (1.1 has none), run REPEAT times each, interleaved run by run
+(``--baseline DIR`` adds another dmimage tree, e.g. the code before a change); a cell is the
 median wall time / median CPU time (user + system) / the largest peak RSS of the command's
 process (GNU time's %U, %S, %M). The machine may be shared: each row also prints the load
 average (1 min) before and after it, and the CPU time is the less load-dependent figure.
@@ -160,17 +161,33 @@ def run_once(argv: list[str], hashed: bool) -> Measure:
                    h.hexdigest() if hashed else "")
 
 
-def measure(argv: list[str], repeat: int, hashed: bool) -> Measure:
-    runs = [run_once(argv, hashed) for _ in range(repeat)]
-    digests = {m.digest for m in runs}
-    return Measure(statistics.median(m.seconds for m in runs),
-                   statistics.median(m.cpu for m in runs), max(m.rss for m in runs),
-                   digests.pop() if len(digests) == 1 else "unstable")
+def measure_interleaved(argvs: list[list[str] | None], repeat: int, hashed: bool
+                        ) -> list[Measure | None]:
+    """:func:`measure` of each command (None: not run), their runs interleaved (a, b, c,
+    a, b, c, ...) so every command sees the same changes of the machine's load."""
+    runs: list[list[Measure]] = [[] for _ in argvs]
+    for _ in range(repeat):
+        for i, argv in enumerate(argvs):
+            if argv is not None:
+                runs[i].append(run_once(argv, hashed))
+    out: list[Measure | None] = []
+    for got in runs:
+        if not got:
+            out.append(None)
+            continue
+        digests = {m.digest for m in got}
+        out.append(Measure(statistics.median(m.seconds for m in got),
+                           statistics.median(m.cpu for m in got), max(m.rss for m in got),
+                           digests.pop() if len(digests) == 1 else "unstable"))
+    return out
 
 
-def commands(b: Built, work: Path) -> dict[str, tuple[list[str] | None, list[str], bool]]:
-    """name -> (1.1 argv, dmimage argv, compare stdout) for one pool."""
-    t, dm = str(TOOLS), [sys.executable, "-m", "dmimage"]
+def commands(b: Built, work: Path, dm: list[str] | None = None
+             ) -> dict[str, tuple[list[str] | None, list[str], bool]]:
+    """name -> (1.1 argv, dmimage argv, compare stdout) for one pool; ``dm``: how to run
+    dmimage (default: this interpreter's)."""
+    t = str(TOOLS)
+    dm = dm or [sys.executable, "-m", "dmimage"]
     meta = str(b.meta)
     region = f"0..{b.total}"
     return {
@@ -209,6 +226,9 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--only", default=None, help="commands to run (comma-separated)")
     ap.add_argument("--build-only", action="store_true")
+    ap.add_argument("--baseline", metavar="DIR", type=Path,
+                    help="also run the dmimage package in DIR (e.g. an older checkout's tree, "
+                         "put first on PYTHONPATH), interleaved, as a 'before' column")
     a = ap.parse_args()
     sizes = [parse_size(s) for s in a.sizes.split(",") if s]
     if a.big:
@@ -217,10 +237,14 @@ def main() -> int:
     built = [build(n) for n in sizes]
     if a.build_only:
         return 0
+    base_dm = None
+    if a.baseline is not None:
+        base_dm = ["env", f"PYTHONPATH={a.baseline.resolve()}", sys.executable, "-m", "dmimage"]
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print("| mappings | command | thin-provisioning-tools 1.1 | dmimage | time ratio | "
-          "CPU ratio | memory ratio | load | goals |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    before = "baseline | baseline time ratio | " if base_dm else ""
+    print("| mappings | command | thin-provisioning-tools 1.1 | " + before + "dmimage | "
+          "time ratio | CPU ratio | memory ratio | load | goals |")
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|---|" if base_dm else ""))
     missed: list[str] = []
     for b in built:
         work = CACHE / f"run-{label(b.total)}"
@@ -229,15 +253,20 @@ def main() -> int:
             for path in (work / "r11.meta", work / "rdm.meta"):
                 with open(path, "wb") as f:
                     f.truncate(b.meta.stat().st_size)
+        base_cmds = commands(b, work, base_dm) if base_dm else {}
         for name, (theirs, ours, hashed) in commands(b, work).items():
             if only is not None and name not in only:
                 continue
             load0 = os.getloadavg()[0]
-            m11 = measure(theirs, a.repeat, hashed) if theirs else None
-            mdm = measure(ours, 1 if name == "export" else a.repeat, hashed)
+            reps = 1 if name == "export" else a.repeat
+            argvs = [theirs, base_cmds[name][1] if base_dm else None, ours]
+            m11, mbase, mdm = measure_interleaved(argvs, reps, hashed)
+            assert mdm is not None
             notes: list[str] = []
             if m11 and hashed and m11.digest != mdm.digest:
                 notes.append("OUTPUT DIFFERS")
+            if mbase and hashed and m11 and mbase.digest != m11.digest:
+                notes.append("BASELINE OUTPUT DIFFERS")
             if name == "restore":
                 if dump_digest(work / "r11.meta") != dump_digest(work / "rdm.meta"):
                     notes.append("RESTORED POOL DIFFERS")
@@ -258,6 +287,10 @@ def main() -> int:
                 notes.append("memory > 4 GiB")
             missed += [f"{label(b.total)} {name}: {n}" for n in notes]
             c11 = f"{m11.seconds:.2f} / {m11.cpu:.2f} / {m11.rss / MiB:.0f}" if m11 else "-"
+            if base_dm:
+                cb = (f"{mbase.seconds:.2f} / {mbase.cpu:.2f} / {mbase.rss / MiB:.0f} | "
+                      f"{mbase.seconds / m11.seconds:.2f}" if mbase and m11 else "- | -")
+                c11 += f" | {cb}"
             print(f"| {label(b.total)} | {name} | {c11} | {mdm.seconds:.2f} / {mdm.cpu:.2f} / "
                   f"{mdm.rss / MiB:.0f} | {f'{tr:.2f}' if tr else '-'} | "
                   f"{f'{cr:.2f}' if cr else '-'} | {f'{mr:.1f}' if mr else '-'} | "
