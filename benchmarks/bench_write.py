@@ -13,14 +13,19 @@
 
 Runs are interleaved (dd, dmimage, dd, ...); each cell is the median wall time with the
 children's CPU time (user + system) beside it, and the load average is printed. Exit 1 on a
-missed goal or a failed check.
+missed goal or a failed check. ``--baseline DIR`` also runs the dmimage of another source
+tree (e.g. ``git archive`` of an older commit) in the same interleaved rounds, as its own
+rows, to compare before and after under the same load; its rows do not count for the exit
+status.
 
     python benchmarks/bench_write.py [--repeat 3] [--only tx,write,build] [--build-size 4G]
+                                     [--baseline DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import shutil
@@ -44,6 +49,9 @@ TX_WRITES = 10_000
 TX_LIMIT_S = 10.0
 MIN_SPEED_RATIO = 0.5
 
+#: The dmimage trees to time: "" is this one; --baseline adds another (label, PYTHONPATH).
+TREES: list[tuple[str, str]] = [("", "")]
+
 TX_SCRIPT = """
 import random, sys
 from dmimage.thin.transaction import WritablePool
@@ -58,8 +66,11 @@ with WritablePool(meta, data) as p:
 """
 
 
-def timed(argv: list[str], **kw: object) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of the child) of one command; it must succeed."""
+def timed(argv: list[str], tree: str = "", **kw: object) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the child) of one command; it must succeed. ``tree``:
+    the dmimage source tree to import (PYTHONPATH, run from /), "" for this one."""
+    if tree:
+        kw = {**kw, "env": {**os.environ, "PYTHONPATH": tree}, "cwd": "/"}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run(argv, check=True, **kw)  # type: ignore[call-overload]
@@ -104,27 +115,31 @@ def tx_pool() -> Path:
     return meta
 
 
-def bench_tx(work: Path, repeat: int) -> tuple[str, bool]:
+def bench_tx(work: Path, repeat: int) -> tuple[list[str], bool]:
     meta0 = tx_pool()
     meta, data = work / "tx.meta", work / "tx.data"
-    runs = []
+    runs: dict[str, list[tuple[float, float]]] = {label: [] for label, _ in TREES}
     ok = True
     for _ in range(repeat):
-        subprocess.run(["cp", "--sparse=always", str(meta0), str(meta)], check=True)
-        with open(data, "wb") as f:
-            f.truncate((TX_MAPPINGS + TX_SPARE) * 64 * 1024)
-        runs.append(timed([sys.executable, "-c", TX_SCRIPT, str(meta), str(data),
-                           str(TX_WRITES), str(TX_MAPPINGS // 10)]))
-        rc = subprocess.run([str(TOOLS / "thin_check"), "-q", str(meta)]).returncode
-        ok &= rc == 0
-        data.unlink()
+        for label, tree in TREES:
+            subprocess.run(["cp", "--sparse=always", str(meta0), str(meta)], check=True)
+            with open(data, "wb") as f:
+                f.truncate((TX_MAPPINGS + TX_SPARE) * 64 * 1024)
+            runs[label].append(timed([sys.executable, "-c", TX_SCRIPT, str(meta), str(data),
+                                      str(TX_WRITES), str(TX_MAPPINGS // 10)], tree))
+            rc = subprocess.run([str(TOOLS / "thin_check"), "-q", str(meta)]).returncode
+            ok &= rc == 0
+            data.unlink()
     meta.unlink()
-    wall, cpu = med(runs)
-    met = wall <= TX_LIMIT_S and ok
-    row = (f"| 10,000 single-block writes, one commit, 10M mappings | {wall:.2f} s "
-           f"(CPU {cpu:.2f} s) | ≤ {TX_LIMIT_S:.0f} s | - | thin_check 1.1 "
-           f"{'passed' if ok else 'FAILED'} | {'met' if met else 'MISSED'} |")
-    return row, met
+    rows, met_all = [], True
+    for label, _ in TREES:
+        wall, cpu = med(runs[label])
+        met = wall <= TX_LIMIT_S and ok
+        met_all &= met or bool(label)
+        rows.append(f"| 10,000 single-block writes, one commit, 10M mappings{label} | "
+                    f"{wall:.2f} s (CPU {cpu:.2f} s) | ≤ {TX_LIMIT_S:.0f} s | - | thin_check 1.1 "
+                    f"{'passed' if ok else 'FAILED'} | {'met' if met else 'MISSED'} |")
+    return rows, met_all
 
 
 def bench_write(work: Path, repeat: int, size: int) -> tuple[list[str], bool]:
@@ -136,33 +151,44 @@ def bench_write(work: Path, repeat: int, size: int) -> tuple[list[str], bool]:
         f.truncate(64 << 20)
     with open(data, "wb") as f:
         f.truncate(nr * (64 << 10))
-    dd, ddf, dm = [], [], []
+    dd, ddf = [], []
+    dm: dict[str, list[tuple[float, float]]] = {label: [] for label, _ in TREES}
+    ok = True
     for _ in range(repeat):
-        subprocess.run([*PY, "format", "-f", "--data-block-size", "128", "--nr-data-blocks",
-                        str(nr), str(meta)], check=True, stdout=subprocess.DEVNULL)
-        subprocess.run([*PY, "message", str(meta), "create_thin 0"], check=True)
         dd.append(timed(["dd", f"if={src}", f"of={data}", "bs=4M", "conv=notrunc",
                          "status=none"]))
-        dm.append(timed([*PY, "write", str(meta), str(data), "--dev-id", "0", "-i", str(src)]))
+        for label, tree in TREES:
+            subprocess.run([*PY, "format", "-f", "--data-block-size", "128",
+                            "--nr-data-blocks", str(nr), str(meta)], check=True,
+                           stdout=subprocess.DEVNULL)
+            subprocess.run([*PY, "message", str(meta), "create_thin 0"], check=True)
+            dm[label].append(timed([*PY, "write", str(meta), str(data), "--dev-id", "0", "-i",
+                                    str(src)], tree))
+            ok &= subprocess.run([str(TOOLS / "thin_check"), "-q", str(meta)]).returncode == 0
         ddf.append(timed(["dd", f"if={src}", f"of={data}", "bs=4M", "conv=notrunc,fsync",
                           "status=none"]))
-    ok = subprocess.run([str(TOOLS / "thin_check"), "-q", str(meta)]).returncode == 0
     for p in (src, meta, data):
         p.unlink()
-    (w_dd, c_dd), (w_ddf, c_ddf), (w_dm, c_dm) = med(dd), med(ddf), med(dm)
-    ratio, ratio_f = w_dd / w_dm, w_ddf / w_dm
-    met = ratio >= MIN_SPEED_RATIO and ok
+    (w_dd, c_dd), (w_ddf, c_ddf) = med(dd), med(ddf)
     gib = size / GiB
-    return [
-        f"| `dmimage write` {gib:g} GiB sequential, fresh thin | {w_dm:.2f} s (CPU {c_dm:.2f} s) "
-        f"| ≥ 50% of dd | dd conv=notrunc {w_dd:.2f} s (CPU {c_dd:.2f} s): **{ratio:.0%}** "
-        f"| thin_check 1.1 {'passed' if ok else 'FAILED'} | {'met' if met else 'MISSED'} |",
-        f"| (reference) | | | dd conv=notrunc,fsync {w_ddf:.2f} s (CPU {c_ddf:.2f} s): "
-        f"{ratio_f:.0%} | | |",
-    ], met
+    rows, met_all = [], True
+    for label, _ in TREES:
+        w_dm, c_dm = med(dm[label])
+        ratio = w_dd / w_dm
+        met = ratio >= MIN_SPEED_RATIO and ok
+        met_all &= met or bool(label)
+        rows.append(
+            f"| `dmimage write` {gib:g} GiB sequential, fresh thin{label} | {w_dm:.2f} s "
+            f"(CPU {c_dm:.2f} s) | ≥ 50% of dd | dd conv=notrunc {w_dd:.2f} s (CPU "
+            f"{c_dd:.2f} s): **{ratio:.0%}** | thin_check 1.1 {'passed' if ok else 'FAILED'} "
+            f"| {'met' if met else 'MISSED'} |")
+    w_dm = med(dm[""])[0]
+    rows.append(f"| (reference) | | | dd conv=notrunc,fsync {w_ddf:.2f} s (CPU {c_ddf:.2f} s): "
+                f"{w_ddf / w_dm:.0%} | | |")
+    return rows, met_all
 
 
-def bench_build(work: Path, repeat: int, size: int) -> tuple[str, bool]:
+def bench_build(work: Path, repeat: int, size: int) -> tuple[list[str], bool]:
     content = work / "content.bin"
     subprocess.run(["head", "-c", str(size), "/dev/urandom"], stdout=open(content, "wb"),
                    check=True)
@@ -171,21 +197,32 @@ def bench_build(work: Path, repeat: int, size: int) -> tuple[str, bool]:
                     f'data_size = "{size // (1 << 20) + 64}MiB"\n'
                     f'[[volumes]]\nname = "a"\nid = 1\nsize = "{size // (1 << 20)}MiB"\n'
                     f'content = {{ type = "raw", file = "{content}" }}\n')
-    dd, dm = [], []
+    dd = []
+    dm: dict[str, list[tuple[float, float]]] = {label: [] for label, _ in TREES}
+    images: dict[str, str] = {}
     for _ in range(repeat):
         out = work / "dd.out"
         dd.append(timed(["dd", f"if={content}", f"of={out}", "bs=4M", "status=none"]))
         out.unlink()
-        outdir = work / "out"
-        dm.append(timed([*PY, "build", str(spec), "-o", str(outdir), "-q"]))
-        shutil.rmtree(outdir)
+        for label, tree in TREES:
+            outdir = work / "out"
+            dm[label].append(timed([*PY, "build", str(spec), "-o", str(outdir), "-q"], tree))
+            images[label] = json.loads((outdir / "manifest.json").read_text())["image"]["sha256"]
+            shutil.rmtree(outdir)
     content.unlink()
-    (w_dd, c_dd), (w_dm, c_dm) = med(dd), med(dm)
-    ratio = w_dd / w_dm
-    met = ratio >= MIN_SPEED_RATIO
-    return (f"| `dmimage build` {size / GiB:g} GiB raw volume, gpt | {w_dm:.2f} s "
-            f"(CPU {c_dm:.2f} s) | ≥ 50% of dd | dd {w_dd:.2f} s (CPU {c_dd:.2f} s): "
-            f"**{ratio:.0%}** | self-check | {'met' if met else 'MISSED'} |"), met
+    w_dd, c_dd = med(dd)
+    same = len(set(images.values())) == 1
+    rows, met_all = [], True
+    for label, _ in TREES:
+        w_dm, c_dm = med(dm[label])
+        ratio = w_dd / w_dm
+        met = ratio >= MIN_SPEED_RATIO and same
+        met_all &= met or bool(label)
+        check = "self-check" + ("" if same else ", image differs from the baseline's")
+        rows.append(f"| `dmimage build` {size / GiB:g} GiB raw volume, gpt{label} | "
+                    f"{w_dm:.2f} s (CPU {c_dm:.2f} s) | ≥ 50% of dd | dd {w_dd:.2f} s (CPU "
+                    f"{c_dd:.2f} s): **{ratio:.0%}** | {check} | {'met' if met else 'MISSED'} |")
+    return rows, met_all
 
 
 def main() -> int:
@@ -195,15 +232,20 @@ def main() -> int:
     ap.add_argument("--write-size", type=scale_bench.parse_size, default=GiB)
     ap.add_argument("--build-size", type=scale_bench.parse_size, default=4 * GiB)
     ap.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir)")
+    ap.add_argument("--baseline", default=None, metavar="DIR",
+                    help="another dmimage source tree, timed in the same rounds (rows "
+                    "marked 'baseline')")
     a = ap.parse_args()
+    if a.baseline:
+        TREES.append((" (baseline)", str(Path(a.baseline).resolve())))
     only = set(a.only.split(","))
     rows, ok = [], True
-    work = Path(tempfile.mkdtemp(prefix="bench-write-", dir=a.workdir))
+    work = Path(tempfile.mkdtemp(prefix="bench-write-", dir=a.workdir)).resolve()
     try:
         print(f"load average before: {load()}", file=sys.stderr)
         if "tx" in only:
-            row, met = bench_tx(work, a.repeat)
-            rows.append(row)
+            lines, met = bench_tx(work, a.repeat)
+            rows += lines
             ok &= met
             print(f"load average: {load()}", file=sys.stderr)
         if "write" in only:
@@ -212,8 +254,8 @@ def main() -> int:
             ok &= met
             print(f"load average: {load()}", file=sys.stderr)
         if "build" in only:
-            row, met = bench_build(work, a.repeat, a.build_size)
-            rows.append(row)
+            lines, met = bench_build(work, a.repeat, a.build_size)
+            rows += lines
             ok &= met
             print(f"load average: {load()}", file=sys.stderr)
     finally:

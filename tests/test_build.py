@@ -327,8 +327,9 @@ def test_bad_spec(tmp_path, capsys, text, rc, message):
 
 
 def test_interrupted_build_leaves_previous_output(tmp_path, monkeypatch):
-    """An interrupt while the image is written: the earlier build stays as it was, no temp
-    directory is left behind, nothing half-written appears under a final name."""
+    """An interrupt while the image is written (its metadata partition, after the data): the
+    earlier build stays as it was, no temp directory is left behind, nothing half-written
+    appears under a final name."""
     out = tmp_path / "out"
     first = build(load_spec(EXAMPLE), out).manifest
     before = {n: _sha(out / n) for n in os.listdir(out)}
@@ -339,7 +340,7 @@ def test_interrupted_build_leaves_previous_output(tmp_path, monkeypatch):
 
     def boom(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == 1:
             raise KeyboardInterrupt
         return real(*a, **k)
 
@@ -349,8 +350,65 @@ def test_interrupted_build_leaves_previous_output(tmp_path, monkeypatch):
     spec.write_text(text.replace('"example/', f'"{EXAMPLE.parent}/example/'))
     with pytest.raises(KeyboardInterrupt):
         build(load_spec(spec), out)
+    assert calls["n"] == 1
     assert {n: _sha(out / n) for n in os.listdir(out)} == before
     assert json.loads((out / "manifest.json").read_text()) == first
+
+
+def test_interrupt_during_self_check(tmp_path, monkeypatch):
+    """An interrupt while the self-check thread still exports: the build stops it (no thread
+    left running), removes the temp directory and leaves nothing in OUTDIR."""
+    import sys
+    import threading
+    import time
+
+    b = sys.modules["dmimage.image.build"]
+
+    real = b._CompareSink.write
+    started = threading.Event()
+
+    def slow(self, data):
+        started.set()
+        time.sleep(0.01)
+        return real(self, data)
+
+    def boom(*a, **k):
+        started.wait(10)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(b._CompareSink, "write", slow)
+    monkeypatch.setattr(b, "_file_sha", boom)
+    out = tmp_path / "new"
+    with pytest.raises(KeyboardInterrupt):
+        build(load_spec(EXAMPLE), out)
+    assert not out.exists()
+    assert not [t for t in threading.enumerate() if t.name.startswith("self-check")]
+
+
+def test_self_check_catches_a_wrong_block(tmp_path, monkeypatch, capsys):
+    """A build whose pass wrote one wrong bit fails its self-check (exit 1, one line naming
+    the thin and the byte) and leaves nothing."""
+    import dmimage.image.fill as fill
+
+    real = fill._Pass._write
+    hit: list[int] = []
+
+    def corrupt(self, first, end):
+        real(self, first, end)
+        if self.dev == 1 and not hit:  # the base's first write: one bit of its first block
+            d = self.wp.lookup(self.dev, first)[0]
+            fd = self.wp._need_data()
+            at = self.wp._data_base + d * self.bs + 100
+            os.pwrite(fd, bytes([os.pread(fd, 1, at)[0] ^ 1]), at)
+            hit.append(first * self.bs + 100)
+
+    monkeypatch.setattr(fill._Pass, "_write", corrupt)
+    out = tmp_path / "out"
+    assert main(["build", str(EXAMPLE), "-o", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"dmimage build: self-check: thin 1 (base) exports bytes that differ from "
+                   f"its content at byte {hit[0]}"), err
+    assert not out.exists()
 
 
 def test_interrupted_first_build_leaves_nothing(tmp_path, monkeypatch):

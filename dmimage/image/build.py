@@ -4,18 +4,21 @@ Order of work (nothing appears under a final name until everything is done):
 
 1. content: ext4 volumes are made from their directories (:mod:`dmimage.image.ext4`), raw
    volumes read their file; a snapshot without content shows its origin's;
-2. plan: for every volume with content, the data blocks to write — a volume without an
-   origin writes its non-zero blocks, a snapshot (a layer) the blocks that differ from its
-   origin's content (numpy, block by block), and discards blocks that became all zero;
-   the total must fit the data device;
-3. pool: ``format_pool`` on a temp metadata file, then :class:`WritablePool` creates each thin
-   or snapshot, writes its planned blocks and commits (once per volume); last the
-   transaction id;
-4. self-check: every thin is exported offline and compared, byte for byte while streaming,
-   with the content it was built from (whose sha256 the plan's read computed);
-5. output: the GPT image (temp files copied sparsely into the partitions) or the two files,
-   one table per device, activate.sh / deactivate.sh and manifest.json, renamed from
-   ``OUTDIR/.tmp-*`` into OUTDIR at the end (manifest last).
+2. pool: ``format_pool`` on a temp metadata file; the data device is the GPT image's data
+   partition itself (layout gpt: the image and its partition table are made first) or a temp
+   data file. :class:`WritablePool` creates each thin or snapshot and commits, then one pass
+   over its content (:mod:`dmimage.image.fill`) plans, writes and hashes it — a volume
+   without an origin writes its non-zero blocks, a snapshot (a layer) the blocks that differ
+   from its origin's content, and discards blocks that became all zero — and commits (the
+   data is flushed before the superblock); last the transaction id. Content that does not fit
+   the data device is a spec error naming the blocks it needs;
+3. the metadata is copied into its partition (gpt) and flushed;
+4. self-check, on a second thread while step 5 hashes the outputs: every thin is exported
+   offline and compared, byte for byte while streaming, with the content it was built from
+   (whose sha256 the pass computed);
+5. output: the image's or the files' sha256, one table per device, activate.sh /
+   deactivate.sh and manifest.json, renamed from ``OUTDIR/.tmp-*`` into OUTDIR at the end
+   (manifest last), once the self-check has passed.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,9 +40,11 @@ import numpy as np
 
 from dmimage.errors import DmimageError, OutputTooSmallError
 from dmimage.format.constants import SECTOR_SIZE
-from dmimage.image.ext4 import FileEntry
+from dmimage.image.fill import Content as _Content
+from dmimage.image.fill import fill_volume
 from dmimage.image.spec import Ext4Content, RawContent, Spec, SpecError, Volume, human
 from dmimage.pdata.cow import OutOfSpaceError
+from dmimage.thin.pool import Pool
 
 READ_BLOCKS_BYTES = 8 << 20
 Progress = Callable[[int], None]
@@ -50,20 +57,11 @@ class BuildError(DmimageError):
 
 
 @dataclass
-class _Content:
-    """A volume's visible content: *length* bytes from *path* (None: zeros), then zeros."""
-
-    path: Path | None
-    length: int
-    files: list[FileEntry] | None = None
-
-
-@dataclass
 class _Plan:
     volume: Volume
     content: _Content
-    writes: np.ndarray  # block indices to write
-    discards: np.ndarray  # block indices to unmap (became all zero)
+    writes: np.ndarray  # block indices written
+    discards: np.ndarray  # block indices unmapped (became all zero)
     sha256: str = ""  # of the intended content over the volume size
 
 
@@ -117,62 +115,40 @@ def _sha_of(c: _Content, size: int) -> str:
     return h.hexdigest()
 
 
-def _plan(v: Volume, c: _Content, base: _Content | None, bs: int) -> _Plan:
-    """The blocks to write and discard, and the content's sha256, in one read of it."""
-    writes, discards = [], []
-    h = hashlib.sha256()
+def _needed_blocks(v: Volume, c: _Content, base: _Content | None, bs: int) -> int:
+    """Data blocks the volume's content needs (counted again only to word a pool that is
+    too small: the pass that writes stops at the first block that does not fit)."""
+    n = 0
     if base is None:
-        for first, a in _chunks(c, v.size, bs):
-            _hash_volume_chunk(h, a, first, bs, v.size)
-            writes.append(first + np.flatnonzero(a.any(axis=1)))
+        for _first, a in _chunks(c, v.size, bs):
+            n += int(a.any(axis=1).sum())
     else:
-        for (first, a), (_, b) in zip(_chunks(c, v.size, bs), _chunks(base, v.size, bs),
-                                      strict=True):
-            _hash_volume_chunk(h, a, first, bs, v.size)
-            differ = (a != b).any(axis=1)
-            nonzero = a.any(axis=1)
-            writes.append(first + np.flatnonzero(differ & nonzero))
-            discards.append(first + np.flatnonzero(differ & ~nonzero))
-    def cat(xs: list[np.ndarray]) -> np.ndarray:
-        return (np.concatenate(xs).astype(np.int64) if xs else np.empty(0, np.int64))
-    return _Plan(v, c, cat(writes), cat(discards), h.hexdigest())
-
-
-def _hash_volume_chunk(h: Any, a: np.ndarray, first: int, bs: int, size: int) -> None:
-    """Feed the bytes of a chunk that lie inside the volume (its last block may be partial)."""
-    n = min(a.size, size - first * bs)
-    h.update(a.reshape(-1)[:n].data)
-
-
-def _planned_bytes(p: _Plan, bs: int) -> int:
-    """Bytes :func:`_fill_pool` will write for a plan (a volume's last block may be short)."""
-    n = len(p.writes) * bs
-    if len(p.writes) and (int(p.writes[-1]) + 1) * bs > p.volume.size:
-        n -= (int(p.writes[-1]) + 1) * bs - p.volume.size
+        for (_first, a), (_, b) in zip(_chunks(c, v.size, bs), _chunks(base, v.size, bs),
+                                       strict=True):
+            n += int(((a != b).any(axis=1) & a.any(axis=1)).sum())
     return n
 
 
-def _runs(blocks: np.ndarray) -> Iterator[tuple[int, int]]:
-    """(first, count) of consecutive runs in a sorted index array."""
-    if not len(blocks):
-        return
-    breaks = np.flatnonzero(np.diff(blocks) != 1) + 1
-    for seg in np.split(blocks, breaks):
-        yield int(seg[0]), len(seg)
+class _Cancelled(Exception):
+    """The build stopped (an error or an interrupt elsewhere): the self-check gives up."""
 
 
 class _CompareSink:
     """An export target that compares what it is given with the volume's content (the
-    content's sha256 is known from the plan: comparing bytes spares a second hash pass).
-    ``mismatch`` is the first differing byte offset, or None."""
+    content's sha256 is known from the pass that wrote it: comparing bytes spares a second
+    hash pass). ``mismatch`` is the first differing byte offset, or None. ``cancel``, once
+    set, stops the export at its next write."""
 
-    def __init__(self, c: _Content) -> None:
+    def __init__(self, c: _Content, cancel: threading.Event | None = None) -> None:
         self.c = c
         self.f = open(c.path, "rb") if c.path is not None else None  # noqa: SIM115
         self.pos = 0
         self.mismatch: int | None = None
+        self.cancel = cancel
 
     def write(self, b: bytes | memoryview) -> int:
+        if self.cancel is not None and self.cancel.is_set():
+            raise _Cancelled
         n = len(b)
         if self.mismatch is None:
             want = self._content(self.pos, n)
@@ -186,7 +162,7 @@ class _CompareSink:
     def _content(self, off: int, n: int) -> bytes:
         k = max(0, min(n, self.c.length - off))
         raw = os.pread(self.f.fileno(), k, off) if self.f is not None and k else b""
-        return raw + bytes(n - len(raw))
+        return raw + bytes(n - len(raw)) if len(raw) < n else raw
 
     def flush(self) -> None:
         pass
@@ -194,6 +170,40 @@ class _CompareSink:
     def close(self) -> None:
         if self.f is not None:
             self.f.close()
+
+
+class _DataDevice:
+    """The pool's data device as a byte range of a file (the image's data partition, or the
+    whole data file): what ``export_thin`` reads the self-check from."""
+
+    def __init__(self, path: Path, start: int, size: int) -> None:
+        self.name = str(path)
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.start, self.size = start, size
+
+    def pread(self, n: int, off: int) -> bytes:
+        return os.pread(self.fd, max(0, min(n, self.size - off)), self.start + off)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _self_check(pool: Pool, data: _DataDevice, plans: list[_Plan],
+                cancel: threading.Event) -> None:
+    """Every thin exported offline equals its content, byte for byte (BuildError if not)."""
+    from dmimage.thin.export import export_thin
+
+    for p in plans:
+        v = p.volume
+        sink = _CompareSink(p.content, cancel)
+        try:
+            export_thin(pool, data, v.id, sink, size=v.size)
+        finally:
+            sink.close()
+        if sink.mismatch is not None or sink.pos != v.size:
+            where = sink.mismatch if sink.mismatch is not None else sink.pos
+            raise BuildError(f"self-check: thin {v.id} ({v.name}) exports bytes "
+                             f"that differ from its content at byte {where}")
 
 
 def _make_file(path: Path, size: int) -> None:
@@ -206,15 +216,46 @@ def _replace_into(tmp: Path, outdir: Path, names: list[str]) -> None:
         os.replace(tmp / n, outdir / n)
 
 
+@dataclass
+class _DataTarget:
+    """Where the pool's data device is written: ``path`` from byte ``start``."""
+
+    path: Path
+    start: int
+    image: Any = None  # gpt: the Layout of the image at ``path``
+
+
+def _data_target(spec: Spec, tmp: Path) -> _DataTarget:
+    """gpt: the image with its partition table, its data partition the data device (the data
+    is written once, in place); otherwise a temp data file."""
+    from dmimage.image.gpt import create_gpt, plan_layout
+
+    ps = spec.pool
+    if spec.layout != "gpt":
+        data_tmp = tmp / "data.bin"
+        _make_file(data_tmp, ps.data_size)
+        return _DataTarget(data_tmp, 0)
+    layout = plan_layout(ps.metadata_size, ps.data_size, spec.image_size)
+    img = tmp / f"{spec.name}.img"
+    _make_file(img, layout.disk_bytes)
+    create_gpt(str(img), layout, [(_part_name(spec, "metadata"), spec.uuid5("partition:metadata")),
+                                  (_part_name(spec, "data"), spec.uuid5("partition:data"))],
+               spec.uuid5("disk"))
+    return _DataTarget(img, layout.data_start, layout)
+
+
+def _part_name(spec: Spec, role: str) -> str:
+    return f"{spec.name}-{role}"[:36]
+
+
 def build(spec: Spec, outdir: str | os.PathLike[str], *, progress: Progress | None = None,
           log: Callable[[str], None] | None = None,
           progress_total: Progress | None = None) -> BuildReport:
     """Build *spec* into *outdir*; returns the manifest. See the module docstring.
 
-    ``progress(n)`` is told of every n bytes written to the pool; ``progress_total`` of the
-    bytes that will be, once the plan knows them."""
+    ``progress(n)`` is told of every n bytes of content the pass has written; ``progress_total``
+    of the bytes it will go through."""
     from dmimage.image.ext4 import make_ext4
-    from dmimage.thin.export import export_thin
     from dmimage.thin.pool import open_pool
 
     say = log or (lambda s: None)
@@ -230,9 +271,12 @@ def build(spec: Spec, outdir: str | os.PathLike[str], *, progress: Progress | No
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     ok = False
+    cancel = threading.Event()
+    checking: Future[None] | None = None
+    data: _DataDevice | None = None
+    pool: Pool | None = None
     try:
         pool_spec = spec.pool
-        bs = pool_spec.data_block_size
         # 1. content --------------------------------------------------------------------
         contents: dict[str, _Content] = {}
         own: dict[str, bool] = {}
@@ -260,63 +304,38 @@ def build(spec: Spec, outdir: str | os.PathLike[str], *, progress: Progress | No
             else:
                 contents[lv.name] = _Content(None, 0)
         timings["content"] = time.monotonic() - t0
-        # 2. plan ------------------------------------------------------------------------
-        plans: list[_Plan] = []
-        for v in spec.volumes:
-            vc = contents[v.name]
-            if own[v.name]:
-                base = contents[v.origin] if v.origin is not None else None
-                p = _plan(v, vc, base, bs)
-            else:
-                p = _Plan(v, vc, np.empty(0, np.int64), np.empty(0, np.int64),
-                          _sha_of(vc, v.size))
-            plans.append(p)
-        needed = sum(len(p.writes) for p in plans)
-        if needed > pool_spec.nr_data_blocks:
-            raise SpecError("pool.data_size", f"{human(pool_spec.data_size)} "
-                            f"({pool_spec.nr_data_blocks} blocks of {human(bs)}) does not fit "
-                            f"the content: {needed} data blocks are needed "
-                            f"({human(needed * bs)})")
-        timings["plan"] = time.monotonic() - t0 - sum(timings.values())
+        # 2. pool: one pass per volume plans, writes and hashes its content ---------------
         if progress_total is not None:
-            progress_total(sum(_planned_bytes(p, bs) for p in plans))
-        # 3. pool ------------------------------------------------------------------------
-        meta_tmp, data_tmp = tmp / "metadata.bin", tmp / "data.bin"
+            progress_total(sum(v.size for v in spec.volumes if own[v.name]))
+        meta_tmp = tmp / "metadata.bin"
         _make_file(meta_tmp, pool_spec.metadata_size)
-        _make_file(data_tmp, pool_spec.data_size)
+        target = _data_target(spec, tmp)
         try:
-            _fill_pool(spec, plans, meta_tmp, data_tmp, progress, say)
+            plans = _fill_pool(spec, contents, own, meta_tmp, target, progress, say)
         except (OutOfSpaceError, OutputTooSmallError) as exc:
-            if str(exc).startswith("data space map"):
-                raise SpecError("pool.data_size", f"{human(pool_spec.data_size)} is too "
-                                f"small: {exc}") from None
-            raise SpecError("pool.metadata_size", f"{human(pool_spec.metadata_size)} is too "
-                            f"small: {exc}") from None
+            raise _too_small(spec, contents, own, exc) from None
         timings["pool"] = time.monotonic() - t0 - sum(timings.values())
-        # 4. self-check and facts --------------------------------------------------------
-        devices = []
-        with open_pool(meta_tmp) as pool:
-            details = pool.devices()
-            data_used = pool.data_space_map().nr_allocated
-            meta_used = pool.metadata_space_map().nr_allocated
-            for p in plans:
-                v = p.volume
-                sink = _CompareSink(p.content)
-                try:
-                    export_thin(pool, data_tmp, v.id, sink, size=v.size)
-                finally:
-                    sink.close()
-                if sink.mismatch is not None or sink.pos != v.size:
-                    where = sink.mismatch if sink.mismatch is not None else sink.pos
-                    raise BuildError(f"self-check: thin {v.id} ({v.name}) exports bytes "
-                                     f"that differ from its content at byte {where}")
-                devices.append((v, p, details[v.id].mapped_blocks, p.sha256))
-        timings["verify"] = time.monotonic() - t0 - sum(timings.values())
+        # 3. the metadata into its partition ----------------------------------------------
+        if target.image is not None:
+            _copy_metadata(meta_tmp, target)
+        # 4. self-check on a thread, beside 5 (both files opened here: 5 may rename them) ---
+        pool = open_pool(meta_tmp)
+        details = pool.devices()
+        data_used = pool.data_space_map().nr_allocated
+        meta_used = pool.metadata_space_map().nr_allocated
+        devices = [(p.volume, p, details[p.volume.id].mapped_blocks, p.sha256) for p in plans]
+        data = _DataDevice(target.path, target.start, pool_spec.data_size)
+        checker = ThreadPoolExecutor(1, thread_name_prefix="self-check")
+        checking = checker.submit(_self_check, pool, data, plans, cancel)
+        checker.shutdown(wait=False)
         # 5. outputs ---------------------------------------------------------------------
         linear = [(lv, contents[lv.name], _sha_of(contents[lv.name], lv.size))
                   for lv in spec.linear]
-        manifest = _outputs(spec, tmp, meta_tmp, data_tmp, devices, data_used, meta_used,
+        manifest = _outputs(spec, tmp, meta_tmp, target, devices, data_used, meta_used,
                             linear)
+        t_out = time.monotonic()
+        checking.result()
+        timings["verify"] = time.monotonic() - t_out  # the self-check's wait after step 5
         finals = manifest["_files"]
         del manifest["_files"]
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -326,6 +345,16 @@ def build(spec: Spec, outdir: str | os.PathLike[str], *, progress: Progress | No
         ok = True
         return BuildReport(out, manifest, timings)
     finally:
+        if checking is not None and not ok:
+            cancel.set()
+            try:
+                checking.result()
+            except BaseException:  # noqa: S110 - already failing: that error is the one reported
+                pass
+        if pool is not None:
+            pool.close()
+        if data is not None:
+            data.close()
         shutil.rmtree(tmp, ignore_errors=True)
         if not ok and created_outdir:
             try:
@@ -334,39 +363,74 @@ def build(spec: Spec, outdir: str | os.PathLike[str], *, progress: Progress | No
                 pass
 
 
-def _fill_pool(spec: Spec, plans: list[_Plan], meta_tmp: Path, data_tmp: Path,
-               progress: Progress | None, say: Callable[[str], None]) -> None:
-    """format_pool, then every thin/snapshot with its planned writes and discards."""
+def _too_small(spec: Spec, contents: dict[str, _Content], own: dict[str, bool],
+               exc: Exception) -> SpecError:
+    """The spec error for a pool that ran out of space: the data blocks the content needs
+    when the data device is short of them, else the device that filled up."""
+    ps = spec.pool
+    bs = ps.data_block_size
+    needed = sum(_needed_blocks(v, contents[v.name],
+                                contents[v.origin] if v.origin is not None else None, bs)
+                 for v in spec.volumes if own[v.name])
+    if needed > ps.nr_data_blocks:
+        return SpecError("pool.data_size", f"{human(ps.data_size)} ({ps.nr_data_blocks} "
+                         f"blocks of {human(bs)}) does not fit the content: {needed} data "
+                         f"blocks are needed ({human(needed * bs)})")
+    if str(exc).startswith("data space map"):
+        return SpecError("pool.data_size", f"{human(ps.data_size)} is too small: {exc}")
+    return SpecError("pool.metadata_size", f"{human(ps.metadata_size)} is too small: {exc}")
+
+
+def _copy_metadata(meta_tmp: Path, target: _DataTarget) -> None:
+    """The metadata file into the image's first partition, sparsely, then flushed (the data
+    partition was flushed by the pool's commits, before any superblock)."""
+    from dmimage.image.sparse import copy_sparse
+
+    layout = target.image
+    fd = os.open(target.path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        sfd = os.open(meta_tmp, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            copy_sparse(sfd, 0, fd, layout.meta_start, layout.meta_size)
+        finally:
+            os.close(sfd)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fill_pool(spec: Spec, contents: dict[str, _Content], own: dict[str, bool],
+               meta_tmp: Path, target: _DataTarget, progress: Progress | None,
+               say: Callable[[str], None]) -> list[_Plan]:
+    """format_pool, then every thin/snapshot, its content written in one pass
+    (:func:`dmimage.image.fill.fill_volume`), one commit each; the plans it carried out."""
     from dmimage.thin.format_pool import format_pool
     from dmimage.thin.transaction import open_writable
 
     pool_spec = spec.pool
-    bs = pool_spec.data_block_size
     format_pool(meta_tmp, pool_spec.block_sectors, pool_spec.nr_data_blocks)
     ids = {v.name: v.id for v in spec.volumes}
-    with open_writable(meta_tmp, data_tmp) as wp:
-        for p in plans:
-            v = p.volume
+    plans: list[_Plan] = []
+    shas: dict[tuple[int, int], str] = {}  # (id of a content, size) -> its sha256
+    empty = np.empty(0, np.int64)
+    with open_writable(meta_tmp, target.path, data_offset=target.start) as wp:
+        for v in spec.volumes:
+            vc = contents[v.name]
             if v.origin is None:
                 wp.create_thin(v.id)
             else:
                 wp.create_snap(v.id, ids[v.origin])
             wp.commit()
-            if len(p.writes) or len(p.discards):
-                with open(p.content.path, "rb") as f:  # type: ignore[arg-type]
-                    for first, count in _runs(p.writes):
-                        off = first * bs
-                        end = min((first + count) * bs, v.size)
-                        in_file = max(0, min(end, p.content.length) - off)
-                        if in_file:  # copied file to file by the kernel
-                            wp.write_file(v.id, off, f.fileno(), off, in_file, progress)
-                        if end - off > in_file:  # past the content: zeros
-                            wp.write(v.id, off + in_file, bytes(end - off - in_file))
-                            if progress:
-                                progress(end - off - in_file)
-                for first, count in _runs(p.discards):
-                    wp.discard(v.id, first * bs, count * bs)
+            if own[v.name]:
+                base = contents[v.origin] if v.origin is not None else None
+                done = fill_volume(wp, v.id, v.size, vc, base, progress)
+                p = _Plan(v, vc, done.writes, done.discards, done.sha256)
                 wp.commit()
+            else:
+                sha = shas.get((id(vc), v.size)) or _sha_of(vc, v.size)
+                p = _Plan(v, vc, empty, empty, sha)
+            shas[(id(vc), v.size)] = p.sha256
+            plans.append(p)
             say(f"{v.dm_name}: id {v.id}, {human(v.size)}"
                 + (f", snapshot of {v.origin}" if v.origin else "")
                 + f", {len(p.writes)} blocks written"
@@ -374,14 +438,13 @@ def _fill_pool(spec: Spec, plans: list[_Plan], meta_tmp: Path, data_tmp: Path,
         if pool_spec.transaction_id != wp.trans_id:
             wp.set_transaction_id(wp.trans_id, pool_spec.transaction_id)
             wp.commit()
+    return plans
 
 
-def _outputs(spec: Spec, tmp: Path, meta_tmp: Path, data_tmp: Path, devices: list[Any],
+def _outputs(spec: Spec, tmp: Path, meta_tmp: Path, target: _DataTarget, devices: list[Any],
              data_used: int, meta_used: int,
              linear: list[tuple[Any, _Content, str]] | None = None) -> dict[str, Any]:
-    from dmimage.image.gpt import create_gpt, plan_layout
     from dmimage.image.scripts import activation_script, deactivation_script
-    from dmimage.image.sparse import copy_sparse
     from dmimage.table import DmDevice, Entry, Table, Thin, ThinPool, dm_mod_create, format_table
     from dmimage.table.errors import TableError
 
@@ -392,31 +455,16 @@ def _outputs(spec: Spec, tmp: Path, meta_tmp: Path, data_tmp: Path, devices: lis
     if spec.layout == "lvm":
         from dmimage.image.lvm_image import write_lvm_image
 
-        m.update(write_lvm_image(spec, tmp, meta_tmp, data_tmp, devices,
+        m.update(write_lvm_image(spec, tmp, meta_tmp, target.path, devices,
                                  [(lv, c.path, c.length, sha) for lv, c, sha in linear or []]))
         return m
     if spec.layout == "gpt":
-        layout = plan_layout(ps.metadata_size, ps.data_size, spec.image_size)
+        layout = target.image  # made, filled and flushed by then (build steps 2 and 3)
         meta_uuid, data_uuid = spec.uuid5("partition:metadata"), spec.uuid5("partition:data")
         disk_guid = spec.uuid5("disk")
-        img_name = f"{spec.name}.img"
-        img = tmp / img_name
-        _make_file(img, layout.disk_bytes)
-        meta_pname, data_pname = f"{spec.name}-metadata"[:36], f"{spec.name}-data"[:36]
-        create_gpt(str(img), layout, [(meta_pname, meta_uuid), (data_pname, data_uuid)],
-                   disk_guid)
-        fd = os.open(img, os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            for src, start, size in ((meta_tmp, layout.meta_start, layout.meta_size),
-                                     (data_tmp, layout.data_start, layout.data_size)):
-                sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    copy_sparse(sfd, 0, fd, start, size)
-                finally:
-                    os.close(sfd)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        img = target.path
+        img_name = img.name
+        meta_pname, data_pname = _part_name(spec, "metadata"), _part_name(spec, "data")
         files.append(img_name)
         meta_ref = f"/dev/disk/by-partuuid/{meta_uuid}"
         data_ref = f"/dev/disk/by-partuuid/{data_uuid}"
@@ -431,7 +479,7 @@ def _outputs(spec: Spec, tmp: Path, meta_tmp: Path, data_tmp: Path, devices: lis
     else:
         meta_file, data_file = f"{spec.name}.meta", f"{spec.name}.data"
         os.replace(meta_tmp, tmp / meta_file)
-        os.replace(data_tmp, tmp / data_file)
+        os.replace(target.path, tmp / data_file)
         files += [meta_file, data_file]
         meta_ref, data_ref = "METADATA_DEV", "DATA_DEV"
         m["files"] = {"metadata": {"file": meta_file, "size": ps.metadata_size,

@@ -137,9 +137,11 @@ class WritablePool:
 
     def __init__(self, metadata: str | os.PathLike[str],
                  data: str | os.PathLike[str] | None = None, *,
-                 fd: int | None = None, reader: BlockReader | None = None):
+                 fd: int | None = None, reader: BlockReader | None = None,
+                 data_offset: int = 0):
         """``fd`` (opened read-write) and ``reader`` reuse what the caller already opened of
-        ``metadata``; both are left open."""
+        ``metadata``; both are left open. ``data_offset``: the byte of ``data`` where the data
+        device starts (a partition inside a disk image that a build writes directly)."""
         self.path = os.fspath(metadata)
         self._fd = -1
         self._own_fd = fd is None
@@ -151,6 +153,7 @@ class WritablePool:
             self._locks.release()
             raise DeviceError(f"{self.path}: {exc.strerror}") from None
         self._data_fd: int | None = None
+        self._data_base = data_offset
         self._pool: Pool | None = None
         try:
             if data is not None:
@@ -355,7 +358,7 @@ class WritablePool:
         """A data block as this transaction sees it (its pending writes applied)."""
         fd = self._need_data()
         bs = self.block_bytes
-        buf = os.pread(fd, bs, block * bs)
+        buf = os.pread(fd, bs, self._data_base + block * bs)
         if len(buf) != bs:
             raise DeviceError(f"data device too short for data block {block}")
         pending = self._pending.get(block)
@@ -378,7 +381,8 @@ class WritablePool:
             pending.append((offset, bytes(buf)))
             return
         fd = self._need_data()
-        pwrite_all(fd, [memoryview(buf).cast("B")], block * self.block_bytes + offset)
+        pwrite_all(fd, [memoryview(buf).cast("B")],
+                   self._data_base + block * self.block_bytes + offset)
 
     def _write_new_block(self, block: int, within: int, chunk: bytes) -> None:
         """A new (zero-filled) block holding ``chunk`` at ``within``, in one pwritev."""
@@ -387,7 +391,8 @@ class WritablePool:
             self._zeros = memoryview(bytes(bs))
         fd = self._need_data()
         z = self._zeros
-        pwrite_all(fd, [z[:within], memoryview(chunk), z[: bs - within - len(chunk)]], block * bs)
+        pwrite_all(fd, [z[:within], memoryview(chunk), z[: bs - within - len(chunk)]],
+                   self._data_base + block * bs)
 
     def _is_shared(self, dev: int, time: int) -> bool:
         """The kernel's rule (`__snapshotted_since`): a mapping older than the device's last
@@ -516,7 +521,8 @@ class WritablePool:
         place (``get(i)``: the bytes of block i of the range); every other block gets a new
         data block (no old content to keep), allocated, written in runs (``put(i, k, byte
         offset)``: blocks i..i+k of the range, one call per run of consecutive data blocks)
-        and mapped with one bulk insert."""
+        and mapped with one bulk insert. The byte offset is the data file's (``data_offset``
+        included)."""
         bs = self.block_bytes
         d = self.details[dev]
         keys, vals = self.tx.range_items(root, vfirst, vfirst + n, BOTTOM)
@@ -535,7 +541,7 @@ class WritablePool:
         # runs where both the virtual and the data blocks are consecutive
         brk = np.flatnonzero((np.diff(blocks) != 1) | (np.diff(vblocks) != 1)) + 1
         for a, z in zip([0, *brk.tolist()], [*brk.tolist(), len(blocks)], strict=True):
-            put(int(vblocks[a]) - vfirst, z - a, int(blocks[a]) * bs)
+            put(int(vblocks[a]) - vfirst, z - a, self._data_base + int(blocks[a]) * bs)
         values = pack_mappings(blocks.astype(np.uint64),
                                np.full(len(blocks), self.time, np.uint64))
         root, replaced = self.tx.insert_many(root, vblocks.tolist(), values.tolist(), BOTTOM)
@@ -686,7 +692,7 @@ class WritablePool:
             bs = self.block_bytes
             for b, pieces in sorted(self._pending.items()):
                 for off, piece in pieces:
-                    pwrite_all(fd, [memoryview(piece)], b * bs + off)
+                    pwrite_all(fd, [memoryview(piece)], self._data_base + b * bs + off)
         if self._data_fd is not None:
             os.fsync(self._data_fd)
         for b, buf in sorted(blocks):
@@ -739,9 +745,10 @@ class WritablePool:
 
 
 def open_writable(metadata: str | os.PathLike[str],
-                  data: str | os.PathLike[str] | None = None) -> WritablePool:
+                  data: str | os.PathLike[str] | None = None, *,
+                  data_offset: int = 0) -> WritablePool:
     """Open a pool for offline edits (see :class:`WritablePool`)."""
-    return WritablePool(metadata, data)
+    return WritablePool(metadata, data, data_offset=data_offset)
 
 
 __all__ = ["WritablePool", "open_writable", "PoolStateError", "Details", "replace",
