@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -179,3 +180,77 @@ def test_copy_reads_through_its_own_descriptor(tmp_path: Path,
                 os.fstat(f)
     finally:
         os.close(fd)
+
+
+@pytest.fixture(scope="module")
+def built_root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    from docker_inputs import spec_text, write_inputs
+
+    from dmimage.image.docker_store import build_docker_store, load_docker_spec
+
+    work = tmp_path_factory.mktemp("dsave")
+    inp = write_inputs(work / "inputs")
+    spec = work / "seed.toml"
+    spec.write_text(spec_text("seed", ["inputs/rich.tar"]))
+    build_docker_store(load_docker_spec(spec), work / "root")
+    return work / "root", inp
+
+
+def _copy_store(src: Path, dst: Path) -> None:
+    import shutil
+    import subprocess
+
+    shutil.copytree(src, dst, ignore=lambda d, names: (
+        ["data"] if d.endswith("devicemapper/devicemapper") else []))
+    subprocess.run(["cp", "--sparse=always", str(src / "devicemapper/devicemapper/data"),
+                    str(dst / "devicemapper/devicemapper/data")], check=True)
+
+
+def _tar_split_of(root: Path, inp: Any, layer: str) -> Path:
+    from dmimage.docker.store import open_store
+
+    store = open_store(root)
+    got = next(x for x in store.layers.values() if x.diff_id == inp.diff_id(layer))
+    assert got.tar_split is not None
+    return root / got.tar_split
+
+
+def _flip_first_byte(ts: Path) -> None:
+    lines = gzip.decompress(ts.read_bytes()).splitlines()
+    seg = json.loads(lines[0])
+    raw = bytearray(base64.b64decode(seg["payload"]))
+    raw[0] ^= 1
+    seg["payload"] = base64.b64encode(bytes(raw)).decode()
+    lines[0] = json.dumps(seg, separators=(",", ":")).encode()
+    ts.write_bytes(gzip.compress(b"\n".join(lines) + b"\n"))
+
+
+@pytest.mark.parametrize("first_bad", [False, True])
+def test_error_order_while_copies_run(built_root: tuple[Path, Any], tmp_path: Path,
+                                      first_bad: bool) -> None:
+    """Layer copies start while the next layer's tar-split is still being read: a later
+    layer's unreadable tar-split is the error when the earlier copies are sound; when an
+    earlier layer fails its diff id, that one is named (tar order), and no output is
+    left either way."""
+    import subprocess
+    import sys
+
+    src, inp = built_root
+    root = tmp_path / "root"
+    _copy_store(src, root)
+    first = _tar_split_of(root, inp, "l1")
+    later = _tar_split_of(root, inp, "l3")
+    later.write_bytes(b"not gzip")
+    if first_bad:
+        _flip_first_byte(first)
+    out = tmp_path / "s.tar"
+    res = subprocess.run([sys.executable, "-m", "dmimage", "docker", "save", str(root),
+                          "rich:2", "-o", str(out)], capture_output=True, text=True,
+                         check=False)
+    err = res.stderr.strip()
+    assert res.returncode == 1 and "\n" not in err and "Traceback" not in err, err
+    if first_bad:
+        assert str(first.relative_to(root)) in err and "diff id" in err, err
+    else:
+        assert str(later.relative_to(root)) in err and "gzip" in err, err
+    assert not out.exists() and not list(tmp_path.glob(".s.tar.*"))
