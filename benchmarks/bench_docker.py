@@ -8,14 +8,17 @@ then times the whole command, Python start-up included.
 The save stores are made by ``dmimage build`` (layout "docker-devicemapper"), one image of
 two layers holding --save-mib MiB of files, "large" (4 MiB and 300 KB files, a few small) and
 "small" (a root filesystem's sizes); --workdir keeps them between runs. save is timed
-in-process into /dev/null; the baselines read the same bytes (the data file ranges save
-copies file contents from, merged, in offset order) with preadv into one reused 1 MiB
-buffer, once plainly and once hashing them with sha256 (the least a save that checks every
-layer's diff id must do); save runs as by default (each layer tar checked against its diff
-id) and with ``--no-verify`` (nothing hashed). Hot: from the page cache (each is run once
-before timing); with --cold also after ``echo 3 > /proc/sys/vm/drop_caches`` before every
-run (root). Runs are interleaved; wall and CPU (all threads) are printed with the load
-average.
+in-process into /dev/null, and into a file beside the store ("save -> file"; its pages are
+written out and evicted after each run, untimed); the baselines read the same bytes (the
+data file ranges save copies file contents from, merged, in offset order) with preadv into
+one reused 1 MiB buffer, once plainly and once hashing them with sha256 (the least a save
+that checks every layer's diff id must do); save runs as by default (each layer tar checked
+against its diff id) and with ``--no-verify`` (nothing hashed). Hot: from the page cache
+(each is run once before timing). Cold (--cold): every file of the data root and the output
+are evicted from the page cache with ``posix_fadvise(POSIX_FADV_DONTNEED)`` before every
+run (no root needed, and nobody else's cache is touched); a probe with
+``preadv2(RWF_NOWAIT)`` reports how many data pages were still cached. Runs are
+interleaved; wall and CPU (all threads) are printed with the load average.
 
     python benchmarks/bench_docker.py [--images 500] [--containers 1000] [--repeat 5]
                                       [--save-mib 256] [--save-kinds large,small] [--cold]
@@ -178,17 +181,56 @@ def _save_store(work: Path, kind: str, mib: int) -> tuple[Path, int]:
     return root, files
 
 
-def _drop_caches() -> bool:
-    """Empty the page cache (root only): the next reads come from the disk."""
+def _files_under(root: Path) -> list[str]:
+    """Every regular file of a data root (symlinks not followed): what save may read."""
     import os
 
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
+    out = []
+    for d, _, names in os.walk(root):
+        for n in names:
+            p = os.path.join(d, n)
+            if os.path.isfile(p) and not os.path.islink(p):
+                out.append(p)
+    return out
+
+
+def _evict(paths: list[str]) -> None:
+    """Drop these files' pages from the page cache (``POSIX_FADV_DONTNEED``: no root, and
+    only these files; dirty pages are written first, or the kernel keeps them), so the
+    next reads come from the device."""
+    import os
+
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _resident(fd: int, ranges: list[tuple[int, int]], probes: int = 256) -> float:
+    """The share of *probes* pages spread over *ranges* that are in the page cache (a
+    ``preadv2(RWF_NOWAIT)`` of one byte fails with EAGAIN when its page is not)."""
+    import os
+
+    if not ranges:
+        return 0.0
+    step = max(1, len(ranges) // probes)
+    buf = bytearray(1)
+    hit = tried = 0
+    for s, n in ranges[::step]:
+        for off in (s, s + n // 2):
+            tried += 1
+            try:
+                os.preadv(fd, [buf], off, os.RWF_NOWAIT)
+                hit += 1
+            except BlockingIOError:
+                pass
+    return hit / tried
 
 
 def bench_save(work: Path, kinds: list[str], mib: int, repeat: int, cold: bool) -> None:
@@ -230,37 +272,45 @@ def _bench_save_one(kind: str, root: Path, files: int, repeat: int, cold: bool) 
                     h.update(mv[:k])
                 o += k
 
-    def do_save(verify: bool) -> None:
-        with open(os.devnull, "wb") as f:
+    out_path = root.parent / f"{root.name}.out.tar"
+
+    def do_save(verify: bool, to: str = os.devnull) -> None:
+        with open(to, "wb") as f:
             sv.save(store, ["big:1"], f, verify=verify)
 
     fns = {"read": lambda: read(False), "read+sha256": lambda: read(True),
-           "save": lambda: do_save(True), "save --no-verify": lambda: do_save(False)}
+           "save": lambda: do_save(True), "save --no-verify": lambda: do_save(False),
+           "save -> file": lambda: do_save(True, str(out_path))}
+    root_files = _files_under(root)
     print(f"{kind}: {files} files, {tar_bytes / 1e6:.1f} MB of layer tars, "
           f"{nbytes / 1e6:.1f} MB of file data in {len(ranges)} ranges of the data file")
-    modes = [("hot", False)] + ([("cold", True)] if cold else [])
-    for mode, drop in modes:
-        if drop and not _drop_caches():
-            print("cold: cannot write /proc/sys/vm/drop_caches (not root): skipped")
-            continue
-        if not drop:
+    for mode in ["hot"] + (["cold"] if cold else []):
+        if mode == "hot":
             for fn in fns.values():
                 fn()
         res: dict[str, list[tuple[float, float]]] = {k: [] for k in fns}
+        resident: list[float] = []
         load0 = os.getloadavg()[0]
         for _ in range(repeat):
             for name, fn in fns.items():
-                if drop:
-                    _drop_caches()
+                if mode == "cold":
+                    # the whole data root (tar-splits, JSON, pool metadata, data file) and
+                    # the last output leave the page cache before every run
+                    _evict([*root_files, str(out_path)])
+                    resident.append(_resident(fd, ranges))
                 r0 = resource.getrusage(resource.RUSAGE_SELF)
                 t = time.perf_counter()
                 fn()
                 w = time.perf_counter() - t
                 r1 = resource.getrusage(resource.RUSAGE_SELF)
                 res[name].append((w, r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime))
+                if name == "save -> file":  # its dirty pages written out, not timed
+                    _evict([str(out_path)])
         load1 = os.getloadavg()[0]
+        extra = (f"; before each run {100 * max(resident):.0f}% of probed data pages "
+                 "were cached") if resident else ""
         print(f"{kind}, {mode} cache, {repeat} interleaved runs, load average "
-              f"{load0:.1f} -> {load1:.1f}:")
+              f"{load0:.1f} -> {load1:.1f}{extra}:")
         base = 0.0
         for name, v in res.items():
             wall = statistics.median(x[0] for x in v)
@@ -271,6 +321,7 @@ def _bench_save_one(kind: str, root: Path, files: int, repeat: int, cold: bool) 
             print(f"  {name:16s} wall median {wall:.3f} s ({mbw:.0f} MB/s, "
                   f"{100 * mbw / base:.0f}% of read; best {best:.0f} MB/s), CPU median "
                   f"{cpu:.3f} s ({nbytes / cpu / 1e6:.0f} MB/s of CPU)")
+    out_path.unlink(missing_ok=True)
     os.close(fd)
 
 
@@ -282,7 +333,8 @@ def main() -> int:
     ap.add_argument("--save-mib", type=int, default=256)
     ap.add_argument("--save-kinds", default="large,small")
     ap.add_argument("--cold", action="store_true",
-                    help="also from an empty page cache (drops it: root only)")
+                    help="also cold: the data root's files and the output evicted from the "
+                    "page cache (posix_fadvise DONTNEED) before every run")
     ap.add_argument("--workdir", default=None,
                     help="keep the save stores here between runs (default: a temp dir)")
     ap.add_argument("--only", choices=["ls", "save"])

@@ -146,34 +146,54 @@ def _workers() -> int:
         return os.cpu_count() or 1
 
 
-def _run_parallel(jobs: list[_Job], data_fd: int, out_fd: int, verify: bool) -> None:
-    """The layer tars rebuilt at once, one per core, each written at its offset; the first
-    failure (in tar order) is raised, the other copies stop early."""
-    abort = threading.Event()
-    errors: dict[int, BaseException] = {}
+class _Parallel:
+    """Layer tars rebuilt at once, one per core, each written at its offset, started as soon
+    as the main thread has placed them (its tar-split parse of the next layer then overlaps
+    the copy of this one). The first failure in tar order is raised; once a copy has failed
+    the others stop early."""
 
-    def one(i: int) -> None:
-        job = jobs[i]
+    def __init__(self, data_fd: int, out_fd: int, verify: bool) -> None:
+        self.data_fd = data_fd
+        self.out_fd = out_fd
+        self.verify = verify
+        self.abort = threading.Event()
+        self.errors: dict[int, BaseException] = {}
+        self.n = 0
+        self.finished = False
+        self.ex = ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="save")
+
+    def _one(self, i: int, job: _Job) -> None:
         try:
-            _run(job, data_fd, positional_sink(out_fd, job.offset), abort, verify=verify)
+            _run(job, self.data_fd, positional_sink(self.out_fd, job.offset), self.abort,
+                 verify=self.verify)
         except Aborted:
             pass
         except BaseException as exc:
-            errors[i] = exc
-            abort.set()
+            self.errors[i] = exc
+            self.abort.set()
 
-    order = sorted(range(len(jobs)), key=lambda i: -jobs[i].size)  # big ones first
-    ex = ThreadPoolExecutor(max_workers=min(_workers(), len(jobs)), thread_name_prefix="save")
-    try:
-        for f in [ex.submit(one, i) for i in order]:
-            f.result()
-    except BaseException:  # Ctrl-C: the copies stop at their next buffer
-        abort.set()
-        raise
-    finally:
-        ex.shutdown(wait=True)
-    if errors:
-        raise errors[min(errors)]
+    def submit(self, job: _Job) -> None:
+        if self.abort.is_set():  # a copy failed: nothing more is started
+            raise self.errors[min(self.errors)]
+        self.ex.submit(self._one, self.n, job)
+        self.n += 1
+
+    def finish(self, failed: BaseException | None = None) -> None:
+        """Wait for the copies and raise the first failure in tar order. *failed*: the main
+        thread's own error, which lies after every submitted layer: the copies still run to
+        their end, so the error named is the one a save into a pipe (one layer after the
+        other) names; an interrupt stops them at their next buffer."""
+        self.finished = True
+        if failed is not None and not isinstance(failed, Exception):
+            self.abort.set()
+        try:
+            self.ex.shutdown(wait=True)
+        except BaseException:  # Ctrl-C while waiting
+            self.abort.set()
+            self.ex.shutdown(wait=True)
+            raise
+        if self.errors:
+            raise self.errors[min(self.errors)]
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -216,7 +236,7 @@ def _save(store: Store, images: dict[str, tuple[Image, list[str]]], out: BinaryI
     written: set[str] = set()
     by_diff: dict[str, str] = {}  # diff id -> the v1 id its layer.tar was written under
     parallel = _positional(out)
-    jobs: list[_Job] = []
+    copies = _Parallel(data_fd, out.fileno(), verify) if parallel else None
     try:
         # a pipe cannot tell() its position: tarfile's stream mode then
         mode: Literal["w", "w|"] = "w" if parallel or _seekable(out) else "w|"
@@ -258,9 +278,9 @@ def _save(store: Store, images: dict[str, tuple[Image, list[str]]], out: BinaryI
                         tar.addfile(ti)  # the header only
                         job.offset = tar.offset
                         pad = -job.size % tarfile.BLOCKSIZE
-                        if parallel:  # the data is written later, at its offset
+                        if copies is not None:  # written by another thread, at its offset
+                            copies.submit(job)
                             fobj.seek(job.offset + job.size)
-                            jobs.append(job)
                         else:
                             # through tarfile's file object: in stream mode it buffers
                             _run(job, data_fd, lambda chunk, _off: sink.write(chunk),
@@ -280,9 +300,13 @@ def _save(store: Store, images: dict[str, tuple[Image, list[str]]], out: BinaryI
             if repos:
                 _add_bytes(tar, "repositories", json.dumps(repos).encode() + b"\n")
             _add_bytes(tar, "manifest.json", json.dumps(manifest).encode() + b"\n")
-            if jobs:
+            if copies is not None:
                 out.flush()
-                _run_parallel(jobs, data_fd, out.fileno(), verify)
+                copies.finish()
+    except BaseException as exc:
+        if copies is not None and not copies.finished:
+            copies.finish(exc)  # raises a copy's error of an earlier layer first
+        raise
     finally:
         os.close(data_fd)
     return list(images)

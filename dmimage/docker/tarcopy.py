@@ -7,7 +7,13 @@ left them in). Data file ranges that follow each other (gaps of up to
 with an iovec per piece, so a run of small files costs one system call, not one per file.
 One thread fills the next buffer while the caller hashes the previous one and writes it;
 ``preadv``, ``hashlib`` (on buffers of 2 KiB and more) and ``pwrite`` all release the GIL, so
-the read and the hash run on two cores."""
+the read and the hash run on two cores.
+
+From a cold cache the reads wait for the device: the filler keeps ``AHEAD`` bytes of the
+coming data file ranges requested with ``posix_fadvise(WILLNEED)`` (the kernel reads them
+asynchronously), so the device always has work queued while a buffer is hashed; and each
+copy reads through a descriptor of its own, so parallel copies do not share (and defeat)
+one file's readahead state."""
 
 from __future__ import annotations
 
@@ -24,6 +30,9 @@ from dmimage.errors import DeviceError
 BATCH = 1 << 20
 GAP = 64 << 10
 BUFFERS = 4
+AHEAD = 32 << 20  # data file bytes requested ahead of the reads
+HINT_GAP = 256 << 10  # ranges closer than this are requested as one (the gap is cheap)
+HINT_MAX = 8 << 20  # the largest single request
 try:
     IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX"))
 except (ValueError, OSError):  # pragma: no cover - every Linux has it
@@ -72,10 +81,50 @@ def _preadv_all(fd: int, iov: list[memoryview], off: int) -> None:
             iov = [iov[0][got:], *iov[1:]]
 
 
+class _Hints:
+    """Requests the plan's data file ranges ``AHEAD`` bytes before they are read. A hint
+    is only advice: any error (a descriptor that refuses it) just stops the hints."""
+
+    def __init__(self, plan: Plan, fd: int) -> None:
+        spans: list[list[int]] = []
+        for n, src in plan.pieces:
+            if isinstance(src, int):
+                if spans and spans[-1][1] <= src <= spans[-1][1] + HINT_GAP:
+                    spans[-1][1] = max(spans[-1][1], src + n)
+                else:
+                    spans.append([src, src + n])
+        self.spans = spans
+        self.fd = fd
+        self.i = 0  # next span to request (from self.at)
+        self.at = spans[0][0] if spans else 0
+        self.hinted = 0  # bytes requested so far
+
+    def advance(self, read: int) -> None:
+        """Request more, up to AHEAD bytes beyond *read* data bytes already read."""
+        spans = self.spans
+        while self.i < len(spans) and self.hinted < read + AHEAD:
+            end = spans[self.i][1]
+            n = min(end - self.at, HINT_MAX)
+            try:
+                os.posix_fadvise(self.fd, self.at, n, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                self.i = len(spans)
+                return
+            self.hinted += n
+            self.at += n
+            if self.at >= end:
+                self.i += 1
+                if self.i < len(spans):
+                    self.at = spans[self.i][0]
+
+
 def _fill(plan: Plan, fd: int, free: queue.Queue[bytearray],
           full: queue.Queue[tuple[bytearray, int] | BaseException | None],
           stop: threading.Event) -> None:
     try:
+        hints = _Hints(plan, fd)
+        hints.advance(0)
+        read = 0  # data file bytes read so far
         buf = free.get()
         mv = memoryview(buf)
         pos = 0
@@ -101,6 +150,7 @@ def _fill(plan: Plan, fd: int, free: queue.Queue[bytearray],
                         iov = [mv[pos:pos + take]]
                         run_src = s
                     run_end = s + take
+                    read += take
                 pos += take
                 off += take
                 if pos == BATCH:
@@ -108,6 +158,7 @@ def _fill(plan: Plan, fd: int, free: queue.Queue[bytearray],
                         _preadv_all(fd, iov, run_src)
                         iov = []
                     full.put((buf, pos))
+                    hints.advance(read)
                     buf = free.get()
                     if stop.is_set():
                         raise Aborted
@@ -124,6 +175,15 @@ def _fill(plan: Plan, fd: int, free: queue.Queue[bytearray],
         full.put(exc)
 
 
+def _own_descriptor(fd: int) -> int:
+    """A new open file description of *fd*'s file (its own readahead state), or *fd* itself
+    if /proc cannot give one."""
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:  # pragma: no cover - no /proc
+        return fd
+
+
 def copy_plan(plan: Plan, fd: int, sink: Sink, *, expect_digest: str, where: str,
               abort: threading.Event | None = None, verify: bool = True) -> None:
     """Write the layer tar of *plan* to *sink*, reading the pool's data file *fd*; its
@@ -131,6 +191,17 @@ def copy_plan(plan: Plan, fd: int, sink: Sink, *, expect_digest: str, where: str
     caller removes the output). *abort* set by another thread stops the copy early. With
     *verify* false nothing is hashed: the copy is then bounded by the reads, not by sha256,
     and only the plan's structure (sizes, names, extents) was checked."""
+    own = _own_descriptor(fd)
+    try:
+        _copy_plan(plan, own, sink, expect_digest=expect_digest, where=where, abort=abort,
+                   verify=verify)
+    finally:
+        if own != fd:
+            os.close(own)
+
+
+def _copy_plan(plan: Plan, fd: int, sink: Sink, *, expect_digest: str, where: str,
+               abort: threading.Event | None = None, verify: bool = True) -> None:
     free: queue.Queue[bytearray] = queue.Queue()
     bufs = [_buffer() for _ in range(BUFFERS)]
     for b in bufs:
