@@ -69,6 +69,48 @@ setup_guest_debs() {
     .venv/bin/python -c "from dmimage.guest.docker import debs_root; debs_root()" >/dev/null
 }
 
+# Unit and differential tests, and the VM tests, side by side on both cores. The VM part leaves
+# ~10% of the two cores idle (guests waiting; its last groups finishing one per core: measured
+# with /proc/stat over a quiet CI run, docs/vm.md) and holds the long chains (module scenarios
+# of 30-70 s), so it runs at normal priority and the unit tests, at nice 5 with their output
+# in a file printed afterwards, fill what it leaves. VM tests: xdist groups per (file, kernel,
+# shared module fixture), heaviest first, each worker with its own guests restored from the
+# saved VM state (~/.cache/dmimage/vmstate) in about a second; lvm2/dockerd tests on deb12
+# only (vmtests/conftest.py, docs/vm.md). Each part prints its wall time; any failure fails.
+# DMIMAGE_TEST_OVERLAP=0 runs the parts one after the other (to time each alone).
+run_tests() {
+    unit_log=$(mktemp "${TMPDIR:-/tmp}/dmimage-unit.XXXXXX")
+    overlap=${DMIMAGE_TEST_OVERLAP:-1}
+    t0=$(date +%s)
+    unit_rc=0
+    if [ "$overlap" = 0 ]; then
+        .venv/bin/python -m pytest -q -n 2 tests || unit_rc=$?
+        date +%s >"$unit_log.end"
+    else
+        ( rc=0; nice -n 5 .venv/bin/python -m pytest -q -n 2 tests >"$unit_log" 2>&1 || rc=$?
+          date +%s >"$unit_log.end"; exit "$rc" ) &
+        unit_pid=$!
+    fi
+    t_vm0=$(date +%s)
+    vm_rc=0
+    DMIMAGE_VM_REQUIRED=1 DMIMAGE_VM_KERNELS=${DMIMAGE_VM_KERNELS:-deb12,deb13} \
+        .venv/bin/python -m pytest -q -n 2 --dist loadgroup vmtests || vm_rc=$?
+    t_vm=$(date +%s)
+    if [ "$overlap" != 0 ]; then
+        wait "$unit_pid" || unit_rc=$?
+        echo "bootstrap: the unit tests' output (run at nice 5 beside the VM tests):" >&2
+        cat "$unit_log"
+    fi
+    t_unit=$(cat "$unit_log.end")
+    echo "bootstrap: unit tests $((t_unit - t0)) s, VM tests $((t_vm - t_vm0)) s" \
+         "($( [ "$overlap" = 0 ] && echo "one after the other" || echo "side by side" )," \
+         "$(($(date +%s) - t0)) s in all)" >&2
+    rm -f "$unit_log" "$unit_log.end"
+    [ "$unit_rc" = 0 ] || echo "bootstrap: unit tests failed (exit $unit_rc)" >&2
+    [ "$vm_rc" = 0 ] || echo "bootstrap: VM tests failed (exit $vm_rc)" >&2
+    [ "$unit_rc" = 0 ] && [ "$vm_rc" = 0 ]
+}
+
 setup() { setup_system; setup_python; setup_oracles; setup_kernels; setup_guest_debs; }
 
 case "${1:-}" in
@@ -78,17 +120,7 @@ case "${1:-}" in
         setup
         .venv/bin/ruff check dmimage vmtests tests benchmarks
         .venv/bin/mypy
-        # Unit and differential tests on both cores; then the VM tests, also on both cores:
-        # xdist groups per (file, kernel, shared module fixture), heaviest first, each worker
-        # with its own guests, restored from the saved VM state (~/.cache/dmimage/vmstate) in
-        # about a second; lvm2/dockerd tests on deb12 only (vmtests/conftest.py, docs/vm.md).
-        # Each part prints its wall time.
-        t0=$(date +%s)
-        .venv/bin/python -m pytest -q -n 2 tests
-        t1=$(date +%s)
-        DMIMAGE_VM_REQUIRED=1 DMIMAGE_VM_KERNELS=${DMIMAGE_VM_KERNELS:-deb12,deb13} \
-            .venv/bin/python -m pytest -q -n 2 --dist loadgroup vmtests
-        echo "bootstrap: unit tests $((t1 - t0)) s, VM tests $(($(date +%s) - t1)) s" >&2
+        run_tests
         ;;
     *) echo "usage: ./bootstrap.sh example|test|setup" >&2; exit 2 ;;
 esac

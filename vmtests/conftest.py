@@ -17,7 +17,8 @@ Order. Groups are handed out heaviest first, so the longest ones do not start la
 cores stay busy to the end. The weight of a group is the sum of its tests' durations: from
 pytest's cache (the previous run here) or, on a fresh checkout such as CI's, from the
 committed ``vm_durations.json`` (seconds per test with the kernel taken out of the id,
-measured on deb12). Without xdist the order is unchanged.
+the slower kernel's, from a quiet ``--durations=0`` run of the CI selection). Without
+xdist the order is unchanged.
 """
 
 from __future__ import annotations
