@@ -1,5 +1,7 @@
-"""The bulk path for XML in thin_dump's own layout: whole device and def bodies are turned into
-numbers with one translate and one ``np.fromstring`` each, instead of one callback per element.
+"""The bulk path for XML in thin_dump's own layout: device and def bodies are turned into
+numbers a piece of lines at a time by whole-array operations (dump/xmlscan.py), instead of one
+callback per element; a piece the scanner does not take (other spacing, long numbers) goes
+through one translate and one ``np.fromstring``.
 
 It recognises only what thin_dump writes (known elements, plain ``name="value"`` attributes,
 no entities, comments or odd spacing inside mapping elements) and hands structure to the exact
@@ -10,11 +12,13 @@ then parses the same bytes with expat, which also reports problems with their li
 
 from __future__ import annotations
 
+import io
 import re
 from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
+from dmimage.thin.dump.xmlscan import Buffer, Lines, scan_lines
 from dmimage.thin.ir import U32, U64, Runs
 
 if TYPE_CHECKING:
@@ -45,141 +49,151 @@ def _attrs(text: bytes) -> dict[str, str]:
 
 def parse_canonical(data: bytes, parser: _XmlParser) -> None:
     """Feed ``data`` to ``parser`` (fresh) through the bulk path; NotCanonical if it can't."""
-    from dmimage.thin.dump.xml import DumpFormatError
-
-    try:
-        _parse(data, parser)
-    except DumpFormatError:
-        raise NotCanonical from None
-    if not parser.sb_closed:
-        raise NotCanonical
+    parse_canonical_file(io.BytesIO(data), parser)
 
 
 #: Bytes read at a time by :func:`parse_canonical_file`.
-READ_BLOCK = 1 << 24
+READ_BLOCK = 1 << 22
+#: Bytes of mapping lines handed to the scanner at a time: its scratch arrays stay in cache.
+PIECE = 1 << 20
 
 
 def parse_canonical_file(f: IO[bytes], parser: _XmlParser, block: int = READ_BLOCK) -> None:
-    """:func:`parse_canonical` of a file read ``block`` bytes at a time: a device's or def's
-    body is parsed in pieces cut at line ends (each piece starts at a newline, so a body of
-    single mappings keeps its one-line-repeated shape), so memory is a block, not the
-    file. NotCanonical as :func:`parse_canonical` (the caller re-reads the file with expat).
+    """:func:`parse_canonical` of a file read ``block`` bytes at a time into one reused
+    buffer: a device's or def's body is scanned in pieces of whole lines (dump/xmlscan.py),
+    so memory is a block, not the file. NotCanonical as :func:`parse_canonical` (the caller
+    re-reads the file with expat).
     """
     from dmimage.thin.dump.xml import DumpFormatError
 
     try:
-        _parse_stream(f, parser, block)
+        _Stream(f, parser, block).run()
     except DumpFormatError:
         raise NotCanonical from None
     if not parser.sb_closed:
         raise NotCanonical
 
 
-def _parse_stream(f: IO[bytes], p: _XmlParser, block: int) -> None:
-    data = b""
-    pos = 0
-    eof = False
-    body_end: bytes | None = None  # the closing tag of the body being read
+class _Stream:
+    """The input as one buffer refilled in place: ``buf[pos:n]`` is what is left to parse."""
 
-    def more() -> bool:
-        nonlocal data, pos, eof
-        if eof:
+    def __init__(self, f: IO[bytes], p: _XmlParser, block: int) -> None:
+        self.f, self.p, self.block = f, p, max(int(block), 1)
+        self._alloc(max(2 * self.block, 1 << 12))
+        self.pos = self.n = 0
+        self.eof = False
+
+    def _alloc(self, size: int) -> None:
+        old = getattr(self, "buf", None)
+        self.buf = bytearray(size)
+        if old is not None:
+            self.buf[:self.n - self.pos] = old[self.pos:self.n]
+        self.src = Buffer(self.buf)
+
+    def more(self) -> bool:
+        """Read another block after what is left (moved to the front); False at the end."""
+        if self.eof:
             return False
-        chunk = f.read(block)
-        if not chunk:
-            eof = True
+        left = self.n - self.pos
+        if left + self.block > len(self.buf):
+            self._alloc(max(2 * len(self.buf), left + self.block))
+        elif self.pos:
+            self.buf[:left] = self.buf[self.pos:self.n]
+        self.pos, self.n = 0, left
+        got = self.f.readinto(memoryview(self.buf)[left:left + self.block])  # type: ignore[attr-defined]
+        if not got:
+            self.eof = True
             return False
-        data = data[pos:] + chunk
-        pos = 0
+        self.n += got
         return True
 
-    while True:
-        if body_end is not None:
-            end = data.find(body_end, pos)
-            if end >= 0:
-                _body(data, pos, end, p)
-                pos = end
-                body_end = None
+    def run(self) -> None:
+        p = self.p
+        body_end: bytes | None = None  # the closing tag of the body being read
+        while True:
+            if body_end is not None:
+                if self._body(body_end):
+                    body_end = None
                 continue
-            cut = data.rfind(b"\n", pos)
-            if cut > pos:
-                _body(data, pos, cut, p)
-                pos = cut
-            if not more():
-                raise NotCanonical
-            continue
-        while pos < len(data) and data[pos] in _WS:
-            pos += 1
-        if pos >= len(data):
-            if not more():
-                return
-            continue
-        if data.find(b">", pos) < 0:
-            if not more():
-                raise NotCanonical
-            continue
-        m = _TAG_AT.match(data, pos)
-        if m is None:
-            raise NotCanonical
-        closing, tag, attr_text, selfclose = m.groups()
-        tag_s = tag.decode()
-        pos = m.end()
-        if closing:
-            if attr_text.strip() or selfclose:
-                raise NotCanonical
-            p.end(tag_s)
-        else:
-            p.start(tag_s, _attrs(attr_text))
-            if selfclose:
-                p.end(tag_s)
-            elif tag_s in ("device", "def"):
-                body_end = b"</" + tag + b">"
-
-
-def _parse(data: bytes, p: _XmlParser) -> None:
-    n = len(data)
-    pos = n - len(data.lstrip())
-    while pos < n:
-        m = _TAG_AT.match(data, pos)
-        if m is None:
-            raise NotCanonical
-        closing, tag, attr_text, selfclose = m.groups()
-        tag_s = tag.decode()
-        pos = m.end()
-        if closing:
-            if attr_text.strip() or selfclose:
-                raise NotCanonical
-            p.end(tag_s)
-        else:
-            p.start(tag_s, _attrs(attr_text))
-            if selfclose:
-                p.end(tag_s)
-            elif tag_s in ("device", "def"):
-                end = data.find(b"</" + tag + b">", pos)
-                if end < 0:
+            buf, n = self.buf, self.n
+            pos = self.pos
+            while pos < n and buf[pos] in _WS:
+                pos += 1
+            self.pos = pos
+            if pos >= n:
+                if not self.more():
+                    return
+                continue
+            if buf.find(b">", pos, n) < 0:
+                if not self.more():
                     raise NotCanonical
-                _body(data, pos, end, p)
-                pos = end
-        while pos < n and data[pos] in _WS:
-            pos += 1
+                continue
+            m = _TAG_AT.match(buf, pos, n)
+            if m is None:
+                raise NotCanonical
+            closing, tag, attr_text, selfclose = m.groups()
+            tag_s = tag.decode()
+            self.pos = m.end()
+            if closing:
+                if attr_text.strip() or selfclose:
+                    raise NotCanonical
+                p.end(tag_s)
+            else:
+                p.start(tag_s, _attrs(attr_text))
+                if selfclose:
+                    p.end(tag_s)
+                elif tag_s in ("device", "def"):
+                    body_end = b"</" + tag + b">"
 
-
-def _body(data: bytes, pos: int, end: int, p: _XmlParser) -> None:
-    """A device's or def's content: mapping elements, and refs between them."""
-    body = data[pos:end]
-    if _singles(body, p):
-        return
-    if body.find(b"<ref") < 0:
-        _chunk(body, p)
-        return
-    inner = pos
-    for r in _TAG_AT.finditer(data, pos, end):
-        _chunk(data[inner : r.start()], p)
-        inner = r.end()
-        if r.group(2) != b"ref" or r.group(1) or not r.group(4):
+    def _body(self, body_end: bytes) -> bool:
+        """Parse the next piece of a body; True when its closing tag is next."""
+        pos, n = self.pos, self.n
+        lim = pos + PIECE
+        cut = self.buf.find(b"\n", lim, n) if lim < n else -1
+        if cut < 0:
+            if self.more():
+                return False
+            pos, cut = self.pos, self.n  # moved to the front of the buffer
+        lines = scan_lines(self.src, pos, cut)
+        if lines is not None:
+            _add_lines(self.p, lines)
+            self.pos = cut
+            return False
+        # the body's end, a ref, or text the scanner does not take
+        buf = self.buf
+        ends = [t for t in (buf.find(body_end, pos, cut), buf.find(b"<ref", pos, cut)) if t >= 0]
+        if not ends:
+            if cut == self.n and self.eof:
+                raise NotCanonical
+            _chunk(bytes(buf[pos:cut]), self.p)
+            self.pos = cut
+            return False
+        t = min(ends)
+        line = buf.rfind(b"\n", pos, t)
+        if line > pos:
+            lines = scan_lines(self.src, pos, line)
+            if lines is not None:
+                _add_lines(self.p, lines)
+            else:
+                _chunk(bytes(buf[pos:line]), self.p)
+            pos = line
+        _chunk(bytes(buf[pos:t]), self.p)
+        self.pos = t
+        if buf.startswith(body_end, t):
+            return True
+        r = _TAG_AT.match(buf, t, self.n)
+        if r is None or r.group(2) != b"ref" or r.group(1) or not r.group(4):
             raise NotCanonical
-        p.start("ref", _attrs(r.group(3)))
-    _chunk(data[inner:end], p)
+        self.p.start("ref", _attrs(r.group(3)))
+        self.pos = r.end()
+        return False
+
+
+def _add_lines(p: _XmlParser, lines: Lines) -> None:
+    length = lines.length
+    if length is None:
+        length = np.ones(len(lines.origin), U64)
+    _add(p, lines.origin, lines.data, length, lines.time)
 
 
 def _add(p: _XmlParser, origin: np.ndarray, data_b: np.ndarray, length: np.ndarray,

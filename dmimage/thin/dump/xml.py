@@ -236,6 +236,8 @@ class _XmlParser:
                 if len(a) != 3:
                     raise KeyError
                 o, d, t = int(a["origin_block"]), int(a["data_block"]), int(a["time"])
+                if t > _MAX["time"]:  # the array holds 64 bits: the checked path says why
+                    raise OverflowError
                 cur.o.append(o)
                 cur.d.append(d)
                 cur.t.append(t)
