@@ -4,9 +4,10 @@
 A dump is millions of lines that differ only in a few integers, e.g.
 ``    <single_mapping origin_block="%d" data_block="%d" time="%d"/>\n``. Formatting them one by one
 in Python costs about a microsecond a line; here every line of a batch is laid out in one
-fixed-width uint8 matrix (template bytes + right-aligned decimal digits, computed column by
-column with vectorised division), leading-zero positions are set to NUL, and one boolean
-compress squeezes the NULs out. Templates must not contain NUL bytes.
+fixed-width uint8 matrix (template bytes + right-aligned decimal digits, four at a time from a
+table of the groups 0000..9999, each column padded to whole groups), leading-zero positions are
+NUL, and ``bytes.translate`` squeezes the NULs out. The matrix is kept for the next batch of
+the same template. Templates must not contain NUL bytes.
 """
 
 from __future__ import annotations
@@ -21,8 +22,83 @@ _P10 = [10**k for k in range(20)]
 CHUNK_ROWS = 1 << 13
 
 
+def _group_tables() -> tuple[np.ndarray, np.ndarray]:
+    """Four-digit groups as text, one little-endian u32 of ASCII bytes per value 0..9999.
+    Each table is two halves, indexed ``value + 10000 * (a higher group is non-zero)``: the
+    second half prints every digit, the first turns leading zeros into NULs (squeezed out
+    with the rest); in the lowest group's table a value of 0 with nothing above prints "0"."""
+    v = np.arange(10_000)
+    digits = np.stack([v // 1000, v // 100 % 10, v // 10 % 10, v % 10], axis=1)
+    text = (digits + 48).astype(np.uint8)
+    lead = np.cumsum(digits, axis=1) == 0  # a zero with only zeros before it
+    stripped = np.where(lead, 0, text).astype(np.uint8)
+    last = stripped.copy()
+    last[0, 3] = ord("0")
+    full = text.view("<u4").reshape(-1)
+    mid = np.concatenate([stripped.view("<u4").reshape(-1), full])
+    low = np.concatenate([last.view("<u4").reshape(-1), full])
+    return mid, low
+
+
+_GROUP_MID, _GROUP_LOW = _group_tables()
+
+
+#: The last row matrix (its row count, its template row, the bytearray holding it): reused
+#: while the rows and the template stay the same, so a dump's batches do not map, fault in
+#: and unmap a fresh matrix each time.
+_last: tuple[int, bytes, bytearray] | None = None
+
+
+def _scratch(rows: int, row: np.ndarray, keep: bool) -> tuple[bytearray, bool]:
+    """A bytearray of ``rows`` × len(row) bytes, and whether every row already holds
+    ``row``'s template (where the previous call left its digits: they are all rewritten).
+    ``keep=False``: the caller will NUL parts of the template, so it is not remembered."""
+    global _last
+    template = row.tobytes()
+    if _last is not None and _last[0] == rows and _last[1] == template:
+        buf = _last[2]
+        if not keep:
+            _last = None
+        return buf, True
+    buf = bytearray(rows * len(template))
+    _last = (rows, template, buf) if keep else None
+    return buf, False
+
+
 def _width(col: np.ndarray) -> int:
     return len(str(int(col.max()))) if len(col) else 1
+
+
+def _padded(digits: int) -> int:
+    """A numeric column's width in the matrix: whole groups of four digits (the leading
+    ones NUL where the value is shorter, like any leading zero)."""
+    return -(-digits // 4) * 4
+
+
+def _place_digits(mat: np.ndarray, start: int, width: int, v: np.ndarray) -> None:
+    """Write ``v`` (u32 or u64, every value below 10**width, ``width`` a multiple of 4)
+    right-aligned into ``mat[:, start:start + width]`` with NULs for leading zeros: four
+    digits a step, by table, each group one unaligned u32 store per row (a division and a
+    lookup per four digits instead of a division per digit and a store per byte)."""
+    groups = []  # least significant first
+    rest = v
+    for _ in range(width // 4 - 1):
+        q = rest // v.dtype.type(10_000)
+        groups.append(rest - q * v.dtype.type(10_000))
+        rest = q
+    groups.append(rest)
+    signed = np.int32 if v.dtype == np.uint32 else np.int64  # each group is below 10000
+    above: np.ndarray | None = None  # rows where a higher group is non-zero (0 or 1)
+    rows, line = mat.shape
+    for gi in range(len(groups) - 1, -1, -1):
+        g = groups[gi].view(signed)
+        table = _GROUP_LOW if gi == 0 else _GROUP_MID
+        index = g if above is None else g + above * signed(10_000)
+        cell = np.ndarray((rows,), "<u4", mat, start + 4 * (len(groups) - 1 - gi), (line,))
+        cell[:] = table.take(index)
+        if gi:
+            nonzero = g != 0
+            above = nonzero.astype(signed) if above is None else above | nonzero
 
 
 def render_rows(parts: Sequence[bytes | tuple[bytes, bytes]], cols: list[np.ndarray],
@@ -62,12 +138,13 @@ def render_rows(parts: Sequence[bytes | tuple[bytes, bytes]], cols: list[np.ndar
         raise ValueError("alternative parts need a select array")
     cols = [np.asarray(c) for c in cols]
     text = [c.ndim == 2 for c in cols]
-    widths = [c.shape[1] if t else _width(c) for c, t in zip(cols, text, strict=True)]
+    digits = [c.shape[1] if t else _width(c) for c, t in zip(cols, text, strict=True)]
+    widths = [d if t else _padded(d) for d, t in zip(digits, text, strict=True)]
     # 32-bit arithmetic is about twice as fast; use it when every value fits.
-    small = max((w for w, t in zip(widths, text, strict=True) if not t), default=1) <= 9
+    small = max((d for d, t in zip(digits, text, strict=True) if not t), default=1) <= 9
     dt = np.dtype(np.uint32) if small else U64
     cols = [c if t else c.astype(dt, copy=False) for c, t in zip(cols, text, strict=True)]
-    p10 = [dt.type(x) for x in _P10[:10 if small else 20]]
+    p10 = np.array(_P10[:10 if small else 20], dt)
     row_parts = [p[0] + p[1] if isinstance(p, tuple) else p for p in parts]
     line_w = sum(len(p) for p in row_parts) + sum(widths)
     row = np.empty(line_w, np.uint8)
@@ -81,34 +158,25 @@ def render_rows(parts: Sequence[bytes | tuple[bytes, bytes]], cols: list[np.ndar
         if i < len(cols):
             starts.append(pos)
             pos += widths[i]
-    outs: list[np.ndarray] = []
+    outs: list[bytes | bytearray] = []
     lens: list[np.ndarray] = []
-    ten = dt.type(10)
     for s in range(0, n, CHUNK_ROWS):
         e = min(n, s + CHUNK_ROWS)
         m = e - s
-        mat = np.empty((m, line_w), np.uint8)
-        mat[:] = row
+        buf, filled = _scratch(m, row, keep=select is None)
+        mat = np.frombuffer(buf, np.uint8).reshape(m, line_w)
+        if not filled or select is not None:  # (select: the alternatives NULed last time)
+            mat[:] = row
         length = np.full(m, line_w, np.int64) if want_lengths else None
         for col, start, w, t in zip(cols, starts, widths, text, strict=True):
             if t:
                 mat[:, start:start + w] = col[s:e]
                 continue
             v = col[s:e]
-            prev = None
-            for j in range(w):
-                k = w - 1 - j
-                q = v // p10[k] if k else v
-                digit = q if prev is None else q - prev * ten
-                ch = digit.astype(np.uint8)
-                ch += 48
-                if k:
-                    nonzero = q != 0
-                    ch *= nonzero  # leading zero -> NUL, squeezed out below
-                    if length is not None:
-                        length -= ~nonzero
-                mat[:, start + j] = ch
-                prev = q
+            _place_digits(mat, start, w, v)
+            if length is not None:
+                # the digits a value has: one plus the powers of ten up to it
+                length -= (w - 1) - np.searchsorted(p10[1:], v, side="right")
         if select is not None:
             sel = select[s:e]
             unsel = ~sel
@@ -127,11 +195,12 @@ def render_rows(parts: Sequence[bytes | tuple[bytes, bytes]], cols: list[np.ndar
                 if length is not None:
                     length[unsel] -= np.count_nonzero(mat[unsel, start:start + w], axis=1)
                 mat[unsel, start:start + w] = 0
-        flat = mat.reshape(-1)
-        outs.append(flat[flat != 0])
+        # the NULs squeezed out by bytes.translate: twice as fast as a boolean compress
+        del mat
+        outs.append(buf.translate(None, b"\0"))
         if length is not None:
             lens.append(length)
-    data = outs[0] if len(outs) == 1 else np.concatenate(outs)
+    data = np.frombuffer(outs[0] if len(outs) == 1 else b"".join(outs), np.uint8)
     return data, (np.concatenate(lens) if want_lengths else None)
 
 
