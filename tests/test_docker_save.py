@@ -254,3 +254,54 @@ def test_error_order_while_copies_run(built_root: tuple[Path, Any], tmp_path: Pa
     else:
         assert str(later.relative_to(root)) in err and "gzip" in err, err
     assert not out.exists() and not list(tmp_path.glob(".s.tar.*"))
+
+
+def test_rel_path_is_normpath() -> None:
+    """The plain-name shortcut gives what posixpath.normpath gives, on awkward names."""
+    import posixpath
+
+    from dmimage.docker.ext4runs import rel_path
+
+    names = [b"a", b"/a/b", b"a/b/", b"a//b", b"./a", b"a/./b", b"a/../b", b"../a", b".",
+             b"..", b"/", b"//a", b"///a/b", b"a/.hidden", b".hidden", b"a/b.", b"a.b/c",
+             b"a/..b", b"a/b/..", b"\xff/\x00", b"a/.", b"etc/ssl/certs"]
+    for n in names:
+        assert rel_path(n) == posixpath.normpath(n).lstrip(b"/"), n
+
+
+def test_no_verify_file_to_file(built_root: tuple[Path, Any], tmp_path: Path,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--no-verify`` into a regular file copies data ranges with copy_file_range: the
+    tarball is byte for byte the default's (which hashes every layer); when the kernel
+    refuses to copy between the two files, the buffered copy writes the same bytes."""
+    import errno
+
+    from dmimage.docker.save import save
+    from dmimage.docker.store import open_store
+
+    root, inp = built_root
+    store = open_store(root)
+    names = ["rich:1", "rich:2"]  # the fixture builds rich.tar only
+    with open(tmp_path / "v.tar", "wb") as f:
+        save(store, names, f)
+    monkeypatch.setattr(tarcopy, "DIRECT_MIN", 1)  # every layer file to file
+    calls: list[int] = []
+    real = os.copy_file_range
+
+    def spy(src: int, dst: int, n: int, off_src: int | None = None,
+            off_dst: int | None = None) -> int:
+        calls.append(n)
+        return real(src, dst, n, off_src, off_dst)
+
+    monkeypatch.setattr(os, "copy_file_range", spy)
+    with open(tmp_path / "d.tar", "wb") as f:
+        save(store, names, f, verify=False)
+    assert calls and (tmp_path / "d.tar").read_bytes() == (tmp_path / "v.tar").read_bytes()
+
+    def refuse(*args: object) -> int:
+        raise OSError(errno.EXDEV, "cross-device")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    with open(tmp_path / "f.tar", "wb") as f:
+        save(store, names, f, verify=False)
+    assert (tmp_path / "f.tar").read_bytes() == (tmp_path / "v.tar").read_bytes()

@@ -167,5 +167,11 @@ class Ext4Files:
 
 
 def rel_path(name: bytes) -> bytes:
-    """A tar-split name as a path below the layer's root."""
+    """A tar-split name as a path below the layer's root (normpath's result, which plain
+    names, with no empty, ``.`` or ``..`` component, already are once the leading slashes
+    go)."""
+    plain = name.lstrip(b"/")
+    if plain and b"//" not in plain and b"/." not in plain and plain[0] != 46 \
+            and plain[-1] != 47:  # 46: ".", 47: "/"
+        return plain
     return posixpath.normpath(name).lstrip(b"/")
