@@ -35,19 +35,12 @@ from dmimage.docker.fs import open_filesystem
 from dmimage.docker.images import Image
 from dmimage.docker.layers import Layer
 from dmimage.docker.store import Store, article, resolve
-from dmimage.docker.tarcopy import (
-    Aborted,
-    Sink,
-    copy_direct,
-    copy_plan,
-    direct_worthwhile,
-    positional_sink,
-)
+from dmimage.docker.tarcopy import Aborted, Sink, copy_plan, positional_sink
 from dmimage.docker.tarplan import Plan, plan_layer
 from dmimage.docker.tarsplit import Entry, read_entries, tar_size
 from dmimage.docker.thinfile import ThinFile
 from dmimage.docker.v1id import layer_records
-from dmimage.errors import DeviceError, UsageError
+from dmimage.errors import UsageError
 from dmimage.thin.pool import Pool, open_pool
 
 ROOTFS = "/rootfs/"
@@ -114,17 +107,8 @@ def _plan(job: _Job) -> Plan:
 
 
 def _run(job: _Job, data_fd: int, sink: Sink, abort: threading.Event | None = None, *,
-         verify: bool = True, out_file: int | None = None) -> None:
-    """Rebuild the job's layer tar into *sink*; unhashed into a regular file *out_file*
-    (at the job's offset) it goes file to file where its ranges are large."""
-    plan = _plan(job)
-    if not verify and out_file is not None and direct_worthwhile(plan):
-        try:
-            if copy_direct(plan, data_fd, out_file, job.offset, abort=abort):
-                return
-        except DeviceError as exc:
-            raise StoreError(job.where, str(exc)) from None
-    copy_plan(plan, data_fd, sink, expect_digest=job.layer.diff_id,
+         verify: bool = True) -> None:
+    copy_plan(_plan(job), data_fd, sink, expect_digest=job.layer.diff_id,
               where=job.where, abort=abort, verify=verify)
 
 
@@ -172,7 +156,6 @@ class _Parallel:
         self.data_fd = data_fd
         self.out_fd = out_fd
         self.verify = verify
-        self.regular = stat.S_ISREG(os.fstat(out_fd).st_mode)
         self.abort = threading.Event()
         self.errors: dict[int, BaseException] = {}
         self.n = 0
@@ -182,7 +165,7 @@ class _Parallel:
     def _one(self, i: int, job: _Job) -> None:
         try:
             _run(job, self.data_fd, positional_sink(self.out_fd, job.offset), self.abort,
-                 verify=self.verify, out_file=self.out_fd if self.regular else None)
+                 verify=self.verify)
         except Aborted:
             pass
         except BaseException as exc:

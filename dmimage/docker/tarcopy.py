@@ -17,7 +17,6 @@ one file's readahead state."""
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import queue
@@ -259,67 +258,3 @@ def positional_sink(fd: int, base: int) -> Sink:
             off += n
 
     return write
-
-
-DIRECT_MIN = 64 << 10  # mean data piece size from which a copy goes file to file
-_NO_COPY_RANGE = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF)
-
-
-def direct_worthwhile(plan: Plan) -> bool:
-    """Are the plan's data ranges large enough for ``copy_file_range`` (one call per range)
-    to beat the buffered copy (one ``preadv`` per run of ranges)?"""
-    sizes = [n for n, s in plan.pieces if isinstance(s, int)]
-    return bool(sizes) and sum(sizes) >= DIRECT_MIN * len(sizes)
-
-
-def copy_direct(plan: Plan, fd: int, out_fd: int, base: int, *,
-                abort: threading.Event | None = None) -> bool:
-    """The unhashed copy into a regular file: data file ranges go with
-    ``copy_file_range`` (the kernel copies page to page, nothing passes through this
-    process), literal bytes and zeros with ``pwrite``, each at *base* + its offset in the
-    layer tar. False when the kernel cannot copy between these two files: the buffered
-    copy then writes the layer tar again, from its start."""
-    own = _own_descriptor(fd)
-    try:
-        return _copy_direct(plan, own, out_fd, base, abort)
-    finally:
-        if own != fd:
-            os.close(own)
-
-
-def _copy_direct(plan: Plan, fd: int, out_fd: int, base: int,
-                 abort: threading.Event | None) -> bool:
-    hints = _Hints(plan, fd)
-    hints.advance(0)
-    read = 0
-    sink = positional_sink(out_fd, base)
-    off = 0
-    first = True
-    for n, src in plan.pieces:
-        if abort is not None and abort.is_set():
-            raise Aborted
-        if src is None:
-            for k in range(0, n, BATCH):
-                sink(_ZEROS[:min(BATCH, n - k)], off + k)
-        elif isinstance(src, bytes):
-            sink(memoryview(src), off)
-        else:
-            done = 0
-            while done < n:
-                try:
-                    got = os.copy_file_range(fd, out_fd, n - done, src + done,
-                                             base + off + done)
-                except OSError as exc:
-                    if first and exc.errno in _NO_COPY_RANGE:
-                        return False
-                    raise
-                if got <= 0:
-                    raise DeviceError(f"data device ends before byte {src + n}")
-                done += got
-                first = False
-            read += n
-            hints.advance(read)
-        off += n
-    if off != plan.size:  # pragma: no cover - the plan's pieces add up to its size
-        raise DeviceError(f"rebuilt {off} bytes, the plan says {plan.size}")
-    return True
