@@ -254,3 +254,17 @@ def test_error_order_while_copies_run(built_root: tuple[Path, Any], tmp_path: Pa
     else:
         assert str(later.relative_to(root)) in err and "gzip" in err, err
     assert not out.exists() and not list(tmp_path.glob(".s.tar.*"))
+
+
+def test_rel_path_is_normpath() -> None:
+    """The plain-name shortcut gives what posixpath.normpath gives, on awkward names."""
+    import posixpath
+
+    from dmimage.docker.ext4runs import rel_path
+
+    names = [b"a", b"/a/b", b"a/b/", b"a//b", b"./a", b"a/./b", b"a/../b", b"../a", b".",
+             b"..", b"/", b"//a", b"///a/b", b"a/.hidden", b".hidden", b"a/b.", b"a.b/c",
+             b"a/..b", b"a/b/..", b"\xff/\x00", b"a/.", b"etc/ssl/certs"]
+    for n in names:
+        assert rel_path(n) == posixpath.normpath(n).lstrip(b"/"), n
+

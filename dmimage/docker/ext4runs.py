@@ -141,8 +141,19 @@ class Ext4Files:
         ext = [(u32(0x34 + 12 * j).tolist(), u16(0x38 + 12 * j).tolist(),
                 u16(0x3A + 12 * j).tolist(), u32(0x3C + 12 * j).tolist()) for j in range(4)]
         bs = self.bs
+        # the common file: one initialized extent from block 0 holding all of it
+        len0 = u16(0x38).astype(np.int64) * bs
+        one = ok & (u16(0x2A) == 1) & (u32(0x34) == 0) & (u16(0x38) <= UNINIT) \
+            & (len0 >= size)
+        start0 = ((u16(0x3A).astype(np.int64) << 32) | u32(0x3C)) * bs
+        one_l = one.tolist()
+        start_l = start0.tolist()
+        len_l = len0.tolist()
         for row, ((k, _), good, n, fsize) in enumerate(zip(found, ok.tolist(), nent,
                                                              size.tolist(), strict=True)):
+            if one_l[row]:
+                out[k] = (fsize, [(start_l[row], len_l[row])])
+                continue
             if not good:
                 continue
             runs: Runs = []
@@ -167,5 +178,11 @@ class Ext4Files:
 
 
 def rel_path(name: bytes) -> bytes:
-    """A tar-split name as a path below the layer's root."""
+    """A tar-split name as a path below the layer's root (normpath's result, which plain
+    names, with no empty, ``.`` or ``..`` component, already are once the leading slashes
+    go)."""
+    plain = name.lstrip(b"/")
+    if plain and b"//" not in plain and b"/." not in plain and plain[0] != 46 \
+            and plain[-1] != 47:  # 46: ".", 47: "/"
+        return plain
     return posixpath.normpath(name).lstrip(b"/")

@@ -112,11 +112,18 @@ def plan_layer(entries: list[Entry], thin: ThinFile, lookup: Callable[[str], Any
     srcs_l = srcs.tolist()
     pieces: list[Piece] = []
     size = 0
+    lit: list[bytes] = []  # literal items in a row (padding, then the next header): one piece
     for it in items:
         if isinstance(it, bytes):
-            pieces.append((len(it), it))
-            size += len(it)
-        elif it >= 0:
+            if it:
+                lit.append(it)
+            continue
+        if lit:
+            b = lit[0] if len(lit) == 1 else b"".join(lit)
+            pieces.append((len(b), b))
+            size += len(b)
+            lit = []
+        if it >= 0:
             if it:
                 pieces.append((it, None))
                 size += it
@@ -132,6 +139,10 @@ def plan_layer(entries: list[Entry], thin: ThinFile, lookup: Callable[[str], Any
                 else:
                     pieces.append((n, src))
                 size += n
+    if lit:
+        b = b"".join(lit)
+        pieces.append((len(b), b))
+        size += len(b)
     return Plan(size, pieces, len(files))
 
 
