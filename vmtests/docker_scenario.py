@@ -7,6 +7,10 @@ one, commits it, removes a container and an image; then records ``docker inspect
 image and container, stops dockerd and hashes every thin device Docker's JSON names with the
 kernel's thin target (the pool loop files attached read-only). The data-root disk image is the
 result; ``extract_root`` copies the data root out of it with debugfs (no mount, no root).
+
+The operations are the Engine API requests the docker CLI sends for them (``ops``), sent in
+one guest command (``DockerGuest.calls``): dockerd does the same work, without a CLI start-up
+(about a second of the guest's CPU under TCG) per operation.
 """
 
 from __future__ import annotations
@@ -14,15 +18,25 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import posixpath
+import shlex
 import subprocess
 import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
-from dmimage.guest.docker import DATA_ROOT, ENV, DockerGuest, make_data_disk
+from dmimage.guest.docker import (
+    API_CLIENT,
+    DATA_ROOT,
+    WAIT_FIFO,
+    Call,
+    DockerGuest,
+    make_data_disk,
+)
 
 
 def _tar(files: dict[str, bytes], *, dirs: tuple[str, ...] = ()) -> bytes:
@@ -73,8 +87,73 @@ def write_inputs(work: Path) -> dict[str, Path]:
     files["manifest.json"] = json.dumps(
         [{"Config": f"{cid}.json", "RepoTags": ["app:1"], "Layers": names}]).encode()
     (work / "app.tar").write_bytes(_tar(files, dirs=("l0", "l1")))
-    (work / "note.txt").write_bytes(b"written by docker cp\n")
+    (work / "note.txt").write_bytes(NOTE)
     return {"base": work / "base.tar", "app": work / "app.tar", "note": work / "note.txt"}
+
+
+#: The file the scenarios copy into containers.
+NOTE = b"written by docker cp\n"
+
+
+def cp_tar(name: str, data: bytes = NOTE) -> bytes:
+    """The archive ``docker cp FILE CONTAINER:DIR/NAME`` sends (``PUT .../archive?path=DIR``):
+    one regular file, renamed to the destination's base name as the CLI renames it."""
+    return _tar({name: data})
+
+
+class ops:  # noqa: N801 (a namespace of Call builders, read as ops.create(...))
+    """The Engine API request the docker CLI (20.10) sends for each operation; *label* is
+    the docker command it stands for. Query parameters are the CLI's."""
+
+    @staticmethod
+    def import_(src: str, ref: str) -> Call:
+        q = urlencode({"fromSrc": "-", "repo": ref, "tag": "", "message": ""})
+        return Call("POST", f"/images/create?{q}", f"import {src} {ref}", body=src)
+
+    @staticmethod
+    def load(src: str) -> Call:
+        return Call("POST", "/images/load?quiet=1", f"load -i {src}", body=src,
+                    ctype="application/x-tar")
+
+    @staticmethod
+    def create(name: str, image: str, *cmd: str) -> Call:
+        config: dict[str, Any] = {"Image": image, "AttachStdout": True, "AttachStderr": True,
+                                  "HostConfig": {"NetworkMode": "default"},
+                                  "NetworkingConfig": {"EndpointsConfig": {}}}
+        if cmd:
+            config["Cmd"] = list(cmd)
+        return Call("POST", f"/containers/create?{urlencode({'name': name})}",
+                    f"create --name {name} {image} {' '.join(cmd)}".rstrip(),
+                    data=json.dumps(config), ctype="application/json")
+
+    @staticmethod
+    def cp(tar: str, container: str, dest: str) -> Call:
+        """*tar*: a guest file made by ``cp_tar`` with *dest*'s base name."""
+        q = urlencode({"path": dest.rsplit("/", 1)[0] or "/", "noOverwriteDirNonDir": "true"})
+        return Call("PUT", f"/containers/{container}/archive?{q}",
+                    f"cp {tar} {container}:{dest}", body=tar)
+
+    @staticmethod
+    def commit(container: str, ref: str) -> Call:
+        repo, tag = ref.rsplit(":", 1)
+        q = urlencode({"container": container, "repo": repo, "tag": tag, "comment": "",
+                       "author": ""})
+        return Call("POST", f"/commit?{q}", f"commit {container} {ref}")
+
+    @staticmethod
+    def tag(image: str, ref: str) -> Call:
+        repo, tag = ref.rsplit(":", 1)
+        return Call("POST", f"/images/{image}/tag?{urlencode({'repo': repo, 'tag': tag})}",
+                    f"tag {image} {ref}")
+
+    @staticmethod
+    def rm(container: str) -> Call:
+        return Call("DELETE", f"/containers/{container}", f"rm {container}")
+
+    @staticmethod
+    def rmi(image: str) -> Call:
+        """A refusal (409: a container uses the image) is an answer, as the CLI's exit 1."""
+        return Call("DELETE", f"/images/{image}", f"rmi {image}", refusal_ok=True)
 
 
 @dataclass
@@ -95,27 +174,40 @@ class GuestRecord:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def inspect_all(dg: DockerGuest) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def inspect_all(dg: DockerGuest, *, diffs: bool = False
+                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, list[str]]]:
     """``docker inspect`` of every image (``image ls -a``) and every container (``ps -a``),
-    from dockerd's API: the same JSON objects the CLI prints."""
+    from dockerd's API: the same JSON objects the CLI prints; with *diffs*, also ``docker
+    diff`` of every container (by name), in the same guest command as the inspects."""
     images, containers = dg.api("/images/json?all=1", "/containers/json?all=1")
     ids = list(dict.fromkeys(i["Id"] for i in images))
     cids = [c["Id"] for c in containers]
     docs = dg.api(*(f"/images/{i}/json" for i in ids),
-                  *(f"/containers/{c}/json" for c in cids))
-    return docs[:len(ids)], docs[len(ids):]
+                  *(f"/containers/{c}/json" for c in cids),
+                  *(f"/containers/{c}/changes" for c in (cids if diffs else [])))
+    n = len(ids) + len(cids)
+    inspected = docs[len(ids):n]
+    changes = {c["Name"].lstrip("/"): _diff_lines(ch)
+               for c, ch in zip(inspected, docs[n:], strict=False)}
+    return docs[:len(ids)], inspected, changes
 
 
-def docker_diff(dg: DockerGuest, container: str) -> list[str]:
+def _diff_lines(changes: list[dict[str, Any]] | None) -> list[str]:
     """``docker diff`` lines ("A /path", "C ...", "D ...") from the API's changes."""
-    changes = dg.api(f"/containers/{container}/changes")[0] or []
-    return [f"{'CAD'[c['Kind']]} {c['Path']}" for c in changes]
+    return [f"{'CAD'[c['Kind']]} {c['Path']}" for c in changes or []]
 
 
-def _put_inputs(dg: DockerGuest, inputs: dict[str, Path]) -> None:
-    """The inputs as /tmp/NAME.in in the guest."""
-    dg.put({f"/tmp/{name}.in": p for name, p in inputs.items()},
-           next(iter(inputs.values())).parent)
+def input_files(inputs: dict[str, Path], extra: dict[str, bytes] | None = None
+                ) -> dict[str, Path]:
+    """``{guest path: host file}`` for ``DockerGuest.put`` or ``calls``: the inputs as
+    /tmp/NAME.in, and *extra* ``{guest path: bytes}`` (the archives ``docker cp`` sends)."""
+    files = {f"/tmp/{name}.in": p for name, p in inputs.items()}
+    work = next(iter(inputs.values())).parent
+    for i, (guest, data) in enumerate((extra or {}).items()):
+        host = work / f"extra.{i}"
+        host.write_bytes(data)
+        files[guest] = host
+    return files
 
 
 def run_docker_ops(dg: DockerGuest, inputs: dict[str, Path], *, full: bool = True) -> None:
@@ -123,114 +215,165 @@ def run_docker_ops(dg: DockerGuest, inputs: dict[str, Path], *, full: bool = Tru
     2 containers, 1 rmi'd. Without *full*, only what puts files on the devices' filesystems
     (import, load with its whiteout, create, cp, commit, tag): the xfs run, where removing a
     device (rm, rmi) is the same pool message as with ext4 and the store run has it."""
-    _put_inputs(dg, inputs)
-    dg.docker("import /tmp/base.in base:1")
-    dg.docker("load -i /tmp/app.in")
+    files = input_files(inputs, {"/tmp/cp-note.tar": cp_tar("note.txt"),
+                                 "/tmp/cp-two.tar": cp_tar("two.txt")})
+    seq = [ops.import_("/tmp/base.in", "base:1"), ops.load("/tmp/app.in")]
     if full:
-        dg.docker("import /tmp/base.in gone:1")
-    dg.docker("create --name c1 app:1")
-    dg.docker("cp /tmp/note.in c1:/app/note.txt")
-    dg.docker("commit c1 app:2")
+        seq.append(ops.import_("/tmp/base.in", "gone:1"))
+    seq += [ops.create("c1", "app:1"), ops.cp("/tmp/cp-note.tar", "c1", "/app/note.txt"),
+            ops.commit("c1", "app:2")]
     if full:
-        dg.docker("create --name c2 base:1 /bin/hello")
-    dg.docker("create --name c3 app:2")
-    dg.docker("cp /tmp/note.in c3:/app/two.txt")
+        seq.append(ops.create("c2", "base:1", "/bin/hello"))
+    seq += [ops.create("c3", "app:2"), ops.cp("/tmp/cp-two.tar", "c3", "/app/two.txt")]
     if full:
-        dg.docker("rm c2")
-    dg.docker("tag app:2 app:latest")
+        seq.append(ops.rm("c2"))
+    seq.append(ops.tag("app:2", "app:latest"))
     if full:
-        dg.docker("rmi gone:1")
+        seq.append(ops.rmi("gone:1"))
+    for call, reply in zip(seq, dg.calls(seq, files=files), strict=True):
+        if not reply.ok:  # an rmi refused: not expected here
+            raise AssertionError(f"docker {call.label}: {reply.status} {reply.body!r}")
 
 
-def run_random_ops(dg: DockerGuest, inputs: dict[str, Path], seed: int, n: int = 12
-                   ) -> list[str]:
-    """*n* operations drawn from import, load, create, cp, commit, rm and rmi (seeded); an
-    operation Docker refuses (rmi of an image a container uses) is part of the run. Returns
-    the commands, for the failure message."""
+def random_ops(seed: int, n: int = 12) -> list[Call]:
+    """*n* operations drawn from import, load, create, cp, commit, rm and rmi (seeded), then
+    an import (at least one tag for ``docker save``). The draw does not depend on dockerd's
+    answers, so the whole sequence is known in advance; an operation Docker refuses (rmi of
+    an image a container uses) is part of the run."""
     import random
 
     rng = random.Random(seed)
-    _put_inputs(dg, inputs)
     tags: list[str] = []
     containers: list[str] = []
-    done: list[str] = []
+    seq: list[Call] = []
     for i in range(n):
-        ops = ["import", "load"]
+        choices = ["import", "load"]
         if tags:
-            ops += ["create"] * 3 + ["rmi"]
+            choices += ["create"] * 3 + ["rmi"]
         if containers:
-            ops += ["cp", "cp", "commit", "commit", "rm"]
-        op = rng.choice(ops)
+            choices += ["cp", "cp", "commit", "commit", "rm"]
+        op = rng.choice(choices)
         if op == "import":
             tags.append(f"imp{i}:1")
-            cmd = f"import /tmp/base.in {tags[-1]}"
+            seq.append(ops.import_("/tmp/base.in", tags[-1]))
         elif op == "load":
-            cmd = "load -i /tmp/app.in"
+            seq.append(ops.load("/tmp/app.in"))
             if "app:1" not in tags:
                 tags.append("app:1")
         elif op == "create":
             containers.append(f"r{i}")
-            cmd = f"create --name r{i} {rng.choice(tags)} /bin/hello"
+            seq.append(ops.create(f"r{i}", rng.choice(tags), "/bin/hello"))
         elif op == "rmi":
-            cmd = f"rmi {tags.pop(rng.randrange(len(tags)))}"
+            seq.append(ops.rmi(tags.pop(rng.randrange(len(tags)))))
         elif op == "cp":
-            cmd = f"cp /tmp/note.in {rng.choice(containers)}:/note{i}.txt"
+            seq.append(ops.cp(f"/tmp/cp{i}.tar", rng.choice(containers), f"/note{i}.txt"))
         elif op == "commit":
             tags.append(f"com{i}:1")
-            cmd = f"commit {rng.choice(containers)} {tags[-1]}"
+            seq.append(ops.commit(rng.choice(containers), tags[-1]))
         else:
-            cmd = f"rm {containers.pop(rng.randrange(len(containers)))}"
-        res = dg.vm.run(ENV + f"docker {cmd}", timeout=180)
-        done.append(f"docker {cmd} -> {res.returncode}")
-        if not res.ok and not cmd.startswith("rmi"):
-            raise AssertionError(f"seed {seed}: {done[-1]}: {res.stderr!r}")
-    dg.docker("import /tmp/base.in last:1")  # at least one tag for `docker save`
-    done.append("docker import /tmp/base.in last:1 -> 0")
-    return done
+            seq.append(ops.rm(containers.pop(rng.randrange(len(containers)))))
+    seq.append(ops.import_("/tmp/base.in", "last:1"))
+    return seq
+
+
+def run_random_ops(dg: DockerGuest, inputs: dict[str, Path], seed: int, n: int = 12
+                   ) -> list[str]:
+    """``random_ops`` in the guest, in one command. Returns the commands with the CLI's exit
+    code each would have given, for the failure message."""
+    seq = random_ops(seed, n)
+    tars = {c.body: cp_tar(c.label.rsplit("/", 1)[1])  # "cp TAR CONTAINER:/NAME"
+            for c in seq if c.method == "PUT" and c.body}
+    try:
+        replies = dg.calls(seq, files=input_files(inputs, tars))
+    except Exception as exc:
+        raise AssertionError(f"seed {seed}: {exc}") from exc
+    return [f"docker {c.label} -> {0 if r.ok else 1}" for c, r in zip(seq, replies, strict=True)]
+
+
+def save_record(tar: bytes) -> dict[str, Any]:
+    """A ``docker save`` tarball's manifest and the sha256 of every member file; a layer
+    whose diff id was already saved is a symlink to the first copy, hashed as its target."""
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+        members = {m.name.removeprefix("./"): m for m in t.getmembers()}
+
+        def content(name: str, hops: int = 0) -> bytes:
+            m = members[name]
+            if m.issym() and hops < 8:
+                return content(posixpath.normpath(posixpath.join(posixpath.dirname(name),
+                                                                 m.linkname)), hops + 1)
+            f = t.extractfile(m)
+            if f is None:
+                raise ValueError(f"docker save: {name} is not a file")
+            return f.read()
+
+        sums = {n: hashlib.sha256(content(n)).hexdigest()
+                for n, m in members.items() if m.isfile() or m.issym()}
+        manifest = json.loads(content("manifest.json"))
+    return {"manifest": manifest, "sha256": sums}
+
+
+def save_path(refs: list[str]) -> str:
+    """The API request of ``docker save REFS...``."""
+    return "/images/get?" + "&".join(f"names={quote(r)}" for r in refs)
 
 
 def guest_save(dg: DockerGuest, refs: list[str]) -> dict[str, Any]:
-    """`docker save` in the guest (dockerd's ``GET /images/get``, which the CLI calls); its
-    manifest and the sha256 of every member file (a layer whose diff id was already saved is
-    a symlink to the first copy: sha256sum follows it)."""
-    dg.download("/images/get?" + "&".join(f"names={quote(r)}" for r in refs), "/tmp/g.tar")
-    out = dg.sh("rm -rf /tmp/gs && mkdir /tmp/gs && cd /tmp/gs && tar xf /tmp/g.tar && "
-                "find . -type f -o -type l | sort | xargs sha256sum && rm -f /tmp/g.tar")
-    sums = {}
-    for line in out.splitlines():
-        h, name = line.split(None, 1)
-        sums[name.removeprefix("./")] = h
-    manifest = json.loads(dg.sh("cat /tmp/gs/manifest.json && rm -rf /tmp/gs"))
-    return {"manifest": manifest, "sha256": sums}
+    """`docker save` in the guest (dockerd's ``GET /images/get``, which the CLI calls),
+    brought to the host: ``save_record`` of it."""
+    return save_record(dg.fetch(save_path(refs))[0])
 
 
 def hash_devices(dg: DockerGuest) -> tuple[dict[int, str], dict[int, int]]:
     """With dockerd stopped and the data root mounted: activate the loop-lvm pool read-only
-    and hash every device the JSON files name (deleted ones too, while they exist)."""
+    and every device the JSON files name (deleted ones too, while they exist), and hash them
+    through the kernel's thin target (``Machine.sha256_many``: the guest copies each device
+    to a scratch disk, the host hashes the copy). The devices stay active until
+    ``unhash_devices`` (run with the next guest command)."""
     script = f"""
 set -e
 cd {DATA_ROOT}/devicemapper
 d=$(losetup -f); losetup -r $d devicemapper/data
 m=$(losetup -f); losetup -r $m devicemapper/metadata
+echo "$d $m" > /tmp/hpool.loops
 sectors=$(($(blockdev --getsize64 $d) / 512))
 dmsetup create hpool --table "0 $sectors thin-pool $m $d 128 0 2 read_only skip_block_zeroing"
+# Every device JSON's id and size (read with shell builtins: no process per file), then all
+# thins in one dmsetup; if one of them is not in the pool, one at a time, skipping it.
+spec=; list=
 for f in metadata/*; do
   case ${{f##*/}} in deviceset-metadata|transaction-metadata|.*) continue;; esac
-  id=$(sed 's/.*"device_id":\\([0-9]*\\).*/\\1/' $f)
-  size=$(sed 's/.*"size":\\([0-9]*\\).*/\\1/' $f)
-  if dmsetup create ht$id --table "0 $((size / 512)) thin /dev/mapper/hpool $id" 2>/dev/null
-  then echo "$id $size $(sha256sum < /dev/mapper/ht$id | cut -d' ' -f1)"; dmsetup remove ht$id
-  fi
+  read -r j < $f || true
+  id=${{j#*'"device_id":'}}; id=${{id%%[!0-9]*}}
+  size=${{j#*'"size":'}}; size=${{size%%[!0-9]*}}
+  spec="$spec;ht$id,,,,0 $((size / 512)) thin /dev/mapper/hpool $id"
+  list="$list $id:$size"
 done
-dmsetup remove hpool; losetup -d $d; losetup -d $m
+if [ -n "$list" ] && dmsetup create --concise "${{spec#;}}" 2>/dev/null; then
+  for x in $list; do echo "${{x%:*}} ${{x#*:}}"; done
+else
+  for x in $list; do
+    id=${{x%:*}}; size=${{x#*:}}
+    dmsetup remove ht$id 2>/dev/null || true
+    if dmsetup create ht$id --table "0 $((size / 512)) thin /dev/mapper/hpool $id" 2>/dev/null
+    then echo "$id $size"
+    fi
+  done
+fi
 """
-    hashes: dict[int, str] = {}
     sizes: dict[int, int] = {}
     for line in dg.sh(script, timeout=600).splitlines():
-        i, size, h = line.split()
-        hashes[int(i)] = h
+        i, size = line.split()
         sizes[int(i)] = int(size)
-    return hashes, sizes
+    ids = sorted(sizes)
+    digests = dg.vm.sha256_many([(f"/dev/mapper/ht{i}", sizes[i]) for i in ids])
+    return dict(zip(ids, digests, strict=True)), sizes
+
+
+#: Removes what ``hash_devices`` activated.
+UNHASH_DEVICES = ('cd /dev/mapper; set -- ht*; [ -e "$1" ] || set --; dmsetup remove "$@" hpool; '
+                  "cd /tmp; read -r d m < /tmp/hpool.loops; losetup -d $d; losetup -d $m")
 
 
 #: dm.fs=xfs: mkfs.xfs (xfsprogs 6.1) wants at least 300 MB, so the devices are bigger and not
@@ -260,9 +403,8 @@ def make_store(dg: DockerGuest, work: Path, *, fs: str = "ext4", seed: int | Non
         else:
             rec.ops = run_random_ops(dg, inputs, seed)
         lap("docker operations")
-        rec.images, rec.containers = inspect_all(dg)
+        rec.images, rec.containers, rec.diffs = inspect_all(dg, diffs=True)
         lap("inspect")
-        rec.diffs = {c["Name"].lstrip("/"): docker_diff(dg, c["Id"]) for c in rec.containers}
         rec.save = guest_save(dg, sorted({t for i in rec.images for t in i["RepoTags"]}))
         lap("docker save")
     except BaseException:
@@ -273,7 +415,7 @@ def make_store(dg: DockerGuest, work: Path, *, fs: str = "ext4", seed: int | Non
     if fs == "ext4":
         rec.device_sha256, rec.device_size = hash_devices(dg)
         lap("hash devices")
-    dg.detach_data()
+    dg.detach_data(before=UNHASH_DEVICES if fs == "ext4" else "")
     rec.seconds["total"] = round(time.monotonic() - t[0], 1)
     (work / "guest-record.json").write_text(json.dumps(rec.__dict__, indent=1))
     return disk, rec
@@ -281,16 +423,21 @@ def make_store(dg: DockerGuest, work: Path, *, fs: str = "ext4", seed: int | Non
 
 def kill_during_import(dg: DockerGuest, work: Path, delay: float) -> Path:
     """A fresh store with one imported image; then dockerd is killed (SIGKILL) *delay* seconds
-    into a second `docker import` of an 8 MB tarball made in the guest. Returns the disk."""
+    into a second `docker import`, of an 8 MB tarball of random bytes. Returns the disk."""
     inputs = write_inputs(work / "inputs")
+    (work / "k").mkdir()
+    (work / "k/blob").write_bytes(os.urandom(8_000_000))
+    with tarfile.open(work / "big.tar", "w") as t:
+        t.add(work / "k/blob", "data/blob")
     disk = make_data_disk(work / "killed.ext4")
     dg.start(disk)
-    _put_inputs(dg, {"base": inputs["base"]})
-    dg.docker("import /tmp/base.in base:1")
-    dg.sh("rm -rf /tmp/k && mkdir -p /tmp/k/data && head -c 8000000 /dev/urandom > "
-          "/tmp/k/data/blob && tar cf /tmp/big.tar -C /tmp/k data", timeout=120)
-    dg.sh(f"(docker import /tmp/big.tar big:1 >/dev/null 2>&1 &); sleep {delay:.2f}; "
-          "kill -KILL $(cat /tmp/dockerd.pid)", timeout=60)
+    dg.calls([ops.import_("/tmp/base.in", "base:1")],
+             files=input_files({"base": inputs["base"], "big": work / "big.tar"}))
+    big = ops.import_("/tmp/big.in", "big:1")
+    args = " ".join(shlex.quote(a) for a in ("001", big.method, big.path, big.body or "",
+                                              "", "0"))
+    dg.sh(f"{API_CLIENT}\n(dreq {args} >/dev/null 2>&1 &); read -t {delay:.2f} x <> {WAIT_FIFO}; "
+          "read -r p < /tmp/dockerd.pid; kill -KILL $p", timeout=60)
     dg.stop(kill=True)
     return disk
 
@@ -299,7 +446,7 @@ def restart_and_inspect(dg: DockerGuest, disk: Path) -> GuestRecord:
     """Start dockerd on *disk* again (it processes what the kill left), inspect, stop."""
     rec = GuestRecord()
     dg.start(disk)
-    rec.images, rec.containers = inspect_all(dg)
+    rec.images, rec.containers, _ = inspect_all(dg)
     dg.stop()
     return rec
 

@@ -30,7 +30,7 @@ from dmimage.guest.docker import DockerGuest, DockerUnavailable
 from dmimage.guest.kernels import selected_names
 from dmimage.guest.pytest_plugin import unavailable
 from dmimage.image.docker_store import build_docker_store, load_docker_spec
-from vmtests.docker_scenario import extract_root, guest_save
+from vmtests.docker_scenario import cp_tar, extract_root, ops, save_path, save_record
 
 pytestmark = [pytest.mark.vm, pytest.mark.vm_one_kernel]  # dockerd is the oracle (conftest.py)
 
@@ -65,11 +65,9 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Inputs]:
     return work, inp
 
 
-def _export(dg: DockerGuest, container: str, work: Path
-            ) -> dict[str, tarfile.TarInfo | bytes]:
-    dg.download(f"/containers/{container}/export", "/tmp/exp.tar")  # docker export
-    raw = dg.get("/tmp/exp.tar", work)
-    dg.sh("rm /tmp/exp.tar")
+def _members(raw: bytes) -> dict[str, tarfile.TarInfo | str]:
+    """A tar's members by name, and the sha256 of each regular file's content under
+    "NAME\0sha256"."""
     out: dict[str, Any] = {}
     with tarfile.open(fileobj=io.BytesIO(raw), encoding="utf-8",
                       errors="surrogateescape") as t:
@@ -117,18 +115,30 @@ def _compare(exp: dict[str, Any], want: dict[str, dict[str, Any]], label: str) -
     assert not problems, f"{label}:\n" + "\n".join(problems)
 
 
+#: The containers the test creates: (name, image).
+CONTAINERS = (("c1", "rich:2"), ("c2", "other:1"), ("c3", "rich:1"))
+
+
+def _tar_of(work: Path, name: str, data: bytes) -> Path:
+    """``cp_tar`` in a host file."""
+    path = work / f"cp-{name}.tar"
+    path.write_bytes(cp_tar(name, data))
+    return path
+
+
 def test_dockerd_runs_built_store(guest: DockerGuest, built: tuple[Path, Inputs]) -> None:
     work, inp = built
     disk = _data_disk(work / "root", work / "data-root.ext4")
     dg = guest
     dg.start(disk)
     try:
-        # `docker images` (the API's image list: tags and ids)
-        listed = sorted(f"{t} {i['Id']}" for i in dg.api("/images/json")[0]
+        # `docker images` (the API's image list: tags and ids) and `docker save`
+        images_json, saved = dg.fetch("/images/json", save_path(sorted(inp.images)))
+        listed = sorted(f"{t} {i['Id']}" for i in json.loads(images_json)
                         for t in i["RepoTags"] or ["<none>:<none>"])
         assert listed == sorted(f"{t} {inp.image_id(t)}" for t in inp.images), listed
 
-        rec = guest_save(dg, sorted(inp.images))
+        rec = save_record(saved)
         by_config = {m["Config"]: m for m in rec["manifest"]}
         for tag, ls in inp.images.items():
             cfg = inp.image_id(tag)[7:] + ".json"
@@ -139,22 +149,25 @@ def test_dockerd_runs_built_store(guest: DockerGuest, built: tuple[Path, Inputs]
             got = [rec["sha256"][p] for p in m["Layers"]]
             assert got == [inp.diff_id(x)[7:] for x in ls], f"{tag}: layer digests"
 
-        for name, tag in (("c1", "rich:2"), ("c2", "other:1"), ("c3", "rich:1")):
-            dg.docker(f"create --name {name} {tag}")
-        note = work / "note.txt"
-        note.write_bytes(b"copied in by docker cp\n")
-        dg.put({"/tmp/note.in": note}, work)
-        dg.docker("cp /tmp/note.in c1:/app/note.txt")
-        out = dg.sh("rm -rf /tmp/cpo && mkdir /tmp/cpo && docker cp c1:/app/note.txt "
-                    "/tmp/cpo/ && docker cp c1:/app/data /tmp/cpo/ && "
-                    "sha256sum /tmp/cpo/note.txt /tmp/cpo/data")
-        sums = {line.split()[1].rsplit("/", 1)[1]: line.split()[0] for line in out.splitlines()}
-        assert sums["note.txt"] == hashlib.sha256(note.read_bytes()).hexdigest()
+        # docker create, and docker cp in (the API calls the CLI makes: DockerGuest.calls)
+        note = b"copied in by docker cp\n"
+        dg.calls([*(ops.create(name, tag) for name, tag in CONTAINERS),
+                  ops.cp("/tmp/cp-note.tar", "c1", "/app/note.txt")],
+                 files={"/tmp/cp-note.tar": _tar_of(work, "note.txt", note)})
+        # docker cp out of /app (GET .../archive: the tar the CLI extracts; it holds the file
+        # copied in and one of layer l3), docker export of each container and docker ps -a,
+        # in one guest command
+        got_app, *exports, ps_json = dg.fetch(
+            "/containers/c1/archive?path=/app",
+            *(f"/containers/{name}/export" for name, _ in CONTAINERS),
+            "/containers/json?all=1")
+        app = _members(got_app)
+        assert app["app/note.txt\0sha256"] == hashlib.sha256(note).hexdigest()
         data = next(m.data for m in layers()["l3"] if m.name == "app/data")
-        assert sums["data"] == hashlib.sha256(data).hexdigest()
+        assert app["app/data\0sha256"] == hashlib.sha256(data).hexdigest()
 
-        for name, tag in (("c1", "rich:2"), ("c2", "other:1"), ("c3", "rich:1")):
-            exp = _export(dg, name, work)
+        for (name, tag), raw in zip(CONTAINERS, exports, strict=True):
+            exp = _members(raw)
             want = expected_tree([inp.tars[x] for x in inp.images[tag]])
             _compare(exp, want, f"{name} ({tag})")
             if "l2" in inp.images[tag]:  # l2's whiteouts and opaque directory
@@ -162,7 +175,7 @@ def test_dockerd_runs_built_store(guest: DockerGuest, built: tuple[Path, Inputs]
                         "usr/share/big"}
                 assert not gone & set(exp), f"{name}: whiteouts not honoured: " \
                     f"{gone & set(exp)}"
-        ps = [n for c in dg.api("/containers/json?all=1")[0] for n in c["Names"]]  # ps -a
+        ps = [n for c in json.loads(ps_json) for n in c["Names"]]  # ps -a
         assert sorted(ps) == ["/c1", "/c2", "/c3"]
     except BaseException:
         (work / "dockerd.log").write_text(dg.log())

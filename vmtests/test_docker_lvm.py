@@ -21,10 +21,12 @@ from dmimage.guest.docker import DockerGuest, DockerUnavailable, make_data_disk
 from dmimage.guest.kernels import selected_names
 from dmimage.guest.pytest_plugin import unavailable
 from vmtests.docker_scenario import (
-    _put_inputs,
+    cp_tar,
     extract_root,
     guest_save,
+    input_files,
     inspect_all,
+    ops,
     write_inputs,
 )
 
@@ -57,19 +59,17 @@ def test_direct_lvm_store(guest: DockerGuest, tmp_path: Path) -> None:
     disk = make_data_disk(tmp_path / "data-root.ext4")
     try:
         dg.start(disk, extra_opts=("dm.thinpooldev=/dev/mapper/docker-thinpool",))
-        _put_inputs(dg, inputs)
-        dg.docker("load -i /tmp/app.in")
-        dg.docker("import /tmp/base.in base:1")
-        dg.docker("create --name c1 app:1")
-        dg.docker("cp /tmp/note.in c1:/app/note.txt")
-        images, containers = inspect_all(dg)
+        dg.calls([ops.load("/tmp/app.in"), ops.import_("/tmp/base.in", "base:1"),
+                  ops.create("c1", "app:1"),
+                  ops.cp("/tmp/cp-note.tar", "c1", "/app/note.txt")],
+                 files=input_files(inputs, {"/tmp/cp-note.tar": cp_tar("note.txt")}))
+        images, containers, _ = inspect_all(dg)
         rec = guest_save(dg, ["app:1", "base:1"])
     except BaseException:
         (tmp_path / "dockerd.log").write_text(dg.log())
         raise
     dg.stop(unmount=False)
-    dg.vm.sh("lvm vgchange -an docker", timeout=120)
-    dg.detach_data()
+    dg.detach_data(before="lvm vgchange -an docker")
     dg.vm.detach(vg)
 
     root = extract_root(disk, tmp_path / "root")

@@ -27,7 +27,8 @@ import shlex
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -192,6 +193,9 @@ def make_data_disk(path: Path, size: int = 1 << 30) -> Path:
     return path
 
 
+#: See GUEST_SETUP.
+WAIT_FIFO = "/tmp/.dockerwait"
+
 GUEST_SETUP = f"""
 set -e
 mkdir -p {MOUNT} /var /run /etc/docker /sys/fs/cgroup
@@ -210,16 +214,20 @@ for m in {MOUNT}/modules/*.ko; do
   [ -e "$m" ] || continue
   grep -q "^$(basename "$m" .ko) " /proc/modules || insmod "$m"
 done
+# What the waits below sleep on: the read builtin's timeout on a fifo nobody writes (busybox's
+# sleep is a process, ~10 ms of CPU under TCG; a wait polled every 0.1 s spent seconds on it).
+[ -p {WAIT_FIFO} ] || mkfifo {WAIT_FIFO}
 # Read the big binaries into the page cache while the host prepares the data disk (the first
 # start otherwise waits seconds for them).
-(cat {MOUNT}/bin/dockerd {MOUNT}/bin/containerd {MOUNT}/bin/docker >/dev/null 2>&1 &)
+(cat {MOUNT}/bin/dockerd {MOUNT}/bin/containerd >/dev/null 2>&1 &)
 """
 
 #: containerd's configuration: what dockerd writes for the containerd it manages (the CRI
-#: plugin off), with the data root's state and socket paths.
+#: plugin off), with its socket and state paths, but its root outside the data root: one
+#: containerd serves every dockerd the guest starts (``DockerGuest.start``).
 CONTAINERD_SOCK = "/run/docker/containerd/containerd.sock"
 CONTAINERD_TOML = f"""version = 2
-root = "{DATA_ROOT}/containerd/daemon"
+root = "/run/docker/containerd/root"
 state = "/run/docker/containerd/daemon"
 disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [grpc]
@@ -235,6 +243,80 @@ ENV = f"export PATH={MOUNT}/bin:/sbin:/bin DOCKER_HOST=unix:///run/docker.sock; 
 API = "127.0.0.1:2375"
 
 
+#: The guest's HTTP client for the Engine API calls that write (``DockerGuest.calls``): busybox
+#: wget only sends GET and POST, so each request goes through ``nc -e``, whose program writes
+#: the request and then reads the answer on the same socket. The connection stays open until
+#: dockerd has answered: a client that half-closes it (plain ``nc``) makes Go's HTTP server
+#: cancel the request's context. HTTP/1.0, so the answer is never chunked and ends at close.
+#: ``dreq N METHOD PATH BODYFILE CTYPE REFUSAL_OK`` leaves a line "@@api N" (after an empty
+#: one), then the raw answer, in /tmp/api/N, and fails on an answer the CLI would fail on: a
+#: status other than 2xx (a 4xx only with REFUSAL_OK), or an error in the progress stream of
+#: an import or load.
+API_CLIENT = r"""rm -rf /tmp/api; mkdir /tmp/api
+dreq() {
+  n=0; [ -z "$4" ] || n=$(stat -c %s "$4")
+  { printf '%s /v1.41%s HTTP/1.0\r\nHost: docker\r\nContent-Length: %s\r\n' "$2" "$3" "$n"
+    [ -z "$5" ] || printf 'Content-Type: %s\r\n' "$5"
+    printf '\r\n'; } > /tmp/api/h
+  printf '\n@@api %s\n' "$1" > /tmp/api/$1
+  nc 127.0.0.1 2375 -e sh -c "cat /tmp/api/h $4 && exec cat >> /tmp/api/$1" || return 1
+  { read -r x; read -r x; read -r x code x; } < /tmp/api/$1
+  case $code in
+    2??) case $3 in /images/create*|/images/load*) ! grep -q '"errorDetail"' /tmp/api/$1;; esac;;
+    4??) [ "$6" = 1 ];;
+    *) false;;
+  esac
+}
+"""
+
+
+@dataclass(frozen=True)
+class Call:
+    """One Engine API request for :meth:`DockerGuest.calls`: what the docker CLI sends for
+    the command in *label*, minus its read-only preliminaries (``docker cp`` first stats the
+    destination; the archive sent here already holds the name that stat would give)."""
+
+    method: str
+    #: After ``/v1.41``, with the query.
+    path: str
+    label: str
+    #: A guest file sent as the body, or an inline body (JSON text).
+    body: str | None = None
+    data: str | None = None
+    ctype: str | None = None
+    #: A 4xx answer (``rmi`` of an image a container uses) is an answer, not a failure.
+    refusal_ok: bool = False
+
+
+@dataclass(frozen=True)
+class Reply:
+    """dockerd's answer to a :class:`Call`."""
+
+    status: int
+    body: bytes
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def _parse_replies(out: bytes) -> dict[int, Reply]:
+    """The answers in ``calls``' output: "@@api N" lines, each after an empty line and
+    followed by a raw HTTP/1.0 answer (status line, headers, a blank line, the body)."""
+    replies: dict[int, Reply] = {}
+    parts = re.split(rb"\n@@api (\d+)\n", out)
+    for num, raw in zip(parts[1::2], parts[2::2], strict=True):
+        head, sep, body = raw.partition(b"\r\n\r\n")
+        words = head.split(b"\r\n", 1)[0].split()
+        if not sep or len(words) < 2 or not words[1].isdigit():
+            raise ApplianceError(f"dockerd API: answer {int(num)} is not HTTP: {raw[:200]!r}")
+        replies[int(num)] = Reply(int(words[1]), body)
+    return replies
+
+
 class DockerGuest:
     """A booted guest with the tools disk mounted; ``start``/``stop`` dockerd on a data disk."""
 
@@ -243,6 +325,7 @@ class DockerGuest:
         self.kernel = kernel
         self.tools: Disk | None = None
         self.data: Disk | None = None
+        self.xfer: Disk | None = None
 
     @classmethod
     def boot(cls, kernel_name: str = "deb12", *, lvm: bool = False) -> DockerGuest:
@@ -275,6 +358,8 @@ class DockerGuest:
         if exc_type is not None:
             self.vm._failed = True
         self.vm.close()
+        if self.xfer is not None:  # a hole, but the run directory may be kept
+            self.xfer.host_path.unlink(missing_ok=True)
 
     def sh(self, command: str, *, timeout: float = 120.0) -> str:
         """Run *command* with the Docker tools on PATH; raise unless it exits 0."""
@@ -285,59 +370,44 @@ class DockerGuest:
 
     def start(self, data_disk: Path, *, extra_opts: tuple[str, ...] = (),
               timeout: float = 120.0) -> None:
-        """Attach *data_disk* read-write, mount it on /var/lib/docker and start dockerd.
+        """Attach *data_disk* read-write, mount it on /var/lib/docker and start dockerd, in one
+        guest command.
 
-        containerd is started first and waited for here (its socket), then handed to dockerd
-        with ``--containerd``: dockerd's own wait for the containerd it would spawn has a fixed
-        limit that a loaded TCG guest can miss ("timeout waiting for containerd to start").
-        Readiness is read from dockerd's log ("API listen on"), not polled with the docker CLI,
-        whose start-up takes the guest's only vCPU from dockerd's for ~1 s per try."""
+        containerd is started first and waited for (its socket), then handed to dockerd with
+        ``--containerd``: dockerd's own wait for the containerd it would spawn has a fixed limit
+        that a loaded TCG guest can miss ("timeout waiting for containerd to start"). It holds
+        nothing of the data root (no containers run), so it keeps running for the next dockerd
+        of this guest (a restart on a killed store, the next scenario) instead of being started
+        again (~1 s of the guest's CPU). dockerd is ready when its API answers ``/_ping``: its
+        socket is created when it starts serving, and the loop waits for it with no process
+        started per turn; the docker CLI's start-up would take the guest's only vCPU from
+        dockerd's for ~1 s per try."""
         self.data = self.vm.attach(data_disk, read_only=False, serial="dockerdata")
         opts = " ".join(f"--storage-opt {o}" for o in (*STORAGE_OPTS, *extra_opts))
-        self.sh(f"mkdir -p {DATA_ROOT} && mount -t ext4 {self.data.guest_path} {DATA_ROOT}")
         ticks = int(timeout * 10)
         fail = "{ tail -n 30 /tmp/%s.log >&2; exit 1; }"
-        self.sh(f"mkdir -p {CONTAINERD_SOCK.rsplit('/', 1)[0]} && "
+        wait = f"read -t 0.1 x <> {WAIT_FIFO}"
+        self.sh(f"mkdir -p {DATA_ROOT} && mount -t ext4 {self.data.guest_path} {DATA_ROOT} || "
+                "exit 1\n"
+                "if ! { read -r c < /tmp/containerd.pid && kill -0 $c; } 2>/dev/null; then\n"
+                f"mkdir -p {CONTAINERD_SOCK.rsplit('/', 1)[0]}\n"
                 f"cat > /tmp/containerd.toml <<'EOF'\n{CONTAINERD_TOML}EOF\n"
                 "setsid containerd --config /tmp/containerd.toml </dev/null "
-                ">/tmp/containerd.log 2>&1 & echo $! > /tmp/containerd.pid; "
+                ">/tmp/containerd.log 2>&1 & c=$!; echo $c > /tmp/containerd.pid\n"
                 f"i=0; until [ -S {CONTAINERD_SOCK} ]; do i=$((i+1)); "
-                f"[ $i -lt {ticks} ] || {fail % 'containerd'}; "
-                "kill -0 $(cat /tmp/containerd.pid) 2>/dev/null || "
-                f"{fail % 'containerd'}; sleep 0.1; done", timeout=timeout + 10)
-        self.sh(f"setsid dockerd --data-root {DATA_ROOT} --storage-driver devicemapper {opts} "
+                f"[ $i -lt {ticks} ] && kill -0 $c 2>/dev/null || {fail % 'containerd'}; "
+                f"{wait}; done\n"
+                "fi\n"
+                "rm -f /run/docker.sock\n"
+                f"setsid dockerd --data-root {DATA_ROOT} --storage-driver devicemapper {opts} "
                 f"--containerd {CONTAINERD_SOCK} -H unix:///run/docker.sock -H tcp://{API} "
                 "--tls=false "
                 "--iptables=false --ip-masq=false --bridge=none --log-level=debug "
-                "</dev/null >/tmp/dockerd.log 2>&1 & echo $! > /tmp/dockerd.pid; "
-                f"i=0; until grep -q 'API listen on' /tmp/dockerd.log; do i=$((i+1)); "
-                f"[ $i -lt {ticks} ] || {fail % 'dockerd'}; "
-                "kill -0 $(cat /tmp/dockerd.pid) 2>/dev/null || "
-                f"{fail % 'dockerd'}; sleep 0.1; done",
-                timeout=timeout + 10)
-
-    def put(self, files: Mapping[str, Path], work: Path) -> None:
-        """Copy host *files* to the guest (``{guest path: host path}``) through a small ext4
-        image (``mke2fs -d``) attached read-only: base64 through the agent costs seconds per
-        100 KB under TCG, a hot-plug well under one."""
-        stage = Path(tempfile.mkdtemp(prefix="put.", dir=work))
-        try:
-            total = 0
-            for i, host in enumerate(files.values()):
-                shutil.copyfile(host, stage / str(i))
-                total += host.stat().st_size
-            img = stage.with_suffix(".ext4")
-            with open(img, "wb") as f:
-                f.truncate((total * 5 // 4 + (4 << 20)) // 4096 * 4096)
-            subprocess.run(["mke2fs", "-q", "-t", "ext4", "-F", "-m", "0", "-O", "^has_journal",
-                            "-d", str(stage), str(img)], check=True, capture_output=True)
-            cps = " && ".join(f"cp /tmp/put/{i} {shlex.quote(g)}" for i, g in enumerate(files))
-            with self.vm.disk(img, read_only=True, serial="dockerput") as d:
-                self.sh(f"mkdir -p /tmp/put && mount -t ext4 -o ro {d.guest_path} /tmp/put && "
-                        f"{{ {cps}; }}; r=$?; umount /tmp/put; exit $r")
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
-            stage.with_suffix(".ext4").unlink(missing_ok=True)
+                "</dev/null >/tmp/dockerd.log 2>&1 & p=$!; echo $p > /tmp/dockerd.pid\n"
+                "i=0; until [ -S /run/docker.sock ] && "
+                f"wget -q -O /dev/null http://{API}/_ping 2>/dev/null; do i=$((i+1)); "
+                f"[ $i -lt {ticks} ] && kill -0 $p 2>/dev/null || {fail % 'dockerd'}; "
+                f"{wait}; done; true", timeout=timeout + 10)
 
     def api(self, *paths: str, timeout: float = 120.0) -> list[Any]:
         """GET each of *paths* from dockerd's Engine API (busybox wget on the guest's
@@ -356,28 +426,149 @@ class DockerGuest:
                                  f"requests: {out[-300:]!r}")
         return [json.loads(x) for x in parts[:-1]]
 
-    def download(self, path: str, dest: str, *, timeout: float = 900.0) -> None:
-        """GET *path* from dockerd's Engine API into the guest file *dest* (``docker save``
-        and ``docker export`` are ``GET /images/get`` and ``GET /containers/ID/export``: the
-        CLI writes the same bytes)."""
-        self.sh(f"wget -q -O {shlex.quote(dest)} {shlex.quote(f'http://{API}/v1.41{path}')}",
-                timeout=timeout)
+    def fetch(self, *paths: str, timeout: float = 600.0) -> list[bytes]:
+        """GET each of *paths* from dockerd's Engine API (busybox wget) and return the bodies,
+        in one guest command through the transfer disk: ``docker save``, ``docker export`` and
+        ``docker cp`` out of a container are ``GET /images/get``, ``GET
+        /containers/ID/export`` and ``GET /containers/ID/archive`` (the CLI writes the same
+        bytes, or for cp extracts that tar)."""
+        if not paths:
+            return []
+        names = [f"/tmp/fetch.{i}" for i in range(len(paths))]
+        before = "\n".join(f"wget -q -O {n} {shlex.quote(f'http://{API}/v1.41{p}')}"
+                           for n, p in zip(names, paths, strict=True))
+        return self.get_many(names, before=f"rm -f /tmp/fetch.*\n{before}", remove=True,
+                             timeout=timeout)
 
-    def get(self, guest_path: str, work: Path) -> bytes:
-        """The bytes of the guest's file *guest_path*, through a raw disk image the guest
-        writes (the reverse of ``put``; base64 through the agent is slow under TCG)."""
-        size = int(self.sh(f"stat -c %s {shlex.quote(guest_path)}"))
-        fd, name = tempfile.mkstemp(prefix="get.", suffix=".raw", dir=work)
-        raw = Path(name)
+    #: The transfer disk: a sparse file in the machine's run directory, attached once.
+    XFER_BYTES = 1 << 30
+
+    def _xfer(self) -> Disk:
+        """The transfer disk (attached on first use, for the guest's lifetime): ``put`` and
+        ``get`` move files through it with one guest command each, where a disk image made and
+        hot-plugged per transfer costs a ``mke2fs``, an attach and a detach (~1-2 s under load);
+        base64 through the agent costs seconds per 100 KB under TCG."""
+        if self.xfer is None:
+            assert self.vm.rundir is not None
+            path = self.vm.rundir / "docker-xfer.img"
+            with open(path, "wb") as f:
+                f.truncate(self.XFER_BYTES)
+            self.xfer = self.vm.attach(path, read_only=False, serial="dockerxfer")
+        return self.xfer
+
+    def _xfer_done(self) -> None:
+        """Back to a hole (no host space); the next transfer writes before anything reads."""
+        assert self.xfer is not None
+        os.truncate(self.xfer.host_path, 0)
+        os.truncate(self.xfer.host_path, self.XFER_BYTES)
+
+    def _put_script(self, files: Mapping[str, Path]) -> str:
+        """Write host *files* into the transfer disk's file; return the guest commands that
+        copy them out to their guest paths (``put``)."""
+        disk = self._xfer()
+        dev = disk.guest_path
+        cmds = [f"blockdev --flushbufs {dev}"]
+        off = 0
+        with open(disk.host_path, "r+b") as f:
+            for guest, host in files.items():
+                data = Path(host).read_bytes()
+                if off + len(data) > self.XFER_BYTES:
+                    raise ApplianceError(f"{host}: the files to put exceed the transfer "
+                                         f"disk's {self.XFER_BYTES} bytes")
+                os.pwrite(f.fileno(), data, off)
+                cmds.append(f"dd if={dev} of={shlex.quote(guest)} bs=1048576 skip={off} "
+                            f"count={len(data)} iflag=skip_bytes,count_bytes,fullblock "
+                            "status=none")
+                off = -(-(off + len(data)) // (1 << 20)) << 20
+        return " && ".join(cmds) + " || exit 1"
+
+    def put(self, files: Mapping[str, Path]) -> None:
+        """Copy host *files* to the guest (``{guest path: host path}``): the host writes them
+        into the transfer disk's file, the guest drops its cached pages of the disk
+        (``blockdev --flushbufs``) and copies each out with ``dd``."""
         try:
-            os.ftruncate(fd, max(512, -(-size // 512) * 512))
-            os.close(fd)
-            with self.vm.disk(raw, read_only=False, serial="dockerget") as d:
-                self.sh(f"cat {shlex.quote(guest_path)} > {d.guest_path} && sync")
-            with open(raw, "rb") as f:
-                return f.read(size)
+            self.sh(self._put_script(files))
         finally:
-            raw.unlink(missing_ok=True)
+            self._xfer_done()
+
+    def get_many(self, guest_paths: Sequence[str], *, before: str = "", remove: bool = False,
+                 timeout: float = 600.0) -> list[bytes]:
+        """The bytes of the guest's files *guest_paths*, in one guest command (after the
+        commands *before*; with *remove*, the files are removed after): the guest writes them
+        into the transfer disk, 1 MiB-aligned, and flushes them to it (``blockdev
+        --flushbufs``); the host reads them from its file."""
+        disk = self._xfer()
+        dev = disk.guest_path
+        lines = ["set -e", before, "set +e", "o=0"]
+        for p in guest_paths:
+            q = shlex.quote(p)
+            lines.append(f"n=$(stat -c %s {q}) && [ $((o + n)) -le {self.XFER_BYTES} ] && "
+                         f"dd if={q} of={dev} bs=1048576 seek=$o oflag=seek_bytes conv=notrunc "
+                         "status=none && echo $o $n && o=$(( (o + n + 1048575) / 1048576 * "
+                         "1048576 )) || exit 1")
+        lines.append(f"blockdev --flushbufs {dev}")
+        if remove:
+            lines.append(f"rm -f {' '.join(shlex.quote(p) for p in guest_paths)}")
+        try:
+            out = self.sh("\n".join(lines), timeout=timeout).split()
+            if len(out) != 2 * len(guest_paths):
+                raise ApplianceError(f"get {list(guest_paths)}: answers {out!r}")
+            with open(disk.host_path, "rb") as f:
+                return [os.pread(f.fileno(), int(n), int(o)) for o, n in
+                        zip(out[0::2], out[1::2], strict=True)]
+        finally:
+            self._xfer_done()
+
+    def get(self, guest_path: str) -> bytes:
+        """The bytes of the guest's file *guest_path* (``get_many``)."""
+        return self.get_many([guest_path])[0]
+
+    def calls(self, calls: Sequence[Call], *, files: Mapping[str, Path] | None = None,
+              timeout: float = 600.0) -> list[Reply]:
+        """Send *calls* to dockerd's Engine API, in order, in one guest command (the client
+        is ``API_CLIENT``: a few busybox processes per call, where the docker CLI's start-up
+        alone costs about a second of the guest's CPU under TCG) and return dockerd's
+        answers; *files* are ``put`` first, in the same command. The first call that fails
+        stops the run and raises ``ApplianceError`` naming its command and dockerd's answer;
+        a refusal of a call with ``refusal_ok`` is returned like any answer."""
+        if not calls:
+            return []
+        lines = [API_CLIENT]
+        if files:
+            try:
+                lines.append(self._put_script(files))
+            except BaseException:
+                self._xfer_done()
+                raise
+        for i, c in enumerate(calls, 1):
+            body = c.body or ""
+            if c.data is not None:
+                body = f"/tmp/api/b{i:03d}"
+                lines.append(f"printf %s {shlex.quote(c.data)} > {body}")
+            args = (f"{i:03d}", c.method, c.path, body, c.ctype or "",
+                    "1" if c.refusal_ok else "0")
+            lines.append(f"dreq {' '.join(map(shlex.quote, args))} || "
+                         f"{{ cat /tmp/api/[0-9]*; echo {i} >&2; exit 3; }}")
+        lines.append("cat /tmp/api/[0-9]*")
+        try:
+            res = self.vm.run(ENV + "\n".join(lines), timeout=timeout)
+        finally:
+            if files:
+                self._xfer_done()
+        try:
+            got = _parse_replies(res.stdout)
+        except ApplianceError:
+            got = {}
+        if res.ok and len(got) == len(calls):
+            return [got[i] for i in range(1, len(calls) + 1)]
+        failed = int(res.err.split()[-1]) if res.returncode == 3 and res.err.split() else 0
+        if 0 < failed <= len(calls):
+            r = got.get(failed)
+            answer = (f"dockerd answered {r.status}: {r.body.decode(errors='replace')[-500:]}"
+                      if r is not None else f"no answer: {res.stdout[-300:]!r}")
+            raise ApplianceError(f"docker {calls[failed - 1].label}: {answer}")
+        raise ApplianceError(f"dockerd API: {len(calls)} calls, rc {res.returncode}, "
+                             f"{len(got)} answers: {res.stdout[-300:]!r} {res.err[-300:]!r}")
 
     def log(self) -> str:
         """dockerd's log, then containerd's."""
@@ -386,26 +577,29 @@ class DockerGuest:
 
     def stop(self, *, kill: bool = False, unmount: bool = True, timeout: float = 120.0) -> None:
         """Stop dockerd (SIGTERM, or SIGKILL with *kill*); then unmount and detach the data
-        disk unless *unmount* is false (``detach_data`` does it later)."""
+        disk unless *unmount* is false (``detach_data`` does it later). containerd keeps
+        running (``start``)."""
         sig = "KILL" if kill else "TERM"
-        self.sh(f"p=$(cat /tmp/dockerd.pid); kill -{sig} $p; i=0; "
-                f"while kill -0 $p 2>/dev/null; do i=$((i+1)); [ $i -lt {int(timeout * 5)} ] "
-                "|| exit 1; sleep 0.2; done", timeout=timeout + 10)
-        # containerd is ours (``start``), not dockerd's; it holds nothing on the pool.
-        self.vm.run("p=$(cat /tmp/containerd.pid) && kill -TERM $p && i=0 && "
-                    "while kill -0 $p 2>/dev/null && [ $i -lt 100 ]; do i=$((i+1)); sleep 0.1; "
-                    "done", timeout=30)
+        script = (f"read -r p < /tmp/dockerd.pid; kill -{sig} $p; i=0; "
+                  f"while kill -0 $p 2>/dev/null; do i=$((i+1)); [ $i -lt {int(timeout * 10)} ] "
+                  f"|| exit 1; read -t 0.1 x <> {WAIT_FIFO}; done; true")
         if kill:
             # A killed dockerd leaves its mounts, the pool's dm devices and the loop devices.
-            self.vm.run(f"grep ' {DATA_ROOT}/' /proc/mounts | cut -d' ' -f2 | sort -r | "
-                        "xargs -r umount; dmsetup remove_all; for l in /dev/loop*; do "
-                        "losetup -d $l; done 2>/dev/null; true", timeout=60)
+            script += (f"\ngrep ' {DATA_ROOT}/' /proc/mounts | cut -d' ' -f2 | sort -r | "
+                       "xargs -r umount; dmsetup remove_all; for l in /dev/loop*; do "
+                       "losetup -d $l; done 2>/dev/null; true")
         if unmount:
-            self.detach_data()
+            script += f"\nsync; umount {DATA_ROOT}"
+        self.sh(script, timeout=timeout + 70)
+        if unmount:
+            assert self.data is not None
+            self.vm.detach(self.data)
+            self.data = None
 
-    def detach_data(self) -> None:
-        """Unmount /var/lib/docker and hot-unplug the data disk (its writes reach the host)."""
-        self.sh(f"sync; umount {DATA_ROOT}")
+    def detach_data(self, *, before: str = "") -> None:
+        """Unmount /var/lib/docker (after the commands *before*, in the same guest command)
+        and hot-unplug the data disk (its writes reach the host)."""
+        self.sh(f"{before}\nsync; umount {DATA_ROOT}")
         assert self.data is not None
         self.vm.detach(self.data)
         self.data = None
