@@ -359,3 +359,28 @@ def test_absurd_nr_data_blocks_fails_fast(tmp_path, capsys):
     assert time.monotonic() - t0 < 10
     assert "more than the 4161600" in capsys.readouterr().err
     assert out.read_bytes() == bytes(1024 * 4096)
+
+
+@pytest.mark.parametrize("source", ["defs", "multilevel", "snapshots"])
+def test_streamed_restore_equals_whole_ir_path(source, tmp_path, monkeypatch):
+    """`dmimage restore` of XML in thin_dump's layout is laid out device by device while a
+    thread parses (thin/restore_stream.py): the whole-IR path must not be taken, and the
+    metadata must be byte for byte what restore() of the parsed IR writes."""
+    from dmimage.thin import restore_stream
+
+    xml = {"defs": lambda: defs_xml(5),
+           "multilevel": lambda: poolgen.to_xml(poolgen.multilevel_pool(70000), "1.1"),
+           "snapshots": lambda: poolgen.to_xml(poolgen.snapshot_pool(), "1.1")}[source]()
+    ir = read_xml_text(xml, tmp_path)
+    whole = oracles.make_sparse(tmp_path / "whole.meta", 4096)
+    restore(ir, whole)
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("the whole-IR path was taken")
+
+    monkeypatch.setattr(restore_stream, "read_input", no_fallback)
+    streamed = oracles.make_sparse(tmp_path / "streamed.meta", 4096)
+    seen = []
+    restore_stream.restore_file(tmp_path / "x.xml", streamed, progress=seen.append)
+    assert filecmp.cmp(whole, streamed, shallow=False)
+    assert sum(seen) == len(xml)

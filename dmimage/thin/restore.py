@@ -57,7 +57,7 @@ from dmimage.pdata.writer import (
     write_data_space_map,
     write_metadata_space_map,
 )
-from dmimage.thin.ir import U64, PoolIR, Runs, SuperblockIR
+from dmimage.thin.ir import U64, DeviceIR, PoolIR, Runs, SuperblockIR
 
 DETAILS_LEAF = NodeKind(True, DEVICE_DETAILS_DTYPE)
 TOP_LEAF = NodeKind(True, U64)
@@ -133,39 +133,52 @@ def validate_ir(ir: PoolIR) -> None:
     nr_data = int(sb.nr_data_blocks)
     def_sizes: dict[str, int] = {}
     for name, runs in ir.defs.items():
-        _check_runs(runs, f"<def name=\"{name}\">", nr_data)
-        def_sizes[name] = runs.nr_blocks
+        def_sizes[name] = validate_def(name, runs, nr_data)
     seen: set[int] = set()
     for dev in ir.devices:
-        did = int(dev.dev_id)
-        if not 0 <= did <= MAX_DUMP_DEV_ID:
-            raise InputError(f"device id {did} does not fit 32 bits")
-        if did in seen:
-            raise InputError(f"device {did} appears more than once")
-        seen.add(did)
-        for field_name, value, limit in (("transaction", dev.transaction, MAX_U64),
-                                         ("creation_time", dev.creation_time, MAX_U32),
-                                         ("snap_time", dev.snap_time, MAX_U32)):
-            if not 0 <= int(value) <= limit:
-                raise InputError(f"device {did}: {field_name} {value} is out of range")
-        total = 0
-        for item in dev.items:
-            if isinstance(item, str):
-                if item not in def_sizes:
-                    raise InputError(f"device {did}: <ref name=\"{item}\"> names no <def>")
-                total += def_sizes[item]
-            else:
-                _check_runs(item, f"device {did}", nr_data)
-                total += item.nr_blocks
-        if int(dev.mapped_blocks) != total:
-            raise InputError(f"device {did}: mapped_blocks is {dev.mapped_blocks} but it has "
-                             f"{total} mappings")
+        validate_device(dev, def_sizes, seen, nr_data)
+
+
+def validate_def(name: str, runs: Runs, nr_data: int) -> int:
+    """Check a ``<def>``'s runs; its number of mappings."""
+    _check_runs(runs, f"<def name=\"{name}\">", nr_data)
+    return runs.nr_blocks
+
+
+def validate_device(dev: DeviceIR, def_sizes: dict[str, int], seen: set[int],
+                    nr_data: int) -> None:
+    """Check one device (``seen``: the ids before it, this one added)."""
+    did = int(dev.dev_id)
+    if not 0 <= did <= MAX_DUMP_DEV_ID:
+        raise InputError(f"device id {did} does not fit 32 bits")
+    if did in seen:
+        raise InputError(f"device {did} appears more than once")
+    seen.add(did)
+    for field_name, value, limit in (("transaction", dev.transaction, MAX_U64),
+                                     ("creation_time", dev.creation_time, MAX_U32),
+                                     ("snap_time", dev.snap_time, MAX_U32)):
+        if not 0 <= int(value) <= limit:
+            raise InputError(f"device {did}: {field_name} {value} is out of range")
+    total = 0
+    for item in dev.items:
+        if isinstance(item, str):
+            if item not in def_sizes:
+                raise InputError(f"device {did}: <ref name=\"{item}\"> names no <def>")
+            total += def_sizes[item]
+        else:
+            _check_runs(item, f"device {did}", nr_data)
+            total += item.nr_blocks
+    if int(dev.mapped_blocks) != total:
+        raise InputError(f"device {did}: mapped_blocks is {dev.mapped_blocks} but it has "
+                         f"{total} mappings")
 
 
 # ----------------------------------------------------------------------------- building
 
 
 def _mapping_arrays(runs: Runs) -> tuple[np.ndarray, np.ndarray]:
+    if runs.nr_blocks == len(runs):  # single mappings only (a fragmented pool): as they are
+        return runs.origin_begin, pack_mappings(runs.data_begin, runs.time)
     origin, data, time = runs.expand()
     return origin, pack_mappings(data, time)
 
@@ -203,26 +216,44 @@ def build_metadata(ir: PoolIR, nr_metadata_blocks: int, *, validate: bool = True
     """Lay out the whole pool in memory for a metadata device of ``nr_metadata_blocks``."""
     if validate:
         validate_ir(ir)
-    sb = ir.superblock
     image = MetadataImage(max(int(nr_metadata_blocks), 1))
     floor = 1 + _data_bitmap_floor(ir) + sum(int(d.mapped_blocks) for d in ir.devices) // 252
     if floor > image.nr_blocks and floor > _EXACT_NEED_LIMIT:
         # Too big to lay out in memory only to say by how much it does not fit.
         return BuiltMetadata(image, bytes(BLOCK_SIZE), floor, exact=False)
-    if image.alloc() != 0:
-        raise AssertionError("the superblock must be block 0")
-    data_rc = SparseCounts(int(sb.nr_data_blocks))
-
-    # shared leaves from <def>s: built first, each holding a temporary reference
-    sub_trees: dict[str, list[NodeSummary]] = {}
+    layout = Layout(ir.superblock, image)
     for name, runs in ir.defs.items():
-        b = NodeBuilder(image, MAPPING_LEAF, data_rc.mapping_rc, shared=True)
-        b.push_values(*_mapping_arrays(runs))
-        sub_trees[name] = b.complete()
-
-    roots: dict[int, int] = {}
+        layout.add_def(name, runs)
     for dev in ir.devices:
-        b = NodeBuilder(image, MAPPING_LEAF, data_rc.mapping_rc)
+        layout.add_device(dev)
+        if progress:
+            progress(int(dev.mapped_blocks))
+    return layout.finish()
+
+
+class Layout:
+    """The pool laid out in input order (thin_restore's placement): ``<def>`` leaves first,
+    then each device's tree as it comes, then the details and top-level trees and the space
+    maps (:meth:`finish`). A device's mappings are not kept once its tree is built."""
+
+    def __init__(self, sb: SuperblockIR, image: MetadataImage) -> None:
+        self.sb = sb
+        self.image = image
+        if image.alloc() != 0:
+            raise AssertionError("the superblock must be block 0")
+        self.data_rc = SparseCounts(int(sb.nr_data_blocks))
+        #: shared leaves from <def>s, each holding a temporary reference
+        self.sub_trees: dict[str, list[NodeSummary]] = {}
+        self.roots: dict[int, int] = {}
+        self.details: dict[int, DeviceDetails] = {}
+
+    def add_def(self, name: str, runs: Runs) -> None:
+        b = NodeBuilder(self.image, MAPPING_LEAF, self.data_rc.mapping_rc, shared=True)
+        b.push_values(*_mapping_arrays(runs))
+        self.sub_trees[name] = b.complete()
+
+    def add_device(self, dev: DeviceIR) -> None:
+        b = NodeBuilder(self.image, MAPPING_LEAF, self.data_rc.mapping_rc)
         pending: list[Runs] = []
         try:
             for item in dev.items:
@@ -230,45 +261,46 @@ def build_metadata(ir: PoolIR, nr_metadata_blocks: int, *, validate: bool = True
                     if pending:
                         b.push_values(*_mapping_arrays(Runs.concat(pending)))
                         pending = []
-                    b.push_nodes(sub_trees[item])
+                    b.push_nodes(self.sub_trees[item])
                 else:
                     pending.append(item)
             if pending:
                 b.push_values(*_mapping_arrays(Runs.concat(pending)))
         except ValueError as exc:
             raise InputError(f"device {dev.dev_id}: {exc}") from None
-        roots[int(dev.dev_id)] = build_btree(image, b.complete())
-        if progress:
-            progress(int(dev.mapped_blocks))
+        did = int(dev.dev_id)
+        self.roots[did] = build_btree(self.image, b.complete())
+        self.details[did] = DeviceDetails(int(dev.mapped_blocks), int(dev.transaction),
+                                          int(dev.creation_time), int(dev.snap_time))
 
-    ids = np.array(sorted(roots), dtype=U64)
-    by_id = {int(d.dev_id): d for d in ir.devices}
-    details = pack_details(
-        DeviceDetails(int(d.mapped_blocks), int(d.transaction), int(d.creation_time),
-                      int(d.snap_time)) for d in (by_id[did] for did in ids.tolist()))
-    details_root = build_tree(image, DETAILS_LEAF, ids, details)
-    mapping_root = build_tree(image, TOP_LEAF, ids,
-                              np.array([roots[i] for i in ids.tolist()], dtype=U64))
+    def finish(self) -> BuiltMetadata:
+        image, sb, roots = self.image, self.sb, self.roots
+        ids = np.array(sorted(roots), dtype=U64)
+        details = pack_details(self.details[did] for did in ids.tolist())
+        details_root = build_tree(image, DETAILS_LEAF, ids, details)
+        mapping_root = build_tree(image, TOP_LEAF, ids,
+                                  np.array([roots[i] for i in ids.tolist()], dtype=U64))
 
-    # drop the temporary references of the <def> leaves; unused leaves release their values
-    for name in sorted(sub_trees):
-        for n in sub_trees[name]:
-            if image.dec(n.block):
-                _, vals = decode_node(MAPPING_LEAF, image.get(n.block))
-                data_rc.mapping_rc(vals, -1)
+        # drop the temporary references of the <def> leaves; unused leaves release their values
+        for name in sorted(self.sub_trees):
+            for n in self.sub_trees[name]:
+                if image.dec(n.block):
+                    _, vals = decode_node(MAPPING_LEAF, image.get(n.block))
+                    self.data_rc.mapping_rc(vals, -1)
 
-    blocks, counts = data_rc.totals()
-    data_sm = write_data_space_map(image, int(sb.nr_data_blocks), blocks, counts)
-    pre_meta_sm = image.high_water
-    meta_sm = write_metadata_space_map(image)
-    superblock = Superblock(
-        time=int(sb.time), trans_id=int(sb.transaction), data_sm=data_sm, metadata_sm=meta_sm,
-        data_mapping_root=mapping_root, device_details_root=details_root,
-        data_block_size=int(sb.data_block_size), metadata_nr_blocks=image.nr_blocks).pack()
-    needed = image.high_water
-    if image.overflowed or needed > image.nr_blocks:
-        needed = _blocks_needed(pre_meta_sm, image)
-    return BuiltMetadata(image, superblock, needed)
+        blocks, counts = self.data_rc.totals()
+        data_sm = write_data_space_map(image, int(sb.nr_data_blocks), blocks, counts)
+        pre_meta_sm = image.high_water
+        meta_sm = write_metadata_space_map(image)
+        superblock = Superblock(
+            time=int(sb.time), trans_id=int(sb.transaction), data_sm=data_sm,
+            metadata_sm=meta_sm, data_mapping_root=mapping_root,
+            device_details_root=details_root, data_block_size=int(sb.data_block_size),
+            metadata_nr_blocks=image.nr_blocks).pack()
+        needed = image.high_water
+        if image.overflowed or needed > image.nr_blocks:
+            needed = _blocks_needed(pre_meta_sm, image)
+        return BuiltMetadata(image, superblock, needed)
 
 
 def _blocks_needed(pre_meta_sm: int, image: MetadataImage) -> int:
@@ -350,3 +382,4 @@ def read_input(path: str | os.PathLike[str]) -> PoolIR:
     if not p.exists():
         raise UsageError(f"{p}: no such file")
     return parse_dump(p)
+

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Callable
 from typing import IO, TYPE_CHECKING
 
 import numpy as np
@@ -58,16 +59,17 @@ READ_BLOCK = 1 << 22
 PIECE = 1 << 20
 
 
-def parse_canonical_file(f: IO[bytes], parser: _XmlParser, block: int = READ_BLOCK) -> None:
+def parse_canonical_file(f: IO[bytes], parser: _XmlParser, block: int = READ_BLOCK, *,
+                         progress: Callable[[int], None] | None = None) -> None:
     """:func:`parse_canonical` of a file read ``block`` bytes at a time into one reused
     buffer: a device's or def's body is scanned in pieces of whole lines (dump/xmlscan.py),
     so memory is a block, not the file. NotCanonical as :func:`parse_canonical` (the caller
-    re-reads the file with expat).
+    re-reads the file with expat). ``progress`` hears of the bytes read.
     """
     from dmimage.thin.dump.xml import DumpFormatError
 
     try:
-        _Stream(f, parser, block).run()
+        _Stream(f, parser, block, progress).run()
     except DumpFormatError:
         raise NotCanonical from None
     if not parser.sb_closed:
@@ -77,8 +79,10 @@ def parse_canonical_file(f: IO[bytes], parser: _XmlParser, block: int = READ_BLO
 class _Stream:
     """The input as one buffer refilled in place: ``buf[pos:n]`` is what is left to parse."""
 
-    def __init__(self, f: IO[bytes], p: _XmlParser, block: int) -> None:
+    def __init__(self, f: IO[bytes], p: _XmlParser, block: int,
+                 progress: Callable[[int], None] | None = None) -> None:
         self.f, self.p, self.block = f, p, max(int(block), 1)
+        self.progress = progress
         self._alloc(max(2 * self.block, 1 << 12))
         self.pos = self.n = 0
         self.eof = False
@@ -105,6 +109,8 @@ class _Stream:
             self.eof = True
             return False
         self.n += got
+        if self.progress:
+            self.progress(got)
         return True
 
     def run(self) -> None:
