@@ -168,6 +168,24 @@ def measure(argv: list[str], repeat: int, hashed: bool) -> Measure:
                    digests.pop() if len(digests) == 1 else "unstable")
 
 
+def measure_interleaved(theirs: list[str], ours: list[str], repeat: int,
+                        hashed: bool) -> tuple[Measure, Measure]:
+    """Both commands ``repeat`` times, alternating (1.1 first), so a change of the machine's
+    load falls on both alike: restore's rows, where the two tools are closest."""
+    runs: tuple[list[Measure], list[Measure]] = ([], [])
+    for _ in range(repeat):
+        runs[0].append(run_once(theirs, hashed))
+        runs[1].append(run_once(ours, hashed))
+
+    def summary(ms: list[Measure]) -> Measure:
+        digests = {m.digest for m in ms}
+        return Measure(statistics.median(m.seconds for m in ms),
+                       statistics.median(m.cpu for m in ms), max(m.rss for m in ms),
+                       digests.pop() if len(digests) == 1 else "unstable")
+
+    return summary(runs[0]), summary(runs[1])
+
+
 def commands(b: Built, work: Path) -> dict[str, tuple[list[str] | None, list[str], bool]]:
     """name -> (1.1 argv, dmimage argv, compare stdout) for one pool."""
     t, dm = str(TOOLS), [sys.executable, "-m", "dmimage"]
@@ -233,8 +251,11 @@ def main() -> int:
             if only is not None and name not in only:
                 continue
             load0 = os.getloadavg()[0]
-            m11 = measure(theirs, a.repeat, hashed) if theirs else None
-            mdm = measure(ours, 1 if name == "export" else a.repeat, hashed)
+            if name == "restore" and theirs:
+                m11, mdm = measure_interleaved(theirs, ours, a.repeat, hashed)
+            else:
+                m11 = measure(theirs, a.repeat, hashed) if theirs else None
+                mdm = measure(ours, 1 if name == "export" else a.repeat, hashed)
             notes: list[str] = []
             if m11 and hashed and m11.digest != mdm.digest:
                 notes.append("OUTPUT DIFFERS")
