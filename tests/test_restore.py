@@ -361,12 +361,17 @@ def test_absurd_nr_data_blocks_fails_fast(tmp_path, capsys):
     assert out.read_bytes() == bytes(1024 * 4096)
 
 
+@pytest.mark.parametrize("piece", [1 << 20, 300])
 @pytest.mark.parametrize("source", ["defs", "multilevel", "snapshots"])
-def test_streamed_restore_equals_whole_ir_path(source, tmp_path, monkeypatch):
+def test_streamed_restore_equals_whole_ir_path(source, piece, tmp_path, monkeypatch):
     """`dmimage restore` of XML in thin_dump's layout is laid out device by device while a
-    thread parses (thin/restore_stream.py): the whole-IR path must not be taken, and the
-    metadata must be byte for byte what restore() of the parsed IR writes."""
+    thread parses (thin/restore_stream.py; small pieces: the helper thread scans every other
+    one, and ends of bodies and refs fall inside its pieces): the whole-IR path must not be
+    taken, and the metadata must be byte for byte what restore() of the parsed IR writes."""
     from dmimage.thin import restore_stream
+    from dmimage.thin.dump import fastxml
+
+    monkeypatch.setattr(fastxml, "PIECE", piece)
 
     xml = {"defs": lambda: defs_xml(5),
            "multilevel": lambda: poolgen.to_xml(poolgen.multilevel_pool(70000), "1.1"),

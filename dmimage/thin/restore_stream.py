@@ -121,7 +121,7 @@ def _build_streamed(path: Path, nr_blocks: int, overrides: dict[str, int | None]
     def parse() -> None:
         try:
             with open(path, "rb") as f:
-                parse_canonical_file(f, sink, progress=progress)
+                parse_canonical_file(f, sink, progress=progress, helper=_two_cores())
             events.put(_END)
         except BaseException as exc:  # handed over: the layout side decides
             events.put(exc)
@@ -208,3 +208,11 @@ class _HandOver(_XmlParser):
             self.def_name, self.cur = None, None
         else:
             super().end(tag)
+
+
+def _two_cores() -> bool:
+    """Whether a helper thread may scan beside the parser (one core: it would only cost)."""
+    try:
+        return len(os.sched_getaffinity(0)) >= 2
+    except (AttributeError, OSError):
+        return (os.cpu_count() or 1) >= 2
