@@ -389,3 +389,24 @@ def test_streamed_restore_equals_whole_ir_path(source, piece, tmp_path, monkeypa
     restore_stream.restore_file(tmp_path / "x.xml", streamed, progress=seen.append)
     assert filecmp.cmp(whole, streamed, shallow=False)
     assert sum(seen) == len(xml)
+
+
+def test_streamed_write_error_is_final(tmp_path, monkeypatch):
+    """Once the streamed path starts writing, its errors are the restore's: the whole-IR path
+    must not parse and write again."""
+    from dmimage.pdata.writer import MetadataImage
+    from dmimage.thin import restore_stream
+
+    src = tmp_path / "x.xml"
+    src.write_text(poolgen.to_xml(poolgen.thins_pool(), "1.1"))
+
+    def failing_flush(self, fd, superblock, progress=None):
+        raise DeviceError("write failed (test)")
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("the whole-IR path was taken")
+
+    monkeypatch.setattr(MetadataImage, "flush_to", failing_flush)
+    monkeypatch.setattr(restore_stream, "read_input", no_fallback)
+    with pytest.raises(DeviceError, match="write failed"):
+        restore_stream.restore_file(src, oracles.make_sparse(tmp_path / "out.meta", 1024))
