@@ -135,7 +135,8 @@ def test_build_command_total_and_quiet(quiet: bool, tmp_path: Path,
 # -- the read, repair, pack and trim commands ---------------------------------------------
 
 #: every threshold lowered, so a small pool is worth a bar (the defaults keep small tasks quiet)
-LOWERED = ("MIN_MAPPINGS", "MIN_BLOCKS", "MIN_BYTES", "MIN_PACKED_BYTES", "MIN_RANGES")
+LOWERED = ("MIN_MAPPINGS", "MIN_BLOCKS", "MIN_BYTES", "MIN_PACKED_BYTES", "MIN_RANGES",
+           "MIN_DUMP_BYTES")
 
 
 def _lower_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -167,9 +168,16 @@ def _commands(meta: Path, tmp: Path, data_bytes: int) -> dict[str, tuple[str, li
     pack = tmp / "pool.pack"
     if not pack.exists():
         assert main(["pack", str(meta), "-o", str(pack)]) == 0
+    xml = tmp / "pool.xml"
+    if not xml.exists():
+        assert main(["dump", "-q", str(meta), "-o", str(xml)]) == 0
+        (tmp / "restored").write_bytes(bytes(8 << 20))
     m = str(meta)
     return {
         "check": ("checking", ["check", m]),
+        "check --auto-repair": ("checking", ["check", "--auto-repair", m]),
+        "dump --repair": ("salvaging", ["dump", "--repair", m]),
+        "restore": ("restoring", ["restore", "-i", str(xml), "-o", str(tmp / "restored")]),
         "dump": ("dumping", ["dump", m]),
         "ls": ("listing", ["ls", m, "-o", "DEV,MAPPED_BLOCKS,EXCLUSIVE_BLOCKS,SHARED_BLOCKS"]),
         "delta": ("comparing", ["delta", m, "--thin1", "1", "--thin2", "2"]),
@@ -183,7 +191,8 @@ def _commands(meta: Path, tmp: Path, data_bytes: int) -> dict[str, tuple[str, li
 
 #: a bar past its start: a percentage above 0, or some bytes done
 ADVANCED = re.compile(r"(?<![\d.])([1-9]\d?|100)%|(?<![\d.])(0\.[1-9]|[1-9])[\d.]*/[\d.]+ [kM]?B")
-COMMANDS = ["check", "dump", "ls", "delta", "rmap", "repair", "pack", "unpack", "trim"]
+COMMANDS = ["check", "check --auto-repair", "dump", "dump --repair", "ls", "delta", "rmap",
+            "repair", "restore", "pack", "unpack", "trim"]
 
 
 @pytest.fixture
@@ -341,3 +350,74 @@ def test_real_terminal_quiet_and_pipe_draw_nothing(big_pool: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "dmimage", "check", str(big_pool)],
                          capture_output=True, env=dict(os.environ, TERM="xterm"), check=False)
     assert res.returncode == 0 and res.stderr == b"", res.stderr
+
+
+# -- tasks of several passes ----------------------------------------------------------------
+
+
+class _Recorder:
+    """A Progress that records its totals and the units done."""
+
+    def __init__(self) -> None:
+        self.totals: list[int] = []
+        self.done = 0
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+
+    def set_total(self, total: int) -> None:
+        self.totals.append(total)
+
+
+def test_phases_extend_the_total() -> None:
+    from dmimage.progress import Phases
+
+    rec = _Recorder()
+    p = Phases(rec)
+    p.set_total(10)
+    p(4)
+    p(6)
+    p.next_pass()
+    p.set_total(5)
+    p(5)
+    assert rec.totals == [10, 15] and rec.done == 15
+
+
+def test_auto_repair_reports_the_check_before_and_after(thins3_meta: Any,
+                                                        tmp_path: Path) -> None:
+    """A leak is fixed by a write, then checked again: one task of two passes, each the
+    pool's mappings (thins3's own count, from the fixture's pool)."""
+    from dmimage.thin.fix import fix_in_place
+
+    import damage
+
+    d = damage.leaked_block(thins3_meta.read(), 1)
+    p = tmp_path / "leak.meta"
+    p.write_bytes(d.data)
+    rec = _Recorder()
+    fixed = fix_in_place(p, auto_repair=True, progress=rec)
+    assert fixed.written and fixed.after.ok()
+    n = thins3_meta.pool.nr_mappings
+    assert rec.totals == [n, 2 * n] and rec.done == 2 * n
+
+
+def test_salvage_reports_the_scan_then_the_walk(thins3_meta: Any, tmp_path: Path) -> None:
+    """A superblock with a bad checksum: roots are found by scanning (the blocks classified),
+    then the devices are walked; repair then writes them: three passes of one task."""
+    from dmimage.thin.repair import Overrides, repair
+
+    data = bytearray(thins3_meta.read())
+    data[200] ^= 0xFF  # in the superblock's space map roots: the checksum no longer matches
+    p = tmp_path / "bad.meta"
+    p.write_bytes(bytes(data))
+    out = tmp_path / "out.meta"
+    out.write_bytes(bytes(8 << 20))
+    rec = _Recorder()
+    res = repair(p, out, Overrides(data_block_size=thins3_meta.pool.data_block_size),
+                 progress=rec)
+    n = res.report.nr_mappings
+    assert res.report.source == "scan" and n == thins3_meta.pool.nr_mappings
+    scanned = rec.totals[0]
+    assert len(rec.totals) == 3 and 0 < scanned <= os.path.getsize(p) // 4096
+    assert rec.totals[1] - scanned >= n and rec.totals[2] - rec.totals[1] == n
+    assert rec.done == rec.totals[2]

@@ -361,12 +361,17 @@ def test_absurd_nr_data_blocks_fails_fast(tmp_path, capsys):
     assert out.read_bytes() == bytes(1024 * 4096)
 
 
+@pytest.mark.parametrize("piece", [1 << 20, 300])
 @pytest.mark.parametrize("source", ["defs", "multilevel", "snapshots"])
-def test_streamed_restore_equals_whole_ir_path(source, tmp_path, monkeypatch):
+def test_streamed_restore_equals_whole_ir_path(source, piece, tmp_path, monkeypatch):
     """`dmimage restore` of XML in thin_dump's layout is laid out device by device while a
-    thread parses (thin/restore_stream.py): the whole-IR path must not be taken, and the
-    metadata must be byte for byte what restore() of the parsed IR writes."""
+    thread parses (thin/restore_stream.py; small pieces: the helper thread scans every other
+    one, and ends of bodies and refs fall inside its pieces): the whole-IR path must not be
+    taken, and the metadata must be byte for byte what restore() of the parsed IR writes."""
     from dmimage.thin import restore_stream
+    from dmimage.thin.dump import fastxml
+
+    monkeypatch.setattr(fastxml, "PIECE", piece)
 
     xml = {"defs": lambda: defs_xml(5),
            "multilevel": lambda: poolgen.to_xml(poolgen.multilevel_pool(70000), "1.1"),
@@ -384,3 +389,24 @@ def test_streamed_restore_equals_whole_ir_path(source, tmp_path, monkeypatch):
     restore_stream.restore_file(tmp_path / "x.xml", streamed, progress=seen.append)
     assert filecmp.cmp(whole, streamed, shallow=False)
     assert sum(seen) == len(xml)
+
+
+def test_streamed_write_error_is_final(tmp_path, monkeypatch):
+    """Once the streamed path starts writing, its errors are the restore's: the whole-IR path
+    must not parse and write again."""
+    from dmimage.pdata.writer import MetadataImage
+    from dmimage.thin import restore_stream
+
+    src = tmp_path / "x.xml"
+    src.write_text(poolgen.to_xml(poolgen.thins_pool(), "1.1"))
+
+    def failing_flush(self, fd, superblock, progress=None):
+        raise DeviceError("write failed (test)")
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("the whole-IR path was taken")
+
+    monkeypatch.setattr(MetadataImage, "flush_to", failing_flush)
+    monkeypatch.setattr(restore_stream, "read_input", no_fallback)
+    with pytest.raises(DeviceError, match="write failed"):
+        restore_stream.restore_file(src, oracles.make_sparse(tmp_path / "out.meta", 1024))

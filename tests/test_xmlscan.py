@@ -151,13 +151,14 @@ def test_documents_parse_like_expat(seed: int, block: int, piece: int,
         except InputError as exc:
             got = str(exc)
         assert got == expected
-        bulk = _XmlParser(None)
-        try:
-            fastxml.parse_canonical_file(io.BytesIO(text), bulk, block)
-        except fastxml.NotCanonical:
-            assert trial, "the unchanged document is canonical"
-            continue
-        assert _flat(bulk.result()) == expected
+        for helper in (False, True):  # with a second thread scanning every other piece
+            bulk = _XmlParser(None)
+            try:
+                fastxml.parse_canonical_file(io.BytesIO(text), bulk, block, helper=helper)
+            except fastxml.NotCanonical:
+                assert trial, "the unchanged document is canonical"
+                continue
+            assert _flat(bulk.result()) == expected
 
 
 def _flat(ir: object) -> list[object]:

@@ -1,10 +1,12 @@
 """The one progress bar of the CLI: drawn on stderr (rich, transient) only when stderr is a
 terminal, so scripts, pipes and CI logs stay clean; otherwise ``advance`` does nothing.
 
-Used by the commands that can run for long on real pools: restore, check, delta, repair
-(mappings), dump (leaves), ls, rmap (metadata blocks), trim (ranges), build, write, export,
-pack, unpack, snapshot export/merge, cache writeback, docker export (bytes); each draws
-nothing with ``-q`` where it has one."""
+Used by the commands that can run for long on real pools: check (also with --auto-repair: the
+check before the fix and the one after), delta, repair and dump --repair (mappings; a
+salvage that scans for roots counts the scanned blocks first), dump (leaves), ls, rmap
+(metadata blocks), trim (ranges), restore (input bytes), build, write, export, pack, unpack,
+snapshot export/merge, cache writeback, docker export (bytes); each draws nothing with
+``-q`` where it has one."""
 
 from __future__ import annotations
 
@@ -22,12 +24,14 @@ Advance = Callable[[int], None]
 #: Below these totals a task ends well inside 2 s on a loaded machine: no bar (read through
 #: the module, so tests may lower them). Mappings walked (check, delta) or written (repair),
 #: metadata blocks (ls, rmap) or leaves (dump), metadata bytes (pack), pack-file bytes
-#: (unpack: about 1/15 of the metadata), data ranges discarded (trim).
+#: (unpack: about 1/15 of the metadata), data ranges discarded (trim), dump bytes (restore).
 MIN_MAPPINGS = 200_000
 MIN_BLOCKS = 2_000
 MIN_BYTES = 32 << 20
 MIN_PACKED_BYTES = 1 << 20
 MIN_RANGES = 20_000
+#: restore's input: about 200,000 mappings of thin_dump XML
+MIN_DUMP_BYTES = 14 << 20
 
 
 class Bar:

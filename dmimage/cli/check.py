@@ -40,9 +40,14 @@ def run(args: argparse.Namespace) -> int:
 
         if args.super_block_only or args.skip_mappings:
             raise UsageError("--auto-repair/--clear-needs-check-flag need a full check")
-        fixed = fix_in_place(args.metadata, auto_repair=args.auto_repair,
-                             clear_needs_check_flag=args.clear_needs_check_flag,
-                             ignore_non_fatal=args.ignore_non_fatal_errors)
+        from dmimage.cli import _progress
+
+        with _progress.progress_bar("checking", unit="items", enabled=not args.quiet,
+                                    min_total=_progress.MIN_MAPPINGS) as advance:
+            fixed = fix_in_place(args.metadata, auto_repair=args.auto_repair,
+                                 clear_needs_check_flag=args.clear_needs_check_flag,
+                                 ignore_non_fatal=args.ignore_non_fatal_errors,
+                                 progress=advance)
         report, actions = fixed.after, fixed.actions
     else:
         from dmimage.cli import _progress

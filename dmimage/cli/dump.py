@@ -52,12 +52,15 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "repair", False):
         if snap is not False:
             raise UsageError("--repair cannot read through the metadata snapshot")
+        from dmimage.cli import _progress
         from dmimage.cli.repair import print_report
         from dmimage.thin.dump import write_dump
         from dmimage.thin.repair import Overrides, salvage
 
-        ir, report = salvage(meta, Overrides(args.transaction_id, args.data_block_size,
-                                             args.nr_data_blocks))
+        with _progress.progress_bar("salvaging", unit="items", enabled=not args.quiet,
+                                    min_total=_progress.MIN_MAPPINGS) as advance:
+            ir, report = salvage(meta, Overrides(args.transaction_id, args.data_block_size,
+                                                 args.nr_data_blocks), advance)
         print_report("dmimage dump --repair", report)
         picked = _select(ir, args)
         _write(args, lambda out: write_dump(picked, out, args.fmt, expand=args.expand_shared))

@@ -5,13 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 
+from dmimage.cli import _progress
 from dmimage.cli._locking import add_lock_plan
-from dmimage.cli._progress import progress_bar
 from dmimage.cli._units import parse_uint
-
-#: Below this many bytes of input (about 200,000 mappings) a restore takes well under a
-#: second: no progress bar.
-PROGRESS_THRESHOLD = 14 << 20
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -45,8 +41,8 @@ def run(args: argparse.Namespace) -> int:
         size = os.stat(args.input).st_size
     except OSError:
         size = 0
-    with progress_bar("restoring", size, unit="bytes",
-                      enabled=not args.quiet and size >= PROGRESS_THRESHOLD) as advance:
+    with _progress.progress_bar("restoring", size, unit="bytes", enabled=not args.quiet,
+                                min_total=_progress.MIN_DUMP_BYTES) as advance:
         restore_file(args.input, args.output, transaction_id=args.transaction_id,
                      data_block_size=args.data_block_size, nr_data_blocks=args.nr_data_blocks,
                      progress=advance)

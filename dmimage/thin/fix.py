@@ -26,6 +26,7 @@ from dmimage.errors import DeviceError, MetadataError
 from dmimage.format.constants import BLOCK_SIZE, NEEDS_CHECK_FLAG
 from dmimage.format.superblock import Superblock
 from dmimage.pdata.block import BlockReader
+from dmimage.progress import Phases, Progress
 from dmimage.thin.check import CheckReport, check_metadata
 from dmimage.thin.superblock import read_superblock
 
@@ -86,7 +87,7 @@ def _clear_needs_check(fd: int, path: str) -> bool:
 
 def fix_in_place(path: str | os.PathLike[str], *, auto_repair: bool = False,
                  clear_needs_check_flag: bool = False,
-                 ignore_non_fatal: bool = False) -> FixResult:
+                 ignore_non_fatal: bool = False, progress: Progress | None = None) -> FixResult:
     """Check ``path`` and, if allowed and safe, fix it in place (thin_check's options).
 
     * ``auto_repair``: free leaked metadata and data blocks, recompute both nr_allocated, and
@@ -95,6 +96,8 @@ def fix_in_place(path: str | os.PathLike[str], *, auto_repair: bool = False,
       ``ignore_non_fatal``: passes apart from non-fatal problems).
 
     Fatal damage is never written to: the result then just carries the report.
+    ``progress`` hears of the mappings walked by the check, and by the check after a write
+    (as a second pass of one task).
     """
     p = os.fspath(path)
     # The lock lives on its own descriptor: the mapping keeps a duplicate of ``fd`` while
@@ -110,14 +113,14 @@ def fix_in_place(path: str | os.PathLike[str], *, auto_repair: bool = False,
                 return FixResult(report, report)
             with reader:
                 return _fix(p, fd, reader, auto_repair, clear_needs_check_flag,
-                            ignore_non_fatal)
+                            ignore_non_fatal, Phases(progress))
         finally:
             os.close(fd)
 
 
 def _fix(path: str, fd: int, reader: BlockReader, auto_repair: bool,
-         clear_needs_check_flag: bool, ignore_non_fatal: bool) -> FixResult:
-    before = check_metadata(path, reader=reader)
+         clear_needs_check_flag: bool, ignore_non_fatal: bool, progress: Phases) -> FixResult:
+    before = check_metadata(path, reader=reader, progress=progress)
     result = FixResult(before, before)
     if not before.ok(ignore_non_fatal=True):
         return result  # fatal damage: leave it to `dmimage repair`
@@ -138,7 +141,8 @@ def _fix(path: str, fd: int, reader: BlockReader, auto_repair: bool,
             result.actions.append("cleared NEEDS_CHECK")
     if result.written:
         # The mapping shares the page cache with the writes just made: it sees the new state.
-        result.after = check_metadata(path, reader=reader)
+        progress.next_pass()
+        result.after = check_metadata(path, reader=reader, progress=progress)
     return result
 
 

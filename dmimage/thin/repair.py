@@ -50,6 +50,7 @@ from dmimage.format.values import (
 from dmimage.output_file import refuse_writing_input
 from dmimage.pdata.block import BlockReader
 from dmimage.pdata.btree import MAX_DEPTH, Node, node_view, order_problem, parse_node
+from dmimage.progress import Phases
 
 if TYPE_CHECKING:
     from dmimage.progress import Progress
@@ -116,8 +117,11 @@ class _Info:
 
 
 class _Salvager:
-    def __init__(self, reader: BlockReader, report: SalvageReport):
+    def __init__(self, reader: BlockReader, report: SalvageReport,
+                 progress: Phases | None = None):
         self.reader = reader
+        #: told of the blocks classified by a scan (a pass of its own)
+        self.progress = progress
         self.n = reader.nr_blocks
         self.report = report
         self._strict: dict[int, Node | None] = {}
@@ -164,17 +168,21 @@ class _Salvager:
 
     # -- tolerant walks ---------------------------------------------------------------
     def walk(self, root: int, vs: int,
-             keep: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
-             ) -> tuple[list[_Leaf], int]:
+             keep: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+             progress: Callable[[int], None] | None = None) -> tuple[list[_Leaf], int]:
         """Leaves of one tree in key order, skipping whatever is unreadable.
 
         Returns ([(leaf id, keys, values)], nodes lost). A leaf taken whole keeps its block
         number as id (so sharing between devices survives); a leaf with entries dropped (out
         of the parent's key range, not ascending after the previous leaf, or refused by
         ``keep(keys, values) -> mask``) gets a fresh id above the device's block numbers.
+        ``progress`` hears of the entries of each leaf read (all of them at once for a tree
+        walked before).
         """
         cache_key = (root, vs)
         if keep is None and cache_key in self._walks:
+            if progress is not None:
+                progress(sum(len(leaf[1]) for leaf in self._walks[cache_key][0]))
             return self._walks[cache_key]
         dtype = _value_dtype(vs)
         out: list[tuple[int, np.ndarray, np.ndarray]] = []
@@ -197,6 +205,8 @@ class _Salvager:
                 return
             keys = node.keys
             if node.is_leaf:
+                if progress is not None:
+                    progress(len(keys))
                 vals = node.values(dtype)
                 lo_eff = max(lo, last + 1)
                 mask = keys >= np.uint64(lo_eff)
@@ -243,8 +253,16 @@ class _Salvager:
         if self._infos is not None:
             return self._infos
         self._infos = {}
-        for b in self._candidate_blocks():
+        candidates = self._candidate_blocks()
+        if self.progress is not None:
+            self.progress.set_total(len(candidates))
+        for i, b in enumerate(candidates):
             self._info(b, 0)
+            if self.progress is not None and i & 1023 == 1023:
+                self.progress(1024)
+        if self.progress is not None:
+            self.progress(len(candidates) & 1023)
+            self.progress.next_pass()
         return self._infos
 
     def _candidate_blocks(self) -> list[int]:
@@ -516,21 +534,24 @@ def _drop_repeated_blocks(lists: dict[int, list[int]],
     return dropped
 
 
-def salvage(path: str | os.PathLike[str],
-            overrides: Overrides | None = None) -> tuple[PoolIR, SalvageReport]:
+def salvage(path: str | os.PathLike[str], overrides: Overrides | None = None,
+            progress: Progress | None = None) -> tuple[PoolIR, SalvageReport]:
     """Recover as much of the pool at ``path`` as can be trusted; returns (PoolIR, report).
 
     The input is opened read-only. Every node used passes its checksum and location check;
     damaged subtrees are skipped. Roots come from the superblock when it and they are
     readable; otherwise from a scan of every block (thin-format.md; docs/repair.md).
+    ``progress``: the scan's blocks (when there is one), then the mappings walked against
+    the devices' details (as passes of one task: :class:`~dmimage.progress.Phases`).
     """
+    phases = progress if isinstance(progress, Phases) else Phases(progress)
     from dmimage.thin.dump.reader import shared_leaf_items
     from dmimage.thin.ir import DeviceIR, PoolIR, Runs, SuperblockIR
 
     ov = overrides or Overrides()
     report = SalvageReport()
     with BlockReader(path) as reader:
-        s = _Salvager(reader, report)
+        s = _Salvager(reader, report, phases)
         block0 = reader.block(0)
         ref = None
         if checksum_ok(block0, SALT_SUPERBLOCK):
@@ -581,11 +602,13 @@ def salvage(path: str | os.PathLike[str],
         plausible = min(MAX_DATA_BLOCK + 1, s.n * ENTRIES_PER_BITMAP)
         highest = -1
         age = 0
+        if details:  # a bar needs a total: without details the walk goes unreported
+            phases.set_total(sum(int(d.mapped_blocks) for k, d in details.items() if k in top))
         for dev, root in sorted(top.items()):
             if root < 0:
                 lists[dev] = []
                 continue
-            leaves, lost = s.walk(root, MAPPING_VALUE_SIZE)
+            leaves, lost = s.walk(root, MAPPING_VALUE_SIZE, progress=phases if details else None)
             if (root, "counted") not in s._walks:  # count losses once per shared tree
                 report.lost_nodes += lost
                 s._walks[(root, "counted")] = ([], 0)
@@ -695,14 +718,15 @@ def repair(input_path: str | os.PathLike[str], output_path: str | os.PathLike[st
            ) -> RepairResult:
     """Salvage ``input_path`` (read-only) and write the pool as fresh metadata to the existing
     file or device ``output_path`` (superblock last). The output checks clean.
-    ``progress``: told the mappings salvaged once the salvage is done, then each device's
-    as it is written (the writing is most of a repair's time)."""
+    ``progress``: one task in passes (:class:`~dmimage.progress.Phases`): the salvage's (a
+    scan's blocks, the mappings walked), then each device's mappings as it is written."""
     from dmimage.thin.restore import restore
 
     refuse_writing_input(input_path, output_path)
     with devlock.acquire_all([(input_path, False), (output_path, True)]):
-        ir, report = salvage(input_path, overrides)
-        if progress is not None:
-            progress.set_total(sum(int(d.mapped_blocks) for d in ir.devices))
-        res = restore(ir, output_path, progress=progress)
+        phases = Phases(progress)
+        ir, report = salvage(input_path, overrides, phases)
+        phases.next_pass()
+        phases.set_total(sum(int(d.mapped_blocks) for d in ir.devices))
+        res = restore(ir, output_path, progress=phases)
     return RepairResult(report, res.metadata_blocks, res.blocks_written)

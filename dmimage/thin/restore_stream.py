@@ -60,15 +60,21 @@ def restore_file(path: str | os.PathLike[str], output: str | os.PathLike[str], *
     """
     overrides = {"transaction_id": transaction_id, "data_block_size": data_block_size,
                  "nr_data_blocks": nr_data_blocks}
-    size = _input_size(path)
-    done = _restore_streamed(Path(path), output, overrides, progress)
+    parsed = [0]
+
+    def count(n: int) -> None:
+        parsed[0] += n
+        if progress:
+            progress(n)
+
+    done = _restore_streamed(Path(path), output, overrides, count)
     if done is not None:
         return done
     ir = read_input(path)
     apply_overrides(ir, **overrides)
     validate_ir(ir)
     if progress:
-        progress(size)
+        progress(max(_input_size(path) - parsed[0], 0))
     return restore(ir, output)
 
 
@@ -86,6 +92,8 @@ class _Abandoned(Exception):
 def _restore_streamed(path: Path, output: str | os.PathLike[str],
                       overrides: dict[str, int | None],
                       progress: Callable[[int], None] | None) -> RestoreResult | None:
+    """The restore done, or None when the whole-IR path is to take over (nothing written)."""
+    writing = False
     try:
         with open(path, "rb") as f:
             if f.read(4096).lstrip()[:1] != b"<":
@@ -97,12 +105,15 @@ def _restore_streamed(path: Path, output: str | os.PathLike[str],
                 built = _build_streamed(path, nr_blocks, overrides, progress)
                 if built.blocks_needed > nr_blocks:
                     return None
-                built.image.flush_to(fd, built.superblock)  # errors from here on are final
+                writing = True  # errors from here on are the restore's own
+                built.image.flush_to(fd, built.superblock)
                 return RestoreResult(nr_blocks, built.image.high_water,
                                      int(np.count_nonzero(built.image.counts[:nr_blocks])))
             finally:
                 os.close(fd)
     except (OSError, DmimageError, _Abandoned):
+        if writing:
+            raise
         return None
 
 
@@ -121,7 +132,7 @@ def _build_streamed(path: Path, nr_blocks: int, overrides: dict[str, int | None]
     def parse() -> None:
         try:
             with open(path, "rb") as f:
-                parse_canonical_file(f, sink, progress=progress)
+                parse_canonical_file(f, sink, progress=progress, helper=_two_cores())
             events.put(_END)
         except BaseException as exc:  # handed over: the layout side decides
             events.put(exc)
@@ -208,3 +219,11 @@ class _HandOver(_XmlParser):
             self.def_name, self.cur = None, None
         else:
             super().end(tag)
+
+
+def _two_cores() -> bool:
+    """Whether a helper thread may scan beside the parser (one core: it would only cost)."""
+    try:
+        return len(os.sched_getaffinity(0)) >= 2
+    except (AttributeError, OSError):
+        return (os.cpu_count() or 1) >= 2

@@ -14,28 +14,31 @@ Public API:
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Iterable
-from typing import IO, TYPE_CHECKING, BinaryIO
+from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
-from dmimage.thin.dump.human import HumanEmitter, human_bytes, write_human
-from dmimage.thin.dump.json import JsonEmitter, json_bytes, parse_json, write_json
-from dmimage.thin.dump.reader import gather_runs, pool_to_ir, superblock_ir
-from dmimage.thin.dump.stream import stream_dump
+# walk is both a submodule and the function exported under its name: imported here, the
+# function stays the package's attribute whichever submodule is loaded later.
 from dmimage.thin.dump.walk import DumpVisitor, Emitter, walk
-from dmimage.thin.dump.xml import (
-    DumpFormatError,
-    XmlEmitter,
-    expand_shared,
-    merge_runs,
-    parse_xml,
-    write_xml,
-    xml_bytes,
-)
 from dmimage.thin.ir import PoolIR
 
 if TYPE_CHECKING:
     from dmimage.progress import Progress
+    from dmimage.thin.dump.human import HumanEmitter, human_bytes, write_human
+    from dmimage.thin.dump.json import JsonEmitter, json_bytes, parse_json, write_json
+    from dmimage.thin.dump.reader import gather_runs, pool_to_ir, superblock_ir
+    from dmimage.thin.dump.stream import stream_dump
+    from dmimage.thin.dump.xml import (
+        DumpFormatError,
+        XmlEmitter,
+        expand_shared,
+        merge_runs,
+        parse_xml,
+        write_xml,
+        xml_bytes,
+    )
 
 __all__ = [
     "DumpFormatError", "DumpVisitor", "EMITTERS", "Emitter", "FORMATS", "HumanEmitter",
@@ -45,18 +48,41 @@ __all__ = [
     "xml_bytes",
 ]
 
-#: Each dump format and the emitter that writes it.
-EMITTERS: dict[str, type[Emitter]] = {
-    "xml": XmlEmitter, "human_readable": HumanEmitter, "json": JsonEmitter}
-FORMATS = tuple(EMITTERS)
+#: The dump formats (:data:`EMITTERS` has their emitters).
+FORMATS = ("xml", "human_readable", "json")
+#: Where each export lives: imported on first use, so a command loads only the formats and
+#: readers it needs (restore's parser does not pull in the pool readers and the emitters).
+_LAZY = {
+    **dict.fromkeys(("HumanEmitter", "human_bytes", "write_human"), "human"),
+    **dict.fromkeys(("JsonEmitter", "json_bytes", "parse_json", "write_json"), "json"),
+    **dict.fromkeys(("gather_runs", "pool_to_ir", "superblock_ir"), "reader"),
+    "stream_dump": "stream",
+    **dict.fromkeys(("DumpFormatError", "XmlEmitter", "expand_shared", "merge_runs",
+                     "parse_xml", "write_xml", "xml_bytes"), "xml"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "EMITTERS":  # each dump format and the emitter that writes it
+        emitters = {"xml": __getattr__("XmlEmitter"),
+                    "human_readable": __getattr__("HumanEmitter"),
+                    "json": __getattr__("JsonEmitter")}
+        globals()[name] = emitters
+        return emitters
+    where = _LAZY.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{where}"), name)
+    globals()[name] = value
+    return value
 
 
 def write_dump(ir: PoolIR, out: BinaryIO, fmt: str = "xml", *, expand: bool = False) -> None:
     """Write the IR in one of :data:`FORMATS` to a binary stream."""
-    emitter = EMITTERS.get(fmt)
+    emitter = __getattr__("EMITTERS").get(fmt)
     if emitter is None:
         raise ValueError(f"unknown dump format {fmt!r}")
-    emitter.document(expand_shared(ir) if expand else ir).write_to(out)
+    emitter.document(__getattr__("expand_shared")(ir) if expand else ir).write_to(out)
 
 
 def dump_pool(metadata: str | os.PathLike[str], out: BinaryIO, fmt: str = "xml", *,
@@ -65,9 +91,10 @@ def dump_pool(metadata: str | os.PathLike[str], out: BinaryIO, fmt: str = "xml",
               progress: Progress | None = None) -> None:
     """Open metadata and write the dump as it is read (what ``dmimage dump`` does);
     ``progress`` hears of the leaves written (:func:`stream_dump`)."""
+    from dmimage.thin.dump.stream import stream_dump
     from dmimage.thin.pool import open_pool
 
-    emitter = EMITTERS.get(fmt)
+    emitter = __getattr__("EMITTERS").get(fmt)
     if emitter is None:
         raise ValueError(f"unknown dump format {fmt!r}")
     with open_pool(metadata, metadata_snap=metadata_snap) as pool:
@@ -92,7 +119,10 @@ def parse_dump(source: str | os.PathLike[str] | bytes | IO[bytes]) -> PoolIR:
         source, head = data, data[:4096]
     first = head.lstrip()[:1]
     if first == b"{":
+        from dmimage.thin.dump.json import parse_json
         return parse_json(source)
+    from dmimage.thin.dump.xml import DumpFormatError, parse_xml
+
     if first == b"<":
         return parse_xml(source)
     raise DumpFormatError("neither XML nor JSON (expected '<' or '{' first)")

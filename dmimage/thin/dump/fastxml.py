@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from typing import IO, TYPE_CHECKING
 
 import numpy as np
@@ -60,18 +61,27 @@ PIECE = 1 << 20
 
 
 def parse_canonical_file(f: IO[bytes], parser: _XmlParser, block: int = READ_BLOCK, *,
-                         progress: Callable[[int], None] | None = None) -> None:
+                         progress: Callable[[int], None] | None = None,
+                         helper: bool = False) -> None:
     """:func:`parse_canonical` of a file read ``block`` bytes at a time into one reused
     buffer: a device's or def's body is scanned in pieces of whole lines (dump/xmlscan.py),
     so memory is a block, not the file. NotCanonical as :func:`parse_canonical` (the caller
-    re-reads the file with expat). ``progress`` hears of the bytes read.
+    re-reads the file with expat). ``progress`` hears of the bytes read. ``helper``: a
+    second thread scans the piece after the current one (numpy releases the GIL), for a
+    caller with a core to spare.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from dmimage.thin.dump.xml import DumpFormatError
 
+    pool = ThreadPoolExecutor(1, thread_name_prefix="xmlscan") if helper else None
     try:
-        _Stream(f, parser, block, progress).run()
+        _Stream(f, parser, block, progress, pool).run()
     except DumpFormatError:
         raise NotCanonical from None
+    finally:
+        if pool is not None:
+            pool.shutdown()
     if not parser.sb_closed:
         raise NotCanonical
 
@@ -80,9 +90,13 @@ class _Stream:
     """The input as one buffer refilled in place: ``buf[pos:n]`` is what is left to parse."""
 
     def __init__(self, f: IO[bytes], p: _XmlParser, block: int,
-                 progress: Callable[[int], None] | None = None) -> None:
+                 progress: Callable[[int], None] | None = None,
+                 pool: Executor | None = None) -> None:
         self.f, self.p, self.block = f, p, max(int(block), 1)
         self.progress = progress
+        self.pool = pool
+        #: a piece the helper found the scanner refuses: not scanned again
+        self.refused = (-1, -1)
         self._alloc(max(2 * self.block, 1 << 12))
         self.pos = self.n = 0
         self.eof = False
@@ -160,10 +174,19 @@ class _Stream:
             if self.more():
                 return False
             pos, cut = self.pos, self.n  # moved to the front of the buffer
-        lines = scan_lines(self.src, pos, cut)
+        ahead = self._ahead(cut)
+        lines = None if (pos, cut) == self.refused else scan_lines(self.src, pos, cut)
+        later = ahead.result() if ahead is not None else None  # the buffer stays as it is
         if lines is not None:
             _add_lines(self.p, lines)
             self.pos = cut
+            if ahead is not None:
+                assert self.ahead_cut is not None
+                if later is not None:
+                    _add_lines(self.p, later)
+                    self.pos = self.ahead_cut
+                else:
+                    self.refused = (cut, self.ahead_cut)
             return False
         # the body's end, a ref, or text the scanner does not take
         buf = self.buf
@@ -193,6 +216,19 @@ class _Stream:
         self.p.start("ref", _attrs(r.group(3)))
         self.pos = r.end()
         return False
+
+
+    def _ahead(self, pos: int) -> Future[Lines | None] | None:
+        """The piece after ``pos`` (whole lines, in the buffer) handed to the helper."""
+        self.ahead_cut: int | None = None
+        if self.pool is None:
+            return None
+        lim = pos + PIECE
+        cut = self.buf.find(b"\n", lim, self.n) if lim < self.n else -1
+        if cut < 0:
+            return None
+        self.ahead_cut = cut
+        return self.pool.submit(scan_lines, self.src, pos, cut)
 
 
 def _add_lines(p: _XmlParser, lines: Lines) -> None:
