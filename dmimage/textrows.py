@@ -26,18 +26,20 @@ def _group_tables() -> tuple[np.ndarray, np.ndarray]:
     """Four-digit groups as text, one little-endian u32 of ASCII bytes per value 0..9999.
     Each table is two halves, indexed ``value + 10000 * (a higher group is non-zero)``: the
     second half prints every digit, the first turns leading zeros into NULs (squeezed out
-    with the rest); in the lowest group's table a value of 0 with nothing above prints "0"."""
-    v = np.arange(10_000)
-    digits = np.stack([v // 1000, v // 100 % 10, v // 10 % 10, v % 10], axis=1)
-    text = (digits + 48).astype(np.uint8)
-    lead = np.cumsum(digits, axis=1) == 0  # a zero with only zeros before it
-    stripped = np.where(lead, 0, text).astype(np.uint8)
+    with the rest); in the lowest group's table a value of 0 with nothing above prints "0".
+    (Built in u32 arithmetic: a few small temporaries at import.)"""
+    v = np.arange(10_000, dtype=np.uint32)
+    full = np.zeros(10_000, np.uint32)
+    stripped = np.zeros(10_000, np.uint32)
+    for i, p in enumerate((1000, 100, 10, 1)):
+        digit = v // np.uint32(p) % np.uint32(10) + np.uint32(48)
+        digit <<= np.uint32(8 * i)  # the i-th character is the i-th byte
+        full |= digit
+        stripped |= np.where(v >= np.uint32(p), digit, np.uint32(0))  # a leading zero: NUL
     last = stripped.copy()
-    last[0, 3] = ord("0")
-    full = text.view("<u4").reshape(-1)
-    mid = np.concatenate([stripped.view("<u4").reshape(-1), full])
-    low = np.concatenate([last.view("<u4").reshape(-1), full])
-    return mid, low
+    last[0] = np.uint32(ord("0") << 24)
+    return (np.concatenate([stripped, full]).astype("<u4"),
+            np.concatenate([last, full]).astype("<u4"))
 
 
 _GROUP_MID, _GROUP_LOW = _group_tables()

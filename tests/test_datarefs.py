@@ -13,9 +13,11 @@ import random
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dmimage.errors import DmimageError
+from dmimage.pdata.block import BlockReader
 from dmimage.thin import datarefs
 from dmimage.thin.check import check_metadata
 from dmimage.thin.ls import FIELDS, ls_table
@@ -127,3 +129,23 @@ def test_a_failed_child_is_counted_again_in_process(bases: list[bytes], tmp_path
     monkeypatch.setattr(datarefs.ForkedCensus, "finish", finish)
     assert check_metadata(path).to_json() == want
     assert forked  # the child was tried, and failed
+
+
+def test_a_count_past_255_is_counted_again_in_process(bases: list[bytes],
+                                                      tmp_path: Path) -> None:
+    """The child counts in bytes; a block referenced 256 times or more wraps its count,
+    which finish() must notice (and the callers then count in process, in u32)."""
+    path = tmp_path / "pool.meta"
+    path.write_bytes(bases[0])
+    with BlockReader(path) as reader:
+        for times, wraps in ((254, False), (255, True), (300, True)):  # and one more below
+            c = datarefs.ForkedCensus(reader, 10)
+            c.values(0, np.full(times, 5, np.uint64))
+            c.values(0, np.arange(10, dtype=np.uint64))
+            if wraps:
+                with pytest.raises(datarefs.CensusFailed):
+                    c.finish()
+            else:
+                counts, tallies = c.finish()
+                assert counts.tolist() == [1] * 5 + [times + 1] + [1] * 4 and not tallies
+            c.close()

@@ -90,17 +90,30 @@ def _entry_index(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 def gather_leaves(reader: BlockReader, blocks: np.ndarray, *, values: bool = True
                   ) -> LeafBatch:
-    """Keys (and u64 values) of leaves already validated, straight from the mmap."""
+    """Keys (and u64 values) of leaves already validated, straight from the mmap. Leaves
+    of one max_entries (as thin_restore and the kernel write them) go in one gather of the
+    key (value) columns of their rows, not an index array per entry."""
     words = _words(reader)
     blocks = np.asarray(blocks, _I64)
     base = blocks * _WORDS
     hdr = words[base + 2]  # nr_entries (low half), max_entries (high half)
     counts = (hdr & np.uint64(0xFFFFFFFF)).astype(_I64)
+    maxes = hdr >> np.uint64(32)
+    m = int(maxes[0]) if len(blocks) else 0
+    if len(blocks) and bool((maxes == np.uint64(m)).all()):
+        rows = words.reshape(reader.nr_blocks, _WORDS)
+        used = None if bool((counts == m).all()) else np.arange(m) < counts[:, None]
+
+        def columns(first: int) -> np.ndarray:
+            cols: np.ndarray = rows[blocks, first:first + m]
+            return cols.reshape(-1) if used is None else cols[used]
+
+        return LeafBatch(blocks, counts, columns(_HDR_WORDS),
+                         columns(_HDR_WORDS + m) if values else np.empty(0, U64))
     keys = words[_entry_index(base + _HDR_WORDS, counts)]
     if not values:
         return LeafBatch(blocks, counts, keys, np.empty(0, U64))
-    maxes = (hdr >> np.uint64(32)).astype(_I64)
-    vals = words[_entry_index(base + _HDR_WORDS + maxes, counts)]
+    vals = words[_entry_index(base + _HDR_WORDS + maxes.astype(_I64), counts)]
     return LeafBatch(blocks, counts, keys, vals)
 
 
@@ -248,12 +261,14 @@ def _mixed_leaves(words: np.ndarray, blocks: np.ndarray, nr: np.ndarray, mx: np.
 
 
 def leaf_batches(reader: BlockReader, root: int, value_size: int, what: str = "btree", *,
-                 batch: int | None = None) -> Iterator[LeafBatch]:
+                 batch: int | None = None, entries: bool = True) -> Iterator[LeafBatch]:
     """Every leaf of the tree at ``root`` in key order, about ``batch`` leaves at a time
     (default :data:`BATCH_LEAVES`), validated strictly (the first problem raises, as
     :func:`leaves_in_order` does).
 
-    ``values`` of a batch are the u64 leaf values when ``value_size`` is 8 (else empty).
+    ``values`` of a batch are the u64 leaf values when ``value_size`` is 8 (else empty);
+    ``entries=False``: batches of sibling leaves come without keys and values (block
+    numbers and counts for a caller that reads them later).
     """
     batch = batch or BATCH_LEAVES
     pending: list[LeafBatch] = []
@@ -269,7 +284,8 @@ def leaf_batches(reader: BlockReader, root: int, value_size: int, what: str = "b
         if depth > MAX_DEPTH or leaf_depth not in (-1, depth):
             raise fail()
         leaf_depth = depth
-        got = validated_leaves(reader, blocks, lo, hi, root=is_root, value_size=value_size)
+        got = validated_leaves(reader, blocks, lo, hi, root=is_root, value_size=value_size,
+                               values=entries, keys=entries)
         if got is None:
             raise fail()
         pending.append(got)
@@ -317,5 +333,6 @@ def leaf_blocks(reader: BlockReader, root: int, value_size: int, what: str = "bt
                 batch: int | None = None) -> np.ndarray:
     """Block numbers (int64) of every leaf of one tree in key order, validated strictly
     ``batch`` leaves at a time (:func:`leaf_batches`)."""
-    parts = [b.blocks for b in leaf_batches(reader, root, value_size, what, batch=batch)]
+    parts = [b.blocks for b in leaf_batches(reader, root, value_size, what, batch=batch,
+                                            entries=False)]
     return np.concatenate(parts) if parts else np.empty(0, _I64)

@@ -155,11 +155,14 @@ def read_space_map(
     *,
     metadata: bool,
     on_error: ErrorSink = _raise,
+    compact: bool = False,
 ) -> SpaceMap:
     """Decode every count of one space map.
 
     With the walker's ``meta_counts`` set, the map's own blocks (index, bitmaps, overflow
     nodes) are counted as references too. Unreadable bitmaps are reported and read as zeros.
+    ``compact``: ``counts`` may be uint8 when no count comes from the ref-count tree (a
+    reader that only compares them: a 10M-block map is then 10 MB, not 40).
     """
     what = "metadata space map" if metadata else "data space map"
     index_block: int | None
@@ -181,7 +184,9 @@ def read_space_map(
         except MetadataError as err:
             on_error(_prefixed(err, f"{what} bitmap {i}"))
     decoded = decode_bitmap(payload)
-    counts = decoded[: root.nr_blocks].astype(np.uint32)
+    counts = decoded[: root.nr_blocks]
+    if not compact:
+        counts = counts.astype(np.uint32)
     if n and np.any(decoded[root.nr_blocks:]):
         on_error(MetadataError(f"{what}: bitmap entries set beyond nr_blocks {root.nr_blocks}",
                                field=f"{what} bitmap {n - 1}"))
@@ -195,6 +200,7 @@ def read_space_map(
     walker.walk(root.ref_count_root, REF_COUNT_VALUE_SIZE, leaf, what=f"{what} ref-count tree")
     three = counts == 3
     if ov_keys:
+        counts = counts.astype(np.uint32, copy=False)  # the tree's counts need the room
         keys = np.concatenate(ov_keys)
         vals = np.concatenate(ov_vals).astype(np.uint32)
         inside = keys < root.nr_blocks

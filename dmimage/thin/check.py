@@ -224,7 +224,7 @@ class _Checker:
             return None
         try:
             return read_space_map(self.reader, root, self.walker, metadata=metadata,
-                                  on_error=self.error)
+                                  on_error=self.error, compact=True)
         except MetadataError as err:
             self.error(err)
             return None

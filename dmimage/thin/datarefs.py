@@ -65,9 +65,9 @@ class Tally:
 
 
 def _count(counts: np.ndarray, limit: int, data: np.ndarray, tag: int,
-           tallies: dict[int, Tally], keep: bool) -> None:
+           tallies: dict[int, Tally], keep: bool) -> int:
     """Add ``data`` (u64 data block numbers) to ``counts`` (empty: not counted); blocks at
-    or past ``limit`` to the tag's tally instead."""
+    or past ``limit`` to the tag's tally instead. Returns how many were counted."""
     beyond = data >= np.uint64(limit)
     if beyond.any():
         far = data[beyond]
@@ -78,10 +78,12 @@ def _count(counts: np.ndarray, limit: int, data: np.ndarray, tag: int,
         if keep:
             t.values.append(far)
         data = data[~beyond]
-    if len(counts) and len(data):
-        # below limit == len(counts), so the u64 values are their own int64 view (no copy); a uint32
-        # increment keeps add.at on its fast path
-        np.add.at(counts, data.view(np.int64), np.uint32(1))
+    if not len(counts):
+        return 0
+    # below limit == len(counts), so the u64 values are their own int64 view (no copy); an
+    # increment of the array's own type keeps add.at on its fast path
+    np.add.at(counts, data.view(np.int64), counts.dtype.type(1))
+    return len(data)
 
 
 class Census:
@@ -140,7 +142,12 @@ class Census:
 
 class ForkedCensus(Census):
     """The census in a forked child (module docstring): leaves by block number, other
-    mappings as data block numbers, counted there in the order given."""
+    mappings as data block numbers, counted there in the order given.
+
+    The shared counts are bytes (a quarter of the memory to fault in and scatter into than
+    u32): a count wraps at 256, which the sum of the counts against the number of
+    increments tells exactly (each wrap loses 256), and :meth:`finish` then raises
+    :class:`CensusFailed` so the caller counts again in process, in u32."""
 
     by_block = True
 
@@ -148,9 +155,9 @@ class ForkedCensus(Census):
                  keep_beyond: bool = False) -> None:
         self.limit = max(nr_blocks, 0)
         n = self.limit if counting else 0
-        self._shared = mmap.mmap(-1, max(n, 1) * 4)  # anonymous, shared with the child
+        self._shared = mmap.mmap(-1, max(n, 1))  # anonymous, shared with the child
         self.reader = reader
-        self.counts = np.frombuffer(self._shared, np.uint32, n)
+        self.counts = np.frombuffer(self._shared, np.uint8, n)
         self.tallies = {}
         self.keep = keep_beyond
         self._leaves: list[np.ndarray] = []
@@ -219,9 +226,11 @@ class ForkedCensus(Census):
         if status != 0 or not chunks:
             raise CensusFailed(f"the counting process failed (status {status})")
         try:
-            self.tallies = pickle.loads(b"".join(chunks))
+            counted, self.tallies = pickle.loads(b"".join(chunks))
         except Exception as exc:
             raise CensusFailed(f"the counting process answered nonsense: {exc}") from None
+        if int(self.counts.sum(dtype=np.uint64)) != counted:
+            raise CensusFailed("a data block is referenced 256 times or more")
         return self.counts, self.tallies
 
     def _wait(self) -> int:
@@ -243,6 +252,7 @@ class ForkedCensus(Census):
     # -- the child ---------------------------------------------------------------------
     def _serve(self, cmd: int, res: int) -> None:  # pragma: no cover (runs in the child)
         tallies: dict[int, Tally] = {}
+        counted = 0
         reader, counts, limit, keep = self.reader, self.counts, self.limit, self.keep
         with open(cmd, "rb") as f:
             while head := f.read(_HEADER.size):
@@ -257,8 +267,8 @@ class ForkedCensus(Census):
                     reader.drop_pages(int(blocks.min()), int(blocks.max()))
                 else:
                     data = np.frombuffer(body, np.uint64)
-                _count(counts, limit, data, tag, tallies, keep)
-        out = memoryview(pickle.dumps(tallies, protocol=pickle.HIGHEST_PROTOCOL))
+                counted += _count(counts, limit, data, tag, tallies, keep)
+        out = memoryview(pickle.dumps((counted, tallies), protocol=pickle.HIGHEST_PROTOCOL))
         while out:
             out = out[os.write(res, out):]
         os.close(res)

@@ -27,7 +27,7 @@ from dmimage.errors import UsageError
 from dmimage.format.values import mapping_blocks
 from dmimage.pdata.btree import U64
 from dmimage.pdata.leaves import LeafBatch
-from dmimage.thin.dump.render import CHUNK_ROWS, render_rows
+from dmimage.textrows import CHUNK_ROWS, render_rows
 from dmimage.thin.ls import MappingForest
 from dmimage.thin.pool import Pool
 
@@ -76,6 +76,7 @@ def rmap(pool: Pool, regions: list[tuple[int, int]], progress: Progress | None =
 
     def visit(batch: LeafBatch, dev_id: int) -> None:
         data = mapping_blocks(batch.values)
+        blocks = batch.blocks
         take = np.zeros(len(data), bool)
         for lo, hi in bounds:
             take |= (data >= lo) & (data < hi)
@@ -85,9 +86,9 @@ def rmap(pool: Pool, regions: list[tuple[int, int]], progress: Progress | None =
         elif take.any():
             keys = np.asarray(batch.keys, U64)
             taken.append([data[take], keys[take], np.full(int(take.sum()), dev_id, np.uint32)])
-        pool.reader.drop_pages()
+        pool.reader.drop_pages(int(blocks.min()), int(blocks.max()))
         if progress is not None:
-            progress(len(batch.blocks))
+            progress(len(blocks))
 
     forest = MappingForest(pool, visit)
     for dev_id in sorted(roots):
@@ -146,6 +147,9 @@ def _run_order(db: np.ndarray, de: np.ndarray, dv: np.ndarray, tb: np.ndarray) -
     4-key lexsort); runs sharing a data begin (data shared by several devices) are then put
     in order by the other keys among themselves."""
     n = len(db)
+    dense = _distinct_order(db)
+    if dense is not None:
+        return dense
     if n == 0 or n >= 1 << _INDEX_BITS or int(db.max()) >= 1 << (64 - _INDEX_BITS):
         order: np.ndarray = np.lexsort((tb, dv, de, db))
         return order
@@ -166,6 +170,32 @@ def _run_order(db: np.ndarray, de: np.ndarray, dv: np.ndarray, tb: np.ndarray) -
         order[pos] = sub[np.lexsort((tb[sub], dv[sub], de[sub], group))]
     return order
 
+
+def _distinct_order(db: np.ndarray) -> np.ndarray | None:
+    """The order of ``db`` without a sort when its values are distinct and span at most
+    :data:`_DENSE_SPAN` times as many blocks as there are runs (each run names other data
+    blocks: a pool without shared blocks, the usual answer): every run is put in the slot
+    of its data begin, and the slots in use read in order. None when they are not."""
+    n = len(db)
+    if n < 2:
+        return None
+    lo = int(db.min())
+    span = int(db.max()) - lo + 1
+    if span > _DENSE_SPAN * n or n >= 1 << 31:
+        return None
+    at = (db - np.uint64(lo)).view(np.int64)
+    used = np.zeros(span, bool)
+    used[at] = True
+    if int(np.count_nonzero(used)) != n:
+        return None  # a data begin shared by several runs: sorted by all four keys
+    slot = np.empty(span, np.int32)
+    slot[at] = np.arange(n, dtype=np.int32)
+    order: np.ndarray = slot[used].astype(np.intp)
+    return order
+
+
+#: :func:`_distinct_order` for data begins spread over at most this many blocks a run.
+_DENSE_SPAN = 4
 
 _TEXT_PARTS = [b"data ", b"..", b" -> thin(", b") ", b"..", b"\n"]
 

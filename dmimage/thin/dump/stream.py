@@ -37,11 +37,10 @@ if TYPE_CHECKING:
 
 __all__ = ["device_leaves", "leaf_runs", "stream_dump"]
 
-#: Leaves read back at a time while writing (dump, export): up to 32,000 mappings. Peak
-#: RSS of a 10M dump: 42 MiB at 256 leaves, 37 MiB at 128, 35.6 MiB at 64; but below 128
-#: the batch's arrays sit near glibc's mmap threshold and are mapped and unmapped every
-#: time (4x the page faults at 64: +0.4 s of system time), so 128.
-STREAM_BATCH_LEAVES = 128
+#: Leaves read back at a time while writing (dump, export): up to 16,000 mappings, whose
+#: keys and values (~128 KiB each) are gathered from the leaves' columns without index
+#: arrays; see render.CHUNK_ROWS for the peak RSS this gives.
+STREAM_BATCH_LEAVES = 64
 
 #: (is a ref, the def's head leaf) or (False, leaf blocks of an inline group)
 Item = tuple[bool, "int | np.ndarray"]
@@ -80,6 +79,22 @@ def share_items(lists: list[np.ndarray]) -> tuple[list[list[Item]], list[tuple[i
     return items, [(h, np.array(seq, np.int64)) for h, seq in defs]
 
 
+def _leaf_runs(keys: np.ndarray, values: np.ndarray) -> Runs:
+    """``Runs.from_blocks`` of leaf entries (keys ascending, mapping values), with no copies
+    when no two mappings join (a fragmented pool's every batch): the columns are the runs."""
+    data, time = unpack_mappings(values)
+    n = len(keys)
+    if n < 2:
+        return Runs.from_blocks(keys, data, time)
+    one = np.uint64(1)
+    join = keys[1:] == keys[:-1] + one
+    join &= data[1:] == data[:-1] + one
+    join &= time[1:] == time[:-1]
+    if join.any():
+        return Runs.from_blocks(keys, data, time)
+    return Runs(keys, data, np.ones(n, np.uint64), time)
+
+
 def leaf_runs(reader: BlockReader, blocks: np.ndarray, batch: int | None = None,
               progress: Progress | None = None) -> Iterator[Runs]:
     """The mapping runs of consecutive leaves (validated before), ``batch`` leaves at a time;
@@ -97,7 +112,7 @@ def leaf_runs(reader: BlockReader, blocks: np.ndarray, batch: int | None = None,
             progress(len(lb.blocks))
         if not len(lb):
             continue
-        r = Runs.from_blocks(lb.keys, *unpack_mappings(lb.values))
+        r = _leaf_runs(lb.keys, lb.values)
         if carry is not None:
             if (int(carry.origin_begin[0] + carry.length[0]) == int(r.origin_begin[0])
                     and int(carry.data_begin[0] + carry.length[0]) == int(r.data_begin[0])
