@@ -248,14 +248,6 @@ def _replace_into(tmp: Path, outdir: Path, names: list[str]) -> None:
         os.replace(tmp / n, outdir / n)
 
 
-class _Fd:
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
 @dataclass
 class _DataTarget:
     """Where the pool's data device is written: ``path`` from byte ``start``."""
@@ -481,12 +473,12 @@ def _fill_pool(spec: Spec, contents: dict[str, _Content], own: dict[str, bool],
     plans: list[_Plan] = []
     shas: dict[tuple[int, int], str] = {}  # (id of a content, size) -> its sha256
     empty = np.empty(0, np.int64)
-    kick = os.open(target.path, os.O_RDONLY | os.O_CLOEXEC)
-    if not os.environ.get("NOKICK"):
-        progress = every(kick, progress)
-    with contextlib.closing(_Fd(kick)), \
-            open_writable(meta_tmp, target.path, data_offset=target.start,
-                          scratch=target.image is not None) as wp:
+    kick = os.open(target.path, os.O_RDONLY | os.O_CLOEXEC)  # write-back started early
+    progress = every(kick, progress)
+    with contextlib.ExitStack() as stack:
+        stack.callback(os.close, kick)
+        wp = stack.enter_context(open_writable(meta_tmp, target.path, data_offset=target.start,
+                                               scratch=target.image is not None))
         for v in spec.volumes:
             vc = contents[v.name]
             if v.origin is None:
