@@ -11,7 +11,8 @@
 3. `dmimage build` of a 4 GiB raw volume (gpt layout, random bytes) against `dd` writing
    the same bytes to a new file: at least 50% of dd's speed.
 
-Runs are interleaved (dd, dmimage, dd, ...); each cell is the median wall time with the
+Runs are interleaved (dd, dmimage, dd, ...), each after a ``sync`` (not timed) so that none
+waits for the write-back of another's dirty pages; each cell is the median wall time with the
 children's CPU time (user + system) beside it, and the load average is printed. Exit 1 on a
 missed goal or a failed check. ``--baseline DIR`` also runs the dmimage of another source
 tree (e.g. ``git archive`` of an older commit) in the same interleaved rounds, as its own
@@ -71,6 +72,7 @@ def timed(argv: list[str], tree: str = "", **kw: object) -> tuple[float, float]:
     the dmimage source tree to import (PYTHONPATH, run from /), "" for this one."""
     if tree:
         kw = {**kw, "env": {**os.environ, "PYTHONPATH": tree}, "cwd": "/"}
+    os.sync()  # no run pays for the write-back of an earlier one's dirty pages
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run(argv, check=True, **kw)  # type: ignore[call-overload]

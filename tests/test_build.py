@@ -377,7 +377,7 @@ def test_interrupt_during_self_check(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(b._CompareSink, "write", slow)
-    monkeypatch.setattr(b, "_file_sha", boom)
+    monkeypatch.setattr(b, "_sha_of_parts", boom)
     out = tmp_path / "new"
     with pytest.raises(KeyboardInterrupt):
         build(load_spec(EXAMPLE), out)

@@ -9,22 +9,27 @@ Order of work (nothing appears under a final name until everything is done):
    data file. :class:`WritablePool` creates each thin or snapshot and commits, then one pass
    over its content (:mod:`dmimage.image.fill`) plans, writes and hashes it — a volume
    without an origin writes its non-zero blocks, a snapshot (a layer) the blocks that differ
-   from its origin's content, and discards blocks that became all zero — and commits (the
-   data is flushed before the superblock); last the transaction id. Content that does not fit
-   the data device is a spec error naming the blocks it needs;
-3. the metadata is copied into its partition (gpt) and flushed;
-4. self-check, on a second thread while step 5 hashes the outputs: every thin is exported
-   offline and compared, byte for byte while streaming, with the content it was built from
-   (whose sha256 the pass computed);
-5. output: the image's or the files' sha256, one table per device, activate.sh /
+   from its origin's content, and discards blocks that became all zero — and commits; last
+   the transaction id. Content that does not fit is a spec error naming the blocks it needs.
+   For gpt the metadata file is a work file (its commits flush nothing: step 4 orders the
+   image's writes); otherwise every commit flushes the data before the superblock;
+3. self-check, on a thread beside steps 4 and 5: every thin is exported offline and compared,
+   byte for byte while streaming, with the content it was built from (whose sha256 the pass
+   computed);
+4. gpt: the data partition is flushed while the image's sha256 is computed (the metadata
+   file standing in for its partition), then the metadata is copied into its partition,
+   flushed and compared with the file;
+5. output: the files' sha256 (files layout), one table per device, activate.sh /
    deactivate.sh and manifest.json, renamed from ``OUTDIR/.tmp-*`` into OUTDIR at the end
    (manifest last), once the self-check has passed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import tempfile
@@ -34,15 +39,16 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from dmimage.errors import DmimageError, OutputTooSmallError
 from dmimage.format.constants import SECTOR_SIZE
 from dmimage.image.fill import Content as _Content
-from dmimage.image.fill import fill_volume
+from dmimage.image.fill import fill_volume, read_into
 from dmimage.image.spec import Ext4Content, RawContent, Spec, SpecError, Volume, human
+from dmimage.image.writeback import every
 from dmimage.pdata.cow import OutOfSpaceError
 from dmimage.thin.pool import Pool
 
@@ -137,55 +143,81 @@ class _CompareSink:
     """An export target that compares what it is given with the volume's content (the
     content's sha256 is known from the pass that wrote it: comparing bytes spares a second
     hash pass). ``mismatch`` is the first differing byte offset, or None. ``cancel``, once
-    set, stops the export at its next write."""
+    set, stops the export at its next write. The content is read into one reused buffer and
+    compared a machine word at a time (numpy)."""
 
     def __init__(self, c: _Content, cancel: threading.Event | None = None) -> None:
         self.c = c
-        self.f = open(c.path, "rb") if c.path is not None else None  # noqa: SIM115
+        self.fd = os.open(c.path, os.O_RDONLY | os.O_CLOEXEC) if c.path is not None else None
         self.pos = 0
         self.mismatch: int | None = None
         self.cancel = cancel
+        self._buf = np.empty(0, np.uint8)
 
     def write(self, b: bytes | memoryview) -> int:
         if self.cancel is not None and self.cancel.is_set():
             raise _Cancelled
         n = len(b)
         if self.mismatch is None:
+            got = np.frombuffer(b, np.uint8)
             want = self._content(self.pos, n)
-            if want != b:
-                got = np.frombuffer(b, np.uint8)
-                diff = np.flatnonzero(got != np.frombuffer(want, np.uint8))
-                self.mismatch = self.pos + int(diff[0])
+            if not _equal(got, want):
+                self.mismatch = self.pos + int(np.flatnonzero(got != want)[0])
         self.pos += n
         return n
 
-    def _content(self, off: int, n: int) -> bytes:
-        k = max(0, min(n, self.c.length - off))
-        raw = os.pread(self.f.fileno(), k, off) if self.f is not None and k else b""
-        return raw + bytes(n - len(raw)) if len(raw) < n else raw
+    def _content(self, off: int, n: int) -> np.ndarray:
+        if len(self._buf) < n:
+            self._buf = np.empty(n, np.uint8)
+        out = self._buf[:n]
+        read_into(self.fd, self.c.length, off, out)
+        return out
 
     def flush(self) -> None:
         pass
 
     def close(self) -> None:
-        if self.f is not None:
-            self.f.close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _equal(a: np.ndarray, b: np.ndarray) -> bool:
+    """Byte arrays of one length equal, compared 8 bytes at a time where they can be."""
+    n = len(a) // 8 * 8
+    return bool((a[:n].view(np.uint64) == b[:n].view(np.uint64)).all()
+                and (a[n:] == b[n:]).all())
 
 
 class _DataDevice:
     """The pool's data device as a byte range of a file (the image's data partition, or the
-    whole data file): what ``export_thin`` reads the self-check from."""
+    whole data file): what ``export_thin`` reads the self-check from. The file (the build's
+    own temp file) is mapped read-only and a read is a view of the mapping, not a copy: the
+    export hands each one to its sink before it reads on."""
 
     def __init__(self, path: Path, start: int, size: int) -> None:
         self.name = str(path)
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self.start, self.size = start, size
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            total = os.fstat(fd).st_size
+            self._map = mmap.mmap(fd, total, prot=mmap.PROT_READ) if total else None
+        finally:
+            os.close(fd)
+        self._view = memoryview(self._map) if self._map is not None else memoryview(b"")
 
     def pread(self, n: int, off: int) -> bytes:
-        return os.pread(self.fd, max(0, min(n, self.size - off)), self.start + off)
+        a = min(self.start + max(0, off), len(self._view))
+        z = min(a + n, self.start + self.size, len(self._view))
+        return cast(bytes, self._view[a:max(a, z)])  # a view: bytes to the export's eyes
 
     def close(self) -> None:
-        os.close(self.fd)
+        try:
+            self._view.release()
+            if self._map is not None:
+                self._map.close()
+        except BufferError:  # a view still referenced somewhere: the collector unmaps it
+            pass
 
 
 def _self_check(pool: Pool, data: _DataDevice, plans: list[_Plan],
@@ -315,10 +347,7 @@ def build(spec: Spec, outdir: str | os.PathLike[str], *, progress: Progress | No
         except (OutOfSpaceError, OutputTooSmallError) as exc:
             raise _too_small(spec, contents, own, exc) from None
         timings["pool"] = time.monotonic() - t0 - sum(timings.values())
-        # 3. the metadata into its partition ----------------------------------------------
-        if target.image is not None:
-            _copy_metadata(meta_tmp, target)
-        # 4. self-check on a thread, beside 5 (both files opened here: 5 may rename them) ---
+        # 3. self-check on a thread, beside 4 and 5 (files opened here: 5 may rename them) -
         pool = open_pool(meta_tmp)
         details = pool.devices()
         data_used = pool.data_space_map().nr_allocated
@@ -328,11 +357,13 @@ def build(spec: Spec, outdir: str | os.PathLike[str], *, progress: Progress | No
         checker = ThreadPoolExecutor(1, thread_name_prefix="self-check")
         checking = checker.submit(_self_check, pool, data, plans, cancel)
         checker.shutdown(wait=False)
+        # 4. gpt: the data flushed, then the metadata into its partition ----------------------
+        image_sha = _finish_image(meta_tmp, target) if target.image is not None else ""
         # 5. outputs ---------------------------------------------------------------------
         linear = [(lv, contents[lv.name], _sha_of(contents[lv.name], lv.size))
                   for lv in spec.linear]
         manifest = _outputs(spec, tmp, meta_tmp, target, devices, data_used, meta_used,
-                            linear)
+                            linear, image_sha)
         t_out = time.monotonic()
         checking.result()
         timings["verify"] = time.monotonic() - t_out  # the self-check's wait after step 5
@@ -381,9 +412,38 @@ def _too_small(spec: Spec, contents: dict[str, _Content], own: dict[str, bool],
     return SpecError("pool.metadata_size", f"{human(ps.metadata_size)} is too small: {exc}")
 
 
+def _finish_image(meta_tmp: Path, target: _DataTarget) -> str:
+    """The data partition flushed (on a thread), then the metadata copied into its
+    partition and flushed: the image's superblock reaches the disk after its data. While the
+    data is flushed, the image's sha256 is computed from the bytes it will hold: its own, with
+    the metadata file in place of the metadata partition, which is compared with the file once
+    copied (so the hash is the final image's). Returns that sha256."""
+    layout = target.image
+    with ThreadPoolExecutor(1, thread_name_prefix="flush") as ex:
+        flushed = ex.submit(_fsync_path, target.path)
+        end = layout.meta_start + layout.meta_size
+        sha = _sha_of_parts([(target.path, 0, layout.meta_start),
+                             (meta_tmp, 0, layout.meta_size),
+                             (target.path, end, layout.disk_bytes - end)])
+        flushed.result()
+    _copy_metadata(meta_tmp, target)
+    if not _same_bytes(target.path, layout.meta_start, meta_tmp, 0, layout.meta_size):
+        raise BuildError(f"self-check: the metadata partition of {target.path.name} differs "
+                         "from the metadata written")
+    return sha
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _copy_metadata(meta_tmp: Path, target: _DataTarget) -> None:
     """The metadata file into the image's first partition, sparsely, then flushed (the data
-    partition was flushed by the pool's commits, before any superblock)."""
+    partition was flushed before: :func:`_finish_image`)."""
     from dmimage.image.sparse import copy_sparse
 
     layout = target.image
@@ -413,7 +473,12 @@ def _fill_pool(spec: Spec, contents: dict[str, _Content], own: dict[str, bool],
     plans: list[_Plan] = []
     shas: dict[tuple[int, int], str] = {}  # (id of a content, size) -> its sha256
     empty = np.empty(0, np.int64)
-    with open_writable(meta_tmp, target.path, data_offset=target.start) as wp:
+    kick = os.open(target.path, os.O_RDONLY | os.O_CLOEXEC)  # write-back started early
+    progress = every(kick, progress)
+    with contextlib.ExitStack() as stack:
+        stack.callback(os.close, kick)
+        wp = stack.enter_context(open_writable(meta_tmp, target.path, data_offset=target.start,
+                                               scratch=target.image is not None))
         for v in spec.volumes:
             vc = contents[v.name]
             if v.origin is None:
@@ -443,7 +508,8 @@ def _fill_pool(spec: Spec, contents: dict[str, _Content], own: dict[str, bool],
 
 def _outputs(spec: Spec, tmp: Path, meta_tmp: Path, target: _DataTarget, devices: list[Any],
              data_used: int, meta_used: int,
-             linear: list[tuple[Any, _Content, str]] | None = None) -> dict[str, Any]:
+             linear: list[tuple[Any, _Content, str]] | None = None,
+             image_sha: str = "") -> dict[str, Any]:
     from dmimage.image.scripts import activation_script, deactivation_script
     from dmimage.table import DmDevice, Entry, Table, Thin, ThinPool, dm_mod_create, format_table
     from dmimage.table.errors import TableError
@@ -469,7 +535,7 @@ def _outputs(spec: Spec, tmp: Path, meta_tmp: Path, target: _DataTarget, devices
         meta_ref = f"/dev/disk/by-partuuid/{meta_uuid}"
         data_ref = f"/dev/disk/by-partuuid/{data_uuid}"
         m["image"] = {"file": img_name, "size": layout.disk_bytes, "disk_guid": str(disk_guid),
-                      "sha256": _file_sha(img)}
+                      "sha256": image_sha or _file_sha(img)}
         m["partitions"] = [
             {"number": 1, "role": "metadata", "name": meta_pname, "partuuid": str(meta_uuid),
              "start": layout.meta_start, "size": layout.meta_size},
@@ -574,31 +640,67 @@ def _outputs(spec: Spec, tmp: Path, meta_tmp: Path, target: _DataTarget, devices
 
 
 def _file_sha(path: Path) -> str:
-    """sha256 of a (sparse) file, holes hashed as zeros without reading them."""
+    """sha256 of a (sparse) file (see :func:`_sha_of_parts`)."""
+    return _sha_of_parts([(path, 0, os.stat(path).st_size)])
+
+
+def _sha_of_parts(parts: list[tuple[Path, int, int]]) -> str:
+    """sha256 of the bytes [offset, offset+length) of each (file, offset, length) in turn.
+    Holes are hashed as zeros without being read; data is hashed from a read-only mapping of
+    the file (no copy into a buffer first)."""
     from dmimage.image.sparse import data_ranges
 
     h = hashlib.sha256()
-    size = os.stat(path).st_size
-    zero = bytes(1 << 20)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        pos = 0
+    zero = memoryview(bytes(1 << 20))
+    step = 16 << 20
 
-        def zeros(n: int) -> None:
-            while n > 0:
-                k = min(n, len(zero))
-                h.update(zero[:k])
-                n -= k
+    def zeros(n: int) -> None:
+        while n > 0:
+            k = min(n, len(zero))
+            h.update(zero[:k])
+            n -= k
 
-        for off, n in data_ranges(fd, 0, size):
-            zeros(off - pos)
-            done = 0
-            while done < n:
-                b = os.pread(fd, min(4 << 20, n - done), off + done)
-                h.update(b)
-                done += len(b)
-            pos = off + n
-        zeros(size - pos)
-    finally:
-        os.close(fd)
+    for path, start, length in parts:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            end = min(start + length, size)
+            pos = start
+            if end > start:
+                with mmap.mmap(fd, size, prot=mmap.PROT_READ) as m:
+                    view = memoryview(m)
+                    try:
+                        for off, n in data_ranges(fd, start, end - start):
+                            zeros(off - pos)
+                            for at in range(off, off + n, step):
+                                h.update(view[at:min(at + step, off + n)])
+                            pos = off + n
+                    finally:
+                        view.release()
+            zeros(start + length - pos)
+        finally:
+            os.close(fd)
     return h.hexdigest()
+
+
+def _same_bytes(a: Path, a_off: int, b: Path, b_off: int, length: int) -> bool:
+    """Whether two byte ranges of two (sparse) files are equal: only their data is read."""
+    from dmimage.image.sparse import data_ranges
+
+    fa = os.open(a, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fb = os.open(b, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            spans = [(off - a_off, n) for off, n in data_ranges(fa, a_off, length)]
+            spans += [(off - b_off, n) for off, n in data_ranges(fb, b_off, length)]
+            for rel, n in sorted(spans):
+                for at in range(rel, rel + n, 4 << 20):
+                    k = min(4 << 20, rel + n - at)
+                    x, y = os.pread(fa, k, a_off + at), os.pread(fb, k, b_off + at)
+                    if x.ljust(k, b"\0") != y.ljust(k, b"\0"):
+                        return False
+        finally:
+            os.close(fb)
+    finally:
+        os.close(fa)
+    return True

@@ -138,10 +138,12 @@ class WritablePool:
     def __init__(self, metadata: str | os.PathLike[str],
                  data: str | os.PathLike[str] | None = None, *,
                  fd: int | None = None, reader: BlockReader | None = None,
-                 data_offset: int = 0):
+                 data_offset: int = 0, scratch: bool = False):
         """``fd`` (opened read-write) and ``reader`` reuse what the caller already opened of
         ``metadata``; both are left open. ``data_offset``: the byte of ``data`` where the data
-        device starts (a partition inside a disk image that a build writes directly)."""
+        device starts (a partition inside a disk image that a build writes directly).
+        ``scratch``: ``metadata`` is a work file the caller copies elsewhere once the data is
+        flushed (a build's image): commits write in the same order but flush nothing."""
         self.path = os.fspath(metadata)
         self._fd = -1
         self._own_fd = fd is None
@@ -154,6 +156,7 @@ class WritablePool:
             raise DeviceError(f"{self.path}: {exc.strerror}") from None
         self._data_fd: int | None = None
         self._data_base = data_offset
+        self._scratch = scratch
         self._pool: Pool | None = None
         try:
             if data is not None:
@@ -693,7 +696,7 @@ class WritablePool:
             for b, pieces in sorted(self._pending.items()):
                 for off, piece in pieces:
                     pwrite_all(fd, [memoryview(piece)], self._data_base + b * bs + off)
-        if self._data_fd is not None:
+        if self._data_fd is not None and not self._scratch:
             os.fsync(self._data_fd)
         for b, buf in sorted(blocks):
             if b == 0:
@@ -713,6 +716,8 @@ class WritablePool:
             raise DeviceError(f"{self.path}: write of block {b} failed: {exc.strerror}") from None
 
     def _fsync(self) -> None:
+        if self._scratch:
+            return
         try:
             os.fsync(self._fd)
         except OSError as exc:
@@ -746,9 +751,9 @@ class WritablePool:
 
 def open_writable(metadata: str | os.PathLike[str],
                   data: str | os.PathLike[str] | None = None, *,
-                  data_offset: int = 0) -> WritablePool:
+                  data_offset: int = 0, scratch: bool = False) -> WritablePool:
     """Open a pool for offline edits (see :class:`WritablePool`)."""
-    return WritablePool(metadata, data, data_offset=data_offset)
+    return WritablePool(metadata, data, data_offset=data_offset, scratch=scratch)
 
 
 __all__ = ["WritablePool", "open_writable", "PoolStateError", "Details", "replace",
