@@ -18,8 +18,8 @@ save that checks every layer's diff id must do); save runs as by default (each l
 checked against its diff id) and with ``--no-verify`` (nothing hashed). Hot: from the page cache
 (each is run once before timing). Cold (--cold): every file of the data root and the output
 are evicted from the page cache with ``posix_fadvise(POSIX_FADV_DONTNEED)`` before every
-run (no root needed, and nobody else's cache is touched); a probe with
-``preadv2(RWF_NOWAIT)`` reports how many data pages were still cached. Runs are
+run (no root needed, and nobody else's cache is touched); ``fincore`` reports what of the
+data file was still cached. Runs are
 interleaved; wall and CPU (all threads) are printed with the load average.
 
     python benchmarks/bench_docker.py [--images 500] [--containers 1000] [--repeat 5]
@@ -214,25 +214,16 @@ def _evict(paths: list[str]) -> None:
             os.close(fd)
 
 
-def _resident(fd: int, ranges: list[tuple[int, int]], probes: int = 256) -> float:
-    """The share of *probes* pages spread over *ranges* that are in the page cache (a
-    ``preadv2(RWF_NOWAIT)`` of one byte fails with EAGAIN when its page is not)."""
-    import os
-
-    if not ranges:
-        return 0.0
-    step = max(1, len(ranges) // probes)
-    buf = bytearray(1)
-    hit = tried = 0
-    for s, n in ranges[::step]:
-        for off in (s, s + n // 2):
-            tried += 1
-            try:
-                os.preadv(fd, [buf], off, os.RWF_NOWAIT)
-                hit += 1
-            except BlockingIOError:
-                pass
-    return hit / tried
+def _cached_bytes(path: str) -> int | None:
+    """Bytes of *path* in the page cache, by util-linux ``fincore`` (mincore: it reads
+    nothing, where a probing read would itself start the kernel's readahead); None without
+    it."""
+    try:
+        res = subprocess.run(["fincore", "-b", "-n", "-r", "-o", "RES", path],
+                             capture_output=True, text=True, check=True)
+        return int(res.stdout.split()[0])
+    except (OSError, subprocess.CalledProcessError, ValueError, IndexError):
+        return None
 
 
 def bench_save(work: Path, kinds: list[str], mib: int, repeat: int, cold: bool) -> None:
@@ -311,11 +302,12 @@ def _bench_save_one(kind: str, root: Path, files: int, repeat: int, cold: bool) 
                     # the last output leave the page cache before every run
                     for _try in range(5):  # pages still being read ahead are kept: retry
                         _evict([*root_files, str(out_path)])
-                        left = _resident(fd, ranges)
-                        if left < 0.01:
+                        left = _cached_bytes(store.pool_files.data)
+                        if left is None or left < 0.01 * nbytes:
                             break
-                        time.sleep(0.1)
-                    resident.append(left)
+                        time.sleep(0.2)
+                    if left is not None:
+                        resident.append(left / nbytes)
                 r0 = resource.getrusage(resource.RUSAGE_SELF)
                 t = time.perf_counter()
                 fn()
@@ -325,8 +317,8 @@ def _bench_save_one(kind: str, root: Path, files: int, repeat: int, cold: bool) 
                 if name.endswith("-> file"):  # its dirty pages written out, not timed
                     _evict([str(out_path)])
         load1 = os.getloadavg()[0]
-        extra = (f"; before each run {100 * max(resident):.0f}% of probed data pages "
-                 "were cached") if resident else ""
+        extra = (f"; before each run at most {100 * max(resident):.1f}% of those bytes' "
+                 "worth of the data file was cached") if resident else ""
         print(f"{kind}, {mode} cache, {repeat} interleaved runs, load average "
               f"{load0:.1f} -> {load1:.1f}{extra}:")
         base = 0.0
