@@ -411,7 +411,7 @@ class DockerGuest:
                 f"[ $i -lt {ticks} ] && kill -0 $c 2>/dev/null || {fail % 'containerd'}; "
                 f"{wait}; done\n"
                 "fi\n"
-                "rm -f /run/docker.sock\n"
+                "rm -f /run/docker.sock /run/docker.pid  # what a killed dockerd left\n"
                 f"setsid dockerd --data-root {DATA_ROOT} --storage-driver devicemapper {opts} "
                 f"--containerd {CONTAINERD_SOCK} -H unix:///run/docker.sock -H tcp://{API} "
                 "--tls=false "
