@@ -209,6 +209,9 @@ class _Stream:
 
     def _body(self, body_end: bytes) -> bool:
         """Parse the next piece of a body; True when its closing tag is next."""
+        stop = getattr(self.p, "stop", None)  # a consumer that gave up (restore_stream.py)
+        if stop is not None and stop.is_set():
+            raise NotCanonical
         pos, n = self.pos, self.n
         lim = pos + PIECE
         cut = self.buf.find(b"\n", lim, n) if lim < n else -1
