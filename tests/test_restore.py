@@ -410,3 +410,44 @@ def test_streamed_write_error_is_final(tmp_path, monkeypatch):
     monkeypatch.setattr(restore_stream, "read_input", no_fallback)
     with pytest.raises(DeviceError, match="write failed"):
         restore_stream.restore_file(src, oracles.make_sparse(tmp_path / "out.meta", 1024))
+
+
+def test_streamed_parse_stops_when_the_layout_gives_up(tmp_path, monkeypatch):
+    """A bad first device before a large one: the parser thread stops within a piece of the
+    layout giving up instead of reading the rest (the whole-IR path then reports it)."""
+    from dmimage.thin import restore_stream
+    from dmimage.thin.dump import fastxml
+
+    monkeypatch.setattr(fastxml, "PIECE", 4096)
+    sizes = (100, 100_000)
+
+    def dump(first_mapped: int) -> str:
+        lines = ['<superblock uuid="" time="0" transaction="1" version="2" '
+                 f'data_block_size="128" nr_data_blocks="{sum(sizes)}">']
+        for d, n in enumerate(sizes):
+            lines.append(f'  <device dev_id="{d}" mapped_blocks="{first_mapped if d == 0 else n}"'
+                         ' transaction="0" creation_time="0" snap_time="0">')
+            lines += [f'    <single_mapping origin_block="{i}" data_block="{d * sizes[0] + i}" '
+                      'time="0"/>' for i in range(n)]
+            lines.append("  </device>")
+        return "\n".join(lines) + "\n</superblock>"
+
+    pieces = []
+    real = fastxml._Stream._body
+
+    def counted(self, body_end):
+        pieces.append(1)
+        return real(self, body_end)
+
+    monkeypatch.setattr(fastxml._Stream, "_body", counted)
+    out = oracles.make_sparse(tmp_path / "out.meta", 8192)
+    src = tmp_path / "in.xml"
+    src.write_text(dump(sizes[0]))
+    assert restore_stream._restore_streamed(src, out, {}, None) is not None
+    whole = len(pieces)
+    pieces.clear()
+    src.write_text(dump(sizes[0] + 1))
+    assert restore_stream._restore_streamed(src, out, {}, None) is None
+    assert len(pieces) < whole // 10, (len(pieces), whole)
+    with pytest.raises(InputError, match="mapped_blocks"):
+        restore_stream.restore_file(src, out)

@@ -13,9 +13,10 @@ then parses the same bytes with expat, which also reports problems with their li
 from __future__ import annotations
 
 import io
+import queue
 import re
+import threading
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
 from typing import IO, TYPE_CHECKING
 
 import numpy as np
@@ -70,20 +71,61 @@ def parse_canonical_file(f: IO[bytes], parser: _XmlParser, block: int = READ_BLO
     second thread scans the piece after the current one (numpy releases the GIL), for a
     caller with a core to spare.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     from dmimage.thin.dump.xml import DumpFormatError
 
-    pool = ThreadPoolExecutor(1, thread_name_prefix="xmlscan") if helper else None
+    pool = _Helper() if helper else None
     try:
         _Stream(f, parser, block, progress, pool).run()
     except DumpFormatError:
         raise NotCanonical from None
     finally:
         if pool is not None:
-            pool.shutdown()
+            pool.close()
     if not parser.sb_closed:
         raise NotCanonical
+
+
+class _Pending:
+    """A piece handed to the helper: :meth:`result` waits for its scan."""
+
+    def __init__(self, args: tuple[Buffer, int, int]) -> None:
+        self.args = args
+        self.done = threading.Event()
+        self.value: Lines | None = None
+        self.error: BaseException | None = None
+
+    def result(self) -> Lines | None:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class _Helper:
+    """One thread scanning the pieces handed to it (concurrent.futures would import logging
+    and more: a start-up cost a 1M-mapping restore notices)."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="xmlscan", daemon=True)
+        self.thread.start()
+
+    def submit(self, src: Buffer, lo: int, hi: int) -> _Pending:
+        job = _Pending((src, lo, hi))
+        self.jobs.put(job)
+        return job
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            try:
+                job.value = scan_lines(*job.args)
+            except BaseException as exc:  # handed to the waiting parser
+                job.error = exc
+            job.done.set()
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.thread.join()
 
 
 class _Stream:
@@ -91,7 +133,7 @@ class _Stream:
 
     def __init__(self, f: IO[bytes], p: _XmlParser, block: int,
                  progress: Callable[[int], None] | None = None,
-                 pool: Executor | None = None) -> None:
+                 pool: _Helper | None = None) -> None:
         self.f, self.p, self.block = f, p, max(int(block), 1)
         self.progress = progress
         self.pool = pool
@@ -167,6 +209,9 @@ class _Stream:
 
     def _body(self, body_end: bytes) -> bool:
         """Parse the next piece of a body; True when its closing tag is next."""
+        stop = getattr(self.p, "stop", None)  # a consumer that gave up (restore_stream.py)
+        if stop is not None and stop.is_set():
+            raise NotCanonical
         pos, n = self.pos, self.n
         lim = pos + PIECE
         cut = self.buf.find(b"\n", lim, n) if lim < n else -1
@@ -218,7 +263,7 @@ class _Stream:
         return False
 
 
-    def _ahead(self, pos: int) -> Future[Lines | None] | None:
+    def _ahead(self, pos: int) -> _Pending | None:
         """The piece after ``pos`` (whole lines, in the buffer) handed to the helper."""
         self.ahead_cut: int | None = None
         if self.pool is None:
@@ -228,7 +273,7 @@ class _Stream:
         if cut < 0:
             return None
         self.ahead_cut = cut
-        return self.pool.submit(scan_lines, self.src, pos, cut)
+        return self.pool.submit(self.src, pos, cut)
 
 
 def _add_lines(p: _XmlParser, lines: Lines) -> None:

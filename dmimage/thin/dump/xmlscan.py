@@ -186,10 +186,17 @@ def _singles(src: Buffer, lo: int, ends: np.ndarray, after: np.ndarray,
     starts[1::3] = ends[0::3] + 14
     starts[2::3] = ends[1::3] + 8
     starts[3::3] = last[:-1] + len(TAIL) + len(HEAD_SINGLE)
-    values = _finish(words, ends, starts, ndigits)
-    if values is None:
+    lengths = ends - starts
+    if int(lengths.sum()) != ndigits or int(lengths.min()) < 1 or \
+            int(lengths.max()) > MAX_DIGITS:
         return None
-    return Lines(values[0::3], values[1::3], None, values[2::3])
+    origin = _numbers(words, ends[0::3], lengths[0::3])
+    data = _numbers(words, ends[1::3], lengths[1::3])
+    if int(lengths[2::3].max()) == 1:  # one-digit times (thin_dump's usual "0"): the digit
+        time = src.bytes[last - 1] - np.uint8(48)
+    else:
+        time = _numbers(words, last, lengths[2::3])
+    return Lines(origin, data, None, time)
 
 
 def _finish(words: np.ndarray, ends: np.ndarray, starts: np.ndarray,
