@@ -17,7 +17,6 @@ thin_delta 1.1.0's rule (read from its source; reproduced with our own, vectoris
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -238,6 +237,7 @@ def delta_xml(pool: Pool, left: tuple[str, int], right: tuple[str, int], d: Delt
 def delta_json(pool: Pool, left: tuple[str, int], right: tuple[str, int], d: Delta) -> str:
     """The same runs as JSON: ``{"superblock": {...}, "left": ..., "right": ...,
     "runs": [[kind, begin, length, left_data|null, right_data|null], ...]}``."""
+    import json  # only here: a command's start-up does not pay for it
     sb = pool.superblock
     runs = []
     for k, b, n, ld, rd in zip(d.kind.tolist(), d.begin.tolist(), d.length.tolist(),

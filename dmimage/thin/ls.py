@@ -26,7 +26,6 @@ errors"); we count them like any other node.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -457,6 +456,7 @@ def ls_json(pool: Pool, fields: Iterable[str] = DEFAULT_FIELDS, *,
             progress: Progress | None = None) -> str:
     """``{"data_block_size": N, "fields": [...], "devices": [{FIELD: value}, ...]}``; numbers
     as integers, the human-unit fields as thin_ls's strings."""
+    import json  # only here: a command's start-up does not pay for it
     fields = list(fields)
     usage = device_usage(pool, counting=needs_counting(fields), progress=progress)
     bs = pool.superblock.data_block_size

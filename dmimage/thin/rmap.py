@@ -16,7 +16,6 @@ thin_rmap 1.1.0's behaviour (read from its source; reproduced with our own code)
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -216,6 +215,7 @@ def rmap_text(r: RmapRuns) -> str:
 
 def rmap_json(r: RmapRuns) -> str:
     """``{"runs": [{"data_begin", "data_end", "dev_id", "thin_begin", "thin_end"}, ...]}``."""
+    import json  # only here: a command's start-up does not pay for it
     runs = [{"data_begin": b, "data_end": e, "dev_id": d, "thin_begin": t,
              "thin_end": t + (e - b)}
             for b, e, d, t in zip(r.data_begin.tolist(), r.data_end.tolist(),
