@@ -15,13 +15,13 @@ import json
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from dmimage.guest.machine import Machine
+from vmtests.scenario import run_dmimage
 
 import oracles
 
@@ -31,8 +31,10 @@ BLOCK = 128  # sectors: 64 KiB cache blocks
 
 
 def _dmimage(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dmimage", *argv], capture_output=True,
-                          text=True, timeout=300)
+    """Ours in this process (vmtests/scenario.py: no Python start-up per command)."""
+    res = run_dmimage(*argv)
+    return subprocess.CompletedProcess(res.args, res.returncode, res.stdout.decode(),
+                                       res.stderr.decode())
 
 
 @pytest.mark.parametrize("version", [1, 2])
@@ -87,8 +89,9 @@ def test_kernel_cache_metadata(dm_vm: Machine, tmp_path: Path, version: int) -> 
                           capture_output=True).returncode == 0
     theirs = subprocess.run([str(tools.bindir / "cache_dump"), str(meta)], capture_output=True,
                             check=True).stdout
-    ours = subprocess.run([sys.executable, "-m", "dmimage", "cache", "dump", str(meta)],
-                          capture_output=True, check=True).stdout
+    res_dump = run_dmimage("cache", "dump", str(meta))
+    assert res_dump.returncode == 0, res_dump.stderr
+    ours = res_dump.stdout
     assert ours == theirs
 
     # the kernel's metadata damaged (superblock checksum, hint array, v2's dirty bitset):

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import shlex
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,7 @@ from dmimage.format.constants import SALT_SUPERBLOCK
 from dmimage.guest.machine import Machine
 from dmimage.thin.check import check_metadata
 from dmimage.thin.format_pool import format_pool
-from vmtests.scenario import PoolFiles
+from vmtests.scenario import PoolFiles, run_dmimage
 
 import oracles
 
@@ -96,9 +94,8 @@ def test_refused_alike(dm_vm: Machine, pristine: PoolFiles, tmp_path: Path, kind
     # dmimage refuses: the library's report and the CLI's exit status.
     report = check_metadata(meta)
     assert not report.ok(), f"dmimage check accepted a superblock with bad {kind}"
-    cli = subprocess.run([sys.executable, "-m", "dmimage", "check", str(meta)],
-                         capture_output=True, text=True)
-    assert cli.returncode != 0, cli.stdout + cli.stderr
+    cli = run_dmimage("check", str(meta))  # the command line's entry point, in this process
+    assert cli.returncode != 0, (cli.stdout + cli.stderr).decode()
     # thin_check 1.1, for the record (it is laxer than the kernel, see the module doc).
     try:
         rc, _out, _err = oracles.check(meta, oracles.tools_11())
