@@ -355,6 +355,43 @@ def test_interrupted_build_leaves_previous_output(tmp_path, monkeypatch):
     assert json.loads((out / "manifest.json").read_text()) == first
 
 
+def test_image_data_flushed_before_metadata(tmp_path, monkeypatch):
+    """gpt: the data partition reaches the disk (fsync of the image) before the metadata,
+    superblock included, is written into the image; the image is flushed again after it. The
+    manifest's image hash, computed while the data was flushed, is the final file's."""
+    import sys
+    import threading
+
+    import dmimage.image.sparse as sparse
+
+    b = sys.modules["dmimage.image.build"]
+    events: list[str] = []
+    real_fsync, real_copy = os.fsync, sparse.copy_sparse
+
+    copied = threading.Event()
+
+    def fsync(fd):  # the flush thread's is slow: a copy that does not wait for it comes first
+        image = os.readlink(f"/proc/self/fd/{fd}").endswith("example.img")
+        if image and threading.current_thread().name.startswith("flush"):
+            copied.wait(2)
+        real_fsync(fd)
+        if image:
+            events.append("fsync image")
+
+    def copy(fd_in, in_off, fd_out, out_off, length, *a, **k):
+        events.append(f"metadata into the image at {out_off}")
+        copied.set()
+        return real_copy(fd_in, in_off, fd_out, out_off, length, *a, **k)
+
+    monkeypatch.setattr(b.os, "fsync", fsync)
+    monkeypatch.setattr(sparse, "copy_sparse", copy)
+    m = build(load_spec(EXAMPLE), tmp_path / "out").manifest
+    meta = next(p for p in m["partitions"] if p["role"] == "metadata")
+    assert events[-3:] == ["fsync image", f"metadata into the image at {meta['start']}",
+                           "fsync image"], events
+    assert _sha(tmp_path / "out" / "example.img") == m["image"]["sha256"]
+
+
 def test_interrupt_during_self_check(tmp_path, monkeypatch):
     """An interrupt while the self-check thread still exports: the build stops it (no thread
     left running), removes the temp directory and leaves nothing in OUTDIR."""
