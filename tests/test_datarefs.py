@@ -9,6 +9,8 @@ clean and under the fuzzer's random damage, so the child also meets leaves given
 
 from __future__ import annotations
 
+import gc
+import os
 import random
 import struct
 from pathlib import Path
@@ -149,3 +151,34 @@ def test_a_count_past_255_is_counted_again_in_process(bases: list[bytes],
                 counts, tallies = c.finish()
                 assert counts.tolist() == [1] * 5 + [times + 1] + [1] * 4 and not tallies
             c.close()
+
+
+def _open_fds() -> dict[str, str]:
+    """This process's descriptors and what they are (the listing's own left out; maps of
+    a closed reader that numpy views in reference cycles still hold collected first)."""
+    gc.collect()
+    out = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            out[name] = os.readlink(f"/proc/self/fd/{name}")
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def test_a_refused_fork_is_counted_in_process(bases: list[bytes], tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """fork() refused (EAGAIN: a process limit; ENOMEM: strict overcommit under a big
+    check) is the in-process census's job, not an I/O error; no descriptor is left open."""
+    path = tmp_path / "pool.meta"
+    path.write_bytes(bases[1])
+    want = (check_metadata(path).to_json(), _ls(path))
+    monkeypatch.setattr(datarefs, "FORK_MIN_BLOCKS", 0)
+
+    def refuse() -> int:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(datarefs.os, "fork", refuse)
+    fds = _open_fds()
+    assert (check_metadata(path).to_json(), _ls(path)) == want
+    assert _open_fds() == fds

@@ -155,17 +155,24 @@ class ForkedCensus(Census):
                  keep_beyond: bool = False) -> None:
         self.limit = max(nr_blocks, 0)
         n = self.limit if counting else 0
-        self._shared = mmap.mmap(-1, max(n, 1))  # anonymous, shared with the child
         self.reader = reader
-        self.counts = np.frombuffer(self._shared, np.uint8, n)
         self.tallies = {}
         self.keep = keep_beyond
         self._leaves: list[np.ndarray] = []
         self._leaves_n = 0
         self._tag = 0
-        cmd_r, cmd_w = os.pipe()
-        res_r, res_w = os.pipe()
-        pid = os.fork()
+        fds: list[int] = []
+        try:
+            self._shared = mmap.mmap(-1, max(n, 1))  # anonymous, shared with the child
+            fds += os.pipe()
+            fds += os.pipe()
+            pid = os.fork()
+        except OSError as exc:  # no memory, descriptors or processes left: count in process
+            for fd in fds:
+                os.close(fd)
+            raise CensusFailed(f"no counting process: {exc}") from None
+        cmd_r, cmd_w, res_r, res_w = fds
+        self.counts = np.frombuffer(self._shared, np.uint8, n)
         if pid == 0:  # pragma: no cover (the child; coverage does not follow it)
             code = 1
             try:
@@ -277,8 +284,11 @@ class ForkedCensus(Census):
 def census(reader: BlockReader, nr_blocks: int, blocks_in_use: int, *, counting: bool = True,
            keep_beyond: bool = False, batch: int | None = None, fork: bool = True) -> Census:
     """A forked census for a pool with at least :data:`FORK_MIN_BLOCKS` data blocks in use
-    (``fork`` and where ``os.fork`` exists), else one in process (:class:`Census`, whose
-    other arguments these are)."""
+    (``fork`` and where ``os.fork`` exists and succeeds), else one in process
+    (:class:`Census`, whose other arguments these are)."""
     if fork and blocks_in_use >= FORK_MIN_BLOCKS and hasattr(os, "fork"):
-        return ForkedCensus(reader, nr_blocks, counting=counting, keep_beyond=keep_beyond)
+        try:
+            return ForkedCensus(reader, nr_blocks, counting=counting, keep_beyond=keep_beyond)
+        except CensusFailed:
+            pass
     return Census(reader, nr_blocks, counting=counting, keep_beyond=keep_beyond, batch=batch)
