@@ -13,6 +13,8 @@ import gc
 import os
 import random
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -182,3 +184,47 @@ def test_a_refused_fork_is_counted_in_process(bases: list[bytes], tmp_path: Path
     fds = _open_fds()
     assert (check_metadata(path).to_json(), _ls(path)) == want
     assert _open_fds() == fds
+
+
+CHILD_INTERRUPTED = """
+import os, signal, sys
+import numpy as np
+from dmimage.pdata.block import BlockReader
+from dmimage.thin import datarefs
+
+real_fork = os.fork
+
+def fork():
+    pid = real_fork()
+    if pid == 0:  # Ctrl-C reaching the child before it is in its own code
+        os.kill(os.getpid(), signal.SIGINT)
+    return pid
+
+datarefs.os.fork = fork
+try:
+    with BlockReader(sys.argv[1]) as reader:
+        c = datarefs.ForkedCensus(reader, 10)
+        c.values(0, np.arange(10, dtype=np.uint64))
+        try:
+            c.finish()
+            print("counted", flush=True)
+        except datarefs.CensusFailed:
+            print("counted in process", flush=True)
+except KeyboardInterrupt:
+    print(f"{os.getpid()} ran the parent's code on", flush=True)
+"""
+
+
+def test_an_interrupt_never_runs_the_parent_code_in_the_child(bases: list[bytes],
+                                                              tmp_path: Path) -> None:
+    """Ctrl-C reaches the child too: landing between fork() and the child's own try, it
+    must not send the child back up the parent's stack (its clean-up, its output)."""
+    path = tmp_path / "pool.meta"
+    path.write_bytes(bases[0])
+    script = tmp_path / "child.py"
+    script.write_text(CHILD_INTERRUPTED)
+    r = subprocess.run([sys.executable, str(script), str(path)], capture_output=True,
+                       text=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "counted in process\n"

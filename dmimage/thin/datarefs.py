@@ -23,6 +23,7 @@ from __future__ import annotations
 import mmap
 import os
 import pickle
+import signal
 import struct
 
 import numpy as np
@@ -162,28 +163,35 @@ class ForkedCensus(Census):
         self._leaves_n = 0
         self._tag = 0
         fds: list[int] = []
+        held = _hold_interrupts()  # until the child is inside its own try (below)
         try:
-            self._shared = mmap.mmap(-1, max(n, 1))  # anonymous, shared with the child
-            fds += os.pipe()
-            fds += os.pipe()
-            pid = os.fork()
-        except OSError as exc:  # no memory, descriptors or processes left: count in process
-            for fd in fds:
-                os.close(fd)
-            raise CensusFailed(f"no counting process: {exc}") from None
+            try:
+                self._shared = mmap.mmap(-1, max(n, 1))  # anonymous, shared with the child
+                fds += os.pipe()
+                fds += os.pipe()
+                pid = os.fork()
+            except OSError as exc:  # no memory, descriptors or processes: count in process
+                for fd in fds:
+                    os.close(fd)
+                raise CensusFailed(f"no counting process: {exc}") from None
+            if pid == 0:  # pragma: no cover (the child; coverage does not follow it)
+                code = 1
+                try:
+                    _release_interrupts(held)  # a Ctrl-C now ends the child here
+                    cmd_r, cmd_w, res_r, res_w = fds
+                    os.close(cmd_w)
+                    os.close(res_r)
+                    self.counts = np.frombuffer(self._shared, np.uint8, n)
+                    self._serve(cmd_r, res_w)
+                    code = 0
+                except BaseException:
+                    pass
+                finally:
+                    os._exit(code)
+        finally:
+            _release_interrupts(held)  # the parent (the child never returns here)
         cmd_r, cmd_w, res_r, res_w = fds
         self.counts = np.frombuffer(self._shared, np.uint8, n)
-        if pid == 0:  # pragma: no cover (the child; coverage does not follow it)
-            code = 1
-            try:
-                os.close(cmd_w)
-                os.close(res_r)
-                self._serve(cmd_r, res_w)
-                code = 0
-            except BaseException:
-                pass
-            finally:
-                os._exit(code)
         os.close(cmd_r)
         os.close(res_w)
         self._pid: int | None = pid
@@ -279,6 +287,20 @@ class ForkedCensus(Census):
         while out:
             out = out[os.write(res, out):]
         os.close(res)
+
+
+def _hold_interrupts() -> set[int | signal.Signals] | None:
+    """Block SIGINT in this thread (the fork's child inherits the mask): a Ctrl-C between
+    fork() and the child's try would otherwise run the parent's code on in the child (its
+    clean-up: locks released, output flushed twice). Returns the mask to restore."""
+    if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover - not POSIX
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+
+def _release_interrupts(held: set[int | signal.Signals] | None) -> None:
+    if held is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def census(reader: BlockReader, nr_blocks: int, blocks_in_use: int, *, counting: bool = True,
