@@ -292,7 +292,7 @@ class ForkedCensus(Census):
 def _hold_interrupts() -> set[int | signal.Signals] | None:
     """Block SIGINT in this thread (the fork's child inherits the mask): a Ctrl-C between
     fork() and the child's try would otherwise run the parent's code on in the child (its
-    clean-up: locks released, output flushed twice). Returns the mask to restore."""
+    exception handlers and clean-up: output printed twice). Returns the mask to restore."""
     if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover - not POSIX
         return None
     return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
