@@ -87,9 +87,18 @@ run_tests() {
         .venv/bin/python -m pytest -q -n 2 tests || unit_rc=$?
         date +%s >"$unit_log.end"
     else
-        ( rc=0; nice -n 5 .venv/bin/python -m pytest -q -n 2 tests >"$unit_log" 2>&1 || rc=$?
+        ( nice -n 5 .venv/bin/python -m pytest -q -n 2 tests >"$unit_log" 2>&1 &
+          child=$!
+          trap 'kill "$child" 2>/dev/null || :' TERM
+          rc=0; wait "$child" || rc=$?
           date +%s >"$unit_log.end"; exit "$rc" ) &
         unit_pid=$!
+        # Ctrl-C reaches the VM part only (a background job ignores SIGINT): stop the unit
+        # tests too, show what they printed, and leave no temp file behind
+        trap 'kill "$unit_pid" 2>/dev/null || :; wait "$unit_pid" || :; cat "$unit_log"
+              rm -f "$unit_log" "$unit_log.end"; exit 130' INT
+        trap 'kill "$unit_pid" 2>/dev/null || :; wait "$unit_pid" || :; cat "$unit_log"
+              rm -f "$unit_log" "$unit_log.end"; exit 143' TERM HUP
     fi
     t_vm0=$(date +%s)
     vm_rc=0
@@ -98,6 +107,7 @@ run_tests() {
     t_vm=$(date +%s)
     if [ "$overlap" != 0 ]; then
         wait "$unit_pid" || unit_rc=$?
+        trap - INT TERM HUP
         echo "bootstrap: the unit tests' output (run at nice 5 beside the VM tests):" >&2
         cat "$unit_log"
     fi

@@ -87,6 +87,13 @@ def test_other_lines_go_to_the_json_reader(odd: bytes) -> None:
     b'{"type":2,"payload":"AAA","position":1}',  # base64 of a wrong length
     b'{"type":1,"name":"\xff\xfe","size":1,"payload":null,"position":1}',  # not UTF-8
     b'{"type":1,"name":"a\\q","size":1,"payload":null,"position":1}',  # bad escape
+    # raw control characters in a string (JSON wants them escaped, as Go writes them)
+    b'{"type":1,"name":"tab\there","size":1,"payload":null,"position":1}',
+    b'{"type":1,"name":"nul\x00","size":1,"payload":null,"position":1}',
+    b'{"type":1,"name":"cr\rhere","size":1,"payload":null,"position":1}',
+    # an entry broken over two lines (each line must be one entry on its own)
+    b'{"type":2,"payload":"AAAA"\n"position":1}',
+    b'{"type":2,"payload":"AAAA","position":1},{"type":2,"payload":"AAAA"\n"position":2}',
 ])
 def test_bad_lines_are_named(bad: bytes) -> None:
     text = _go(_seg(b"head", 0)) + b"\n" + bad + b"\n"

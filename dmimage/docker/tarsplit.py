@@ -37,10 +37,11 @@ class Entry(NamedTuple):
 
 
 # A line exactly as Go's encoding/json writes tar-split's storage.Entry (fields in struct
-# order, no spaces): a segment, or a file whose name is valid UTF-8 (no name_raw).
+# order, no spaces): a segment, or a file whose name is valid UTF-8 (no name_raw). A name
+# holds no raw control character (JSON, and Go, escape them; \r would end a line there).
 _GO_LINE = re.compile(
     rb'^\{"type":(?:(2),"payload":"([A-Za-z0-9+/=]*)"'
-    rb'|1,"name":"((?:[^"\\\n]|\\[^\n])*)"(?:,"size":(0|[1-9][0-9]{0,17}))?'
+    rb'|1,"name":"((?:[^"\\\x00-\x1f]|\\[^\x00-\x1f])*)"(?:,"size":(0|[1-9][0-9]{0,17}))?'
     rb',"payload":(?:"([A-Za-z0-9+/=]*)"|null)),"position":[0-9]+\}$', re.M)
 
 
@@ -62,7 +63,13 @@ def read_entries(raw: bytes, where: str) -> Iterator[Entry]:
         return iter(fast)
     lines = [line for line in text.splitlines() if line.strip()]
     try:
-        return iter(_entries(json.loads(b"[" + b",".join(lines) + b"]")))
+        # each line in a one-element array of its own, the arrays apart by a raw newline (no
+        # string may span it): a line that is not exactly one JSON value cannot pass by
+        # joining its neighbour, as it could with plain commas
+        rows = json.loads(b"[[" + b"]\n,[".join(lines) + b"]]") if lines else []
+        if len(rows) != len(lines) or any(len(row) != 1 for row in rows):
+            raise ValueError("a line is not one entry")
+        return iter(_entries([row[0] for row in rows]))
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError,
             binascii.Error):
         return _read_lines(text, where)  # names the bad line

@@ -23,6 +23,7 @@ from __future__ import annotations
 import mmap
 import os
 import pickle
+import signal
 import struct
 
 import numpy as np
@@ -155,28 +156,42 @@ class ForkedCensus(Census):
                  keep_beyond: bool = False) -> None:
         self.limit = max(nr_blocks, 0)
         n = self.limit if counting else 0
-        self._shared = mmap.mmap(-1, max(n, 1))  # anonymous, shared with the child
         self.reader = reader
-        self.counts = np.frombuffer(self._shared, np.uint8, n)
         self.tallies = {}
         self.keep = keep_beyond
         self._leaves: list[np.ndarray] = []
         self._leaves_n = 0
         self._tag = 0
-        cmd_r, cmd_w = os.pipe()
-        res_r, res_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover (the child; coverage does not follow it)
-            code = 1
+        fds: list[int] = []
+        held = _hold_interrupts()  # until the child is inside its own try (below)
+        try:
             try:
-                os.close(cmd_w)
-                os.close(res_r)
-                self._serve(cmd_r, res_w)
-                code = 0
-            except BaseException:
-                pass
-            finally:
-                os._exit(code)
+                self._shared = mmap.mmap(-1, max(n, 1))  # anonymous, shared with the child
+                fds += os.pipe()
+                fds += os.pipe()
+                pid = os.fork()
+            except OSError as exc:  # no memory, descriptors or processes: count in process
+                for fd in fds:
+                    os.close(fd)
+                raise CensusFailed(f"no counting process: {exc}") from None
+            if pid == 0:  # pragma: no cover (the child; coverage does not follow it)
+                code = 1
+                try:
+                    _release_interrupts(held)  # a Ctrl-C now ends the child here
+                    cmd_r, cmd_w, res_r, res_w = fds
+                    os.close(cmd_w)
+                    os.close(res_r)
+                    self.counts = np.frombuffer(self._shared, np.uint8, n)
+                    self._serve(cmd_r, res_w)
+                    code = 0
+                except BaseException:
+                    pass
+                finally:
+                    os._exit(code)
+        finally:
+            _release_interrupts(held)  # the parent (the child never returns here)
+        cmd_r, cmd_w, res_r, res_w = fds
+        self.counts = np.frombuffer(self._shared, np.uint8, n)
         os.close(cmd_r)
         os.close(res_w)
         self._pid: int | None = pid
@@ -274,11 +289,28 @@ class ForkedCensus(Census):
         os.close(res)
 
 
+def _hold_interrupts() -> set[int | signal.Signals] | None:
+    """Block SIGINT in this thread (the fork's child inherits the mask): a Ctrl-C between
+    fork() and the child's try would otherwise run the parent's code on in the child (its
+    exception handlers and clean-up: output printed twice). Returns the mask to restore."""
+    if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover - not POSIX
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+
+def _release_interrupts(held: set[int | signal.Signals] | None) -> None:
+    if held is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 def census(reader: BlockReader, nr_blocks: int, blocks_in_use: int, *, counting: bool = True,
            keep_beyond: bool = False, batch: int | None = None, fork: bool = True) -> Census:
     """A forked census for a pool with at least :data:`FORK_MIN_BLOCKS` data blocks in use
-    (``fork`` and where ``os.fork`` exists), else one in process (:class:`Census`, whose
-    other arguments these are)."""
+    (``fork`` and where ``os.fork`` exists and succeeds), else one in process
+    (:class:`Census`, whose other arguments these are)."""
     if fork and blocks_in_use >= FORK_MIN_BLOCKS and hasattr(os, "fork"):
-        return ForkedCensus(reader, nr_blocks, counting=counting, keep_beyond=keep_beyond)
+        try:
+            return ForkedCensus(reader, nr_blocks, counting=counting, keep_beyond=keep_beyond)
+        except CensusFailed:
+            pass
     return Census(reader, nr_blocks, counting=counting, keep_beyond=keep_beyond, batch=batch)

@@ -212,8 +212,10 @@ class _XmlParser:
             x = int(v, 10)
         except ValueError:
             raise self.err(f'<{tag}> {k}="{v}" is not a number') from None
-        if x < 0 or x > _MAX.get(k, _U64_MAX) or not v.strip().isdigit():
+        if x < 0 or x > _MAX.get(k, _U64_MAX):
             raise self.err(f'<{tag}> {k}="{v}" is out of range')
+        if not (v.isascii() and v.isdigit()):  # int() also takes spaces, _ and other digits
+            raise self.err(f'<{tag}> {k}="{v}" is not a number')
         return x
 
     def check_attrs(self, tag: str, a: dict[str, str], allowed: tuple[str, ...]) -> None:
@@ -235,7 +237,11 @@ class _XmlParser:
             try:  # fast path; the checked path below explains any problem
                 if len(a) != 3:
                     raise KeyError
-                o, d, t = int(a["origin_block"]), int(a["data_block"]), int(a["time"])
+                os_, ds, ts = a["origin_block"], a["data_block"], a["time"]
+                digits = os_ + ds + ts  # int() also takes spaces, _ and other scripts' digits
+                if not (digits.isascii() and digits.isdigit()):
+                    raise ValueError
+                o, d, t = int(os_), int(ds), int(ts)
                 if t > _MAX["time"]:  # the array holds 64 bits: the checked path says why
                     raise OverflowError
                 cur.o.append(o)
