@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import sparse
 
 import damage
 import fuzz_damage
@@ -138,28 +139,14 @@ class Case:
                 f"DMIMAGE_FUZZ_SEED={seed} DMIMAGE_FUZZ_INPUTS={self.index}")
 
 
-def _nonzero_blocks(data: bytes | bytearray | np.ndarray) -> np.ndarray:
-    """Indices of the 4 KiB blocks of ``data`` that hold anything but zeros (a partial last
-    block counts as a block)."""
-    buf = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data
-    whole = len(buf) // damage.BLOCK
-    nz = np.flatnonzero(buf[:whole * damage.BLOCK].view(np.uint64)
-                        .reshape(whole, damage.BLOCK // 8).any(axis=1))
-    if len(buf) > whole * damage.BLOCK and buf[whole * damage.BLOCK:].any():
-        nz = np.append(nz, whole)
-    return nz
+_nonzero_blocks = sparse.nonzero_blocks
 
 
 def write_sparse(path: str, data: bytes | bytearray) -> None:
     """Write ``data`` to a new file, leaving its all-zero blocks as holes: an input is 512
     blocks of which a pool uses a few dozen, and writing (then reading) the zeros was a
     large part of the harness's own cost per input. The file reads back byte for byte."""
-    with open(path, "wb") as f:
-        f.truncate(len(data))
-        view = memoryview(data)
-        for b in _nonzero_blocks(data).tolist():
-            f.seek(b * damage.BLOCK)
-            f.write(view[b * damage.BLOCK:(b + 1) * damage.BLOCK])
+    sparse.write_sparse(path, data)
 
 
 def digest(data: bytes | bytearray | np.ndarray) -> bytes:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import restore_xml
 from meta_compare import differing_blocks
+from sparse import write_sparse
 
 from dmimage.cli.main import main
 from dmimage.format.era import ERA_SUPERBLOCK, EraSuperblock
@@ -115,7 +116,7 @@ def test_damaged_verdicts_agree(metas: list[Path], tmp_path: Path,
                 buf[off] ^= 1 << rng.randrange(8)
                 what = f"bit flip at byte {off}"
             dst = tmp_path / f"{meta.stem}-{k}"
-            dst.write_bytes(buf)
+            write_sparse(dst, buf)
             t = run11("era_check", str(dst)).returncode != 0
             rc = main(["era", "check", "-q", str(dst)])
             err = capsys.readouterr().err
