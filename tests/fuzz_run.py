@@ -15,7 +15,6 @@ runs on repair's output runs once per distinct output (:meth:`Run.received`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -33,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import sparse
 
 import damage
@@ -149,38 +147,8 @@ def write_sparse(path: str, data: bytes | bytearray) -> None:
     sparse.write_sparse(path, data)
 
 
-def digest(data: bytes | bytearray | np.ndarray) -> bytes:
-    """A hash of the bytes (length, and the non-zero blocks with their positions): equal
-    digests are equal contents, at a fraction of hashing the zeros."""
-    buf = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data
-    h = hashlib.blake2b(len(buf).to_bytes(8, "little"), digest_size=16)
-    for b in _nonzero_blocks(buf).tolist():
-        h.update(b.to_bytes(8, "little"))
-        h.update(buf[b * damage.BLOCK:(b + 1) * damage.BLOCK])
-    return h.digest()
-
-
-def file_digest(path: str) -> bytes:
-    """:func:`digest` of a file's contents, reading only its data extents (a repaired output
-    is a 512-block sparse file of which repair writes a few dozen blocks)."""
-    size = os.path.getsize(path)
-    h = hashlib.blake2b(size.to_bytes(8, "little"), digest_size=16)
-    with open(path, "rb") as f:
-        fd, pos = f.fileno(), 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA) // damage.BLOCK * damage.BLOCK
-            except OSError:  # ENXIO: only a hole is left
-                break
-            end = min(size, -(-os.lseek(fd, start, os.SEEK_HOLE) // damage.BLOCK)
-                      * damage.BLOCK)
-            f.seek(start)
-            chunk = np.frombuffer(f.read(end - start), np.uint8)
-            for b in _nonzero_blocks(chunk).tolist():
-                h.update((start // damage.BLOCK + b).to_bytes(8, "little"))
-                h.update(chunk[b * damage.BLOCK:(b + 1) * damage.BLOCK])
-            pos = end
-    return h.digest()
+digest = sparse.digest
+file_digest = sparse.file_digest
 
 
 def draw(seed: int, index: int, bases: Sequence[Base]) -> tuple[Base, list[tuple[Any, ...]]]:
