@@ -46,7 +46,8 @@ def _thin_ids(meta: Path, tools11: oracles.Tools) -> set[int]:
 
 
 def _shells(workdir: Path, shells: list[dict[str, Any]], unlocked: bool = False,
-            done: tuple[Path, int] | None = None) -> list[subprocess.CompletedProcess[str]]:
+            done: tuple[Path, int] | None = None, preload: list[str] | None = None
+            ) -> list[subprocess.CompletedProcess[str]]:
     """Run ``shells`` (tests/forkcli.py's spec) all at once, each command a dmimage process
     forked from one warm interpreter: (exit code, stderr) per shell. ``done``: (file, n) the
     file is created once the first n shells have ended."""
@@ -54,7 +55,8 @@ def _shells(workdir: Path, shells: list[dict[str, Any]], unlocked: bool = False,
     for i, sh in enumerate(shells):
         sh["stderr"] = str(workdir / f"shell{i}.err")
     spec = workdir / "spec.json"
-    spec.write_text(json.dumps({"preload": PRELOAD, "unlocked": unlocked, "shells": shells,
+    spec.write_text(json.dumps({"preload": PRELOAD if preload is None else preload,
+                                "unlocked": unlocked, "shells": shells,
                                 "done": [str(done[0]), done[1]] if done else None}))
     r = subprocess.run([sys.executable, FORKCLI, str(spec)], capture_output=True, text=True,
                        timeout=900)
