@@ -61,10 +61,11 @@ def run_command(argv: list[str], timeout: float, capture: bool) -> dict[str, Any
     """main(argv) under the alarm; never raises (except KeyboardInterrupt)."""
     out: dict[str, Any] = {"rc": None, "exc": None, "error": None, "stdout": None}
     saved = sys.stdout
-    buf = io.BytesIO()
-    wrapper = io.TextIOWrapper(buf, encoding="utf-8")
+    # captured: check --json's text report (json.dump writes it in hundreds of pieces,
+    # which a StringIO takes without an encoder per write)
+    buf = io.StringIO()
     if capture:
-        sys.stdout = wrapper
+        sys.stdout = buf
     signal.setitimer(signal.ITIMER_REAL, timeout)
     try:
         out["rc"] = main(argv)
@@ -83,9 +84,7 @@ def run_command(argv: list[str], timeout: float, capture: bool) -> dict[str, Any
         signal.setitimer(signal.ITIMER_REAL, 0)
         if capture:
             sys.stdout = saved
-            wrapper.flush()
-            out["stdout"] = buf.getvalue().decode("utf-8", "replace")
-        wrapper.detach()
+            out["stdout"] = buf.getvalue()
     return out
 
 

@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import restore_xml
+from cli_run import run_cli
 from meta_compare import differing_blocks
+from sparse import nonzero_blocks, same_contents, write_sparse
 
 from dmimage.cli.main import main
 from dmimage.format.cache import CACHE_SUPERBLOCK, CacheSuperblock
@@ -38,6 +40,12 @@ def restore(tmp: Path, xml: str, version: int, name: str) -> Path:
 
 
 def ours(*argv: str) -> subprocess.CompletedProcess[bytes]:
+    """`dmimage cache ARGS`, in-process (tests/cli_run.py)."""
+    return run_cli("cache", *argv)
+
+
+def ours_process(*argv: str) -> subprocess.CompletedProcess[bytes]:
+    """`dmimage cache ARGS` as its own process (the console script's start-up and exit)."""
     return subprocess.run([sys.executable, "-m", "dmimage", "cache", *argv],
                           capture_output=True, timeout=120)
 
@@ -80,13 +88,17 @@ def test_dump_identical_and_check_clean(pools: list[Path], i: int) -> None:
     got = ours("dump", str(meta))
     assert got.returncode == 0, got.stderr
     assert got.stdout == want.stdout
+    if i == 0:  # once as a process of its own: the same output
+        assert ours_process("dump", str(meta)).stdout == got.stdout
     assert theirs("cache_check", str(meta)).returncode == 0
     res = ours("check", str(meta))
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-def _damage(src: Path, dst: Path, rng: random.Random, used: int) -> str:
-    buf = bytearray(src.read_bytes())
+def _damage(pristine: bytes, dst: Path, rng: random.Random, used: int,
+            nonzero: np.ndarray) -> str:
+    """A damaged copy of ``pristine`` (non-zero blocks ``nonzero``) written to ``dst``."""
+    buf = bytearray(pristine[:used * 4096])  # the blocks past ``used`` are zeros
     b = rng.randrange(used)
     kind = rng.choice(["zero", "byte", "csum-ok-field"])
     if kind == "zero":
@@ -94,7 +106,7 @@ def _damage(src: Path, dst: Path, rng: random.Random, used: int) -> str:
     else:
         off = b * 4096 + rng.randrange(4096)
         buf[off] ^= 1 << rng.randrange(8)
-    dst.write_bytes(buf)
+    write_sparse(dst, buf, np.union1d(nonzero, [b]), size=len(pristine))
     return f"{kind} block {b}"
 
 
@@ -106,11 +118,12 @@ def test_damaged_verdicts_agree(pools: list[Path], tmp_path: Path,
     rng = random.Random(7)
     disagreements = []
     for meta in pools[:5]:
-        blocks = np.frombuffer(meta.read_bytes(), np.uint8).reshape(-1, 4096)
-        used = int(np.flatnonzero(blocks.any(axis=1)).max()) + 1
+        pristine = meta.read_bytes()
+        nonzero = nonzero_blocks(pristine)
+        used = int(nonzero.max()) + 1
         for k in range(12):
             dst = tmp_path / f"{meta.stem}-{k}"
-            what = _damage(meta, dst, rng, used)
+            what = _damage(pristine, dst, rng, used, nonzero)
             t = theirs("cache_check", str(dst)).returncode != 0
             rc = main(["cache", "check", "-q", str(dst)])
             err = capsys.readouterr().err
@@ -249,8 +262,9 @@ def test_writeback_clears_dirty_bits_as_1_1(tmp_path: Path, version: int,
             extra = ["--no-metadata-update"] if who == "nometa" else []
             assert main(["cache", "writeback", *extra, str(m), str(fast), str(origin)]) == 0
         runs[who] = (m, origin)
-    assert runs["ours"][1].read_bytes() == runs["theirs"][1].read_bytes()
-    assert runs["nometa"][1].read_bytes() == runs["theirs"][1].read_bytes()
+    # the origins are 300 MiB sparse files: compared by their data extents
+    assert same_contents(runs["ours"][1], runs["theirs"][1])
+    assert same_contents(runs["nometa"][1], runs["theirs"][1])
     assert runs["nometa"][0].read_bytes() == before
     dump = theirs("cache_dump", str(runs["ours"][0])).stdout
     assert dump == theirs("cache_dump", str(runs["theirs"][0])).stdout
@@ -363,9 +377,10 @@ def test_quick_check_never_passes_what_the_full_check_fails(pools: list[Path],
     rng = random.Random(11)
     taken = refused = 0
     for meta in pools[:6]:
-        pristine = bytearray(meta.read_bytes())
-        blocks = np.frombuffer(bytes(pristine), np.uint8).reshape(-1, 4096)
-        used = np.flatnonzero(blocks.any(axis=1)).tolist()
+        pristine = meta.read_bytes()
+        nonzero = nonzero_blocks(pristine)
+        used = nonzero.tolist()
+        blocks = np.frombuffer(pristine, np.uint8).reshape(-1, 4096)
         with BlockReader(str(meta)) as r:
             sb = parse_superblock(r.block(0))
             w = BtreeWalker(r)
@@ -373,15 +388,16 @@ def test_quick_check_never_passes_what_the_full_check_fails(pools: list[Path],
             maps = mapping.values.reshape(-1).view("<u8").copy()
             array_blocks = mapping.blocks
         valid = np.flatnonzero(maps & 1)
-        trials: list[bytearray] = []
+        # each trial changes one block: (block number, its damaged bytes)
+        trials: list[tuple[int, bytearray]] = []
         for _ in range(30):  # a random byte of a random used block, resealed
-            buf = bytearray(pristine)
             b = rng.choice(used)
+            blk = bytearray(blocks[b])
             kind = sniff_block_type(blocks[b])
-            buf[b * 4096 + rng.randrange(4, 4096)] ^= 1 << rng.randrange(8)
+            blk[rng.randrange(4, 4096)] ^= 1 << rng.randrange(8)
             if kind is not None:
-                _reseal(buf, b, salts[kind])
-            trials.append(buf)
+                _reseal(blk, 0, salts[kind])
+            trials.append((b, blk))
         per = (4096 - 24) // 8
         aimed = []
         if len(valid) >= 2:  # an origin block mapped twice
@@ -394,15 +410,19 @@ def test_quick_check_never_passes_what_the_full_check_fails(pools: list[Path],
         if len(valid):
             aimed.append((int(valid[-1]), int(maps[valid[-1]]) | 4))  # unknown flag
         for idx, value in aimed:
-            buf = bytearray(pristine)
             b = array_blocks[idx // per]
-            off = b * 4096 + 24 + (idx % per) * 8
-            buf[off:off + 8] = value.to_bytes(8, "little")
-            _reseal(buf, b, SALT_ARRAY_BLOCK)
-            trials.append(buf)
-        for k, buf in enumerate(trials):
+            blk = bytearray(blocks[b])
+            off = 24 + (idx % per) * 8
+            blk[off:off + 8] = value.to_bytes(8, "little")
+            _reseal(blk, 0, SALT_ARRAY_BLOCK)
+            trials.append((b, blk))
+        # one working copy of the used blocks: each trial's block swapped in, then back
+        work = bytearray(pristine[:(int(nonzero.max()) + 1) * 4096])
+        for k, (b, blk) in enumerate(trials):
             dst = tmp_path / f"{meta.stem}-{k}"
-            dst.write_bytes(bytes(buf))
+            work[b * 4096:(b + 1) * 4096] = blk
+            write_sparse(dst, work, np.union1d(nonzero, [b]), size=len(pristine))
+            work[b * 4096:(b + 1) * 4096] = pristine[b * 4096:(b + 1) * 4096]
             rep = quick_check(str(dst))
             full = _full(dst)
             if rep is None:

@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import restore_xml
+from cli_run import run_cli
 from meta_compare import differing_blocks
+from sparse import write_sparse
 
 from dmimage.cli.main import main
 from dmimage.format.era import ERA_SUPERBLOCK, EraSuperblock
@@ -37,8 +39,14 @@ def run11(tool: str, *argv: str) -> subprocess.CompletedProcess[bytes]:
 
 
 def ours(*argv: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([sys.executable, "-m", "dmimage", "era", *argv], capture_output=True,
-                          timeout=300)
+    """`dmimage era ARGS`, in-process (tests/cli_run.py)."""
+    return run_cli("era", *argv)
+
+
+def ours_process(*argv: str) -> subprocess.CompletedProcess[bytes]:
+    """`dmimage era ARGS` as its own process (the console script's start-up and exit)."""
+    return subprocess.run([sys.executable, "-m", "dmimage", "era", *argv],
+                          capture_output=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +84,8 @@ def test_dump_invalidate_identical(metas: list[Path], i: int) -> None:
         got = ours("dump", *extra, str(meta))
         assert got.returncode == 0, got.stderr
         assert got.stdout == want.stdout, extra
+        if i == 0:  # once as a process of its own: the same output
+            assert ours_process("dump", *extra, str(meta)).stdout == got.stdout
     _, eras, cur = CASES[i]
     for since in sorted({0, cur, cur + 1, *eras, max(cur - 2, 0)}):
         want = run11("era_invalidate", "--written-since", str(since), str(meta))
@@ -115,7 +125,7 @@ def test_damaged_verdicts_agree(metas: list[Path], tmp_path: Path,
                 buf[off] ^= 1 << rng.randrange(8)
                 what = f"bit flip at byte {off}"
             dst = tmp_path / f"{meta.stem}-{k}"
-            dst.write_bytes(buf)
+            write_sparse(dst, buf)
             t = run11("era_check", str(dst)).returncode != 0
             rc = main(["era", "check", "-q", str(dst)])
             err = capsys.readouterr().err

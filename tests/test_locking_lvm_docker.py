@@ -1,7 +1,8 @@
 """Locks of `dmimage lvm` and `dmimage docker` (docs/locking.md): lvm writers hold every DISK
 exclusively, lvm and docker readers hold their files shared, for the whole run. Real
-subprocesses of the installed CLI, as in test_locking.py; the LVM fixture is test_lvm.py's
-two-PV VG (its pool metadata written by thin_restore)."""
+dmimage processes, as in test_locking.py (the concurrent writers forked from one warm
+interpreter); the LVM fixture is test_lvm.py's two-PV VG (its pool metadata written by
+thin_restore)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from test_docker_store import make_store
-from test_locking import DMIMAGE, _hold, _release
+from test_locking import DMIMAGE, _hold, _release, _shells
 from test_lvm_cli import needs_tools
 
 from test_lvm import build, scenario_text
@@ -85,21 +86,23 @@ def test_lvm_writer_waits_then_commits(tmp_path: Path) -> None:
 def test_concurrent_lvm_writers_lose_no_generation(tmp_path: Path) -> None:
     """K writers at once, each setting another transaction_id: each must commit one new
     generation on top of the previous one (seqnos 8..7+K, each exactly once). Measured with
-    devlock.acquire patched to a no-op (test_locking.UNLOCKED's way), 6 writers: 2 of them
+    devlock.acquire patched to a no-op (as test_locking's unlocked run does), 6 writers: 2 of them
     exited 1 (the stale-VG refusal in lvm/commit.py caught them), so this test fails."""
     sc = build(tmp_path, text=scenario_text(tid=5))
     k = 6
-    procs = [subprocess.Popen([DMIMAGE, "lvm", "set-transaction-id", *sc.disks, "vg0/pool",
-                               "--to", str(100 + i)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(k)]
+    # all at once, each a dmimage process forked from one warm interpreter (test_locking)
+    outs = [tmp_path / f"writer{i}.out" for i in range(k)]
+    results = _shells(tmp_path / "shells", [
+        {"cmds": [[["lvm", "set-transaction-id", *sc.disks, "vg0/pool", "--to", str(100 + i)],
+                   str(outs[i])]]} for i in range(k)],
+        preload=["dmimage.lvm.fix", "dmimage.lvm.report", "dmimage.lvm.vg"])
     news = []
     values = {}
-    for i, p in enumerate(procs):
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err
-        for line in err.splitlines():
+    for i, r in enumerate(results):
+        assert r.returncode == 0, r.stderr
+        for line in r.stderr.splitlines():
             assert "waiting for the exclusive lock, held by" in line, line
+        out = outs[i].read_text()
         m = re.search(r"transaction_id (\d+) -> (\d+) \(seqno (\d+) -> (\d+);", out)
         assert m and int(m.group(2)) == 100 + i, out
         news.append(int(m.group(4)))
