@@ -67,11 +67,15 @@ class Base:
     devices: tuple[int, ...]
 
 
+def base_pools() -> list[tuple[str, poolgen.Pool]]:
+    """The fuzz's undamaged pools by name: three thins, a multi-level tree, shared snapshots."""
+    return [("thins3", poolgen.thins_pool(3)), ("multilevel", poolgen.multilevel_pool(1500)),
+            ("snapshot", poolgen.snapshot_pool(400))]
+
+
 def make_bases(workdir: Path, tools: oracles.Tools) -> list[Base]:
     out = []
-    for name, pool in (("thins3", poolgen.thins_pool(3)),
-                       ("multilevel", poolgen.multilevel_pool(1500)),
-                       ("snapshot", poolgen.snapshot_pool(400))):
+    for name, pool in base_pools():
         p = workdir / f"{name}.meta"
         oracles.restore(poolgen.to_xml(pool), p, tools, 512)
         meta = p.read_bytes()

@@ -29,6 +29,7 @@ from dmimage.thin.pool import open_pool
 
 import damage
 import fuzz_damage
+import fuzz_run
 import oracles
 import poolgen
 
@@ -41,9 +42,7 @@ LS_FIELDS = [f for f in FIELDS if f not in ("MAPPED", "EXCLUSIVE", "SHARED", "HI
 def bases(tmp_path_factory: pytest.TempPathFactory, tools11: oracles.Tools) -> list[bytes]:
     d = tmp_path_factory.mktemp("census")
     out = []
-    for name, pool in (("thins3", poolgen.thins_pool(3)),
-                       ("multilevel", poolgen.multilevel_pool(1500)),
-                       ("snapshot", poolgen.snapshot_pool(400))):
+    for name, pool in fuzz_run.base_pools():
         p = d / f"{name}.meta"
         oracles.restore(poolgen.to_xml(pool), p, tools11, 512)
         out.append(p.read_bytes())
