@@ -73,12 +73,20 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("unit_sleep", ["60", "0"])  # unit tests running, or done already
 def test_an_interrupt_stops_the_unit_tests_too(tmp_path: Path, unit_sleep: str) -> None:
     script = _script(tmp_path)
+    # a shell started with SIGINT ignored can never trap it (POSIX), and this test itself may
+    # run in a background job that ignores it (bootstrap.sh runs the unit tests so): start
+    # the shell as a terminal's would be, with the default action
     p = subprocess.Popen(["sh", str(script)], cwd=tmp_path, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, start_new_session=True,
-                         env=_env(tmp_path, SLEEP_tests=unit_sleep, SLEEP_vmtests="60"))
+                         env=_env(tmp_path, SLEEP_tests=unit_sleep, SLEEP_vmtests="60"),
+                         preexec_fn=_default_sigint)
     unit = -1
     try:
         deadline = time.monotonic() + 20

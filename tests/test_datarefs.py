@@ -188,6 +188,8 @@ def test_a_refused_fork_is_counted_in_process(bases: list[bytes], tmp_path: Path
 CHILD_INTERRUPTED = """
 import os, signal, sys
 import numpy as np
+# Ctrl-C's action, whatever this test's parent left (a background job ignores SIGINT)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from dmimage.pdata.block import BlockReader
 from dmimage.thin import datarefs
 
