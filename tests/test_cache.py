@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import restore_xml
-from cli_run import run_cli
 from meta_compare import differing_blocks
 from sparse import nonzero_blocks, same_contents, write_sparse
 
@@ -23,6 +22,7 @@ from dmimage.cli.main import main
 from dmimage.format.cache import CACHE_SUPERBLOCK, CacheSuperblock
 
 import oracles
+from cli_run import run_cli
 
 TOOLS = oracles.tools_11()
 

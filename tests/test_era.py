@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import restore_xml
-from cli_run import run_cli
 from meta_compare import differing_blocks
 from sparse import write_sparse
 
@@ -24,6 +23,7 @@ from dmimage.cli.main import main
 from dmimage.format.era import ERA_SUPERBLOCK, EraSuperblock
 
 import oracles
+from cli_run import run_cli
 
 TOOLS = oracles.tools_11()
 

@@ -24,7 +24,6 @@ import io
 import os
 import random
 import shlex
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -656,19 +655,3 @@ def seeds_from_env(default: list[int]) -> list[int]:
     return [int(s) for s in env.split(",")] if env else default
 
 
-def run_dmimage(*argv: str) -> subprocess.CompletedProcess[bytes]:
-    """``dmimage ARGV`` through its own entry point in this process, stdout and stderr
-    captured as bytes (what ``python -m dmimage ARGV`` would print): a Python start-up with
-    numpy costs ~0.2 s of CPU per command, tens of times per module."""
-    from dmimage.cli.main import main
-
-    out, err = io.BytesIO(), io.BytesIO()
-    # main() writes text to sys.stdout and whole results to sys.stdout.buffer
-    tout = io.TextIOWrapper(out, encoding="utf-8", write_through=True)
-    terr = io.TextIOWrapper(err, encoding="utf-8", write_through=True)
-    with contextlib.redirect_stdout(tout), contextlib.redirect_stderr(terr):
-        try:
-            rc = main(list(argv))
-        except SystemExit as exc:  # argparse: usage errors
-            rc = exc.code if isinstance(exc.code, int) else 2
-    return subprocess.CompletedProcess(["dmimage", *argv], rc, out.getvalue(), err.getvalue())

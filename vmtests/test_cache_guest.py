@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 
 from dmimage.guest.machine import Machine
-from vmtests.scenario import run_dmimage
 
 import oracles
+from cli_run import run_cli
 
 pytestmark = pytest.mark.vm
 
@@ -32,7 +32,7 @@ BLOCK = 128  # sectors: 64 KiB cache blocks
 
 def _dmimage(*argv: str) -> subprocess.CompletedProcess[str]:
     """Ours in this process (vmtests/scenario.py: no Python start-up per command)."""
-    res = run_dmimage(*argv)
+    res = run_cli(*argv)
     return subprocess.CompletedProcess(res.args, res.returncode, res.stdout.decode(),
                                        res.stderr.decode())
 
@@ -89,7 +89,7 @@ def test_kernel_cache_metadata(dm_vm: Machine, tmp_path: Path, version: int) -> 
                           capture_output=True).returncode == 0
     theirs = subprocess.run([str(tools.bindir / "cache_dump"), str(meta)], capture_output=True,
                             check=True).stdout
-    res_dump = run_dmimage("cache", "dump", str(meta))
+    res_dump = run_cli("cache", "dump", str(meta))
     assert res_dump.returncode == 0, res_dump.stderr
     ours = res_dump.stdout
     assert ours == theirs

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from dmimage.guest.machine import Machine
-from vmtests.scenario import run_dmimage
 
 import oracles
+from cli_run import run_cli
 
 pytestmark = pytest.mark.vm
 
@@ -33,7 +33,7 @@ NR_BLOCKS = 256
 
 def _run(*argv: str) -> subprocess.CompletedProcess[bytes]:
     if argv[:3] == (sys.executable, "-m", "dmimage"):
-        return run_dmimage(*argv[3:])  # ours in this process (no Python start-up)
+        return run_cli(*argv[3:])  # ours in this process (no Python start-up)
     return subprocess.run(list(argv), capture_output=True, timeout=300)
 
 

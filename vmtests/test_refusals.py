@@ -20,9 +20,10 @@ from dmimage.format.constants import SALT_SUPERBLOCK
 from dmimage.guest.machine import Machine
 from dmimage.thin.check import check_metadata
 from dmimage.thin.format_pool import format_pool
-from vmtests.scenario import PoolFiles, run_dmimage
+from vmtests.scenario import PoolFiles
 
 import oracles
+from cli_run import run_cli
 
 pytestmark = pytest.mark.vm
 
@@ -94,7 +95,7 @@ def test_refused_alike(dm_vm: Machine, pristine: PoolFiles, tmp_path: Path, kind
     # dmimage refuses: the library's report and the CLI's exit status.
     report = check_metadata(meta)
     assert not report.ok(), f"dmimage check accepted a superblock with bad {kind}"
-    cli = run_dmimage("check", str(meta))  # the command line's entry point, in this process
+    cli = run_cli("check", str(meta))  # the command line's entry point, in this process
     assert cli.returncode != 0, (cli.stdout + cli.stderr).decode()
     # thin_check 1.1, for the record (it is laxer than the kernel, see the module doc).
     try:
