@@ -823,9 +823,16 @@ class Machine:
         if len(serial) > 20:
             raise HotplugError(f"serial {serial!r} longer than virtio-blk's 20 bytes")
         node, dev = f"dmimage-node{n}", f"dmimage-disk{n}"
+        # ``no-flush``: a guest flush (every fsync, every pool commit) would otherwise be an
+        # fdatasync of the host file, i.e. a disk round trip and journal work on the host. The
+        # guest's kernel still issues its flushes and sees them complete; what it wrote is in
+        # the host's page cache at once, where every host-side reader finds it. Only a host
+        # crash could lose it, and these files are scratch test images.
+        cache = {"direct": False, "no-flush": True}
         self.qmp("blockdev-add", {"driver": "raw", "node-name": node, "read-only": read_only,
+                                  "cache": cache,
                                   "file": {"driver": "file", "filename": str(host),
-                                           "read-only": read_only}})
+                                           "read-only": read_only, "cache": cache}})
         try:
             self.qmp("device_add", driver="virtio-blk-pci", id=dev, drive=node, serial=serial)
         except BaseException:
