@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from dmimage.guest.agent import check_kernel_log, find_kernel_problems
+from dmimage.guest.agent import CommandResult, check_kernel_log, find_kernel_problems
 from dmimage.guest.appliance import CpioWriter, resolve_modules
 from dmimage.guest.dmstatus import parse_pool_status, parse_thin_status
 from dmimage.guest.errors import (
@@ -31,6 +31,7 @@ from dmimage.guest.errors import (
     KernelProblem,
     MachineDied,
 )
+from dmimage.guest.kernels import Kernel
 from dmimage.guest.machine import Machine
 from dmimage.guest.pytest_plugin import DiskFactory, unavailable
 
@@ -126,6 +127,55 @@ def test_kernel_log_scanner() -> None:
     with pytest.raises(KernelProblem):
         check_kernel_log(bad)
     check_kernel_log(bad, allow=(r"dm-thin\.c", r"Call Trace"))
+
+
+class _RingLog(Machine):
+    """A Machine whose guest is a kernel ring buffer of *cap* lines (busybox dmesg/tail)."""
+
+    def __init__(self, cap: int) -> None:
+        super().__init__(Kernel("fake", "0", Path("/nonexistent"), Path("/nonexistent")))
+        self.ring: list[str] = []
+        self.cap = cap
+        self.commands: list[str] = []
+
+    def log(self, *lines: str) -> None:
+        self.ring = (self.ring + list(lines))[-self.cap:]
+
+    def run(self, command: str, **_: object) -> CommandResult:  # type: ignore[override]
+        self.commands.append(command)
+        m = re.fullmatch(r"dmesg(?: \| tail -n \+(\d+))?", command)
+        assert m, command
+        lines = self.ring[int(m[1]) - 1:] if m[1] else self.ring
+        return CommandResult(command, 0, "".join(x + "\n" for x in lines).encode(), b"", 0.0)
+
+
+def test_check_dmesg_reads_only_new_lines() -> None:
+    vm = _RingLog(cap=1000)
+    vm.log(*(f"[ {i}.0] boot line {i}" for i in range(30)))
+    vm.check_dmesg()
+    vm.log("[ 31.0] device-mapper: thin: fine")
+    vm.check_dmesg()
+    assert vm.commands == ["dmesg", "dmesg | tail -n +30"]
+    vm.log("[ 32.0] WARNING: CPU: 0 PID: 1 at drivers/md/dm-thin.c:1")
+    with pytest.raises(KernelProblem):
+        vm.check_dmesg()
+    vm.check_dmesg()  # seen: not reported twice
+    vm.log("[ 33.0] WARNING: allowed here")
+    vm.check_dmesg(allow=("allowed here",))
+    vm.check_dmesg()
+    # The ring wraps past the anchor: every line still in the buffer is looked at.
+    vm.cap = 20
+    vm.log("[ 34.0] WARNING: CPU: 0 PID: 2 at drivers/md/dm-thin.c:2",
+           *(f"[ 35.{i}] filler" for i in range(15)))
+    with pytest.raises(KernelProblem):
+        vm.check_dmesg()
+    # The ring wraps, the anchor still in it: only what follows it.
+    vm.log("[ 36.0] WARNING: CPU: 0 PID: 3 at drivers/md/dm-thin.c:3", "[ 37.0] after")
+    vm.log(*(f"[ 38.{i}] filler" for i in range(5)))
+    with pytest.raises(KernelProblem) as exc:
+        vm.check_dmesg()
+    assert "dm-thin.c:3" in str(exc.value) and "dm-thin.c:2" not in str(exc.value)
+    vm.check_dmesg(since_last=False, allow=("WARNING",))
 
 
 def test_pool_status_parser() -> None:
@@ -418,7 +468,8 @@ def test_no_orphan_qemu_when_python_is_killed(tmp_path: Path) -> None:
         [sys.executable, "-c", textwrap.dedent("""\
             import sys, time
             from dmimage.guest.kernels import kernel_by_name
-            from dmimage.guest.machine import Machine
+            from dmimage.guest.kernels import Kernel
+from dmimage.guest.machine import Machine
             vm = Machine(kernel_by_name("deb12")).start()
             print(vm.pid, vm.rundir, flush=True)
             time.sleep(600)
@@ -506,7 +557,8 @@ def test_two_processes_create_the_state_at_once(tmp_path: Path,
     env = {**os.environ, "DMIMAGE_VM_STATE_DIR": str(state_dir)}
     code = textwrap.dedent("""\
         from dmimage.guest.kernels import kernel_by_name
-        from dmimage.guest.machine import Machine
+        from dmimage.guest.kernels import Kernel
+from dmimage.guest.machine import Machine
         with Machine(kernel_by_name("deb12")) as vm:
             print(vm.start_kind, vm.sh("echo up").strip(), flush=True)
         """)

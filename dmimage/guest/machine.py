@@ -291,6 +291,7 @@ class Machine:
         self._scratch: Disk | None = None
         self._counter = 0
         self._dmesg_seen = 0
+        self._dmesg_last = ""
         self._lock = threading.RLock()
         self._failed = False
         self._closed = False
@@ -716,15 +717,47 @@ class Machine:
     def dmesg(self) -> str:
         return self.run("dmesg", timeout=30, check=True).out
 
+    def dmesg_since_command(self) -> str:
+        """Shell command printing the kernel log from the last line :meth:`check_dmesg` saw
+        (that line first, as an anchor) to the end.
+
+        The agent's serial line moves ~50 KB/s under TCG and the log is ~25 KB after boot:
+        reading all of it after every test cost ~0.5 s and ~0.2 QEMU CPU-s."""
+        if not self._dmesg_seen:
+            return "dmesg"
+        return f"dmesg | tail -n +{self._dmesg_seen}"
+
     def check_dmesg(self, *, allow: tuple[str, ...] = (), since_last: bool = True,
                     log: str | None = None) -> None:
         """Raise ``KernelProblem`` if the guest's kernel log shows BUG/WARNING/Call Trace.
         With *since_last*, only lines added since the previous check are looked at. *log*:
-        the ``dmesg`` output if the caller already read it (in a command of its own)."""
-        lines = (self.dmesg() if log is None else log).splitlines()
-        start = self._dmesg_seen if since_last else 0
+        the output of :meth:`dmesg_since_command` if the caller already ran it (in a command
+        of its own)."""
+        if not since_last:
+            lines = self.dmesg().splitlines()
+            self._note_dmesg(lines)
+            check_kernel_log("\n".join(lines), allow=allow, log_path=self._log_str())
+            return
+        if log is None:
+            log = self.run(self.dmesg_since_command(), timeout=30, check=True).out
+        lines = log.splitlines()
+        if not self._dmesg_seen:
+            new = lines
+        elif lines and lines[0] == self._dmesg_last:
+            new = lines[1:]
+            lines = [""] * (self._dmesg_seen - 1) + lines  # the log as a whole, for its length
+        else:
+            # The ring buffer wrapped (or was cleared): the new lines follow the anchor's last
+            # occurrence; with the anchor gone, every line still in the buffer is checked.
+            lines = self.dmesg().splitlines()
+            at = max((i for i, x in enumerate(lines) if x == self._dmesg_last), default=-1)
+            new = lines[at + 1:]
+        self._note_dmesg(lines)
+        check_kernel_log("\n".join(new), allow=allow, log_path=self._log_str())
+
+    def _note_dmesg(self, lines: list[str]) -> None:
         self._dmesg_seen = len(lines)
-        check_kernel_log("\n".join(lines[start:]), allow=allow, log_path=self._log_str())
+        self._dmesg_last = lines[-1] if lines else ""
 
     #: Below this many bytes the guest hashes by itself (one ``sha256sum``).
     HASH_IN_GUEST_BELOW = 1 << 20

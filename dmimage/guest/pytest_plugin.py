@@ -155,7 +155,7 @@ def _dm_vm_guard(request: pytest.FixtureRequest) -> Iterator[None]:
     if vm.disks:
         left = vm.run("dmsetup ls", timeout=30).out
     else:
-        left, _, log = vm.run("dmsetup ls; echo @@dmesg@@; dmesg",
+        left, _, log = vm.run(f"dmsetup ls; echo @@dmesg@@; {vm.dmesg_since_command()}",
                               timeout=30, check=True).out.partition("@@dmesg@@\n")
     if left.strip() and "No devices found" not in left:
         # A test left dm devices behind: clear them so later tests start clean.
