@@ -195,6 +195,48 @@ def test_lost_superblock_needs_the_data_block_size(thins3_meta, tools11, tmp_pat
     assert oracles.check(out, tools11)[0] == 0
 
 
+def test_scan_of_a_sparse_input_finds_what_a_dense_copy_has(multilevel_meta, tmp_path,
+                                                           capsys):
+    """With the superblock lost, roots come from a scan for node headers, which reads only
+    a regular file's data extents: the same input written with holes (the lost superblock's
+    block before its nodes, the unused blocks after them) and written out whole salvages to
+    the same pool, and a file of zeros salvages nothing."""
+    import sparse
+
+    raw = multilevel_meta.read()
+    raw[:BLOCK] = bytes(BLOCK)
+    holes = str(tmp_path / "holes.meta")
+    sparse.write_sparse(holes, raw)
+    extents = list(_data_extents(holes))
+    assert extents and extents[0][0] > 0 and extents[-1][1] < len(raw)
+    dense = _write(tmp_path / "dense.meta", raw)
+    dumps = []
+    for path in (holes, dense):
+        assert main(["dump", "--repair", "--data-block-size", "128", path]) == 0
+        dumps.append(capsys.readouterr().out)
+    assert dumps[0] == dumps[1] and "<device" in dumps[0]
+    empty = tmp_path / "empty.meta"
+    empty.write_bytes(b"")
+    os.truncate(empty, len(raw))
+    assert main(["dump", "--repair", "--data-block-size", "128", str(empty)]) == 1
+    assert "nothing to salvage" in capsys.readouterr().err
+
+
+def _data_extents(path: str):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pos, size = 0, os.fstat(fd).st_size
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                return
+            pos = os.lseek(fd, start, os.SEEK_HOLE)
+            yield start, pos
+    finally:
+        os.close(fd)
+
+
 def test_dump_repair_matches_the_repaired_pool(multilevel_meta, tools11, tmp_path, capsys):
     d = damage.flip_byte(multilevel_meta.read(), "btree_leaf", role="bottom")
     bad = _write(tmp_path / "b.meta", d.data)
