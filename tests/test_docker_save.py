@@ -110,6 +110,10 @@ def test_other_lines_go_to_the_json_reader(odd: bytes) -> None:
     b'{"type":2,"payload":"AAAA","position":1}x',  # trailing garbage
     b'x{"type":2,"payload":"AAAA","position":1}',  # leading garbage
     b'{"type":2,"payload":"AAA","position":1}',  # base64 of a wrong length
+    # not base64's alphabet (the Go-line pattern leaves that to the strict decoding)
+    b'{"type":2,"payload":"AA A","position":1}',
+    b'{"type":2,"payload":"AA-_","position":1}',
+    b'{"type":1,"name":"f","size":1,"payload":"AAAA*AA=","position":1}',
     b'{"type":1,"name":"\xff\xfe","size":1,"payload":null,"position":1}',  # not UTF-8
     b'{"type":1,"name":"a\\q","size":1,"payload":null,"position":1}',  # bad escape
     # raw control characters in a string (JSON wants them escaped, as Go writes them)
