@@ -8,18 +8,18 @@ then times the whole command, Python start-up included.
 The save stores are made by ``dmimage build`` (layout "docker-devicemapper"), one image of
 two layers holding --save-mib MiB of files, "large" (4 MiB and 300 KB files, a few small) and
 "small" (a root filesystem's sizes); --workdir keeps them between runs. save is timed
-in-process into /dev/null, and into a file beside the store ("save -> file"; its pages are
-written out and evicted after each run, untimed); the baselines read the same bytes (the
-data file ranges save copies file contents from, merged, in offset order) with preadv into
-one reused 1 MiB buffer: plainly, as ``cat`` would (the goal's baseline; the kernel's own
-readahead only), with the ranges 32 MiB ahead requested by ``posix_fadvise(WILLNEED)`` as
-save requests them ("read, hinted"), and hashing them with sha256 on one core (the least a
-save that checks every layer's diff id must do); save runs as by default (each layer tar
-checked against its diff id) and with ``--no-verify`` (nothing hashed). Hot: from the page cache
-(each is run once before timing). Cold (--cold): every file of the data root and the output
-are evicted from the page cache with ``posix_fadvise(POSIX_FADV_DONTNEED)`` before every
-run (no root needed, and nobody else's cache is touched); ``fincore`` reports what of the
-data file was still cached. Runs are
+in-process into /dev/null, and into a new file beside the store ("save -> file"; its pages
+are written out and evicted, and the file removed, after each run, untimed); the baselines
+read the same bytes (the data file ranges save copies file contents from, merged, in offset
+order) with preadv into one reused 1 MiB buffer: plainly, as ``cat`` would (the goal's
+baseline; the kernel's own readahead only), with the ranges 32 MiB ahead requested by
+``posix_fadvise(WILLNEED)`` as save requests them ("read, hinted"), and hashing them with
+sha256 on one core (the least a save that checks every layer's diff id must do); save runs
+as by default (each layer tar checked against its diff id) and with ``--no-verify``
+(nothing hashed). Hot: from the page cache (each is run once before timing). Cold (--cold):
+every file of the data root and the output are evicted from the page cache with
+``posix_fadvise(POSIX_FADV_DONTNEED)`` before every run (no root needed, and nobody else's
+cache is touched); ``fincore`` reports what of the data file was still cached. Runs are
 interleaved; wall and CPU (all threads) are printed with the load average.
 
     python benchmarks/bench_docker.py [--images 500] [--containers 1000] [--repeat 5]
@@ -292,6 +292,7 @@ def _bench_save_one(kind: str, root: Path, files: int, repeat: int, cold: bool) 
         if mode == "hot":
             for fn in fns.values():
                 fn()
+        out_path.unlink(missing_ok=True)
         res: dict[str, list[tuple[float, float]]] = {k: [] for k in fns}
         resident: list[float] = []
         load0 = os.getloadavg()[0]
@@ -316,6 +317,10 @@ def _bench_save_one(kind: str, root: Path, files: int, repeat: int, cold: bool) 
                 res[name].append((w, r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime))
                 if name.endswith("-> file"):  # its dirty pages written out, not timed
                     _evict([str(out_path)])
+                    # and removed: the next save writes a new file, as the command does (a
+                    # temporary file renamed into place), not a truncated one (freeing its
+                    # blocks cost ~0.06 s of the timing)
+                    out_path.unlink()
         load1 = os.getloadavg()[0]
         extra = (f"; before each run at most {100 * max(resident):.1f}% of those bytes' "
                  "worth of the data file was cached") if resident else ""

@@ -66,6 +66,31 @@ def test_go_lines_read_as_json_reads_them() -> None:
     assert tarsplit._go_lines(text[:-1]) == fast
 
 
+def test_layout_is_the_entries_by_column() -> None:
+    """save reads a tar-split as a Layout (literal bytes around the files with content):
+    straight from Go's lines, the same as the entries (read by the json module's path)
+    joined; empty files (no size, or "size":0) are part of the bytes around them."""
+    lines = [_go(_seg(b"H0", 0)), _go(_file("a", 3, 1)), _go(_seg(b"pad", 2)),
+             _go(_seg(b"H1", 3)), _go(_file("empty", 0, 4)),
+             b'{"type":1,"name":"zero","size":0,"payload":null,"position":5}',
+             _go(_seg(b"H2", 6)), _go(_file("b/c", 5, 7)), _go(_file("d", 2, 8)),
+             _go(_seg(b"end", 9))]
+    text = b"\n".join(lines) + b"\n"
+    entries = _json_read(lines)
+    want = tarsplit.Layout([b"H0", b"padH1H2", b"", b"end"], [b"a", b"b/c", b"d"], [3, 5, 2])
+    assert tarsplit.layout_of(entries) == want
+    assert tarsplit._go_layout(text) == want
+    assert tarsplit.read_layout(gzip.compress(text), "ts") == want
+    assert want.size == tarsplit.tar_size(entries) == 2 + 7 + 3 + 3 + 5 + 2
+    # a line only the json path reads: the same Layout through it
+    odd = lines[:2] + [b'{"type": 2, "payload": "cGFk", "position": 2}'] + lines[3:]
+    oddtext = b"\n".join(odd) + b"\n"
+    assert tarsplit._go_layout(oddtext) is None
+    assert tarsplit.read_layout(gzip.compress(oddtext), "ts") == want
+    with pytest.raises(StoreError, match="ts: line 2: malformed entry"):
+        tarsplit.read_layout(gzip.compress(lines[0] + b"\n{bad\n"), "ts")
+
+
 @pytest.mark.parametrize("odd", [
     b'{"type":1,"name_raw":"/w==","size":3,"payload":"AAAAAAAAAAA=","position":1}',
     b'{"type": 2, "payload": "AAAA", "position": 1}',  # Python's spacing
@@ -85,6 +110,10 @@ def test_other_lines_go_to_the_json_reader(odd: bytes) -> None:
     b'{"type":2,"payload":"AAAA","position":1}x',  # trailing garbage
     b'x{"type":2,"payload":"AAAA","position":1}',  # leading garbage
     b'{"type":2,"payload":"AAA","position":1}',  # base64 of a wrong length
+    # not base64's alphabet (the Go-line pattern leaves that to the strict decoding)
+    b'{"type":2,"payload":"AA A","position":1}',
+    b'{"type":2,"payload":"AA-_","position":1}',
+    b'{"type":1,"name":"f","size":1,"payload":"AAAA*AA=","position":1}',
     b'{"type":1,"name":"\xff\xfe","size":1,"payload":null,"position":1}',  # not UTF-8
     b'{"type":1,"name":"a\\q","size":1,"payload":null,"position":1}',  # bad escape
     # raw control characters in a string (JSON wants them escaped, as Go writes them)

@@ -14,6 +14,7 @@ import pytest
 from dmimage.guest.docker import DockerGuest, DockerUnavailable
 from dmimage.guest.pytest_plugin import unavailable
 from vmtests.docker_scenario import (
+    XFS_OPTS,
     GuestRecord,
     extract_root,
     kill_during_import,
@@ -45,12 +46,20 @@ def store(guest: DockerGuest, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.fixture(scope="module")
-def xfs_store(guest: DockerGuest, tmp_path_factory: pytest.TempPathFactory
-              ) -> tuple[Path, GuestRecord]:
-    """The scenario's filesystem part (import, load, create, cp, commit) with ``dm.fs=xfs``."""
+def xfs_made(guest: DockerGuest, tmp_path_factory: pytest.TempPathFactory
+             ) -> tuple[Path, Path, GuestRecord]:
+    """(data-root disk, extracted data root, guest record) of the scenario's filesystem part
+    (import, load, create, cp, commit) with ``dm.fs=xfs``; ``test_kill_mid_import`` goes on
+    with the disk once the root is extracted."""
     work = tmp_path_factory.mktemp("docker-xfs")
     disk, rec = make_store(guest, work, fs="xfs")
-    return extract_root(disk, work / "root"), rec
+    return disk, extract_root(disk, work / "root"), rec
+
+
+@pytest.fixture(scope="module")
+def xfs_store(xfs_made: tuple[Path, Path, GuestRecord]) -> tuple[Path, GuestRecord]:
+    """(extracted data root, guest record) of the xfs scenario."""
+    return xfs_made[1], xfs_made[2]
 
 
 @pytest.fixture(scope="module")
@@ -329,11 +338,12 @@ def test_xfs_ls_agrees_with_docker_inspect(xfs_store: tuple[Path, GuestRecord],
     assert rc == 0, out + err
 
 
-def test_kill_mid_import(guest: DockerGuest, tmp_path: Path,
-                         capsys: pytest.CaptureFixture[str]) -> None:
-    """dockerd killed (SIGKILL) during `docker import`: check names what the kill left; after
-    dockerd's own restart, a predicted rollback has happened (the device is gone from the
-    pool), ls agrees with inspect again, and whatever check still names was named before."""
+def test_kill_mid_import(guest: DockerGuest, xfs_made: tuple[Path, Path, GuestRecord],
+                         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """dockerd killed (SIGKILL) during `docker import` on a store it has written (the xfs
+    scenario's disk, once extracted): check names what the kill left; after dockerd's own
+    restart, a predicted rollback has happened (the device is gone from the pool), ls agrees
+    with inspect again, and whatever check still names was named before."""
     import os
     import random
 
@@ -341,7 +351,8 @@ def test_kill_mid_import(guest: DockerGuest, tmp_path: Path,
 
     seed = int(os.environ.get("DMIMAGE_DOCKER_KILL_SEED", "0")) or random.randrange(1, 1 << 30)
     delay = random.Random(seed).uniform(0.5, 12.0)
-    disk = kill_during_import(guest, tmp_path, delay)
+    disk = xfs_made[0]
+    kill_during_import(guest, tmp_path, disk, delay, extra_opts=XFS_OPTS)
     where = f"(DMIMAGE_DOCKER_KILL_SEED={seed}, kill after {delay:.2f} s)"
     before = extract_root(disk, tmp_path / "before")
     rc, out, err = _run(capsys, "docker", "check", str(before), "--json")
@@ -349,7 +360,7 @@ def test_kill_mid_import(guest: DockerGuest, tmp_path: Path,
     found = json.loads(out)["problems"]
     rollback = {p["device_id"] for p in found
                 if p["kind"] == "transaction" and "roll it back" in p["message"]}
-    rec = restart_and_inspect(guest, disk)
+    rec = restart_and_inspect(guest, disk, extra_opts=XFS_OPTS)
     after = extract_root(disk, tmp_path / "after")
     with open_pool(after / "devicemapper/devicemapper/metadata") as pool:
         assert not rollback & set(pool.devices()), where

@@ -15,7 +15,8 @@ from __future__ import annotations
 import posixpath
 import stat
 import struct
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, cast, overload
 
 import numpy as np
 from dissect.extfs.c_ext import c_ext
@@ -116,14 +117,28 @@ class Ext4Files:
         rows: np.ndarray = buf[pos[:, None] + np.arange(INODE_BYTES)]
         return rows
 
-    def contents(self, rels: list[bytes]) -> list[tuple[int, Runs] | None]:
+    def contents(self, rels: list[bytes]) -> Contents:
         """Per path: (size, runs) for regular files mapped by inode-held extents; None for
-        the rest (missing, not a regular file, or a layout left to dissect.extfs)."""
-        out: list[tuple[int, Runs] | None] = [None] * len(rels)
-        found = [(k, i) for k, i in enumerate(self.inode_of(r) for r in rels) if i is not None]
-        if not found:
-            return out
-        rows = self._read_inodes([i for _, i in found])
+        the rest (missing, not a regular file, or a layout left to dissect.extfs). The
+        common file (one extent from block 0) is kept by column, with no tuple of its own."""
+        n = len(rels)
+        single = np.zeros(n, bool)
+        size_c = np.zeros(n, np.int64)
+        start_c = np.zeros(n, np.int64)
+        len_c = np.zeros(n, np.int64)
+        rest: dict[int, tuple[int, Runs]] = {}
+        inode_of = self.inode_of
+        inums = [inode_of(r) for r in rels]
+        if None in inums:
+            found = [k for k, i in enumerate(inums) if i is not None]
+            if not found:
+                return Contents(single, size_c, start_c, len_c, rest)
+            rows = self._read_inodes([i for i in inums if i is not None])
+            idx = np.array(found, np.int64)
+        else:
+            found = list(range(n))
+            rows = self._read_inodes(cast(list[int], inums))
+            idx = np.arange(n, dtype=np.int64)
 
         def u16(at: int) -> np.ndarray:
             return np.ascontiguousarray(rows[:, at:at + 2]).view("<u2").ravel()
@@ -137,32 +152,31 @@ class Ext4Files:
         ok = ((mode & 0o170000) == stat.S_IFREG) & ((flags & EXTENTS_FL) != 0) \
             & ((flags & INLINE_DATA_FL) == 0) & (u16(0x28) == EXTENT_MAGIC) \
             & (u16(0x2E) == 0) & (u16(0x2A) <= 4)
-        nent = u16(0x2A).tolist()
-        ext = [(u32(0x34 + 12 * j).tolist(), u16(0x38 + 12 * j).tolist(),
-                u16(0x3A + 12 * j).tolist(), u32(0x3C + 12 * j).tolist()) for j in range(4)]
         bs = self.bs
         # the common file: one initialized extent from block 0 holding all of it
         len0 = u16(0x38).astype(np.int64) * bs
         one = ok & (u16(0x2A) == 1) & (u32(0x34) == 0) & (u16(0x38) <= UNINIT) \
             & (len0 >= size)
         start0 = ((u16(0x3A).astype(np.int64) << 32) | u32(0x3C)) * bs
-        one_l = one.tolist()
-        start_l = start0.tolist()
-        len_l = len0.tolist()
-        for row, ((k, _), good, n, fsize) in enumerate(zip(found, ok.tolist(), nent,
-                                                             size.tolist(), strict=True)):
-            if one_l[row]:
-                out[k] = (fsize, [(start_l[row], len_l[row])])
-                continue
-            if not good:
-                continue
+        single[idx] = one
+        size_c[idx] = size
+        start_c[idx] = start0
+        len_c[idx] = len0
+        others = np.flatnonzero(ok & ~one).tolist()
+        if not others:
+            return Contents(single, size_c, start_c, len_c, rest)
+        nent = u16(0x2A).tolist()
+        ext = [(u32(0x34 + 12 * j).tolist(), u16(0x38 + 12 * j).tolist(),
+                u16(0x3A + 12 * j).tolist(), u32(0x3C + 12 * j).tolist()) for j in range(4)]
+        size_l = size.tolist()
+        for row in others:
+            fsize = size_l[row]
             runs: Runs = []
             at = 0  # in blocks
-            for j in range(n):
+            for j in range(nent[row]):
                 eb, el, hi, lo = (ext[j][0][row], ext[j][1][row], ext[j][2][row],
                                   ext[j][3][row])
                 if eb < at:  # overlapping or unsorted: not ours to guess
-                    runs = []
                     break
                 if eb > at:
                     runs.append((None, (eb - at) * bs))
@@ -173,8 +187,44 @@ class Ext4Files:
             else:
                 if at * bs < fsize:
                     runs.append((None, fsize - at * bs))
-                out[k] = (fsize, runs)
-        return out
+                rest[found[row]] = (fsize, runs)
+        return Contents(single, size_c, start_c, len_c, rest)
+
+
+class Contents(Sequence[tuple[int, Runs] | None]):
+    """:meth:`Ext4Files.contents`' answer: per path, (size, runs) or None. Files of one
+    extent from block 0 (most) are held by column: *single* marks them, with their *size*,
+    the extent's device byte offset *start* and its length *length*; the other files this
+    reader decoded are in *rest* by index."""
+
+    def __init__(self, single: np.ndarray, size: np.ndarray, start: np.ndarray,
+                 length: np.ndarray, rest: dict[int, tuple[int, Runs]]) -> None:
+        self.single = single
+        self.size = size
+        self.start = start
+        self.length = length
+        self.rest = rest
+
+    def __len__(self) -> int:
+        return int(self.single.size)
+
+    @overload
+    def __getitem__(self, k: int) -> tuple[int, Runs] | None: ...
+
+    @overload
+    def __getitem__(self, k: slice) -> list[tuple[int, Runs] | None]: ...
+
+    def __getitem__(self, k: int | slice
+                    ) -> tuple[int, Runs] | None | list[tuple[int, Runs] | None]:
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        if k < 0:
+            k += len(self)
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        if self.single[k]:
+            return int(self.size[k]), [(int(self.start[k]), int(self.length[k]))]
+        return self.rest.get(k)
 
 
 def rel_path(name: bytes) -> bytes:

@@ -131,6 +131,26 @@ def _fill(plan: Plan, fd: int, free: queue.Queue[bytearray],
         iov: list[memoryview] = []
         run_src = run_end = 0
         for n, src in plan.pieces:
+            end = pos + n
+            if end < BATCH:  # the common piece: it fits, and the buffer is not full after it
+                if isinstance(src, int):
+                    if iov and run_end <= src <= run_end + GAP and len(iov) < IOV_MAX - 1:
+                        if src > run_end:
+                            iov.append(_SCRATCH[:src - run_end])
+                        iov.append(mv[pos:end])
+                    else:
+                        if iov:
+                            _preadv_all(fd, iov, run_src)
+                        iov = [mv[pos:end]]
+                        run_src = src
+                    run_end = src + n
+                    read += n
+                elif src is None:
+                    mv[pos:end] = _ZEROS[:n]
+                else:
+                    mv[pos:end] = src
+                pos = end
+                continue
             off = 0
             while off < n:
                 take = min(n - off, BATCH - pos)

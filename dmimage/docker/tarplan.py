@@ -19,8 +19,8 @@ import numpy as np
 from dissect.util.stream import RunlistStream
 
 from dmimage.docker.errors import StoreError
-from dmimage.docker.ext4runs import Ext4Files, Runs, rel_path
-from dmimage.docker.tarsplit import SEGMENT_TYPE, Entry
+from dmimage.docker.ext4runs import Contents, Ext4Files, Runs, rel_path
+from dmimage.docker.tarsplit import Layout
 from dmimage.docker.thinfile import ThinFile
 from dmimage.errors import DeviceError
 
@@ -49,108 +49,136 @@ class Plan:
         return out
 
 
-def plan_layer(entries: list[Entry], thin: ThinFile, lookup: Callable[[str], Any],
+def plan_layer(layout: Layout, thin: ThinFile, lookup: Callable[[str], Any],
                *, where: str, device_id: int, ext4: Ext4Files | None = None) -> Plan:
-    """The pieces of the layer tar *entries* rebuild, file contents taken from the layer's
+    """The pieces of the layer tar *layout* rebuilds, file contents taken from the layer's
     filesystem (read through *thin*): through *ext4* for all files at once where it can,
     else one by one with *lookup*, which maps a path below the layer's root to the
-    filesystem's node. A file
-    tar-split names that is missing, not a regular file or shorter than tar-split says is a
-    StoreError naming it, as the streaming reader reported it."""
-    files = [e for e in entries if e.type != SEGMENT_TYPE and e.size]
-    fast: list[tuple[int, Runs] | None] = [None] * len(files)
-    if ext4 is not None:
+    filesystem's node. A file tar-split names that is missing, not a regular file or shorter
+    than tar-split says is a StoreError naming it, as the streaming reader reported it.
+
+    By column: the common file (one extent holding all of it, where the thin mapping holds
+    it in one run) becomes one data file range with no Python object of its own until the
+    pieces are listed; only the others are worked out file by file."""
+    names, sizes, lits = layout.names, layout.sizes, layout.lits
+    n = len(names)
+    want = np.array(sizes, np.int64)
+    simple = np.zeros(n, bool)
+    start = np.zeros(n, np.int64)
+    got: Contents | None = None
+    if ext4 is not None and n:
         try:
-            fast = ext4.contents([rel_path(e.name) for e in files])
+            got = ext4.contents([rel_path(name) for name in names])
         except Exception:  # damaged tables, or a dissect.extfs whose internals moved:
-            fast = [None] * len(files)  # each file through the reader on its own
-    # items: bytes (literal), int n >= 0 (n zeros), or -(k + 1) for device range k
-    items: list[bytes | int] = []
-    dev_starts: list[int] = []
-    dev_lens: list[int] = []
-    j = 0
-    for e in entries:
-        if e.type == SEGMENT_TYPE:
-            if e.payload:
-                items.append(e.payload)
-            continue
-        if e.size == 0:
-            continue
-        got = fast[j]
-        j += 1
-        content = got if got is not None else _one_file(e, thin, lookup, where, device_id)
-        if isinstance(content, bytes):
-            items.append(content)
-            continue
-        have, runs = content
-        if have < e.size:
-            raise StoreError(where, f"{e.name.decode(errors='replace')}: the layer's file "
-                             f"is {have} bytes, tar-split says {e.size}")
-        left = e.size
-        for dev, n in runs:
-            n = min(n, left)
-            if dev is None:
-                items.append(n)
-            else:
-                items.append(-(len(dev_starts) + 1))
-                dev_starts.append(dev)
-                dev_lens.append(n)
-            left -= n
-            if not left:
-                break
-        if left:
-            raise StoreError(where, f"{e.name.decode(errors='replace')}: the layer's "
-                             f"file is {e.size - left} bytes, tar-split says {e.size}")
+            got = None  # each file through the reader on its own
+    if got is not None:
+        simple = got.single & (got.size >= want)
+        start = got.start
+    # the other files' items: bytes (literal), int m >= 0 (m zeros), or (device offset, m)
+    other: dict[int, list[bytes | int | tuple[int, int]]] = {}
+    for k in np.flatnonzero(~simple).tolist():
+        name = names[k]
+        fast = got.rest.get(k) if got is not None and not got.single[k] else None
+        if got is not None and got.single[k]:  # one extent, shorter than tar-split says
+            fast = (int(got.size[k]), [(int(got.start[k]), int(got.length[k]))])
+        content = fast if fast is not None else _one_file(name, sizes[k], thin, lookup,
+                                                          where, device_id)
+        other[k] = _file_items(name, sizes[k], content, where)
+    # device ranges in tar order: one per simple file, the others' as they come
+    if other:
+        per = np.ones(n, np.int64)
+        for k, items in other.items():
+            per[k] = sum(1 for it in items if isinstance(it, tuple))
+        first_range = np.concatenate([[0], np.cumsum(per)])
+        dev_starts = np.zeros(int(first_range[-1]), np.int64)
+        dev_lens = np.zeros(int(first_range[-1]), np.int64)
+        at = first_range[:-1][simple]
+        dev_starts[at] = start[simple]
+        dev_lens[at] = want[simple]
+        for k, items in other.items():
+            j = int(first_range[k])
+            for it in items:
+                if isinstance(it, tuple):
+                    dev_starts[j], dev_lens[j] = it
+                    j += 1
+    else:
+        dev_starts, dev_lens = start, want
     try:
-        which, lens, srcs = thin.locate(np.array(dev_starts, np.int64),
-                                        np.array(dev_lens, np.int64))
+        which, lens, srcs = thin.locate(dev_starts, dev_lens)
     except DeviceError as exc:
         raise StoreError(where, f"device {device_id}: {exc}") from None
-    # pieces of device range k: first[k] .. first[k + 1]
-    first = np.searchsorted(which, np.arange(len(dev_starts) + 1)).tolist()
+    lit_pieces: list[Piece] = [(len(b), b) for b in lits]
+    size = sum(sizes) + sum(p[0] for p in lit_pieces)
+    if not other and which.size == n and bool((srcs >= 0).all()):
+        # every file one range of the data file: literal, file, literal, ..., literal
+        pieces: list[Piece] = [lit_pieces[0]] * (2 * n + 1)
+        pieces[0::2] = lit_pieces
+        pieces[1::2] = list(zip(lens.tolist(), srcs.tolist(), strict=True))
+        return Plan(size, pieces, n)
+    # pieces of device range r: first[r] .. first[r + 1]
+    first = np.searchsorted(which, np.arange(dev_starts.size + 1)).tolist()
     lens_l = lens.tolist()
     srcs_l = srcs.tolist()
-    pieces: list[Piece] = []
-    size = 0
-    lit: list[bytes] = []  # literal items in a row (padding, then the next header): one piece
-    for it in items:
-        if isinstance(it, bytes):
-            if it:
-                lit.append(it)
-            continue
-        if lit:
-            b = lit[0] if len(lit) == 1 else b"".join(lit)
-            pieces.append((len(b), b))
-            size += len(b)
-            lit = []
-        if it >= 0:
-            if it:
-                pieces.append((it, None))
-                size += it
-        else:
-            k = -it - 1
-            for p in range(first[k], first[k + 1]):
-                n, s = lens_l[p], srcs_l[p]
-                src = None if s < 0 else s
-                last = pieces[-1] if pieces else None
-                if last is not None and src is not None and isinstance(last[1], int) \
-                        and last[1] + last[0] == src:
-                    pieces[-1] = (last[0] + n, last[1])  # contiguous: one read
+    pieces = []
+    r = 0  # next device range
+    for k in range(n + 1):
+        lit = lit_pieces[k]
+        if lit[0]:
+            pieces.append(lit)
+        if k == n:
+            break
+        for it in other.get(k, _ONE_RANGE):
+            if isinstance(it, bytes):
+                if it:
+                    pieces.append((len(it), it))
+                continue
+            if isinstance(it, int):
+                if it:
+                    pieces.append((it, None))
+                continue
+            for p in range(first[r], first[r + 1]):
+                m, src = lens_l[p], srcs_l[p]
+                last = pieces[-1] if pieces else (0, None)
+                if src >= 0 and isinstance(last[1], int) and last[1] + last[0] == src:
+                    pieces[-1] = (last[0] + m, last[1])  # contiguous: one read
                 else:
-                    pieces.append((n, src))
-                size += n
-    if lit:
-        b = b"".join(lit)
-        pieces.append((len(b), b))
-        size += len(b)
-    return Plan(size, pieces, len(files))
+                    pieces.append((m, None if src < 0 else src))
+            r += 1
+    return Plan(size, pieces, n)
 
 
-def _one_file(e: Entry, thin: ThinFile, lookup: Callable[[str], Any], where: str,
-              device_id: int) -> tuple[int, Runs] | bytes:
+_ONE_RANGE: list[bytes | int | tuple[int, int]] = [(0, 0)]  # a simple file: its one device range
+
+
+def _file_items(name: bytes, size: int, content: tuple[int, Runs] | bytes, where: str
+                ) -> list[bytes | int | tuple[int, int]]:
+    """A file's first *size* bytes as items: its bytes, zeros (an int) or device ranges
+    ((offset, length))."""
+    if isinstance(content, bytes):
+        return [content]
+    have, runs = content
+    if have < size:
+        raise StoreError(where, f"{name.decode(errors='replace')}: the layer's file "
+                         f"is {have} bytes, tar-split says {size}")
+    items: list[bytes | int | tuple[int, int]] = []
+    left = size
+    for dev, m in runs:
+        m = min(m, left)
+        items.append(m if dev is None else (dev, m))
+        left -= m
+        if not left:
+            break
+    if left:
+        raise StoreError(where, f"{name.decode(errors='replace')}: the layer's "
+                         f"file is {size - left} bytes, tar-split says {size}")
+    return items
+
+
+def _one_file(name: bytes, size: int, thin: ThinFile, lookup: Callable[[str], Any],
+              where: str, device_id: int) -> tuple[int, Runs] | bytes:
     """A file's (size, runs) through the filesystem reader's own stream (its run list when
     it reads through *thin*), or its bytes (inline data, other streams)."""
-    rel = posixpath.normpath(e.name.decode("utf-8", "surrogateescape")).lstrip("/")
+    rel = posixpath.normpath(name.decode("utf-8", "surrogateescape")).lstrip("/")
     try:
         stream = lookup(rel).open()
     except Exception:  # a missing path, or one that is not a regular file
@@ -161,12 +189,12 @@ def _one_file(e: Entry, thin: ThinFile, lookup: Callable[[str], Any], where: str
         bs = stream.block_size
         runs = [(None if blk is None else blk * bs, count * bs)
                 for blk, count in stream.runlist]
-        return (e.size if have is None else have), runs
+        return (size if have is None else have), runs
     try:
-        data: bytes = stream.read(e.size)
+        data: bytes = stream.read(size)
     except (OSError, DeviceError) as exc:
         raise StoreError(where, f"{rel}: cannot read it ({exc})") from None
-    if len(data) != e.size:
-        raise StoreError(where, f"{e.name.decode(errors='replace')}: the layer's "
-                         f"file is {len(data)} bytes, tar-split says {e.size}")
+    if len(data) != size:
+        raise StoreError(where, f"{name.decode(errors='replace')}: the layer's "
+                         f"file is {len(data)} bytes, tar-split says {size}")
     return data

@@ -39,10 +39,69 @@ class Entry(NamedTuple):
 # A line exactly as Go's encoding/json writes tar-split's storage.Entry (fields in struct
 # order, no spaces): a segment, or a file whose name is valid UTF-8 (no name_raw). A name
 # holds no raw control character (JSON, and Go, escape them; \r would end a line there).
+# A payload is matched as "anything up to the quote" (a tight loop in the regex engine, where
+# a character class is checked byte by byte: a third of the match's time): its alphabet is
+# checked by the strict base64 decoding every payload goes through, which refuses anything
+# else (a newline included), sending the text to the JSON parsers as before.
 _GO_LINE = re.compile(
-    rb'^\{"type":(?:(2),"payload":"([A-Za-z0-9+/=]*)"'
+    rb'^\{"type":(?:(2),"payload":"([^"]*)"'
     rb'|1,"name":"((?:[^"\\\x00-\x1f]|\\[^\x00-\x1f])*)"(?:,"size":(0|[1-9][0-9]{0,17}))?'
-    rb',"payload":(?:"([A-Za-z0-9+/=]*)"|null)),"position":[0-9]+\}$', re.M)
+    rb',"payload":(?:"([^"]*)"|null)),"position":[0-9]+\}$', re.M)
+
+
+class Layout(NamedTuple):
+    """What save needs of a tar-split, by column: the files with content (name, size) and the
+    literal tar bytes around them (headers, extended headers, padding, the end blocks), one
+    more than the files: ``lits[0]``, file 0's content, ``lits[1]``, ..., ``lits[-1]``.
+    Empty files are part of the literal bytes around them (no entry of their own)."""
+
+    lits: list[bytes]
+    names: list[bytes]
+    sizes: list[int]
+
+    @property
+    def size(self) -> int:
+        """Length of the tar it rebuilds."""
+        return sum(map(len, self.lits)) + sum(self.sizes)
+
+
+def layout_of(entries: list[Entry]) -> Layout:
+    """The Layout of *entries*: consecutive segments joined, empty files dropped."""
+    lits: list[bytes] = []
+    names: list[bytes] = []
+    sizes: list[int] = []
+    cur: list[bytes] = []
+    for e in entries:
+        if e.type == SEGMENT_TYPE:
+            cur.append(e.payload)
+        elif e.size:
+            lits.append(b"".join(cur))
+            cur = []
+            names.append(e.name)
+            sizes.append(e.size)
+    lits.append(b"".join(cur))
+    return Layout(lits, names, sizes)
+
+
+def _gunzip(raw: bytes, where: str) -> bytes:
+    try:
+        return gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise StoreError(where, f"not a complete gzip stream ({exc})") from None
+
+
+def read_layout(raw: bytes, where: str) -> Layout:
+    """:func:`read_entries`' result as a Layout (save's reading): lines as Go writes them go
+    straight to the columns, with no Entry per line; anything else through read_entries'
+    parsers, which accept and refuse exactly as there."""
+    text = _gunzip(raw, where)
+    try:
+        fast = _go_layout(text)
+    except (ValueError, binascii.Error):
+        fast = None
+    if fast is not None:
+        return fast
+    return layout_of(list(_read_text(text, where)))
 
 
 def read_entries(raw: bytes, where: str) -> Iterator[Entry]:
@@ -51,10 +110,10 @@ def read_entries(raw: bytes, where: str) -> Iterator[Entry]:
     one regular expression; otherwise they are parsed as one JSON array (a layer of 50,000
     files has 150,000 lines: one call, not one per line); only when that fails is each line
     parsed alone, to name the bad one."""
-    try:
-        text = gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as exc:
-        raise StoreError(where, f"not a complete gzip stream ({exc})") from None
+    return _read_text(_gunzip(raw, where), where)
+
+
+def _read_text(text: bytes, where: str) -> Iterator[Entry]:
     try:
         fast = _go_lines(text)
     except (ValueError, binascii.Error):
@@ -89,13 +148,46 @@ def _go_lines(text: bytes) -> list[Entry] | None:
         if seg:
             out.append(Entry(SEGMENT_TYPE, b"", 0, a2b(seg_payload, strict_mode=True)))
             continue
-        if b"\\" in name:  # escapes: as JSON reads them
-            name = json.loads(b'"' + name + b'"').encode()
-        elif not name.isascii():
-            name.decode()  # JSON text is UTF-8: anything else is for the parsers to reject
-        out.append(Entry(FILE_TYPE, name, int(size) if size else 0,
+        out.append(Entry(FILE_TYPE, _go_name(name), int(size) if size else 0,
                          a2b(payload, strict_mode=True)))
     return out
+
+
+def _go_name(name: bytes) -> bytes:
+    """A file name as the Go-line pattern captured it, as JSON reads it (ValueError for what
+    JSON refuses)."""
+    if b"\\" in name:  # escapes: as JSON reads them
+        return str(json.loads(b'"' + name + b'"')).encode()
+    if not name.isascii():
+        name.decode()  # JSON text is UTF-8: anything else is for the parsers to reject
+    return name
+
+
+def _go_layout(text: bytes) -> Layout | None:
+    """The Layout of a tar-split whose every line is as Go writes it (what _go_lines reads,
+    accepted and refused alike), built without an Entry per line; None as _go_lines."""
+    found = _GO_LINE.findall(text)
+    nlines = text.count(b"\n") + (0 if text.endswith(b"\n") or not text else 1)
+    if len(found) != nlines:
+        return None
+    a2b = binascii.a2b_base64
+    lits: list[bytes] = []
+    names: list[bytes] = []
+    sizes: list[int] = []
+    cur: list[bytes] = []
+    for seg, seg_payload, name, size, payload in found:
+        if seg:
+            cur.append(a2b(seg_payload, strict_mode=True))
+            continue
+        name = _go_name(name)
+        a2b(payload, strict_mode=True)  # checked as _go_lines checks it, not needed here
+        if size and size != b"0":
+            lits.append(cur[0] if len(cur) == 1 else b"".join(cur))
+            cur = []
+            names.append(name)
+            sizes.append(int(size))
+    lits.append(b"".join(cur))
+    return Layout(lits, names, sizes)
 
 
 def _entries(objs: list[dict[str, object]]) -> list[Entry]:
