@@ -473,8 +473,7 @@ def test_no_orphan_qemu_when_python_is_killed(tmp_path: Path) -> None:
         [sys.executable, "-c", textwrap.dedent("""\
             import sys, time
             from dmimage.guest.kernels import kernel_by_name
-            from dmimage.guest.kernels import Kernel
-from dmimage.guest.machine import Machine
+            from dmimage.guest.machine import Machine
             vm = Machine(kernel_by_name("deb12")).start()
             print(vm.pid, vm.rundir, flush=True)
             time.sleep(600)
@@ -562,8 +561,7 @@ def test_two_processes_create_the_state_at_once(tmp_path: Path,
     env = {**os.environ, "DMIMAGE_VM_STATE_DIR": str(state_dir)}
     code = textwrap.dedent("""\
         from dmimage.guest.kernels import kernel_by_name
-        from dmimage.guest.kernels import Kernel
-from dmimage.guest.machine import Machine
+        from dmimage.guest.machine import Machine
         with Machine(kernel_by_name("deb12")) as vm:
             print(vm.start_kind, vm.sh("echo up").strip(), flush=True)
         """)
