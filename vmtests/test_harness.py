@@ -281,8 +281,9 @@ def test_agent_round_trip(dm_vm: Machine) -> None:
     script = "x='it''s'\n" + "\n".join(f"echo line{i} \"$x\" é" for i in range(300))
     out = dm_vm.sh(script).splitlines()
     assert len(out) == 300 and out[-1] == "line299 its é"
-    # A big script (read by dd, not line by line) arrives byte for byte; the next frame too.
-    body = "".join(f"{i:05d} {'ab' * (i % 40)} \\ $x `q` 'é'\n" for i in range(2000))
+    # A script over 1 KiB (~7 KB: read by dd, not line by line) arrives byte for byte; the
+    # next frame too.
+    body = "".join(f"{i:05d} {'ab' * (i % 40)} \\ $x `q` 'é'\n" for i in range(150))
     got = dm_vm.sh(f"cat > /tmp/b <<'EOF'\n{body}EOF\nsha256sum < /tmp/b").split()[0]
     assert got == hashlib.sha256(body.encode()).hexdigest()
     assert dm_vm.sh("echo small") == "small\n"
