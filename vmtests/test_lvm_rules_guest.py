@@ -16,14 +16,11 @@
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import io
 import json
 import os
 import re
 import shutil
-import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +29,7 @@ import pytest
 from dmimage.guest.lvm2 import LvmMachine
 from dmimage.guest.pytest_plugin import unavailable
 from vmtests.guest_cli import ROOT, compile_checkout, dmimage_command
-from vmtests.test_lvm_guest import FIELDS, _dmimage, _kernels
+from vmtests.test_lvm_guest import FIELDS, _dmimage, _kernels, _put_texts
 
 pytestmark = [pytest.mark.vm, pytest.mark.vm_one_kernel]  # lvm2 is the oracle (conftest.py)
 
@@ -292,20 +289,6 @@ def _case_text(base: str, case: TidCase, sb_tid: int) -> str:
     return format_section(vg.to_tree())
 
 
-def _put_texts(vm: LvmMachine, texts: dict[str, str], dest: str) -> None:
-    """Write *texts* as ``dest/NAME`` in the guest, shipped as one gzip'd tar: the agent reads
-    a script byte by byte (~0.05 guest CPU-s per KiB under TCG), and the texts are alike."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=9) as tar:
-        for name, text in texts.items():
-            data = text.encode()
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    vm.sh(f"mkdir -p {dest} && base64 -d <<'DMIMAGE_EOF' | tar -xzf - -C {dest}\n"
-          + base64.encodebytes(buf.getvalue()).decode() + "DMIMAGE_EOF")
-
-
 @pytest.mark.parametrize("kernel", _kernels())
 def test_transaction_id_rule_matches_lvm2_activation(tmp_path: Path, kernel: str) -> None:
     img = _sparse(tmp_path / "pv.img", 64 * MiB)
@@ -401,6 +384,9 @@ def test_live_vg_refuses_lvm_writers(tmp_path: Path, kernel: str) -> None:
 @pytest.mark.parametrize("kernel", _kernels())
 def test_built_linear_lvs_activate(tmp_path: Path, kernel: str) -> None:
     from dmimage.image import build, load_spec
+    from vmtests.test_lvm_guest import preload_build_imports
+
+    preload_build_imports()
 
     from test_build_lvm import SPEC, write_inputs
 
