@@ -5,8 +5,9 @@ left in the page cache, so each later reader would go to the disk. Two need it: 
 (``export_thin`` of every thin, which asks for bytes through :meth:`ReadBack.pread`, in
 increasing order for volumes without an origin) and the image's sha256 (every byte of the
 partition, in order). Here the partition is read once, :data:`WINDOW` bytes at a time
-(``O_DIRECT`` where the file system allows, on a thread of its own, :data:`AHEAD` windows ahead
-of the export), and every window goes to the hash as the export reaches it. A read behind the
+(``O_DIRECT`` where the file system allows, :data:`READERS` requests in flight on threads of
+their own, up to :data:`AHEAD` windows ahead of the export), and every window goes to the
+hash as the export reaches it. A read behind the
 current window (a snapshot's export asking for its origin's blocks again) is a plain ``pread``.
 """
 
@@ -22,9 +23,11 @@ from pathlib import Path
 from dmimage.errors import DeviceError
 
 #: Bytes read per request.
-WINDOW = 32 << 20
+WINDOW = 16 << 20
 #: Windows read ahead of the one the export is in.
-AHEAD = 2
+AHEAD = 3
+#: Reads in flight at once (a virtual disk reads two requests faster than one).
+READERS = 2
 #: Buffers in the ring: the window before the current one (may still be hashing), the
 #: current one and those read ahead.
 RING = AHEAD + 2
@@ -50,7 +53,7 @@ class ReadBack:
         self._n = -(-size // WINDOW)
         self._bufs = [mmap.mmap(-1, WINDOW) for _ in range(min(RING, self._n))]
         self._views = [memoryview(b) for b in self._bufs]
-        self._reader = ThreadPoolExecutor(1, thread_name_prefix="read-back")
+        self._reader = ThreadPoolExecutor(READERS, thread_name_prefix="read-back")
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="image-sha256")
         self._reads: dict[int, Future[memoryview]] = {}
         self._hashes: dict[int, Future[object]] = {}
@@ -68,10 +71,11 @@ class ReadBack:
         done = 0
         while done < n:
             off = self.start + w * WINDOW + done
+            fd = self._fd
             try:
-                got = os.preadv(self._fd, [view[done:]], off)
+                got = os.preadv(fd, [view[done:]], off)
             except OSError as exc:
-                if self._fd != self._plain and exc.errno == errno.EINVAL:
+                if fd != self._plain and exc.errno == errno.EINVAL:
                     self._fd = self._plain  # O_DIRECT refused (alignment): the cache
                     continue
                 raise DeviceError(f"{self.name}: read at byte {off} failed: "
