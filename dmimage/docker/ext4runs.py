@@ -113,8 +113,13 @@ class Ext4Files:
             if len(data) != (b - a) * self.bs:
                 raise OSError("the filesystem ends inside an inode table")
             buf[a * self.bs:b * self.bs] = np.frombuffer(data, np.uint8)
-        pos = where.reshape(-1) * self.bs + offs % self.bs
-        rows: np.ndarray = buf[pos[:, None] + np.arange(INODE_BYTES)]
+        # inodes lie at multiples of the inode size within a block (a power of two from 128,
+        # dividing it): the buffer by inode slots, one row gathered per file (an index
+        # matrix of INODE_BYTES per file would be 8 MB of fresh pages at 9,000 files)
+        if self.bs % self.isz or self.isz < INODE_BYTES:
+            raise ValueError(f"inode size {self.isz}: not a slot of a {self.bs}-byte block")
+        slot = (where.reshape(-1) * self.bs + offs % self.bs) // self.isz
+        rows: np.ndarray = buf.reshape(-1, self.isz)[slot, :INODE_BYTES]
         return rows
 
     def contents(self, rels: list[bytes]) -> Contents:
