@@ -14,6 +14,11 @@
 * No held-metadata-snapshot fixture: neither thin_restore can make one (the tools cannot
   reserve a metadata snapshot); the writer under test will have to produce those.
 
+* ``shm_path`` (function): like ``tmp_path``, but on tmpfs (/dev/shm) when there is one, and
+  removed after the test: for pools the oracles read many times. thin_check reads a file on
+  this machine's virtio disk block by block through the kernel's I/O path, which costs CPU
+  per read; from tmpfs the same checks cost a fraction (17,000-thin pool: thin_check 1.1
+  0.76 -> 0.13 CPU-s, 0.9 1.55 -> 0.47). For files of up to a few hundred MB (RAM).
 * ``fuzz_seed`` (session): the seed of this run's fuzz inputs (tests/test_fuzz.py): fresh per
   run, or ``$DMIMAGE_FUZZ_SEED``; shared with xdist workers; printed in the terminal summary
   (also under ``-q``) with the fuzz statistics.
@@ -28,6 +33,8 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,6 +105,19 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
             f"verdicts: {st['stricter'] or 'none'}")
         for line in st.get("unnamed_stricter", []):
             terminalreporter.write_line(f"fuzz: unnamed stricter verdict (triage): {line}")
+
+
+@pytest.fixture
+def shm_path(tmp_path: Path) -> Iterator[Path]:
+    shm = "/dev/shm"
+    if not (os.path.isdir(shm) and os.access(shm, os.W_OK)):
+        yield tmp_path
+        return
+    d = Path(tempfile.mkdtemp(prefix="dmimage-test-", dir=shm))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from dmimage.image.fill import Content, fill_volume
 from dmimage.thin.export import export_thin
 from dmimage.thin.format_pool import format_pool
 from dmimage.thin.pool import open_pool
-from dmimage.thin.transaction import open_writable
+from dmimage.thin.transaction import WritablePool, open_writable
 
 import oracles
 
@@ -91,16 +91,17 @@ def _two_pass(wp, dev: int, size: int, c: Content, base: Content | None) -> str:
 
 
 def _build(tmp: Path, tag: str, vols: list[tuple[int, int | None, int, Content]],
-           one_pass: bool) -> tuple[Path, Path, list[str]]:
+           one_pass: bool, offset: int = 12345,
+           direct: bool = False) -> tuple[Path, Path, list[str]]:
     meta, data = tmp / f"{tag}.meta", tmp / f"{tag}.data"
     with open(meta, "wb") as f:
         f.truncate(8 << 20)
     with open(data, "wb") as f:
-        f.truncate(NR_DATA * BS + 12345)
+        f.truncate(NR_DATA * BS + offset)
     format_pool(meta, BS // 512, NR_DATA)
     shas = []
     contents = {dev: c for dev, _o, _s, c in vols}
-    with open_writable(meta, data, data_offset=12345) as wp:
+    with open_writable(meta, data, data_offset=offset, direct=direct) as wp:
         for dev, origin, size, c in vols:
             if origin is None:
                 wp.create_thin(dev)
@@ -116,8 +117,25 @@ def _build(tmp: Path, tag: str, vols: list[tuple[int, int | None, int, Content]]
     return meta, data, shas
 
 
-@pytest.mark.parametrize("step,chunk", [(4, 3), (7, 2), (1, 1), (1024, 128)])
-def test_one_pass_equals_two_pass(tmp_path, monkeypatch, tools11, step, chunk):
+@pytest.mark.parametrize("step,chunk,direct", [(4, 3, False), (7, 2, False), (1, 1, False),
+                                              (1024, 128, False), (4, 3, True),
+                                              (1024, 128, True)])
+def test_one_pass_equals_two_pass(tmp_path, monkeypatch, tools11, step, chunk, direct):
+    """``direct``: the one-pass build writes its whole blocks with O_DIRECT (as a gpt build
+    does) into a data device at an aligned offset; the two-pass build writes through the page
+    cache. Where the file system refuses O_DIRECT (tmpfs) the case is skipped."""
+    offset = 12345
+    direct_bytes: list[int] = []
+    if direct:
+        offset = 1 << 20
+        real = WritablePool._write_direct
+
+        def counted(self, piece, dst):
+            n = real(self, piece, dst)
+            direct_bytes.append(n)
+            return n
+
+        monkeypatch.setattr(WritablePool, "_write_direct", counted)
     monkeypatch.setattr(fill, "FILE_STEP", step * BS)
     monkeypatch.setattr(fill, "CHUNK_BYTES", chunk * BS)
     monkeypatch.setattr("dmimage.thin.transaction.FILE_STEP", step * BS)
@@ -134,8 +152,10 @@ def test_one_pass_equals_two_pass(tmp_path, monkeypatch, tools11, step, chunk):
     vols = [(1, None, 301 * BS, Content(tmp_path / "base", len(base))),
             (2, 1, 250 * BS + 4096, Content(tmp_path / "layer", len(layer))),
             (3, None, 41 * BS + 512 * 9, Content(tmp_path / "short", len(short)))]
-    m1, d1, s1 = _build(tmp_path, "one", vols, True)
-    m2, d2, s2 = _build(tmp_path, "two", vols, False)
+    m1, d1, s1 = _build(tmp_path, "one", vols, True, offset, direct)
+    if direct and not sum(direct_bytes):
+        pytest.skip(f"{tmp_path}: no O_DIRECT writes on this file system")
+    m2, d2, s2 = _build(tmp_path, "two", vols, False, offset)
     assert s1 == s2
     assert m1.read_bytes() == m2.read_bytes()
     assert d1.read_bytes() == d2.read_bytes()
@@ -144,7 +164,7 @@ def test_one_pass_equals_two_pass(tmp_path, monkeypatch, tools11, step, chunk):
     want = {1: base.ljust(301 * BS, b"\0"), 2: layer.ljust(250 * BS + 4096, b"\0"),
             3: short.ljust(41 * BS + 512 * 9, b"\0")}
     # the data device starts at the offset it was written at
-    part = _DataDevice(d1, 12345, NR_DATA * BS)
+    part = _DataDevice(d1, offset, NR_DATA * BS)
     try:
         with open_pool(m1) as pool:
             for dev, content in want.items():

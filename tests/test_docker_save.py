@@ -296,11 +296,19 @@ def test_rel_path_is_normpath() -> None:
     """The plain-name shortcut gives what posixpath.normpath gives, on awkward names."""
     import posixpath
 
-    from dmimage.docker.ext4runs import rel_path
+    from dmimage.docker.ext4runs import rel_path, rel_paths
 
     names = [b"a", b"/a/b", b"a/b/", b"a//b", b"./a", b"a/./b", b"a/../b", b"../a", b".",
              b"..", b"/", b"//a", b"///a/b", b"a/.hidden", b".hidden", b"a/b.", b"a.b/c",
              b"a/..b", b"a/b/..", b"\xff/\x00", b"a/.", b"etc/ssl/certs"]
     for n in names:
         assert rel_path(n) == posixpath.normpath(n).lstrip(b"/"), n
+    # by the list: each awkward name spoils the shortcut wherever it stands in a plain list
+    plain = [b"etc/passwd", b"a/b.c", b"usr/lib/x"]
+    assert rel_paths(plain) is plain
+    for n in [*names, b"", b"a\nb", b"a/\n/b"]:
+        for at in range(len(plain) + 1):
+            mixed = plain[:at] + [n] + plain[at:]
+            assert rel_paths(mixed) == [posixpath.normpath(x).lstrip(b"/") for x in mixed], \
+                (n, at)
 

@@ -56,11 +56,12 @@ def _all_check(meta, tools09, tools11) -> None:
 
 
 @pytest.fixture
-def spread_pool(tmp_path, tools11):
+def spread_pool(shm_path, tools11):
+    """On tmpfs (conftest's shm_path): three checkers read its ~70 MB nine times."""
     pool = poolgen.fragmented_pool(n_thins=3, n_mappings=3000, seed=SEED,
                                    nr_data_blocks=NR_DATA)
-    meta = oracles.restore(poolgen.to_xml(pool), tmp_path / "pool.meta", tools11, META_BLOCKS)
-    data = tmp_path / "pool.data"
+    meta = oracles.restore(poolgen.to_xml(pool), shm_path / "pool.meta", tools11, META_BLOCKS)
+    data = shm_path / "pool.data"
     with open(data, "wb") as f:
         f.truncate(NR_DATA * BS)
     return meta, data

@@ -281,6 +281,12 @@ def test_agent_round_trip(dm_vm: Machine) -> None:
     script = "x='it''s'\n" + "\n".join(f"echo line{i} \"$x\" é" for i in range(300))
     out = dm_vm.sh(script).splitlines()
     assert len(out) == 300 and out[-1] == "line299 its é"
+    # A script over 1 KiB (~7 KB: read by dd, not line by line) arrives byte for byte; the
+    # next frame too.
+    body = "".join(f"{i:05d} {'ab' * (i % 40)} \\ $x `q` 'é'\n" for i in range(150))
+    got = dm_vm.sh(f"cat > /tmp/b <<'EOF'\n{body}EOF\nsha256sum < /tmp/b").split()[0]
+    assert got == hashlib.sha256(body.encode()).hexdigest()
+    assert dm_vm.sh("echo small") == "small\n"
     with pytest.raises(GuestCommandError) as ei:
         dm_vm.run("echo boom >&2; false", check=True)
     assert b"boom" in ei.value.result.stderr
@@ -468,8 +474,7 @@ def test_no_orphan_qemu_when_python_is_killed(tmp_path: Path) -> None:
         [sys.executable, "-c", textwrap.dedent("""\
             import sys, time
             from dmimage.guest.kernels import kernel_by_name
-            from dmimage.guest.kernels import Kernel
-from dmimage.guest.machine import Machine
+            from dmimage.guest.machine import Machine
             vm = Machine(kernel_by_name("deb12")).start()
             print(vm.pid, vm.rundir, flush=True)
             time.sleep(600)
@@ -557,8 +562,7 @@ def test_two_processes_create_the_state_at_once(tmp_path: Path,
     env = {**os.environ, "DMIMAGE_VM_STATE_DIR": str(state_dir)}
     code = textwrap.dedent("""\
         from dmimage.guest.kernels import kernel_by_name
-        from dmimage.guest.kernels import Kernel
-from dmimage.guest.machine import Machine
+        from dmimage.guest.machine import Machine
         with Machine(kernel_by_name("deb12")) as vm:
             print(vm.start_kind, vm.sh("echo up").strip(), flush=True)
         """)

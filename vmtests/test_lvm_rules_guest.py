@@ -16,14 +16,13 @@
 
 from __future__ import annotations
 
-import base64
+import contextlib
 import dataclasses
-import io
 import json
 import os
 import re
 import shutil
-import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ import pytest
 from dmimage.guest.lvm2 import LvmMachine
 from dmimage.guest.pytest_plugin import unavailable
 from vmtests.guest_cli import ROOT, compile_checkout, dmimage_command
-from vmtests.test_lvm_guest import FIELDS, _dmimage, _kernels
+from vmtests.test_lvm_guest import FIELDS, _dmimage, _kernels, _put_texts
 
 pytestmark = [pytest.mark.vm, pytest.mark.vm_one_kernel]  # lvm2 is the oracle (conftest.py)
 
@@ -54,6 +53,44 @@ def _boot(name: str, *, share: bool = False) -> LvmMachine:
         unavailable(str(exc))
     vm.lvm_setup()
     return vm
+
+
+@pytest.fixture(scope="module")
+def lvm_guests() -> Iterator[dict[str, LvmMachine]]:
+    """The lvm2 guests this module's tests share, by kernel name (see :func:`_guest`)."""
+    guests: dict[str, LvmMachine] = {}
+    try:
+        yield guests
+    finally:
+        for vm in guests.values():
+            vm.close()
+
+
+@contextlib.contextmanager
+def _guest(guests: dict[str, LvmMachine], kernel: str) -> Iterator[LvmMachine]:
+    """This module's lvm2 guest for *kernel*, started on first use and handed from test to test
+    (a restore and a close cost ~1 CPU-s a test). A test that passes leaves it as it found it
+    (no device-mapper device, no disk attached: checked here); one that fails closes it, and
+    the next test starts a fresh one."""
+    vm = guests.pop(kernel, None)
+    if vm is None or not vm.alive:
+        if vm is not None:
+            vm.close()
+        vm = _boot(kernel)
+    clean = False
+    try:
+        yield vm
+        vm.sh("dmsetup remove_all", timeout=120)
+        for d in vm.disks:
+            vm.detach(d)
+        left = vm.sh("dmsetup ls")
+        clean = left.strip() == "No devices found" and not vm.disks
+        assert clean, f"the shared guest is not clean after the test: {left!r}"
+    finally:
+        if clean:
+            guests[kernel] = vm
+        else:
+            vm.close()
 
 
 def _sparse(path: Path, size: int) -> str:
@@ -84,15 +121,15 @@ def _json_reports(text: str) -> list[dict[str, Any]]:
 
 
 @pytest.mark.parametrize("kernel", _kernels())
-def test_thin_pool_sizes_match_lvm2(tmp_path: Path, kernel: str) -> None:
+def test_thin_pool_sizes_match_lvm2(tmp_path: Path, kernel: str,
+                                    lvm_guests: dict[str, LvmMachine]) -> None:
     from dmimage.lvm.sizing import thin_pool_sizes
 
     from test_lvm_sizing import parse_case
 
     table = json.loads((FIXTURES / "thin_pool_sizes.json").read_text())["cases"]
     img = _sparse(tmp_path / "big.img", 2 << 40)
-    vm = _boot(kernel)
-    try:
+    with _guest(lvm_guests, kernel) as vm:
         dev = vm.attach(img, read_only=False).guest_path
         # Every case's commands (the recorded vgcreate, lvcreate and lvs, then vgremove) in
         # one lvm shell (`lvm` reading commands from stdin): one start of lvm2 for the table
@@ -131,8 +168,6 @@ def test_thin_pool_sizes_match_lvm2(tmp_path: Path, kernel: str) -> None:
                                                int(got["[lvol0_pmspare]"]["lv_size"]),
                                                int(got["pool"]["chunk_size"])), lvcreate
         assert "vgs" not in vm.sh("vgs --noheadings -o vg_name"), "the last vgremove failed"
-    finally:
-        vm.close()
 
 
 # -- lv_attr of other segment types ----------------------------------------------------------
@@ -193,11 +228,11 @@ def _lvm_shell(vm: LvmMachine, commands: list[str], *, timeout: float
 
 
 @pytest.mark.parametrize("kernel", _kernels())
-def test_lv_attr_of_other_segment_types(tmp_path: Path, kernel: str) -> None:
+def test_lv_attr_of_other_segment_types(tmp_path: Path, kernel: str,
+                                        lvm_guests: dict[str, LvmMachine]) -> None:
     fields = FIELDS.replace(",lv_uuid", "")
     disks = [_sparse(tmp_path / f"d{i}.img", 256 * MiB) for i in range(4)]
-    vm = _boot(kernel)
-    try:
+    with _guest(lvm_guests, kernel) as vm:
         att = [vm.attach(d, read_only=False) for d in disks]
         devs = " ".join(a.guest_path for a in att)
         vm.sh(f"pvcreate -y {devs} && vgcreate -s 1m vga {devs}", timeout=180)
@@ -210,8 +245,6 @@ def test_lv_attr_of_other_segment_types(tmp_path: Path, kernel: str) -> None:
         backup = vm.sh("vgcfgbackup -f /tmp/v.txt vga >/dev/null && cat /tmp/v.txt")
         for a in att:
             vm.detach(a)
-    finally:
-        vm.close()
     made = {str(c["cmd"]).split(" -n ")[-1].split()[0] for c in ran if c["rc"] == 0}
     # the kinds this test is about were all created (the guest has their targets)
     assert {"r1", "r5", "r0", "r10", "mir", "mird", "corig", "worig", "cvorig", "oldsnap",
@@ -292,26 +325,12 @@ def _case_text(base: str, case: TidCase, sb_tid: int) -> str:
     return format_section(vg.to_tree())
 
 
-def _put_texts(vm: LvmMachine, texts: dict[str, str], dest: str) -> None:
-    """Write *texts* as ``dest/NAME`` in the guest, shipped as one gzip'd tar: the agent reads
-    a script byte by byte (~0.05 guest CPU-s per KiB under TCG), and the texts are alike."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=9) as tar:
-        for name, text in texts.items():
-            data = text.encode()
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    vm.sh(f"mkdir -p {dest} && base64 -d <<'DMIMAGE_EOF' | tar -xzf - -C {dest}\n"
-          + base64.encodebytes(buf.getvalue()).decode() + "DMIMAGE_EOF")
-
-
 @pytest.mark.parametrize("kernel", _kernels())
-def test_transaction_id_rule_matches_lvm2_activation(tmp_path: Path, kernel: str) -> None:
+def test_transaction_id_rule_matches_lvm2_activation(tmp_path: Path, kernel: str,
+                                                     lvm_guests: dict[str, LvmMachine]) -> None:
     img = _sparse(tmp_path / "pv.img", 64 * MiB)
     pristine = tmp_path / "pristine.img"
-    vm = _boot(kernel)
-    try:
+    with _guest(lvm_guests, kernel) as vm:
         dev = vm.attach(img, read_only=False).guest_path
         vm.sh(f"pvcreate -y {dev} && vgcreate -s 1m vgt {dev} && "
               "lvcreate -y --type thin-pool -L 16m -n pool vgt && "
@@ -345,8 +364,6 @@ def test_transaction_id_rule_matches_lvm2_activation(tmp_path: Path, kernel: str
             print(f"[{kernel}] {case.name}: lvm2 {'accepts' if accepted else 'refuses'} "
                   f"({r.stderr.decode().strip()[-160:]!r}); dmimage lvm check exit {rc}: "
                   f"{err.strip()!r}")
-    finally:
-        vm.close()
     for name, accepted, rc, err in verdicts:
         case = next(c for c in TID_CASES if c.name == name)
         assert accepted == case.lvm2_accepts, (name, "lvm2 did not do what its source says")
@@ -399,8 +416,12 @@ def test_live_vg_refuses_lvm_writers(tmp_path: Path, kernel: str) -> None:
 # -- built image with linear LVs --------------------------------------------------------------
 
 @pytest.mark.parametrize("kernel", _kernels())
-def test_built_linear_lvs_activate(tmp_path: Path, kernel: str) -> None:
+def test_built_linear_lvs_activate(tmp_path: Path, kernel: str,
+                                   lvm_guests: dict[str, LvmMachine]) -> None:
     from dmimage.image import build, load_spec
+    from vmtests.test_lvm_guest import preload_build_imports
+
+    preload_build_imports()
 
     from test_build_lvm import SPEC, write_inputs
 
@@ -411,8 +432,7 @@ def test_built_linear_lvs_activate(tmp_path: Path, kernel: str) -> None:
     m = build(load_spec(tmp_path / "s.toml"), tmp_path / "out").manifest
     img = str(tmp_path / "out" / "lv.img")
     assert {lv["name"] for lv in m["linear"]} == {"lin", "blank"}
-    vm = _boot(kernel)
-    try:
+    with _guest(lvm_guests, kernel) as vm:
         d = vm.attach(img, read_only=False)
         vm.sh(f"test -b {d.guest_path}1 && vgck vgb", timeout=180)
         vm.sh("vgchange -ay vgb", timeout=180)
@@ -428,8 +448,6 @@ def test_built_linear_lvs_activate(tmp_path: Path, kernel: str) -> None:
         want = vm.sha256_of("/dev/mapper/vgb-lin")
         vm.sh("vgchange -an vgb", timeout=180)
         vm.detach(d)
-    finally:
-        vm.close()
     from vmtests.test_lvm_guest import _host_hash
 
     assert _host_hash([img], "lin", tmp_path, "vgb") == want

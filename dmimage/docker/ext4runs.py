@@ -113,8 +113,13 @@ class Ext4Files:
             if len(data) != (b - a) * self.bs:
                 raise OSError("the filesystem ends inside an inode table")
             buf[a * self.bs:b * self.bs] = np.frombuffer(data, np.uint8)
-        pos = where.reshape(-1) * self.bs + offs % self.bs
-        rows: np.ndarray = buf[pos[:, None] + np.arange(INODE_BYTES)]
+        # inodes lie at multiples of the inode size within a block (a power of two from 128,
+        # dividing it): the buffer by inode slots, one row gathered per file (an index
+        # matrix of INODE_BYTES per file would be 8 MB of fresh pages at 9,000 files)
+        if self.bs % self.isz or self.isz < INODE_BYTES:
+            raise ValueError(f"inode size {self.isz}: not a slot of a {self.bs}-byte block")
+        slot = (where.reshape(-1) * self.bs + offs % self.bs) // self.isz
+        rows: np.ndarray = buf.reshape(-1, self.isz)[slot, :INODE_BYTES]
         return rows
 
     def contents(self, rels: list[bytes]) -> Contents:
@@ -127,8 +132,15 @@ class Ext4Files:
         start_c = np.zeros(n, np.int64)
         len_c = np.zeros(n, np.int64)
         rest: dict[int, tuple[int, Runs]] = {}
-        inode_of = self.inode_of
-        inums = [inode_of(r) for r in rels]
+        inums: list[int | None] = []
+        last = None
+        listing: dict[bytes, int] | None = None
+        for r in rels:  # a tar names a directory's files together: its listing looked up once
+            parent, _, base = r.rpartition(b"/")
+            if parent != last:
+                listing = self._listing(parent)
+                last = parent
+            inums.append(None if listing is None else listing.get(base))
         if None in inums:
             found = [k for k, i in enumerate(inums) if i is not None]
             if not found:
@@ -225,6 +237,18 @@ class Contents(Sequence[tuple[int, Runs] | None]):
         if self.single[k]:
             return int(self.size[k]), [(int(self.start[k]), int(self.length[k]))]
         return self.rest.get(k)
+
+
+def rel_paths(names: list[bytes]) -> list[bytes]:
+    """:func:`rel_path` of each name; *names* itself when every name is plain (the usual
+    case, checked on all of them at once)."""
+    sep = b"\n"
+    joined = sep.join(names)
+    if names and joined.count(sep) == len(names) - 1 and names[0][:1] not in (b"", b"/", b".") \
+            and names[-1][-1:] not in (b"", b"/") and not any(
+                bad in joined for bad in (b"//", b"/.", b"\n.", b"\n/", b"/\n", b"\n\n")):
+        return names
+    return [rel_path(n) for n in names]
 
 
 def rel_path(name: bytes) -> bytes:

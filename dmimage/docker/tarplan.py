@@ -19,7 +19,7 @@ import numpy as np
 from dissect.util.stream import RunlistStream
 
 from dmimage.docker.errors import StoreError
-from dmimage.docker.ext4runs import Contents, Ext4Files, Runs, rel_path
+from dmimage.docker.ext4runs import Contents, Ext4Files, Runs, rel_paths
 from dmimage.docker.tarsplit import Layout
 from dmimage.docker.thinfile import ThinFile
 from dmimage.errors import DeviceError
@@ -68,7 +68,7 @@ def plan_layer(layout: Layout, thin: ThinFile, lookup: Callable[[str], Any],
     got: Contents | None = None
     if ext4 is not None and n:
         try:
-            got = ext4.contents([rel_path(name) for name in names])
+            got = ext4.contents(rel_paths(names))
         except Exception:  # damaged tables, or a dissect.extfs whose internals moved:
             got = None  # each file through the reader on its own
     if got is not None:
@@ -108,7 +108,7 @@ def plan_layer(layout: Layout, thin: ThinFile, lookup: Callable[[str], Any],
     except DeviceError as exc:
         raise StoreError(where, f"device {device_id}: {exc}") from None
     lit_pieces: list[Piece] = [(len(b), b) for b in lits]
-    size = sum(sizes) + sum(p[0] for p in lit_pieces)
+    size = sum(sizes) + sum(map(len, lits))
     if not other and which.size == n and bool((srcs >= 0).all()):
         # every file one range of the data file: literal, file, literal, ..., literal
         pieces: list[Piece] = [lit_pieces[0]] * (2 * n + 1)

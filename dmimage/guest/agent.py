@@ -2,7 +2,8 @@
 
 Frames (one per line; the guest's tty is raw, so only ``\n`` is special):
 
-- host → guest: ``@@C <id> <timeout_s> <nlines>`` then the script's *nlines* lines, verbatim
+- host → guest: ``@@C <id> <timeout_s> <nlines> <nbytes>`` then the script's *nlines* lines,
+  verbatim (*nbytes* in all)
 - guest → host: ``@@R <id> <rc> <timed_out> <len_out> <len_err> <b64 stdout> <b64 stderr>``
   (an empty output is an empty field)
 - guest → host: ``@@READY <uptime>`` once when the agent starts
@@ -165,7 +166,8 @@ class AgentChannel:
         if len(lines) > 1 and not lines[-1]:
             del lines[-1]  # the guest ends every line with a newline
         tmo = max(1, math.ceil(timeout)) if timeout and timeout > 0 else 0
-        frame = b"@@C %d %d %d\n" % (cid, tmo, len(lines)) + b"".join(ln + b"\n" for ln in lines)
+        body = b"".join(ln + b"\n" for ln in lines)
+        frame = b"@@C %d %d %d %d\n" % (cid, tmo, len(lines), len(body)) + body
         start = time.monotonic()
         host_deadline = start + (tmo if tmo else 24 * 3600) + self.host_grace
         if host_timeout is not None:

@@ -13,12 +13,14 @@ Order of work (nothing appears under a final name until everything is done):
    the transaction id. Content that does not fit is a spec error naming the blocks it needs.
    For gpt the metadata file is a work file (its commits flush nothing: step 4 orders the
    image's writes); otherwise every commit flushes the data before the superblock;
-3. self-check, on a thread beside steps 4 and 5: every thin is exported offline and compared,
-   byte for byte while streaming, with the content it was built from (whose sha256 the pass
-   computed);
-4. gpt: the data partition is flushed while the image's sha256 is computed (the metadata
-   file standing in for its partition), then the metadata is copied into its partition,
-   flushed and compared with the file;
+3. self-check, on a thread beside step 4 (and 5 for files and lvm): every thin is exported
+   offline and compared, byte for byte while streaming, with the content it was built from
+   (whose sha256 the pass computed); gpt: the export reads the data partition back from the
+   disk (its data was written with O_DIRECT) through :mod:`dmimage.image.readback`, which
+   also feeds that one read to the image's sha256 (the metadata file standing in for its
+   partition);
+4. gpt: the image is flushed, then the metadata is copied into its partition, flushed and
+   compared with the file;
 5. output: the files' sha256 (files layout), one table per device, activate.sh /
    deactivate.sh and manifest.json, renamed from ``OUTDIR/.tmp-*`` into OUTDIR at the end
    (manifest last), once the self-check has passed.
@@ -47,6 +49,7 @@ from dmimage.errors import DmimageError, OutputTooSmallError
 from dmimage.format.constants import SECTOR_SIZE
 from dmimage.image.fill import Content as _Content
 from dmimage.image.fill import fill_volume, read_into
+from dmimage.image.readback import ReadBack
 from dmimage.image.spec import Ext4Content, RawContent, Spec, SpecError, Volume, human
 from dmimage.image.writeback import every
 from dmimage.pdata.cow import OutOfSpaceError
@@ -220,7 +223,7 @@ class _DataDevice:
             pass
 
 
-def _self_check(pool: Pool, data: _DataDevice, plans: list[_Plan],
+def _self_check(pool: Pool, data: _DataDevice | ReadBack, plans: list[_Plan],
                 cancel: threading.Event) -> None:
     """Every thin exported offline equals its content, byte for byte (BuildError if not)."""
     from dmimage.thin.export import export_thin
@@ -304,8 +307,8 @@ def build(spec: Spec, outdir: str | os.PathLike[str], *, progress: Progress | No
     t0 = time.monotonic()
     ok = False
     cancel = threading.Event()
-    checking: Future[None] | None = None
-    data: _DataDevice | None = None
+    checking: Future[Any] | None = None
+    data: _DataDevice | ReadBack | None = None
     pool: Pool | None = None
     try:
         pool_spec = spec.pool
@@ -353,12 +356,25 @@ def build(spec: Spec, outdir: str | os.PathLike[str], *, progress: Progress | No
         data_used = pool.data_space_map().nr_allocated
         meta_used = pool.metadata_space_map().nr_allocated
         devices = [(p.volume, p, details[p.volume.id].mapped_blocks, p.sha256) for p in plans]
-        data = _DataDevice(target.path, target.start, pool_spec.data_size)
         checker = ThreadPoolExecutor(1, thread_name_prefix="self-check")
-        checking = checker.submit(_self_check, pool, data, plans, cancel)
-        checker.shutdown(wait=False)
-        # 4. gpt: the data flushed, then the metadata into its partition ----------------------
-        image_sha = _finish_image(meta_tmp, target) if target.image is not None else ""
+        image_sha = ""
+        if target.image is not None:
+            # 3+4. gpt: the self-check's export and the image's sha256 share one read of the
+            # data partition (written with O_DIRECT: not in the page cache); meanwhile the
+            # data is flushed, then the metadata goes into its partition
+            h = hashlib.sha256()
+            data = _image_read_back(h, meta_tmp, target)
+            checking = checker.submit(_self_check_and_hash, pool, data, plans, cancel, h,
+                                      target)
+            checker.shutdown(wait=False)
+            _finish_image(meta_tmp, target)
+            t_out = time.monotonic()
+            image_sha = checking.result()
+            timings["verify"] = time.monotonic() - t_out  # the wait after step 4
+        else:
+            data = _DataDevice(target.path, target.start, pool_spec.data_size)
+            checking = checker.submit(_self_check, pool, data, plans, cancel)
+            checker.shutdown(wait=False)
         # 5. outputs ---------------------------------------------------------------------
         linear = [(lv, contents[lv.name], _sha_of(contents[lv.name], lv.size))
                   for lv in spec.linear]
@@ -366,7 +382,7 @@ def build(spec: Spec, outdir: str | os.PathLike[str], *, progress: Progress | No
                             linear, image_sha)
         t_out = time.monotonic()
         checking.result()
-        timings["verify"] = time.monotonic() - t_out  # the self-check's wait after step 5
+        timings["verify"] = timings.get("verify", 0.0) + time.monotonic() - t_out
         finals = manifest["_files"]
         del manifest["_files"]
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -412,25 +428,39 @@ def _too_small(spec: Spec, contents: dict[str, _Content], own: dict[str, bool],
     return SpecError("pool.metadata_size", f"{human(ps.metadata_size)} is too small: {exc}")
 
 
-def _finish_image(meta_tmp: Path, target: _DataTarget) -> str:
-    """The data partition flushed (on a thread), then the metadata copied into its
-    partition and flushed: the image's superblock reaches the disk after its data. While the
-    data is flushed, the image's sha256 is computed from the bytes it will hold: its own, with
-    the metadata file in place of the metadata partition, which is compared with the file once
-    copied (so the hash is the final image's). Returns that sha256."""
+def _image_read_back(h: Any, meta_tmp: Path, target: _DataTarget) -> ReadBack:
+    """``h`` fed the image's bytes before its data partition (the metadata file in place of
+    the metadata partition, compared with it once copied: the hash is the final image's);
+    the data partition's read-back, which feeds ``h`` the partition as the self-check reads
+    it (:mod:`dmimage.image.readback`)."""
     layout = target.image
-    with ThreadPoolExecutor(1, thread_name_prefix="flush") as ex:
-        flushed = ex.submit(_fsync_path, target.path)
-        end = layout.meta_start + layout.meta_size
-        sha = _sha_of_parts([(target.path, 0, layout.meta_start),
-                             (meta_tmp, 0, layout.meta_size),
-                             (target.path, end, layout.disk_bytes - end)])
-        flushed.result()
+    meta_end = layout.meta_start + layout.meta_size
+    _hash_parts(h, [(target.path, 0, layout.meta_start), (meta_tmp, 0, layout.meta_size),
+                    (target.path, meta_end, layout.data_start - meta_end)])
+    return ReadBack(target.path, layout.data_start, layout.data_size, h.update)
+
+
+def _self_check_and_hash(pool: Pool, data: ReadBack, plans: list[_Plan],
+                         cancel: threading.Event, h: Any, target: _DataTarget) -> str:
+    """The self-check through the read-back, then the rest of the data partition and the
+    image's end fed to ``h``; returns the image's sha256."""
+    _self_check(pool, data, plans, cancel)
+    data.finish()
+    layout = target.image
+    data_end = layout.data_start + layout.data_size
+    _hash_parts(h, [(target.path, data_end, layout.disk_bytes - data_end)])
+    return cast(str, h.hexdigest())
+
+
+def _finish_image(meta_tmp: Path, target: _DataTarget) -> None:
+    """The data partition flushed, then the metadata copied into its partition and
+    flushed: the image's superblock reaches the disk after its data."""
+    layout = target.image
+    _fsync_path(target.path)
     _copy_metadata(meta_tmp, target)
     if not _same_bytes(target.path, layout.meta_start, meta_tmp, 0, layout.meta_size):
         raise BuildError(f"self-check: the metadata partition of {target.path.name} differs "
                          "from the metadata written")
-    return sha
 
 
 def _fsync_path(path: Path) -> None:
@@ -477,8 +507,9 @@ def _fill_pool(spec: Spec, contents: dict[str, _Content], own: dict[str, bool],
     progress = every(kick, progress)
     with contextlib.ExitStack() as stack:
         stack.callback(os.close, kick)
+        gpt = target.image is not None
         wp = stack.enter_context(open_writable(meta_tmp, target.path, data_offset=target.start,
-                                               scratch=target.image is not None))
+                                               scratch=gpt, direct=gpt))
         for v in spec.volumes:
             vc = contents[v.name]
             if v.origin is None:
@@ -645,12 +676,18 @@ def _file_sha(path: Path) -> str:
 
 
 def _sha_of_parts(parts: list[tuple[Path, int, int]]) -> str:
-    """sha256 of the bytes [offset, offset+length) of each (file, offset, length) in turn.
+    """sha256 of the bytes [offset, offset+length) of each (file, offset, length) in turn."""
+    h = hashlib.sha256()
+    _hash_parts(h, parts)
+    return h.hexdigest()
+
+
+def _hash_parts(h: Any, parts: list[tuple[Path, int, int]]) -> None:
+    """Feed ``h`` the bytes [offset, offset+length) of each (file, offset, length) in turn.
     Holes are hashed as zeros without being read; data is hashed from a read-only mapping of
     the file (no copy into a buffer first)."""
     from dmimage.image.sparse import data_ranges
 
-    h = hashlib.sha256()
     zero = memoryview(bytes(1 << 20))
     step = 16 << 20
 
@@ -680,7 +717,6 @@ def _sha_of_parts(parts: list[tuple[Path, int, int]]) -> str:
             zeros(start + length - pos)
         finally:
             os.close(fd)
-    return h.hexdigest()
 
 
 def _same_bytes(a: Path, a_off: int, b: Path, b_off: int, length: int) -> bool:

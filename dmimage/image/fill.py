@@ -18,6 +18,7 @@ lies in one buffer; two buffers alternate so the hash of one overlaps the reads 
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -82,6 +83,12 @@ class Hasher:
         self._pool.shutdown(wait=True)
 
 
+def _page_aligned(n: int) -> np.ndarray:
+    """A byte buffer whose every block starts on a page (an anonymous mapping): the pool
+    can hand its whole blocks to ``O_DIRECT`` writes (see ``WritablePool(direct=True)``)."""
+    return np.frombuffer(mmap.mmap(-1, n), np.uint8)
+
+
 def read_into(fd: int | None, length: int, off: int, out: np.ndarray) -> None:
     """``out`` = the content's bytes from ``off`` (zeros past ``length`` or with no file)."""
     n = max(0, min(len(out), length - off)) if fd is not None else 0
@@ -128,8 +135,8 @@ class _Pass:
         self.end = end = min(size, content.length)
         self.whole_end = end // bs  # blocks before it are written as whole blocks
         cap = self.step + self.chunk
-        first = np.empty(cap * bs, np.uint8)
-        self.bufs = [first, np.empty(cap * bs, np.uint8)
+        first = _page_aligned(cap * bs)
+        self.bufs = [first, _page_aligned(cap * bs)
                      if cap * bs <= DOUBLE_BUFFER_MAX else first]
         self.cur = 0
         self.buf_first = 0  # virtual block at the start of the current buffer

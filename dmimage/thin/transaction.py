@@ -14,6 +14,7 @@ use at the last commit, as the kernel's space maps do.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 from dataclasses import replace
@@ -102,6 +103,17 @@ BlockWrite = Callable[[int, bytes], None]
 
 #: Bytes of an input file mapped per step of :meth:`WritablePool.write_file`.
 FILE_STEP = 64 << 20
+#: Alignment of an ``O_DIRECT`` write's memory, offset and length (a page: enough for any
+#: logical block size up to 4 KiB).
+DIRECT_ALIGN = 4096
+
+
+def _open_direct(path: str | os.PathLike[str]) -> int | None:
+    """``path`` opened for ``O_DIRECT`` writes, or None where that is refused (tmpfs)."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT)
+    except (OSError, AttributeError):
+        return None
 
 
 def _copy_range(src: int, src_off: int, dst: int, dst_off: int, n: int) -> None:
@@ -138,12 +150,16 @@ class WritablePool:
     def __init__(self, metadata: str | os.PathLike[str],
                  data: str | os.PathLike[str] | None = None, *,
                  fd: int | None = None, reader: BlockReader | None = None,
-                 data_offset: int = 0, scratch: bool = False):
+                 data_offset: int = 0, scratch: bool = False, direct: bool = False):
         """``fd`` (opened read-write) and ``reader`` reuse what the caller already opened of
         ``metadata``; both are left open. ``data_offset``: the byte of ``data`` where the data
         device starts (a partition inside a disk image that a build writes directly).
         ``scratch``: ``metadata`` is a work file the caller copies elsewhere once the data is
-        flushed (a build's image): commits write in the same order but flush nothing."""
+        flushed (a build's image): commits write in the same order but flush nothing.
+        ``direct``: whole blocks written into new data blocks from page-aligned memory go
+        through a second descriptor opened with ``O_DIRECT`` (a build writes gigabytes that
+        would otherwise be copied into the page cache, then flushed; where the file system
+        refuses ``O_DIRECT``, or a write is not aligned, they go the ordinary way)."""
         self.path = os.fspath(metadata)
         self._fd = -1
         self._own_fd = fd is None
@@ -155,6 +171,7 @@ class WritablePool:
             self._locks.release()
             raise DeviceError(f"{self.path}: {exc.strerror}") from None
         self._data_fd: int | None = None
+        self._direct_fd: int | None = None
         self._data_base = data_offset
         self._scratch = scratch
         self._pool: Pool | None = None
@@ -164,6 +181,8 @@ class WritablePool:
                     self._data_fd = os.open(data, os.O_RDWR | os.O_CLOEXEC)
                 except OSError as exc:
                     raise DeviceError(f"{os.fspath(data)}: {exc.strerror}") from None
+                if direct:
+                    self._direct_fd = _open_direct(data)
             self._load()
         except BaseException:
             self.close()
@@ -461,10 +480,30 @@ class WritablePool:
         fd = self._need_data()
 
         def put(i: int, k: int, dst: int) -> None:
-            pwrite_all(fd, [data[i * bs : (i + k) * bs]], dst)
+            piece = data[i * bs : (i + k) * bs]
+            done = self._write_direct(piece, dst)
+            if done < len(piece):
+                pwrite_all(fd, [piece[done:]], dst + done)
 
         return self._map_whole_blocks(dev, root, vfirst, len(data) // bs,
                                       lambda i: data[i * bs : (i + 1) * bs], put)
+
+    def _write_direct(self, piece: memoryview, dst: int) -> int:
+        """Write ``piece`` at ``dst`` through the ``O_DIRECT`` descriptor if there is one and
+        the piece is aligned for it; return the bytes written (0: none, write it buffered).
+        The first refusal (EINVAL) closes the descriptor: every later write goes buffered."""
+        fd = self._direct_fd
+        if (fd is None or dst % DIRECT_ALIGN or len(piece) % DIRECT_ALIGN
+                or np.frombuffer(piece, np.uint8).ctypes.data % DIRECT_ALIGN):
+            return 0
+        try:
+            return os.pwritev(fd, [piece], dst)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise DeviceError(f"write at byte {dst} failed: {exc.strerror}") from None
+            self._direct_fd = None
+            os.close(fd)
+            return 0
 
     def write_file(self, dev: int, offset: int, src_fd: int, src_offset: int, length: int,
                    progress: Callable[[int], None] | None = None) -> None:
@@ -734,11 +773,11 @@ class WritablePool:
             if self._shared_reader is None:
                 self._pool.close()
             self._pool = None
-        for fd in (self._fd if self._own_fd else None, self._data_fd):
+        for fd in (self._fd if self._own_fd else None, self._data_fd, self._direct_fd):
             if fd is not None and fd >= 0:
                 os.close(fd)
         self._fd = -1
-        self._data_fd = None
+        self._data_fd = self._direct_fd = None
         self._locks.release()
 
     def __enter__(self) -> WritablePool:
@@ -751,9 +790,11 @@ class WritablePool:
 
 def open_writable(metadata: str | os.PathLike[str],
                   data: str | os.PathLike[str] | None = None, *,
-                  data_offset: int = 0, scratch: bool = False) -> WritablePool:
+                  data_offset: int = 0, scratch: bool = False,
+                  direct: bool = False) -> WritablePool:
     """Open a pool for offline edits (see :class:`WritablePool`)."""
-    return WritablePool(metadata, data, data_offset=data_offset, scratch=scratch)
+    return WritablePool(metadata, data, data_offset=data_offset, scratch=scratch,
+                        direct=direct)
 
 
 __all__ = ["WritablePool", "open_writable", "PoolStateError", "Details", "replace",
