@@ -253,17 +253,28 @@ class Machine:
     from launching QEMU to the agent's first answer.
     """
 
+    #: Hot-plugged disks are scratch files (a test suite's images): the guest's flushes
+    #: complete without an fdatasync of the host file (QEMU's ``cache.no-flush``), which only a
+    #: host crash could tell apart. Off by default: a disk the user gives (``dmimage vm run
+    #: --disk``) gets every flush its guest asks for, in order; the VM suite turns it on
+    #: (vmtests/conftest.py). ``Machine(scratch_disks=...)`` sets it for one machine.
+    scratch_disks: bool = False
+
     def __init__(self, kernel: Kernel, *, memory_mb: int = 256, cpus: int = 1,
                  accel: str | None = None, boot_timeout: float = 180.0,
                  cmdline_extra: str = "", keep_logs: bool | None = None,
                  qemu: str | None = None,
                  host_share: str | os.PathLike[str] | None = None,
-                 saved_state: bool | None = None) -> None:
+                 saved_state: bool | None = None,
+                 scratch_disks: bool | None = None) -> None:
         """``host_share``: a host directory the guest may mount read-only over virtio-9p
         (:meth:`mount_host_share`); None (the default) adds neither the device nor modules.
         ``saved_state``: start from (or create) the cached saved state of this configuration;
-        default on unless ``DMIMAGE_VM_SNAPSHOT=0``."""
+        default on unless ``DMIMAGE_VM_SNAPSHOT=0``. ``scratch_disks``: see the class
+        attribute (None: its value)."""
         self.kernel = kernel
+        if scratch_disks is not None:
+            self.scratch_disks = scratch_disks
         self.host_share = os.fspath(host_share) if host_share is not None else None
         self.memory_mb = memory_mb
         self.cpus = cpus
@@ -856,12 +867,13 @@ class Machine:
         if len(serial) > 20:
             raise HotplugError(f"serial {serial!r} longer than virtio-blk's 20 bytes")
         node, dev = f"dmimage-node{n}", f"dmimage-disk{n}"
-        # ``no-flush``: a guest flush (every fsync, every pool commit) would otherwise be an
-        # fdatasync of the host file, i.e. a disk round trip and journal work on the host. The
-        # guest's kernel still issues its flushes and sees them complete; what it wrote is in
-        # the host's page cache at once, where every host-side reader finds it. Only a host
-        # crash could lose it, and these files are scratch test images.
-        cache = {"direct": False, "no-flush": True}
+        # ``no-flush`` (scratch disks only): a guest flush (every fsync, every pool commit)
+        # would otherwise be an fdatasync of the host file, i.e. a disk round trip and journal
+        # work on the host. The guest's kernel still issues its flushes and sees them complete;
+        # what it wrote is in the host's page cache at once, where every host-side reader finds
+        # it. Only a host crash could lose it: fine for a test's scratch image, not for a
+        # user's disk, whose pool commits rely on the flush ordering data before superblock.
+        cache = {"direct": False, "no-flush": self.scratch_disks}
         self.qmp("blockdev-add", {"driver": "raw", "node-name": node, "read-only": read_only,
                                   "cache": cache,
                                   "file": {"driver": "file", "filename": str(host),
