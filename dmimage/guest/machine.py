@@ -56,13 +56,16 @@ from .errors import (
 from .kernels import Kernel, boot_image, qemu_binary
 
 #: Kernel command line. loglevel=5 keeps the console quiet but shows warnings and worse.
-#: ``norandmaps``: TCG keys a translated block by its virtual address, so with address-space
-#: randomisation every process start translates ld.so and its libraries afresh; at fixed
-#: addresses one translation serves every process (100 ``dmsetup version`` runs: 7.6 -> 2.0
-#: QEMU CPU-s). ``mitigations=off``: retpolines and RSB filling cost TCG another ~15% on
-#: process-heavy work. Neither changes a device-mapper code path; this is a throwaway guest.
 BASE_CMDLINE = ("console=ttyS0 loglevel=5 panic=-1 rdinit=/init edd=off "
-                "i8042.noaux i8042.nomux i8042.nopnp norandmaps mitigations=off")
+                "i8042.noaux i8042.nomux i8042.nopnp")
+#: Added under TCG only. ``norandmaps``: TCG keys a translated block by its virtual address,
+#: so with address-space randomisation every process start translates ld.so and its
+#: libraries afresh; at fixed addresses one translation serves every process (100 ``dmsetup
+#: version`` runs: 7.6 -> 2.0 QEMU CPU-s). ``mitigations=off``: retpolines and RSB filling
+#: cost TCG another ~15% on process-heavy work. Neither changes a device-mapper code path.
+#: Under KVM neither saves anything, so a KVM guest keeps the kernel's defaults (ASLR and
+#: its mitigations on) for whatever ``dmimage vm run`` runs in it.
+TCG_CMDLINE = "norandmaps mitigations=off"
 
 #: The CPU model under TCG: everything QEMU emulates except ERMS ("enhanced rep movsb"). With
 #: ERMS the guest kernel copies and clears memory with ``rep movsb``/``stosb``, which TCG runs
@@ -311,7 +314,8 @@ class Machine:
     def command_line(self, initrd: Path, kernel_image: Path, accel: str) -> list[str]:
         assert self.rundir is not None and self.console_log is not None
         cpu = "host" if accel == "kvm" else TCG_CPU
-        cmdline = BASE_CMDLINE + (" " + self.cmdline_extra if self.cmdline_extra else "")
+        cmdline = BASE_CMDLINE + ("" if accel == "kvm" else " " + TCG_CMDLINE) \
+            + (" " + self.cmdline_extra if self.cmdline_extra else "")
         return [
             self.qemu or "qemu-system-x86_64",
             "-name", f"dmimage-{self.kernel.name}",

@@ -1,8 +1,8 @@
-"""Machine.attach's cache mode (no VM: QMP and the agent recorded). A disk the user gives
-(``dmimage vm run --disk``, ``vm verify``, ``build --vm-verify``) keeps every flush its guest
-asks for: ``cache.no-flush`` would let the host write a thin pool's superblock back before
-the data it commits, which a host crash then shows. Only scratch disks (the VM suite's,
-``Machine.scratch_disks``) skip them."""
+"""Machine options that trade the guest's faithfulness for speed, and where they apply (no VM:
+QMP and the agent recorded). A disk the user gives (``dmimage vm run --disk``, ``vm verify``,
+``build --vm-verify``) keeps every flush its guest asks for: ``cache.no-flush`` would let the
+host write a thin pool's superblock back before the data it commits, which a host crash then
+shows. Only scratch disks (the VM suite's, ``Machine.scratch_disks``) skip them."""
 
 from __future__ import annotations
 
@@ -52,3 +52,15 @@ def test_scratch_disks_skip_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(Machine, "scratch_disks", True)
     assert _no_flush(_Recorded(), tmp_path, False) == (True, True)
     assert _no_flush(_Recorded(scratch_disks=False), tmp_path, False) == (False, False)
+
+
+@pytest.mark.parametrize("accel", ["tcg", "kvm"])
+def test_aslr_and_mitigations_are_off_under_tcg_only(tmp_path: Path, accel: str) -> None:
+    """``norandmaps mitigations=off`` save TCG's retranslation; under KVM they save nothing,
+    and a guest that runs the user's commands (``dmimage vm run``) keeps the defaults."""
+    vm = _Recorded()
+    vm.rundir, vm.console_log = tmp_path, tmp_path / "console.log"
+    argv = vm.command_line(tmp_path / "initrd", tmp_path / "bzImage", accel)
+    words = argv[argv.index("-append") + 1].split()
+    assert ("norandmaps" in words, "mitigations=off" in words) == ((accel == "tcg",) * 2)
+    assert "console=ttyS0" in words
