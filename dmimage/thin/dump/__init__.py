@@ -104,7 +104,8 @@ def dump_pool(metadata: str | os.PathLike[str], out: BinaryIO, fmt: str = "xml",
 
 def parse_dump(source: str | os.PathLike[str] | bytes | IO[bytes]) -> PoolIR:
     """Parse an XML (thin_dump 0.9/1.x) or JSON (dmimage) dump, telling them apart by the
-    first non-blank byte."""
+    first non-blank byte. A seekable file object is read from where it stands (a pipe's:
+    dump/source.py's open_dump), any other one whole."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         head = bytes(source[:4096])
     elif isinstance(source, (str, os.PathLike)):
@@ -114,6 +115,10 @@ def parse_dump(source: str | os.PathLike[str] | bytes | IO[bytes]) -> PoolIR:
         except OSError as exc:
             from dmimage.errors import DeviceError
             raise DeviceError(f"{os.fspath(source)}: {exc.strerror}") from None
+    elif source.seekable():
+        start = source.tell()
+        head = source.read(4096)
+        source.seek(start)
     else:
         data = source.read()
         source, head = data, data[:4096]
