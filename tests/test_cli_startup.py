@@ -86,3 +86,34 @@ def test_help_width_is_shutils(monkeypatch: pytest.MonkeyPatch, columns: str | N
     else:
         monkeypatch.setenv("COLUMNS", columns)
     assert cli_main._columns() == shutil.get_terminal_size().columns
+
+
+#: command line (META: the pool) -> modules it must not import before it is done
+UNNEEDED = {
+    "check -q META": {"json", "pkgutil", "dmimage.thin.dump", "dmimage.thin.pool"},
+    "dump META": {"json", "pkgutil", "dmimage.thin.dump.json", "dmimage.thin.dump.human",
+                  "dmimage.thin.dump.xmlscan", "dmimage.thin.dump.fastxml"},
+    "delta META --thin1 1 --thin2 2": {"json", "pkgutil", "dmimage.thin.dump",
+                                       "dmimage.thin.datarefs"},
+    "ls META": {"json", "pkgutil", "dmimage.thin.dump"},
+}
+
+
+@pytest.mark.parametrize("command", sorted(UNNEEDED))
+def test_read_commands_import_only_what_they_run(command: str, thins3_meta) -> None:  # type: ignore[no-untyped-def]
+    """The lazy imports of issue 11 stay lazy: an XML dump loads neither the JSON nor the
+    human-readable emitter (nor json), check only loads json for --json, a named command
+    never lists the CLI package (pkgutil), and none loads another command's module."""
+    argv = command.replace("META", str(thins3_meta.path)).split()
+    code = ("import sys; from dmimage.cli.main import main; sys.stdout = open('/dev/null', 'w');"
+            f" rc = main({argv!r}); sys.stdout = sys.__stdout__;"
+            " print(rc, *sorted(sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out[0] == "0"
+    mods = set(out[1:])
+    assert f"dmimage.cli.{argv[0]}" in mods  # it did run
+    assert not mods & UNNEEDED[command]
+    others = {m for m in mods if m.startswith("dmimage.cli.") and
+              not m.startswith("dmimage.cli._")} - {"dmimage.cli.main", f"dmimage.cli.{argv[0]}"}
+    assert not others

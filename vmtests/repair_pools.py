@@ -99,10 +99,9 @@ class _Pool:
         """``pattern`` None: no writes (a pool only read, e.g. a repaired one)."""
         self.vm = vm
         self.nr_data = nr_data
-        self.disks: list[Disk] = [vm.attach(meta, read_only=data_read_only),
-                                  vm.attach(data, read_only=data_read_only)]
-        if pattern is not None:
-            self.disks.append(vm.attach(pattern, read_only=True))
+        self.disks: list[Disk] = vm.attach_many(
+            [meta, data] if pattern is None else [meta, data, pattern],
+            read_only=[data_read_only, data_read_only, True][:2 if pattern is None else 3])
         self.meta_dev, self.data_dev = self.disks[0].guest_path, self.disks[1].guest_path
         self.pat_dev = self.disks[2].guest_path if pattern is not None else ""
         self.active: set[int] = set()
@@ -222,8 +221,7 @@ class _Pool:
         cmds = [f"dmsetup remove rthin{d}" for d in sorted(self.active)] + ["dmsetup remove rpool"]
         self.sh(" && ".join(cmds))
         self.active.clear()
-        for d in reversed(self.disks):
-            self.vm.detach(d)
+        self.vm.detach_many(list(reversed(self.disks)))
 
 
 def read_back(vm: Machine, meta: Path, data: Path, spec: Spec, blocks: dict[int, list[int]]

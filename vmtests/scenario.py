@@ -280,10 +280,13 @@ class PoolSession:
 
     def attach(self) -> None:
         ro = self.read_only
-        self.meta_disk = self.vm.attach(self.files.meta, read_only=ro)
-        self.data_disk = self.vm.attach(self.files.data, read_only=ro)
+        paths = [self.files.meta, self.files.data]
         if self.pattern_path is not None:
-            self.pat_disk = self.vm.attach(self.pattern_path, read_only=True)
+            paths.append(self.pattern_path)
+        disks = self.vm.attach_many(paths, read_only=[ro, ro, True][:len(paths)])
+        self.meta_disk, self.data_disk = disks[0], disks[1]
+        if self.pattern_path is not None:
+            self.pat_disk = disks[2]
 
     def table(self) -> str:
         assert self.meta_disk and self.data_disk
@@ -310,9 +313,9 @@ class PoolSession:
     def detach(self) -> None:
         if self.vm.alive:
             self.flush()
-        for d in (self.pat_disk, self.data_disk, self.meta_disk):
-            if d is not None and self.vm.alive:
-                self.vm.detach(d)
+        if self.vm.alive:
+            self.vm.detach_many([d for d in (self.pat_disk, self.data_disk, self.meta_disk)
+                                 if d is not None])
         self.pat_disk = self.data_disk = self.meta_disk = None
 
     # -- guest commands ----------------------------------------------------------------------

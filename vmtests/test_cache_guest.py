@@ -51,8 +51,7 @@ def test_kernel_cache_metadata(dm_vm: Machine, tmp_path: Path, version: int) -> 
     nfeat = len(feature.split())
     table = (f"0 {sectors} cache {{m}} {{c}} {{o}} {BLOCK} {nfeat} {feature} smq 0")
     vm = dm_vm
-    with vm.disk(meta, read_only=False) as m, vm.disk(fast, read_only=False) as c, \
-            vm.disk(origin, read_only=False) as o:
+    with vm.disks_attached([meta, fast, origin], read_only=False) as (m, c, o):
         t = table.format(m=m.guest_path, c=c.guest_path, o=o.guest_path)
         vm.sh(f"dmsetup create kcache --table {shlex.quote(t)}")
         try:
@@ -120,8 +119,7 @@ def test_kernel_cache_metadata(dm_vm: Machine, tmp_path: Path, version: int) -> 
     assert hashlib.sha256(origin.read_bytes()).hexdigest() == want_sha
     # writeback cleared the dirty bits: the kernel, given the cache again, finds none dirty
     # and serves the same content
-    with vm.disk(meta, read_only=False) as m, vm.disk(fast, read_only=False) as c, \
-            vm.disk(origin, read_only=False) as o:
+    with vm.disks_attached([meta, fast, origin], read_only=False) as (m, c, o):
         t = table.format(m=m.guest_path, c=c.guest_path, o=o.guest_path)
         vm.sh(f"dmsetup create kcache --table {shlex.quote(t)}")
         try:
@@ -170,8 +168,7 @@ def test_kernel_serves_restored_cache(dm_vm: Machine, tmp_path: Path, version: i
 
     feature = "metadata2 writeback" if version == 2 else "writeback"
     vm = dm_vm
-    with vm.disk(meta, read_only=False) as m, vm.disk(fast, read_only=False) as c, \
-            vm.disk(origin, read_only=False) as o:
+    with vm.disks_attached([meta, fast, origin], read_only=False) as (m, c, o):
         t = (f"0 {nr_origin * BLOCK} cache {m.guest_path} {c.guest_path} {o.guest_path} "
              f"{BLOCK} {len(feature.split())} {feature} smq 2 migration_threshold 0")
         # no migrations: the restored dirty set stays as the kernel loaded it
@@ -256,8 +253,7 @@ def test_kernel_serves_repaired_cache(dm_vm: Machine, tmp_path: Path, version: i
 
     feature = "metadata2 writeback" if version == 2 else "writeback"
     vm = dm_vm
-    with vm.disk(meta, read_only=False) as m, vm.disk(fast, read_only=False) as c, \
-            vm.disk(origin, read_only=False) as o:
+    with vm.disks_attached([meta, fast, origin], read_only=False) as (m, c, o):
         t = (f"0 {nr_origin * BLOCK} cache {m.guest_path} {c.guest_path} {o.guest_path} "
              f"{BLOCK} {len(feature.split())} {feature} smq 2 migration_threshold 0")
         vm.sh(f"dmsetup create pcache --table {shlex.quote(t)}")

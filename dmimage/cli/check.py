@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from dmimage.cli._locking import add_lock_plan
@@ -60,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
                                     metadata_snap=args.metadata_snap, progress=advance)
     ok = report.ok(args.ignore_non_fatal_errors)
     if args.json:
+        import json  # only here: a check without --json does not pay for its import
+
         doc = report.to_json()
         doc["ok"] = ok
         if actions:

@@ -11,7 +11,6 @@ import functools
 import importlib
 import importlib.util
 import os
-import pkgutil
 import sys
 from collections.abc import Sequence
 
@@ -54,8 +53,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dmimage {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    names = ([only.replace("-", "_")] if only is not None else
-             sorted(m.name for m in pkgutil.iter_modules(cli_pkg.__path__)))
+    if only is not None:
+        names = [only.replace("-", "_")]
+    else:  # every module of the package (pkgutil: only the whole parser needs it)
+        import pkgutil
+
+        names = sorted(m.name for m in pkgutil.iter_modules(cli_pkg.__path__))
     for name in names:
         if name.startswith("_") or name == "main":
             continue

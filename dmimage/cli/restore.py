@@ -19,7 +19,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                     "never grown; its size sets the metadata size (at most 4,161,600 blocks of "
                     "4 KiB). Input and size are checked before anything is written; the "
                     "superblock is written last.")
-    p.add_argument("-i", "--input", required=True, metavar="DUMP", help="XML or JSON dump")
+    p.add_argument("-i", "--input", required=True, metavar="DUMP",
+                   help="XML or JSON dump: a file, or a pipe such as /dev/stdin (kept in a "
+                        "temporary file in $TMPDIR as it is read)")
     p.add_argument("-o", "--output", required=True, metavar="META",
                    help="metadata file or block device to overwrite")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

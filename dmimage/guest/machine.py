@@ -35,7 +35,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -861,7 +861,46 @@ class Machine:
         ``blockdev-add`` (file + raw) → ``device_add virtio-blk-pci`` with ``serial=`` → wait in
         the guest for ``/sys/block/*/serial`` to match.
         """
-        host = Path(path).resolve()
+        return self.attach_many([path], read_only=read_only,
+                                serials=[serial] if serial else None, timeout=timeout)[0]
+
+    def attach_many(self, paths: Sequence[str | os.PathLike[str]], *,
+                    read_only: bool | Sequence[bool] = True,
+                    serials: Sequence[str] | None = None, timeout: float = 60.0) -> list[Disk]:
+        """:meth:`attach` of each path (*read_only* one flag for all, or one per path), with
+        one wait in the guest for all of them: the guest's ACPI hot-plug handles the new
+        slots in one rescan (3 disks: ~1.0-1.2 QEMU CPU-s instead of ~1.3-1.6, load ~10)."""
+        flags = [read_only] * len(paths) if isinstance(read_only, bool) else list(read_only)
+        if len(flags) != len(paths) or (serials is not None and len(serials) != len(paths)):
+            raise ValueError("attach_many: one read_only flag and serial per path")
+        disks = [self._plug(Path(p).resolve(), ro, serials[k] if serials else None)
+                 for k, (p, ro) in enumerate(zip(paths, flags, strict=True))]
+        if not disks:
+            return []
+        tries = max(1, int(timeout * 10))
+        # Builtins only (~10 ms of TCG CPU per process start): ``read`` for the serial (which
+        # has no newline: read's status is 1), and for the pause a ``read -t`` on the agent's
+        # fifo that nobody writes. Prints the disks' device nodes in order once all are there.
+        wanted = " ".join(shlex.quote(d.serial) for d in disks)
+        script = (
+            f"i=0; while [ $i -lt {tries} ]; do out=; for w in {wanted}; do f=; "
+            f"for d in /sys/block/vd*; do s=; read -r s <$d/serial 2>/dev/null; "
+            f"[ \"$s\" = \"$w\" ] && [ -b /dev/${{d##*/}} ] && {{ f=/dev/${{d##*/}}; break; }}; "
+            f"done; [ -n \"$f\" ] || break; out=\"$out $f\"; done; "
+            f"[ -n \"$f\" ] && {{ echo $out; exit 0; }}; "
+            f"read -t 0.1 s <>/tmp/.wd; i=$((i+1)); done; exit 1")
+        res = self.run(script, timeout=timeout + 5)
+        found = res.out.split()
+        if not res.ok or len(found) != len(disks):
+            names = ", ".join(f"{d.serial} ({d.host_path})" for d in disks)
+            raise HotplugError(f"guest did not see disk {names} within {timeout} s",
+                               **self._ctx())
+        for d, node in zip(disks, found, strict=True):
+            d.guest_path = node
+        return disks
+
+    def _plug(self, host: Path, read_only: bool, serial: str | None) -> Disk:
+        """``blockdev-add`` + ``device_add`` of one disk (the guest is not waited for)."""
         if not host.exists():
             raise HotplugError(f"{host}: no such file")
         with self._lock:
@@ -890,37 +929,45 @@ class Machine:
             raise
         disk = Disk(host, "", serial, dev, node, read_only)
         self._disks[dev] = disk
-        tries = max(1, int(timeout * 10))
-        # Builtins only (~10 ms of TCG CPU per process start): ``read`` for the serial (which
-        # has no newline: read's status is 1), and for the pause a ``read -t`` on the agent's
-        # fifo that nobody writes.
-        script = (
-            f"i=0; while [ $i -lt {tries} ]; do for d in /sys/block/vd*; do "
-            f"s=; read -r s <$d/serial 2>/dev/null; [ \"$s\" = {shlex.quote(serial)} ] && "
-            f"[ -b /dev/${{d##*/}} ] && {{ echo /dev/${{d##*/}}; exit 0; }}; done; "
-            f"read -t 0.1 s <>/tmp/.wd; i=$((i+1)); done; exit 1")
-        res = self.run(script, timeout=timeout + 5)
-        if not res.ok:
-            raise HotplugError(f"guest did not see disk {serial} ({host}) within {timeout} s",
-                               **self._ctx())
-        disk.guest_path = res.out.strip()
         return disk
 
     def detach(self, disk: Disk, *, timeout: float = 60.0) -> None:
         """``device_del`` → wait for DEVICE_DELETED → ``blockdev-del``."""
-        if disk.device_id not in self._disks:
+        self.detach_many([disk], timeout=timeout)
+
+    def detach_many(self, disks: Sequence[Disk], *, timeout: float = 60.0) -> None:
+        """:meth:`detach` of each disk: one flush command in the guest, every ``device_del``
+        sent before the first wait."""
+        disks = [d for d in disks if d.device_id in self._disks]
+        if not disks:
             return
-        # Write back what the guest's page cache still holds for the device.
-        self.run(f"blockdev --flushbufs {shlex.quote(disk.guest_path)} 2>/dev/null; sync",
-                 timeout=timeout)
-        self.qmp("device_del", id=disk.device_id)
+        # Write back what the guest's page cache still holds for the devices.
+        paths = " ".join(shlex.quote(d.guest_path) for d in disks if d.guest_path)
+        self.run(f"for d in {paths}; do blockdev --flushbufs $d; done 2>/dev/null; sync"
+                 if paths else "sync", timeout=timeout)
+        for d in disks:
+            self.qmp("device_del", id=d.device_id)
+        for d in disks:
+            try:
+                self.wait_event("DEVICE_DELETED", timeout, device=d.device_id)
+            except GuestTimeout as exc:
+                raise HotplugError(f"guest did not release disk {d.serial} within {timeout} s",
+                                   console_tail=exc.console_tail,
+                                   log_path=exc.log_path) from None
+            del self._disks[d.device_id]
+            self.qmp("blockdev-del", {"node-name": d.node_name})
+
+    @contextlib.contextmanager
+    def disks_attached(self, paths: Sequence[str | os.PathLike[str]], *,
+                       read_only: bool | Sequence[bool] = True, timeout: float = 60.0
+                       ) -> Iterator[list[Disk]]:
+        """:meth:`attach_many` for the duration of a ``with`` block."""
+        ds = self.attach_many(paths, read_only=read_only, timeout=timeout)
         try:
-            self.wait_event("DEVICE_DELETED", timeout, device=disk.device_id)
-        except GuestTimeout as exc:
-            raise HotplugError(f"guest did not release disk {disk.serial} within {timeout} s",
-                               console_tail=exc.console_tail, log_path=exc.log_path) from None
-        del self._disks[disk.device_id]
-        self.qmp("blockdev-del", {"node-name": disk.node_name})
+            yield ds
+        finally:
+            if self.alive:
+                self.detach_many(list(reversed(ds)), timeout=timeout)
 
     @contextlib.contextmanager
     def disk(self, path: str | os.PathLike[str], *, read_only: bool = True,

@@ -164,8 +164,7 @@ def _dm_vm_guard(request: pytest.FixtureRequest) -> Iterator[None]:
         warnings.warn(f"{request.node.nodeid} left dm devices in the guest: "
                       f"{' '.join(line.split()[0] for line in left.splitlines() if line)}",
                       stacklevel=1)
-    for d in vm.disks:
-        vm.detach(d)
+    vm.detach_many(vm.disks)
     marker = request.node.get_closest_marker("vm")
     allow = tuple(marker.kwargs.get("allow_dmesg", ())) if marker else ()
     vm.check_dmesg(allow=allow, log=log)
@@ -183,6 +182,5 @@ def vm_disk(dm_vm: Machine) -> Iterator[DiskFactory]:
         return d
 
     yield attach
-    for d in reversed(attached):
-        if dm_vm.alive:
-            dm_vm.detach(d)
+    if dm_vm.alive:
+        dm_vm.detach_many(list(reversed(attached)))

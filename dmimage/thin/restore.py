@@ -21,6 +21,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -371,11 +372,15 @@ def _min_bytes(ir: PoolIR) -> int:
 # ----------------------------------------------------------------------------- input
 
 
-def read_input(path: str | os.PathLike[str]) -> PoolIR:
+def read_input(path: str | os.PathLike[str] | BinaryIO) -> PoolIR:
     """An XML (thin_dump 0.9 or 1.x) or JSON (dmimage) dump file -> IR, by the dump module's
-    parsers (XML in thin_dump's own layout takes their bulk path)."""
+    parsers (XML in thin_dump's own layout takes their bulk path). ``path`` may be a file
+    already open (read from its start: dump/source.py's open_dump, for a pipe)."""
     from dmimage.thin.dump import parse_dump
 
+    if not isinstance(path, (str, os.PathLike)):
+        path.seek(0)
+        return parse_dump(path)
     p = Path(path)
     if p.is_dir():
         raise UsageError(f"{p}: is a directory")

@@ -17,8 +17,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any, cast
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 
@@ -27,6 +26,7 @@ from dmimage.errors import DmimageError
 from dmimage.format.constants import BLOCK_SIZE, MAX_METADATA_BLOCKS
 from dmimage.pdata.writer import MetadataImage, open_output
 from dmimage.thin.dump.fastxml import NotCanonical, parse_canonical_file
+from dmimage.thin.dump.source import open_dump
 from dmimage.thin.dump.xml import _XmlParser
 from dmimage.thin.ir import PoolIR
 from dmimage.thin.restore import (
@@ -67,10 +67,18 @@ def restore_file(path: str | os.PathLike[str], output: str | os.PathLike[str], *
         if progress:
             progress(n)
 
-    done = _restore_streamed(Path(path), output, overrides, count)
-    if done is not None:
-        return done
-    ir = read_input(path)
+    try:
+        source = open_dump(path)
+    except OSError:  # read_input says why (no such file, a directory, not readable)
+        source = None
+    if source is None:
+        ir = read_input(path)
+    else:
+        with source:
+            done = _restore_streamed(source, output, overrides, count)
+            if done is not None:
+                return done
+            ir = read_input(source)
     apply_overrides(ir, **overrides)
     validate_ir(ir)
     if progress:
@@ -89,20 +97,30 @@ class _Abandoned(Exception):
     """The streamed path gives up: the whole-IR path takes over."""
 
 
-def _restore_streamed(path: Path, output: str | os.PathLike[str],
+def _restore_streamed(source: BinaryIO | str | os.PathLike[str], output: str | os.PathLike[str],
                       overrides: dict[str, int | None],
                       progress: Callable[[int], None] | None) -> RestoreResult | None:
-    """The restore done, or None when the whole-IR path is to take over (nothing written)."""
+    """The restore done, or None when the whole-IR path is to take over (nothing written).
+    ``source``: the dump, a path or a seekable file (read from its start)."""
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            f = open(source, "rb")  # noqa: SIM115 (closed below)
+        except OSError:
+            return None
+        with f:
+            return _restore_streamed(f, output, overrides, progress)
     writing = False
     try:
-        with open(path, "rb") as f:
-            if f.read(4096).lstrip()[:1] != b"<":
-                return None
+        source.seek(0)
+        head = source.read(4096)
+        source.seek(0)
+        if head.lstrip()[:1] != b"<":
+            return None
         with devlock.hold(output, exclusive=True):
             fd, size = open_output(output)
             try:
                 nr_blocks = min(size // BLOCK_SIZE, MAX_METADATA_BLOCKS)
-                built = _build_streamed(path, nr_blocks, overrides, progress)
+                built = _build_streamed(source, nr_blocks, overrides, progress)
                 if built.blocks_needed > nr_blocks:
                     return None
                 writing = True  # errors from here on are the restore's own
@@ -120,19 +138,19 @@ def _restore_streamed(path: Path, output: str | os.PathLike[str],
 _END = object()
 
 
-def _build_streamed(path: Path, nr_blocks: int, overrides: dict[str, int | None],
+def _build_streamed(source: BinaryIO, nr_blocks: int, overrides: dict[str, int | None],
                     progress: Callable[[int], None] | None) -> BuiltMetadata:
-    """Lay out the pool as a parser thread hands over the superblock, defs and devices."""
+    """Lay out the pool as a parser thread hands over the superblock, defs and devices
+    (``source`` read from where it stands; the thread has ended when this returns)."""
     if nr_blocks < 1:
         raise _Abandoned
     events: queue.Queue[object] = queue.Queue(maxsize=4)
     stop = threading.Event()
-    sink = _HandOver(str(path), events, stop)
+    sink = _HandOver(str(source.name), events, stop)
 
     def parse() -> None:
         try:
-            with open(path, "rb") as f:
-                parse_canonical_file(f, sink, progress=progress, helper=_two_cores())
+            parse_canonical_file(source, sink, progress=progress, helper=_two_cores())
             events.put(_END)
         except BaseException as exc:  # handed over: the layout side decides
             events.put(exc)

@@ -64,9 +64,7 @@ _LAZY = {
 
 def __getattr__(name: str) -> Any:
     if name == "EMITTERS":  # each dump format and the emitter that writes it
-        emitters = {"xml": __getattr__("XmlEmitter"),
-                    "human_readable": __getattr__("HumanEmitter"),
-                    "json": __getattr__("JsonEmitter")}
+        emitters = {fmt: _emitter(fmt) for fmt in FORMATS}
         globals()[name] = emitters
         return emitters
     where = _LAZY.get(name)
@@ -77,11 +75,23 @@ def __getattr__(name: str) -> Any:
     return value
 
 
+#: each format's emitter class: (its module, its name)
+_EMITTER_OF = {"xml": ("xml", "XmlEmitter"), "human_readable": ("human", "HumanEmitter"),
+               "json": ("json", "JsonEmitter")}
+
+
+def _emitter(fmt: str) -> Any:
+    """The emitter class of one format, importing only its module (an XML dump does not
+    load the JSON and human-readable emitters, nor the json module)."""
+    where = _EMITTER_OF.get(fmt)
+    if where is None:
+        raise ValueError(f"unknown dump format {fmt!r}")
+    return getattr(importlib.import_module(f"{__name__}.{where[0]}"), where[1])
+
+
 def write_dump(ir: PoolIR, out: BinaryIO, fmt: str = "xml", *, expand: bool = False) -> None:
     """Write the IR in one of :data:`FORMATS` to a binary stream."""
-    emitter = __getattr__("EMITTERS").get(fmt)
-    if emitter is None:
-        raise ValueError(f"unknown dump format {fmt!r}")
+    emitter = _emitter(fmt)
     emitter.document(__getattr__("expand_shared")(ir) if expand else ir).write_to(out)
 
 
@@ -94,9 +104,7 @@ def dump_pool(metadata: str | os.PathLike[str], out: BinaryIO, fmt: str = "xml",
     from dmimage.thin.dump.stream import stream_dump
     from dmimage.thin.pool import open_pool
 
-    emitter = __getattr__("EMITTERS").get(fmt)
-    if emitter is None:
-        raise ValueError(f"unknown dump format {fmt!r}")
+    emitter = _emitter(fmt)
     with open_pool(metadata, metadata_snap=metadata_snap) as pool:
         stream_dump(pool, out, emitter(), dev_ids=dev_ids, skip_mappings=skip_mappings,
                     expand=expand, progress=progress)
@@ -104,7 +112,8 @@ def dump_pool(metadata: str | os.PathLike[str], out: BinaryIO, fmt: str = "xml",
 
 def parse_dump(source: str | os.PathLike[str] | bytes | IO[bytes]) -> PoolIR:
     """Parse an XML (thin_dump 0.9/1.x) or JSON (dmimage) dump, telling them apart by the
-    first non-blank byte."""
+    first non-blank byte. A seekable file object is read from where it stands (a pipe's:
+    dump/source.py's open_dump), any other one whole."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         head = bytes(source[:4096])
     elif isinstance(source, (str, os.PathLike)):
@@ -114,6 +123,10 @@ def parse_dump(source: str | os.PathLike[str] | bytes | IO[bytes]) -> PoolIR:
         except OSError as exc:
             from dmimage.errors import DeviceError
             raise DeviceError(f"{os.fspath(source)}: {exc.strerror}") from None
+    elif source.seekable():
+        start = source.tell()
+        head = source.read(4096)
+        source.seek(start)
     else:
         data = source.read()
         source, head = data, data[:4096]

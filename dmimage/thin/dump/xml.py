@@ -367,36 +367,35 @@ class _XmlParser:
 def parse_xml(source: str | os.PathLike[str] | bytes | IO[bytes]) -> PoolIR:
     """Parse thin_dump XML (0.9 or 1.x form, def/ref allowed) into the IR.
 
-    ``source``: a path, the XML itself as bytes, or a binary file object (read in chunks).
-    Paths and bytes in thin_dump's own layout take the bulk path (dump/fastxml.py, several
-    times faster on big pools); everything else, and every error, goes through expat.
+    ``source``: a path, the XML itself as bytes, or a binary file object (read in chunks,
+    from where it stands). Paths, seekable files and bytes in thin_dump's own layout take the
+    bulk path (dump/fastxml.py, several times faster on big pools); everything else, and
+    every error, goes through expat.
     """
-    from dmimage.thin.dump.fastxml import NotCanonical, parse_canonical, parse_canonical_file
+    from dmimage.thin.dump.fastxml import NotCanonical, parse_canonical
 
     if isinstance(source, (str, os.PathLike)):
         # read in blocks (fastxml), never whole: a dump of 100M mappings is 7 GB
         name: str | None = os.fspath(source)
         try:
             with open(name, "rb") as f:  # type: ignore[arg-type]
-                try:
-                    fast = _XmlParser(name)
-                    parse_canonical_file(f, fast)
-                    return fast.result()
-                except NotCanonical:
-                    pass
-                f.seek(0)
-                p = _XmlParser(name)
-                p.feed_file(f)
-                return p.result()
+                return _parse_xml_file(f, name)
         except OSError as exc:
             from dmimage.errors import DeviceError
             raise DeviceError(f"{name}: {exc.strerror}") from None
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        name, data = None, bytes(source)
-    else:
-        p = _XmlParser(getattr(source, "name", None))
+    if not isinstance(source, (bytes, bytearray, memoryview)):
+        named = getattr(source, "name", None)
+        name = named if isinstance(named, str) else None
+        if source.seekable():  # a file opened by the caller (e.g. dump/source.py's)
+            try:
+                return _parse_xml_file(source, name)
+            except OSError as exc:
+                from dmimage.errors import DeviceError
+                raise DeviceError(f"{name or 'input'}: {exc.strerror}") from None
+        p = _XmlParser(name)
         p.feed_file(source)
         return p.result()
+    name, data = None, bytes(source)
     try:
         fast = _XmlParser(name)
         parse_canonical(data, fast)
@@ -405,4 +404,22 @@ def parse_xml(source: str | os.PathLike[str] | bytes | IO[bytes]) -> PoolIR:
         pass
     p = _XmlParser(name)
     p.feed_bytes(data)
+    return p.result()
+
+
+def _parse_xml_file(f: IO[bytes], name: str | None) -> PoolIR:
+    """:func:`parse_xml` of a seekable binary file from where it stands: the bulk path,
+    then, when it declines, expat from the same place."""
+    from dmimage.thin.dump.fastxml import NotCanonical, parse_canonical_file
+
+    start = f.tell()
+    try:
+        fast = _XmlParser(name)
+        parse_canonical_file(f, fast)
+        return fast.result()
+    except NotCanonical:
+        pass
+    f.seek(start)
+    p = _XmlParser(name)
+    p.feed_file(f)
     return p.result()
