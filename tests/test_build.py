@@ -422,6 +422,50 @@ def test_interrupt_during_self_check(tmp_path, monkeypatch):
     assert not [t for t in threading.enumerate() if t.name.startswith("self-check")]
 
 
+def test_interrupt_while_the_image_is_hashed(tmp_path, monkeypatch):
+    """An interrupt once the self-check's exports are done and the read-back hashes the rest
+    of the data partition (gpt): the build stops that read too, it does not read and hash
+    every window left (a large image's whole data partition) before the interrupt is seen."""
+    import sys
+    import threading
+    import time
+
+    import dmimage.image.readback as rb
+
+    b = sys.modules["dmimage.image.build"]
+    monkeypatch.setattr(rb, "WINDOW", 64 << 10)
+    real_finish, real_read = rb.ReadBack.finish, rb.ReadBack._read_window
+    finishing = threading.Event()
+    reads: list[bool] = []  # one per window read: was finish() already running?
+
+    def finish(self):
+        finishing.set()
+        return real_finish(self)
+
+    def read(self, w):
+        reads.append(finishing.is_set())
+        time.sleep(0.005)
+        return real_read(self, w)
+
+    def boom(*a, **k):
+        assert finishing.wait(60)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rb.ReadBack, "finish", finish)
+    monkeypatch.setattr(rb.ReadBack, "_read_window", read)
+    monkeypatch.setattr(b, "_finish_image", boom)
+    out = tmp_path / "new"
+    with pytest.raises(KeyboardInterrupt):
+        build(load_spec(EXAMPLE), out)
+    assert not out.exists()
+    assert not [t for t in threading.enumerate()
+                if t.name.startswith(("self-check", "read-back", "image-sha256"))]
+    total = -(-load_spec(EXAMPLE).pool.data_size // rb.WINDOW)
+    assert total > 100
+    # the windows already in flight when the interrupt came, not all that were left
+    assert len(reads) < total / 2, (len(reads), total)
+
+
 def test_self_check_catches_a_wrong_block(tmp_path, monkeypatch, capsys):
     """A build whose pass wrote one wrong bit fails its self-check (exit 1, one line naming
     the thin and the byte) and leaves nothing."""

@@ -61,6 +61,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "vm_one_kernel: the oracle is userspace (lvm2, dockerd) or the generic "
                    "block layer: run on one kernel unless every kernel is selected")
+    from dmimage.guest.machine import Machine
+
+    # Every disk the suite hot-plugs is a scratch image under its tmp dirs: the guests'
+    # flushes need not reach the host's disk (see Machine.scratch_disks).
+    Machine.scratch_disks = True
 
 
 def _params(item: pytest.Item) -> dict[str, object]:

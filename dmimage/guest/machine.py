@@ -56,13 +56,16 @@ from .errors import (
 from .kernels import Kernel, boot_image, qemu_binary
 
 #: Kernel command line. loglevel=5 keeps the console quiet but shows warnings and worse.
-#: ``norandmaps``: TCG keys a translated block by its virtual address, so with address-space
-#: randomisation every process start translates ld.so and its libraries afresh; at fixed
-#: addresses one translation serves every process (100 ``dmsetup version`` runs: 7.6 -> 2.0
-#: QEMU CPU-s). ``mitigations=off``: retpolines and RSB filling cost TCG another ~15% on
-#: process-heavy work. Neither changes a device-mapper code path; this is a throwaway guest.
 BASE_CMDLINE = ("console=ttyS0 loglevel=5 panic=-1 rdinit=/init edd=off "
-                "i8042.noaux i8042.nomux i8042.nopnp norandmaps mitigations=off")
+                "i8042.noaux i8042.nomux i8042.nopnp")
+#: Added under TCG only. ``norandmaps``: TCG keys a translated block by its virtual address,
+#: so with address-space randomisation every process start translates ld.so and its
+#: libraries afresh; at fixed addresses one translation serves every process (100 ``dmsetup
+#: version`` runs: 7.6 -> 2.0 QEMU CPU-s). ``mitigations=off``: retpolines and RSB filling
+#: cost TCG another ~15% on process-heavy work. Neither changes a device-mapper code path.
+#: Under KVM neither saves anything, so a KVM guest keeps the kernel's defaults (ASLR and
+#: its mitigations on) for whatever ``dmimage vm run`` runs in it.
+TCG_CMDLINE = "norandmaps mitigations=off"
 
 #: The CPU model under TCG: everything QEMU emulates except ERMS ("enhanced rep movsb"). With
 #: ERMS the guest kernel copies and clears memory with ``rep movsb``/``stosb``, which TCG runs
@@ -253,17 +256,28 @@ class Machine:
     from launching QEMU to the agent's first answer.
     """
 
+    #: Hot-plugged disks are scratch files (a test suite's images): the guest's flushes
+    #: complete without an fdatasync of the host file (QEMU's ``cache.no-flush``), which only a
+    #: host crash could tell apart. Off by default: a disk the user gives (``dmimage vm run
+    #: --disk``) gets every flush its guest asks for, in order; the VM suite turns it on
+    #: (vmtests/conftest.py). ``Machine(scratch_disks=...)`` sets it for one machine.
+    scratch_disks: bool = False
+
     def __init__(self, kernel: Kernel, *, memory_mb: int = 256, cpus: int = 1,
                  accel: str | None = None, boot_timeout: float = 180.0,
                  cmdline_extra: str = "", keep_logs: bool | None = None,
                  qemu: str | None = None,
                  host_share: str | os.PathLike[str] | None = None,
-                 saved_state: bool | None = None) -> None:
+                 saved_state: bool | None = None,
+                 scratch_disks: bool | None = None) -> None:
         """``host_share``: a host directory the guest may mount read-only over virtio-9p
         (:meth:`mount_host_share`); None (the default) adds neither the device nor modules.
         ``saved_state``: start from (or create) the cached saved state of this configuration;
-        default on unless ``DMIMAGE_VM_SNAPSHOT=0``."""
+        default on unless ``DMIMAGE_VM_SNAPSHOT=0``. ``scratch_disks``: see the class
+        attribute (None: its value)."""
         self.kernel = kernel
+        if scratch_disks is not None:
+            self.scratch_disks = scratch_disks
         self.host_share = os.fspath(host_share) if host_share is not None else None
         self.memory_mb = memory_mb
         self.cpus = cpus
@@ -300,7 +314,8 @@ class Machine:
     def command_line(self, initrd: Path, kernel_image: Path, accel: str) -> list[str]:
         assert self.rundir is not None and self.console_log is not None
         cpu = "host" if accel == "kvm" else TCG_CPU
-        cmdline = BASE_CMDLINE + (" " + self.cmdline_extra if self.cmdline_extra else "")
+        cmdline = BASE_CMDLINE + ("" if accel == "kvm" else " " + TCG_CMDLINE) \
+            + (" " + self.cmdline_extra if self.cmdline_extra else "")
         return [
             self.qemu or "qemu-system-x86_64",
             "-name", f"dmimage-{self.kernel.name}",
@@ -895,12 +910,13 @@ class Machine:
         if len(serial) > 20:
             raise HotplugError(f"serial {serial!r} longer than virtio-blk's 20 bytes")
         node, dev = f"dmimage-node{n}", f"dmimage-disk{n}"
-        # ``no-flush``: a guest flush (every fsync, every pool commit) would otherwise be an
-        # fdatasync of the host file, i.e. a disk round trip and journal work on the host. The
-        # guest's kernel still issues its flushes and sees them complete; what it wrote is in
-        # the host's page cache at once, where every host-side reader finds it. Only a host
-        # crash could lose it, and these files are scratch test images.
-        cache = {"direct": False, "no-flush": True}
+        # ``no-flush`` (scratch disks only): a guest flush (every fsync, every pool commit)
+        # would otherwise be an fdatasync of the host file, i.e. a disk round trip and journal
+        # work on the host. The guest's kernel still issues its flushes and sees them complete;
+        # what it wrote is in the host's page cache at once, where every host-side reader finds
+        # it. Only a host crash could lose it: fine for a test's scratch image, not for a
+        # user's disk, whose pool commits rely on the flush ordering data before superblock.
+        cache = {"direct": False, "no-flush": self.scratch_disks}
         self.qmp("blockdev-add", {"driver": "raw", "node-name": node, "read-only": read_only,
                                   "cache": cache,
                                   "file": {"driver": "file", "filename": str(host),

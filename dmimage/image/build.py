@@ -363,7 +363,7 @@ def build(spec: Spec, outdir: str | os.PathLike[str], *, progress: Progress | No
             # data partition (written with O_DIRECT: not in the page cache); meanwhile the
             # data is flushed, then the metadata goes into its partition
             h = hashlib.sha256()
-            data = _image_read_back(h, meta_tmp, target)
+            data = _image_read_back(h, meta_tmp, target, cancel)
             checking = checker.submit(_self_check_and_hash, pool, data, plans, cancel, h,
                                       target)
             checker.shutdown(wait=False)
@@ -428,16 +428,17 @@ def _too_small(spec: Spec, contents: dict[str, _Content], own: dict[str, bool],
     return SpecError("pool.metadata_size", f"{human(ps.metadata_size)} is too small: {exc}")
 
 
-def _image_read_back(h: Any, meta_tmp: Path, target: _DataTarget) -> ReadBack:
+def _image_read_back(h: Any, meta_tmp: Path, target: _DataTarget,
+                     cancel: threading.Event) -> ReadBack:
     """``h`` fed the image's bytes before its data partition (the metadata file in place of
     the metadata partition, compared with it once copied: the hash is the final image's);
     the data partition's read-back, which feeds ``h`` the partition as the self-check reads
-    it (:mod:`dmimage.image.readback`)."""
+    it (:mod:`dmimage.image.readback`), stopped by ``cancel``."""
     layout = target.image
     meta_end = layout.meta_start + layout.meta_size
     _hash_parts(h, [(target.path, 0, layout.meta_start), (meta_tmp, 0, layout.meta_size),
                     (target.path, meta_end, layout.data_start - meta_end)])
-    return ReadBack(target.path, layout.data_start, layout.data_size, h.update)
+    return ReadBack(target.path, layout.data_start, layout.data_size, h.update, cancel)
 
 
 def _self_check_and_hash(pool: Pool, data: ReadBack, plans: list[_Plan],

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -33,15 +34,23 @@ READERS = 2
 RING = AHEAD + 2
 
 
+class Cancelled(Exception):
+    """The read-back stopped because its ``cancel`` event was set."""
+
+
 class ReadBack:
     """Bytes [start, start+size) of ``path`` as a data device for ``export_thin`` (``size``,
     ``name``, ``pread``), each window also handed to ``feed`` (on a thread of its own, in
     order) as the export reaches it; :meth:`finish` feeds the rest. A view returned by
-    :meth:`pread` stays valid until the export is two windows further on."""
+    :meth:`pread` stays valid until the export is two windows further on. Once ``cancel``
+    is set, the next window raises :class:`Cancelled` (the build failed or was interrupted:
+    the rest of a large partition is not read and hashed for nothing)."""
 
     def __init__(self, path: Path, start: int, size: int,
-                 feed: Callable[[memoryview], object]) -> None:
+                 feed: Callable[[memoryview], object],
+                 cancel: threading.Event | None = None) -> None:
         self.name = str(path)
+        self._cancel = cancel
         self.start, self.size = start, size
         self._feed = feed
         self._plain = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -89,6 +98,8 @@ class ReadBack:
     def _advance(self, w: int) -> None:
         """Move the export to window ``w``: read ahead, feed every window it passes."""
         while self._cur < w:
+            if self._cancel is not None and self._cancel.is_set():
+                raise Cancelled(self.name)
             self._cur += 1
             while self._submitted < min(self._n, self._cur + AHEAD + 1):
                 s = self._submitted
