@@ -10,8 +10,9 @@ and run on every selected kernel.
 Groups. Each test goes into the xdist group "<file>::<kernel>" (or "<file>" when it takes no
 kernel), split further where no module-scoped fixture ties tests together: tests sharing a
 module-scoped fixture (a scenario, a guest of the module) stay in one group, so it is made
-once per worker, and every other test is its own group. ``SPLIT`` names the subgroups of
-modules whose one module guest is worth booting twice (each worker then has its own).
+once per worker, and every other test is its own group. test_docker_store.py's three
+scenarios share its one module guest (one group): a guest per scenario ran them in parallel
+but cost ~20 QEMU CPU-s more (boots, containerd and dockerd starts), and the suite is CPU-bound.
 
 Order. Groups are handed out heaviest first, so the longest ones do not start last and both
 cores stay busy to the end. The weight of a group is the sum of its tests' durations: from
@@ -27,7 +28,6 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,17 +44,6 @@ _DEFAULTS = Path(__file__).with_name("vm_durations.json")
 _UNKNOWN = 5.0
 
 
-def _docker_store(item: pytest.Item) -> str:
-    """Three scenarios, each run once: the fixed store, the random one, xfs (+ the kill)."""
-    which = _params(item).get("which")
-    names = getattr(item, "fixturenames", ())
-    if which == "xfs_store" or "xfs_store" in names or item.name.startswith("test_kill_mid"):
-        return "xfs"
-    return "random" if which == "random_store" or "random_store" in names else "store"
-
-
-#: file -> subgroup of a test, for modules split although one module fixture spans them.
-SPLIT: dict[str, Callable[[pytest.Item], str]] = {"test_docker_store.py": _docker_store}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -147,11 +136,7 @@ def _groups(items: list[pytest.Item]) -> dict[int, str]:
         name = Path(str(it.fspath)).name
         kernel = _kernel(it)
         unit = f"{name}::{kernel}" if kernel else name
-        split = SPLIT.get(name)
-        if split is not None:
-            out[id(it)] = f"{unit}::{split(it)}"
-        else:
-            by_unit.setdefault(unit, []).append(it)
+        by_unit.setdefault(unit, []).append(it)
     for unit, members in by_unit.items():
         # Tests that share a module-scoped fixture form one group; the rest stand alone.
         parent: dict[str, str] = {}
