@@ -414,6 +414,13 @@ def make_store(dg: DockerGuest, work: Path, *, fs: str = "ext4", seed: int | Non
         lap("docker save")
     except BaseException:
         (work / "dockerd.log").write_text(dg.log())
+        # The guest as the scenario found it (dockerd gone, its pool, loops and mounts too,
+        # the disk detached): test_docker_store.py's scenarios share one guest, and a dockerd
+        # left running would fail the next scenario's start.
+        try:
+            dg.stop(kill=True)
+        except Exception:  # noqa: S110 - already failing: that error is the one reported
+            pass
         raise
     dg.stop(unmount=False)
     lap("stop dockerd")
