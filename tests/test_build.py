@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -536,3 +537,24 @@ def test_self_check_compares_every_byte(tmp_path):
             sink.write(bytes(got[i:i + 3000]))
         sink.close()
         assert sink.mismatch == bad_at and sink.pos == len(want)
+
+
+def test_worker_threads_import_nothing(tmp_path):
+    """A build's worker threads (self-check, read-back, hashing) find every module imported:
+    CPython 3.11 before 3.11.5 can raise "AST constructor recursion depth mismatch" when two
+    threads compile source at once (an import without a .pyc), which a user running from a
+    fresh install, or with PYTHONDONTWRITEBYTECODE, would meet as a traceback."""
+    script = f"""
+import sys, threading
+seen = []
+def hook(event, args):
+    if event == "import" and threading.current_thread() is not threading.main_thread():
+        seen.append(args[0])
+sys.addaudithook(hook)
+from dmimage.image import build, load_spec
+build(load_spec({str(EXAMPLE)!r}), {str(tmp_path / 'out')!r})
+print(sorted(set(seen)))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True).stdout.strip().splitlines()[-1]
+    assert out == "[]", f"modules first imported on a build worker thread: {out}"

@@ -71,14 +71,6 @@ def _dmimage(*argv: str) -> tuple[int, str, str]:
     return rc, out.getvalue(), err.getvalue()
 
 
-def preload_build_imports() -> None:
-    """Import what ``build()``'s worker threads import lazily, before they run: pytest rewrites
-    dmimage's modules as they are imported (the package carries the pytest11 plugin), and two
-    threads rewriting at once trip CPython 3.11's "AST constructor recursion depth mismatch"
-    SystemError (seen in 2 of 8 runs of test_built_linear_lvs_activate)."""
-    import dmimage.thin.export  # noqa: F401  (build's self-check thread)
-
-
 def _disks(tmp_path: Path) -> tuple[str, str]:
     from dmimage.image.gpt import create_gpt, plan_layout
 
@@ -311,8 +303,6 @@ def test_dmimage_builds_lvm2_reads(tmp_path: Path, kernel: str) -> None:
     activates it (thin_check included) with every thin's content as the manifest says; lvm2
     then adds a thin and writes to it, and `dmimage lvm check` stays clean."""
     from dmimage.image import build, load_spec
-
-    preload_build_imports()
 
     from test_build_lvm import SPEC, write_inputs
 

@@ -434,9 +434,6 @@ def test_live_vg_refuses_lvm_writers(tmp_path: Path, kernel: str) -> None:
 def test_built_linear_lvs_activate(tmp_path: Path, kernel: str,
                                    lvm_guests: dict[str, LvmMachine]) -> None:
     from dmimage.image import build, load_spec
-    from vmtests.test_lvm_guest import preload_build_imports
-
-    preload_build_imports()
 
     from test_build_lvm import SPEC, write_inputs
 

@@ -53,6 +53,7 @@ from dmimage.image.readback import ReadBack
 from dmimage.image.spec import Ext4Content, RawContent, Spec, SpecError, Volume, human
 from dmimage.image.writeback import every
 from dmimage.pdata.cow import OutOfSpaceError
+from dmimage.thin.export import export_thin  # at import: _self_check runs on a worker thread
 from dmimage.thin.pool import Pool
 
 READ_BLOCKS_BYTES = 8 << 20
@@ -226,8 +227,6 @@ class _DataDevice:
 def _self_check(pool: Pool, data: _DataDevice | ReadBack, plans: list[_Plan],
                 cancel: threading.Event) -> None:
     """Every thin exported offline equals its content, byte for byte (BuildError if not)."""
-    from dmimage.thin.export import export_thin
-
     for p in plans:
         v = p.volume
         sink = _CompareSink(p.content, cancel)
