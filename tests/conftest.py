@@ -19,6 +19,13 @@
   this machine's virtio disk block by block through the kernel's I/O path, which costs CPU
   per read; from tmpfs the same checks cost a fraction (17,000-thin pool: thin_check 1.1
   0.76 -> 0.13 CPU-s, 0.9 1.55 -> 0.47). For files of up to a few hundred MB (RAM).
+* A run of tests/ alone keeps its temporary files (``tmp_path``, ``tmp_path_factory``) on
+  tmpfs (/dev/shm) unless ``--basetemp`` is given or ``DMIMAGE_TEST_TMPFS=0`` is set: the
+  oracles and dmimage read and write their pools there without this machine's virtio disk
+  I/O, whose per-request kernel work was a fifth of the unit suite's CPU (sys time 76 -> 43 s, the suite without the
+  fuzz 227 -> 186 CPU-s). A passed test's ``tmp_path`` is removed when it ends (a few tests
+  write hundreds of MB: kept, the run would hold ~7 GB of RAM), the whole directory when the
+  run passed; a failed run keeps its failed tests' files and says where.
 * ``fuzz_seed`` (session): the seed of this run's fuzz inputs (tests/test_fuzz.py): fresh per
   run, or ``$DMIMAGE_FUZZ_SEED``; shared with xdist workers; printed in the terminal summary
   (also under ``-q``) with the fuzz statistics.
@@ -33,6 +40,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -65,7 +73,33 @@ ORACLE_FIXTURES = {
 FUZZ_SEED = pytest.StashKey[int]()
 
 
+#: the run's base temporary directory when this conftest put it on tmpfs (controller only)
+_TMPFS_BASE: list[Path] = []
+_CALL_PASSED = pytest.StashKey[bool]()
+
+
+def _tmpfs_basetemp(config: pytest.Config) -> None:
+    """Put the run's temporary files on tmpfs (module docstring), before pytest's tmpdir
+    plugin reads --basetemp; xdist's workers get their directories inside it."""
+    if (config.option.basetemp is not None or hasattr(config, "workerinput")
+            or os.environ.get("DMIMAGE_TEST_TMPFS") == "0"):
+        return
+    # only a run of tests/ alone: the VM tests' files (disk images) stay on disk
+    here = Path(__file__).parent.resolve()
+    run = [(config.invocation_params.dir / str(a).split("::")[0]).resolve() for a in config.args]
+    if not run or not all(a.is_relative_to(here) for a in run):
+        return
+    shm = "/dev/shm"
+    if not (os.path.isdir(shm) and os.access(shm, os.W_OK)):
+        return
+    d = Path(tempfile.mkdtemp(prefix="dmimage-pytest-", dir=shm))
+    config.option.basetemp = str(d)
+    _TMPFS_BASE.append(d)
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
+    _tmpfs_basetemp(config)
     workerinput = getattr(config, "workerinput", None)
     if workerinput is not None and "dmimage_fuzz_seed" in workerinput:
         seed = int(workerinput["dmimage_fuzz_seed"])
@@ -74,6 +108,43 @@ def pytest_configure(config: pytest.Config) -> None:
     else:
         seed = secrets.randbits(32)
     config.stash[FUZZ_SEED] = seed
+
+
+def _on_tmpfs(config: pytest.Config) -> bool:
+    base = config.option.basetemp
+    return base is not None and Path(base).resolve().is_relative_to(Path("/dev/shm").resolve())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Any:
+    rep = yield
+    if rep.when == "call":
+        item.stash[_CALL_PASSED] = rep.passed
+    return rep
+
+
+@pytest.fixture(autouse=True)
+def _tmpfs_tmp_path_removed(request: pytest.FixtureRequest) -> Iterator[None]:
+    """On tmpfs, a passed test's tmp_path goes when the test ends (it is RAM)."""
+    yield
+    path = getattr(request.node, "funcargs", {}).get("tmp_path")
+    if (path is not None and request.node.stash.get(_CALL_PASSED, False)
+            and _on_tmpfs(request.config)):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for d in _TMPFS_BASE:
+        failed = getattr(config, "_dmimage_failed", True)
+        if failed and any(f.is_file() for f in d.rglob("*")):
+            print(f"dmimage tests: the failed tests' files are in {d} (tmpfs: remove it when "
+                  "done)", file=sys.stderr)
+        else:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config._dmimage_failed = exitstatus != 0  # type: ignore[attr-defined]
 
 
 @pytest.hookimpl(optionalhook=True)
