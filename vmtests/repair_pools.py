@@ -117,11 +117,10 @@ class _Pool:
 
     def sh(self, cmd: str, timeout: float = 600.0) -> str:
         """Run what :meth:`do` queued, then *cmd*, in one guest command."""
-        from vmtests.scenario import after_queued
+        from vmtests.scenario import run_after_queued
 
         queued, self.queue = self.queue, []
-        script, total = after_queued(queued, cmd, timeout)
-        return self.vm.sh(script, timeout=total)
+        return run_after_queued(self.vm, queued, cmd, timeout)
 
     def do(self, cmd: str, timeout: float = 600.0) -> None:
         self.queue.append((cmd, timeout))

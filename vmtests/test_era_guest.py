@@ -56,7 +56,7 @@ def test_kernel_era_metadata(dm_vm: Machine, tmp_path: Path) -> None:
     rng = random.Random(2026)
     written: dict[int, set[int]] = {}
     vm = dm_vm
-    with vm.disk(meta, read_only=False) as m, vm.disk(origin, read_only=False) as o:
+    with vm.disks_attached([meta, origin], read_only=False) as (m, o):
         t = f"0 {NR_BLOCKS * BLOCK} era {m.guest_path} {o.guest_path} {BLOCK}"
         vm.sh(f"dmsetup create kera --table {shlex.quote(t)}")
         try:
@@ -109,7 +109,7 @@ def _activate_and_write(vm: Machine, meta: Path, origin: Path, rng: random.Rando
                         written: dict[int, set[int]]) -> tuple[int, str]:
     """Activate an era target on ``meta``, hash what it serves, then write 15 random blocks and
     checkpoint, twice; ``written`` gains each era's blocks. Returns the first era and the hash."""
-    with vm.disk(meta, read_only=False) as m, vm.disk(origin, read_only=False) as o:
+    with vm.disks_attached([meta, origin], read_only=False) as (m, o):
         t = f"0 {NR_BLOCKS * BLOCK} era {m.guest_path} {o.guest_path} {BLOCK}"
         vm.sh(f"dmsetup create kera --table {shlex.quote(t)}")
         try:

@@ -199,7 +199,7 @@ def _fake_qemu(path: Path, version: str) -> str:
 def test_queued_commands_run_in_order_and_name_the_failing_one() -> None:
     """vmtests/scenario.py's batching, in the guest's shell (busybox sh): queued commands run
     in order with their output dropped, the first failure stops the script and is named."""
-    from vmtests.scenario import after_queued
+    from vmtests.scenario import after_queued, run_after_queued
 
     sh = shutil.which("busybox")
     if sh is None:
@@ -209,10 +209,24 @@ def test_queued_commands_run_in_order_and_name_the_failing_one() -> None:
     assert timeout == 27
     r = subprocess.run([sh, "sh", "-c", script], capture_output=True, text=True)
     assert (r.returncode, r.stdout) == (1, "")
-    assert r.stderr == "one\nqueued command 2 failed: false\n"
+    assert r.stderr == "one\nqueued command 2 failed\n"
     script, _ = after_queued([("echo hidden", 1), ("exit 0", 1)], "echo shown", 1)
     r = subprocess.run([sh, "sh", "-c", script], capture_output=True, text=True)
     assert (r.returncode, r.stdout, r.stderr) == (0, "shown\n", "")
+
+    class HostShell:
+        """The guest's run(), by the host's busybox sh."""
+
+        def run(self, script: str, timeout: float) -> CommandResult:
+            p = subprocess.run([str(sh), "sh", "-c", script], capture_output=True)
+            return CommandResult(script, p.returncode, p.stdout, p.stderr, 0.0)
+
+    # run_after_queued names the failing command (the script carries only its index).
+    with pytest.raises(GuestCommandError) as ei:
+        run_after_queued(HostShell(), [("echo one >&2", 5), ("false", 5)],  # type: ignore[arg-type]
+                         "echo last", 7)
+    assert ei.value.result.stderr == b"one\nqueued command 1 failed: false\n"
+    assert run_after_queued(HostShell(), [("exit 0", 1)], "echo shown", 1) == "shown\n"  # type: ignore[arg-type]
 
 
 def test_state_key_follows_every_input(tmp_path: Path) -> None:

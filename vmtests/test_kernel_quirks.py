@@ -93,17 +93,19 @@ class Case:
 
     def __init__(self, vm: Machine, tmp_path: Path, disks: int) -> None:
         self.vm = vm
-        self.paths = []
+        files = []
         for i in range(disks):
             p = tmp_path / f"d{i}.img"
             with open(p, "wb") as f:
                 f.truncate(DISK_BYTES)
-            self.paths.append(vm.attach(p, read_only=False).guest_path)
+            files.append(p)
+        self.paths = [d.guest_path for d in vm.attach_many(files, read_only=False)]
 
     def load(self, name: str, table: str) -> tuple[int, str]:
-        before = len(self.vm.dmesg().splitlines())
-        r = self.vm.run(f"dmsetup create {name} --table '{table}'", timeout=120)
-        return r.returncode, "\n".join(self.vm.dmesg().splitlines()[before:])
+        # One guest command; only the lines the create added cross the agent's line.
+        r = self.vm.run(f"n=$(dmesg | wc -l); dmsetup create {name} --table '{table}'; rc=$?; "
+                        "echo @@dmesg@@; dmesg | tail -n +$((n + 1)); exit $rc", timeout=120)
+        return r.returncode, "\n".join(r.out.partition("@@dmesg@@\n")[2].splitlines())
 
 
 def _guest_for(kernel: str, oopses: bool, guests: dict[str, Machine]

@@ -69,7 +69,7 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> PoolFiles:
 
 
 def _activate(vm: Machine, meta: Path, data: Path) -> tuple[bool, str]:
-    with vm.disk(meta, read_only=False) as m, vm.disk(data, read_only=False) as d:
+    with vm.disks_attached([meta, data], read_only=False) as (m, d):
         table = f"0 {64 * 128} thin-pool {m.guest_path} {d.guest_path} 128 0"
         res = vm.run(f"dmsetup create refusal --table {shlex.quote(table)}")
         if res.ok:

@@ -109,7 +109,7 @@ WRITES = ("dd if=/dev/urandom of=$ORIG bs=4096 seek=100 count=300 conv=fsync sta
 def test_kernel_store_read_exactly_and_merged(dm_vm: Machine, tmp_path: Path,
                                               disks: tuple[Path, Path]) -> None:
     origin, cow = disks
-    with dm_vm.disk(origin, read_only=False) as o, dm_vm.disk(cow, read_only=False) as c:
+    with dm_vm.disks_attached([origin, cow], read_only=False) as (o, c):
         rec = _stack(dm_vm, o.guest_path, c.guest_path, WRITES)
     status = rec["status"]
     assert isinstance(status, tuple)
@@ -134,7 +134,7 @@ def test_kernel_store_read_exactly_and_merged(dm_vm: Machine, tmp_path: Path,
     shutil.copyfile(origin, k_origin)
     shutil.copyfile(cow, k_cow)
     size = (ORIGIN_MIB << 20) // 512
-    with dm_vm.disk(k_origin, read_only=False) as o, dm_vm.disk(k_cow, read_only=False) as c:
+    with dm_vm.disks_attached([k_origin, k_cow], read_only=False) as (o, c):
         dm_vm.sh(f"dmsetup create mbase --table {shlex.quote(f'0 {size} linear {o.guest_path} 0')}")
         dm_vm.sh("dmsetup create smerge --table " + shlex.quote(
             f"0 {size} snapshot-merge /dev/mapper/mbase {c.guest_path} P {CHUNK}"))
@@ -160,7 +160,7 @@ def test_kernel_store_read_exactly_and_merged(dm_vm: Machine, tmp_path: Path,
         assert rep["exceptions"] == 0 and rep["problems"] == []
 
     # The kernel takes dmimage's emptied store over the merged origin: nothing excepted.
-    with dm_vm.disk(origin, read_only=False) as o, dm_vm.disk(cow, read_only=False) as c:
+    with dm_vm.disks_attached([origin, cow], read_only=False) as (o, c):
         again = _stack(dm_vm, o.guest_path, c.guest_path, "true")
     assert again["snap_sha"] == again["orig_sha"] == rec["snap_sha"]
     status = again["status"]
@@ -172,7 +172,7 @@ def test_overflow_invalidates(dm_vm: Machine, tmp_path: Path) -> None:
     origin, cow = tmp_path / "origin", tmp_path / "cow"
     origin.write_bytes(bytes(1 << 20))
     cow.write_bytes(bytes(16 * CHUNK * 512))
-    with dm_vm.disk(origin, read_only=False) as o, dm_vm.disk(cow, read_only=False) as c:
+    with dm_vm.disks_attached([origin, cow], read_only=False) as (o, c):
         rec = _stack(dm_vm, o.guest_path, c.guest_path,
                      "dd if=/dev/urandom of=$ORIG bs=4096 count=64 conv=fsync status=none")
     assert "Invalid" in str(rec["status_line"])
@@ -188,7 +188,7 @@ def test_bad_magic_refused_by_both(dm_vm: Machine, tmp_path: Path) -> None:
     buf = bytearray(1 << 20)
     struct.pack_into("<4I", buf, 0, 0x70416E54, 1, 1, CHUNK)
     cow.write_bytes(buf)
-    with dm_vm.disk(origin, read_only=False) as o, dm_vm.disk(cow, read_only=False) as c:
+    with dm_vm.disks_attached([origin, cow], read_only=False) as (o, c):
         res = dm_vm.run("dmsetup create sbad --table " + shlex.quote(
             f"0 2048 snapshot {o.guest_path} {c.guest_path} P {CHUNK}"))
         if res.ok:
