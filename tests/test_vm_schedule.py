@@ -38,6 +38,23 @@ def test_kernel_alone(kernel): pass
 def test_userspace(kernel, seed): pass
 '''
 
+WHOLE_FILE_TESTS = '''
+import pytest
+
+pytestmark = pytest.mark.vm_whole_file
+
+@pytest.fixture(scope="module")
+def store():
+    return 1
+
+def test_first(store): pass
+
+@pytest.mark.parametrize("which", ["store"])
+def test_dynamic(request, which): request.getfixturevalue(which)
+
+def test_plain(): pass
+'''
+
 SHOW = '''
 import pytest
 
@@ -55,6 +72,7 @@ def _collect(tmp_path: Path, env: dict[str, str], weights: dict[str, float]) -> 
     shutil.copy(ROOT / "vmtests" / "conftest.py", d / "conftest.py")
     (d / "vm_durations.json").write_text(json.dumps(weights))
     (d / "test_fake.py").write_text(FAKE_TESTS)
+    (d / "test_whole.py").write_text(WHOLE_FILE_TESTS)
     (d / "showgroups.py").write_text(SHOW)
     (d / "__init__.py").write_text("")
     out = subprocess.run(
@@ -89,6 +107,8 @@ def test_one_kernel_and_groups(tmp_path: Path) -> None:
     assert ids["test_kernel_alone[deb12]"] not in (ids["test_kernel_a[deb12]"],
                                                    ids["test_kernel_alone[deb13]"])
     assert ids["test_userspace[deb12-1]"] != ids["test_userspace[deb12-2]"]
+    # a vm_whole_file module is one group, whatever its tests name as fixtures
+    assert len({ids[k] for k in ("test_first", "test_dynamic[store]", "test_plain")}) == 1
     # xdist takes the group from after the last "@" only when no "]" follows it
     assert not [g for g in ids.values() if "]" in g or "@" in g or " " in g]
     # the committed weights put the heaviest groups first on a fresh checkout

@@ -10,7 +10,10 @@ and run on every selected kernel.
 Groups. Each test goes into the xdist group "<file>::<kernel>" (or "<file>" when it takes no
 kernel), split further where no module-scoped fixture ties tests together: tests sharing a
 module-scoped fixture (a scenario, a guest of the module) stay in one group, so it is made
-once per worker, and every other test is its own group. test_docker_store.py's three
+once per worker, and every other test is its own group. A file marked ``vm_whole_file`` (its
+tests reach module fixtures through ``request.getfixturevalue``, invisible here) is one group:
+split, its tests went to both workers between other files' tests, and each return to the file
+made its module fixtures again (a Docker scenario each time). test_docker_store.py's three
 scenarios share its one module guest (one group): a guest per scenario ran them in parallel
 but cost ~20 QEMU CPU-s more (boots, containerd and dockerd starts), and the suite is CPU-bound.
 
@@ -50,6 +53,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "vm_one_kernel: the oracle is userspace (lvm2, dockerd) or the generic "
                    "block layer: run on one kernel unless every kernel is selected")
+    config.addinivalue_line(
+        "markers", "vm_whole_file: the file's tests reach its module fixtures through "
+                   "request.getfixturevalue, which the grouping cannot see: one group per kernel")
     from dmimage.guest.machine import Machine
 
     # Every disk the suite hot-plugs is a scratch image under its tmp dirs: the guests'
@@ -136,7 +142,10 @@ def _groups(items: list[pytest.Item]) -> dict[int, str]:
         name = Path(str(it.fspath)).name
         kernel = _kernel(it)
         unit = f"{name}::{kernel}" if kernel else name
-        by_unit.setdefault(unit, []).append(it)
+        if it.get_closest_marker("vm_whole_file"):
+            out[id(it)] = unit
+        else:
+            by_unit.setdefault(unit, []).append(it)
     for unit, members in by_unit.items():
         # Tests that share a module-scoped fixture form one group; the rest stand alone.
         parent: dict[str, str] = {}

@@ -22,7 +22,8 @@ from vmtests.docker_scenario import (
     restart_and_inspect,
 )
 
-pytestmark = pytest.mark.vm
+#: vm_whole_file: the parametrized tests take their scenario by request.getfixturevalue.
+pytestmark = [pytest.mark.vm, pytest.mark.vm_whole_file]
 
 
 @pytest.fixture(scope="module")
