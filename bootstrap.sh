@@ -87,7 +87,7 @@ run_tests() {
         .venv/bin/python -m pytest -q -n 2 tests || unit_rc=$?
         date +%s >"$unit_log.end"
     else
-        ( nice -n 5 .venv/bin/python -m pytest -q -n 3 tests >"$unit_log" 2>&1 &
+        ( nice -n 5 .venv/bin/python -m pytest -q -n 2 tests >"$unit_log" 2>&1 &
           child=$!
           trap 'kill "$child" 2>/dev/null || :' TERM
           rc=0; wait "$child" || rc=$?
