@@ -26,10 +26,8 @@ import hashlib
 import io
 import os
 import random
-import shutil
 import subprocess
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -472,18 +470,10 @@ def data_durable_before_superblock(rec: crashsim.Recording, meta: Path, data: Pa
 
 
 @pytest.fixture
-def crash_images(tmp_path: Path) -> Iterator[Path]:
+def crash_images(shm_path: Path) -> Path:
     """Where the judge writes the crash images (hundreds per step, each removed once
     judged): on tmpfs when there is one, where writing and removing them costs least."""
-    shm = "/dev/shm"
-    if not (os.path.isdir(shm) and os.access(shm, os.W_OK)):
-        yield tmp_path
-        return
-    d = Path(tempfile.mkdtemp(prefix="dmimage-crash-", dir=shm))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+    return shm_path
 
 
 @pytest.mark.parametrize("seq", sorted(SEQUENCES))
