@@ -686,7 +686,7 @@ def _hash_parts(h: Any, parts: list[tuple[Path, int, int]]) -> None:
     """Feed ``h`` the bytes [offset, offset+length) of each (file, offset, length) in turn.
     Holes are hashed as zeros without being read; data is hashed from a read-only mapping of
     the file (no copy into a buffer first)."""
-    from dmimage.image.sparse import data_ranges
+    from dmimage.extents import data_ranges
 
     zero = memoryview(bytes(1 << 20))
     step = 16 << 20
@@ -721,7 +721,7 @@ def _hash_parts(h: Any, parts: list[tuple[Path, int, int]]) -> None:
 
 def _same_bytes(a: Path, a_off: int, b: Path, b_off: int, length: int) -> bool:
     """Whether two byte ranges of two (sparse) files are equal: only their data is read."""
-    from dmimage.image.sparse import data_ranges
+    from dmimage.extents import data_ranges
 
     fa = os.open(a, os.O_RDONLY | os.O_CLOEXEC)
     try:

@@ -126,7 +126,7 @@ def _hash(spec: DockerSpec, chain: str) -> str:
 def _blocks_to_write(child: Path, parent: Path | None, size: int
                      ) -> tuple[np.ndarray, np.ndarray]:
     """(blocks to write, blocks to discard) making a snapshot of *parent* hold *child*."""
-    from dmimage.image.sparse import data_ranges
+    from dmimage.extents import data_ranges
 
     writes: list[np.ndarray] = []
     discards: list[np.ndarray] = []

@@ -2,35 +2,15 @@
 
 from __future__ import annotations
 
-import errno
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 
+from dmimage.extents import data_ranges
+
 CHUNK = 1 << 20
 GRAIN = 64 << 10
-
-
-def data_ranges(fd: int, start: int, length: int) -> Iterator[tuple[int, int]]:
-    """(offset, length) of the data (non-hole) ranges of [start, start+length)."""
-    end = start + length
-    pos = start
-    while pos < end:
-        try:
-            d = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:
-                return
-            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # no SEEK_DATA: all data
-                yield pos, end - pos
-                return
-            raise
-        if d >= end:
-            return
-        h = min(os.lseek(fd, d, os.SEEK_HOLE), end)
-        yield d, h - d
-        pos = h
 
 
 def copy_sparse(fd_in: int, in_off: int, fd_out: int, out_off: int, length: int,

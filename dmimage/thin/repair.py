@@ -8,7 +8,6 @@ and never writes it. See docs/repair.md for the strategy and how it compares wit
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 from collections.abc import Callable
@@ -19,6 +18,7 @@ import numpy as np
 
 from dmimage import devlock
 from dmimage.errors import MetadataError, UsageError
+from dmimage.extents import data_ranges
 from dmimage.format.checksum import checksum_ok
 from dmimage.format.constants import (
     BLOCK_SIZE,
@@ -135,20 +135,13 @@ def _data_block_ranges(reader: BlockReader) -> list[tuple[int, int]]:
         if not stat.S_ISREG(st.st_mode) or st.st_size != reader.size:
             return whole
         out: list[tuple[int, int]] = []
-        pos = 0
-        while pos < reader.size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:  # only a hole is left
-                    break
-                return whole  # SEEK_DATA unsupported here
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            first, last = start // BLOCK_SIZE, min(-(-end // BLOCK_SIZE), reader.nr_blocks)
+        for off, n in data_ranges(fd, 0, reader.size):
+            first, last = off // BLOCK_SIZE, min(-(-(off + n) // BLOCK_SIZE), reader.nr_blocks)
             if first < last:
                 out.append((first, last))
-            pos = end
         return out
+    except OSError:
+        return whole
     finally:
         os.close(fd)
 
