@@ -53,3 +53,21 @@ def test_finish_alone_hashes_the_whole_range(tmp_path, monkeypatch):
     finally:
         data.close()
     assert h.hexdigest() == hashlib.sha256(body).hexdigest()
+
+
+def test_a_failed_constructor_leaves_no_descriptor(tmp_path, monkeypatch):
+    """A reader whose set-up fails after opening the file (here: no memory for its ring)
+    closes what it opened: the caller never gets an object to close."""
+    import os
+
+    path = tmp_path / "img"
+    path.write_bytes(bytes(1 << 16))
+
+    def no_memory(*_a, **_k):
+        raise MemoryError("ring")
+
+    monkeypatch.setattr(rb.mmap, "mmap", no_memory)
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(MemoryError):
+        ReadBack(path, 0, 1 << 16, lambda _v: None)
+    assert set(os.listdir("/proc/self/fd")) <= before

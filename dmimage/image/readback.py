@@ -54,16 +54,23 @@ class ReadBack:
         self.start, self.size = start, size
         self._feed = feed
         self._plain = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._direct: int | None = None
         try:
-            self._direct: int | None = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
-        except OSError:  # tmpfs and a few others refuse O_DIRECT: read through the cache
-            self._direct = None
-        self._fd = self._direct if self._direct is not None else self._plain
-        self._n = -(-size // WINDOW)
-        self._bufs = [mmap.mmap(-1, WINDOW) for _ in range(min(RING, self._n))]
-        self._views = [memoryview(b) for b in self._bufs]
-        self._reader = ThreadPoolExecutor(READERS, thread_name_prefix="read-back")
-        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="image-sha256")
+            try:
+                self._direct = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+            except OSError:  # tmpfs and a few others refuse O_DIRECT: read through the cache
+                pass
+            self._fd = self._direct if self._direct is not None else self._plain
+            self._n = -(-size // WINDOW)
+            self._bufs = [mmap.mmap(-1, WINDOW) for _ in range(min(RING, self._n))]
+            self._views = [memoryview(b) for b in self._bufs]
+            self._reader = ThreadPoolExecutor(READERS, thread_name_prefix="read-back")
+            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="image-sha256")
+        except BaseException:  # a half-built reader is never closed by its caller
+            for fd in (self._plain, self._direct):
+                if fd is not None:
+                    os.close(fd)
+            raise
         self._reads: dict[int, Future[memoryview]] = {}
         self._hashes: dict[int, Future[object]] = {}
         self._submitted = 0  # windows whose read was submitted
