@@ -1,9 +1,8 @@
 """The fuzz harness's engine: inputs from (seed, index), sandboxed workers, pipelined oracles.
 
 One parent process drives ``jobs`` :mod:`fuzz_worker` processes (one per core by default) and
-keeps thin_check 1.1 runs in flight beside them: thin_check 1.1 costs ~3 ms of CPU but ~0.5 s
-of wall time (its progress thread sleeps before exit), so it runs as a background subprocess
-per input while the workers go on, and is collected later.
+keeps thin_check 1.1 runs in flight beside them (forked by :mod:`fuzz_oracle`'s server, one
+fresh run per input), collected later while the workers go on.
 
 Input ``i`` of a run with seed ``S`` is drawn from ``random.Random(f"{S}:{i}")`` alone, so a
 failure is replayed exactly by ``DMIMAGE_FUZZ_SEED=S DMIMAGE_FUZZ_INPUTS=i``.
@@ -32,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import fuzz_oracle
 import sparse
 
 import damage
@@ -64,6 +64,7 @@ class Base:
     name: str
     pool: poolgen.Pool
     meta: bytes
+    path: str  # ``meta`` as thin_restore 1.1 wrote it
     used: list[int]
     named: list[damage.Damaged]
     data: str  # a sparse data file, room for the pool at the largest data block size
@@ -87,7 +88,7 @@ def make_bases(workdir: Path, tools: oracles.Tools) -> list[Base]:
         with open(data, "wb") as f:  # sparse: room for the largest valid data block size
             f.truncate(pool.nr_data_blocks * MAX_DATA_BLOCK_BYTES)
         ids = sorted(d.dev_id for d in pool.devices)
-        out.append(Base(name, pool, meta, fuzz_damage.used_blocks(meta),
+        out.append(Base(name, pool, meta, str(p), fuzz_damage.used_blocks(meta),
                         damage.all_damage(meta), str(data), tuple(ids[:2])))
     return out
 
@@ -101,8 +102,8 @@ class Case:
     recipe: list[tuple[Any, ...]]
     dir: Path
     results: dict[str, Any] = field(default_factory=dict)
-    oracle: subprocess.Popen[bytes] | None = None
-    repaired_oracle: subprocess.Popen[bytes] | None = None
+    oracle: subprocess.Popen[bytes] | fuzz_oracle.Check | None = None
+    repaired_oracle: subprocess.Popen[bytes] | fuzz_oracle.Check | None = None
     died: str | None = None
     #: a single-mutation input split off ``parent`` (see Run.decompose); its number in it
     parent: Case | None = None
@@ -399,6 +400,8 @@ class Run:
         self.repaired_dumps = workdir / "repaired-dumps"
         self.repaired_dumps.mkdir(exist_ok=True)
         self.oracle_env = oracles.tool_env(tools) if hasattr(tools, "series") else None
+        #: thin_check 1.1 forked per input (started by run(); None: a process per input)
+        self.checker: fuzz_oracle.ThinCheckServer | None = None
 
     # -- per input ---------------------------------------------------------------------------
     def prepare(self, index: int, parent: Case | None = None,
@@ -452,7 +455,9 @@ class Run:
                     "\n  " + "\n  ".join(o.fails))
             (st.unnamed_stricter if o.unnamed else self.failures).append(line)
 
-    def _thin_check(self, path: str) -> subprocess.Popen[bytes]:
+    def _thin_check(self, path: str) -> subprocess.Popen[bytes] | fuzz_oracle.Check:
+        if self.checker is not None:
+            return self.checker.check(path)
         return subprocess.Popen([str(self.tools.thin_check), "-q", path],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 env=self.oracle_env)
@@ -636,6 +641,9 @@ class Run:
         cpu0 = _cpu_seconds()
         todo = iter(indices)
         fuzz_worker.keep_freed_memory()  # each input copies a 2 MiB pool a few times
+        if self.bases:
+            self.checker = fuzz_oracle.start(self.tools.thin_check, self.oracle_env,
+                                             self.bases[0].path, self.workdir)
         try:
             while True:
                 for w in self.workers:
@@ -664,9 +672,12 @@ class Run:
             fuzz_worker.keep_freed_memory(False)
             for w in self.workers:
                 w.stop()
+            if self.checker is not None:  # with the checks still running
+                self.checker.stop()
+                self.checker = None
             for case in self.oracles:
                 for p in (case.oracle, case.repaired_oracle):
-                    if p is not None and p.poll() is None:
+                    if isinstance(p, subprocess.Popen) and p.poll() is None:
                         p.kill()
                         p.wait()
             self.stats.seconds = time.monotonic() - start
