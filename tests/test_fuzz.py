@@ -209,6 +209,10 @@ def test_sparse_inputs_read_back_and_digests_tell_them_apart(tmp_path: Path) -> 
     other = bytearray(data)
     other[4096 + 7], other[2 * 4096 + 7] = 0, 1  # the same block content, another block
     assert fuzz_run.digest(data) == fuzz_run.digest(bytes(data))
+    assert fuzz_run.digest(data, fuzz_run._nonzero_blocks(data)) == fuzz_run.digest(data)
+    q = str(tmp_path / "y")  # the blocks given, as prepare() does
+    fuzz_run.write_sparse(q, data, fuzz_run._nonzero_blocks(data))
+    assert Path(q).read_bytes() == data
     assert fuzz_run.digest(data) != fuzz_run.digest(other)
     assert fuzz_run.digest(data) != fuzz_run.digest(data + bytes(4096))  # length counts
     assert fuzz_run.file_digest(p) == fuzz_run.digest(data)
