@@ -1,9 +1,8 @@
 """The fuzz harness's engine: inputs from (seed, index), sandboxed workers, pipelined oracles.
 
 One parent process drives ``jobs`` :mod:`fuzz_worker` processes (one per core by default) and
-keeps thin_check 1.1 runs in flight beside them: thin_check 1.1 costs ~3 ms of CPU but ~0.5 s
-of wall time (its progress thread sleeps before exit), so it runs as a background subprocess
-per input while the workers go on, and is collected later.
+keeps thin_check 1.1 runs in flight beside them (forked by :mod:`fuzz_oracle`'s server, one
+fresh run per input), collected later while the workers go on.
 
 Input ``i`` of a run with seed ``S`` is drawn from ``random.Random(f"{S}:{i}")`` alone, so a
 failure is replayed exactly by ``DMIMAGE_FUZZ_SEED=S DMIMAGE_FUZZ_INPUTS=i``.
@@ -15,6 +14,8 @@ runs on repair's output runs once per distinct output (:meth:`Run.received`).
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import random
@@ -32,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import fuzz_oracle
+import numpy as np
 import sparse
 
 import damage
@@ -64,6 +67,7 @@ class Base:
     name: str
     pool: poolgen.Pool
     meta: bytes
+    path: str  # ``meta`` as thin_restore 1.1 wrote it
     used: list[int]
     named: list[damage.Damaged]
     data: str  # a sparse data file, room for the pool at the largest data block size
@@ -87,7 +91,7 @@ def make_bases(workdir: Path, tools: oracles.Tools) -> list[Base]:
         with open(data, "wb") as f:  # sparse: room for the largest valid data block size
             f.truncate(pool.nr_data_blocks * MAX_DATA_BLOCK_BYTES)
         ids = sorted(d.dev_id for d in pool.devices)
-        out.append(Base(name, pool, meta, fuzz_damage.used_blocks(meta),
+        out.append(Base(name, pool, meta, str(p), fuzz_damage.used_blocks(meta),
                         damage.all_damage(meta), str(data), tuple(ids[:2])))
     return out
 
@@ -101,8 +105,8 @@ class Case:
     recipe: list[tuple[Any, ...]]
     dir: Path
     results: dict[str, Any] = field(default_factory=dict)
-    oracle: subprocess.Popen[bytes] | None = None
-    repaired_oracle: subprocess.Popen[bytes] | None = None
+    oracle: subprocess.Popen[bytes] | fuzz_oracle.Check | None = None
+    repaired_oracle: subprocess.Popen[bytes] | fuzz_oracle.Check | None = None
     died: str | None = None
     #: a single-mutation input split off ``parent`` (see Run.decompose); its number in it
     parent: Case | None = None
@@ -124,16 +128,17 @@ class Case:
     damaged: bool = False
     reader_fails: int = 0
     repaired_ok: bool = False
+    has_normalized: bool = False  # the file :attr:`normalized` was written
 
-    @property
+    @functools.cached_property
     def meta(self) -> str:
         return str(self.dir / "bad.meta")
 
-    @property
+    @functools.cached_property
     def repaired(self) -> str:
         return str(self.dir / "repaired.meta")
 
-    @property
+    @functools.cached_property
     def normalized(self) -> str:
         """The input with the node headers 1.1 reads differently rewritten to what it reads
         (only written when there are any; fuzz_judge's counterfactual rules)."""
@@ -152,14 +157,27 @@ class Case:
 _nonzero_blocks = sparse.nonzero_blocks
 
 
-def write_sparse(path: str, data: bytes | bytearray) -> None:
+def write_sparse(path: str, data: bytes | bytearray, blocks: np.ndarray | None = None) -> None:
     """Write ``data`` to a new file, leaving its all-zero blocks as holes: an input is 512
     blocks of which a pool uses a few dozen, and writing (then reading) the zeros was a
-    large part of the harness's own cost per input. The file reads back byte for byte."""
-    sparse.write_sparse(path, data)
+    large part of the harness's own cost per input. The file reads back byte for byte.
+    ``blocks``: ``data``'s non-zero blocks when the caller has them (:func:`digest`'s)."""
+    sparse.write_sparse(path, data, blocks)
 
 
-digest = sparse.digest
+def digest(data: bytes | bytearray, blocks: np.ndarray | None = None) -> bytes:
+    """:func:`sparse.digest`, with ``data``'s non-zero blocks given when the caller has them
+    (each input's are found once, for its digest and its file)."""
+    if blocks is None:
+        return sparse.digest(data)
+    h = hashlib.blake2b(len(data).to_bytes(8, "little"), digest_size=16)
+    view = memoryview(data)
+    for b in blocks.tolist():
+        h.update(b.to_bytes(8, "little"))
+        h.update(view[b * sparse.BLOCK:(b + 1) * sparse.BLOCK])
+    return h.digest()
+
+
 file_digest = sparse.file_digest
 
 
@@ -191,12 +209,13 @@ def commands(case: Case) -> list[list[Any]]:
         ["rmap", ["rmap", "--region", "0..100", m], []],
         ["export", ["export", m, b.data, "--dev-id", str(first), "--size", "1M",
                     "-o", str(d / "export.img")], []],
+        # its output is rendered whole but read by no judgement (only its exit code is)
         ["dump --repair", ["dump", "--repair", "--data-block-size", "128", "-f", "json", m,
-                           "-o", str(d / "salvage.json")], []],
+                           "-o", os.devnull], []],
         ["repair", ["repair", "-q", "-i", m, "-o", case.repaired, "--data-block-size", "128"],
          []],
     ] + ([["check normalized", ["check", "--json", case.normalized], []]]
-         if os.path.exists(case.normalized) else [])
+         if case.has_normalized else [])
 
 
 def repaired_commands(case: Case) -> list[list[Any]]:
@@ -399,6 +418,8 @@ class Run:
         self.repaired_dumps = workdir / "repaired-dumps"
         self.repaired_dumps.mkdir(exist_ok=True)
         self.oracle_env = oracles.tool_env(tools) if hasattr(tools, "series") else None
+        #: thin_check 1.1 forked per input (started by run(); None: a process per input)
+        self.checker: fuzz_oracle.ThinCheckServer | None = None
 
     # -- per input ---------------------------------------------------------------------------
     def prepare(self, index: int, parent: Case | None = None,
@@ -414,7 +435,8 @@ class Run:
             base, recipe = parent.base, [parent.recipe[part]]
             d = self.workdir / f"in{index}.{part}"
         bad = fuzz_damage.apply(base.meta, recipe, base.used, base.named)
-        key = (base.name, digest(bad), None)
+        nonzero = _nonzero_blocks(bad)
+        key = (base.name, digest(bad, nonzero), None)
         normalized = None
         if _may_change_header(recipe):
             normalized = bytearray(bad)
@@ -427,9 +449,10 @@ class Run:
             return None
         d.mkdir()
         case = Case(index, base, recipe, d, parent=parent, part=part, key=key)
-        write_sparse(case.meta, bad)
+        write_sparse(case.meta, bad, nonzero)
         if normalized is not None:
             write_sparse(case.normalized, normalized)
+            case.has_normalized = True
         oracles.make_sparse(case.repaired, REPAIRED_BLOCKS)
         case.oracle = self._thin_check(case.meta)
         return case
@@ -452,7 +475,9 @@ class Run:
                     "\n  " + "\n  ".join(o.fails))
             (st.unnamed_stricter if o.unnamed else self.failures).append(line)
 
-    def _thin_check(self, path: str) -> subprocess.Popen[bytes]:
+    def _thin_check(self, path: str) -> subprocess.Popen[bytes] | fuzz_oracle.Check:
+        if self.checker is not None:
+            return self.checker.check(path)
         return subprocess.Popen([str(self.tools.thin_check), "-q", path],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 env=self.oracle_env)
@@ -636,6 +661,9 @@ class Run:
         cpu0 = _cpu_seconds()
         todo = iter(indices)
         fuzz_worker.keep_freed_memory()  # each input copies a 2 MiB pool a few times
+        if self.bases:
+            self.checker = fuzz_oracle.start(self.tools.thin_check, self.oracle_env,
+                                             self.bases[0].path, self.workdir)
         try:
             while True:
                 for w in self.workers:
@@ -664,9 +692,12 @@ class Run:
             fuzz_worker.keep_freed_memory(False)
             for w in self.workers:
                 w.stop()
+            if self.checker is not None:  # with the checks still running
+                self.checker.stop()
+                self.checker = None
             for case in self.oracles:
                 for p in (case.oracle, case.repaired_oracle):
-                    if p is not None and p.poll() is None:
+                    if isinstance(p, subprocess.Popen) and p.poll() is None:
                         p.kill()
                         p.wait()
             self.stats.seconds = time.monotonic() - start

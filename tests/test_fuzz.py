@@ -209,6 +209,10 @@ def test_sparse_inputs_read_back_and_digests_tell_them_apart(tmp_path: Path) -> 
     other = bytearray(data)
     other[4096 + 7], other[2 * 4096 + 7] = 0, 1  # the same block content, another block
     assert fuzz_run.digest(data) == fuzz_run.digest(bytes(data))
+    assert fuzz_run.digest(data, fuzz_run._nonzero_blocks(data)) == fuzz_run.digest(data)
+    q = str(tmp_path / "y")  # the blocks given, as prepare() does
+    fuzz_run.write_sparse(q, data, fuzz_run._nonzero_blocks(data))
+    assert Path(q).read_bytes() == data
     assert fuzz_run.digest(data) != fuzz_run.digest(other)
     assert fuzz_run.digest(data) != fuzz_run.digest(data + bytes(4096))  # length counts
     assert fuzz_run.file_digest(p) == fuzz_run.digest(data)
@@ -242,3 +246,35 @@ def test_a_repeated_input_gets_the_judgement_of_the_first(tmp_path: Path) -> Non
     st = run.stats
     assert (st.inputs, st.repeats, st.damaged, st.reader_fails, st.repaired) == (3, 3, 2, 2, 2)
     assert st.stricter == {"nr_allocated": 1}
+
+
+def test_forked_thin_check_answers_like_direct_runs(tools11: oracles.Tools,
+                                                    workdir: Path) -> None:
+    """fuzz_oracle's server (thin_check 1.1 forked per input, not exec'd) gives every input
+    the exit status a direct run gives it: clean bases and damaged ones, checks in flight at
+    once, statuses collected out of order."""
+    import subprocess
+
+    import fuzz_oracle
+
+    bases = fuzz_run.make_bases(workdir, tools11)
+    env = oracles.tool_env(tools11)
+    server = fuzz_oracle.start(tools11.thin_check, env, bases[0].path, workdir)
+    if server is None:
+        pytest.skip("no C compiler for the fork server (the harness runs thin_check directly)")
+    try:
+        paths = [b.path for b in bases]
+        for i in range(24):
+            base, recipe = fuzz_run.draw(99, i, bases)
+            p = str(workdir / f"forked-{i}.meta")
+            fuzz_run.write_sparse(p, fuzz_damage.apply(base.meta, recipe, base.used, base.named))
+            paths.append(p)
+        checks = [server.check(p) for p in paths]
+        forked = [c.wait() for c in reversed(checks)][::-1]
+        direct = [subprocess.run([str(tools11.thin_check), "-q", p], env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+                  for p in paths]
+    finally:
+        server.stop()
+    assert forked == direct
+    assert direct[:3] == [0, 0, 0] and any(rc != 0 for rc in direct[3:])
