@@ -17,6 +17,7 @@ from test_docker_store import make_store
 from test_locking import DMIMAGE, _hold, _release, _shells
 from test_lvm_cli import needs_tools
 
+from cli_run import run_cli
 from test_lvm import build, scenario_text
 
 
@@ -24,11 +25,18 @@ def _digest(*paths: str) -> list[str]:
     return [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths]
 
 
+def _lvm(*argv: str) -> tuple[int, str, str]:
+    """``dmimage lvm ARGV`` in this process (cli_run), for reads once no other process holds
+    a lock: the commands under test, and every lock contest, stay real processes."""
+    r = run_cli("lvm", *argv)
+    return r.returncode, r.stdout.decode(), r.stderr.decode()
+
+
 def _seqno(disks: list[str]) -> int:
-    r = subprocess.run([DMIMAGE, "lvm", "metadata", *disks], capture_output=True, text=True,
-                       check=True, timeout=120)
-    m = re.search(r"^\s*seqno = (\d+)$", r.stdout, re.M)
-    assert m, r.stdout[:500]
+    rc, out, err = _lvm("metadata", *disks)
+    assert rc == 0, err
+    m = re.search(r"^\s*seqno = (\d+)$", out, re.M)
+    assert m, out[:500]
     return int(m.group(1))
 
 
@@ -115,12 +123,11 @@ def test_concurrent_lvm_writers_lose_no_generation(tmp_path: Path) -> None:
         assert old == prev, (s, values)
         prev = new
     assert _seqno(sc.disks) == 7 + k
-    r = subprocess.run([DMIMAGE, "lvm", "metadata", *sc.disks], capture_output=True,
-                       text=True, check=True, timeout=120)
-    assert f"transaction_id = {prev}" in r.stdout
+    rc, out, err = _lvm("metadata", *sc.disks)
+    assert rc == 0 and f"transaction_id = {prev}" in out, err
     # Both PVs' metadata areas carry the newest generation: check names no stale copy.
-    r = subprocess.run([DMIMAGE, "lvm", "check", *sc.disks], capture_output=True, text=True, timeout=120)
-    assert "seqno" not in r.stderr, r.stderr
+    rc, out, err = _lvm("check", *sc.disks)
+    assert "seqno" not in err, err
 
 
 @needs_tools

@@ -361,9 +361,31 @@ def test_absurd_nr_data_blocks_fails_fast(tmp_path, capsys):
     assert out.read_bytes() == bytes(1024 * 4096)
 
 
+@pytest.fixture(scope="module")
+def whole_ir_restores(tmp_path_factory):
+    """source -> (its XML, the metadata restore() writes from the parsed IR): the reference
+    of test_streamed_restore_equals_whole_ir_path, made once per source for both piece
+    sizes (parsed with the default piece, so the small-piece stream is held to it too)."""
+    made = {}
+
+    def get(source: str) -> tuple[str, Path]:
+        if source not in made:
+            d = tmp_path_factory.mktemp(f"whole-{source}")
+            xml = {"defs": lambda: defs_xml(5),
+                   "multilevel": lambda: poolgen.to_xml(poolgen.multilevel_pool(70000), "1.1"),
+                   "snapshots": lambda: poolgen.to_xml(poolgen.snapshot_pool(), "1.1")}[source]()
+            whole = oracles.make_sparse(d / "whole.meta", 4096)
+            restore(read_xml_text(xml, d), whole)
+            made[source] = (xml, whole)
+        return made[source]
+
+    return get
+
+
 @pytest.mark.parametrize("piece", [1 << 20, 300])
 @pytest.mark.parametrize("source", ["defs", "multilevel", "snapshots"])
-def test_streamed_restore_equals_whole_ir_path(source, piece, tmp_path, monkeypatch):
+def test_streamed_restore_equals_whole_ir_path(source, piece, tmp_path, monkeypatch,
+                                               whole_ir_restores):
     """`dmimage restore` of XML in thin_dump's layout is laid out device by device while a
     thread parses (thin/restore_stream.py; small pieces: the helper thread scans every other
     one, and ends of bodies and refs fall inside its pieces): the whole-IR path must not be
@@ -371,14 +393,9 @@ def test_streamed_restore_equals_whole_ir_path(source, piece, tmp_path, monkeypa
     from dmimage.thin import restore_stream
     from dmimage.thin.dump import fastxml
 
+    xml, whole = whole_ir_restores(source)
+    (tmp_path / "x.xml").write_text(xml)
     monkeypatch.setattr(fastxml, "PIECE", piece)
-
-    xml = {"defs": lambda: defs_xml(5),
-           "multilevel": lambda: poolgen.to_xml(poolgen.multilevel_pool(70000), "1.1"),
-           "snapshots": lambda: poolgen.to_xml(poolgen.snapshot_pool(), "1.1")}[source]()
-    ir = read_xml_text(xml, tmp_path)
-    whole = oracles.make_sparse(tmp_path / "whole.meta", 4096)
-    restore(ir, whole)
 
     def no_fallback(*args, **kwargs):
         raise AssertionError("the whole-IR path was taken")

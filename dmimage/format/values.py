@@ -55,7 +55,8 @@ def unpack_details(values: bytes | memoryview | np.ndarray) -> list[DeviceDetail
     """A leaf's raw values (or a DEVICE_DETAILS_DTYPE array) -> records, in order."""
     if not isinstance(values, np.ndarray) or values.dtype != DEVICE_DETAILS_DTYPE:
         values = np.frombuffer(values, dtype=DEVICE_DETAILS_DTYPE)
-    return [DeviceDetails(*(int(x) for x in rec)) for rec in values.tolist()]
+    # tolist() gives Python ints already: no per-field conversion (17,000-thin pools)
+    return [DeviceDetails(*rec) for rec in values.tolist()]
 
 
 def pack_mapping(data_block: int, time: int) -> int:

@@ -367,7 +367,7 @@ class BtreeWalker:
         underfull = fill_problem(node, is_root, what)
         if underfull is not None:
             self.on_error(underfull)
-        elif is_root and fill_problem(node, False, what) is not None:
+        elif is_root and nr < node.max_entries // 3:  # fill_problem's rule, as a child
             self._underfull_as_child[b] = node
         bad = sort_problem(node, what)
         if bad is not None:
