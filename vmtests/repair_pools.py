@@ -47,7 +47,10 @@ SECTOR = 512
 BLOCK_SECTORS = 128  # 64 KiB data blocks
 BLOCK_BYTES = BLOCK_SECTORS * SECTOR
 PIECE = 4096  # bytes written per data block (skip_block_zeroing: the rest stays zero)
-PATTERN_PIECES = 512  # a 2 MiB pattern disk
+PATTERN_PIECES = 2048  # an 8 MiB pattern disk
+#: The pattern's size when pieces were drawn at random: the draws are still made, so that
+#: a spec makes the same pool (the committed fixtures) as then.
+PATTERN_PIECES_BEFORE = 512
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,7 @@ class _Pool:
         self.meta_dev, self.data_dev = self.disks[0].guest_path, self.disks[1].guest_path
         self.pat_dev = self.disks[2].guest_path if pattern is not None else ""
         self.active: set[int] = set()
+        self.next_piece = 0  # the pattern piece the next block written gets
         self.ops: list[str] = []
         self.trans_id = 0
         #: Commands run for their effect: sent with the next :meth:`sh` (one round trip to
@@ -147,7 +151,7 @@ class _Pool:
     def path(self, dev: int, vblocks: int) -> str:
         if dev not in self.active:
             table = f"0 {vblocks * BLOCK_SECTORS} thin /dev/mapper/rpool {dev}"
-            self.do(f"dmsetup create rthin{dev} --table {shlex.quote(table)} && dmsetup mknodes")
+            self.do(f"dmsetup create rthin{dev} --table {shlex.quote(table)}")
             self.active.add(dev)
         return f"/dev/mapper/rthin{dev}"
 
@@ -161,23 +165,26 @@ class _Pool:
         (a flush: the pool commits).
 
         The thin sees one 4 KiB O_DIRECT write per block, in ascending order, one at a time,
-        as from one ``dd`` per block; but they come from a single ``dd`` between two dm-linear
-        devices the guest's shell lays out (builtins only): the pieces of the pattern disk
-        end to end, and the blocks' first 4 KiB of the thin end to end. Under TCG a process
-        start costs ~10-15 ms of CPU, and a pool writes ~1,000 blocks."""
+        as from one ``dd`` per block; but they come from a single ``dd`` from the pattern
+        disk into a dm-linear device the guest's shell lays out (builtins only) over the
+        blocks' first 4 KiB, end to end. The pieces are the pattern's next ones in turn, so
+        the blocks of a pool hold distinct content (up to ``PATTERN_PIECES`` writes). Under
+        TCG a process start costs ~10-25 ms of CPU, and a pool writes ~1,000 blocks."""
         path = self.path(dev, vblocks)
         self.ops.append(f"write {dev} {len(blocks)} blocks")
-        pairs = " ".join(f"{b}:{rng.randrange(PATTERN_PIECES)}" for b in blocks)
+        for _ in blocks:  # the draws of the random pieces this used to write (same pools)
+            rng.randrange(PATTERN_PIECES_BEFORE)
+        if self.next_piece + len(blocks) > PATTERN_PIECES:
+            self.next_piece = 0
+        start, self.next_piece = self.next_piece, self.next_piece + len(blocks)
         ps = PIECE // SECTOR
-        self.do(f"n=0; for p in {pairs}; do b=${{p%:*}}; s=${{p#*:}}; "
-                f"echo \"$((n*{ps})) {ps} linear {self.pat_dev} $((s*{ps}))\" >&3; "
+        self.do(f"n=0; for b in {' '.join(map(str, blocks))}; do "
                 f"echo \"$((n*{ps})) {ps} linear {path} $((b*{BLOCK_SECTORS}))\"; "
-                f"n=$((n+1)); done 3>/tmp/rsrc.table >/tmp/rdst.table && "
-                f"dmsetup create rsrc </tmp/rsrc.table && "
-                f"dmsetup create rdst </tmp/rdst.table && dmsetup mknodes && "
-                f"dd if=/dev/mapper/rsrc of=/dev/mapper/rdst bs={PIECE} count=$n "
+                f"n=$((n+1)); done >/tmp/rdst.table && "
+                f"dmsetup create rdst </tmp/rdst.table && "
+                f"dd if={self.pat_dev} of=/dev/mapper/rdst bs={PIECE} skip={start} count=$n "
                 f"iflag=direct oflag=direct status=none && "
-                f"dmsetup remove rdst && dmsetup remove rsrc && "
+                f"dmsetup remove rdst && "
                 f"dd if={path} of={path} bs={PIECE} count=1 conv=notrunc,fsync 2>/dev/null")
 
     def discard(self, dev: int, vblocks: int, start: int, count: int) -> None:
@@ -226,7 +233,7 @@ class _Pool:
             # hide the table the host just wrote.
             self.sh(f"blockdev --flushbufs {sc} && dd if={sc} bs=1048576 skip={toff} "
                     f"count={len(table)} iflag=skip_bytes,count_bytes status=none | "
-                    f"dmsetup create rscan && dmsetup mknodes && "
+                    f"dmsetup create rscan && "
                     f"dd if=/dev/mapper/rscan of={sc} bs=1048576 count={out_bytes} "
                     f"iflag=direct,count_bytes oflag=direct status=none && "
                     f"dmsetup remove rscan", timeout=1800)

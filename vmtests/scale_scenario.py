@@ -187,7 +187,7 @@ def scatter_script(blob: Blob, name: str, targets: list[Target], payload: bytes,
     assert len(payload) == total * SECTOR, (len(payload), total)
     toff, tlen = blob.add(scatter_table(targets).encode())
     poff, _ = blob.add(payload)
-    out = [f"{Blob.extract(toff, tlen)} | dmsetup create {name}", "dmsetup mknodes"]
+    out = [f"{Blob.extract(toff, tlen)} | dmsetup create {name}"]
     pieces = batches or [(len(targets), [])]
     done = 0  # in sectors
     i = 0
