@@ -383,8 +383,7 @@ class PoolSession:
     def activate_thin(self, dev: int, sectors: int | None = None) -> str:
         sectors = sectors or self.vblocks * self.files.block_sectors
         table = f"0 {sectors} thin /dev/mapper/{self.name} {dev}"
-        self.do(f"dmsetup create {self.thin_name(dev)} --table {shlex.quote(table)} && "
-                "dmsetup mknodes")
+        self.do(f"dmsetup create {self.thin_name(dev)} --table {shlex.quote(table)}")
         self.active[dev] = sectors
         return self.thin_path(dev)
 

@@ -320,7 +320,8 @@ def test_vm_verify(dm_vm: Machine, tmp_path: Path) -> None:
         verify_in(dm_vm, str(bad), str(files.data))
 
 
-def test_vm_verify_cli(dm_vm: Machine, tmp_path: Path) -> None:
+@pytest.mark.vm_one_kernel  # the command line around verify_in, which test_vm_verify runs
+def test_vm_verify_cli(dm_vm: Machine, tmp_path: Path) -> None:  # on every kernel
     """The command line (boots its own guest, same kernel as dm_vm): exit 0 and a JSON report."""
     import json
     import subprocess

@@ -72,16 +72,25 @@ class GuestReport:
                 "checks": [c.__dict__ for c in self.checks]}
 
 
-def _put_file(vm: Machine, text: str, guest_path: str) -> None:
+def _put_files(files: dict[str, str]) -> str:
+    """Shell lines writing each ``{guest path: text}`` (mode 755) under :data:`GUEST_DIR`."""
     marker = "DMIMAGE_EOF_7f3a"
-    assert marker not in text
-    vm.sh(f"mkdir -p {GUEST_DIR} && cat > {shlex.quote(guest_path)} <<'{marker}'\n{text}"
-          f"{marker}\nchmod 755 {shlex.quote(guest_path)}")
+    out = f"mkdir -p {GUEST_DIR} || exit 1\n"
+    for guest_path, text in files.items():
+        assert marker not in text
+        q = shlex.quote(guest_path)
+        out += f"cat > {q} <<'{marker}' || exit 1\n{text}{marker}\nchmod 755 {q} || exit 1\n"
+    return out
 
 
-def _devnum(vm: Machine, node: str) -> str:
-    out = vm.sh(f"cat /sys/class/block/$(basename $(readlink -f {shlex.quote(node)}))/dev")
-    return out.strip()
+def _sections(out: str, n: int, what: str) -> list[str]:
+    """*out* split at the ``@@@@`` lines the guest printed between *n* outputs."""
+    from dmimage.guest.errors import VMError
+
+    parts = ("\n" + out).split("\n@@@@\n")
+    if len(parts) != n:
+        raise VMError(f"{what}: {len(parts)} sections in the guest's output, not {n}")
+    return [parts[0][1:], *parts[1:]]
 
 
 def _expected_tables(outdir: Path, m: dict[str, Any], meta_mm: str, data_mm: str,
@@ -133,30 +142,41 @@ def verify_build(vm: Machine, outdir: str | Path, *, read_only: bool = True,
             disks.append(vm.attach(outdir / m["files"]["data"]["file"], read_only=read_only))
             dev_args = f" {disks[0].guest_path} {disks[1].guest_path}"
         rep.timings["attach"] = time.monotonic() - t0
-        _put_file(vm, (outdir / m["activate"]).read_text(), f"{GUEST_DIR}/activate.sh")
-        _put_file(vm, (outdir / m["deactivate"]).read_text(), f"{GUEST_DIR}/deactivate.sh")
+        # Under TCG each guest command costs ~0.05 QEMU CPU-s or more and each process start
+        # ~10 ms: the scripts go with activate.sh, the kernel's view is read in one command,
+        # the ext4 volumes are checked in one, and the kernel log with the deactivation.
+        put = _put_files({f"{GUEST_DIR}/activate.sh": (outdir / m["activate"]).read_text(),
+                          f"{GUEST_DIR}/deactivate.sh": (outdir / m["deactivate"]).read_text()})
         t1 = time.monotonic()
-        res = vm.run(f"sh {GUEST_DIR}/activate.sh{' -r' if read_only else ''}{dev_args}",
+        res = vm.run(f"{put}sh {GUEST_DIR}/activate.sh{' -r' if read_only else ''}{dev_args}",
                      timeout=120)
         rep.timings["activate"] = time.monotonic() - t1
         if not rep.add("activate.sh", res.ok, (res.err or res.out).strip()[-300:]
                        if not res.ok else res.out.strip().splitlines()[0]):
             vm.run(f"sh {GUEST_DIR}/deactivate.sh", timeout=60)
             return rep
+        log: str | None = None
         try:
             first = res.out.split()
             meta_node, data_node = first[2].rstrip(","), first[4]
-            status = vm.sh(f"dmsetup status {shlex.quote(pool)}").strip()
+
+            def devnum(node: str) -> str:
+                return (f"n=$(readlink -f {shlex.quote(node)}) && "
+                        "read -r mm </sys/class/block/${n##*/}/dev && echo $mm")
+
+            view = vm.sh(" && echo @@@@ && ".join([
+                f"dmsetup status {shlex.quote(pool)}", "dmsetup table",
+                f"dmsetup info -c --noheadings -o major,minor {shlex.quote(pool)}",
+                devnum(meta_node), devnum(data_node)]))
+            status, tables, pool_mm, meta_mm, data_mm = (
+                x.strip() for x in _sections(view, 5, "pool status, tables, device numbers"))
             rep.pool_status = status
             st = parse_pool_status(status)
             rep.add("pool status", not st.failed and not st.needs_check
                     and st.mode == ("ro" if read_only else "rw"), status)
             # tables round trip
-            got = parse_tables(vm.sh("dmsetup table"))
-            pool_mm = vm.sh(f"dmsetup info -c --noheadings -o major,minor "
-                            f"{shlex.quote(pool)}").strip()
-            want = _expected_tables(outdir, m, _devnum(vm, meta_node), _devnum(vm, data_node),
-                                    pool_mm, read_only)
+            got = parse_tables(tables + "\n")
+            want = _expected_tables(outdir, m, meta_mm, data_mm, pool_mm, read_only)
             for name, table in want.items():
                 rep.add(f"table {name}", got.get(name) == table,
                         "" if got.get(name) == table else f"kernel: {got.get(name)}, "
@@ -172,46 +192,64 @@ def verify_build(vm: Machine, outdir: str | Path, *, read_only: bool = True,
             rep.timings["hash"] = time.monotonic() - t2
             # ext4 files
             t3 = time.monotonic()
-            for i, d in enumerate(m["devices"]):
-                files = d["content"].get("files")
-                if files is None:
-                    continue
-                mnt = f"/mnt/v{i}"
-                r = vm.run(f"mkdir -p {mnt} && mount -t ext4 -o ro,noload "
-                           f"/dev/mapper/{d['dm_name']} {mnt} && cd {mnt} && "
-                           "find . -type f | sort | while IFS= read -r f; do "
-                           "sha256sum \"$f\"; done; rc=$?; cd /; umount " + mnt + "; exit $rc",
-                           timeout=180)
-                if not rep.add(f"mount {d['dm_name']}", r.ok, r.err.strip()[-200:]):
-                    continue
-                seen = {}
-                for line in r.out.splitlines():
-                    sha, _, p = line.partition("  ")
-                    seen[p[1:] if p.startswith(".") else p] = sha
-                want_files = {f["path"]: f["sha256"] for f in files}
-                bad = sorted(k for k in set(seen) | set(want_files)
-                             if seen.get(k) != want_files.get(k))
-                rep.add(f"files {d['dm_name']}", not bad,
-                        f"{len(want_files)} files match" if not bad else
-                        "differ: " + ", ".join(bad[:5]))
+            _check_ext4(vm, rep, m)
             rep.timings["ext4"] = time.monotonic() - t3
             if while_active is not None:
                 while_active(vm)
         finally:
-            r = vm.run(f"sh {GUEST_DIR}/deactivate.sh && dmsetup ls", timeout=60)
-            rep.add("deactivate.sh", r.ok and "No devices found" in r.out,
-                    (r.err + r.out).strip()[-200:] if not r.ok else "")
+            r = vm.run(f"sh {GUEST_DIR}/deactivate.sh && dmsetup ls && echo @@dmesg@@ && "
+                       f"{vm.dmesg_since_command()}", timeout=60)
+            ls, _, log = r.out.partition("@@dmesg@@\n")
+            rep.add("deactivate.sh", r.ok and "No devices found" in ls,
+                    (r.err + ls).strip()[-200:] if not r.ok else "")
+            if not r.ok:
+                log = None
     finally:
-        for d in disks:
-            if vm.alive:
-                vm.detach(d)
+        if vm.alive:
+            vm.detach_many(list(reversed(disks)))
     try:
-        vm.check_dmesg()
+        vm.check_dmesg(log=log)
         rep.add("kernel log", True)
     except Exception as exc:
         rep.add("kernel log", False, str(exc)[:300])
     rep.timings["total"] = time.monotonic() - t0
     return rep
+
+
+def _check_ext4(vm: Machine, rep: GuestReport, m: dict[str, Any]) -> None:
+    """Mount every ext4 volume read-only (one guest command for all) and compare its files'
+    sha256 with the manifest's."""
+    vols = [(i, d) for i, d in enumerate(m["devices"]) if d["content"].get("files") is not None]
+    if not vols:
+        return
+    script = []
+    for i, d in vols:
+        mnt = f"/mnt/v{i}"
+        # "@@@@" between volumes; each ends with "@@rc RC STDERR" (stderr on one line):
+        # RC 1 the mount failed, 2 the hashing.
+        script.append(f": >/tmp/.me; rc=0; mkdir -p {mnt} && mount -t ext4 -o ro,noload "
+                      f"/dev/mapper/{d['dm_name']} {mnt} 2>>/tmp/.me || rc=1\n"
+                      f"if [ $rc = 0 ]; then (cd {mnt} && find . -type f -exec sha256sum {{}} +) "
+                      f"2>>/tmp/.me || rc=2; umount {mnt}; fi\n"
+                      f"echo \"@@rc $rc $(tr '\\n' ' ' </tmp/.me)\"")
+    out = vm.run("\necho @@@@\n".join(script), timeout=180 * len(vols)).out
+    for (_i, d), part in zip(vols, _sections(out, len(vols), "ext4 volumes"), strict=True):
+        lines = part.strip("\n").splitlines()
+        last = lines[-1] if lines else ""
+        words = last.split(None, 2)
+        ok = len(words) >= 2 and words[0] == "@@rc" and words[1] == "0"
+        if not rep.add(f"mount {d['dm_name']}", ok,
+                       "" if ok else (words[2] if len(words) > 2 else last)[-200:]):
+            continue
+        seen = {}
+        for line in lines[:-1]:
+            sha, _, path = line.partition("  ")
+            seen[path[1:] if path.startswith(".") else path] = sha
+        want_files = {f["path"]: f["sha256"] for f in d["content"]["files"]}
+        bad = sorted(k for k in set(seen) | set(want_files)
+                     if seen.get(k) != want_files.get(k))
+        rep.add(f"files {d['dm_name']}", not bad,
+                f"{len(want_files)} files match" if not bad else "differ: " + ", ".join(bad[:5]))
 
 
 def verify_build_vm(outdir: str | Path, *, kernel: str = "deb12") -> GuestReport:
