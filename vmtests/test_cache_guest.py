@@ -37,6 +37,13 @@ def _dmimage(*argv: str) -> subprocess.CompletedProcess[str]:
                                        res.stderr.decode())
 
 
+def _remove(vm: Machine, name: str) -> None:
+    """Remove dm device *name* and check the kernel log, in one guest command (a sync too:
+    the test's host side reads the disks next)."""
+    out = vm.sh(f"dmsetup remove {name}; sync; echo @@dmesg@@; {vm.dmesg_since_command()}")
+    vm.check_dmesg(log=out.partition("@@dmesg@@\n")[2])
+
+
 @pytest.mark.parametrize("version", [1, 2])
 def test_kernel_cache_metadata(dm_vm: Machine, tmp_path: Path, version: int) -> None:
     tools = oracles.tools_11()
@@ -51,27 +58,33 @@ def test_kernel_cache_metadata(dm_vm: Machine, tmp_path: Path, version: int) -> 
     nfeat = len(feature.split())
     table = (f"0 {sectors} cache {{m}} {{c}} {{o}} {BLOCK} {nfeat} {feature} smq 0")
     vm = dm_vm
-    with vm.disks_attached([meta, fast, origin], read_only=False) as (m, c, o):
-        t = table.format(m=m.guest_path, c=c.guest_path, o=o.guest_path)
-        vm.sh(f"dmsetup create kcache --table {shlex.quote(t)}")
-        try:
-            # rewrites and rereads get blocks promoted; then, with migrations stopped (no
-            # background writeback either), rewrites of the cached blocks leave them dirty
-            # smq's hotspot queues move on the cache's once-a-second tick: give it a few
-            # (without the sleeps the CI run saw no promotion at all)
-            vm.sh("for i in 1 2 3 4 5; do "
-                  "dd if=/dev/urandom of=/dev/mapper/kcache bs=64k seek=10 count=40 conv=fsync "
-                  "status=none; dd if=/dev/mapper/kcache of=/dev/null bs=64k skip=10 count=40 "
-                  "status=none; dd if=/dev/mapper/kcache of=/dev/null bs=64k skip=300 count=20 "
-                  "status=none; sleep 1.2; done; dmsetup message kcache 0 migration_threshold 0; "
-                  "dd if=/dev/urandom of=/dev/mapper/kcache bs=64k seek=10 count=40 conv=fsync "
-                  "status=none", timeout=300)
-            want_sha = vm.sha256_of("/dev/mapper/kcache")
-            vm.sh("dmsetup suspend kcache && dmsetup resume kcache")  # commit the metadata
-            fields = vm.sh("dmsetup status kcache").split()
-        finally:
-            vm.sh("dmsetup remove kcache")
-    vm.check_dmesg()
+    # One hot-plug for both activations (hot-plugging and unplugging three disks costs ~1 QEMU
+    # CPU-s); the dm_vm guard detaches them when the test ends. In between they stay attached,
+    # unused, while the host reads and rewrites their files: the guest cannot serve stale
+    # bytes, as dm targets read their devices with bios, never through the disks' page cache
+    # (dropped anyway before the second activation), and QEMU reads its raw files through the
+    # host's page cache, which the host's tools write.
+    m, c, o = vm.attach_many([meta, fast, origin], read_only=False)
+    t = table.format(m=m.guest_path, c=c.guest_path, o=o.guest_path)
+    vm.sh(f"dmsetup create kcache --table {shlex.quote(t)}")
+    try:
+        # rewrites and rereads get blocks promoted; then, with migrations stopped (no
+        # background writeback either), rewrites of the cached blocks leave them dirty
+        # smq's hotspot queues move on the cache's once-a-second tick: give it a few
+        # (without the sleeps the CI run saw no promotion at all)
+        vm.sh("for i in 1 2 3 4 5; do "
+              "dd if=/dev/urandom of=/dev/mapper/kcache bs=64k seek=10 count=40 conv=fsync "
+              "status=none; dd if=/dev/mapper/kcache of=/dev/null bs=64k skip=10 count=40 "
+              "status=none; dd if=/dev/mapper/kcache of=/dev/null bs=64k skip=300 count=20 "
+              "status=none; sleep 1.2; done; dmsetup message kcache 0 migration_threshold 0; "
+              "dd if=/dev/urandom of=/dev/mapper/kcache bs=64k seek=10 count=40 conv=fsync "
+              "status=none", timeout=300)
+        want_sha = vm.sha256_of("/dev/mapper/kcache")
+        # suspend and resume commit the metadata
+        fields = vm.sh("dmsetup suspend kcache && dmsetup resume kcache && "
+                       "dmsetup status kcache").split()
+    finally:
+        _remove(vm, "kcache")
     meta_used, meta_total = map(int, fields[4].split("/"))
     cache_used, _ = map(int, fields[6].split("/"))
     dirty_status = int(fields[13])
@@ -119,15 +132,13 @@ def test_kernel_cache_metadata(dm_vm: Machine, tmp_path: Path, version: int) -> 
     assert hashlib.sha256(origin.read_bytes()).hexdigest() == want_sha
     # writeback cleared the dirty bits: the kernel, given the cache again, finds none dirty
     # and serves the same content
-    with vm.disks_attached([meta, fast, origin], read_only=False) as (m, c, o):
-        t = table.format(m=m.guest_path, c=c.guest_path, o=o.guest_path)
-        vm.sh(f"dmsetup create kcache --table {shlex.quote(t)}")
-        try:
-            again = vm.sh("dmsetup status kcache").split()
-            again_sha = vm.sha256_of("/dev/mapper/kcache")
-        finally:
-            vm.sh("dmsetup remove kcache")
-    vm.check_dmesg()
+    flush = "; ".join(f"blockdev --flushbufs {d.guest_path}" for d in (m, c, o))
+    again = vm.sh(f"{flush}; dmsetup create kcache --table {shlex.quote(t)} && "
+                  "dmsetup status kcache").split()
+    try:
+        again_sha = vm.sha256_of("/dev/mapper/kcache")
+    finally:
+        _remove(vm, "kcache")
     assert int(again[13]) == 0 and int(again[6].split("/")[0]) == cache_used, again
     assert again_sha == want_sha
 
@@ -172,15 +183,14 @@ def test_kernel_serves_restored_cache(dm_vm: Machine, tmp_path: Path, version: i
         t = (f"0 {nr_origin * BLOCK} cache {m.guest_path} {c.guest_path} {o.guest_path} "
              f"{BLOCK} {len(feature.split())} {feature} smq 2 migration_threshold 0")
         # no migrations: the restored dirty set stays as the kernel loaded it
-        vm.sh(f"dmsetup create rcache --table {shlex.quote(t)}")
+        fields = vm.sh(f"dmsetup create rcache --table {shlex.quote(t)} && "
+                       "dmsetup status rcache").split()
         try:
-            fields = vm.sh("dmsetup status rcache").split()
             got = vm.sha256_of("/dev/mapper/rcache")
             vm.sh("dd if=/dev/urandom of=/dev/mapper/rcache bs=64k seek=7 count=30 conv=fsync "
                   "status=none")
         finally:
-            vm.sh("dmsetup remove rcache")
-    vm.check_dmesg()
+            _remove(vm, "rcache")
     assert int(fields[6].split("/")[0]) == 40 and int(fields[13]) == 20
     assert got == want
     assert subprocess.run([str(tools.bindir / "cache_check"), str(meta)],
@@ -256,15 +266,14 @@ def test_kernel_serves_repaired_cache(dm_vm: Machine, tmp_path: Path, version: i
     with vm.disks_attached([meta, fast, origin], read_only=False) as (m, c, o):
         t = (f"0 {nr_origin * BLOCK} cache {m.guest_path} {c.guest_path} {o.guest_path} "
              f"{BLOCK} {len(feature.split())} {feature} smq 2 migration_threshold 0")
-        vm.sh(f"dmsetup create pcache --table {shlex.quote(t)}")
+        fields = vm.sh(f"dmsetup create pcache --table {shlex.quote(t)} && "
+                       "dmsetup status pcache").split()
         try:
-            fields = vm.sh("dmsetup status pcache").split()
             got = vm.sha256_of("/dev/mapper/pcache")
             vm.sh("dd if=/dev/urandom of=/dev/mapper/pcache bs=64k seek=7 count=30 conv=fsync "
                   "status=none")
         finally:
-            vm.sh("dmsetup remove pcache")
-    vm.check_dmesg()
+            _remove(vm, "pcache")
     assert int(fields[6].split("/")[0]) == 40 and int(fields[13]) == want_dirty, fields
     assert got == want
     assert subprocess.run([str(tools.bindir / "cache_check"), str(meta)],
