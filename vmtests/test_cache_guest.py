@@ -40,7 +40,8 @@ def _dmimage(*argv: str) -> subprocess.CompletedProcess[str]:
 def _remove(vm: Machine, name: str) -> None:
     """Remove dm device *name* and check the kernel log, in one guest command (a sync too:
     the test's host side reads the disks next)."""
-    out = vm.sh(f"dmsetup remove {name}; sync; echo @@dmesg@@; {vm.dmesg_since_command()}")
+    out = vm.sh(f"set -e; dmsetup remove {name}; sync; echo @@dmesg@@\n"
+                f"{vm.dmesg_since_command()}")
     vm.check_dmesg(log=out.partition("@@dmesg@@\n")[2])
 
 

@@ -61,7 +61,7 @@ def _parse_status(line: str) -> tuple[int, int, int]:
 def _remove(vm: Machine, names: str, allow: tuple[str, ...] = ()) -> None:
     """``dmsetup remove`` each of *names* in order, then check the kernel log: one guest
     command."""
-    out = vm.sh(" ; ".join(f"dmsetup remove {n}" for n in names.split()) +
+    out = vm.sh("set -e; " + "; ".join(f"dmsetup remove {n}" for n in names.split()) +
                 f"; echo @@dmesg@@; {vm.dmesg_since_command()}")
     vm.check_dmesg(allow=allow, log=out.partition("@@dmesg@@\n")[2])
 
