@@ -26,8 +26,9 @@ each in a guest of its own and pin what every kernel does, so a fixed 5.10 (or a
 regresses) shows.
 
 A case that oopses on a kernel boots a guest of its own there (a restored state, about a
-second; the oops taints it); the others share one guest per kernel and its disks (attached
-once, zeroed for each case), each case judged on the kernel log lines it added.
+second; the oops taints it); the cases that warn on a kernel share a guest of their own per
+kernel; the rest run in the session's guest. Each case is judged on the kernel log lines it
+added, on three disks of its guest, attached once and zeroed for each case.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from dmimage.guest.machine import Machine
 from dmimage.guest.pytest_plugin import unavailable
 from dmimage.table import parse_table
 from dmimage.table.args import KernelVersion
+from vmtests.kept_disks import KeptDisks, kept_disks
 from vmtests.tablegen import KERNEL_BUGS
 
 pytestmark = pytest.mark.vm
@@ -54,6 +56,10 @@ SECTORS = 4792  # any size; the first generated case that hit it had this one
 DISK_BYTES = 4 << 20
 #: Disks per guest: the most a case needs (cache: metadata, fast, origin).
 DISKS = 3
+
+#: The session guest's disks for the cases that neither oops nor warn there
+#: (vmtests/kept_disks.py: the test's guest is given by its ``kernel`` parameter).
+kept_sets, kept = kept_disks([DISK_BYTES] * DISKS)
 
 
 def _boot(name: str) -> Machine:
@@ -84,16 +90,22 @@ class Guest:
     bytes: dm targets read their devices with bios, not through that page cache, and QEMU
     reads the files through the host's page cache."""
 
-    def __init__(self, vm: Machine, tmp: Path, disks: int = DISKS) -> None:
+    def __init__(self, vm: Machine, files: list[Path], paths: list[str]) -> None:
         self.vm = vm
-        self.files = []
-        for i in range(disks):
+        self.files = files
+        self.paths = paths
+        self._flush = ""
+
+    @classmethod
+    def private(cls, vm: Machine, tmp: Path) -> Guest:
+        """*vm* (a guest of the test's own) with ``DISKS`` fresh disks."""
+        files = []
+        for i in range(DISKS):
             p = tmp / f"d{i}.img"
             with open(p, "wb") as f:
                 f.truncate(DISK_BYTES)
-            self.files.append(p)
-        self.paths = [d.guest_path for d in vm.attach_many(self.files, read_only=False)]
-        self._flush = ""
+            files.append(p)
+        return cls(vm, files, [d.guest_path for d in vm.attach_many(files, read_only=False)])
 
     def fresh(self, n: int) -> list[str]:
         """The first *n* disks, zeroed."""
@@ -119,7 +131,7 @@ class Guest:
 
 @pytest.fixture(scope="module")
 def quiet_guests(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Guest]]:
-    """One guest per kernel for the cases that do not oops there, started on first use."""
+    """One guest per kernel for the cases that warn there, started on first use."""
     guests: dict[str, Guest] = {}
     yield guests
     for g in guests.values():
@@ -134,31 +146,36 @@ def _refused(table: str, kernel: str) -> bool:
 
 
 @contextlib.contextmanager
-def _guest_for(kernel: str, oopses: bool, guests: dict[str, Guest],
+def _guest_for(kernel: str, bug: str, kept: KeptDisks, guests: dict[str, Guest],
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
-    """The kernel's quiet guest, or (for a case that oopses) a guest of its own, killed
-    after."""
-    if not oopses:
+    """Where a case runs on *kernel*, by what it does there (*bug*): "oops" in a guest of its
+    own (killed after), "warn" in the module's guest of that kernel for such cases, "" in
+    the session's guest (on its kept disks)."""
+    if bug == "oops":
+        vm = _boot(kernel)
+        try:
+            yield Guest.private(vm, tmp_path_factory.mktemp(f"oops-{kernel}"))
+        finally:
+            vm.kill()
+            vm.close()
+    elif bug == "warn":
         if kernel not in guests:
-            guests[kernel] = Guest(_boot(kernel), tmp_path_factory.mktemp(f"quiet-{kernel}"))
+            guests[kernel] = Guest.private(_boot(kernel),
+                                           tmp_path_factory.mktemp(f"quiet-{kernel}"))
         yield guests[kernel]
-        return
-    vm = _boot(kernel)
-    try:
-        yield Guest(vm, tmp_path_factory.mktemp(f"oops-{kernel}"))
-    finally:
-        vm.kill()
-        vm.close()
+    else:
+        yield Guest(kept.vm, kept.files, kept.paths)
 
 
 @pytest.mark.parametrize("target,store,sectors", [("snapshot-merge", "P", SECTORS),
                                                    ("snapshot", "PO", 40)])
 @pytest.mark.parametrize("kernel", selected_names())
 def test_snapshot_discard_zeroes_cow(kernel: str, target: str, store: str, sectors: int,
-                                     quiet_guests: dict[str, Guest],
+                                     kept: KeptDisks, quiet_guests: dict[str, Guest],
                                      tmp_path_factory: pytest.TempPathFactory) -> None:
     oopses = _series(kernel) >= (7, 0)
-    with _guest_for(kernel, oopses, quiet_guests, tmp_path_factory) as g:
+    with _guest_for(kernel, "oops" if oopses else "", kept, quiet_guests,
+                    tmp_path_factory) as g:
         o, c = g.fresh(2)
         table = f"0 {sectors} {target} {o} {c} {store} 8"
         # Without the feature every kernel loads it: the crash is the feature's.
@@ -177,10 +194,12 @@ def test_snapshot_discard_zeroes_cow(kernel: str, target: str, store: str, secto
 
 
 @pytest.mark.parametrize("kernel", selected_names())
-def test_snapshot_merge_transient_store(kernel: str, quiet_guests: dict[str, Guest],
+def test_snapshot_merge_transient_store(kernel: str, kept: KeptDisks,
+                                        quiet_guests: dict[str, Guest],
                                         tmp_path_factory: pytest.TempPathFactory) -> None:
     oopses = _series(kernel) == KERNEL_BUGS["snapshot-merge: transient store"][0]
-    with _guest_for(kernel, oopses, quiet_guests, tmp_path_factory) as g:
+    with _guest_for(kernel, "oops" if oopses else "", kept, quiet_guests,
+                    tmp_path_factory) as g:
         o, c = g.fresh(2)
         table = f"0 64 snapshot-merge {o} {c} N 8"
         assert _refused(table, kernel), "dmimage accepts it"
@@ -206,17 +225,20 @@ CACHE_CTR_ERRORS = {
 
 @pytest.mark.parametrize("label", sorted(CACHE_CTR_ERRORS))
 @pytest.mark.parametrize("kernel", selected_names())
-def test_cache_ctr_error_path(kernel: str, label: str, quiet_guests: dict[str, Guest],
+def test_cache_ctr_error_path(kernel: str, label: str, kept: KeptDisks,
+                              quiet_guests: dict[str, Guest],
                               tmp_path_factory: pytest.TempPathFactory) -> None:
-    """A WARNING does not break the guest: every kernel runs these in its shared guest."""
+    """A WARNING does not break a guest: the kernels that warn run all three in one guest."""
     policy, reason = CACHE_CTR_ERRORS[label]
-    with _guest_for(kernel, False, quiet_guests, tmp_path_factory) as g:
+    warns = _series(kernel) == KERNEL_BUGS[label][0]
+    with _guest_for(kernel, "warn" if warns else "", kept, quiet_guests,
+                    tmp_path_factory) as g:
         table = f"0 1024 cache {' '.join(g.fresh(3))} 64 0 {policy}"
         assert _refused(table, kernel), "dmimage accepts it"
         rc, _, log = g.load("q3", table)
         assert rc != 0, (rc, log[-3000:])
         assert reason in log, log[-3000:]
-        if _series(kernel) == KERNEL_BUGS[label][0]:
+        if warns:
             assert "WARNING" in log and "__flush_work" in log, log[-3000:]
         else:
             assert not find_kernel_problems(log), log
