@@ -116,18 +116,13 @@ WRITES = ("dd if=/dev/urandom of=$ORIG bs=4096 seek=100 count=300 conv=fsync sta
 def test_kernel_store_read_exactly_and_merged(dm_vm: Machine, tmp_path: Path,
                                               disks: tuple[Path, Path]) -> None:
     origin, cow = disks
-    # The kernel's snapshot-merge runs on copies of both disks: made after the first stack,
-    # attached (empty) with the others in one hot-plug (a hot-plug and unplug costs ~0.5 QEMU
-    # CPU-s and more); the dm_vm guard detaches them when the test ends. The host rewrites
-    # attached disks' files between the stacks: the guest cannot serve stale bytes, as dm
-    # targets read their devices with bios, not through the disks' page cache (dropped anyway
-    # before each stack), and QEMU reads its raw files through the host's page cache.
-    k_origin, k_cow = tmp_path / "k_origin", tmp_path / "k_cow"
-    for src, dst in ((origin, k_origin), (cow, k_cow)):
-        with open(dst, "wb") as f:
-            f.truncate(src.stat().st_size)
-    o, c, ko, kc = dm_vm.attach_many([origin, cow, k_origin, k_cow], read_only=False)
-    rec = _stack(dm_vm, o.guest_path, c.guest_path, WRITES)
+    # Two disks for the whole test (each disk's hot-plug and unplug costs ~0.3 QEMU CPU-s);
+    # the dm_vm guard detaches them when it ends. The host reads and rewrites their files
+    # between the stacks: the guest cannot serve stale bytes, as dm targets read their devices
+    # with bios, not through the disks' page cache (dropped anyway before each stack), and
+    # QEMU reads its raw files through the host's page cache.
+    o, c = (d.guest_path for d in dm_vm.attach_many([origin, cow], read_only=False))
+    rec = _stack(dm_vm, o, c, WRITES)
     status = rec["status"]
     assert isinstance(status, tuple)
     alloc, total, meta = status
@@ -146,17 +141,16 @@ def test_kernel_store_read_exactly_and_merged(dm_vm: Machine, tmp_path: Path,
     assert res.returncode == 0, res.stderr
     assert _sha(view) == rec["snap_sha"]
 
-    # The kernel's snapshot-merge on copies of both disks, against dmimage's offline merge.
-    for src, dst in ((origin, k_origin), (cow, k_cow)):
-        with open(src, "rb") as f, open(dst, "r+b") as g:
-            shutil.copyfileobj(f, g, 1 << 20)
+    # The kernel's snapshot-merge on both disks, against dmimage's offline merge of copies.
+    d_origin, d_cow = tmp_path / "d_origin", tmp_path / "d_cow"
+    shutil.copyfile(origin, d_origin)
+    shutil.copyfile(cow, d_cow)
     size = (ORIGIN_MIB << 20) // 512
-    base = shlex.quote(f"0 {size} linear {ko.guest_path} 0")
-    merge = shlex.quote(f"0 {size} snapshot-merge /dev/mapper/mbase {kc.guest_path} P {CHUNK}")
+    base = shlex.quote(f"0 {size} linear {o} 0")
+    merge = shlex.quote(f"0 {size} snapshot-merge /dev/mapper/mbase {c} P {CHUNK}")
     try:
         # waits in the guest until every exception is merged (allocated == metadata sectors)
-        dm_vm.sh(f"set -e; blockdev --flushbufs {ko.guest_path}; "
-                 f"blockdev --flushbufs {kc.guest_path}\n"
+        dm_vm.sh(f"set -e; blockdev --flushbufs {o}; blockdev --flushbufs {c}\n"
                  f"dmsetup create mbase --table {base}\n"
                  f"dmsetup create smerge --table {merge}\n"
                  "i=0; while :; do set -- $(dmsetup status smerge); "
@@ -168,17 +162,20 @@ def test_kernel_store_read_exactly_and_merged(dm_vm: Machine, tmp_path: Path,
         _remove(dm_vm, "smerge mbase")
     assert merged_sha == rec["snap_sha"]
 
-    res = _dmimage("snapshot", "merge", str(cow), str(origin))
+    res = _dmimage("snapshot", "merge", str(d_cow), str(d_origin))
     assert res.returncode == 0, res.stderr
-    assert _sha(origin) == rec["snap_sha"]
-    assert origin.read_bytes() == k_origin.read_bytes()
+    assert _sha(d_origin) == rec["snap_sha"]
+    assert d_origin.read_bytes() == origin.read_bytes()
     # what the kernel left in its store after merging, dmimage reads as empty too
-    for store in (cow, k_cow):
+    for store in (d_cow, cow):
         rep = json.loads(_dmimage("snapshot", "check", str(store), "--json").stdout)
         assert rep["exceptions"] == 0 and rep["problems"] == []
 
     # The kernel takes dmimage's emptied store over the merged origin: nothing excepted.
-    again = _stack(dm_vm, o.guest_path, c.guest_path, "true")
+    for src, dst in ((d_origin, origin), (d_cow, cow)):
+        with open(src, "rb") as f, open(dst, "r+b") as g:
+            shutil.copyfileobj(f, g, 1 << 20)
+    again = _stack(dm_vm, o, c, "true")
     assert again["snap_sha"] == again["orig_sha"] == rec["snap_sha"]
     status = again["status"]
     assert isinstance(status, tuple) and status[0] == status[2]
