@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from dmimage.guest.machine import Machine
+from vmtests.kept_disks import KeptDisks, kept_disks, parametrize_kernel
 
 import oracles
 from cli_run import run_cli
@@ -28,6 +29,15 @@ from cli_run import run_cli
 pytestmark = pytest.mark.vm
 
 BLOCK = 128  # sectors: 64 KiB cache blocks
+
+#: Each kernel's guest keeps these disks for the whole module (vmtests/kept_disks.py: a
+#: hot-plug and unplug of three disks costs ~1 QEMU CPU-s): metadata, fast and origin for
+#: test_kernel_cache_metadata, then the same for the restored and repaired caches.
+kept_sets, kept = kept_disks([8 << 20, 16 << 20, 64 << 20, 4 << 20, 8 << 20, 32 << 20])
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    parametrize_kernel(metafunc)
 
 
 def _dmimage(*argv: str) -> subprocess.CompletedProcess[str]:
@@ -37,41 +47,49 @@ def _dmimage(*argv: str) -> subprocess.CompletedProcess[str]:
                                        res.stderr.decode())
 
 
+def _remove(vm: Machine, name: str) -> None:
+    """Remove dm device *name* and check the kernel log, in one guest command (a sync too:
+    the test's host side reads the disks next)."""
+    out = vm.sh(f"set -e; dmsetup remove {name}; sync; echo @@dmesg@@\n"
+                f"{vm.dmesg_since_command()}")
+    vm.check_dmesg(log=out.partition("@@dmesg@@\n")[2])
+
+
 @pytest.mark.parametrize("version", [1, 2])
-def test_kernel_cache_metadata(dm_vm: Machine, tmp_path: Path, version: int) -> None:
+def test_kernel_cache_metadata(kept: KeptDisks, tmp_path: Path, version: int) -> None:
     tools = oracles.tools_11()
-    meta, fast, origin = tmp_path / "meta", tmp_path / "fast", tmp_path / "origin"
-    for p, size in ((meta, 8 << 20), (fast, 16 << 20)):
-        with open(p, "wb") as f:
-            f.truncate(size)
+    meta, fast, origin = kept.files[:3]
+    kept.zero()
     origin.write_bytes(np.random.default_rng(version).integers(
         0, 256, 64 << 20, dtype=np.uint8).tobytes())
     sectors = (64 << 20) // 512
     feature = "metadata2 writeback" if version == 2 else "writeback"
     nfeat = len(feature.split())
     table = (f"0 {sectors} cache {{m}} {{c}} {{o}} {BLOCK} {nfeat} {feature} smq 0")
-    vm = dm_vm
-    with vm.disks_attached([meta, fast, origin], read_only=False) as (m, c, o):
-        t = table.format(m=m.guest_path, c=c.guest_path, o=o.guest_path)
-        vm.sh(f"dmsetup create kcache --table {shlex.quote(t)}")
-        try:
-            # rewrites and rereads get blocks promoted; then, with migrations stopped (no
-            # background writeback either), rewrites of the cached blocks leave them dirty
-            # smq's hotspot queues move on the cache's once-a-second tick: give it a few
-            # (without the sleeps the CI run saw no promotion at all)
-            vm.sh("for i in 1 2 3 4 5; do "
-                  "dd if=/dev/urandom of=/dev/mapper/kcache bs=64k seek=10 count=40 conv=fsync "
-                  "status=none; dd if=/dev/mapper/kcache of=/dev/null bs=64k skip=10 count=40 "
-                  "status=none; dd if=/dev/mapper/kcache of=/dev/null bs=64k skip=300 count=20 "
-                  "status=none; sleep 1.2; done; dmsetup message kcache 0 migration_threshold 0; "
-                  "dd if=/dev/urandom of=/dev/mapper/kcache bs=64k seek=10 count=40 conv=fsync "
-                  "status=none", timeout=300)
-            want_sha = vm.sha256_of("/dev/mapper/kcache")
-            vm.sh("dmsetup suspend kcache && dmsetup resume kcache")  # commit the metadata
-            fields = vm.sh("dmsetup status kcache").split()
-        finally:
-            vm.sh("dmsetup remove kcache")
-    vm.check_dmesg()
+    vm = kept.vm
+    # Both activations on the kept disks; in between the host reads and rewrites their files
+    # (vmtests/kept_disks.py: why the guest cannot serve stale bytes).
+    m, c, o = kept.paths[:3]
+    t = table.format(m=m, c=c, o=o)
+    vm.sh(f"{kept.flush}dmsetup create kcache --table {shlex.quote(t)}")
+    try:
+        # rewrites and rereads get blocks promoted; then, with migrations stopped (no
+        # background writeback either), rewrites of the cached blocks leave them dirty
+        # smq's hotspot queues move on the cache's once-a-second tick: give it a few
+        # (without the sleeps the CI run saw no promotion at all)
+        vm.sh("for i in 1 2 3 4 5; do "
+              "dd if=/dev/urandom of=/dev/mapper/kcache bs=64k seek=10 count=40 conv=fsync "
+              "status=none; dd if=/dev/mapper/kcache of=/dev/null bs=64k skip=10 count=40 "
+              "status=none; dd if=/dev/mapper/kcache of=/dev/null bs=64k skip=300 count=20 "
+              "status=none; sleep 1.2; done; dmsetup message kcache 0 migration_threshold 0; "
+              "dd if=/dev/urandom of=/dev/mapper/kcache bs=64k seek=10 count=40 conv=fsync "
+              "status=none", timeout=300)
+        want_sha = vm.sha256_of("/dev/mapper/kcache")
+        # suspend and resume commit the metadata
+        fields = vm.sh("dmsetup suspend kcache && dmsetup resume kcache && "
+                       "dmsetup status kcache").split()
+    finally:
+        _remove(vm, "kcache")
     meta_used, meta_total = map(int, fields[4].split("/"))
     cache_used, _ = map(int, fields[6].split("/"))
     dirty_status = int(fields[13])
@@ -119,21 +137,18 @@ def test_kernel_cache_metadata(dm_vm: Machine, tmp_path: Path, version: int) -> 
     assert hashlib.sha256(origin.read_bytes()).hexdigest() == want_sha
     # writeback cleared the dirty bits: the kernel, given the cache again, finds none dirty
     # and serves the same content
-    with vm.disks_attached([meta, fast, origin], read_only=False) as (m, c, o):
-        t = table.format(m=m.guest_path, c=c.guest_path, o=o.guest_path)
-        vm.sh(f"dmsetup create kcache --table {shlex.quote(t)}")
-        try:
-            again = vm.sh("dmsetup status kcache").split()
-            again_sha = vm.sha256_of("/dev/mapper/kcache")
-        finally:
-            vm.sh("dmsetup remove kcache")
-    vm.check_dmesg()
+    again = vm.sh(f"{kept.flush}dmsetup create kcache --table {shlex.quote(t)} && "
+                  "dmsetup status kcache").split()
+    try:
+        again_sha = vm.sha256_of("/dev/mapper/kcache")
+    finally:
+        _remove(vm, "kcache")
     assert int(again[13]) == 0 and int(again[6].split("/")[0]) == cache_used, again
     assert again_sha == want_sha
 
 
 @pytest.mark.parametrize("version", [1, 2])
-def test_kernel_serves_restored_cache(dm_vm: Machine, tmp_path: Path, version: int) -> None:
+def test_kernel_serves_restored_cache(kept: KeptDisks, tmp_path: Path, version: int) -> None:
     """`cache restore` metadata mapping origin blocks to cache blocks whose content differs
     from the origin: the kernel takes it and serves the cache blocks' content (dirty and clean
     alike), carries on writing, and leaves metadata both checkers pass."""
@@ -153,9 +168,8 @@ def test_kernel_serves_restored_cache(dm_vm: Machine, tmp_path: Path, version: i
     lines += ["  </mappings>", "  <hints>", "  </hints>", "</superblock>"]
     xml = tmp_path / "in.xml"
     xml.write_text("\n".join(lines))
-    meta, fast, origin = tmp_path / "meta", tmp_path / "fast", tmp_path / "origin"
-    with open(meta, "wb") as f:
-        f.truncate(4 << 20)
+    meta, fast, origin = kept.files[3:]
+    kept.zero()
     fast.write_bytes(fast_bytes)
     origin.write_bytes(origin_bytes)
     res = _dmimage("cache", "restore", "-i", str(xml), "-o", str(meta), "--metadata-version",
@@ -167,20 +181,19 @@ def test_kernel_serves_restored_cache(dm_vm: Machine, tmp_path: Path, version: i
     want = hashlib.sha256(view).hexdigest()
 
     feature = "metadata2 writeback" if version == 2 else "writeback"
-    vm = dm_vm
-    with vm.disks_attached([meta, fast, origin], read_only=False) as (m, c, o):
-        t = (f"0 {nr_origin * BLOCK} cache {m.guest_path} {c.guest_path} {o.guest_path} "
-             f"{BLOCK} {len(feature.split())} {feature} smq 2 migration_threshold 0")
-        # no migrations: the restored dirty set stays as the kernel loaded it
-        vm.sh(f"dmsetup create rcache --table {shlex.quote(t)}")
-        try:
-            fields = vm.sh("dmsetup status rcache").split()
-            got = vm.sha256_of("/dev/mapper/rcache")
-            vm.sh("dd if=/dev/urandom of=/dev/mapper/rcache bs=64k seek=7 count=30 conv=fsync "
-                  "status=none")
-        finally:
-            vm.sh("dmsetup remove rcache")
-    vm.check_dmesg()
+    vm = kept.vm
+    m, c, o = kept.paths[3:]
+    t = (f"0 {nr_origin * BLOCK} cache {m} {c} {o} "
+         f"{BLOCK} {len(feature.split())} {feature} smq 2 migration_threshold 0")
+    # no migrations: the restored dirty set stays as the kernel loaded it
+    fields = vm.sh(f"{kept.flush}dmsetup create rcache --table {shlex.quote(t)} && "
+                   "dmsetup status rcache").split()
+    try:
+        got = vm.sha256_of("/dev/mapper/rcache")
+        vm.sh("dd if=/dev/urandom of=/dev/mapper/rcache bs=64k seek=7 count=30 conv=fsync "
+              "status=none")
+    finally:
+        _remove(vm, "rcache")
     assert int(fields[6].split("/")[0]) == 40 and int(fields[13]) == 20
     assert got == want
     assert subprocess.run([str(tools.bindir / "cache_check"), str(meta)],
@@ -208,7 +221,7 @@ def _damage_for_repair(meta: Path, version: int) -> Path:
 
 
 @pytest.mark.parametrize("version", [1, 2])
-def test_kernel_serves_repaired_cache(dm_vm: Machine, tmp_path: Path, version: int) -> None:
+def test_kernel_serves_repaired_cache(kept: KeptDisks, tmp_path: Path, version: int) -> None:
     """`cache restore` metadata (40 mappings, 20 dirty) damaged (superblock checksum, hint
     array, version 2's dirty bitset), repaired by `cache repair` (cache_repair 1.1 refuses
     it): the kernel takes the repair, serves the cache blocks' content at the mapped origin
@@ -229,10 +242,11 @@ def test_kernel_serves_repaired_cache(dm_vm: Machine, tmp_path: Path, version: i
     lines += ["  </mappings>", "  <hints>", "  </hints>", "</superblock>"]
     xml = tmp_path / "in.xml"
     xml.write_text("\n".join(lines))
-    pristine, meta, fast, origin = (tmp_path / n for n in ("pristine", "meta", "fast", "origin"))
-    for p in (pristine, meta):
-        with open(p, "wb") as f:
-            f.truncate(4 << 20)
+    pristine = tmp_path / "pristine"
+    meta, fast, origin = kept.files[3:]
+    kept.zero()
+    with open(pristine, "wb") as f:
+        f.truncate(4 << 20)
     fast.write_bytes(fast_bytes)
     origin.write_bytes(origin_bytes)
     res = _dmimage("cache", "restore", "-i", str(xml), "-o", str(pristine),
@@ -252,19 +266,18 @@ def test_kernel_serves_repaired_cache(dm_vm: Machine, tmp_path: Path, version: i
     want = hashlib.sha256(view).hexdigest()
 
     feature = "metadata2 writeback" if version == 2 else "writeback"
-    vm = dm_vm
-    with vm.disks_attached([meta, fast, origin], read_only=False) as (m, c, o):
-        t = (f"0 {nr_origin * BLOCK} cache {m.guest_path} {c.guest_path} {o.guest_path} "
-             f"{BLOCK} {len(feature.split())} {feature} smq 2 migration_threshold 0")
-        vm.sh(f"dmsetup create pcache --table {shlex.quote(t)}")
-        try:
-            fields = vm.sh("dmsetup status pcache").split()
-            got = vm.sha256_of("/dev/mapper/pcache")
-            vm.sh("dd if=/dev/urandom of=/dev/mapper/pcache bs=64k seek=7 count=30 conv=fsync "
-                  "status=none")
-        finally:
-            vm.sh("dmsetup remove pcache")
-    vm.check_dmesg()
+    vm = kept.vm
+    m, c, o = kept.paths[3:]
+    t = (f"0 {nr_origin * BLOCK} cache {m} {c} {o} "
+         f"{BLOCK} {len(feature.split())} {feature} smq 2 migration_threshold 0")
+    fields = vm.sh(f"{kept.flush}dmsetup create pcache --table {shlex.quote(t)} && "
+                   "dmsetup status pcache").split()
+    try:
+        got = vm.sha256_of("/dev/mapper/pcache")
+        vm.sh("dd if=/dev/urandom of=/dev/mapper/pcache bs=64k seek=7 count=30 conv=fsync "
+              "status=none")
+    finally:
+        _remove(vm, "pcache")
     assert int(fields[6].split("/")[0]) == 40 and int(fields[13]) == want_dirty, fields
     assert got == want
     assert subprocess.run([str(tools.bindir / "cache_check"), str(meta)],

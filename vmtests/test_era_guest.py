@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from dmimage.guest.machine import Machine
+from vmtests.kept_disks import KeptDisks, kept_disks, parametrize_kernel
 
 import oracles
 from cli_run import run_cli
@@ -29,6 +30,15 @@ pytestmark = pytest.mark.vm
 
 BLOCK = 128  # sectors: 64 KiB era blocks
 NR_BLOCKS = 256
+
+#: Each kernel's guest keeps the metadata and origin disks for the whole module
+#: (vmtests/kept_disks.py: a hot-plug and unplug costs ~0.5-1 QEMU CPU-s); each test zeroes
+#: them first.
+kept_sets, kept = kept_disks([4 << 20, NR_BLOCKS * BLOCK * 512])
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    parametrize_kernel(metafunc)
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess[bytes]:
@@ -47,30 +57,24 @@ def _blocks(xml: bytes) -> set[int]:
     return out
 
 
-def test_kernel_era_metadata(dm_vm: Machine, tmp_path: Path) -> None:
+def test_kernel_era_metadata(kept: KeptDisks) -> None:
     tools = oracles.tools_11()
-    meta, origin = tmp_path / "meta", tmp_path / "origin"
-    for p, size in ((meta, 4 << 20), (origin, NR_BLOCKS * BLOCK * 512)):
-        with open(p, "wb") as f:
-            f.truncate(size)
+    meta, origin = kept.files
+    kept.zero()
     rng = random.Random(2026)
+    rounds = [set(rng.sample(range(NR_BLOCKS), rng.randrange(5, 40))) for _ in range(4)]
+    vm = kept.vm
+    m, o = kept.paths
+    t = f"0 {NR_BLOCKS * BLOCK} era {m} {o} {BLOCK}"
+    try:
+        eras = _era_rounds(vm, f"{kept.flush}dmsetup create kera --table {shlex.quote(t)}",
+                           rounds, "urandom")
+    finally:
+        _remove(vm, "kera")
     written: dict[int, set[int]] = {}
-    vm = dm_vm
-    with vm.disks_attached([meta, origin], read_only=False) as (m, o):
-        t = f"0 {NR_BLOCKS * BLOCK} era {m.guest_path} {o.guest_path} {BLOCK}"
-        vm.sh(f"dmsetup create kera --table {shlex.quote(t)}")
-        try:
-            for _ in range(4):
-                era = int(vm.sh("dmsetup status kera").split()[5])
-                blocks = set(rng.sample(range(NR_BLOCKS), rng.randrange(5, 40)))
-                written.setdefault(era, set()).update(blocks)
-                vm.sh("; ".join(f"dd if=/dev/urandom of=/dev/mapper/kera bs=64k seek={b} "
-                                "count=1 conv=fsync status=none" for b in sorted(blocks)))
-                vm.sh("dmsetup message kera 0 checkpoint")
-            final_era = int(vm.sh("dmsetup status kera").split()[5])
-        finally:
-            vm.sh("dmsetup remove kera")
-    vm.check_dmesg()
+    for era, blocks in zip(eras, rounds, strict=False):
+        written.setdefault(era, set()).update(blocks)
+    final_era = eras[-1]
 
     assert _run(str(tools.bindir / "era_check"), str(meta)).returncode == 0
     res = _run(sys.executable, "-m", "dmimage", "era", "check", str(meta))
@@ -105,46 +109,67 @@ def _era_xml(restored: dict[int, set[int]], current_era: int) -> str:
     return "\n".join(lines)
 
 
-def _activate_and_write(vm: Machine, meta: Path, origin: Path, rng: random.Random,
+def _remove(vm: Machine, name: str) -> None:
+    """Remove dm device *name* and check the kernel log: one guest command."""
+    out = vm.sh(f"set -e; dmsetup remove {name}; echo @@dmesg@@; {vm.dmesg_since_command()}")
+    vm.check_dmesg(log=out.partition("@@dmesg@@\n")[2])
+
+
+def _era_rounds(vm: Machine, first: str, rounds: list[set[int]], source: str) -> list[int]:
+    """One guest command (a round trip each cost ~0.05 QEMU CPU-s): *first*, then per round
+    of blocks the era target kera is in, a write of each block (64 KiB from /dev/*source*,
+    one dd each, synced) and a checkpoint; then its era once more. Returns the eras."""
+    script = [f"set -e; {first}"]
+    status = "set -- $(dmsetup status kera); echo \"@era $6\""
+    for blocks in rounds:
+        script.append(status)
+        script += [f"dd if=/dev/{source} of=/dev/mapper/kera bs=64k seek={b} count=1 "
+                   "conv=fsync status=none" for b in sorted(blocks)]
+        script.append("dmsetup message kera 0 checkpoint")
+    script.append(status)
+    out = vm.sh("\n".join(script), timeout=300)
+    eras = [int(line.split()[1]) for line in out.splitlines() if line.startswith("@era ")]
+    assert len(eras) == len(rounds) + 1, out
+    return eras
+
+
+def _activate_and_write(kept: KeptDisks, rng: random.Random,
                         written: dict[int, set[int]]) -> tuple[int, str]:
-    """Activate an era target on ``meta``, hash what it serves, then write 15 random blocks and
-    checkpoint, twice; ``written`` gains each era's blocks. Returns the first era and the hash."""
-    with vm.disks_attached([meta, origin], read_only=False) as (m, o):
-        t = f"0 {NR_BLOCKS * BLOCK} era {m.guest_path} {o.guest_path} {BLOCK}"
-        vm.sh(f"dmsetup create kera --table {shlex.quote(t)}")
-        try:
-            first = int(vm.sh("dmsetup status kera").split()[5])
-            served = vm.sha256_of("/dev/mapper/kera")
-            for _ in range(2):
-                era = int(vm.sh("dmsetup status kera").split()[5])
-                blocks = set(rng.sample(range(NR_BLOCKS), 15))
-                written.setdefault(era, set()).update(blocks)
-                vm.sh("; ".join(f"dd if=/dev/zero of=/dev/mapper/kera bs=64k seek={b} count=1 "
-                                "conv=fsync status=none" for b in sorted(blocks)))
-                vm.sh("dmsetup message kera 0 checkpoint")
-        finally:
-            vm.sh("dmsetup remove kera")
-    vm.check_dmesg()
+    """Activate an era target on the kept metadata disk, hash what it serves, then write 15
+    random blocks and checkpoint, twice; ``written`` gains each era's blocks. Returns the
+    first era and the hash."""
+    rounds = [set(rng.sample(range(NR_BLOCKS), 15)) for _ in range(2)]
+    vm = kept.vm
+    m, o = kept.paths
+    t = f"0 {NR_BLOCKS * BLOCK} era {m} {o} {BLOCK}"
+    try:
+        first = int(vm.sh(f"{kept.flush}dmsetup create kera --table {shlex.quote(t)} && "
+                          "dmsetup status kera").split()[5])
+        served = vm.sha256_of("/dev/mapper/kera")
+        eras = _era_rounds(vm, "true", rounds, "zero")
+    finally:
+        _remove(vm, "kera")
+    for era, blocks in zip(eras, rounds, strict=False):
+        written.setdefault(era, set()).update(blocks)
     return first, served
 
 
-def test_kernel_takes_restored_era(dm_vm: Machine, tmp_path: Path) -> None:
+def test_kernel_takes_restored_era(kept: KeptDisks, tmp_path: Path) -> None:
     """`era restore` metadata with archived writesets and an era array: the kernel activates
     it at the restored era and carries on through checkpoints; afterwards era_dump 1.1 and
     dmimage agree, and invalidate lists the restored writesets' blocks plus the new writes."""
     tools = oracles.tools_11()
     rng = random.Random(77)
     restored = {era: set(rng.sample(range(NR_BLOCKS), 20)) for era in (2, 3, 4)}
-    xml, meta, origin = tmp_path / "in.xml", tmp_path / "meta", tmp_path / "origin"
+    xml = tmp_path / "in.xml"
+    meta, origin = kept.files
     xml.write_text(_era_xml(restored, 4))
-    for p, size in ((meta, 4 << 20), (origin, NR_BLOCKS * BLOCK * 512)):
-        with open(p, "wb") as f:
-            f.truncate(size)
+    kept.zero()
     res = _run(sys.executable, "-m", "dmimage", "era", "restore", "-i", str(xml), "-o",
                str(meta))
     assert res.returncode == 0, res.stderr
     written = {e: set(b) for e, b in restored.items()}
-    first, served = _activate_and_write(dm_vm, meta, origin, rng, written)
+    first, served = _activate_and_write(kept, rng, written)
     assert first >= 4
     assert served == hashlib.sha256(bytes(NR_BLOCKS * BLOCK * 512)).hexdigest()
     assert _run(str(tools.bindir / "era_check"), str(meta)).returncode == 0
@@ -210,7 +235,7 @@ def _repairs_keep_the_history(tmp_path: Path, meta: Path, written: dict[int, set
                 assert got == want, (src.name, since)
 
 
-def test_kernel_takes_repaired_era(dm_vm: Machine, tmp_path: Path) -> None:
+def test_kernel_takes_repaired_era(kept: KeptDisks, tmp_path: Path) -> None:
     """`era restore` metadata (archived writesets of eras 2-4, an era array), damaged: a bad
     superblock checksum and era 3's writeset bitset zeroed. `era repair` writes fresh
     metadata from it (era 3 every bit set, the rest as restored); the kernel activates that
@@ -226,12 +251,12 @@ def test_kernel_takes_repaired_era(dm_vm: Machine, tmp_path: Path) -> None:
     tools = oracles.tools_11()
     rng = random.Random(78)
     restored = {era: set(rng.sample(range(NR_BLOCKS), 20)) for era in (2, 3, 4)}
-    xml, pristine, meta, origin = (tmp_path / n for n in ("in.xml", "pristine", "meta",
-                                                          "origin"))
+    xml, pristine = tmp_path / "in.xml", tmp_path / "pristine"
+    meta, origin = kept.files
     xml.write_text(_era_xml(restored, 4))
-    for p in (pristine, meta):
-        with open(p, "wb") as f:
-            f.truncate(4 << 20)
+    kept.zero()
+    with open(pristine, "wb") as f:
+        f.truncate(4 << 20)
     origin_bytes = rng.randbytes(NR_BLOCKS * BLOCK * 512)
     origin.write_bytes(origin_bytes)
     res = _run(sys.executable, "-m", "dmimage", "era", "restore", "-i", str(xml), "-o",
@@ -254,7 +279,7 @@ def test_kernel_takes_repaired_era(dm_vm: Machine, tmp_path: Path) -> None:
     assert _run(str(tools.bindir / "era_check"), str(meta)).returncode == 0
     written = {e: set(b) for e, b in restored.items()}
     written[3] = set(range(NR_BLOCKS))  # what the repair must claim of the lost writeset
-    first, served = _activate_and_write(dm_vm, meta, origin, rng, written)
+    first, served = _activate_and_write(kept, rng, written)
     assert first >= 4
     assert served == hashlib.sha256(origin_bytes).hexdigest()
     assert _run(str(tools.bindir / "era_check"), str(meta)).returncode == 0

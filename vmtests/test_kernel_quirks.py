@@ -26,13 +26,15 @@ each in a guest of its own and pin what every kernel does, so a fixed 5.10 (or a
 regresses) shows.
 
 A case that oopses on a kernel boots a guest of its own there (a restored state, about a
-second; the oops taints it); the others share one guest per kernel, each on fresh disks and
-judged on the kernel log lines it added.
+second; the oops taints it); the cases that warn on a kernel share a guest of their own per
+kernel; the rest run in the session's guest. Each case is judged on the kernel log lines it
+added, on three disks of its guest, attached once and zeroed for each case.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,12 +47,19 @@ from dmimage.guest.machine import Machine
 from dmimage.guest.pytest_plugin import unavailable
 from dmimage.table import parse_table
 from dmimage.table.args import KernelVersion
+from vmtests.kept_disks import KeptDisks, kept_disks
 from vmtests.tablegen import KERNEL_BUGS
 
 pytestmark = pytest.mark.vm
 
 SECTORS = 4792  # any size; the first generated case that hit it had this one
 DISK_BYTES = 4 << 20
+#: Disks per guest: the most a case needs (cache: metadata, fast, origin).
+DISKS = 3
+
+#: The session guest's disks for the cases that neither oops nor warn there
+#: (vmtests/kept_disks.py: the test's guest is given by its ``kernel`` parameter).
+kept_sets, kept = kept_disks([DISK_BYTES] * DISKS)
 
 
 def _boot(name: str) -> Machine:
@@ -74,13 +83,61 @@ def _series(name: str) -> KernelVersion:
     return int(major), int(minor)
 
 
+class Guest:
+    """A guest with ``DISKS`` disks attached once (a hot-plug and unplug costs ~0.5-1 QEMU
+    CPU-s); each case gets them fresh: :meth:`fresh` zeroes their files on the host, and the
+    next command first drops the guest's page cache of them. The guest cannot see the old
+    bytes: dm targets read their devices with bios, not through that page cache, and QEMU
+    reads the files through the host's page cache."""
+
+    def __init__(self, vm: Machine, files: list[Path], paths: list[str]) -> None:
+        self.vm = vm
+        self.files = files
+        self.paths = paths
+        self._flush = ""
+
+    @classmethod
+    def private(cls, vm: Machine, tmp: Path) -> Guest:
+        """*vm* (a guest of the test's own) with ``DISKS`` fresh disks."""
+        files = []
+        for i in range(DISKS):
+            p = tmp / f"d{i}.img"
+            with open(p, "wb") as f:
+                f.truncate(DISK_BYTES)
+            files.append(p)
+        return cls(vm, files, [d.guest_path for d in vm.attach_many(files, read_only=False)])
+
+    def fresh(self, n: int) -> list[str]:
+        """The first *n* disks, zeroed."""
+        for p in self.files:
+            os.truncate(p, 0)
+            os.truncate(p, DISK_BYTES)
+        self._flush = "; ".join(f"blockdev --flushbufs {d}" for d in self.paths) + "; "
+        return self.paths[:n]
+
+    def load(self, name: str, table: str, *, before: str = "", then: str = ""
+             ) -> tuple[int, str, str]:
+        """In one guest command: *before*, then create *name*; if that worked, *then* and
+        remove it. Returns the create's exit code, what *before* and *then* printed, and the
+        kernel log lines from the create on (only those cross the agent's line)."""
+        flush, self._flush = self._flush, ""
+        r = self.vm.run(f"{flush}{before}\n"
+                        f"n=$(dmesg | wc -l); dmsetup create {name} --table '{table}'; rc=$?\n"
+                        f"[ $rc -eq 0 ] && {{ {then or ':'}; dmsetup remove {name}; }}\n"
+                        "echo @@dmesg@@; dmesg | tail -n +$((n + 1)); exit $rc", timeout=120)
+        out, _, log = r.out.partition("@@dmesg@@\n")
+        return r.returncode, out, "\n".join(log.splitlines())
+
+
 @pytest.fixture(scope="module")
-def quiet_guests() -> Iterator[dict[str, Machine]]:
-    """One guest per kernel for the cases that do not oops there, started on first use."""
-    guests: dict[str, Machine] = {}
+def quiet_guests(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Guest]]:
+    """One guest per kernel for the cases that warn there, started on first use."""
+    guests: dict[str, Guest] = {}
     yield guests
-    for vm in guests.values():
-        vm.close()
+    for g in guests.values():
+        # Nothing in it is needed any more: no detach, sync and poweroff (~1 QEMU CPU-s).
+        g.vm.kill()
+        g.vm.close()
 
 
 def _refused(table: str, kernel: str) -> bool:
@@ -88,69 +145,65 @@ def _refused(table: str, kernel: str) -> bool:
     return any(not p.warning for p in parse_table(table).problems(kernel=_series(kernel)))
 
 
-class Case:
-    """One table on fresh disks in *vm*: returns the dmsetup result and the new log lines."""
-
-    def __init__(self, vm: Machine, tmp_path: Path, disks: int) -> None:
-        self.vm = vm
-        files = []
-        for i in range(disks):
-            p = tmp_path / f"d{i}.img"
-            with open(p, "wb") as f:
-                f.truncate(DISK_BYTES)
-            files.append(p)
-        self.paths = [d.guest_path for d in vm.attach_many(files, read_only=False)]
-
-    def load(self, name: str, table: str) -> tuple[int, str]:
-        # One guest command; only the lines the create added cross the agent's line.
-        r = self.vm.run(f"n=$(dmesg | wc -l); dmsetup create {name} --table '{table}'; rc=$?; "
-                        "echo @@dmesg@@; dmesg | tail -n +$((n + 1)); exit $rc", timeout=120)
-        return r.returncode, "\n".join(r.out.partition("@@dmesg@@\n")[2].splitlines())
-
-
-def _guest_for(kernel: str, oopses: bool, guests: dict[str, Machine]
-               ) -> contextlib.AbstractContextManager[Machine]:
-    if oopses:
-        return _boot(kernel)
-    if kernel not in guests:
-        guests[kernel] = _boot(kernel)
-    return contextlib.nullcontext(guests[kernel])
+@contextlib.contextmanager
+def _guest_for(kernel: str, bug: str, kept: KeptDisks, guests: dict[str, Guest],
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
+    """Where a case runs on *kernel*, by what it does there (*bug*): "oops" in a guest of its
+    own (killed after), "warn" in the module's guest of that kernel for such cases, "" in
+    the session's guest (on its kept disks)."""
+    if bug == "oops":
+        vm = _boot(kernel)
+        try:
+            yield Guest.private(vm, tmp_path_factory.mktemp(f"oops-{kernel}"))
+        finally:
+            vm.kill()
+            vm.close()
+    elif bug == "warn":
+        if kernel not in guests:
+            guests[kernel] = Guest.private(_boot(kernel),
+                                           tmp_path_factory.mktemp(f"quiet-{kernel}"))
+        yield guests[kernel]
+    else:
+        yield Guest(kept.vm, kept.files, kept.paths)
 
 
 @pytest.mark.parametrize("target,store,sectors", [("snapshot-merge", "P", SECTORS),
                                                    ("snapshot", "PO", 40)])
 @pytest.mark.parametrize("kernel", selected_names())
 def test_snapshot_discard_zeroes_cow(kernel: str, target: str, store: str, sectors: int,
-                                     quiet_guests: dict[str, Machine], tmp_path: Path) -> None:
+                                     kept: KeptDisks, quiet_guests: dict[str, Guest],
+                                     tmp_path_factory: pytest.TempPathFactory) -> None:
     oopses = _series(kernel) >= (7, 0)
-    with _guest_for(kernel, oopses, quiet_guests) as vm:
-        case = Case(vm, tmp_path, 2)
-        o, c = case.paths
+    with _guest_for(kernel, "oops" if oopses else "", kept, quiet_guests,
+                    tmp_path_factory) as g:
+        o, c = g.fresh(2)
         table = f"0 {sectors} {target} {o} {c} {store} 8"
         # Without the feature every kernel loads it: the crash is the feature's.
-        plain = vm.run(f"dmsetup create q0 --table '{table} 0' && dmsetup remove q0",
-                       timeout=120)
-        assert plain.returncode == 0, plain
-        rc, log = case.load("q1", f"{table} 1 discard_zeroes_cow")
+        rc, out, log = g.load("q1", f"{table} 1 discard_zeroes_cow",
+                              before=f"dmsetup create q0 --table '{table} 0' && "
+                                     "dmsetup remove q0; echo \"@plain $?\"",
+                              then="dmsetup table q1")
+        assert "@plain 0" in out, out
         if oopses:
             assert rc == 139, (rc, log[-3000:])
             assert "divide error" in log and "blk_stack_limits" in log, log[-3000:]
         else:
             assert rc == 0, (rc, log[-3000:])
-            assert "discard_zeroes_cow" in vm.sh("dmsetup table q1")
-            vm.sh("dmsetup remove q1")
+            assert "discard_zeroes_cow" in out.split("@plain 0", 1)[1], out
             assert not find_kernel_problems(log), log
 
 
 @pytest.mark.parametrize("kernel", selected_names())
-def test_snapshot_merge_transient_store(kernel: str, quiet_guests: dict[str, Machine],
-                                        tmp_path: Path) -> None:
+def test_snapshot_merge_transient_store(kernel: str, kept: KeptDisks,
+                                        quiet_guests: dict[str, Guest],
+                                        tmp_path_factory: pytest.TempPathFactory) -> None:
     oopses = _series(kernel) == KERNEL_BUGS["snapshot-merge: transient store"][0]
-    with _guest_for(kernel, oopses, quiet_guests) as vm:
-        case = Case(vm, tmp_path, 2)
-        table = f"0 64 snapshot-merge {case.paths[0]} {case.paths[1]} N 8"
+    with _guest_for(kernel, "oops" if oopses else "", kept, quiet_guests,
+                    tmp_path_factory) as g:
+        o, c = g.fresh(2)
+        table = f"0 64 snapshot-merge {o} {c} N 8"
         assert _refused(table, kernel), "dmimage accepts it"
-        rc, log = case.load("q2", table)
+        rc, _, log = g.load("q2", table)
         assert rc != 0, (rc, log[-3000:])
         if oopses:
             assert "NULL pointer dereference" in log and "snapshot_merge_next_chunks" in log, \
@@ -172,18 +225,20 @@ CACHE_CTR_ERRORS = {
 
 @pytest.mark.parametrize("label", sorted(CACHE_CTR_ERRORS))
 @pytest.mark.parametrize("kernel", selected_names())
-def test_cache_ctr_error_path(kernel: str, label: str, quiet_guests: dict[str, Machine],
-                              tmp_path: Path) -> None:
-    """A WARNING does not break the guest: every kernel runs these in its shared guest."""
+def test_cache_ctr_error_path(kernel: str, label: str, kept: KeptDisks,
+                              quiet_guests: dict[str, Guest],
+                              tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A WARNING does not break a guest: the kernels that warn run all three in one guest."""
     policy, reason = CACHE_CTR_ERRORS[label]
-    with _guest_for(kernel, False, quiet_guests) as vm:
-        case = Case(vm, tmp_path, 3)
-        table = f"0 1024 cache {' '.join(case.paths)} 64 0 {policy}"
+    warns = _series(kernel) == KERNEL_BUGS[label][0]
+    with _guest_for(kernel, "warn" if warns else "", kept, quiet_guests,
+                    tmp_path_factory) as g:
+        table = f"0 1024 cache {' '.join(g.fresh(3))} 64 0 {policy}"
         assert _refused(table, kernel), "dmimage accepts it"
-        rc, log = case.load("q3", table)
+        rc, _, log = g.load("q3", table)
         assert rc != 0, (rc, log[-3000:])
         assert reason in log, log[-3000:]
-        if _series(kernel) == KERNEL_BUGS[label][0]:
+        if warns:
             assert "WARNING" in log and "__flush_work" in log, log[-3000:]
         else:
             assert not find_kernel_problems(log), log

@@ -39,7 +39,7 @@ from dmimage.cli.main import main as dmimage_main
 from dmimage.guest.appliance import cache_root
 from dmimage.guest.machine import Machine
 from dmimage.table import parse_table, parse_tables
-from dmimage.table.args import KernelVersion, Style
+from dmimage.table.args import Style
 from dmimage.table.text import format_table
 from vmtests import tablegen, verity_tree
 
@@ -83,11 +83,6 @@ def _cli(*args: str) -> tuple[int, str]:
     return rc, out.getvalue() + err.getvalue()
 
 
-def _kernel_version(vm: Machine) -> KernelVersion:
-    major, minor = vm.sh("uname -r").split(".")[:2]
-    return int(major), int(minor)
-
-
 @dataclass
 class Guest:
     vm: Machine
@@ -124,64 +119,75 @@ def _keyutils_tar(tmp: Path) -> Path | None:
     return out
 
 
-def _load_keys(vm: Machine, tmp: Path, stack: contextlib.ExitStack) -> list[tuple[str, int]]:
-    tar = _keyutils_tar(tmp)
-    if tar is None:
-        return []
-    d = stack.enter_context(vm.disk(tar))
-    keys = [("logon:dmimage:k16", 16), ("logon:dmimage:k32", 32), ("logon:dmimage:k64", 64),
-            ("user:dmimage-u32", 32)]
-    script = [f"mkdir -p /tmp/ku && tar -xf {d.guest_path} -C /tmp/ku",
+#: Keyring keys the round trips may reference: (``type:description``, size in bytes).
+KEYS = [("logon:dmimage:k16", 16), ("logon:dmimage:k32", 32), ("logon:dmimage:k64", 64),
+        ("user:dmimage-u32", 32)]
+
+
+def _load_keys_script(tar: str) -> list[str]:
+    """Guest shell lines: keyctl unpacked from the disk *tar*, ``KEYS`` added to the user
+    session keyring."""
+    script = [f"mkdir -p /tmp/ku && tar -xf {tar} -C /tmp/ku",
               "export LD_LIBRARY_PATH=/tmp/ku"]
-    for name, size in keys:
+    for name, size in KEYS:
         ktype, _, desc = name.partition(":")
         script.append(f"head -c {size} /dev/urandom | /tmp/ku/keyctl padd {ktype} {desc} @us "
                       ">/dev/null")
-    vm.sh("\n".join(script))
-    return keys
+    return script
 
 
 @pytest.fixture
 def guest(dm_vm: Machine, tmp_path: Path) -> Iterator[Guest]:
-    """Scratch disk, helpers, a pool with thin ids, keyring keys; all torn down after."""
+    """Scratch disk, helpers, a pool with thin ids, keyring keys; all torn down after.
+
+    The disks go in with one hot-plug and the rest is set up in one guest command (a
+    hot-plug costs ~0.3-0.6 QEMU CPU-s, a command's round trip ~0.05)."""
     vm = dm_vm
     disk, helpers = tmp_path / "disk.img", tmp_path / "helpers.img"
     with open(disk, "wb") as f:
         f.truncate(DISK_SECTORS * 512)
     with open(helpers, "wb") as f:
         f.truncate(HELPERS * HELPER_SECTORS * 512)
-    with contextlib.ExitStack() as stack:
-        dd = stack.enter_context(vm.disk(disk, read_only=False))
-        hd = stack.enter_context(vm.disk(helpers, read_only=False))
-        spec = ";".join(f"tg_h{i},,,rw,0 {HELPER_SECTORS} linear {hd.guest_path} "
-                        f"{i * HELPER_SECTORS}" for i in range(HELPERS))
-        script = [f"dmsetup create --concise '{spec}'"]
-        script.append(f"cat /sys/block/{dd.guest_path.rsplit('/', 1)[1]}/dev")
-        script.append("dmsetup info -c --noheadings -o name,major,minor --separator ' '")
-        out = vm.sh("\n".join(script), timeout=300).split("\n")
-        disk_dev = out[0].strip()
-        numbers = {}
-        for line in out[1:]:
+    tar = _keyutils_tar(tmp_path)
+    files = [disk, helpers] + ([tar] if tar is not None else [])
+    attached = vm.attach_many(files, read_only=[False, False] + [True] * (tar is not None))
+    dd, hd = attached[:2]
+    spec = ";".join(f"tg_h{i},,,rw,0 {HELPER_SECTORS} linear {hd.guest_path} "
+                    f"{i * HELPER_SECTORS}" for i in range(HELPERS))
+    pool_meta, pool_data = (f"/dev/mapper/tg_h{i}" for i in (HELPERS - 2, HELPERS - 1))
+    script = [f"set -e; dmsetup create --concise '{spec}'",
+              f"dmsetup create tg_pool --table '0 {HELPER_SECTORS} thin-pool {pool_meta} "
+              f"{pool_data} 128 0'"]
+    script += [f"dmsetup message tg_pool 0 'create_thin {i}'" for i in range(THIN_IDS)]
+    script += [f"read -r d </sys/block/{dd.guest_path.rsplit('/', 1)[1]}/dev; echo \"@disk $d\"",
+               "echo \"@uname $(uname -r)\"",
+               "dmsetup info -c --noheadings -o name,major,minor --separator ' '"]
+    if tar is not None:
+        script += _load_keys_script(attached[2].guest_path)
+    try:
+        out = vm.sh("\n".join(script), timeout=300)
+        numbers, disk_dev, uname = {}, "", ""
+        for line in out.split("\n"):
             parts = line.split()
-            if len(parts) == 3:
+            if parts[:1] == ["@disk"]:
+                disk_dev = parts[1]
+            elif parts[:1] == ["@uname"]:
+                uname = parts[1]
+            elif len(parts) == 3:
                 numbers[parts[0]] = f"{parts[1]}:{parts[2]}"
         helper_devs = [numbers[f"tg_h{i}"] for i in range(HELPERS)]
-        try:
-            pool_meta, pool_data = helper_devs[-2], helper_devs[-1]
-            vm.sh(f"dmsetup create tg_pool --table '0 {HELPER_SECTORS} thin-pool {pool_meta} "
-                  f"{pool_data} 128 0'\n" + "\n".join(
-                      f"dmsetup message tg_pool 0 'create_thin {i}'" for i in range(THIN_IDS)))
-            pool = vm.sh("dmsetup info -c --noheadings -o major,minor --separator : tg_pool"
-                         ).strip()
-            keys = _load_keys(vm, tmp_path, stack)
-            backing = tablegen.Backing(_kernel_version(vm), disk_dev, DISK_SECTORS,
-                                       helper_devs[:-2], HELPER_SECTORS, pool, THIN_IDS, keys)
-            sizes = {disk_dev: DISK_SECTORS, **{h: HELPER_SECTORS for h in helper_devs}}
-            yield Guest(vm, backing, sizes, tmp_path)
-        finally:
-            vm.run("dmsetup remove tg_pool; dmsetup remove " +
-                   " ".join(f"tg_h{i}" for i in range(HELPERS)), timeout=300)
-            vm.run("[ -x /tmp/ku/keyctl ] && LD_LIBRARY_PATH=/tmp/ku /tmp/ku/keyctl clear @us")
+        major, minor = uname.split(".")[:2]
+        backing = tablegen.Backing((int(major), int(minor)), disk_dev, DISK_SECTORS,
+                                   helper_devs[:-2], HELPER_SECTORS, numbers["tg_pool"],
+                                   THIN_IDS, KEYS if tar is not None else [])
+        sizes = {disk_dev: DISK_SECTORS, **{h: HELPER_SECTORS for h in helper_devs}}
+        yield Guest(vm, backing, sizes, tmp_path)
+    finally:
+        vm.run("dmsetup remove tg_pool; dmsetup remove " +
+               " ".join(f"tg_h{i}" for i in range(HELPERS)) +
+               "\n[ -x /tmp/ku/keyctl ] && LD_LIBRARY_PATH=/tmp/ku /tmp/ku/keyctl clear @us",
+               timeout=300)
+        vm.detach_many(list(reversed(attached)))
 
 
 def _create_script(cases: list[tablegen.Case], prefix: str) -> str:
@@ -209,8 +215,15 @@ def _concise(cases: list[tablegen.Case], prefix: str) -> str:
 
 
 def _remove_all(vm: Machine, prefix: str) -> None:
-    vm.run(f"dmsetup remove $(dmsetup ls | awk '{{print $1}}' | grep '^{prefix}')",
-           timeout=300)
+    # the names picked with shell builtins: two processes (dmsetup ls, remove), not four
+    vm.run(f"l=; for n in $(dmsetup ls); do case $n in {prefix}*) l=\"$l $n\";; esac; done; "
+           "[ -z \"$l\" ] || dmsetup remove $l", timeout=300)
+
+
+def _logged(script: str) -> str:
+    """*script*, then the kernel log lines it added, after a ``@@dmesg@@`` line (only those
+    cross the agent's line, not the whole log)."""
+    return f"n=$(dmesg | wc -l)\n{script}\necho @@dmesg@@; dmesg | tail -n +$((n + 1))"
 
 
 def _reasons(dmesg: str) -> dict[str, str]:
@@ -260,8 +273,10 @@ def _round_trip(g: Guest, gen: tablegen.Generator) -> list[str]:
         res = g.vm.run(_concise(cases, "tv") + '; echo "@concise $?"' + readback, timeout=600)
         if not res.out.startswith("@concise 0"):
             _remove_all(g.vm, "tv")  # find which: one create each, with dmesg markers
-            res = g.vm.run(_create_script(cases, "tv") + readback, timeout=600)
-            reasons = _reasons(g.vm.dmesg())
+            res = g.vm.run(_logged(_create_script(cases, "tv") + readback), timeout=600)
+            out, _, log = res.out.partition("@@dmesg@@\n")
+            res.stdout = out.encode()
+            reasons = _reasons(log)
             for n, rc in _rcs(res.out).items():
                 if rc:
                     c = cases[int(n[2:])]
@@ -327,10 +342,12 @@ def _refusals(g: Guest, gen: tablegen.Generator) -> tuple[list[str], list[str]]:
         else:
             _remove_all(g.vm, "txa")
             single = [i for i in range(len(cases)) if i not in buggy]
-        res = g.vm.run(_create_script([cases[i] for i in single], "txs"), timeout=600)
-        rcs.update({f"tx{single[int(n[3:])]}": rc for n, rc in _rcs(res.out).items()})
+        res = g.vm.run(_logged(_create_script([cases[i] for i in single], "txs")),
+                       timeout=600)
+        out, _, log = res.out.partition("@@dmesg@@\n")
+        rcs.update({f"tx{single[int(n[3:])]}": rc for n, rc in _rcs(out).items()})
         reasons.update({f"tx{single[int(n[3:])]}": r
-                        for n, r in _reasons(g.vm.dmesg()).items() if n.startswith("txs")})
+                        for n, r in _reasons(log).items() if n.startswith("txs")})
     finally:
         _remove_all(g.vm, "tx")
     assert len(rcs) == len(cases), res.out + res.err
@@ -383,53 +400,55 @@ def test_verity_hash_tree_verifies(dm_vm: Machine, tmp_path: Path,
 
     want = hashlib.sha256(data).hexdigest()
     with dm_vm.disk(image) as d:
-        dev = dm_vm.sh(f"cat /sys/block/{d.guest_path.rsplit('/', 1)[1]}/dev").strip()
-        good = (f"0 {len(data) // 512} verity 1 {dev} {dev} 4096 {hash_block_size} 64 "
+        # $dev: the disk's major:minor, read in the guest (one command for it and both
+        # devices; each command is a round trip)
+        good = (f"0 {len(data) // 512} verity 1 $dev $dev 4096 {hash_block_size} 64 "
                 f"{hash_start} sha256 {tree.root.hex()} {salt.hex()}")
         bad_root = bytes([tree.root[0] ^ 1]) + tree.root[1:]
         bad = good.replace(tree.root.hex(), bad_root.hex())
         try:
-            dm_vm.sh(f"dmsetup create tvg --readonly --table '{good}'\n"
-                     f"dmsetup create tvb --readonly --table '{bad}'")
+            dm_vm.sh(f"set -e; read -r dev </sys/block/{d.guest_path.rsplit('/', 1)[1]}/dev\n"
+                     f"dmsetup create tvg --readonly --table \"{good}\"\n"
+                     f"dmsetup create tvb --readonly --table \"{bad}\"")
             assert dm_vm.sha256_of("/dev/mapper/tvg") == want
-            res = dm_vm.run("dd if=/dev/mapper/tvb of=/dev/null bs=4096 count=1 "
-                            "iflag=direct 2>&1")
-            assert not res.ok, "a verity device with a wrong root digest read without error"
-            assert dm_vm.sh("dmsetup status tvb").split()[3] == "C"
+            out = dm_vm.sh("dd if=/dev/mapper/tvb of=/dev/null bs=4096 count=1 "
+                           "iflag=direct 2>/dev/null; echo \"@rc $?\"; dmsetup status tvb")
+            rc, status = out.split("\n", 1)
+            assert rc != "@rc 0", "a verity device with a wrong root digest read without error"
+            assert rc.startswith("@rc ") and status.split()[3] == "C", out
         finally:
             dm_vm.run("dmsetup remove tvb; dmsetup remove tvg")
 
 
 def test_crypt_keyring_reference(dm_vm: Machine, tmp_path: Path) -> None:
     """``:32:logon:<desc>`` loads, reads back as written, and encrypts like the hex key."""
-    with contextlib.ExitStack() as stack:
-        tar = _keyutils_tar(tmp_path)
-        if tar is None:
-            pytest.skip("keyutils (keyctl) not available for the guest")
-        ku = stack.enter_context(dm_vm.disk(tar))
-        disk = tmp_path / "c.img"
-        disk.write_bytes(b"\0" * (1 << 20))
-        d = stack.enter_context(dm_vm.disk(disk, read_only=False))
+    tar = _keyutils_tar(tmp_path)
+    if tar is None:
+        pytest.skip("keyutils (keyctl) not available for the guest")
+    disk = tmp_path / "c.img"
+    disk.write_bytes(b"\0" * (1 << 20))
+    # both disks in one hot-plug, and one guest command ($dev: the disk's major:minor)
+    with dm_vm.disks_attached([tar, disk], read_only=[True, False]) as (ku, d):
         key = random.Random(SEED).randbytes(32)
-        dev = dm_vm.sh(f"cat /sys/block/{d.guest_path.rsplit('/', 1)[1]}/dev").strip()
-        ref = f"0 2048 crypt aes-xts-plain64 :32:logon:dmimage:kt 0 {dev} 0"
-        hexed = f"0 2048 crypt aes-xts-plain64 {key.hex()} 0 {dev} 0"
+        ref = "0 2048 crypt aes-xts-plain64 :32:logon:dmimage:kt 0 {dev} 0"
+        hexed = f"0 2048 crypt aes-xts-plain64 {key.hex()} 0 {{dev}} 0"
         keyhex = "".join(f"\\x{b:02x}" for b in key)
         try:
             out = dm_vm.sh(
+                f"read -r dev </sys/block/{d.guest_path.rsplit('/', 1)[1]}/dev; echo $dev\n"
                 f"mkdir -p /tmp/ku && tar -xf {ku.guest_path} -C /tmp/ku\n"
                 "export LD_LIBRARY_PATH=/tmp/ku\n"
                 f"printf '{keyhex}' | /tmp/ku/keyctl padd logon dmimage:kt @us >/dev/null\n"
-                f"dmsetup create tkr --table {shlex.quote(ref)}\n"
-                f"dmsetup create tkh --table {shlex.quote(hexed)}\n"
+                f"dmsetup create tkr --table \"{ref.format(dev='$dev')}\"\n"
+                f"dmsetup create tkh --table \"{hexed.format(dev='$dev')}\"\n"
                 "dmsetup table tkr\n"
                 "dd if=/dev/urandom of=/dev/mapper/tkr bs=4096 count=4 oflag=direct 2>/dev/null\n"
                 "sha256sum /dev/mapper/tkr /dev/mapper/tkh | cut -d' ' -f1")
             lines = out.split("\n")
-            table = parse_table(ref)
-            assert lines[0] + "\n" == format_table(table), lines[0]
-            assert parse_table(lines[0]) == table
-            assert lines[1] == lines[2], "the keyring key and the same key in hex disagree"
+            table = parse_table(ref.format(dev=lines[0]))
+            assert lines[1] + "\n" == format_table(table), lines[1]
+            assert parse_table(lines[1]) == table
+            assert lines[2] == lines[3], "the keyring key and the same key in hex disagree"
         finally:
             dm_vm.run("dmsetup remove tkr; dmsetup remove tkh; "
                       "LD_LIBRARY_PATH=/tmp/ku /tmp/ku/keyctl clear @us")
