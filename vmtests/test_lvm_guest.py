@@ -8,7 +8,12 @@ export sha256 equals the guest's, ``lvm check`` is clean, our formatting of the 
 text is accepted by vgcfgrestore. Then the pool's transaction id is bumped behind lvm2's back
 and a thin created that the VG does not know: ``lvm check`` exits 1 naming both; after
 ``lvm set-transaction-id`` (the VG's side, then after a second bump the superblock's side) and
-``lvm delete-orphans`` a fresh guest activates the pool again.
+``lvm delete-orphans`` lvm2 activates the pool again.
+
+Both tests share one guest (a restore, a first run of lvm2 and the hashing disk's hot-plug
+cost ~1.5-2 guest CPU-s each time); the disks stay attached while the host reads and writes
+them, with nothing of the VG active and the guest's caches of them dropped (see
+:func:`_drop_caches`).
 
 ``DMIMAGE_SAVE_LVM_FIXTURES=DIR`` saves the first MiB of each PV, gzip'd (tests/fixtures/lvm/).
 """
@@ -16,6 +21,7 @@ and a thin created that the VG does not know: ``lvm check`` exits 1 naming both;
 from __future__ import annotations
 
 import base64
+import contextlib
 import gzip
 import hashlib
 import io
@@ -25,6 +31,7 @@ import random
 import re
 import tarfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,19 +51,67 @@ def _kernels() -> list[str]:
     return selected_names()
 
 
-def _boot(name: str) -> LvmMachine:
+def _boot(name: str, *, share: bool = False) -> LvmMachine:
     from dmimage.guest.errors import HarnessUnavailable
     from dmimage.guest.kernels import KernelNotFound, kernel_by_name, qemu_binary
 
     if not qemu_binary():
         unavailable("qemu-system-x86_64 not found")
     try:
-        vm = LvmMachine(kernel_by_name(name, fetch=True), memory_mb=512)
+        vm = LvmMachine(kernel_by_name(name, fetch=True), memory_mb=768,
+                        host_share="/" if share else None)
         vm.start()
     except (KernelNotFound, HarnessUnavailable) as exc:
         unavailable(str(exc))
     vm.lvm_setup()
     return vm
+
+
+@pytest.fixture(scope="module")
+def lvm_guests() -> Iterator[dict[str, LvmMachine]]:
+    """The lvm2 guests a module's tests share, by kernel name (see :func:`lvm_guest`)."""
+    guests: dict[str, LvmMachine] = {}
+    try:
+        yield guests
+    finally:
+        for vm in guests.values():
+            vm.close()
+
+
+@contextlib.contextmanager
+def lvm_guest(guests: dict[str, LvmMachine], kernel: str, *, share: bool = False
+              ) -> Iterator[LvmMachine]:
+    """The module's lvm2 guest for *kernel*, started on first use and handed from test to test
+    (a restore and a close cost ~1 CPU-s a test, a first run of lvm2 in a fresh guest more).
+    A test that passes leaves it as it found it (no device-mapper device, no disk attached:
+    checked here); one that fails closes it, and the next test starts a fresh one."""
+    vm = guests.pop(kernel, None)
+    if vm is None or not vm.alive:
+        if vm is not None:
+            vm.close()
+        vm = _boot(kernel, share=share)
+    clean = False
+    try:
+        yield vm
+        vm.sh("dmsetup remove_all", timeout=120)
+        vm.detach_many(vm.disks)
+        left = vm.sh("dmsetup ls")
+        clean = left.strip() == "No devices found" and not vm.disks
+        assert clean, f"the shared guest is not clean after the test: {left!r}"
+    finally:
+        if clean:
+            guests[kernel] = vm
+        else:
+            vm.close()
+
+
+def _drop_caches(devices: list[str]) -> str:
+    """Guest shell: write back and drop the guest's page cache of *devices* (whole disks and
+    partitions: each has its own), so the host may change the files behind them, and the guest
+    then reads what the host wrote. lvm2, thin_check and the pool's dm-bufio read past the page
+    cache anyway, and an LV's cache goes with its dm device; lvm2 keeps no state of its own
+    between commands (no lvmetad, hints, backups or archives: dmimage/guest/lvm2.py)."""
+    return " && ".join(f"blockdev --flushbufs {d}" for d in devices) + " && sync"
 
 
 def _dmimage(*argv: str) -> tuple[int, str, str]:
@@ -132,8 +187,8 @@ def _sequence(vm: LvmMachine, a1: str, b: str, rng: random.Random) -> list[str]:
     for i in range(rng.randint(2, 3)):  # snapshots of snapshots, sometimes of an older one
         origin = parent if rng.random() < 0.7 else rng.choice(thins)
         name = f"snap{i + 1}"
-        vm.sh(f"lvcreate -y -s -n {name} vgt/{origin} && lvchange -ay -K vgt/{name}",
-              timeout=180)
+        # -K: activated at once, though lvm2 sets a thin snapshot's activation-skip flag
+        vm.sh(f"lvcreate -y -K -s -n {name} vgt/{origin}", timeout=180)
         _write(vm, f"/dev/vgt/{name}", rng, 16 * MiB)
         thins.append(name)
         parent = name
@@ -190,25 +245,23 @@ def _seeds() -> list[int]:
 
 @pytest.mark.parametrize("seed", _seeds(), ids=lambda s: f"seed{s}")
 @pytest.mark.parametrize("kernel", _kernels())
-def test_lvm2_writes_dmimage_reads(tmp_path: Path, kernel: str, seed: int) -> None:
+def test_lvm2_writes_dmimage_reads(tmp_path: Path, kernel: str, seed: int,
+                                   lvm_guests: dict[str, LvmMachine]) -> None:
     rng = random.Random(seed)
     a, b = _disks(tmp_path)
     disks = [a, b]
-    vm = _boot(kernel)
-    try:
-        da = vm.attach(a, read_only=False)
-        db = vm.attach(b, read_only=False)
+    with lvm_guest(lvm_guests, kernel) as vm:
+        da, db = vm.attach_many([a, b], read_only=False)
         a1 = da.guest_path + "1"
+        devices = [da.guest_path, a1, db.guest_path]
         vm.sh(f"test -b {a1}")
         thins = _sequence(vm, a1, db.guest_path, rng)
         want_hash = _guest_hashes(vm, ["lin", "str", *thins, "pool_tmeta"])
         guest_rows = _lvs_json(vm)
         # The VG inactive and the guest's cache of both disks written back and dropped, the
-        # host reads the files as lvm2 left them; the disks stay attached for what follows (an
-        # unplug and hot-plug cost more guest CPU than the flush). The host only reads them.
+        # host reads the files as lvm2 left them. The host only reads them.
         backup = vm.sh("vgcfgbackup -f /tmp/vgt.txt vgt >/dev/null && cat /tmp/vgt.txt && "
-                       f"blockdev --flushbufs {da.guest_path} && "
-                       f"blockdev --flushbufs {db.guest_path} && sync")
+                       + _drop_caches(devices))
         _save_fixtures(disks, kernel)
 
         # offline: lvs, exports, check
@@ -243,33 +296,27 @@ def test_lvm2_writes_dmimage_reads(tmp_path: Path, kernel: str, seed: int) -> No
         vm.sh("lvchange -ay vgt/pool", timeout=180)
         status = vm.sh("dmsetup status vgt-pool-tpool").split()
         tid = int(status[3])
-        vm.sh(f'dmsetup message vgt-pool-tpool 0 "set_transaction_id {tid} {tid + 1}"')
-        vm.sh('dmsetup message vgt-pool-tpool 0 "create_thin 77"')
-        vm.sh("vgchange -an vgt", timeout=180)
-        vm.detach(da)
-        vm.detach(db)
-    finally:
-        vm.close()
+        vm.sh(f'dmsetup message vgt-pool-tpool 0 "set_transaction_id {tid} {tid + 1}" && '
+              'dmsetup message vgt-pool-tpool 0 "create_thin 77"')
+        vm.sh("vgchange -an vgt && " + _drop_caches(devices), timeout=180)
 
-    rc, _, err = _dmimage("check", *disks)
-    assert rc == 1
-    assert (f"vgt/pool: transaction_id mismatch: VG metadata says {tid}, pool superblock "
-            f"says {tid + 1}") in err
-    assert re.search(r"vgt/pool: pool device 77 \(0 mapped blocks.*orphan", err), err
-    rc, out, err = _dmimage("set-transaction-id", *disks, "vgt/pool")
-    assert rc == 0, err
-    rc, _, err = _dmimage("check", *disks)
-    assert rc == 1 and "mismatch" not in err and "pool device 77" in err
-    rc, out, err = _dmimage("delete-orphans", *disks, "vgt/pool")
-    assert rc == 0 and "delete orphan thin device 77" in out, err
-    rc, _, err = _dmimage("check", *disks)
-    assert (rc, err) == (0, ""), err
+        # offline: the mismatch and the orphan found, and fixed on the VG's side
+        rc, _, err = _dmimage("check", *disks)
+        assert rc == 1
+        assert (f"vgt/pool: transaction_id mismatch: VG metadata says {tid}, pool superblock "
+                f"says {tid + 1}") in err
+        assert re.search(r"vgt/pool: pool device 77 \(0 mapped blocks.*orphan", err), err
+        rc, out, err = _dmimage("set-transaction-id", *disks, "vgt/pool")
+        assert rc == 0, err
+        rc, _, err = _dmimage("check", *disks)
+        assert rc == 1 and "mismatch" not in err and "pool device 77" in err
+        rc, out, err = _dmimage("delete-orphans", *disks, "vgt/pool")
+        assert rc == 0 and "delete orphan thin device 77" in out, err
+        rc, _, err = _dmimage("check", *disks)
+        assert (rc, err) == (0, ""), err
 
-    vm = _boot(kernel)  # a fresh guest: lvm2 activates the pool again
-    try:
-        vm.attach(a, read_only=False)
-        vm.attach(b, read_only=False)
-        vm.sh("vgck vgt", timeout=180)  # lvm2 validates the generation we wrote
+        # lvm2 activates the pool again, reading what the host wrote
+        vm.sh(_drop_caches(devices) + " && vgck vgt", timeout=180)  # the generation we wrote
         vm.sh("vgchange -ay -K vgt", timeout=180)
         got = vm.sha256_many([(f"/dev/mapper/vgt-{name}", None) for name in thins])
         for name, sha in zip(thins, got, strict=True):
@@ -277,28 +324,23 @@ def test_lvm2_writes_dmimage_reads(tmp_path: Path, kernel: str, seed: int) -> No
         assert _lvs_json(vm)["pool"]["transaction_id"] == str(tid + 1)
         # once more behind lvm2's back, fixed this time on the superblock's side
         vm.sh(f'dmsetup message vgt-pool-tpool 0 "set_transaction_id {tid + 1} {tid + 2}"')
-        vm.sh("vgchange -an vgt", timeout=180)
-    finally:
-        vm.close()
+        vm.sh("vgchange -an vgt && " + _drop_caches(devices), timeout=180)
 
-    rc, _, err = _dmimage("check", *disks)
-    assert (f"VG metadata says {tid + 1}, pool superblock says {tid + 2}") in err, err
-    rc, out, err = _dmimage("set-transaction-id", "--side", "pool", *disks, "vgt/pool")
-    assert rc == 0 and f"{tid + 2} -> {tid + 1}" in out, err
-    vm = _boot(kernel)
-    try:
-        vm.attach(a, read_only=False)
-        vm.attach(b, read_only=False)
-        vm.sh("vgchange -ay -K vgt", timeout=180)  # runs thin_check on the superblock we wrote
+        rc, _, err = _dmimage("check", *disks)
+        assert (f"VG metadata says {tid + 1}, pool superblock says {tid + 2}") in err, err
+        rc, out, err = _dmimage("set-transaction-id", "--side", "pool", *disks, "vgt/pool")
+        assert rc == 0 and f"{tid + 2} -> {tid + 1}" in out, err
+
+        # runs thin_check on the superblock we wrote
+        vm.sh(_drop_caches(devices) + " && vgchange -ay -K vgt", timeout=180)
         assert vm.sh("dmsetup status vgt-pool-tpool").split()[3] == str(tid + 1)
         assert vm.sha256_of(f"/dev/mapper/vgt-{thins[-1]}") == want_hash[thins[-1]]
         vm.sh("vgchange -an vgt", timeout=180)
-    finally:
-        vm.close()
 
 
 @pytest.mark.parametrize("kernel", _kernels())
-def test_dmimage_builds_lvm2_reads(tmp_path: Path, kernel: str) -> None:
+def test_dmimage_builds_lvm2_reads(tmp_path: Path, kernel: str,
+                                   lvm_guests: dict[str, LvmMachine]) -> None:
     """`dmimage build` with layout = "lvm": vgck and lvs accept the image, vgchange -ay
     activates it (thin_check included) with every thin's content as the manifest says; lvm2
     then adds a thin and writes to it, and `dmimage lvm check` stays clean."""
@@ -310,12 +352,9 @@ def test_dmimage_builds_lvm2_reads(tmp_path: Path, kernel: str) -> None:
     (tmp_path / "s.toml").write_text(SPEC)
     m = build(load_spec(tmp_path / "s.toml"), tmp_path / "out").manifest
     img = str(tmp_path / "out" / "lv.img")
-    vm = _boot(kernel)
-    try:
+    with lvm_guest(lvm_guests, kernel) as vm:
         d = vm.attach(img, read_only=False)
-        vm.sh(f"test -b {d.guest_path}1")
-        vm.sh("vgck vgb", timeout=180)
-        vm.sh("vgchange -ay vgb", timeout=180)
+        vm.sh(f"test -b {d.guest_path}1 && vgck vgb && vgchange -ay vgb", timeout=180)
         devs = m["devices"] + m["linear"]
         got = vm.sha256_many([(f"/dev/mapper/vgb-{dev['name']}", None) for dev in devs])
         for dev, sha in zip(devs, got, strict=True):
@@ -327,9 +366,6 @@ def test_dmimage_builds_lvm2_reads(tmp_path: Path, kernel: str) -> None:
         out = vm.sh("lvs -a --reportformat json --units b --nosuffix "
                     f"-o {FIELDS.replace(',lv_uuid', '')} vgb")
         guest_rows = {r["lv_name"]: r for r in json.loads(out)["report"][0]["lv"]}
-        vm.detach(d)
-    finally:
-        vm.close()
     rc, _, err = _dmimage("check", img)
     assert (rc, err) == (0, ""), err
     rc, out, err = _dmimage("ls", "--json", "-a", img)

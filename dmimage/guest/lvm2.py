@@ -8,9 +8,10 @@ cpio archive appended to the base initramfs (the kernel unpacks concatenated arc
 thin_check and cache_check (thin-provisioning-tools 0.9's pdata_tools from the host, which
 lvm2 runs when it activates a thin pool or a cache) with its libraries, the raid, mirror, cache
 and writecache targets when the kernel has them, and a minimal lvm.conf for a guest without
-udev. :class:`LvmMachine` boots the machine's own base initrd (so a host share works too), and
-a third small archive has the base init load the component's modules at boot, so the saved VM
-state holds them.
+udev (and without lvm2's device hints: the tests rewrite PVs behind lvm2's back, the case
+lvm.conf says to disable them for). :class:`LvmMachine` boots the machine's own base initrd
+(so a host share works too), and a third small archive has the base init load the
+component's modules at boot, so the saved VM state holds them.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ devices {
     obtain_device_list_from_udev = 0
     external_device_info_source = "none"
     use_devicesfile = 0
+    hints = "none"
     filter = [ "a|^/dev/vd|", "r|.*|" ]
     sysfs_scan = 1
     multipath_component_detection = 0
