@@ -1,6 +1,6 @@
-"""Host side of the guest agent: a line protocol over the guest's second serial port.
+"""Host side of the guest agent: a line protocol over a virtio-serial port of the guest.
 
-Frames (one per line; the guest's tty is raw, so only ``\n`` is special):
+Frames (one per line; the port is no tty, so only ``\n`` is special):
 
 - host → guest: ``@@C <id> <timeout_s> <nlines> <nbytes>`` then the script's *nlines* lines,
   verbatim (*nbytes* in all)
