@@ -15,6 +15,8 @@ and in every failure. Environment:
 * ``DMIMAGE_FUZZ_EXAMPLES`` (default 10000): inputs per run (long runs: 100000);
 * ``DMIMAGE_FUZZ_JOBS`` (default: the usable cores, at most 2): worker processes;
 * ``DMIMAGE_FUZZ_TIMEOUT`` (s per command, default 20), ``DMIMAGE_FUZZ_MEMORY_MB`` (3072).
+* ``DMIMAGE_FUZZ_FORKSERVER=0``: thin_check 1.1 exec'd per input, not forked
+  (:mod:`fuzz_oracle`).
 """
 
 from __future__ import annotations
