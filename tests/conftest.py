@@ -249,7 +249,7 @@ LONG_TESTS = {
     "test_repair_corpus": 7, "test_direct_lvm_pool": 6, "test_fuzz_reader_never_crashes": 5,
     "test_model_fuzz_on_mutated_scenario_text": 5, "test_label_and_area_reader_fuzz": 3,
     "test_plugin_can_be_disabled": 4, "test_plugin_is_loaded_and_lazy": 4,
-    "test_docs_example_collects_in_another_project": 3, "test_a_group_runs_on_one_worker": 4}
+    "test_docs_example_collects_in_another_project": 3}
 
 
 def _order(items: list[pytest.Item]) -> None:
