@@ -155,6 +155,16 @@ class _Pool:
             self.active.add(dev)
         return f"/dev/mapper/rthin{dev}"
 
+    def activate(self, devs: list[int], vblocks: int) -> None:
+        """:meth:`path` of each of *devs*, in one ``dmsetup create --concise`` for those not
+        active yet (a dmsetup start costs ~20 ms of TCG CPU)."""
+        new = [dev for dev in devs if dev not in self.active]
+        if new:
+            self.do("dmsetup create --concise " + shlex.quote(";".join(
+                f"rthin{dev},,,rw,0 {vblocks * BLOCK_SECTORS} thin /dev/mapper/rpool {dev}"
+                for dev in new)))
+            self.active.update(new)
+
     def deactivate(self, dev: int) -> None:
         if dev in self.active:
             self.do(f"dmsetup remove rthin{dev}")
@@ -216,6 +226,7 @@ class _Pool:
 
         assert self.scratch is not None, "_Pool(scratch=...) is needed for block hashes"
         wanted = [(dev, vb) for dev in sorted(blocks) for vb in blocks[dev]]
+        self.activate(sorted(blocks), vblocks)
         ps = PIECE // SECTOR
         table = "".join(f"{i * ps} {ps} linear {self.path(dev, vblocks)} {vb * BLOCK_SECTORS}\n"
                         for i, (dev, vb) in enumerate(wanted)).encode()
@@ -244,8 +255,8 @@ class _Pool:
         return out
 
     def teardown(self) -> None:
-        cmds = [f"dmsetup remove rthin{d}" for d in sorted(self.active)] + ["dmsetup remove rpool"]
-        self.sh(" && ".join(cmds))
+        self.sh("dmsetup remove " + " ".join([f"rthin{d}" for d in sorted(self.active)]
+                                             + ["rpool"]))
         self.active.clear()
         self.vm.detach_many(list(reversed(self.disks)))
 

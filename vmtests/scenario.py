@@ -26,7 +26,7 @@ import os
 import random
 import re
 import shlex
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -321,11 +321,13 @@ class PoolSession:
 
     def teardown(self) -> None:
         """Remove the thins and the pool, detach the disks (writes reach the host files)."""
-        cmds = [f"dmsetup remove {self.thin_name(d)}" for d in sorted(self.active)]
+        # One dmsetup for all, in this order (it stops at the first that fails, as a chain
+        # of one dmsetup each would).
+        names = [self.thin_name(d) for d in sorted(self.active)]
         if self.pool_active:
-            cmds.append(f"dmsetup remove {self.name}")
-        if cmds:
-            self.sh(" && ".join(cmds))
+            names.append(self.name)
+        if names:
+            self.sh(f"dmsetup remove {' '.join(names)}")
         self.active.clear()
         self.pool_active = False
         self.detach()
@@ -386,6 +388,19 @@ class PoolSession:
         self.do(f"dmsetup create {self.thin_name(dev)} --table {shlex.quote(table)}")
         self.active[dev] = sectors
         return self.thin_path(dev)
+
+    def activate_thins(self, devs: Iterable[int], sectors: int | None = None) -> None:
+        """:meth:`activate_thin` of each of *devs* not active yet, in one ``dmsetup create
+        --concise`` (a dmsetup start costs ~20 ms of TCG CPU)."""
+        sectors = sectors or self.vblocks * self.files.block_sectors
+        new = [dev for dev in dict.fromkeys(devs) if dev not in self.active]
+        if not new:
+            return
+        spec = ";".join(f"{self.thin_name(dev)},,,rw,0 {sectors} thin /dev/mapper/{self.name} "
+                        f"{dev}" for dev in new)
+        self.do(f"dmsetup create --concise {shlex.quote(spec)}")
+        for dev in new:
+            self.active[dev] = sectors
 
     def deactivate_thin(self, dev: int) -> None:
         self.do(f"dmsetup remove {self.thin_name(dev)}")
@@ -510,9 +525,7 @@ class PoolSession:
     def hashes(self) -> dict[int, str]:
         """sha256 of every model device, read in the guest (activating inactive ones)."""
         devs = sorted(self.model.devices)
-        for dev in devs:
-            if dev not in self.active:
-                self.activate_thin(dev)
+        self.activate_thins(devs)
         self.flush()
         digests = self.vm.sha256_many([(self.thin_path(dev), None) for dev in devs])
         return dict(zip(devs, digests, strict=True))

@@ -101,8 +101,7 @@ def test_restored_pool(dm_vm: Machine, tmp_path: Path, tools11: oracles.Tools, n
         with PoolSession(dm_vm, files, (pat_path, pattern), model=model, vblocks=vblocks) as s:
             # What dmimage wrote reads back byte-identical through the kernel.
             with s.batched():  # commands reach the guest with each status read
-                for dev in sorted(model.devices):
-                    s.activate_thin(dev)
+                s.activate_thins(sorted(model.devices))
                 s.check_status()
             before = s.hashes()
             for dev, h in before.items():
@@ -169,8 +168,7 @@ def test_writable_pool(dm_vm: Machine, tmp_path: Path, tools11: oracles.Tools, s
         with PoolSession(dm_vm, files, (pat_path, pattern), model=model, vblocks=lim.vblocks,
                          held=off.held) as s:
             with s.batched():  # commands reach the guest with each status read
-                for dev in sorted(model.devices):
-                    s.activate_thin(dev)
+                s.activate_thins(sorted(model.devices))
                 st = s.check_status()
             with open_pool(files.meta) as p:
                 alloc = p.metadata_space_map().nr_allocated

@@ -185,8 +185,7 @@ def test_kernel_writes_at_scale(dm_vm: Machine, tmp_path: Path, tools11: oracles
             for snap in (2, 3, 4):
                 s.create_snap(snap, 1)
             s.create_snap(5, 2)
-            for dev in kept:
-                s.activate_thin(dev)
+            s.activate_thins(kept)
         mapped = sorted(model.devices[1].blocks)
         hot = [mapped[k] for k in sorted(rng.sample(range(len(mapped)), 60))]
         spots = [(dev, vb, rng.randrange(128)) for dev in (2, 3, 4, 5, 1) for vb in hot]
@@ -379,10 +378,8 @@ def test_dmimage_writes_at_scale(dm_vm: Machine, tmp_path: Path, tools11: oracle
     probe: list[tuple[int, int]] = []  # (dev, sector) read back through the kernel
     with s:
         with s.batched():  # session commands go to the guest together (scenario.py)
-            for dev in (1, 2, 4):
-                s.activate_thin(dev)
-            for dev in (3, 5):
-                s.activate_thin(dev, small * BLOCK_SECTORS)
+            s.activate_thins((1, 2, 4))
+            s.activate_thins((3, 5), small * BLOCK_SECTORS)
             s.check_status()  # what dmimage wrote, as the kernel accounts it
         # Kernel inserts into the full leaves dmimage built (shared by 1 and 2: shadowed,
         # then split), writes into a snapshot dmimage made, a kernel snapshot, copies on
