@@ -95,6 +95,11 @@ class Generator:
         self._next_helper += 1
         return h
 
+    def reuse_helpers(self) -> None:
+        """Hand out the helpers from the first again (the caller removed every table on
+        them and zeroed them)."""
+        self._next_helper = 0
+
     def length(self, unit: int = 8, most: int = 4096) -> int:
         return unit * self.rng.randint(1, max(1, most // unit))
 
