@@ -10,7 +10,7 @@
   succeeds exactly when ``dmimage lvm check`` is clean;
 - with the VG active, dmimage's LVM writers on the PV are refused (O_EXCL) naming the holder,
   and the PV's bytes do not change (host dmimage in the guest over 9p, as
-  vmtests/test_live_pool_lock.py runs it);
+  vmtests/test_live_pool_lock.py runs it, each command forked by vmtests/guest_forkserver.py);
 - a built image with linear LVs: vgchange -ay, every LV's content hash as the manifest says.
 """
 
@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from dmimage.guest.lvm2 import LvmMachine
-from vmtests.guest_cli import ROOT, compile_checkout, dmimage_command
+from vmtests.guest_forkserver import GuestDmimage
 from vmtests.test_lvm_guest import FIELDS, _dmimage, _kernels, _put_texts, lvm_guest
 
 pytestmark = [pytest.mark.vm, pytest.mark.vm_one_kernel]  # lvm2 is the oracle (conftest.py)
@@ -357,13 +357,20 @@ def test_transaction_id_rule_matches_lvm2_activation(tmp_path: Path, kernel: str
 
 # -- live VG: dmimage's LVM writers are refused ------------------------------------------------
 
+#: What the LVM writers import: the guest's fork server (vmtests/guest_forkserver.py) imports
+#: it once, and each command is a process forked from it (one Python start instead of four:
+#: each cost the TCG guest 1-5 CPU-s).
+LVM_WRITERS_IMPORT = ("dmimage.cli.lvm", "dmimage.lvm.vg", "dmimage.lvm.fix",
+                      "dmimage.lvm.orphans", "dmimage.lvm.report", "dmimage.lvm.check",
+                      "dmimage.thin.check", "dmimage.thin.transaction")
+
+
 @pytest.mark.parametrize("kernel", _kernels())
 def test_live_vg_refuses_lvm_writers(tmp_path: Path, kernel: str,
                                      lvm_guests: dict[str, LvmMachine]) -> None:
     img = _sparse(tmp_path / "pv.img", 64 * MiB)
     with _guest(lvm_guests, kernel) as vm:
-        compile_checkout()
-        vm.mount_host_share(ROOT)
+        server = GuestDmimage(vm, LVM_WRITERS_IMPORT).start()
         dev = vm.attach(img, read_only=False).guest_path
         name = os.path.basename(dev)
         vm.sh(f"pvcreate -y {dev} && vgcreate -s 1m vgt {dev} && "
@@ -377,7 +384,7 @@ def test_live_vg_refuses_lvm_writers(tmp_path: Path, kernel: str,
         for args in (f"set-transaction-id --side pool --to 7 {dev} vgt/pool",
                      f"set-transaction-id --side vg --to 7 {dev} vgt/pool",
                      f"delete-orphans {dev} vgt/pool"):
-            r = vm.run(dmimage_command(f"lvm {args}"), timeout=600)
+            r = vm.run(server.command(f"lvm {args}"), timeout=600)
             err = r.stderr.decode()
             print(f"[{kernel}] lvm {args}: exit {r.returncode}: {err.strip()}")
             assert r.returncode == 2, (args, r)
@@ -386,7 +393,7 @@ def test_live_vg_refuses_lvm_writers(tmp_path: Path, kernel: str,
             assert vm.sha256_of(dev) == before, args
         # once the VG is inactive, the same writer goes through
         vm.sh("vgchange -an vgt", timeout=180)
-        r = vm.run(dmimage_command(f"lvm set-transaction-id --side vg --to 7 {dev} vgt/pool"),
+        r = vm.run(server.command(f"lvm set-transaction-id --side vg --to 7 {dev} vgt/pool"),
                    timeout=600)
         assert r.returncode == 0, r
         assert vm.sha256_of(dev) != before
