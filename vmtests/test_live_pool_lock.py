@@ -5,7 +5,9 @@ the same write succeeds and the kernel reads what was written.
 
 The guest has no Python: the machine shares the host's root filesystem read-only over
 virtio-9p (``Machine(host_share="/")``) and the very dmimage of this checkout runs in a chroot
-of it, against the guest's block devices (O_EXCL is the guest kernel's answer)."""
+of it, against the guest's block devices (O_EXCL is the guest kernel's answer). Each command
+is a process of its own, forked by vmtests/guest_forkserver.py after one Python start with
+dmimage's imports (a start cost the TCG guest 1-4 CPU-s, numpy's import most of it)."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import pytest
 from dmimage.cli.main import main
 from dmimage.guest.agent import CommandResult
 from dmimage.guest.machine import Machine
-from vmtests.guest_cli import ROOT, compile_checkout, dmimage_command
+from vmtests.guest_forkserver import GuestDmimage
 from vmtests.scenario import PoolSession, make_pool_files
 
 pytestmark = [pytest.mark.vm, pytest.mark.vm_one_kernel]  # O_EXCL: the block layer (conftest.py)
@@ -54,16 +56,24 @@ def share_vm(request: pytest.FixtureRequest) -> Iterator[Machine]:
     except HarnessUnavailable as exc:
         unavailable(str(exc))
     try:
-        compile_checkout()
-        vm.mount_host_share(ROOT)
         yield vm
     finally:
         vm.close()
 
 
-def _dmimage(vm: Machine, args: str, stdin: str | None = None) -> CommandResult:
+#: What the commands below import: the fork server imports it once.
+PRELOAD = ("dmimage.cli.write", "dmimage.cli.message", "dmimage.cli._progress",
+           "dmimage.thin.transaction")
+
+
+@pytest.fixture(scope="module")
+def guest_dmimage(share_vm: Machine) -> GuestDmimage:
+    return GuestDmimage(share_vm, PRELOAD).start(timeout=CMD_TIMEOUT)
+
+
+def _dmimage(server: GuestDmimage, args: str, stdin: str | None = None) -> CommandResult:
     redirect = f" < {shlex.quote(stdin)}" if stdin else ""
-    return vm.run(dmimage_command(args) + redirect, timeout=CMD_TIMEOUT)
+    return server.vm.run(server.command(args) + redirect, timeout=CMD_TIMEOUT)
 
 
 def _holders(vm: Machine, dev: str) -> list[str]:
@@ -74,7 +84,8 @@ def _holders(vm: Machine, dev: str) -> list[str]:
     return [line for line in out.splitlines() if line]
 
 
-def test_live_pool_metadata_is_refused(share_vm: Machine, tmp_path: Path) -> None:
+def test_live_pool_metadata_is_refused(share_vm: Machine, guest_dmimage: GuestDmimage,
+                                       tmp_path: Path) -> None:
     vm = share_vm
     files = make_pool_files(tmp_path, nr_data_blocks=64)
     for argv in (["format", str(files.meta), "--data-block-size", str(files.block_sectors),
@@ -95,7 +106,7 @@ def test_live_pool_metadata_is_refused(share_vm: Machine, tmp_path: Path) -> Non
 
         for args, stdin in ((f"write {meta} {data} --dev-id 1 -i -", "/tmp/payload"),
                             (f"message {meta} 'create_thin 2'", None)):
-            r = _dmimage(vm, args, stdin)
+            r = _dmimage(guest_dmimage, args, stdin)
             err = r.stderr.decode()
             assert r.returncode == 2, (args, r)
             assert err.count("\n") == 1, err
@@ -108,7 +119,7 @@ def test_live_pool_metadata_is_refused(share_vm: Machine, tmp_path: Path) -> Non
         session.sh(f"dmsetup remove {session.name}")
         session.pool_active = False
         assert _holders(vm, meta) == []
-        r = _dmimage(vm, f"write {meta} {data} --dev-id 1 -i -", "/tmp/payload")
+        r = _dmimage(guest_dmimage, f"write {meta} {data} --dev-id 1 -i -", "/tmp/payload")
         assert r.returncode == 0, r
         assert vm.sha256_of(meta) != before
 

@@ -10,7 +10,7 @@
   succeeds exactly when ``dmimage lvm check`` is clean;
 - with the VG active, dmimage's LVM writers on the PV are refused (O_EXCL) naming the holder,
   and the PV's bytes do not change (host dmimage in the guest over 9p, as
-  vmtests/test_live_pool_lock.py runs it);
+  vmtests/test_live_pool_lock.py runs it, each command forked by vmtests/guest_forkserver.py);
 - a built image with linear LVs: vgchange -ay, every LV's content hash as the manifest says.
 """
 
@@ -28,30 +28,13 @@ from typing import Any
 import pytest
 
 from dmimage.guest.lvm2 import LvmMachine
-from dmimage.guest.pytest_plugin import unavailable
-from vmtests.guest_cli import ROOT, compile_checkout, dmimage_command
-from vmtests.test_lvm_guest import FIELDS, _dmimage, _kernels, _put_texts
+from vmtests.guest_forkserver import GuestDmimage
+from vmtests.test_lvm_guest import FIELDS, _dmimage, _kernels, _put_texts, lvm_guest
 
 pytestmark = [pytest.mark.vm, pytest.mark.vm_one_kernel]  # lvm2 is the oracle (conftest.py)
 
 MiB = 1 << 20
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "lvm"
-
-
-def _boot(name: str, *, share: bool = False) -> LvmMachine:
-    from dmimage.guest.errors import HarnessUnavailable
-    from dmimage.guest.kernels import KernelNotFound, kernel_by_name, qemu_binary
-
-    if not qemu_binary():
-        unavailable("qemu-system-x86_64 not found")
-    try:
-        vm = LvmMachine(kernel_by_name(name, fetch=True), memory_mb=768,
-                        host_share="/" if share else None)
-        vm.start()
-    except (KernelNotFound, HarnessUnavailable) as exc:
-        unavailable(str(exc))
-    vm.lvm_setup()
-    return vm
 
 
 @pytest.fixture(scope="module")
@@ -67,29 +50,11 @@ def lvm_guests() -> Iterator[dict[str, LvmMachine]]:
 
 @contextlib.contextmanager
 def _guest(guests: dict[str, LvmMachine], kernel: str) -> Iterator[LvmMachine]:
-    """This module's lvm2 guest for *kernel*, started on first use and handed from test to test
-    (a restore and a close cost ~1 CPU-s a test). A test that passes leaves it as it found it
-    (no device-mapper device, no disk attached: checked here); one that fails closes it, and
-    the next test starts a fresh one."""
-    vm = guests.pop(kernel, None)
-    if vm is None or not vm.alive:
-        if vm is not None:
-            vm.close()
-        vm = _boot(kernel)
-    clean = False
-    try:
+    """This module's lvm2 guest for *kernel* (vmtests/test_lvm_guest.py's ``lvm_guest``), with
+    the host share that :func:`test_live_vg_refuses_lvm_writers` runs dmimage from: one guest
+    for all the module's tests."""
+    with lvm_guest(guests, kernel, share=True) as vm:
         yield vm
-        vm.sh("dmsetup remove_all", timeout=120)
-        for d in vm.disks:
-            vm.detach(d)
-        left = vm.sh("dmsetup ls")
-        clean = left.strip() == "No devices found" and not vm.disks
-        assert clean, f"the shared guest is not clean after the test: {left!r}"
-    finally:
-        if clean:
-            guests[kernel] = vm
-        else:
-            vm.close()
 
 
 def _sparse(path: Path, size: int) -> str:
@@ -232,7 +197,7 @@ def test_lv_attr_of_other_segment_types(tmp_path: Path, kernel: str,
     fields = FIELDS.replace(",lv_uuid", "")
     disks = [_sparse(tmp_path / f"d{i}.img", 256 * MiB) for i in range(4)]
     with _guest(lvm_guests, kernel) as vm:
-        att = [vm.attach(d, read_only=False) for d in disks]
+        att = vm.attach_many(disks, read_only=False)
         devs = " ".join(a.guest_path for a in att)
         vm.sh(f"pvcreate -y {devs} && vgcreate -s 1m vga {devs}", timeout=180)
         ran = _lvm_shell(vm, SEGTYPE_COMMANDS, timeout=300 * len(SEGTYPE_COMMANDS))
@@ -242,8 +207,7 @@ def test_lv_attr_of_other_segment_types(tmp_path: Path, kernel: str,
         lvs = json.loads(vm.sh(f"lvs -a --reportformat json --units b --nosuffix -o {fields} "
                                "vga", timeout=180))["report"][0]["lv"]
         backup = vm.sh("vgcfgbackup -f /tmp/v.txt vga >/dev/null && cat /tmp/v.txt")
-        for a in att:
-            vm.detach(a)
+        vm.detach_many(att)
     made = {str(c["cmd"]).split(" -n ")[-1].split()[0] for c in ran if c["rc"] == 0}
     # the kinds this test is about were all created (the guest has their targets): by the
     # commands' own status records and by lvs (a report that lost its record reads as rc 0)
@@ -373,9 +337,11 @@ def test_transaction_id_rule_matches_lvm2_activation(tmp_path: Path, kernel: str
             vm.sh(f"blockdev --flushbufs {dev} && "
                   f"vgcfgrestore --force -y -f /tmp/cases/{case.name} vgt", timeout=180)
             rc, _out, err = _dmimage("check", img)
-            # the verdict, then the pool and its LVs gone again (whatever the verdict)
-            r = vm.run("vgchange -ay vgt; rc=$?; vgchange -an vgt >/dev/null 2>&1; "
-                       "dmsetup remove_all; exit $rc", timeout=360)
+            # the verdict, then the pool and its LVs gone again, whatever the verdict: dmsetup
+            # takes them down and rm the links lvm2 made (no udev here) without a second
+            # start of lvm2; the next case starts from the pristine bytes again
+            r = vm.run("vgchange -ay vgt; rc=$?; dmsetup remove_all; rm -rf /dev/vgt; exit $rc",
+                       timeout=360)
             accepted = r.returncode == 0
             verdicts.append((case.name, accepted, rc, err.strip()))
             print(f"[{kernel}] {case.name}: lvm2 {'accepts' if accepted else 'refuses'} "
@@ -391,13 +357,20 @@ def test_transaction_id_rule_matches_lvm2_activation(tmp_path: Path, kernel: str
 
 # -- live VG: dmimage's LVM writers are refused ------------------------------------------------
 
+#: What the LVM writers import: the guest's fork server (vmtests/guest_forkserver.py) imports
+#: it once, and each command is a process forked from it (one Python start instead of four:
+#: each cost the TCG guest 1-5 CPU-s).
+LVM_WRITERS_IMPORT = ("dmimage.cli.lvm", "dmimage.lvm.vg", "dmimage.lvm.fix",
+                      "dmimage.lvm.orphans", "dmimage.lvm.report", "dmimage.lvm.check",
+                      "dmimage.thin.check", "dmimage.thin.transaction")
+
+
 @pytest.mark.parametrize("kernel", _kernels())
-def test_live_vg_refuses_lvm_writers(tmp_path: Path, kernel: str) -> None:
+def test_live_vg_refuses_lvm_writers(tmp_path: Path, kernel: str,
+                                     lvm_guests: dict[str, LvmMachine]) -> None:
     img = _sparse(tmp_path / "pv.img", 64 * MiB)
-    vm = _boot(kernel, share=True)
-    try:
-        compile_checkout()
-        vm.mount_host_share(ROOT)
+    with _guest(lvm_guests, kernel) as vm:
+        server = GuestDmimage(vm, LVM_WRITERS_IMPORT).start()
         dev = vm.attach(img, read_only=False).guest_path
         name = os.path.basename(dev)
         vm.sh(f"pvcreate -y {dev} && vgcreate -s 1m vgt {dev} && "
@@ -411,7 +384,7 @@ def test_live_vg_refuses_lvm_writers(tmp_path: Path, kernel: str) -> None:
         for args in (f"set-transaction-id --side pool --to 7 {dev} vgt/pool",
                      f"set-transaction-id --side vg --to 7 {dev} vgt/pool",
                      f"delete-orphans {dev} vgt/pool"):
-            r = vm.run(dmimage_command(f"lvm {args}"), timeout=600)
+            r = vm.run(server.command(f"lvm {args}"), timeout=600)
             err = r.stderr.decode()
             print(f"[{kernel}] lvm {args}: exit {r.returncode}: {err.strip()}")
             assert r.returncode == 2, (args, r)
@@ -420,14 +393,12 @@ def test_live_vg_refuses_lvm_writers(tmp_path: Path, kernel: str) -> None:
             assert vm.sha256_of(dev) == before, args
         # once the VG is inactive, the same writer goes through
         vm.sh("vgchange -an vgt", timeout=180)
-        r = vm.run(dmimage_command(f"lvm set-transaction-id --side vg --to 7 {dev} vgt/pool"),
+        r = vm.run(server.command(f"lvm set-transaction-id --side vg --to 7 {dev} vgt/pool"),
                    timeout=600)
         assert r.returncode == 0, r
         assert vm.sha256_of(dev) != before
         out = vm.sh("lvs --noheadings -o transaction_id vgt/pool")
         assert out.strip() == "7", out
-    finally:
-        vm.close()
 
 
 # -- built image with linear LVs --------------------------------------------------------------
@@ -448,10 +419,11 @@ def test_built_linear_lvs_activate(tmp_path: Path, kernel: str,
     assert {lv["name"] for lv in m["linear"]} == {"lin", "blank"}
     with _guest(lvm_guests, kernel) as vm:
         d = vm.attach(img, read_only=False)
-        vm.sh(f"test -b {d.guest_path}1 && vgck vgb", timeout=180)
-        vm.sh("vgchange -ay vgb", timeout=180)
-        for lv in m["linear"] + m["devices"]:
-            assert vm.sha256_of(f"/dev/mapper/vgb-{lv['name']}") == lv["sha256"], lv
+        vm.sh(f"test -b {d.guest_path}1 && vgck vgb && vgchange -ay vgb", timeout=180)
+        lvs = m["linear"] + m["devices"]
+        got = vm.sha256_many([(f"/dev/mapper/vgb-{lv['name']}", None) for lv in lvs])
+        for lv, sha in zip(lvs, got, strict=True):
+            assert sha == lv["sha256"], lv
         sizes = {r["lv_name"]: r["lv_size"] for r in json.loads(vm.sh(
             "lvs -a --reportformat json --units b --nosuffix -o lv_name,lv_size vgb"))
             ["report"][0]["lv"]}
