@@ -98,6 +98,43 @@ def test_appliance_contents(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert app.modules.index("dm-mod.ko") < app.modules.index("dm-thin-pool.ko")
 
 
+def test_module_signatures_are_stripped(tmp_path: Path) -> None:
+    """The appliance's modules lose exactly their appended signature (the kernel then skips
+    the verification a TCG boot paid for); kmod's modinfo, the oracle, sees a signed module
+    before and an unsigned one after, with the same name and vermagic."""
+    from dmimage.guest.appliance import MODULE_SIG_MAGIC, strip_signature
+    from dmimage.guest.kernels import KernelNotFound, debian12
+
+    body = b"\x7fELF" + bytes(range(256)) * 3
+    sig = os.urandom(300)
+    info = bytes([0, 0, 2, 0, 0, 0, 0, 0]) + len(sig).to_bytes(4, "big")  # PKCS#7, 300 bytes
+    assert strip_signature(body + sig + info + MODULE_SIG_MAGIC) == body
+    assert strip_signature(body) == body  # unsigned: unchanged
+    if shutil.which("modinfo") is None:
+        unavailable("modinfo (kmod) not installed")
+    try:
+        moddir = debian12().moddir
+    except KernelNotFound as exc:
+        unavailable(str(exc))
+    signed = next(moddir.rglob("dm-thin-pool.ko*"))
+    from dmimage.guest.appliance import read_module
+
+    raw = read_module(signed)
+    assert raw.endswith(MODULE_SIG_MAGIC)
+    (tmp_path / "signed.ko").write_bytes(raw)
+    (tmp_path / "plain.ko").write_bytes(strip_signature(raw))
+
+    def modinfo(name: str) -> dict[str, str]:
+        out = subprocess.run(["modinfo", str(tmp_path / name)], capture_output=True,
+                             text=True, check=True).stdout
+        return {k.strip(): v.strip() for k, _, v in
+                (ln.partition(":") for ln in out.splitlines()) if not k.startswith(" ")}
+
+    before, after = modinfo("signed.ko"), modinfo("plain.ko")
+    assert "sig_id" in before and "sig_id" not in after and "signer" not in after
+    assert (after["name"], after["vermagic"]) == (before["name"], before["vermagic"])
+
+
 def test_cli_disk_spec() -> None:
     from dmimage.cli.vm import _parse_disk
 

@@ -228,6 +228,27 @@ def read_module(path: Path) -> bytes:
     return data
 
 
+#: The trailer of a signed module (kernel scripts/sign-file): the signature, then a
+#: 12-byte ``struct module_signature`` (its last field the signature's length, big-endian),
+#: then this magic.
+MODULE_SIG_MAGIC = b"~Module signature appended~\n"
+
+
+def strip_signature(data: bytes) -> bytes:
+    """A module without its appended signature. The kernel then loads it unverified (it
+    logs "module verification failed" once, at notice level, and taints itself with E; no
+    Debian kernel sets MODULE_SIG_FORCE): verifying means a sha256 of every module and an
+    RSA check, which cost a TCG guest's cold boot ~0.7 QEMU CPU-s (docs/vm.md)."""
+    if not data.endswith(MODULE_SIG_MAGIC):
+        return data
+    end = len(data) - len(MODULE_SIG_MAGIC)
+    if end < 12:
+        return data
+    sig_len = int.from_bytes(data[end - 4:end], "big")
+    start = end - 12 - sig_len
+    return data[:start] if start >= 0 else data
+
+
 def _unzstd(path: Path, data: bytes) -> bytes:
     """A .ko.zst's content: with the zstandard module if installed, else the zstd tool."""
     try:
@@ -406,7 +427,7 @@ def build_initramfs(moddir: Path | str, *, cache_dir: Path | None = None,
     busybox, dmsetup, libs, mods = _inputs(moddir, extra_modules)
 
     h = hashlib.sha256()
-    h.update(b"dmimage-appliance-v1\0")
+    h.update(b"dmimage-appliance-v2\0")  # v2: modules without signatures
     h.update(INIT_SCRIPT.encode() + AGENT_SCRIPT.encode())
     h.update(b"gz" if compress else b"raw")
     for p in [busybox, dmsetup, *map(Path, libs), *(moddir / m for m in mods)]:
@@ -457,7 +478,7 @@ def build_initramfs(moddir: Path | str, *, cache_dir: Path | None = None,
         names = []
         for m in mods:
             name = re.sub(r"\.(xz|gz|zst)$", "", os.path.basename(m))
-            w.add_file(f"lib/modules/{name}", read_module(moddir / m))
+            w.add_file(f"lib/modules/{name}", strip_signature(read_module(moddir / m)))
             names.append(name)
         w.add_file("etc/modules.order", ("\n".join(names) + "\n").encode())
         w.add_file("etc/passwd", b"root:x:0:0:root:/tmp:/bin/sh\n")
