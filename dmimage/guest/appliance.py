@@ -337,18 +337,20 @@ exec sleep 2147483647
 """
 
 # Line protocol (host <-> guest), one frame per line; agent.py's docstring has the frames
-# (the script's lines verbatim, outputs in base64) and why the loop forks so little.
+# (the script's lines verbatim, outputs raw with separators) and why the loop forks so little.
 AGENT_SCRIPT = r"""#!/bin/sh
 export PATH=/sbin:/bin HOME=/tmp DM_DISABLE_UDEV=1
 cd /tmp
 # Under TCG every process a command costs is ~10 ms of CPU, so the loop forks as little as it
 # can: the script arrives as raw lines (the count frames it), the watchdog is a subshell that
 # sleeps in the read builtin on a fifo nobody writes (busybox's sleep would be an exec), and
-# empty outputs need neither stat nor base64. rm and kill are builtins/NOFORK. A script over
-# 1 KiB is read by one dd instead (the read builtin takes a byte per system call).
+# the outputs go out raw (the port is binary-clean) by one cat, each followed by a separator
+# line the host chose (its token and the id: no output can forge it), so there is no stat,
+# no base64 and, for empty outputs, no process at all. rm and kill are builtins/NOFORK. A
+# script over 1 KiB is read by one dd instead (the read builtin takes a byte per system call).
 mkfifo /tmp/.wd
 echo "@@READY $(cut -d' ' -f1 /proc/uptime)"
-while read -r tag id tmo n nb; do
+while read -r tag id tmo n nb tok; do
   [ "$tag" = "@@C" ] || continue
   if [ "${nb:-0}" -gt 1024 ]; then
     dd of=/tmp/.c.sh bs="$nb" count=1 iflag=fullblock 2>/dev/null
@@ -375,15 +377,13 @@ while read -r tag id tmo n nb; do
   # dying while the next frame is half read would lose that frame.
   [ -n "$wd" ] && { rm -f "/tmp/.run.$id"; kill -KILL "$wd" 2>/dev/null; wait "$wd" 2>/dev/null; }
   to=0; [ -e "/tmp/.to.$id" ] && to=1
-  lo=0; le=0; bo=; be=
-  [ -s /tmp/.o ] && bo=1
-  [ -s /tmp/.e ] && be=1
-  if [ -n "$bo$be" ]; then set -- $(stat -c %s /tmp/.o /tmp/.e); lo=$1; le=$2; fi
-  printf '@@R %s %s %s %s %s ' "$id" "$rc" "$to" "$lo" "$le"
-  [ -n "$bo" ] && base64 -w 0 /tmp/.o
-  printf ' '
-  [ -n "$be" ] && base64 -w 0 /tmp/.e
-  printf '\n'
+  printf '@@R %s %s %s\n' "$id" "$rc" "$to"
+  if [ -s /tmp/.o ] || [ -s /tmp/.e ]; then
+    printf '@@%s.%s\n' "$tok" "$id" >/tmp/.s
+    cat /tmp/.o /tmp/.s /tmp/.e /tmp/.s
+  else
+    printf '@@%s.%s\n@@%s.%s\n' "$tok" "$id" "$tok" "$id"
+  fi
 done
 echo "dmimage-guest: agent input closed" > /dev/kmsg
 """

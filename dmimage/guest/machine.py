@@ -747,7 +747,7 @@ class Machine:
         (that line first, as an anchor) to the end.
 
         The log is ~25 KB after boot: on the old serial line, reading all of it after every
-        test cost ~0.5 s and ~0.2 QEMU CPU-s (still a base64 encoding of it in the guest)."""
+        test cost ~0.5 s and ~0.2 QEMU CPU-s."""
         if not self._dmesg_seen:
             return "dmesg"
         return f"dmesg | tail -n +{self._dmesg_seen}"
@@ -856,7 +856,7 @@ class Machine:
     def read_bytes(self, guest_path: str, offset: int = 0, size: int = 4096, *,
                    timeout: float = 120.0) -> bytes:
         """*size* bytes of a guest file or device from *offset* (small reads: the agent channel
-        moves ~250 KB/s under TCG; hash big ranges in the guest with ``sha256_of``)."""
+        moves ~1-2 MB/s under TCG; hash big ranges with ``sha256_of``)."""
         q = shlex.quote(guest_path)
         res = self.run(f"dd if={q} bs=65536 skip={int(offset)} count={int(size)} "
                        "iflag=skip_bytes,count_bytes,fullblock status=none",
