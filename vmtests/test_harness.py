@@ -17,7 +17,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -96,6 +96,43 @@ def test_appliance_contents(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         assert name in listing
     assert any(n.startswith("lib64/ld-linux") for n in listing)
     assert app.modules.index("dm-mod.ko") < app.modules.index("dm-thin-pool.ko")
+
+
+def test_module_signatures_are_stripped(tmp_path: Path) -> None:
+    """The appliance's modules lose exactly their appended signature (the kernel then skips
+    the verification a TCG boot paid for); kmod's modinfo, the oracle, sees a signed module
+    before and an unsigned one after, with the same name and vermagic."""
+    from dmimage.guest.appliance import MODULE_SIG_MAGIC, strip_signature
+    from dmimage.guest.kernels import KernelNotFound, debian12
+
+    body = b"\x7fELF" + bytes(range(256)) * 3
+    sig = os.urandom(300)
+    info = bytes([0, 0, 2, 0, 0, 0, 0, 0]) + len(sig).to_bytes(4, "big")  # PKCS#7, 300 bytes
+    assert strip_signature(body + sig + info + MODULE_SIG_MAGIC) == body
+    assert strip_signature(body) == body  # unsigned: unchanged
+    if shutil.which("modinfo") is None:
+        unavailable("modinfo (kmod) not installed")
+    try:
+        moddir = debian12().moddir
+    except KernelNotFound as exc:
+        unavailable(str(exc))
+    signed = next(moddir.rglob("dm-thin-pool.ko*"))
+    from dmimage.guest.appliance import read_module
+
+    raw = read_module(signed)
+    assert raw.endswith(MODULE_SIG_MAGIC)
+    (tmp_path / "signed.ko").write_bytes(raw)
+    (tmp_path / "plain.ko").write_bytes(strip_signature(raw))
+
+    def modinfo(name: str) -> dict[str, str]:
+        out = subprocess.run(["modinfo", str(tmp_path / name)], capture_output=True,
+                             text=True, check=True).stdout
+        return {k.strip(): v.strip() for k, _, v in
+                (ln.partition(":") for ln in out.splitlines()) if not k.startswith(" ")}
+
+    before, after = modinfo("signed.ko"), modinfo("plain.ko")
+    assert "sig_id" in before and "sig_id" not in after and "signer" not in after
+    assert (after["name"], after["vermagic"]) == (before["name"], before["vermagic"])
 
 
 def test_cli_disk_spec() -> None:
@@ -510,17 +547,64 @@ def test_no_orphan_qemu_when_python_is_killed(tmp_path: Path) -> None:
             child.wait()
 
 
+@dataclass
+class StateRace:
+    """What two processes that created the same saved state at once left behind."""
+
+    state_dir: Path
+    returncodes: list[int]
+    outputs: list[tuple[str, str]]  # (stdout, stderr) of each
+    listing: list[str]  # the state directory right after both exited
+
+
 @pytest.fixture(scope="module")
-def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def state_race(tmp_path_factory: pytest.TempPathFactory) -> StateRace:
+    """Two processes boot the same configuration (deb12) into an empty saved-state cache at
+    the same moment; each saves, says how it started and that its saved machine goes on.
+    The cache they leave is the module's: the restore tests start from it (one pair of cold
+    boots serves all three tests; a boot of its own cost the module ~5 CPU-s more)."""
+    _own_machine()  # skip/fail early like the others
+    state_dir = tmp_path_factory.mktemp("vmstate")
+    env = {**os.environ, "DMIMAGE_VM_STATE_DIR": str(state_dir)}
+    code = textwrap.dedent("""\
+        from dmimage.guest.kernels import kernel_by_name
+        from dmimage.guest.machine import Machine
+        with Machine(kernel_by_name("deb12")) as vm:
+            print(vm.start_kind, vm.state_file.parent if vm.state_file else None,
+                  vm.sh("echo up").strip(), flush=True)
+        """)
+    kids = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [k.communicate(timeout=600) for k in kids]
+    return StateRace(state_dir, [k.returncode for k in kids], outs,
+                     sorted(p.name for p in state_dir.iterdir()))
+
+
+@pytest.fixture(scope="module")
+def state_dir(state_race: StateRace) -> Path:
     """A private saved-state cache holding one deb12 state (booted cold, then saved)."""
-    d = tmp_path_factory.mktemp("vmstate")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DMIMAGE_VM_STATE_DIR", str(d))
-        with _own_machine() as vm:
-            assert vm.start_kind == "cold+saved", vm.start_kind
-            assert vm.state_file is not None and vm.state_file.parent == d
-            assert vm.sh("echo saved-machine-goes-on").strip() == "saved-machine-goes-on"
-        yield d
+    assert state_race.returncodes == [0, 0], state_race.outputs
+    return state_race.state_dir
+
+
+@pytest.mark.vm
+def test_two_processes_create_the_state_at_once(state_race: StateRace,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes boot the same configuration into an empty cache at the same moment: both
+    save, the renames leave exactly one complete state and no temporary file, and it restores."""
+    outs = state_race.outputs
+    assert state_race.returncodes == [0, 0], outs
+    # Both boot cold and save (unless one child started so late that the other's state was
+    # already there: then it restores); the machine that saved goes on serving commands.
+    kinds = sorted(o.split()[0] for o, _ in outs)
+    assert all(o.split()[1:] == [str(state_race.state_dir), "up"] for o, _ in outs), outs
+    assert kinds in (["cold+saved", "cold+saved"], ["cold+saved", "restored"]), outs
+    assert [n.endswith(".state") for n in state_race.listing] == [True], state_race.listing
+    monkeypatch.setenv("DMIMAGE_VM_STATE_DIR", str(state_race.state_dir))
+    with _own_machine() as vm:
+        assert vm.start_kind == "restored"
+        assert vm.state_file is not None and vm.state_file.name == state_race.listing[0]
+        assert vm.sh("echo restored").strip() == "restored"
 
 
 @pytest.mark.vm
@@ -564,36 +648,6 @@ def test_corrupt_state_falls_back_to_cold_boot(state_dir: Path, monkeypatch: pyt
     assert state.stat().st_ino != bad_ino and state.stat().st_size > size // 2
     with _own_machine() as vm:
         assert vm.start_kind == "restored"
-
-
-@pytest.mark.vm
-def test_two_processes_create_the_state_at_once(tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two processes boot the same configuration into an empty cache at the same moment: both
-    save, the renames leave exactly one complete state and no temporary file, and it restores."""
-    _own_machine()  # skip/fail early like the others
-    state_dir = tmp_path / "vmstate"
-    env = {**os.environ, "DMIMAGE_VM_STATE_DIR": str(state_dir)}
-    code = textwrap.dedent("""\
-        from dmimage.guest.kernels import kernel_by_name
-        from dmimage.guest.machine import Machine
-        with Machine(kernel_by_name("deb12")) as vm:
-            print(vm.start_kind, vm.sh("echo up").strip(), flush=True)
-        """)
-    kids = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outs = [k.communicate(timeout=600) for k in kids]
-    assert [k.returncode for k in kids] == [0, 0], outs
-    # Both boot cold and save (unless one child started so late that the other's state was
-    # already there: then it restores).
-    kinds = sorted(o.split()[0] for o, _ in outs)
-    assert all(o.split()[1:] == ["up"] for o, _ in outs), outs
-    assert kinds in (["cold+saved", "cold+saved"], ["cold+saved", "restored"]), outs
-    assert [p.name.endswith(".state") for p in state_dir.iterdir()] == [True]
-    monkeypatch.setenv("DMIMAGE_VM_STATE_DIR", str(state_dir))
-    with _own_machine() as vm:
-        assert vm.start_kind == "restored"
-        assert vm.sh("echo restored").strip() == "restored"
 
 
 @pytest.mark.vm

@@ -1,26 +1,29 @@
 """Host side of the guest agent: a line protocol over a virtio-serial port of the guest.
 
-Frames (one per line; the port is no tty, so only ``\n`` is special):
+Frames (the port is no tty: every byte arrives as sent):
 
-- host → guest: ``@@C <id> <timeout_s> <nlines> <nbytes>`` then the script's *nlines* lines,
-  verbatim (*nbytes* in all)
-- guest → host: ``@@R <id> <rc> <timed_out> <len_out> <len_err> <b64 stdout> <b64 stderr>``
-  (an empty output is an empty field)
+- host → guest: ``@@C <id> <timeout_s> <nlines> <nbytes> <token>`` then the script's *nlines*
+  lines, verbatim (*nbytes* in all)
+- guest → host: ``@@R <id> <rc> <timed_out>``, a newline, then stdout's raw bytes, the line
+  ``@@<token>.<id>``, stderr's raw bytes and the same line again
 - guest → host: ``@@READY <uptime>`` once when the agent starts
 
+*token* is 16 random hex digits of this channel: a command never sees it (the agent's own
+variable), so its output cannot hold the separator by anything but a 2**-64 chance, and a
+reply to a command the host gave up on can still be skipped (its separator is known by id).
 The guest side is the busybox sh script ``AGENT_SCRIPT`` in ``appliance.py``: it runs each
 script with ``sh`` in its own session and, after *timeout_s*, kills that whole process group
-(rc 137, timed_out 1). Lines that are not frames are ignored; replies with a stale id (from a
-command the host gave up on) are skipped. Under TCG each guest process costs ~10 ms of CPU, so
-the guest loop forks as little as it can (no decoding of the script, no work for empty
-outputs); the lengths it reports still check every reply.
+(rc 137, timed_out 1). Lines that are not frames are ignored. Under TCG each guest process
+costs ~10 ms of CPU, so the guest loop forks as little as it can: no decoding of the script,
+one ``cat`` for both outputs (the old base64 frames took a ``stat`` and one ``base64`` each),
+none for empty ones.
 """
 
 from __future__ import annotations
 
-import base64
 import itertools
 import math
+import os
 import re
 import select
 import socket
@@ -82,18 +85,25 @@ class AgentChannel:
         self._context = context
         # Called when the channel breaks (EOF, reset): may wait for QEMU to exit and raise.
         self._on_broken = on_broken or health
+        self._token = os.urandom(8).hex()
         self.ready_uptime: float | None = None
         self.host_grace = HOST_GRACE
         self.noise: list[bytes] = []
 
     # -- low level ---------------------------------------------------------------------------
     def _read_line(self, deadline: float, what: str) -> bytes:
+        return self._read_until(b"\n", deadline, what).rstrip(b"\r")
+
+    def _read_until(self, end: bytes, deadline: float, what: str) -> bytes:
+        """The bytes before the next *end* (which is consumed too)."""
+        searched = 0
         while True:
-            nl = self._buf.find(b"\n")
-            if nl >= 0:
-                line = bytes(self._buf[:nl]).rstrip(b"\r")
-                del self._buf[: nl + 1]
-                return line
+            at = self._buf.find(end, searched)
+            if at >= 0:
+                data = bytes(self._buf[:at])
+                del self._buf[: at + len(end)]
+                return data
+            searched = max(0, len(self._buf) - len(end) + 1)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 tail, log = self._context()
@@ -167,7 +177,8 @@ class AgentChannel:
             del lines[-1]  # the guest ends every line with a newline
         tmo = max(1, math.ceil(timeout)) if timeout and timeout > 0 else 0
         body = b"".join(ln + b"\n" for ln in lines)
-        frame = b"@@C %d %d %d %d\n" % (cid, tmo, len(lines), len(body)) + body
+        frame = b"@@C %d %d %d %d %s\n" % (cid, tmo, len(lines), len(body),
+                                          self._token.encode()) + body
         start = time.monotonic()
         host_deadline = start + (tmo if tmo else 24 * 3600) + self.host_grace
         if host_timeout is not None:
@@ -183,19 +194,14 @@ class AgentChannel:
                 self.noise.append(line)
                 continue
             parts = line.split(b" ")
-            if len(parts) != 8:
+            if len(parts) != 4 or not all(p.isdigit() for p in parts[1:]):
                 raise VMError(f"guest agent: malformed reply {line[:200]!r}")
-            _, rid, rc, to, lo, le, bo, be = parts
+            _, rid, rc, to = parts
+            sep = b"@@%s.%s\n" % (self._token.encode(), rid)
+            out = self._read_until(sep, host_deadline, f"reading the output of {text[:200]!r}")
+            err = self._read_until(sep, host_deadline, f"reading the output of {text[:200]!r}")
             if int(rid) != cid:
                 continue  # reply to a command the host gave up on
-            try:
-                out = base64.b64decode(bo, validate=True)
-                err = base64.b64decode(be, validate=True)
-            except ValueError as exc:
-                raise VMError(f"guest agent: bad base64 in reply {cid}: {exc}") from exc
-            if len(out) != int(lo) or len(err) != int(le):
-                raise VMError(f"guest agent: length mismatch in reply {cid} "
-                              f"({len(out)}/{lo.decode()}, {len(err)}/{le.decode()})")
             res = CommandResult(text, int(rc), out, err, time.monotonic() - start, to == b"1")
             if check and not res.ok:
                 tail, log = self._context()
