@@ -3,8 +3,9 @@
 The Docker binaries are not put into the initramfs: they travel on a read-only ext4 "tools
 disk" built without root (``mke2fs -d``) and cached by content hash, next to the libraries
 ``ldd`` names, e2fsprogs' mkfs.ext4/tune2fs, util-linux's blkid (deviceset.go runs all three)
-and the ``loop`` module. The .debs come from Debian 12 (``apt-get download`` into the cache,
-``dpkg-deb -x``); nothing is installed on the host.
+and the ``loop`` module, and Debian 12's lvm2 with the host's thin_check for a direct-lvm pool
+(``DockerGuest.lvm_setup``): one guest serves every Docker test. The .debs come from Debian 12
+(``apt-get download`` into the cache, ``dpkg-deb -x``); nothing is installed on the host.
 
 dockerd starts in about a second under TCG with loop-lvm, ``dm.fs=ext4``,
 ``dm.override_udev_sync_check=true``, ``--iptables=false --bridge=none``, its data root on an
@@ -41,6 +42,7 @@ from typing import Any
 
 from dmimage.guest.appliance import ApplianceError, cache_root, read_module
 from dmimage.guest.kernels import Kernel, kernel_by_name
+from dmimage.guest.lvm2 import LVM_CONF, RUN_DIRS, lvm2_root
 from dmimage.guest.machine import Disk, Machine
 
 #: Debian 12 packages unpacked for the guest (docker.io needs containerd; runc for
@@ -62,6 +64,12 @@ BINARIES = (
     ("host:/sbin/blkid", "blkid"),
     ("debs:sbin/mkfs.xfs", "mkfs.xfs"),
     ("debs:usr/sbin/xfs_growfs", "xfs_growfs"),
+    # For a direct-lvm pool (``dm.thinpooldev``, ``DockerGuest.lvm_setup``): Debian 12's
+    # lvm2 (the .deb dmimage.guest.lvm2 unpacks) and the thin_check it runs at activation
+    # (the host's pdata_tools, dispatching on its name), so one guest serves every Docker
+    # test instead of a second guest booted with the lvm2 appliance.
+    ("lvm2:sbin/lvm", "lvm"),
+    ("host:/usr/sbin/thin_check", "thin_check"),
 )
 
 #: Modules dockerd's devicemapper driver needs beyond the appliance's (dm-thin-pool, ext4).
@@ -141,7 +149,7 @@ def _sources(kernel: Kernel) -> tuple[list[tuple[Path, str]], list[Path], list[P
     bins: list[tuple[Path, str]] = []
     for where, name in BINARIES:
         kind, _, p = where.partition(":")
-        path = debs / p if kind == "debs" else Path(p)
+        path = debs / p if kind == "debs" else lvm2_root() / p if kind == "lvm2" else Path(p)
         if not path.exists():
             raise DockerUnavailable(f"{path} is missing (needed as {name} in the guest)")
         bins.append((path, name))
@@ -351,21 +359,13 @@ class DockerGuest:
         self.xfer: Disk | None = None
 
     @classmethod
-    def boot(cls, kernel_name: str = "deb12", *, lvm: bool = False) -> DockerGuest:
-        """With *lvm*, the appliance carries lvm2 too (a direct-lvm pool for
-        ``dm.thinpooldev``)."""
+    def boot(cls, kernel_name: str = "deb12") -> DockerGuest:
+        """A guest with the tools disk attached and set up (``GUEST_SETUP``)."""
         kernel = kernel_by_name(kernel_name)
         disk = tools_disk(kernel)
-        if lvm:
-            from dmimage.guest.lvm2 import LvmMachine
-
-            vm: Machine = LvmMachine(kernel, memory_mb=MEMORY_MB).start()
-        else:
-            vm = Machine(kernel, memory_mb=MEMORY_MB).start()
+        vm = Machine(kernel, memory_mb=MEMORY_MB).start()
         try:
             dg = cls(vm, kernel)
-            if lvm:
-                vm.lvm_setup()  # type: ignore[attr-defined]
             dg.tools = vm.attach(disk, read_only=True, serial="dockertools")
             vm.sh(GUEST_SETUP.replace("$1", shlex.quote(dg.tools.guest_path)), timeout=120)
         except BaseException:
@@ -380,9 +380,29 @@ class DockerGuest:
                  tb: TracebackType | None) -> None:
         if exc_type is not None:
             self.vm._failed = True
+        elif self.data is None:
+            # Nothing left to write back: the tools disk is read-only, the transfer and
+            # hashing disks are holes. QEMU goes at once rather than after a detach per disk
+            # (``Machine.shutdown``: ~0.2 s of the guest's CPU each under TCG); after a
+            # failure the orderly shutdown keeps what the guest wrote for the post-mortem.
+            self.vm.kill()
         self.vm.close()
         if self.xfer is not None:  # a hole, but the run directory may be kept
             self.xfer.host_path.unlink(missing_ok=True)
+
+    def lvm_setup(self, pvs: Sequence[Disk]) -> None:
+        """Make lvm2 (on the tools disk) usable on the disks *pvs* only: lvm.conf as
+        dmimage.guest.lvm2's appliance has it (no udev, no lvmetad, no backups), with its
+        filter narrowed to *pvs* (the other disks are the tools, data-root, transfer and
+        hashing disks, never PVs) and thin_check from the tools disk; and lvm2's run
+        directories."""
+        accept = ", ".join(f'"a|^{re.escape(d.guest_path)}$|"' for d in pvs)
+        conf = re.sub(r"filter = \[.*\]", f'filter = [ {accept}, "r|.*|" ]', LVM_CONF)
+        conf = conf.replace('"/sbin/thin_check"', f'"{MOUNT}/bin/thin_check"')
+        if f"{MOUNT}/bin/thin_check" not in conf or accept not in conf:
+            raise ApplianceError("lvm.conf: no filter or thin_check line to adapt")
+        dirs = " ".join(f"/{d}" for d in RUN_DIRS)
+        self.sh(f"mkdir -p /etc/lvm {dirs} && cat > /etc/lvm/lvm.conf <<'EOF'\n{conf}EOF\n")
 
     def sh(self, command: str, *, timeout: float = 120.0) -> str:
         """Run *command* with the Docker tools on PATH; raise unless it exits 0."""
