@@ -523,14 +523,13 @@ def test_direct_lvm_store(guest: DockerGuest, tmp_path: Path) -> None:
             images, containers, _ = inspect_all(dg)
             rec = guest_save(dg, ["app:1", "base:1"])
         dg.stop(unmount=False)
-        dg.detach_data(before="lvm vgchange -an docker")
+        # The pool's metadata committed, the VG's disk written back (its file then holds
+        # every write: the host reads it, the disk stays attached as data disks do)
+        dg.unmount_data(before=f"lvm vgchange -an docker && blockdev --flushbufs {vg.guest_path}")
         done = True
     finally:
-        # The guest as the test found it, also after a failure (the VG inactive, its disk gone)
-        if dg.vm.alive:
-            if not done:
-                dg.sh("lvm vgchange -an docker >/dev/null 2>&1; true")
-            dg.vm.detach(vg)
+        if not done and dg.vm.alive:  # the VG inactive for the tests after this one
+            dg.sh("lvm vgchange -an docker >/dev/null 2>&1; true")
 
     root = extract_root(disk, tmp_path / "root")
     assert not (root / "devicemapper/devicemapper/data").exists()  # no loop files here

@@ -355,7 +355,11 @@ class DockerGuest:
         self.vm = machine
         self.kernel = kernel
         self.tools: Disk | None = None
+        #: The data disk mounted on /var/lib/docker, if any.
         self.data: Disk | None = None
+        #: Every data disk attached so far, by host path: each stays attached for the guest's
+        #: lifetime (``start``).
+        self.data_disks: dict[Path, Disk] = {}
         self.xfer: Disk | None = None
 
     @classmethod
@@ -382,7 +386,8 @@ class DockerGuest:
             self.vm._failed = True
         elif self.data is None:
             # Nothing left to write back: the tools disk is read-only, the transfer and
-            # hashing disks are holes. QEMU goes at once rather than after a detach per disk
+            # hashing disks are holes, the data disks are unmounted (their writes are in their
+            # files: ``stop``). QEMU goes at once rather than after a detach per disk
             # (``Machine.shutdown``: ~0.2 s of the guest's CPU each under TCG); after a
             # failure the orderly shutdown keeps what the guest wrote for the post-mortem.
             self.vm.kill()
@@ -411,10 +416,24 @@ class DockerGuest:
     def docker(self, args: str, *, timeout: float = 180.0) -> str:
         return self.sh(f"docker {args}", timeout=timeout)
 
+    def _data_disk(self, path: Path) -> Disk:
+        """*path* attached read-write, once per guest: a hot-plug and a hot-unplug each cost
+        the guest ~0.3 s of CPU under TCG (ACPI, a PCI rescan, the virtio probe), and a store
+        is often started again (a restart after a kill). Unmounted, a data disk's writes are
+        in its file already (QEMU writes the guest's completed writes straight to it), so the
+        host reads it while it stays attached."""
+        key = Path(path).resolve()
+        disk = self.data_disks.get(key)
+        if disk is None:
+            disk = self.data_disks[key] = self.vm.attach(key, read_only=False,
+                                                         serial=f"dockerdata{len(self.data_disks)}")
+        return disk
+
     def start(self, data_disk: Path, *, extra_opts: tuple[str, ...] = (),
               timeout: float = 120.0) -> None:
-        """Attach *data_disk* read-write, mount it on /var/lib/docker and start dockerd, in one
-        guest command.
+        """Attach *data_disk* read-write (once per guest: ``_data_disk``; the guest's cached
+        pages of it are dropped, so it reads what the host may have changed since), mount it
+        on /var/lib/docker and start dockerd, in one guest command.
 
         containerd is started first and waited for (its socket), then handed to dockerd with
         ``--containerd``: dockerd's own wait for the containerd it would spawn has a fixed limit
@@ -425,7 +444,7 @@ class DockerGuest:
         socket is created when it starts serving, and the loop waits for it with no process
         started per turn; the docker CLI's start-up would take the guest's only vCPU from
         dockerd's for ~1 s per try."""
-        self.data = self.vm.attach(data_disk, read_only=False, serial="dockerdata")
+        self.data = self._data_disk(data_disk)
         opts = " ".join(f"--storage-opt {o}" for o in storage_opts(extra_opts))
         ticks = int(timeout * 10)
         fail = "{ tail -n 30 /tmp/%s.log >&2; exit 1; }"
@@ -434,7 +453,8 @@ class DockerGuest:
         load_xfs = (f"[ -d /sys/module/xfs ] || [ ! -e {xfs} ] || insmod {xfs} || exit 1\n"
                     if "dm.fs=xfs" in extra_opts else "")
         self.sh(f"{load_xfs}"
-                f"mkdir -p {DATA_ROOT} && mount -t ext4 {self.data.guest_path} {DATA_ROOT} || "
+                f"blockdev --flushbufs {self.data.guest_path} && mkdir -p {DATA_ROOT} && "
+                f"mount -t ext4 {self.data.guest_path} {DATA_ROOT} || "
                 "exit 1\n"
                 "if ! { read -r c < /tmp/containerd.pid && kill -0 $c; } 2>/dev/null; then\n"
                 f"mkdir -p {CONTAINERD_SOCK.rsplit('/', 1)[0]}\n"
@@ -623,9 +643,9 @@ class DockerGuest:
                            "cat /tmp/containerd.log", timeout=30).out
 
     def stop(self, *, kill: bool = False, unmount: bool = True, timeout: float = 120.0) -> None:
-        """Stop dockerd (SIGTERM, or SIGKILL with *kill*); then unmount and detach the data
-        disk unless *unmount* is false (``detach_data`` does it later). containerd keeps
-        running (``start``)."""
+        """Stop dockerd (SIGTERM, or SIGKILL with *kill*); then unmount the data disk unless
+        *unmount* is false (``unmount_data`` does it later). containerd keeps running
+        (``start``)."""
         sig = "KILL" if kill else "TERM"
         script = (f"read -r p < /tmp/dockerd.pid; kill -{sig} $p; i=0; "
                   f"while kill -0 $p 2>/dev/null; do i=$((i+1)); [ $i -lt {int(timeout * 10)} ] "
@@ -636,17 +656,19 @@ class DockerGuest:
                        "xargs -r umount; dmsetup remove_all; for l in /dev/loop*; do "
                        "losetup -d $l; done 2>/dev/null; true")
         if unmount:
-            script += f"\nsync; umount {DATA_ROOT}"
+            script += "\n" + self._unmount()
         self.sh(script, timeout=timeout + 70)
         if unmount:
-            assert self.data is not None
-            self.vm.detach(self.data)
             self.data = None
 
-    def detach_data(self, *, before: str = "") -> None:
-        """Unmount /var/lib/docker (after the commands *before*, in the same guest command)
-        and hot-unplug the data disk (its writes reach the host)."""
-        self.sh(f"{before}\nsync; umount {DATA_ROOT}")
+    def _unmount(self) -> str:
+        """The guest commands that unmount /var/lib/docker and write back what the guest still
+        holds of its disk: then the disk's file holds every write (``_data_disk``)."""
         assert self.data is not None
-        self.vm.detach(self.data)
+        return f"sync; umount {DATA_ROOT} && blockdev --flushbufs {self.data.guest_path}"
+
+    def unmount_data(self, *, before: str = "") -> None:
+        """Unmount /var/lib/docker (after the commands *before*, in the same guest command):
+        the data disk's file then holds every write; the disk stays attached (``_data_disk``)."""
+        self.sh(f"{before}\n{self._unmount()}")
         self.data = None
