@@ -15,6 +15,7 @@ one guest command (``DockerGuest.calls``): dockerd does the same work, without a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -24,6 +25,7 @@ import shlex
 import subprocess
 import tarfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -377,13 +379,31 @@ UNHASH_DEVICES = ('cd /dev/mapper; set -- ht*; [ -e "$1" ] || set --; dmsetup re
 
 
 #: The ext4 scenarios' devices: 8 MiB (the default 16 MiB of ``STORAGE_OPTS`` is what the
-#: built stores of test_docker_build.py carry). Every device is copied out of the guest whole
-#: to be hashed: half the size, half that copy; the files put on them take well under 1 MiB.
+#: built stores of ``test_dockerd_runs_built_store`` carry). Every device is copied out of the
+#: guest whole to be hashed: half the size, half that copy; the files put on them take well
+#: under 1 MiB.
 EXT4_OPTS = ("dm.basesize=8M",)
 
 #: dm.fs=xfs: mkfs.xfs (xfsprogs 6.1) wants at least 300 MB, so the devices are bigger and not
 #: hashed (that would read gigabytes under TCG); ls, save and diff are still compared.
 XFS_OPTS = ("dm.fs=xfs", "dm.basesize=320M")
+
+
+@contextlib.contextmanager
+def stopped_on_failure(dg: DockerGuest, work: Path) -> Iterator[None]:
+    """On an error in the block: dockerd's log to *work*/dockerd.log, and the guest as the
+    block found it (dockerd gone, its pool, loops and mounts too, the data disk detached):
+    every Docker test shares one guest (test_docker_store.py), and a dockerd left running
+    would fail the next one's start for a reason not its own."""
+    try:
+        yield
+    except BaseException:
+        (work / "dockerd.log").write_text(dg.log())
+        try:
+            dg.stop(kill=True)
+        except Exception:  # noqa: S110 - already failing: that error is the one reported
+            pass
+        raise
 
 
 def make_store(dg: DockerGuest, work: Path, *, fs: str = "ext4", seed: int | None = None
@@ -402,32 +422,24 @@ def make_store(dg: DockerGuest, work: Path, *, fs: str = "ext4", seed: int | Non
     disk = make_data_disk(work / "data-root.ext4")
     dg.start(disk, extra_opts=XFS_OPTS if fs == "xfs" else EXT4_OPTS)
     lap("start dockerd")
-    try:
+    with stopped_on_failure(dg, work):
         if seed is None:
             run_docker_ops(dg, inputs, full=fs == "ext4")
         else:
             rec.ops = run_random_ops(dg, inputs, seed)
         lap("docker operations")
-        rec.images, rec.containers, rec.diffs = inspect_all(dg, diffs=True)
+        # `docker diff` (dockerd mounts each container's device and its image's to compare
+        # them) for the fixed scenarios only: test_diff_agrees_with_docker_diff's
+        rec.images, rec.containers, rec.diffs = inspect_all(dg, diffs=seed is None)
         lap("inspect")
         rec.save = guest_save(dg, sorted({t for i in rec.images for t in i["RepoTags"]}))
         lap("docker save")
-    except BaseException:
-        (work / "dockerd.log").write_text(dg.log())
-        # The guest as the scenario found it (dockerd gone, its pool, loops and mounts too,
-        # the disk detached): test_docker_store.py's scenarios share one guest, and a dockerd
-        # left running would fail the next scenario's start.
-        try:
-            dg.stop(kill=True)
-        except Exception:  # noqa: S110 - already failing: that error is the one reported
-            pass
-        raise
     dg.stop(unmount=False)
     lap("stop dockerd")
     if fs == "ext4":
         rec.device_sha256, rec.device_size = hash_devices(dg)
         lap("hash devices")
-    dg.detach_data(before=UNHASH_DEVICES if fs == "ext4" else "")
+    dg.unmount_data(before=UNHASH_DEVICES if fs == "ext4" else "")
     rec.seconds["total"] = round(time.monotonic() - t[0], 1)
     (work / "guest-record.json").write_text(json.dumps(rec.__dict__, indent=1))
     return disk, rec

@@ -1,34 +1,70 @@
-"""Docker's devicemapper store: Debian 12's dockerd 20.10 writes it in the guest (import, load,
-create, cp, commit, rm, rmi), then dmimage reads the data-root disk offline on the host and
-must agree with ``docker inspect`` and with the kernel's view of every thin device."""
+"""Docker's devicemapper store against Debian 12's dockerd 20.10, in one guest for every
+Docker proof (its boot, containerd and dockerd's first start, whose code TCG translates once
+per guest, are paid once).
+
+dockerd writes, dmimage reads: dockerd writes a store in the guest (import, load, create, cp,
+commit, rm, rmi; a fixed sequence, a seeded random one, the fixed one with dm.fs=xfs, and a
+SIGKILL during an import), then dmimage reads the data-root disk offline on the host and must
+agree with ``docker inspect``, ``docker diff``, ``docker save`` and with the kernel's view of
+every thin device. The same on a direct-lvm pool lvm2 made in the guest (``dm.thinpooldev``,
+read offline with ``--lvm``).
+
+dmimage builds, dockerd reads: a data root built offline by ``layout =
+"docker-devicemapper"`` (a docker save tarball and an OCI layout, layers with owners, setuid,
+symlinks, hard links, a FIFO, a device node, xattrs, whiteouts and an opaque directory) is put
+on an ext4 disk; dockerd must start on it, list the images, ``docker save`` them with the
+inputs' digests (its tar assembly checks every file's CRC-64 against the tar-split), create
+containers and copy files in and out. ``docker export`` of a container must show each file as
+the layer tars say (type, mode, owner, content, link target, security.capability). Then,
+offline, ``dmimage docker ls/check/save`` read the store dockerd used."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from docker_inputs import Inputs, expected_tree, layers, spec_text
+from docker_inputs import write_inputs as write_build_inputs
 
-from dmimage.guest.docker import DockerGuest, DockerUnavailable
+from dmimage.docker.check import check_store
+from dmimage.docker.report import ls_data, read_pool_view
+from dmimage.docker.save import save
+from dmimage.docker.store import open_store
+from dmimage.guest.docker import DockerGuest, DockerUnavailable, make_data_disk
 from dmimage.guest.pytest_plugin import unavailable
+from dmimage.image.docker_store import build_docker_store, load_docker_spec
+from vmtests.docker_built import CONTAINERS, compare_export, data_disk, tar_members
 from vmtests.docker_scenario import (
     XFS_OPTS,
     GuestRecord,
+    cp_tar,
     extract_root,
+    guest_save,
+    input_files,
+    inspect_all,
     kill_during_import,
     make_store,
+    ops,
     restart_and_inspect,
+    save_path,
+    save_record,
+    stopped_on_failure,
+    write_inputs,
 )
 
-#: vm_whole_file: the parametrized tests take their scenario by request.getfixturevalue.
 pytestmark = [pytest.mark.vm, pytest.mark.vm_whole_file]
 
 
 @pytest.fixture(scope="module")
 def guest() -> Iterator[DockerGuest]:
-    """One guest (1 GiB, the Docker tools disk attached) for the module."""
+    """One guest (1 GiB, the Docker tools disk attached) for the module: every Docker proof
+    runs in it (deb12 whatever the kernel selection: Debian 12's docker.io and lvm2 on
+    Debian 12's kernel is the pairing Debian ships)."""
     try:
         dg = DockerGuest.boot("deb12")
     except DockerUnavailable as exc:
@@ -138,8 +174,6 @@ def test_export_matches_guest_hash(request: pytest.FixtureRequest, which: str, t
                                    capsys: pytest.CaptureFixture[str]) -> None:
     """Every device exported offline (by tag, container name, layer id or device hash) has
     the sha256 the guest's kernel computed through the thin target."""
-    import hashlib
-
     root, rec = request.getfixturevalue(which)
     rc, out, _ = _run(capsys, "docker", "ls", str(root), "--json")
     doc = json.loads(out)
@@ -212,9 +246,6 @@ def test_check_names_tampering(store: tuple[Path, GuestRecord], tmp_path: Path,
 
 
 def _members(tar_path: Path) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    import hashlib
-    import tarfile
-
     sums: dict[str, str] = {}
     with tarfile.open(tar_path) as t:
         manifest = json.load(t.extractfile("manifest.json"))  # type: ignore[arg-type]
@@ -298,8 +329,6 @@ def test_diff_agrees_with_docker_diff(request: pytest.FixtureRequest, which: str
                                       capsys: pytest.CaptureFixture[str]) -> None:
     """`dmimage docker diff` lists what the guest's `docker diff` listed, per container; the
     tar holds the added and changed files with the content the guest copied in."""
-    import tarfile
-
     root, rec = request.getfixturevalue(which)
     assert rec.diffs
     for name, lines in rec.diffs.items():
@@ -372,3 +401,155 @@ def test_kill_mid_import(guest: DockerGuest, xfs_made: tuple[Path, Path, GuestRe
     assert rc in (0, 1) and not err, where + err
     still = {(p["kind"], p["device_id"]) for p in json.loads(out)["problems"]}
     assert still <= {(p["kind"], p["device_id"]) for p in found}, (where, found, still)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Inputs]:
+    """A store built by ``layout = "docker-devicemapper"`` from a docker save tarball and an
+    OCI layout (tests/docker_inputs.py): (work directory holding root/, inputs)."""
+    work = tmp_path_factory.mktemp("docker-build")
+    inp = write_build_inputs(work / "inputs")
+    spec_file = work / "seed.toml"
+    spec_file.write_text(spec_text("seed", ["inputs/rich.tar", "inputs/other-oci"]))
+    build_docker_store(load_docker_spec(spec_file), work / "root")
+    return work, inp
+
+
+def test_dockerd_runs_built_store(guest: DockerGuest, built: tuple[Path, Inputs]) -> None:
+    work, inp = built
+    disk = data_disk(work / "root", work / "data-root.ext4")
+    dg = guest
+    with stopped_on_failure(dg, work):
+        dg.start(disk)
+        # `docker images` (the API's image list: tags and ids) and `docker save`
+        images_json, saved = dg.fetch("/images/json", save_path(sorted(inp.images)))
+        listed = sorted(f"{t} {i['Id']}" for i in json.loads(images_json)
+                        for t in i["RepoTags"] or ["<none>:<none>"])
+        assert listed == sorted(f"{t} {inp.image_id(t)}" for t in inp.images), listed
+
+        rec = save_record(saved)
+        by_config = {m["Config"]: m for m in rec["manifest"]}
+        for tag, ls in inp.images.items():
+            cfg = inp.image_id(tag)[7:] + ".json"
+            assert cfg in by_config, f"{tag}: docker save has no {cfg}"
+            m = by_config[cfg]
+            assert m["RepoTags"] == [tag]
+            assert rec["sha256"][cfg] == inp.image_id(tag)[7:]  # the config, byte for byte
+            got = [rec["sha256"][p] for p in m["Layers"]]
+            assert got == [inp.diff_id(x)[7:] for x in ls], f"{tag}: layer digests"
+
+        # docker create, and docker cp in (the API calls the CLI makes: DockerGuest.calls)
+        note = b"copied in by docker cp\n"
+        (work / "cp-note.tar").write_bytes(cp_tar("note.txt", note))
+        dg.calls([*(ops.create(name, tag) for name, tag in CONTAINERS),
+                  ops.cp("/tmp/cp-note.tar", "c1", "/app/note.txt")],
+                 files={"/tmp/cp-note.tar": work / "cp-note.tar"})
+        # docker cp out of /app (GET .../archive: the tar the CLI extracts; it holds the file
+        # copied in and one of layer l3), docker export of each container and docker ps -a,
+        # in one guest command
+        got_app, *exports, ps_json = dg.fetch(
+            "/containers/c1/archive?path=/app",
+            *(f"/containers/{name}/export" for name, _ in CONTAINERS),
+            "/containers/json?all=1")
+        app = tar_members(got_app)
+        assert app["app/note.txt\0sha256"] == hashlib.sha256(note).hexdigest()
+        data = next(m.data for m in layers()["l3"] if m.name == "app/data")
+        assert app["app/data\0sha256"] == hashlib.sha256(data).hexdigest()
+
+        for (name, tag), raw in zip(CONTAINERS, exports, strict=True):
+            exp = tar_members(raw)
+            want = expected_tree([inp.tars[x] for x in inp.images[tag]])
+            compare_export(exp, want, f"{name} ({tag})")
+            if "l2" in inp.images[tag]:  # l2's whiteouts and opaque directory
+                gone = {"etc/gone-later", "usr/share/old", "home/u", "home/u/file",
+                        "usr/share/big"}
+                assert not gone & set(exp), f"{name}: whiteouts not honoured: " \
+                    f"{gone & set(exp)}"
+        ps = [n for c in json.loads(ps_json) for n in c["Names"]]  # ps -a
+        assert sorted(ps) == ["/c1", "/c2", "/c3"]
+    dg.stop()
+    guest_layers = {m["RepoTags"][0]: m["Layers"] for m in rec["manifest"]}
+
+    # Offline, on the store dockerd has used: ls, check and save agree.
+    root = extract_root(disk, work / "after")
+    store = open_store(root)
+    rep = check_store(store)
+    assert rep.ok, [str(p) for p in rep.problems]
+    js = ls_data(store, read_pool_view(store))
+    assert sorted(t for i in js["images"] for t in i["tags"]) == sorted(inp.images)
+    assert sorted(c["name"] for c in js["containers"]) == ["c1", "c2", "c3"]
+    out_tar = work / "offline-save.tar"
+    with open(out_tar, "wb") as f:
+        save(store, sorted(inp.images), f)
+    with tarfile.open(out_tar) as t:
+        man = json.load(t.extractfile("manifest.json"))  # type: ignore[arg-type]
+        for m in man:
+            tag = m["RepoTags"][0]
+            config = t.extractfile(m["Config"]).read()  # type: ignore[union-attr]
+            assert config == inp.configs[tag]
+            got = [hashlib.sha256(t.extractfile(p).read()).hexdigest()  # type: ignore[union-attr]
+                   for p in m["Layers"]]
+            assert got == [inp.diff_id(x)[7:] for x in inp.images[tag]]
+            # the legacy v1 layer ids (directory names) are the ones dockerd computes
+            assert m["Layers"] == guest_layers[tag], tag
+
+
+def test_direct_lvm_store(guest: DockerGuest, tmp_path: Path) -> None:
+    """direct-lvm: dockerd with ``dm.thinpooldev`` on an LVM thin pool lvm2 made in the guest
+    (as Docker's direct-lvm guide makes it: VG "docker", pool "thinpool"); then, offline,
+    ``dmimage docker ls/check/save --lvm DISK docker/thinpool`` read the data root and the
+    VG's disk and must agree with ``docker inspect`` and the guest's ``docker save``."""
+    dg = guest
+    inputs = write_inputs(tmp_path / "inputs")
+    vgdisk = tmp_path / "vg.img"
+    with open(vgdisk, "wb") as f:
+        f.truncate(256 << 20)
+    vg = dg.vm.attach(vgdisk, read_only=False, serial="dockervg")
+    done = False
+    try:
+        dg.lvm_setup([vg])
+        dg.sh(f"lvm pvcreate -y {vg.guest_path} && lvm vgcreate docker {vg.guest_path} && "
+              "lvm lvcreate -y --wipesignatures y -n thinpool docker -l 80%VG && "
+              "lvm lvcreate -y --wipesignatures y -n thinpoolmeta docker -l 5%VG && "
+              "lvm lvconvert -y --zero n -c 64K --thinpool docker/thinpool "
+              "--poolmetadata docker/thinpoolmeta && lvm lvs", timeout=300)
+        disk = make_data_disk(tmp_path / "data-root.ext4")
+        with stopped_on_failure(dg, tmp_path):
+            dg.start(disk, extra_opts=("dm.thinpooldev=/dev/mapper/docker-thinpool",))
+            dg.calls([ops.load("/tmp/app.in"), ops.import_("/tmp/base.in", "base:1"),
+                      ops.create("c1", "app:1"),
+                      ops.cp("/tmp/cp-note.tar", "c1", "/app/note.txt")],
+                     files=input_files(inputs, {"/tmp/cp-note.tar": cp_tar("note.txt")}))
+            images, containers, _ = inspect_all(dg)
+            rec = guest_save(dg, ["app:1", "base:1"])
+        dg.stop(unmount=False)
+        # The pool's metadata committed, the VG's disk written back (its file then holds
+        # every write: the host reads it, the disk stays attached as data disks do)
+        dg.unmount_data(before=f"lvm vgchange -an docker && blockdev --flushbufs {vg.guest_path}")
+        done = True
+    finally:
+        if not done and dg.vm.alive:  # the VG inactive for the tests after this one
+            dg.sh("lvm vgchange -an docker >/dev/null 2>&1; true")
+
+    root = extract_root(disk, tmp_path / "root")
+    assert not (root / "devicemapper/devicemapper/data").exists()  # no loop files here
+    store = open_store(root, lvm=([str(vgdisk)], "docker/thinpool"))
+    rep = check_store(store)
+    assert rep.ok, [str(p) for p in rep.problems]
+    doc = ls_data(store, read_pool_view(store))
+    ours = {i["id"]: (sorted(i["tags"]), i["device_id"]) for i in doc["images"]}
+    theirs = {i["Id"]: (sorted(i["RepoTags"]), int(i["GraphDriver"]["Data"]["DeviceId"]))
+              for i in images}
+    assert ours == theirs
+    assert {c["id"]: c["device_id"] for c in doc["containers"]} == \
+        {c["Id"]: int(c["GraphDriver"]["Data"]["DeviceId"]) for c in containers}
+    out = tmp_path / "s.tar"
+    with open(out, "wb") as f:
+        save(store, ["app:1", "base:1"], f)
+    with tarfile.open(out) as t:
+        man = json.load(t.extractfile("manifest.json"))  # type: ignore[arg-type]
+        for m in man:
+            for p in [m["Config"], *m["Layers"]]:
+                got = hashlib.sha256(t.extractfile(p).read()).hexdigest()  # type: ignore[union-attr]
+                assert got == rec["sha256"][p], p
+    assert sorted(m["Layers"] for m in man) == sorted(m["Layers"] for m in rec["manifest"])

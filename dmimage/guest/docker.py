@@ -3,8 +3,9 @@
 The Docker binaries are not put into the initramfs: they travel on a read-only ext4 "tools
 disk" built without root (``mke2fs -d``) and cached by content hash, next to the libraries
 ``ldd`` names, e2fsprogs' mkfs.ext4/tune2fs, util-linux's blkid (deviceset.go runs all three)
-and the ``loop`` module. The .debs come from Debian 12 (``apt-get download`` into the cache,
-``dpkg-deb -x``); nothing is installed on the host.
+and the ``loop`` module, and Debian 12's lvm2 with the host's thin_check for a direct-lvm pool
+(``DockerGuest.lvm_setup``): one guest serves every Docker test. The .debs come from Debian 12
+(``apt-get download`` into the cache, ``dpkg-deb -x``); nothing is installed on the host.
 
 dockerd starts in about a second under TCG with loop-lvm, ``dm.fs=ext4``,
 ``dm.override_udev_sync_check=true``, ``--iptables=false --bridge=none``, its data root on an
@@ -41,6 +42,7 @@ from typing import Any
 
 from dmimage.guest.appliance import ApplianceError, cache_root, read_module
 from dmimage.guest.kernels import Kernel, kernel_by_name
+from dmimage.guest.lvm2 import LVM_CONF, RUN_DIRS, lvm2_root
 from dmimage.guest.machine import Disk, Machine
 
 #: Debian 12 packages unpacked for the guest (docker.io needs containerd; runc for
@@ -62,6 +64,12 @@ BINARIES = (
     ("host:/sbin/blkid", "blkid"),
     ("debs:sbin/mkfs.xfs", "mkfs.xfs"),
     ("debs:usr/sbin/xfs_growfs", "xfs_growfs"),
+    # For a direct-lvm pool (``dm.thinpooldev``, ``DockerGuest.lvm_setup``): Debian 12's
+    # lvm2 (the .deb dmimage.guest.lvm2 unpacks) and the thin_check it runs at activation
+    # (the host's pdata_tools, dispatching on its name), so one guest serves every Docker
+    # test instead of a second guest booted with the lvm2 appliance.
+    ("lvm2:sbin/lvm", "lvm"),
+    ("host:/usr/sbin/thin_check", "thin_check"),
 )
 
 #: Modules dockerd's devicemapper driver needs beyond the appliance's (dm-thin-pool, ext4).
@@ -141,7 +149,7 @@ def _sources(kernel: Kernel) -> tuple[list[tuple[Path, str]], list[Path], list[P
     bins: list[tuple[Path, str]] = []
     for where, name in BINARIES:
         kind, _, p = where.partition(":")
-        path = debs / p if kind == "debs" else Path(p)
+        path = debs / p if kind == "debs" else lvm2_root() / p if kind == "lvm2" else Path(p)
         if not path.exists():
             raise DockerUnavailable(f"{path} is missing (needed as {name} in the guest)")
         bins.append((path, name))
@@ -347,25 +355,21 @@ class DockerGuest:
         self.vm = machine
         self.kernel = kernel
         self.tools: Disk | None = None
+        #: The data disk mounted on /var/lib/docker, if any.
         self.data: Disk | None = None
+        #: Every data disk attached so far, by host path: each stays attached for the guest's
+        #: lifetime (``start``).
+        self.data_disks: dict[Path, Disk] = {}
         self.xfer: Disk | None = None
 
     @classmethod
-    def boot(cls, kernel_name: str = "deb12", *, lvm: bool = False) -> DockerGuest:
-        """With *lvm*, the appliance carries lvm2 too (a direct-lvm pool for
-        ``dm.thinpooldev``)."""
+    def boot(cls, kernel_name: str = "deb12") -> DockerGuest:
+        """A guest with the tools disk attached and set up (``GUEST_SETUP``)."""
         kernel = kernel_by_name(kernel_name)
         disk = tools_disk(kernel)
-        if lvm:
-            from dmimage.guest.lvm2 import LvmMachine
-
-            vm: Machine = LvmMachine(kernel, memory_mb=MEMORY_MB).start()
-        else:
-            vm = Machine(kernel, memory_mb=MEMORY_MB).start()
+        vm = Machine(kernel, memory_mb=MEMORY_MB).start()
         try:
             dg = cls(vm, kernel)
-            if lvm:
-                vm.lvm_setup()  # type: ignore[attr-defined]
             dg.tools = vm.attach(disk, read_only=True, serial="dockertools")
             vm.sh(GUEST_SETUP.replace("$1", shlex.quote(dg.tools.guest_path)), timeout=120)
         except BaseException:
@@ -380,9 +384,30 @@ class DockerGuest:
                  tb: TracebackType | None) -> None:
         if exc_type is not None:
             self.vm._failed = True
+        elif self.data is None:
+            # Nothing left to write back: the tools disk is read-only, the transfer and
+            # hashing disks are holes, the data disks are unmounted (their writes are in their
+            # files: ``stop``). QEMU goes at once rather than after a detach per disk
+            # (``Machine.shutdown``: ~0.2 s of the guest's CPU each under TCG); after a
+            # failure the orderly shutdown keeps what the guest wrote for the post-mortem.
+            self.vm.kill()
         self.vm.close()
         if self.xfer is not None:  # a hole, but the run directory may be kept
             self.xfer.host_path.unlink(missing_ok=True)
+
+    def lvm_setup(self, pvs: Sequence[Disk]) -> None:
+        """Make lvm2 (on the tools disk) usable on the disks *pvs* only: lvm.conf as
+        dmimage.guest.lvm2's appliance has it (no udev, no lvmetad, no backups), with its
+        filter narrowed to *pvs* (the other disks are the tools, data-root, transfer and
+        hashing disks, never PVs) and thin_check from the tools disk; and lvm2's run
+        directories."""
+        accept = ", ".join(f'"a|^{re.escape(d.guest_path)}$|"' for d in pvs)
+        conf = re.sub(r"filter = \[.*\]", f'filter = [ {accept}, "r|.*|" ]', LVM_CONF)
+        conf = conf.replace('"/sbin/thin_check"', f'"{MOUNT}/bin/thin_check"')
+        if f"{MOUNT}/bin/thin_check" not in conf or accept not in conf:
+            raise ApplianceError("lvm.conf: no filter or thin_check line to adapt")
+        dirs = " ".join(f"/{d}" for d in RUN_DIRS)
+        self.sh(f"mkdir -p /etc/lvm {dirs} && cat > /etc/lvm/lvm.conf <<'EOF'\n{conf}EOF\n")
 
     def sh(self, command: str, *, timeout: float = 120.0) -> str:
         """Run *command* with the Docker tools on PATH; raise unless it exits 0."""
@@ -391,10 +416,24 @@ class DockerGuest:
     def docker(self, args: str, *, timeout: float = 180.0) -> str:
         return self.sh(f"docker {args}", timeout=timeout)
 
+    def _data_disk(self, path: Path) -> Disk:
+        """*path* attached read-write, once per guest: a hot-plug and a hot-unplug each cost
+        the guest ~0.3 s of CPU under TCG (ACPI, a PCI rescan, the virtio probe), and a store
+        is often started again (a restart after a kill). Unmounted, a data disk's writes are
+        in its file already (QEMU writes the guest's completed writes straight to it), so the
+        host reads it while it stays attached."""
+        key = Path(path).resolve()
+        disk = self.data_disks.get(key)
+        if disk is None:
+            disk = self.data_disks[key] = self.vm.attach(key, read_only=False,
+                                                         serial=f"dockerdata{len(self.data_disks)}")
+        return disk
+
     def start(self, data_disk: Path, *, extra_opts: tuple[str, ...] = (),
               timeout: float = 120.0) -> None:
-        """Attach *data_disk* read-write, mount it on /var/lib/docker and start dockerd, in one
-        guest command.
+        """Attach *data_disk* read-write (once per guest: ``_data_disk``; the guest's cached
+        pages of it are dropped, so it reads what the host may have changed since), mount it
+        on /var/lib/docker and start dockerd, in one guest command.
 
         containerd is started first and waited for (its socket), then handed to dockerd with
         ``--containerd``: dockerd's own wait for the containerd it would spawn has a fixed limit
@@ -405,7 +444,7 @@ class DockerGuest:
         socket is created when it starts serving, and the loop waits for it with no process
         started per turn; the docker CLI's start-up would take the guest's only vCPU from
         dockerd's for ~1 s per try."""
-        self.data = self.vm.attach(data_disk, read_only=False, serial="dockerdata")
+        self.data = self._data_disk(data_disk)
         opts = " ".join(f"--storage-opt {o}" for o in storage_opts(extra_opts))
         ticks = int(timeout * 10)
         fail = "{ tail -n 30 /tmp/%s.log >&2; exit 1; }"
@@ -414,7 +453,8 @@ class DockerGuest:
         load_xfs = (f"[ -d /sys/module/xfs ] || [ ! -e {xfs} ] || insmod {xfs} || exit 1\n"
                     if "dm.fs=xfs" in extra_opts else "")
         self.sh(f"{load_xfs}"
-                f"mkdir -p {DATA_ROOT} && mount -t ext4 {self.data.guest_path} {DATA_ROOT} || "
+                f"blockdev --flushbufs {self.data.guest_path} && mkdir -p {DATA_ROOT} && "
+                f"mount -t ext4 {self.data.guest_path} {DATA_ROOT} || "
                 "exit 1\n"
                 "if ! { read -r c < /tmp/containerd.pid && kill -0 $c; } 2>/dev/null; then\n"
                 f"mkdir -p {CONTAINERD_SOCK.rsplit('/', 1)[0]}\n"
@@ -603,9 +643,9 @@ class DockerGuest:
                            "cat /tmp/containerd.log", timeout=30).out
 
     def stop(self, *, kill: bool = False, unmount: bool = True, timeout: float = 120.0) -> None:
-        """Stop dockerd (SIGTERM, or SIGKILL with *kill*); then unmount and detach the data
-        disk unless *unmount* is false (``detach_data`` does it later). containerd keeps
-        running (``start``)."""
+        """Stop dockerd (SIGTERM, or SIGKILL with *kill*); then unmount the data disk unless
+        *unmount* is false (``unmount_data`` does it later). containerd keeps running
+        (``start``)."""
         sig = "KILL" if kill else "TERM"
         script = (f"read -r p < /tmp/dockerd.pid; kill -{sig} $p; i=0; "
                   f"while kill -0 $p 2>/dev/null; do i=$((i+1)); [ $i -lt {int(timeout * 10)} ] "
@@ -616,17 +656,19 @@ class DockerGuest:
                        "xargs -r umount; dmsetup remove_all; for l in /dev/loop*; do "
                        "losetup -d $l; done 2>/dev/null; true")
         if unmount:
-            script += f"\nsync; umount {DATA_ROOT}"
+            script += "\n" + self._unmount()
         self.sh(script, timeout=timeout + 70)
         if unmount:
-            assert self.data is not None
-            self.vm.detach(self.data)
             self.data = None
 
-    def detach_data(self, *, before: str = "") -> None:
-        """Unmount /var/lib/docker (after the commands *before*, in the same guest command)
-        and hot-unplug the data disk (its writes reach the host)."""
-        self.sh(f"{before}\nsync; umount {DATA_ROOT}")
+    def _unmount(self) -> str:
+        """The guest commands that unmount /var/lib/docker and write back what the guest still
+        holds of its disk: then the disk's file holds every write (``_data_disk``)."""
         assert self.data is not None
-        self.vm.detach(self.data)
+        return f"sync; umount {DATA_ROOT} && blockdev --flushbufs {self.data.guest_path}"
+
+    def unmount_data(self, *, before: str = "") -> None:
+        """Unmount /var/lib/docker (after the commands *before*, in the same guest command):
+        the data disk's file then holds every write; the disk stays attached (``_data_disk``)."""
+        self.sh(f"{before}\n{self._unmount()}")
         self.data = None
