@@ -13,7 +13,9 @@ an exception that escapes is printed and exits 1, as Python's would.
 The protocol, over two fifos in DIR (on the guest's devtmpfs, which the chroot shares): the
 server writes ``ready`` to ``DIR/rc`` once its imports are done; a client writes one line
 ``PID BASE64-JSON-ARGV`` to ``DIR/req`` and reads the exit code from ``DIR/rc``. The agent
-runs one command at a time, so clients never overlap. ``quit`` stops the server.
+runs one command at a time, so clients never overlap. ``quit`` stops the server. A client
+killed by the agent's timeout leaves the server waiting to hand over that exit code: the test
+has failed then, and the guest is not reused.
 """
 
 from __future__ import annotations
@@ -47,8 +49,10 @@ def _child(directory: str, pid: int, argv: list[str]) -> None:
             if fd != n:
                 os.dup2(fd, n)
                 os.close(fd)
+        import dmimage
         from dmimage.cli.main import main
 
+        sys.argv = [os.path.join(os.path.dirname(dmimage.__file__), "__main__.py"), *argv]
         try:
             rc = main(argv)
         except SystemExit as exc:  # argparse's usage errors, as `python -m` would exit
