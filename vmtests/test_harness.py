@@ -395,6 +395,27 @@ def test_hotplug_read_back(dm_vm: Machine, vm_disk: DiskFactory, tmp_path: Path)
 
 
 @pytest.mark.vm
+def test_a_disk_the_guest_missed_is_found_by_a_rescan(dm_vm: Machine, vm_disk: DiskFactory,
+                                                      tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """The wait for a plugged disk rescans the guest's PCI bus when the disk does not show up:
+    the guest is made to forget a disk QEMU still has (sysfs ``remove``, as if its ACPI
+    notification had been lost), and the wait finds it again, with a warning."""
+    img = tmp_path / "missed.img"
+    img.write_bytes(os.urandom(1 << 20))
+    d = vm_disk(img)
+    pci = dm_vm.sh(f"readlink -f /sys/block/{d.guest_path[5:]}/device/..").strip()
+    dm_vm.sh(f"echo 1 > {pci}/remove")
+    assert dm_vm.run(f"test -e /sys/block/{d.guest_path[5:]}").returncode != 0
+    monkeypatch.setattr(dm_vm, "RESCAN_AFTER_TRIES", 3)
+    with caplog.at_level("WARNING", logger="dmimage.guest"):
+        dm_vm._wait_for_disks([d], 30)
+    assert any("rescanned its PCI bus (found)" in r.getMessage() for r in caplog.records)
+    assert dm_vm.sha256_of(d.guest_path) == hashlib.sha256(img.read_bytes()).hexdigest()
+
+
+@pytest.mark.vm
 def test_read_only_attach_refuses_writes(dm_vm: Machine, vm_disk: DiskFactory,
                                          tmp_path: Path) -> None:
     img = tmp_path / "ro.img"
