@@ -481,18 +481,27 @@ class PoolSession:
     def statuses(self, *, expect_mode: str | None = "rw"
                  ) -> tuple[PoolStatus, dict[int, ThinStatus]]:
         """:meth:`status`, then :meth:`thin_status` of every active thin, in one guest command
-        (the pool's line first: it commits)."""
+        (the pool's line first: it commits). The thins' lines come from one ``dmsetup status``
+        of every device ("NAME: LINE"; a dmsetup start costs ~20 ms of TCG CPU)."""
         devs = sorted(self.active)
-        cmd = " && ".join(f"dmsetup status {n}" for n in [self.name, *map(self.thin_name, devs)])
-        lines = self.sh(cmd).splitlines()
-        if len(lines) != 1 + len(devs):
-            raise AssertionError(f"status lines of {self.name} and thins {devs}: {lines!r}")
-        st = parse_pool_status(lines[0].strip())
+        cmd = f"dmsetup status {self.name}"
+        out = self.sh(f"{cmd} && dmsetup status" if devs else cmd).splitlines()
+        wanted = {f"{self.thin_name(dev)}: ": dev for dev in devs}
+        thins: dict[int, str] = {}
+        for line in out[1:]:
+            name, sep, _ = line.partition(": ")
+            dev = wanted.get(name + sep)
+            if dev is not None:
+                if dev in thins:
+                    raise AssertionError(f"two status lines for thin {dev}: {out!r}")
+                thins[dev] = line[len(name) + 2:]
+        if not out or sorted(thins) != devs:
+            raise AssertionError(f"status lines of {self.name} and thins {devs}: {out!r}")
+        st = parse_pool_status(out[0].strip())
         if expect_mode is not None:
             check_healthy(st, expect_mode)
         self.last_status = st
-        return st, {dev: parse_thin_status(line.strip())
-                    for dev, line in zip(devs, lines[1:], strict=True)}
+        return st, {dev: parse_thin_status(thins[dev].strip()) for dev in devs}
 
     def check_status(self) -> PoolStatus:
         """Pool and thin status lines agree with the model (data blocks, transaction id,
