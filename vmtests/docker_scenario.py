@@ -6,7 +6,8 @@ tarball for ``docker load``); the guest imports, loads, creates containers, copi
 one, commits it, removes a container and an image; then records ``docker inspect`` of every
 image and container, stops dockerd and hashes every thin device Docker's JSON names with the
 kernel's thin target (the pool loop files attached read-only). The data-root disk image is the
-result; ``extract_root`` copies the data root out of it with debugfs (no mount, no root).
+result; ``extract_root`` copies the data root out of it with debugfs (no mount, no root), the
+pool's sparse loop files by their extents.
 
 The operations are the Engine API requests the docker CLI sends for them (``ops``), sent in
 one guest command (``DockerGuest.calls``): dockerd does the same work, without a CLI start-up
@@ -483,11 +484,14 @@ LOOP_FILES = ("devicemapper/devicemapper/data", "devicemapper/devicemapper/metad
 
 
 def _debugfs(disk: Path, *commands: str) -> str:
-    """Run debugfs *commands* on the ext4 image *disk* (read-only); its standard output."""
+    """Run debugfs *commands* on the ext4 image *disk* (read-only); its standard output. A
+    failing command does not change debugfs's exit status, only its standard error: anything
+    there but the version line fails."""
     res = subprocess.run(["debugfs", "-f", "-", str(disk)], input="\n".join(commands) + "\n",
                          capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        raise RuntimeError(f"debugfs on {disk} failed: {res.stderr.strip()[-500:]}")
+    errors = [x for x in res.stderr.splitlines() if x.strip() and not re.match(r"debugfs \d", x)]
+    if res.returncode != 0 or errors:
+        raise RuntimeError(f"debugfs on {disk} failed: {' '.join(errors)[-500:]}")
     return res.stdout
 
 
