@@ -6,7 +6,8 @@ tarball for ``docker load``); the guest imports, loads, creates containers, copi
 one, commits it, removes a container and an image; then records ``docker inspect`` of every
 image and container, stops dockerd and hashes every thin device Docker's JSON names with the
 kernel's thin target (the pool loop files attached read-only). The data-root disk image is the
-result; ``extract_root`` copies the data root out of it with debugfs (no mount, no root).
+result; ``extract_root`` copies the data root out of it with debugfs (no mount, no root), the
+pool's sparse loop files by their extents.
 
 The operations are the Engine API requests the docker CLI sends for them (``ops``), sent in
 one guest command (``DockerGuest.calls``): dockerd does the same work, without a CLI start-up
@@ -21,6 +22,7 @@ import io
 import json
 import os
 import posixpath
+import re
 import shlex
 import subprocess
 import tarfile
@@ -477,11 +479,82 @@ def restart_and_inspect(dg: DockerGuest, disk: Path, *, extra_opts: tuple[str, .
     return rec
 
 
+#: The pool's loop files in a data root: sparse (128 MiB and 16 MiB, mostly holes).
+LOOP_FILES = ("devicemapper/devicemapper/data", "devicemapper/devicemapper/metadata")
+
+
+def _debugfs(disk: Path, *commands: str) -> str:
+    """Run debugfs *commands* on the ext4 image *disk* (read-only); its standard output. A
+    failing command does not change debugfs's exit status, only its standard error: anything
+    there but the version line fails."""
+    res = subprocess.run(["debugfs", "-f", "-", str(disk)], input="\n".join(commands) + "\n",
+                         capture_output=True, text=True, check=False)
+    errors = [x for x in res.stderr.splitlines() if x.strip() and not re.match(r"debugfs \d", x)]
+    if res.returncode != 0 or errors:
+        raise RuntimeError(f"debugfs on {disk} failed: {' '.join(errors)[-500:]}")
+    return res.stdout
+
+
+def _names(listing: str) -> dict[str, int]:
+    """The entries of a debugfs ``ls -p`` listing ("/ino/mode/uid/gid/name/size/"): name ->
+    permission bits, "." included."""
+    return {parts[5]: int(parts[2], 8) & 0o7777 for line in listing.splitlines()
+            if len(parts := line.split("/")) >= 7 and parts[5] != ".."}
+
+
+def _copy_extents(disk: Path, path: str, out: Path) -> None:
+    """The file *path* of the ext4 image *disk* copied to *out* sparse: only its initialized
+    extents (``dump_extents``), at their offsets; debugfs ``rdump`` would write every hole of a
+    128 MiB loop file as zeros."""
+    info = _debugfs(disk, "stats -h", f"stat {path}", f"dump_extents -l {path}")
+    bs = re.search(r"^Block size:\s+(\d+)", info, re.M)
+    size = re.search(r"\bSize: (\d+)", info)
+    if bs is None or size is None or "Level Entries" not in info:
+        raise RuntimeError(f"debugfs on {disk}: no block size, size or extents for {path}")
+    block = int(bs.group(1))
+    with open(disk, "rb") as src, open(out, "wb") as dst:
+        for m in re.finditer(r"^\s*\d+/\s*\d+\s+\d+/\s*\d+\s+(\d+) -\s*\d+\s+(\d+) -\s*\d+"
+                             r"\s+(\d+)( Uninit)?", info, re.M):
+            if m.group(4):  # allocated, never written: reads as zeros
+                continue
+            logical, physical, length = (int(x) * block for x in m.group(1, 2, 3))
+            done = 0
+            while done < length:
+                n = os.copy_file_range(src.fileno(), dst.fileno(), length - done,
+                                       physical + done, logical + done)
+                if n <= 0:
+                    raise RuntimeError(f"{disk}: {path} extent at block {physical // block} "
+                                       "lies beyond the image")
+                done += n
+        dst.truncate(int(size.group(1)))
+    out.chmod(0o600)
+
+
 def extract_root(disk: Path, dest: Path) -> Path:
-    """Copy the data root out of the ext4 disk image with debugfs ``rdump`` (no mount)."""
+    """Copy the data root out of the ext4 disk image with debugfs ``rdump`` (no mount); the
+    pool's loop files are copied sparse, by their extents (``_copy_extents``)."""
     dest.mkdir(parents=True, exist_ok=True)
-    res = subprocess.run(["debugfs", "-R", f"rdump / {dest}", str(disk)], capture_output=True,
-                         text=True, check=False)
-    if res.returncode != 0 or not (dest / "devicemapper").is_dir():
-        raise RuntimeError(f"debugfs rdump of {disk} failed: {res.stderr.strip()[-500:]}")
+    top = _names(_debugfs(disk, "ls -p /"))
+    if "devicemapper" not in top:
+        raise RuntimeError(f"{disk}: no devicemapper directory in the data root")
+    dm = _names(_debugfs(disk, "ls -p /devicemapper"))
+    loops = _names(_debugfs(disk, "ls -p /devicemapper/devicemapper")) \
+        if "devicemapper" in dm else {}
+    cmds = [f"rdump /{n} {dest}" for n in top if n not in (".", "devicemapper")]
+    (dest / "devicemapper/devicemapper").mkdir(parents=True, exist_ok=True)
+    (dest / "devicemapper").chmod(dm["."])
+    if loops:
+        (dest / "devicemapper/devicemapper").chmod(loops["."])
+    cmds += [f"rdump /devicemapper/{n} {dest / 'devicemapper'}" for n in dm
+             if n not in (".", "devicemapper")]
+    cmds += [f"rdump /devicemapper/devicemapper/{n} {dest / 'devicemapper/devicemapper'}"
+             for n in loops if n != "." and f"devicemapper/devicemapper/{n}" not in LOOP_FILES]
+    if any(" " in c.split(" ", 2)[1] for c in cmds):
+        raise RuntimeError(f"{disk}: a name with a space in the data root")
+    _debugfs(disk, *cmds)
+    for rel in LOOP_FILES:
+        if rel.rsplit("/", 1)[1] in loops:
+            _copy_extents(disk, "/" + rel, dest / rel)
+    if not (dest / "devicemapper").is_dir():
+        raise RuntimeError(f"debugfs rdump of {disk} failed")
     return dest
