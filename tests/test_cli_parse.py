@@ -21,6 +21,9 @@ ARGVS = [
     ["export", "/x", "/d", "--dev-id", "1", "--size", "1M", "-o", "/e"],
     ["message", "/x", "create_thin 1"], ["lvm", "ls", "/x"], ["cache", "check", "/x"],
     ["bogus"], ["--version"], ["-h"], [],
+    # The whole parser stops at a word its own options make ambiguous (--help, --version),
+    # before the command's parser sees any word (which would print help and exit 0 here).
+    ["cache", "--he", "--="], ["check", "--=x", "/x"], ["check", "/x", "--", "--=x"],
 ]
 
 
