@@ -24,8 +24,14 @@ CHECKOUT = Path(dmimage.__file__).resolve().parent.parent
 
 
 def compile_checkout() -> None:
-    """Bytecode for every module of the checkout's dmimage (``__pycache__``, git-ignored)."""
-    compileall.compile_dir(str(CHECKOUT / "dmimage"), quiet=1)
+    """Bytecode for every module of the checkout's dmimage (``__pycache__``, git-ignored),
+    where the guest's Python looks: in the tree, also when this process keeps its own in a
+    ``sys.pycache_prefix`` (tests/conftest.py sets one when both test trees run together)."""
+    prefix, sys.pycache_prefix = sys.pycache_prefix, None
+    try:
+        compileall.compile_dir(str(CHECKOUT / "dmimage"), quiet=1)
+    finally:
+        sys.pycache_prefix = prefix
 
 
 def dmimage_command(args: str) -> str:
