@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import random
 from typing import Any
 
 import pytest
@@ -21,6 +22,9 @@ ARGVS = [
     ["export", "/x", "/d", "--dev-id", "1", "--size", "1M", "-o", "/e"],
     ["message", "/x", "create_thin 1"], ["lvm", "ls", "/x"], ["cache", "check", "/x"],
     ["bogus"], ["--version"], ["-h"], [],
+    # The whole parser stops at a word its own options make ambiguous (--help, --version),
+    # before the command's parser sees any word (which would print help and exit 0 here).
+    ["cache", "--he", "--="], ["check", "--=x", "/x"], ["check", "/x", "--", "--=x"],
 ]
 
 
@@ -39,3 +43,22 @@ def _outcome(parse: Any, words: list[str]) -> tuple[object, str, str]:
 def test_direct_parse_is_the_whole_parsers(words: list[str]) -> None:
     whole = _outcome(lambda w: cli_main._parser(w[0] if w else None).parse_args(w), words)
     assert _outcome(cli_main.parse_args, words) == whole
+
+
+#: Words that reach argparse's corners: abbreviations (of the command's options and of the
+#: top-level --help/--version, which the whole parser sorts first), explicit values, "--",
+#: negative numbers, lone dashes, nested commands' names.
+WORDS = ["--", "--=x", "-=x", "--=", "--json", "--js", "--j=1", "-h", "--he", "--help=2",
+         "--v", "--version", "--vers=1", "-q", "-", "-1", "--lock-timeout=3", "--lock", "-o",
+         "/x", "y", "ls", "check", "-x", "--bogus"]
+COMMANDS = ["check", "dump", "ls", "repair", "lvm", "cache", "message", "export"]
+
+
+def test_random_words_parse_as_the_whole_parser_does() -> None:
+    """Against the parser of every command (build_parser(): what `dmimage` was before any
+    per-command parser), for a fixed sample of command lines made of :data:`WORDS`."""
+    whole = cli_main.build_parser()
+    rng = random.Random(12)
+    for _ in range(200):
+        words = [rng.choice(COMMANDS)] + [rng.choice(WORDS) for _ in range(rng.randint(0, 4))]
+        assert _outcome(cli_main.parse_args, words) == _outcome(whole.parse_args, words), words

@@ -24,21 +24,17 @@ CHECKOUT = Path(dmimage.__file__).resolve().parent.parent
 
 
 def compile_checkout() -> None:
-    """Bytecode for every module of the checkout's dmimage (``__pycache__``, git-ignored, or
-    under this process's ``PYTHONPYCACHEPREFIX``, which :func:`guest_env` passes on)."""
-    compileall.compile_dir(str(CHECKOUT / "dmimage"), quiet=1)
-
-
-def guest_env(pythonpath: str) -> str:
-    """``env ...`` for a Python in the chroot: ``pythonpath``, and the bytecode cache this
-    process uses (the chroot sees the host's paths), where :func:`compile_checkout` wrote."""
-    parts = [f"PYTHONPATH={shlex.quote(pythonpath)}"]
-    if sys.pycache_prefix:
-        parts.append(f"PYTHONPYCACHEPREFIX={shlex.quote(sys.pycache_prefix)}")
-    return "env " + " ".join(parts)
+    """Bytecode for every module of the checkout's dmimage (``__pycache__``, git-ignored),
+    where the guest's Python looks: in the tree, also when this process keeps its own in a
+    ``sys.pycache_prefix`` (tests/conftest.py sets one when both test trees run together)."""
+    prefix, sys.pycache_prefix = sys.pycache_prefix, None
+    try:
+        compileall.compile_dir(str(CHECKOUT / "dmimage"), quiet=1)
+    finally:
+        sys.pycache_prefix = prefix
 
 
 def dmimage_command(args: str) -> str:
     """Guest shell: ``dmimage ARGS`` (already shell-quoted) in the chroot of the host share."""
-    return (f"chroot {ROOT} {guest_env(str(CHECKOUT))} "
+    return (f"chroot {ROOT} env PYTHONPATH={shlex.quote(str(CHECKOUT))} "
             f"{shlex.quote(sys.executable)} -m dmimage {args}")

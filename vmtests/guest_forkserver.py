@@ -121,7 +121,7 @@ class GuestDmimage:
         self.preload = list(preload)
 
     def start(self, *, timeout: float = 600.0) -> GuestDmimage:
-        from vmtests.guest_cli import CHECKOUT, ROOT, compile_checkout, guest_env
+        from vmtests.guest_cli import CHECKOUT, ROOT, compile_checkout
 
         compile_checkout()
         self.vm.mount_host_share(ROOT)
@@ -130,7 +130,7 @@ class GuestDmimage:
         # CPU-s), its packages named on the path instead, after the checkout
         path = ":".join([str(CHECKOUT), *dict.fromkeys(
             sysconfig.get_paths()[k] for k in ("purelib", "platlib"))])
-        server = (f"chroot {ROOT} {guest_env(path)} "
+        server = (f"chroot {ROOT} env PYTHONPATH={shlex.quote(path)} "
                   f"{shlex.quote(sys.executable)} -S -m vmtests.guest_forkserver {d} "
                   + " ".join(shlex.quote(m) for m in self.preload))
         # proc is mounted where the chroot sees it (a mount under the guest's /dev does not

@@ -98,6 +98,24 @@ def test_appliance_contents(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert app.modules.index("dm-mod.ko") < app.modules.index("dm-thin-pool.ko")
 
 
+def test_checkout_bytecode_goes_where_the_guest_reads_it(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """compile_checkout writes the guest's bytecode into the checkout's ``__pycache__``, not
+    into this process's ``sys.pycache_prefix`` (the guest knows no prefix), and leaves that
+    prefix in place."""
+    import importlib.util
+
+    from vmtests.guest_cli import CHECKOUT, compile_checkout
+
+    monkeypatch.setattr(sys, "pycache_prefix", str(tmp_path / "prefix"))
+    compile_checkout()
+    assert sys.pycache_prefix == str(tmp_path / "prefix")
+    assert not (tmp_path / "prefix").exists()
+    monkeypatch.setattr(sys, "pycache_prefix", None)
+    for mod in ("__init__.py", "cli/main.py", "guest/agent.py"):
+        assert Path(importlib.util.cache_from_source(str(CHECKOUT / "dmimage" / mod))).exists()
+
+
 def test_module_signatures_are_stripped(tmp_path: Path) -> None:
     """The appliance's modules lose exactly their appended signature (the kernel then skips
     the verification a TCG boot paid for); kmod's modinfo, the oracle, sees a signed module

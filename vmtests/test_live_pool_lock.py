@@ -71,6 +71,21 @@ def guest_dmimage(share_vm: Machine) -> GuestDmimage:
     return GuestDmimage(share_vm, PRELOAD).start(timeout=CMD_TIMEOUT)
 
 
+def test_host_share_binds_the_guests_dev_proc_and_sys(share_vm: Machine) -> None:
+    """The chroot's /dev, /proc and /sys are the guest's own, each at its name (the host's
+    three are each inode 1 of a file system of their own: one inode to a 9p cache that
+    ignores the device, and /proc was bound under /sys)."""
+    from vmtests.guest_cli import ROOT
+
+    share_vm.mount_host_share(ROOT)
+    mounts = share_vm.sh("cat /proc/mounts").splitlines()
+    fs = {w[1]: w[2] for w in (line.split() for line in mounts) if len(w) > 2}
+    assert [fs.get(f"{ROOT}/{m}") for m in ("dev", "proc", "sys")] == \
+        ["devtmpfs", "proc", "sysfs"], mounts
+    # A program in the chroot reads its own process in /proc.
+    assert share_vm.sh(f"chroot {ROOT} /bin/cat /proc/self/stat").split()[1] == "(cat)"
+
+
 def _dmimage(server: GuestDmimage, args: str, stdin: str | None = None) -> CommandResult:
     redirect = f" < {shlex.quote(stdin)}" if stdin else ""
     return server.vm.run(server.command(args) + redirect, timeout=CMD_TIMEOUT)

@@ -10,6 +10,7 @@ import argparse
 import functools
 import importlib
 import importlib.util
+import itertools
 import os
 import sys
 from collections.abc import Sequence
@@ -116,6 +117,13 @@ def parse_args(words: list[str]) -> argparse.Namespace:
     sub = _subparser(command) if command is not None and not command.startswith("-") else None
     if sub is None:
         return _parser(command).parse_args(words)
+    # The whole parser first sorts every word before "--" into option or not by its own
+    # options, and stops at an ambiguous prefix ("--=x" could be --help or --version) with
+    # its message, whatever the command would make of that word.
+    top = _parser(command)
+    for word in itertools.takewhile(lambda w: w != "--", words[1:]):
+        if word.startswith("-"):
+            top._parse_optional(word)
     args = argparse.Namespace(command=command)
     parsed, extras = sub.parse_known_args(words[1:])
     for key, value in vars(parsed).items():

@@ -10,7 +10,8 @@ Frames (the port is no tty: every byte arrives as sent):
 
 *token* is 16 random hex digits of this channel: a command never sees it (the agent's own
 variable), so its output cannot hold the separator by anything but a 2**-64 chance, and a
-reply to a command the host gave up on can still be skipped (its separator is known by id).
+reply to a command the host gave up on can still be skipped (its separator is known by id),
+also when the host stopped reading it midway.
 The guest side is the busybox sh script ``AGENT_SCRIPT`` in ``appliance.py``: it runs each
 script with ``sh`` in its own session and, after *timeout_s*, kills that whole process group
 (rc 137, timed_out 1). Lines that are not frames are ignored. Under TCG each guest process
@@ -86,6 +87,10 @@ class AgentChannel:
         # Called when the channel breaks (EOF, reset): may wait for QEMU to exit and raise.
         self._on_broken = on_broken or health
         self._token = os.urandom(8).hex()
+        # Separators still owed by a reply whose outputs the host stopped reading (it timed
+        # out mid-reply): skipped before the next reply, or that reply's raw output would be
+        # read as frames ("@@R ..." lines in it taken for replies).
+        self._unread: list[bytes] = []
         self.ready_uptime: float | None = None
         self.host_grace = HOST_GRACE
         self.noise: list[bytes] = []
@@ -184,6 +189,9 @@ class AgentChannel:
         if host_timeout is not None:
             host_deadline = start + host_timeout
         self._send(frame, host_deadline)
+        while self._unread:
+            self._read_until(self._unread[0], host_deadline, "skipping an abandoned reply")
+            del self._unread[0]
         while True:
             line = self._read_line(host_deadline, f"running {text[:200]!r}")
             if not line.startswith(b"@@R "):
@@ -198,8 +206,11 @@ class AgentChannel:
                 raise VMError(f"guest agent: malformed reply {line[:200]!r}")
             _, rid, rc, to = parts
             sep = b"@@%s.%s\n" % (self._token.encode(), rid)
+            self._unread = [sep, sep]
             out = self._read_until(sep, host_deadline, f"reading the output of {text[:200]!r}")
+            del self._unread[0]
             err = self._read_until(sep, host_deadline, f"reading the output of {text[:200]!r}")
+            del self._unread[0]
             if int(rid) != cid:
                 continue  # reply to a command the host gave up on
             res = CommandResult(text, int(rc), out, err, time.monotonic() - start, to == b"1")

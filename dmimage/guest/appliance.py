@@ -238,7 +238,8 @@ def strip_signature(data: bytes) -> bytes:
     """A module without its appended signature. The kernel then loads it unverified (it
     logs "module verification failed" once, at notice level, and taints itself with E; no
     Debian kernel sets MODULE_SIG_FORCE): verifying means a sha256 of every module and an
-    RSA check, which cost a TCG guest's cold boot ~0.7 QEMU CPU-s (docs/vm.md)."""
+    RSA check, which cost a TCG guest's cold boot ~0.7 QEMU CPU-s (docs/vm.md). Only for a
+    kernel that does not force signatures (:func:`signatures_optional`)."""
     if not data.endswith(MODULE_SIG_MAGIC):
         return data
     end = len(data) - len(MODULE_SIG_MAGIC)
@@ -247,6 +248,28 @@ def strip_signature(data: bytes) -> bytes:
     sig_len = int.from_bytes(data[end - 4:end], "big")
     start = end - 12 - sig_len
     return data[:start] if start >= 0 else data
+
+
+def signatures_optional(moddir: Path) -> bool:
+    """Whether the kernel of *moddir* loads unsigned modules: its build config is found (in
+    the module directory, or ``boot/config-<version>`` of the tree holding
+    ``[usr/]lib/modules/<version>``) and does not set ``CONFIG_MODULE_SIG_FORCE``. A kernel
+    that forces signatures, or one whose config is not found, keeps its modules' signatures:
+    stripped, they would not load (no agent port, no dm targets)."""
+    version = moddir.name
+    candidates = [moddir / "config"]
+    if moddir.parent.name == "modules" and moddir.parent.parent.name == "lib":
+        root = moddir.parent.parent.parent
+        if root.name == "usr":
+            candidates.append(root.parent / "boot" / f"config-{version}")
+        candidates.append(root / "boot" / f"config-{version}")
+    for cand in candidates:
+        try:
+            text = cand.read_text(errors="replace")
+        except OSError:
+            continue
+        return "\nCONFIG_MODULE_SIG_FORCE=y" not in "\n" + text
+    return False
 
 
 def _unzstd(path: Path, data: bytes) -> bytes:
@@ -430,6 +453,9 @@ def build_initramfs(moddir: Path | str, *, cache_dir: Path | None = None,
     h.update(b"dmimage-appliance-v2\0")  # v2: modules without signatures
     h.update(INIT_SCRIPT.encode() + AGENT_SCRIPT.encode())
     h.update(b"gz" if compress else b"raw")
+    strip = signatures_optional(moddir)
+    if not strip:
+        h.update(b"signed modules\0")
     for p in [busybox, dmsetup, *map(Path, libs), *(moddir / m for m in mods)]:
         data = Path(p).read_bytes()  # follows symlinks: the content that will be copied
         h.update(f"{p}\0{len(data)}\0".encode())
@@ -478,7 +504,8 @@ def build_initramfs(moddir: Path | str, *, cache_dir: Path | None = None,
         names = []
         for m in mods:
             name = re.sub(r"\.(xz|gz|zst)$", "", os.path.basename(m))
-            w.add_file(f"lib/modules/{name}", strip_signature(read_module(moddir / m)))
+            data = read_module(moddir / m)
+            w.add_file(f"lib/modules/{name}", strip_signature(data) if strip else data)
             names.append(name)
         w.add_file("etc/modules.order", ("\n".join(names) + "\n").encode())
         w.add_file("etc/passwd", b"root:x:0:0:root:/tmp:/bin/sh\n")

@@ -345,8 +345,12 @@ class Machine:
         if self.host_share is None:
             return []
         path = self.host_share.replace(",", ",,")
+        # multidevs=remap: the share's inode numbers made unique across the host's file
+        # systems. Without it /dev, /proc and /sys (each inode 1 of its own file system) were
+        # one inode to the guest's 9p cache, and mount_host_share's binds landed on the wrong
+        # directories (/proc under the chroot's /sys, its /proc left as the host's).
         return ["-fsdev", f"local,id={HOST_SHARE_TAG},path={path},security_model=none,"
-                          "readonly=on",
+                          "multidevs=remap,readonly=on",
                 "-device", f"virtio-9p-pci,fsdev={HOST_SHARE_TAG},mount_tag={HOST_SHARE_TAG}"]
 
     def mount_host_share(self, guest_dir: str = "/tmp/host", *, timeout: float = 60.0,
@@ -367,8 +371,10 @@ class Machine:
         opts = f"ro,trans=virtio,version=9p2000.L,msize=512000,cache={shlex.quote(cache)}"
         self.sh(f"mountpoint -q {d} && exit 0; mkdir -p {d} && "
                 f"mount -t 9p -o {opts} {HOST_SHARE_TAG} {d} && "
-                f"for m in dev proc sys; do mount --bind /$m {d}/$m || exit 1; done",
-                timeout=timeout)
+                f"for m in dev proc sys; do mount --bind /$m {d}/$m || exit 1; done; "
+                f"[ -c {d}/dev/null ] && [ -e {d}/proc/self/mounts ] && [ -d {d}/sys/block ] "
+                "|| { echo 'the binds of /dev, /proc and /sys missed their directories' >&2; "
+                "exit 1; }", timeout=timeout)
         return guest_dir
 
     def start(self) -> Machine:
