@@ -357,9 +357,10 @@ class DockerGuest:
         self.tools: Disk | None = None
         #: The data disk mounted on /var/lib/docker, if any.
         self.data: Disk | None = None
-        #: Every data disk attached so far, by host path: each stays attached for the guest's
-        #: lifetime (``start``).
-        self.data_disks: dict[Path, Disk] = {}
+        #: Every data disk attached so far, by host path, with the (st_dev, st_ino) attached:
+        #: each stays attached for the guest's lifetime (``start``, ``_data_disk``).
+        self.data_disks: dict[Path, tuple[Disk, tuple[int, int]]] = {}
+        self._data_serial = 0
         self.xfer: Disk | None = None
 
     @classmethod
@@ -421,13 +422,21 @@ class DockerGuest:
         the guest ~0.3 s of CPU under TCG (ACPI, a PCI rescan, the virtio probe), and a store
         is often started again (a restart after a kill). Unmounted, a data disk's writes are
         in its file already (QEMU writes the guest's completed writes straight to it), so the
-        host reads it while it stays attached."""
+        host reads it while it stays attached. QEMU holds the file it opened: a new file at
+        the same path (another inode) is attached afresh, the old one detached."""
         key = Path(path).resolve()
-        disk = self.data_disks.get(key)
-        if disk is None:
-            disk = self.data_disks[key] = self.vm.attach(key, read_only=False,
-                                                         serial=f"dockerdata{len(self.data_disks)}")
-        return disk
+        st = key.stat()
+        ident = (st.st_dev, st.st_ino)
+        held = self.data_disks.get(key)
+        if held is not None and held[1] != ident:
+            self.vm.detach(held[0])
+            held = None
+        if held is None:
+            self._data_serial += 1
+            held = self.data_disks[key] = (
+                self.vm.attach(key, read_only=False, serial=f"dockerdata{self._data_serial}"),
+                ident)
+        return held[0]
 
     def start(self, data_disk: Path, *, extra_opts: tuple[str, ...] = (),
               timeout: float = 120.0) -> None:
