@@ -436,12 +436,13 @@ def make_store(dg: DockerGuest, work: Path, *, fs: str = "ext4", seed: int | Non
         lap("inspect")
         rec.save = guest_save(dg, sorted({t for i in rec.images for t in i["RepoTags"]}))
         lap("docker save")
-    dg.stop(unmount=False)
-    lap("stop dockerd")
-    if fs == "ext4":
-        rec.device_sha256, rec.device_size = hash_devices(dg)
-        lap("hash devices")
-    dg.unmount_data(before=UNHASH_DEVICES if fs == "ext4" else "")
+        dg.stop(unmount=False)
+        lap("stop dockerd")
+        # still in the block: a failed hash leaves no data root mounted for the next test
+        if fs == "ext4":
+            rec.device_sha256, rec.device_size = hash_devices(dg)
+            lap("hash devices")
+        dg.unmount_data(before=UNHASH_DEVICES if fs == "ext4" else "")
     rec.seconds["total"] = round(time.monotonic() - t[0], 1)
     (work / "guest-record.json").write_text(json.dumps(rec.__dict__, indent=1))
     return disk, rec
