@@ -8,8 +8,9 @@ Frames (the port is no tty: every byte arrives as sent):
   ``@@<token>.<id>``, stderr's raw bytes and the same line again
 - guest → host: ``@@READY <uptime>`` once when the agent starts
 
-*token* is 16 random hex digits of this channel: a command never sees it (the agent's own
-variable), so its output cannot hold the separator by anything but a 2**-64 chance, and a
+*token* is 16 random hex digits of this channel, the agent's own variable: a command can
+find only an earlier reply's separator (left in the agent's /tmp/.s), never its own id's, so
+its output cannot hold its separator by anything but a 2**-64 chance, and a
 reply to a command the host gave up on can still be skipped (its separator is known by id),
 also when the host stopped reading it midway.
 The guest side is the busybox sh script ``AGENT_SCRIPT`` in ``appliance.py``: it runs each
