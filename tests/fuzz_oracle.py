@@ -20,13 +20,14 @@ of CPU per check directly (plus ~0.2 ms for Python's spawn in the harness), ~1.5
 
 from __future__ import annotations
 
-import hashlib
 import os
 import select
 import signal
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
+
+import oracles
 
 #: the server's request/response pipes are passed in this variable (``IN_FD,OUT_FD``)
 ENV = "DMIMAGE_FORKSERVER"
@@ -137,28 +138,13 @@ __attribute__((constructor)) static void serve(int argc, char **argv, char **env
 
 def cache_dir() -> Path:
     """Where the shim is built: beside tests/oracles.py's (the same user cache)."""
-    x = os.environ.get("XDG_CACHE_HOME")
-    return (Path(x) if x else Path.home() / ".cache") / "dmimage" / "oracle-shim"
+    return oracles.shim_cache()
 
 
 def build_shim(cache: Path) -> str | None:
-    """The fork server's shared object, built into ``cache`` on first use (several processes
-    may build it at once: each renames its own build into place); None without a compiler."""
-    tag = hashlib.sha256(_FORKSERVER_C.encode()).hexdigest()[:12]
-    out = cache / f"forkserver-{tag}.so"
-    if not out.exists():
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-            p = subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-x", "c", "-o", str(tmp), "-"],
-                               input=_FORKSERVER_C, capture_output=True, text=True, timeout=120)
-            if p.returncode == 0:
-                os.replace(tmp, out)
-            else:
-                tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-    return str(out) if out.exists() else None
+    """The fork server's shared object, built into ``cache`` on first use; None without a
+    compiler."""
+    return oracles.build_shared_object("forkserver", _FORKSERVER_C, cache)
 
 
 class Check:

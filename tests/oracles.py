@@ -270,24 +270,37 @@ def nosleep_shim() -> str | None:
         return _shim[0]
     path: str | None = None
     if os.environ.get("DMIMAGE_ORACLE_SLEEP") != "1":
-        tag = hashlib.sha256(_NOSLEEP_C.encode()).hexdigest()[:12]
-        out = _cache_home() / "dmimage" / "oracle-shim" / f"nosleep-{tag}.so"
-        if not out.exists():
-            try:
-                out.parent.mkdir(parents=True, exist_ok=True)
-                tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-                p = subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-x", "c", "-o", str(tmp),
-                                    "-", "-ldl"], input=_NOSLEEP_C, capture_output=True,
-                                   text=True, timeout=120)
-                if p.returncode == 0:
-                    os.replace(tmp, out)
-                else:
-                    tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
-        path = str(out) if out.exists() else None
+        path = build_shared_object("nosleep", _NOSLEEP_C, shim_cache(), libs=("-ldl",))
     _shim.append(path)
     return path
+
+
+def shim_cache() -> Path:
+    """Where the oracle shims are built (the user's cache)."""
+    return _cache_home() / "dmimage" / "oracle-shim"
+
+
+def build_shared_object(name: str, source: str, cache: Path,
+                        libs: tuple[str, ...] = ()) -> str | None:
+    """``source`` (C) built into ``cache``/NAME-TAG.so on first use, TAG from the source;
+    several processes may build it at once: each renames its own build into place. None
+    without a compiler (the callers then run the tools plainly)."""
+    tag = hashlib.sha256(source.encode()).hexdigest()[:12]
+    out = cache / f"{name}-{tag}.so"
+    if not out.exists():
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+            p = subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-x", "c", "-o", str(tmp),
+                                "-", *libs], input=source, capture_output=True, text=True,
+                               timeout=120)
+            if p.returncode == 0:
+                os.replace(tmp, out)
+            else:
+                tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+    return str(out) if out.exists() else None
 
 
 def tool_env(tools: Tools) -> dict[str, str] | None:
