@@ -382,8 +382,12 @@ def test_kill_mid_import(guest: DockerGuest, xfs_made: tuple[Path, Path, GuestRe
     seed = int(os.environ.get("DMIMAGE_DOCKER_KILL_SEED", "0")) or random.randrange(1, 1 << 30)
     delay = random.Random(seed).uniform(0.5, 12.0)
     disk = xfs_made[0]
-    kill_during_import(guest, tmp_path, disk, delay, extra_opts=XFS_OPTS)
     where = f"(DMIMAGE_DOCKER_KILL_SEED={seed}, kill after {delay:.2f} s)"
+    try:
+        kill_during_import(guest, tmp_path, disk, delay, extra_opts=XFS_OPTS)
+    except Exception as exc:
+        exc.add_note(where)
+        raise
     before = extract_root(disk, tmp_path / "before")
     rc, out, err = _run(capsys, "docker", "check", str(before), "--json")
     assert rc in (0, 1) and not err, where + err

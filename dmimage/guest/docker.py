@@ -660,10 +660,20 @@ class DockerGuest:
                   f"while kill -0 $p 2>/dev/null; do i=$((i+1)); [ $i -lt {int(timeout * 10)} ] "
                   f"|| exit 1; read -t 0.1 x <> {WAIT_FIFO}; done; true")
         if kill:
-            # A killed dockerd leaves its mounts, the pool's dm devices and the loop devices.
-            script += (f"\ngrep ' {DATA_ROOT}/' /proc/mounts | cut -d' ' -f2 | sort -r | "
-                       "xargs -r umount; dmsetup remove_all; for l in /dev/loop*; do "
-                       "losetup -d $l; done 2>/dev/null; true")
+            # A killed dockerd leaves its re-executed helpers (argv[0] docker-applyLayer,
+            # docker-untar...: an import killed mid-way has one still writing the layer, in
+            # a mount namespace of its own that holds the layer's device), its mounts, the
+            # pool's dm devices and the loop devices. busybox has no pkill: argv[0] is read
+            # from /proc (up to its NUL).
+            script += (
+                "\nkids() { n=0; for d in /proc/[0-9]*; do a=; read -r a < $d/cmdline; "
+                "case $a in docker-*) kill -KILL ${d#/proc/}; n=$((n+1));; esac; "
+                "done 2>/dev/null; [ $n -gt 0 ]; }; "
+                f"i=0; while kids && [ $i -lt 100 ]; do i=$((i+1)); read -t 0.1 x <> {WAIT_FIFO}; "
+                "done"
+                f"\ngrep ' {DATA_ROOT}/' /proc/mounts | cut -d' ' -f2 | sort -r | "
+                "xargs -r umount; dmsetup remove_all; for l in /dev/loop*; do "
+                "losetup -d $l; done 2>/dev/null; true")
         if unmount:
             script += "\n" + self._unmount()
         self.sh(script, timeout=timeout + 70)
