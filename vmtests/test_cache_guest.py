@@ -147,20 +147,20 @@ def test_kernel_cache_metadata(kept: KeptDisks, tmp_path: Path, version: int) ->
     assert again_sha == want_sha
 
 
-@pytest.mark.parametrize("version", [1, 2])
-def test_kernel_serves_restored_cache(kept: KeptDisks, tmp_path: Path, version: int) -> None:
-    """`cache restore` metadata mapping origin blocks to cache blocks whose content differs
-    from the origin: the kernel takes it and serves the cache blocks' content (dirty and clean
-    alike), carries on writing, and leaves metadata both checkers pass."""
-    tools = oracles.tools_11()
+NR_CACHE, NR_ORIGIN = 128, 512
+
+
+def _restore_inputs(kept: KeptDisks, tmp_path: Path, seed: int) -> tuple[Path, str]:
+    """40 mappings (every other one dirty) of random cache blocks onto random origin blocks,
+    the fast and origin disks filled with random bytes: (the cache_restore XML, the sha256
+    the cached device must serve: the origin with the mapped blocks' cache content)."""
     bs = BLOCK * 512
-    nr_cache, nr_origin = 128, 512
-    rng = np.random.default_rng(10 + version)
-    fast_bytes = rng.integers(0, 256, nr_cache * bs, dtype=np.uint8).tobytes()
-    origin_bytes = rng.integers(0, 256, nr_origin * bs, dtype=np.uint8).tobytes()
-    cblocks = rng.choice(nr_cache, 40, replace=False)
-    oblocks = rng.choice(nr_origin, 40, replace=False)
-    lines = [f'<superblock uuid="" block_size="{BLOCK}" nr_cache_blocks="{nr_cache}" '
+    rng = np.random.default_rng(seed)
+    fast_bytes = rng.integers(0, 256, NR_CACHE * bs, dtype=np.uint8).tobytes()
+    origin_bytes = rng.integers(0, 256, NR_ORIGIN * bs, dtype=np.uint8).tobytes()
+    cblocks = rng.choice(NR_CACHE, 40, replace=False)
+    oblocks = rng.choice(NR_ORIGIN, 40, replace=False)
+    lines = [f'<superblock uuid="" block_size="{BLOCK}" nr_cache_blocks="{NR_CACHE}" '
              'policy="smq" hint_width="4">', "  <mappings>"]
     for c, o, k in sorted(zip(cblocks.tolist(), oblocks.tolist(), range(40), strict=True)):
         lines.append(f'    <mapping cache_block="{c}" origin_block="{o}" '
@@ -168,37 +168,57 @@ def test_kernel_serves_restored_cache(kept: KeptDisks, tmp_path: Path, version: 
     lines += ["  </mappings>", "  <hints>", "  </hints>", "</superblock>"]
     xml = tmp_path / "in.xml"
     xml.write_text("\n".join(lines))
-    meta, fast, origin = kept.files[3:]
+    _meta, fast, origin = kept.files[3:]
     kept.zero()
     fast.write_bytes(fast_bytes)
     origin.write_bytes(origin_bytes)
-    res = _dmimage("cache", "restore", "-i", str(xml), "-o", str(meta), "--metadata-version",
-                   str(version))
-    assert res.returncode == 0, res.stderr
     view = bytearray(origin_bytes)
     for c, o in zip(cblocks.tolist(), oblocks.tolist(), strict=True):
         view[o * bs:(o + 1) * bs] = fast_bytes[c * bs:(c + 1) * bs]
-    want = hashlib.sha256(view).hexdigest()
+    return xml, hashlib.sha256(view).hexdigest()
 
+
+def _serve_and_write(kept: KeptDisks, version: int, name: str) -> tuple[list[str], str]:
+    """The kept disks as a writeback cache (smq, no migrations: the loaded dirty set stays as
+    the kernel read it): (its status fields, the sha256 it serves); then 30 blocks written
+    through it, and it is removed."""
     feature = "metadata2 writeback" if version == 2 else "writeback"
     vm = kept.vm
     m, c, o = kept.paths[3:]
-    t = (f"0 {nr_origin * BLOCK} cache {m} {c} {o} "
+    t = (f"0 {NR_ORIGIN * BLOCK} cache {m} {c} {o} "
          f"{BLOCK} {len(feature.split())} {feature} smq 2 migration_threshold 0")
-    # no migrations: the restored dirty set stays as the kernel loaded it
-    fields = vm.sh(f"{kept.flush}dmsetup create rcache --table {shlex.quote(t)} && "
-                   "dmsetup status rcache").split()
+    fields = vm.sh(f"{kept.flush}dmsetup create {name} --table {shlex.quote(t)} && "
+                   f"dmsetup status {name}").split()
     try:
-        got = vm.sha256_of("/dev/mapper/rcache")
-        vm.sh("dd if=/dev/urandom of=/dev/mapper/rcache bs=64k seek=7 count=30 conv=fsync "
+        got = vm.sha256_of(f"/dev/mapper/{name}")
+        vm.sh(f"dd if=/dev/urandom of=/dev/mapper/{name} bs=64k seek=7 count=30 conv=fsync "
               "status=none")
     finally:
-        _remove(vm, "rcache")
-    assert int(fields[6].split("/")[0]) == 40 and int(fields[13]) == 20
-    assert got == want
+        _remove(vm, name)
+    return fields, got
+
+
+def _both_checkers_pass(meta: Path) -> None:
+    tools = oracles.tools_11()
     assert subprocess.run([str(tools.bindir / "cache_check"), str(meta)],
                           capture_output=True).returncode == 0
     assert _dmimage("cache", "check", str(meta)).returncode == 0
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_kernel_serves_restored_cache(kept: KeptDisks, tmp_path: Path, version: int) -> None:
+    """`cache restore` metadata mapping origin blocks to cache blocks whose content differs
+    from the origin: the kernel takes it and serves the cache blocks' content (dirty and clean
+    alike), carries on writing, and leaves metadata both checkers pass."""
+    xml, want = _restore_inputs(kept, tmp_path, 10 + version)
+    meta = kept.files[3]
+    res = _dmimage("cache", "restore", "-i", str(xml), "-o", str(meta), "--metadata-version",
+                   str(version))
+    assert res.returncode == 0, res.stderr
+    fields, got = _serve_and_write(kept, version, "rcache")
+    assert int(fields[6].split("/")[0]) == 40 and int(fields[13]) == 20
+    assert got == want
+    _both_checkers_pass(meta)
 
 
 def _damage_for_repair(meta: Path, version: int) -> Path:
@@ -227,28 +247,11 @@ def test_kernel_serves_repaired_cache(kept: KeptDisks, tmp_path: Path, version: 
     it): the kernel takes the repair, serves the cache blocks' content at the mapped origin
     blocks, with every lost dirty bit dirty, and leaves metadata both checkers pass."""
     tools = oracles.tools_11()
-    bs = BLOCK * 512
-    nr_cache, nr_origin = 128, 512
-    rng = np.random.default_rng(20 + version)
-    fast_bytes = rng.integers(0, 256, nr_cache * bs, dtype=np.uint8).tobytes()
-    origin_bytes = rng.integers(0, 256, nr_origin * bs, dtype=np.uint8).tobytes()
-    cblocks = rng.choice(nr_cache, 40, replace=False)
-    oblocks = rng.choice(nr_origin, 40, replace=False)
-    lines = [f'<superblock uuid="" block_size="{BLOCK}" nr_cache_blocks="{nr_cache}" '
-             'policy="smq" hint_width="4">', "  <mappings>"]
-    for c, o, k in sorted(zip(cblocks.tolist(), oblocks.tolist(), range(40), strict=True)):
-        lines.append(f'    <mapping cache_block="{c}" origin_block="{o}" '
-                     f'dirty="{"true" if k % 2 else "false"}"/>')
-    lines += ["  </mappings>", "  <hints>", "  </hints>", "</superblock>"]
-    xml = tmp_path / "in.xml"
-    xml.write_text("\n".join(lines))
+    xml, want = _restore_inputs(kept, tmp_path, 20 + version)
+    meta = kept.files[3]
     pristine = tmp_path / "pristine"
-    meta, fast, origin = kept.files[3:]
-    kept.zero()
     with open(pristine, "wb") as f:
         f.truncate(4 << 20)
-    fast.write_bytes(fast_bytes)
-    origin.write_bytes(origin_bytes)
     res = _dmimage("cache", "restore", "-i", str(xml), "-o", str(pristine),
                    "--metadata-version", str(version))
     assert res.returncode == 0, res.stderr
@@ -260,26 +263,7 @@ def test_kernel_serves_repaired_cache(kept: KeptDisks, tmp_path: Path, version: 
         res.stdout + res.stderr
     want_dirty = 40 if version == 2 else 20
     assert f"40 mappings, {want_dirty} dirty" in res.stdout
-    view = bytearray(origin_bytes)
-    for c, o in zip(cblocks.tolist(), oblocks.tolist(), strict=True):
-        view[o * bs:(o + 1) * bs] = fast_bytes[c * bs:(c + 1) * bs]
-    want = hashlib.sha256(view).hexdigest()
-
-    feature = "metadata2 writeback" if version == 2 else "writeback"
-    vm = kept.vm
-    m, c, o = kept.paths[3:]
-    t = (f"0 {nr_origin * BLOCK} cache {m} {c} {o} "
-         f"{BLOCK} {len(feature.split())} {feature} smq 2 migration_threshold 0")
-    fields = vm.sh(f"{kept.flush}dmsetup create pcache --table {shlex.quote(t)} && "
-                   "dmsetup status pcache").split()
-    try:
-        got = vm.sha256_of("/dev/mapper/pcache")
-        vm.sh("dd if=/dev/urandom of=/dev/mapper/pcache bs=64k seek=7 count=30 conv=fsync "
-              "status=none")
-    finally:
-        _remove(vm, "pcache")
+    fields, got = _serve_and_write(kept, version, "pcache")
     assert int(fields[6].split("/")[0]) == 40 and int(fields[13]) == want_dirty, fields
     assert got == want
-    assert subprocess.run([str(tools.bindir / "cache_check"), str(meta)],
-                          capture_output=True).returncode == 0
-    assert _dmimage("cache", "check", str(meta)).returncode == 0
+    _both_checkers_pass(meta)

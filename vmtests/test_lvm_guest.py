@@ -67,15 +67,20 @@ def _boot(name: str, *, share: bool = False) -> LvmMachine:
     return vm
 
 
-@pytest.fixture(scope="module")
-def lvm_guests() -> Iterator[dict[str, LvmMachine]]:
-    """The lvm2 guests a module's tests share, by kernel name (see :func:`lvm_guest`)."""
+def lvm_guest_pool() -> Iterator[dict[str, LvmMachine]]:
+    """The body of a module's ``lvm_guests`` fixture: the lvm2 guests its tests share, by
+    kernel name (see :func:`lvm_guest`), closed when the module ends."""
     guests: dict[str, LvmMachine] = {}
     try:
         yield guests
     finally:
         for vm in guests.values():
             vm.close()
+
+
+@pytest.fixture(scope="module")
+def lvm_guests() -> Iterator[dict[str, LvmMachine]]:
+    yield from lvm_guest_pool()
 
 
 @contextlib.contextmanager

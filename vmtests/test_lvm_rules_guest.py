@@ -29,7 +29,7 @@ import pytest
 
 from dmimage.guest.lvm2 import LvmMachine
 from vmtests.guest_forkserver import GuestDmimage
-from vmtests.test_lvm_guest import FIELDS, _dmimage, _kernels, _put_texts, lvm_guest
+from vmtests.test_lvm_guest import FIELDS, _dmimage, _kernels, _put_texts, lvm_guest, lvm_guest_pool
 
 pytestmark = [pytest.mark.vm, pytest.mark.vm_one_kernel]  # lvm2 is the oracle (conftest.py)
 
@@ -39,13 +39,8 @@ FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "lvm"
 
 @pytest.fixture(scope="module")
 def lvm_guests() -> Iterator[dict[str, LvmMachine]]:
-    """The lvm2 guests this module's tests share, by kernel name (see :func:`_guest`)."""
-    guests: dict[str, LvmMachine] = {}
-    try:
-        yield guests
-    finally:
-        for vm in guests.values():
-            vm.close()
+    """The lvm2 guests this module's tests share (see :func:`_guest`)."""
+    yield from lvm_guest_pool()
 
 
 @contextlib.contextmanager
