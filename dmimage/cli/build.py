@@ -90,7 +90,7 @@ def _docker(args: argparse.Namespace) -> int:
 
     if args.vm_verify:
         raise UsageError("--vm-verify is not available for layout = \"docker-devicemapper\" "
-                         "(vmtests/test_docker_store.py runs dockerd on a built store)")
+                         "(the VM suite runs dockerd on built stores: docs/docker.md)")
     spec = load_docker_spec(args.spec)
     outdir = Path(args.output) if args.output else Path("out") / spec.name
     lines: list[str] = []

@@ -43,7 +43,7 @@ GUEST_MODULES = (
     # `dmimage build` proofs mount the ext4 volumes they build: ext4 and its dependencies
     # from modules.dep (jbd2, mbcache, crc16) on Debian 12 and 13, where all are modules.
     "ext4",
-    # The other device-mapper targets `dmimage table` models, so vmtests/test_tables_guest.py
+    # The other device-mapper targets `dmimage table` models, so the VM suite's table tests
     # can load every one of them; dm-snapshot, dm-cache and dm-era also carry the
     # exception-store, cache and era proofs (dm-snapshot is also what lvm2's snapshots need).
     "dm-zero",

@@ -267,7 +267,7 @@ class Machine:
     #: complete without an fdatasync of the host file (QEMU's ``cache.no-flush``), which only a
     #: host crash could tell apart. Off by default: a disk the user gives (``dmimage vm run
     #: --disk``) gets every flush its guest asks for, in order; the VM suite turns it on
-    #: (vmtests/conftest.py). ``Machine(scratch_disks=...)`` sets it for one machine.
+    #: (its conftest.py). ``Machine(scratch_disks=...)`` sets it for one machine.
     scratch_disks: bool = False
 
     def __init__(self, kernel: Kernel, *, memory_mb: int = 256, cpus: int = 1,
