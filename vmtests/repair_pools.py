@@ -35,13 +35,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-for p in (REPO, REPO / "tests"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
-
-from dmimage.guest.dmstatus import PoolStatus, parse_pool_status  # noqa: E402
-from dmimage.guest.machine import Disk, Machine  # noqa: E402
+from dmimage.guest.dmstatus import PoolStatus, parse_pool_status
+from dmimage.guest.machine import Disk, Machine
 
 SECTOR = 512
 BLOCK_SECTORS = 128  # 64 KiB data blocks
