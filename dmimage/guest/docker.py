@@ -661,10 +661,10 @@ class DockerGuest:
                   f"|| exit 1; read -t 0.1 x <> {WAIT_FIFO}; done; true")
         if kill:
             # A killed dockerd leaves its re-executed helpers (argv[0] docker-applyLayer,
-            # docker-untar...: an import killed mid-way has one still writing the layer, in
-            # a mount namespace of its own that holds the layer's device), its mounts, the
-            # pool's dm devices and the loop devices. busybox has no pkill: argv[0] is read
-            # from /proc (up to its NUL).
+            # docker-untar...: an import killed mid-way can have one still writing the layer,
+            # which keeps the data root busy), its mounts, the pool's dm devices and the loop
+            # devices. busybox has no pkill: each /proc/PID/cmdline is read by ash, which
+            # drops its NULs, so the words run together and argv[0] starts them.
             script += (
                 "\nkids() { n=0; for d in /proc/[0-9]*; do a=; read -r a < $d/cmdline; "
                 "case $a in docker-*) kill -KILL ${d#/proc/}; n=$((n+1));; esac; "
