@@ -99,10 +99,11 @@ def verify_in(vm: Machine, metadata: str, data: str, devs: dict[int, int | None]
               *, timeout: float = 600.0) -> VerifyReport:
     """Verify on a running machine (attaches and detaches the two files itself).
 
-    One hot-plug of both files and three guest commands, whatever the number of thins: under
+    One hot-plug of both files and four guest commands, whatever the number of thins: under
     TCG each hot-plug costs ~0.3 QEMU CPU-s and each command ~0.05 or more (a process start
     is ~10 ms). The first command activates the pool and every thin, the second hashes every
-    thin (``Machine.sha256_many``), the third removes them and reads the kernel log."""
+    thin (``Machine.sha256_many``), the third removes them; the fourth reads the kernel log
+    after the unplug, so that a warning the unplug logs counts too."""
     from dmimage.guest.dmstatus import parse_pool_status
 
     report = VerifyReport(str(metadata), str(data), kernel=str(vm.kernel))
