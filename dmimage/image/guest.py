@@ -139,9 +139,9 @@ def verify_build(vm: Machine, outdir: str | Path, *, read_only: bool = True,
             disks.append(vm.attach(path, read_only=read_only))
             dev_args = ""
         else:
-            disks.append(vm.attach(outdir / m["files"]["metadata"]["file"],
-                                   read_only=read_only))
-            disks.append(vm.attach(outdir / m["files"]["data"]["file"], read_only=read_only))
+            # one hot-plug wait for both (``Machine.attach_many``), as vm verify does
+            disks += vm.attach_many([outdir / m["files"]["metadata"]["file"],
+                                     outdir / m["files"]["data"]["file"]], read_only=read_only)
             dev_args = f" {disks[0].guest_path} {disks[1].guest_path}"
         rep.timings["attach"] = time.monotonic() - t0
         # Under TCG each guest command costs ~0.05 QEMU CPU-s or more and each process start
