@@ -8,12 +8,17 @@ devicemapper storage driver, loop-lvm) pre-seeded with images, built offline wit
     base_size = "10G"                  # dm.basesize (every device's size)
     data_size = "100G"                 # the loop files (dm.loopdatasize, dm.loopmetadatasize)
     metadata_size = "2G"
+    fs = "ext4"                        # dm.fs: "ext4" or "xfs"
 
 The store is built as dockerd 20.10 would have built it: the base device (id 1, an ext4
 made with dockerd's mkfs options), then per layer, parents first, a snapshot of its parent's
 device with the layer applied (:mod:`dmimage.docker.ext4layer`: only the blocks the layer
 changed are written, the rest stay shared), each a transaction of its own (the pool's
-transaction id counts the devices). Then the device JSON, ``deviceset-metadata`` and
+transaction id counts the devices). With ``fs = "xfs"`` the same devices, ids and
+transactions are written by the kernel in the project's QEMU guest instead (no tool edits an
+xfs offline in place; :mod:`dmimage.image.docker_xfs`: dockerd's mkfs.xfs, snapshots and
+nouuid mounts, layers applied by :mod:`dmimage.docker.unpack`); the host formats the empty
+pool and writes everything else. Then the device JSON, ``deviceset-metadata`` and
 ``transaction-metadata``, the layerdb (cache-id, diff, parent, size, tar-split.json.gz), the
 imagedb and repositories.json. Self-check before anything lands in OUTDIR: the store is read
 back with ``dmimage.docker``; ``check`` must be clean and every layer tar rebuilt from the

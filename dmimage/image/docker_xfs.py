@@ -24,6 +24,7 @@ as ``build --vm-verify`` does.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shlex
 import sys
 from collections.abc import Callable
@@ -73,7 +74,7 @@ def guest_script(meta: str, data: str, data_size: int, base_size: int, mnt: Path
         "cleanup() { umount " + gmnt + " 2>/dev/null; for d in $(dmsetup ls | "
         "cut -f1 | grep '^dmimage-build-'); do [ $d = " + POOL + " ] || dmsetup remove $d; "
         "done; dmsetup remove " + POOL + " 2>/dev/null; }",
-        "fail() { echo \"$1\" >&2; cleanup; exit 1; }",
+        "fail() { printf '%s\\n' \"$(echo \"$1\" | tr '\\n' ' ')\" >&2; cleanup; exit 1; }",
         "[ -d /sys/module/xfs ] || insmod /opt/docker/modules/xfs.ko || fail 'no xfs module'",
         f"dmsetup create {POOL} --table "
         f"{q(f'0 {data_size // 512} thin-pool {meta} {data} {POOL_ARGS}')} "
@@ -96,8 +97,9 @@ def guest_script(meta: str, data: str, data_size: int, base_size: int, mnt: Path
             f"m 'set_transaction_id {tid - 1} {tid}'",
             f"dmsetup create {name} --table '0 {sectors} thin /dev/mapper/{POOL} "
             f"{lay.device_id}' || fail 'device {lay.device_id}'",
-            f"mount -t xfs -o nouuid /dev/mapper/{name} {gmnt} || "
-            f"fail 'device {lay.device_id}: mount'",
+            f"mount -t xfs -o nouuid /dev/mapper/{name} {gmnt} 2>/tmp/mount.err || "
+            f"fail \"device {lay.device_id}: mount: $(tail -n 1 /tmp/mount.err; "
+            "dmesg | tail -n 2 | tr '\\n' ' ')\"",
             f"{py} {q(str(mnt))} {q(str(lay.tar))}{ident} 2>/tmp/unpack.err || "
             f"fail \"layer {i + 1}: $(tail -n 1 /tmp/unpack.err)\"",
             f"umount {gmnt} || fail 'device {lay.device_id}: umount'",
@@ -121,6 +123,9 @@ def write_devices(meta_file: Path, data_file: Path, data_size: int, base_size: i
     from dmimage.image.build import BuildError
 
     say = log or (lambda s: None)
+    # the guest sees the host's root: absolute paths (OUTDIR may be relative)
+    mnt = mnt.resolve()
+    layers = [dataclasses.replace(x, tar=x.tar.resolve()) for x in layers]
     with contextlib.ExitStack() as stack:
         if guest is None:
             guest = stack.enter_context(DockerGuest.boot(kernel, host_share="/"))
