@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import stat
 import tarfile
@@ -18,9 +19,9 @@ from typing import Any
 import pytest
 from docker_inputs import M, expected_tree, layer_tar, layers, spec_text
 
-from dmimage.docker.unpack import LayerError, apply, first_mount
+from dmimage.docker.unpack import LayerError, apply, first_mount, serve
 from dmimage.image.docker_store import load_docker_spec
-from dmimage.image.docker_xfs import XfsLayer, guest_script
+from dmimage.image.docker_xfs import XfsLayer, guest_script, jobs_json
 from dmimage.image.spec import SpecError
 
 ROOT = os.geteuid() == 0
@@ -174,12 +175,41 @@ def test_guest_script_uses_dockerds_command_lines(tmp_path: Path) -> None:
     is set, the pool's table as dockerd's."""
     lay = [XfsLayer("a" * 64, 2, 1, tmp_path / "l.tar", True),
            XfsLayer("b" * 64, 3, 2, tmp_path / "m.tar", False)]
-    s = guest_script("/dev/vdb", "/dev/vdc", 128 << 20, 320 << 20, tmp_path / "mnt", lay, None)
+    s = guest_script("/dev/vdb", "/dev/vdc", 128 << 20, 320 << 20, tmp_path / "mnt", lay, None,
+                     tmp_path / "jobs.json")
     assert "mkfs.xfs /dev/mapper/dmimage-build-base" in s
     assert s.count("mount -t xfs -o nouuid ") == 2
     assert "'0 262144 thin-pool /dev/vdb /dev/vdc 128 32768 1 skip_block_zeroing'" in s
     assert s.index("'create_snap 2 1'") < s.index("'set_transaction_id 1 2'") < \
         s.index("'create_snap 3 2'") < s.index("'set_transaction_id 2 3'")
-    assert s.count(" --id ") == 1
-    s = guest_script("/dev/vdb", "/dev/vdc", 128 << 20, 320 << 20, tmp_path, lay, "u-u")
+    assert s.count("echo go >&3") == 2 and s.count("-m dmimage.docker.unpack --jobs") == 1
+    assert json.loads(jobs_json(tmp_path / "mnt", lay)) == [
+        [str(tmp_path / "mnt"), str(tmp_path / "l.tar"), "a" * 64],  # rootfs/ and id made
+        [str(tmp_path / "mnt"), str(tmp_path / "m.tar"), None]]
+    s = guest_script("/dev/vdb", "/dev/vdc", 128 << 20, 320 << 20, tmp_path, lay, "u-u",
+                     tmp_path / "jobs.json")
     assert "mkfs.xfs -m uuid=u-u /dev/mapper/" in s
+
+
+@pytest.mark.skipif(not ROOT, reason="the applier chroots into rootfs/")
+def test_serve_applies_a_job_per_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """serve: the first job makes rootfs/ and id, each job waits for its line, a failing
+    job answers "error: ..." naming its tar and the next one still runs; a symlink in the
+    layer cannot lead a later member out of rootfs/ (the child is chrooted)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    good = tmp_path / "good.tar"
+    good.write_bytes(layer_tar([M("esc", "l", link="/"), M("esc/inside", data=b"in\n")]))
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(layer_tar([M("x", "h", link="missing")]))
+    jobs: list[list[str | None]] = [[str(mnt), str(good), "h" * 64], [str(mnt), str(bad), None],
+                                    [str(mnt), str(good), None]]
+    monkeypatch.setattr("sys.stdin", io.StringIO("go\ngo\ngo\n"))
+    assert serve(jobs) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "ok" and out[2] == "ok", out
+    assert out[1].startswith("error: ") and "bad.tar" in out[1], out
+    assert (mnt / "id").read_bytes() == b"h" * 64
+    assert (mnt / "rootfs/inside").read_bytes() == b"in\n"
+    assert not (tmp_path.parent / "inside").exists() and not Path("/inside").exists()

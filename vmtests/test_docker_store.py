@@ -436,7 +436,28 @@ def built_xfs(guest: DockerGuest, tmp_path_factory: pytest.TempPathFactory
     spec_file.write_text(spec_text("seed", ["inputs/rich.tar", "inputs/other-oci"],
                                    base_size="320M") + 'fs = "xfs"\n')
     build_docker_store(load_docker_spec(spec_file), work / "root", guest=guest)
+    _kernel_pool_as_dockerds(work / "root/devicemapper/devicemapper/metadata")
     return work, inp
+
+
+def _kernel_pool_as_dockerds(meta: Path) -> None:
+    """The metadata the guest's kernel committed, read by thin-provisioning-tools 1.1
+    (independent of dmimage's reader): thin_check clean, transaction id 5 (the base and four
+    layers, one transaction each), and every layer's device sharing most of its blocks with
+    its parent, as dockerd's snapshots do."""
+    import oracles
+
+    tools = oracles.tools_11()
+    rc, out, err = oracles.check(meta, tools)
+    assert rc == 0, out + err
+    assert 'transaction="5"' in oracles.dump(meta, tools).splitlines()[0]
+    rows = [line.split() for line in oracles.thin_ls(
+        meta, tools, "--no-headers", "-o", "DEV,MAPPED_BLOCKS,EXCLUSIVE_BLOCKS").splitlines()
+        if line.strip() and line.split()[0].isdigit()]
+    got = {int(d): (int(m), int(x)) for d, m, x in rows}
+    assert sorted(got) == [1, 2, 3, 4, 5], got
+    for dev, (mapped, excl) in got.items():
+        assert mapped and excl < mapped // 4, (dev, mapped, excl)
 
 
 @pytest.mark.parametrize("fs", ["ext4", "xfs"])

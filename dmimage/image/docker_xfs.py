@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import shlex
 import sys
 from collections.abc import Callable
@@ -60,18 +61,52 @@ def _checkout() -> Path:
     return Path(dmimage.__file__).resolve().parent.parent
 
 
+def _compile_applier() -> None:
+    """Bytecode for the modules the guest's Python imports, beside their sources (where the
+    guest looks; it cannot write to the read-only share, and compiling under TCG costs a
+    second): best effort, an installed dmimage has it already."""
+    import py_compile
+
+    pkg = _checkout() / "dmimage"
+    for src in (pkg / "__init__.py", pkg / "docker/__init__.py", pkg / "docker/unpack.py"):
+        try:
+            py_compile.compile(str(src), cfile=_default_cache(src), doraise=True)
+        except (OSError, py_compile.PyCompileError):
+            pass
+
+
+def _default_cache(src: Path) -> str:
+    """``__pycache__/NAME.TAG.pyc`` beside *src*, whatever ``sys.pycache_prefix`` says."""
+    import importlib.util
+
+    prefix, sys.pycache_prefix = sys.pycache_prefix, None
+    try:
+        return importlib.util.cache_from_source(str(src))
+    finally:
+        sys.pycache_prefix = prefix
+
+
+def jobs_json(mnt: Path, layers: list[XfsLayer]) -> str:
+    """The applier's jobs (``dmimage.docker.unpack.serve``): [mount, tar, hash or null]."""
+    return json.dumps([[str(mnt), str(x.tar), x.device_hash if x.first else None]
+                       for x in layers])
+
+
 def guest_script(meta: str, data: str, data_size: int, base_size: int, mnt: Path,
-                 layers: list[XfsLayer], base_uuid: str | None) -> str:
+                 layers: list[XfsLayer], base_uuid: str | None, jobs: Path) -> str:
     """The guest's shell commands (busybox ash, the tools disk on PATH): every step checked;
-    on failure what is active is removed and the script exits 1."""
+    on failure what is active is removed and the script exits 1. The applier is started
+    once (*jobs*: ``jobs_json``) and applies a layer per line it is sent."""
     q = shlex.quote
     py = (f"chroot {SHARE} env PYTHONPATH={q(str(_checkout()))} {q(sys.executable)} "
-          "-m dmimage.docker.unpack")
+          f"-m dmimage.docker.unpack --jobs {q(str(jobs))}")
     gmnt = q(f"{SHARE}{mnt}")
     sectors = base_size // 512
     uuid = f" -m uuid={q(base_uuid)}" if base_uuid else ""
     lines = [
-        "cleanup() { umount " + gmnt + " 2>/dev/null; for d in $(dmsetup ls | "
+        "upid=",
+        "cleanup() { exec 3>&- 4<&-; [ -z \"$upid\" ] || kill $upid 2>/dev/null; "
+        "umount " + gmnt + " 2>/dev/null; for d in $(dmsetup ls | "
         "cut -f1 | grep '^dmimage-build-'); do [ $d = " + POOL + " ] || dmsetup remove $d; "
         "done; dmsetup remove " + POOL + " 2>/dev/null; }",
         "fail() { printf '%s\\n' \"$(echo \"$1\" | tr '\\n' ' ')\" >&2; cleanup; exit 1; }",
@@ -87,11 +122,13 @@ def guest_script(meta: str, data: str, data_size: int, base_size: int, mnt: Path
         "fail \"mkfs.xfs: $(tail -n 3 /tmp/mkfs.out | tr '\\n' ' ')\"",
         "echo \"@@uuid $(blkid -s UUID -o value /dev/mapper/dmimage-build-base)\"",
         "dmsetup remove dmimage-build-base || fail 'base device busy'",
+        "rm -f /tmp/ureq /tmp/urep && mkfifo /tmp/ureq /tmp/urep || fail 'mkfifo'",
+        f"{py} </tmp/ureq >/tmp/urep 2>/tmp/unpack.err & upid=$!",
+        "exec 3>/tmp/ureq 4</tmp/urep",
     ]
     for i, lay in enumerate(layers):
         tid = lay.device_id
         name = f"dmimage-build-{lay.device_hash[:12]}"
-        ident = f" --id {lay.device_hash}" if lay.first else ""
         lines += [
             f"m 'create_snap {lay.device_id} {lay.parent_id}'; "
             f"m 'set_transaction_id {tid - 1} {tid}'",
@@ -100,12 +137,15 @@ def guest_script(meta: str, data: str, data_size: int, base_size: int, mnt: Path
             f"mount -t xfs -o nouuid /dev/mapper/{name} {gmnt} 2>/tmp/mount.err || "
             f"fail \"device {lay.device_id}: mount: $(tail -n 1 /tmp/mount.err; "
             "dmesg | tail -n 2 | tr '\\n' ' ')\"",
-            f"{py} {q(str(mnt))} {q(str(lay.tar))}{ident} 2>/tmp/unpack.err || "
-            f"fail \"layer {i + 1}: $(tail -n 1 /tmp/unpack.err)\"",
+            "echo go >&3; read -r ans <&4 || ans=\"the applier stopped: "
+            "$(tail -n 1 /tmp/unpack.err)\"",
+            f"[ \"$ans\" = ok ] || fail \"layer {i + 1} (device {lay.device_id}): $ans\"",
             f"umount {gmnt} || fail 'device {lay.device_id}: umount'",
             f"dmsetup remove {name} || fail 'device {lay.device_id} busy'",
         ]
-    lines += [f"dmsetup remove {POOL} || fail 'pool busy'",
+    lines += ["exec 3>&- 4<&-; wait $upid || fail \"the applier: $(tail -n 1 /tmp/unpack.err)\"",
+              "upid=",
+              f"dmsetup remove {POOL} || fail 'pool busy'",
               f"blockdev --flushbufs {meta} && blockdev --flushbufs {data}"]
     return "\n".join(lines) + "\n"
 
@@ -125,6 +165,7 @@ def write_devices(meta_file: Path, data_file: Path, data_size: int, base_size: i
     say = log or (lambda s: None)
     # the guest sees the host's root: absolute paths (OUTDIR may be relative)
     mnt = mnt.resolve()
+    _compile_applier()
     layers = [dataclasses.replace(x, tar=x.tar.resolve()) for x in layers]
     with contextlib.ExitStack() as stack:
         if guest is None:
@@ -133,8 +174,10 @@ def write_devices(meta_file: Path, data_file: Path, data_size: int, base_size: i
         vm.mount_host_share(SHARE)
         disks = vm.attach_many([meta_file, data_file], read_only=False)
         try:
+            jobs = mnt.parent / "unpack-jobs.json"
+            jobs.write_text(jobs_json(mnt, layers))
             script = guest_script(disks[0].guest_path, disks[1].guest_path, data_size,
-                                  base_size, mnt, layers, base_uuid)
+                                  base_size, mnt, layers, base_uuid, jobs)
             res = vm.run("export PATH=/opt/docker/bin:/sbin:/bin:/usr/sbin:/usr/bin\n"
                          + script, timeout=300 + 120 * len(layers))
         finally:
