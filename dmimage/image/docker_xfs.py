@@ -97,6 +97,8 @@ def guest_script(meta: str, data: str, data_size: int, base_size: int, mnt: Path
     """The guest's shell commands (busybox ash, the tools disk on PATH): every step checked;
     on failure what is active is removed and the script exits 1. The applier is started
     once (*jobs*: ``jobs_json``) and applies a layer per line it is sent."""
+    from dmimage.guest.docker import MOUNT
+
     q = shlex.quote
     py = (f"chroot {SHARE} env PYTHONPATH={q(str(_checkout()))} {q(sys.executable)} "
           f"-m dmimage.docker.unpack --jobs {q(str(jobs))}")
@@ -110,7 +112,7 @@ def guest_script(meta: str, data: str, data_size: int, base_size: int, mnt: Path
         "cut -f1 | grep '^dmimage-build-'); do [ $d = " + POOL + " ] || dmsetup remove $d; "
         "done; dmsetup remove " + POOL + " 2>/dev/null; }",
         "fail() { printf '%s\\n' \"$(echo \"$1\" | tr '\\n' ' ')\" >&2; cleanup; exit 1; }",
-        "[ -d /sys/module/xfs ] || insmod /opt/docker/modules/xfs.ko || fail 'no xfs module'",
+        f"[ -d /sys/module/xfs ] || insmod {MOUNT}/modules/xfs.ko || fail 'no xfs module'",
         f"dmsetup create {POOL} --table "
         f"{q(f'0 {data_size // 512} thin-pool {meta} {data} {POOL_ARGS}')} "
         "|| fail 'the pool does not activate'",
@@ -159,7 +161,7 @@ def write_devices(meta_file: Path, data_file: Path, data_size: int, base_size: i
     one booted here on *kernel* and shut down after. *mnt*: an empty host directory the
     guest mounts each device on (seen through the share). Returns the base device's UUID
     (blkid's, as dockerd's saveBaseDeviceUUID reads it)."""
-    from dmimage.guest.docker import DockerGuest
+    from dmimage.guest.docker import MOUNT, DockerGuest
     from dmimage.image.build import BuildError
 
     say = log or (lambda s: None)
@@ -178,7 +180,7 @@ def write_devices(meta_file: Path, data_file: Path, data_size: int, base_size: i
             jobs.write_text(jobs_json(mnt, layers))
             script = guest_script(disks[0].guest_path, disks[1].guest_path, data_size,
                                   base_size, mnt, layers, base_uuid, jobs)
-            res = vm.run("export PATH=/opt/docker/bin:/sbin:/bin:/usr/sbin:/usr/bin\n"
+            res = vm.run(f"export PATH={MOUNT}/bin:/sbin:/bin:/usr/sbin:/usr/bin\n"
                          + script, timeout=300 + 120 * len(layers))
         finally:
             if vm.alive:
