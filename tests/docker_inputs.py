@@ -190,8 +190,11 @@ def spec_text(name: str, inputs: list[str], base_size: str = "16M",
             f'data_size = "{data_size}"\nmetadata_size = "{metadata_size}"\n')
 
 
-def expected_tree(tars: list[bytes]) -> dict[str, dict[str, Any]]:
-    """What a container sees, by path: {type, mode, uid, gid, sha256 | link, xattrs}."""
+def expected_tree(tars: list[bytes], *, link_mode: bool = False) -> dict[str, dict[str, Any]]:
+    """What a container sees, by path: {type, mode, uid, gid, sha256 | link, xattrs}.
+    *link_mode*: a hard link's header mode is given to the inode it shares with its target
+    (moby's createTarFile chmods the new name when its target is no symlink; the ext4
+    builder keeps the target's mode)."""
     tree: dict[str, dict[str, Any]] = {}
 
     def drop(p: str) -> None:
@@ -224,8 +227,11 @@ def expected_tree(tars: list[bytes]) -> dict[str, dict[str, Any]]:
                      for k, v in ti.pax_headers.items() if k.startswith("SCHILY.xattr.")}
                 ent: dict[str, Any] = {"uid": ti.uid, "gid": ti.gid, "xattrs": x}
                 if ti.islnk():
-                    ent = {**tree[posixpath.normpath(ti.linkname)], "uid": ti.uid,
-                           "gid": ti.gid}
+                    target = posixpath.normpath(ti.linkname)
+                    ent = {**tree[target], "uid": ti.uid, "gid": ti.gid}
+                    if link_mode and ent["type"] != "l":
+                        ent["mode"] = ti.mode
+                        tree[target] = {**tree[target], "mode": ti.mode}
                 elif ti.isdir():
                     ent.update(type="d", mode=ti.mode)
                 elif ti.issym():

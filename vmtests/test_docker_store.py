@@ -16,7 +16,9 @@ on an ext4 disk; dockerd must start on it, list the images, ``docker save`` them
 inputs' digests (its tar assembly checks every file's CRC-64 against the tar-split), create
 containers and copy files in and out. ``docker export`` of a container must show each file as
 the layer tars say (type, mode, owner, content, link target, security.capability). Then,
-offline, ``dmimage docker ls/check/save`` read the store dockerd used."""
+offline, ``dmimage docker ls/check/save`` read the store dockerd used. The same with ``fs =
+"xfs"``: the store's devices written by the kernel in this module's guest (the host's root
+shared with it, for the applier), dockerd started with ``dm.fs=xfs``."""
 
 from __future__ import annotations
 
@@ -56,6 +58,7 @@ from vmtests.docker_scenario import (
     stopped_on_failure,
     write_inputs,
 )
+from vmtests.guest_cli import compile_checkout
 
 pytestmark = [pytest.mark.vm, pytest.mark.vm_whole_file]
 
@@ -64,9 +67,12 @@ pytestmark = [pytest.mark.vm, pytest.mark.vm_whole_file]
 def guest() -> Iterator[DockerGuest]:
     """One guest (1 GiB, the Docker tools disk attached) for the module: every Docker proof
     runs in it (deb12 whatever the kernel selection: Debian 12's docker.io and lvm2 on
-    Debian 12's kernel is the pairing Debian ships)."""
+    Debian 12's kernel is the pairing Debian ships). The host's root is shared with it: an
+    xfs store is built in it (``dmimage.image.docker_xfs`` runs this checkout's Python in a
+    chroot of the share)."""
+    compile_checkout()
     try:
-        dg = DockerGuest.boot("deb12")
+        dg = DockerGuest.boot("deb12", host_share="/")
     except DockerUnavailable as exc:
         unavailable(str(exc))
     with dg:
@@ -419,12 +425,53 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Inputs]:
     return work, inp
 
 
-def test_dockerd_runs_built_store(guest: DockerGuest, built: tuple[Path, Inputs]) -> None:
-    work, inp = built
+@pytest.fixture(scope="module")
+def built_xfs(guest: DockerGuest, tmp_path_factory: pytest.TempPathFactory
+              ) -> tuple[Path, Inputs]:
+    """The same inputs built with ``fs = "xfs"``: the devices written by the guest's kernel
+    (mkfs.xfs, snapshots, layers applied by dmimage.docker.unpack) in the module's guest."""
+    work = tmp_path_factory.mktemp("docker-build-xfs")
+    inp = write_build_inputs(work / "inputs")
+    spec_file = work / "seed.toml"
+    spec_file.write_text(spec_text("seed", ["inputs/rich.tar", "inputs/other-oci"],
+                                   base_size="320M") + 'fs = "xfs"\n')
+    build_docker_store(load_docker_spec(spec_file), work / "root", guest=guest)
+    _kernel_pool_as_dockerds(work / "root/devicemapper/devicemapper/metadata")
+    return work, inp
+
+
+def _kernel_pool_as_dockerds(meta: Path) -> None:
+    """The metadata the guest's kernel committed, read by thin-provisioning-tools 1.1
+    (independent of dmimage's reader): thin_check clean, transaction id 5 (the base and four
+    layers, one transaction each), and every layer's device sharing most of its blocks with
+    its parent, as dockerd's snapshots do."""
+    import oracles
+
+    tools = oracles.tools_11()
+    rc, out, err = oracles.check(meta, tools)
+    assert rc == 0, out + err
+    assert 'transaction="5"' in oracles.dump(meta, tools).splitlines()[0]
+    rows = [line.split() for line in oracles.thin_ls(
+        meta, tools, "--no-headers", "-o", "DEV,MAPPED_BLOCKS,EXCLUSIVE_BLOCKS").splitlines()
+        if line.strip() and line.split()[0].isdigit()]
+    got = {int(d): (int(m), int(x)) for d, m, x in rows}
+    assert sorted(got) == [1, 2, 3, 4, 5], got
+    for dev, (mapped, excl) in got.items():
+        assert mapped and excl < mapped // 4, (dev, mapped, excl)
+
+
+@pytest.mark.parametrize("fs", ["ext4", "xfs"])
+def test_dockerd_runs_built_store(guest: DockerGuest, request: pytest.FixtureRequest,
+                                  fs: str) -> None:
+    """dockerd (``dm.fs=xfs`` for the xfs store) starts on the built store, lists its images,
+    saves them with the inputs' digests, creates containers, copies in and out; each
+    container's export is what the layer tars say (xfs: a hard link's header mode on the
+    shared inode, as moby's createTarFile chmods it); offline ls, check and save agree."""
+    work, inp = request.getfixturevalue("built" if fs == "ext4" else "built_xfs")
     disk = data_disk(work / "root", work / "data-root.ext4")
     dg = guest
     with stopped_on_failure(dg, work):
-        dg.start(disk)
+        dg.start(disk, extra_opts=XFS_OPTS if fs == "xfs" else ())
         # `docker images` (the API's image list: tags and ids) and `docker save`
         images_json, saved = dg.fetch("/images/json", save_path(sorted(inp.images)))
         listed = sorted(f"{t} {i['Id']}" for i in json.loads(images_json)
@@ -462,7 +509,8 @@ def test_dockerd_runs_built_store(guest: DockerGuest, built: tuple[Path, Inputs]
 
         for (name, tag), raw in zip(CONTAINERS, exports, strict=True):
             exp = tar_members(raw)
-            want = expected_tree([inp.tars[x] for x in inp.images[tag]])
+            want = expected_tree([inp.tars[x] for x in inp.images[tag]],
+                                 link_mode=fs == "xfs")
             compare_export(exp, want, f"{name} ({tag})")
             if "l2" in inp.images[tag]:  # l2's whiteouts and opaque directory
                 gone = {"etc/gone-later", "usr/share/old", "home/u", "home/u/file",

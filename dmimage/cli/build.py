@@ -23,8 +23,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no summary, no progress bar")
     p.add_argument("--vm-verify", action="store_true",
                    help="verify the build in a guest (needs QEMU; see docs/vm.md)")
-    p.add_argument("--kernel", default="deb12", help="guest kernel for --vm-verify "
-                   "(deb11, deb12, deb13, deb13-backports or a vmlinuz path)")
+    p.add_argument("--kernel", default="deb12", help="guest kernel for --vm-verify and for "
+                   "a Docker store with fs = \"xfs\" (deb11, deb12, deb13, deb13-backports "
+                   "or a vmlinuz path)")
     p.add_argument("--json", action="store_true", help="print the verification report as JSON")
     p.set_defaults(func=run)
 
@@ -94,7 +95,7 @@ def _docker(args: argparse.Namespace) -> int:
     spec = load_docker_spec(args.spec)
     outdir = Path(args.output) if args.output else Path("out") / spec.name
     lines: list[str] = []
-    rep = build_docker_store(spec, outdir, log=lines.append)
+    rep = build_docker_store(spec, outdir, log=lines.append, kernel=args.kernel)
     if not args.quiet:
         m = rep.manifest
         print(f"built {spec.name} in {rep.timings['total']:.2f} s: Docker data root {outdir} "

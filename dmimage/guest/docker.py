@@ -364,11 +364,14 @@ class DockerGuest:
         self.xfer: Disk | None = None
 
     @classmethod
-    def boot(cls, kernel_name: str = "deb12") -> DockerGuest:
-        """A guest with the tools disk attached and set up (``GUEST_SETUP``)."""
+    def boot(cls, kernel_name: str = "deb12", *, host_share: str | None = None
+             ) -> DockerGuest:
+        """A guest with the tools disk attached and set up (``GUEST_SETUP``); *host_share*:
+        see ``Machine`` (``dmimage.image.docker_xfs`` runs this checkout's Python in a chroot
+        of it)."""
         kernel = kernel_by_name(kernel_name)
         disk = tools_disk(kernel)
-        vm = Machine(kernel, memory_mb=MEMORY_MB).start()
+        vm = Machine(kernel, memory_mb=MEMORY_MB, host_share=host_share).start()
         try:
             dg = cls(vm, kernel)
             dg.tools = vm.attach(disk, read_only=True, serial="dockertools")

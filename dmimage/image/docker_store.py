@@ -8,12 +8,17 @@ devicemapper storage driver, loop-lvm) pre-seeded with images, built offline wit
     base_size = "10G"                  # dm.basesize (every device's size)
     data_size = "100G"                 # the loop files (dm.loopdatasize, dm.loopmetadatasize)
     metadata_size = "2G"
+    fs = "ext4"                        # dm.fs: "ext4" or "xfs"
 
 The store is built as dockerd 20.10 would have built it: the base device (id 1, an ext4
 made with dockerd's mkfs options), then per layer, parents first, a snapshot of its parent's
 device with the layer applied (:mod:`dmimage.docker.ext4layer`: only the blocks the layer
 changed are written, the rest stay shared), each a transaction of its own (the pool's
-transaction id counts the devices). Then the device JSON, ``deviceset-metadata`` and
+transaction id counts the devices). With ``fs = "xfs"`` the same devices, ids and
+transactions are written by the kernel in the project's QEMU guest instead (no tool edits an
+xfs offline in place; :mod:`dmimage.image.docker_xfs`: dockerd's mkfs.xfs, snapshots and
+nouuid mounts, layers applied by :mod:`dmimage.docker.unpack`); the host formats the empty
+pool and writes everything else. Then the device JSON, ``deviceset-metadata`` and
 ``transaction-metadata``, the layerdb (cache-id, diff, parent, size, tar-split.json.gz), the
 imagedb and repositories.json. Self-check before anything lands in OUTDIR: the store is read
 back with ``dmimage.docker``; ``check`` must be clean and every layer tar rebuilt from the
@@ -33,7 +38,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -41,10 +46,15 @@ from dmimage.docker.errors import StoreError
 from dmimage.docker.images import chain_ids
 from dmimage.image.spec import SpecError, SpecFileError, _Table, human
 
+if TYPE_CHECKING:
+    from dmimage.guest.docker import DockerGuest
+
 LAYOUT = "docker-devicemapper"
 BLOCK = 64 << 10  # dm.blocksize
 NAMESPACE = uuid.UUID("5b0b5c8e-4d7e-4c43-9f57-6d8d0c1f4a11")
 READ = 8 << 20
+#: mkfs.xfs (xfsprogs >= 5.19) refuses a filesystem under 300 MiB.
+XFS_MIN = 300 << 20
 
 
 @dataclass
@@ -58,6 +68,10 @@ class DockerSpec:
     source_date_epoch: int
     base_uuid: str
     hash_seed: str
+    #: dm.fs: "ext4" (built offline) or "xfs" (written by the kernel in a guest).
+    fs: str = "ext4"
+    #: Whether the spec named base_uuid (xfs: else the UUID is mkfs.xfs's, as dockerd's).
+    base_uuid_given: bool = False
 
 
 @dataclass
@@ -109,13 +123,26 @@ def load_docker_spec(path: str | os.PathLike[str]) -> DockerSpec:
         if v % unit or v <= 0:
             raise SpecError(f"docker.{key}", f"{v}: must be a positive multiple of "
                             f"{human(unit)}")
-    if base_size < 8 << 20:
+    fs = d.str_("fs") or "ext4"
+    if fs not in ("ext4", "xfs"):
+        raise SpecError("docker.fs", f"{fs!r}: give \"ext4\" or \"xfs\" (dockerd's dm.fs)")
+    if fs == "ext4" and base_size < 8 << 20:
         raise SpecError("docker.base_size", "at least 8 MiB (an ext4 with a journal)")
-    u = d.str_("base_uuid") or str(uuid.uuid5(NAMESPACE, f"{name}\0base"))
+    if fs == "xfs" and base_size < XFS_MIN:
+        raise SpecError("docker.base_size", "at least 300 MiB for xfs (mkfs.xfs refuses a "
+                        "smaller filesystem)")
+    given = d.str_("base_uuid")
+    if given is not None and fs == "xfs":
+        try:
+            given = str(uuid.UUID(given))  # mkfs.xfs -m uuid= takes a UUID only
+        except ValueError:
+            raise SpecError("docker.base_uuid", f"{given!r}: not a UUID") from None
+    u = given or str(uuid.uuid5(NAMESPACE, f"{name}\0base"))
     seed = d.str_("hash_seed") or str(uuid.uuid5(NAMESPACE, f"{name}\0hash"))
     d.done()
     top.done()
-    return DockerSpec(src, name, inputs, base_size, data_size, meta_size, epoch, u, seed)
+    return DockerSpec(src, name, inputs, base_size, data_size, meta_size, epoch, u, seed, fs,
+                      given is not None)
 
 
 def _hash(spec: DockerSpec, chain: str) -> str:
@@ -187,8 +214,12 @@ def _go_json(obj: Any) -> str:
 
 
 def build_docker_store(spec: DockerSpec, outdir: str | os.PathLike[str], *,
-                       log: Callable[[str], None] | None = None) -> DockerBuild:
-    """Build the data root into *outdir* (new or empty); see the module docstring."""
+                       log: Callable[[str], None] | None = None,
+                       guest: DockerGuest | None = None,
+                       kernel: str = "deb12") -> DockerBuild:
+    """Build the data root into *outdir* (new or empty); see the module docstring. xfs
+    (``spec.fs``) is written in *guest* (a DockerGuest booted with ``host_share="/"``) or in
+    one booted on *kernel* (:mod:`dmimage.image.docker_xfs`)."""
     from dmimage.docker.ext4layer import Tree, apply_layer, first_layer_setup, fsck, make_base
     from dmimage.docker.inputs import layer_file, read_inputs
     from dmimage.docker.tarsplit import disassemble
@@ -238,69 +269,68 @@ def build_docker_store(spec: DockerSpec, outdir: str | os.PathLike[str], *,
         dev_ids: dict[str | None, int] = {}
         sizes: dict[str, int] = {}
         written = 0
-        with open_writable(meta_file, data_file) as wp:
-            base_img = work / "base.img"
-            make_base(base_img, spec.base_size, spec.base_uuid, spec.hash_seed,
-                      spec.source_date_epoch)
-            w, _ = _blocks_to_write(base_img, None, spec.base_size)
-            tid = 1
-            wp.create_thin(1)
-            wp.commit()
-            _write_blocks(wp, 1, base_img, w, np.empty(0, np.int64))
-            wp.set_transaction_id(0, tid)
-            wp.commit()
-            written += len(w)
-            dev_json["base"] = {"device_id": 1, "size": spec.base_size,
-                                "transaction_id": tid, "initialized": True, "deleted": False}
-            imgs[None], trees[None], dev_ids[None] = base_img, Tree(), 1
-            say(f"base: device 1, {human(spec.base_size)}, {len(w)} blocks")
-            next_id = 1
-            last_hash = ""
-            for chain, (diff_id, parent) in layers.items():
-                h = _hash(spec, chain)
-                next_id += 1
-                tid += 1
-                img = work / f"{chain[7:19]}.img"
-                _copy_sparse(imgs[parent], img)
-                if parent is None:
-                    first_layer_setup(img, h, work, spec.source_date_epoch)
-                lw = work / "apply"
-                lw.mkdir(exist_ok=True)
-                lf = layer_file(work / "layers", diff_id)
-                where = f"layer {diff_id}"
-                ts, members, applied = disassemble(str(lf), where)
-                tree = trees[parent].copy()
-                apply_layer(img, lf, members, tree, lw, epoch=spec.source_date_epoch,
-                            where=where)
-                fsck(img, where)
-                w, d = _blocks_to_write(img, imgs[parent], spec.base_size)
-                wp.create_snap(next_id, dev_ids[parent])
+        base_uuid = spec.base_uuid
+        if spec.fs == "xfs":
+            tid, next_id, last_hash, base_uuid, written = _xfs_devices(
+                spec, layers, root, work, meta_file, data_file, dev_json, guest, kernel, say)
+        else:
+            with open_writable(meta_file, data_file) as wp:
+                base_img = work / "base.img"
+                make_base(base_img, spec.base_size, spec.base_uuid, spec.hash_seed,
+                          spec.source_date_epoch)
+                w, _ = _blocks_to_write(base_img, None, spec.base_size)
+                tid = 1
+                wp.create_thin(1)
                 wp.commit()
-                _write_blocks(wp, next_id, img, w, d)
-                wp.set_transaction_id(tid - 1, tid)
+                _write_blocks(wp, 1, base_img, w, np.empty(0, np.int64))
+                wp.set_transaction_id(0, tid)
                 wp.commit()
                 written += len(w)
-                dev_json[h] = {"device_id": next_id, "size": spec.base_size,
-                               "transaction_id": tid, "initialized": False, "deleted": False}
-                sizes[chain] = applied
-                ldir = root / "image/devicemapper/layerdb/sha256" / chain[7:]
-                _write(ldir / "cache-id", h)
-                _write(ldir / "diff", diff_id)
-                if parent is not None:
-                    _write(ldir / "parent", parent)
-                _write(ldir / "size", str(applied))
-                _write(ldir / "tar-split.json.gz", ts)
-                imgs[chain], trees[chain], dev_ids[chain] = img, tree, next_id
-                last_hash = h
-                say(f"layer {chain}: device {next_id}, {len(w)} blocks written, "
-                    f"{len(d)} discarded, {len(members)} members")
-                # a parent's image is needed until its last child is built
-                children[parent] -= 1
-                if children[parent] == 0 and parent is not None:
-                    imgs[parent].unlink()
-                if not children.get(chain):
-                    img.unlink()
-                lf.unlink()
+                dev_json["base"] = {"device_id": 1, "size": spec.base_size,
+                                    "transaction_id": tid, "initialized": True, "deleted": False}
+                imgs[None], trees[None], dev_ids[None] = base_img, Tree(), 1
+                say(f"base: device 1, {human(spec.base_size)}, {len(w)} blocks")
+                next_id = 1
+                last_hash = ""
+                for chain, (diff_id, parent) in layers.items():
+                    h = _hash(spec, chain)
+                    next_id += 1
+                    tid += 1
+                    img = work / f"{chain[7:19]}.img"
+                    _copy_sparse(imgs[parent], img)
+                    if parent is None:
+                        first_layer_setup(img, h, work, spec.source_date_epoch)
+                    lw = work / "apply"
+                    lw.mkdir(exist_ok=True)
+                    lf = layer_file(work / "layers", diff_id)
+                    where = f"layer {diff_id}"
+                    ts, members, applied = disassemble(str(lf), where)
+                    tree = trees[parent].copy()
+                    apply_layer(img, lf, members, tree, lw, epoch=spec.source_date_epoch,
+                                where=where)
+                    fsck(img, where)
+                    w, d = _blocks_to_write(img, imgs[parent], spec.base_size)
+                    wp.create_snap(next_id, dev_ids[parent])
+                    wp.commit()
+                    _write_blocks(wp, next_id, img, w, d)
+                    wp.set_transaction_id(tid - 1, tid)
+                    wp.commit()
+                    written += len(w)
+                    dev_json[h] = {"device_id": next_id, "size": spec.base_size,
+                                   "transaction_id": tid, "initialized": False, "deleted": False}
+                    sizes[chain] = applied
+                    _layerdb(root, chain, h, diff_id, parent, applied, ts)
+                    imgs[chain], trees[chain], dev_ids[chain] = img, tree, next_id
+                    last_hash = h
+                    say(f"layer {chain}: device {next_id}, {len(w)} blocks written, "
+                        f"{len(d)} discarded, {len(members)} members")
+                    # a parent's image is needed until its last child is built
+                    children[parent] -= 1
+                    if children[parent] == 0 and parent is not None:
+                        imgs[parent].unlink()
+                    if not children.get(chain):
+                        img.unlink()
+                    lf.unlink()
         timings["layers"] = time.monotonic() - t0 - sum(timings.values())
 
         md = dm / "metadata"
@@ -308,8 +338,8 @@ def build_docker_store(spec: DockerSpec, outdir: str | os.PathLike[str], *,
         for name, obj in dev_json.items():
             _write(md / name, _go_json(obj))
         _write(md / "deviceset-metadata", _go_json({
-            "next_device_id": next_id, "BaseDeviceUUID": spec.base_uuid,
-            "BaseDeviceFilesystem": "ext4"}))
+            "next_device_id": next_id, "BaseDeviceUUID": base_uuid,
+            "BaseDeviceFilesystem": spec.fs}))
         _write(md / "transaction-metadata", _go_json({
             "open_transaction_id": tid, "device_hash": last_hash, "device_id": next_id}))
         idb = root / "image/devicemapper/imagedb"
@@ -345,6 +375,61 @@ def build_docker_store(spec: DockerSpec, outdir: str | os.PathLike[str], *,
         shutil.rmtree(tmp, ignore_errors=True)
         if not ok and created:
             shutil.rmtree(out, ignore_errors=True)
+
+
+def _layerdb(root: Path, chain: str, h: str, diff_id: str, parent: str | None, applied: int,
+             ts: bytes) -> None:
+    """A layer's layerdb directory: cache-id, diff, parent, size, tar-split.json.gz."""
+    ldir = root / "image/devicemapper/layerdb/sha256" / chain[7:]
+    _write(ldir / "cache-id", h)
+    _write(ldir / "diff", diff_id)
+    if parent is not None:
+        _write(ldir / "parent", parent)
+    _write(ldir / "size", str(applied))
+    _write(ldir / "tar-split.json.gz", ts)
+
+
+def _xfs_devices(spec: DockerSpec, layers: dict[str, tuple[str, str | None]], root: Path,
+                 work: Path, meta_file: Path, data_file: Path,
+                 dev_json: dict[str, dict[str, Any]], guest: DockerGuest | None, kernel: str,
+                 say: Callable[[str], None]) -> tuple[int, int, str, str, int]:
+    """The xfs store's devices, written by the kernel in a guest (``docker_xfs``), with the
+    same ids, transaction ids and layerdb as the ext4 path. Returns (pool transaction id,
+    last device id, last device hash, base device UUID, data blocks used)."""
+    from dmimage.docker.inputs import layer_file
+    from dmimage.docker.tarsplit import disassemble
+    from dmimage.image.docker_xfs import XfsLayer, write_devices
+    from dmimage.thin.pool import open_pool
+
+    dev_json["base"] = {"device_id": 1, "size": spec.base_size, "transaction_id": 1,
+                        "initialized": True, "deleted": False}
+    dev_ids: dict[str | None, int] = {None: 1}
+    todo: list[XfsLayer] = []
+    next_id = tid = 1
+    last_hash = ""
+    for chain, (diff_id, parent) in layers.items():
+        h = _hash(spec, chain)
+        next_id += 1
+        tid += 1
+        lf = layer_file(work / "layers", diff_id)
+        ts, members, applied = disassemble(str(lf), f"layer {diff_id}")
+        todo.append(XfsLayer(h, next_id, dev_ids[parent], lf, parent is None))
+        dev_ids[chain] = next_id
+        dev_json[h] = {"device_id": next_id, "size": spec.base_size, "transaction_id": tid,
+                       "initialized": False, "deleted": False}
+        _layerdb(root, chain, h, diff_id, parent, applied, ts)
+        last_hash = h
+        say(f"layer {chain}: device {next_id}, {len(members)} members")
+    mnt = work / "mnt"
+    mnt.mkdir()
+    uuid_ = write_devices(meta_file, data_file, spec.data_size, spec.base_size, todo, mnt,
+                          base_uuid=spec.base_uuid if spec.base_uuid_given else None,
+                          guest=guest, kernel=kernel, log=say)
+    with open_pool(meta_file) as pool:
+        used = pool.data_space_map().nr_allocated
+    for lay in todo:
+        lay.tar.unlink()
+    return tid, next_id, last_hash, uuid_, used
 
 
 def _copy_sparse(src: Path, dst: Path) -> None:
