@@ -190,11 +190,9 @@ def spec_text(name: str, inputs: list[str], base_size: str = "16M",
             f'data_size = "{data_size}"\nmetadata_size = "{metadata_size}"\n')
 
 
-def expected_tree(tars: list[bytes], *, link_mode: bool = False) -> dict[str, dict[str, Any]]:
-    """What a container sees, by path: {type, mode, uid, gid, sha256 | link, xattrs}.
-    *link_mode*: a hard link's header mode is given to the inode it shares with its target
-    (moby's createTarFile chmods the new name when its target is no symlink; the ext4
-    builder keeps the target's mode)."""
+def expected_tree(tars: list[bytes]) -> dict[str, dict[str, Any]]:
+    """What a container sees, by path: {type, mode, uid, gid, sha256 | link, xattrs}; the
+    names of one inode (hard links) share one entry object."""
     tree: dict[str, dict[str, Any]] = {}
 
     def drop(p: str) -> None:
@@ -227,11 +225,18 @@ def expected_tree(tars: list[bytes], *, link_mode: bool = False) -> dict[str, di
                      for k, v in ti.pax_headers.items() if k.startswith("SCHILY.xattr.")}
                 ent: dict[str, Any] = {"uid": ti.uid, "gid": ti.gid, "xattrs": x}
                 if ti.islnk():
+                    # moby's createTarFile: one inode for both names; its owner and the
+                    # header's xattrs are set through the new name, and its mode too unless
+                    # the target is a symlink; its times are left alone.
                     target = posixpath.normpath(ti.linkname)
-                    ent = {**tree[target], "uid": ti.uid, "gid": ti.gid}
-                    if link_mode and ent["type"] != "l":
+                    ent = {**tree[target], "uid": ti.uid, "gid": ti.gid,
+                           "xattrs": {**tree[target]["xattrs"], **x}}
+                    if ent["type"] != "l":
                         ent["mode"] = ti.mode
-                        tree[target] = {**tree[target], "mode": ti.mode}
+                    old = tree[target]
+                    for name, value in tree.items():
+                        if value is old:
+                            tree[name] = ent
                 elif ti.isdir():
                     ent.update(type="d", mode=ti.mode)
                 elif ti.issym():

@@ -3,7 +3,9 @@ to a snapshot of the parent's device (moby ``pkg/archive/diff.go`` ``UnpackLayer
 device's ``rootfs/``): an existing path is replaced unless both are directories (then only the
 metadata changes); ``.wh.NAME`` removes NAME, ``.wh..wh..opq`` empties its directory of what
 earlier layers put there; missing parents are created with mode 0600; then owner, mode,
-extended attributes (``SCHILY.xattr.*``) and times, directory times last.
+extended attributes (``SCHILY.xattr.*``) and times, directory times last; a hard link's
+owner, attributes, mode and times go to the inode it shares with its target (mode and times
+not when that target is a symlink), as ``createTarFile`` does through the new name.
 
 Why debugfs: a snapshot keeps every unchanged block of its parent only if the layer is
 applied to the parent's filesystem in place, as the kernel would; ``mke2fs -d`` makes a new
@@ -244,7 +246,9 @@ def apply_layer(image: Path, layer_tar: Path, members: list[Member], tree: Tree,
             s.cmd(b"sif", q, b"uid", uid)
             s.cmd(b"sif", q, b"gid", gid)
             real = tree.kind[path]
-            if kind not in ("l", "h"):
+            # dockerd chmods (and then sets the times of) a hard link's name too, the inode
+            # it shares with its target, unless that target is a symlink; never a symlink.
+            if kind != "l" and real != "l":
                 mode = _IFMT[real] | (ti.mode & 0o7777)
                 s.cmd(b"sif", q, b"mode", f"0{mode:o}".encode())
             for key, value in sorted(ti.pax_headers.items()):
@@ -260,7 +264,7 @@ def apply_layer(image: Path, layer_tar: Path, members: list[Member], tree: Tree,
             atime = max(atime, mtime)
             if kind == "d":
                 dir_times.append((path, atime, mtime))
-            elif kind != "h":
+            elif real != "l" or kind == "l":  # a hard link's times too, as its mode
                 s.cmd(b"sif", q, b"mtime", f"@{mtime}".encode())
                 s.cmd(b"sif", q, b"atime", f"@{atime}".encode())
             unpacked.add(path)
