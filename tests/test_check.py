@@ -181,3 +181,33 @@ def test_held_snapshot_sharing_leaves_with_the_live_trees(tmp_path, tools09, too
     assert report.ok(), [str(p) for p in report.problems]
     report = check_metadata(meta, metadata_snap=True)
     assert report.ok(), [str(p) for p in report.problems]
+
+
+@pytest.mark.parametrize(("name", "desc"), _damaged_cases(),
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_bitmaps_read_together_report_what_one_at_a_time_does(name, desc, restored_pool,
+                                                              tmp_path, monkeypatch):
+    """pdata/spacemap.py reads a space map's bitmaps in one gather when every one is sound;
+    the one-at-a-time reader it falls back to is the reference: every report (problems,
+    counts compared, leaks) must be the same, damaged bitmaps included."""
+    from dmimage.pdata import spacemap
+
+    rp = restored_pool(desc)
+    cases = [damage.Damaged(bytes(rp.read()), "undamaged", "none", 0),
+             *damage.all_damage(rp.read())]
+    one_at_a_time = spacemap._sound_payloads
+
+    def reports(path) -> list[object]:
+        got = []
+        for fast in (True, False):
+            monkeypatch.setattr(spacemap, "_sound_payloads",
+                                one_at_a_time if fast else lambda reader, blocks: None)
+            r = check_metadata(path)
+            got.append((r.to_json(), r.leaked_metadata_blocks, r.leaked_data_blocks))
+        return got
+
+    for i, d in enumerate(cases):
+        p = tmp_path / f"d{i}.meta"
+        p.write_bytes(d.data)
+        together, alone = reports(p)
+        assert together == alone, d.description

@@ -250,7 +250,7 @@ class _Checker:
             expected = expected[:n]
         elif len(expected) < n:
             expected = np.concatenate([expected, np.zeros(n - len(expected), expected.dtype)])
-        diff = np.flatnonzero(stored != expected)
+        diff = _differences(stored, expected)
         leaks: list[int] = []
         if len(diff):
             st, ex = stored[diff], expected[diff]
@@ -273,6 +273,22 @@ class _Checker:
                                f"blocks are in use", block=0, field=f"{what} root nr_allocated",
                                fatal=False))
         return leaks
+
+
+#: Counts compared at once (:func:`_differences`).
+COMPARE_CHUNK = 1 << 20
+
+
+def _differences(stored: np.ndarray, expected: np.ndarray) -> np.ndarray:
+    """Indexes where two equally long count arrays differ, compared a chunk at a time: the
+    usual answer is none, and a whole-map mask (10 MB at 10M data blocks) costs fresh pages
+    to fault in, ~2 ms of check's critical path here, where a reused chunk costs none."""
+    found = []
+    for i in range(0, len(stored), COMPARE_CHUNK):
+        a, b = stored[i:i + COMPARE_CHUNK], expected[i:i + COMPARE_CHUNK]
+        if not np.array_equal(a, b):
+            found.append(np.flatnonzero(a != b) + i)
+    return np.concatenate(found) if found else np.empty(0, np.intp)
 
 
 def check_metadata(
