@@ -213,3 +213,37 @@ def test_serve_applies_a_job_per_line(tmp_path: Path, monkeypatch: pytest.Monkey
     assert (mnt / "id").read_bytes() == b"h" * 64
     assert (mnt / "rootfs/inside").read_bytes() == b"in\n"
     assert not (tmp_path.parent / "inside").exists() and not Path("/inside").exists()
+
+
+def _tar(members: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for ti, data in members:
+            ti.size = len(data) if ti.isreg() else 0
+            t.addfile(ti, io.BytesIO(data) if ti.isreg() else None)
+    return buf.getvalue()
+
+
+def _ti(name: str, kind: bytes = tarfile.REGTYPE, *, link: str = "", mode: int = 0o644,
+        mtime: int = 1_600_000_000, pax: dict[str, str] | None = None) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.type, ti.linkname, ti.mode, ti.mtime = kind, link, mode, mtime
+    ti.uid, ti.gid = os.getuid(), os.getgid()
+    ti.pax_headers = dict(pax or {})
+    return ti
+
+
+def test_opaque_entry_under_a_symlink_removes_nothing(tmp_path: Path) -> None:
+    """``a/.wh..wh..opq`` where ``a`` is a symlink to a directory: moby's filepath.Walk
+    lstats its root, finds no directory and walks nothing, so the symlink's target keeps
+    its content (the applier must not list the directory through the symlink)."""
+    one = _tar([(_ti("real", tarfile.DIRTYPE, mode=0o755), b""),
+                (_ti("real/x"), b"kept\n"),
+                (_ti("a", tarfile.SYMTYPE, link="real"), b"")])
+    two = _tar([(_ti("a/.wh..wh..opq"), b"")])
+    dest = tmp_path / "rootfs"
+    dest.mkdir()
+    _apply_all(dest, [one, two], chown=False)
+    assert (dest / "real/x").read_bytes() == b"kept\n"
+    assert os.readlink(dest / "a") == "real"
+

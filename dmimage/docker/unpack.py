@@ -151,8 +151,11 @@ def apply(tar: tarfile.TarFile, dest: bytes, *, chown: bool = True) -> int:
 
 def _opaque(d: bytes, unpacked: set[bytes]) -> None:
     """Remove what is below *d* and was not unpacked by this layer (filepath.Walk in lexical
-    order, descending into what was kept)."""
+    order, descending into what was kept). Walk lstats its root: a *d* that is a symlink,
+    even to a directory, is not walked, so its target keeps its content."""
     try:
+        if not stat.S_ISDIR(os.lstat(d).st_mode):
+            return
         names = sorted(os.listdir(d))
     except FileNotFoundError:
         return
