@@ -247,3 +247,30 @@ def test_opaque_entry_under_a_symlink_removes_nothing(tmp_path: Path) -> None:
     assert (dest / "real/x").read_bytes() == b"kept\n"
     assert os.readlink(dest / "a") == "real"
 
+
+def test_times_outside_unix_time_become_the_epoch(tmp_path: Path) -> None:
+    """moby's system.Chtimes sets a time before 1970 (or past 2262) to the epoch, for
+    files and directories; a directory's final times take the header's atime as it is (no
+    atime: the zero time, so the epoch), a file's atime is never before its mtime first."""
+    one = _tar([(_ti("old", mtime=-86400), b"1\n"),
+                (_ti("d", tarfile.DIRTYPE, mode=0o755, mtime=-5), b""),
+                (_ti("e", tarfile.DIRTYPE, mode=0o755), b""),
+                (_ti("f", tarfile.DIRTYPE, mode=0o755,
+                     pax={"atime": "1500000000.25"}), b""),
+                (_ti("far", pax={"mtime": "9300000000"}), b"2\n"),
+                (_ti("new"), b"3\n")])
+    dest = tmp_path / "rootfs"
+    dest.mkdir()
+    _apply_all(dest, [one], chown=False)
+
+    def times(p: str) -> tuple[int, int]:
+        st = os.lstat(dest / p)
+        return st.st_atime_ns, st.st_mtime_ns
+
+    assert times("old") == (0, 0)
+    assert times("d") == (0, 0)
+    assert times("e") == (0, 1_600_000_000 * 10**9)
+    assert times("f") == (1_500_000_000_250_000_000, 1_600_000_000 * 10**9)
+    assert times("far") == (0, 0)
+    assert times("new") == (1_600_000_000 * 10**9,) * 2
+

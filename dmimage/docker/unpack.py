@@ -10,7 +10,8 @@ metadata changes); ``.wh.NAME`` removes NAME; ``.wh..wh..opq`` removes what its 
 that this layer did not unpack; other ``.wh..wh.*`` names are skipped (aufs ``plnk`` hard links
 are refused); missing parents are made with mode 0600; then lchown, the ``SCHILY.xattr.*``
 attributes, chmod (not for a symlink; for a hard link if its target is not a symlink) and
-times (atime never before mtime), directory times last.
+times (atime never before mtime; times outside 1970..2262 become the epoch, except a
+symlink's), directory times last (their atime the header's, else the epoch).
 
 Only the standard library is imported, and the process chroots into ``rootfs/`` as dockerd's
 does: a symlink in the layer then resolves inside the device, never into the guest.
@@ -49,15 +50,37 @@ def _ns(ti: tarfile.TarInfo, key: str) -> int | None:
     return -n if neg else n
 
 
-def _times(ti: tarfile.TarInfo) -> tuple[int, int]:
-    """(atime, mtime) in ns; atime is never before mtime (createTarFile)."""
+#: The last time moby's system.Chtimes sets (a 64-bit timespec: time.Unix(0, 1<<63-1)).
+MAX_NS = (1 << 63) - 1
+
+
+def _chtimes(t: int) -> int:
+    """moby's system.Chtimes: a time before 1970 or past MAX_NS becomes the epoch."""
+    return t if 0 <= t <= MAX_NS else 0
+
+
+def _mtime(ti: tarfile.TarInfo) -> int:
     mtime = _ns(ti, "mtime")
-    if mtime is None:
-        mtime = int(ti.mtime) * 10**9
+    return int(ti.mtime) * 10**9 if mtime is None else mtime
+
+
+def _times(ti: tarfile.TarInfo) -> tuple[int, int]:
+    """(atime, mtime) in ns as createTarFile gives them to the syscall: atime never before
+    mtime, then (not for a symlink: LUtimesNano) system.Chtimes's range."""
+    mtime = _mtime(ti)
     atime = _ns(ti, "atime")
     if atime is None or atime < mtime:
         atime = mtime
-    return atime, mtime
+    if ti.issym():
+        return atime, mtime
+    return _chtimes(atime), _chtimes(mtime)
+
+
+def _dir_times(ti: tarfile.TarInfo) -> tuple[int, int]:
+    """A directory's final (atime, mtime): UnpackLayer's last loop passes the header's
+    AccessTime as it is (none: Go's zero time, so the epoch) to system.Chtimes."""
+    atime = _ns(ti, "atime")
+    return _chtimes(-1 if atime is None else atime), _chtimes(_mtime(ti))
 
 
 def _clean(name: str) -> bytes:
@@ -142,7 +165,7 @@ def apply(tar: tarfile.TarFile, dest: bytes, *, chown: bool = True) -> int:
             _remove_all(path)
         _create(tar, ti, path, dest, chown)
         if ti.isdir():
-            dirs.append((path, _times(ti)))
+            dirs.append((path, _dir_times(ti)))
         unpacked.add(path)
     for path, (atime, mtime) in dirs:
         os.utime(path, ns=(atime, mtime))
