@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from docker_inputs import M, expected_tree, layer_tar, layers, spec_text
 
-from dmimage.docker.unpack import LayerError, apply, first_mount, serve
+from dmimage.docker.unpack import LayerError, apply, driver_get, serve
 from dmimage.image.docker_store import load_docker_spec
 from dmimage.image.docker_xfs import XfsLayer, guest_script, jobs_json
 from dmimage.image.spec import SpecError
@@ -139,11 +139,11 @@ def test_member_outside_root_is_refused(tmp_path: Path, name: str) -> None:
 
 def test_first_mount(tmp_path: Path) -> None:
     """rootfs/ 0755 and id 0600 holding the hash; an existing id is left alone."""
-    first_mount(os.fsencode(tmp_path), "abc")
+    driver_get(os.fsencode(tmp_path), "abc")
     assert (tmp_path / "id").read_bytes() == b"abc"
     assert stat.S_IMODE(os.stat(tmp_path / "id").st_mode) == 0o600
     assert (tmp_path / "rootfs").is_dir()
-    first_mount(os.fsencode(tmp_path), "other")
+    driver_get(os.fsencode(tmp_path), "other")
     assert (tmp_path / "id").read_bytes() == b"abc"
 
 
@@ -274,3 +274,27 @@ def test_times_outside_unix_time_become_the_epoch(tmp_path: Path) -> None:
     assert times("far") == (0, 0)
     assert times("new") == (1_600_000_000 * 10**9,) * 2
 
+
+@pytest.mark.skipif(not ROOT, reason="the applier chroots into rootfs/")
+def test_every_mount_resets_rootfs_as_dockerds_get(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """The driver's Get runs MkdirAllAndChown(rootfs, 0755, root) at every mount, so a
+    parent layer's "./" mode and owner do not reach its child's device unless the child's
+    layer sets them again."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    one = tmp_path / "one.tar"
+    root_dir = _ti(".", tarfile.DIRTYPE, mode=0o700)
+    root_dir.uid = root_dir.gid = 1000
+    one.write_bytes(_tar([(root_dir, b""), (_ti("x"), b"x\n")]))
+    two = tmp_path / "two.tar"
+    two.write_bytes(_tar([(_ti("y"), b"y\n")]))
+    monkeypatch.setattr("sys.stdin", io.StringIO("go\ngo\n"))
+    assert serve([[str(mnt), str(one), "h" * 64]]) == 0
+    st = os.stat(mnt / "rootfs")
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o700, 1000, 1000)
+    assert serve([[str(mnt), str(two), None]]) == 0
+    assert capsys.readouterr().out.split() == ["ok", "ok"]
+    st = os.stat(mnt / "rootfs")
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o755, 0, 0)

@@ -240,13 +240,23 @@ def _create(tar: tarfile.TarFile, ti: tarfile.TarInfo, path: bytes, dest: bytes,
     os.utime(path, ns=(atime, mtime))
 
 
-def first_mount(mount: bytes, device_hash: str) -> None:
-    """What the driver's Get does on a device's first mount: ``rootfs/`` (0755, root) and an
-    ``id`` file (0600) holding the device hash, unless they exist."""
+def driver_get(mount: bytes, device_hash: str | None) -> None:
+    """What the driver's Get does at every mount: ``rootfs/`` made, or its permissions set
+    back to 0755 and its owner to root if they differ (MkdirAllAndChown's setPermissions: a
+    parent layer's "./" entry does not reach its child's device); with *device_hash* (a
+    device's first mount) an ``id`` file (0600) holding it, unless one exists."""
     rootfs = posixpath.join(mount, b"rootfs")
-    if not os.path.isdir(rootfs):
+    try:
+        st = os.stat(rootfs)
+    except FileNotFoundError:
         os.mkdir(rootfs, 0o755)
+        st = os.stat(rootfs)
+    if stat.S_IMODE(st.st_mode) & 0o777 != 0o755:
+        os.chmod(rootfs, 0o755)
+    if (st.st_uid, st.st_gid) != (0, 0):
         os.chown(rootfs, 0, 0)
+    if device_hash is None:
+        return
     idf = posixpath.join(mount, b"id")
     if not os.path.lexists(idf):
         fd = os.open(idf, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600)
@@ -257,11 +267,10 @@ def first_mount(mount: bytes, device_hash: str) -> None:
 
 
 def apply_job(mount: bytes, layer: str, device_hash: str | None) -> None:
-    """In a child process (the chroot cannot be undone): MOUNT/rootfs gets LAYER.tar applied
-    (*device_hash*: ``first_mount`` before)."""
+    """In a child process (the chroot cannot be undone): the driver's Get on MOUNT
+    (*device_hash*: the device's first mount), then MOUNT/rootfs gets LAYER.tar applied."""
     os.umask(0)
-    if device_hash is not None:
-        first_mount(mount, device_hash)
+    driver_get(mount, device_hash)
     with tarfile.open(layer, "r:", encoding="utf-8", errors="surrogateescape") as tar:
         os.chroot(posixpath.join(mount, b"rootfs"))
         os.chdir("/")
