@@ -298,3 +298,22 @@ def test_every_mount_resets_rootfs_as_dockerds_get(tmp_path: Path,
     assert capsys.readouterr().out.split() == ["ok", "ok"]
     st = os.stat(mnt / "rootfs")
     assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o755, 0, 0)
+
+
+def test_hard_link_out_of_dest_is_refused(tmp_path: Path) -> None:
+    """Unchrooted (dest not "/"), a hard link's target is cleaned before moby's breakout
+    check (filepath.Join): ``../outside`` is refused, the file outside is not linked,
+    chmodded or touched."""
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"o\n")
+    outside.chmod(0o600)
+    before = os.stat(outside)
+    dest = tmp_path / "rootfs"
+    dest.mkdir()
+    raw = _tar([(_ti("x", tarfile.LNKTYPE, link="../outside", mode=0o4777), b"")])
+    with pytest.raises(LayerError, match="leaves the layer's root"):
+        _apply_all(dest, [raw], chown=False)
+    after = os.stat(outside)
+    assert (after.st_nlink, after.st_mode, after.st_mtime_ns) == \
+        (before.st_nlink, before.st_mode, before.st_mtime_ns)
+    assert not (dest / "x").exists()

@@ -210,9 +210,12 @@ def _create(tar: tarfile.TarFile, ti: tarfile.TarInfo, path: bytes, dest: bytes,
         kind = stat.S_IFCHR if ti.ischr() else stat.S_IFBLK if ti.isblk() else stat.S_IFIFO
         os.mknod(path, mode | kind, os.makedev(ti.devmajor, ti.devminor))
     elif ti.islnk():
-        link_target = posixpath.join(dest, posixpath.normpath(
-            ti.linkname.encode("utf-8", "surrogateescape")).lstrip(b"/"))
-        if not link_target.startswith(dest):
+        # filepath.Join cleans: "../x" below "/" is "/x" (chrooted, nothing leaves the
+        # device); below another dest the cleaned target must stay inside it
+        link_target = posixpath.normpath(posixpath.join(
+            dest, ti.linkname.encode("utf-8", "surrogateescape").lstrip(b"/")))
+        if not (link_target == dest.rstrip(b"/") or dest == b"/"
+                or link_target.startswith(dest.rstrip(b"/") + b"/")):
             raise LayerError(f"{ti.name}: hard link {ti.linkname!r} leaves the layer's root")
         os.link(link_target, path, follow_symlinks=False)
     elif ti.issym():
