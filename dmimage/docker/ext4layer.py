@@ -3,9 +3,11 @@ to a snapshot of the parent's device (moby ``pkg/archive/diff.go`` ``UnpackLayer
 device's ``rootfs/``): an existing path is replaced unless both are directories (then only the
 metadata changes); ``.wh.NAME`` removes NAME, ``.wh..wh..opq`` empties its directory of what
 earlier layers put there; missing parents are created with mode 0600; then owner, mode,
-extended attributes (``SCHILY.xattr.*``) and times, directory times last; a hard link's
-owner, attributes, mode and times go to the inode it shares with its target (mode and times
-not when that target is a symlink), as ``createTarFile`` does through the new name.
+extended attributes (``SCHILY.xattr.*``) and times (as moby's system.Chtimes: outside
+1970..2262 the epoch, not for a symlink), directory times last (their atime the header's,
+else the epoch); a hard link's owner, attributes, mode and times go to the inode it shares
+with its target (mode and times not when that target is a symlink), as ``createTarFile``
+does through the new name.
 
 Why debugfs: a snapshot keeps every unchanged block of its parent only if the layer is
 applied to the parent's filesystem in place, as the kernel would; ``mke2fs -d`` makes a new
@@ -88,6 +90,12 @@ class Tree:
             self.links[ino] -= 1
             if not self.links[ino]:
                 del self.links[ino]
+
+
+def _chtimes(t: int) -> int:
+    """moby's system.Chtimes (files, directories, hard links; not symlinks): a time before
+    1970 or past 2262 (a 64-bit timespec's end) becomes the epoch."""
+    return t if 0 <= t and t * 10**9 <= (1 << 63) - 1 else 0
 
 
 def _q(b: bytes) -> bytes:
@@ -260,13 +268,19 @@ def apply_layer(image: Path, layer_tar: Path, members: list[Member], tree: Tree,
                 s.cmd(b"ea_set", b"-f", _q(str(vf).encode()), q,
                       _q(key[len("SCHILY.xattr."):].encode("utf-8", "surrogateescape")))
             mtime = int(ti.mtime)
-            atime = int(float(ti.pax_headers.get("atime", mtime)))
-            atime = max(atime, mtime)
+            raw_atime = ti.pax_headers.get("atime")
+            atime = max(mtime if raw_atime is None else int(float(raw_atime)), mtime)
             if kind == "d":
-                dir_times.append((path, atime, mtime))
-            elif real != "l" or kind == "l":  # a hard link's times too, as its mode
+                # UnpackLayer's last loop: the header's own atime (none: the epoch)
+                dir_times.append((path, _chtimes(-1 if raw_atime is None
+                                                 else int(float(raw_atime))),
+                                  _chtimes(mtime)))
+            elif kind == "l":  # LUtimesNano: no range check
                 s.cmd(b"sif", q, b"mtime", f"@{mtime}".encode())
                 s.cmd(b"sif", q, b"atime", f"@{atime}".encode())
+            elif real != "l":  # a hard link's times too, as its mode
+                s.cmd(b"sif", q, b"mtime", f"@{_chtimes(mtime)}".encode())
+                s.cmd(b"sif", q, b"atime", f"@{_chtimes(atime)}".encode())
             unpacked.add(path)
     for path, atime, mtime in dir_times:
         if path in tree.kind:
