@@ -1,6 +1,7 @@
 """The ext4 layer writer (``dmimage.docker.ext4layer``) against moby's createTarFile where an
 earlier version differed: times set through system.Chtimes (outside 1970..2262: the epoch;
-a directory's final atime the header's own). The oracle is debugfs's own ``stat``."""
+a directory's final atime the header's own), and rootfs/ set back to 0755 and root at every
+layer's mount, as the driver's Get does. The oracle is debugfs's own ``stat``."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import re
 import subprocess
 import tarfile
 from pathlib import Path
+
+import pytest
 
 from dmimage.docker.ext4layer import Tree, apply_layer, first_layer_setup, make_base
 from dmimage.docker.tarsplit import disassemble
@@ -93,3 +96,21 @@ def test_times_outside_unix_time_become_the_epoch(tmp_path: Path) -> None:
     assert times("far") == (0, 0)
     assert times("new") == (MTIME, MTIME)
 
+
+@pytest.mark.parametrize("child_sets_root", [False, True])
+def test_every_mount_resets_rootfs_as_dockerds_get(tmp_path: Path,
+                                                   child_sets_root: bool) -> None:
+    """A parent layer's "./" (0700, owner 1000) stays on its own device; the child's mount
+    (the driver's Get: MkdirAllAndChown(rootfs, 0755, root)) sets it back before the
+    child's layer is applied, unless that layer sets it again."""
+    one = [_ti(".", tarfile.DIRTYPE, mode=0o700, owner=1000), _ti("x")]
+    two = [_ti("y")]
+    if child_sets_root:
+        two.insert(0, _ti(".", tarfile.DIRTYPE, mode=0o750, owner=7))
+    img = _layers(tmp_path, [one])
+    st = _stat(img, "/rootfs")
+    assert (st["mode"] & 0o7777, st["user"], st["group"]) == (0o700, 1000, 1000)
+    img = _layers(tmp_path / "two", [one, two])
+    st = _stat(img, "/rootfs")
+    want = (0o750, 7, 7) if child_sets_root else (0o755, 0, 0)
+    assert (st["mode"] & 0o7777, st["user"], st["group"]) == want

@@ -7,7 +7,8 @@ extended attributes (``SCHILY.xattr.*``) and times (as moby's system.Chtimes: ou
 1970..2262 the epoch, not for a symlink), directory times last (their atime the header's,
 else the epoch); a hard link's owner, attributes, mode and times go to the inode it shares
 with its target (mode and times not when that target is a symlink), as ``createTarFile``
-does through the new name.
+does through the new name. Before each layer, ``rootfs/`` is set back to 0755 and root if a
+parent layer's ``./`` changed it, as the driver's Get does at every mount.
 
 Why debugfs: a snapshot keeps every unchanged block of its parent only if the layer is
 applied to the parent's filesystem in place, as the kernel would; ``mke2fs -d`` makes a new
@@ -48,11 +49,13 @@ class Tree:
     children: dict[bytes, set[bytes]] = field(default_factory=lambda: {b"": set()})
     links: dict[int, int] = field(default_factory=dict)
     next_ino: int = 1
+    #: rootfs/ itself: (mode bits, uid, gid), as first made or as a layer's "./" left it.
+    root: tuple[int, int, int] = (0o755, 0, 0)
 
     def copy(self) -> Tree:
         return Tree(dict(self.kind), dict(self.ino),
                     {k: set(v) for k, v in self.children.items()}, dict(self.links),
-                    self.next_ino)
+                    self.next_ino, self.root)
 
     def add(self, path: bytes, kind: str, ino: int | None = None) -> None:
         parent = posixpath.dirname(path)
@@ -149,6 +152,18 @@ def apply_layer(image: Path, layer_tar: Path, members: list[Member], tree: Tree,
     unpacked: set[bytes] = set()
     dir_times: list[tuple[bytes, int, int]] = []
     value_no = 0
+    # The driver's Get at the device's mount: MkdirAllAndChown(rootfs, 0755, root) chmods
+    # rootfs/ if its permission bits differ and chowns it if its owner does.
+    mode, uid, gid = tree.root
+    if mode & 0o777 != 0o755:
+        s.cd(b"")
+        s.cmd(b"sif", b".", b"mode", b"040755")
+        mode = 0o755
+    if (uid, gid) != (0, 0):
+        s.cd(b"")
+        s.cmd(b"sif", b".", b"uid", b"0")
+        s.cmd(b"sif", b".", b"gid", b"0")
+    tree.root = (mode, 0, 0)
 
     def remove_all(path: bytes) -> None:
         if path not in tree.kind:
@@ -281,6 +296,8 @@ def apply_layer(image: Path, layer_tar: Path, members: list[Member], tree: Tree,
             elif real != "l":  # a hard link's times too, as its mode
                 s.cmd(b"sif", q, b"mtime", f"@{_chtimes(mtime)}".encode())
                 s.cmd(b"sif", q, b"atime", f"@{_chtimes(atime)}".encode())
+            if not path and kind == "d":
+                tree.root = (ti.mode & 0o7777, ti.uid, ti.gid)
             unpacked.add(path)
     for path, atime, mtime in dir_times:
         if path in tree.kind:
