@@ -226,8 +226,8 @@ def expected_tree(tars: list[bytes]) -> dict[str, dict[str, Any]]:
                 ent: dict[str, Any] = {"uid": ti.uid, "gid": ti.gid, "xattrs": x}
                 if ti.islnk():
                     # moby's createTarFile: one inode for both names; its owner and the
-                    # header's xattrs are set through the new name, and its mode too unless
-                    # the target is a symlink; its times are left alone.
+                    # header's xattrs are set through the new name, and its mode (and times,
+                    # not modelled here) too unless the target is a symlink.
                     target = posixpath.normpath(ti.linkname)
                     ent = {**tree[target], "uid": ti.uid, "gid": ti.gid,
                            "xattrs": {**tree[target]["xattrs"], **x}}

@@ -134,8 +134,9 @@ _IFMT = {"d": stat.S_IFDIR, "f": stat.S_IFREG, "l": stat.S_IFLNK, "c": stat.S_IF
 
 
 def _clean(name: bytes) -> bytes | None:
-    """The member's path below rootfs (b"" for the root), or None if it leaves it (dockerd
-    refuses such a layer)."""
+    """The member's path below rootfs (b"" for the root), or None if it leaves it: refused
+    (dockerd 20.10 unpacks in a chroot of rootfs/, where "../x" is "x"; a name that climbs
+    out is an error here, never a write elsewhere)."""
     p = posixpath.normpath(name)
     if p == b".." or p.startswith(b"../"):
         return None
