@@ -317,3 +317,18 @@ def test_hard_link_out_of_dest_is_refused(tmp_path: Path) -> None:
     assert (after.st_nlink, after.st_mode, after.st_mtime_ns) == \
         (before.st_nlink, before.st_mode, before.st_mtime_ns)
     assert not (dest / "x").exists()
+
+
+def test_aufs_metadata_skipped_plnk_files_refused(tmp_path: Path) -> None:
+    """aufs's top-level ``.wh..wh.*`` directories and files are skipped as UnpackLayer
+    skips them; a regular file under ``.wh..wh.plnk`` (dockerd keeps it aside for hard
+    links into it) is refused with one line."""
+    dest = tmp_path / "rootfs"
+    dest.mkdir()
+    raw = _tar([(_ti(".wh..wh.aufs"), b""), (_ti(".wh..wh.orph", tarfile.DIRTYPE), b""),
+                (_ti(".wh..wh.plnk", tarfile.DIRTYPE), b""), (_ti("etc/motd"), b"m\n")])
+    _apply_all(dest, [raw], chown=False)
+    assert sorted(os.listdir(dest)) == ["etc"]
+    raw = _tar([(_ti(".wh..wh.plnk/260.1"), b"linked\n")])
+    with pytest.raises(LayerError, match="plnk"):
+        _apply_all(dest, [raw], chown=False)

@@ -209,9 +209,11 @@ def apply_layer(image: Path, layer_tar: Path, members: list[Member], tree: Tree,
                     raise StoreError(where, f"{ti.name}: its parent is not a directory")
                 mkdir_all(parent)
             if path.startswith(WH_META.encode()) and path != WH_OPAQUE.encode():
-                if path.startswith(b".wh..wh.plnk"):
-                    raise StoreError(where, f"{ti.name}: aufs hard-link directories are not "
-                                     "supported")
+                # UnpackLayer skips aufs's metadata but keeps plnk's regular files aside for
+                # hard links into it: those are not supported here
+                if path.startswith(b".wh..wh.plnk") and ti.isreg():
+                    raise StoreError(where, f"{ti.name}: aufs hard-link files (.wh..wh.plnk) "
+                                     "are not supported")
                 continue
             if base.startswith(WH.encode()):
                 if base == WH_OPAQUE.encode():

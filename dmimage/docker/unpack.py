@@ -7,11 +7,12 @@ applied offline instead (``dmimage.docker.ext4layer``, the same semantics).
 
 The semantics: an existing path is replaced unless both are directories (then only the
 metadata changes); ``.wh.NAME`` removes NAME; ``.wh..wh..opq`` removes what its directory holds
-that this layer did not unpack; other ``.wh..wh.*`` names are skipped (aufs ``plnk`` hard links
-are refused); missing parents are made with mode 0600; then lchown, the ``SCHILY.xattr.*``
-attributes, chmod (not for a symlink; for a hard link if its target is not a symlink) and
-times (atime never before mtime; times outside 1970..2262 become the epoch, except a
-symlink's), directory times last (their atime the header's, else the epoch).
+that this layer did not unpack; other top-level ``.wh..wh.*`` names are skipped (aufs's
+``plnk`` regular files, kept aside by dockerd for hard links into them, are refused); missing
+parents are made with mode 0600; then lchown, the ``SCHILY.xattr.*`` attributes, chmod (not
+for a symlink; for a hard link if its target is not a symlink) and times (atime never before
+mtime; times outside 1970..2262 become the epoch, except a symlink's), directory times last
+(their atime the header's, else the epoch).
 
 Only the standard library is imported, and the process chroots into ``rootfs/`` as dockerd's
 does: a symlink in the layer then resolves inside the device, never into the guest.
@@ -142,8 +143,9 @@ def apply(tar: tarfile.TarFile, dest: bytes, *, chown: bool = True) -> int:
             if not os.path.lexists(parent):
                 _mkdir_all(parent, 0o600)
         if rel.startswith(WH_META):
-            if rel.startswith(WH_LINKDIR):
-                raise LayerError(f"{ti.name}: aufs hard-link directories are not supported")
+            if rel.startswith(WH_LINKDIR) and ti.isreg():
+                raise LayerError(f"{ti.name}: aufs hard-link files (.wh..wh.plnk) are not "
+                                 "supported")
             if rel != WH_OPAQUE:
                 continue
         path = at(rel)
