@@ -7,8 +7,10 @@ extended attributes (``SCHILY.xattr.*``) and times (as moby's system.Chtimes: ou
 1970..2262 the epoch, not for a symlink), directory times last (their atime the header's,
 else the epoch); a hard link's owner, attributes, mode and times go to the inode it shares
 with its target (mode and times not when that target is a symlink), as ``createTarFile``
-does through the new name. Before each layer, ``rootfs/`` is set back to 0755 and root if a
-parent layer's ``./`` changed it, as the driver's Get does at every mount.
+does through the new name, and its lchown drops the inode's ``security.capability`` (the
+kernel's killpriv) before the header's attributes are set. Before each layer, ``rootfs/``
+is set back to 0755 and root if a parent layer's ``./`` changed it, as the driver's Get
+does at every mount.
 
 Why debugfs: a snapshot keeps every unchanged block of its parent only if the layer is
 applied to the parent's filesystem in place, as the kernel would; ``mke2fs -d`` makes a new
@@ -51,11 +53,14 @@ class Tree:
     next_ino: int = 1
     #: rootfs/ itself: (mode bits, uid, gid), as first made or as a layer's "./" left it.
     root: tuple[int, int, int] = (0o755, 0, 0)
+    #: Inodes holding security.capability (a hard link's lchown drops it, as the kernel's
+    #: killpriv does).
+    caps: set[int] = field(default_factory=set)
 
     def copy(self) -> Tree:
         return Tree(dict(self.kind), dict(self.ino),
                     {k: set(v) for k, v in self.children.items()}, dict(self.links),
-                    self.next_ino, self.root)
+                    self.next_ino, self.root, set(self.caps))
 
     def add(self, path: bytes, kind: str, ino: int | None = None) -> None:
         parent = posixpath.dirname(path)
@@ -272,6 +277,12 @@ def apply_layer(image: Path, layer_tar: Path, members: list[Member], tree: Tree,
             s.cmd(b"sif", q, b"uid", uid)
             s.cmd(b"sif", q, b"gid", gid)
             real = tree.kind[path]
+            ino = tree.ino.get(path)
+            if kind == "h" and ino in tree.caps:
+                # dockerd's lchown through the new name: the kernel drops the shared
+                # inode's capability (the header's xattrs below may set it again)
+                s.cmd(b"ea_rm", q, b"security.capability")
+                tree.caps.discard(ino)
             # dockerd chmods (and then sets the times of) a hard link's name too, the inode
             # it shares with its target, unless that target is a symlink; never a symlink.
             if kind != "l" and real != "l":
@@ -285,6 +296,8 @@ def apply_layer(image: Path, layer_tar: Path, members: list[Member], tree: Tree,
                 vf.write_bytes(value.encode("utf-8", "surrogateescape"))
                 s.cmd(b"ea_set", b"-f", _q(str(vf).encode()), q,
                       _q(key[len("SCHILY.xattr."):].encode("utf-8", "surrogateescape")))
+                if key == "SCHILY.xattr.security.capability" and ino is not None:
+                    tree.caps.add(ino)
             mtime = int(ti.mtime)
             raw_atime = ti.pax_headers.get("atime")
             atime = max(mtime if raw_atime is None else int(float(raw_atime)), mtime)
