@@ -160,16 +160,16 @@ def apply_layer(image: Path, layer_tar: Path, members: list[Member], tree: Tree,
     value_no = 0
     # The driver's Get at the device's mount: MkdirAllAndChown(rootfs, 0755, root) chmods
     # rootfs/ if its permission bits differ and chowns it if its owner does.
-    mode, uid, gid = tree.root
-    if mode & 0o777 != 0o755:
+    root_mode, root_uid, root_gid = tree.root
+    if root_mode & 0o777 != 0o755:
         s.cd(b"")
         s.cmd(b"sif", b".", b"mode", b"040755")
-        mode = 0o755
-    if (uid, gid) != (0, 0):
+        root_mode = 0o755
+    if (root_uid, root_gid) != (0, 0):
         s.cd(b"")
         s.cmd(b"sif", b".", b"uid", b"0")
         s.cmd(b"sif", b".", b"gid", b"0")
-    tree.root = (mode, 0, 0)
+    tree.root = (root_mode, 0, 0)
 
     def remove_all(path: bytes) -> None:
         if path not in tree.kind:
