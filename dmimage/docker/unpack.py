@@ -299,10 +299,11 @@ def serve(jobs: list[list[str | None]]) -> int:
             try:
                 apply_job(os.fsencode(mount), layer, device_hash)
             except (OSError, LayerError, tarfile.TarError) as exc:
-                os.write(w, f"{layer}: {exc}".encode(errors="replace"))
+                os.write(w, f"{posixpath.basename(layer)}: {exc}".encode(errors="replace"))
                 code = 1
             except BaseException as exc:
-                os.write(w, f"{layer}: {type(exc).__name__}: {exc}".encode(errors="replace"))
+                os.write(w, f"{posixpath.basename(layer)}: {type(exc).__name__}: {exc}"
+                         .encode(errors="replace"))
                 code = 1
             os._exit(code)
         os.close(w)
