@@ -67,9 +67,11 @@ pytestmark = [pytest.mark.vm, pytest.mark.vm_whole_file]
 def guest() -> Iterator[DockerGuest]:
     """One guest (1 GiB, the Docker tools disk attached) for the module: every Docker proof
     runs in it (deb12 whatever the kernel selection: Debian 12's docker.io and lvm2 on
-    Debian 12's kernel is the pairing Debian ships)."""
+    Debian 12's kernel is the pairing Debian ships). The host's root is shared with it:
+    ``test_xfs_build_failure_cleans_up`` builds a failing xfs store in it, to look at what
+    the build's guest script leaves behind."""
     try:
-        dg = DockerGuest.boot("deb12")
+        dg = DockerGuest.boot("deb12", host_share="/")
     except DockerUnavailable as exc:
         unavailable(str(exc))
     with dg:
@@ -561,6 +563,51 @@ def test_dockerd_runs_built_store(guest: DockerGuest, request: pytest.FixtureReq
             assert got == [inp.diff_id(x)[7:] for x in inp.images[tag]]
             # the legacy v1 layer ids (directory names) are the ones dockerd computes
             assert m["Layers"] == guest_layers[tag], tag
+
+
+def test_xfs_build_failure_cleans_up(guest: DockerGuest, tmp_path: Path) -> None:
+    """A layer only the guest can find wrong (a hard link to a name no layer has): the
+    build stops with one line naming the layer (BuildError, exit 1), OUTDIR is removed, the
+    input is untouched, and the guest is left as it was: no device-mapper device (the pool
+    and the layer's device removed), nothing mounted on the share, no applier running."""
+    import io
+
+    from dmimage.image.build import BuildError
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        ti = tarfile.TarInfo("etc/x")
+        ti.size = 2
+        t.addfile(ti, io.BytesIO(b"x\n"))
+        ti = tarfile.TarInfo("etc/y")
+        ti.type, ti.linkname = tarfile.LNKTYPE, "etc/missing"
+        t.addfile(ti)
+    layer = buf.getvalue()
+    diff = "sha256:" + hashlib.sha256(layer).hexdigest()
+    cfg = json.dumps({"rootfs": {"type": "layers", "diff_ids": [diff]}}).encode()
+    cid = hashlib.sha256(cfg).hexdigest()
+    with tarfile.open(tmp_path / "bad.tar", "w") as t:
+        for name, data in (("l/layer.tar", layer), (f"{cid}.json", cfg), (
+                "manifest.json", json.dumps([{"Config": f"{cid}.json", "RepoTags": ["bad:1"],
+                                              "Layers": ["l/layer.tar"]}]).encode())):
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            t.addfile(ti, io.BytesIO(data))
+    before = (tmp_path / "bad.tar").read_bytes()
+    spec_file = tmp_path / "bad.toml"
+    spec_file.write_text(spec_text("bad", ["bad.tar"], base_size="320M") + 'fs = "xfs"\n')
+    with pytest.raises(BuildError) as ei:
+        build_docker_store(load_docker_spec(spec_file), tmp_path / "out", guest=guest)
+    msg = str(ei.value)
+    assert "\n" not in msg and "layer 1 (device 2)" in msg and "etc/missing" in msg, msg
+    assert ei.value.exit_code == 1
+    assert not (tmp_path / "out").exists()
+    assert (tmp_path / "bad.tar").read_bytes() == before
+    left = guest.sh("dmsetup ls | grep -c dmimage-build- || true; "
+                    f"grep -c ' /tmp/host{tmp_path}' /proc/mounts || true; "
+                    "for p in /proc/[0-9]*; do tr '\\0' ' ' <$p/cmdline 2>/dev/null; echo; "
+                    "done | grep -c '[d]mimage.docker.unpack' || true").split()
+    assert left == ["0", "0", "0"], left
 
 
 def test_direct_lvm_store(guest: DockerGuest, tmp_path: Path) -> None:
