@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from docker_inputs import M, expected_tree, layer_tar, layers, spec_text
 
-from dmimage.docker.unpack import LayerError, apply, first_mount, serve
+from dmimage.docker.unpack import LayerError, apply, driver_get, serve
 from dmimage.image.docker_store import load_docker_spec
 from dmimage.image.docker_xfs import XfsLayer, guest_script, jobs_json
 from dmimage.image.spec import SpecError
@@ -139,11 +139,11 @@ def test_member_outside_root_is_refused(tmp_path: Path, name: str) -> None:
 
 def test_first_mount(tmp_path: Path) -> None:
     """rootfs/ 0755 and id 0600 holding the hash; an existing id is left alone."""
-    first_mount(os.fsencode(tmp_path), "abc")
+    driver_get(os.fsencode(tmp_path), "abc")
     assert (tmp_path / "id").read_bytes() == b"abc"
     assert stat.S_IMODE(os.stat(tmp_path / "id").st_mode) == 0o600
     assert (tmp_path / "rootfs").is_dir()
-    first_mount(os.fsencode(tmp_path), "other")
+    driver_get(os.fsencode(tmp_path), "other")
     assert (tmp_path / "id").read_bytes() == b"abc"
 
 
@@ -213,3 +213,122 @@ def test_serve_applies_a_job_per_line(tmp_path: Path, monkeypatch: pytest.Monkey
     assert (mnt / "id").read_bytes() == b"h" * 64
     assert (mnt / "rootfs/inside").read_bytes() == b"in\n"
     assert not (tmp_path.parent / "inside").exists() and not Path("/inside").exists()
+
+
+def _tar(members: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for ti, data in members:
+            ti.size = len(data) if ti.isreg() else 0
+            t.addfile(ti, io.BytesIO(data) if ti.isreg() else None)
+    return buf.getvalue()
+
+
+def _ti(name: str, kind: bytes = tarfile.REGTYPE, *, link: str = "", mode: int = 0o644,
+        mtime: int = 1_600_000_000, pax: dict[str, str] | None = None) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.type, ti.linkname, ti.mode, ti.mtime = kind, link, mode, mtime
+    ti.uid, ti.gid = os.getuid(), os.getgid()
+    ti.pax_headers = dict(pax or {})
+    return ti
+
+
+def test_opaque_entry_under_a_symlink_removes_nothing(tmp_path: Path) -> None:
+    """``a/.wh..wh..opq`` where ``a`` is a symlink to a directory: moby's filepath.Walk
+    lstats its root, finds no directory and walks nothing, so the symlink's target keeps
+    its content (the applier must not list the directory through the symlink)."""
+    one = _tar([(_ti("real", tarfile.DIRTYPE, mode=0o755), b""),
+                (_ti("real/x"), b"kept\n"),
+                (_ti("a", tarfile.SYMTYPE, link="real"), b"")])
+    two = _tar([(_ti("a/.wh..wh..opq"), b"")])
+    dest = tmp_path / "rootfs"
+    dest.mkdir()
+    _apply_all(dest, [one, two], chown=False)
+    assert (dest / "real/x").read_bytes() == b"kept\n"
+    assert os.readlink(dest / "a") == "real"
+
+
+def test_times_outside_unix_time_become_the_epoch(tmp_path: Path) -> None:
+    """moby's system.Chtimes sets a time before 1970 (or past 2262) to the epoch, for
+    files and directories; a directory's final times take the header's atime as it is (no
+    atime: the zero time, so the epoch), a file's atime is never before its mtime first."""
+    one = _tar([(_ti("old", mtime=-86400), b"1\n"),
+                (_ti("d", tarfile.DIRTYPE, mode=0o755, mtime=-5), b""),
+                (_ti("e", tarfile.DIRTYPE, mode=0o755), b""),
+                (_ti("f", tarfile.DIRTYPE, mode=0o755,
+                     pax={"atime": "1500000000.25"}), b""),
+                (_ti("far", pax={"mtime": "9300000000"}), b"2\n"),
+                (_ti("new"), b"3\n")])
+    dest = tmp_path / "rootfs"
+    dest.mkdir()
+    _apply_all(dest, [one], chown=False)
+
+    def times(p: str) -> tuple[int, int]:
+        st = os.lstat(dest / p)
+        return st.st_atime_ns, st.st_mtime_ns
+
+    assert times("old") == (0, 0)
+    assert times("d") == (0, 0)
+    assert times("e") == (0, 1_600_000_000 * 10**9)
+    assert times("f") == (1_500_000_000_250_000_000, 1_600_000_000 * 10**9)
+    assert times("far") == (0, 0)
+    assert times("new") == (1_600_000_000 * 10**9,) * 2
+
+
+@pytest.mark.skipif(not ROOT, reason="the applier chroots into rootfs/")
+def test_every_mount_resets_rootfs_as_dockerds_get(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """The driver's Get runs MkdirAllAndChown(rootfs, 0755, root) at every mount, so a
+    parent layer's "./" mode and owner do not reach its child's device unless the child's
+    layer sets them again."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    one = tmp_path / "one.tar"
+    root_dir = _ti(".", tarfile.DIRTYPE, mode=0o700)
+    root_dir.uid = root_dir.gid = 1000
+    one.write_bytes(_tar([(root_dir, b""), (_ti("x"), b"x\n")]))
+    two = tmp_path / "two.tar"
+    two.write_bytes(_tar([(_ti("y"), b"y\n")]))
+    monkeypatch.setattr("sys.stdin", io.StringIO("go\ngo\n"))
+    assert serve([[str(mnt), str(one), "h" * 64]]) == 0
+    st = os.stat(mnt / "rootfs")
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o700, 1000, 1000)
+    assert serve([[str(mnt), str(two), None]]) == 0
+    assert capsys.readouterr().out.split() == ["ok", "ok"]
+    st = os.stat(mnt / "rootfs")
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o755, 0, 0)
+
+
+def test_hard_link_out_of_dest_is_refused(tmp_path: Path) -> None:
+    """Unchrooted (dest not "/"), a hard link's target is cleaned before moby's breakout
+    check (filepath.Join): ``../outside`` is refused, the file outside is not linked,
+    chmodded or touched."""
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"o\n")
+    outside.chmod(0o600)
+    before = os.stat(outside)
+    dest = tmp_path / "rootfs"
+    dest.mkdir()
+    raw = _tar([(_ti("x", tarfile.LNKTYPE, link="../outside", mode=0o4777), b"")])
+    with pytest.raises(LayerError, match="leaves the layer's root"):
+        _apply_all(dest, [raw], chown=False)
+    after = os.stat(outside)
+    assert (after.st_nlink, after.st_mode, after.st_mtime_ns) == \
+        (before.st_nlink, before.st_mode, before.st_mtime_ns)
+    assert not (dest / "x").exists()
+
+
+def test_aufs_metadata_skipped_plnk_files_refused(tmp_path: Path) -> None:
+    """aufs's top-level ``.wh..wh.*`` directories and files are skipped as UnpackLayer
+    skips them; a regular file under ``.wh..wh.plnk`` (dockerd keeps it aside for hard
+    links into it) is refused with one line."""
+    dest = tmp_path / "rootfs"
+    dest.mkdir()
+    raw = _tar([(_ti(".wh..wh.aufs"), b""), (_ti(".wh..wh.orph", tarfile.DIRTYPE), b""),
+                (_ti(".wh..wh.plnk", tarfile.DIRTYPE), b""), (_ti("etc/motd"), b"m\n")])
+    _apply_all(dest, [raw], chown=False)
+    assert sorted(os.listdir(dest)) == ["etc"]
+    raw = _tar([(_ti(".wh..wh.plnk/260.1"), b"linked\n")])
+    with pytest.raises(LayerError, match="plnk"):
+        _apply_all(dest, [raw], chown=False)

@@ -66,11 +66,9 @@ def compare_export(exp: dict[str, Any], want: dict[str, dict[str, Any]], label: 
         if kind == "c":
             got["dev"] = (ti.devmajor, ti.devminor)
         cap = ti.pax_headers.get("SCHILY.xattr.security.capability")
-        if cap is not None:
-            got["cap"] = cap.encode("utf-8", "surrogateescape")
+        got["cap"] = None if cap is None else cap.encode("utf-8", "surrogateescape")
         ref = {k: v for k, v in w.items() if k in got and k != "xattrs"}
-        if "security.capability" in w.get("xattrs", {}):
-            ref["cap"] = w["xattrs"]["security.capability"]
+        ref["cap"] = w.get("xattrs", {}).get("security.capability")  # none must be none
         if {k: got[k] for k in ref} != ref:
             problems.append(f"{path}: docker export {got}, the layers say {ref}")
     assert not problems, f"{label}:\n" + "\n".join(problems)

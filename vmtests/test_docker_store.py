@@ -17,13 +17,14 @@ inputs' digests (its tar assembly checks every file's CRC-64 against the tar-spl
 containers and copy files in and out. ``docker export`` of a container must show each file as
 the layer tars say (type, mode, owner, content, link target, security.capability). Then,
 offline, ``dmimage docker ls/check/save`` read the store dockerd used. The same with ``fs =
-"xfs"``: the store's devices written by the kernel in this module's guest (the host's root
-shared with it, for the applier), dockerd started with ``dm.fs=xfs``."""
+"xfs"``, built by ``dmimage build`` itself (its own guest's kernel writes the devices; the
+guest is gone when it returns), dockerd started with ``dm.fs=xfs``."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,7 +59,6 @@ from vmtests.docker_scenario import (
     stopped_on_failure,
     write_inputs,
 )
-from vmtests.guest_cli import compile_checkout
 
 pytestmark = [pytest.mark.vm, pytest.mark.vm_whole_file]
 
@@ -67,10 +67,9 @@ pytestmark = [pytest.mark.vm, pytest.mark.vm_whole_file]
 def guest() -> Iterator[DockerGuest]:
     """One guest (1 GiB, the Docker tools disk attached) for the module: every Docker proof
     runs in it (deb12 whatever the kernel selection: Debian 12's docker.io and lvm2 on
-    Debian 12's kernel is the pairing Debian ships). The host's root is shared with it: an
-    xfs store is built in it (``dmimage.image.docker_xfs`` runs this checkout's Python in a
-    chroot of the share)."""
-    compile_checkout()
+    Debian 12's kernel is the pairing Debian ships). The host's root is shared with it:
+    ``test_xfs_build_failure_cleans_up`` builds a failing xfs store in it, to look at what
+    the build's guest script leaves behind."""
     try:
         dg = DockerGuest.boot("deb12", host_share="/")
     except DockerUnavailable as exc:
@@ -109,7 +108,6 @@ def xfs_store(xfs_made: tuple[Path, Path, GuestRecord]) -> tuple[Path, GuestReco
 def random_store(guest: DockerGuest, tmp_path_factory: pytest.TempPathFactory
                  ) -> tuple[Path, GuestRecord]:
     """A seeded random sequence of operations (DMIMAGE_DOCKER_SEED replays one)."""
-    import os
     import random
 
     seed = int(os.environ.get("DMIMAGE_DOCKER_SEED", "0")) or random.randrange(1, 1 << 30)
@@ -380,7 +378,6 @@ def test_kill_mid_import(guest: DockerGuest, xfs_made: tuple[Path, Path, GuestRe
     scenario's disk, once extracted): check names what the kill left; after dockerd's own
     restart, a predicted rollback has happened (the device is gone from the pool), ls agrees
     with inspect again, and whatever check still names was named before."""
-    import os
     import random
 
     from dmimage.thin.pool import open_pool
@@ -425,17 +422,40 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Inputs]:
     return work, inp
 
 
+def _children() -> set[int]:
+    """This process's child processes (a guest's QEMU among them)."""
+    me = str(os.getpid())
+    out = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if stat.rpartition(")")[2].split()[1] == me:
+                out.add(int(d.name))
+    return out
+
+
 @pytest.fixture(scope="module")
-def built_xfs(guest: DockerGuest, tmp_path_factory: pytest.TempPathFactory
-              ) -> tuple[Path, Inputs]:
-    """The same inputs built with ``fs = "xfs"``: the devices written by the guest's kernel
-    (mkfs.xfs, snapshots, layers applied by dmimage.docker.unpack) in the module's guest."""
+def built_xfs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Inputs]:
+    """The same inputs built with ``fs = "xfs"`` by the product's own command, ``dmimage
+    build SEED.toml -o ROOT`` (in-process): it boots its Docker tools guest (the host's root
+    shared with it), the guest's kernel writes the devices (mkfs.xfs, snapshots, layers
+    applied by dmimage.docker.unpack), and it shuts the guest down: no QEMU of its own is
+    left, nor anything but the data root in ROOT."""
+    from dmimage.cli.main import main
+
     work = tmp_path_factory.mktemp("docker-build-xfs")
     inp = write_build_inputs(work / "inputs")
     spec_file = work / "seed.toml"
     spec_file.write_text(spec_text("seed", ["inputs/rich.tar", "inputs/other-oci"],
                                    base_size="320M") + 'fs = "xfs"\n')
-    build_docker_store(load_docker_spec(spec_file), work / "root", guest=guest)
+    before = _children()
+    assert main(["build", str(spec_file), "-o", str(work / "root"), "-q"]) == 0
+    assert _children() <= before, "the build's guest is still running"
+    assert sorted(p.name for p in (work / "root").iterdir()) == \
+        ["devicemapper", "dmimage-build.json", "image"]
     _kernel_pool_as_dockerds(work / "root/devicemapper/devicemapper/metadata")
     return work, inp
 
@@ -543,6 +563,51 @@ def test_dockerd_runs_built_store(guest: DockerGuest, request: pytest.FixtureReq
             assert got == [inp.diff_id(x)[7:] for x in inp.images[tag]]
             # the legacy v1 layer ids (directory names) are the ones dockerd computes
             assert m["Layers"] == guest_layers[tag], tag
+
+
+def test_xfs_build_failure_cleans_up(guest: DockerGuest, tmp_path: Path) -> None:
+    """A layer only the guest can find wrong (a hard link to a name no layer has): the
+    build stops with one line naming the layer (BuildError, exit 1), OUTDIR is removed, the
+    input is untouched, and the guest is left as it was: no device-mapper device (the pool
+    and the layer's device removed), nothing mounted on the share, no applier running."""
+    import io
+
+    from dmimage.image.build import BuildError
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        ti = tarfile.TarInfo("etc/x")
+        ti.size = 2
+        t.addfile(ti, io.BytesIO(b"x\n"))
+        ti = tarfile.TarInfo("etc/y")
+        ti.type, ti.linkname = tarfile.LNKTYPE, "etc/missing"
+        t.addfile(ti)
+    layer = buf.getvalue()
+    diff = "sha256:" + hashlib.sha256(layer).hexdigest()
+    cfg = json.dumps({"rootfs": {"type": "layers", "diff_ids": [diff]}}).encode()
+    cid = hashlib.sha256(cfg).hexdigest()
+    with tarfile.open(tmp_path / "bad.tar", "w") as t:
+        for name, data in (("l/layer.tar", layer), (f"{cid}.json", cfg), (
+                "manifest.json", json.dumps([{"Config": f"{cid}.json", "RepoTags": ["bad:1"],
+                                              "Layers": ["l/layer.tar"]}]).encode())):
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            t.addfile(ti, io.BytesIO(data))
+    before = (tmp_path / "bad.tar").read_bytes()
+    spec_file = tmp_path / "bad.toml"
+    spec_file.write_text(spec_text("bad", ["bad.tar"], base_size="320M") + 'fs = "xfs"\n')
+    with pytest.raises(BuildError) as ei:
+        build_docker_store(load_docker_spec(spec_file), tmp_path / "out", guest=guest)
+    msg = str(ei.value)
+    assert "\n" not in msg and "layer 1 (device 2)" in msg and "etc/missing" in msg, msg
+    assert ei.value.exit_code == 1
+    assert not (tmp_path / "out").exists()
+    assert (tmp_path / "bad.tar").read_bytes() == before
+    left = guest.sh("dmsetup ls | grep -c dmimage-build- || true; "
+                    f"grep -c ' /tmp/host{tmp_path}' /proc/mounts || true; "
+                    "for p in /proc/[0-9]*; do tr '\\0' ' ' <$p/cmdline 2>/dev/null; echo; "
+                    "done | grep -c '[d]mimage.docker.unpack' || true").split()
+    assert left == ["0", "0", "0"], left
 
 
 def test_direct_lvm_store(guest: DockerGuest, tmp_path: Path) -> None:

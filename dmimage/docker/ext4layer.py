@@ -3,9 +3,14 @@ to a snapshot of the parent's device (moby ``pkg/archive/diff.go`` ``UnpackLayer
 device's ``rootfs/``): an existing path is replaced unless both are directories (then only the
 metadata changes); ``.wh.NAME`` removes NAME, ``.wh..wh..opq`` empties its directory of what
 earlier layers put there; missing parents are created with mode 0600; then owner, mode,
-extended attributes (``SCHILY.xattr.*``) and times, directory times last; a hard link's
-owner, attributes, mode and times go to the inode it shares with its target (mode and times
-not when that target is a symlink), as ``createTarFile`` does through the new name.
+extended attributes (``SCHILY.xattr.*``) and times (as moby's system.Chtimes: outside
+1970..2262 the epoch, not for a symlink), directory times last (their atime the header's,
+else the epoch); a hard link's owner, attributes, mode and times go to the inode it shares
+with its target (mode and times not when that target is a symlink), as ``createTarFile``
+does through the new name, and its lchown drops the inode's ``security.capability`` (the
+kernel's killpriv) before the header's attributes are set. Before each layer, ``rootfs/``
+is set back to 0755 and root if a parent layer's ``./`` changed it, as the driver's Get
+does at every mount.
 
 Why debugfs: a snapshot keeps every unchanged block of its parent only if the layer is
 applied to the parent's filesystem in place, as the kernel would; ``mke2fs -d`` makes a new
@@ -46,11 +51,16 @@ class Tree:
     children: dict[bytes, set[bytes]] = field(default_factory=lambda: {b"": set()})
     links: dict[int, int] = field(default_factory=dict)
     next_ino: int = 1
+    #: rootfs/ itself: (mode bits, uid, gid), as first made or as a layer's "./" left it.
+    root: tuple[int, int, int] = (0o755, 0, 0)
+    #: Inodes holding security.capability (a hard link's lchown drops it, as the kernel's
+    #: killpriv does).
+    caps: set[int] = field(default_factory=set)
 
     def copy(self) -> Tree:
         return Tree(dict(self.kind), dict(self.ino),
                     {k: set(v) for k, v in self.children.items()}, dict(self.links),
-                    self.next_ino)
+                    self.next_ino, self.root, set(self.caps))
 
     def add(self, path: bytes, kind: str, ino: int | None = None) -> None:
         parent = posixpath.dirname(path)
@@ -90,6 +100,12 @@ class Tree:
                 del self.links[ino]
 
 
+def _chtimes(t: int) -> int:
+    """moby's system.Chtimes (files, directories, hard links; not symlinks): a time before
+    1970 or past 2262 (a 64-bit timespec's end) becomes the epoch."""
+    return t if 0 <= t and t * 10**9 <= (1 << 63) - 1 else 0
+
+
 def _q(b: bytes) -> bytes:
     """A debugfs argument: double-quoted, a quote doubled."""
     if b"\n" in b or b"\0" in b:
@@ -123,8 +139,9 @@ _IFMT = {"d": stat.S_IFDIR, "f": stat.S_IFREG, "l": stat.S_IFLNK, "c": stat.S_IF
 
 
 def _clean(name: bytes) -> bytes | None:
-    """The member's path below rootfs (b"" for the root), or None if it leaves it (dockerd
-    refuses such a layer)."""
+    """The member's path below rootfs (b"" for the root), or None if it leaves it: refused
+    (dockerd 20.10 unpacks in a chroot of rootfs/, where "../x" is "x"; a name that climbs
+    out is an error here, never a write elsewhere)."""
     p = posixpath.normpath(name)
     if p == b".." or p.startswith(b"../"):
         return None
@@ -141,6 +158,18 @@ def apply_layer(image: Path, layer_tar: Path, members: list[Member], tree: Tree,
     unpacked: set[bytes] = set()
     dir_times: list[tuple[bytes, int, int]] = []
     value_no = 0
+    # The driver's Get at the device's mount: MkdirAllAndChown(rootfs, 0755, root) chmods
+    # rootfs/ if its permission bits differ and chowns it if its owner does.
+    root_mode, root_uid, root_gid = tree.root
+    if root_mode & 0o777 != 0o755:
+        s.cd(b"")
+        s.cmd(b"sif", b".", b"mode", b"040755")
+        root_mode = 0o755
+    if (root_uid, root_gid) != (0, 0):
+        s.cd(b"")
+        s.cmd(b"sif", b".", b"uid", b"0")
+        s.cmd(b"sif", b".", b"gid", b"0")
+    tree.root = (root_mode, 0, 0)
 
     def remove_all(path: bytes) -> None:
         if path not in tree.kind:
@@ -185,9 +214,11 @@ def apply_layer(image: Path, layer_tar: Path, members: list[Member], tree: Tree,
                     raise StoreError(where, f"{ti.name}: its parent is not a directory")
                 mkdir_all(parent)
             if path.startswith(WH_META.encode()) and path != WH_OPAQUE.encode():
-                if path.startswith(b".wh..wh.plnk"):
-                    raise StoreError(where, f"{ti.name}: aufs hard-link directories are not "
-                                     "supported")
+                # UnpackLayer skips aufs's metadata but keeps plnk's regular files aside for
+                # hard links into it: those are not supported here
+                if path.startswith(b".wh..wh.plnk") and ti.isreg():
+                    raise StoreError(where, f"{ti.name}: aufs hard-link files (.wh..wh.plnk) "
+                                     "are not supported")
                 continue
             if base.startswith(WH.encode()):
                 if base == WH_OPAQUE.encode():
@@ -246,6 +277,12 @@ def apply_layer(image: Path, layer_tar: Path, members: list[Member], tree: Tree,
             s.cmd(b"sif", q, b"uid", uid)
             s.cmd(b"sif", q, b"gid", gid)
             real = tree.kind[path]
+            ino = tree.ino.get(path)
+            if kind == "h" and ino in tree.caps:
+                # dockerd's lchown through the new name: the kernel drops the shared
+                # inode's capability (the header's xattrs below may set it again)
+                s.cmd(b"ea_rm", q, b"security.capability")
+                tree.caps.discard(ino)
             # dockerd chmods (and then sets the times of) a hard link's name too, the inode
             # it shares with its target, unless that target is a symlink; never a symlink.
             if kind != "l" and real != "l":
@@ -259,14 +296,24 @@ def apply_layer(image: Path, layer_tar: Path, members: list[Member], tree: Tree,
                 vf.write_bytes(value.encode("utf-8", "surrogateescape"))
                 s.cmd(b"ea_set", b"-f", _q(str(vf).encode()), q,
                       _q(key[len("SCHILY.xattr."):].encode("utf-8", "surrogateescape")))
+                if key == "SCHILY.xattr.security.capability" and ino is not None:
+                    tree.caps.add(ino)
             mtime = int(ti.mtime)
-            atime = int(float(ti.pax_headers.get("atime", mtime)))
-            atime = max(atime, mtime)
+            raw_atime = ti.pax_headers.get("atime")
+            atime = max(mtime if raw_atime is None else int(float(raw_atime)), mtime)
             if kind == "d":
-                dir_times.append((path, atime, mtime))
-            elif real != "l" or kind == "l":  # a hard link's times too, as its mode
+                # UnpackLayer's last loop: the header's own atime (none: the epoch)
+                dir_times.append((path, _chtimes(-1 if raw_atime is None
+                                                 else int(float(raw_atime))),
+                                  _chtimes(mtime)))
+            elif kind == "l":  # LUtimesNano: no range check
                 s.cmd(b"sif", q, b"mtime", f"@{mtime}".encode())
                 s.cmd(b"sif", q, b"atime", f"@{atime}".encode())
+            elif real != "l":  # a hard link's times too, as its mode
+                s.cmd(b"sif", q, b"mtime", f"@{_chtimes(mtime)}".encode())
+                s.cmd(b"sif", q, b"atime", f"@{_chtimes(atime)}".encode())
+            if not path and kind == "d":
+                tree.root = (ti.mode & 0o7777, ti.uid, ti.gid)
             unpacked.add(path)
     for path, atime, mtime in dir_times:
         if path in tree.kind:

@@ -7,10 +7,12 @@ applied offline instead (``dmimage.docker.ext4layer``, the same semantics).
 
 The semantics: an existing path is replaced unless both are directories (then only the
 metadata changes); ``.wh.NAME`` removes NAME; ``.wh..wh..opq`` removes what its directory holds
-that this layer did not unpack; other ``.wh..wh.*`` names are skipped (aufs ``plnk`` hard links
-are refused); missing parents are made with mode 0600; then lchown, the ``SCHILY.xattr.*``
-attributes, chmod (not for a symlink; for a hard link if its target is not a symlink) and
-times (atime never before mtime), directory times last.
+that this layer did not unpack; other top-level ``.wh..wh.*`` names are skipped (aufs's
+``plnk`` regular files, kept aside by dockerd for hard links into them, are refused); missing
+parents are made with mode 0600; then lchown, the ``SCHILY.xattr.*`` attributes, chmod (not
+for a symlink; for a hard link if its target is not a symlink) and times (atime never before
+mtime; times outside 1970..2262 become the epoch, except a symlink's), directory times last
+(their atime the header's, else the epoch).
 
 Only the standard library is imported, and the process chroots into ``rootfs/`` as dockerd's
 does: a symlink in the layer then resolves inside the device, never into the guest.
@@ -49,15 +51,37 @@ def _ns(ti: tarfile.TarInfo, key: str) -> int | None:
     return -n if neg else n
 
 
-def _times(ti: tarfile.TarInfo) -> tuple[int, int]:
-    """(atime, mtime) in ns; atime is never before mtime (createTarFile)."""
+#: The last time moby's system.Chtimes sets (a 64-bit timespec: time.Unix(0, 1<<63-1)).
+MAX_NS = (1 << 63) - 1
+
+
+def _chtimes(t: int) -> int:
+    """moby's system.Chtimes: a time before 1970 or past MAX_NS becomes the epoch."""
+    return t if 0 <= t <= MAX_NS else 0
+
+
+def _mtime(ti: tarfile.TarInfo) -> int:
     mtime = _ns(ti, "mtime")
-    if mtime is None:
-        mtime = int(ti.mtime) * 10**9
+    return int(ti.mtime) * 10**9 if mtime is None else mtime
+
+
+def _times(ti: tarfile.TarInfo) -> tuple[int, int]:
+    """(atime, mtime) in ns as createTarFile gives them to the syscall: atime never before
+    mtime, then (not for a symlink: LUtimesNano) system.Chtimes's range."""
+    mtime = _mtime(ti)
     atime = _ns(ti, "atime")
     if atime is None or atime < mtime:
         atime = mtime
-    return atime, mtime
+    if ti.issym():
+        return atime, mtime
+    return _chtimes(atime), _chtimes(mtime)
+
+
+def _dir_times(ti: tarfile.TarInfo) -> tuple[int, int]:
+    """A directory's final (atime, mtime): UnpackLayer's last loop passes the header's
+    AccessTime as it is (none: Go's zero time, so the epoch) to system.Chtimes."""
+    atime = _ns(ti, "atime")
+    return _chtimes(-1 if atime is None else atime), _chtimes(_mtime(ti))
 
 
 def _clean(name: str) -> bytes:
@@ -119,8 +143,9 @@ def apply(tar: tarfile.TarFile, dest: bytes, *, chown: bool = True) -> int:
             if not os.path.lexists(parent):
                 _mkdir_all(parent, 0o600)
         if rel.startswith(WH_META):
-            if rel.startswith(WH_LINKDIR):
-                raise LayerError(f"{ti.name}: aufs hard-link directories are not supported")
+            if rel.startswith(WH_LINKDIR) and ti.isreg():
+                raise LayerError(f"{ti.name}: aufs hard-link files (.wh..wh.plnk) are not "
+                                 "supported")
             if rel != WH_OPAQUE:
                 continue
         path = at(rel)
@@ -142,7 +167,7 @@ def apply(tar: tarfile.TarFile, dest: bytes, *, chown: bool = True) -> int:
             _remove_all(path)
         _create(tar, ti, path, dest, chown)
         if ti.isdir():
-            dirs.append((path, _times(ti)))
+            dirs.append((path, _dir_times(ti)))
         unpacked.add(path)
     for path, (atime, mtime) in dirs:
         os.utime(path, ns=(atime, mtime))
@@ -151,8 +176,11 @@ def apply(tar: tarfile.TarFile, dest: bytes, *, chown: bool = True) -> int:
 
 def _opaque(d: bytes, unpacked: set[bytes]) -> None:
     """Remove what is below *d* and was not unpacked by this layer (filepath.Walk in lexical
-    order, descending into what was kept)."""
+    order, descending into what was kept). Walk lstats its root: a *d* that is a symlink,
+    even to a directory, is not walked, so its target keeps its content."""
     try:
+        if not stat.S_ISDIR(os.lstat(d).st_mode):
+            return
         names = sorted(os.listdir(d))
     except FileNotFoundError:
         return
@@ -184,9 +212,12 @@ def _create(tar: tarfile.TarFile, ti: tarfile.TarInfo, path: bytes, dest: bytes,
         kind = stat.S_IFCHR if ti.ischr() else stat.S_IFBLK if ti.isblk() else stat.S_IFIFO
         os.mknod(path, mode | kind, os.makedev(ti.devmajor, ti.devminor))
     elif ti.islnk():
-        link_target = posixpath.join(dest, posixpath.normpath(
-            ti.linkname.encode("utf-8", "surrogateescape")).lstrip(b"/"))
-        if not link_target.startswith(dest):
+        # filepath.Join cleans: "../x" below "/" is "/x" (chrooted, nothing leaves the
+        # device); below another dest the cleaned target must stay inside it
+        link_target = posixpath.normpath(posixpath.join(
+            dest, ti.linkname.encode("utf-8", "surrogateescape").lstrip(b"/")))
+        if not (link_target == dest.rstrip(b"/") or dest == b"/"
+                or link_target.startswith(dest.rstrip(b"/") + b"/")):
             raise LayerError(f"{ti.name}: hard link {ti.linkname!r} leaves the layer's root")
         os.link(link_target, path, follow_symlinks=False)
     elif ti.issym():
@@ -214,13 +245,23 @@ def _create(tar: tarfile.TarFile, ti: tarfile.TarInfo, path: bytes, dest: bytes,
     os.utime(path, ns=(atime, mtime))
 
 
-def first_mount(mount: bytes, device_hash: str) -> None:
-    """What the driver's Get does on a device's first mount: ``rootfs/`` (0755, root) and an
-    ``id`` file (0600) holding the device hash, unless they exist."""
+def driver_get(mount: bytes, device_hash: str | None) -> None:
+    """What the driver's Get does at every mount: ``rootfs/`` made, or its permissions set
+    back to 0755 and its owner to root if they differ (MkdirAllAndChown's setPermissions: a
+    parent layer's "./" entry does not reach its child's device); with *device_hash* (a
+    device's first mount) an ``id`` file (0600) holding it, unless one exists."""
     rootfs = posixpath.join(mount, b"rootfs")
-    if not os.path.isdir(rootfs):
+    try:
+        st = os.stat(rootfs)
+    except FileNotFoundError:
         os.mkdir(rootfs, 0o755)
+        st = os.stat(rootfs)
+    if stat.S_IMODE(st.st_mode) & 0o777 != 0o755:
+        os.chmod(rootfs, 0o755)
+    if (st.st_uid, st.st_gid) != (0, 0):
         os.chown(rootfs, 0, 0)
+    if device_hash is None:
+        return
     idf = posixpath.join(mount, b"id")
     if not os.path.lexists(idf):
         fd = os.open(idf, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600)
@@ -231,11 +272,10 @@ def first_mount(mount: bytes, device_hash: str) -> None:
 
 
 def apply_job(mount: bytes, layer: str, device_hash: str | None) -> None:
-    """In a child process (the chroot cannot be undone): MOUNT/rootfs gets LAYER.tar applied
-    (*device_hash*: ``first_mount`` before)."""
+    """In a child process (the chroot cannot be undone): the driver's Get on MOUNT
+    (*device_hash*: the device's first mount), then MOUNT/rootfs gets LAYER.tar applied."""
     os.umask(0)
-    if device_hash is not None:
-        first_mount(mount, device_hash)
+    driver_get(mount, device_hash)
     with tarfile.open(layer, "r:", encoding="utf-8", errors="surrogateescape") as tar:
         os.chroot(posixpath.join(mount, b"rootfs"))
         os.chdir("/")
@@ -259,10 +299,11 @@ def serve(jobs: list[list[str | None]]) -> int:
             try:
                 apply_job(os.fsencode(mount), layer, device_hash)
             except (OSError, LayerError, tarfile.TarError) as exc:
-                os.write(w, f"{layer}: {exc}".encode(errors="replace"))
+                os.write(w, f"{posixpath.basename(layer)}: {exc}".encode(errors="replace"))
                 code = 1
             except BaseException as exc:
-                os.write(w, f"{layer}: {type(exc).__name__}: {exc}".encode(errors="replace"))
+                os.write(w, f"{posixpath.basename(layer)}: {type(exc).__name__}: {exc}"
+                         .encode(errors="replace"))
                 code = 1
             os._exit(code)
         os.close(w)

@@ -9,8 +9,9 @@ the two files (``thin-pool META DATA 128 32768 1 skip_block_zeroing``), ``create
 ``set_transaction_id 0 1``, ``mkfs.xfs`` (Debian 12's xfsprogs 6.1, dockerd's command line:
 no options; ``-m uuid=`` only if the spec names ``base_uuid``) on the base device; then per
 layer, parents first, ``create_snap`` of the parent's device (inactive, as dockerd's) and
-``set_transaction_id``, the device mounted ``-o nouuid`` (deviceset.go's MountDevice), on the
-first layer ``rootfs/`` and ``id`` made as the driver's Get makes them, the layer applied with
+``set_transaction_id``, the device mounted ``-o nouuid`` (deviceset.go's MountDevice), what
+the driver's Get does at every mount (``rootfs/`` 0755 root; ``id`` on a first layer), the
+layer applied with
 :mod:`dmimage.docker.unpack` (this Python, run in a chroot of the host's root shared
 read-only over virtio-9p, so it reads the layer tars where the host wrote them), then
 unmounted and deactivated. The kernel commits the pool's metadata when the pool is removed;
