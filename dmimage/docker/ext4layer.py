@@ -10,7 +10,9 @@ with its target (mode and times not when that target is a symlink), as ``createT
 does through the new name, and its lchown drops the inode's ``security.capability`` (the
 kernel's killpriv) before the header's attributes are set. Before each layer, ``rootfs/``
 is set back to 0755 and root if a parent layer's ``./`` changed it, as the driver's Get
-does at every mount.
+does at every mount. The members are read as Go's archive/tar reads them
+(``tarsplit.disassemble`` through ``gotar``): a global PAX header only removes an existing
+path of its name, and a GNU header's atime counts.
 
 Why debugfs: a snapshot keeps every unchanged block of its parent only if the layer is
 applied to the parent's filesystem in place, as the kernel would; ``mke2fs -d`` makes a new
@@ -227,14 +229,15 @@ def apply_layer(image: Path, layer_tar: Path, members: list[Member], tree: Tree,
                     remove_all(posixpath.join(parent, base[len(WH):]))
                 continue
             kind = _TYPE.get(ti.type)
-            if kind is None:
-                if ti.type in (tarfile.XGLTYPE, tarfile.XHDTYPE):
-                    continue
+            if kind is None and ti.type != tarfile.XGLTYPE:
                 raise StoreError(where, f"{ti.name}: tar member type {ti.type!r} is not "
                                  "supported")
             existing = tree.kind.get(path)
             if existing is not None and not (existing == "d" and kind == "d"):
                 remove_all(path)
+            if kind is None:  # a global header: createTarFile ignores it after the removal
+                unpacked.add(path)
+                continue
             s.cd(parent)
             q = _q(base) if path else b"."
             if kind == "d":
@@ -299,12 +302,11 @@ def apply_layer(image: Path, layer_tar: Path, members: list[Member], tree: Tree,
                 if key == "SCHILY.xattr.security.capability" and ino is not None:
                     tree.caps.add(ino)
             mtime = int(ti.mtime)
-            raw_atime = ti.pax_headers.get("atime")
-            atime = max(mtime if raw_atime is None else int(float(raw_atime)), mtime)
+            raw_atime = _atime_s(ti)
+            atime = max(mtime if raw_atime is None else raw_atime, mtime)
             if kind == "d":
                 # UnpackLayer's last loop: the header's own atime (none: the epoch)
-                dir_times.append((path, _chtimes(-1 if raw_atime is None
-                                                 else int(float(raw_atime))),
+                dir_times.append((path, _chtimes(-1 if raw_atime is None else raw_atime),
                                   _chtimes(mtime)))
             elif kind == "l":  # LUtimesNano: no range check
                 s.cmd(b"sif", q, b"mtime", f"@{mtime}".encode())
@@ -324,6 +326,15 @@ def apply_layer(image: Path, layer_tar: Path, members: list[Member], tree: Tree,
     run_debugfs(image, s.lines, work, epoch=epoch, where=where)
     for f in files.iterdir():
         f.unlink()
+
+
+def _atime_s(ti: tarfile.TarInfo) -> int | None:
+    """Go's Header.AccessTime in whole seconds: the PAX record (its fraction dropped), else
+    the GNU header's field (``gotar``), else None (Go's zero time)."""
+    raw = ti.pax_headers.get("atime")
+    if raw is not None:
+        return int(float(raw))
+    return getattr(ti, "atime_s", None)
 
 
 def _env(epoch: int) -> dict[str, str]:

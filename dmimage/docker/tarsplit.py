@@ -305,10 +305,13 @@ def disassemble(path: str, where: str) -> tuple[bytes, list[Member], int]:
     PAX/GNU extended headers, padding), then the end-of-archive blocks and anything after
     them, so the entries rebuild the file byte for byte. Every member is a file entry (Go's
     tar-split does the same; its packer refuses a name seen twice, so this does too); a
-    regular file's entry carries the CRC-64/ISO of its data. The applied size is what
+    regular file's entry carries the CRC-64/ISO of its data. The members are read as Go's
+    archive/tar reads them (``gotar``): a global PAX header is a member of its own with no
+    data, as in Go's tar-split, and changes no later member. The applied size is what
     dockerd records in the layerdb's ``size``: the sum of the members' header sizes.
     """
     from dmimage.docker.crc64 import crc64, crc64_many
+    from dmimage.docker.gotar import open_layer
 
     members: list[Member] = []
     lines: list[bytes] = []
@@ -323,8 +326,7 @@ def disassemble(path: str, where: str) -> tuple[bytes, list[Member], int]:
     applied = 0
     with open(path, "rb") as raw:
         try:
-            tar = tarfile.open(fileobj=raw, mode="r:", encoding="utf-8",
-                               errors="surrogateescape")
+            tar = open_layer(fileobj=raw)
             infos = tar.getmembers()
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise StoreError(where, f"not a readable tar ({exc})") from None

@@ -14,8 +14,13 @@ for a symlink; for a hard link if its target is not a symlink) and times (atime 
 mtime; times outside 1970..2262 become the epoch, except a symlink's), directory times last
 (their atime the header's, else the epoch).
 
-Only the standard library is imported, and the process chroots into ``rootfs/`` as dockerd's
-does: a symlink in the layer then resolves inside the device, never into the guest.
+Members are read as Go's archive/tar reads them (``dmimage.docker.gotar``): a global PAX
+header is an entry of its own that changes no later one (createTarFile ignores it once an
+existing path of its name is removed), and a GNU header's atime counts.
+
+Only the standard library (and ``gotar``, itself standard library only) is imported, and
+the process chroots into ``rootfs/`` as dockerd's does: a symlink in the layer then
+resolves inside the device, never into the guest.
 
     python -m dmimage.docker.unpack --jobs JOBS.json   # one line on stdin per job
 """
@@ -30,6 +35,8 @@ import stat
 import sys
 import tarfile
 
+from dmimage.docker.gotar import atime_ns, open_layer, pax_ns
+
 WH = b".wh."
 WH_META = b".wh..wh."
 WH_OPAQUE = b".wh..wh..opq"
@@ -38,17 +45,6 @@ WH_LINKDIR = b".wh..wh.plnk"
 
 class LayerError(Exception):
     """A member dockerd would refuse (one line, naming the member)."""
-
-
-def _ns(ti: tarfile.TarInfo, key: str) -> int | None:
-    """The PAX time *key* in nanoseconds, exactly (the float ``TarInfo.mtime`` rounds)."""
-    raw = ti.pax_headers.get(key)
-    if raw is None:
-        return None
-    whole, _, frac = raw.partition(".")
-    neg = whole.startswith("-")
-    n = abs(int(whole or "0")) * 10**9 + int((frac + "000000000")[:9])
-    return -n if neg else n
 
 
 #: The last time moby's system.Chtimes sets (a 64-bit timespec: time.Unix(0, 1<<63-1)).
@@ -61,7 +57,7 @@ def _chtimes(t: int) -> int:
 
 
 def _mtime(ti: tarfile.TarInfo) -> int:
-    mtime = _ns(ti, "mtime")
+    mtime = pax_ns(ti, "mtime")
     return int(ti.mtime) * 10**9 if mtime is None else mtime
 
 
@@ -69,7 +65,7 @@ def _times(ti: tarfile.TarInfo) -> tuple[int, int]:
     """(atime, mtime) in ns as createTarFile gives them to the syscall: atime never before
     mtime, then (not for a symlink: LUtimesNano) system.Chtimes's range."""
     mtime = _mtime(ti)
-    atime = _ns(ti, "atime")
+    atime = atime_ns(ti)
     if atime is None or atime < mtime:
         atime = mtime
     if ti.issym():
@@ -80,7 +76,7 @@ def _times(ti: tarfile.TarInfo) -> tuple[int, int]:
 def _dir_times(ti: tarfile.TarInfo) -> tuple[int, int]:
     """A directory's final (atime, mtime): UnpackLayer's last loop passes the header's
     AccessTime as it is (none: Go's zero time, so the epoch) to system.Chtimes."""
-    atime = _ns(ti, "atime")
+    atime = atime_ns(ti)
     return _chtimes(-1 if atime is None else atime), _chtimes(_mtime(ti))
 
 
@@ -157,14 +153,15 @@ def apply(tar: tarfile.TarFile, dest: bytes, *, chown: bool = True) -> int:
             else:
                 _remove_all(posixpath.join(d, base[len(WH):]))
             continue
-        if ti.type in (tarfile.XGLTYPE,):
-            continue
         try:
             st: os.stat_result | None = os.lstat(path)
         except FileNotFoundError:
             st = None
         if st is not None and not (stat.S_ISDIR(st.st_mode) and ti.isdir()):
             _remove_all(path)
+        if ti.type == tarfile.XGLTYPE:  # createTarFile ignores it, after the removal
+            unpacked.add(path)
+            continue
         _create(tar, ti, path, dest, chown)
         if ti.isdir():
             dirs.append((path, _dir_times(ti)))
@@ -276,7 +273,7 @@ def apply_job(mount: bytes, layer: str, device_hash: str | None) -> None:
     (*device_hash*: the device's first mount), then MOUNT/rootfs gets LAYER.tar applied."""
     os.umask(0)
     driver_get(mount, device_hash)
-    with tarfile.open(layer, "r:", encoding="utf-8", errors="surrogateescape") as tar:
+    with open_layer(layer) as tar:
         os.chroot(posixpath.join(mount, b"rootfs"))
         os.chdir("/")
         apply(tar, b"/")

@@ -69,7 +69,8 @@ def _compile_applier() -> None:
     import py_compile
 
     pkg = _checkout() / "dmimage"
-    for src in (pkg / "__init__.py", pkg / "docker/__init__.py", pkg / "docker/unpack.py"):
+    for src in (pkg / "__init__.py", pkg / "docker/__init__.py", pkg / "docker/gotar.py",
+                pkg / "docker/unpack.py"):
         try:
             py_compile.compile(str(src), cfile=_default_cache(src), doraise=True)
         except (OSError, py_compile.PyCompileError):

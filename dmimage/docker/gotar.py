@@ -1,0 +1,157 @@
+"""Read layer tars as Go's ``archive/tar`` reads them (dockerd's ``UnpackLayer`` and
+tar-split both sit on it), where Python's ``tarfile`` differs:
+
+- a global PAX header (typeflag ``g``) is an entry of its own, with its records and no
+  size (its name the ``path`` record if it has one), and it changes no later entry; Python
+  merges its records (``mtime``, ``uid``, ``path``...) into every later member and hides it;
+- a GNU-format header (magic ``"ustar "``, version ``" \\0"``) has no name prefix: bytes
+  345..356 and 357..368 are its atime and ctime (read when their first byte is not NUL; if
+  they do not parse, the pre-Go-1.8 fallback takes them as an ASCII prefix); a star header
+  (``"ustar\\0"`` and ``"tar\\0"`` at 508) has a 131-byte prefix, then atime and ctime at
+  476 and 488; a v7 header has no prefix. Python reads bytes 345..499 as a prefix for all of
+  them (a GNU atime becomes a directory in the name) and never reads atime.
+
+Only the standard library is imported: the xfs applier runs this in the guest.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from typing import IO, Any
+
+_GNU = b"ustar  \0"
+_USTAR = b"ustar\0"
+_STAR_TRAILER = b"tar\0"
+
+
+class GoTarInfo(tarfile.TarInfo):
+    """A TarInfo read with Go's rules (``tarfile.open(..., tarinfo=GoTarInfo)``).
+
+    ``atime_s``/``ctime_s``: the header's own access and change times in whole seconds (GNU
+    or star format), else None; a PAX ``atime`` record overrides it (``atime_ns``)."""
+
+    atime_s: int | None
+    ctime_s: int | None
+
+    @classmethod
+    def frombuf(cls, raw: bytes | bytearray, encoding: str, errors: str) -> GoTarInfo:
+        obj = super().frombuf(raw, encoding, errors)
+        buf = bytes(raw)
+        obj.atime_s = obj.ctime_s = None
+        name = _nts(bytes(buf[0:100]), encoding, errors)
+        if obj.isdir():
+            name = name.rstrip("/")
+        magic = buf[257:263]
+        prefix = b""
+        if magic == _USTAR and buf[508:512] == _STAR_TRAILER:
+            prefix = buf[345:476]
+            obj.atime_s = _numeric(buf[476:488]) or 0
+            obj.ctime_s = _numeric(buf[488:500]) or 0
+        elif magic == _USTAR:
+            prefix = buf[345:500]
+        elif buf[257:265] == _GNU:
+            a, c = buf[345:357], buf[357:369]
+            at = _numeric(a) if a[0] else 0
+            ct = _numeric(c) if c[0] else 0
+            if at is None or ct is None:  # Go's fallback for its own pre-1.8 files
+                p = buf[345:500].split(b"\0", 1)[0]
+                if p.isascii():
+                    prefix = p
+            else:
+                obj.atime_s = at if a[0] else None
+                obj.ctime_s = ct if c[0] else None
+        text = _nts(bytes(prefix), encoding, errors)
+        if text and obj.type not in tarfile.GNU_TYPES:
+            name = text + "/" + name
+        obj.name = name
+        return obj
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> Any:
+        """A global header is returned as itself (tarfile's documented override point)."""
+        if self.type != tarfile.XGLTYPE:
+            return tarfile.TarInfo._proc_member(self, tarfile_)  # type: ignore[attr-defined]
+        fileobj: Any = tarfile_.fileobj
+        data = fileobj.read(self.size)
+        if len(data) != self.size:
+            raise tarfile.ReadError("truncated global header")
+        records = _pax_records(data, tarfile_.encoding or "utf-8", tarfile_.errors)
+        if records is None:
+            raise tarfile.ReadError("invalid global header records")
+        self.pax_headers = records
+        if "path" in records:  # Go's mergePAX on the global header itself
+            self.name = records["path"]
+        self.offset_data = self.offset + tarfile.BLOCKSIZE + -(-self.size // 512) * 512
+        tarfile_.offset = self.offset_data
+        self.size = 0
+        return self
+
+
+def _nts(b: bytes, encoding: str, errors: str) -> str:
+    """A NUL-terminated field as text (Go's parseString)."""
+    return b.split(b"\0", 1)[0].decode(encoding, errors)
+
+
+def _numeric(b: bytes) -> int | None:
+    """Go's parseNumeric: base-256 when the high bit is set, else octal (NULs and spaces
+    trimmed); None if it does not parse."""
+    if b[0] & 0x80:
+        inv = 0xFF if b[0] & 0x40 else 0
+        x = 0
+        for i, c in enumerate(b):
+            c ^= inv
+            x = x << 8 | (c & 0x7F if i == 0 else c)
+        if x >> 63:
+            return None
+        return ~x if inv else x
+    s = b.strip(b" \0").split(b"\0", 1)[0]
+    if not s:
+        return 0
+    if s.strip(b"01234567"):
+        return None
+    return int(s, 8)
+
+
+def _pax_records(data: bytes, encoding: str, errors: str) -> dict[str, str] | None:
+    """Go's parsePAX records, ``"%d %s=%s\\n"``; None if one is malformed."""
+    out: dict[str, str] = {}
+    while data:
+        sp = data.find(b" ")
+        if sp < 1 or not data[:sp].isdigit():
+            return None
+        n = int(data[:sp])
+        if n < 5 or n > len(data) or data[n - 1:n] != b"\n":
+            return None
+        key, eq, value = data[sp + 1:n - 1].partition(b"=")
+        if not eq:
+            return None
+        out[key.decode("utf-8", errors)] = value.decode(encoding, errors)
+        data = data[n:]
+    return out
+
+
+def open_layer(path: str | None = None, *, fileobj: IO[bytes] | None = None) -> tarfile.TarFile:
+    """An uncompressed layer tar opened to be read with Go's rules (names kept as bytes
+    through surrogateescape)."""
+    return tarfile.open(path, mode="r:", fileobj=fileobj, tarinfo=GoTarInfo,
+                        encoding="utf-8", errors="surrogateescape")
+
+
+def pax_ns(ti: tarfile.TarInfo, key: str) -> int | None:
+    """The PAX time *key* in nanoseconds, exactly (the float ``TarInfo.mtime`` rounds)."""
+    raw = ti.pax_headers.get(key)
+    if raw is None:
+        return None
+    whole, _, frac = raw.partition(".")
+    neg = whole.startswith("-")
+    n = abs(int(whole or "0")) * 10**9 + int((frac + "000000000")[:9])
+    return -n if neg else n
+
+
+def atime_ns(ti: tarfile.TarInfo) -> int | None:
+    """Go's Header.AccessTime in ns: the PAX record, else the GNU/star header field, else
+    None (Go's zero time)."""
+    ns = pax_ns(ti, "atime")
+    if ns is not None:
+        return ns
+    secs = getattr(ti, "atime_s", None)
+    return None if secs is None else secs * 10**9

@@ -1,0 +1,166 @@
+"""Layer tars read as Go's archive/tar (dockerd 20.10's UnpackLayer, tar-split) reads them,
+on tar bytes built by hand (``handtar``). The expected values come from the formats and
+from Go's reader and moby's applier, not from our code:
+
+- a global PAX header (typeflag 'g') is returned by Go's Reader.Next as an entry of its own
+  (its Name the ``path`` record when there is one, its PAXRecords the records, Size 0) and
+  is merged into no later header; UnpackLayer removes an existing path of that name, then
+  createTarFile ignores the entry ("PAX Global Extended Headers found and ignored"), and the
+  path counts as unpacked;
+- a GNU-format header (magic "ustar ", version " \\0") carries atime at 345 and ctime at
+  357 (octal; read when the first byte is not NUL) and has no name prefix; createTarFile
+  sets a file's atime to it unless it is before the mtime, and UnpackLayer's last loop sets
+  a directory's atime to it (none: the epoch).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from docker_inputs import expected_tree
+from handtar import END, GNU, member, pax_records
+from test_docker_ext4layer import EPOCH, _stat
+
+from dmimage.docker import tarsplit
+from dmimage.docker.errors import StoreError
+from dmimage.docker.ext4layer import Tree, apply_layer, first_layer_setup, make_base
+from dmimage.docker.gotar import atime_ns, open_layer
+from dmimage.docker.unpack import apply
+
+UID, GID = os.getuid(), os.getgid()
+T = 1_600_000_000
+GLOBAL = [("mtime", "1234567890"), ("uid", "4242"), ("gid", "4343"),
+          ("atime", "1999999999"), ("path", "gpath")]
+
+#: a file the global header's path names, and one it does not
+BEFORE = (member(b"gpath", b"0", b"old\n", uid=UID, gid=GID)
+          + member(b"keep", b"0", b"keep\n", uid=UID, gid=GID) + END)
+#: a global header, then a file and a directory of the caller's owner
+WITH_GLOBAL = (member(b"pax_global_header", b"g", pax_records(GLOBAL), mtime=0)
+               + member(b"file", b"0", b"hello\n", mode=0o640, uid=UID, gid=GID)
+               + member(b"dir/", b"5", mode=0o755, uid=UID, gid=GID) + END)
+#: GNU-format members: a file with atime past its mtime, a directory with one before, a
+#: file without one
+GNU_TIMES = (member(b"gnufile", b"0", b"g\n", magic=GNU, uid=UID, gid=GID,
+                    atime=1_700_000_000, ctime=1_700_000_001)
+             + member(b"gnudir/", b"5", mode=0o755, magic=GNU, uid=UID, gid=GID,
+                      atime=1_500_000_000)
+             + member(b"plain", b"0", b"p\n", magic=GNU, uid=UID, gid=GID) + END)
+
+
+def _read(raw: bytes) -> list[tuple[str, bytes, int, int, int, int, dict[str, str]]]:
+    with open_layer(fileobj=io.BytesIO(raw)) as t:
+        return [(ti.name, ti.type, ti.size, int(ti.mtime), ti.uid, ti.gid,
+                 dict(ti.pax_headers)) for ti in t.getmembers()]
+
+
+def test_global_header_is_its_own_entry_and_changes_nothing_after_it() -> None:
+    assert _read(WITH_GLOBAL) == [
+        ("gpath", b"g", 0, 0, 0, 0, dict(GLOBAL)),
+        ("file", b"0", 6, T, UID, GID, {}),
+        ("dir", b"5", 0, T, UID, GID, {})]
+
+
+def test_gnu_header_times_and_no_prefix() -> None:
+    with open_layer(fileobj=io.BytesIO(GNU_TIMES)) as t:
+        got = [(ti.name, atime_ns(ti), getattr(ti, "ctime_s", None)) for ti in t]
+    assert got == [("gnufile", 1_700_000_000 * 10**9, 1_700_000_001),
+                   ("gnudir", 1_500_000_000 * 10**9, None),
+                   ("plain", None, None)]
+
+
+def _times(p: Path) -> tuple[int, int]:
+    st = os.lstat(p)
+    return st.st_atime_ns // 10**9, st.st_mtime_ns // 10**9
+
+
+def test_xfs_applier(tmp_path: Path) -> None:
+    dest = tmp_path / "rootfs"
+    dest.mkdir()
+    sizes = []
+    for raw in (BEFORE, WITH_GLOBAL, GNU_TIMES):
+        with open_layer(fileobj=io.BytesIO(raw)) as t:
+            sizes.append(apply(t, os.fsencode(dest), chown=False))
+    assert sizes == [9, 6, 4]
+    assert sorted(os.listdir(dest)) == ["dir", "file", "gnudir", "gnufile", "keep", "plain"]
+    assert _times(dest / "file") == (T, T)
+    assert _times(dest / "dir") == (0, T)
+    assert _times(dest / "gnufile") == (1_700_000_000, T)
+    assert _times(dest / "gnudir") == (1_500_000_000, T)
+    assert _times(dest / "plain") == (T, T)
+    assert os.stat(dest / "file").st_mode & 0o7777 == 0o640
+    assert (dest / "file").read_bytes() == b"hello\n"  # last: reading sets the atime
+
+
+def test_reference_model(tmp_path: Path) -> None:
+    """expected_tree follows the same reading: gpath removed, owners the members' own."""
+    tree = expected_tree([BEFORE, WITH_GLOBAL])
+    assert sorted(tree) == ["dir", "file", "keep"]
+    assert (tree["file"]["uid"], tree["file"]["gid"], tree["file"]["mode"]) == \
+        (UID, GID, 0o640)
+
+
+def test_tarsplit_keeps_the_global_entry_and_rebuilds_the_bytes(tmp_path: Path) -> None:
+    lf = tmp_path / "l.tar"
+    lf.write_bytes(WITH_GLOBAL)
+    ts, members, applied = tarsplit.disassemble(str(lf), "layer")
+    assert applied == 6
+    assert [(m.name, m.info.type) for m in members] == \
+        [(b"gpath", b"g"), (b"file", b"0"), (b"dir", b"5")]
+    files = [json.loads(line) for line in gzip.decompress(ts).splitlines()]
+    files = [e for e in files if e["type"] == tarsplit.FILE_TYPE]
+    assert [(e["name"], e.get("size")) for e in files][:2] == [("gpath", None), ("file", 6)]
+    entries = list(tarsplit.read_entries(ts, "ts"))
+
+    def open_file(name: bytes) -> io.BytesIO:
+        assert name == b"file"
+        return io.BytesIO(b"hello\n")
+
+    digest = "sha256:" + hashlib.sha256(WITH_GLOBAL).hexdigest()
+    assert b"".join(tarsplit.assemble(entries, open_file, expect_digest=digest,
+                                      where="l")) == WITH_GLOBAL
+
+
+def test_tarsplit_refuses_two_global_headers_of_one_name(tmp_path: Path) -> None:
+    """tar-split's packer refuses a name seen twice, global headers' included."""
+    g = member(b"pax_global_header", b"g", pax_records([("comment", "x")]))
+    lf = tmp_path / "l.tar"
+    lf.write_bytes(g + g + END)
+    with pytest.raises(StoreError, match="named twice"):
+        tarsplit.disassemble(str(lf), "layer")
+
+
+def test_ext4_builder(tmp_path: Path) -> None:
+    img = tmp_path / "base.img"
+    make_base(img, 16 << 20, "0f8f0de5-8b5e-4d9b-9b2a-5d1b1a5f7c01",
+              "5b0b5c8e-4d7e-4c43-9f57-6d8d0c1f4a11", EPOCH)
+    first_layer_setup(img, "h" * 64, tmp_path, EPOCH)
+    tree = Tree()
+    work = tmp_path / "apply"
+    work.mkdir()
+    for i, raw in enumerate((BEFORE, WITH_GLOBAL, GNU_TIMES)):
+        lf = tmp_path / f"l{i}.tar"
+        lf.write_bytes(raw)
+        _ts, ms, _n = tarsplit.disassemble(str(lf), f"layer {i}")
+        apply_layer(img, lf, ms, tree, work, epoch=EPOCH, where=f"layer {i}")
+    ls = subprocess.run(["debugfs", "-R", "ls -p /rootfs", str(img)], capture_output=True,
+                        text=True, check=True).stdout
+    names = sorted(f.split("/")[5] for f in ls.splitlines() if f.count("/") >= 6)
+    assert names == [".", "..", "dir", "file", "gnudir", "gnufile", "keep", "plain"]
+
+    def times(p: str) -> tuple[int, int, int]:
+        st = _stat(img, f"/rootfs/{p}")
+        return st["user"], st["atime"], st["mtime"]
+
+    assert times("file") == (UID, T, T)
+    assert times("dir") == (UID, 0, T)
+    assert times("gnufile") == (UID, 1_700_000_000, T)
+    assert times("gnudir") == (UID, 1_500_000_000, T)
+    assert times("plain") == (UID, T, T)
