@@ -68,6 +68,15 @@ def test_global_header_is_its_own_entry_and_changes_nothing_after_it() -> None:
         ("dir", b"5", 0, T, UID, GID, {})]
 
 
+def test_extended_header_before_a_global_one_applies_to_nothing() -> None:
+    """Go's next(): the 'g' header's records replace the 'x' header's, then it returns."""
+    raw = (member(b"PaxHeaders/x", b"x", pax_records([("path", "xpath"), ("uid", "7")]))
+           + member(b"pax_global_header", b"g", pax_records([("comment", "c")]))
+           + member(b"file", b"0", b"hello\n", uid=UID, gid=GID) + END)
+    assert _read(raw) == [("pax_global_header", b"g", 0, T, 0, 0, {"comment": "c"}),
+                          ("file", b"0", 6, T, UID, GID, {})]
+
+
 def test_gnu_header_times_and_no_prefix() -> None:
     with open_layer(fileobj=io.BytesIO(GNU_TIMES)) as t:
         got = [(ti.name, atime_ns(ti), getattr(ti, "ctime_s", None)) for ti in t]

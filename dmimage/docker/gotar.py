@@ -85,6 +85,14 @@ class GoTarInfo(tarfile.TarInfo):
         self.size = 0
         return self
 
+    def _apply_pax_info(self, pax_headers: dict[str, str], encoding: str,
+                        errors: str) -> None:
+        """An extended header before a global one is dropped (Go's next() replaces its
+        records with the global header's); anything else as tarfile does."""
+        if self.type != tarfile.XGLTYPE:
+            tarfile.TarInfo._apply_pax_info(  # type: ignore[attr-defined]
+                self, pax_headers, encoding, errors)
+
 
 def _nts(b: bytes, encoding: str, errors: str) -> str:
     """A NUL-terminated field as text (Go's parseString)."""
