@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dmimage.docker.gotar import open_layer
+from dmimage.docker.gotar import open_tar
 
 MTIME = 1_600_000_000
 
@@ -212,7 +212,7 @@ def expected_tree(tars: list[bytes]) -> dict[str, dict[str, Any]]:
 
     for raw in tars:
         unpacked: set[str] = set()
-        with open_layer(fileobj=io.BytesIO(raw)) as t:  # as Go's archive/tar reads
+        with open_tar(fileobj=io.BytesIO(raw)) as t:  # as Go's archive/tar reads
             for ti in t.getmembers():
                 p = posixpath.normpath(ti.name)
                 d, base = posixpath.split(p)

@@ -26,7 +26,7 @@ from docker_inputs import Inputs, expected_tree, spec_text, write_inputs
 from dmimage.docker.check import check_store
 from dmimage.docker.crc64 import crc64, crc64_many
 from dmimage.docker.fs import open_filesystem, owner_mode
-from dmimage.docker.gotar import open_layer
+from dmimage.docker.gotar import open_tar
 from dmimage.docker.report import ls_data, read_pool_view
 from dmimage.docker.save import save
 from dmimage.docker.store import open_store, resolve
@@ -110,7 +110,7 @@ def test_tar_split_crcs(built: tuple[Path, Inputs]) -> None:
         assert layer.tar_split is not None
         lines = gzip.decompress((root / layer.tar_split).read_bytes()).splitlines()
         files = {}
-        with open_layer(fileobj=io.BytesIO(raw)) as t:  # names as Go's reader has them
+        with open_tar(fileobj=io.BytesIO(raw)) as t:  # names as Go's reader has them
             for ti in t.getmembers():
                 if ti.isreg() and ti.size:
                     f = t.extractfile(ti)

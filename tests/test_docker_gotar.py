@@ -31,7 +31,8 @@ from test_docker_ext4layer import EPOCH, _stat
 from dmimage.docker import tarsplit
 from dmimage.docker.errors import StoreError
 from dmimage.docker.ext4layer import Tree, apply_layer, first_layer_setup, make_base
-from dmimage.docker.gotar import atime_ns, open_layer
+from dmimage.docker.gotar import atime_ns, open_tar
+from dmimage.docker.inputs import _Source
 from dmimage.docker.unpack import apply
 
 UID, GID = os.getuid(), os.getgid()
@@ -56,7 +57,7 @@ GNU_TIMES = (member(b"gnufile", b"0", b"g\n", magic=GNU, uid=UID, gid=GID,
 
 
 def _read(raw: bytes) -> list[tuple[str, bytes, int, int, int, int, dict[str, str]]]:
-    with open_layer(fileobj=io.BytesIO(raw)) as t:
+    with open_tar(fileobj=io.BytesIO(raw)) as t:
         return [(ti.name, ti.type, ti.size, int(ti.mtime), ti.uid, ti.gid,
                  dict(ti.pax_headers)) for ti in t.getmembers()]
 
@@ -78,7 +79,7 @@ def test_extended_header_before_a_global_one_applies_to_nothing() -> None:
 
 
 def test_gnu_header_times_and_no_prefix() -> None:
-    with open_layer(fileobj=io.BytesIO(GNU_TIMES)) as t:
+    with open_tar(fileobj=io.BytesIO(GNU_TIMES)) as t:
         got = [(ti.name, atime_ns(ti), getattr(ti, "ctime_s", None)) for ti in t]
     assert got == [("gnufile", 1_700_000_000 * 10**9, 1_700_000_001),
                    ("gnudir", 1_500_000_000 * 10**9, None),
@@ -95,7 +96,7 @@ def test_xfs_applier(tmp_path: Path) -> None:
     dest.mkdir()
     sizes = []
     for raw in (BEFORE, WITH_GLOBAL, GNU_TIMES):
-        with open_layer(fileobj=io.BytesIO(raw)) as t:
+        with open_tar(fileobj=io.BytesIO(raw)) as t:
             sizes.append(apply(t, os.fsencode(dest), chown=False))
     assert sizes == [9, 6, 4]
     assert sorted(os.listdir(dest)) == ["dir", "file", "gnudir", "gnufile", "keep", "plain"]
@@ -173,3 +174,16 @@ def test_ext4_builder(tmp_path: Path) -> None:
     assert times("gnufile") == (UID, 1_700_000_000, T)
     assert times("gnudir") == (UID, 1_500_000_000, T)
     assert times("plain") == (UID, T, T)
+
+
+def test_docker_save_archive_with_a_global_header(tmp_path: Path) -> None:
+    """docker load reads the archive with Go's archive/tar: a global path renames nothing."""
+    p = tmp_path / "in.tar"
+    p.write_bytes(member(b"pax_global_header", b"g", pax_records([("path", "elsewhere")]))
+                  + member(b"manifest.json", b"0", b"[]") + END)
+    src = _Source(p)
+    try:
+        assert src.exists("manifest.json")
+        assert src.read("manifest.json") == b"[]"
+    finally:
+        src.close()

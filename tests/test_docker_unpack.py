@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from docker_inputs import M, expected_tree, layer_tar, layers, spec_text
 
-from dmimage.docker.gotar import open_layer
+from dmimage.docker.gotar import open_tar
 from dmimage.docker.unpack import LayerError, apply, driver_get, serve
 from dmimage.image.docker_store import load_docker_spec
 from dmimage.image.docker_xfs import XfsLayer, guest_script, jobs_json
@@ -30,7 +30,7 @@ ROOT = os.geteuid() == 0
 
 def _apply_all(dest: Path, tars: list[bytes], *, chown: bool) -> None:
     for raw in tars:
-        with open_layer(fileobj=io.BytesIO(raw)) as t:  # as apply_job opens it
+        with open_tar(fileobj=io.BytesIO(raw)) as t:  # as apply_job opens it
             apply(t, os.fsencode(dest), chown=chown)
 
 

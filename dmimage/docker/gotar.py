@@ -137,9 +137,9 @@ def _pax_records(data: bytes, encoding: str, errors: str) -> dict[str, str] | No
     return out
 
 
-def open_layer(path: str | None = None, *, fileobj: IO[bytes] | None = None) -> tarfile.TarFile:
-    """An uncompressed layer tar opened to be read with Go's rules (names kept as bytes
-    through surrogateescape)."""
+def open_tar(path: str | None = None, *, fileobj: IO[bytes] | None = None) -> tarfile.TarFile:
+    """An uncompressed tar (a layer, or a docker-save archive) opened to be read with Go's
+    rules (names kept as bytes through surrogateescape)."""
     return tarfile.open(path, mode="r:", fileobj=fileobj, tarinfo=GoTarInfo,
                         encoding="utf-8", errors="surrogateescape")
 

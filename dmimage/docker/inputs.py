@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from dmimage.docker.errors import StoreError
+from dmimage.docker.gotar import open_tar
 from dmimage.docker.layers import DIGEST
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -49,7 +50,8 @@ class _Source:
         if path.is_dir():
             return
         try:
-            self._tar = tarfile.open(path, "r:")
+            # read as docker load's Go archive/tar does (a global PAX header renames nothing)
+            self._tar = open_tar(str(path))
         except (OSError, tarfile.TarError) as exc:
             raise StoreError(str(path), f"not a tar or a directory ({exc})") from None
         for m in self._tar.getmembers():

@@ -311,7 +311,7 @@ def disassemble(path: str, where: str) -> tuple[bytes, list[Member], int]:
     dockerd records in the layerdb's ``size``: the sum of the members' header sizes.
     """
     from dmimage.docker.crc64 import crc64, crc64_many
-    from dmimage.docker.gotar import open_layer
+    from dmimage.docker.gotar import open_tar
 
     members: list[Member] = []
     lines: list[bytes] = []
@@ -326,7 +326,7 @@ def disassemble(path: str, where: str) -> tuple[bytes, list[Member], int]:
     applied = 0
     with open(path, "rb") as raw:
         try:
-            tar = open_layer(fileobj=raw)
+            tar = open_tar(fileobj=raw)
             infos = tar.getmembers()
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise StoreError(where, f"not a readable tar ({exc})") from None

@@ -35,7 +35,7 @@ import stat
 import sys
 import tarfile
 
-from dmimage.docker.gotar import atime_ns, open_layer, pax_ns
+from dmimage.docker.gotar import atime_ns, open_tar, pax_ns
 
 WH = b".wh."
 WH_META = b".wh..wh."
@@ -273,7 +273,7 @@ def apply_job(mount: bytes, layer: str, device_hash: str | None) -> None:
     (*device_hash*: the device's first mount), then MOUNT/rootfs gets LAYER.tar applied."""
     os.umask(0)
     driver_get(mount, device_hash)
-    with open_layer(layer) as tar:
+    with open_tar(layer) as tar:
         os.chroot(posixpath.join(mount, b"rootfs"))
         os.chdir("/")
         apply(tar, b"/")
