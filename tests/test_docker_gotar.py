@@ -15,6 +15,7 @@ from Go's reader and moby's applier, not from our code:
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import io
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import pytest
 from docker_inputs import expected_tree
-from handtar import END, GNU, member, pax_records
+from handtar import END, GNU, header, member, pax_records
 from test_docker_ext4layer import EPOCH, _stat
 
 from dmimage.docker import tarsplit
@@ -187,3 +188,65 @@ def test_docker_save_archive_with_a_global_header(tmp_path: Path) -> None:
         assert src.read("manifest.json") == b"[]"
     finally:
         src.close()
+
+
+def _prefixed(name: bytes, prefix: bytes, typeflag: bytes) -> bytes:
+    """A ustar header whose name is split: *prefix* at 345, *name* at 0."""
+    b = bytearray(header(name, typeflag))
+    b[345:345 + len(prefix)] = prefix
+    b[148:156] = b" " * 8
+    b[148:156] = b"%06o\0 " % sum(b)
+    return bytes(b)
+
+
+def test_tarsplit_lines_are_tar_splits(tmp_path: Path) -> None:
+    """disassemble writes the lines tar-split's NewInputTarStream and JSON packer write:
+    the name is Go's hdr.Name (a directory's trailing slash kept, from the header, a PAX
+    path, a GNU long name, a ustar prefix joined with "/"), valid UTF-8 as a Go-escaped
+    string (<, > and & as \\u escapes, UTF-8 as is), other bytes base64 in name_raw; one
+    segment per member from the end of the previous data (its padding included) to this
+    data; after the last, its padding and the two zero blocks, then the rest of the file
+    (one read's worth), then the empty segment of the read that met EOF.
+    The readers see tarfile's names (no trailing slash), as before."""
+    from dmimage.docker.crc64 import crc64
+
+    h_dir = header(b"dir/", b"5")
+    h_file, pad = header(b"dir/a", b"0", size=3), b"\0" * 509
+    pax = member(b"PaxHeaders/p", b"x", pax_records([("path", "p/")]))
+    h_p = header(b"p", b"5")
+    long = member(b"././@LongLink", b"L", b"long/\0", magic=GNU) + header(b"long", b"5",
+                                                                          magic=GNU)
+    h_pre = _prefixed(b"d/", b"pre", b"5")
+    h_esc = header("x<&\u00e9".encode(), b"0")
+    h_raw = header(b"\xff", b"0")
+    raw = (h_dir + h_file + b"hi\n" + pad + pax + h_p + long + h_pre + h_esc + h_raw + END
+           + b"\0" * 512)
+    lf = tmp_path / "l.tar"
+    lf.write_bytes(raw)
+    ts, members, _ = tarsplit.disassemble(str(lf), "layer")
+
+    def seg(i: int, b: bytes) -> bytes:
+        return b'{"type":2,"payload":"%s","position":%d}' % (base64.b64encode(b), i)
+
+    def ent(i: int, name: bytes) -> bytes:
+        return b'{"type":1,%s,"payload":null,"position":%d}' % (name, i)
+
+    crc = base64.b64encode(crc64(b"hi\n").to_bytes(8, "big"))
+    assert gzip.decompress(ts).split(b"\n") == [
+        seg(0, h_dir), ent(1, b'"name":"dir/"'),
+        seg(2, h_file), b'{"type":1,"name":"dir/a","size":3,"payload":"%s","position":3}'
+        % crc,
+        seg(4, pad + pax + h_p), ent(5, b'"name":"p/"'),
+        seg(6, long), ent(7, b'"name":"long/"'),
+        seg(8, h_pre), ent(9, b'"name":"pre/d/"'),
+        seg(10, h_esc), ent(11, '"name":"x\\u003c\\u0026\u00e9"'.encode()),
+        seg(12, h_raw), ent(13, b'"name_raw":"/w=="'),
+        seg(14, END), seg(15, b"\0" * 512), seg(16, b""), b""]
+    assert [m.name for m in members] == [b"dir", b"dir/a", b"p", b"long", b"pre/d",
+                                         "x<&\u00e9".encode(), b"\xff"]
+    entries = list(tarsplit.read_entries(ts, "ts"))
+    assert [e.name for e in entries if e.type == tarsplit.FILE_TYPE][-2:] == \
+        ["x<&\u00e9".encode(), b"\xff"]
+    digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+    assert b"".join(tarsplit.assemble(entries, lambda n: io.BytesIO(b"hi\n"),
+                                      expect_digest=digest, where="l")) == raw

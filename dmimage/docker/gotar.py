@@ -28,10 +28,19 @@ class GoTarInfo(tarfile.TarInfo):
     """A TarInfo read with Go's rules (``tarfile.open(..., tarinfo=GoTarInfo)``).
 
     ``atime_s``/``ctime_s``: the header's own access and change times in whole seconds (GNU
-    or star format), else None; a PAX ``atime`` record overrides it (``atime_ns``)."""
+    or star format), else None; a PAX ``atime`` record overrides it (``atime_ns``).
+
+    ``go_name``: Go's ``hdr.Name`` exactly (what tar-split records): ``name`` is tarfile's,
+    which drops a directory's trailing slashes (in the header, a GNU long name and a PAX
+    ``path``; Go keeps them), and lets a PAX ``path`` override a GNU long name (in Go the
+    long name wins, in either order). ``go_end``: where Go's raw header bytes end (a global
+    header's records end there, before their padding); None: at ``offset_data``."""
 
     atime_s: int | None
     ctime_s: int | None
+    go_name: str
+    go_end: int | None
+    _go_long: bool
 
     @classmethod
     def frombuf(cls, raw: bytes | bytearray, encoding: str, errors: str) -> GoTarInfo:
@@ -39,8 +48,8 @@ class GoTarInfo(tarfile.TarInfo):
         buf = bytes(raw)
         obj.atime_s = obj.ctime_s = None
         name = _nts(bytes(buf[0:100]), encoding, errors)
-        if obj.isdir():
-            name = name.rstrip("/")
+        obj.go_end = None
+        obj._go_long = False
         magic = buf[257:263]
         prefix = b""
         if magic == _USTAR and buf[508:512] == _STAR_TRAILER:
@@ -63,8 +72,22 @@ class GoTarInfo(tarfile.TarInfo):
         text = _nts(bytes(prefix), encoding, errors)
         if text and obj.type not in tarfile.GNU_TYPES:
             name = text + "/" + name
-        obj.name = name
+        obj.go_name = name
+        obj.name = name.rstrip("/") if obj.isdir() else name
         return obj
+
+    def _proc_gnulong(self, tarfile_: tarfile.TarFile) -> Any:
+        """A GNU long name as Go has it (trailing slashes kept; no PAX path overrides it)."""
+        if self.type != tarfile.GNUTYPE_LONGNAME:
+            return tarfile.TarInfo._proc_gnulong(self, tarfile_)  # type: ignore[attr-defined]
+        fileobj: Any = tarfile_.fileobj
+        at = fileobj.tell()
+        buf = fileobj.read(self.size)
+        fileobj.seek(at)
+        nxt = tarfile.TarInfo._proc_gnulong(self, tarfile_)  # type: ignore[attr-defined]
+        nxt.go_name = _nts(buf, tarfile_.encoding or "utf-8", tarfile_.errors)
+        nxt._go_long = True
+        return nxt
 
     def _proc_member(self, tarfile_: tarfile.TarFile) -> Any:
         """A global header is returned as itself (tarfile's documented override point)."""
@@ -79,7 +102,8 @@ class GoTarInfo(tarfile.TarInfo):
             raise tarfile.ReadError("invalid global header records")
         self.pax_headers = records
         if "path" in records:  # Go's mergePAX on the global header itself
-            self.name = records["path"]
+            self.name = self.go_name = records["path"]
+        self.go_end = self.offset + tarfile.BLOCKSIZE + self.size
         self.offset_data = self.offset + tarfile.BLOCKSIZE + -(-self.size // 512) * 512
         tarfile_.offset = self.offset_data
         self.size = 0
@@ -92,6 +116,8 @@ class GoTarInfo(tarfile.TarInfo):
         if self.type != tarfile.XGLTYPE:
             tarfile.TarInfo._apply_pax_info(  # type: ignore[attr-defined]
                 self, pax_headers, encoding, errors)
+            if "path" in pax_headers and not self._go_long:
+                self.go_name = pax_headers["path"]
 
 
 def _nts(b: bytes, encoding: str, errors: str) -> str:

@@ -24,6 +24,7 @@ from dmimage.docker.errors import StoreError
 FILE_TYPE = 1
 SEGMENT_TYPE = 2
 CHUNK = 1 << 20
+_REST_CHUNK = 1 << 20  # tar-split's read size for what follows the end-of-archive blocks
 
 
 class Entry(NamedTuple):
@@ -291,37 +292,49 @@ class Member:
     data_offset: int
 
 
-def _name_json(name: bytes) -> dict[str, str]:
+# Go's encoding/json string escapes (json.Encoder, HTML escaping on, as tar-split's packer
+# uses it; Go before 1.22, which dockerd 20.10 was built with, has no short \b and \f):
+# UTF-8 written as is, U+2028/2029 and <, >, & escaped.
+_GO_ESCAPES = {c: f"\\u{c:04x}" for c in range(0x20)} | {
+    ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t", ord('"'): '\\"',
+    ord("\\"): "\\\\", ord("<"): "\\u003c", ord(">"): "\\u003e", ord("&"): "\\u0026",
+    0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+def _go_name_field(name: bytes) -> bytes:
+    """``,"name":...`` as tar-split's ``Entry.SetName`` and Go's encoder write it: a valid
+    UTF-8 name as a string, anything else base64 in ``name_raw``, an empty one omitted."""
+    if not name:
+        return b""
     try:
-        return {"name": name.decode("utf-8")}
+        text = name.decode("utf-8")
     except UnicodeDecodeError:
-        return {"name_raw": base64.b64encode(name).decode()}
+        return b',"name_raw":"' + base64.b64encode(name) + b'"'
+    return b',"name":"' + text.translate(_GO_ESCAPES).encode() + b'"'
 
 
 def disassemble(path: str, where: str) -> tuple[bytes, list[Member], int]:
     """(tar-split.json.gz, members, applied size) of the layer tar at *path*.
 
-    The segments are the raw bytes between one member's data and the next one's (headers,
-    PAX/GNU extended headers, padding), then the end-of-archive blocks and anything after
-    them, so the entries rebuild the file byte for byte. Every member is a file entry (Go's
-    tar-split does the same; its packer refuses a name seen twice, so this does too); a
-    regular file's entry carries the CRC-64/ISO of its data. The members are read as Go's
-    archive/tar reads them (``gotar``): a global PAX header is a member of its own with no
-    data, as in Go's tar-split, and changes no later member. The applied size is what
-    dockerd records in the layerdb's ``size``: the sum of the members' header sizes.
+    The lines are the ones tar-split's ``asm.NewInputTarStream`` writes (dockerd's, checked
+    line for line against it in the guest): per member, one segment of the raw bytes Go's
+    reader consumed to reach its data (the previous member's padding, extended headers, its
+    header), then its file entry (``hdr.Name`` as Go has it, a directory's trailing slash
+    kept; the size; the CRC-64/ISO of a regular file's data, else null); after the last, one
+    segment with its padding and the end-of-archive blocks, then whatever follows them (in
+    1 MiB segments), then an empty segment. Every member is a file entry (tar-split's packer
+    refuses a name seen twice, so this does too). The members are read as Go's archive/tar
+    reads them (``gotar``): a global PAX header is a member of its own with no data, its
+    records in its segment and their padding in the next. The applied size is what dockerd
+    records in the layerdb's ``size``: the sum of the members' header sizes.
     """
     from dmimage.docker.crc64 import crc64, crc64_many
     from dmimage.docker.gotar import open_tar
 
     members: list[Member] = []
-    lines: list[bytes] = []
+    # a segment's payload, or the index of a member whose file entry goes there
+    items: list[bytes | int] = []
     pos = 0  # bytes of the file already covered by entries
-
-    def seg(data: bytes) -> None:
-        lines.append(json.dumps({"type": SEGMENT_TYPE,
-                                 "payload": base64.b64encode(data).decode(),
-                                 "position": len(lines)}, separators=(",", ":")).encode())
-
     seen: set[str] = set()
     applied = 0
     with open(path, "rb") as raw:
@@ -339,14 +352,14 @@ def disassemble(path: str, where: str) -> tuple[bytes, list[Member], int]:
             if not ti.isreg() and size:
                 raise StoreError(where, f"{ti.name}: a {ti.type!r} member with {size} bytes "
                                  "of data")
-            name = ti.name.encode("utf-8", "surrogateescape")
             clean = posixpath.normpath(ti.name)
             if clean in seen:
                 raise StoreError(where, f"{ti.name}: named twice (tar-split refuses "
                                  "duplicate paths)")
             seen.add(clean)
+            head_end = getattr(ti, "go_end", None) or ti.offset_data
             raw.seek(pos)
-            seg(raw.read(ti.offset_data - pos))
+            items.append(raw.read(head_end - pos))
             payload = None
             if size:
                 raw.seek(ti.offset_data)
@@ -361,32 +374,37 @@ def disassemble(path: str, where: str) -> tuple[bytes, list[Member], int]:
                     payload = None
             if payload is not None or not size:
                 payloads.append(payload)
-            members.append(Member(ti, name, ti.offset_data))
+            members.append(Member(ti, ti.name.encode("utf-8", "surrogateescape"),
+                                  ti.offset_data))
+            items.append(len(members) - 1)
             applied += size
-            lines.append(b"")  # the file entry: filled in once its CRC is known
-            pos = ti.offset_data + size
-            pad = -size % 512
-            if pad:
-                raw.seek(pos)
-                seg(raw.read(pad))
-                pos += pad
+            pos = head_end + size
+        # Go's reader at the end: the last padding, then two zero blocks (or what is left);
+        # then tar-split reads the rest in chunks of up to 1 MiB, a segment per read,
+        # until a read of nothing (EOF): the empty segment that ends every tar-split. How
+        # many reads the rest takes depends on the reader under dockerd (one, for the
+        # rest of a docker-save layer); this takes as few as the chunks allow.
         raw.seek(pos)
-        seg(raw.read())
+        items.append(raw.read(-pos % 512 + 1024))
+        while chunk := raw.read(_REST_CHUNK):
+            items.append(chunk)
+        items.append(b"")
     # CRCs of the small files, batched
     crcs = crc64_many([p for p in (payloads[i] for i in small) if p is not None])
     for i, c in zip(small, crcs, strict=True):
         payloads[i] = c.to_bytes(8, "big")
-    k = 0
-    for i, line in enumerate(lines):
-        if line:
+    b64 = base64.b64encode
+    lines = []
+    for i, item in enumerate(items):
+        if isinstance(item, bytes):
+            lines.append(b'{"type":2,"payload":"%s","position":%d}\n' % (b64(item), i))
             continue
-        m = members[k]
-        p = payloads[k]
-        entry: dict[str, object] = {"type": FILE_TYPE, **_name_json(m.name)}
-        if m.info.size:
-            entry["size"] = m.info.size
-        entry["payload"] = base64.b64encode(p).decode() if p is not None else None
-        entry["position"] = i
-        lines[i] = json.dumps(entry, separators=(",", ":")).encode()
-        k += 1
-    return gzip.compress(b"\n".join(lines) + b"\n", mtime=0), members, applied
+        m = members[item]
+        ti = m.info
+        name = getattr(ti, "go_name", ti.name).encode("utf-8", "surrogateescape")
+        size_f = b',"size":%d' % ti.size if ti.size else b""
+        p = payloads[item]
+        pay = b'"' + b64(p) + b'"' if p is not None else b"null"
+        lines.append(b'{"type":1%s%s,"payload":%s,"position":%d}\n'
+                     % (_go_name_field(name), size_f, pay, i))
+    return gzip.compress(b"".join(lines), mtime=0), members, applied
