@@ -20,12 +20,14 @@ EPOCH = 1_700_000_000
 MTIME = 1_600_000_000
 
 
-def _tar(path: Path, members: list[tarfile.TarInfo]) -> None:
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as t:
+def _tar(members: list[tarfile.TarInfo]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
         for ti in members:
             data = b"x\n" if ti.isreg() else b""
             ti.size = len(data)
             t.addfile(ti, io.BytesIO(data) if ti.isreg() else None)
+    return buf.getvalue()
 
 
 def _ti(name: str, kind: bytes = tarfile.REGTYPE, *, mode: int = 0o644, mtime: int = MTIME,
@@ -60,6 +62,12 @@ def _stat(image: Path, path: str) -> dict[str, int]:
 
 
 def _layers(tmp_path: Path, tars: list[list[tarfile.TarInfo]]) -> Path:
+    return apply_raw_layers(tmp_path, [_tar(members) for members in tars])
+
+
+def apply_raw_layers(tmp_path: Path, raws: list[bytes]) -> Path:
+    """A base ext4 image (dockerd's mkfs, first layer's rootfs/) with the layer tars *raws*
+    applied in order by the ext4 builder; the image's path."""
     tmp_path.mkdir(exist_ok=True)
     img = tmp_path / "base.img"
     make_base(img, 16 << 20, "0f8f0de5-8b5e-4d9b-9b2a-5d1b1a5f7c01",
@@ -68,9 +76,9 @@ def _layers(tmp_path: Path, tars: list[list[tarfile.TarInfo]]) -> Path:
     tree = Tree()
     work = tmp_path / "apply"
     work.mkdir()
-    for i, members in enumerate(tars):
+    for i, raw in enumerate(raws):
         lf = tmp_path / f"l{i}.tar"
-        _tar(lf, members)
+        lf.write_bytes(raw)
         _ts, ms, _n = disassemble(str(lf), f"layer {i}")
         apply_layer(img, lf, ms, tree, work, epoch=EPOCH, where=f"layer {i}")
     return img

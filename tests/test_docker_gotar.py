@@ -27,11 +27,10 @@ from pathlib import Path
 import pytest
 from docker_inputs import expected_tree
 from handtar import END, GNU, header, member, pax_records
-from test_docker_ext4layer import EPOCH, _stat
+from test_docker_ext4layer import _stat, apply_raw_layers
 
 from dmimage.docker import tarsplit
 from dmimage.docker.errors import StoreError
-from dmimage.docker.ext4layer import Tree, apply_layer, first_layer_setup, make_base
 from dmimage.docker.gotar import atime_ns, open_tar
 from dmimage.docker.inputs import _Source
 from dmimage.docker.unpack import apply
@@ -149,18 +148,7 @@ def test_tarsplit_refuses_two_global_headers_of_one_name(tmp_path: Path) -> None
 
 
 def test_ext4_builder(tmp_path: Path) -> None:
-    img = tmp_path / "base.img"
-    make_base(img, 16 << 20, "0f8f0de5-8b5e-4d9b-9b2a-5d1b1a5f7c01",
-              "5b0b5c8e-4d7e-4c43-9f57-6d8d0c1f4a11", EPOCH)
-    first_layer_setup(img, "h" * 64, tmp_path, EPOCH)
-    tree = Tree()
-    work = tmp_path / "apply"
-    work.mkdir()
-    for i, raw in enumerate((BEFORE, WITH_GLOBAL, GNU_TIMES)):
-        lf = tmp_path / f"l{i}.tar"
-        lf.write_bytes(raw)
-        _ts, ms, _n = tarsplit.disassemble(str(lf), f"layer {i}")
-        apply_layer(img, lf, ms, tree, work, epoch=EPOCH, where=f"layer {i}")
+    img = apply_raw_layers(tmp_path, [BEFORE, WITH_GLOBAL, GNU_TIMES])
     ls = subprocess.run(["debugfs", "-R", "ls -p /rootfs", str(img)], capture_output=True,
                         text=True, check=True).stdout
     names = sorted(f.split("/")[5] for f in ls.splitlines() if f.count("/") >= 6)
