@@ -270,3 +270,18 @@ def expected_tree(tars: list[bytes]) -> dict[str, dict[str, Any]]:
                 tree[p] = ent
                 unpacked.add(p)
     return tree
+
+
+def write_one_layer_save(path: Path, layer: bytes, tag: str) -> None:
+    """A minimal ``docker save`` tarball at *path*: one image tagged *tag* whose only layer
+    is the tar *layer* (its config names the layer's digest as its one diff id)."""
+    diff = "sha256:" + hashlib.sha256(layer).hexdigest()
+    cfg = json.dumps({"rootfs": {"type": "layers", "diff_ids": [diff]}}).encode()
+    cid = hashlib.sha256(cfg).hexdigest()
+    manifest = [{"Config": f"{cid}.json", "RepoTags": [tag], "Layers": ["l/layer.tar"]}]
+    with tarfile.open(path, "w") as t:
+        for name, data in (("l/layer.tar", layer), (f"{cid}.json", cfg),
+                           ("manifest.json", json.dumps(manifest).encode())):
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            t.addfile(ti, io.BytesIO(data))

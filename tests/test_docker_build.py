@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from docker_inputs import Inputs, expected_tree, spec_text, write_inputs
+from docker_inputs import Inputs, expected_tree, spec_text, write_inputs, write_one_layer_save
 
 from dmimage.docker.check import check_store
 from dmimage.docker.crc64 import crc64, crc64_many
@@ -247,18 +247,7 @@ def test_duplicate_member_refused(tmp_path: Path) -> None:
                 ti = tarfile.TarInfo("etc/x")
                 ti.size = 1
                 t.addfile(ti, io.BytesIO(b"x"))
-        layer = buf.getvalue()
-        diff = "sha256:" + hashlib.sha256(layer).hexdigest()
-        cfg = json.dumps({"rootfs": {"type": "layers", "diff_ids": [diff]}}).encode()
-        cid = hashlib.sha256(cfg).hexdigest()
-        with tarfile.open(inp.save_tar, "w") as t:
-            for name, data in (("l/layer.tar", layer), (f"{cid}.json", cfg), (
-                    "manifest.json", json.dumps([{"Config": f"{cid}.json", "RepoTags":
-                                                  ["dup:1"], "Layers": ["l/layer.tar"]}])
-                    .encode())):
-                ti = tarfile.TarInfo(name)
-                ti.size = len(data)
-                t.addfile(ti, io.BytesIO(data))
+        write_one_layer_save(inp.save_tar, buf.getvalue(), "dup:1")
     res = _bad_build(tmp_path, dup)
     assert res.returncode in (1, 2)
     assert "etc/x: named twice" in res.stderr and "Traceback" not in res.stderr
@@ -658,17 +647,7 @@ def test_aufs_metadata_directories_skipped(tmp_path: Path) -> None:
             ti.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
             t.addfile(ti, io.BytesIO(data) if data else None)
     layer = buf.getvalue()
-    diff = "sha256:" + hashlib.sha256(layer).hexdigest()
-    cfg = json.dumps({"rootfs": {"type": "layers", "diff_ids": [diff]}}).encode()
-    cid = hashlib.sha256(cfg).hexdigest()
-    with tarfile.open(tmp_path / "aufs.tar", "w") as t:
-        for name, data in (("l/layer.tar", layer), (f"{cid}.json", cfg), (
-                "manifest.json", json.dumps([{"Config": f"{cid}.json", "RepoTags":
-                                              ["old:aufs"], "Layers": ["l/layer.tar"]}])
-                .encode())):
-            ti = tarfile.TarInfo(name)
-            ti.size = len(data)
-            t.addfile(ti, io.BytesIO(data))
+    write_one_layer_save(tmp_path / "aufs.tar", layer, "old:aufs")
     (tmp_path / "s.toml").write_text(spec_text("aufs", ["aufs.tar"]))
     res = _cli("build", str(tmp_path / "s.toml"), "-o", str(tmp_path / "out"))
     assert res.returncode == 0, res.stderr

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from docker_inputs import Inputs, expected_tree, layers, spec_text
+from docker_inputs import Inputs, expected_tree, layers, spec_text, write_one_layer_save
 from docker_inputs import write_inputs as write_build_inputs
 
 from dmimage.docker.check import check_store
@@ -619,17 +619,7 @@ def test_xfs_build_failure_cleans_up(guest: DockerGuest, tmp_path: Path) -> None
         ti = tarfile.TarInfo("etc/y")
         ti.type, ti.linkname = tarfile.LNKTYPE, "etc/missing"
         t.addfile(ti)
-    layer = buf.getvalue()
-    diff = "sha256:" + hashlib.sha256(layer).hexdigest()
-    cfg = json.dumps({"rootfs": {"type": "layers", "diff_ids": [diff]}}).encode()
-    cid = hashlib.sha256(cfg).hexdigest()
-    with tarfile.open(tmp_path / "bad.tar", "w") as t:
-        for name, data in (("l/layer.tar", layer), (f"{cid}.json", cfg), (
-                "manifest.json", json.dumps([{"Config": f"{cid}.json", "RepoTags": ["bad:1"],
-                                              "Layers": ["l/layer.tar"]}]).encode())):
-            ti = tarfile.TarInfo(name)
-            ti.size = len(data)
-            t.addfile(ti, io.BytesIO(data))
+    write_one_layer_save(tmp_path / "bad.tar", buf.getvalue(), "bad:1")
     before = (tmp_path / "bad.tar").read_bytes()
     spec_file = tmp_path / "bad.toml"
     spec_file.write_text(spec_text("bad", ["bad.tar"], base_size="320M") + 'fs = "xfs"\n')
