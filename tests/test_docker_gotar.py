@@ -22,6 +22,7 @@ import io
 import json
 import os
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -250,3 +251,34 @@ def test_tarsplit_lines_are_tar_splits(tmp_path: Path) -> None:
     digest = "sha256:" + hashlib.sha256(raw).hexdigest()
     assert b"".join(tarsplit.assemble(entries, lambda n: io.BytesIO(b"hi\n"),
                                       expect_digest=digest, where="l")) == raw
+
+
+def _bad_checksum(block: bytes) -> bytes:
+    b = bytearray(block)
+    b[148:156] = b"000001\0 "
+    return bytes(b)
+
+
+@pytest.mark.parametrize("tail", [
+    _bad_checksum(header(b"second", b"0")) + END,  # readHeader: unknown format: ErrHeader
+    b"\0" * 512 + member(b"second", b"0", b"b\n") + END,  # zero block, then a header
+    header(b"second", b"0")[:300],  # io.ReadFull: ErrUnexpectedEOF
+])
+def test_a_bad_header_after_the_first_is_an_error_not_the_end(tail: bytes,
+                                                               tmp_path: Path) -> None:
+    """Go's readHeader ends the archive only at EOF, one zero block then EOF, or two zero
+    blocks; tarfile takes any bad header after the first as the end, and the layer would
+    be built without the members after it, where dockerd refuses the layer."""
+    raw = member(b"first", b"0", b"a\n") + tail
+    with pytest.raises(tarfile.ReadError):
+        _read(raw)
+    p = tmp_path / "l.tar"
+    p.write_bytes(raw)
+    with pytest.raises(StoreError):
+        tarsplit.disassemble(str(p), "l.tar")
+
+
+@pytest.mark.parametrize("tail", [b"", b"\0" * 512, END, END + b"junk after the end"])
+def test_the_ends_go_accepts(tail: bytes) -> None:
+    raw = member(b"first", b"0", b"a\n") + tail
+    assert [r[0] for r in _read(raw)] == ["first"]

@@ -76,6 +76,24 @@ class GoTarInfo(tarfile.TarInfo):
         obj.name = name.rstrip("/") if obj.isdir() else name
         return obj
 
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> GoTarInfo:
+        """The next member, with Go's readHeader's ends: EOF, one zero block then EOF, or two
+        zero blocks. Anything else that is no valid header (a bad checksum, a partial block,
+        a zero block then a header) is an error there (dockerd refuses the layer), where
+        tarfile would take it, after the first member, as the end of the archive."""
+        try:
+            return super().fromtarfile(tarfile_)  # type: ignore[return-value]
+        except tarfile.EOFHeaderError:
+            fileobj: Any = tarfile_.fileobj
+            second = fileobj.read(tarfile.BLOCKSIZE)
+            if second and second != bytes(tarfile.BLOCKSIZE):
+                raise tarfile.SubsequentHeaderError(
+                    "a zero block, then no second one") from None
+            raise
+        except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as exc:
+            raise tarfile.SubsequentHeaderError(str(exc)) from None
+
     def _proc_gnulong(self, tarfile_: tarfile.TarFile) -> Any:
         """A GNU long name as Go has it (trailing slashes kept; no PAX path overrides it)."""
         if self.type != tarfile.GNUTYPE_LONGNAME:
