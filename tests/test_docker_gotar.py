@@ -253,6 +253,77 @@ def test_tarsplit_lines_are_tar_splits(tmp_path: Path) -> None:
                                       expect_digest=digest, where="l")) == raw
 
 
+# Go 1.19's archive/tar (dockerd 20.10.24 in Debian 12): next() keeps the *last* extended
+# header's records (parsePAX replaces the map), lets a GNU long name/link win over the PAX
+# path/linkpath whatever their order, and mergePAX skips empty values ("keep the original
+# USTAR value"; parsePAX drops them from PAXRecords); GNU.sparse.name renames only a file
+# that is sparse (major/minor or a map).
+def _x(records: list[tuple[str, str]]) -> bytes:
+    return member(b"PaxHeaders/x", b"x", pax_records(records))
+
+
+def test_gnu_long_name_and_link_win_over_pax_path_and_linkpath() -> None:
+    raw = (_x([("path", "paxname")]) + member(b"././@LongLink", b"L", b"longname\0")
+           + member(b"short", b"0", b"a\n", uid=UID, gid=GID)
+           + _x([("linkpath", "paxtarget")]) + member(b"././@LongLink", b"K", b"longname\0")
+           + header(b"hard", b"1") + END)
+    with open_tar(fileobj=io.BytesIO(raw)) as t:
+        got = [(ti.name, ti.linkname) for ti in t.getmembers()]
+    assert got == [("longname", ""), ("hard", "longname")]
+
+
+def test_the_last_extended_header_is_the_one_that_applies() -> None:
+    raw = (_x([("path", "first"), ("uid", "7")]) + _x([("path", "second")])
+           + member(b"file", b"0", b"a\n", uid=UID, gid=GID) + END)
+    assert _read(raw) == [("second", b"0", 2, T, UID, GID, {"path": "second"})]
+
+
+def test_empty_pax_values_keep_the_header_fields() -> None:
+    raw = (_x([("path", ""), ("uid", ""), ("SCHILY.xattr.user.a", "")])
+           + member(b"file", b"0", b"a\n", uid=UID, gid=GID) + END)
+    assert _read(raw) == [("file", b"0", 2, T, UID, GID, {})]
+
+
+def test_gnu_sparse_name_renames_no_file_that_is_not_sparse() -> None:
+    raw = (_x([("GNU.sparse.name", "other")]) + member(b"real", b"0", b"a\n", uid=UID,
+                                                        gid=GID) + END)
+    assert [r[0] for r in _read(raw)] == ["real"]
+
+
+@pytest.mark.parametrize("records", [
+    [("uid", "1.5")], [("gid", "x")], [("size", "-1")], [("size", "2abc")],
+    [("uid", "1_0")], [("mtime", "1e5")], [("mtime", ".5")], [("atime", "1.5x")],
+    [("path", "a\0b")]])
+def test_pax_records_go_refuses_are_refused(records: list[tuple[str, str]]) -> None:
+    """mergePAX: strconv.ParseInt / parsePAXTime failures are ErrHeader; handleRegularFile:
+    a negative size is ErrHeader; validPAXRecord: no NUL in a path."""
+    raw = (member(b"first", b"0", b"a\n") + _x(records) + member(b"file", b"0", b"a\n")
+           + END)
+    with pytest.raises(tarfile.ReadError):
+        _read(raw)
+
+
+def test_malformed_pax_records_are_refused() -> None:
+    """parsePAXRecord: a record with no length is ErrHeader (tarfile stops at the first
+    record it cannot match and keeps the ones before)."""
+    raw = (member(b"first", b"0", b"a\n")
+           + member(b"PaxHeaders/x", b"x", b"11 path=ab\ngarbage\n")
+           + member(b"file", b"0", b"a\n") + END)
+    with pytest.raises(tarfile.ReadError):
+        _read(raw)
+
+
+@pytest.mark.parametrize("kind", [b"x", b"g", b"L", b"K"])
+def test_special_headers_over_one_mib_are_refused(kind: bytes) -> None:
+    """readSpecialFile: over maxSpecialFileSize (1 << 20) is ErrFieldTooLong."""
+    body = (pax_records([("comment", "c" * (1 << 20))]) if kind in b"xg"
+            else b"n" * ((1 << 20) + 1))
+    raw = member(b"first", b"0", b"a\n") + member(b"special", kind, body) + member(
+        b"file", b"0", b"a\n") + END
+    with pytest.raises(tarfile.ReadError):
+        _read(raw)
+
+
 def _bad_checksum(block: bytes) -> bytes:
     b = bytearray(block)
     b[148:156] = b"000001\0 "

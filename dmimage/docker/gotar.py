@@ -16,12 +16,16 @@ Only the standard library is imported: the xfs applier runs this in the guest.
 
 from __future__ import annotations
 
+import re
 import tarfile
 from typing import IO, Any
 
 _GNU = b"ustar  \0"
 _USTAR = b"ustar\0"
 _STAR_TRAILER = b"tar\0"
+_SPECIAL = {tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME,
+            tarfile.GNUTYPE_LONGLINK}
+_MAX_SPECIAL = 1 << 20  # Go's maxSpecialFileSize
 
 
 class GoTarInfo(tarfile.TarInfo):
@@ -41,6 +45,8 @@ class GoTarInfo(tarfile.TarInfo):
     go_name: str
     go_end: int | None
     _go_long: bool
+    _go_link: bool
+    _go_pax: bool
 
     @classmethod
     def frombuf(cls, raw: bytes | bytearray, encoding: str, errors: str) -> GoTarInfo:
@@ -49,7 +55,7 @@ class GoTarInfo(tarfile.TarInfo):
         obj.atime_s = obj.ctime_s = None
         name = _nts(bytes(buf[0:100]), encoding, errors)
         obj.go_end = None
-        obj._go_long = False
+        obj._go_long = obj._go_link = obj._go_pax = False
         magic = buf[257:263]
         prefix = b""
         if magic == _USTAR and buf[508:512] == _STAR_TRAILER:
@@ -95,23 +101,37 @@ class GoTarInfo(tarfile.TarInfo):
             raise tarfile.SubsequentHeaderError(str(exc)) from None
 
     def _proc_gnulong(self, tarfile_: tarfile.TarFile) -> Any:
-        """A GNU long name as Go has it (trailing slashes kept; no PAX path overrides it)."""
-        if self.type != tarfile.GNUTYPE_LONGNAME:
-            return tarfile.TarInfo._proc_gnulong(self, tarfile_)  # type: ignore[attr-defined]
+        """A GNU long name or link as Go has it: trailing slashes kept, and no PAX path or
+        linkpath overrides it, before or after it (Go 1.19's next() sets them last)."""
         fileobj: Any = tarfile_.fileobj
         at = fileobj.tell()
         buf = fileobj.read(self.size)
         fileobj.seek(at)
         nxt = tarfile.TarInfo._proc_gnulong(self, tarfile_)  # type: ignore[attr-defined]
-        nxt.go_name = _nts(buf, tarfile_.encoding or "utf-8", tarfile_.errors)
-        nxt._go_long = True
+        if self.type == tarfile.GNUTYPE_LONGNAME:
+            nxt.go_name = _nts(buf, tarfile_.encoding or "utf-8", tarfile_.errors)
+            nxt._go_long = True
+        elif self.type == tarfile.GNUTYPE_LONGLINK:
+            nxt._go_link = True
         return nxt
 
     def _proc_member(self, tarfile_: tarfile.TarFile) -> Any:
-        """A global header is returned as itself (tarfile's documented override point)."""
+        """A global header is returned as itself (tarfile's documented override point); an
+        extended header's records are checked as Go's parsePAX checks them (tarfile stops
+        at the first it cannot read and keeps the ones before). Such a header, or a GNU long
+        name or link, of over 1 MiB is refused, as Go's readSpecialFile refuses it."""
+        if self.type in _SPECIAL and self.size > _MAX_SPECIAL:
+            raise tarfile.InvalidHeaderError(f"a {self.type!r} header of {self.size} bytes")
+        if self.type == tarfile.XHDTYPE:
+            fileobj: Any = tarfile_.fileobj
+            at = fileobj.tell()
+            data = fileobj.read(self.size)
+            fileobj.seek(at)
+            if _pax_records(data, "utf-8", "surrogateescape") is None:
+                raise tarfile.InvalidHeaderError("invalid extended header records")
         if self.type != tarfile.XGLTYPE:
             return tarfile.TarInfo._proc_member(self, tarfile_)  # type: ignore[attr-defined]
-        fileobj: Any = tarfile_.fileobj
+        fileobj = tarfile_.fileobj
         data = fileobj.read(self.size)
         if len(data) != self.size:
             raise tarfile.ReadError("truncated global header")
@@ -127,15 +147,68 @@ class GoTarInfo(tarfile.TarInfo):
         self.size = 0
         return self
 
+    def _proc_builtin(self, tarfile_: tarfile.TarFile) -> Any:
+        """tarfile's, whose call of _apply_pax_info (with no records: globals are not
+        merged) is no extended header's."""
+        out = tarfile.TarInfo._proc_builtin(self, tarfile_)  # type: ignore[attr-defined]
+        self._go_pax = False
+        return out
+
     def _apply_pax_info(self, pax_headers: dict[str, str], encoding: str,
                         errors: str) -> None:
-        """An extended header before a global one is dropped (Go's next() replaces its
-        records with the global header's); anything else as tarfile does."""
-        if self.type != tarfile.XGLTYPE:
-            tarfile.TarInfo._apply_pax_info(  # type: ignore[attr-defined]
-                self, pax_headers, encoding, errors)
-            if "path" in pax_headers and not self._go_long:
-                self.go_name = pax_headers["path"]
+        """Go 1.19's mergePAX, in place of tarfile's: only the last extended header before
+        a member applies (an earlier one here is applied after it, and is dropped; before
+        a global one, none); an empty value keeps the header's field and is no record; a
+        GNU long name or link wins; uid, gid, size and the times parse as Go parses them
+        or the member is refused (tarfile takes a bad number as 0); ``GNU.sparse.*`` is
+        not a name or a size (tarfile's sparse readers, which build refuses, see it)."""
+        if self.type == tarfile.XGLTYPE or self._go_pax:
+            return
+        self._go_pax = True
+        records = {k: v for k, v in pax_headers.items() if v}
+        for k, v in records.items():
+            if k == "path":
+                if not self._go_long:
+                    self.go_name = v
+            elif k == "linkpath":
+                if not self._go_link:
+                    self.linkname = v
+            elif k in ("uname", "gname"):
+                setattr(self, k, v)
+            elif k in ("uid", "gid", "size"):
+                setattr(self, k, _go_int(v))
+            elif k in ("mtime", "atime", "ctime"):
+                _go_time(v)
+                if k == "mtime":
+                    self.mtime = float(v)
+        if self.size < 0 and self.type not in _HEADER_ONLY:
+            raise tarfile.InvalidHeaderError("negative size")
+        self.name = self.go_name.rstrip("/") if self.isdir() else self.go_name
+        self.pax_headers = records
+
+
+# Go's isHeaderOnlyType: no data section, whatever the size says
+_HEADER_ONLY = {tarfile.LNKTYPE, tarfile.SYMTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE,
+                tarfile.DIRTYPE, tarfile.FIFOTYPE}
+
+
+_GO_INT = re.compile(r"[+-]?[0-9]+", re.ASCII)
+
+
+def _go_int(v: str) -> int:
+    """strconv.ParseInt(v, 10, 64); InvalidHeaderError (Go's ErrHeader) if it fails."""
+    if not _GO_INT.fullmatch(v) or not -(1 << 63) <= int(v) < 1 << 63:
+        raise tarfile.InvalidHeaderError(f"invalid PAX number {v!r}")
+    return int(v)
+
+
+def _go_time(v: str) -> None:
+    """Go's parsePAXTime accepts *v* (seconds as ParseInt, then digits), else
+    InvalidHeaderError."""
+    secs, dot, frac = v.partition(".")
+    _go_int(secs)
+    if dot and frac and not (frac.isascii() and frac.isdigit()):
+        raise tarfile.InvalidHeaderError(f"invalid PAX time {v!r}")
 
 
 def _nts(b: bytes, encoding: str, errors: str) -> str:
@@ -174,8 +247,9 @@ def _pax_records(data: bytes, encoding: str, errors: str) -> dict[str, str] | No
         if n < 5 or n > len(data) or data[n - 1:n] != b"\n":
             return None
         key, eq, value = data[sp + 1:n - 1].partition(b"=")
-        if not eq:
-            return None
+        if not eq or not key or b"\0" in (
+                value if key in (b"path", b"linkpath", b"uname", b"gname") else key):
+            return None  # validPAXRecord
         out[key.decode("utf-8", errors)] = value.decode(encoding, errors)
         data = data[n:]
     return out
