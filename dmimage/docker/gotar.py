@@ -23,6 +23,12 @@ from typing import IO, Any
 _GNU = b"ustar  \0"
 _USTAR = b"ustar\0"
 _STAR_TRAILER = b"tar\0"
+# tarfile's header errors (not in its type stubs): HeaderError's subclasses
+_tf: Any = tarfile
+_EOF_HEADER: type[Exception] = _tf.EOFHeaderError
+_INVALID_HEADER: type[Exception] = _tf.InvalidHeaderError
+_TRUNCATED_HEADER: type[Exception] = _tf.TruncatedHeaderError
+_SUBSEQUENT_HEADER: type[Exception] = _tf.SubsequentHeaderError
 _SPECIAL = {tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME,
             tarfile.GNUTYPE_LONGLINK}
 _MAX_SPECIAL = 1 << 20  # Go's maxSpecialFileSize
@@ -89,16 +95,16 @@ class GoTarInfo(tarfile.TarInfo):
         a zero block then a header) is an error there (dockerd refuses the layer), where
         tarfile would take it, after the first member, as the end of the archive."""
         try:
-            return super().fromtarfile(tarfile_)  # type: ignore[return-value]
-        except tarfile.EOFHeaderError:
+            return super().fromtarfile(tarfile_)
+        except _EOF_HEADER:
             fileobj: Any = tarfile_.fileobj
             second = fileobj.read(tarfile.BLOCKSIZE)
             if second and second != bytes(tarfile.BLOCKSIZE):
-                raise tarfile.SubsequentHeaderError(
+                raise _SUBSEQUENT_HEADER(
                     "a zero block, then no second one") from None
             raise
-        except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as exc:
-            raise tarfile.SubsequentHeaderError(str(exc)) from None
+        except (_INVALID_HEADER, _TRUNCATED_HEADER) as exc:
+            raise _SUBSEQUENT_HEADER(str(exc)) from None
 
     def _proc_gnulong(self, tarfile_: tarfile.TarFile) -> Any:
         """A GNU long name or link as Go has it: trailing slashes kept, and no PAX path or
@@ -121,14 +127,14 @@ class GoTarInfo(tarfile.TarInfo):
         at the first it cannot read and keeps the ones before). Such a header, or a GNU long
         name or link, of over 1 MiB is refused, as Go's readSpecialFile refuses it."""
         if self.type in _SPECIAL and self.size > _MAX_SPECIAL:
-            raise tarfile.InvalidHeaderError(f"a {self.type!r} header of {self.size} bytes")
+            raise _INVALID_HEADER(f"a {self.type!r} header of {self.size} bytes")
         if self.type == tarfile.XHDTYPE:
             fileobj: Any = tarfile_.fileobj
             at = fileobj.tell()
             data = fileobj.read(self.size)
             fileobj.seek(at)
             if _pax_records(data, "utf-8", "surrogateescape") is None:
-                raise tarfile.InvalidHeaderError("invalid extended header records")
+                raise _INVALID_HEADER("invalid extended header records")
         if self.type != tarfile.XGLTYPE:
             return tarfile.TarInfo._proc_member(self, tarfile_)  # type: ignore[attr-defined]
         fileobj = tarfile_.fileobj
@@ -182,7 +188,7 @@ class GoTarInfo(tarfile.TarInfo):
                 if k == "mtime":
                     self.mtime = float(v)
         if self.size < 0 and self.type not in _HEADER_ONLY:
-            raise tarfile.InvalidHeaderError("negative size")
+            raise _INVALID_HEADER("negative size")
         self.name = self.go_name.rstrip("/") if self.isdir() else self.go_name
         self.pax_headers = records
 
@@ -198,7 +204,7 @@ _GO_INT = re.compile(r"[+-]?[0-9]+", re.ASCII)
 def _go_int(v: str) -> int:
     """strconv.ParseInt(v, 10, 64); InvalidHeaderError (Go's ErrHeader) if it fails."""
     if not _GO_INT.fullmatch(v) or not -(1 << 63) <= int(v) < 1 << 63:
-        raise tarfile.InvalidHeaderError(f"invalid PAX number {v!r}")
+        raise _INVALID_HEADER(f"invalid PAX number {v!r}")
     return int(v)
 
 
@@ -208,7 +214,7 @@ def _go_time(v: str) -> None:
     secs, dot, frac = v.partition(".")
     _go_int(secs)
     if dot and frac and not (frac.isascii() and frac.isdigit()):
-        raise tarfile.InvalidHeaderError(f"invalid PAX time {v!r}")
+        raise _INVALID_HEADER(f"invalid PAX time {v!r}")
 
 
 def _nts(b: bytes, encoding: str, errors: str) -> str:
