@@ -353,3 +353,43 @@ def test_a_bad_header_after_the_first_is_an_error_not_the_end(tail: bytes,
 def test_the_ends_go_accepts(tail: bytes) -> None:
     raw = member(b"first", b"0", b"a\n") + tail
     assert [r[0] for r in _read(raw)] == ["first"]
+
+
+def test_crc64_update_continues_a_checksum() -> None:
+    """Go's crc64.Update: CRC-64/ISO's check value ("123456789") in two pieces."""
+    from dmimage.docker.crc64 import crc64, crc64_update
+    assert crc64_update(crc64(b"1234"), b"56789") == 0xB90956C775A41001
+    assert crc64_update(0, b"123456789") == 0xB90956C775A41001
+
+
+def test_disassemble_memory_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small files' data is not all held for one batch of CRCs, and a large file is not
+    read whole: the peak stays far under the layer's size (the data is 20.5 MB; the
+    batch and chunk sizes scaled down, with the data, to keep the test quick)."""
+    import tracemalloc
+
+    from dmimage.docker.crc64 import crc64, crc64_update
+    monkeypatch.setattr(tarsplit, "_CRC_BATCH", 1 << 20)
+    monkeypatch.setattr(tarsplit, "_CRC_CHUNK", 1 << 20)
+    crc64_update(0, bytes(1 << 20))  # its cached constants, not the test's subject
+    big = bytes(range(256)) * (10 << 12)  # 10 MiB
+    small = [os.urandom(60_000) for _ in range(175)]
+    p = tmp_path / "layer.tar"
+    with open(p, "wb") as f:
+        for i, d in enumerate(small):
+            f.write(member(b"s%d" % i, b"0", d))
+        f.write(member(b"big", b"0", big) + END)
+    want_big = crc64(big).to_bytes(8, "big")
+    want_s0 = crc64(small[0]).to_bytes(8, "big")
+    del big, small
+    tracemalloc.start()
+    try:
+        ts, _, applied = tarsplit.disassemble(str(p), "layer.tar")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert applied == 10 * (1 << 20) + 175 * 60_000
+    files = {e.name: e.payload for e in tarsplit.read_entries(ts, "ts")
+             if e.type == tarsplit.FILE_TYPE}
+    assert files[b"big"] == want_big and files[b"s0"] == want_s0
+    assert peak < 10 << 20, peak
