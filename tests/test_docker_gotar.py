@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 from docker_inputs import expected_tree
 from handtar import END, GNU, header, member, pax_records
+from handtar import data as data_block
 from test_docker_ext4layer import EPOCH, _stat
 
 from dmimage.docker import tarsplit
@@ -393,3 +394,37 @@ def test_disassemble_memory_is_bounded(tmp_path: Path, monkeypatch: pytest.Monke
              if e.type == tarsplit.FILE_TYPE}
     assert files[b"big"] == want_big and files[b"s0"] == want_s0
     assert peak < 10 << 20, peak
+
+
+def _with_field(block: bytes, lo: int, value: bytes) -> bytes:
+    """*block* with bytes lo.. replaced by *value*, its checksum recomputed."""
+    b = bytearray(block)
+    b[lo:lo + len(value)] = value
+    b[148:156] = b" " * 8
+    b[148:156] = b"%06o\0 " % sum(b)
+    return bytes(b)
+
+
+def test_numeric_fields_read_as_go_parses_them() -> None:
+    """parseOctal trims leading and trailing NULs and spaces before parsing (tarfile cuts
+    at the first NUL: a leading NUL reads as 0, and the data as the next header)."""
+    blk = _with_field(header(b"f", b"0", uid=UID, gid=GID), 124, b"\0 0000000003")
+    raw = blk + data_block(b"abc") + member(b"g", b"0", b"g\n", uid=UID, gid=GID) + END
+    assert [(r[0], r[2]) for r in _read(raw)] == [("f", 3), ("g", 2)]
+    with open_tar(fileobj=io.BytesIO(raw)) as t:
+        f = t.extractfile("f")
+        assert f is not None and f.read() == b"abc"
+
+
+@pytest.mark.parametrize("lo,value", [
+    (108, b"+000012\0"),  # uid: strconv.ParseUint takes no sign
+    (116, b"-000012\0"),  # gid
+    (124, b"0000_000003\0"),  # size: no underscores in base 8
+    (136, b"\0\0zz\0\0\0\0\0\0\0\0"),  # mtime: after the trim, not octal
+    (124, b"\xff" * 12),  # size -1 in base-256: handleRegularFile's nb < 0
+])
+def test_numeric_fields_go_refuses_are_refused(lo: int, value: bytes) -> None:
+    blk = _with_field(header(b"f", b"0", size=3), lo, value)
+    raw = member(b"first", b"0", b"a\n") + blk + data_block(b"abc") + END
+    with pytest.raises(tarfile.ReadError):
+        _read(raw)

@@ -29,6 +29,9 @@ _EOF_HEADER: type[Exception] = _tf.EOFHeaderError
 _INVALID_HEADER: type[Exception] = _tf.InvalidHeaderError
 _TRUNCATED_HEADER: type[Exception] = _tf.TruncatedHeaderError
 _SUBSEQUENT_HEADER: type[Exception] = _tf.SubsequentHeaderError
+# v7 numeric fields Go parses with parseNumeric for every member
+_NUMERIC = (("mode", 100, 108), ("uid", 108, 116), ("gid", 116, 124), ("size", 124, 136),
+            ("mtime", 136, 148))
 _SPECIAL = {tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME,
             tarfile.GNUTYPE_LONGLINK}
 _MAX_SPECIAL = 1 << 20  # Go's maxSpecialFileSize
@@ -58,6 +61,13 @@ class GoTarInfo(tarfile.TarInfo):
     def frombuf(cls, raw: bytes | bytearray, encoding: str, errors: str) -> GoTarInfo:
         obj = super().frombuf(raw, encoding, errors)
         buf = bytes(raw)
+        for attr, lo, hi in _NUMERIC:  # tarfile cuts at the first NUL, then int(s, 8)
+            value = _numeric(buf[lo:hi])
+            if value is None:
+                raise _INVALID_HEADER(f"invalid {attr} field {buf[lo:hi]!r}")
+            setattr(obj, attr, value)
+        if obj.size < 0 and obj.type not in _HEADER_ONLY:
+            raise _INVALID_HEADER("negative size")  # Go's handleRegularFile
         obj.atime_s = obj.ctime_s = None
         name = _nts(bytes(buf[0:100]), encoding, errors)
         obj.go_end = None
