@@ -428,3 +428,17 @@ def test_numeric_fields_go_refuses_are_refused(lo: int, value: bytes) -> None:
     raw = member(b"first", b"0", b"a\n") + blk + data_block(b"abc") + END
     with pytest.raises(tarfile.ReadError):
         _read(raw)
+
+
+def test_old_regular_type_is_a_directory_by_its_final_name() -> None:
+    """Go's next(), after the PAX records and GNU long names: typeflag NUL (TypeRegA)
+    becomes TypeDir if hdr.Name ends in a slash, else TypeReg (tarfile looks only at the
+    header's own name field)."""
+    raw = (_x([("path", "pd/")]) + header(b"pd", b"\0")
+           + member(b"././@LongLink", b"L", b"ld/\0") + header(b"x", b"\0")
+           + _x([("path", "pf")]) + member(b"hd/", b"\0", b"a\n") + END)
+    with open_tar(fileobj=io.BytesIO(raw)) as t:
+        got = [(ti.name, ti.type) for ti in t.getmembers()]
+        f = t.extractfile("pf")
+        assert f is not None and f.read() == b"a\n"
+    assert got == [("pd", b"5"), ("ld", b"5"), ("pf", b"0")]

@@ -56,6 +56,7 @@ class GoTarInfo(tarfile.TarInfo):
     _go_long: bool
     _go_link: bool
     _go_pax: bool
+    _go_rega: bool
 
     @classmethod
     def frombuf(cls, raw: bytes | bytearray, encoding: str, errors: str) -> GoTarInfo:
@@ -95,7 +96,8 @@ class GoTarInfo(tarfile.TarInfo):
         if text and obj.type not in tarfile.GNU_TYPES:
             name = text + "/" + name
         obj.go_name = name
-        obj.name = name.rstrip("/") if obj.isdir() else name
+        obj._go_rega = buf[156:157] == tarfile.AREGTYPE
+        obj._go_type()
         return obj
 
     @classmethod
@@ -115,6 +117,17 @@ class GoTarInfo(tarfile.TarInfo):
             raise
         except (_INVALID_HEADER, _TRUNCATED_HEADER) as exc:
             raise _SUBSEQUENT_HEADER(str(exc)) from None
+
+    def _go_type(self) -> bool:
+        """Go's next() once hdr.Name is final: typeflag NUL becomes a directory if the name
+        ends in a slash, else a regular file (tarfile judges by the header's name field
+        alone); the name without a directory's trailing slashes. True if the type
+        changed."""
+        old = self.type
+        if self._go_rega:
+            self.type = tarfile.DIRTYPE if self.go_name.endswith("/") else tarfile.REGTYPE
+        self.name = self.go_name.rstrip("/") if self.isdir() else self.go_name
+        return self.type != old
 
     def _proc_gnulong(self, tarfile_: tarfile.TarFile) -> Any:
         """A GNU long name or link as Go has it: trailing slashes kept, and no PAX path or
@@ -146,7 +159,12 @@ class GoTarInfo(tarfile.TarInfo):
             if _pax_records(data, "utf-8", "surrogateescape") is None:
                 raise _INVALID_HEADER("invalid extended header records")
         if self.type != tarfile.XGLTYPE:
-            return tarfile.TarInfo._proc_member(self, tarfile_)  # type: ignore[attr-defined]
+            out = tarfile.TarInfo._proc_member(self, tarfile_)  # type: ignore[attr-defined]
+            if out is not self and out._go_type():
+                # its data: tarfile skipped it by the type the header's own name gave
+                tarfile_.offset = out.offset_data + (0 if out.isdir() else
+                                                     out._block(out.size))
+            return out
         fileobj = tarfile_.fileobj
         data = fileobj.read(self.size)
         if len(data) != self.size:
@@ -199,7 +217,6 @@ class GoTarInfo(tarfile.TarInfo):
                     self.mtime = float(v)
         if self.size < 0 and self.type not in _HEADER_ONLY:
             raise _INVALID_HEADER("negative size")
-        self.name = self.go_name.rstrip("/") if self.isdir() else self.go_name
         self.pax_headers = records
 
 
