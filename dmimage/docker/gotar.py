@@ -63,7 +63,10 @@ class GoTarInfo(tarfile.TarInfo):
         obj = super().frombuf(raw, encoding, errors)
         buf = bytes(raw)
         for attr, lo, hi in _NUMERIC:  # tarfile cuts at the first NUL, then int(s, 8)
-            value = _numeric(buf[lo:hi])
+            field = buf[lo:hi]
+            if field[0] and not field.translate(None, b"01234567 \0"):
+                continue  # no leading NUL, only octal digits and padding: read alike
+            value = _numeric(field)
             if value is None:
                 raise _INVALID_HEADER(f"invalid {attr} field {buf[lo:hi]!r}")
             setattr(obj, attr, value)
