@@ -9,7 +9,13 @@ tar-split both sit on it), where Python's ``tarfile`` differs:
   they do not parse, the pre-Go-1.8 fallback takes them as an ASCII prefix); a star header
   (``"ustar\\0"`` and ``"tar\\0"`` at 508) has a 131-byte prefix, then atime and ctime at
   476 and 488; a v7 header has no prefix. Python reads bytes 345..499 as a prefix for all of
-  them (a GNU atime becomes a directory in the name) and never reads atime.
+  them (a GNU atime becomes a directory in the name) and never reads atime;
+- extended headers merge as Go 1.19's next()/mergePAX merge them (the last ``x`` header
+  wins, a GNU long name or link wins over a PAX path or linkpath, empty values are no
+  records, typeflag NUL is a directory by its final name), and what Go refuses is
+  refused: a bad header after the first (tarfile ends the archive there), numbers Go
+  cannot parse (tarfile takes 0, a sign, an underscore), malformed records, special
+  headers over 1 MiB.
 
 Only the standard library is imported: the xfs applier runs this in the guest.
 """
