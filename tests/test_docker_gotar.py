@@ -442,3 +442,13 @@ def test_old_regular_type_is_a_directory_by_its_final_name() -> None:
         f = t.extractfile("pf")
         assert f is not None and f.read() == b"a\n"
     assert got == [("pd", b"5"), ("ld", b"5"), ("pf", b"0")]
+
+
+def test_tarsplit_refuses_names_go_cleans_alike(tmp_path: Path) -> None:
+    """tar-split's packer refuses a name whose filepath.Clean it has seen: Go's Clean
+    makes "//a" "/a" (posixpath.normpath keeps POSIX's two leading slashes)."""
+    raw = member(b"/a", b"0", b"a\n") + member(b"//a", b"0", b"b\n") + END
+    p = tmp_path / "l.tar"
+    p.write_bytes(raw)
+    with pytest.raises(StoreError, match="named twice"):
+        tarsplit.disassemble(str(p), "l.tar")

@@ -356,6 +356,8 @@ def disassemble(path: str, where: str) -> tuple[bytes, list[Member], int]:
                 raise StoreError(where, f"{ti.name}: a {ti.type!r} member with {size} bytes "
                                  "of data")
             clean = posixpath.normpath(ti.name)
+            if clean.startswith("//"):  # Go's filepath.Clean keeps one leading slash
+                clean = "/" + clean.lstrip("/")
             if clean in seen:
                 raise StoreError(where, f"{ti.name}: named twice (tar-split refuses "
                                  "duplicate paths)")
