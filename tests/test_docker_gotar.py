@@ -452,3 +452,12 @@ def test_tarsplit_refuses_names_go_cleans_alike(tmp_path: Path) -> None:
     p.write_bytes(raw)
     with pytest.raises(StoreError, match="named twice"):
         tarsplit.disassemble(str(p), "l.tar")
+
+
+def test_global_header_empty_values_delete_their_key() -> None:
+    """parsePAX stores a record only if its value is not empty, else deletes the key; the
+    global header's name is its path record only if one is left."""
+    raw = (member(b"pax_global_header", b"g",
+                  pax_records([("path", "gp"), ("comment", "c"), ("path", "")]))
+           + member(b"file", b"0", b"a\n", uid=UID, gid=GID) + END)
+    assert _read(raw)[0] == ("pax_global_header", b"g", 0, T, 0, 0, {"comment": "c"})

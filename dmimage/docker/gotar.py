@@ -292,7 +292,11 @@ def _pax_records(data: bytes, encoding: str, errors: str) -> dict[str, str] | No
         if not eq or not key or b"\0" in (
                 value if key in (b"path", b"linkpath", b"uname", b"gname") else key):
             return None  # validPAXRecord
-        out[key.decode("utf-8", errors)] = value.decode(encoding, errors)
+        k = key.decode("utf-8", errors)
+        if value:
+            out[k] = value.decode(encoding, errors)
+        else:  # "a value is stored only if it is non-empty; otherwise the key is deleted"
+            out.pop(k, None)
         data = data[n:]
     return out
 
