@@ -22,11 +22,13 @@ import io
 import json
 import os
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
 from docker_inputs import expected_tree
 from handtar import END, GNU, header, member, pax_records
+from handtar import data as data_block
 from test_docker_ext4layer import _stat, apply_raw_layers
 
 from dmimage.docker import tarsplit
@@ -238,3 +240,212 @@ def test_tarsplit_lines_are_tar_splits(tmp_path: Path) -> None:
     digest = "sha256:" + hashlib.sha256(raw).hexdigest()
     assert b"".join(tarsplit.assemble(entries, lambda n: io.BytesIO(b"hi\n"),
                                       expect_digest=digest, where="l")) == raw
+
+
+# Go 1.19's archive/tar (dockerd 20.10.24 in Debian 12): next() keeps the *last* extended
+# header's records (parsePAX replaces the map), lets a GNU long name/link win over the PAX
+# path/linkpath whatever their order, and mergePAX skips empty values ("keep the original
+# USTAR value"; parsePAX drops them from PAXRecords); GNU.sparse.name renames only a file
+# that is sparse (major/minor or a map).
+def _x(records: list[tuple[str, str]]) -> bytes:
+    return member(b"PaxHeaders/x", b"x", pax_records(records))
+
+
+def test_gnu_long_name_and_link_win_over_pax_path_and_linkpath() -> None:
+    raw = (_x([("path", "paxname")]) + member(b"././@LongLink", b"L", b"longname\0")
+           + member(b"short", b"0", b"a\n", uid=UID, gid=GID)
+           + _x([("linkpath", "paxtarget")]) + member(b"././@LongLink", b"K", b"longname\0")
+           + header(b"hard", b"1") + END)
+    with open_tar(fileobj=io.BytesIO(raw)) as t:
+        got = [(ti.name, ti.linkname) for ti in t.getmembers()]
+    assert got == [("longname", ""), ("hard", "longname")]
+
+
+def test_the_last_extended_header_is_the_one_that_applies() -> None:
+    raw = (_x([("path", "first"), ("uid", "7")]) + _x([("path", "second")])
+           + member(b"file", b"0", b"a\n", uid=UID, gid=GID) + END)
+    assert _read(raw) == [("second", b"0", 2, T, UID, GID, {"path": "second"})]
+
+
+def test_empty_pax_values_keep_the_header_fields() -> None:
+    raw = (_x([("path", ""), ("uid", ""), ("SCHILY.xattr.user.a", "")])
+           + member(b"file", b"0", b"a\n", uid=UID, gid=GID) + END)
+    assert _read(raw) == [("file", b"0", 2, T, UID, GID, {})]
+
+
+def test_gnu_sparse_name_renames_no_file_that_is_not_sparse() -> None:
+    raw = (_x([("GNU.sparse.name", "other")]) + member(b"real", b"0", b"a\n", uid=UID,
+                                                        gid=GID) + END)
+    assert [r[0] for r in _read(raw)] == ["real"]
+
+
+@pytest.mark.parametrize("records", [
+    [("uid", "1.5")], [("gid", "x")], [("size", "-1")], [("size", "2abc")],
+    [("uid", "1_0")], [("mtime", "1e5")], [("mtime", ".5")], [("atime", "1.5x")],
+    [("path", "a\0b")]])
+def test_pax_records_go_refuses_are_refused(records: list[tuple[str, str]]) -> None:
+    """mergePAX: strconv.ParseInt / parsePAXTime failures are ErrHeader; handleRegularFile:
+    a negative size is ErrHeader; validPAXRecord: no NUL in a path."""
+    raw = (member(b"first", b"0", b"a\n") + _x(records) + member(b"file", b"0", b"a\n")
+           + END)
+    with pytest.raises(tarfile.ReadError):
+        _read(raw)
+
+
+def test_malformed_pax_records_are_refused() -> None:
+    """parsePAXRecord: a record with no length is ErrHeader (tarfile stops at the first
+    record it cannot match and keeps the ones before)."""
+    raw = (member(b"first", b"0", b"a\n")
+           + member(b"PaxHeaders/x", b"x", b"11 path=ab\ngarbage\n")
+           + member(b"file", b"0", b"a\n") + END)
+    with pytest.raises(tarfile.ReadError):
+        _read(raw)
+
+
+@pytest.mark.parametrize("kind", [b"x", b"g", b"L", b"K"])
+def test_special_headers_over_one_mib_are_refused(kind: bytes) -> None:
+    """readSpecialFile: over maxSpecialFileSize (1 << 20) is ErrFieldTooLong."""
+    body = (pax_records([("comment", "c" * (1 << 20))]) if kind in b"xg"
+            else b"n" * ((1 << 20) + 1))
+    raw = member(b"first", b"0", b"a\n") + member(b"special", kind, body) + member(
+        b"file", b"0", b"a\n") + END
+    with pytest.raises(tarfile.ReadError):
+        _read(raw)
+
+
+def _bad_checksum(block: bytes) -> bytes:
+    b = bytearray(block)
+    b[148:156] = b"000001\0 "
+    return bytes(b)
+
+
+@pytest.mark.parametrize("tail", [
+    _bad_checksum(header(b"second", b"0")) + END,  # readHeader: unknown format: ErrHeader
+    b"\0" * 512 + member(b"second", b"0", b"b\n") + END,  # zero block, then a header
+    header(b"second", b"0")[:300],  # io.ReadFull: ErrUnexpectedEOF
+])
+def test_a_bad_header_after_the_first_is_an_error_not_the_end(tail: bytes,
+                                                               tmp_path: Path) -> None:
+    """Go's readHeader ends the archive only at EOF, one zero block then EOF, or two zero
+    blocks; tarfile takes any bad header after the first as the end, and the layer would
+    be built without the members after it, where dockerd refuses the layer."""
+    raw = member(b"first", b"0", b"a\n") + tail
+    with pytest.raises(tarfile.ReadError):
+        _read(raw)
+    p = tmp_path / "l.tar"
+    p.write_bytes(raw)
+    with pytest.raises(StoreError):
+        tarsplit.disassemble(str(p), "l.tar")
+
+
+@pytest.mark.parametrize("tail", [b"", b"\0" * 512, END, END + b"junk after the end"])
+def test_the_ends_go_accepts(tail: bytes) -> None:
+    raw = member(b"first", b"0", b"a\n") + tail
+    assert [r[0] for r in _read(raw)] == ["first"]
+
+
+def test_crc64_update_continues_a_checksum() -> None:
+    """Go's crc64.Update: CRC-64/ISO's check value ("123456789") in two pieces."""
+    from dmimage.docker.crc64 import crc64, crc64_update
+    assert crc64_update(crc64(b"1234"), b"56789") == 0xB90956C775A41001
+    assert crc64_update(0, b"123456789") == 0xB90956C775A41001
+
+
+def test_disassemble_memory_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small files' data is not all held for one batch of CRCs, and a large file is not
+    read whole: the peak stays far under the layer's size (the data is 20.5 MB; the
+    batch and chunk sizes scaled down, with the data, to keep the test quick)."""
+    import tracemalloc
+
+    from dmimage.docker.crc64 import crc64, crc64_update
+    monkeypatch.setattr(tarsplit, "_CRC_BATCH", 1 << 20)
+    monkeypatch.setattr(tarsplit, "_CRC_CHUNK", 1 << 20)
+    crc64_update(0, bytes(1 << 20))  # its cached constants, not the test's subject
+    big = bytes(range(256)) * (10 << 12)  # 10 MiB
+    small = [os.urandom(60_000) for _ in range(175)]
+    p = tmp_path / "layer.tar"
+    with open(p, "wb") as f:
+        for i, d in enumerate(small):
+            f.write(member(b"s%d" % i, b"0", d))
+        f.write(member(b"big", b"0", big) + END)
+    want_big = crc64(big).to_bytes(8, "big")
+    want_s0 = crc64(small[0]).to_bytes(8, "big")
+    del big, small
+    tracemalloc.start()
+    try:
+        ts, _, applied = tarsplit.disassemble(str(p), "layer.tar")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert applied == 10 * (1 << 20) + 175 * 60_000
+    files = {e.name: e.payload for e in tarsplit.read_entries(ts, "ts")
+             if e.type == tarsplit.FILE_TYPE}
+    assert files[b"big"] == want_big and files[b"s0"] == want_s0
+    assert peak < 10 << 20, peak
+
+
+def _with_field(block: bytes, lo: int, value: bytes) -> bytes:
+    """*block* with bytes lo.. replaced by *value*, its checksum recomputed."""
+    b = bytearray(block)
+    b[lo:lo + len(value)] = value
+    b[148:156] = b" " * 8
+    b[148:156] = b"%06o\0 " % sum(b)
+    return bytes(b)
+
+
+def test_numeric_fields_read_as_go_parses_them() -> None:
+    """parseOctal trims leading and trailing NULs and spaces before parsing (tarfile cuts
+    at the first NUL: a leading NUL reads as 0, and the data as the next header)."""
+    blk = _with_field(header(b"f", b"0", uid=UID, gid=GID), 124, b"\0 0000000003")
+    raw = blk + data_block(b"abc") + member(b"g", b"0", b"g\n", uid=UID, gid=GID) + END
+    assert [(r[0], r[2]) for r in _read(raw)] == [("f", 3), ("g", 2)]
+    with open_tar(fileobj=io.BytesIO(raw)) as t:
+        f = t.extractfile("f")
+        assert f is not None and f.read() == b"abc"
+
+
+@pytest.mark.parametrize("lo,value", [
+    (108, b"+000012\0"),  # uid: strconv.ParseUint takes no sign
+    (116, b"-000012\0"),  # gid
+    (124, b"0000_000003\0"),  # size: no underscores in base 8
+    (136, b"\0\0zz\0\0\0\0\0\0\0\0"),  # mtime: after the trim, not octal
+    (124, b"\xff" * 12),  # size -1 in base-256: handleRegularFile's nb < 0
+])
+def test_numeric_fields_go_refuses_are_refused(lo: int, value: bytes) -> None:
+    blk = _with_field(header(b"f", b"0", size=3), lo, value)
+    raw = member(b"first", b"0", b"a\n") + blk + data_block(b"abc") + END
+    with pytest.raises(tarfile.ReadError):
+        _read(raw)
+
+
+def test_old_regular_type_is_a_directory_by_its_final_name() -> None:
+    """Go's next(), after the PAX records and GNU long names: typeflag NUL (TypeRegA)
+    becomes TypeDir if hdr.Name ends in a slash, else TypeReg (tarfile looks only at the
+    header's own name field)."""
+    raw = (_x([("path", "pd/")]) + header(b"pd", b"\0")
+           + member(b"././@LongLink", b"L", b"ld/\0") + header(b"x", b"\0")
+           + _x([("path", "pf")]) + member(b"hd/", b"\0", b"a\n") + END)
+    with open_tar(fileobj=io.BytesIO(raw)) as t:
+        got = [(ti.name, ti.type) for ti in t.getmembers()]
+        f = t.extractfile("pf")
+        assert f is not None and f.read() == b"a\n"
+    assert got == [("pd", b"5"), ("ld", b"5"), ("pf", b"0")]
+
+
+def test_tarsplit_refuses_names_go_cleans_alike(tmp_path: Path) -> None:
+    """tar-split's packer refuses a name whose filepath.Clean it has seen: Go's Clean
+    makes "//a" "/a" (posixpath.normpath keeps POSIX's two leading slashes)."""
+    raw = member(b"/a", b"0", b"a\n") + member(b"//a", b"0", b"b\n") + END
+    p = tmp_path / "l.tar"
+    p.write_bytes(raw)
+    with pytest.raises(StoreError, match="named twice"):
+        tarsplit.disassemble(str(p), "l.tar")
+
+
+def test_global_header_empty_values_delete_their_key() -> None:
+    """parsePAX stores a record only if its value is not empty, else deletes the key; the
+    global header's name is its path record only if one is left."""
+    raw = (member(b"pax_global_header", b"g",
+                  pax_records([("path", "gp"), ("comment", "c"), ("path", "")]))
+           + member(b"file", b"0", b"a\n", uid=UID, gid=GID) + END)
+    assert _read(raw)[0] == ("pax_global_header", b"g", 0, T, 0, 0, {"comment": "c"})

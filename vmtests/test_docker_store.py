@@ -321,7 +321,8 @@ def test_tar_split_matches_dockerds(request: pytest.FixtureRequest, which: str,
             assert ours.splitlines() == theirs.splitlines(), diff
             assert ours == theirs, diff
             compared.add(diff)
-    assert len(compared) >= 3
+    # a random sequence may leave one tagged layer (seed 762379132 does)
+    assert len(compared) >= (1 if which == "random_store" else 3)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "missing-file", "wrong-size"])

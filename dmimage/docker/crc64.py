@@ -16,6 +16,7 @@ of the message and inverting the zero-initialised CRC.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 
@@ -174,3 +175,23 @@ def crc64_many(items: Sequence[bytes]) -> list[int]:
             out[i] = int(regs[lane]) ^ ONES
         pos = end
     return out
+
+
+@lru_cache(maxsize=4)
+def _continue_consts(n: int) -> tuple[list[int], int]:
+    """For n-byte continuations: the columns of "register after n zero bytes", and the CRC
+    of n zero bytes."""
+    return _shift_cols(n), crc64(bytes(n))
+
+
+def crc64_update(crc: int, data: bytes | memoryview) -> int:
+    """Go's ``crc64.Update(crc, table, data)``: the CRC of a message continued by *data*, so
+    a large file's CRC is taken a chunk at a time (its memory bounded by the chunk). The
+    register is linear: after *data* from register r it is ``S_n(r) ^ R(data)``, where
+    ``R(data) = crc64(data) ^ crc64(zeros(n))`` (the initial ~0 cancels); the constants
+    are cached per length, so chunks of one length cost one computation."""
+    n = len(data)
+    if not n:
+        return crc
+    cols, zeros = _continue_consts(n)
+    return _apply(cols, crc ^ ONES) ^ crc64(data) ^ zeros ^ ONES

@@ -328,7 +328,6 @@ def disassemble(path: str, where: str) -> tuple[bytes, list[Member], int]:
     records in its segment and their padding in the next. The applied size is what dockerd
     records in the layerdb's ``size``: the sum of the members' header sizes.
     """
-    from dmimage.docker.crc64 import crc64, crc64_many
     from dmimage.docker.gotar import open_tar
 
     members: list[Member] = []
@@ -343,8 +342,12 @@ def disassemble(path: str, where: str) -> tuple[bytes, list[Member], int]:
             infos = tar.getmembers()
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise StoreError(where, f"not a readable tar ({exc})") from None
-        small: list[int] = []
+        # CRCs: small files batched (crc64_many), flushed every _CRC_BATCH bytes; a large
+        # file a _CRC_CHUNK at a time (crc64_update): memory stays bounded on any layer
         payloads: list[bytes | None] = []
+        small: list[int] = []
+        pending: list[bytes] = []
+        pending_bytes = 0
         for ti in infos:
             if ti.sparse is not None or ti.type in (tarfile.GNUTYPE_SPARSE,):
                 raise StoreError(where, f"{ti.name}: sparse members are not supported")
@@ -353,6 +356,8 @@ def disassemble(path: str, where: str) -> tuple[bytes, list[Member], int]:
                 raise StoreError(where, f"{ti.name}: a {ti.type!r} member with {size} bytes "
                                  "of data")
             clean = posixpath.normpath(ti.name)
+            if clean.startswith("//"):  # Go's filepath.Clean keeps one leading slash
+                clean = "/" + clean.lstrip("/")
             if clean in seen:
                 raise StoreError(where, f"{ti.name}: named twice (tar-split refuses "
                                  "duplicate paths)")
@@ -360,20 +365,20 @@ def disassemble(path: str, where: str) -> tuple[bytes, list[Member], int]:
             head_end = getattr(ti, "go_end", None) or ti.offset_data
             raw.seek(pos)
             items.append(raw.read(head_end - pos))
-            payload = None
-            if size:
+            payloads.append(None)
+            if size >= 1 << 16:
+                payloads[-1] = _file_crc(raw, ti, where).to_bytes(8, "big")
+            elif size:
                 raw.seek(ti.offset_data)
                 data = raw.read(size)
                 if len(data) != size:
                     raise StoreError(where, f"{ti.name}: truncated data")
-                if size >= 1 << 16:
-                    payload = crc64(data).to_bytes(8, "big")
-                else:
-                    small.append(len(payloads))
-                    payloads.append(data)
-                    payload = None
-            if payload is not None or not size:
-                payloads.append(payload)
+                small.append(len(payloads) - 1)
+                pending.append(data)
+                pending_bytes += size
+                if pending_bytes >= _CRC_BATCH:
+                    _flush_crcs(payloads, small, pending)
+                    pending_bytes = 0
             members.append(Member(ti, ti.name.encode("utf-8", "surrogateescape"),
                                   ti.offset_data))
             items.append(len(members) - 1)
@@ -389,10 +394,7 @@ def disassemble(path: str, where: str) -> tuple[bytes, list[Member], int]:
         while chunk := raw.read(_REST_CHUNK):
             items.append(chunk)
         items.append(b"")
-    # CRCs of the small files, batched
-    crcs = crc64_many([p for p in (payloads[i] for i in small) if p is not None])
-    for i, c in zip(small, crcs, strict=True):
-        payloads[i] = c.to_bytes(8, "big")
+    _flush_crcs(payloads, small, pending)
     b64 = base64.b64encode
     lines = []
     for i, item in enumerate(items):
@@ -408,3 +410,35 @@ def disassemble(path: str, where: str) -> tuple[bytes, list[Member], int]:
         lines.append(b'{"type":1%s%s,"payload":%s,"position":%d}\n'
                      % (_go_name_field(name), size_f, pay, i))
     return gzip.compress(b"".join(lines), mtime=0), members, applied
+
+
+_CRC_BATCH = 64 << 20  # small files' bytes held before their CRCs are taken (fewer, and files
+# of 8..64 KiB get too few lanes per batch: +25% CPU at 64 MiB, +60% at 32, on 4,000 files)
+_CRC_CHUNK = 16 << 20  # a large file's bytes held at a time
+
+
+def _flush_crcs(payloads: list[bytes | None], small: list[int], pending: list[bytes]) -> None:
+    """The CRC-64s of the *pending* small files into *payloads* at *small*; both emptied."""
+    from dmimage.docker.crc64 import crc64_many
+
+    for i, c in zip(small, crc64_many(pending), strict=True):
+        payloads[i] = c.to_bytes(8, "big")
+    small.clear()
+    pending.clear()
+
+
+def _file_crc(raw: BinaryIO, ti: tarfile.TarInfo, where: str) -> int:
+    """CRC-64/ISO of a member's data, read a _CRC_CHUNK at a time (the odd-sized part
+    first, so every later chunk has one length and crc64_update's constants are cached)."""
+    from dmimage.docker.crc64 import crc64, crc64_update
+
+    raw.seek(ti.offset_data)
+    crc = None
+    first = ti.size % _CRC_CHUNK or _CRC_CHUNK
+    for n in (first, *(_CRC_CHUNK,) * ((ti.size - first) // _CRC_CHUNK)):
+        buf = raw.read(n)
+        if len(buf) != n:
+            raise StoreError(where, f"{ti.name}: truncated data")
+        crc = crc64(buf) if crc is None else crc64_update(crc, buf)
+    assert crc is not None
+    return crc
