@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dmimage.docker.errors import StoreError
+from dmimage.docker.gotar import chtimes_ns
 from dmimage.docker.tarsplit import Member
 
 ROOTFS = "/rootfs"
@@ -103,9 +104,8 @@ class Tree:
 
 
 def _chtimes(t: int) -> int:
-    """moby's system.Chtimes (files, directories, hard links; not symlinks): a time before
-    1970 or past 2262 (a 64-bit timespec's end) becomes the epoch."""
-    return t if 0 <= t and t * 10**9 <= (1 << 63) - 1 else 0
+    """:func:`gotar.chtimes_ns` for whole seconds (debugfs sets seconds)."""
+    return chtimes_ns(t * 10**9) // 10**9
 
 
 def _q(b: bytes) -> bytes:

@@ -327,3 +327,13 @@ def atime_ns(ti: tarfile.TarInfo) -> int | None:
         return ns
     secs = getattr(ti, "atime_s", None)
     return None if secs is None else secs * 10**9
+
+
+#: The last time moby's system.Chtimes sets (a 64-bit timespec: time.Unix(0, 1<<63-1)).
+MAX_NS = (1 << 63) - 1
+
+
+def chtimes_ns(t: int) -> int:
+    """What moby's system.Chtimes gives a file, directory or hard link (not a symlink) for
+    the time *t* in ns: a time before 1970 or past :data:`MAX_NS` becomes the epoch."""
+    return t if 0 <= t <= MAX_NS else 0

@@ -35,7 +35,7 @@ import stat
 import sys
 import tarfile
 
-from dmimage.docker.gotar import atime_ns, open_tar, pax_ns
+from dmimage.docker.gotar import atime_ns, chtimes_ns, open_tar, pax_ns
 
 WH = b".wh."
 WH_META = b".wh..wh."
@@ -47,13 +47,6 @@ class LayerError(Exception):
     """A member dockerd would refuse (one line, naming the member)."""
 
 
-#: The last time moby's system.Chtimes sets (a 64-bit timespec: time.Unix(0, 1<<63-1)).
-MAX_NS = (1 << 63) - 1
-
-
-def _chtimes(t: int) -> int:
-    """moby's system.Chtimes: a time before 1970 or past MAX_NS becomes the epoch."""
-    return t if 0 <= t <= MAX_NS else 0
 
 
 def _mtime(ti: tarfile.TarInfo) -> int:
@@ -70,14 +63,14 @@ def _times(ti: tarfile.TarInfo) -> tuple[int, int]:
         atime = mtime
     if ti.issym():
         return atime, mtime
-    return _chtimes(atime), _chtimes(mtime)
+    return chtimes_ns(atime), chtimes_ns(mtime)
 
 
 def _dir_times(ti: tarfile.TarInfo) -> tuple[int, int]:
     """A directory's final (atime, mtime): UnpackLayer's last loop passes the header's
     AccessTime as it is (none: Go's zero time, so the epoch) to system.Chtimes."""
     atime = atime_ns(ti)
-    return _chtimes(-1 if atime is None else atime), _chtimes(_mtime(ti))
+    return chtimes_ns(-1 if atime is None else atime), chtimes_ns(_mtime(ti))
 
 
 def _clean(name: str) -> bytes:
