@@ -267,7 +267,6 @@ def build_docker_store(spec: DockerSpec, outdir: str | os.PathLike[str], *,
         imgs: dict[str | None, Path] = {}
         trees: dict[str | None, Tree] = {}
         dev_ids: dict[str | None, int] = {}
-        sizes: dict[str, int] = {}
         written = 0
         base_uuid = spec.base_uuid
         if spec.fs == "xfs":
@@ -286,8 +285,7 @@ def build_docker_store(spec: DockerSpec, outdir: str | os.PathLike[str], *,
                 wp.set_transaction_id(0, tid)
                 wp.commit()
                 written += len(w)
-                dev_json["base"] = {"device_id": 1, "size": spec.base_size,
-                                    "transaction_id": tid, "initialized": True, "deleted": False}
+                dev_json["base"] = _device(1, spec.base_size, tid, initialized=True)
                 imgs[None], trees[None], dev_ids[None] = base_img, Tree(), 1
                 say(f"base: device 1, {human(spec.base_size)}, {len(w)} blocks")
                 next_id = 1
@@ -316,9 +314,7 @@ def build_docker_store(spec: DockerSpec, outdir: str | os.PathLike[str], *,
                     wp.set_transaction_id(tid - 1, tid)
                     wp.commit()
                     written += len(w)
-                    dev_json[h] = {"device_id": next_id, "size": spec.base_size,
-                                   "transaction_id": tid, "initialized": False, "deleted": False}
-                    sizes[chain] = applied
+                    dev_json[h] = _device(next_id, spec.base_size, tid, initialized=False)
                     _layerdb(root, chain, h, diff_id, parent, applied, ts)
                     imgs[chain], trees[chain], dev_ids[chain] = img, tree, next_id
                     last_hash = h
@@ -377,6 +373,12 @@ def build_docker_store(spec: DockerSpec, outdir: str | os.PathLike[str], *,
             shutil.rmtree(out, ignore_errors=True)
 
 
+def _device(device_id: int, size: int, tid: int, *, initialized: bool) -> dict[str, Any]:
+    """A device's JSON under devicemapper/metadata/ (devmapper's DevInfo, in its order)."""
+    return {"device_id": device_id, "size": size, "transaction_id": tid,
+            "initialized": initialized, "deleted": False}
+
+
 def _layerdb(root: Path, chain: str, h: str, diff_id: str, parent: str | None, applied: int,
              ts: bytes) -> None:
     """A layer's layerdb directory: cache-id, diff, parent, size, tar-split.json.gz."""
@@ -401,8 +403,7 @@ def _xfs_devices(spec: DockerSpec, layers: dict[str, tuple[str, str | None]], ro
     from dmimage.image.docker_xfs import XfsLayer, write_devices
     from dmimage.thin.pool import open_pool
 
-    dev_json["base"] = {"device_id": 1, "size": spec.base_size, "transaction_id": 1,
-                        "initialized": True, "deleted": False}
+    dev_json["base"] = _device(1, spec.base_size, 1, initialized=True)
     dev_ids: dict[str | None, int] = {None: 1}
     todo: list[XfsLayer] = []
     next_id = tid = 1
@@ -415,8 +416,7 @@ def _xfs_devices(spec: DockerSpec, layers: dict[str, tuple[str, str | None]], ro
         ts, members, applied = disassemble(str(lf), f"layer {diff_id}")
         todo.append(XfsLayer(h, next_id, dev_ids[parent], lf, parent is None))
         dev_ids[chain] = next_id
-        dev_json[h] = {"device_id": next_id, "size": spec.base_size, "transaction_id": tid,
-                       "initialized": False, "deleted": False}
+        dev_json[h] = _device(next_id, spec.base_size, tid, initialized=False)
         _layerdb(root, chain, h, diff_id, parent, applied, ts)
         last_hash = h
         say(f"layer {chain}: device {next_id}, {len(members)} members")
