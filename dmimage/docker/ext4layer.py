@@ -37,11 +37,9 @@ from pathlib import Path
 from dmimage.docker.errors import StoreError
 from dmimage.docker.gotar import chtimes_ns
 from dmimage.docker.tarsplit import Member
+from dmimage.docker.unpack import WH, WH_LINKDIR, WH_META, WH_OPAQUE
 
 ROOTFS = "/rootfs"
-WH = ".wh."
-WH_META = ".wh..wh."
-WH_OPAQUE = ".wh..wh..opq"
 
 
 @dataclass(slots=True)
@@ -215,15 +213,15 @@ def apply_layer(image: Path, layer_tar: Path, members: list[Member], tree: Tree,
                 if parent in tree.kind and tree.kind[parent] != "d":
                     raise StoreError(where, f"{ti.name}: its parent is not a directory")
                 mkdir_all(parent)
-            if path.startswith(WH_META.encode()) and path != WH_OPAQUE.encode():
+            if path.startswith(WH_META) and path != WH_OPAQUE:
                 # UnpackLayer skips aufs's metadata but keeps plnk's regular files aside for
                 # hard links into it: those are not supported here
-                if path.startswith(b".wh..wh.plnk") and ti.isreg():
+                if path.startswith(WH_LINKDIR) and ti.isreg():
                     raise StoreError(where, f"{ti.name}: aufs hard-link files (.wh..wh.plnk) "
                                      "are not supported")
                 continue
-            if base.startswith(WH.encode()):
-                if base == WH_OPAQUE.encode():
+            if base.startswith(WH):
+                if base == WH_OPAQUE:
                     opaque(parent)
                 else:
                     remove_all(posixpath.join(parent, base[len(WH):]))
