@@ -571,6 +571,16 @@ class Machine:
         except TimeoutError:
             self._health()
             raise GuestTimeout("QEMU did not connect QMP", **self._ctx()) from None
+        except Exception as exc:
+            # qemu.qmp's ConnectError, or its runstate assertion when QEMU hangs up right
+            # after the greeting (it exits there on an -incoming stream it cannot load): a
+            # VMError, so a failed restore falls back to a cold boot
+            if self.proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(5)
+            self._health()
+            raise VMError(f"QEMU's QMP session failed ({type(exc).__name__}: {exc})",
+                          **self._ctx()) from None
         self._agent = AgentChannel(self._agent_sock, health=self._health,
                                    context=lambda: (self.console_tail(), self._log_str()),
                                    on_broken=self._broken)
