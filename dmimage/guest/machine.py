@@ -918,11 +918,17 @@ class Machine:
         # Builtins only (~10 ms of TCG CPU per process start): ``read`` for the serial (which
         # has no newline: read's status is 1), and for the pause a ``read -t`` on the agent's
         # fifo that nobody writes. Prints the disks' device nodes in order once all are there.
+        # A disk counts once its node opens (``true <node``, a plain builtin: a failed redirection
+        # on a special one such as ``:`` ends the shell): devtmpfs makes the node before the
+        # kernel's first partition scan, which holds the disk's open mutex, so an open that
+        # succeeds returns after the scan and the partitions' nodes exist (CI once saw
+        # /dev/vda without /dev/vda1 right after the attach).
         wanted = " ".join(shlex.quote(d.serial) for d in disks)
         script = (
             f"i=0; while [ $i -lt {tries} ]; do out=; for w in {wanted}; do f=; "
             f"for d in /sys/block/vd*; do s=; read -r s <$d/serial 2>/dev/null; "
-            f"[ \"$s\" = \"$w\" ] && [ -b /dev/${{d##*/}} ] && {{ f=/dev/${{d##*/}}; break; }}; "
+            f"[ \"$s\" = \"$w\" ] && [ -b /dev/${{d##*/}} ] && true 2>/dev/null </dev/${{d##*/}} "
+            f"&& {{ f=/dev/${{d##*/}}; break; }}; "
             f"done; [ -n \"$f\" ] || break; out=\"$out $f\"; done; "
             f"[ -n \"$f\" ] && {{ echo $out; exit 0; }}; "
             f"[ $i -eq {self.RESCAN_AFTER_TRIES} ] && echo 1 >/sys/bus/pci/rescan && "
