@@ -922,12 +922,19 @@ class Machine:
         # on a special one such as ``:`` ends the shell): devtmpfs makes the node before the
         # kernel's first partition scan, which holds the disk's open mutex, so an open that
         # succeeds returns after the scan and the partitions' nodes exist (CI once saw
-        # /dev/vda without /dev/vda1 right after the attach).
+        # /dev/vda without /dev/vda1 right after the attach). That holds from 6.1 on (the
+        # flag that makes the first open scan is set before the disk can be opened); 5.10's
+        # register_disk opens the disk for its scan only after device_add, so an open can
+        # slip in before it (a poller in a deb11 guest opened /dev/vda without /dev/vda1 in
+        # 5 of 6 hot-plugs), but there the disk's queue/ directory is made after that scan
+        # (blk_register_queue follows register_disk): the disk also waits for queue/, which
+        # 6.x makes before the disk can be opened at all.
         wanted = " ".join(shlex.quote(d.serial) for d in disks)
         script = (
             f"i=0; while [ $i -lt {tries} ]; do out=; for w in {wanted}; do f=; "
             f"for d in /sys/block/vd*; do s=; read -r s <$d/serial 2>/dev/null; "
-            f"[ \"$s\" = \"$w\" ] && [ -b /dev/${{d##*/}} ] && true 2>/dev/null </dev/${{d##*/}} "
+            f"[ \"$s\" = \"$w\" ] && [ -b /dev/${{d##*/}} ] && [ -d $d/queue ] && "
+            f"true 2>/dev/null </dev/${{d##*/}} "
             f"&& {{ f=/dev/${{d##*/}}; break; }}; "
             f"done; [ -n \"$f\" ] || break; out=\"$out $f\"; done; "
             f"[ -n \"$f\" ] && {{ echo $out; exit 0; }}; "
