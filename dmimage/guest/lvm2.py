@@ -20,7 +20,9 @@ import gzip
 import hashlib
 import io
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 from .appliance import (
@@ -87,7 +89,11 @@ COMMANDS = ("pvcreate", "vgcreate", "lvcreate", "lvs", "pvs", "vgs", "vgchange",
 
 
 def lvm2_root() -> Path:
-    """The unpacked lvm2 .deb (downloaded once into the cache)."""
+    """The unpacked lvm2 .deb (downloaded once into the cache). Processes that find the cache
+    empty at once (two pytest workers) each download into a directory of their own and
+    unpack to a name of their own; the first unpacked tree renamed into place wins, and a
+    later one is dropped (a rename cannot replace a full directory: it failed with
+    ENOTEMPTY in 2 of 3 tries of two processes started together)."""
     cache = cache_root() / "lvm2"
     root = cache / "root"
     if (root / "sbin" / "lvm").exists():
@@ -95,15 +101,25 @@ def lvm2_root() -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     debs = sorted(cache.glob("lvm2_*.deb"))
     if not debs:
-        try:
-            subprocess.run(["apt-get", "download", "lvm2"], cwd=cache, check=True,
-                           capture_output=True, timeout=300)
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise ApplianceError(f"apt-get download lvm2 failed: {exc}") from None
+        with tempfile.TemporaryDirectory(dir=cache) as dl:
+            try:
+                subprocess.run(["apt-get", "download", "lvm2"], cwd=dl, check=True,
+                               capture_output=True, timeout=300)
+            except (OSError, subprocess.SubprocessError) as exc:
+                raise ApplianceError(f"apt-get download lvm2 failed: {exc}") from None
+            for deb in Path(dl).glob("lvm2_*.deb"):
+                os.replace(deb, cache / deb.name)
         debs = sorted(cache.glob("lvm2_*.deb"))
     tmp = cache / f"root.tmp{os.getpid()}"
-    subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(tmp)], check=True)
-    os.replace(tmp, root)
+    try:
+        subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(tmp)], check=True)
+        try:
+            os.replace(tmp, root)
+        except OSError:
+            if not (root / "sbin" / "lvm").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 
