@@ -667,18 +667,20 @@ class DockerGuest:
             # docker-untar...: an import killed mid-way can have one still writing the layer,
             # which keeps the data root busy), its mounts, the pool's dm devices and the loop
             # devices. busybox has no pkill: each /proc/PID/cmdline is read by ash, which
-            # drops its NULs, so the words run together and argv[0] starts them. A helper
-            # counts as gone once its /proc/PID is (init reaped it), not once its cmdline no
-            # longer matches: a Go helper's leader thread can exit before its other threads,
-            # and its cmdline then reads empty (the leader's mm is gone) while those threads
-            # still hold the layer's files, chroot and mount namespace (a process whose
-            # leader had exited kept a dm device busy with an empty cmdline, state Z).
+            # drops its NULs, so the words run together and argv[0] starts them. A helper is
+            # waited for until init has reaped it, not only until its cmdline stops matching:
+            # dockerd starts them with a parent-death SIGTERM (reexec.Command), so they are
+            # often dying by now, and a dying helper's leader thread can be gone (state Z,
+            # cmdline empty) while its other threads still hold the layer's device, chroot and
+            # mount namespace. Its comm stays "exe" (dockerd executes /proc/self/exe) until
+            # the reap, so a process counts while its cmdline or comm starts with docker- or
+            # its comm is exe (a stand-in whose helper held a dm device from a thread in a
+            # read: the cmdline-only loop went on at once and the device stayed busy, 3 of 3).
             script += (
-                "\nk=; i=0; while :; do for d in /proc/[0-9]*; do a=; read -r a < $d/cmdline; "
-                "case $a in docker-*) kill -KILL ${d#/proc/}; case \" $k \" in "
-                "*\" ${d#/proc/} \"*) ;; *) k=\"$k ${d#/proc/}\";; esac;; esac; "
-                "done 2>/dev/null; set --; for q in $k; do [ -e /proc/$q ] && set -- \"$@\" $q; "
-                "done; k=$*; [ -n \"$k\" ] && [ $i -lt 100 ] || break; i=$((i+1)); "
+                "\ni=0; while :; do n=0; for d in /proc/[0-9]*; do c=; a=; read -r c < $d/comm; "
+                "read -r a < $d/cmdline; case $c:$a in exe:*|docker-*|*:docker-*) "
+                "kill -KILL ${d#/proc/}; n=$((n+1));; esac; done 2>/dev/null; "
+                "[ $n -gt 0 ] && [ $i -lt 100 ] || break; i=$((i+1)); "
                 f"read -t 0.1 x <> {WAIT_FIFO}; done"
                 f"\ngrep ' {DATA_ROOT}/' /proc/mounts | cut -d' ' -f2 | sort -r | "
                 "xargs -r umount; dmsetup remove_all; for l in /dev/loop*; do "
