@@ -140,3 +140,24 @@ def test_read_commands_import_only_what_they_run(command: str, thins3_meta) -> N
     others = {m for m in mods if m.startswith("dmimage.cli.") and
               not m.startswith("dmimage.cli._")} - {"dmimage.cli.main", f"dmimage.cli.{argv[0]}"}
     assert not others
+
+
+def test_own_process_exit_finalizes_the_commands_garbage(thins3_meta) -> None:  # type: ignore[no-untyped-def]
+    """main() in a process of its own freezes what is alive when the command is done, so the
+    interpreter's exit does not traverse it again (cli/main.py: _exit_collected), but garbage
+    the command left in a reference cycle is still finalized, as the exit would."""
+    code = ("import gc, sys\n"
+            "import dmimage.cli.main as m\n"
+            "class Cycle:\n"
+            "    def __del__(self): print('finalized', flush=True)\n"
+            "run = m._run_locked\n"
+            "def run_then_drop_a_cycle(args):\n"
+            "    rc = run(args); c = Cycle(); c.me = c; del c; return rc\n"
+            "m._run_locked = run_then_drop_a_cycle\n"
+            f"sys.argv = ['dmimage', 'check', '-q', {str(thins3_meta.path)!r}]\n"
+            "rc = m.main()\n"
+            "print('frozen', gc.get_freeze_count() > 0, flush=True)\n"
+            "sys.exit(rc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split("\n")
+    assert out[:2] == ["finalized", "frozen True"]

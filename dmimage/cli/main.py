@@ -181,12 +181,34 @@ def _collect_less() -> None:
     gc.set_threshold(100_000, gen1, gen2)
 
 
+def _exit_collected() -> None:
+    """Collect the garbage the command left once, as the interpreter's exit would, then
+    freeze every object still alive (gc.freeze), so that the two or three collections of the
+    interpreter's finalization skip the tens of thousands of objects (numpy's and our
+    modules') that live until exit anyway: a 10M-mapping delta spent ~23 ms of its ~165 ms
+    of CPU exiting, ~13 with this. Garbage of the command is finalized as before; only
+    cycles that module teardown itself uncovers are left to the end of the process. For a
+    process of our own only (``argv`` None)."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _numpy_env()
     if argv is None:
         _collect_less()
     words = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(words)
+    rc = _run_reporting(args)
+    if argv is None:
+        _exit_collected()
+    return rc
+
+
+def _run_reporting(args: argparse.Namespace) -> int:
+    """The command's exit code, its errors as one line on stderr (docs/cli.md)."""
     try:
         return _run_locked(args)
     except DmimageError as exc:
