@@ -20,6 +20,7 @@ demonstration that the concurrency test can fail).
 
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import os
@@ -91,6 +92,10 @@ def serve(spec: dict[str, Any]) -> list[int]:
         devlock.acquire = lambda *a, **k: devlock.Lock(None, False)
     # fork() copies only the calling thread: the warm interpreter must have no other
     assert threading.active_count() == 1 and len(os.listdir("/proc/self/task")) == 1
+    # What the warm interpreter holds lives as long as every child: frozen (Python's advice
+    # for a fork server), the collection main() runs when a command is done (cli/main.py:
+    # _exit_collected) does not traverse it, nor copy its pages, in each child.
+    gc.freeze()
     pids = []
     sys.stdout.flush()
     sys.stderr.flush()
