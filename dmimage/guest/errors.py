@@ -56,6 +56,9 @@ class GuestCommandError(VMError):
         msg = (f"guest command {what}: {result.command!r}\n"
                f"stdout: {result.stdout[-2000:].decode(errors='replace')}\n"
                f"stderr: {result.stderr[-2000:].decode(errors='replace')}")
+        if result.diagnostics:
+            msg += ("\n--- guest state at the timeout ---\n"
+                    + result.diagnostics[:8000].decode(errors="replace").rstrip() + "\n---")
         super().__init__(msg, console_tail=console_tail, log_path=log_path)
 
 
