@@ -459,7 +459,8 @@ for d in /proc/[0-9]*; do
 done
 l=
 for f in /sys/block/*/inflight; do
-  r=0 w=0; read -r r w <"$f" 2>/dev/null
+  [ -e "$f" ] || continue
+  r=0 w=0; read -r r w <"$f"
   [ "$r$w" = 00 ] || { f=${f%/inflight}; l="$l ${f##*/} $r $w;"; }
 done
 echo "requests in flight (device reads writes):${l:- none}"
