@@ -392,10 +392,14 @@ def test_agent_timeout_kills_process_group(dm_vm: Machine) -> None:
 
 
 @pytest.mark.vm
-def test_timed_out_command_reports_the_guest_state(dm_vm: Machine) -> None:
+def test_timed_out_command_reports_the_guest_state(dm_vm: Machine, vm_disk: DiskFactory,
+                                                   tmp_path: Path) -> None:
     """A dd waiting on a suspended device (in D state, in a loop with a timeout the hung-task
-    detector never sees): the error names it with its stack, the memory, the dm devices, and
-    the console has the sysrq 'w' dump (the level is raised around it: loglevel=5)."""
+    detector never sees): the error names it with its stack, the memory, the dm devices and
+    QEMU's disk queues, and the console has the sysrq 'w' dump (the level is raised around it:
+    loglevel=5)."""
+    (tmp_path / "d.img").write_bytes(bytes(4096))
+    disk = vm_disk(tmp_path / "d.img")
     dm_vm.sh("dmsetup create hz --table '0 8 zero' && dmsetup suspend hz")
     try:
         with pytest.raises(GuestCommandError) as ei:
@@ -410,6 +414,8 @@ def test_timed_out_command_reports_the_guest_state(dm_vm: Machine) -> None:
         assert re.search(r"^MemTotal: \d+ MemFree: \d+ ", diag, re.M), diag
         assert re.search(r"^requests in flight \(device reads writes\): ", diag, re.M), diag
         assert re.search(r"^hz +253 +\d+ +L-s", diag, re.M), diag  # dmsetup info -c: suspended
+        assert re.search(rf"^QEMU disk queues .*: {disk.serial} {disk.guest_path} q0 0 \d+ \d+;",
+                         diag, re.M), diag
         assert "guest state at the timeout" in str(ei.value) and dd.group(0) in str(ei.value)
         assert dm_vm.console_log is not None
         console = dm_vm.console_log.read_text(errors="replace")
