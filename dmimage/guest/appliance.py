@@ -395,10 +395,12 @@ while read -r tag id tmo n nb tok; do
     ( read -t "$tmo" l <>/tmp/.wd
       [ -e "/tmp/.run.$id" ] || exit 0
       : > "/tmp/.to.$id"
-      rm -f /tmp/.d /tmp/.d.end
-      ( sh /diag "$pid"; : > /tmp/.d.end ) >/tmp/.d 2>&1 &
+      rm -f /tmp/.d /tmp/.d.end.*
+      ( sh /diag "$pid"; : > "/tmp/.d.end.$id" ) >/tmp/.d 2>&1 &
       i=0
-      while [ "$i" -lt 8 ] && [ ! -e /tmp/.d.end ]; do read -t 1 l <>/tmp/.wd; i=$((i+1)); done
+      while [ "$i" -lt 8 ] && [ ! -e "/tmp/.d.end.$id" ]; do
+        read -t 1 l <>/tmp/.wd; i=$((i+1))
+      done
       [ -e "/tmp/.run.$id" ] && kill -KILL -"$pid"
     ) </dev/null >/dev/null 2>&1 &
     wd=$!
