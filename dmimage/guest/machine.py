@@ -326,7 +326,7 @@ class Machine:
             + (" " + self.cmdline_extra if self.cmdline_extra else "")
         return [
             self.qemu or "qemu-system-x86_64",
-            "-name", f"dmimage-{self.kernel.name}",
+            "-name", f"dmimage-{self.kernel.name},debug-threads=on",  # named threads: diagnostics
             "-machine", "pc", "-accel", accel, "-cpu", cpu,
             "-smp", str(self.cpus), "-m", str(self.memory_mb),
             "-nodefaults", "-nographic", "-no-reboot", "-nic", "none",
@@ -761,7 +761,7 @@ class Machine:
         """QEMU's side of each disk's virtio queues, for a timed-out command's diagnostics:
         requests QEMU took and has not completed ("in use"), and completions it posted (used)
         and signalled. With the guest's requests in flight this tells a host I/O that never
-        ended from a completion the guest never saw."""
+        ended from a completion the guest never saw; then QEMU's threads and their waits."""
         parts = []
         for d in self.disks:
             for q in range(self.cpus):  # virtio-blk's num-queues defaults to the vCPU count
@@ -772,8 +772,18 @@ class Machine:
                     break
                 parts.append(f" {d.serial} {d.guest_path} q{q} {st['inuse']} {st['used-idx']} "
                              f"{st['signalled-used']};")
+        threads = []  # a worker blocked in the host's file I/O shows here (state D)
+        for task in sorted(Path(f"/proc/{self.pid}/task").glob("*")) if self.pid else ():
+            try:
+                stat = (task / "stat").read_text()
+                wchan = (task / "wchan").read_text().strip() or "-"
+            except OSError:
+                continue
+            name, state = stat[stat.index("(") + 1: stat.rindex(")")], stat[stat.rindex(")") + 2]
+            threads.append(f" {name} {state} {wchan};")
         return ("QEMU disk queues (serial guest-path queue in-use used signalled):"
-                + ("".join(parts) or " none") + "\n").encode()
+                + ("".join(parts) or " none") + "\nQEMU threads (name state wchan):"
+                + "".join(threads) + "\n").encode()
 
     def sh(self, command: str, *, timeout: float = 60.0) -> str:
         """Run *command*, raise ``GuestCommandError`` unless it exits 0, return stdout text."""
