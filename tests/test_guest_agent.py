@@ -4,6 +4,7 @@ move from /tmp to a private directory; everything else is the script the guest r
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 import subprocess
@@ -24,7 +25,11 @@ pytestmark = pytest.mark.skipif(BUSYBOX is None, reason="busybox not installed")
 def agent(tmp_path: Path) -> Iterator[AgentChannel]:
     assert BUSYBOX is not None
     script = tmp_path / "agent.sh"
-    script.write_text(AGENT_SCRIPT.replace("/tmp", str(tmp_path)))
+    # /diag (the guest's state at a timeout) is a stand-in the tests write: the real one reads
+    # the guest kernel's /proc and pokes sysrq (vmtests/test_harness.py runs it).
+    (tmp_path / "diag").write_text("echo state of $1\n")
+    script.write_text(AGENT_SCRIPT.replace("/tmp", str(tmp_path))
+                      .replace("sh /diag", f"sh {tmp_path}/diag"))
     host, guest = socket.socketpair()
     console = (tmp_path / "console").open("wb")  # the guest's /dev/console
     proc = subprocess.Popen([BUSYBOX, "sh", str(script)], stdin=guest.fileno(),
@@ -71,6 +76,22 @@ def test_timeout_kills_the_process_group_and_only_that_command(agent: AgentChann
     # Commands that end in time are not marked, however many follow one another.
     for i in range(30):
         assert agent.run(f"echo {i}", timeout=1).stdout == f"{i}\n".encode()
+
+
+def test_timeout_brings_the_diagnostics_apart_from_stderr(agent: AgentChannel,
+                                                         tmp_path: Path) -> None:
+    r = agent.run("echo out; printf err >&2; sleep 30", timeout=1)
+    assert r.timed_out and (r.stdout, r.stderr) == (b"out\n", b"err")
+    assert re.fullmatch(rb"state of \d+\n", r.diagnostics), r.diagnostics
+    assert agent.run("echo late >&2; exit 4", timeout=5).diagnostics == b""
+    # A diagnostic that blocks does not hold the kill up for more than its 8 s: the reply
+    # carries what it wrote by then.
+    (tmp_path / "diag").write_text("echo partial; sleep 60\n")
+    t = time.monotonic()
+    r = agent.run("sleep 30", timeout=1)
+    assert r.timed_out and r.diagnostics == b"partial\n" and r.stderr == b""
+    assert 8 <= time.monotonic() - t < 15
+    assert agent.run("echo next").stdout == b"next\n"
 
 
 def test_noise_lines_are_skipped(agent: AgentChannel) -> None:

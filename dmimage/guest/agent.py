@@ -5,7 +5,9 @@ Frames (the port is no tty: every byte arrives as sent):
 - host → guest: ``@@C <id> <timeout_s> <nlines> <nbytes> <token>`` then the script's *nlines*
   lines, verbatim (*nbytes* in all)
 - guest → host: ``@@R <id> <rc> <timed_out>``, a newline, then stdout's raw bytes, the line
-  ``@@<token>.<id>``, stderr's raw bytes and the same line again
+  ``@@<token>.<id>``, stderr's raw bytes and the same line again; for a timed-out command,
+  stderr is followed by the line ``@@<token>.<id>.diag`` and the guest's state as the
+  watchdog found it before the kill (``DIAG_SCRIPT``; ``CommandResult.diagnostics``)
 - guest → host: ``@@READY <uptime>`` once when the agent starts
 
 *token* is 16 random hex digits of this channel, the agent's own variable: a command can
@@ -49,6 +51,8 @@ class CommandResult:
     stderr: bytes
     duration: float
     timed_out: bool = False
+    #: For a timed-out command: the guest's tasks, memory and dm devices just before the kill.
+    diagnostics: bytes = b""
 
     @property
     def ok(self) -> bool:
@@ -214,7 +218,11 @@ class AgentChannel:
             del self._unread[0]
             if int(rid) != cid:
                 continue  # reply to a command the host gave up on
-            res = CommandResult(text, int(rc), out, err, time.monotonic() - start, to == b"1")
+            diag = b""
+            if to == b"1":
+                err, _, diag = err.partition(b"@@%s.%s.diag\n" % (self._token.encode(), rid))
+            res = CommandResult(text, int(rc), out, err, time.monotonic() - start, to == b"1",
+                                diag)
             if check and not res.ok:
                 tail, log = self._context()
                 raise GuestCommandError(res, log_path=log)
@@ -237,12 +245,28 @@ KERNEL_PROBLEM_PATTERNS = (
 _PROBLEM_RE = re.compile("|".join(KERNEL_PROBLEM_PATTERNS))
 
 
+#: The lines DIAG_SCRIPT (appliance.py) puts around the sysrq 'w' dump it asks for when a
+#: command times out: the call traces between them are that report, not a kernel problem.
+DUMP_BEGIN = "dmimage-guest: blocked tasks (sysrq w) at a command's timeout"
+DUMP_END = "dmimage-guest: end of blocked tasks"
+
+
 def find_kernel_problems(dmesg: str, *, allow: tuple[str, ...] = ()) -> list[str]:
     """Lines of *dmesg* that show a kernel BUG/WARNING/oops/"Call Trace" (minus *allow*
-    regexes)."""
+    regexes, and the blocked-task dumps of timed-out commands: between ``DUMP_BEGIN`` and
+    ``DUMP_END``, when both are there)."""
     allowed = [re.compile(a) for a in allow]
-    return [ln for ln in dmesg.splitlines()
-            if _PROBLEM_RE.search(ln) and not any(a.search(ln) for a in allowed)]
+    lines = dmesg.splitlines()
+    skip: set[int] = set()
+    begin = None
+    for i, ln in enumerate(lines):
+        if ln.endswith(DUMP_BEGIN):
+            begin = i
+        elif ln.endswith(DUMP_END) and begin is not None:
+            skip.update(range(begin, i))
+            begin = None
+    return [ln for i, ln in enumerate(lines) if i not in skip
+            and _PROBLEM_RE.search(ln) and not any(a.search(ln) for a in allowed)]
 
 
 def check_kernel_log(dmesg: str, *, allow: tuple[str, ...] = (), console_tail: str = "",

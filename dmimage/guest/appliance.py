@@ -389,8 +389,19 @@ while read -r tag id tmo n nb tok; do
     # The watchdog acts only while this very command still runs (its run file exists): one
     # that was scheduled late must not mark or kill a later command.
     : > "/tmp/.run.$id"
+    # Before the kill, /diag records what the guest is doing (for the host's error). It may
+    # block itself (an ioctl on a stuck pool): it gets 8 s (the host waits 20 s past the
+    # timeout), and the reply carries whatever it wrote by then.
     ( read -t "$tmo" l <>/tmp/.wd
-      [ -e "/tmp/.run.$id" ] && : > "/tmp/.to.$id" && kill -KILL -"$pid"
+      [ -e "/tmp/.run.$id" ] || exit 0
+      : > "/tmp/.to.$id"
+      rm -f /tmp/.d /tmp/.d.end.*
+      ( sh /diag "$pid"; : > "/tmp/.d.end.$id" ) >/tmp/.d 2>&1 &
+      i=0
+      while [ "$i" -lt 8 ] && [ ! -e "/tmp/.d.end.$id" ]; do
+        read -t 1 l <>/tmp/.wd; i=$((i+1))
+      done
+      [ -e "/tmp/.run.$id" ] && kill -KILL -"$pid"
     ) </dev/null >/dev/null 2>&1 &
     wd=$!
   fi
@@ -401,7 +412,12 @@ while read -r tag id tmo n nb tok; do
   [ -n "$wd" ] && { rm -f "/tmp/.run.$id"; kill -KILL "$wd" 2>/dev/null; wait "$wd" 2>/dev/null; }
   to=0; [ -e "/tmp/.to.$id" ] && to=1
   printf '@@R %s %s %s\n' "$id" "$rc" "$to"
-  if [ -s /tmp/.o ] || [ -s /tmp/.e ]; then
+  if [ "$to" = 1 ]; then
+    # stderr, then a line of the token's ending in .diag, then what /diag wrote so far
+    printf '@@%s.%s\n' "$tok" "$id" >/tmp/.s
+    printf '@@%s.%s.diag\n' "$tok" "$id" >/tmp/.g
+    cat /tmp/.o /tmp/.s /tmp/.e /tmp/.g /tmp/.d /tmp/.s 2>/dev/null
+  elif [ -s /tmp/.o ] || [ -s /tmp/.e ]; then
     printf '@@%s.%s\n' "$tok" "$id" >/tmp/.s
     cat /tmp/.o /tmp/.s /tmp/.e /tmp/.s
   else
@@ -411,6 +427,50 @@ done
 echo "dmimage-guest: agent input closed" > /dev/kmsg
 """
 
+
+#: Run by the agent's watchdog when a command overran its timeout, before the kill ($1: the
+#: command's process group): what the guest is doing, for the host's ``GuestCommandError``.
+#: A task waiting in a loop with a timeout (blk_io_schedule, mempool_alloc) or interruptibly
+#: never trips the hung-task detector, so nothing else would say where it waits. The sysrq
+#: 'w' dump goes to the console too: __handle_sysrq restores the console level before the
+#: handler prints (at KERN_INFO), so the level is raised around it; the markers around it
+#: let the host's kernel-log check tell it from a real call trace. The requests in flight
+#: tell a completion a disk never gave (a dd waiting with nothing in flight waits on dm) from
+#: a dm stall. The surest steps come first: a dmsetup ioctl can block on a stuck pool
+#: (status --noflush: no commit).
+DIAG_SCRIPT = r"""#!/bin/sh
+g=$1
+read -r lv rest </proc/sys/kernel/printk
+echo "dmimage-guest: blocked tasks (sysrq w) at a command's timeout" >/dev/kmsg
+echo 7 >/proc/sys/kernel/printk; echo w >/proc/sysrq-trigger; echo "$lv" >/proc/sys/kernel/printk
+echo "dmimage-guest: end of blocked tasks" >/dev/kmsg
+read -r up rest </proc/uptime
+echo "guest uptime ${up}s; tasks (user ones, kernel threads not sleeping): pid state pgrp wchan"\
+" name(: args), and the stack of those in D or R state or in the command's group $g"
+for d in /proc/[0-9]*; do
+  p=${d#/proc/}; [ "$p" = $$ ] && continue
+  s=; read -r s <"$d/stat" 2>/dev/null || continue
+  n=${s#*(}; n=${n%)*}; set -- ${s##*) }
+  st=$1 pg=$3 k=$(($7 & 0x200000))
+  [ "$k" != 0 ] && { [ "$st" = S ] || [ "$st" = I ]; } && continue
+  w=; read -r w <"$d/wchan" 2>/dev/null
+  [ "$k" = 0 ] && { a=$(tr '\0' ' ' <"$d/cmdline" 2>/dev/null); n="$n: ${a:0:160}"; }
+  echo "$p $st $pg ${w:-0} $n"
+  case $st in D|R) ;; *) [ "$pg" = "$g" ] || continue ;; esac
+  sed 's/^\[<0>\]/   /' "$d/stack" 2>/dev/null
+done
+l=
+for f in /sys/block/*/inflight; do
+  [ -e "$f" ] || continue
+  r=0 w=0; read -r r w <"$f"
+  [ "$r$w" = 00 ] || { f=${f%/inflight}; l="$l ${f##*/} $r $w;"; }
+done
+echo "requests in flight (device reads writes):${l:- none}"
+awk '/^(MemTotal|MemFree|MemAvailable|Cached|Shmem|Slab|SUnreclaim|KernelStack|Dirty|Writeback):/'\
+' {printf "%s %s ", $1, $2} END {print "(kB)"}' /proc/meminfo
+echo "dmsetup info -c:"; dmsetup info -c 2>&1
+echo "dmsetup status --noflush:"; dmsetup status --noflush 2>&1
+"""
 
 # --------------------------------------------------------------------------------------------
 # Building
@@ -451,7 +511,7 @@ def build_initramfs(moddir: Path | str, *, cache_dir: Path | None = None,
 
     h = hashlib.sha256()
     h.update(b"dmimage-appliance-v2\0")  # v2: modules without signatures
-    h.update(INIT_SCRIPT.encode() + AGENT_SCRIPT.encode())
+    h.update(INIT_SCRIPT.encode() + AGENT_SCRIPT.encode() + DIAG_SCRIPT.encode())
     h.update(b"gz" if compress else b"raw")
     strip = signatures_optional(moddir)
     if not strip:
@@ -511,6 +571,7 @@ def build_initramfs(moddir: Path | str, *, cache_dir: Path | None = None,
         w.add_file("etc/passwd", b"root:x:0:0:root:/tmp:/bin/sh\n")
         w.add_file("init", INIT_SCRIPT.encode(), 0o755)
         w.add_file("agent", AGENT_SCRIPT.encode(), 0o755)
+        w.add_file("diag", DIAG_SCRIPT.encode(), 0o755)
         w.close()
         if stream is not raw:
             stream.close()

@@ -56,6 +56,12 @@ class GuestCommandError(VMError):
         msg = (f"guest command {what}: {result.command!r}\n"
                f"stdout: {result.stdout[-2000:].decode(errors='replace')}\n"
                f"stderr: {result.stderr[-2000:].decode(errors='replace')}")
+        if result.diagnostics:
+            d = result.diagnostics
+            if len(d) > 8000:  # the tasks first, memory and dm devices last: keep both ends
+                d = d[:5500] + b"\n[...]\n" + d[-2500:]
+            msg += ("\n--- guest state at the timeout ---\n"
+                    + d.decode(errors="replace").rstrip() + "\n---")
         super().__init__(msg, console_tail=console_tail, log_path=log_path)
 
 

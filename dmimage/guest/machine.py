@@ -46,6 +46,7 @@ from . import vmstate
 from .agent import AgentChannel, CommandResult, check_kernel_log
 from .appliance import HOST_SHARE_MODULES, build_initramfs
 from .errors import (
+    GuestCommandError,
     GuestTimeout,
     HarnessUnavailable,
     HotplugError,
@@ -325,7 +326,7 @@ class Machine:
             + (" " + self.cmdline_extra if self.cmdline_extra else "")
         return [
             self.qemu or "qemu-system-x86_64",
-            "-name", f"dmimage-{self.kernel.name}",
+            "-name", f"dmimage-{self.kernel.name},debug-threads=on",  # named threads: diagnostics
             "-machine", "pc", "-accel", accel, "-cpu", cpu,
             "-smp", str(self.cpus), "-m", str(self.memory_mb),
             "-nodefaults", "-nographic", "-no-reboot", "-nic", "none",
@@ -744,12 +745,45 @@ class Machine:
             if host_grace is not None:
                 self._agent.host_grace = host_grace
             try:
-                return self._agent.run(command, timeout=timeout, check=check)
+                res = self._agent.run(command, timeout=timeout)
             except GuestTimeout:
                 self._failed = True
                 raise
             finally:
                 self._agent.host_grace = saved
+            if res.timed_out:
+                res.diagnostics += self._disk_queues()
+            if check and not res.ok:
+                raise GuestCommandError(res, log_path=self._log_str())
+            return res
+
+    def _disk_queues(self) -> bytes:
+        """QEMU's side of each disk's virtio queues, for a timed-out command's diagnostics:
+        requests QEMU took and has not completed ("in use"), and completions it posted (used)
+        and signalled. With the guest's requests in flight this tells a host I/O that never
+        ended from a completion the guest never saw; then QEMU's threads and their waits."""
+        parts = []
+        for d in self.disks:
+            for q in range(self.cpus):  # virtio-blk's num-queues defaults to the vCPU count
+                try:
+                    st = self.qmp("x-query-virtio-queue-status", timeout=5, queue=q,
+                                  path=f"/machine/peripheral/{d.device_id}/virtio-backend")
+                except VMError:
+                    break
+                parts.append(f" {d.serial} {d.guest_path} q{q} {st['inuse']} {st['used-idx']} "
+                             f"{st['signalled-used']};")
+        threads = []  # a worker blocked in the host's file I/O shows here (state D)
+        for task in sorted(Path(f"/proc/{self.pid}/task").glob("*")) if self.pid else ():
+            try:
+                stat = (task / "stat").read_text()
+                wchan = (task / "wchan").read_text().strip() or "-"
+            except OSError:
+                continue
+            name, state = stat[stat.index("(") + 1: stat.rindex(")")], stat[stat.rindex(")") + 2]
+            threads.append(f" {name} {state} {wchan};")
+        return ("QEMU disk queues (serial guest-path queue in-use used signalled):"
+                + ("".join(parts) or " none") + "\nQEMU threads (name state wchan):"
+                + "".join(threads) + "\n").encode()
 
     def sh(self, command: str, *, timeout: float = 60.0) -> str:
         """Run *command*, raise ``GuestCommandError`` unless it exits 0, return stdout text."""
