@@ -97,3 +97,28 @@ def test_timeout_brings_the_diagnostics_apart_from_stderr(agent: AgentChannel,
 def test_noise_lines_are_skipped(agent: AgentChannel) -> None:
     agent._send(b"garbage line\n@@X 1 2 3\n", time.monotonic() + 5)
     assert agent.run("echo ok").stdout == b"ok\n"
+
+
+class _Gone(Exception):
+    pass
+
+
+def test_a_peer_gone_before_the_send_is_the_broken_hook_not_a_broken_pipe() -> None:
+    """QEMU killed between two commands: the host's send gets EPIPE (or ECONNRESET) before any
+    read sees EOF. That must reach ``on_broken`` (the machine turns it into MachineDied), as an
+    EOF does, not escape as BrokenPipeError (test_dead_qemu_is_a_clear_error... saw it)."""
+    host, guest = socket.socketpair()
+    guest.close()
+    calls: list[str] = []
+
+    def broken() -> None:
+        calls.append("broken")
+        raise _Gone
+
+    chan = AgentChannel(host, on_broken=broken)
+    try:
+        with pytest.raises(_Gone):
+            chan.run("echo hi", timeout=5)
+    finally:
+        host.close()
+    assert calls == ["broken"]

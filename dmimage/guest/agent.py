@@ -151,6 +151,9 @@ class AgentChannel:
                 n = self._sock.send(view)
             except BlockingIOError:
                 continue
+            except OSError as exc:  # EPIPE, ECONNRESET: QEMU gone, as when a read sees EOF
+                self._on_broken()
+                raise VMError(f"guest agent channel failed: {exc}") from exc
             view = view[n:]
 
     # -- protocol ----------------------------------------------------------------------------
