@@ -155,9 +155,11 @@ def run_once(argv: list[str], hashed: bool) -> Measure:
     rss_file = CACHE / "rss.txt"
     h = hashlib.sha256()
     t0 = time.perf_counter()
+    # not from the working directory: `python -m dmimage` puts it first on sys.path, ahead of
+    # PYTHONPATH, so run from a checkout every column ran that checkout's package
     p = subprocess.Popen(["/usr/bin/time", "-f", "%M %U %S", "-o", str(rss_file), *argv],
                          stdout=subprocess.PIPE if hashed else subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
+                         stderr=subprocess.DEVNULL, cwd=CACHE)
     if p.stdout is not None:
         while chunk := p.stdout.read(1 << 20):
             h.update(chunk)
@@ -267,9 +269,8 @@ def main() -> int:
         base = a.baseline.resolve() if a.source else installed_copy(a.baseline.resolve(),
                                                                     "baseline")
         base_dm = ["env", f"PYTHONPATH={base}", sys.executable, "-m", "dmimage"]
-    if not a.source:
-        ours_dm = ["env", f"PYTHONPATH={installed_copy(REPO, 'current')}", sys.executable, "-m",
-                   "dmimage"]
+    ours_tree = REPO if a.source else installed_copy(REPO, "current")
+    ours_dm = ["env", f"PYTHONPATH={ours_tree}", sys.executable, "-m", "dmimage"]
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; dmimage "
           f"{'from source' if a.source else 'byte-compiled'}")
     before = "baseline | baseline time ratio | " if base_dm else ""

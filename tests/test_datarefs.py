@@ -22,10 +22,12 @@ import pytest
 
 from dmimage.errors import DmimageError
 from dmimage.pdata.block import BlockReader
+from dmimage.pdata.btree import leaves_in_order, tree_items
 from dmimage.thin import datarefs
 from dmimage.thin.check import check_metadata
 from dmimage.thin.ls import FIELDS, ls_table
 from dmimage.thin.pool import open_pool
+from dmimage.thin.superblock import read_superblock
 
 import damage
 import fuzz_damage
@@ -154,6 +156,52 @@ def test_a_count_past_255_is_counted_again_in_process(bases: list[bytes],
             c.close()
 
 
+def _census_of(census: datarefs.Census, messages: list[tuple[bool, np.ndarray]]
+               ) -> tuple[list[int], dict[int, tuple[int, int]]]:
+    for by_block, items in messages:
+        if by_block:
+            census.leaves(0, items)
+        else:
+            census.values(0, items)
+    counts, tallies = census.finish()
+    census.close()
+    return counts.tolist(), {k: (t.count, t.first) for k, t in tallies.items()}
+
+
+def test_blocks_met_twice_are_counted_not_marked(bases: list[bytes], tmp_path: Path) -> None:
+    """The child marks data blocks while each is met once (datarefs._Marks); a block met
+    again, among a message's first blocks or past them (found only when the counts are
+    settled), or a leaf sent twice, makes it count every message again: the counts are the
+    in-process census's in every case."""
+    path = tmp_path / "pool.meta"
+    path.write_bytes(bases[1])
+    with BlockReader(path) as reader:
+        sb = read_superblock(reader)
+        nr = sb.data_sm.nr_blocks
+        roots = tree_items(reader, sb.data_mapping_root, 8, np.uint64)[1]
+        leaves = np.array([leaf.blocknr for leaf in leaves_in_order(reader, int(roots[0]), 8)],
+                          np.int64)
+        data = np.concatenate([leaf.values(np.uint64) >> np.uint64(24)
+                               for leaf in leaves_in_order(reader, int(roots[0]), 8)])
+        assert len(leaves) > 2 and len(data) > datarefs.MARK_PROBE
+        unused = np.setdiff1d(np.arange(nr, dtype=np.uint64), data)
+        assert len(unused) > datarefs.MARK_PROBE
+        fresh = unused[:datarefs.MARK_PROBE]
+        cases = {
+            "once": [(True, leaves), (False, unused[-3:])],
+            "past the probe": [(True, leaves), (False, np.append(fresh, data[:2]))],
+            "in the probe": [(False, fresh), (True, leaves), (False, data[-1:])],
+            "a leaf twice": [(True, leaves), (True, leaves[:1])],
+            "beyond the device": [(True, leaves), (False, np.array([nr + 5, nr], np.uint64)),
+                                  (True, leaves[-1:])],
+        }
+        for name, messages in cases.items():
+            forked = _census_of(datarefs.ForkedCensus(reader, nr), messages)
+            in_process = _census_of(datarefs.Census(reader, nr), messages)
+            assert forked == in_process, name
+            assert (max(forked[0]) == 1) == (name == "once"), name
+
+
 def _open_fds() -> dict[str, str]:
     """This process's descriptors and what they are (the listing's own left out; maps of
     a closed reader that numpy views in reference cycles still hold collected first)."""
@@ -191,6 +239,7 @@ import numpy as np
 # Ctrl-C's action, whatever this test's parent left (a background job ignores SIGINT)
 signal.signal(signal.SIGINT, signal.default_int_handler)
 from dmimage.pdata.block import BlockReader
+from dmimage.pdata.btree import leaves_in_order, tree_items
 from dmimage.thin import datarefs
 
 real_fork = os.fork

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import repeat
 from typing import NamedTuple
 
 import numpy as np
@@ -236,6 +235,15 @@ class BtreeWalker:
         self.on_error = on_error
         self.batch_leaves = batch_leaves
         self._summaries: dict[int, SubtreeSummary | None] = {}
+        #: leaves recorded a group at a time (_leaf_group) instead of in _summaries: for
+        #: block b, ``(group + 1) << 8 | b's place among its siblings`` (0: not grouped;
+        #: a group is at most 255 siblings);
+        #: their summaries are made only if a later walk meets them again (a Python tuple
+        #: and two dict entries a leaf were ~20 ms of a 10M-mapping check, and garbage the
+        #: exit's collection traversed again)
+        self._grouped: np.ndarray | None = None
+        #: each group's first keys, last keys and entry counts (one of each a leaf)
+        self._groups: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._in_progress: set[int] = set()
         self._value_size: dict[int, int] = {}
         #: nodes first walked as a root that would be underfull as a child
@@ -266,6 +274,18 @@ class BtreeWalker:
         finally:
             self._by_block = False
 
+    def _grouped_summary(self, blocknr: int) -> SubtreeSummary | None:
+        """The summary of a leaf recorded by :meth:`_leaf_group`, else None."""
+        grouped = self._grouped
+        if grouped is None or not 0 <= blocknr < len(grouped):
+            return None
+        code = int(grouped[blocknr])
+        if not code:
+            return None
+        firsts, lasts, counts = self._groups[(code >> 8) - 1]
+        i = code & 0xFF
+        return SubtreeSummary(0, int(firsts[i]), int(lasts[i]), int(counts[i]))
+
     def _count(self, blocknr: int) -> None:
         counts = self.meta_counts
         if counts is not None and 0 <= blocknr < len(counts):
@@ -286,14 +306,16 @@ class BtreeWalker:
         if blocknr in self._in_progress:
             self.on_error(MetadataError(f"{what}: cycle: node is its own ancestor", block=blocknr))
             return None
-        if blocknr in self._summaries:
-            summary = self._summaries[blocknr]
+        grouped = self._grouped_summary(blocknr)
+        if grouped is not None or blocknr in self._summaries:
+            summary = grouped if grouped is not None else self._summaries[blocknr]
             if not is_root and blocknr in self._underfull_as_child:
                 # first walked as a root (exempt from the fill rule), now a child too
                 problem = fill_problem(self._underfull_as_child.pop(blocknr), False, what)
                 if problem is not None:
                     self.on_error(problem)
-            if summary is not None and self._value_size.get(blocknr) != vs:
+            known_vs = 8 if grouped is not None else self._value_size.get(blocknr)
+            if summary is not None and known_vs != vs:
                 self.on_error(FormatError(f"{what}: node shared between trees of different "
                                           "value sizes", block=blocknr))
                 return None
@@ -435,10 +457,14 @@ class BtreeWalker:
         first = int(kids[0])
         if not 0 <= first < reader.nr_blocks or reader.block(first)[4] != BTREE_LEAF:
             return None
+        if int(kids.min()) < 0 or int(kids.max()) >= reader.nr_blocks or len(kids) > 0xFF:
+            return None  # as validated_leaves would answer (no node has 256 children)
         kid_list = kids.tolist()
+        grouped = self._grouped
         if len(set(kid_list)) != len(kid_list) or not (
                 self._summaries.keys().isdisjoint(kid_list)
-                and self._in_progress.isdisjoint(kid_list)):
+                and self._in_progress.isdisjoint(kid_list)) or (
+                grouped is not None and bool(grouped[kids].any())):
             return None
         entries = not self._by_block
         batch = validated_leaves(reader, kids, node.keys.copy(), hi, root=False, value_size=8,
@@ -449,18 +475,16 @@ class BtreeWalker:
         if counts is not None:  # kids are distinct: a plain fancy increment counts each once
             counts[kids[(kids >= 0) & (kids < len(counts))]] += np.uint32(1)
         assert batch.first is not None and batch.last is not None
-        firsts = batch.first.tolist()
-        lasts = batch.last.tolist()
         total = int(batch.counts.sum())
-        self._value_size.update(dict.fromkeys(kid_list, 8))
-        # tuple.__new__(SubtreeSummary, fields) builds each in C (_make is a Python call a
-        # leaf: ~40% more for the 40,000 leaves of a 10M-mapping pool)
-        summaries = map(tuple.__new__, repeat(SubtreeSummary),
-                        zip(repeat(0), firsts, lasts, batch.counts.tolist(), strict=False))
-        self._summaries.update(zip(kid_list, summaries, strict=True))
+        if grouped is None:
+            # codes below (nr_blocks + 1) << 8: groups are fewer than blocks
+            wide = (reader.nr_blocks + 1) << 8 >= 1 << 31
+            grouped = self._grouped = np.zeros(reader.nr_blocks, np.int64 if wide else np.int32)
+        self._groups.append((batch.first, batch.last, batch.counts))
+        grouped[kids] = (len(self._groups) << 8) | np.arange(len(kids))
         if visit_leaf is not None:
             visit_leaf(Node(first, True, total, total, 8, batch.keys, batch.values.data, kids))
-        return SubtreeSummary(1, firsts[0], lasts[-1], total)
+        return SubtreeSummary(1, int(batch.first[0]), int(batch.last[-1]), total)
 
 
 def _prefixed(err: MetadataError, what: str) -> MetadataError:

@@ -363,6 +363,9 @@ def _check_pool(reader: BlockReader, sb: Superblock, report: CheckReport,
     finally:
         if c.census is not None:
             c.census.close()
+        # the walker's on_error is this checker's method: without the cycle, its memo and
+        # arrays are freed here, not left to a full collection (the CLI's exit runs one)
+        del c.walker
 
 
 def _walk_pool(c: _Checker, sb: Superblock, *, metadata_snap: bool,
