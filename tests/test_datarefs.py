@@ -202,6 +202,46 @@ def test_blocks_met_twice_are_counted_not_marked(bases: list[bytes], tmp_path: P
             assert (max(forked[0]) == 1) == (name == "once"), name
 
 
+@pytest.mark.parametrize("probe,keep", [(0, 0), (0, 1 << 20), (1, 7), (64, 1 << 20)])
+def test_marking_counts_as_in_process_on_random_streams(bases: list[bytes], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        probe: int, keep: int) -> None:
+    """Random message streams (leaves once or again, data blocks repeated or past the device)
+    under every probe width and keep limit, so that each way out of marking is taken (a probe
+    hit, a recount once MARKED_VALUES are kept, the final settle) and none: the forked
+    census's counts and tallies are the in-process census's."""
+    monkeypatch.setattr(datarefs, "MARK_PROBE", probe)  # the child is forked: it sees them
+    monkeypatch.setattr(datarefs, "MARKED_VALUES", keep)
+    rng = random.Random(probe * 1000 + keep)
+    for base in bases:
+        path = tmp_path / "pool.meta"
+        path.write_bytes(base)
+        with BlockReader(path) as reader:
+            sb = read_superblock(reader)
+            nr = sb.data_sm.nr_blocks
+            roots = tree_items(reader, sb.data_mapping_root, 8, np.uint64)[1]
+            leaves = sorted({leaf.blocknr for r in roots.tolist()
+                             for leaf in leaves_in_order(reader, int(r), 8)})
+            for _ in range(12):
+                messages: list[tuple[bool, np.ndarray]] = []
+                unsent = list(leaves)
+                rng.shuffle(unsent)
+                for _ in range(rng.randint(1, 6)):
+                    if rng.random() < 0.5 and unsent:
+                        k = rng.randint(1, len(unsent))
+                        messages.append((True, np.array(unsent[:k], np.int64)))
+                        if rng.random() < 0.7:  # most leaves sent once, as a walk sends them
+                            unsent = unsent[k:]
+                    else:
+                        hi = nr + 3 if rng.random() < 0.3 else nr
+                        values = rng.sample(range(hi), min(rng.randint(1, 40), hi))
+                        if rng.random() < 0.3:
+                            values += values[:2]
+                        messages.append((False, np.array(values, np.uint64)))
+                forked = _census_of(datarefs.ForkedCensus(reader, nr), messages)
+                assert forked == _census_of(datarefs.Census(reader, nr), messages), messages
+
+
 def _open_fds() -> dict[str, str]:
     """This process's descriptors and what they are (the listing's own left out; maps of
     a closed reader that numpy views in reference cycles still hold collected first)."""
