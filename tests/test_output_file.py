@@ -112,3 +112,32 @@ def test_thin_repair_refuses_its_input(tmp_path: Path) -> None:
     before = meta.read_bytes()
     assert main(["repair", "-i", str(meta), "-o", str(meta)]) == 2
     assert meta.read_bytes() == before
+
+
+def test_widen_pipe_gives_a_pipe_a_megabyte_and_leaves_other_outputs_alone(tmp_path: Path) -> None:
+    """dump's stdout: a pipe gets PIPE_BYTES of room (the system's limit allowing), a file,
+    an in-memory stream or a closed pipe are left as they are, with no error."""
+    import fcntl
+    import io
+
+    from dmimage.cli._output import PIPE_BYTES, widen_pipe
+
+    r, w = os.pipe()
+    try:
+        before = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+        with open(w, "wb", closefd=False) as out:
+            widen_pipe(out)
+        limit = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+        want = PIPE_BYTES if (PIPE_BYTES <= limit or os.geteuid() == 0) else before
+        assert fcntl.fcntl(w, fcntl.F_GETPIPE_SZ) == max(before, want)
+    finally:
+        os.close(r)
+        os.close(w)
+    with open(tmp_path / "f", "wb") as f:
+        widen_pipe(f)
+    widen_pipe(io.BytesIO())
+    r, w = os.pipe()
+    out = open(w, "wb")
+    out.close()
+    os.close(r)
+    widen_pipe(out)  # closed: ValueError inside, swallowed

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from dmimage.cli._locking import add_lock_plan
 from dmimage.cli._meta_args import add_metadata_snap, resolve_meta
-from dmimage.cli._output import atomic_output
+from dmimage.cli._output import atomic_output, widen_pipe
 from dmimage.cli._units import parse_uint
 from dmimage.errors import UsageError
 
@@ -83,6 +83,7 @@ def _write(args: argparse.Namespace, dump: Callable[[BinaryIO], None]) -> None:
     """``dump`` to stdout, or to ``-o FILE`` atomically."""
     if args.output is None:
         out = sys.stdout.buffer
+        widen_pipe(out)
         dump(out)
         out.flush()
         return
