@@ -141,3 +141,38 @@ def test_widen_pipe_gives_a_pipe_a_megabyte_and_leaves_other_outputs_alone(tmp_p
     out.close()
     os.close(r)
     widen_pipe(out)  # closed: ValueError inside, swallowed
+
+
+def test_streaming_commands_widen_their_stdout_pipe(tmp_path: Path, empty_pool_meta) -> None:
+    """The commands that stream long output to stdout (thin dump, cache dump; export, docker
+    export and era dump take the same calls) leave the pipe they wrote to at PIPE_BYTES: read
+    back from the pipe's other end once the process has exited."""
+    import fcntl
+    import random
+    import subprocess
+    import sys
+
+    import restore_xml
+
+    from dmimage.cli._output import PIPE_BYTES
+    from dmimage.cli.main import main
+
+    limit = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+    if PIPE_BYTES > limit and os.geteuid() != 0:
+        pytest.skip("the system's pipe limit is below PIPE_BYTES")
+    src = tmp_path / "c.xml"
+    src.write_text(restore_xml.cache_xml(random.Random(1), 64, 0.5))
+    cmeta = tmp_path / "cache.meta"
+    cmeta.write_bytes(bytes(4 << 20))  # restore writes into an existing device or file
+    assert main(["cache", "restore", "-i", str(src), "-o", str(cmeta)]) == 0
+    for argv in (["dump", str(empty_pool_meta.path)], ["cache", "dump", str(cmeta)]):
+        r, w = os.pipe()
+        try:
+            assert fcntl.fcntl(r, fcntl.F_GETPIPE_SZ) < PIPE_BYTES
+            proc = subprocess.run([sys.executable, "-m", "dmimage", *argv], stdout=w,
+                                  stderr=subprocess.PIPE, timeout=120)
+            assert proc.returncode == 0, proc.stderr
+            assert fcntl.fcntl(r, fcntl.F_GETPIPE_SZ) == PIPE_BYTES, argv
+        finally:
+            os.close(r)
+            os.close(w)

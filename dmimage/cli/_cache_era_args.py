@@ -77,6 +77,9 @@ def emit(data: str | bytes | Iterable[bytes | memoryview], output: str | None) -
     else:
         import sys
 
+        from dmimage.cli._output import widen_pipe
+
+        widen_pipe(sys.stdout.buffer)
         for piece in pieces:
             sys.stdout.buffer.write(piece)
         sys.stdout.buffer.flush()
