@@ -144,9 +144,10 @@ def test_widen_pipe_gives_a_pipe_a_megabyte_and_leaves_other_outputs_alone(tmp_p
 
 
 def test_streaming_commands_widen_their_stdout_pipe(tmp_path: Path, empty_pool_meta) -> None:
-    """The commands that stream long output to stdout (thin dump, cache dump; export, docker
-    export and era dump take the same calls) leave the pipe they wrote to at PIPE_BYTES: read
-    back from the pipe's other end once the process has exited."""
+    """The dumps that stream long text to stdout (thin dump, cache dump; era dump takes the
+    same call) leave the pipe they wrote to at PIPE_BYTES: read back from the pipe's other
+    end once the process has exited. (The exports keep the pipe they are given: unmeasured,
+    and tests/test_locking_lvm_docker.py holds an export mid-stream by its pipe.)"""
     import fcntl
     import random
     import subprocess

@@ -216,9 +216,6 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise UsageError(f"{args.name}: device {dev.device_id} ({dev.source}) is not in "
                              "the pool")
         if args.output == "-":
-            from dmimage.cli._output import widen_pipe
-
-            widen_pipe(sys.stdout.buffer)
             export_thin(pool, data, dev.device_id, sys.stdout.buffer, size=dev.size)
             return 0
         with progress_bar("export") as advance:

@@ -6,7 +6,6 @@ import argparse
 import sys
 
 from dmimage.cli._locking import add_lock_plan
-from dmimage.cli._output import widen_pipe
 from dmimage.cli._progress import progress_bar
 from dmimage.cli._units import parse_size
 
@@ -35,7 +34,6 @@ def run(args: argparse.Namespace) -> int:
     with open_pool(args.metadata, metadata_snap=args.metadata_snap) as pool:
         pool.devices()
         if args.output == "-":
-            widen_pipe(sys.stdout.buffer)
             export_thin(pool, args.data, args.dev_id, sys.stdout.buffer, size=args.size)
             return 0
         with progress_bar("export") as advance:
