@@ -41,6 +41,7 @@ from types import TracebackType
 from typing import Any
 
 from dmimage.guest.appliance import ApplianceError, cache_root, read_module
+from dmimage.guest.debs import unpacked
 from dmimage.guest.kernels import Kernel, kernel_by_name
 from dmimage.guest.lvm2 import LVM_CONF, RUN_DIRS, lvm2_root
 from dmimage.guest.machine import Disk, Machine
@@ -101,30 +102,16 @@ class DockerUnavailable(ApplianceError):
 
 def debs_root(*, fetch: bool = True) -> Path:
     """The unpacked Debian 12 packages (``<cache>/docker-debs/root``), fetched when a file
-    the guest needs is missing (a cache from before a package was added is refreshed)."""
-    base = cache_root() / "docker-debs"
-    root = base / "root"
-    if all((root / r).exists() for r in REQUIRED):
-        return root
-    if not fetch:
+    the guest needs is missing (a cache from before a package was added is refreshed;
+    guest/debs.py)."""
+    root = cache_root() / "docker-debs" / "root"
+    if not fetch and not _complete(root):
         raise DockerUnavailable(f"{root}: Docker packages not unpacked")
-    base.mkdir(parents=True, exist_ok=True)
-    res = subprocess.run(["apt-get", "-o", "APT::Sandbox::User=root", "download", *PACKAGES],
-                         cwd=base, capture_output=True, text=True, check=False)
-    debs = []
-    for pkg in PACKAGES:
-        found = sorted(base.glob(f"{pkg}_*.deb"), key=lambda p: p.stat().st_mtime)
-        if res.returncode != 0 or not found:
-            raise DockerUnavailable(f"apt-get download {' '.join(PACKAGES)} failed: "
-                                    f"{res.stderr.strip()[-500:]}")
-        debs.append(found[-1])
-    tmp = Path(tempfile.mkdtemp(prefix="root.", dir=base))
-    for deb in debs:
-        subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], check=True)
-    if root.exists():
-        shutil.rmtree(root)
-    os.replace(tmp, root)
-    return root
+    return unpacked(root.parent, PACKAGES, _complete, error=DockerUnavailable)
+
+
+def _complete(root: Path) -> bool:
+    return all((root / r).exists() for r in REQUIRED)
 
 
 def _libraries(binary: Path, extra: Path) -> list[Path]:

@@ -20,9 +20,6 @@ import gzip
 import hashlib
 import io
 import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 from .appliance import (
@@ -35,6 +32,7 @@ from .appliance import (
     resolve_modules,
     shared_libraries,
 )
+from .debs import unpacked
 from .errors import VMError
 from .machine import Disk, Machine
 
@@ -89,38 +87,9 @@ COMMANDS = ("pvcreate", "vgcreate", "lvcreate", "lvs", "pvs", "vgs", "vgchange",
 
 
 def lvm2_root() -> Path:
-    """The unpacked lvm2 .deb (downloaded once into the cache). Processes that find the cache
-    empty at once (two pytest workers) each download into a directory of their own and
-    unpack to a name of their own; the first unpacked tree renamed into place wins, and a
-    later one is dropped (a rename cannot replace a full directory: it failed with
-    ENOTEMPTY in 2 of 3 tries of two processes started together)."""
-    cache = cache_root() / "lvm2"
-    root = cache / "root"
-    if (root / "sbin" / "lvm").exists():
-        return root
-    cache.mkdir(parents=True, exist_ok=True)
-    debs = sorted(cache.glob("lvm2_*.deb"))
-    if not debs:
-        with tempfile.TemporaryDirectory(dir=cache) as dl:
-            try:
-                subprocess.run(["apt-get", "download", "lvm2"], cwd=dl, check=True,
-                               capture_output=True, timeout=300)
-            except (OSError, subprocess.SubprocessError) as exc:
-                raise ApplianceError(f"apt-get download lvm2 failed: {exc}") from None
-            for deb in Path(dl).glob("lvm2_*.deb"):
-                os.replace(deb, cache / deb.name)
-        debs = sorted(cache.glob("lvm2_*.deb"))
-    tmp = cache / f"root.tmp{os.getpid()}"
-    try:
-        subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(tmp)], check=True)
-        try:
-            os.replace(tmp, root)
-        except OSError:
-            if not (root / "sbin" / "lvm").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+    """The unpacked lvm2 .deb (downloaded once into the cache; guest/debs.py)."""
+    return unpacked(cache_root() / "lvm2", ("lvm2",),
+                    lambda root: (root / "sbin" / "lvm").exists())
 
 
 def _add_path(w: CpioWriter, made: set[str], rel: str, data: bytes, perm: int) -> None:
